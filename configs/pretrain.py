@@ -1,0 +1,122 @@
+"""Pretraining the MedDiff-FM backbone.
+
+Presets (`--config=configs/pretrain.py:PRESET`):
+  tiny   CPU / CI smoke runs: 16^3 patches of small phantoms, an 8-channel UNet, float32.
+  base   one GPU: 64^3 patches, 32-channel 4-level UNet, bfloat16 compute.
+  paper  MedDiff-FM's hyper-parameters: 128^3 patches at 1 mm, base 32, mult (1,2,4,8), 1 res block per
+         level, attention at 16^3, cosine schedule, eps target, L1 loss, Adam 1e-4, batch 1 x 4 accumulation.
+         Needs prepared data: --config.data.source=prepared --config.data.prepared_dir=DIR.
+Override anything with --config.KEY=VALUE; unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from meddiff_jax.data import preprocess
+
+NUM_STRUCTURE_CHANNELS = len(preprocess.DEFAULT_STRUCTURE_GROUPS) + 1  # groups + body mask
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or "tiny"
+  if preset not in ("tiny", "base", "paper"):
+    raise ValueError(f"unknown preset {preset!r}; choose tiny, base or paper")
+  c = ml_collections.ConfigDict()
+  c.mode = "train"
+  c.preset = preset
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      out_channels=1,
+      base_channels=32,
+      channel_mult=(1, 2, 4, 8),
+      num_res_blocks=1,
+      attention_resolutions=(16,),
+      mid_attention=True,
+      num_head_channels=32,
+      dropout=0.0,
+      norm_groups=8,
+      time_embed_mult=4,
+      use_position=True,
+      pos_num_freqs=8,
+      pos_include_input=True,
+      use_region=True,
+      num_regions=len(preprocess.REGIONS),
+      structure_channels=NUM_STRUCTURE_CHANNELS,
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat="none",
+  ))
+
+  c.diffusion = ml_collections.ConfigDict(dict(
+      schedule="cosine",
+      num_timesteps=1000,
+      prediction_type="epsilon",
+      loss_type="l1",
+      min_snr_gamma=0.0,  # 0 disables; 5.0 is the usual choice
+      cond_drop_prob=0.1,  # classifier-free-guidance dropout of region + structures
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="phantom",  # phantom | prepared
+      prepared_dir="",
+      class_map="",  # optional class_map json; default: the embedded TotalSegmentator map
+      patch_size=128,
+      use_structures=True,
+      operation_probs=(1 / 3, 1 / 3, 1 / 3),  # whole, zoom2, patch
+      num_threads=2,
+      prefetch=4,
+      worker_count=0,
+      phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0)),
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4,
+      schedule="constant",  # constant | cosine
+      warmup_steps=500,
+      decay_steps=200_000,
+      end_lr_factor=0.01,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip_norm=1.0,
+  ))
+
+  c.training = ml_collections.ConfigDict(dict(
+      batch_size=4,  # global, counts every micro-batch
+      grad_accum_steps=1,
+      num_steps=200_000,
+      ema_decay=0.9999,
+      log_every=100,
+      max_consecutive_nan=10,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding = ml_collections.ConfigDict(dict(
+      rules=(),  # empty: train/sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
+      min_shard_size=2 ** 14,  # params with fewer elements stay replicated
+  ))
+
+  if preset == "tiny":
+    c.model.update(base_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=8,
+                   pos_num_freqs=2, dtype="float32")
+    c.data.update(patch_size=16)
+    c.data.phantom.update(num_volumes=6, shape=(48, 48, 48), spacing=(6.0, 6.0, 6.0))
+    c.optimizer.update(learning_rate=2e-3, warmup_steps=5, schedule="constant")
+    c.training.update(batch_size=2, num_steps=20, ema_decay=0.99, log_every=5)
+    c.sharding.min_shard_size = 0
+  elif preset == "base":
+    c.model.update(base_channels=32, channel_mult=(1, 2, 4, 4), attention_resolutions=(16, 8), pos_num_freqs=6)
+    c.data.update(patch_size=64)
+    c.data.phantom.update(shape=(128, 128, 128), spacing=(2.5, 2.5, 2.5))
+    c.optimizer.update(learning_rate=1e-4, schedule="cosine", warmup_steps=1000, decay_steps=100_000)
+    c.training.update(batch_size=8, num_steps=100_000)
+  else:  # paper
+    c.data.update(source="prepared", patch_size=128)
+    c.model.update(remat="full")
+    c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=0, grad_clip_norm=0.0)
+    # ~150 epochs of 0.9 * 5376 volumes at an effective batch of 4.
+    c.training.update(batch_size=4, grad_accum_steps=4, num_steps=181_000)
+  return c

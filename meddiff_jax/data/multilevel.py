@@ -1,0 +1,93 @@
+"""MedDiff-FM's multi-level training samples (numpy, host side).
+
+Each sample is drawn with equal probability from three operations on a region volume:
+  whole:  the whole volume resized to P^3                          (image level)
+  zoom2:  a random 2P^3 crop resized to P^3                         (intermediate)
+  patch:  a random P^3 crop at native resolution                    (patch level)
+Every sample carries `pos_box` (3, 2): the whole-volume-frame coordinates, in [-1, 1], of its first and
+last voxel along each axis (voxel i of an axis of size S sits at 2 i / (S - 1) - 1). Resizing uses
+align-corners sampling (scipy `zoom`, grid_mode=False), so the sample's voxels sit exactly on
+linspace(box[a, 0], box[a, 1], P): `models.embeddings.coordinate_grid` reproduces them on device.
+Crops that extend past the volume (a volume smaller than the crop) are padded with air / background and
+their coordinates extend linearly beyond [-1, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from meddiff_jax.data import preprocess
+
+OPERATIONS = ("whole", "zoom2", "patch")
+
+
+def axis_coordinate(index: float, size: int) -> float:
+  return 2.0 * index / (size - 1) - 1.0 if size > 1 else 0.0
+
+
+def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
+  """volume[start:start+size] per axis; out-of-volume voxels get `fill`."""
+  out = np.full(tuple(size), fill, volume.dtype)
+  src_lo = np.maximum(start, 0)
+  src_hi = np.minimum(start + size, volume.shape[:3])
+  if np.any(src_hi <= src_lo):
+    return out
+  dst_lo = src_lo - start
+  dst_hi = dst_lo + (src_hi - src_lo)
+  out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = volume[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+  return out
+
+
+def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+  """Align-corners resize (scipy zoom, grid_mode=False) to exactly `shape`."""
+  if tuple(volume.shape) == tuple(shape):
+    return volume
+  factors = [o / i for o, i in zip(shape, volume.shape)]
+  out = ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=False, prefilter=False)
+  assert out.shape == tuple(shape), (out.shape, shape)
+  return out
+
+
+def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(start, size) in voxels of the region the operation reads."""
+  shape_arr = np.array(shape)
+  if operation == "whole":
+    return np.zeros(3, np.int64), shape_arr
+  size = np.full(3, patch * (2 if operation == "zoom2" else 1))
+  if operation not in ("zoom2", "patch"):
+    raise ValueError(f"unknown multi-level operation {operation!r}; choose from {OPERATIONS}")
+  # Uniform start over positions that keep the crop inside; centred when the volume is smaller.
+  start = np.array([rng.integers(0, s - c + 1) if s >= c else -((c - s) // 2) for s, c in zip(shape_arr, size)])
+  return start, size
+
+
+def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: int, rng: np.random.Generator, *,
+                operation: str | None = None, lut: np.ndarray | None = None, num_groups: int = 0,
+                operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> dict[str, np.ndarray]:
+  """One training sample from a HU volume (and optional TotalSegmentator label map).
+
+  Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
+  structures (P,P,P,K+1) uint8 if lut is given, operation () int32).
+  """
+  if operation is None:
+    operation = OPERATIONS[rng.choice(3, p=np.asarray(operation_probs) / np.sum(operation_probs))]
+  start, size = choose_box(hu.shape, patch, operation, rng)
+  target = (patch,) * 3
+  hu_crop = crop_padded(hu, start, size, fill=-1000.0)
+  hu_crop = resize(hu_crop.astype(np.float32), target, order=1)
+  box = np.array([[axis_coordinate(s, n), axis_coordinate(s + c - 1, n)] for s, c, n in zip(start, size, hu.shape)],
+                 np.float32)
+  sample = {
+      "image": preprocess.hu_to_unit(hu_crop, region)[..., None],
+      "pos_box": box,
+      "region": np.int32(region),
+      "operation": np.int32(OPERATIONS.index(operation)),
+  }
+  if lut is not None:
+    lab = None
+    if labels is not None:
+      lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
+    sample["structures"] = preprocess.structure_channels(lab, hu_crop, lut, num_groups)
+  return sample

@@ -1,0 +1,140 @@
+"""Grain pipeline: shuffled volumes -> multi-level samples -> per-process batches -> global jax.Arrays.
+
+Deterministic given the seed (Grain's per-index RNG for `random_map`), shuffled across volumes and
+epochs, sharded per JAX process by striding the index space, checkpointable through the iterator's
+get_state/set_state (orbax: grain.checkpoint.CheckpointSave/Restore).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, Protocol
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meddiff_jax.data import multilevel, phantom, preprocess
+
+
+class VolumeStore(Protocol):
+  """Random access to preprocessed volumes: HU array, optional label map, region id."""
+
+  def __len__(self) -> int: ...
+
+  def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]: ...
+
+
+class PhantomStore:
+  """Phantom volumes generated on first use in each process (cheap to pickle into Grain workers)."""
+
+  def __init__(self, num_volumes: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+               seed: int = 0, num_lesions: int = 0):
+    self.num_volumes, self.shape, self.spacing = num_volumes, tuple(shape), tuple(spacing)
+    self.seed, self.num_lesions = seed, num_lesions
+
+  def __len__(self) -> int:
+    return self.num_volumes
+
+  def __repr__(self) -> str:  # stable: Grain compares reprs when restoring checkpoints
+    return f"PhantomStore({self.num_volumes}, {self.shape}, {self.spacing}, seed={self.seed})"
+
+  @functools.lru_cache(maxsize=64)
+  def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    region = preprocess.REGIONS[index % 3]
+    p = phantom.make_phantom(self.shape, self.spacing, region, self.seed + index, self.num_lesions)
+    return p.hu, p.labels, preprocess.region_id(region)
+
+
+def make_store(data_config: Any) -> VolumeStore:
+  if data_config.source == "phantom":
+    return PhantomStore(data_config.phantom.num_volumes, tuple(data_config.phantom.shape),
+                        tuple(data_config.phantom.spacing), data_config.phantom.seed)
+  if data_config.source == "prepared":
+    from meddiff_jax.data import store  # local import: only needed for prepared data
+    return store.PreparedStore(data_config.prepared_dir)
+  raise ValueError(f"config.data.source={data_config.source!r}; choose 'phantom' or 'prepared'")
+
+
+class MultiLevelSample:
+  """volume index -> multi-level sample (a picklable callable for Grain's random_map)."""
+
+  def __init__(self, store: VolumeStore, patch_size: int, lut: np.ndarray | None, num_groups: int,
+               operation_probs: tuple[float, float, float]):
+    self.store, self.patch_size, self.lut, self.num_groups = store, patch_size, lut, num_groups
+    self.operation_probs = tuple(operation_probs)
+
+  def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    hu, labels, region = self.store.load(int(index))
+    return multilevel.make_sample(hu, labels, region, self.patch_size, rng, lut=self.lut,
+                                  num_groups=self.num_groups, operation_probs=self.operation_probs)
+
+
+def structure_lut(data_config: Any) -> tuple[np.ndarray | None, int]:
+  """(label -> group LUT, number of groups) or (None, 0) when structures are off."""
+  if not data_config.use_structures:
+    return None, 0
+  groups = preprocess.DEFAULT_STRUCTURE_GROUPS
+  return preprocess.group_lookup(class_map_for(data_config), groups), len(groups)
+
+
+def class_map_for(data_config: Any) -> dict[int, str]:
+  if data_config.get("class_map"):
+    return preprocess.load_class_map(data_config.class_map)
+  from meddiff_jax.data import class_map  # the embedded TotalSegmentator map
+  return class_map.TOTAL
+
+
+def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Infinite iterator dataset of per-process batches."""
+  if batch_size % process_count:
+    raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
+  lut, num_groups = structure_lut(data_config)
+  ds = (grain.MapDataset.range(len(store))
+        .repeat()
+        .shuffle(seed=seed)
+        [process_index::process_count]
+        .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
+                                     tuple(data_config.operation_probs)), seed=seed)
+        .batch(batch_size // process_count, drop_remainder=True))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
+                                               prefetch_buffer_size=data_config.prefetch))
+  if data_config.worker_count > 0:
+    _absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+  return it_ds
+
+
+def _absl_flags_parsed() -> None:
+  """Grain 0.2.18 workers read an absl flag and crash if flags were never parsed (grain#1355)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def batch_sharding(mesh: Mesh, batch_axes: Any) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(batch_axes))
+
+
+class GlobalBatches:
+  """Wraps a per-process Grain iterator; yields dicts of global, mesh-sharded jax.Arrays."""
+
+  def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding):
+    self.iterator = iter(dataset)
+    self.sharding = sharding
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    local = next(self.iterator)
+    local.pop("operation", None)  # host-side bookkeeping only
+    return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)) for k, v in local.items()}
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.iterator.set_state(state)

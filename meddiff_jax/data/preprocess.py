@@ -1,0 +1,101 @@
+"""Intensity windows and anatomical-structure channels.
+
+Region-specific HU windows (MedDiff-FM): head-and-neck W400/L50, chest W1800/L-500, abdomen W360/L60,
+mapped linearly to [-1, 1] with clipping; `unit_to_hu` inverts inside the window.
+
+Structure channels group TotalSegmentator labels (ids as in class_map_total.json) into K named groups,
+plus a thresholded body mask as the last channel (the paper's "118th class").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from typing import Mapping, Sequence
+
+import numpy as np
+
+REGIONS = ("head_neck", "chest", "abdomen")
+UNKNOWN_REGION = len(REGIONS)  # the "null" class for unconditional samples / CFG
+WINDOWS = {"head_neck": (400.0, 50.0), "chest": (1800.0, -500.0), "abdomen": (360.0, 60.0)}  # (width, level)
+BODY_THRESHOLD_HU = -500.0
+
+# Default coarse grouping: the paper uses all 117 classes + body; 12 groups keep the input narrow.
+# Values are fnmatch patterns over TotalSegmentator class names. Order defines the channel order.
+DEFAULT_STRUCTURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "lung": ("lung_*",),
+    "airway": ("trachea",),
+    "heart": ("heart", "atrial_appendage_left"),
+    "liver": ("liver", "gallbladder"),
+    "spleen": ("spleen",),
+    "kidney": ("kidney_*", "adrenal_gland_*"),
+    "gi": ("stomach", "esophagus", "small_bowel", "duodenum", "colon", "pancreas"),
+    "vessels": ("aorta", "*vena*", "*artery*", "*_trunk", "pulmonary_vein", "portal_vein_and_splenic_vein",
+                "brachiocephalic_vein_*"),
+    "spine": ("vertebrae_*", "sacrum", "spinal_cord"),
+    "bone": ("rib_*", "sternum", "costal_cartilages", "hip_*", "femur_*", "humerus_*", "scapula_*",
+             "clavicula_*", "skull"),
+    "muscle": ("gluteus_*", "autochthon_*", "iliopsoas_*"),
+    "head": ("brain", "thyroid_gland"),
+}
+
+
+def region_id(name: str) -> int:
+  if name in ("", "unknown", None):
+    return UNKNOWN_REGION
+  try:
+    return REGIONS.index(name)
+  except ValueError:
+    raise ValueError(f"unknown region {name!r}; choose from {REGIONS} or 'unknown'") from None
+
+
+def window_bounds(region: int | str) -> tuple[float, float]:
+  """(lo, hi) HU of the region's window; unknown region uses the widest (chest) window."""
+  name = region if isinstance(region, str) else (REGIONS[region] if region < len(REGIONS) else "chest")
+  width, level = WINDOWS[name]
+  return level - width / 2, level + width / 2
+
+
+def hu_to_unit(hu: np.ndarray, region: int | str) -> np.ndarray:
+  """Window and scale HU to [-1, 1] (float32)."""
+  lo, hi = window_bounds(region)
+  return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+
+
+def unit_to_hu(x: np.ndarray, region: int | str) -> np.ndarray:
+  lo, hi = window_bounds(region)
+  return ((np.asarray(x, np.float32) + 1.0) / 2.0 * (hi - lo) + lo).astype(np.float32)
+
+
+def load_class_map(path: str) -> dict[int, str]:
+  """TotalSegmentator id -> name from a class_map json ({'total': {...}} or a flat {id: name})."""
+  with open(path) as f:
+    raw = json.load(f)
+  table = raw.get("total", raw)
+  return {int(k): v for k, v in table.items() if str(k).isdigit()}
+
+
+def group_lookup(class_map: Mapping[int, str], groups: Mapping[str, Sequence[str]]) -> np.ndarray:
+  """LUT label id -> channel index + 1 (0: background / ungrouped). First matching group wins."""
+  lut = np.zeros(max(class_map, default=0) + 1, np.uint8)
+  names = list(groups)
+  for label, cls in class_map.items():
+    for g, name in enumerate(names):
+      if any(fnmatch.fnmatchcase(cls, pat) for pat in groups[name]):
+        lut[label] = g + 1
+        break
+  return lut
+
+
+def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarray, num_groups: int) -> np.ndarray:
+  """(…, num_groups + 1) uint8: one-hot structure groups from a label map, then the body mask."""
+  out = np.zeros(hu.shape + (num_groups + 1,), np.uint8)
+  if labels is not None:
+    if labels.shape != hu.shape:
+      raise ValueError(f"label map shape {labels.shape} != image shape {hu.shape}")
+    safe = np.where((labels >= 0) & (labels < lut.shape[0]), labels, 0).astype(np.intp)
+    group = lut[safe]
+    for g in range(num_groups):
+      out[..., g] = group == g + 1
+  out[..., num_groups] = hu > BODY_THRESHOLD_HU
+  return out

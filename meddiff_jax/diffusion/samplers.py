@@ -1,0 +1,170 @@
+"""DDPM and DDIM reverse processes as jitted `fori_loop`s with static shapes.
+
+The timestep sequence is static (its length decides the compiled loop); the start timestep (partial
+diffusion: noise an input to t*, then reverse) and the classifier-free guidance scale are traced arrays,
+so changing them does not recompile. Both steps take (t, t_prev) explicitly, with t_prev = -1 meaning
+"the clean image" (abar = 1), which covers full ancestral DDPM, respaced DDPM and DDIM alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meddiff_jax.diffusion import schedules
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t (N,)) -> model output
+
+
+def make_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
+  """Descending int32 timesteps, following diffusers' `timestep_spacing` conventions."""
+  if not 0 < num_steps <= num_train_timesteps:
+    raise ValueError(f"num_steps={num_steps} must be in [1, {num_train_timesteps}]")
+  if spacing == "leading":
+    ratio = num_train_timesteps // num_steps
+    ts = np.arange(num_steps) * ratio
+  elif spacing == "trailing":
+    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+  elif spacing == "linspace":
+    ts = np.round(np.linspace(0, num_train_timesteps - 1, num_steps))
+  else:
+    raise ValueError(f"unknown timestep spacing {spacing!r}; choose leading, trailing or linspace")
+  return np.sort(ts.astype(np.int32))[::-1].copy()
+
+
+def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
+  return np.append(timesteps[1:], -1).astype(np.int32)
+
+
+def ddpm_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
+              t_prev: jax.Array, noise: jax.Array, *, prediction_type: str = "epsilon", clip_x0: bool = True,
+              variance_type: str = "fixed_small") -> jax.Array:
+  """Ancestral step x_t -> x_{t_prev} from the posterior q(x_{t_prev} | x_t, x0_hat)."""
+  nd = x_t.ndim
+  log_t = schedules.log_alpha_bar(schedule, t, nd)
+  log_prev = schedules.log_alpha_bar(schedule, t_prev, nd)
+  beta = -jnp.expm1(log_t - log_prev)  # the effective beta between t and t_prev, cancellation-free
+  one_minus_t, one_minus_prev = -jnp.expm1(log_t), -jnp.expm1(log_prev)
+  x0, _ = schedules.split_prediction(schedule, prediction_type, model_output, x_t, t)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+  mean = (jnp.exp(0.5 * log_prev) * beta / one_minus_t) * x0 + (
+      jnp.exp(0.5 * (log_t - log_prev)) * one_minus_prev / one_minus_t) * x_t
+  if variance_type == "fixed_small":
+    var = jnp.maximum(beta * one_minus_prev / one_minus_t, 1e-20)
+  elif variance_type == "fixed_large":
+    var = beta
+  else:
+    raise ValueError(f"variance_type {variance_type!r}; choose fixed_small or fixed_large")
+  t_prev = jnp.reshape(t_prev, jnp.shape(t_prev) + (1,) * (nd - jnp.ndim(t_prev)))
+  return mean + jnp.where(t_prev >= 0, jnp.sqrt(var), 0.0) * noise
+
+
+def ddim_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
+              t_prev: jax.Array, noise: jax.Array, *, eta: float | jax.Array = 0.0,
+              prediction_type: str = "epsilon", clip_x0: bool = True) -> jax.Array:
+  """DDIM (Song et al. 2021, eq. 12); eta=0 deterministic, eta=1 ~ DDPM."""
+  nd = x_t.ndim
+  log_t = schedules.log_alpha_bar(schedule, t, nd)
+  log_prev = schedules.log_alpha_bar(schedule, t_prev, nd)
+  one_minus_t, one_minus_prev = -jnp.expm1(log_t), -jnp.expm1(log_prev)
+  x0, eps = schedules.split_prediction(schedule, prediction_type, model_output, x_t, t)
+  if clip_x0:  # ADM: the direction term uses the eps consistent with the clipped x0
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x_t - jnp.exp(0.5 * log_t) * x0) / jnp.sqrt(one_minus_t)
+  sigma = eta * jnp.sqrt(one_minus_prev / one_minus_t * -jnp.expm1(log_t - log_prev))
+  direction = jnp.sqrt(jnp.maximum(one_minus_prev - sigma ** 2, 0.0)) * eps
+  return jnp.exp(0.5 * log_prev) * x0 + direction + sigma * noise
+
+
+def start_index(timesteps: jax.Array, t_start: jax.Array) -> jax.Array:
+  """Index of the first timestep <= t_start (0 when t_start >= timesteps[0])."""
+  return jnp.sum(timesteps > t_start).astype(jnp.int32)
+
+
+def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array,
+           x_init: jax.Array, *, t_start: jax.Array | None = None, method: str = "ddim",
+           eta: float | jax.Array = 0.0, prediction_type: str = "epsilon", clip_x0: bool = True,
+           variance_type: str = "fixed_small") -> jax.Array:
+  """Run the reverse process.
+
+  Args:
+    denoise_fn: (x_t, t) -> model output; closes over params, conditions and guidance.
+    schedule: noise tables.
+    timesteps: static descending sequence (see `make_timesteps`).
+    rng: PRNG key.
+    x_init: with t_start None, the initial x_T (pure noise); otherwise the clean input that is first
+      noised to the first timestep <= t_start (partial diffusion, SDEdit-style).
+    t_start: traced scalar start timestep, or None to run the whole sequence.
+    method: "ddim" or "ddpm".
+
+  Returns:
+    x_0 estimate, same shape as x_init.
+  """
+  if method not in ("ddim", "ddpm"):
+    raise ValueError(f"sampler method {method!r}; choose ddim or ddpm")
+  ts = jnp.asarray(timesteps, jnp.int32)
+  prev = jnp.asarray(previous_timesteps(np.asarray(timesteps)), jnp.int32)
+  n = x_init.shape[0]
+  rng, init_rng = jax.random.split(rng)
+  if t_start is None:
+    first = jnp.int32(0)
+    x = x_init
+  else:
+    first = start_index(ts, jnp.asarray(t_start))
+    first_t = jnp.full((n,), ts[jnp.minimum(first, ts.shape[0] - 1)])
+    noised = schedules.q_sample(schedule, x_init, first_t, jax.random.normal(init_rng, x_init.shape, x_init.dtype))
+    x = jnp.where(first < ts.shape[0], noised, x_init)  # t_start below every timestep: nothing to do
+
+  def body(i, carry):
+    x, rng = carry
+    rng, step_rng = jax.random.split(rng)
+    t = jnp.full((n,), ts[i])
+    t_prev = jnp.full((n,), prev[i])
+    out = denoise_fn(x, t)
+    noise = jax.random.normal(step_rng, x.shape, x.dtype)
+    if method == "ddim":
+      x = ddim_step(schedule, out, x, t, t_prev, noise, eta=eta, prediction_type=prediction_type, clip_x0=clip_x0)
+    else:
+      x = ddpm_step(schedule, out, x, t, t_prev, noise, prediction_type=prediction_type, clip_x0=clip_x0,
+                    variance_type=variance_type)
+    return x, rng
+
+  x, _ = jax.lax.fori_loop(first, ts.shape[0], body, (x, rng))
+  return x
+
+
+def null_condition(cond: dict[str, jax.Array], num_regions: int) -> dict[str, jax.Array]:
+  """The unconditional counterpart used for classifier-free guidance.
+
+  Region -> the "unknown" class, structure masks -> zeros. Position is kept: it says where the sample
+  sits, not what it contains, and is never dropped in training either.
+  """
+  null = dict(cond)
+  if "region" in null:
+    null["region"] = jnp.full_like(null["region"], num_regions)
+  if "structures" in null:
+    null["structures"] = jnp.zeros_like(null["structures"])
+  return null
+
+
+def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Array], num_regions: int,
+                      guidance_scale: jax.Array | None) -> DenoiseFn:
+  """Classifier-free guidance: out_u + s * (out_c - out_u), both halves in one batched call.
+
+  guidance_scale is a traced array; None disables guidance (single conditional pass).
+  """
+  if guidance_scale is None:
+    return lambda x, t: apply_fn(x, t, cond)
+  both = jax.tree_util.tree_map(lambda c, u: jnp.concatenate([c, u]), cond, null_condition(cond, num_regions))
+
+  def fn(x: jax.Array, t: jax.Array) -> jax.Array:
+    out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+    out_c, out_u = jnp.split(out, 2)
+    return out_u + guidance_scale * (out_c - out_u)
+
+  return fn
+

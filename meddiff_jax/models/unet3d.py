@@ -1,0 +1,406 @@
+"""ADM-style 3D diffusion UNet (channels-last, Flax linen) with MedDiff-FM's conditions.
+
+Input assembly (MedDiff-FM, see shared/PAPER_NOTES.md section 8.2):
+  concat(x_t, structure masks, fourier(voxel coordinates in the whole-volume frame)) -> conv_in
+  region class embedding + timestep embedding -> scale-shift conditioning of every ResBlock.
+
+Split into `UNetEncoder` (embeddings, conv_in, down path, middle block) and `UNetDecoder` (up path,
+output head) so that a ControlNet branch is a trainable copy of exactly `UNetEncoder` whose params can
+be initialised from the pretrained ones by name.
+
+Every param carries logical axis names (see train/sharding.py for the rules that map them to the mesh).
+GroupNorm runs in float32 whatever the compute dtype; output convs are zero-initialised (ADM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meddiff_jax.models import embeddings
+
+Array = jax.Array
+Dtype = Any
+
+ACT_AXES = ("batch", "act_depth", "act_height", "act_width", "act_channels")
+
+_REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetSpec:
+  """Architecture hyper-parameters (hashable so linen modules can hold it)."""
+
+  out_channels: int = 1
+  base_channels: int = 32
+  channel_mult: tuple[int, ...] = (1, 2, 4, 8)
+  num_res_blocks: int = 1
+  attention_resolutions: tuple[int, ...] = (16,)
+  mid_attention: bool = True
+  num_head_channels: int = 32
+  dropout: float = 0.0
+  norm_groups: int = 8
+  time_embed_mult: int = 4
+  # Conditions; each can be switched off.
+  use_position: bool = True
+  pos_num_freqs: int = 8
+  pos_include_input: bool = True
+  use_region: bool = True
+  num_regions: int = 3
+  structure_channels: int = 0
+  # Numerics and memory.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # none | full | dots | dots_no_batch
+
+  @property
+  def in_channels(self) -> int:
+    channels = 1 + self.structure_channels
+    if self.use_position:
+      channels += embeddings.position_channels(self.pos_num_freqs, self.pos_include_input)
+    return channels
+
+  @property
+  def time_embed_dim(self) -> int:
+    return self.base_channels * self.time_embed_mult
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "UNetSpec":
+    """Build from an ml_collections `config.model` (unknown keys are an error)."""
+    cfg = dict(model_config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+      raise ValueError(f"config.model has unknown keys {unknown}; valid keys: {sorted(names)}")
+    for key in ("channel_mult", "attention_resolutions"):
+      if key in cfg:
+        cfg[key] = tuple(cfg[key])
+    for key in ("dtype", "param_dtype"):
+      if key in cfg:
+        cfg[key] = jnp.dtype(cfg[key])
+    if cfg.get("remat", "none") not in ("none", *_REMAT_POLICIES):
+      raise ValueError(f"config.model.remat={cfg['remat']!r}; choose from none, {list(_REMAT_POLICIES)}")
+    return cls(**cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+
+
+def _conv(features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero_init: bool = False,
+          name: str | None = None) -> nn.Conv:
+  init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  return nn.Conv(
+      features,
+      (kernel,) * 3,
+      strides=(strides,) * 3,
+      padding="SAME",
+      dtype=spec.dtype,
+      param_dtype=spec.param_dtype,
+      kernel_init=nn.with_logical_partitioning(init, (None, None, None, "conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      name=name,
+  )
+
+
+def _dense(features: int, spec: UNetSpec, *, zero_init: bool = False, name: str | None = None) -> nn.Dense:
+  init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  return nn.Dense(
+      features,
+      dtype=spec.dtype,
+      param_dtype=spec.param_dtype,
+      kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+      name=name,
+  )
+
+
+def _num_groups(channels: int, wanted: int) -> int:
+  return math.gcd(channels, wanted)
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm computed in float32 (bf16 statistics over 2M voxels are too coarse), cast back."""
+
+  spec: UNetSpec
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    norm = nn.GroupNorm(
+        num_groups=_num_groups(x.shape[-1], self.spec.norm_groups),
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=self.spec.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+    )
+    return norm(x.astype(jnp.float32)).astype(self.spec.dtype)
+
+
+def _constrain(x: Array) -> Array:
+  return nn.with_logical_constraint(x, ACT_AXES)
+
+
+class ResBlock(nn.Module):
+  """GN-SiLU-Conv, scale-shift by the embedding, GN-SiLU-Dropout-ZeroConv, residual."""
+
+  spec: UNetSpec
+  out_channels: int
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array) -> Array:
+    spec = self.spec
+    h = nn.silu(GroupNorm32(spec, name="norm1")(x))
+    h = _conv(self.out_channels, 3, spec, name="conv1")(h)
+    scale_shift = _dense(2 * self.out_channels, spec, name="emb_proj")(nn.silu(emb))
+    scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
+    h = GroupNorm32(spec, name="norm2")(h) * (1 + scale) + shift
+    h = nn.silu(h)
+    h = nn.Dropout(spec.dropout, deterministic=self.deterministic)(h)
+    h = _conv(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, spec, name="skip")(x)
+    return _constrain(x + h)
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all voxels of a (small) feature map.
+
+  Written with 2D Dense kernels and `jax.nn.dot_product_attention`: flax's MultiHeadDotProductAttention
+  with logical partitioning breaks under a global mesh (flax#3676, #3892; STACK_NOTES section 3).
+  """
+
+  spec: UNetSpec
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, d, h, w, c = x.shape
+    heads = max(1, c // self.spec.num_head_channels)
+    head_dim = c // heads
+    y = GroupNorm32(self.spec, name="norm")(x).reshape(n, d * h * w, c)
+    qkv = _dense(3 * c, self.spec, name="qkv")(y).reshape(n, d * h * w, 3, heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    y = jax.nn.dot_product_attention(q, k, v).reshape(n, d * h * w, c)
+    y = _dense(c, self.spec, zero_init=True, name="proj_out")(y)
+    return _constrain(x + y.reshape(n, d, h, w, c))
+
+
+class Downsample(nn.Module):
+  spec: UNetSpec
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return _constrain(_conv(x.shape[-1], 3, self.spec, strides=2, name="conv")(x))
+
+
+class Upsample(nn.Module):
+  spec: UNetSpec
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for axis in (1, 2, 3):  # nearest-neighbour x2 along D, H, W
+      x = jnp.repeat(x, 2, axis=axis)
+    return _constrain(_conv(x.shape[-1], 3, self.spec, name="conv")(x))
+
+
+def _block_types(spec: UNetSpec) -> tuple[type[nn.Module], type[nn.Module]]:
+  if spec.remat == "none":
+    return ResBlock, AttentionBlock
+  policy = _REMAT_POLICIES[spec.remat]
+  return nn.remat(ResBlock, policy=policy), nn.remat(AttentionBlock, policy=policy)
+
+
+def _use_attention(spec: UNetSpec, x: Array) -> bool:
+  return max(x.shape[1:4]) in spec.attention_resolutions
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder / decoder / full UNet
+
+
+class UNetEncoder(nn.Module):
+  """Embeddings, input assembly, down path and middle block.
+
+  Returns (middle features, skip list, conditioning embedding).
+  """
+
+  spec: UNetSpec
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, cond: dict[str, Array] | None = None, *, train: bool = False,
+               hint: Array | None = None) -> tuple[Array, list[Array], Array]:
+    spec = self.spec
+    cond = cond or {}
+    res_block, attn_block = _block_types(spec)
+
+    emb = embeddings.timestep_embedding(t, spec.base_channels)
+    emb = _dense(spec.time_embed_dim, spec, name="time_mlp1")(emb)
+    emb = _dense(spec.time_embed_dim, spec, name="time_mlp2")(nn.silu(emb))
+    if spec.use_region:
+      region = cond.get("region")
+      if region is None:  # unknown region == the CFG "null" class
+        region = jnp.full((x.shape[0],), spec.num_regions, jnp.int32)
+      region_embed = embeddings.RegionEmbedding(
+          spec.num_regions, spec.time_embed_dim, spec.param_dtype, name="region_embed")
+      emb = emb + region_embed(region).astype(emb.dtype)
+
+    h = self.assemble_input(x, cond)
+    h = _conv(spec.base_channels, 3, spec, name="conv_in")(h)
+    if hint is not None:
+      h = h + hint.astype(h.dtype)
+    h = _constrain(h)
+    skips = [h]
+    for level, mult in enumerate(spec.channel_mult):
+      for i in range(spec.num_res_blocks):
+        h = res_block(spec, spec.base_channels * mult, not train, name=f"down{level}_res{i}")(h, emb)
+        if _use_attention(spec, h):
+          h = attn_block(spec, name=f"down{level}_attn{i}")(h)
+        skips.append(h)
+      if level != len(spec.channel_mult) - 1:
+        h = Downsample(spec, name=f"down{level}_downsample")(h)
+        skips.append(h)
+
+    channels = spec.base_channels * spec.channel_mult[-1]
+    h = res_block(spec, channels, not train, name="mid_res0")(h, emb)
+    if spec.mid_attention:
+      h = attn_block(spec, name="mid_attn")(h)
+    h = res_block(spec, channels, not train, name="mid_res1")(h, emb)
+    return h, skips, emb
+
+  def assemble_input(self, x: Array, cond: dict[str, Array]) -> Array:
+    """concat(x_t, structure masks, position encoding) in the compute dtype."""
+    spec = self.spec
+    parts = [x.astype(spec.dtype)]
+    if spec.structure_channels:
+      structures = cond.get("structures")
+      if structures is None:
+        structures = jnp.zeros((*x.shape[:4], spec.structure_channels), spec.dtype)
+      if structures.shape[-1] != spec.structure_channels:
+        raise ValueError(
+            f"structures have {structures.shape[-1]} channels, model expects {spec.structure_channels}")
+      parts.append(structures.astype(spec.dtype))
+    if spec.use_position:
+      if "pos_box" not in cond:
+        raise ValueError("model.use_position=True but cond has no 'pos_box' (N, 3, 2)")
+      coords = embeddings.coordinate_grid(cond["pos_box"], x.shape[1:4])
+      parts.append(embeddings.fourier_features(coords, spec.pos_num_freqs, spec.pos_include_input).astype(spec.dtype))
+    return jnp.concatenate(parts, axis=-1)
+
+
+class UNetDecoder(nn.Module):
+  """Up path with skip concatenation, then GN-SiLU-ZeroConv output head."""
+
+  spec: UNetSpec
+
+  @nn.compact
+  def __call__(self, h: Array, skips: list[Array], emb: Array, *, train: bool = False) -> Array:
+    spec = self.spec
+    res_block, attn_block = _block_types(spec)
+    skips = list(skips)
+    for level in reversed(range(len(spec.channel_mult))):
+      for i in range(spec.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"up{level}_res{i}")(h, emb)
+        if _use_attention(spec, h):
+          h = attn_block(spec, name=f"up{level}_attn{i}")(h)
+      if level:
+        h = Upsample(spec, name=f"up{level}_upsample")(h)
+    assert not skips, "skip bookkeeping mismatch"
+    h = nn.silu(GroupNorm32(spec, name="out_norm")(h))
+    out = _conv(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h)
+    return out.astype(jnp.float32)
+
+
+class UNet3D(nn.Module):
+  """The MedDiff-FM denoiser: `apply(params, x_t, t, cond)` -> model output (N, D, H, W, out_channels).
+
+  cond keys (each optional unless its condition is on): 'pos_box' (N, 3, 2) float, 'region' (N,) int,
+  'structures' (N, D, H, W, K). `control` adds ControlNet residuals: {'skips': [...], 'middle': array}.
+  """
+
+  spec: UNetSpec
+
+  def setup(self):
+    self.encoder = UNetEncoder(self.spec)
+    self.decoder = UNetDecoder(self.spec)
+
+  def __call__(self, x: Array, t: Array, cond: dict[str, Array] | None = None, *, train: bool = False,
+               control: dict[str, Any] | None = None) -> Array:
+    _check_spatial(self.spec, x)
+    h, skips, emb = self.encoder(x, t, cond, train=train)
+    if control is not None:
+      skips = [s + c.astype(s.dtype) for s, c in zip(skips, control["skips"], strict=True)]
+      h = h + control["middle"].astype(h.dtype)
+    return self.decoder(h, skips, emb, train=train)
+
+
+def _check_spatial(spec: UNetSpec, x: Array) -> None:
+  factor = 2 ** (len(spec.channel_mult) - 1)
+  if x.ndim != 5 or any(s % factor for s in x.shape[1:4]):
+    raise ValueError(
+        f"UNet3D input must be (N, D, H, W, C) with D, H, W divisible by {factor}; got {x.shape}")
+
+
+def count_params(params: Any) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def forward_flops(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> float:
+  """Analytic multiply-add FLOPs (2 per MAC) of one forward pass: convs, dense layers, attention.
+
+  Norms and elementwise ops are ignored (<2% for this architecture). A training step costs ~3x.
+  """
+  flops = 0.0
+  d, h, w = spatial
+  vox = d * h * w
+
+  def conv(cin, cout, k, voxels):
+    return 2.0 * cin * cout * k ** 3 * voxels
+
+  def attn(c, voxels):
+    return 2.0 * voxels * c * 4 * c + 4.0 * voxels * voxels * c  # qkv+proj, QK^T and AV
+
+  def res(cin, cout, voxels):
+    f = conv(cin, cout, 3, voxels) + conv(cout, cout, 3, voxels)
+    return f + (conv(cin, cout, 1, voxels) if cin != cout else 0.0)
+
+  ch = spec.base_channels
+  flops += conv(spec.in_channels, ch, 3, vox)
+  chans = [ch]
+  size = max(spatial)
+  for level, mult in enumerate(spec.channel_mult):
+    for _ in range(spec.num_res_blocks):
+      flops += res(ch, spec.base_channels * mult, vox)
+      ch = spec.base_channels * mult
+      if size in spec.attention_resolutions:
+        flops += attn(ch, vox)
+      chans.append(ch)
+    if level != len(spec.channel_mult) - 1:
+      vox //= 8
+      size //= 2
+      flops += conv(ch, ch, 3, vox)
+      chans.append(ch)
+  flops += 2 * res(ch, ch, vox) + (attn(ch, vox) if spec.mid_attention else 0.0)
+  for level in reversed(range(len(spec.channel_mult))):
+    for _ in range(spec.num_res_blocks + 1):
+      cout = spec.base_channels * spec.channel_mult[level]
+      flops += res(ch + chans.pop(), cout, vox)
+      ch = cout
+      if size in spec.attention_resolutions:
+        flops += attn(ch, vox)
+    if level:
+      vox *= 8
+      size *= 2
+      flops += conv(ch, ch, 3, vox)
+  flops += conv(ch, spec.out_channels, 3, vox)
+  return flops * batch

@@ -1,0 +1,92 @@
+"""Train state (a plain pytree), optimizer, and sharded initialisation without materialising on host."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from meddiff_jax.train import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied + skipped
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key: checkpointable as a plain array
+  nan_skips: jax.Array  # total updates skipped for a non-finite loss or gradient
+  consecutive_nan: jax.Array  # current run of skipped updates (the loop stops past a limit)
+
+
+def learning_rate_schedule(opt_config: Any) -> optax.Schedule:
+  """Linear warmup, then constant (the paper's Adam 1e-4) or cosine decay to end_lr_factor * lr."""
+  lr, warmup = opt_config.learning_rate, opt_config.warmup_steps
+  if opt_config.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+  if opt_config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=max(opt_config.decay_steps, warmup + 1),
+        end_value=lr * opt_config.end_lr_factor)
+  raise ValueError(f"config.optimizer.schedule={opt_config.schedule!r}; choose constant or cosine")
+
+
+def make_optimizer(opt_config: Any) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW (weight_decay 0 gives the paper's Adam)."""
+  parts = []
+  if opt_config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+  parts.append(optax.adamw(learning_rate_schedule(opt_config), b1=opt_config.b1, b2=opt_config.b2,
+                           eps=opt_config.eps, weight_decay=opt_config.weight_decay))
+  return optax.chain(*parts)
+
+
+def init_key(seed: int) -> jax.Array:
+  """The params-init key. RBG rather than threefry: XLA:CPU compiles a UNet init ~4x faster with it
+  (10.6 s -> 2.5 s for the test model), and its values do not depend on the output sharding."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def create(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
+           mesh: Mesh, rules: Any, min_shard_size: int = 0) -> tuple[TrainState, TrainState]:
+  """Initialise directly into its shardings.
+
+  Args:
+    init_params_fn: rng -> boxed params (linen `init(...)['params']`).
+    seed: params come from `init_key(seed)`, the training rng (threefry) from seed + 1.
+
+  Returns:
+    (state, state shardings).
+  """
+  param_rng, state_rng = init_key(seed), jax.random.key(seed + 1)
+
+  def init_boxed(key):
+    params = init_params_fn(key)
+    opt_state = tx.init(params)  # boxes propagate: Adam moments inherit the params' logical axes
+    return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=opt_state,
+                      rng=jax.random.key_data(state_rng), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
+
+  with sharding.activate(mesh, rules):
+    abstract = jax.eval_shape(init_boxed, param_rng)
+    shardings = sharding.tree_shardings(abstract, mesh, rules, min_shard_size)
+    state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(param_rng)
+  return state, shardings
+
+
+def abstract_state(state_shardings: TrainState, init_params_fn: Callable[[jax.Array], Any],
+                   tx: optax.GradientTransformation) -> TrainState:
+  """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+  def init(key):
+    params = nn.meta.unbox(init_params_fn(key))
+    return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(key), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                state_shardings)

@@ -1,0 +1,133 @@
+"""The jitted pretraining step: noise, denoise, loss, accumulated gradients, guarded update, EMA."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from meddiff_jax.diffusion import losses, samplers, schedules
+from meddiff_jax.train import sharding
+from meddiff_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+COND_KEYS = ("pos_box", "region", "structures")
+
+
+def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
+  """Replace region/structures of samples where `drop` is True by their unconditional values (CFG)."""
+  null = samplers.null_condition(cond, num_regions)
+  out = {}
+  for key, value in cond.items():
+    mask = drop.reshape(drop.shape + (1,) * (value.ndim - 1))
+    out[key] = jnp.where(mask, null[key], value)
+  return out
+
+
+def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any
+                 ) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
+  """(params, batch, rng) -> (loss, aux) for one micro-batch."""
+  dcfg = config.diffusion
+  num_regions = config.model.num_regions
+
+  def loss_fn(params, batch, rng):
+    x0 = batch["image"]
+    n = x0.shape[0]
+    t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
+    t = jax.random.randint(t_rng, (n,), 0, schedule.num_timesteps)
+    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+    x_t = schedules.q_sample(schedule, x0.astype(jnp.float32), t, noise)
+    cond = {k: batch[k] for k in COND_KEYS if k in batch}
+    if dcfg.cond_drop_prob > 0:
+      cond = drop_conditions(cond, jax.random.bernoulli(drop_rng, dcfg.cond_drop_prob, (n,)), num_regions)
+    out = apply_fn({"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng})
+    loss, per_sample = losses.diffusion_loss(
+        schedule, out, x0, noise, t, prediction_type=dcfg.prediction_type, loss_type=dcfg.loss_type,
+        min_snr_gamma=dcfg.min_snr_gamma or None)
+    return loss, {"per_sample_loss": per_sample, "t": t}
+
+  return loss_fn
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+  """(B, ...) -> (k, B/k, ...) such that each micro-batch stays spread over the data axes.
+
+  Sample j of the batch goes to micro-batch j % k, so the contiguous per-device blocks of the sharded
+  batch dimension stay per device after the reshape.
+  """
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch {x.shape[0]} not divisible by grad_accum_steps={k}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule,
+                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule, config: Any,
+                    rules: Any = ()) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Un-jitted step; see `jit_train_step` for the sharded, donated version."""
+  loss_fn = make_loss_fn(apply_fn, schedule, config)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  k = int(config.training.grad_accum_steps)
+  ema_decay = float(config.training.ema_decay)
+  batch_axes = sharding.batch_axes(rules) if rules else None
+
+  def step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if k == 1:
+      (loss, aux), grads = grad_fn(state.params, batch, rng)
+      per_sample = aux["per_sample_loss"]
+    else:
+      micro = _split_micro(batch, k)
+
+      def accumulate(carry, xs):
+        grads_acc, loss_acc = carry
+        mb, i = xs
+        if batch_axes is not None:  # keep each micro-batch split over the data axes
+          mb = jax.tree_util.tree_map(
+              lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(batch_axes)), mb)
+        (l, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        grads_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
+        return (grads_acc, loss_acc + l), aux["per_sample_loss"]
+
+      zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      (grads, loss), per_sample = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), (micro, jnp.arange(k)))
+      grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+      loss = loss / k
+      per_sample = per_sample.reshape(-1)
+
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ema = optax.incremental_update(new_params, state.ema_params, step_size=1.0 - ema_decay)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        ema_params=keep(new_ema, state.ema_params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
+        consecutive_nan=jnp.where(finite, 0, state.consecutive_nan + 1),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(state.params),
+        "learning_rate": lr_schedule(state.step),
+        "finite": finite.astype(jnp.float32),
+        "nan_skips": new_state.nan_skips,
+        "consecutive_nan": new_state.consecutive_nan,
+        "per_sample_loss_max": jnp.max(per_sample),
+    }
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any) -> Callable:
+  """jit with the state donated and laid out by its shardings; metrics replicated."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))

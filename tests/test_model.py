@@ -1,0 +1,129 @@
+"""UNet3D structure, conditions, numerics, and the analytic FLOP count."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meddiff_jax.models import embeddings, unet3d
+
+SPEC = unet3d.UNetSpec(base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,), num_head_channels=4,
+                       structure_channels=3, pos_num_freqs=2)
+
+
+def inputs(spec, n=2, size=8, seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k[0], (n, size, size, size, 1))
+  t = jnp.arange(n) * 300
+  cond = {"pos_box": jnp.tile(jnp.array([[-1.0, 0.5]]), (n, 3, 1)), "region": jnp.arange(n) % 4,
+          "structures": (jax.random.uniform(k[1], (n, size, size, size, spec.structure_channels)) > 0.5).astype(jnp.uint8)}
+  return x, t, cond
+
+
+def init(model, *args):
+  return jax.jit(model.init)(jax.random.key(0, impl="rbg"), *args)
+
+
+def test_output_shape_and_zero_init():
+  model = unet3d.UNet3D(SPEC)
+  x, t, cond = inputs(SPEC)
+  variables = init(model, x, t, cond)
+  out = jax.jit(model.apply)(variables, x, t, cond)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, 0.0)  # zero-initialised output conv (ADM)
+
+
+def test_every_param_has_logical_axes():
+  model = unet3d.UNet3D(SPEC)
+  x, t, cond = inputs(SPEC)
+  params = init(model, x, t, cond)["params"]
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+  assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
+  for v in leaves:
+    assert len(v.names) == v.value.ndim
+
+
+def perturbed(params, seed=1):
+  """Random params everywhere (zero-init convs would hide the conditions' effect)."""
+  @jax.jit
+  def perturb(params):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  return perturb(nn.meta.unbox(params))
+
+
+def test_conditions_change_the_output_and_can_be_switched_off():
+  model = unet3d.UNet3D(SPEC)
+  x, t, cond = inputs(SPEC)
+  params = perturbed(init(model, x, t, cond)["params"])
+  apply = jax.jit(model.apply)
+  base = apply({"params": params}, x, t, cond)
+  for key, value in (("region", (cond["region"] + 1) % 4), ("structures", 1 - cond["structures"]),
+                     ("pos_box", cond["pos_box"] * 0.5)):
+    other = apply({"params": params}, x, t, {**cond, key: value})
+    assert float(jnp.abs(other - base).max()) > 1e-4, key
+  bare = dataclasses.replace(SPEC, use_position=False, use_region=False, structure_channels=0)
+  assert bare.in_channels == 1
+  model = unet3d.UNet3D(bare)
+  variables = init(model, x, t)
+  assert jax.jit(model.apply)(variables, x, t).shape == x.shape
+  assert "region_embed" not in variables["params"]["encoder"]
+
+
+def test_remat_and_bf16_agree_with_reference():
+  x, t, cond = inputs(SPEC)
+  ref_model = unet3d.UNet3D(SPEC)
+  params = perturbed(init(ref_model, x, t, cond)["params"])
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, cond) ** 2)))(params)
+  l_ref, g_ref = loss(ref_model)
+  l_remat, g_remat = loss(unet3d.UNet3D(dataclasses.replace(SPEC, remat="full")))
+  np.testing.assert_allclose(l_remat, l_ref, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_remat, g_ref)
+  bf16 = unet3d.UNet3D(dataclasses.replace(SPEC, dtype=jnp.bfloat16))
+  out_ref = jax.jit(ref_model.apply)({"params": params}, x, t, cond)
+  out_bf16 = jax.jit(bf16.apply)({"params": params}, x, t, cond)
+  assert out_bf16.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(out_bf16 - out_ref) / jnp.linalg.norm(out_ref))
+  assert rel < 0.05
+
+
+def test_rejects_bad_shapes_and_unknown_config_keys():
+  model = unet3d.UNet3D(SPEC)
+  x, t, cond = inputs(SPEC, size=7)
+  with pytest.raises(ValueError, match="divisible by 2"):
+    init(model, x, t, cond)
+  with pytest.raises(ValueError, match="unknown keys"):
+    unet3d.UNetSpec.from_config({"base_channels": 8, "bogus": 1})
+
+
+def test_flops_estimate_matches_xla_cost_analysis():
+  spec = dataclasses.replace(SPEC, base_channels=16)
+  model = unet3d.UNet3D(spec)
+  x, t, cond = inputs(spec, size=16)
+  variables = init(model, x, t, cond)
+  cost = jax.jit(lambda v: model.apply(v, x, t, cond)).lower(variables).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = unet3d.forward_flops(spec, (16, 16, 16), batch=2)
+  assert analytic == pytest.approx(cost["flops"], rel=0.15)
+
+
+def test_coordinate_grid_and_fourier_features():
+  box = jnp.array([[[-1.0, 1.0], [0.0, 0.5], [0.25, 0.25]]])
+  grid = embeddings.coordinate_grid(box, (3, 2, 1))
+  np.testing.assert_allclose(grid[0, :, 0, 0, 0], [-1, 0, 1])
+  np.testing.assert_allclose(grid[0, 0, :, 0, 1], [0, 0.5])
+  np.testing.assert_allclose(grid[0, 0, 0, :, 2], [0.25])  # size-1 axis: the box midpoint
+  feats = embeddings.fourier_features(grid, 3)
+  assert feats.shape[-1] == embeddings.position_channels(3) == 21
+  c = float(grid[0, 2, 1, 0, 0])
+  np.testing.assert_allclose(feats[0, 2, 1, 0, 3:6], [np.sin(c), np.sin(2 * c), np.sin(4 * c)], rtol=1e-6)
+
+
+def test_timestep_embedding_formula():
+  emb = embeddings.timestep_embedding(jnp.array([0, 10]), 6)
+  freqs = np.exp(-np.log(10000.0) * np.arange(3) / 3)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.cos(10 * freqs), np.sin(10 * freqs)]), rtol=1e-5)
