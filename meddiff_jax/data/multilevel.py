@@ -27,7 +27,12 @@ def axis_coordinate(index: float, size: int) -> float:
 
 
 def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
-  """volume[start:start+size] per axis; out-of-volume voxels get `fill`."""
+  """volume[start:start+size] per axis; out-of-volume voxels get `fill`.
+
+  A crop inside the volume is a view (no copy: a memory-mapped volume reads only the touched pages).
+  """
+  if np.all(start >= 0) and np.all(start + size <= np.array(volume.shape[:3])):
+    return volume[tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))]
   out = np.full(tuple(size), fill, volume.dtype)
   src_lo = np.maximum(start, 0)
   src_hi = np.minimum(start + size, volume.shape[:3])
@@ -39,12 +44,13 @@ def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: f
   return out
 
 
-def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-  """Align-corners resize (scipy zoom, grid_mode=False) to exactly `shape`."""
+def resize(volume: np.ndarray, shape: tuple[int, ...], order: int, dtype: np.dtype | None = None) -> np.ndarray:
+  """Align-corners resize (scipy zoom, grid_mode=False) to exactly `shape`, output in `dtype`."""
+  dtype = np.dtype(dtype or volume.dtype)
   if tuple(volume.shape) == tuple(shape):
-    return volume
+    return np.asarray(volume, dtype)
   factors = [o / i for o, i in zip(shape, volume.shape)]
-  out = ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=False, prefilter=False)
+  out = ndimage.zoom(volume, factors, output=dtype, order=order, mode="nearest", grid_mode=False, prefilter=False)
   assert out.shape == tuple(shape), (out.shape, shape)
   return out
 
@@ -75,8 +81,7 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
     operation = OPERATIONS[rng.choice(3, p=np.asarray(operation_probs) / np.sum(operation_probs))]
   start, size = choose_box(hu.shape, patch, operation, rng)
   target = (patch,) * 3
-  hu_crop = crop_padded(hu, start, size, fill=-1000.0)
-  hu_crop = resize(hu_crop.astype(np.float32), target, order=1)
+  hu_crop = resize(crop_padded(hu, start, size, fill=-1000.0), target, order=1, dtype=np.float32)
   box = np.array([[axis_coordinate(s, n), axis_coordinate(s + c - 1, n)] for s, c, n in zip(start, size, hu.shape)],
                  np.float32)
   sample = {

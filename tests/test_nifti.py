@@ -1,0 +1,175 @@
+"""NIfTI I/O: RAS canonicalisation, resampling round trips in world coordinates, and bad input."""
+
+import gzip
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from meddiff_jax.data import nifti, phantom
+
+
+def landmark_world(volume, mask):
+  """World coordinates (mm) of a mask's centroid: a landmark that survives resampling."""
+  idx = np.argwhere(mask)
+  return volume.world(idx.mean(axis=0))
+
+
+def test_real_ct_round_trip_keeps_world_coordinates(real_data_dir, tmp_path):
+  ct = nifti.load(real_data_dir / "example_ct.nii.gz")
+  seg = nifti.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  nifti.check_ct(ct)
+  nifti.check_same_grid(ct, seg)
+  assert nib.aff2axcodes(ct.affine) == ("R", "A", "S") and ct.spacing == pytest.approx((3.0, 3.0, 3.0))
+  liver = seg.data == 5
+  before = landmark_world(seg, liver)
+  ct2 = nifti.resample(ct, (2.0, 2.0, 2.0), order=1)
+  seg2 = nifti.resample(seg, (2.0, 2.0, 2.0), order=0)
+  assert ct2.shape == nifti.target_shape(ct.shape, ct.spacing, (2.0, 2.0, 2.0))
+  nifti.save(seg2, tmp_path / "seg2.nii.gz", np.uint8)
+  nifti.save(ct2, tmp_path / "ct2.nii.gz", np.int16)
+  seg3 = nifti.load(tmp_path / "seg2.nii.gz", is_mask=True)
+  after = landmark_world(seg3, seg3.data == 5)
+  # nearest-neighbour resampling moves an organ's boundary by up to half a source voxel
+  np.testing.assert_allclose(after, before, atol=1.5)
+  # the image voxel nearest a world point holds the same tissue before and after
+  p = before
+  i_old = np.round(np.linalg.solve(ct.affine[:3, :3], p - ct.affine[:3, 3])).astype(int)
+  ct3 = nifti.load(tmp_path / "ct2.nii.gz")
+  i_new = np.round(np.linalg.solve(ct3.affine[:3, :3], p - ct3.affine[:3, 3])).astype(int)
+  assert abs(ct.data[tuple(i_old)] - ct3.data[tuple(i_new)]) < 60  # liver HU in both
+
+
+def test_reorientation_to_ras_preserves_world_positions(tmp_path):
+  ph = phantom.make_phantom((24, 20, 16), (4.0, 4.0, 5.0), "abdomen", seed=0)
+  ras = nifti.Volume(ph.hu, ph.affine)
+  # the same image stored LPS-flipped with a matching affine
+  flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+  flip[:3, 3] = [ph.hu.shape[0] - 1, ph.hu.shape[1] - 1, 0]
+  lps = nifti.Volume(ph.hu[::-1, ::-1].copy(), ph.affine @ flip)
+  nifti.save(lps, tmp_path / "lps.nii.gz")
+  back = nifti.load(tmp_path / "lps.nii.gz")
+  assert nib.aff2axcodes(nib.load(tmp_path / "lps.nii.gz").affine) == ("L", "P", "S")
+  np.testing.assert_allclose(back.affine, ras.affine, atol=1e-4)
+  np.testing.assert_allclose(back.data, ras.data, atol=1e-3)
+
+
+@pytest.mark.parametrize("new_spacing", [(1.5, 1.5, 1.5), (2.0, 5.0, 1.0), (6.0, 6.0, 6.0)])
+def test_resampled_data_agrees_with_its_affine_exactly(tmp_path, new_spacing):
+  """A volume whose value is a linear function of world position: trilinear resampling reproduces linear
+  functions, so every interior voxel of the result must equal that function at *its* affine's position."""
+  ph = phantom.make_phantom((20, 24, 16), (3.0, 2.0, 4.0), "abdomen", seed=2)
+  idx = np.stack(np.meshgrid(*[np.arange(n) for n in ph.hu.shape], indexing="ij"), -1)
+  vol = nifti.Volume(np.zeros(ph.hu.shape, np.float32), ph.affine)
+  field = lambda world: world @ np.array([0.5, -0.25, 0.125]) + 3.0
+  vol.data = field(vol.world(idx)).astype(np.float32)
+  nifti.save(nifti.resample(vol, new_spacing, order=1), tmp_path / "r.nii.gz")
+  out = nifti.load(tmp_path / "r.nii.gz")
+  assert out.spacing == pytest.approx(new_spacing)
+  idx = np.stack(np.meshgrid(*[np.arange(n) for n in out.shape], indexing="ij"), -1)
+  expected = field(out.world(idx))
+  inner = tuple(slice(2, n - 2) for n in out.shape)  # away from the constant-filled border
+  np.testing.assert_allclose(out.data[inner], expected[inner], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: each gets a VolumeError naming the file and the problem
+
+
+def write(tmp_path, name, data, affine=None, dtype=None):
+  img = nib.Nifti1Image(data if dtype is None else data.astype(dtype), np.eye(4) if affine is None else affine)
+  path = tmp_path / name
+  nib.save(img, path)
+  return path
+
+
+def ct_like(shape=(16, 16, 16)):
+  rng = np.random.default_rng(0)
+  return np.where(rng.uniform(size=shape) > 0.5, -1000.0, 40.0).astype(np.float32)
+
+
+def test_truncated_gzip(tmp_path):
+  path = write(tmp_path, "ok.nii.gz", ct_like((32, 32, 32)))
+  raw = open(path, "rb").read()
+  bad = tmp_path / "truncated.nii.gz"
+  bad.write_bytes(raw[: len(raw) // 2])
+  with pytest.raises(nifti.VolumeError, match="truncated.nii.gz: (truncated|not a readable)"):
+    nifti.load(bad)
+
+
+@pytest.mark.parametrize("shape,match", [((16, 16), "expected a 3D volume"), ((16, 16, 16, 3), "expected a 3D volume"),
+                                         ((16, 16, 1), "degenerate shape")])
+def test_wrong_dimensionality(tmp_path, shape, match):
+  path = write(tmp_path, "dims.nii.gz", np.zeros(shape, np.float32))
+  with pytest.raises(nifti.VolumeError, match=f"dims.nii.gz: {match}"):
+    nifti.load(path)
+
+
+def test_4d_singleton_is_squeezed(tmp_path):
+  path = write(tmp_path, "single.nii.gz", ct_like()[..., None])
+  assert nifti.load(path).shape == (16, 16, 16)
+
+
+def test_rgb(tmp_path):
+  rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+  path = write(tmp_path, "rgb.nii.gz", rgb)
+  with pytest.raises(nifti.VolumeError, match="rgb.nii.gz: RGB"):
+    nifti.load(path)
+
+
+def test_nan_voxels(tmp_path):
+  data = ct_like()
+  data[3, 4, 5] = np.nan
+  path = write(tmp_path, "nan.nii.gz", data)
+  with pytest.raises(nifti.VolumeError, match="nan.nii.gz: 1 NaN/inf voxels"):
+    nifti.load(path)
+
+
+def test_constant_volume(tmp_path):
+  vol = nifti.load(write(tmp_path, "const.nii.gz", np.full((8, 8, 8), -1000.0, np.float32)))
+  with pytest.raises(nifti.VolumeError, match="const.nii.gz: constant volume"):
+    nifti.check_ct(vol)
+
+
+def test_singular_affine(tmp_path):
+  img = nib.Nifti1Image(ct_like(), np.eye(4))
+  img.header["srow_z"] = [0.0, 0.0, 0.0, 0.0]  # sform with a zero row; nibabel refuses to build one directly
+  img.header["sform_code"], img.header["qform_code"] = 1, 0
+  path = tmp_path / "singular.nii.gz"
+  nib.save(nib.Nifti1Image(ct_like(), None, img.header), path)
+  with pytest.raises(nifti.VolumeError, match="singular.nii.gz: singular affine"):
+    nifti.load(path)
+
+
+def test_non_hu_data(tmp_path):
+  mr = np.random.default_rng(0).integers(0, 256, (16, 16, 16)).astype(np.uint8)
+  vol = nifti.load(write(tmp_path, "mr.nii.gz", mr))
+  with pytest.raises(nifti.VolumeError, match="mr.nii.gz: .*not CT in Hounsfield units"):
+    nifti.check_ct(vol)
+
+
+def test_mask_shape_mismatch(tmp_path):
+  image = nifti.load(write(tmp_path, "img.nii.gz", ct_like()))
+  mask = nifti.load(write(tmp_path, "img_seg.nii.gz", np.zeros((16, 16, 12), np.uint8)), is_mask=True)
+  with pytest.raises(nifti.VolumeError, match=r"img_seg.nii.gz: mask shape \(16, 16, 12\) does not match"):
+    nifti.check_same_grid(image, mask)
+
+
+def test_crop_whose_affine_was_not_updated(real_data_dir, tmp_path):
+  parent = nifti.load(real_data_dir / "example_ct.nii.gz")
+  stale = nifti.load(real_data_dir / "example_ct_sm.nii.gz")
+  with pytest.raises(nifti.VolumeError, match=r"example_ct_sm.nii.gz: affine places this crop at voxel offset "
+                     r"\(0, 0, 0\).*match the parent at voxel offset \(0, 0, 82\)"):
+    nifti.check_crop_position(stale, parent)
+  # the same crop with its origin shifted by the crop offset passes
+  fixed_affine = stale.affine.copy()
+  fixed_affine[:3, 3] = parent.world(np.array([0, 0, 82]))
+  nifti.save(nifti.Volume(stale.data, fixed_affine), tmp_path / "fixed.nii.gz", np.int16)
+  nifti.check_crop_position(nifti.load(tmp_path / "fixed.nii.gz"), parent)
+
+
+def test_missing_file(tmp_path):
+  with pytest.raises(nifti.VolumeError, match="nope.nii.gz: file does not exist"):
+    nifti.load(tmp_path / "nope.nii.gz")

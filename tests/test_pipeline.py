@@ -1,0 +1,172 @@
+"""Multi-level samples, the Grain pipeline, the phantom, and the prepared store (incl. bad files)."""
+
+import json
+import os
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from meddiff_jax.data import multilevel, nifti, phantom, pipeline, prepare, preprocess, store
+from meddiff_jax.models import embeddings
+
+
+def test_phantom_has_ct_values_and_totalsegmentator_labels():
+  for region, organ in (("abdomen", 5), ("chest", 10), ("head_neck", 90)):
+    p = phantom.make_phantom((48, 48, 48), (6.0, 6.0, 6.0), region, seed=1, num_lesions=2)
+    assert p.hu.min() < -900 and p.hu.max() > 500  # air and bone
+    assert (p.labels == organ).sum() > 50
+    assert p.lesions.sum() > 0
+    nifti.check_ct(nifti.Volume(p.hu, p.affine))
+  a = phantom.make_phantom((32, 32, 32), seed=3)
+  b = phantom.make_phantom((32, 32, 32), seed=3)
+  np.testing.assert_array_equal(a.hu, b.hu)
+  liver_hu = np.median(a.hu[a.labels == 5])
+  assert 40 < liver_hu < 80
+
+
+@pytest.mark.parametrize("operation", multilevel.OPERATIONS)
+def test_sample_coordinates_match_the_whole_volume_frame(operation):
+  """Each sample voxel's coordinate (from pos_box) must point at the whole-volume voxel it came from."""
+  shape = (40, 36, 44)
+  idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float32)
+  # encode each voxel's own normalised x coordinate as its "HU" so we can read positions back
+  coord = np.stack([2 * idx[..., a] / (n - 1) - 1 for a, n in enumerate(shape)], -1)
+  rng = np.random.default_rng(0)
+  patch = 16
+  for axis in range(3):
+    hu = (coord[..., axis] * 100.0).astype(np.float32)  # in [-100, 100] HU: inside the abdomen window
+    s = multilevel.make_sample(hu, None, preprocess.region_id("abdomen"), patch, np.random.default_rng(1),
+                               operation=operation)
+    grid = np.asarray(embeddings.coordinate_grid(s["pos_box"][None], (patch,) * 3))[0, ..., axis]
+    seen = preprocess.unit_to_hu(s["image"][..., 0], "abdomen") / 100.0
+    inside = np.abs(grid) <= 1.0  # padded voxels (volume smaller than the crop) hold air, not coordinates
+    np.testing.assert_allclose(seen[inside], grid[inside], atol=2e-3)
+  if operation == "whole":
+    np.testing.assert_allclose(s["pos_box"], [[-1, 1]] * 3)
+
+
+def test_structure_channels_group_labels_and_body():
+  lut = preprocess.group_lookup({1: "spleen", 5: "liver", 10: "lung_upper_lobe_left", 99: "unknown_thing"},
+                                preprocess.DEFAULT_STRUCTURE_GROUPS)
+  names = list(preprocess.DEFAULT_STRUCTURE_GROUPS)
+  labels = np.array([[[0, 1, 5, 10, 99]]])
+  hu = np.array([[[-1000.0, 50, 60, -850, 30]]])
+  ch = preprocess.structure_channels(labels, hu, lut, len(names))
+  assert ch.shape == (1, 1, 5, len(names) + 1)
+  assert ch[0, 0, 1, names.index("spleen")] == 1 and ch[0, 0, 2, names.index("liver")] == 1
+  assert ch[0, 0, 3, names.index("lung")] == 1 and ch[0, 0, 4, :-1].sum() == 0
+  np.testing.assert_array_equal(ch[0, 0, :, -1], [0, 1, 1, 0, 1])  # body = HU > -500
+
+
+def test_windows_invert():
+  for region, (w, l) in preprocess.WINDOWS.items():
+    hu = np.linspace(l - w / 2, l + w / 2, 11)
+    np.testing.assert_allclose(preprocess.unit_to_hu(preprocess.hu_to_unit(hu, region), region), hu, atol=1e-3)
+    assert preprocess.hu_to_unit(np.array([l - w]), region)[0] == -1.0
+
+
+def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
+  config = tiny_config()
+  st = pipeline.make_store(config.data)
+  make = lambda **kw: iter(pipeline.make_dataset(st, config.data, batch_size=4, seed=3, **kw))
+  a, b = make(), make()
+  first = [next(a) for _ in range(3)]
+  for batch in first:
+    ref = next(b)
+    for k in batch:
+      np.testing.assert_array_equal(batch[k], ref[k])
+  assert first[0]["image"].shape == (4, 8, 8, 8, 1) and first[0]["structures"].shape[-1] == 13
+  ops = np.concatenate([x["operation"] for x in first])
+  assert len(set(ops.tolist())) > 1  # multi-level operations are mixed
+  # checkpoint: state after 3 batches reproduces batch 4 in a fresh iterator
+  state = a.get_state()
+  nxt = next(a)
+  c = make()
+  c.set_state(state)
+  np.testing.assert_array_equal(next(c)["image"], nxt["image"])
+  # two processes see disjoint halves of the sample stream
+  p0 = make(process_index=0, process_count=2)
+  p1 = make(process_index=1, process_count=2)
+  x0, x1 = next(p0), next(p1)
+  assert x0["image"].shape[0] == 2 and not np.array_equal(x0["image"], x1["image"])
+
+
+def test_global_batches_are_laid_out_on_the_mesh():
+  from meddiff_jax.train import sharding
+  config = tiny_config()
+  mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+  ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=8, seed=0)
+  batches = pipeline.GlobalBatches(ds, pipeline.batch_sharding(mesh, ("data", "fsdp")))
+  batch = next(batches)
+  assert set(batch) == {"image", "pos_box", "region", "structures"}
+  assert batch["image"].shape == (8, 8, 8, 8, 1)
+  assert len(batch["image"].addressable_shards) == 8
+  assert batch["image"].addressable_shards[0].data.shape == (1, 8, 8, 8, 1)
+
+
+def _prepare_config(input_dir, output_dir, **kw):
+  from configs import prepare as prepare_config
+  c = prepare_config.get_config()
+  c.input_dir, c.output_dir, c.workers = str(input_dir), str(output_dir), 1
+  c.update(kw)
+  return c
+
+
+def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_dir):
+  src = tmp_path / "in"
+  src.mkdir()
+  for i, region in enumerate(("abdomen", "chest")):
+    p = phantom.make_phantom((24, 24, 24), (6.0, 6.0, 6.0), region, seed=i)
+    nifti.save(nifti.Volume(p.hu, p.affine), src / f"ph{i}.nii.gz", np.int16)
+    nifti.save(nifti.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
+  nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 255, (16, 16, 16)).astype(np.uint8), np.eye(4)),
+           src / "mr_like.nii.gz")
+  (src / "broken.nii.gz").write_bytes(open(src / "ph0.nii.gz", "rb").read()[:300])
+  nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), src / "slice2d.nii.gz")
+  manifest = tmp_path / "manifest.csv"
+  rows = ["image,region,mask,parent", "ph0.nii.gz,abdomen,ph0_seg.nii.gz,", "ph1.nii.gz,chest,ph1_seg.nii.gz,",
+          "mr_like.nii.gz,abdomen,,", "broken.nii.gz,chest,,", "slice2d.nii.gz,chest,,",
+          f"{real_data_dir / 'example_ct_sm.nii.gz'},abdomen,{real_data_dir / 'example_seg.nii.gz'},"
+          f"{real_data_dir / 'example_ct.nii.gz'}",
+          "ph0.nii.gz_missing,chest,,"]
+  manifest.write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  report = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0)))
+  assert len(report["prepared"]) == 2
+  reasons = {os.path.basename(r["image"]): r["reason"] for r in report["failed"]}
+  assert set(reasons) == {"mr_like.nii.gz", "broken.nii.gz", "slice2d.nii.gz", "example_ct_sm.nii.gz",
+                          "ph0.nii.gz_missing"}
+  assert "not CT in Hounsfield units" in reasons["mr_like.nii.gz"]
+  assert "expected a 3D volume" in reasons["slice2d.nii.gz"]
+  assert "affine was not updated" in reasons["example_ct_sm.nii.gz"]
+  assert "does not exist" in reasons["ph0.nii.gz_missing"]
+  assert json.loads((out / "report.json").read_text())["total_in_store"] == 2
+  records = store.read_records(str(out))
+  assert {r["region"] for r in records} == {"abdomen", "chest"}
+  assert records[0]["spacing"] == pytest.approx([4.0, 4.0, 4.0])
+  # resumable: a second run prepares nothing new
+  again = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0)))
+  assert len(again["prepared"]) == 0 and len(again["skipped"]) == 2
+  # and the store feeds the training pipeline
+  ps = store.PreparedStore(str(out))
+  hu, labels, region = ps.load(0)
+  assert hu.dtype == np.int16 and labels is not None and region in (1, 2)
+  assert labels.shape == hu.shape == (36, 36, 36)
+
+
+def test_prepare_real_ct_with_masks_by_directory_scan(tmp_path, real_data_dir):
+  src = tmp_path / "in"
+  masks = tmp_path / "masks"
+  src.mkdir()
+  masks.mkdir()
+  os.symlink(real_data_dir / "example_ct.nii.gz", src / "case.nii.gz")
+  os.symlink(real_data_dir / "example_seg_fast_force_split.nii.gz", masks / "case.nii.gz")
+  report = prepare.run(_prepare_config(src, tmp_path / "out", mask_dir=str(masks), default_region="abdomen",
+                                       spacing=(3.0, 3.0, 3.0), workers=2))
+  assert len(report["prepared"]) == 1, report
+  hu, labels, region = store.PreparedStore(str(tmp_path / "out")).load(0)
+  assert region == preprocess.region_id("abdomen") and hu.shape == (122, 101, 112)
+  assert np.median(np.asarray(hu)[np.asarray(labels) == 5]) == pytest.approx(55, abs=40)  # liver HU
