@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_threads=2,
       prefetch=4,
       worker_count=0,
+      val_fraction=0.1,  # every k-th volume is held out for validation
       phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0)),
   ))
 
@@ -91,6 +92,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ema_decay=0.9999,
       log_every=100,
       max_consecutive_nan=10,
+      profile_steps=0,  # >0: jax.profiler trace of that many steps into WORKDIR
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=5000,  # validation loss per timestep bucket on held-out volumes (0: off)
+      num_batches=4,
+      num_buckets=4,
+      sample_every_steps=5000,  # preview montage (TensorBoard + WORKDIR/samples/*.png) (0: off)
+      sample_steps=50,  # DDIM steps of the preview sampler
+  ))
+
+  c.restore = True  # resume from the latest checkpoint in WORKDIR/checkpoints
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000,
+      keep=3,
+      asynchronous=True,
+      preemption_check_every=10,  # multi-process: steps between SIGTERM agreement points
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -106,6 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.phantom.update(num_volumes=6, shape=(48, 48, 48), spacing=(6.0, 6.0, 6.0))
     c.optimizer.update(learning_rate=2e-3, warmup_steps=5, schedule="constant")
     c.training.update(batch_size=2, num_steps=20, ema_decay=0.99, log_every=5)
+    c.eval.update(every_steps=10, num_batches=1, sample_every_steps=20, sample_steps=10)
+    c.checkpoint.update(every_steps=10)
     c.sharding.min_shard_size = 0
   elif preset == "base":
     c.model.update(base_channels=32, channel_mult=(1, 2, 4, 4), attention_resolutions=(16, 8), pos_num_freqs=6)

@@ -21,8 +21,14 @@ def test_three_step_pretraining_run_writes_loss_log(tmp_path):
                   "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [l["step"] for l in lines] == [1, 2, 3]
-  assert all(l["finite"] == 1.0 and l["loss"] > 0 for l in lines)
+  train = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in train] == [1, 2, 3]
+  assert all(l["nan_skips"] == 0 and l["loss"] > 0 for l in train)
+  val = [l for l in lines if "val/loss" in l]
+  assert val and val[-1]["step"] == 3 and len([k for k in val[-1] if k.startswith("val/loss_t")]) == 4
+  assert (tmp_path / "samples" / "step_00000003.png").exists()
+  assert (tmp_path / "checkpoints" / "3").is_dir()
+  assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_unknown_override_key_fails_clearly(tmp_path):

@@ -92,8 +92,10 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
   if region == "head_neck":
     half_w, half_ap = half_w * 0.6, half_ap * 0.75
   body = _cylinder_z(grid, (0, 0, 0), (half_w, half_ap))
-  put(body, HU["fat"])
-  put(_cylinder_z(grid, (0, 0, 0), (half_w * 0.88, half_ap * 0.85)), HU["muscle"])
+  put(body, HU["fat"])  # subcutaneous fat
+  put(_cylinder_z(grid, (0, 0, 0), (half_w * 0.88, half_ap * 0.85)), HU["muscle"])  # body wall
+  if region == "abdomen":  # visceral fat inside the muscular wall; organs and bowel go into it
+    put(_cylinder_z(grid, (0, 0, 0), (half_w * 0.8, half_ap * 0.76)), HU["fat"] + 10)
   spine_c = np.array([0.0, -half_ap * 0.55, 0.0])
   cord = _cylinder_z(grid, spine_c + [0, -8, 0], (5, 5))
   vert = _cylinder_z(grid, spine_c, (14, 12))
@@ -118,6 +120,14 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
     stomach = _ellipsoid(grid, np.array([-half_w * 0.2, half_ap * 0.35, 45]) + jit(5), (35, 25, 30))
     put(stomach & ~liver, HU["stomach"], LABELS["stomach"])
     put(stomach & (grid[1] > half_ap * 0.35 + 12), HU["air"] + 50, LABELS["stomach"])  # gastric air cap
+    organs = labels > 0
+    for _ in range(14):  # bowel loops: soft-tissue tubes cut across, some with gas
+      c = np.array([rng.uniform(-0.6, 0.6) * half_w, rng.uniform(-0.1, 0.6) * half_ap, rng.uniform(-1, 1) * extent[2] / 2])
+      r = rng.uniform(8, 14)
+      loop = _ellipsoid(grid, c, (r, r, r * rng.uniform(1.5, 3))) & ~organs & (labels == 0)
+      put(loop, HU["stomach"] + 10)
+      if rng.uniform() < 0.4:
+        put(_ellipsoid(grid, c, (r * 0.4,) * 3) & loop, HU["air"] + 100)
     lesion_hosts.append(liver)
   elif region == "chest":
     for side, (up, lo) in ((1, ("lung_upper_lobe_right", "lung_lower_lobe_right")),

@@ -57,6 +57,33 @@ def make_store(data_config: Any) -> VolumeStore:
   raise ValueError(f"config.data.source={data_config.source!r}; choose 'phantom' or 'prepared'")
 
 
+class SubsetStore:
+  """A view of some volumes of another store (train / validation split)."""
+
+  def __init__(self, base: VolumeStore, indices: list[int]):
+    self.base, self.indices = base, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __repr__(self) -> str:
+    return f"SubsetStore({self.base!r}, n={len(self.indices)}, first={self.indices[:1]})"
+
+  def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    return self.base.load(self.indices[index])
+
+
+def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, VolumeStore]:
+  """Hold out every k-th volume (k = round(1 / val_fraction)) for validation; at least one each side."""
+  n = len(store)
+  if n < 2:
+    raise ValueError(f"need at least 2 volumes for a train/validation split, found {n}")
+  k = max(2, int(round(1.0 / max(data_config.val_fraction, 1e-9))))
+  val = [i for i in range(n) if i % k == k - 1] or [n - 1]
+  train = [i for i in range(n) if i not in set(val)]
+  return SubsetStore(store, train), SubsetStore(store, val)
+
+
 class MultiLevelSample:
   """volume index -> multi-level sample (a picklable callable for Grain's random_map)."""
 

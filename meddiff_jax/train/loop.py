@@ -1,21 +1,29 @@
-"""Pretraining loop: mesh -> data -> sharded state -> AOT-compiled step -> logged steps."""
+"""Pretraining loop: mesh -> data -> sharded state -> restore -> AOT-compiled step -> metrics, eval,
+samples, checkpoints; SIGTERM (preemption) saves and exits cleanly."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
+from meddiff_jax import clu_shim  # noqa: F401  # before clu.metric_writers / periodic_actions
+from clu import metric_writers, periodic_actions  # noqa: E402  (after the shim)
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
+from meddiff_jax.evaluation import montage
 from meddiff_jax.models import unet3d
-from meddiff_jax.train import sharding
+from meddiff_jax.train import checkpoint, evaluate, sharding
+from meddiff_jax.train.metrics import TrainMetrics
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 
@@ -64,21 +72,51 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 class MetricsLog:
-  """Appends one JSON line per logged step to WORKDIR/metrics.jsonl (process 0 only)."""
+  """Appends one JSON line per logged step to WORKDIR/metrics.jsonl (process 0 only).
+
+  Kept beside TensorBoard because it is trivially machine-readable (tests, notebooks). After a resume,
+  re-run steps are appended again: the last line for a step is the one that counts.
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
 
   def write(self, step: int, values: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+class PreemptionWatcher:
+  """SIGTERM sets a flag; every process agrees on stopping at the same step.
+
+  Single process: checked every step. Multi-process: the flag is all-gathered every `check_every` steps
+  (a sync point all processes reach together), so they all save the same step and exit.
+  """
+
+  def __init__(self, check_every: int):
+    self.requested = False
+    self.check_every = max(int(check_every), 1)
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next sync point")
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.check_every:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs pretraining; returns the last logged metrics."""
+  """Runs (or resumes) pretraining; returns the last logged metrics."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -94,67 +132,150 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                   config.sharding.min_shard_size)
   logging.info("model: %s params", f"{unet3d.count_params(train_state.params):,}")
 
-  store = pipeline.make_store(config.data)
+  train_store, val_store = pipeline.split_train_val(pipeline.make_store(config.data), config.data)
   batch_sharding = pipeline.batch_sharding(mesh, sharding.batch_axes(rules))
-  dataset = pipeline.make_dataset(store, config.data, batch_size=config.training.batch_size, seed=config.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
-  batches = pipeline.GlobalBatches(dataset, batch_sharding)
+  make_batches = lambda seed: pipeline.GlobalBatches(pipeline.make_dataset(
+      train_store, config.data, batch_size=config.training.batch_size, seed=seed,
+      process_index=jax.process_index(), process_count=jax.process_count()), batch_sharding)
+  batches = make_batches(config.seed)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                 asynchronous=config.checkpoint.asynchronous)
+  if config.restore:
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      train_state, state_shardings)
+    restored = ckpt.restore_latest(abstract, batches.iterator)
+    if restored is not None:
+      train_state = restored.state
+      logging.info("resumed from step %d in %s", restored.step, ckpt.directory)
+      if not restored.data_restored:  # do not replay the same samples from the start
+        batches = make_batches(config.seed + restored.step)
 
   step_fn = step_lib.make_train_step(model.apply, schedule, tx, lr_schedule, config, rules)
   train_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, mesh)
+  eval_step = jax.jit(evaluate.make_eval_step(model.apply, schedule, config, config.eval.num_buckets),
+                      in_shardings=(state_shardings.ema_params, batch_sharding, None))
+  preview = jax.jit(evaluate.make_preview_sampler(model.apply, schedule, config, config.eval.sample_steps))
 
+  is_lead = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead, asynchronous=True)
   log = MetricsLog(workdir)
+  num_steps = config.training.num_steps
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.training.log_every)]
+  if config.training.profile_steps and is_lead:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.training.profile_steps,
+                                          profile_duration_ms=None))
+  preemption = PreemptionWatcher(config.checkpoint.preemption_check_every)
+  start = int(train_state.step)
+  if start == 0 and is_lead:
+    writer.write_hparams(json.loads(config.to_json_best_effort()))
   last: dict[str, float] = {}
   with sharding.activate(mesh, rules):
-    first_batch = next(batches)
-    t0 = time.perf_counter()
-    compiled = train_step.lower(train_state, first_batch).compile()
-    logging.info("compiled train step in %.1f s; %s", time.perf_counter() - t0, _memory_summary(compiled))
-    batch = first_batch
-    start = int(train_state.step)
+    batch = next(batches) if start < num_steps else None
+    if batch is not None:
+      t0 = time.perf_counter()
+      compiled = train_step.lower(train_state, batch).compile()
+      logging.info("compiled train step in %.1f s; %s", time.perf_counter() - t0, _memory_summary(compiled))
+    accumulated, pending = None, None
     t_log, steps_since = time.perf_counter(), 0
-    pending = None
-    for step in range(start, config.training.num_steps):
-      train_state, metrics = compiled(train_state, batch)
-      steps_since += 1
-      if pending is not None:  # check the previous step's counters: keeps one step in flight
-        _check_finite(pending, step - 1, config.training.max_consecutive_nan)
-      pending = metrics
-      is_last = step + 1 == config.training.num_steps
-      if (step + 1) % config.training.log_every == 0 or is_last:
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - t_log
-        host["steps_per_sec"] = steps_since / elapsed
-        host["voxels_per_sec"] = host["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
-        log.write(step + 1, host)
-        logging.info("step %d: %s", step + 1, " ".join(f"{k}={v:.4g}" for k, v in host.items()))
-        last = host
-        t_log, steps_since = time.perf_counter(), 0
-      if not is_last:
+    step = start
+    while step < num_steps:
+      if batch is None:
         batch = next(batches)
+      train_state, step_metrics = compiled(train_state, batch)
+      batch = None
+      step += 1
+      steps_since += 1
+      if pending is not None:  # previous step's NaN counters: keeps one step in flight
+        _check_finite(pending, step - 1, config.training.max_consecutive_nan)
+      pending = step_metrics
+      single = TrainMetrics.single_from_model_output(**step_metrics)
+      accumulated = single if accumulated is None else accumulated.merge(single)
+      for hook in hooks:
+        hook(step)
+      stopping = preemption.should_stop(step)
+      if step % config.training.log_every == 0 or step == num_steps or stopping:
+        scalars = {k: float(v) for k, v in accumulated.compute().items()}
+        elapsed = time.perf_counter() - t_log
+        scalars["steps_per_sec"] = steps_since / elapsed
+        scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
+        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        log.write(step, scalars)
+        last, accumulated = scalars, None
+        t_log, steps_since = time.perf_counter(), 0
+      if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == num_steps):
+        val = run_eval(eval_step, train_state.ema_params, val_store, config, batch_sharding, schedule.num_timesteps)
+        writer.write_scalars(step, val)
+        log.write(step, val)
+      if config.eval.sample_every_steps and (step % config.eval.sample_every_steps == 0 or step == num_steps):
+        write_samples(preview, train_state.ema_params, val_store, config, batch_sharding, writer, workdir, step)
+      if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
+        ckpt.save(step, train_state, batches.iterator, config)
+      if stopping:
+        logging.warning("preempted: checkpoint for step %d saved, exiting", step)
+        break
     if pending is not None:
-      _check_finite(pending, config.training.num_steps - 1, config.training.max_consecutive_nan)
+      _check_finite(pending, step, config.training.max_consecutive_nan)
+  ckpt.close()
+  writer.flush()
   return last
 
 
-def _check_finite(metrics: dict[str, jax.Array], step: int, limit: int) -> None:
-  consecutive = int(metrics["consecutive_nan"])
+def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps) -> dict[str, float]:
+  """Mean per-bucket validation loss over a fixed set of batches (the same batches every time)."""
+  ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=12345,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  batches = pipeline.GlobalBatches(ds, batch_sharding)
+  total = None
+  for i in range(config.eval.num_batches):
+    losses = eval_step(params, next(batches), jax.random.key(i))
+    total = losses if total is None else total + losses
+  values = np.asarray(jax.device_get(total)) / config.eval.num_batches
+  out = dict(zip(evaluate.bucket_names(config.eval.num_buckets, num_timesteps), map(float, values)))
+  out["val/loss"] = float(values.mean())
+  return out
+
+
+def write_samples(preview, params, val_store, config, batch_sharding, writer, workdir, step) -> None:
+  """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used."""
+  ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=777,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  batch = next(pipeline.GlobalBatches(ds, batch_sharding))
+  cond = {k: batch[k] for k in step_lib.COND_KEYS if k in batch}
+  generated = preview(params, jax.random.key(step), cond)
+  gen, real = (_to_host(a)[0] for a in (generated, batch["image"]))
+  if jax.process_index() != 0:
+    return
+  image = montage.slice_montage([gen, real])
+  writer.write_images(step, {"samples/generated_over_real": image[None]})
+  montage.save_png(image, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _check_finite(step_metrics: dict[str, jax.Array], step: int, limit: int) -> None:
+  consecutive = int(step_metrics["consecutive_nan"])
   if consecutive:
     logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
-                    step + 1, consecutive, int(metrics["nan_skips"]))
+                    step, consecutive, int(step_metrics["nan_skips"]))
   if consecutive >= limit:
     raise NonFiniteError(
-        f"{consecutive} consecutive training steps had a NaN/inf loss or gradient (last at step {step + 1}); "
+        f"{consecutive} consecutive training steps had a NaN/inf loss or gradient (last at step {step}); "
         f"stopping. Lower config.optimizer.learning_rate, enable grad_clip_norm, or check the data.")
 
 
 def _memory_summary(compiled: Any) -> str:
   try:
     mem = compiled.memory_analysis()
-  except Exception:  # pragma: no cover - not every backend reports it
-    return "memory analysis unavailable"
+  except Exception:  # not every backend reports it
+    mem = None
   if mem is None:
     return "memory analysis unavailable"
   total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   return f"per-device memory {total / 2**20:.1f} MiB (temp {mem.temp_size_in_bytes / 2**20:.1f} MiB)"
-
