@@ -19,13 +19,25 @@ _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", 
 
 
 def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when the environment describes a multi-process job."""
+  """jax.distributed.initialize() when the environment describes a multi-process job.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/ scripts set
+  them). Otherwise SLURM (more than one task) and TPU pod environments are auto-detected by JAX.
+  """
   import jax
 
   slurm_multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  if slurm_multi or any(os.environ.get(k) for k in _DISTRIBUTED_ENV):
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  if not (slurm_multi or any(os.environ.get(k) for k in _DISTRIBUTED_ENV)):
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes need gloo for cross-process collectives
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
 
 
 def main(argv: list[str]) -> None:

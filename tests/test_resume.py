@@ -1,0 +1,139 @@
+"""Exact resume after SIGTERM / SIGKILL, corrupt-checkpoint fallback, restore onto another mesh."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+from meddiff_jax.train import checkpoint, loop, sharding
+from meddiff_jax.train import state as state_lib
+
+ARGS = ["--config=configs/pretrain.py:tiny", "--config.training.num_steps=24", "--config.training.log_every=1",
+        "--config.data.patch_size=8", "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=4",
+        "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0", "--config.checkpoint.every_steps=4"]
+
+
+class Run:
+  """A training subprocess whose log goes to a file (a PIPE would fill up and block it)."""
+
+  def __init__(self, workdir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    self.log = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}.{time.time_ns()}.log"
+    with open(self.log, "w") as f:
+      self.proc = subprocess.Popen([sys.executable, "-m", "meddiff_jax.main", *ARGS, f"--workdir={workdir}"],
+                                   cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+  def tail(self):
+    return self.log.read_text()[-3000:]
+
+  def wait(self, timeout):
+    return self.proc.wait(timeout=timeout)
+
+
+def start(workdir):
+  return Run(workdir)
+
+
+def losses(workdir):
+  """step -> loss, the last line for a step winning (re-run steps after a resume are appended)."""
+  out = {}
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  for line in path.read_text().splitlines() if path.exists() else []:
+    row = json.loads(line)
+    if "loss" in row:
+      out[row["step"]] = row["loss"]
+  return out
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if max(losses(workdir), default=0) >= step:
+      return
+    if proc.proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.tail()}")
+    time.sleep(0.05)
+  raise AssertionError("timed out waiting for training progress")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = start(workdir)
+  assert proc.wait(timeout=600) == 0, proc.tail()
+  ref = losses(workdir)
+  assert sorted(ref) == list(range(1, 25))
+  return ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_losses_bitwise(tmp_path, reference, sig):
+  proc = start(tmp_path)
+  wait_for_step(tmp_path, 6, proc)
+  proc.proc.send_signal(sig)
+  rc = proc.wait(timeout=300)
+  stopped_at = max(losses(tmp_path))
+  assert stopped_at < 24, "the run finished before the signal arrived; nothing was tested"
+  if sig == signal.SIGTERM:
+    assert rc == 0, proc.tail()  # clean exit after a final checkpoint
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == stopped_at
+  else:
+    assert rc == -signal.SIGKILL
+  proc = start(tmp_path)
+  assert proc.wait(timeout=600) == 0, proc.tail()
+  resumed = losses(tmp_path)
+  assert sorted(resumed) == list(range(1, 25))
+  assert [resumed[s] for s in range(1, 25)] == [reference[s] for s in range(1, 25)]  # bitwise (float repr)
+
+
+def small_state(mesh_sizes, seed=0):
+  config = tiny_config()
+  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
+  rules = sharding.rules_from_config(())
+  model, spec = loop.build_model(config)
+  tx = state_lib.make_optimizer(config.optimizer)
+  st, shardings = state_lib.create(loop.init_params_fn(model, spec, 8), tx, seed, mesh, rules, 0)
+  return config, st, shardings
+
+
+def abstract_of(st, shardings):
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, shardings)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  config, st8, _ = small_state({"data": 1, "fsdp": 8})
+  ck = checkpoint.Checkpointer(str(tmp_path), asynchronous=True)
+  ck.save(7, st8, None, config)
+  ck.wait()
+  for mesh_sizes in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    _, other, shardings = small_state(mesh_sizes, seed=1)  # different values: restore must overwrite them
+    restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(other, shardings), None)
+    assert restored.step == 7 and restored.config["training"]["batch_size"] == config.training.batch_size
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           restored.state, st8)
+    leaf = restored.state.params["encoder"]["down1_res0"]["conv1"]["kernel"]
+    assert leaf.sharding == shardings.params["encoder"]["down1_res0"]["conv1"]["kernel"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  config, st, shardings = small_state({"data": 1})
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=3)
+  ck.save(1, st, None, config)
+  ck.save(2, st.replace(step=st.step + 5), None, config)
+  ck.wait()
+  for f in (tmp_path / "2" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(st, shardings), None)
+  assert restored is not None and restored.step == 1 and int(restored.state.step) == 0
+  assert (tmp_path / "2").exists()  # nothing is deleted by a failed restore
