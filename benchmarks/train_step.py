@@ -38,6 +38,8 @@ def parse_args():
   p.add_argument("--remat", default="", help="override remat policy")
   p.add_argument("--memory", action="store_true", help="compiled memory: replicated vs fsdp=8 (fake devices)")
   p.add_argument("--monai", action="store_true", help="also time a matched MONAI UNet in torch (CPU)")
+  p.add_argument("--meshes", default="data=8;fsdp=8",
+                 help="--memory: meshes to compare, ';'-separated, each 'axis=size,axis=size'")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
   return p.parse_args()
 
@@ -134,16 +136,18 @@ def bench_memory(args):
   import jax
   rows = []
   for name in args.presets.split(","):
-    for mesh_sizes in ({"data": 8}, {"data": 1, "fsdp": 8}):
+    for mesh_text in args.meshes.split(";"):
+      mesh_sizes = {"data": 1, **{k: int(v) for k, v in (kv.split("=") for kv in mesh_text.split(","))}}
       config = preset_config(name, args)
-      config.training.batch_size = 8
+      config.training.batch_size = mesh_sizes["data"] * mesh_sizes.get("fsdp", 1)  # one sample per data shard
       mesh, rules, spec, st, jitted, batch_sh = build_step(config, mesh_sizes)
       from meddiff_jax.train import sharding
-      batch = synthetic_batch(config, 8)
+      batch = synthetic_batch(config, config.training.batch_size)
       abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
       with sharding.activate(mesh, rules):
         mem = jitted.lower(st, abstract).compile().memory_analysis()
       rows.append({"preset": name, "mesh": mesh_sizes, "patch": config.data.patch_size,
+                   "batch": config.training.batch_size, "remat": config.model.remat,
                    "argument_mib": mem.argument_size_in_bytes / 2**20, "temp_mib": mem.temp_size_in_bytes / 2**20,
                    "output_mib": mem.output_size_in_bytes / 2**20})
   return rows
@@ -201,7 +205,8 @@ def main():
   if args.memory:
     result["memory"] = bench_memory(args)
     for r in result["memory"]:
-      print(f"{r['preset']:6s} mesh={r['mesh']!s:28s} patch={r['patch']:4d} args={r['argument_mib']:9.1f} MiB "
+      print(f"{r['preset']:6s} mesh={r['mesh']!s:40s} patch={r['patch']:4d} batch={r['batch']:2d} "
+            f"args={r['argument_mib']:9.1f} MiB "
             f"temp={r['temp_mib']:9.1f} MiB")
   else:
     result["jax_rows"] = [bench_preset(name, args) for name in args.presets.split(",")]

@@ -1,0 +1,120 @@
+"""Input-pipeline throughput: our Grain multi-level pipeline vs MONAI's Dataset + RandSpatialCropd +
+torch DataLoader on the same volumes.
+
+python benchmarks/input_pipeline.py [--sizes=64,128] [--batches=20] [--threads=2]
+Writes benchmarks/results/input_pipeline.json. Volumes: 4 phantoms at 256^3 (1.5 mm) and, when present,
+the real CT in ../shared/data, prepared once into a temporary store (and as .nii.gz for MONAI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_inputs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  from configs import prepare as prepare_config
+  from meddiff_jax.data import nifti, phantom, prepare
+
+  src = tmp / "nifti"
+  src.mkdir()
+  for i, region in enumerate(("abdomen", "chest", "head_neck", "abdomen")):
+    p = phantom.make_phantom((256, 256, 256), (1.5, 1.5, 1.5), region, seed=i)
+    nifti.save(nifti.Volume(np.round(p.hu), p.affine), src / f"ph{i}.nii.gz", np.int16)
+    nifti.save(nifti.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
+  real = ROOT.parent / "shared" / "data" / "example_ct.nii.gz"
+  if real.exists():
+    os.symlink(real, src / "real.nii.gz")
+    os.symlink(ROOT.parent / "shared" / "data" / "example_seg_fast_force_split.nii.gz", src / "real_seg.nii.gz")
+  manifest = tmp / "manifest.csv"
+  rows = ["image,region,mask"] + [f"{p.name},abdomen,{p.name.replace('.nii.gz', '_seg.nii.gz')}"
+                                  for p in sorted(src.glob("*.nii.gz")) if "_seg" not in p.name]
+  manifest.write_text("\n".join(rows) + "\n")
+  c = prepare_config.get_config()
+  c.input_dir, c.output_dir, c.manifest, c.spacing, c.workers = str(src), str(tmp / "store"), str(manifest), (1.5,) * 3, 2
+  prepare.run(c)
+  return src, tmp / "store"
+
+
+def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
+  import ml_collections
+  from meddiff_jax.data import pipeline, store
+
+  cfg = ml_collections.ConfigDict(dict(patch_size=patch, use_structures=structures, operation_probs=operation_probs,
+                                       num_threads=threads, prefetch=8, worker_count=0, class_map=""))
+  ds = pipeline.make_dataset(store.PreparedStore(str(store_dir)), cfg, batch_size=4, seed=0)
+  it = iter(ds)
+  next(it)  # warm-up: first touches of the memory maps
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return 4 * batches / (time.perf_counter() - t0)
+
+
+def bench_monai(src, patch, batches, threads, copy_cache):
+  try:
+    import monai.transforms as mt
+    import torch
+    from monai.data import CacheDataset, DataLoader
+  except ImportError:
+    return None
+  files = [{"image": str(p), "label": str(p).replace(".nii.gz", "_seg.nii.gz")}
+           for p in sorted(src.glob("*.nii.gz")) if "_seg" not in p.name]
+  load = mt.Compose([mt.LoadImaged(["image", "label"]), mt.EnsureChannelFirstd(["image", "label"]),
+                     mt.Spacingd(["image", "label"], (1.5, 1.5, 1.5), mode=("bilinear", "nearest")),
+                     mt.ScaleIntensityRanged("image", -120, 240, -1, 1, clip=True)])
+  crop = mt.RandSpatialCropd(["image", "label"], (patch,) * 3, random_size=False)
+  # copy_cache=True (MONAI's default) deep-copies the cached volume for every sample before the random crop
+  ds = CacheDataset(files * 64, transform=mt.Compose([load, crop]), cache_rate=1.0, num_workers=threads,
+                    progress=False, copy_cache=copy_cache)
+  loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=threads, persistent_workers=threads > 0)
+  it = iter(loader)
+  next(it)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return 4 * batches / (time.perf_counter() - t0)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--sizes", default="64,128")
+  p.add_argument("--batches", type=int, default=20)
+  p.add_argument("--threads", type=int, default=2)
+  args = p.parse_args()
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    src, store_dir = make_inputs(pathlib.Path(tmp))
+    print(f"prepared inputs in {time.perf_counter() - t0:.1f} s")
+    for size in map(int, args.sizes.split(",")):
+      row = {"patch": size,
+             "ours_multilevel_with_structures": bench_ours(store_dir, size, args.batches, args.threads, True,
+                                                           (1 / 3, 1 / 3, 1 / 3)),
+             "ours_multilevel_image_only": bench_ours(store_dir, size, args.batches, args.threads, False,
+                                                      (1 / 3, 1 / 3, 1 / 3)),
+             "ours_patch_crop_only": bench_ours(store_dir, size, args.batches, args.threads, False, (0, 0, 1)),
+             "monai_cached_randspatialcrop": bench_monai(src, size, args.batches, args.threads, True),
+             "monai_cached_randspatialcrop_no_copy": bench_monai(src, size, args.batches, args.threads, False)}
+      rows.append(row)
+      print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+            "(patches/s)")
+  out = ROOT / "benchmarks" / "results" / "input_pipeline.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
