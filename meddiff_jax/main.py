@@ -58,8 +58,36 @@ def main(argv: list[str]) -> None:
     from meddiff_jax.data import prepare
 
     prepare.run(config)
+  elif mode in TASKS:
+    check_task_config(config)
+    import importlib
+
+    result = importlib.import_module(f"meddiff_jax.tasks.{mode}").run(config)
+    logging.info("%s: %s", mode, result)
+    print(result)
   else:
-    raise app.UsageError(f"config.mode={mode!r}; expected train or prepare")
+    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare or one of {TASKS}")
+
+
+TASKS = ("denoise", "anomaly", "synthesis")
+
+
+def check_task_config(config) -> None:
+  """One-line errors for what would otherwise fail deep inside a task."""
+  from meddiff_jax.tasks import common
+
+  ckpt = common.BUILTIN.get(config.checkpoint, config.checkpoint)
+  if not ckpt or not os.path.exists(ckpt):
+    raise app.UsageError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
+                         f"exported directory, or one of {sorted(common.BUILTIN)})")
+  if "input" in config and not os.path.isfile(config.input):
+    raise app.UsageError(f"--config.input={config.input!r} is not a file")
+  if not config.output:
+    raise app.UsageError("--config.output=PATH.nii.gz is required")
+  out_dir = os.path.dirname(os.path.abspath(config.output))
+  os.makedirs(out_dir, exist_ok=True)
+  if not os.access(out_dir, os.W_OK):
+    raise app.UsageError(f"output directory {out_dir} is not writable")
 
 
 if __name__ == "__main__":

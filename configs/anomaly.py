@@ -1,0 +1,23 @@
+"""Zero-shot anomaly detection: python -m meddiff_jax.main --config=configs/anomaly.py --config.input=IN.nii.gz
+--config.output=MAP.nii.gz (a MAP.json with the volume score is written beside it)."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.mode = "anomaly"
+  c.checkpoint = "tiny_phantom"
+  c.input = ""
+  c.output = ""
+  c.region = "abdomen"
+  c.spacing = ()
+  c.noise_t = 950  # paper: 950 of 1000
+  c.num_steps = 50
+  c.smooth_sigma = 1.0
+  c.top_fraction = 0.01
+  c.overlap = 0.5
+  c.window_batch = 8
+  c.seed = 0
+  return c

@@ -1,0 +1,25 @@
+"""Zero-shot denoising: python -m meddiff_jax.main --config=configs/denoise.py --config.input=IN.nii.gz
+--config.output=OUT.nii.gz [--config.checkpoint=WORKDIR_OR_EXPORT] [--config.method=diffpir|partial]."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.mode = "denoise"
+  c.checkpoint = "tiny_phantom"  # a training workdir, an exported dir, or a builtin name
+  c.input = ""
+  c.output = ""
+  c.region = "abdomen"
+  c.spacing = ()  # () keeps the input grid; else resample to the model's training spacing, e.g. (1., 1., 1.)
+  c.method = "diffpir"  # diffpir | partial
+  c.noise_sigma_hu = 0.0  # 0: estimate from the image
+  c.lam = 10.0  # DiffPIR lambda (paper: ~10)
+  c.zeta = 0.3
+  c.num_steps = 20
+  c.overlap = 0.5
+  c.window_batch = 8
+  c.seed = 0
+  c.output_int16 = True
+  return c

@@ -1,0 +1,152 @@
+"""Sliding windows, DiffPIR / partial diffusion / anomaly mechanics with oracle models, and the task
+commands end to end (NIfTI in, NIfTI out with the input's affine)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO
+from meddiff_jax.data import nifti, phantom
+from meddiff_jax.diffusion import schedules
+from meddiff_jax.models import embeddings
+from meddiff_jax.tasks import anomaly, denoise, sliding_window
+from meddiff_jax.train import sharding
+
+SCHED = schedules.make_schedule("cosine", 1000)
+
+
+def test_window_starts_cover_and_overlap():
+  assert sliding_window.window_starts(16, 16, 0.5) == [0]
+  starts = sliding_window.window_starts(40, 16, 0.5)
+  assert starts[0] == 0 and starts[-1] == 24 and all(b - a <= 8 for a, b in zip(starts, starts[1:]))
+  plan = sliding_window.plan_windows((40, 16, 24), 16, 0.5, batch=4)
+  assert len(plan.starts) % 4 == 0 and plan.valid.sum() == len(starts) * 1 * len(sliding_window.window_starts(24, 16, 0.5))
+  with pytest.raises(ValueError, match="smaller than the window"):
+    sliding_window.plan_windows((8, 16, 16), 16)
+
+
+def _blend(apply_fn, shape, mesh_sizes, window=8, batch=8):
+  plan = sliding_window.plan_windows(shape, window, 0.5, batch)
+  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
+  axes = ("data",) if mesh_sizes.get("data", 1) > 1 else None
+  with sharding.activate(mesh, sharding.DEFAULT_RULES):
+    fn = sliding_window.blended_denoise_fn(apply_fn, plan, {"region": jnp.array([0])}, axes)
+    x = jax.random.normal(jax.random.key(0), (1, *shape, 1))
+    return x, jax.jit(fn)(x, jnp.array([5]))
+
+
+def test_blending_an_identity_model_returns_the_volume_on_any_mesh():
+  for mesh_sizes in ({"data": 1}, {"data": 8}):
+    x, out = _blend(lambda xw, t, c: xw, (20, 12, 16), mesh_sizes)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x), atol=1e-5)
+
+
+def test_window_position_boxes_agree_with_the_whole_volume_frame():
+  """A 'model' that outputs its window's voxel coordinates must blend into the global coordinate grid."""
+  shape = (20, 12, 16)
+  coord_model = lambda xw, t, c: embeddings.coordinate_grid(c["pos_box"], xw.shape[1:4])[..., :1]
+  _, out = _blend(coord_model, shape, {"data": 8})
+  expected = np.asarray(embeddings.coordinate_grid(jnp.array([[[-1.0, 1.0]] * 3]), shape))[..., :1]
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def oracle(x0):
+  def fn(x, t):
+    abar = schedules.alpha_bar(SCHED, t, x.ndim)
+    return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+  return fn
+
+
+def test_diffpir_and_partial_diffusion_with_an_oracle_prior_remove_noise():
+  rng = np.random.default_rng(0)
+  x0 = jnp.asarray(np.clip(rng.normal(0, 0.3, (1, 12, 12, 12, 1)), -1, 1), jnp.float32)
+  sigma = 0.15
+  y = x0 + sigma * jax.random.normal(jax.random.key(1), x0.shape)
+  ts = denoise.diffpir_timesteps(SCHED, sigma, 20)
+  assert ts[0] == int(schedules.timestep_for_noise_level(SCHED, sigma)) and ts[-1] == 0
+  out = jax.jit(lambda y: denoise.diffpir(oracle(x0), SCHED, y, jnp.float32(sigma), ts, jax.random.key(2)))(y)
+  assert float(jnp.sqrt(jnp.mean((out - x0) ** 2))) < 0.1 * sigma
+  out = denoise.partial_diffusion(oracle(x0), SCHED, y, jnp.int32(ts[0]), 50, jax.random.key(3))
+  assert float(jnp.sqrt(jnp.mean((out - x0) ** 2))) < 0.1 * sigma
+
+
+def test_noise_estimate():
+  rng = np.random.default_rng(0)
+  smooth = np.cumsum(np.cumsum(rng.normal(size=(32, 32, 32)), 0), 1) * 1e-3
+  assert denoise.estimate_noise_sigma(smooth + rng.normal(0, 0.1, smooth.shape)) == pytest.approx(0.1, rel=0.1)
+
+
+def test_anomaly_map_and_score_localise_a_residual():
+  image = np.zeros((16, 16, 16), np.float32)
+  recon = image.copy()
+  image[6:9, 6:9, 6:9] = 1.0
+  body = np.ones_like(image, bool)
+  amap = anomaly.anomaly_map(image, recon, body, smooth_sigma=0.5)
+  assert np.unravel_index(np.argmax(amap), amap.shape) == (7, 7, 7)
+  assert anomaly.volume_score(amap, body, 0.01) > anomaly.volume_score(np.zeros_like(amap), body, 0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+# commands end to end
+
+
+def run_main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory):
+  d = tmp_path_factory.mktemp("ct")
+  p = phantom.make_phantom((20, 18, 16), (6.0, 6.0, 6.0), "abdomen", seed=5, num_lesions=1)
+  affine = p.affine.copy()
+  affine[:3, 3] += [10.0, -20.0, 30.0]
+  path = d / "ct.nii.gz"
+  nifti.save(nifti.Volume(np.round(p.hu), affine), path, np.int16)
+  return path
+
+
+@pytest.mark.parametrize("task,extra", [
+    ("denoise", ["--config.num_steps=3", "--config.window_batch=2"]),
+    ("denoise", ["--config.method=partial", "--config.num_steps=3", "--config.noise_sigma_hu=20"]),
+    ("anomaly", ["--config.num_steps=3", "--config.noise_t=500"]),
+])
+def test_task_commands_write_nifti_on_the_input_grid(tmp_path, ct_file, task, extra):
+  out = tmp_path / "out.nii.gz"
+  proc = run_main(f"--config=configs/{task}.py", f"--config.input={ct_file}", f"--config.output={out}", *extra)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  src, res = nifti.load(ct_file), nifti.load(out)
+  assert res.shape == src.shape
+  np.testing.assert_allclose(res.affine, src.affine, atol=1e-4)
+  assert np.all(np.isfinite(res.data))
+  if task == "anomaly":
+    assert json.loads((tmp_path / "out.json").read_text())["volume_score"] >= 0
+  else:
+    assert np.corrcoef(res.data.ravel(), src.data.ravel())[0, 1] > 0.5  # still the same anatomy
+
+
+def test_synthesis_command_larger_than_the_patch(tmp_path):
+  out = tmp_path / "syn.nii.gz"
+  proc = run_main("--config=configs/synthesis.py", f"--config.output={out}", "--config.shape=(24,16,20)",
+                  "--config.num_steps=3", "--config.guidance_scale=2.0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  vol = nifti.load(out)
+  assert vol.shape == (24, 16, 20) and np.all(np.isfinite(vol.data))
+
+
+def test_task_commands_fail_with_one_line_errors(tmp_path, ct_file):
+  proc = run_main("--config=configs/denoise.py", "--config.checkpoint=/nope", f"--config.input={ct_file}",
+                  f"--config.output={tmp_path / 'o.nii.gz'}")
+  assert proc.returncode != 0 and "--config.checkpoint='/nope' does not exist" in proc.stderr
+  proc = run_main("--config=configs/anomaly.py", f"--config.input={tmp_path / 'missing.nii.gz'}",
+                  f"--config.output={tmp_path / 'o.nii.gz'}")
+  assert proc.returncode != 0 and "is not a file" in proc.stderr
