@@ -58,6 +58,13 @@ def main(argv: list[str]) -> None:
     from meddiff_jax.data import prepare
 
     prepare.run(config)
+  elif mode == "controlnet":
+    if not _WORKDIR.value:
+      raise app.UsageError("--workdir is required for ControlNet fine-tuning")
+    maybe_initialize_distributed()
+    from meddiff_jax.train import controlnet
+
+    controlnet.finetune(config, _WORKDIR.value)
   elif mode in TASKS:
     check_task_config(config)
     import importlib
@@ -66,7 +73,7 @@ def main(argv: list[str]) -> None:
     logging.info("%s: %s", mode, result)
     print(result)
   else:
-    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare or one of {TASKS}")
+    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet or one of {TASKS}")
 
 
 TASKS = ("denoise", "anomaly", "synthesis")

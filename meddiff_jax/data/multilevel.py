@@ -69,13 +69,37 @@ def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.
   return start, size
 
 
+LESION_LABEL = 255  # lesion voxels in a label map (phantom lesions, user lesion masks)
+
+
+def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
+  """Simulated thick-slice acquisition (RPLHR-CT style): average `factor` slices along `axis`, then
+  linearly interpolate back onto the thin grid. The super-resolution condition."""
+  n = image.shape[axis]
+  m = int(np.ceil(n / factor))
+  pad = [(0, 0)] * image.ndim
+  pad[axis] = (0, m * factor - n)
+  padded = np.pad(image, pad, mode="edge")
+  shape = list(padded.shape)
+  shape[axis:axis + 1] = [m, factor]
+  thick = padded.reshape(shape).mean(axis=axis + 1)
+  centres = (np.arange(m) + 0.5) * factor - 0.5  # thin-grid position of each thick slice centre
+  coords = np.clip(np.interp(np.arange(n), centres, np.arange(m)), 0, m - 1)
+  lo = np.floor(coords).astype(int)
+  hi = np.minimum(lo + 1, m - 1)
+  w = (coords - lo).reshape([-1 if a == axis else 1 for a in range(image.ndim)])
+  return (np.take(thick, lo, axis=axis) * (1 - w) + np.take(thick, hi, axis=axis) * w).astype(image.dtype)
+
+
 def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: int, rng: np.random.Generator, *,
                 operation: str | None = None, lut: np.ndarray | None = None, num_groups: int = 0,
-                operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)) -> dict[str, np.ndarray]:
+                operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), hint: str = "",
+                sr_factor: int = 5) -> dict[str, np.ndarray]:
   """One training sample from a HU volume (and optional TotalSegmentator label map).
 
   Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
-  structures (P,P,P,K+1) uint8 if lut is given, operation () int32).
+  structures (P,P,P,K+1) uint8 if lut is given, operation () int32, and for ControlNet a `hint`
+  (P,P,P,1) float32: 'lowres' the thick-slice version of the image, 'lesion' the lesion mask).
   """
   if operation is None:
     operation = OPERATIONS[rng.choice(3, p=np.asarray(operation_probs) / np.sum(operation_probs))]
@@ -90,9 +114,16 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
       "region": np.int32(region),
       "operation": np.int32(OPERATIONS.index(operation)),
   }
+  lab = None
+  if labels is not None and (lut is not None or hint == "lesion"):
+    lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
   if lut is not None:
-    lab = None
-    if labels is not None:
-      lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
     sample["structures"] = preprocess.structure_channels(lab, hu_crop, lut, num_groups)
+  if hint == "lowres":
+    sample["hint"] = thick_slices(sample["image"], sr_factor, axis=2)
+  elif hint == "lesion":
+    mask = np.zeros(target, np.float32) if lab is None else (lab == LESION_LABEL).astype(np.float32)
+    sample["hint"] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
+  elif hint:
+    raise ValueError(f"unknown ControlNet hint {hint!r}; choose lowres or lesion")
   return sample

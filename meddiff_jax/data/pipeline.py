@@ -31,6 +31,7 @@ class PhantomStore:
 
   def __init__(self, num_volumes: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
                seed: int = 0, num_lesions: int = 0):
+    """num_lesions > 0: lesions are written into the label map as multilevel.LESION_LABEL."""
     self.num_volumes, self.shape, self.spacing = num_volumes, tuple(shape), tuple(spacing)
     self.seed, self.num_lesions = seed, num_lesions
 
@@ -44,13 +45,15 @@ class PhantomStore:
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     region = preprocess.REGIONS[index % 3]
     p = phantom.make_phantom(self.shape, self.spacing, region, self.seed + index, self.num_lesions)
-    return p.hu, p.labels, preprocess.region_id(region)
+    labels = np.where(p.lesions > 0, multilevel.LESION_LABEL, p.labels).astype(np.int16) if self.num_lesions else p.labels
+    return p.hu, labels, preprocess.region_id(region)
 
 
 def make_store(data_config: Any) -> VolumeStore:
   if data_config.source == "phantom":
     return PhantomStore(data_config.phantom.num_volumes, tuple(data_config.phantom.shape),
-                        tuple(data_config.phantom.spacing), data_config.phantom.seed)
+                        tuple(data_config.phantom.spacing), data_config.phantom.seed,
+                        data_config.phantom.get("num_lesions", 0))
   if data_config.source == "prepared":
     from meddiff_jax.data import store  # local import: only needed for prepared data
     return store.PreparedStore(data_config.prepared_dir)
@@ -88,14 +91,15 @@ class MultiLevelSample:
   """volume index -> multi-level sample (a picklable callable for Grain's random_map)."""
 
   def __init__(self, store: VolumeStore, patch_size: int, lut: np.ndarray | None, num_groups: int,
-               operation_probs: tuple[float, float, float]):
+               operation_probs: tuple[float, float, float], hint: str = "", sr_factor: int = 5):
     self.store, self.patch_size, self.lut, self.num_groups = store, patch_size, lut, num_groups
-    self.operation_probs = tuple(operation_probs)
+    self.operation_probs, self.hint, self.sr_factor = tuple(operation_probs), hint, sr_factor
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     hu, labels, region = self.store.load(int(index))
     return multilevel.make_sample(hu, labels, region, self.patch_size, rng, lut=self.lut,
-                                  num_groups=self.num_groups, operation_probs=self.operation_probs)
+                                  num_groups=self.num_groups, operation_probs=self.operation_probs,
+                                  hint=self.hint, sr_factor=self.sr_factor)
 
 
 def structure_lut(data_config: Any) -> tuple[np.ndarray | None, int]:
@@ -124,7 +128,8 @@ def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed:
         .shuffle(seed=seed)
         [process_index::process_count]
         .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
-                                     tuple(data_config.operation_probs)), seed=seed)
+                                     tuple(data_config.operation_probs), data_config.get("hint", ""),
+                                     data_config.get("sr_factor", 5)), seed=seed)
         .batch(batch_size // process_count, drop_remainder=True))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                                prefetch_buffer_size=data_config.prefetch))

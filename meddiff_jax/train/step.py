@@ -13,7 +13,7 @@ from meddiff_jax.train import sharding
 from meddiff_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-COND_KEYS = ("pos_box", "region", "structures")
+COND_KEYS = ("pos_box", "region", "structures", "hint")  # hint: ControlNet's condition volume
 
 
 def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
@@ -27,12 +27,16 @@ def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
 
 
 def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any
-                 ) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
-  """(params, batch, rng) -> (loss, aux) for one micro-batch."""
+                 ) -> Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]:
+  """(params, batch, rng, frozen) -> (loss, aux) for one micro-batch.
+
+  apply_fn receives variables {"params": params, **frozen}: `frozen` holds collections that are inputs,
+  never differentiated or updated (the pretrained base under a ControlNet).
+  """
   dcfg = config.diffusion
   num_regions = config.model.num_regions
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, frozen=None):
     x0 = batch["image"]
     n = x0.shape[0]
     t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
@@ -42,7 +46,7 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
     cond = {k: batch[k] for k in COND_KEYS if k in batch}
     if dcfg.cond_drop_prob > 0:
       cond = drop_conditions(cond, jax.random.bernoulli(drop_rng, dcfg.cond_drop_prob, (n,)), num_regions)
-    out = apply_fn({"params": params}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng})
+    out = apply_fn({"params": params, **(frozen or {})}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng})
     loss, per_sample = losses.diffusion_loss(
         schedule, out, x0, noise, t, prediction_type=dcfg.prediction_type, loss_type=dcfg.loss_type,
         min_snr_gamma=dcfg.min_snr_gamma or None)
@@ -74,10 +78,10 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
   ema_decay = float(config.training.ema_decay)
   batch_axes = sharding.batch_axes(rules) if rules else None
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, frozen: Any = None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if k == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng)
+      (loss, aux), grads = grad_fn(state.params, batch, rng, frozen)
       per_sample = aux["per_sample_loss"]
     else:
       micro = _split_micro(batch, k)
@@ -88,7 +92,7 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
         if batch_axes is not None:  # keep each micro-batch split over the data axes
           mb = jax.tree_util.tree_map(
               lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(batch_axes)), mb)
-        (l, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        (l, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), frozen)
         grads_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
         return (grads_acc, loss_acc + l), aux["per_sample_loss"]
 
@@ -127,7 +131,12 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
   return step
 
 
-def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any) -> Callable:
-  """jit with the state donated and laid out by its shardings; metrics replicated."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any,
+                   frozen_shardings: Any = None) -> Callable:
+  """jit with the state donated and laid out by its shardings; metrics replicated. With frozen_shardings
+  the step takes a third argument (frozen variables: sharded, not donated, never updated)."""
+  in_shardings = (state_shardings, batch_sharding)
+  if frozen_shardings is not None:
+    in_shardings += (frozen_shardings,)
+  return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))

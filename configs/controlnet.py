@@ -1,0 +1,30 @@
+"""ControlNet fine-tuning on the frozen pretrained backbone.
+
+python -m meddiff_jax.main --config=configs/controlnet.py:sr --workdir=runs/sr \
+    --config.base_checkpoint=runs/pretrain        # or an exported dir / 'tiny_phantom'
+Presets: sr (condition: the x5 thick-slice volume, RPLHR-CT style), lesion (condition: a lesion mask;
+phantom lesions by default). model.* and diffusion.* come from the base checkpoint.
+"""
+
+import ml_collections
+
+from configs import pretrain
+
+
+def get_config(arg=None):
+  task = arg or "sr"
+  if task not in ("sr", "lesion"):
+    raise ValueError(f"unknown ControlNet preset {task!r}; choose sr or lesion")
+  c = pretrain.get_config("tiny")
+  c.mode = "controlnet"
+  c.task = task
+  c.base_checkpoint = "tiny_phantom"
+  c.controlnet = ml_collections.ConfigDict(dict(hint_hidden=(16, 16, 32), conditioning_scale=1.0))
+  c.data.hint = "lowres" if task == "sr" else "lesion"
+  c.data.sr_factor = 5
+  c.data.phantom.update(num_volumes=12, shape=(96, 96, 96), spacing=(3.0, 3.0, 3.0))
+  c.data.phantom.num_lesions = 3 if task == "lesion" else 0
+  c.optimizer.update(learning_rate=1e-4, warmup_steps=100, schedule="constant")
+  c.training.update(batch_size=4, num_steps=10_000, ema_decay=0.999, log_every=50)  # paper: ~10k steps per task
+  c.checkpoint.update(every_steps=500)
+  return c

@@ -1,0 +1,65 @@
+"""ControlNet for the 3D UNet (Zhang et al. 2023), pixel-space version.
+
+The branch is a trainable copy of `UNetEncoder` (same param names, so it is initialised from the
+pretrained encoder), plus
+  - a hint encoder: a few 3x3x3 convs at full resolution on the condition volume (low-res scan, lesion
+    mask, ...) ending in a zero-initialised conv, added after the copy's conv_in (no downsampling: the
+    condition already lives on the patch grid);
+  - zero-initialised 1x1x1 convs on every skip and on the middle output.
+Their outputs, times a conditioning scale, are added to the frozen UNet's skips and middle features. At
+initialisation every zero conv outputs 0, so the combined model equals the base model exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meddiff_jax.models import unet3d
+
+
+class HintEncoder(nn.Module):
+  spec: unet3d.UNetSpec
+  hidden: tuple[int, ...] = (16, 16, 32)
+
+  @nn.compact
+  def __call__(self, hint: jax.Array) -> jax.Array:
+    h = hint.astype(self.spec.dtype)
+    for i, ch in enumerate(self.hidden):
+      h = nn.silu(unet3d._conv(ch, 3, self.spec, name=f"conv{i}")(h))
+    return unet3d._conv(self.spec.base_channels, 3, self.spec, zero_init=True, name="zero_out")(h)
+
+
+class ControlNet(nn.Module):
+  """(x_t, t, cond, hint) -> {'skips': [...], 'middle': ...} residuals for `UNet3D(control=...)`."""
+
+  spec: unet3d.UNetSpec
+  hint_hidden: tuple[int, ...] = (16, 16, 32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array] | None, hint: jax.Array, *,
+               train: bool = False, scale: jax.Array | float = 1.0) -> dict[str, Any]:
+    hint_features = HintEncoder(self.spec, self.hint_hidden, name="hint_encoder")(hint)
+    h, skips, _ = unet3d.UNetEncoder(self.spec, name="encoder")(x, t, cond, train=train, hint=hint_features)
+    out_skips = [unet3d._conv(s.shape[-1], 1, self.spec, zero_init=True, name=f"zero_skip{i}")(s) * scale
+                 for i, s in enumerate(skips)]
+    middle = unet3d._conv(h.shape[-1], 1, self.spec, zero_init=True, name="zero_middle")(h) * scale
+    return {"skips": out_skips, "middle": middle}
+
+
+def init_from_base(control_params: Any, base_params: Any) -> Any:
+  """Copy the pretrained encoder into the branch (ControlNet's "trainable copy")."""
+  params = dict(control_params)
+  params["encoder"] = jax.tree_util.tree_map(jnp.array, base_params["encoder"])
+  return params
+
+
+def controlled_apply(base: unet3d.UNet3D, control: ControlNet, base_params: Any, control_params: Any, x: jax.Array,
+                     t: jax.Array, cond: dict[str, jax.Array] | None, hint: jax.Array, *, train: bool = False,
+                     scale: jax.Array | float = 1.0, rngs: dict | None = None) -> jax.Array:
+  """Frozen base UNet with the branch's residuals added to its skips and middle block."""
+  residuals = control.apply({"params": control_params}, x, t, cond, hint, train=train, scale=scale, rngs=rngs)
+  return base.apply({"params": base_params}, x, t, cond, train=train, control=residuals, rngs=rngs)
