@@ -76,17 +76,24 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet or one of {TASKS}")
 
 
-TASKS = ("denoise", "anomaly", "synthesis")
+TASKS = ("denoise", "anomaly", "synthesis", "super_resolution", "lesion")
 
 
 def check_task_config(config) -> None:
   """One-line errors for what would otherwise fail deep inside a task."""
   from meddiff_jax.tasks import common
 
-  ckpt = common.BUILTIN.get(config.checkpoint, config.checkpoint)
-  if not ckpt or not os.path.exists(ckpt):
-    raise app.UsageError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
-                         f"exported directory, or one of {sorted(common.BUILTIN)})")
+  if "controlnet" in config:
+    if not config.controlnet or not os.path.isdir(os.path.join(config.controlnet, "checkpoints")):
+      raise app.UsageError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
+                           "(configs/controlnet.py)")
+  else:
+    ckpt = common.BUILTIN.get(config.checkpoint, config.checkpoint)
+    if not ckpt or not os.path.exists(ckpt):
+      raise app.UsageError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
+                           f"exported directory, or one of {sorted(common.BUILTIN)})")
+  if "mask" in config and not os.path.isfile(config.mask):
+    raise app.UsageError(f"--config.mask={config.mask!r} is not a file")
   if "input" in config and not os.path.isfile(config.input):
     raise app.UsageError(f"--config.input={config.input!r} is not a file")
   if not config.output:

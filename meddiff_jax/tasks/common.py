@@ -150,14 +150,20 @@ def back_to_input_grid(values: np.ndarray, work: nifti.Volume, original: nifti.V
 
 
 def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np.ndarray | None, config: Any,
-                      guidance_scale: jax.Array | None = None):
-  """(x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume, windows over devices."""
+                      guidance_scale: jax.Array | None = None, hint: np.ndarray | None = None, apply_fn=None):
+  """(x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume, windows over devices.
+
+  hint: a ControlNet condition volume (X, Y, Z, 1); apply_fn overrides the model (e.g. base + branch).
+  """
   plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config))
   cond = {"region": jnp.array([region], jnp.int32)}
   if structures is not None:
     cond["structures"] = jnp.asarray(structures)
+  if hint is not None:
+    cond["hint"] = jnp.asarray(hint)
   axes = ("data",) if jax.device_count() > 1 else None
-  return sliding_window.blended_denoise_fn(model_fn(pre, guidance_scale), plan, cond, axes), plan
+  fn = apply_fn or model_fn(pre, guidance_scale)
+  return sliding_window.blended_denoise_fn(fn, plan, cond, axes), plan
 
 
 def task_mesh() -> jax.sharding.Mesh:

@@ -88,7 +88,8 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
                        cond_volume: dict[str, jax.Array], batch_axes: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(x (1, X, Y, Z, 1), t (1,)) -> blended model output over the whole volume.
 
-  cond_volume: 'region' (1,) and optionally 'structures' (X, Y, Z, K): windows are cut from it.
+  cond_volume: 'region' (1,) plus any per-voxel conditions (X, Y, Z, C) ('structures', ControlNet's 'hint'):
+  windows are cut from those.
   apply_fn(x_windows, t_windows, cond_windows) is the (possibly CFG-guided) model.
   """
   weight = jnp.asarray(gaussian_weight(plan.window))[..., None]
@@ -96,7 +97,7 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
   valid = jnp.asarray(plan.valid)
   boxes = jnp.asarray(plan.boxes())
   b, w = plan.batch, plan.window
-  structures = cond_volume.get("structures")
+  volumes = {k: v for k, v in cond_volume.items() if k != "region"}
 
   def constrain(a):
     if batch_axes is None:
@@ -114,8 +115,8 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
       keep = jax.lax.dynamic_slice_in_dim(valid, i * b, b)
       cond = {"pos_box": constrain(jax.lax.dynamic_slice_in_dim(boxes, i * b, b)),
               "region": jnp.broadcast_to(cond_volume["region"], (b,))}
-      if structures is not None:
-        cond["structures"] = constrain(_take(structures, s, w))
+      for key, volume in volumes.items():
+        cond[key] = constrain(_take(volume, s, w))
       out = apply_fn(constrain(_take(vol, s, w)), jnp.broadcast_to(t, (b,)), cond)
       out = out.astype(jnp.float32) * weight[None] * keep[:, None, None, None, None]
 

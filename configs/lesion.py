@@ -1,0 +1,25 @@
+"""ControlNet lesion generation / inpainting: python -m meddiff_jax.main --config=configs/lesion.py
+--config.controlnet=FINETUNE_WORKDIR --config.input=CT.nii.gz --config.mask=LESION_MASK.nii.gz
+--config.output=OUT.nii.gz [--config.method=inpaint|generate]."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.mode = "lesion"
+  c.controlnet = ""  # a configs/controlnet.py:lesion workdir
+  c.input = ""
+  c.mask = ""
+  c.output = ""
+  c.region = "abdomen"
+  c.method = "inpaint"  # inpaint (RePaint, scan kept outside the mask) | generate
+  c.resample = 3  # RePaint re-noise rounds per step
+  c.conditioning_scale = 1.0
+  c.num_steps = 50
+  c.dice_threshold_hu = 20.0
+  c.overlap = 0.5
+  c.window_batch = 8
+  c.seed = 0
+  return c

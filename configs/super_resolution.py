@@ -1,0 +1,23 @@
+"""ControlNet super-resolution: python -m meddiff_jax.main --config=configs/super_resolution.py
+--config.controlnet=FINETUNE_WORKDIR --config.input=LR.nii.gz --config.output=SR.nii.gz
+[--config.reference=HR.nii.gz  (PSNR/SSIM vs trilinear and cubic written to SR.json)]."""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.mode = "super_resolution"
+  c.controlnet = ""  # a configs/controlnet.py:sr workdir
+  c.input = ""
+  c.output = ""
+  c.reference = ""
+  c.region = "chest"
+  c.spacing = (3.0, 3.0, 3.0)  # the thin target grid (the model's training spacing)
+  c.conditioning_scale = 1.0
+  c.num_steps = 50
+  c.overlap = 0.5
+  c.window_batch = 8
+  c.seed = 0
+  return c
