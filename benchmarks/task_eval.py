@@ -89,6 +89,10 @@ def main():
                          for name, img in candidates.items()}
   for name, m in result["denoising"].items():
     print(f"{name:32s} PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}")
+  from meddiff_jax.evaluation import montage
+  montage.save_png(montage.slice_montage([clean, noisy, candidates["non-local means (skimage)"],
+                                          candidates["DiffPIR (lambda=10)"]], tile=160),
+                   str(ROOT / "docs" / "images" / "denoising_real_ct.png"))
 
   # --- anomaly detection ------------------------------------------------------------------------------------
   acfg = ml_collections.ConfigDict(dict(overlap=args.overlap, window_batch=8, noise_t=500, num_steps=args.steps,

@@ -3,6 +3,8 @@
 
 import ml_collections
 
+from configs import task_options
+
 
 def get_config(arg=None):
   del arg
@@ -14,10 +16,6 @@ def get_config(arg=None):
   c.region = "abdomen"
   c.spacing = ()
   c.noise_t = 950  # paper: 950 of 1000
-  c.num_steps = 50
   c.smooth_sigma = 1.0
   c.top_fraction = 0.01
-  c.overlap = 0.5
-  c.window_batch = 8
-  c.seed = 0
-  return c
+  return task_options.add_window_options(c, num_steps=50)

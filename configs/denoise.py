@@ -3,6 +3,8 @@
 
 import ml_collections
 
+from configs import task_options
+
 
 def get_config(arg=None):
   del arg
@@ -17,9 +19,5 @@ def get_config(arg=None):
   c.noise_sigma_hu = 0.0  # 0: estimate from the image
   c.lam = 10.0  # DiffPIR lambda (paper: ~10)
   c.zeta = 0.3
-  c.num_steps = 20
-  c.overlap = 0.5
-  c.window_batch = 8
-  c.seed = 0
   c.output_int16 = True
-  return c
+  return task_options.add_window_options(c, num_steps=20)

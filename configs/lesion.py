@@ -4,6 +4,8 @@
 
 import ml_collections
 
+from configs import task_options
+
 
 def get_config(arg=None):
   del arg
@@ -17,9 +19,5 @@ def get_config(arg=None):
   c.method = "inpaint"  # inpaint (RePaint, scan kept outside the mask) | generate
   c.resample = 3  # RePaint re-noise rounds per step
   c.conditioning_scale = 1.0
-  c.num_steps = 50
   c.dice_threshold_hu = 20.0
-  c.overlap = 0.5
-  c.window_batch = 8
-  c.seed = 0
-  return c
+  return task_options.add_window_options(c, num_steps=50)

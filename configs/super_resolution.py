@@ -4,6 +4,8 @@
 
 import ml_collections
 
+from configs import task_options
+
 
 def get_config(arg=None):
   del arg
@@ -16,8 +18,4 @@ def get_config(arg=None):
   c.region = "chest"
   c.spacing = (3.0, 3.0, 3.0)  # the thin target grid (the model's training spacing)
   c.conditioning_scale = 1.0
-  c.num_steps = 50
-  c.overlap = 0.5
-  c.window_batch = 8
-  c.seed = 0
-  return c
+  return task_options.add_window_options(c, num_steps=50)

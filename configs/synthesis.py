@@ -3,6 +3,8 @@
 
 import ml_collections
 
+from configs import task_options
+
 
 def get_config(arg=None):
   del arg
@@ -17,8 +19,4 @@ def get_config(arg=None):
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
   c.sampler = "ddim"
   c.eta = 0.0
-  c.num_steps = 50
-  c.overlap = 0.5
-  c.window_batch = 8
-  c.seed = 0
-  return c
+  return task_options.add_window_options(c, num_steps=50)

@@ -25,13 +25,18 @@ def tiny_config(**overrides):
   c.data.phantom.update(num_volumes=3, shape=(24, 24, 24), spacing=(12.0, 12.0, 12.0))
   c.model.update(base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,))
   c.training.update(batch_size=8, num_steps=3, log_every=1)
-  for key, value in overrides.items():
-    node = c
+  return override(c, **overrides)
+
+
+def override(config, **dotted):
+  """Set nested config keys given as 'a.b.c': value (what --config.a.b.c=value does)."""
+  for key, value in dotted.items():
+    node = config
     *path, last = key.split(".")
     for p in path:
       node = node[p]
     node[last] = value
-  return c
+  return config
 
 
 def data_dir() -> pathlib.Path | None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, override
 from meddiff_jax.data import pipeline
 from meddiff_jax.models import controlnet
 from meddiff_jax.train import controlnet as cn_train
@@ -26,13 +26,7 @@ def cn_config(**kw):
   c.training.update(batch_size=8, num_steps=3, log_every=1)
   c.data.phantom.update(num_volumes=3, shape=(32, 32, 32), spacing=(9.0, 9.0, 9.0))
   c.optimizer.update(learning_rate=1e-2, warmup_steps=1)
-  for k, v in kw.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **kw)
 
 
 def build(config, mesh_sizes):
