@@ -47,20 +47,29 @@ def main(argv: list[str]) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   mode = config.get("mode", "train")
+  if mode in ("train", "controlnet"):
+    check_workdir(_WORKDIR.value)
   if mode == "train":
-    if not _WORKDIR.value:
-      raise app.UsageError("--workdir is required for training")
     maybe_initialize_distributed()
     from meddiff_jax.train import loop
 
+    try:
+      loop.validate(config)
+    except ValueError as e:  # a config mistake: one line, no traceback
+      raise app.UsageError(str(e)) from None
     loop.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "prepare":
     from meddiff_jax.data import prepare
 
-    prepare.run(config)
+    try:
+      prepare.run(config)
+    except (ValueError, FileNotFoundError) as e:  # bad directories / manifest: one line
+      raise app.UsageError(str(e)) from None
   elif mode == "controlnet":
-    if not _WORKDIR.value:
-      raise app.UsageError("--workdir is required for ControlNet fine-tuning")
+    from meddiff_jax.tasks import common
+
+    if not os.path.exists(common.BUILTIN.get(config.base_checkpoint, config.base_checkpoint)):
+      raise app.UsageError(f"--config.base_checkpoint={config.base_checkpoint!r} does not exist")
     maybe_initialize_distributed()
     from meddiff_jax.train import controlnet
 
@@ -74,6 +83,17 @@ def main(argv: list[str]) -> None:
     print(result)
   else:
     raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet or one of {TASKS}")
+
+
+def check_workdir(workdir: str | None) -> None:
+  if not workdir:
+    raise app.UsageError("--workdir=DIR is required")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise app.UsageError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK):
+    raise app.UsageError(f"--workdir={workdir!r} is not writable")
 
 
 TASKS = ("denoise", "anomaly", "synthesis", "super_resolution", "lesion")

@@ -41,3 +41,18 @@ def test_unknown_preset_fails_clearly(tmp_path):
   proc = run_main("--config=configs/pretrain.py:huge", f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "unknown preset 'huge'" in proc.stderr
+
+
+def test_config_mistakes_fail_with_one_line_messages(tmp_path):
+  proc = run_main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.data.patch_size=7")
+  assert proc.returncode != 0 and "patch_size=7 must be divisible by 2" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = run_main("--config=configs/pretrain.py:tiny", "--workdir=/proc/forbidden/run")
+  assert proc.returncode != 0 and "cannot be created" in proc.stderr and "Traceback" not in proc.stderr
+  proc = run_main("--config=configs/pretrain.py:tiny")
+  assert proc.returncode != 0 and "--workdir=DIR is required" in proc.stderr
+  proc = run_main("--config=configs/prepare.py", f"--config.input_dir={tmp_path / 'none'}",
+                  f"--config.output_dir={tmp_path / 'out'}")
+  assert proc.returncode != 0 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
+  proc = run_main("--config=configs/controlnet.py:sr", f"--workdir={tmp_path}", "--config.base_checkpoint=/nope")
+  assert proc.returncode != 0 and "base_checkpoint='/nope' does not exist" in proc.stderr

@@ -88,7 +88,7 @@ def start_index(timesteps: jax.Array, t_start: jax.Array) -> jax.Array:
 def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array,
            x_init: jax.Array, *, t_start: jax.Array | None = None, method: str = "ddim",
            eta: float | jax.Array = 0.0, prediction_type: str = "epsilon", clip_x0: bool = True,
-           variance_type: str = "fixed_small") -> jax.Array:
+           variance_type: str = "fixed_small", progress: Callable[[jax.Array], None] | None = None) -> jax.Array:
   """Run the reverse process.
 
   Args:
@@ -100,6 +100,7 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
       noised to the first timestep <= t_start (partial diffusion, SDEdit-style).
     t_start: traced scalar start timestep, or None to run the whole sequence.
     method: "ddim" or "ddpm".
+    progress: host callback called with the step index after every step (e.g. a progress bar).
 
   Returns:
     x_0 estimate, same shape as x_init.
@@ -131,6 +132,8 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
     else:
       x = ddpm_step(schedule, out, x, t, t_prev, noise, prediction_type=prediction_type, clip_x0=clip_x0,
                     variance_type=variance_type)
+    if progress is not None:
+      jax.debug.callback(progress, i)
     return x, rng
 
   x, _ = jax.lax.fori_loop(first, ts.shape[0], body, (x, rng))

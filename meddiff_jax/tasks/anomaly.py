@@ -38,12 +38,14 @@ def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: n
   from meddiff_jax.tasks import common
   from meddiff_jax.train import sharding
 
+  bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
     fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config)
     run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, jnp.int32(config.noise_t),
-                                                         config.num_steps, r))
-    out = run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed))
-  return np.asarray(out)[0, ..., 0]
+                                                         config.num_steps, r, progress=bar))
+    out = np.asarray(run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed)))
+  bar.close()
+  return out[0, ..., 0]
 
 
 def run(config: Any) -> dict[str, Any]:

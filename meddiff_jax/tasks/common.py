@@ -166,5 +166,20 @@ def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np
   return sliding_window.blended_denoise_fn(fn, plan, cond, axes), plan
 
 
+class ProgressBar:
+  """A tqdm bar fed from inside jitted loops through `jax.debug.callback` (process 0 only)."""
+
+  def __init__(self, total: int, desc: str):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, desc=desc, unit="step", disable=jax.process_index() != 0)
+
+  def __call__(self, i) -> None:
+    self.bar.n = int(i) + 1
+    self.bar.refresh()
+
+  def close(self) -> None:
+    self.bar.close()
+
+
 def task_mesh() -> jax.sharding.Mesh:
   return sharding.make_mesh({"data": -1})

@@ -40,7 +40,7 @@ def diffpir_timesteps(schedule: schedules.Schedule, sigma_n: float, num_steps: i
 
 def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: schedules.Schedule, y: jax.Array,
             sigma_n: jax.Array, timesteps: np.ndarray, rng: jax.Array, *, lam: float = 10.0, zeta: float = 0.3,
-            prediction_type: str = "epsilon") -> jax.Array:
+            prediction_type: str = "epsilon", progress: Callable | None = None) -> jax.Array:
   """DiffPIR restoration of y (data scale [-1, 1]) for additive Gaussian noise of std sigma_n."""
   ts = jnp.asarray(timesteps, jnp.int32)
   prev = jnp.asarray(samplers.previous_timesteps(np.asarray(timesteps)))
@@ -62,6 +62,8 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
     abar_prev = schedules.alpha_bar(schedule, t_prev, x.ndim)
     noise = jnp.sqrt(1.0 - zeta) * eps_hat + jnp.sqrt(zeta) * jax.random.normal(z_rng, x.shape)
     x = jnp.sqrt(abar_prev) * x0_hat + jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t_prev, x.ndim)) * noise
+    if progress is not None:
+      jax.debug.callback(progress, i)
     return x, x0_hat, rng
 
   _, x0_hat, _ = jax.lax.fori_loop(0, ts.shape[0], body, (x, y, rng))
@@ -69,11 +71,11 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
 
 
 def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: jax.Array, num_steps: int,
-                      rng: jax.Array, prediction_type: str = "epsilon") -> jax.Array:
+                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None) -> jax.Array:
   """Noise y to t_start, then DDIM back (SDEdit): the comparison baseline."""
   timesteps = samplers.make_timesteps(schedule.num_timesteps, num_steps, "leading")
   return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=t_start, method="ddim",
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, progress=progress)
 
 
 def run(config: Any) -> dict[str, Any]:
@@ -93,20 +95,22 @@ def run(config: Any) -> dict[str, Any]:
       preprocess.hu_to_unit(work.data, region), body)
   structures = common.structure_volume(pre, None, None, y.shape)
   mesh = common.task_mesh()
+  bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
     fn, _ = common.windowed_denoiser(pre, y.shape, region, structures, config)
     y_dev = jnp.asarray(y)[None, ..., None]
     if config.method == "diffpir":
       ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
       out = jax.jit(lambda y, r: diffpir(fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=config.lam,
-                                         zeta=config.zeta))(y_dev, jax.random.key(config.seed))
+                                         zeta=config.zeta, progress=bar))(y_dev, jax.random.key(config.seed))
     elif config.method == "partial":
       t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
-      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, jnp.int32(t0), config.num_steps, r))(
-          y_dev, jax.random.key(config.seed))
+      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, jnp.int32(t0), config.num_steps, r,
+                                                   progress=bar))(y_dev, jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
-  den = np.asarray(out)[0, ..., 0][crop]
+    den = np.asarray(out)[0, ..., 0][crop]
+  bar.close()
   hu = preprocess.unit_to_hu(den, region)
   # the model only sees the window: outside it (air, bone) keep the input's HU
   hu = np.where((work.data <= lo) | (work.data >= hi), work.data, hu)

@@ -20,13 +20,16 @@ def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.nda
 
   scale = jnp.float32(config.guidance_scale) if config.guidance_scale != 1.0 else None
   timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, config.num_steps, "trailing")
+  bar = common.ProgressBar(len(timesteps), "synthesis")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, shape, region, structures, config, guidance_scale=scale)
+    fn, plan = common.windowed_denoiser(pre, shape, region, structures, config, guidance_scale=scale)
+    bar.bar.set_postfix(windows=int(plan.valid.sum()))
     run = jax.jit(lambda r: samplers.sample(fn, pre.schedule, timesteps, r,
                                             jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
-                                            method=config.sampler, eta=config.eta))
-    out = run(jax.random.key(config.seed))
-  return np.asarray(out)[0, ..., 0]
+                                            method=config.sampler, eta=config.eta, progress=bar))
+    out = np.asarray(run(jax.random.key(config.seed)))
+  bar.close()
+  return out[0, ..., 0]
 
 
 def run(config: Any) -> dict[str, Any]:
