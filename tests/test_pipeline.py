@@ -170,3 +170,21 @@ def test_prepare_real_ct_with_masks_by_directory_scan(tmp_path, real_data_dir):
   hu, labels, region = store.PreparedStore(str(tmp_path / "out")).load(0)
   assert region == preprocess.region_id("abdomen") and hu.shape == (122, 101, 112)
   assert np.median(np.asarray(hu)[np.asarray(labels) == 5]) == pytest.approx(55, abs=40)  # liver HU
+
+
+def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
+  src = tmp_path / "in"
+  src.mkdir()
+  p = phantom.make_phantom((24, 24, 24), (6.0, 6.0, 6.0), "abdomen", seed=4, num_lesions=2)
+  nifti.save(nifti.Volume(p.hu, p.affine), src / "ct.nii.gz", np.int16)
+  nifti.save(nifti.Volume(p.labels, p.affine), src / "ct_seg.nii.gz", np.uint8)
+  nifti.save(nifti.Volume(p.lesions, p.affine), src / "ct_lesion.nii.gz", np.uint8)
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n")
+  report = prepare.run(_prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0)))
+  assert len(report["prepared"]) == 1, report
+  hu, labels, _ = store.PreparedStore(str(tmp_path / "out")).load(0)
+  np.testing.assert_array_equal(np.asarray(labels) == multilevel.LESION_LABEL, p.lesions > 0)
+  sample = multilevel.make_sample(np.asarray(hu), np.asarray(labels), 2, 8, np.random.default_rng(0),
+                                  operation="whole", hint="lesion")
+  assert set(np.unique(sample["hint"])) <= {-1.0, 1.0}

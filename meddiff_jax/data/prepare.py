@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from meddiff_jax.data import nifti, preprocess, store
+from meddiff_jax.data import multilevel, nifti, preprocess, store
 
 HU_CLIP = (-1024.0, 3071.0)
 
@@ -43,7 +43,9 @@ def volume_id(path: str, input_dir: str) -> str:
 
 
 def read_manifest(path: str, input_dir: str) -> dict[str, dict[str, str]]:
-  """CSV (columns: image, region[, mask][, parent]) or JSON list of such dicts; paths relative to input_dir."""
+  """CSV (columns: image, region[, mask][, parent][, lesion]) or JSON list of such dicts; paths relative to
+  input_dir. `lesion`: a lesion mask on the image grid, merged into the label map as LESION_LABEL (what
+  ControlNet lesion fine-tuning reads)."""
   if path.endswith(".json"):
     with open(path) as f:
       rows = json.load(f)
@@ -57,7 +59,7 @@ def read_manifest(path: str, input_dir: str) -> dict[str, dict[str, str]]:
     resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(input_dir, p)
     image = os.path.normpath(resolve(row["image"]))
     entries[image] = {"region": row.get("region") or "", "mask": resolve(row.get("mask") or ""),
-                      "parent": resolve(row.get("parent") or "")}
+                      "parent": resolve(row.get("parent") or ""), "lesion": resolve(row.get("lesion") or "")}
   return entries
 
 
@@ -71,7 +73,8 @@ def find_jobs(config: Any) -> list[dict[str, str]]:
   else:
     paths = sorted(glob.glob(os.path.join(input_dir, "**", "*.nii*"), recursive=True))
     excluded = [p for p in paths if any(fnmatch.fnmatch(os.path.basename(p), pat) for pat in config.exclude)]
-    entries = {os.path.normpath(p): {"region": "", "mask": "", "parent": ""} for p in paths if p not in excluded}
+    entries = {os.path.normpath(p): {"region": "", "mask": "", "parent": "", "lesion": ""}
+               for p in paths if p not in excluded}
   jobs = []
   for image, entry in entries.items():
     mask = entry["mask"]
@@ -79,7 +82,7 @@ def find_jobs(config: Any) -> list[dict[str, str]]:
       candidate = os.path.join(config.mask_dir, os.path.basename(image))
       mask = candidate if os.path.exists(candidate) else ""
     jobs.append({"image": image, "region": entry["region"] or config.default_region, "mask": mask,
-                 "parent": entry["parent"], "id": volume_id(image, input_dir)})
+                 "parent": entry["parent"], "lesion": entry.get("lesion", ""), "id": volume_id(image, input_dir)})
   return jobs
 
 
@@ -97,12 +100,19 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
       labels = mask
     if job["parent"]:
       nifti.check_crop_position(image, nifti.load(job["parent"]))
+    if job.get("lesion"):
+      lesion = nifti.load(job["lesion"], is_mask=True)
+      nifti.check_same_grid(image, lesion)
+      base = labels.data if labels is not None else np.zeros(image.shape, np.int16)
+      labels = nifti.Volume(np.where(lesion.data > 0, multilevel.LESION_LABEL, base).astype(np.int16), image.affine,
+                            lesion.path)
     original_spacing = image.spacing
     image.data = np.clip(image.data, *HU_CLIP)
     image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
     if labels is not None:
       labels = nifti.resample(labels, spacing, order=0, fill=0)
-    meta = {"source": job["image"], "mask_source": job["mask"] or None, "region": job["region"],
+    meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
+            "region": job["region"],
             "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
             "hu_range": [float(image.data.min()), float(image.data.max())]}
     store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta)
