@@ -29,8 +29,8 @@ class HintEncoder(nn.Module):
   def __call__(self, hint: jax.Array) -> jax.Array:
     h = hint.astype(self.spec.dtype)
     for i, ch in enumerate(self.hidden):
-      h = nn.silu(unet3d._conv(ch, 3, self.spec, name=f"conv{i}")(h))
-    return unet3d._conv(self.spec.base_channels, 3, self.spec, zero_init=True, name="zero_out")(h)
+      h = nn.silu(unet3d.conv3d(ch, 3, self.spec, name=f"conv{i}")(h))
+    return unet3d.conv3d(self.spec.base_channels, 3, self.spec, zero_init=True, name="zero_out")(h)
 
 
 class ControlNet(nn.Module):
@@ -44,9 +44,9 @@ class ControlNet(nn.Module):
                train: bool = False, scale: jax.Array | float = 1.0) -> dict[str, Any]:
     hint_features = HintEncoder(self.spec, self.hint_hidden, name="hint_encoder")(hint)
     h, skips, _ = unet3d.UNetEncoder(self.spec, name="encoder")(x, t, cond, train=train, hint=hint_features)
-    out_skips = [unet3d._conv(s.shape[-1], 1, self.spec, zero_init=True, name=f"zero_skip{i}")(s) * scale
+    out_skips = [unet3d.conv3d(s.shape[-1], 1, self.spec, zero_init=True, name=f"zero_skip{i}")(s) * scale
                  for i, s in enumerate(skips)]
-    middle = unet3d._conv(h.shape[-1], 1, self.spec, zero_init=True, name="zero_middle")(h) * scale
+    middle = unet3d.conv3d(h.shape[-1], 1, self.spec, zero_init=True, name="zero_middle")(h) * scale
     return {"skips": out_skips, "middle": middle}
 
 

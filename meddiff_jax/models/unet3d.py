@@ -96,8 +96,9 @@ class UNetSpec:
 # Layers
 
 
-def _conv(features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero_init: bool = False,
-          name: str | None = None) -> nn.Conv:
+def conv3d(features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero_init: bool = False,
+           name: str | None = None) -> nn.Conv:
+  """A k^3 'SAME' conv with logical axis names on kernel and bias (zero_init: ADM / ControlNet zero convs)."""
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
   return nn.Conv(
       features,
@@ -161,15 +162,15 @@ class ResBlock(nn.Module):
   def __call__(self, x: Array, emb: Array) -> Array:
     spec = self.spec
     h = nn.silu(GroupNorm32(spec, name="norm1")(x))
-    h = _conv(self.out_channels, 3, spec, name="conv1")(h)
+    h = conv3d(self.out_channels, 3, spec, name="conv1")(h)
     scale_shift = _dense(2 * self.out_channels, spec, name="emb_proj")(nn.silu(emb))
     scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
     h = GroupNorm32(spec, name="norm2")(h) * (1 + scale) + shift
     h = nn.silu(h)
     h = nn.Dropout(spec.dropout, deterministic=self.deterministic)(h)
-    h = _conv(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
+    h = conv3d(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, spec, name="skip")(x)
+      x = conv3d(self.out_channels, 1, spec, name="skip")(x)
     return _constrain(x + h)
 
 
@@ -200,7 +201,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _constrain(_conv(x.shape[-1], 3, self.spec, strides=2, name="conv")(x))
+    return _constrain(conv3d(x.shape[-1], 3, self.spec, strides=2, name="conv")(x))
 
 
 class Upsample(nn.Module):
@@ -210,7 +211,7 @@ class Upsample(nn.Module):
   def __call__(self, x: Array) -> Array:
     for axis in (1, 2, 3):  # nearest-neighbour x2 along D, H, W
       x = jnp.repeat(x, 2, axis=axis)
-    return _constrain(_conv(x.shape[-1], 3, self.spec, name="conv")(x))
+    return _constrain(conv3d(x.shape[-1], 3, self.spec, name="conv")(x))
 
 
 def _block_types(spec: UNetSpec) -> tuple[type[nn.Module], type[nn.Module]]:
@@ -255,7 +256,7 @@ class UNetEncoder(nn.Module):
       emb = emb + region_embed(region).astype(emb.dtype)
 
     h = self.assemble_input(x, cond)
-    h = _conv(spec.base_channels, 3, spec, name="conv_in")(h)
+    h = conv3d(spec.base_channels, 3, spec, name="conv_in")(h)
     if hint is not None:
       h = h + hint.astype(h.dtype)
     h = _constrain(h)
@@ -317,7 +318,7 @@ class UNetDecoder(nn.Module):
         h = Upsample(spec, name=f"up{level}_upsample")(h)
     assert not skips, "skip bookkeeping mismatch"
     h = nn.silu(GroupNorm32(spec, name="out_norm")(h))
-    out = _conv(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h)
+    out = conv3d(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h)
     return out.astype(jnp.float32)
 
 

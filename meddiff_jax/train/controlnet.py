@@ -106,6 +106,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         ckpt.save(step, st, batches.iterator, config)
       if stopping:
         break
+  watcher.close()
   ckpt.close()
   writer.flush()
   return last

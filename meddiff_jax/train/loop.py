@@ -98,8 +98,15 @@ class PreemptionWatcher:
   def __init__(self, check_every: int):
     self.requested = False
     self.check_every = max(int(check_every), 1)
+    self._previous = None
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def close(self) -> None:
+    """Give SIGTERM back (a notebook kernel that trained must still stop when asked to)."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -171,54 +178,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if start == 0 and is_lead:
     writer.write_hparams(json.loads(config.to_json_best_effort()))
   last: dict[str, float] = {}
-  with sharding.activate(mesh, rules):
-    batch = next(batches) if start < num_steps else None
-    if batch is not None:
-      t0 = time.perf_counter()
-      compiled = train_step.lower(train_state, batch).compile()
-      logging.info("compiled train step in %.1f s; %s", time.perf_counter() - t0, _memory_summary(compiled))
-    accumulated, pending = None, None
-    t_log, steps_since = time.perf_counter(), 0
-    step = start
-    while step < num_steps:
-      if batch is None:
-        batch = next(batches)
-      train_state, step_metrics = compiled(train_state, batch)
-      batch = None
-      step += 1
-      steps_since += 1
-      if pending is not None:  # previous step's NaN counters: keeps one step in flight
-        _check_finite(pending, step - 1, config.training.max_consecutive_nan)
-      pending = step_metrics
-      single = TrainMetrics.single_from_model_output(**step_metrics)
-      accumulated = single if accumulated is None else accumulated.merge(single)
-      for hook in hooks:
-        hook(step)
-      stopping = preemption.should_stop(step)
-      if step % config.training.log_every == 0 or step == num_steps or stopping:
-        scalars = {k: float(v) for k, v in accumulated.compute().items()}
-        elapsed = time.perf_counter() - t_log
-        scalars["steps_per_sec"] = steps_since / elapsed
-        scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
-        writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-        log.write(step, scalars)
-        last, accumulated = scalars, None
-        t_log, steps_since = time.perf_counter(), 0
-      if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == num_steps):
-        val = run_eval(eval_step, train_state.ema_params, val_store, config, batch_sharding, schedule.num_timesteps)
-        writer.write_scalars(step, val)
-        log.write(step, val)
-      if config.eval.sample_every_steps and (step % config.eval.sample_every_steps == 0 or step == num_steps):
-        write_samples(preview, train_state.ema_params, val_store, config, batch_sharding, writer, workdir, step)
-      if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
-        ckpt.save(step, train_state, batches.iterator, config)
-      if stopping:
-        logging.warning("preempted: checkpoint for step %d saved, exiting", step)
-        break
-    if pending is not None:
-      _check_finite(pending, step, config.training.max_consecutive_nan)
-  ckpt.close()
-  writer.flush()
+  try:
+    with sharding.activate(mesh, rules):
+      batch = next(batches) if start < num_steps else None
+      if batch is not None:
+        t0 = time.perf_counter()
+        compiled = train_step.lower(train_state, batch).compile()
+        logging.info("compiled train step in %.1f s; %s", time.perf_counter() - t0, _memory_summary(compiled))
+      accumulated, pending = None, None
+      t_log, steps_since = time.perf_counter(), 0
+      step = start
+      while step < num_steps:
+        if batch is None:
+          batch = next(batches)
+        train_state, step_metrics = compiled(train_state, batch)
+        batch = None
+        step += 1
+        steps_since += 1
+        if pending is not None:  # previous step's NaN counters: keeps one step in flight
+          _check_finite(pending, step - 1, config.training.max_consecutive_nan)
+        pending = step_metrics
+        single = TrainMetrics.single_from_model_output(**step_metrics)
+        accumulated = single if accumulated is None else accumulated.merge(single)
+        for hook in hooks:
+          hook(step)
+        stopping = preemption.should_stop(step)
+        if step % config.training.log_every == 0 or step == num_steps or stopping:
+          scalars = {k: float(v) for k, v in accumulated.compute().items()}
+          elapsed = time.perf_counter() - t_log
+          scalars["steps_per_sec"] = steps_since / elapsed
+          scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
+          writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+          log.write(step, scalars)
+          last, accumulated = scalars, None
+          t_log, steps_since = time.perf_counter(), 0
+        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == num_steps):
+          val = run_eval(eval_step, train_state.ema_params, val_store, config, batch_sharding, schedule.num_timesteps)
+          writer.write_scalars(step, val)
+          log.write(step, val)
+        if config.eval.sample_every_steps and (step % config.eval.sample_every_steps == 0 or step == num_steps):
+          write_samples(preview, train_state.ema_params, val_store, config, batch_sharding, writer, workdir, step)
+        if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
+          ckpt.save(step, train_state, batches.iterator, config)
+        if stopping:
+          logging.warning("preempted: checkpoint for step %d saved, exiting", step)
+          break
+      if pending is not None:
+        _check_finite(pending, step, config.training.max_consecutive_nan)
+  finally:
+    preemption.close()
+    ckpt.close()
+    writer.flush()
   return last
 
 

@@ -79,14 +79,3 @@ def create(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransfo
     state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(param_rng)
   return state, shardings
 
-
-def abstract_state(state_shardings: TrainState, init_params_fn: Callable[[jax.Array], Any],
-                   tx: optax.GradientTransformation) -> TrainState:
-  """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-  def init(key):
-    params = nn.meta.unbox(init_params_fn(key))
-    return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(key), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
-  shapes = jax.eval_shape(init, jax.random.key(0))
-  return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                                state_shardings)
