@@ -107,7 +107,7 @@ def small_state(mesh_sizes, seed=0):
 
 
 def abstract_of(st, shardings):
-  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, shardings)
+  return checkpoint.abstract_target(st, shardings)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):

@@ -74,16 +74,14 @@ def _from_workdir(path: str) -> Pretrained:
   ck = checkpoint.Checkpointer(ckpt_dir)
   if not ck.all_steps():
     raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
-  meta = ck.manager.restore(ck.all_steps()[-1], args=checkpoint.ocp.args.Composite(
-      config=checkpoint.ocp.args.JsonRestore()))["config"]
+  meta = ck.latest_config()
   config = ml_collections.ConfigDict(meta)
   model, spec = loop.build_model(config)
   tx = state_lib.make_optimizer(config.optimizer)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   st, shardings = state_lib.create(loop.init_params_fn(model, spec, config.data.patch_size), tx, 0, mesh,
                                    sharding.DEFAULT_RULES)
-  abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, shardings)
-  restored = ck.restore_latest(abstract, None)
+  restored = ck.restore_latest(checkpoint.abstract_target(st, shardings), None)
   ck.close()
   return _from_config_json(meta, restored.state.ema_params)
 

@@ -46,13 +46,11 @@ def load_controlled(workdir: str) -> ControlledModel:
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   if not ck.all_steps():
     raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
-  meta = ck.manager.restore(ck.all_steps()[-1], args=checkpoint.ocp.args.Composite(
-      config=checkpoint.ocp.args.JsonRestore()))["config"]
+  meta = ck.latest_config()
   config = ml_collections.ConfigDict(meta)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   pre, branch, st, shardings, _, _ = cn_train.setup(config, mesh, sharding.DEFAULT_RULES)
-  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), st, shardings)
-  restored = ck.restore_latest(abstract, None)
+  restored = ck.restore_latest(checkpoint.abstract_target(st, shardings), None)
   ck.close()
   return ControlledModel(pre, branch, restored.state.ema_params, config)
 

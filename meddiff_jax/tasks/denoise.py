@@ -81,7 +81,7 @@ def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_
 def run(config: Any) -> dict[str, Any]:
   """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine)."""
   from meddiff_jax.data import nifti, preprocess
-  from meddiff_jax.tasks import common
+  from meddiff_jax.tasks import common, sliding_window
   from meddiff_jax.train import sharding
 
   pre = common.load_pretrained(config.checkpoint)
@@ -89,7 +89,7 @@ def run(config: Any) -> dict[str, Any]:
   region = preprocess.region_id(config.region)
   lo, hi = preprocess.window_bounds(region)
   y = preprocess.hu_to_unit(work.data, region)
-  y, crop = _pad(y, pre.patch_size)
+  y, crop = sliding_window.pad_to_window(y, pre.patch_size, fill=-1.0)
   body = work.data > preprocess.BODY_THRESHOLD_HU
   sigma = float(config.noise_sigma_hu) * 2.0 / (hi - lo) if config.noise_sigma_hu else estimate_noise_sigma(
       preprocess.hu_to_unit(work.data, region), body)
@@ -118,7 +118,3 @@ def run(config: Any) -> dict[str, Any]:
   nifti.save(nifti.Volume(hu, original.affine), config.output, np.int16 if config.output_int16 else np.float32)
   return {"output": config.output, "sigma_unit": sigma, "method": config.method}
 
-
-def _pad(volume: np.ndarray, window: int) -> tuple[np.ndarray, tuple[slice, ...]]:
-  from meddiff_jax.tasks import sliding_window
-  return sliding_window.pad_to_window(volume, window, fill=-1.0)

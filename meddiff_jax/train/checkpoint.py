@@ -19,8 +19,14 @@ import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+def abstract_target(state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the *current* shardings: the restore target that reshards onto this mesh."""
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 @dataclasses.dataclass
@@ -48,6 +54,13 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
+
+  def latest_config(self) -> dict[str, Any]:
+    """The config JSON saved with the newest step (enough to rebuild the model before restoring it)."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{self.directory}: no checkpoints")
+    return self.manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
   def save(self, step: int, state: Any, data_iterator: Any | None, config: Any) -> None:
     items = {"state": ocp.args.StandardSave(state),

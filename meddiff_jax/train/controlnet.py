@@ -78,8 +78,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
       store, config.data, batch_size=config.training.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count()), batch_sharding)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-  abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), st, shardings)
-  restored = ckpt.restore_latest(abstract, batches.iterator) if config.restore else None
+  restored = (ckpt.restore_latest(checkpoint.abstract_target(st, shardings), batches.iterator)
+              if config.restore else None)
   if restored is not None:
     st = restored.state
     logging.info("resumed ControlNet branch from step %d", restored.step)

@@ -149,9 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
   if config.restore:
-    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                      train_state, state_shardings)
-    restored = ckpt.restore_latest(abstract, batches.iterator)
+    restored = ckpt.restore_latest(checkpoint.abstract_target(train_state, state_shardings), batches.iterator)
     if restored is not None:
       train_state = restored.state
       logging.info("resumed from step %d in %s", restored.step, ckpt.directory)
