@@ -74,6 +74,14 @@ def main(argv: list[str]) -> None:
     from meddiff_jax.train import controlnet
 
     controlnet.finetune(config, _WORKDIR.value)
+  elif mode == "evaluate":  # the paper's evaluation protocols (configs/evaluate.py)
+    check_workdir(_WORKDIR.value)
+    from meddiff_jax.benchmarking import run as evaluate
+
+    try:
+      evaluate.run(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:  # bad cases / files / plug-ins: one line
+      raise app.UsageError(str(e)) from None
   elif mode in TASKS:
     check_task_config(config)
     import importlib

@@ -3,7 +3,8 @@
 Both run on HU clipped to the evaluation window and mapped to [0, 1] (the range the filters' parameters
 are defined on), and are mapped back to HU. Non-local means is scikit-image's `denoise_nl_means`
 (fast mode, 3D patches) with its documented recipe h = 0.8 sigma_est; sigma_est is the MAD of first
-differences along the last axis / 0.6745 / sqrt(2) (skimage's `estimate_sigma` would need PyWavelets).
+differences along the last axis (inside the window) / 0.6745 / sqrt(2) (skimage's `estimate_sigma` would
+need PyWavelets).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ def gaussian(hu: np.ndarray, window: tuple[float, float], sigma_voxels: float = 
 
 
 def noise_sigma(x: np.ndarray) -> float:
-  """Robust white-noise std: neighbour differences cancel smooth anatomy, the median ignores edges."""
-  d = np.diff(np.asarray(x, np.float64), axis=-1).ravel()
+  """Robust white-noise std of a [0, 1] windowed image: neighbour differences cancel smooth anatomy, the
+  median ignores edges; pairs touching the clipped ends (air, bone) are left out, they carry no noise."""
+  x = np.asarray(x, np.float64)
+  inside = (x > 0.0) & (x < 1.0)
+  d = np.diff(x, axis=-1)[inside[..., 1:] & inside[..., :-1]]
+  if d.size == 0:
+    return 0.0
   return float(np.median(np.abs(d - np.median(d))) / 0.6745 / np.sqrt(2.0))
 
 

@@ -27,6 +27,10 @@ MISSING = ("no segmenter configured: set --config.segmenter=totalsegmentator (pi
            "predictions:DIR (your nnU-Net predictions, DIR/<case_id>.nii.gz) or command:'TOOL {input} {output}'")
 
 
+class SegmenterError(ValueError):
+  """The configured segmenter ran and failed (a user-facing, one-line error)."""
+
+
 class Segmenter:
   """(case_id, image NIfTI path) -> integer label map on the image's grid (RAS, as data.nifti loads it)."""
 
@@ -71,7 +75,7 @@ class Segmenter:
       proc = subprocess.run(cmd, shell=True, capture_output=True, text=True)
       if proc.returncode != 0 or not os.path.isfile(out):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"segmenter {cmd!r} failed (exit {proc.returncode}): {tail[0]}")
+        raise SegmenterError(f"segmenter {cmd!r} failed (exit {proc.returncode}): {tail[0]}")
       return nifti.load(out, is_mask=True).data
 
 
