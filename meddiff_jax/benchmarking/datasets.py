@@ -276,8 +276,10 @@ def load_volume(path: str, is_mask: bool = False, png_depth: int = 16, png_spaci
 
 
 def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> nifti.Volume:
-  """A BMAD slice (8-bit, already windowed) as a volume of `depth` identical slices: grey 0..255 maps
-  linearly onto the abdomen window's HU range (our choice: the 3D prior needs a volume and HU)."""
+  """A BMAD slice (8-bit, already windowed) as a volume of `depth` identical slices: grey 1..255 maps
+  linearly onto the abdomen window's HU range, grey 0 (at or below the window) to -1024 HU, which the
+  model sees identically (-1 after windowing) and which makes the body mask (HU > -500) the non-zero
+  pixels. Our choice: the 3D prior needs a volume in HU."""
   from PIL import Image
 
   try:
@@ -287,7 +289,8 @@ def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> nift
   if is_mask:
     data = np.repeat((img > 0)[..., None], depth, axis=2).astype(np.int16)
   else:
-    data = np.repeat(preprocess.unit_to_hu(img / 127.5 - 1.0, "abdomen")[..., None], depth, axis=2)
+    hu = np.where(img > 0, preprocess.unit_to_hu(img / 127.5 - 1.0, "abdomen"), -1024.0).astype(np.float32)
+    data = np.repeat(hu[..., None], depth, axis=2)
   return nifti.Volume(data, np.diag([spacing] * 3 + [1.0]), path)
 
 

@@ -32,6 +32,7 @@ def validate(config: Any) -> None:
 def run(config: Any, workdir: str) -> dict[str, Any]:
   validate(config)
   cases = datasets.read_cases(config)
+  os.makedirs(workdir, exist_ok=True)
   start = time.time()
   result = protocols.PROTOCOLS[config.protocol](config, cases, workdir)
   out = {"protocol": config.protocol, "dataset": config.dataset or None, "pairs": config.pairs or None,
