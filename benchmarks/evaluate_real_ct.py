@@ -38,6 +38,8 @@ def main() -> None:
   ap.add_argument("--noise_hu", type=float, default=30.0)
   ap.add_argument("--cases", type=int, default=4)
   ap.add_argument("--size", type=int, nargs=3, default=(48, 48, 32))
+  ap.add_argument("--anomaly_size", type=int, nargs=3, default=(32, 32, 32))
+  ap.add_argument("--overlap", type=float, default=0.5)
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   ct = nifti.load(os.path.join(args.data, "example_ct.nii.gz"))
@@ -52,6 +54,7 @@ def main() -> None:
     f.write("id,low,high\nexample_ct_crop,low.nii.gz,high.nii.gz\n")
 
   rows = ["id,image,label,is_abnormal"]
+  size = tuple(args.anomaly_size)
   for i in range(args.cases):
     v = crop(ct, (30 + 6 * i, 22 + 3 * i, 36 + 8 * (i % 2)), size)
     mask = np.zeros(size, np.uint8)
@@ -69,7 +72,7 @@ def main() -> None:
 
   for protocol, csv in (("denoising", "denoising.csv"), ("anomaly", "anomaly.csv")):
     cmd = [sys.executable, "-m", "meddiff_jax.main", "--config=configs/evaluate.py", f"--config.protocol={protocol}",
-           f"--config.pairs={args.out}/{csv}", f"--config.num_steps={args.steps}", f"--workdir={args.out}/{protocol}"]
+           f"--config.pairs={args.out}/{csv}", f"--config.num_steps={args.steps}", f"--config.overlap={args.overlap}", f"--workdir={args.out}/{protocol}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
 

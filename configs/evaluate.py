@@ -26,13 +26,14 @@ def get_config(arg=None):
   # the model and the task options shared with the task commands ('' / 0: the task config's default)
   c.checkpoint = "tiny_phantom"  # denoising / anomaly / synthesis
   c.controlnet = ""  # super_resolution / lesion / inpainting: a configs/controlnet.py workdir
-  c.region = ""  # '' : the task default (abdomen; chest for super_resolution)
+  # '' / -1 / 0 steps: keep the task config's default
+  c.region = ""  # the task default: abdomen; chest for super_resolution
   c.method = ""  # denoising: diffpir | partial
   c.sampler = ""
   c.num_steps = 0
-  c.overlap = 0.0
+  c.overlap = -1.0
   c.window_batch = 0
-  c.seed = 0
+  c.seed = -1
   c.task = ""  # any other task key, 'KEY=VALUE;...', e.g. --config.task='lam=10;zeta=0.3' or 'noise_t=950'
   c.skip_model = False  # only the protocol's reference rows (baselines), e.g. to check a dataset layout
   # metrics

@@ -29,7 +29,7 @@ def _phantom(seed, region="abdomen", lesions=0, shape=SHAPE, spacing=SPACING):
 
 def _write_dicom_series(directory, hu, spacing, origin=(0.0, 0.0, 0.0)):
   """Axial slices in DICOM LPS: row direction +x (L), column direction +y (P), slices along +z."""
-  import pydicom
+  pydicom = pytest.importorskip("pydicom")  # the `evaluate` extra
   from pydicom.dataset import Dataset, FileMetaDataset
   from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -372,8 +372,11 @@ def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
 # ----------------------------------------------------------------------------------------------- adapters
 
 def test_adapter_builds_the_task_config_from_shared_options():
-  cfg = _config(protocol="denoising", method="partial", num_steps=3, task="lam=5.0;zeta=0.1")
+  cfg = _config(protocol="denoising", method="partial", num_steps=3, task="lam=5.0;zeta=0.1", overlap=0.0, seed=0)
   t = adapters.task_config("denoising", cfg, input="in.nii.gz", output="out.nii.gz")
+  assert t.overlap == 0.0 and t.seed == 0  # zero is a value, not 'unset'
+  default = adapters.task_config("denoising", _config())
+  assert default.overlap == 0.5 and default.num_steps == 20  # configs/denoise.py's own defaults
   assert (t.method, t.num_steps, t.lam, t.zeta, t.input, t.checkpoint) == ("partial", 3, 5.0, 0.1, "in.nii.gz",
                                                                            "tiny_phantom")
   assert adapters.task_config("inpainting", _config(protocol="inpainting"), input="a").method == "inpaint"

@@ -38,7 +38,9 @@ def task_config(protocol: str, config: Any, **case_keys: Any):
   cfg = importlib.import_module(f"configs.{TASK[protocol]}").get_config()
   for key in SHARED:
     value = config.get(key)
-    if key in cfg and value not in (None, "", 0):
+    unset = value is None or value == "" or (isinstance(value, (int, float)) and value < (1 if key in (
+        "num_steps", "window_batch") else 0))  # '' / -1 (0 steps / windows): the task config's default
+    if key in cfg and not unset:
       cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], (tuple, list)) else value
   if protocol in FIXED_METHOD:
     cfg.method = FIXED_METHOD[protocol]
