@@ -353,6 +353,11 @@ def test_absent_plugins_are_one_line_errors_naming_what_to_provide(tmp_path):
     segmenters.Segmenter("command:no_such_tool_xyz {input} {output}")
   with pytest.raises(ValueError, match="not understood"):
     segmenters.Segmenter("nnunet")
+  csv = _synthesis_csv(tmp_path)
+  with pytest.raises(FileNotFoundError, match="no feature extractor configured"):
+    bench.run(_config(protocol="synthesis", pairs=csv, skip_model=True, segmenter="none"), str(tmp_path / "w"))
+  with pytest.raises(ValueError, match="anatomy segmenter"):
+    bench.run(_config(protocol="synthesis", pairs=csv, skip_model=True, extractor="none"), str(tmp_path / "w"))
 
 
 def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):

@@ -206,7 +206,9 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
 
 def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   extractor = None if config.extractor == "none" else extractors.Extractor(config.extractor)
-  segmenter = None if config.segmenter in ("none", "threshold") else segmenters.Segmenter(config.segmenter)
+  if config.segmenter == "threshold":  # the lesion proxy has no meaning for anatomy
+    raise ValueError(f"synthesis Dice needs an anatomy segmenter; {segmenters.MISSING} (or none to skip Dice)")
+  segmenter = None if config.segmenter == "none" else segmenters.Segmenter(config.segmenter)
   rows = ([] if config.skip_model else [MODEL]) + ["real images (reference)"]
   feats = {r: [] for r in rows}
   real_feats, out_cases = [], []
