@@ -40,6 +40,7 @@ def main() -> None:
   ap.add_argument("--size", type=int, nargs=3, default=(32, 32, 32))
   ap.add_argument("--anomaly_size", type=int, nargs=3, default=(32, 32, 32))
   ap.add_argument("--overlap", type=float, default=0.0)
+  ap.add_argument("--protocols", nargs="+", default=("denoising", "anomaly"))
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   ct = nifti.load(os.path.join(args.data, "example_ct.nii.gz"))
@@ -56,7 +57,7 @@ def main() -> None:
   rows = ["id,image,label,is_abnormal"]
   size = tuple(args.anomaly_size)
   for i in range(args.cases):
-    v = crop(ct, (30 + 6 * i, 22 + 3 * i, 36 + 8 * (i % 2)), size)
+    v = crop(ct, (30 + 6 * i, 62, 36 + 8 * (i % 2)), size)  # anterior wall: the crop holds air (CT check)
     mask = np.zeros(size, np.uint8)
     if i % 2:
       body = np.argwhere((v.data > 0) & (v.data < 100))  # soft tissue
@@ -70,7 +71,8 @@ def main() -> None:
   with open(f"{args.out}/anomaly.csv", "w") as f:
     f.write("\n".join(rows) + "\n")
 
-  for protocol, csv in (("denoising", "denoising.csv"), ("anomaly", "anomaly.csv")):
+  protocols = [p for p in ("denoising", "anomaly") if p in args.protocols]
+  for protocol, csv in ((p, f"{p}.csv") for p in protocols):
     cmd = [sys.executable, "-m", "meddiff_jax.main", "--config=configs/evaluate.py", f"--config.protocol={protocol}",
            f"--config.pairs={args.out}/{csv}", f"--config.num_steps={args.steps}", f"--config.overlap={args.overlap}", f"--workdir={args.out}/{protocol}"]
     print("$", " ".join(cmd), flush=True)
