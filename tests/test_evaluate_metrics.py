@@ -130,3 +130,61 @@ def test_denoising_baselines_reduce_noise_and_match_skimage():
   assert sig * 300 == pytest.approx(20.0, rel=0.15)  # the estimate recovers the added noise (HU)
   ref = denoise_nl_means(x, h=0.8 * sig, sigma=sig, patch_size=3, patch_distance=3, fast_mode=True) * 300 - 100
   np.testing.assert_allclose(baselines.non_local_means(noisy, window), ref, atol=1e-3)
+
+
+# ------------------------------------------------------------------- MedicalNet ResNet vs a numpy reference
+
+def _np_conv(x, w, stride=1, pad=0, dil=1):
+  """Torch Conv3d semantics in numpy: x (C, D, H, W), w (O, C, k, k, k), zero padding, no bias."""
+  k = w.shape[-1]
+  xp = np.pad(x, [(0, 0)] + [(pad, pad)] * 3)
+  out_sz = [(s + 2 * pad - dil * (k - 1) - 1) // stride + 1 for s in x.shape[1:]]
+  out = np.zeros((w.shape[0], *out_sz))
+  for a in range(k):
+    for b in range(k):
+      for c in range(k):
+        patch = xp[:, a * dil: a * dil + stride * out_sz[0]: stride, b * dil: b * dil + stride * out_sz[1]: stride,
+                   c * dil: c * dil + stride * out_sz[2]: stride]
+        out += np.einsum("oc,cdhw->odhw", w[:, :, a, b, c], patch)
+  return out
+
+
+def _np_medicalnet10(sd, x):
+  sd = {k[7:]: v.astype(np.float64) for k, v in sd.items()}
+  bn = lambda h, n: ((h - sd[f"{n}.running_mean"][:, None, None, None]) / np.sqrt(sd[f"{n}.running_var"] + 1e-5)[
+      :, None, None, None] * sd[f"{n}.weight"][:, None, None, None] + sd[f"{n}.bias"][:, None, None, None])
+  relu = lambda h: np.maximum(h, 0)
+  h = relu(bn(_np_conv(x, sd["conv1.weight"], 2, 3), "bn1"))
+  hp = np.pad(h, [(0, 0)] + [(1, 1)] * 3, constant_values=-np.inf)  # MaxPool3d(3, 2, padding=1)
+  sz = [(s + 2 - 3) // 2 + 1 for s in h.shape[1:]]
+  h = np.max([hp[:, a:a + 2 * sz[0]:2, b:b + 2 * sz[1]:2, c:c + 2 * sz[2]:2]
+              for a in range(3) for b in range(3) for c in range(3)], axis=0)
+  for s, (stride, dil) in enumerate(((1, 1), (2, 1), (1, 2), (1, 4))):
+    p = f"layer{s + 1}.0"
+    out = relu(bn(_np_conv(h, sd[f"{p}.conv1.weight"], stride, dil, dil), f"{p}.bn1"))
+    out = bn(_np_conv(out, sd[f"{p}.conv2.weight"], 1, dil, dil), f"{p}.bn2")
+    res = bn(_np_conv(h, sd[f"{p}.downsample.0.weight"], stride), f"{p}.downsample.1") if (
+        f"{p}.downsample.0.weight" in sd) else h
+    h = relu(out + res)
+  return h.mean(axis=(1, 2, 3))
+
+
+@pytest.mark.slow  # compiles a 3D ResNet-10 (tens of seconds on the 2-core box)
+def test_medicalnet_resnet10_matches_a_numpy_reference_of_the_torch_model(tmp_path):
+  from meddiff_jax.evaluation import extractors, medicalnet
+
+  sd = medicalnet.random_state_dict(10, seed=0)
+  x = np.random.default_rng(1).normal(size=(1, 1, 12, 10, 14))  # torch layout (N, C, D, H, W), D = our X
+  ref = _np_medicalnet10(sd, x[0])
+  got = np.asarray(medicalnet.forward(sd, np.transpose(x, (0, 2, 3, 4, 1)).astype(np.float32), 10))[0]
+  assert got.shape == (512,)
+  np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-4 * np.abs(ref).max())
+  # through the extractor directory: same features as calling forward on the preprocessed volume
+  d = medicalnet.save_extractor(str(tmp_path / "mn"), sd, 10, input_size=(12, 10, 14))
+  ext = extractors.Extractor(d)
+  hu = np.random.default_rng(2).uniform(-1000, 1000, (12, 10, 14))
+  f = ext("a", hu)
+  z = np.clip(hu, -1000, 1000) / 1000.0
+  z = (z - z.mean()) / z.std()
+  np.testing.assert_allclose(f, np.asarray(medicalnet.forward(sd, z[None, ..., None].astype(np.float32), 10))[0],
+                             rtol=1e-4, atol=1e-5)

@@ -1,9 +1,14 @@
 """Pluggable 3D feature extractors for the Fréchet distance; nothing is downloaded at run time.
 
 `config.extractor` forms:
-  DIR                 an exported flax network: DIR/extractor.json ({"widths": [...], "hu_window": [lo, hi],
-                      "input_size": [X, Y, Z]}) + DIR/params.msgpack (flax serialisation of `FeatureNet3D`).
-                      A MedicalNet / MAISI feature network converted to this module's layout goes here.
+  DIR                 an exported network, DIR/extractor.json + weights:
+                      - {"arch": "medicalnet_resnet", "depth": 10|18|34|50|101, ...} + weights.npz: a
+                        MedicalNet 3D ResNet (evaluation/medicalnet.py; convert the released .pth with
+                        `python -m meddiff_jax.evaluation.medicalnet PTH DIR DEPTH`);
+                      - {"widths": [...], ...} + params.msgpack: the small flax `FeatureNet3D` below.
+                      Both also give "hu_window": [lo, hi], "input_size": [X, Y, Z] and optionally
+                      "normalize": "window" (HU window -> [-1, 1], default) or "zscore" (then zero mean,
+                      unit std over the volume, MedicalNet's input convention).
   features:DIR        the user's own features: DIR/<case_id>.npy (one 1-D vector per volume), computed by
                       any tool (e.g. MedicalNet ResNet-50 in PyTorch, or MAISI's 2.5D RadImageNet protocol).
                       Generated volumes are looked up as DIR/<case_id>_generated.npy.
@@ -83,22 +88,41 @@ class Extractor:
       self._fn: Callable | None = None
       return
     self.features_dir = ""
-    for name in ("extractor.json", "params.msgpack"):
-      if not os.path.isfile(os.path.join(spec, name)):
-        raise FileNotFoundError(f"--config.extractor={spec!r}: {name} not found; {MISSING}")
-    self._fn = self._load_network(spec)
+    meta_path = os.path.join(spec, "extractor.json")
+    if not os.path.isfile(meta_path):
+      raise FileNotFoundError(f"--config.extractor={spec!r}: extractor.json not found; {MISSING}")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+      self.hu_window, self.input_size = tuple(meta["hu_window"]), tuple(meta["input_size"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{meta_path}: malformed ({type(e).__name__}: {e})") from None
+    self.normalize = meta.get("normalize", "window")
+    weights = "weights.npz" if meta.get("arch") == "medicalnet_resnet" else "params.msgpack"
+    if not os.path.isfile(os.path.join(spec, weights)):
+      raise FileNotFoundError(f"--config.extractor={spec!r}: {weights} not found; {MISSING}")
+    self._fn = self._load_medicalnet(spec, meta) if weights == "weights.npz" else self._load_network(spec, meta)
 
-  def _load_network(self, directory: str) -> Callable:
+  def _load_medicalnet(self, directory: str, meta: dict) -> Callable:
+    import jax
+
+    from meddiff_jax.evaluation import medicalnet
+
+    depth = int(meta.get("depth", 10))
+    if depth not in medicalnet.DEPTHS:
+      raise ValueError(f"{directory}/extractor.json: depth {depth} not in {sorted(medicalnet.DEPTHS)}")
+    with np.load(os.path.join(directory, "weights.npz")) as z:
+      state = {k: z[k] for k in z.files}
+    return jax.jit(lambda x: medicalnet.forward(state, x, depth))
+
+  def _load_network(self, directory: str, meta: dict) -> Callable:
     import flax.serialization
     import jax
     import jax.numpy as jnp
 
-    with open(os.path.join(directory, "extractor.json")) as f:
-      meta = json.load(f)
-    try:
-      widths, self.hu_window, self.input_size = meta["widths"], tuple(meta["hu_window"]), tuple(meta["input_size"])
-    except KeyError as e:
-      raise ValueError(f"{directory}/extractor.json: missing key {e}") from None
+    if "widths" not in meta:
+      raise ValueError(f"{directory}/extractor.json: missing key 'widths'")
+    widths = meta["widths"]
     net = feature_net(widths)
     template = net.init(jax.random.key(0), jnp.zeros((1, *self.input_size, 1)))["params"]
     with open(os.path.join(directory, "params.msgpack"), "rb") as f:
@@ -114,6 +138,8 @@ class Extractor:
 
     lo, hi = self.hu_window
     x = (np.clip(np.asarray(hu, np.float32), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+    if self.normalize == "zscore":
+      x = (x - x.mean()) / (x.std() + 1e-6)
     zoom = [t / s for t, s in zip(self.input_size, x.shape)]
     return ndimage.zoom(x, zoom, order=1)[None, ..., None].astype(np.float32)
 
