@@ -422,3 +422,17 @@ def test_denoising_protocol_end_to_end_with_the_tiny_prior(tmp_path):
   assert model["psnr"] > m["low-dose input"]["psnr"] + 1.0
   assert os.path.isfile(tmp_path / "w" / "cases" / "case0" / "denoised.nii.gz")
   assert res["config"]["num_steps"] == 4
+
+
+@pytest.mark.parametrize("protocol,keys", [
+    ("denoising", dict(input="a.nii.gz", output="o.nii.gz", output_int16=False)),
+    ("anomaly", dict(input="a.nii.gz", output="o.nii.gz")),
+    ("synthesis", dict(output="o.nii.gz", structure_mask="l.nii.gz")),
+    ("super_resolution", dict(input="a.nii.gz", output="o.nii.gz", spacing=(1.0, 1.0, 1.0))),
+    ("lesion", dict(input="a.nii.gz", mask="m.nii.gz", output="o.nii.gz")),
+    ("inpainting", dict(input="a.nii.gz", mask="m.nii.gz", output="o.nii.gz")),
+])
+def test_every_protocol_sets_only_keys_its_task_config_has(protocol, keys):
+  """The adapter's contract with each task (its config keys): a task rewrite that drops one fails here."""
+  cfg = adapters.task_config(protocol, _config(protocol=protocol, region="chest", num_steps=2), **keys)
+  assert all(cfg[k] == v for k, v in keys.items()) and cfg.region == "chest" and cfg.num_steps == 2
