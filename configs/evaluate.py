@@ -43,6 +43,7 @@ def get_config(arg=None):
   c.top_fraction = 0.01  # anomaly: volume / slice score = mean of the top fraction of the map in the body
   c.smooth_sigma = 1.0  # anomaly: smoothing of the no-prior reference map (the model's is the task's own)
   c.slice_axis = 2  # axial slices in RAS order
+  c.pixel_subsample = 1  # anomaly pixel level: every k-th voxel inside the body (memory on whole CTs)
   c.extractor = ""  # synthesis FID: DIR (exported 3D network) | features:DIR | none
   c.segmenter = "threshold"  # totalsegmentator | predictions:DIR | command:'TOOL {input} {output}' | threshold | none
   c.dice_labels = ()  # synthesis: label ids to score (): every label in the conditioning map

@@ -180,8 +180,9 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
       if mask is not None:
         per_row[r]["slice"][0].extend(scores.slice_labels(mask, axis))
         per_row[r]["slice"][1].extend(scores.slice_scores(amap, body, top, axis))
-        per_row[r]["pixel"][0].append(mask[body])
-        per_row[r]["pixel"][1].append(amap[body].astype(np.float32))
+        step = max(1, int(config.pixel_subsample))  # every k-th body voxel: whole CTs hold ~10^7 each
+        per_row[r]["pixel"][0].append(mask[body][::step])
+        per_row[r]["pixel"][1].append(amap[body][::step].astype(np.float32))
     out_cases.append({"id": case.id, "paths": case.paths, "is_abnormal": case.is_abnormal,
                       "has_voxel_labels": mask is not None, "metrics": m})
   agg: dict[str, Any] = {}
