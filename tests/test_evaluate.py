@@ -436,3 +436,19 @@ def test_every_protocol_sets_only_keys_its_task_config_has(protocol, keys):
   """The adapter's contract with each task (its config keys): a task rewrite that drops one fails here."""
   cfg = adapters.task_config(protocol, _config(protocol=protocol, region="chest", num_steps=2), **keys)
   assert all(cfg[k] == v for k, v in keys.items()) and cfg.region == "chest" and cfg.num_steps == 2
+
+
+@pytest.mark.slow
+def test_anomaly_protocol_runs_the_anomaly_task_on_bmad_slices(tmp_path):
+  """Plumbing of the anomaly adapter with the tiny prior (scores are not meaningful with 2 steps)."""
+  root = str(tmp_path / "Liver")
+  _bmad(root)
+  cfg = _config(protocol="anomaly", dataset="bmad_liver", data_root=root, png_depth=16, num_steps=2, overlap=0.0,
+                max_cases=2)
+  bench.run(cfg, str(tmp_path / "w"))
+  res = _results(tmp_path / "w")
+  case = res["cases"][0]
+  amap = nifti.load(tmp_path / "w" / "cases" / case["id"] / "anomaly_map.nii.gz").data
+  assert amap.shape == (24, 24, 16) and amap.max() > 0
+  assert case["metrics"]["MedDiff-FM"]["volume_score"] != case["metrics"]["no-prior residual"]["volume_score"]
+  assert set(res["aggregate"]["MedDiff-FM"]) == {"volume", "slice", "pixel"}
