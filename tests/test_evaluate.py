@@ -124,18 +124,19 @@ def test_anomaly_csv_labels_and_malformed_flag(tmp_path):
 def test_mayo2016_layout_dicom_round_trip_and_errors(tmp_path):
   root = tmp_path / "mayo"
   truth = {}
+  sp = (10.0, 12.0, 14.0)  # anisotropic: a row/column spacing swap would show
   for i, pid in enumerate(("L067", "L096")):
     p = _phantom(i, shape=(20, 18, 6))
     truth[pid] = p.hu
     noisy = p.hu + np.random.default_rng(i).normal(0, 40, p.hu.shape)
-    _write_dicom_series(root / pid / "full_3mm", p.hu, SPACING)
-    _write_dicom_series(root / pid / "quarter_3mm", noisy, SPACING)
+    _write_dicom_series(root / pid / "full_3mm", p.hu, sp)
+    _write_dicom_series(root / pid / "quarter_3mm", noisy, sp)
   cases = datasets.read_cases(_config(dataset="mayo2016", data_root=str(root)))
   assert [c.id for c in cases] == ["L067", "L096"]
   vol = datasets.load_volume(cases[0].paths["high"])
   # RAS orientation and HU survive DICOM (LPS, rescale, reversed InstanceNumber): voxels equal the phantom's
   np.testing.assert_allclose(vol.data, np.clip(np.round(truth["L067"]), -1024, 3071), atol=0.5)
-  assert vol.spacing == pytest.approx(SPACING)
+  assert vol.spacing == pytest.approx(sp)
   bench.run(_config(dataset="mayo2016", data_root=str(root), skip_model=True), str(tmp_path / "w"))
   assert len(_results(tmp_path / "w")["cases"]) == 2
   # missing: a patient without full-dose scans
@@ -147,6 +148,21 @@ def test_mayo2016_layout_dicom_round_trip_and_errors(tmp_path):
   (root / "L109" / "quarter_3mm" / "x.IMA").write_bytes(b"not dicom")
   with pytest.raises(nifti.VolumeError, match="quarter_3mm: 0 DICOM slices"):
     datasets.load_volume(str(root / "L109" / "quarter_3mm"))
+
+
+def test_dicom_reader_puts_voxels_where_dcm2niix_does(real_data_dir):
+  """Independent reference: TotalSegmentator labels of the real DICOM series on dcm2niix's grid (LAS)."""
+  pytest.importorskip("pydicom")
+  try:
+    vol = datasets.read_dicom_series(str(real_data_dir / "example_ct_dicom"))  # JPEG 2000: needs pylibjpeg
+  except nifti.VolumeError as e:
+    pytest.skip(f"no JPEG 2000 decoder: {e}")
+  seg = nifti.load(real_data_dir / "example_seg_dicom.nii.gz", is_mask=True)
+  assert vol.shape == seg.shape
+  np.testing.assert_allclose(vol.affine, seg.affine, atol=1e-3)
+  liver = seg.data == phantom.LABELS["liver"]
+  assert liver.sum() > 1000 and 40 < vol.data[liver].mean() < 160  # contrast-enhanced liver in HU
+  assert vol.data[seg.data == 0].mean() < -300  # background mostly air
 
 
 # ------------------------------------------------------------------------------------------------ BMAD liver
