@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     logging.info("%s: %s", mode, result)
     print(result)
   else:
-    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet or one of {TASKS}")
+    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet, evaluate or one of {TASKS}")
 
 
 def check_workdir(workdir: str | None) -> None:

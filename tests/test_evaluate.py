@@ -405,6 +405,8 @@ def test_adapter_builds_the_task_config_from_shared_options():
     adapters.task_config("denoising", _config(task="nope=1"))
   with pytest.raises(ValueError, match="KEY=VALUE"):
     adapters.parse_task_options("lam")
+  with pytest.raises(FileNotFoundError, match="not a ControlNet fine-tuning workdir"):
+    bench.validate(_config(protocol="lesion"))
 
 
 # ------------------------------------------------------------------------------------------ the command line
