@@ -202,10 +202,27 @@ def _canonical(vol: Volume) -> Volume:
   return Volume(data=data, affine=affine, path=vol.path, source=src)
 
 
+def _raw_pixdim(path: str) -> np.ndarray | None:
+  """pixdim[1:4] as stored: nibabel's loader silently turns 0 into 1 mm, so read the header bytes."""
+  from nibabel.openers import ImageOpener
+
+  with ImageOpener(path) as f:
+    block = f.read(540)
+  for endian in "<>":
+    size = int(np.frombuffer(block[:4], endian + "i4")[0]) if len(block) >= 4 else 0
+    if size == 348 and len(block) >= 108:
+      return np.frombuffer(block[76:108], endian + "f4")[1:4].astype(np.float64)
+    if size == 540 and len(block) >= 168:
+      return np.frombuffer(block[104:168], endian + "f8")[1:4].astype(np.float64)
+  return None
+
+
 def _nifti_affine(img, path: str, options: ReadOptions) -> np.ndarray:
   """The affine to trust, refusing unknown orientation, bad pixdim and qform/sform disagreement."""
   hdr = img.header
-  zooms = np.asarray(hdr["pixdim"][1:4], np.float64)
+  zooms = _raw_pixdim(path)
+  if zooms is None:
+    zooms = np.asarray(hdr["pixdim"][1:4], np.float64)
   if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
     raise VolumeError(path, f"pixdim {tuple(float(z) for z in zooms)} has zero, negative or NaN voxel sizes "
                       "(nibabel would silently use 1 mm): fix the header's voxel size")
@@ -293,8 +310,8 @@ def _load_itk(path: str, options: ReadOptions) -> Volume:
 def check_ct(volume: Volume, assume_hu: bool = False) -> None:
   """Reject data that does not look like CT in Hounsfield units (override: assume_hu=True).
 
-  CT in HU has air (< -200) or, in a crop without air, fat (-200..-30 HU) around soft tissue (median
-  -150..250). MR, 0-255 images and DICOM without rescale slope/intercept (air at 0, water near 1000)
+  CT in HU has air (< -200) or, in a crop without air, fat (-200..-30 HU) around soft tissue or
+  contrast-filled vessels (median -150..600). MR, 0-255 images and DICOM without rescale slope/intercept (air at 0, water near 1000)
   have neither. A constant volume and values outside any CT range are refused even with assume_hu.
   """
   data = volume.data
@@ -310,7 +327,7 @@ def check_ct(volume: Volume, assume_hu: bool = False) -> None:
   fat = float(np.mean((sample >= -200.0) & (sample < -30.0)))
   median = float(np.median(sample))
   hint = "override with --config.assume_hu=true if it really is CT in HU"
-  if air < 1e-3 and (fat < 1e-3 or not -150.0 <= median <= 250.0):
+  if air < 1e-3 and (fat < 1e-3 or not -150.0 <= median <= 600.0):
     raise VolumeError(volume.path, f"intensities in [{lo:g}, {hi:g}] (median {median:g}) have neither air (< -200 HU) "
                       "nor fat (-200..-30 HU): not CT in Hounsfield units (MR, a 0-255 image, or DICOM without "
                       f"rescale slope/intercept?); {hint}")
