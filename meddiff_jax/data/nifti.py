@@ -51,7 +51,7 @@ class ReadOptions:
   max_voxels: int = 1024 * 1024 * 2000
   max_gb: float = 8.0
   max_spacing_mm: float = 12.0
-  min_side_voxels: int = 8
+  min_side_voxels: int = 4
 
   @classmethod
   def from_config(cls, config: Any) -> "ReadOptions":
