@@ -178,3 +178,44 @@ def test_padding_value_becomes_air_and_bad_private_tags_are_tolerated(series_dir
   in_file_order = geometry.from_ras(vol.data, vol.source.ornt)[..., 0]
   assert (raw == 0).any() and np.all(in_file_order[raw == 0] == nifti.AIR_HU)
   assert np.all(in_file_order[raw != 0] == raw[raw != 0] - 1000.0)
+
+
+def small_series(src, dst, n=10, box=(176, 112, 64, 64)):
+  """A real 64x64xn sub-series (pixels cropped, positions shifted to match), uncompressed."""
+  r0, c0, h, w = box
+  dst.mkdir()
+  for f in sorted(src.iterdir())[:n]:
+    ds = pydicom.dcmread(f)
+    px = ds.pixel_array[r0:r0 + h, c0:c0 + w].copy()
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient]) + c0 * dc * iop[:3] + r0 * dr * iop[3:]
+    ds.set_pixel_data(px, "MONOCHROME2", 16)
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+    ds.save_as(dst / f.name)
+  return dst
+
+
+@pytest.mark.slow
+def test_denoise_command_dicom_in_dicom_out(series_dir, tmp_path):
+  from conftest import REPO
+  src = small_series(series_dir, tmp_path / "in")
+  full = nifti.load(series_dir)
+  small = nifti.load(src)
+  # the crop sits where the full series says those pixels are (world coordinates agree)
+  np.testing.assert_array_equal(nifti.resample_like(full, small.shape, small.affine, order=0).data, small.data)
+  out = tmp_path / "den"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([os.sys.executable, "-m", "meddiff_jax.main", "--config=configs/denoise.py",
+                         f"--config.input={src}", f"--config.output={out}/", "--config.num_steps=2",
+                         "--config.noise_sigma_hu=10", "--config.overlap=0.0"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  back = nifti.load(out)
+  np.testing.assert_allclose(back.affine, small.affine, atol=1e-5)
+  assert back.shape == small.shape
+  assert np.corrcoef(back.data.ravel(), small.data.ravel())[0, 1] > 0.9
+  new = pydicom.dcmread(sorted(out.iterdir())[0], stop_before_pixels=True)
+  assert list(new.ImageType)[:2] == ["DERIVED", "SECONDARY"] and "denoise" in new.SeriesDescription
+  assert "tiny_phantom" in new.SeriesDescription

@@ -55,18 +55,25 @@ def resample_to(data: np.ndarray, affine: np.ndarray, out_shape: tuple[int, ...]
 
 
 def _outside(index_map: np.ndarray, src_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray | None:
-  """Mask of output voxels that map farther than EDGE_TOLERANCE_VOXELS outside the source (None: none)."""
-  grids = [np.arange(n, dtype=np.float64) for n in out_shape]
-  mask = None
+  """Mask of output voxels that map farther than EDGE_TOLERANCE_VOXELS outside the source (None: none).
+
+  The source index is affine in the output index, so its range over the grid comes from the 8 corners;
+  the mask is built (by broadcasting, no per-voxel coordinate arrays for axis-aligned maps) only when needed."""
+  corners = np.array([[i, j, k, 1.0] for i in (0, out_shape[0] - 1) for j in (0, out_shape[1] - 1)
+                      for k in (0, out_shape[2] - 1)]) @ index_map[:3].T
+  lo_ok = corners.min(axis=0) >= -EDGE_TOLERANCE_VOXELS
+  hi_ok = corners.max(axis=0) <= np.asarray(src_shape[:3], np.float64) - 1 + EDGE_TOLERANCE_VOXELS
+  if np.all(lo_ok & hi_ok):
+    return None
+  axes = [np.arange(n, dtype=np.float64).reshape([-1 if a == b else 1 for b in range(3)]) for a, n in
+          enumerate(out_shape)]
+  mask = np.zeros((1, 1, 1), bool)
   for d in range(3):
-    coord = (index_map[d, 0] * grids[0][:, None, None] + index_map[d, 1] * grids[1][None, :, None]
-             + index_map[d, 2] * grids[2][None, None, :] + index_map[d, 3])
-    lo, hi = float(coord.min()), float(coord.max())
-    if lo >= -EDGE_TOLERANCE_VOXELS and hi <= src_shape[d] - 1 + EDGE_TOLERANCE_VOXELS:
+    if lo_ok[d] and hi_ok[d]:
       continue
-    bad = (coord < -EDGE_TOLERANCE_VOXELS) | (coord > src_shape[d] - 1 + EDGE_TOLERANCE_VOXELS)
-    mask = bad if mask is None else mask | bad
-  return None if mask is None else np.broadcast_to(mask, out_shape)
+    coord = sum(index_map[d, a] * axes[a] for a in range(3) if index_map[d, a] != 0.0) + index_map[d, 3]
+    mask = mask | (coord < -EDGE_TOLERANCE_VOXELS) | (coord > src_shape[d] - 1 + EDGE_TOLERANCE_VOXELS)
+  return np.broadcast_to(mask, out_shape)
 
 
 def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
