@@ -13,6 +13,6 @@ def add_input_options(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.limits = ml_collections.ConfigDict()
   c.limits.max_voxels = 1024 * 1024 * 2000  # refused from the header, before reading
   c.limits.max_gb = 8.0  # decompressed voxel data, from the header (gzip bombs)
-  c.limits.max_spacing_mm = 12.0  # larger voxel spacing = a slice gap, not a volume
+  c.limits.max_spacing_mm = 20.0  # larger voxel spacing = a slice gap, not a volume (thick CT slices: <= 10 mm)
   c.limits.min_side_voxels = 4  # thinner volumes are refused; others smaller than the patch are padded with air
   return c

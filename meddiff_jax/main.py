@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -82,8 +83,8 @@ def main(argv: list[str]) -> None:
 
     try:
       result = importlib.import_module(f"meddiff_jax.tasks.{mode}").run(config)
-    except nifti.VolumeError as e:  # a bad input volume: one line naming the file and the problem
-      raise app.UsageError(str(e)) from None
+    except nifti.VolumeError as e:  # a bad input volume: one line naming the file and the problem, exit 1
+      sys.exit(f"error: {e}")
     logging.info("%s: %s", mode, result)
     print(result)
   else:

@@ -33,7 +33,9 @@ def test_bad_inputs_give_one_line_and_no_traceback(tmp_path, real_data_dir):
                     "--config.num_steps=1")
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "flags:" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {path}") and message in last  # the whole error on its last line
     assert not (tmp_path / "o.nii.gz").exists()
   # the override named in the CT message lets it through the check (then runs)
   proc = run_main("--config=configs/denoise.py", f"--config.input={real_data_dir / 'example_mr_sm.nii.gz'}",

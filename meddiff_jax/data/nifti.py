@@ -50,7 +50,7 @@ class ReadOptions:
   assume_hu: bool = False
   max_voxels: int = 1024 * 1024 * 2000
   max_gb: float = 8.0
-  max_spacing_mm: float = 12.0
+  max_spacing_mm: float = 20.0
   min_side_voxels: int = 4
 
   @classmethod
