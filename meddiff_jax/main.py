@@ -64,8 +64,8 @@ def main(argv: list[str]) -> None:
 
     try:
       prepare.run(config)
-    except (ValueError, FileNotFoundError) as e:  # bad directories / manifest: one line
-      raise app.UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:  # bad directories / manifest / nothing prepared: one line, exit 1
+      sys.exit(f"error: {e}")
   elif mode == "controlnet":
     from meddiff_jax.tasks import common
 

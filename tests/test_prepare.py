@@ -179,3 +179,18 @@ def _state(pid):
       return f.read().rsplit(")", 1)[1].split()[0]
   except OSError:
     return "Z"
+
+
+@pytest.mark.slow
+def test_prepare_command_exits_nonzero_with_one_line_when_nothing_prepared(tmp_path):
+  from conftest import REPO
+  src = tmp_path / "in"
+  src.mkdir()
+  (src / "readme.txt").write_text("no scans here")
+  proc = subprocess.run([sys.executable, "-m", "meddiff_jax.main", "--config=configs/prepare.py",
+                         f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}"], cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: nothing prepared from {src}")
+  assert "Traceback" not in proc.stderr and "flags:" not in proc.stderr
+  assert "readme.txt: unsupported file type" in proc.stdout
