@@ -44,7 +44,7 @@ def scan(paths: Iterable[str]) -> tuple[dict[str, list[tuple[str, Any]]], list[d
     try:
       ds = _read_header(path)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
-      if nifti._is_dicom(path):
+      if nifti.is_dicom_file(path):
         skipped.append({"path": path, "reason": f"unreadable DICOM ({type(e).__name__}: {e})"})
       continue
     modality = str(ds.get("Modality", "") or "")

@@ -163,7 +163,7 @@ def load(path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = Tr
     raise VolumeError(path, "file does not exist")
   lower = path.lower()
   if os.path.isdir(path) or lower.endswith(".dcm") or (not lower.endswith(NIFTI_EXTENSIONS + ITK_EXTENSIONS)
-                                                        and _is_dicom(path)):
+                                                        and is_dicom_file(path)):
     from meddiff_jax.data import dicom
     vol = dicom.load_series(path, options)
   elif lower.endswith(ITK_EXTENSIONS):
@@ -171,7 +171,7 @@ def load(path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = Tr
   else:
     vol = _load_nifti(path, options, is_mask)
   if canonical:
-    vol = _canonical(vol)
+    vol = canonical_ras(vol)
   if is_mask:
     data = vol.data
     if np.issubdtype(data.dtype, np.floating):
@@ -186,7 +186,7 @@ def load(path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = Tr
   return vol
 
 
-def _is_dicom(path: str) -> bool:
+def is_dicom_file(path: str) -> bool:
   try:
     with open(path, "rb") as f:
       return f.read(132)[128:132] == b"DICM"
@@ -194,7 +194,7 @@ def _is_dicom(path: str) -> bool:
     return False
 
 
-def _canonical(vol: Volume) -> Volume:
+def canonical_ras(vol: Volume) -> Volume:
   data, affine, ornt = geometry.to_ras(vol.data, vol.affine)
   src = vol.source
   if src is not None:

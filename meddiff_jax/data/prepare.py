@@ -180,7 +180,7 @@ def _load_image(job: dict[str, Any], options: nifti.ReadOptions) -> nifti.Volume
     series, skipped = dicom.scan(job["dicom_files"])
     if not series:
       raise nifti.VolumeError(job["image"], skipped[0]["reason"] if skipped else "no readable DICOM files")
-    return nifti._canonical(dicom.read_series(next(iter(series.values())), job["image"], options))
+    return nifti.canonical_ras(dicom.read_series(next(iter(series.values())), job["image"], options))
   return nifti.load(job["image"], options=options)
 
 
