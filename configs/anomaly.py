@@ -3,7 +3,7 @@
 
 import ml_collections
 
-from configs import task_options
+from configs import input_options, task_options
 
 
 def get_config(arg=None):
@@ -18,4 +18,4 @@ def get_config(arg=None):
   c.noise_t = 950  # paper: 950 of 1000
   c.smooth_sigma = 1.0
   c.top_fraction = 0.01
-  return task_options.add_window_options(c, num_steps=50)
+  return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

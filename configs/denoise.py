@@ -3,7 +3,7 @@
 
 import ml_collections
 
-from configs import task_options
+from configs import input_options, task_options
 
 
 def get_config(arg=None):
@@ -20,4 +20,4 @@ def get_config(arg=None):
   c.lam = 10.0  # DiffPIR lambda (paper: ~10)
   c.zeta = 0.3
   c.output_int16 = True
-  return task_options.add_window_options(c, num_steps=20)
+  return input_options.add_input_options(task_options.add_window_options(c, num_steps=20))

@@ -4,7 +4,7 @@
 
 import ml_collections
 
-from configs import task_options
+from configs import input_options, task_options
 
 
 def get_config(arg=None):
@@ -20,4 +20,4 @@ def get_config(arg=None):
   c.resample = 3  # RePaint re-noise rounds per step
   c.conditioning_scale = 1.0
   c.dice_threshold_hu = 20.0
-  return task_options.add_window_options(c, num_steps=50)
+  return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

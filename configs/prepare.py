@@ -1,4 +1,4 @@
-"""Offline data preparation (see meddiff_jax/data/prepare.py).
+"""Offline data preparation: NIfTI / DICOM series / NRRD / MHA under input_dir -> a prepared store.
 
 python -m meddiff_jax.main --config=configs/prepare.py --config.input_dir=IN --config.output_dir=OUT \
     [--config.manifest=manifest.csv] [--config.mask_dir=MASKS] [--config.workers=4]
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import input_options
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
@@ -16,11 +18,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mode = "prepare"
   c.input_dir = ""
   c.output_dir = ""
-  c.manifest = ""  # CSV/JSON: image, region[, mask][, parent]
+  c.manifest = ""  # CSV/JSON: image, region[, mask][, parent][, lesion]; paths relative to input_dir
+  c.allow_outside_paths = False  # manifest paths outside input_dir are refused unless this is set
   c.mask_dir = ""  # masks with the same file names as the images
   c.exclude = ("*seg*", "*mask*", "*label*")  # file-name patterns that are masks, not images
   c.default_region = "unknown"  # head_neck | chest | abdomen | unknown
   c.spacing = (1.0, 1.0, 1.0)  # mm, the paper's isotropic 1 mm
   c.workers = 2
   c.overwrite = False
-  return c
+  return input_options.add_input_options(c)

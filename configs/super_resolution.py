@@ -4,7 +4,7 @@
 
 import ml_collections
 
-from configs import task_options
+from configs import input_options, task_options
 
 
 def get_config(arg=None):
@@ -18,4 +18,4 @@ def get_config(arg=None):
   c.region = "chest"
   c.spacing = (3.0, 3.0, 3.0)  # the thin target grid (the model's training spacing)
   c.conditioning_scale = 1.0
-  return task_options.add_window_options(c, num_steps=50)
+  return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

@@ -3,7 +3,7 @@
 
 import ml_collections
 
-from configs import task_options
+from configs import input_options, task_options
 
 
 def get_config(arg=None):
@@ -19,4 +19,4 @@ def get_config(arg=None):
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
   c.sampler = "ddim"
   c.eta = 0.0
-  return task_options.add_window_options(c, num_steps=50)
+  return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -63,8 +64,8 @@ def main(argv: list[str]) -> None:
 
     try:
       prepare.run(config)
-    except (ValueError, FileNotFoundError) as e:  # bad directories / manifest: one line
-      raise app.UsageError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:  # bad directories / manifest / nothing prepared: one line, exit 1
+      sys.exit(f"error: {e}")
   elif mode == "controlnet":
     from meddiff_jax.tasks import common
 
@@ -86,7 +87,12 @@ def main(argv: list[str]) -> None:
     check_task_config(config)
     import importlib
 
-    result = importlib.import_module(f"meddiff_jax.tasks.{mode}").run(config)
+    from meddiff_jax.data import nifti
+
+    try:
+      result = importlib.import_module(f"meddiff_jax.tasks.{mode}").run(config)
+    except nifti.VolumeError as e:  # a bad input volume: one line naming the file and the problem, exit 1
+      sys.exit(f"error: {e}")
     logging.info("%s: %s", mode, result)
     print(result)
   else:
@@ -122,10 +128,10 @@ def check_task_config(config) -> None:
                            f"exported directory, or one of {sorted(common.BUILTIN)})")
   if "mask" in config and not os.path.isfile(config.mask):
     raise app.UsageError(f"--config.mask={config.mask!r} is not a file")
-  if "input" in config and not os.path.isfile(config.input):
-    raise app.UsageError(f"--config.input={config.input!r} is not a file")
+  if "input" in config and not os.path.exists(config.input):
+    raise app.UsageError(f"--config.input={config.input!r} is not a file or DICOM series folder (does not exist)")
   if not config.output:
-    raise app.UsageError("--config.output=PATH.nii.gz is required")
+    raise app.UsageError("--config.output=PATH.nii.gz (or DIR/ for a DICOM series) is required")
   out_dir = os.path.dirname(os.path.abspath(config.output))
   os.makedirs(out_dir, exist_ok=True)
   if not os.access(out_dir, os.W_OK):

@@ -173,3 +173,120 @@ def test_crop_whose_affine_was_not_updated(real_data_dir, tmp_path):
 def test_missing_file(tmp_path):
   with pytest.raises(nifti.VolumeError, match="nope.nii.gz: file does not exist"):
     nifti.load(tmp_path / "nope.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------
+# geometry checks, limits, the CT check, other formats (#13)
+
+
+def nifti_with(tmp_path, name, data=None, qform=None, qcode=0, sform=None, scode=0, pixdim=None):
+  data = ct_like() if data is None else data
+  img = nib.Nifti1Image(data, None)
+  if pixdim is not None:
+    img.header["pixdim"][1:4] = pixdim
+  img.header["qform_code"], img.header["sform_code"] = qcode, scode
+  if qform is not None:
+    img.set_qform(qform, code=qcode)
+  if sform is not None:
+    img.set_sform(sform, code=scode)
+  path = tmp_path / name
+  nib.save(img, path)
+  return path
+
+
+def test_unknown_orientation_is_refused_unless_assumed(tmp_path):
+  path = nifti_with(tmp_path, "nocodes.nii.gz", pixdim=(2.0, 2.0, 3.0))
+  with pytest.raises(nifti.VolumeError, match="nocodes.nii.gz: orientation unknown .*--config.assume_orientation=RAS"):
+    nifti.load(path)
+  vol = nifti.load(path, options=nifti.ReadOptions(assume_orientation="LPS"))
+  assert nib.aff2axcodes(vol.affine) == ("R", "A", "S") and vol.spacing == pytest.approx((2.0, 2.0, 3.0))
+  raw = np.asarray(nib.load(path).dataobj)
+  np.testing.assert_array_equal(vol.data, raw[::-1, ::-1, :])  # L->R and P->A flips
+
+
+@pytest.mark.parametrize("pixdim", [(1.0, 1.0, 0.0), (1.0, -2.0, 1.0), (1.0, np.nan, 1.0)])
+def test_bad_pixdim_is_refused(tmp_path, pixdim):
+  path = nifti_with(tmp_path, "pixdim.nii", qform=np.eye(4), qcode=1)
+  raw = bytearray(path.read_bytes())
+  raw[80:92] = np.array(pixdim, "<f4").tobytes()  # pixdim[1:4] as a broken writer left them
+  path.write_bytes(bytes(raw))
+  with pytest.raises(nifti.VolumeError, match="pixdim.nii: pixdim .*zero, negative or NaN"):
+    nifti.load(path)
+
+
+def test_qform_sform_disagreement_and_shear(tmp_path):
+  q = np.diag([1.0, 1.0, 2.5, 1.0])
+  s = q.copy()
+  s[1, 2] = 0.4  # a tilt-corrected sform: slices step sideways (GE gantry tilt)
+  path = nifti_with(tmp_path, "tilt.nii.gz", qform=q, qcode=1, sform=s, scode=1)
+  with pytest.raises(nifti.VolumeError, match="tilt.nii.gz: qform and sform disagree by up to .*trust_affine"):
+    nifti.load(path)
+  assert nifti.load(path, options=nifti.ReadOptions(trust_affine="qform")).spacing == pytest.approx((1, 1, 2.5))
+  with pytest.raises(nifti.VolumeError, match="sheared voxel grid .*gantry tilt"):
+    nifti.load(path, options=nifti.ReadOptions(trust_affine="sform"))
+
+
+def test_slice_gap_and_thin_slab_are_refused(tmp_path):
+  gap = nifti_with(tmp_path, "gap.nii.gz", sform=np.diag([1.0, 1.0, 202.0, 1.0]), scode=1)
+  with pytest.raises(nifti.VolumeError, match="gap.nii.gz: voxel spacing 202 mm along axis 2 .*max_spacing_mm"):
+    nifti.load(gap)
+  slab = nifti_with(tmp_path, "slab.nii.gz", data=ct_like((16, 16, 3)), sform=np.eye(4), scode=1)
+  with pytest.raises(nifti.VolumeError, match="slab.nii.gz: shape \\(16, 16, 3\\) is thinner than .*padded"):
+    nifti.load(slab)
+
+
+def test_size_limits_are_checked_from_the_header_before_reading(tmp_path):
+  import time
+  hdr = nib.Nifti1Header()
+  hdr.set_data_dtype(np.int16)
+  hdr.set_data_shape((30000, 30000, 30000))
+  hdr["sform_code"] = 1
+  hdr.set_sform(np.eye(4))
+  path = tmp_path / "huge.nii.gz"
+  with gzip.open(path, "wb") as f:  # a header and a few bytes: a decompression bomb's header
+    f.write(hdr.binaryblock + b"\0" * 4 + b"\0" * 1000)
+  t0 = time.perf_counter()
+  with pytest.raises(nifti.VolumeError, match=r"huge.nii.gz: header claims 30000x30000x30000 = 2.7e\+13 voxels"):
+    nifti.load(path)
+  hdr.set_data_shape((2000, 2000, 400))  # 3.2 GB of int16: under the voxel limit, over a 1 GB cap
+  with gzip.open(path, "wb") as f:
+    f.write(hdr.binaryblock + b"\0" * 1004)
+  with pytest.raises(nifti.VolumeError, match="3.2 GB of voxel data .*limits.max_gb=1"):
+    nifti.load(path, options=nifti.ReadOptions(max_gb=1.0))
+  assert time.perf_counter() - t0 < 5.0  # nothing was decompressed or allocated
+
+
+def test_ct_check_accepts_crops_without_air_and_rejects_mr(real_data_dir):
+  mr = nifti.load(real_data_dir / "example_mr_sm.nii.gz")
+  with pytest.raises(nifti.VolumeError, match="example_mr_sm.nii.gz: .*not CT in Hounsfield units.*assume_hu"):
+    nifti.check_ct(mr)
+  nifti.check_ct(mr, assume_hu=True)  # the override
+  # a liver ROI crop without air (48 mm box at the liver centroid: -127..95 HU, fat at the edges)
+  ct = nifti.load(real_data_dir / "example_ct.nii.gz")
+  seg = nifti.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  c = np.argwhere(seg.data == 5).mean(0).astype(int)
+  crop = ct.data[c[0] - 8:c[0] + 8, c[1] - 8:c[1] + 8, c[2] - 8:c[2] + 8]
+  assert crop.min() > -200
+  nifti.check_ct(nifti.Volume(crop, ct.affine, "liver_crop"))
+  rng = np.random.default_rng(0)
+  with pytest.raises(nifti.VolumeError, match="neither air"):  # a 0-255 image
+    nifti.check_ct(nifti.Volume(rng.integers(0, 256, (16, 16, 16)).astype(np.float32), np.eye(4), "png"))
+  with pytest.raises(nifti.VolumeError, match="assume_hu"):  # unscaled: raw = HU + 1024, air at 0
+    nifti.check_ct(nifti.Volume(ct.data + 1024.0, ct.affine, "raw"))
+  with pytest.raises(nifti.VolumeError, match="assume_hu"):  # the liver crop unscaled
+    nifti.check_ct(nifti.Volume(crop + 1024.0, ct.affine, "raw_crop"))
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha"])
+def test_nrrd_and_metaimage_match_the_nifti(real_data_dir, tmp_path, ext):
+  sitk = pytest.importorskip("SimpleITK")
+  src = real_data_dir / "aorta_ct_cropped_lps.nii.gz"
+  out = tmp_path / f"ct{ext}"
+  sitk.WriteImage(sitk.ReadImage(str(src)), str(out))  # ITK's own conversion: an independent path
+  a, b = nifti.load(src), nifti.load(out)
+  np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
+  np.testing.assert_array_equal(b.data, a.data)
+  saved = tmp_path / "back.nii.gz"
+  nifti.save_like(b.data, b, saved, np.int16)
+  back = nib.load(saved)
+  assert back.shape == sitk.ReadImage(str(out)).GetSize()  # the file's own voxel order

@@ -134,7 +134,8 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
           "ph0.nii.gz_missing,chest,,"]
   manifest.write_text("\n".join(rows) + "\n")
   out = tmp_path / "out"
-  report = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0)))
+  report = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
+                                       allow_outside_paths=True))  # the real CT rows live in shared/data
   assert len(report["prepared"]) == 2
   reasons = {os.path.basename(r["image"]): r["reason"] for r in report["failed"]}
   assert set(reasons) == {"mr_like.nii.gz", "broken.nii.gz", "slice2d.nii.gz", "example_ct_sm.nii.gz",
@@ -148,13 +149,14 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
   assert {r["region"] for r in records} == {"abdomen", "chest"}
   assert records[0]["spacing"] == pytest.approx([4.0, 4.0, 4.0])
   # resumable: a second run prepares nothing new
-  again = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0)))
+  again = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
+                                      allow_outside_paths=True))
   assert len(again["prepared"]) == 0 and len(again["skipped"]) == 2
   # and the store feeds the training pipeline
   ps = store.PreparedStore(str(out))
   hu, labels, region = ps.load(0)
   assert hu.dtype == np.int16 and labels is not None and region in (1, 2)
-  assert labels.shape == hu.shape == (36, 36, 36)
+  assert labels.shape == hu.shape == (35, 35, 35)  # the 6 mm centres' extent (23 * 6 mm) holds 35 4-mm voxels
 
 
 def test_prepare_real_ct_with_masks_by_directory_scan(tmp_path, real_data_dir):

@@ -1,11 +1,14 @@
-"""Offline preparation: a folder of CT NIfTI (+ optional TotalSegmentator masks) -> a prepared store.
+"""Offline preparation: a folder of CT (NIfTI, DICOM series, NRRD/MHA; + optional TotalSegmentator masks)
+-> a prepared store.
 
 `python -m meddiff_jax.main --config=configs/prepare.py --config.input_dir=IN --config.output_dir=OUT`
 
-Per file: load + reorient to RAS, validate (readable, 3D, finite, CT in HU, mask on the same grid, crop
-position vs its parent when the manifest names one), resample to the target spacing (trilinear image,
-nearest mask), store int16 HU + label map. Parallel over files, resumable (prepared files are skipped),
-and a bad file never stops the run: it is reported with its reason in OUT/report.json.
+Per volume: load + reorient to RAS, validate (readable, 3D, geometry, size limits, finite, CT in HU, mask on
+the same grid, crop position vs its parent when the manifest names one), resample to the target spacing
+(trilinear image, nearest mask), store int16 HU + label map. Parallel over volumes, resumable (prepared
+volumes are skipped), and a bad file never stops the run: every file looked at and not prepared is in
+OUT/report.json with its reason. The user's files are never written: OUT must be a new folder (or one this
+command made), not IN or a folder around it.
 """
 
 from __future__ import annotations
@@ -13,95 +16,210 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import fnmatch
-import glob
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
 import numpy as np
 from absl import logging
 
-from meddiff_jax.data import multilevel, nifti, preprocess, store
+from meddiff_jax.data import dicom, multilevel, nifti, preprocess, store
 
 HU_CLIP = (-1024.0, 3071.0)
+MARKER = ".meddiff_prepared"  # written into every output folder this command creates
+IMAGE_EXTENSIONS = nifti.NIFTI_EXTENSIONS + nifti.ITK_EXTENSIONS
+EMPTY_ENTRY = {"region": "", "mask": "", "parent": "", "lesion": ""}
 
 
 def _stem(path: str) -> str:
-  name = os.path.basename(path)
-  for ext in (".nii.gz", ".nii"):
-    if name.endswith(ext):
+  name = os.path.basename(path.rstrip(os.sep))
+  for ext in IMAGE_EXTENSIONS:
+    if name.lower().endswith(ext):
       return name[: -len(ext)]
   return os.path.splitext(name)[0]
 
 
-def volume_id(path: str, input_dir: str) -> str:
+def volume_id(path: str, input_dir: str, extra: str = "") -> str:
   """Readable and unique: the file stem plus a short hash of its path relative to the input dir."""
-  rel = os.path.relpath(path, input_dir)
+  rel = os.path.relpath(path, input_dir) + extra
   return f"{_stem(path)}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
 
-def read_manifest(path: str, input_dir: str) -> dict[str, dict[str, str]]:
-  """CSV (columns: image, region[, mask][, parent][, lesion]) or JSON list of such dicts; paths relative to
-  input_dir. `lesion`: a lesion mask on the image grid, merged into the label map as LESION_LABEL (what
-  ControlNet lesion fine-tuning reads)."""
-  if path.endswith(".json"):
-    with open(path) as f:
-      rows = json.load(f)
-  else:
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f))
-  entries = {}
-  for row in rows:
-    if "image" not in row:
-      raise ValueError(f"{path}: manifest row without an 'image' column: {row}")
-    resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(input_dir, p)
-    image = os.path.normpath(resolve(row["image"]))
-    entries[image] = {"region": row.get("region") or "", "mask": resolve(row.get("mask") or ""),
-                      "parent": resolve(row.get("parent") or ""), "lesion": resolve(row.get("lesion") or "")}
+def _inside(path: str, directory: str) -> bool:
+  path, directory = os.path.abspath(path), os.path.abspath(directory)
+  return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dict[str, dict[str, str]]:
+  """CSV (columns: image, region[, mask][, parent][, lesion]) or JSON list of such objects; paths relative to
+  input_dir (an image may be a DICOM series folder). `lesion`: a lesion mask on the image grid, merged into
+  the label map as LESION_LABEL (what ControlNet lesion fine-tuning reads). Raises ValueError (one line) on
+  an empty manifest, a wrong JSON shape, a row without an image, an image listed twice, or a path outside
+  input_dir unless allow_outside."""
+  try:
+    if path.endswith(".json"):
+      with open(path) as f:
+        rows = json.load(f)
+      if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: a JSON manifest must be a list of objects like "
+                         '[{"image": "a.nii.gz", "region": "chest"}], got ' + type(rows).__name__)
+    else:
+      with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+    raise ValueError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+  if not rows:
+    raise ValueError(f"{path}: the manifest lists no images")
+  entries: dict[str, dict[str, str]] = {}
+  first_row: dict[str, int] = {}
+  for n, row in enumerate(rows, start=2 if not path.endswith(".json") else 1):
+    if not row.get("image"):
+      raise ValueError(f"{path}: row {n} has no 'image' value: {row}")
+
+    def resolve(p, column):
+      if not p:
+        return ""
+      full = os.path.normpath(p if os.path.isabs(p) else os.path.join(input_dir, p))
+      if not allow_outside and not _inside(full, input_dir):
+        raise ValueError(f"{path}: row {n} {column} {p!r} is outside input_dir {input_dir} "
+                         "(set --config.allow_outside_paths=true to allow it)")
+      return full
+    image = resolve(str(row["image"]), "image")
+    if image in entries:
+      raise ValueError(f"{path}: {row['image']!r} is listed twice (rows {first_row[image]} and {n})")
+    first_row[image] = n
+    entries[image] = {"region": str(row.get("region") or ""), "mask": resolve(str(row.get("mask") or ""), "mask"),
+                      "parent": resolve(str(row.get("parent") or ""), "parent"),
+                      "lesion": resolve(str(row.get("lesion") or ""), "lesion")}
   return entries
 
 
-def find_jobs(config: Any) -> list[dict[str, str]]:
-  """The images to prepare, each with region, mask and parent paths (possibly empty)."""
+def scan_input_dir(config: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+  """Images found under input_dir (NIfTI/NRRD/MHA files and DICOM series, each real folder walked once) and
+  every other file looked at, with the reason it is not an image to prepare."""
+  files = dicom.list_files(config.input_dir)
+  seen_real, entries, ignored, other = set(), {}, [], []
+  for path in files:
+    real = os.path.realpath(path)
+    if real in seen_real:
+      ignored.append({"path": path, "reason": f"same file as another path already found ({real})"})
+      continue
+    seen_real.add(real)
+    name = os.path.basename(path)
+    pattern = next((pat for pat in config.exclude if fnmatch.fnmatch(name, pat)), None)
+    if name.lower().endswith(IMAGE_EXTENSIONS):
+      if pattern:
+        ignored.append({"path": path, "reason": f"matches exclude pattern {pattern!r} (a mask, not an image)"})
+      else:
+        entries[os.path.normpath(path)] = dict(EMPTY_ENTRY)
+    else:
+      other.append(path)
+  series, skipped = dicom.scan(other)
+  in_series = {p for members in series.values() for p, _ in members} | {s["path"] for s in skipped}
+  ignored += [{"path": s["path"], "reason": s["reason"]} for s in skipped]
+  ignored += [{"path": p, "reason": "unsupported file type (not NIfTI, NRRD/MHA or DICOM)"}
+              for p in other if p not in in_series]
+  for uid, members in series.items():
+    paths = sorted(p for p, _ in members)
+    folder = os.path.dirname(paths[0])
+    first = members[0][1]
+    label = os.path.join(folder, str(first.get("SeriesDescription", "") or "series").replace(os.sep, "_"))
+    entries[label] = dict(EMPTY_ENTRY, dicom_files=paths, series_uid=uid)
+  return entries, ignored
+
+
+def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+  """The images to prepare, each with region, mask and parent paths (possibly empty). Files looked at and
+  not used are appended to `ignored` with their reason."""
   input_dir = config.input_dir
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"config.input_dir={input_dir!r} is not a directory")
+  ignored = ignored if ignored is not None else []
   if config.manifest:
-    entries = read_manifest(config.manifest, input_dir)
+    entries = read_manifest(config.manifest, input_dir, bool(config.get("allow_outside_paths", False)))
   else:
-    paths = sorted(glob.glob(os.path.join(input_dir, "**", "*.nii*"), recursive=True))
-    excluded = [p for p in paths if any(fnmatch.fnmatch(os.path.basename(p), pat) for pat in config.exclude)]
-    entries = {os.path.normpath(p): {"region": "", "mask": "", "parent": "", "lesion": ""}
-               for p in paths if p not in excluded}
+    entries, skipped = scan_input_dir(config)
+    ignored += skipped
   jobs = []
   for image, entry in entries.items():
     mask = entry["mask"]
-    if not mask and config.mask_dir:
+    if not mask and config.mask_dir and "dicom_files" not in entry:
       candidate = os.path.join(config.mask_dir, os.path.basename(image))
       mask = candidate if os.path.exists(candidate) else ""
-    jobs.append({"image": image, "region": entry["region"] or config.default_region, "mask": mask,
-                 "parent": entry["parent"], "lesion": entry.get("lesion", ""), "id": volume_id(image, input_dir)})
+    job = {"image": image, "region": entry["region"] or config.default_region, "mask": mask,
+           "parent": entry["parent"], "lesion": entry.get("lesion", ""),
+           "id": volume_id(image, input_dir, entry.get("series_uid", ""))}
+    if "dicom_files" in entry:
+      job["dicom_files"] = entry["dicom_files"]
+    jobs.append(job)
   return jobs
 
 
-def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, float, float]) -> dict[str, Any]:
+def check_output_dir(input_dir: str, output_dir: str) -> None:
+  """Refuse an output folder that is, contains or lies inside the input, or holds files this command did
+  not write (nothing of the user's may be overwritten)."""
+  inp, out = os.path.realpath(input_dir), os.path.realpath(output_dir)
+  if inp == out:
+    raise ValueError(f"config.output_dir={output_dir!r} is the input folder; give a new folder for the prepared data")
+  if _inside(inp, out):
+    raise ValueError(f"config.output_dir={output_dir!r} contains the input folder {input_dir!r}; give a separate one")
+  if _inside(out, inp):
+    raise ValueError(f"config.output_dir={output_dir!r} lies inside the input folder {input_dir!r}; its files would "
+                     "be mixed with yours; give a folder outside it")
+  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
+    raise ValueError(f"config.output_dir={output_dir!r} already holds files that preparation did not write; give a "
+                     "new or empty folder")
+
+
+def _load_image(job: dict[str, Any], options: nifti.ReadOptions) -> nifti.Volume:
+  if job.get("dicom_files"):
+    series, skipped = dicom.scan(job["dicom_files"])
+    if not series:
+      raise nifti.VolumeError(job["image"], skipped[0]["reason"] if skipped else "no readable DICOM files")
+    return nifti.canonical_ras(dicom.read_series(next(iter(series.values())), job["image"], options))
+  return nifti.load(job["image"], options=options)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """Worker initializer: exit when the preparing process dies (even by kill -9), never linger."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+  except (OSError, AttributeError):
+    pass
+  if os.getppid() != parent_pid:
+    os._exit(1)
+
+  def watch():
+    while True:
+      if os.getppid() != parent_pid:
+        os._exit(1)
+      time.sleep(0.5)
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, float, float],
+                options: nifti.ReadOptions | None = None) -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
+  options = options or nifti.ReadOptions()
   try:
     preprocess.region_id(job["region"])  # validate early
-    image = nifti.load(job["image"])
-    nifti.check_ct(image)
+    image = _load_image(job, options)
+    nifti.check_ct(image, assume_hu=options.assume_hu)
     labels = None
     if job["mask"]:
-      mask = nifti.load(job["mask"], is_mask=True)
+      mask = nifti.load(job["mask"], is_mask=True, options=options)
       nifti.check_same_grid(image, mask)
       labels = mask
     if job["parent"]:
-      nifti.check_crop_position(image, nifti.load(job["parent"]))
+      nifti.check_crop_position(image, nifti.load(job["parent"], options=options))
     if job.get("lesion"):
-      lesion = nifti.load(job["lesion"], is_mask=True)
+      lesion = nifti.load(job["lesion"], is_mask=True, options=options)
       nifti.check_same_grid(image, lesion)
       base = labels.data if labels is not None else np.zeros(image.shape, np.int16)
       labels = nifti.Volume(np.where(lesion.data > 0, multilevel.LESION_LABEL, base).astype(np.int16), image.affine,
@@ -111,6 +229,9 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
     image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
     if labels is not None:
       labels = nifti.resample(labels, spacing, order=0, fill=0)
+    if min(image.shape) < options.min_side_voxels:
+      raise nifti.VolumeError(job["image"], f"only {image.shape} voxels at {spacing} mm, thinner than "
+                              f"limits.min_side_voxels={options.min_side_voxels}")
     meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
             "region": job["region"],
             "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
@@ -118,40 +239,56 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
     store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta)
     return {"image": job["image"], "id": job["id"], "status": "done", "seconds": round(time.perf_counter() - t0, 2)}
   except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
-    return {"image": job["image"], "id": job["id"], "status": "failed", "reason": str(e)}
+    reason = str(e) or f"{type(e).__name__} while preparing {job['image']}"
+    return {"image": job["image"], "id": job["id"], "status": "failed", "reason": reason}
 
 
 def run(config: Any) -> dict[str, Any]:
-  """Prepare every job not already in the store; writes and returns the report."""
+  """Prepare every job not already in the store; writes and returns the report. Raises ValueError (one
+  line) on bad directories / manifests, and when nothing could be prepared."""
   if not config.input_dir or not config.output_dir:
     raise ValueError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
+  if not os.path.isdir(config.input_dir):
+    raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
+  check_output_dir(config.input_dir, config.output_dir)
+  ignored: list[dict[str, str]] = []
+  jobs = find_jobs(config, ignored)
   os.makedirs(config.output_dir, exist_ok=True)
-  jobs = find_jobs(config)
-  done_ids = {r["id"] for r in store.read_records(config.output_dir)} if not config.overwrite else set()
+  open(os.path.join(config.output_dir, MARKER), "a").close()
+  done_ids = set()
+  if not config.overwrite:
+    done_ids = {r.get("id") for r in store.read_records(config.output_dir) if isinstance(r, dict)}
   todo = [j for j in jobs if j["id"] not in done_ids]
   skipped = [{"image": j["image"], "id": j["id"], "status": "already prepared"} for j in jobs if j["id"] in done_ids]
   spacing = tuple(float(s) for s in config.spacing)
+  options = nifti.ReadOptions.from_config(config)
   results: list[dict[str, Any]] = []
   progress = _progress(len(todo))
   if config.workers > 1 and len(todo) > 1:
-    with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing) for j in todo]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, initializer=_die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
+      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options) for j in todo]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing), progress))
+      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options), progress))
   progress.close()
+  failed = [r for r in results if r["status"] == "failed"]
   report = {"input_dir": config.input_dir, "output_dir": config.output_dir, "spacing": list(spacing),
-            "prepared": [r for r in results if r["status"] == "done"],
-            "failed": [r for r in results if r["status"] == "failed"], "skipped": skipped,
+            "prepared": [r for r in results if r["status"] == "done"], "failed": failed, "skipped": skipped,
+            "not_prepared": [{"path": r["image"], "reason": r["reason"]} for r in failed] + ignored,
             "total_in_store": len(store.read_records(config.output_dir))}
   with open(os.path.join(config.output_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
-  print(f"prepared {len(report['prepared'])}, failed {len(report['failed'])}, already done {len(skipped)}; "
-        f"{report['total_in_store']} volumes in {config.output_dir}")
-  for r in report["failed"]:
-    print(f"  skipped: {r['reason']}")
+  print(f"prepared {len(report['prepared'])}, failed {len(failed)}, already done {len(skipped)}, other files "
+        f"not used {len(ignored)}; {report['total_in_store']} volumes in {config.output_dir}")
+  for r in report["not_prepared"]:
+    print(f"  not prepared: {r['path']}: {r['reason']}" if not r["reason"].startswith(r["path"])
+          else f"  not prepared: {r['reason']}")
+  if not report["prepared"] and not skipped:
+    raise ValueError(f"nothing prepared from {config.input_dir}: {len(failed)} volumes failed, {len(ignored)} other "
+                     f"files not used (reasons above and in {os.path.join(config.output_dir, 'report.json')})")
   return report
 
 

@@ -56,15 +56,17 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.tasks import common, sliding_window
 
   pre = common.load_pretrained(config.checkpoint)
-  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None)
+  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None,
+                                  config)
   region = preprocess.region_id(config.region)
   y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
   recon = reconstruct(pre, y, region, config, common.structure_volume(pre, None, None, y.shape))[crop]
   body = work.data > preprocess.BODY_THRESHOLD_HU
   amap = anomaly_map(y[crop], recon, body, config.smooth_sigma)
   score = volume_score(amap, body, config.top_fraction)
-  nifti.save(nifti.Volume(common.back_to_input_grid(amap, work, original), original.affine), config.output)
+  common.save_like_input(common.back_to_input_grid(amap, work, original), original, config.output, np.float32,
+                         f"meddiff anomaly map ({config.checkpoint})")
   result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t)}
-  with open(config.output.replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
+  with open(config.output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
     json.dump(result, f, indent=1)
   return result

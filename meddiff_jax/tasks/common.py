@@ -124,13 +124,16 @@ def window_batch(config: Any) -> int:
   return max(n, int(np.ceil(config.window_batch / n)) * n)
 
 
-def load_ct(path: str, region: str, spacing: tuple[float, ...] | None) -> tuple[nifti.Volume, nifti.Volume]:
-  """(original volume, working volume resampled to `spacing` (or as is))."""
-  original = nifti.load(path)
-  nifti.check_ct(original)
+def load_ct(path: str, region: str, spacing: tuple[float, ...] | None, config: Any = None
+            ) -> tuple[nifti.Volume, nifti.Volume]:
+  """(original volume, working volume resampled to `spacing` (or as is)). `path`: a NIfTI / NRRD / MHA file
+  or a DICOM series folder; `config` supplies the overrides and limits (configs/input_options.py)."""
+  options = nifti.ReadOptions.from_config(config)
+  original = nifti.load(path, options=options)
+  nifti.check_ct(original, assume_hu=options.assume_hu)
   work = original
   if spacing and any(spacing):
-    work = nifti.resample(original, tuple(spacing), order=1, fill=-1024.0)
+    work = nifti.resample(original, tuple(spacing), order=1)
   preprocess.region_id(region)
   return original, work
 
@@ -139,12 +142,16 @@ def back_to_input_grid(values: np.ndarray, work: nifti.Volume, original: nifti.V
   """Resample a result computed on the working grid back onto the input's grid (same shape/affine)."""
   if work.shape == original.shape and np.allclose(work.affine, original.affine):
     return values
-  vol = nifti.resample(nifti.Volume(values.astype(np.float32), work.affine), original.spacing, order=order,
-                       fill=float(values.min()))
-  out = np.zeros(original.shape, np.float32) + float(values.min())
-  sl = tuple(slice(0, min(a, b)) for a, b in zip(original.shape, vol.shape))
-  out[sl] = vol.data[sl]
-  return out
+  back = nifti.resample_like(nifti.Volume(np.asarray(values, np.float32), work.affine), original.shape,
+                             original.affine, order=order, fill=float(np.min(values)))
+  return back.data
+
+
+def save_like_input(values_ras: np.ndarray, original: nifti.Volume, path: str, dtype=None, description: str = ""
+                    ) -> str:
+  """Write a task result on the input's own grid: same shape, voxel order, affine and qform/sform codes
+  (NIfTI), or a new DICOM series beside the original when the input was DICOM and `path` is a folder."""
+  return nifti.save_like(values_ras, original, path, dtype, description=description)
 
 
 def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np.ndarray | None, config: Any,

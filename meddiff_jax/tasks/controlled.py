@@ -113,8 +113,9 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
 
   cm = load_controlled(config.controlnet)
   region = preprocess.region_id(config.region)
-  lr = nifti.load(config.input)
-  nifti.check_ct(lr)
+  options = nifti.ReadOptions.from_config(config)
+  lr = nifti.load(config.input, options=options)
+  nifti.check_ct(lr, assume_hu=options.assume_hu)
   target_spacing = tuple(float(s) for s in config.spacing)
   up = nifti.resample(lr, target_spacing, order=1, fill=-1024.0)
   hint, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(up.data, region), cm.pre.patch_size, -1.0)
@@ -126,7 +127,7 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
     out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1))))(
         jax.random.key(config.seed))
   sr = preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region)
-  nifti.save(nifti.Volume(sr, up.affine), config.output, np.int16)
+  common.save_like_input(sr, up, config.output, np.int16)  # the finer grid, in the input's voxel order
   result: dict[str, Any] = {"output": config.output, "shape": list(sr.shape)}
   if config.reference:
     ref = nifti.load(config.reference)
@@ -150,9 +151,10 @@ def run_lesion(config: Any) -> dict[str, Any]:
 
   cm = load_controlled(config.controlnet)
   region = preprocess.region_id(config.region)
-  ct = nifti.load(config.input)
-  nifti.check_ct(ct)
-  mask = nifti.load(config.mask, is_mask=True)
+  options = nifti.ReadOptions.from_config(config)
+  ct = nifti.load(config.input, options=options)
+  nifti.check_ct(ct, assume_hu=options.assume_hu)
+  mask = nifti.load(config.mask, is_mask=True, options=options)
   nifti.check_same_grid(ct, mask)
   lesion = mask.data > 0
   unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(ct.data, region), cm.pre.patch_size, -1.0)
@@ -174,7 +176,7 @@ def run_lesion(config: Any) -> dict[str, Any]:
       raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")
   gen_unit = np.asarray(out)[0, ..., 0][crop]
   gen = preprocess.unit_to_hu(gen_unit, region)
-  nifti.save(nifti.Volume(gen, ct.affine), config.output, np.int16)
+  common.save_like_input(gen, ct, config.output, np.int16, f"meddiff lesion {config.method} ({config.controlnet})")
   orig_unit = unit[crop]
   result = {"output": config.output, "method": config.method,
             "psnr_inside_mask": metrics.psnr(orig_unit[lesion], gen_unit[lesion], 2.0) if lesion.any() else None,
@@ -185,5 +187,5 @@ def run_lesion(config: Any) -> dict[str, Any]:
 
 
 def _write_json(output: str, result: dict) -> None:
-  with open(output.replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
+  with open(output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
     json.dump(result, f, indent=1, default=float)

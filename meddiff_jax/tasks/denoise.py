@@ -85,7 +85,8 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.train import sharding
 
   pre = common.load_pretrained(config.checkpoint)
-  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None)
+  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None,
+                                  config)
   region = preprocess.region_id(config.region)
   lo, hi = preprocess.window_bounds(region)
   y = preprocess.hu_to_unit(work.data, region)
@@ -115,6 +116,7 @@ def run(config: Any) -> dict[str, Any]:
   # the model only sees the window: outside it (air, bone) keep the input's HU
   hu = np.where((work.data <= lo) | (work.data >= hi), work.data, hu)
   hu = common.back_to_input_grid(hu, work, original)
-  nifti.save(nifti.Volume(hu, original.affine), config.output, np.int16 if config.output_int16 else np.float32)
+  common.save_like_input(hu, original, config.output, np.int16 if config.output_int16 else np.float32,
+                         f"meddiff denoise {config.method} ({config.checkpoint})")
   return {"output": config.output, "sigma_unit": sigma, "method": config.method}
 

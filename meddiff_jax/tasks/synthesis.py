@@ -54,5 +54,8 @@ def run(config: Any) -> dict[str, Any]:
     raise ValueError(f"config.shape={shape}: every side must be >= the model's patch size {pre.patch_size}")
   unit = synthesize(pre, shape, region, structures, config)
   hu = preprocess.unit_to_hu(unit, region)
-  nifti.save(nifti.Volume(hu, affine), config.output, np.int16)
+  if config.structure_mask:  # on the label map's own grid, voxel order and header
+    common.save_like_input(hu, mask, config.output, np.int16)
+  else:
+    nifti.save(nifti.Volume(hu, affine), config.output, np.int16)
   return {"output": config.output, "shape": list(shape), "region": config.region}
