@@ -268,8 +268,6 @@ def _series_dir(root: str) -> str:
 
 def load_volume(path: str, is_mask: bool = False, png_depth: int = 16, png_spacing: float = 1.0) -> nifti.Volume:
   """NIfTI file, DICOM series directory or PNG slice -> RAS Volume (HU for images, int labels for masks)."""
-  if os.path.isdir(path):
-    return read_dicom_series(path)
   if path.lower().endswith(".png"):
     return read_png_slice(path, is_mask, png_depth, png_spacing)
   return nifti.load(path, is_mask=is_mask)
@@ -294,44 +292,3 @@ def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> nift
   return nifti.Volume(data, np.diag([spacing] * 3 + [1.0]), path)
 
 
-def read_dicom_series(directory: str) -> nifti.Volume:
-  """One DICOM series -> RAS HU volume: slices sorted by position along the slice normal, rescaled,
-  LPS -> RAS affine from the positions. Needs pydicom."""
-  try:
-    import pydicom
-  except ImportError:
-    raise nifti.VolumeError(directory, "reading DICOM needs pydicom (pip install pydicom), or convert the series "
-                            "to NIfTI with dcm2niix") from None
-  import nibabel as nib
-
-  slices = []
-  for name in sorted(os.listdir(directory)):
-    p = os.path.join(directory, name)
-    if not os.path.isfile(p):
-      continue
-    try:
-      ds = pydicom.dcmread(p)
-    except Exception:  # noqa: BLE001 - non-DICOM files (e.g. a README) are skipped
-      continue
-    if "ImagePositionPatient" in ds and "PixelData" in ds:
-      slices.append(ds)
-  if len(slices) < 2:
-    raise nifti.VolumeError(directory, f"{len(slices)} DICOM slices with positions found; need a series of >= 2")
-  iop = np.asarray(slices[0].ImageOrientationPatient, np.float64)
-  row, col = iop[:3], iop[3:]
-  normal = np.cross(row, col)
-  slices.sort(key=lambda s: float(np.dot(np.asarray(s.ImagePositionPatient, np.float64), normal)))
-  pos = np.array([np.asarray(s.ImagePositionPatient, np.float64) for s in slices])
-  dr, dc = (float(v) for v in slices[0].PixelSpacing)
-  try:
-    data = np.stack([s.pixel_array.astype(np.float32).T * float(getattr(s, "RescaleSlope", 1.0))
-                     + float(getattr(s, "RescaleIntercept", 0.0)) for s in slices], axis=-1)
-  except Exception as e:  # noqa: BLE001 - compressed transfer syntaxes without a decoder, ragged slices
-    raise nifti.VolumeError(directory, f"cannot decode pixel data ({type(e).__name__}: {e})") from None
-  affine = np.eye(4)
-  affine[:3, 0], affine[:3, 1] = row * dc, col * dr  # i: along a row (columns), j: down the rows
-  affine[:3, 2] = (pos[-1] - pos[0]) / (len(slices) - 1)
-  affine[:3, 3] = pos[0]
-  affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
-  img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-  return nifti.Volume(np.asarray(img.dataobj, np.float32), np.asarray(img.affine, np.float64), directory)
