@@ -77,7 +77,16 @@ class SubsetStore:
 
 
 def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, VolumeStore]:
-  """Hold out every k-th volume (k = round(1 / val_fraction)) for validation; at least one each side."""
+  """Train / validation stores: the prepared store's recorded patient splits (train trains, val validates,
+  test is never read), or, for a store without recorded splits (phantoms), every k-th volume held out."""
+  splits = getattr(store, "splits", None)
+  if splits and all(splits):
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    val = [i for i, s in enumerate(splits) if s == "val"]
+    if not train or not val:
+      raise ValueError(f"{store!r}: the recorded splits have {len(train)} train and {len(val)} val volumes; both "
+                       "need one (a small store: prepare it with --config.split_fractions giving val a larger share)")
+    return SubsetStore(store, train), SubsetStore(store, val)
   n = len(store)
   if n < 2:
     raise ValueError(f"need at least 2 volumes for a train/validation split, found {n}")

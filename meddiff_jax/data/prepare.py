@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from meddiff_jax.data import multilevel, nifti, preprocess, store
+from meddiff_jax.data import multilevel, nifti, preprocess, recipes, regions, store
 
 HU_CLIP = (-1024.0, 3071.0)
 
@@ -59,7 +59,8 @@ def read_manifest(path: str, input_dir: str) -> dict[str, dict[str, str]]:
     resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(input_dir, p)
     image = os.path.normpath(resolve(row["image"]))
     entries[image] = {"region": row.get("region") or "", "mask": resolve(row.get("mask") or ""),
-                      "parent": resolve(row.get("parent") or ""), "lesion": resolve(row.get("lesion") or "")}
+                      "parent": resolve(row.get("parent") or ""), "lesion": resolve(row.get("lesion") or ""),
+                      **{k: row.get(k) or "" for k in recipes.EXTRA_COLUMNS}}
   return entries
 
 
@@ -68,7 +69,9 @@ def find_jobs(config: Any) -> list[dict[str, str]]:
   input_dir = config.input_dir
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"config.input_dir={input_dir!r} is not a directory")
-  if config.manifest:
+  if config.get("dataset"):  # a public dataset's published layout -> manifest rows (data/recipes.py)
+    entries = recipes.build_manifest(config)
+  elif config.manifest:
     entries = read_manifest(config.manifest, input_dir)
   else:
     paths = sorted(glob.glob(os.path.join(input_dir, "**", "*.nii*"), recursive=True))
@@ -82,7 +85,8 @@ def find_jobs(config: Any) -> list[dict[str, str]]:
       candidate = os.path.join(config.mask_dir, os.path.basename(image))
       mask = candidate if os.path.exists(candidate) else ""
     jobs.append({"image": image, "region": entry["region"] or config.default_region, "mask": mask,
-                 "parent": entry["parent"], "lesion": entry.get("lesion", ""), "id": volume_id(image, input_dir)})
+                 "parent": entry["parent"], "lesion": entry.get("lesion", ""), "id": volume_id(image, input_dir),
+                 **recipes.job_extras(entry, image, input_dir, config)})
   return jobs
 
 
@@ -90,12 +94,13 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
   try:
-    preprocess.region_id(job["region"])  # validate early
+    if job["region"] not in preprocess.REGIONS + regions.AUTO:
+      raise ValueError(f"{job['image']}: region {job['region']!r} is not one of {preprocess.REGIONS} or 'auto'")
     image = nifti.load(job["image"])
     nifti.check_ct(image)
     labels = None
     if job["mask"]:
-      mask = nifti.load(job["mask"], is_mask=True)
+      mask = recipes.load_mask(job["mask"], job.get("class_map", ""))  # a label map or a per-class mask folder
       nifti.check_same_grid(image, mask)
       labels = mask
     if job["parent"]:
@@ -108,15 +113,27 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
                             lesion.path)
     original_spacing = image.spacing
     image.data = np.clip(image.data, *HU_CLIP)
-    image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
-    if labels is not None:
-      labels = nifti.resample(labels, spacing, order=0, fill=0)
-    meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
-            "region": job["region"],
-            "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
-            "hu_range": [float(image.data.min()), float(image.data.max())]}
-    store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta)
-    return {"image": job["image"], "id": job["id"], "status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+    # one sub-volume per region: the given region, or head_neck / chest / abdomen cut at mask landmarks
+    parts = regions.resolve(image, labels, job["region"], recipes.class_map_from(job.get("class_map", "")),
+                            regions.SplitConfig(**job.get("split_config", {})))
+    split_scan = job["region"] not in preprocess.REGIONS
+    ids = []
+    for part in parts:
+      image, labels = part.image, part.labels
+      image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
+      if labels is not None:
+        labels = nifti.resample(labels, spacing, order=0, fill=0)
+      meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
+              "region": part.region, "job_id": job["id"], "patient": job.get("patient") or job["id"],
+              "split": job.get("split") or "train", "dataset": job.get("dataset", ""),
+              "source_index_range": list(part.index_range) if split_scan else None,
+              "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
+              "hu_range": [float(image.data.min()), float(image.data.max())]}
+      vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
+      store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta)
+      ids.append(vid)
+    return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
+            "seconds": round(time.perf_counter() - t0, 2)}
   except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
     return {"image": job["image"], "id": job["id"], "status": "failed", "reason": str(e)}
 
@@ -127,7 +144,8 @@ def run(config: Any) -> dict[str, Any]:
     raise ValueError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
   os.makedirs(config.output_dir, exist_ok=True)
   jobs = find_jobs(config)
-  done_ids = {r["id"] for r in store.read_records(config.output_dir)} if not config.overwrite else set()
+  done_ids = ({r.get("job_id", r["id"]) for r in store.read_records(config.output_dir)}
+              if not config.overwrite else set())
   todo = [j for j in jobs if j["id"] not in done_ids]
   skipped = [{"image": j["image"], "id": j["id"], "status": "already prepared"} for j in jobs if j["id"] in done_ids]
   spacing = tuple(float(s) for s in config.spacing)
