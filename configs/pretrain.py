@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_threads=2,
       prefetch=4,
       worker_count=0,
-      val_fraction=0.1,  # every k-th volume is held out for validation
+      val_fraction=0.1,  # stores without recorded splits (phantoms): every k-th volume validates
       phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0)),
   ))
 
