@@ -78,8 +78,8 @@ def _run(tmp_path, dataset, root, **kw):
   return c, prepare.run(c)
 
 
-def _manifest(tmp_path):
-  with open(tmp_path / "out" / recipes.MANIFEST_NAME) as f:
+def _manifest(tmp_path, dataset):
+  with open(tmp_path / "out" / recipes.MANIFEST_NAME.format(dataset=dataset)) as f:
     return list(csv.DictReader(f))
 
 
@@ -158,8 +158,9 @@ def test_recipe_on_a_miniature_of_the_published_layout(tmp_path, dataset):
   records = store.read_records(str(tmp_path / "out"))
   assert len(records) == len(good) - len(good_with_bad_mask)
   assert {r["region"] for r in records} == {region}
+  assert all(r["id"].startswith(dataset + "-") and r["dataset"] == dataset for r in records)  # one store, many sets
   assert {r["patient"] for r in records} <= {f"{dataset}/{p}" for p in patients}
-  rows = _manifest(tmp_path)
+  rows = _manifest(tmp_path, dataset)
   assert {os.path.relpath(r["image"], root) for r in rows} == set(good) | expect_failed
   assert {r["patient"] for r in rows} >= {f"{dataset}/{p}" for p in patients}
   assert all(r["split"] in ("train", "val", "test") and r["dataset"] == dataset for r in rows)

@@ -1,7 +1,7 @@
 """Dataset recipes: a public CT dataset's published folder layout -> manifest rows (image, region, mask, patient, split).
 
 `--config.dataset=NAME --config.input_dir=ROOT` builds the manifest from ROOT as the dataset ships it (layouts
-and licences: docs/datasets.md), writes it to OUTPUT_DIR/manifest.csv for inspection, and prepare.py prepares
+and licences: docs/datasets.md), writes it to OUTPUT_DIR/manifest_NAME.csv for inspection, and prepare.py prepares
 it. A recipe lists what the layout promises: a case folder whose image is missing still gets a row, so the
 preparation report names the missing file instead of the case silently vanishing.
 
@@ -31,7 +31,7 @@ from meddiff_jax.data import nifti
 
 EXTRA_COLUMNS = ("patient", "split", "dataset")
 SPLITS = ("train", "val", "test")
-MANIFEST_NAME = "manifest.csv"
+MANIFEST_NAME = "manifest_{dataset}.csv"  # one per dataset: several datasets are prepared into one store
 
 
 @dataclasses.dataclass
@@ -65,8 +65,12 @@ def job_extras(entry: Mapping[str, str], image: str, input_dir: str, config: Any
   if split not in SPLITS:
     raise ValueError(f"{image}: split {split!r} is not one of {SPLITS}")
   regions_cfg = config.get("regions")
-  return {"patient": key, "split": split, "dataset": dataset, "class_map": config.get("class_map", "") or "",
-          "split_config": dict(regions_cfg.to_dict()) if regions_cfg is not None else {}}
+  extras = {"patient": key, "split": split, "dataset": dataset, "class_map": config.get("class_map", "") or "",
+            "split_config": dict(regions_cfg.to_dict()) if regions_cfg is not None else {}}
+  if config.get("dataset"):  # several datasets share one store: their volume ids must not collide
+    from meddiff_jax.data import prepare
+    extras["id"] = f"{config.dataset}-{prepare.volume_id(image, input_dir)}"
+  return extras
 
 
 # ------------------------------------------------------------------------------------------- masks
@@ -270,7 +274,7 @@ RECIPES: dict[str, Callable[[str, Any], list[Case]]] = {
 
 def build_manifest(config: Any) -> dict[str, dict[str, str]]:
   """Manifest entries (image -> region, mask, parent, lesion, patient, split, dataset) from a recipe; also
-  written to OUTPUT_DIR/manifest.csv."""
+  written to OUTPUT_DIR/manifest_NAME.csv."""
   name = config.dataset
   if name not in RECIPES:
     raise ValueError(f"--config.dataset={name!r}; choose one of {sorted(RECIPES)}")
@@ -285,7 +289,7 @@ def build_manifest(config: Any) -> dict[str, dict[str, str]]:
     entries[os.path.normpath(c.image)] = {"region": c.region, "mask": mask, "parent": "", "lesion": "",
                                           "patient": c.patient, "split": "", "dataset": name}
   if config.get("output_dir"):
-    write_manifest(entries, os.path.join(config.output_dir, MANIFEST_NAME), config)
+    write_manifest(entries, os.path.join(config.output_dir, MANIFEST_NAME.format(dataset=name)), config)
   return entries
 
 

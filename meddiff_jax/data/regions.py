@@ -107,11 +107,10 @@ class _Landmarks:
   def __init__(self, labels: np.ndarray, affine: np.ndarray, class_map: Mapping[int, str], min_voxels: int):
     self.axis = superior_axis(affine)
     self.z = slice_z(affine, labels.shape, self.axis)
-    present = np.unique(labels)
-    # per-label voxel count per slice, only for labels in the scan (cheap: one bincount per slice)
-    moved = np.moveaxis(labels, self.axis, 0).reshape(labels.shape[self.axis], -1)
-    size = int(max(present.max(initial=0), max(class_map, default=0))) + 1
-    self.counts = np.stack([np.bincount(np.clip(s, 0, size - 1), minlength=size) for s in moved])
+    # voxels per label per slice: one bincount per slice (no full-volume copy of a 1 mm whole-body map)
+    size = max(class_map, default=0) + 1
+    self.counts = np.stack([np.bincount(np.clip(np.take(labels, k, axis=self.axis), 0, size).ravel(),
+                                        minlength=size + 1)[:size] for k in range(labels.shape[self.axis])])
     self.class_map, self.min_voxels = class_map, min_voxels
 
   def slices(self, patterns: Sequence[str]) -> np.ndarray:
