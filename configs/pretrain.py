@@ -6,6 +6,10 @@ Presets (`--config=configs/pretrain.py:PRESET`):
   paper  MedDiff-FM's hyper-parameters: 128^3 patches at 1 mm, base 32, mult (1,2,4,8), 1 res block per
          level, attention at 16^3, cosine schedule, eps target, L1 loss, Adam 1e-4, batch 1 x 4 accumulation.
          Needs prepared data: --config.data.source=prepared --config.data.prepared_dir=DIR.
+Append `+classes` (e.g. `configs/pretrain.py:paper+classes`) for the paper's structure conditioning: all 117
+TotalSegmentator classes + body as one label-id channel with a learned 8-wide embedding, instead of the
+default grouped one-hot channels (data.structure_groups). A 118-channel one-hot would be 0.99 GB (float32)
+per 128^3 sample; the label map is 2 MiB and its embedding 8 channels.
 Override anything with --config.KEY=VALUE; unknown keys are an error.
 """
 
@@ -19,9 +23,11 @@ NUM_STRUCTURE_CHANNELS = len(preprocess.DEFAULT_STRUCTURE_GROUPS) + 1  # groups 
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = arg or "tiny"
+  preset, *options = (arg or "tiny").split("+")
   if preset not in ("tiny", "base", "paper"):
     raise ValueError(f"unknown preset {preset!r}; choose tiny, base or paper")
+  if set(options) - {"classes"}:
+    raise ValueError(f"unknown preset option(s) {sorted(set(options) - {'classes'})}; the only one is +classes")
   c = ml_collections.ConfigDict()
   c.mode = "train"
   c.preset = preset
@@ -44,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       use_region=True,
       num_regions=len(preprocess.REGIONS),
       structure_channels=NUM_STRUCTURE_CHANNELS,
+      structure_embed_dim=0,  # >0: structures are one label-id channel, embedded (data.structures=classes)
+      num_structure_ids=0,  # classes mode: 117 TotalSegmentator classes + background + body = 119
       dtype="bfloat16",
       param_dtype="float32",
       remat="none",
@@ -64,11 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       class_map="",  # optional class_map json; default: the embedded TotalSegmentator map
       patch_size=128,
       use_structures=True,
+      structures="grouped",  # grouped: one-hot channels of structure_groups + body | classes: label ids
+      # (channel name, TotalSegmentator class-name patterns); first match wins; order = channel order
+      structure_groups=tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
       operation_probs=(1 / 3, 1 / 3, 1 / 3),  # whole, zoom2, patch
       num_threads=2,
       prefetch=4,
       worker_count=0,
-      val_fraction=0.1,  # every k-th volume is held out for validation
+      val_fraction=0.1,  # stores without recorded splits (phantoms): every k-th volume validates
       phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0)),
   ))
 
@@ -139,4 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=0, grad_clip_norm=0.0)
     # ~150 epochs of 0.9 * 5376 volumes at an effective batch of 4.
     c.training.update(batch_size=4, grad_accum_steps=4, num_steps=181_000)
+  if "classes" in options:
+    from meddiff_jax.data import class_map
+    c.data.structures = "classes"
+    c.model.update(structure_channels=1, structure_embed_dim=8, num_structure_ids=max(class_map.TOTAL) + 2)
   return c

@@ -9,7 +9,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = [("pretrain", ["tiny", "base", "paper"]), ("demo", [None]), ("prepare", [None]), ("denoise", [None]),
            ("anomaly", [None]), ("synthesis", [None]), ("controlnet", ["sr", "lesion"]), ("super_resolution", [None]),
-           ("lesion", [None])]
+           ("lesion", [None]), ("evaluate", [None])]
 
 
 def flatten(d, prefix=""):

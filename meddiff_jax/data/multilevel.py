@@ -94,7 +94,7 @@ def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
 def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: int, rng: np.random.Generator, *,
                 operation: str | None = None, lut: np.ndarray | None = None, num_groups: int = 0,
                 operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), hint: str = "",
-                sr_factor: int = 5) -> dict[str, np.ndarray]:
+                sr_factor: int = 5, structure_labels: bool = False) -> dict[str, np.ndarray]:
   """One training sample from a HU volume (and optional TotalSegmentator label map).
 
   Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
@@ -117,8 +117,9 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
   lab = None
   if labels is not None and (lut is not None or hint == "lesion"):
     lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
-  if lut is not None:
-    sample["structures"] = preprocess.structure_channels(lab, hu_crop, lut, num_groups)
+  if lut is not None:  # structure_labels: one label-id channel (num_groups = number of classes)
+    encode = preprocess.structure_labels if structure_labels else preprocess.structure_channels
+    sample["structures"] = encode(lab, hu_crop, lut, num_groups)
   if hint == "lowres":
     sample["hint"] = thick_slices(sample["image"], sr_factor, axis=2)
   elif hint == "lesion":

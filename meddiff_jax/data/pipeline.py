@@ -77,7 +77,16 @@ class SubsetStore:
 
 
 def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, VolumeStore]:
-  """Hold out every k-th volume (k = round(1 / val_fraction)) for validation; at least one each side."""
+  """Train / validation stores: the prepared store's recorded patient splits (train trains, val validates,
+  test is never read), or, for a store without recorded splits (phantoms), every k-th volume held out."""
+  splits = getattr(store, "splits", None)
+  if splits and all(splits):
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    val = [i for i, s in enumerate(splits) if s == "val"]
+    if not train or not val:
+      raise ValueError(f"{store!r}: the recorded splits have {len(train)} train and {len(val)} val volumes; both "
+                       "need one (a small store: prepare it with --config.split_fractions giving val a larger share)")
+    return SubsetStore(store, train), SubsetStore(store, val)
   n = len(store)
   if n < 2:
     raise ValueError(f"need at least 2 volumes for a train/validation split, found {n}")
@@ -91,23 +100,43 @@ class MultiLevelSample:
   """volume index -> multi-level sample (a picklable callable for Grain's random_map)."""
 
   def __init__(self, store: VolumeStore, patch_size: int, lut: np.ndarray | None, num_groups: int,
-               operation_probs: tuple[float, float, float], hint: str = "", sr_factor: int = 5):
+               operation_probs: tuple[float, float, float], hint: str = "", sr_factor: int = 5,
+               structure_labels: bool = False):
     self.store, self.patch_size, self.lut, self.num_groups = store, patch_size, lut, num_groups
     self.operation_probs, self.hint, self.sr_factor = tuple(operation_probs), hint, sr_factor
+    self.structure_labels = structure_labels
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     hu, labels, region = self.store.load(int(index))
     return multilevel.make_sample(hu, labels, region, self.patch_size, rng, lut=self.lut,
                                   num_groups=self.num_groups, operation_probs=self.operation_probs,
-                                  hint=self.hint, sr_factor=self.sr_factor)
+                                  hint=self.hint, sr_factor=self.sr_factor, structure_labels=self.structure_labels)
 
 
 def structure_lut(data_config: Any) -> tuple[np.ndarray | None, int]:
   """(label -> group LUT, number of groups) or (None, 0) when structures are off."""
   if not data_config.use_structures:
     return None, 0
-  groups = preprocess.DEFAULT_STRUCTURE_GROUPS
+  if structures_as_labels(data_config):  # every class is its own id (learned embedding in the model)
+    cmap = class_map_for(data_config)
+    return preprocess.class_lookup(cmap), max(cmap)
+  groups = dict(data_config.get("structure_groups") or preprocess.DEFAULT_STRUCTURE_GROUPS)
   return preprocess.group_lookup(class_map_for(data_config), groups), len(groups)
+
+
+def structures_as_labels(data_config: Any) -> bool:
+  """data.structures: 'grouped' (one-hot group channels + body) or 'classes' (one label-id channel)."""
+  mode = data_config.get("structures", "grouped")
+  if mode not in ("grouped", "classes"):
+    raise ValueError(f"config.data.structures={mode!r}; choose 'grouped' or 'classes'")
+  return mode == "classes"
+
+
+def structure_channel_count(data_config: Any) -> int:
+  """Structure channels the data gives: groups + body, 1 (label ids) for 'classes', 0 when off."""
+  if not data_config.use_structures:
+    return 0
+  return 1 if structures_as_labels(data_config) else structure_lut(data_config)[1] + 1
 
 
 def class_map_for(data_config: Any) -> dict[int, str]:
@@ -129,7 +158,8 @@ def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed:
         [process_index::process_count]
         .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
                                      tuple(data_config.operation_probs), data_config.get("hint", ""),
-                                     data_config.get("sr_factor", 5)), seed=seed)
+                                     data_config.get("sr_factor", 5),
+                                     lut is not None and structures_as_labels(data_config)), seed=seed)
         .batch(batch_size // process_count, drop_remainder=True))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                                prefetch_buffer_size=data_config.prefetch))

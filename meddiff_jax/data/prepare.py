@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from meddiff_jax.data import dicom, multilevel, nifti, preprocess, store
+from meddiff_jax.data import dicom, multilevel, nifti, preprocess, recipes, regions, store
 
 HU_CLIP = (-1024.0, 3071.0)
 MARKER = ".meddiff_prepared"  # written into every output folder this command creates
@@ -49,13 +49,14 @@ def volume_id(path: str, input_dir: str, extra: str = "") -> str:
   return f"{_stem(path)}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
 
+<<<<<<< HEAD
 def _inside(path: str, directory: str) -> bool:
   path, directory = os.path.abspath(path), os.path.abspath(directory)
   return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
 def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dict[str, dict[str, str]]:
-  """CSV (columns: image, region[, mask][, parent][, lesion]) or JSON list of such objects; paths relative to
+  """CSV (columns: image, region[, mask][, parent][, lesion][, patient][, split]) or JSON list of such objects; paths relative to
   input_dir (an image may be a DICOM series folder). `lesion`: a lesion mask on the image grid, merged into
   the label map as LESION_LABEL (what ControlNet lesion fine-tuning reads). Raises ValueError (one line) on
   an empty manifest, a wrong JSON shape, a row without an image, an image listed twice, or a path outside
@@ -94,7 +95,9 @@ def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dic
     first_row[image] = n
     entries[image] = {"region": str(row.get("region") or ""), "mask": resolve(str(row.get("mask") or ""), "mask"),
                       "parent": resolve(str(row.get("parent") or ""), "parent"),
-                      "lesion": resolve(str(row.get("lesion") or ""), "lesion")}
+                      "lesion": resolve(str(row.get("lesion") or ""), "lesion"),
+                      **{k: str(row.get(k) or "") for k in recipes.EXTRA_COLUMNS}}
+=======
   return entries
 
 
@@ -139,7 +142,9 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"config.input_dir={input_dir!r} is not a directory")
   ignored = ignored if ignored is not None else []
-  if config.manifest:
+  if config.get("dataset"):  # a public dataset's published layout -> manifest rows (data/recipes.py)
+    entries = recipes.build_manifest(config)
+  elif config.manifest:
     entries = read_manifest(config.manifest, input_dir, bool(config.get("allow_outside_paths", False)))
   else:
     entries, skipped = scan_input_dir(config)
@@ -152,7 +157,8 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
       mask = candidate if os.path.exists(candidate) else ""
     job = {"image": image, "region": entry["region"] or config.default_region, "mask": mask,
            "parent": entry["parent"], "lesion": entry.get("lesion", ""),
-           "id": volume_id(image, input_dir, entry.get("series_uid", ""))}
+           "id": volume_id(image, input_dir, entry.get("series_uid", "")),
+           **recipes.job_extras(entry, image, input_dir, config)}
     if "dicom_files" in entry:
       job["dicom_files"] = entry["dicom_files"]
     jobs.append(job)
@@ -208,12 +214,13 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
   t0 = time.perf_counter()
   options = options or nifti.ReadOptions()
   try:
-    preprocess.region_id(job["region"])  # validate early
+    if job["region"] not in preprocess.REGIONS + regions.AUTO:
+      raise ValueError(f"{job['image']}: region {job['region']!r} is not one of {preprocess.REGIONS} or 'auto'")
     image = _load_image(job, options)
     nifti.check_ct(image, assume_hu=options.assume_hu)
     labels = None
     if job["mask"]:
-      mask = nifti.load(job["mask"], is_mask=True, options=options)
+      mask = recipes.load_mask(job["mask"], job.get("class_map", ""), options)  # a label map or a per-class mask folder
       nifti.check_same_grid(image, mask)
       labels = mask
     if job["parent"]:
@@ -226,18 +233,30 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
                             lesion.path)
     original_spacing = image.spacing
     image.data = np.clip(image.data, *HU_CLIP)
-    image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
-    if labels is not None:
-      labels = nifti.resample(labels, spacing, order=0, fill=0)
-    if min(image.shape) < options.min_side_voxels:
-      raise nifti.VolumeError(job["image"], f"only {image.shape} voxels at {spacing} mm, thinner than "
-                              f"limits.min_side_voxels={options.min_side_voxels}")
-    meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
-            "region": job["region"],
-            "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
-            "hu_range": [float(image.data.min()), float(image.data.max())]}
-    store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta)
-    return {"image": job["image"], "id": job["id"], "status": "done", "seconds": round(time.perf_counter() - t0, 2)}
+    # one sub-volume per region: the given region, or head_neck / chest / abdomen cut at mask landmarks
+    parts = regions.resolve(image, labels, job["region"], recipes.class_map_from(job.get("class_map", "")),
+                            regions.SplitConfig(**job.get("split_config", {})))
+    split_scan = job["region"] not in preprocess.REGIONS
+    ids = []
+    for part in parts:
+      image, labels = part.image, part.labels
+      image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
+      if labels is not None:
+        labels = nifti.resample(labels, spacing, order=0, fill=0)
+      if min(image.shape) < options.min_side_voxels:
+        raise nifti.VolumeError(job["image"], f"only {image.shape} voxels at {spacing} mm, thinner than "
+                                f"limits.min_side_voxels={options.min_side_voxels}")
+      meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
+              "region": part.region, "job_id": job["id"], "patient": job.get("patient") or job["id"],
+              "split": job.get("split") or "train", "dataset": job.get("dataset", ""),
+              "source_index_range": list(part.index_range) if split_scan else None,
+              "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
+              "hu_range": [float(image.data.min()), float(image.data.max())]}
+      vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
+      store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta)
+      ids.append(vid)
+    return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
+            "seconds": round(time.perf_counter() - t0, 2)}
   except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
     reason = str(e) or f"{type(e).__name__} while preparing {job['image']}"
     return {"image": job["image"], "id": job["id"], "status": "failed", "reason": reason}
@@ -257,7 +276,7 @@ def run(config: Any) -> dict[str, Any]:
   open(os.path.join(config.output_dir, MARKER), "a").close()
   done_ids = set()
   if not config.overwrite:
-    done_ids = {r.get("id") for r in store.read_records(config.output_dir) if isinstance(r, dict)}
+    done_ids = {r.get("job_id", r.get("id")) for r in store.read_records(config.output_dir) if isinstance(r, dict)}
   todo = [j for j in jobs if j["id"] not in done_ids]
   skipped = [{"image": j["image"], "id": j["id"], "status": "already prepared"} for j in jobs if j["id"] in done_ids]
   spacing = tuple(float(s) for s in config.spacing)

@@ -99,3 +99,25 @@ def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarra
       out[..., g] = group == g + 1
   out[..., num_groups] = hu > BODY_THRESHOLD_HU
   return out
+
+
+def class_lookup(class_map: Mapping[int, str]) -> np.ndarray:
+  """LUT label id -> itself for every class of the map (the paper's full classes; 0: background)."""
+  lut = np.zeros(max(class_map, default=0) + 1, np.uint8)
+  for label in class_map:
+    lut[label] = label
+  return lut
+
+
+def structure_labels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarray, num_classes: int) -> np.ndarray:
+  """(…, 1) uint8 label map for a learned structure embedding: class ids 1..num_classes where labelled,
+  num_classes + 1 for body without a class (the thresholded body mask), 0 outside the body."""
+  body = hu > BODY_THRESHOLD_HU
+  out = np.where(body, num_classes + 1, 0).astype(np.uint8)
+  if labels is not None:
+    if labels.shape != hu.shape:
+      raise ValueError(f"label map shape {labels.shape} != image shape {hu.shape}")
+    safe = np.where((labels >= 0) & (labels < lut.shape[0]), labels, 0).astype(np.intp)
+    cls = lut[safe]
+    out = np.where(cls > 0, cls, out).astype(np.uint8)
+  return out[..., None]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from meddiff_jax.data import preprocess
+from meddiff_jax.data import regions
 
 RECORD_SUFFIX = ".json"
 
@@ -58,6 +58,13 @@ class PreparedStore:
     self.records = read_records(directory)
     if not self.records:
       raise FileNotFoundError(f"{directory}: no prepared volumes (*.json records); run configs/prepare.py first")
+    for rec in self.records:  # an 'unknown' region is the guidance null class: refuse, never train it
+      regions.training_region_id(rec.get("region", "unknown"), os.path.join(directory, rec["id"] + RECORD_SUFFIX))
+
+  @property
+  def splits(self) -> list[str | None]:
+    """Each volume's recorded split (train / val / test by patient, data/recipes.py), None if not recorded."""
+    return [rec.get("split") for rec in self.records]
 
   def __len__(self) -> int:
     return len(self.records)
@@ -69,4 +76,4 @@ class PreparedStore:
     rec = self.records[index]
     hu = np.load(os.path.join(self.directory, rec["image"]), mmap_mode="r")
     labels = np.load(os.path.join(self.directory, rec["labels"]), mmap_mode="r") if rec.get("labels") else None
-    return hu, labels, preprocess.region_id(rec.get("region", "unknown"))
+    return hu, labels, regions.training_region_id(rec.get("region", "unknown"), rec["id"])

@@ -57,6 +57,10 @@ class UNetSpec:
   use_region: bool = True
   num_regions: int = 3
   structure_channels: int = 0
+  # >0: the one structure channel holds label ids (0..num_structure_ids-1), embedded by a learned table of
+  # this width instead of entering as one-hot channels (the paper's 117 classes + body; data.structures=classes).
+  structure_embed_dim: int = 0
+  num_structure_ids: int = 0
   # Numerics and memory.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -64,7 +68,7 @@ class UNetSpec:
 
   @property
   def in_channels(self) -> int:
-    channels = 1 + self.structure_channels
+    channels = 1 + (self.structure_embed_dim or self.structure_channels)
     if self.use_position:
       channels += embeddings.position_channels(self.pos_num_freqs, self.pos_include_input)
     return channels
@@ -289,7 +293,11 @@ class UNetEncoder(nn.Module):
       if structures.shape[-1] != spec.structure_channels:
         raise ValueError(
             f"structures have {structures.shape[-1]} channels, model expects {spec.structure_channels}")
-      parts.append(structures.astype(spec.dtype))
+      if spec.structure_embed_dim:  # label ids -> learned vectors
+        parts.append(embeddings.StructureEmbedding(spec.num_structure_ids, spec.structure_embed_dim, spec.param_dtype,
+                                                   name="structure_embed")(structures[..., 0]).astype(spec.dtype))
+      else:
+        parts.append(structures.astype(spec.dtype))
     if spec.use_position:
       if "pos_box" not in cond:
         raise ValueError("model.use_position=True but cond has no 'pos_box' (N, 3, 2)")

@@ -115,7 +115,8 @@ def structure_volume(pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray 
   if labels is None and hu is None:
     return np.zeros(tuple(shape) + (pre.spec.structure_channels,), np.uint8)
   hu = hu if hu is not None else np.full(shape, 0.0, np.float32)
-  return preprocess.structure_channels(labels, hu, lut, groups)
+  encode = preprocess.structure_labels if pipeline.structures_as_labels(pre.config.data) else preprocess.structure_channels
+  return encode(labels, hu, lut, groups)
 
 
 def window_batch(config: Any) -> int:

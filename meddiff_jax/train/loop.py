@@ -55,10 +55,17 @@ def init_params_fn(model: unet3d.UNet3D, spec: unet3d.UNetSpec, patch: int):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Catch inconsistent configs before anything is compiled, with one-line messages."""
   data, model, train = config.data, config.model, config.training
-  expected = pipeline.structure_lut(data)[1] + 1 if data.use_structures else 0
+  expected = pipeline.structure_channel_count(data)
   if model.structure_channels != expected:
     raise ValueError(f"config.model.structure_channels={model.structure_channels} but the data gives {expected} "
-                     f"structure channels (data.use_structures={data.use_structures})")
+                     f"structure channels (data.use_structures={data.use_structures}, "
+                     f"data.structures={data.get('structures', 'grouped')!r})")
+  if data.use_structures and pipeline.structures_as_labels(data):
+    ids = pipeline.structure_lut(data)[1] + 2  # background, classes, body
+    if not model.get("structure_embed_dim") or model.get("num_structure_ids") != ids:
+      raise ValueError(f"data.structures='classes' needs model.structure_embed_dim > 0 and model.num_structure_ids="
+                       f"{ids} (got {model.get('structure_embed_dim')}, {model.get('num_structure_ids')}); "
+                       "use configs/pretrain.py:PRESET+classes")
   factor = 2 ** (len(model.channel_mult) - 1)
   if data.patch_size % factor:
     raise ValueError(f"config.data.patch_size={data.patch_size} must be divisible by {factor} "

@@ -1,0 +1,86 @@
+"""Structure conditioning: grouped one-hot channels (default) or all classes + body as a learned embedding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from meddiff_jax.data import class_map, multilevel, pipeline, preprocess
+
+
+def test_structure_labels_encode_classes_body_and_background():
+  labels = np.array([0, 5, 90, 300, 0, 117])
+  hu = np.array([-1000.0, 40.0, 40.0, 40.0, 40.0, -900.0])
+  out = preprocess.structure_labels(labels, hu, preprocess.class_lookup(class_map.TOTAL), 117)
+  # background outside body, classes by id, unknown label (300) -> body, body without class -> 118, a class
+  # keeps its id even outside the body threshold (the mask says so)
+  np.testing.assert_array_equal(out[..., 0], [0, 5, 90, 118, 118, 117])
+  assert out.dtype == np.uint8 and out.shape == (6, 1)
+
+
+def test_grouping_table_comes_from_the_config():
+  from configs import pretrain
+  c = pretrain.get_config("tiny")
+  c.data.structure_groups = (("lung", ("lung_*",)), ("liver", ("liver",)))
+  lut, n = pipeline.structure_lut(c.data)
+  assert n == 2 and lut[5] == 2 and lut[10] == 1 and lut[1] == 0  # liver, lung lobe, spleen ungrouped
+  assert pipeline.structure_channel_count(c.data) == 3
+  c = pretrain.get_config("tiny+classes")
+  assert pipeline.structure_channel_count(c.data) == 1 and pipeline.structure_lut(c.data)[1] == 117
+  assert c.model.num_structure_ids == 119
+
+
+def test_classes_mode_samples_are_one_label_channel():
+  from configs import pretrain
+  data = pretrain.get_config("tiny+classes").data
+  lut, n = pipeline.structure_lut(data)
+  hu = np.full((16, 16, 16), -1000.0)
+  hu[4:12, 4:12, 4:12] = 40.0
+  labels = np.zeros((16, 16, 16), np.int16)
+  labels[6:10, 6:10, 6:10] = 5
+  s = multilevel.make_sample(hu, labels, 2, 16, np.random.default_rng(0), operation="whole", lut=lut, num_groups=n,
+                             structure_labels=True)
+  assert s["structures"].shape == (16, 16, 16, 1)
+  np.testing.assert_array_equal(np.unique(s["structures"]), [0, 5, 118])
+
+
+def test_validate_refuses_a_model_that_does_not_match_classes_mode():
+  from configs import pretrain
+  from meddiff_jax.train import loop
+  c = pretrain.get_config("tiny+classes")
+  c.model.num_structure_ids = 50
+  with pytest.raises(ValueError, match="num_structure_ids=119"):
+    loop.validate(c)
+  with pytest.raises(ValueError, match="unknown preset option"):
+    pretrain.get_config("tiny+onehot")
+
+
+@pytest.mark.slow
+def test_embedding_with_an_identity_table_equals_one_hot_channels():
+  """The embedding path is exactly one_hot(ids) @ table: with table = I it must reproduce the one-hot model."""
+  from meddiff_jax.models import unet3d
+  k, patch = 5, 8
+  common = dict(base_channels=8, channel_mult=(1, 2), attention_resolutions=(), mid_attention=False,
+                num_head_channels=8, use_position=False, use_region=False, norm_groups=4)
+  onehot_spec = unet3d.UNetSpec(structure_channels=k, **common)
+  embed_spec = unet3d.UNetSpec(structure_channels=1, structure_embed_dim=k, num_structure_ids=k, **common)
+  ids = jax.random.randint(jax.random.PRNGKey(1), (1, patch, patch, patch), 0, k)
+  x = jax.random.normal(jax.random.PRNGKey(2), (1, patch, patch, patch, 1))
+  t = jnp.array([10])
+  onehot_model, embed_model = unet3d.UNet3D(onehot_spec), unet3d.UNet3D(embed_spec)
+  params = meta.unbox(onehot_model.init(jax.random.PRNGKey(0), x, t,
+                                        {"structures": jax.nn.one_hot(ids, k)})["params"])
+  embed_params = meta.unbox(embed_model.init(jax.random.PRNGKey(0), x, t, {"structures": ids[..., None]})["params"])
+  assert embed_params["encoder"]["structure_embed"]["embedding"].shape == (k, k)
+  params_with_table = jax.tree_util.tree_map(lambda a: a, params)
+  params_with_table["encoder"]["structure_embed"] = {"embedding": jnp.eye(k)}
+  # the out conv is zero-initialised: give it weights so the comparison sees the whole network
+  for p in (params, params_with_table):
+    p["decoder"]["out_conv"]["kernel"] = jnp.full_like(p["decoder"]["out_conv"]["kernel"], 0.01)
+  a = onehot_model.apply({"params": params}, x, t, {"structures": jax.nn.one_hot(ids, k)})
+  b = embed_model.apply({"params": params_with_table}, x, t, {"structures": ids[..., None].astype(jnp.uint8)})
+  assert float(jnp.abs(a).max()) > 0
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  shuffled = embed_model.apply({"params": params_with_table}, x, t, {"structures": ((ids + 1) % k)[..., None]})
+  assert float(jnp.abs(shuffled - a).max()) > 1e-4  # the ids matter
