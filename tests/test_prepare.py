@@ -18,6 +18,7 @@ def config_for(input_dir, output_dir, **kw):
   from configs import prepare as prepare_config
   c = prepare_config.get_config()
   c.input_dir, c.output_dir, c.workers, c.spacing = str(input_dir), str(output_dir), 1, (6.0, 6.0, 6.0)
+  c.default_region = "abdomen"  # the phantoms carry no TotalSegmentator mask to cut regions from
   c.update(kw)
   return c
 

@@ -49,7 +49,6 @@ def volume_id(path: str, input_dir: str, extra: str = "") -> str:
   return f"{_stem(path)}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
 
-<<<<<<< HEAD
 def _inside(path: str, directory: str) -> bool:
   path, directory = os.path.abspath(path), os.path.abspath(directory)
   return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
@@ -97,7 +96,6 @@ def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dic
                       "parent": resolve(str(row.get("parent") or ""), "parent"),
                       "lesion": resolve(str(row.get("lesion") or ""), "lesion"),
                       **{k: str(row.get(k) or "") for k in recipes.EXTRA_COLUMNS}}
-=======
   return entries
 
 
