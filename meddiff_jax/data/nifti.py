@@ -453,7 +453,9 @@ def save_like(values_ras: np.ndarray, like: Volume, path: str | os.PathLike, dty
   assert data.shape == tuple(src.shape), (data.shape, src.shape)
   if is_directory_output(path):
     if src.kind != "dicom":
-      raise VolumeError(path, f"a directory output writes a DICOM series, but the input {src.path} is not DICOM; "
+      why = ("this result is on a resampled grid, not the series' own" if src.derived
+             else f"the input {src.path} is not DICOM")
+      raise VolumeError(path, f"a directory output writes a DICOM series on the input series' grid, but {why}; "
                         "give a .nii.gz output path")
     from meddiff_jax.data import dicom
     dicom.write_series(data, src, path, description)
