@@ -73,7 +73,7 @@ def test_diffpir_and_partial_diffusion_with_an_oracle_prior_remove_noise():
   assert ts[0] == int(schedules.timestep_for_noise_level(SCHED, sigma)) and ts[-1] == 0
   out = jax.jit(lambda y: denoise.diffpir(oracle(x0), SCHED, y, jnp.float32(sigma), ts, jax.random.key(2)))(y)
   assert float(jnp.sqrt(jnp.mean((out - x0) ** 2))) < 0.1 * sigma
-  out = denoise.partial_diffusion(oracle(x0), SCHED, y, jnp.int32(ts[0]), 50, jax.random.key(3))
+  out = denoise.partial_diffusion(oracle(x0), SCHED, y, int(ts[0]), 50, jax.random.key(3), input_sigma=sigma)
   assert float(jnp.sqrt(jnp.mean((out - x0) ** 2))) < 0.1 * sigma
 
 

@@ -1,12 +1,15 @@
 """Zero-shot denoising with the pretrained prior: DiffPIR (plug-and-play) and plain partial diffusion.
 
-DiffPIR (Zhu et al. 2023; MedDiff-FM: sigma_n ~ 0.15 on the [-1, 1] scale, lambda ~ 10) for the
-identity degradation y = x + n: start at the timestep t* whose data-scale noise std matches sigma_n,
-x_t* = sqrt(abar) y + sqrt(1 - abar) eps; then per step
+DiffPIR (Zhu et al. 2023; MedDiff-FM: lambda ~ 10) for the identity degradation y = x + n, sigma_n the
+noise std on the [-1, 1] data scale. Start at the timestep t* whose data-scale noise std matches
+sigma_n, counting the noise y already carries (`samplers.noise_matched_start`: at t* nothing is added,
+x_t* = sqrt(abar*) y); then per step
   x0      <- model prediction
-  x0_hat  <- argmin ||y - x||^2 + rho ||x - x0||^2 = (y + rho x0) / (1 + rho),  rho = lambda sigma_n^2 / sigma_t^2
+  x0_hat  <- argmin ||y - x||^2 + rho ||x - x0||^2 = (y + rho x0) / (1 + rho),
+             rho = lambda (sigma_n / 2)^2 / sigma_t^2   (DiffPIR's code: its sigma is in [0, 1] image units)
   x_prev  <- sqrt(abar') x0_hat + sqrt(1 - abar') (sqrt(1 - zeta) eps_hat + sqrt(zeta) z)
-with sigma_t = sqrt(1 - abar)/sqrt(abar). Partial diffusion skips the data step (SDEdit).
+with sigma_t = sqrt(1 - abar)/sqrt(abar). Partial diffusion skips the data step (SDEdit): the same
+noise-matched start and a DDIM grid from t* down to 0.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 
 
@@ -46,7 +50,7 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
   prev = jnp.asarray(samplers.previous_timesteps(np.asarray(timesteps)))
   n = y.shape[0]
   rng, init_rng = jax.random.split(rng)
-  x = schedules.q_sample(schedule, y, jnp.full((n,), ts[0]), jax.random.normal(init_rng, y.shape))
+  x = samplers.noise_matched_start(schedule, y, jnp.full((n,), ts[0]), jax.random.normal(init_rng, y.shape), sigma_n)
 
   def body(i, carry):
     x, _, rng = carry
@@ -56,7 +60,7 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
     x0 = jnp.clip(x0, -1.0, 1.0)
     abar = schedules.alpha_bar(schedule, t, x.ndim)
     sigma_t2 = schedules.one_minus_alpha_bar(schedule, t, x.ndim) / abar
-    rho = lam * sigma_n ** 2 / sigma_t2
+    rho = lam * (0.5 * sigma_n) ** 2 / sigma_t2  # DiffPIR's lambda scale (sigma in [0, 1] units)
     x0_hat = (y + rho * x0) / (1.0 + rho)
     eps_hat = (x - jnp.sqrt(abar) * x0_hat) / jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t, x.ndim))
     abar_prev = schedules.alpha_bar(schedule, t_prev, x.ndim)
@@ -70,12 +74,28 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
   return x0_hat
 
 
-def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: jax.Array, num_steps: int,
-                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None) -> jax.Array:
-  """Noise y to t_start, then DDIM back (SDEdit): the comparison baseline."""
-  timesteps = samplers.make_timesteps(schedule.num_timesteps, num_steps, "leading")
-  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=t_start, method="ddim",
-                         prediction_type=prediction_type, progress=progress)
+def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: int, num_steps: int,
+                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None,
+                      input_sigma: float | jax.Array = 0.0) -> jax.Array:
+  """SDEdit: y to t_start (counting its own noise `input_sigma`), then DDIM over a grid from t_start to 0."""
+  timesteps = samplers.partial_timesteps(int(t_start), num_steps)
+  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=jnp.int32(timesteps[0]), method="ddim",
+                         prediction_type=prediction_type, progress=progress, input_sigma=input_sigma)
+
+
+def keep_input_outside_window(denoised_unit: np.ndarray, input_hu: np.ndarray, region: int,
+                              margin: float = 0.02) -> np.ndarray:
+  """HU result: the denoised value, except where the model puts the voxel at the window's edge and the
+  input lies beyond that edge (air, bone: the model only sees the window, so the input's HU is kept).
+
+  A voxel whose noisy input fell outside the window but whose estimate is inside it keeps the estimate:
+  deciding on the noisy value would keep noise exactly at the window edge (fat near the lower bound).
+  """
+  lo, hi = preprocess.window_bounds(region)
+  hu = preprocess.unit_to_hu(denoised_unit, region)
+  below = (denoised_unit <= -1.0 + margin) & (input_hu <= lo)
+  above = (denoised_unit >= 1.0 - margin) & (input_hu >= hi)
+  return np.where(below | above, input_hu, hu).astype(np.float32)
 
 
 def run(config: Any) -> dict[str, Any]:
@@ -105,15 +125,13 @@ def run(config: Any) -> dict[str, Any]:
                                          zeta=config.zeta, progress=bar))(y_dev, jax.random.key(config.seed))
     elif config.method == "partial":
       t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
-      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, jnp.int32(t0), config.num_steps, r,
-                                                   progress=bar))(y_dev, jax.random.key(config.seed))
+      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, t0, config.num_steps, r, progress=bar,
+                                                   input_sigma=jnp.float32(sigma)))(y_dev, jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
     den = np.asarray(out)[0, ..., 0][crop]
   bar.close()
-  hu = preprocess.unit_to_hu(den, region)
-  # the model only sees the window: outside it (air, bone) keep the input's HU
-  hu = np.where((work.data <= lo) | (work.data >= hi), work.data, hu)
+  hu = keep_input_outside_window(den, work.data, region, config.window_margin)
   hu = common.back_to_input_grid(hu, work, original)
   nifti.save(nifti.Volume(hu, original.affine), config.output, np.int16 if config.output_int16 else np.float32)
   return {"output": config.output, "sigma_unit": sigma, "method": config.method}
