@@ -14,6 +14,7 @@ def get_config(arg=None):
   c.input = ""
   c.output = ""
   c.region = "abdomen"
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   c.spacing = ()
   c.noise_t = 950  # paper: 950 of 1000
   c.smooth_sigma = 1.0

@@ -14,6 +14,7 @@ def get_config(arg=None):
   c.input = ""
   c.output = ""
   c.region = "abdomen"
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   c.spacing = ()  # () keeps the input grid; else resample to the model's training spacing, e.g. (1., 1., 1.)
   c.method = "diffpir"  # diffpir | partial
   c.noise_sigma_hu = 0.0  # 0: estimate from the image

@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.mask = ""
   c.output = ""
   c.region = "abdomen"
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   c.method = "inpaint"  # inpaint (RePaint, scan kept outside the mask) | generate
   c.jump_length = 10  # RePaint: jump back up this many grid steps (paper: 10)
   c.jump_n_sample = 10  # RePaint: times each jump point is revisited (paper: 10; 1 = no resampling)

@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       loss_type="l1",
       min_snr_gamma=0.0,  # 0 disables; 5.0 is the usual choice
       cond_drop_prob=0.1,  # classifier-free-guidance dropout of region + structures
+      structure_drop_prob=0.1,  # organ channels only, region kept: the condition of tasks run without labels
+      body_drop_prob=0.3,  # of those, the fraction that also loses the body channel (synthesis without labels)
   ))
 
   c.data = ml_collections.ConfigDict(dict(

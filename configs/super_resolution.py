@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.output = ""
   c.reference = ""
   c.region = "chest"
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   c.spacing = (3.0, 3.0, 3.0)  # the thin target grid (the model's training spacing)
   c.conditioning_scale = 1.0
   return task_options.add_window_options(c, num_steps=50)

@@ -193,6 +193,26 @@ def null_condition(cond: dict[str, jax.Array], num_regions: int) -> dict[str, ja
   return null
 
 
+def drop_organ_structures(cond: dict[str, jax.Array], drop: jax.Array,
+                          drop_body: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Zero the organ channels of `structures` (all but the last, the body mask) where `drop` is True, and the
+  body channel too where `drop_body` is also True; the region is kept.
+
+  Training with this teaches the conditions tasks use without a label map: body from the HU with the
+  organs unknown (denoise, anomaly, SR, lesion), or no anatomy at all with a real region (synthesis
+  without labels).
+  """
+  if "structures" not in cond:
+    return cond
+  s = cond["structures"]
+  expand = lambda m: m.reshape(m.shape + (1,) * (s.ndim - 1))
+  organs = jnp.where(expand(drop), jnp.zeros_like(s[..., :-1]), s[..., :-1])
+  body = s[..., -1:]
+  if drop_body is not None:
+    body = jnp.where(expand(drop & drop_body), jnp.zeros_like(body), body)
+  return dict(cond, structures=jnp.concatenate([organs, body], axis=-1))
+
+
 def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Array], num_regions: int,
                       guidance_scale: jax.Array | None) -> DenoiseFn:
   """Classifier-free guidance: out_u + s * (out_c - out_u), both halves in one batched call.

@@ -33,14 +33,15 @@ def volume_score(amap: np.ndarray, body: np.ndarray | None = None, top_fraction:
   return float(np.mean(np.partition(values, values.size - k)[-k:]))
 
 
-def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: np.ndarray | None = None) -> np.ndarray:
+def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: np.ndarray | None = None,
+                frame: tuple[slice, ...] | None = None) -> np.ndarray:
   """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume."""
   from meddiff_jax.tasks import common
   from meddiff_jax.train import sharding
 
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config)
+    fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config, frame=frame)
     # the grid starts at noise_t itself (paper: 950), every step is spent below it
     run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),
                                                          config.num_steps, r, progress=bar))
@@ -60,8 +61,10 @@ def run(config: Any) -> dict[str, Any]:
   original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None)
   region = preprocess.region_id(config.region)
   y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  recon = reconstruct(pre, y, region, config, common.structure_volume(pre, None, None, y.shape))[crop]
-  body = work.data > preprocess.BODY_THRESHOLD_HU
+  structures = common.structure_volume(pre, common.load_labels(config.labels, original, work), work.data,
+                                       pre.patch_size)
+  recon = reconstruct(pre, y, region, config, structures, crop)[crop]
+  body = preprocess.body_mask(work.data)
   amap = anomaly_map(y[crop], recon, body, config.smooth_sigma)
   score = volume_score(amap, body, config.top_fraction)
   nifti.save(nifti.Volume(common.back_to_input_grid(amap, work, original), original.affine), config.output)

@@ -148,8 +148,10 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   shape = hint.shape
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(cm.pre, shape, region, common.structure_volume(cm.pre, None, None, shape), config,
-                                     hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
+    structures = common.structure_volume(cm.pre, common.load_labels(config.labels, lr, up), up.data,
+                                         cm.pre.patch_size)
+    fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
+                                     hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale), frame=crop)
     out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1))))(
         jax.random.key(config.seed))
   sr = preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region)
@@ -187,8 +189,11 @@ def run_lesion(config: Any) -> dict[str, Any]:
   shape = unit.shape
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(cm.pre, shape, region, common.structure_volume(cm.pre, None, None, shape), config,
-                                     hint=(m * 2.0 - 1.0)[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
+    structures = common.structure_volume(cm.pre, common.load_labels(config.labels, ct, ct), ct.data,
+                                         cm.pre.patch_size)
+    fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
+                                     hint=(m * 2.0 - 1.0)[..., None], apply_fn=cm.apply_fn(config.conditioning_scale),
+                                     frame=crop)
     known = jnp.asarray(unit)[None, ..., None]
     if config.method == "inpaint":
       keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
