@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
-  c.spacing = ()  # () keeps the input grid; else resample to the model's training spacing, e.g. (1., 1., 1.)
+  c.spacing = ()  # () = the checkpoint's training spacing (resampled there and back); else mm, e.g. (1., 1., 1.)
   c.method = "diffpir"  # diffpir | partial
   c.noise_sigma_hu = 0.0  # 0: estimate from the image
   c.lam = 10.0  # DiffPIR lambda on DiffPIR's own scale (its sigma in [0, 1] image units; paper: ~10)

@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prepared_dir="",
       class_map="",  # optional class_map json; default: the embedded TotalSegmentator map
       patch_size=128,
+      spacing=(),  # mm the model is trained at; () = from the source (phantom / prepared records), saved at start
       use_structures=True,
       operation_probs=(1 / 3, 1 / 3, 1 / 3),  # whole, zoom2, patch
       num_threads=2,

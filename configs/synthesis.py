@@ -14,7 +14,7 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.shape = (48, 48, 48)
-  c.spacing = (3.0, 3.0, 3.0)  # the sampling grid (the model's training spacing); the output grid without labels
+  c.spacing = ()  # the sampling grid; () = the checkpoint's training spacing; the output grid without labels
   c.labels = ""  # TotalSegmentator label NIfTI: extent, affine and anatomy (resampled to `spacing`, result back)
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
   c.sampler = "ddim"

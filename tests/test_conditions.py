@@ -42,8 +42,12 @@ def test_task_structures_equal_the_training_sample_structures():
 
 def test_structures_are_padded_like_the_image():
   p = phantom_ct()
+  from meddiff_jax.tasks import sliding_window
+
   out = common.structure_volume(fake_pretrained(24), None, p.hu[:10], pad_to=24)
-  assert out.shape == (24, 24, 24, pretrain.NUM_STRUCTURE_CHANNELS) and not out[10:].any()
+  _, crop = sliding_window.pad_to_window(p.hu[:10], 24, -1000.0)
+  assert out.shape == (24, 24, 24, pretrain.NUM_STRUCTURE_CHANNELS)
+  assert out[crop].sum() == out.sum() > 0  # the padding (centred, as the image) is empty
 
 
 def test_label_map_moves_to_the_working_grid_and_must_match_the_input(tmp_path):
@@ -117,3 +121,21 @@ def test_small_volume_position_frame_matches_training():
   np.testing.assert_allclose(plan.boxes()[0], sample["pos_box"], atol=1e-6)
   np.testing.assert_allclose(padded, sample["image"][..., 0], atol=1e-6)
   np.testing.assert_array_equal(padded[crop], preprocess.hu_to_unit(hu, 0))
+
+
+def test_tasks_default_to_the_checkpoint_training_spacing(tmp_path):
+  from meddiff_jax.data import store
+  import ml_collections
+
+  pre = fake_pretrained()
+  pre.config.data.phantom.spacing = (3.0, 3.0, 3.0)
+  assert common.task_spacing(pre, ml_collections.ConfigDict({"spacing": ()})) == (3.0, 3.0, 3.0)
+  assert common.task_spacing(pre, ml_collections.ConfigDict({"spacing": (1.0, 1.0, 2.0)})) == (1.0, 1.0, 2.0)
+  pre.config.data.spacing = (1.5, 1.5, 1.5)  # what training records in the checkpoint
+  assert pipeline.training_spacing(pre.config.data) == (1.5, 1.5, 1.5)
+  data = ml_collections.ConfigDict({"source": "prepared", "prepared_dir": str(tmp_path), "spacing": ()})
+  for i in range(2):
+    store.write_record(str(tmp_path), f"v{i}", np.zeros((2, 2, 2)), None, {"spacing": [1.0, 1.0, 1.0]})
+  assert pipeline.training_spacing(data) == (1.0, 1.0, 1.0)
+  store.write_record(str(tmp_path), "v3", np.zeros((2, 2, 2)), None, {"spacing": [2.0, 1.0, 1.0]})
+  assert pipeline.training_spacing(data) is None  # mixed: unknown, tasks keep the input grid

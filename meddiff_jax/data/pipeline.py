@@ -102,6 +102,24 @@ class MultiLevelSample:
                                   hint=self.hint, sr_factor=self.sr_factor)
 
 
+def training_spacing(data_config: Any, store: Any = None) -> tuple[float, float, float] | None:
+  """The voxel size (mm) a model is trained at: data.spacing if set, else the phantom spacing, else the
+  one spacing of the prepared records (None when unknown or mixed). Training writes it into data.spacing,
+  so checkpoints carry it and tasks run the network at that scale."""
+  if data_config.get("spacing"):
+    return tuple(float(s) for s in data_config.spacing)
+  if data_config.get("source") == "phantom":
+    return tuple(float(s) for s in data_config.phantom.spacing)
+  records = getattr(store, "records", None)
+  if records is None and data_config.get("prepared_dir"):
+    import os
+
+    from meddiff_jax.data import store as store_lib
+    records = store_lib.read_records(data_config.prepared_dir) if os.path.isdir(data_config.prepared_dir) else []
+  spacings = {tuple(round(float(s), 4) for s in r["spacing"]) for r in records or [] if "spacing" in r}
+  return spacings.pop() if len(spacings) == 1 else None
+
+
 def structure_lut(data_config: Any) -> tuple[np.ndarray | None, int]:
   """(label -> group LUT, number of groups) or (None, 0) when structures are off."""
   if not data_config.use_structures:

@@ -58,7 +58,7 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.tasks import common, sliding_window
 
   pre = common.load_pretrained(config.checkpoint)
-  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None)
+  original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config))
   region = preprocess.region_id(config.region)
   y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
   structures = common.structure_volume(pre, common.load_labels(config.labels, original, work), work.data,

@@ -131,6 +131,14 @@ def structure_volume(pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray,
   return out
 
 
+def task_spacing(pre: Pretrained, config: Any) -> tuple[float, float, float] | None:
+  """The working voxel size: `--config.spacing` when given, else the checkpoint's training spacing (the
+  network is only right at the scale it learned); None (the input's own grid) when neither is known."""
+  if config.get("spacing"):
+    return tuple(float(s) for s in config.spacing)
+  return pipeline.training_spacing(pre.config.data)
+
+
 def load_labels(path: str, original: nifti.Volume, work: nifti.Volume) -> np.ndarray | None:
   """A TotalSegmentator label map (`--config.labels`) on the input's grid, moved to the working grid (nearest)."""
   if not path:

@@ -133,7 +133,7 @@ def lesion_dice(generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.nd
 def run_super_resolution(config: Any) -> dict[str, Any]:
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
   reference, PSNR / SSIM against trilinear and cubic interpolation."""
-  from meddiff_jax.data import nifti, preprocess
+  from meddiff_jax.data import nifti, pipeline, preprocess
   from meddiff_jax.evaluation import metrics
   from meddiff_jax.tasks import sliding_window
   from meddiff_jax.train import sharding
@@ -142,8 +142,11 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   region = preprocess.region_id(config.region)
   lr = nifti.load(config.input)
   nifti.check_ct(lr)
-  target_spacing = tuple(float(s) for s in config.spacing)
-  up = nifti.resample(lr, target_spacing, order=1, fill=-1024.0)
+  # the network runs at its training spacing; the result goes to the thin grid asked for (default: the same)
+  asked = tuple(float(s) for s in config.spacing) if config.spacing else None
+  model_spacing = pipeline.training_spacing(cm.pre.config.data) or asked or lr.spacing
+  target_spacing = asked or model_spacing
+  up = nifti.resample(lr, model_spacing, order=1, fill=-1024.0)
   hint, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(up.data, region), cm.pre.patch_size, -1.0)
   shape = hint.shape
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
@@ -154,17 +157,21 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
                                      hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale), frame=crop)
     out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1))))(
         jax.random.key(config.seed))
-  sr = preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region)
-  nifti.save(nifti.Volume(sr, up.affine), config.output, np.int16)
+  sr_vol = nifti.Volume(preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region), up.affine)
+  if not np.allclose(model_spacing, target_spacing):
+    sr_vol = nifti.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
+  sr = sr_vol.data
+  nifti.save(sr_vol, config.output, np.int16)
   result: dict[str, Any] = {"output": config.output, "shape": list(sr.shape)}
   if config.reference:
     ref = nifti.load(config.reference)
     cubic = nifti.resample(lr, target_spacing, order=3, fill=-1024.0).data
+    linear = nifti.resample(lr, target_spacing, order=1, fill=-1024.0).data
     sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, sr.shape))
     unit = lambda v: preprocess.hu_to_unit(v[sl], region)
     result["metrics"] = {name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0),
                                 "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
-                         for name, v in (("controlnet", sr), ("trilinear", up.data), ("cubic", cubic))}
+                         for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))}
   _write_json(config.output, result)
   return result
 

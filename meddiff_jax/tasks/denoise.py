@@ -119,7 +119,7 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.train import sharding
 
   pre = common.load_pretrained(config.checkpoint)
-  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None)
+  original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config))
   region = preprocess.region_id(config.region)
   lo, hi = preprocess.window_bounds(region)
   y = preprocess.hu_to_unit(work.data, region)

@@ -58,7 +58,7 @@ def run(config: Any) -> dict[str, Any]:
 
   pre = common.load_pretrained(config.checkpoint)
   region = preprocess.region_id(config.region)
-  spacing = tuple(float(s) for s in config.spacing)
+  spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
   if config.labels:
     mask = nifti.load(config.labels, is_mask=True)
     work = nifti.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
