@@ -139,3 +139,70 @@ def test_tasks_default_to_the_checkpoint_training_spacing(tmp_path):
   assert pipeline.training_spacing(data) == (1.0, 1.0, 1.0)
   store.write_record(str(tmp_path), "v3", np.zeros((2, 2, 2)), None, {"spacing": [2.0, 1.0, 1.0]})
   assert pipeline.training_spacing(data) is None  # mixed: unknown, tasks keep the input grid
+
+
+def test_lesion_crops_are_positive_at_the_configured_rate_and_keep_organs():
+  """Small lesions: uniform crops rarely hold one; with positive_fraction f about f of the crops (plus the
+  uniform hits) do. The organ channel under the lesion is intact."""
+  from meddiff_jax.data import phantom
+
+  p = phantom.make_phantom((64, 64, 64), (3.0, 3.0, 3.0), "abdomen", seed=2, num_lesions=1)
+  labels = multilevel.with_lesions(p.labels, p.lesions)
+  lut, groups = pipeline.structure_lut(pretrain.get_config("tiny").data)
+  coords = multilevel.lesion_coordinates(labels)
+  rng = np.random.default_rng(0)
+
+  def hit_rate(fraction):
+    hits = 0
+    for _ in range(200):
+      s = multilevel.make_sample(p.hu, labels, 2, 8, rng, operation="patch", lut=lut, num_groups=groups,
+                                 hint="lesion", positive_fraction=fraction, positive_coords=coords)
+      hits += bool((s["hint"] > 0).any())
+    return hits / 200
+
+  uniform, half = hit_rate(0.0), hit_rate(0.5)
+  assert uniform < 0.2 and half == pytest.approx(0.5 + 0.5 * uniform, abs=0.1)
+  s = multilevel.make_sample(p.hu, labels, 2, 8, rng, operation="patch", lut=lut, num_groups=groups, hint="lesion",
+                             positive_fraction=1.0, positive_coords=coords)
+  organs_only = multilevel.make_sample(p.hu, p.labels, 2, 8, np.random.default_rng(1), operation="patch", lut=lut,
+                                       num_groups=groups)
+  assert (s["hint"] > 0).any()
+  # the same crop without lesions has the same structure channels: nothing is punched out under the lesion
+  box = s["pos_box"]
+  start = np.round((box[:, 0] + 1) / 2 * (np.array(p.hu.shape) - 1)).astype(int)
+  crop = tuple(slice(a, a + 8) for a in start)
+  np.testing.assert_array_equal(s["structures"], preprocess.structure_channels(p.labels[crop], p.hu[crop], lut, groups))
+  assert organs_only["structures"].shape == s["structures"].shape
+
+
+def _edge_width_native(sample, shape_z):
+  """10-90% rise of the hint's z-profile, in native slices (positions from the sample's pos_box)."""
+  prof = sample["hint"][..., 0].mean(axis=(0, 1))
+  lo, hi = prof.min(), prof.max()
+  z = np.linspace(sample["pos_box"][2, 0], sample["pos_box"][2, 1], len(prof))
+  z = (z + 1) / 2 * (shape_z - 1)
+  fine = np.linspace(z[0], z[-1], 2000)
+  f = np.interp(fine, z, prof)
+  return fine[np.argmax(f > lo + 0.9 * (hi - lo))] - fine[np.argmax(f > lo + 0.1 * (hi - lo))]
+
+
+def test_sr_hint_degradation_is_the_same_in_mm_at_every_level():
+  """The thick-slice hint is simulated on native slices: a step edge is blurred over the same number of
+  native slices in a native patch and in a whole-volume (downsampled) sample, as at inference."""
+  hu = np.full((16, 16, 48), -100.0, np.float32)
+  hu[..., 24:] = 100.0
+  rng = np.random.default_rng(0)
+  kw = dict(hint="lowres", sr_factor=5)
+  whole = multilevel.make_sample(hu, None, 2, 16, rng, operation="whole", **kw)
+  patch = multilevel.make_sample(hu, None, 2, 16, rng, operation="patch",
+                                 positive_fraction=1.0, positive_coords=np.array([[8, 8, 24]]), **kw)
+  w_whole, w_patch = _edge_width_native(whole, 48), _edge_width_native(patch, 48)
+  assert 3.0 < w_patch < 10.0 and abs(w_whole - w_patch) < 1.5, (w_whole, w_patch)  # was 3x wider in whole
+
+
+def test_sr_hint_uses_a_real_low_resolution_partner_when_given():
+  hu = np.random.default_rng(0).normal(0, 50, (16, 16, 16)).astype(np.float32)
+  partner = np.full(hu.shape, 40.0, np.float32)
+  s = multilevel.make_sample(hu, None, 2, 16, np.random.default_rng(0), operation="patch", hint="lowres",
+                             lowres=partner)
+  np.testing.assert_allclose(s["hint"], preprocess.hu_to_unit(partner, 2)[..., None], atol=1e-6)

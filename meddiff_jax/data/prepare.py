@@ -43,9 +43,11 @@ def volume_id(path: str, input_dir: str) -> str:
 
 
 def read_manifest(path: str, input_dir: str) -> dict[str, dict[str, str]]:
-  """CSV (columns: image, region[, mask][, parent][, lesion]) or JSON list of such dicts; paths relative to
-  input_dir. `lesion`: a lesion mask on the image grid, merged into the label map as LESION_LABEL (what
-  ControlNet lesion fine-tuning reads)."""
+  """CSV (columns: image, region[, mask][, parent][, lesion][, lowres]) or JSON list of such dicts; paths
+  relative to input_dir. `lesion`: a lesion mask on the image grid, merged into the label map by
+  multilevel.with_lesions, organs kept (ControlNet lesion fine-tuning). `lowres`: a real low-resolution scan
+  of the same patient and extent (e.g. RPLHR-CT's 5 mm partner), stored interpolated onto the prepared
+  grid (ControlNet SR fine-tuning uses it instead of simulated thick slices)."""
   if path.endswith(".json"):
     with open(path) as f:
       rows = json.load(f)
@@ -59,7 +61,8 @@ def read_manifest(path: str, input_dir: str) -> dict[str, dict[str, str]]:
     resolve = lambda p: p if not p or os.path.isabs(p) else os.path.join(input_dir, p)
     image = os.path.normpath(resolve(row["image"]))
     entries[image] = {"region": row.get("region") or "", "mask": resolve(row.get("mask") or ""),
-                      "parent": resolve(row.get("parent") or ""), "lesion": resolve(row.get("lesion") or "")}
+                      "parent": resolve(row.get("parent") or ""), "lesion": resolve(row.get("lesion") or ""),
+                    "lowres": resolve(row.get("lowres") or "")}
   return entries
 
 
@@ -82,8 +85,23 @@ def find_jobs(config: Any) -> list[dict[str, str]]:
       candidate = os.path.join(config.mask_dir, os.path.basename(image))
       mask = candidate if os.path.exists(candidate) else ""
     jobs.append({"image": image, "region": entry["region"] or config.default_region, "mask": mask,
-                 "parent": entry["parent"], "lesion": entry.get("lesion", ""), "id": volume_id(image, input_dir)})
+                 "parent": entry["parent"], "lesion": entry.get("lesion", ""), "lowres": entry.get("lowres", ""),
+                 "id": volume_id(image, input_dir)})
   return jobs
+
+
+def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """`volume` sampled (trilinear, by the exact voxel-to-voxel affine) at the voxels of another grid; -1024 HU
+  outside. A partner scan that does not cover the grid is refused."""
+  from scipy import ndimage
+
+  m = np.linalg.inv(volume.affine) @ np.asarray(affine)
+  corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+  src = (m @ corners.T)[:3].T
+  if np.any(src < -1.0) or np.any(src > np.array(volume.shape) + 0.0):
+    raise ValueError(f"{volume.path}: the low-resolution partner does not cover the image's extent")
+  return ndimage.affine_transform(np.asarray(volume.data, np.float32), m[:3, :3], offset=m[:3, 3], output_shape=shape,
+                                  order=1, mode="nearest", prefilter=False)
 
 
 def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, float, float]) -> dict[str, Any]:
@@ -103,19 +121,25 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
     if job.get("lesion"):
       lesion = nifti.load(job["lesion"], is_mask=True)
       nifti.check_same_grid(image, lesion)
-      base = labels.data if labels is not None else np.zeros(image.shape, np.int16)
-      labels = nifti.Volume(np.where(lesion.data > 0, multilevel.LESION_LABEL, base).astype(np.int16), image.affine,
-                            lesion.path)
+      labels = nifti.Volume(multilevel.with_lesions(None if labels is None else labels.data, lesion.data),
+                            image.affine, lesion.path)
     original_spacing = image.spacing
     image.data = np.clip(image.data, *HU_CLIP)
     image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
     if labels is not None:
       labels = nifti.resample(labels, spacing, order=0, fill=0)
+    lowres = None
+    if job.get("lowres"):
+      partner = nifti.load(job["lowres"])
+      nifti.check_ct(partner)
+      lowres = onto_grid(partner, image.affine, image.shape)
     meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
+            "lowres_source": job.get("lowres") or None,
             "region": job["region"],
             "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
             "hu_range": [float(image.data.min()), float(image.data.max())]}
-    store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta)
+    store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta,
+                       lowres=None if lowres is None else np.round(lowres))
     return {"image": job["image"], "id": job["id"], "status": "done", "seconds": round(time.perf_counter() - t0, 2)}
   except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
     return {"image": job["image"], "id": job["id"], "status": "failed", "reason": str(e)}

@@ -1,8 +1,9 @@
 """Zero-shot anomaly detection: noise the scan to t (paper: 950 of 1000), reconstruct a "healthy" version
 with the prior, and score the residual.
 
-voxel map: |x - recon| smoothed (Gaussian) and zeroed outside the body; volume score: mean of the top
-`top_fraction` of the map inside the body.
+voxel map (pixel level): |x - recon| smoothed (Gaussian) and zeroed outside the body; volume score: mean of the top
+`top_fraction` of the map inside the body; slice scores: the same per 2D slice (BMAD's levels,
+evaluation/metrics.anomaly_aurocs).
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def run(config: Any) -> dict[str, Any]:
   amap = anomaly_map(y[crop], recon, body, config.smooth_sigma)
   score = volume_score(amap, body, config.top_fraction)
   nifti.save(nifti.Volume(common.back_to_input_grid(amap, work, original), original.affine), config.output)
-  result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t)}
+  from meddiff_jax.evaluation import metrics
+
+  # per-slice scores (axis 2 of the input grid: BMAD and the field score 2D slices) beside the volume score
+  slices = metrics.slice_scores(common.back_to_input_grid(amap, work, original), preprocess.body_mask(original.data),
+                                axis=2, top_fraction=config.top_fraction)
+  result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t),
+            "slice_scores": [float(v) for v in slices]}
   with open(config.output.replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
     json.dump(result, f, indent=1)
   return result
