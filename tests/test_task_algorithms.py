@@ -7,6 +7,8 @@ partial diffusion are also compared step by step with a float64 scalar re-deriva
 algorithms (DiffPIR: yuanzhi-zhu/DiffPIR main_ddpir_deblur.py; RePaint: andreas128/RePaint scheduler.py).
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,3 +243,35 @@ def test_denoise_output_keeps_the_estimate_when_only_the_noisy_input_left_the_wi
   denoised_hu = np.array([lo + 15.0, lo + 15.0, lo, hi, 42.0], np.float32)  # fat, fat, air, bone, soft tissue
   out = denoise.keep_input_outside_window(preprocess.hu_to_unit(denoised_hu, region), input_hu, region)
   np.testing.assert_allclose(out, [lo + 15.0, lo + 15.0, -1000.0, hi + 500.0, 42.0], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# anomaly reconstruction noise level (defect 6)
+
+
+def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prior():
+  """The whole anomaly path (windows, partial diffusion) with an exact prior: the first model call is at
+  t = noise_t itself, and the reconstruction of pure-prior data is a fresh draw near the prior mean."""
+  import ml_collections
+
+  from meddiff_jax.tasks import anomaly
+
+  seen = []
+  oracle = gaussian_oracle(SCHED, MU, S)
+
+  def apply(x, t, cond):
+    jax.debug.callback(lambda t: seen.append(int(t[0])), t)
+    return oracle(x, t)
+
+  pre = types.SimpleNamespace(patch_size=8, schedule=SCHED, apply=apply,
+                              spec=types.SimpleNamespace(num_regions=3, structure_channels=0))
+  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0))
+  x0, _ = gaussian_problem((1, 8, 8, 8, 1), MU, S, 0.0, seed=7)
+  recon = anomaly.reconstruct(pre, np.asarray(x0)[0, ..., 0], 0, cfg)
+  jax.effects_barrier()
+  assert seen[0] == 950 and seen[-1] == 0 and len(set(seen)) == 10
+  # at t = 950 little of x0 survives: the reconstruction correlates with it only weakly (sqrt(abar) ~ 0.08)
+  a = abar64(950)
+  corr = np.corrcoef(recon.ravel(), np.asarray(x0).ravel())[0, 1]
+  expected = np.sqrt(a) * S / np.sqrt(a * S ** 2 + 1 - a)  # corr(x0, E[x0|x_950])-ish scale
+  assert corr < 0.5 and abs(corr - expected) < 0.25
