@@ -275,3 +275,26 @@ def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prio
   corr = np.corrcoef(recon.ravel(), np.asarray(x0).ravel())[0, 1]
   expected = np.sqrt(a) * S / np.sqrt(a * S ** 2 + 1 - a)  # corr(x0, E[x0|x_950])-ish scale
   assert corr < 0.5 and abs(corr - expected) < 0.25
+
+
+def test_repaint_known_region_carries_the_noise_level_of_every_model_call():
+  """At every model call at time t, the known voxels are a draw of q(x_t | known): residual
+  x - sqrt(abar_t) known has mean 0 and std sqrt(1 - abar_t) (after denoising steps and jumps alike)."""
+  shape = (1, 24, 24, 24, 1)
+  keep = jnp.ones(shape).at[:, 8:16, 8:16, 8:16].set(0.0)
+  known = jnp.asarray(np.random.default_rng(0).uniform(-0.8, 0.8, shape), jnp.float32)
+  keep_np, known_np = np.asarray(keep) > 0, np.asarray(known)
+  calls = []
+
+  def spy(x, t):
+    jax.debug.callback(lambda x, t: calls.append((int(t[0]), np.asarray(x))), x, t)
+    return jnp.zeros_like(x)
+
+  ts = samplers.make_timesteps(1000, 10, "trailing")
+  controlled.repaint(spy, SCHED, ts, jax.random.key(0), known, keep, 2, 2)
+  jax.effects_barrier()
+  assert len(calls) > len(ts)  # jumps revisit steps
+  for t, x in calls:
+    a = abar64(t)
+    resid = (x - np.sqrt(a) * known_np)[keep_np]
+    assert abs(resid.mean()) < 0.05 and resid.std() == pytest.approx(np.sqrt(1 - a), rel=0.05), (t, resid.std())

@@ -170,6 +170,18 @@ def test_synthesis_command_larger_than_the_patch(tmp_path):
 
 
 @pytest.mark.slow
+def test_synthesis_from_a_label_map_on_another_grid(tmp_path, seg_file):
+  """A 6 mm label map, a 3 mm model: sampling runs at 3 mm and the result comes back on the labels' grid."""
+  out = tmp_path / "syn.nii.gz"
+  proc = run_main("--config=configs/synthesis.py", f"--config.output={out}", f"--config.labels={seg_file}",
+                  "--config.num_steps=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  seg, vol = nifti.load(seg_file), nifti.load(out)
+  assert vol.shape == seg.shape
+  np.testing.assert_allclose(vol.affine, seg.affine, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_task_commands_fail_with_one_line_errors(tmp_path, ct_file):
   proc = run_main("--config=configs/denoise.py", "--config.checkpoint=/nope", f"--config.input={ct_file}",
                   f"--config.output={tmp_path / 'o.nii.gz'}")
