@@ -14,7 +14,8 @@ def get_config(arg=None):
   c.input = ""
   c.output = ""
   c.region = "abdomen"
-  c.spacing = ()
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
+  c.spacing = ()  # () = the checkpoint's training spacing (resampled there and back); else mm, e.g. (1., 1., 1.)
   c.noise_t = 950  # paper: 950 of 1000
   c.smooth_sigma = 1.0
   c.top_fraction = 0.01

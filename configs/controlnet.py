@@ -24,6 +24,8 @@ def get_config(arg=None):
   c.data.sr_factor = 5
   c.data.phantom.update(num_volumes=12, shape=(96, 96, 96), spacing=(3.0, 3.0, 3.0))
   c.data.phantom.num_lesions = 3 if task == "lesion" else 0
+  # crops centred on a lesion voxel with this probability (MONAI RandCropByPosNegLabeld pos=1, neg=1)
+  c.data.positive_fraction = 0.5 if task == "lesion" else 0.0
   c.optimizer.update(learning_rate=1e-4, warmup_steps=100, schedule="constant")
   c.training.update(batch_size=4, num_steps=10_000, ema_decay=0.999, log_every=50)  # paper: ~10k steps per task
   c.checkpoint.update(every_steps=500)

@@ -14,10 +14,12 @@ def get_config(arg=None):
   c.input = ""
   c.output = ""
   c.region = "abdomen"
-  c.spacing = ()  # () keeps the input grid; else resample to the model's training spacing, e.g. (1., 1., 1.)
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
+  c.spacing = ()  # () = the checkpoint's training spacing (resampled there and back); else mm, e.g. (1., 1., 1.)
   c.method = "diffpir"  # diffpir | partial
   c.noise_sigma_hu = 0.0  # 0: estimate from the image
-  c.lam = 10.0  # DiffPIR lambda (paper: ~10)
-  c.zeta = 0.3
+  c.lam = 10.0  # DiffPIR lambda on DiffPIR's own scale (its sigma in [0, 1] image units; paper: ~10)
+  c.zeta = 0.0  # DiffPIR zeta (MedDiff-FM: unknown); > 0 draws posterior samples, 0 the estimate nearest the posterior mean
+  c.window_margin = 0.02  # estimate within this of a window edge and input beyond it: keep the input HU
   c.output_int16 = True
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=20))

@@ -16,8 +16,10 @@ def get_config(arg=None):
   c.mask = ""
   c.output = ""
   c.region = "abdomen"
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   c.method = "inpaint"  # inpaint (RePaint, scan kept outside the mask) | generate
-  c.resample = 3  # RePaint re-noise rounds per step
+  c.jump_length = 10  # RePaint: jump back up this many grid steps (paper: 10)
+  c.jump_n_sample = 10  # RePaint: times each jump point is revisited (paper: 10; 1 = no resampling)
   c.conditioning_scale = 1.0
   c.dice_threshold_hu = 20.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

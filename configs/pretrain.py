@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       loss_type="l1",
       min_snr_gamma=0.0,  # 0 disables; 5.0 is the usual choice
       cond_drop_prob=0.1,  # classifier-free-guidance dropout of region + structures
+      structure_drop_prob=0.1,  # organ channels only, region kept: the condition of tasks run without labels
+      body_drop_prob=0.3,  # of those, the fraction that also loses the body channel (synthesis without labels)
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -71,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prepared_dir="",
       class_map="",  # optional class_map json; default: the embedded TotalSegmentator map
       patch_size=128,
+      spacing=(),  # mm the model is trained at; () = from the source (phantom / prepared records), saved at start
       use_structures=True,
       structures="grouped",  # grouped: one-hot channels of structure_groups + body | classes: label ids
       # (channel name, TotalSegmentator class-name patterns); first match wins; order = channel order

@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.output = ""
   c.reference = ""
   c.region = "chest"
-  c.spacing = (3.0, 3.0, 3.0)  # the thin target grid (the model's training spacing)
+  c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
+  c.spacing = ()  # the thin output grid in mm; () = the checkpoint's training spacing (sampling always runs there)
   c.conditioning_scale = 1.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

@@ -1,5 +1,5 @@
 """Synthesis: python -m meddiff_jax.main --config=configs/synthesis.py --config.output=OUT.nii.gz
-[--config.shape=(64,64,64)] [--config.structure_mask=LABELS.nii.gz] [--config.guidance_scale=2.0]."""
+[--config.shape=(64,64,64)] [--config.labels=LABELS.nii.gz] [--config.guidance_scale=2.0]."""
 
 import ml_collections
 
@@ -14,8 +14,8 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.shape = (48, 48, 48)
-  c.spacing = (3.0, 3.0, 3.0)  # for the output affine when no structure_mask is given
-  c.structure_mask = ""  # TotalSegmentator label NIfTI: gives shape, affine and anatomy conditions
+  c.spacing = ()  # the sampling grid; () = the checkpoint's training spacing; the output grid without labels
+  c.labels = ""  # TotalSegmentator label NIfTI: extent, affine and anatomy (resampled to `spacing`, result back)
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
   c.sampler = "ddim"
   c.eta = 0.0

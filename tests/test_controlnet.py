@@ -135,7 +135,7 @@ def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
 
   known = jnp.where(keep > 0, x0, 0.9)  # the hole holds garbage
   ts = samplers.make_timesteps(1000, 20, "trailing")
-  out = jax.jit(lambda r: controlled.repaint(oracle, sched, ts, r, known, keep, resample=2))(jax.random.key(0))
+  out = jax.jit(lambda r: controlled.repaint(oracle, sched, ts, r, known, keep, 5, 2))(jax.random.key(0))
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
 
 
@@ -159,7 +159,7 @@ def test_super_resolution_and_lesion_commands(tmp_path):
     proc = subprocess.run(base + ["--config=configs/lesion.py", f"--config.controlnet={work}",
                                   f"--config.input={tmp_path / 'ct.nii.gz'}", f"--config.mask={tmp_path / 'lesion.nii.gz'}",
                                   f"--config.output={out}", f"--config.method={method}", "--config.num_steps=3",
-                                  "--config.resample=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                                  "--config.jump_length=1", "--config.jump_n_sample=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / f"{method}.json").read_text())
     assert 0.0 <= res["dice_threshold_segmentation"] <= 1.0 and res["psnr_outside_mask"] > 0

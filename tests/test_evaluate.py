@@ -445,7 +445,7 @@ def test_denoising_protocol_end_to_end_with_the_tiny_prior(tmp_path):
 @pytest.mark.parametrize("protocol,keys", [
     ("denoising", dict(input="a.nii.gz", output="o.nii.gz", output_int16=False)),
     ("anomaly", dict(input="a.nii.gz", output="o.nii.gz")),
-    ("synthesis", dict(output="o.nii.gz", structure_mask="l.nii.gz")),
+    ("synthesis", dict(output="o.nii.gz", labels="l.nii.gz")),
     ("super_resolution", dict(input="a.nii.gz", output="o.nii.gz", spacing=(1.0, 1.0, 1.0))),
     ("lesion", dict(input="a.nii.gz", mask="m.nii.gz", output="o.nii.gz")),
     ("inpainting", dict(input="a.nii.gz", mask="m.nii.gz", output="o.nii.gz")),

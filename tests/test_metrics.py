@@ -55,3 +55,29 @@ def test_dice():
   a[:2], b[1:3] = True, True
   assert metrics.dice(a, b) == pytest.approx(0.5)
   assert metrics.dice(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_slice_and_pixel_auroc_match_scikit_learn():
+  sk_metrics = pytest.importorskip("sklearn.metrics")
+  rng = np.random.default_rng(3)
+  amaps, truths, bodies = [], [], []
+  for i in range(3):
+    truth = np.zeros((12, 10, 8), bool)
+    if i:
+      truth[3:6, 4:7, 2 + i:4 + i] = True
+    amaps.append(rng.random(truth.shape) + 0.8 * truth)
+    truths.append(truth)
+    bodies.append(np.ones(truth.shape, bool))
+  bodies[0][:, :, 0] = False  # an empty slice scores 0
+  out = metrics.anomaly_aurocs(amaps, truths, bodies, axis=2, top_fraction=0.05)
+  slice_lab = np.concatenate([t.any(axis=(0, 1)) for t in truths])
+  slice_sc = []
+  for a, b in zip(amaps, bodies):
+    for z in range(a.shape[2]):
+      v = np.sort(a[..., z][b[..., z]])[::-1]
+      slice_sc.append(v[: max(1, int(round(0.05 * v.size)))].mean() if v.size else 0.0)
+  assert out["slice_auroc"] == pytest.approx(sk_metrics.roc_auc_score(slice_lab, slice_sc))
+  pix_lab = np.concatenate([t[b] for t, b in zip(truths, bodies)])
+  pix_sc = np.concatenate([a[b] for a, b in zip(amaps, bodies)])
+  assert out["pixel_auroc"] == pytest.approx(sk_metrics.roc_auc_score(pix_lab, pix_sc))
+  assert out["slice_auroc"] > 0.8 and out["pixel_auroc"] > 0.8

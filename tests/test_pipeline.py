@@ -186,7 +186,38 @@ def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
   report = prepare.run(_prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0)))
   assert len(report["prepared"]) == 1, report
   hu, labels, _ = store.PreparedStore(str(tmp_path / "out")).load(0)
-  np.testing.assert_array_equal(np.asarray(labels) == multilevel.LESION_LABEL, p.lesions > 0)
+  organs, lesion = multilevel.split_lesions(np.asarray(labels))
+  np.testing.assert_array_equal(lesion, p.lesions > 0)
+  np.testing.assert_array_equal(organs, p.labels)  # the organ under a lesion is kept
   sample = multilevel.make_sample(np.asarray(hu), np.asarray(labels), 2, 8, np.random.default_rng(0),
                                   operation="whole", hint="lesion")
   assert set(np.unique(sample["hint"])) <= {-1.0, 1.0}
+
+
+def test_prepare_stores_a_real_low_resolution_partner_for_sr(tmp_path):
+  """Manifest column `lowres`: a thick-slice scan of the same extent, stored on the prepared grid; the SR
+  hint of a training sample is then that scan, not the simulated degradation."""
+  src = tmp_path / "in"
+  src.mkdir()
+  p = phantom.make_phantom((24, 24, 30), (6.0, 6.0, 6.0), "chest", seed=4)
+  thin = nifti.Volume(np.round(p.hu), p.affine)
+  nifti.save(thin, src / "ct.nii.gz", np.int16)
+  thick = nifti.resample(thin, (6.0, 6.0, 30.0), order=1)
+  nifti.save(thick, src / "ct_thick.nii.gz", np.int16)
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("image,region,lowres\nct.nii.gz,chest,ct_thick.nii.gz\n")
+  report = prepare.run(_prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0)))
+  assert len(report["prepared"]) == 1, report
+  st = store.PreparedStore(str(tmp_path / "out"))
+  lowres = np.asarray(st.load_lowres(0))
+  hu = np.asarray(st.load(0)[0])
+  assert lowres.shape == hu.shape
+  # the partner is smoother along z than the thin scan, and agrees with it on average
+  assert np.abs(np.diff(lowres, axis=2)).mean() < 0.7 * np.abs(np.diff(hu, axis=2)).mean()
+  assert abs(lowres.mean() - hu.mean()) < 20
+  sample = pipeline.MultiLevelSample(st, 8, None, 0, (0, 0, 1), hint="lowres")(0, np.random.default_rng(0))
+  box = sample["pos_box"]
+  start = np.round((box[:, 0] + 1) / 2 * (np.array(hu.shape) - 1)).astype(int)
+  crop = tuple(slice(a, a + 8) for a in start)
+  np.testing.assert_allclose(sample["hint"][..., 0], preprocess.hu_to_unit(lowres[crop].astype(np.float32), 1),
+                             atol=1e-5)

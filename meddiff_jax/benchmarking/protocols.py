@@ -223,7 +223,7 @@ def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
     if not config.skip_model:
       out = os.path.join(d, "generated.nii.gz")
       adapters.run_task("synthesis", config, output=out,
-                        structure_mask=_as_nifti(labels, case.paths["labels"], os.path.join(d, "labels.nii.gz")))
+                        labels=_as_nifti(labels, case.paths["labels"], os.path.join(d, "labels.nii.gz")))
       gen = nifti.load(out)
       images[MODEL] = (gen.data, out)
     if extractor is not None:

@@ -55,21 +55,48 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int, dtype: np.dty
   return out
 
 
-def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """(start, size) in voxels of the region the operation reads."""
+def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.random.Generator,
+               centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(start, size) in voxels of the region the operation reads; `centre`: a voxel the crop must hold
+  (a positive crop, MONAI RandCropByPosNegLabeld-style), placed at the crop centre where the volume allows."""
   shape_arr = np.array(shape)
   if operation == "whole":
     return np.zeros(3, np.int64), shape_arr
   size = np.full(3, patch * (2 if operation == "zoom2" else 1))
   if operation not in ("zoom2", "patch"):
     raise ValueError(f"unknown multi-level operation {operation!r}; choose from {OPERATIONS}")
+  if centre is not None:
+    return np.array([int(np.clip(m - c // 2, 0, s - c)) if s >= c else -((c - s) // 2)
+                     for m, s, c in zip(centre, shape_arr, size)]), size
   # Uniform start over positions that keep the crop inside; centred when the volume is smaller.
   start = np.array([rng.integers(0, s - c + 1) if s >= c else -((c - s) // 2) for s, c in zip(shape_arr, size)])
   return start, size
 
 
-LESION_LABEL = 255  # lesion voxels in a label map (phantom lesions, user lesion masks)
+LESION_LABEL = 255  # legacy lesion voxels (organ underneath unknown)
+LESION_OFFSET = 1024  # a lesion voxel stores its organ label + LESION_OFFSET: the organ channel stays intact
+
+
+def with_lesions(labels: np.ndarray | None, lesion: np.ndarray) -> np.ndarray:
+  """A label map carrying a lesion mask without losing the organ under the lesion."""
+  base = np.zeros(lesion.shape, np.int16) if labels is None else np.asarray(labels).astype(np.int16)
+  return np.where(np.asarray(lesion) > 0, base % LESION_OFFSET + LESION_OFFSET, base).astype(np.int16)
+
+
+def split_lesions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(organ labels, lesion mask) from a label map written by `with_lesions` (or the legacy LESION_LABEL)."""
+  labels = np.asarray(labels)
+  lesion = (labels >= LESION_OFFSET) | (labels == LESION_LABEL)
+  organs = np.where(labels >= LESION_OFFSET, labels - LESION_OFFSET, np.where(labels == LESION_LABEL, 0, labels))
+  return organs.astype(labels.dtype if labels.dtype.kind == "i" else np.int16), lesion
+
+
+def lesion_coordinates(labels: np.ndarray | None, max_points: int = 4096) -> np.ndarray:
+  """(n, 3) lesion voxel indices (evenly thinned to max_points): the centres of positive crops."""
+  if labels is None:
+    return np.zeros((0, 3), np.int64)
+  pts = np.argwhere(split_lesions(labels)[1])
+  return pts[:: max(1, len(pts) // max_points)]
 
 
 def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
@@ -94,18 +121,30 @@ def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
 def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: int, rng: np.random.Generator, *,
                 operation: str | None = None, lut: np.ndarray | None = None, num_groups: int = 0,
                 operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), hint: str = "",
-                sr_factor: int = 5, structure_labels: bool = False) -> dict[str, np.ndarray]:
+                sr_factor: int = 5, structure_labels: bool = False, positive_fraction: float = 0.0,
+                positive_coords: np.ndarray | None = None, lowres: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """One training sample from a HU volume (and optional TotalSegmentator label map).
 
   Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
   structures (P,P,P,K+1) uint8 if lut is given, operation () int32, and for ControlNet a `hint`
   (P,P,P,1) float32: 'lowres' the thick-slice version of the image, 'lesion' the lesion mask).
+  positive_fraction: the probability that a crop is centred on a voxel of `positive_coords` (lesions), as
+  MONAI's RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
+  lowres: a real low-resolution partner of `hu` on its grid (HU; thick slices interpolated onto the thin
+  grid). Without one the 'lowres' hint is simulated: `sr_factor` native slices averaged (what a thick
+  acquisition at the training spacing gives, and what inference's trilinear upsampling of a real thick
+  scan looks like), computed at native resolution *before* the multi-level resize, as inference sees it.
   """
   if operation is None:
     operation = OPERATIONS[rng.choice(3, p=np.asarray(operation_probs) / np.sum(operation_probs))]
-  start, size = choose_box(hu.shape, patch, operation, rng)
+  centre = None
+  if positive_fraction > 0 and positive_coords is not None and len(positive_coords) and operation != "whole":
+    if rng.random() < positive_fraction:
+      centre = positive_coords[rng.integers(len(positive_coords))]
+  start, size = choose_box(hu.shape, patch, operation, rng, centre)
   target = (patch,) * 3
-  hu_crop = resize(crop_padded(hu, start, size, fill=-1000.0), target, order=1, dtype=np.float32)
+  native = crop_padded(hu, start, size, fill=-1000.0)
+  hu_crop = resize(native, target, order=1, dtype=np.float32)
   box = np.array([[axis_coordinate(s, n), axis_coordinate(s + c - 1, n)] for s, c, n in zip(start, size, hu.shape)],
                  np.float32)
   sample = {
@@ -117,13 +156,20 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
   lab = None
   if labels is not None and (lut is not None or hint == "lesion"):
     lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
+  organs, lesion = split_lesions(lab) if lab is not None else (None, None)
   if lut is not None:  # structure_labels: one label-id channel (num_groups = number of classes)
     encode = preprocess.structure_labels if structure_labels else preprocess.structure_channels
-    sample["structures"] = encode(lab, hu_crop, lut, num_groups)
+    sample["structures"] = encode(organs, hu_crop, lut, num_groups)
   if hint == "lowres":
-    sample["hint"] = thick_slices(sample["image"], sr_factor, axis=2)
+    if lowres is not None:
+      if lowres.shape != hu.shape:
+        raise ValueError(f"low-resolution partner shape {lowres.shape} != image shape {hu.shape}")
+      thick = crop_padded(lowres, start, size, fill=-1000.0)
+    else:
+      thick = thick_slices(np.asarray(native, np.float32), sr_factor, axis=2)
+    sample["hint"] = preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)[..., None]
   elif hint == "lesion":
-    mask = np.zeros(target, np.float32) if lab is None else (lab == LESION_LABEL).astype(np.float32)
+    mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
     sample["hint"] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
   elif hint:
     raise ValueError(f"unknown ControlNet hint {hint!r}; choose lowres or lesion")

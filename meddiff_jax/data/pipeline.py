@@ -31,7 +31,7 @@ class PhantomStore:
 
   def __init__(self, num_volumes: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
                seed: int = 0, num_lesions: int = 0):
-    """num_lesions > 0: lesions are written into the label map as multilevel.LESION_LABEL."""
+    """num_lesions > 0: lesions are written into the label map with `multilevel.with_lesions` (organs kept)."""
     self.num_volumes, self.shape, self.spacing = num_volumes, tuple(shape), tuple(spacing)
     self.seed, self.num_lesions = seed, num_lesions
 
@@ -45,7 +45,7 @@ class PhantomStore:
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     region = preprocess.REGIONS[index % 3]
     p = phantom.make_phantom(self.shape, self.spacing, region, self.seed + index, self.num_lesions)
-    labels = np.where(p.lesions > 0, multilevel.LESION_LABEL, p.labels).astype(np.int16) if self.num_lesions else p.labels
+    labels = multilevel.with_lesions(p.labels, p.lesions) if self.num_lesions else p.labels
     return p.hu, labels, preprocess.region_id(region)
 
 
@@ -75,6 +75,10 @@ class SubsetStore:
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     return self.base.load(self.indices[index])
 
+  def load_lowres(self, index: int) -> np.ndarray | None:
+    fn = getattr(self.base, "load_lowres", None)
+    return fn(self.indices[index]) if fn else None
+
 
 def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, VolumeStore]:
   """Train / validation stores: the prepared store's recorded patient splits (train trains, val validates,
@@ -101,16 +105,46 @@ class MultiLevelSample:
 
   def __init__(self, store: VolumeStore, patch_size: int, lut: np.ndarray | None, num_groups: int,
                operation_probs: tuple[float, float, float], hint: str = "", sr_factor: int = 5,
-               structure_labels: bool = False):
+               structure_labels: bool = False, positive_fraction: float = 0.0):
     self.store, self.patch_size, self.lut, self.num_groups = store, patch_size, lut, num_groups
     self.operation_probs, self.hint, self.sr_factor = tuple(operation_probs), hint, sr_factor
     self.structure_labels = structure_labels
+    self.positive_fraction = positive_fraction
+    self._coords: dict[int, np.ndarray] = {}  # lesion voxels per volume, for positive crops
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     hu, labels, region = self.store.load(int(index))
+    coords = None
+    if self.positive_fraction > 0:
+      if int(index) not in self._coords:
+        self._coords[int(index)] = multilevel.lesion_coordinates(labels)
+      coords = self._coords[int(index)]
+    lowres = None
+    if self.hint == "lowres" and hasattr(self.store, "load_lowres"):
+      lowres = self.store.load_lowres(int(index))  # a real partner when the manifest had one
     return multilevel.make_sample(hu, labels, region, self.patch_size, rng, lut=self.lut,
                                   num_groups=self.num_groups, operation_probs=self.operation_probs,
-                                  hint=self.hint, sr_factor=self.sr_factor, structure_labels=self.structure_labels)
+                                  hint=self.hint, sr_factor=self.sr_factor, structure_labels=self.structure_labels,
+                                  positive_fraction=self.positive_fraction,
+                                  positive_coords=coords, lowres=None if lowres is None else np.asarray(lowres))
+
+
+def training_spacing(data_config: Any, store: Any = None) -> tuple[float, float, float] | None:
+  """The voxel size (mm) a model is trained at: data.spacing if set, else the phantom spacing, else the
+  one spacing of the prepared records (None when unknown or mixed). Training writes it into data.spacing,
+  so checkpoints carry it and tasks run the network at that scale."""
+  if data_config.get("spacing"):
+    return tuple(float(s) for s in data_config.spacing)
+  if data_config.get("source") == "phantom":
+    return tuple(float(s) for s in data_config.phantom.spacing)
+  records = getattr(store, "records", None)
+  if records is None and data_config.get("prepared_dir"):
+    import os
+
+    from meddiff_jax.data import store as store_lib
+    records = store_lib.read_records(data_config.prepared_dir) if os.path.isdir(data_config.prepared_dir) else []
+  spacings = {tuple(round(float(s), 4) for s in r["spacing"]) for r in records or [] if "spacing" in r}
+  return spacings.pop() if len(spacings) == 1 else None
 
 
 def structure_lut(data_config: Any) -> tuple[np.ndarray | None, int]:
@@ -159,7 +193,8 @@ def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed:
         .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
                                      tuple(data_config.operation_probs), data_config.get("hint", ""),
                                      data_config.get("sr_factor", 5),
-                                     lut is not None and structures_as_labels(data_config)), seed=seed)
+                                     lut is not None and structures_as_labels(data_config),
+                                     data_config.get("positive_fraction", 0.0)), seed=seed)
         .batch(batch_size // process_count, drop_remainder=True))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
                                                prefetch_buffer_size=data_config.prefetch))

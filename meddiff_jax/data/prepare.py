@@ -55,9 +55,11 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dict[str, dict[str, str]]:
-  """CSV (columns: image, region[, mask][, parent][, lesion][, patient][, split]) or JSON list of such objects; paths relative to
+  """CSV (columns: image, region[, mask][, parent][, lesion][, lowres][, patient][, split]) or JSON list of such objects; paths relative to
   input_dir (an image may be a DICOM series folder). `lesion`: a lesion mask on the image grid, merged into
-  the label map as LESION_LABEL (what ControlNet lesion fine-tuning reads). Raises ValueError (one line) on
+  the label map by multilevel.with_lesions, organs kept (ControlNet lesion fine-tuning); `lowres`: a real
+  low-resolution scan of the same patient and extent (e.g. RPLHR-CT's 5 mm partner), stored interpolated onto
+  the prepared grid (ControlNet SR fine-tuning uses it instead of simulated thick slices). Raises ValueError (one line) on
   an empty manifest, a wrong JSON shape, a row without an image, an image listed twice, or a path outside
   input_dir unless allow_outside."""
   try:
@@ -95,6 +97,7 @@ def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dic
     entries[image] = {"region": str(row.get("region") or ""), "mask": resolve(str(row.get("mask") or ""), "mask"),
                       "parent": resolve(str(row.get("parent") or ""), "parent"),
                       "lesion": resolve(str(row.get("lesion") or ""), "lesion"),
+                      "lowres": resolve(str(row.get("lowres") or ""), "lowres"),
                       **{k: str(row.get(k) or "") for k in recipes.EXTRA_COLUMNS}}
   return entries
 
@@ -154,7 +157,7 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
       candidate = os.path.join(config.mask_dir, os.path.basename(image))
       mask = candidate if os.path.exists(candidate) else ""
     job = {"image": image, "region": entry["region"] or config.default_region, "mask": mask,
-           "parent": entry["parent"], "lesion": entry.get("lesion", ""),
+           "parent": entry["parent"], "lesion": entry.get("lesion", ""), "lowres": entry.get("lowres", ""),
            "id": volume_id(image, input_dir, entry.get("series_uid", "")),
            **recipes.job_extras(entry, image, input_dir, config)}
     if "dicom_files" in entry:
@@ -206,6 +209,20 @@ def _die_with_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
+def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """`volume` sampled (trilinear, by the exact voxel-to-voxel affine) at the voxels of another grid; -1024 HU
+  outside. A partner scan that does not cover the grid is refused."""
+  from scipy import ndimage
+
+  m = np.linalg.inv(volume.affine) @ np.asarray(affine)
+  corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+  src = (m @ corners.T)[:3].T
+  if np.any(src < -1.0) or np.any(src > np.array(volume.shape) + 0.0):
+    raise ValueError(f"{volume.path}: the low-resolution partner does not cover the image's extent")
+  return ndimage.affine_transform(np.asarray(volume.data, np.float32), m[:3, :3], offset=m[:3, 3], output_shape=shape,
+                                  order=1, mode="nearest", prefilter=False)
+
+
 def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, float, float],
                 options: nifti.ReadOptions | None = None) -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
@@ -226,9 +243,8 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
     if job.get("lesion"):
       lesion = nifti.load(job["lesion"], is_mask=True, options=options)
       nifti.check_same_grid(image, lesion)
-      base = labels.data if labels is not None else np.zeros(image.shape, np.int16)
-      labels = nifti.Volume(np.where(lesion.data > 0, multilevel.LESION_LABEL, base).astype(np.int16), image.affine,
-                            lesion.path)
+      labels = nifti.Volume(multilevel.with_lesions(None if labels is None else labels.data, lesion.data),
+                            image.affine, lesion.path)
     original_spacing = image.spacing
     image.data = np.clip(image.data, *HU_CLIP)
     # one sub-volume per region: the given region, or head_neck / chest / abdomen cut at mask landmarks
@@ -241,17 +257,24 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
       image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
       if labels is not None:
         labels = nifti.resample(labels, spacing, order=0, fill=0)
+      lowres = None
+      if job.get("lowres"):
+        partner = nifti.load(job["lowres"], options=options)
+        nifti.check_ct(partner, assume_hu=options.assume_hu)
+        lowres = onto_grid(partner, image.affine, image.shape)
       if min(image.shape) < options.min_side_voxels:
         raise nifti.VolumeError(job["image"], f"only {image.shape} voxels at {spacing} mm, thinner than "
                                 f"limits.min_side_voxels={options.min_side_voxels}")
       meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
-              "region": part.region, "job_id": job["id"], "patient": job.get("patient") or job["id"],
+              "lowres_source": job.get("lowres") or None, "region": part.region, "job_id": job["id"],
+              "patient": job.get("patient") or job["id"],
               "split": job.get("split") or "train", "dataset": job.get("dataset", ""),
               "source_index_range": list(part.index_range) if split_scan else None,
               "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
               "hu_range": [float(image.data.min()), float(image.data.max())]}
       vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
-      store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta)
+      store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta,
+                         lowres=None if lowres is None else np.round(lowres))
       ids.append(vid)
     return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
             "seconds": round(time.perf_counter() - t0, 2)}

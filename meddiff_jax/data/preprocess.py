@@ -87,6 +87,11 @@ def group_lookup(class_map: Mapping[int, str], groups: Mapping[str, Sequence[str
   return lut
 
 
+def body_mask(hu: np.ndarray) -> np.ndarray:
+  """The body channel: HU > BODY_THRESHOLD_HU. The one definition training and every task use."""
+  return np.asarray(hu) > BODY_THRESHOLD_HU
+
+
 def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarray, num_groups: int) -> np.ndarray:
   """(…, num_groups + 1) uint8: one-hot structure groups from a label map, then the body mask."""
   out = np.zeros(hu.shape + (num_groups + 1,), np.uint8)
@@ -97,7 +102,7 @@ def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarra
     group = lut[safe]
     for g in range(num_groups):
       out[..., g] = group == g + 1
-  out[..., num_groups] = hu > BODY_THRESHOLD_HU
+  out[..., num_groups] = body_mask(hu)
   return out
 
 

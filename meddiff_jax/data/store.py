@@ -25,7 +25,7 @@ def record_path(output_dir: str, volume_id: str) -> str:
 
 
 def write_record(output_dir: str, volume_id: str, hu: np.ndarray, labels: np.ndarray | None,
-                 meta: dict[str, Any]) -> dict[str, Any]:
+                 meta: dict[str, Any], lowres: np.ndarray | None = None) -> dict[str, Any]:
   """Write arrays then the JSON record (tmp + rename: a crash never leaves a record without data)."""
   os.makedirs(output_dir, exist_ok=True)
   image_file = volume_id + ".image.npy"
@@ -34,6 +34,9 @@ def write_record(output_dir: str, volume_id: str, hu: np.ndarray, labels: np.nda
   if labels is not None:
     record["labels"] = volume_id + ".labels.npy"
     np.save(os.path.join(output_dir, record["labels"]), labels.astype(np.uint8 if labels.max() < 256 else np.int16))
+  if lowres is not None:  # a real low-resolution partner on the same grid (SR fine-tuning)
+    record["lowres"] = volume_id + ".lowres.npy"
+    np.save(os.path.join(output_dir, record["lowres"]), lowres.astype(np.int16))
   tmp = record_path(output_dir, volume_id) + ".tmp"
   with open(tmp, "w") as f:
     json.dump(record, f, indent=1)
@@ -77,3 +80,8 @@ class PreparedStore:
     hu = np.load(os.path.join(self.directory, rec["image"]), mmap_mode="r")
     labels = np.load(os.path.join(self.directory, rec["labels"]), mmap_mode="r") if rec.get("labels") else None
     return hu, labels, regions.training_region_id(rec.get("region", "unknown"), rec["id"])
+
+  def load_lowres(self, index: int) -> np.ndarray | None:
+    """The real low-resolution partner on the image grid, or None (the SR hint is then simulated)."""
+    rec = self.records[index]
+    return np.load(os.path.join(self.directory, rec["lowres"]), mmap_mode="r") if rec.get("lowres") else None

@@ -85,10 +85,38 @@ def start_index(timesteps: jax.Array, t_start: jax.Array) -> jax.Array:
   return jnp.sum(timesteps > t_start).astype(jnp.int32)
 
 
+def partial_timesteps(t_start: int, num_steps: int) -> np.ndarray:
+  """Descending grid that starts exactly at t_start and ends at 0, about `num_steps` long.
+
+  Partial diffusion (SDEdit, DiffPIR, the anomaly reconstruction) must spend its steps below t*; a
+  "leading" grid over all T would keep only the few steps under t*.
+  """
+  t_start = int(t_start)
+  if t_start < 0:
+    return np.zeros((0,), np.int32)
+  n = max(1, min(int(num_steps), t_start + 1))
+  return np.unique(np.round(np.linspace(0, t_start, n)).astype(np.int32))[::-1].copy()
+
+
+def noise_matched_start(schedule: schedules.Schedule, y: jax.Array, t: jax.Array, noise: jax.Array,
+                        input_sigma: float | jax.Array = 0.0) -> jax.Array:
+  """x_t from an observation y = x0 + sigma_y n that already carries Gaussian noise of std sigma_y.
+
+  x_t = sqrt(abar_t) y + sqrt(max(0, 1 - abar_t - abar_t sigma_y^2)) z has exactly the noise level of
+  q(x_t | x0): noise is only added for what y lacks (none when t is y's own level). With sigma_y = 0
+  this is q_sample. DiffPIR's code uses sqrt(abar_t / abar_ty) y (y read as x_{t_y}); that keeps a
+  signal scale off by sqrt(abar_ty), under 2% for CT noise levels.
+  """
+  abar = schedules.alpha_bar(schedule, t, y.ndim)
+  extra = jnp.maximum(schedules.one_minus_alpha_bar(schedule, t, y.ndim) - abar * jnp.square(input_sigma), 0.0)
+  return jnp.sqrt(abar) * y + jnp.sqrt(extra) * noise
+
+
 def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array,
            x_init: jax.Array, *, t_start: jax.Array | None = None, method: str = "ddim",
            eta: float | jax.Array = 0.0, prediction_type: str = "epsilon", clip_x0: bool = True,
-           variance_type: str = "fixed_small", progress: Callable[[jax.Array], None] | None = None) -> jax.Array:
+           variance_type: str = "fixed_small", progress: Callable[[jax.Array], None] | None = None,
+           input_sigma: float | jax.Array = 0.0) -> jax.Array:
   """Run the reverse process.
 
   Args:
@@ -96,9 +124,12 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
     schedule: noise tables.
     timesteps: static descending sequence (see `make_timesteps`).
     rng: PRNG key.
-    x_init: with t_start None, the initial x_T (pure noise); otherwise the clean input that is first
-      noised to the first timestep <= t_start (partial diffusion, SDEdit-style).
-    t_start: traced scalar start timestep, or None to run the whole sequence.
+    x_init: with t_start None, the initial x_T (pure noise); otherwise the input that is first noised
+      to exactly t_start (partial diffusion, SDEdit-style), counting the noise it already carries
+      (`input_sigma`, data scale; see `noise_matched_start`).
+    t_start: traced scalar start timestep, or None to run the whole sequence. The first step goes from
+      t_start to the grid's first timestep below it; use `partial_timesteps` for a grid that starts at
+      t_start so that all steps are spent below it.
     method: "ddim" or "ddpm".
     progress: host callback called with the step index after every step (e.g. a progress bar).
 
@@ -108,23 +139,31 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
   if method not in ("ddim", "ddpm"):
     raise ValueError(f"sampler method {method!r}; choose ddim or ddpm")
   ts = jnp.asarray(timesteps, jnp.int32)
-  prev = jnp.asarray(previous_timesteps(np.asarray(timesteps)), jnp.int32)
   n = x_init.shape[0]
   rng, init_rng = jax.random.split(rng)
+  # Step e runs ts_ext[e] -> prev_ext[e] with ts_ext = [t_start, ts] and prev_ext = [ts, -1].
   if t_start is None:
-    first = jnp.int32(0)
+    first = jnp.int32(1)
+    t_first = ts[0]
     x = x_init
   else:
-    first = start_index(ts, jnp.asarray(t_start))
-    first_t = jnp.full((n,), ts[jnp.minimum(first, ts.shape[0] - 1)])
-    noised = schedules.q_sample(schedule, x_init, first_t, jax.random.normal(init_rng, x_init.shape, x_init.dtype))
-    x = jnp.where(first < ts.shape[0], noised, x_init)  # t_start below every timestep: nothing to do
+    t_first = jnp.asarray(t_start, jnp.int32)
+    above = start_index(ts, t_first)  # grid points above t_start are skipped
+    on_grid = (above < ts.shape[0]) & (ts[jnp.minimum(above, ts.shape[0] - 1)] == t_first)
+    first = above + on_grid.astype(jnp.int32)  # off the grid: one extra step t_start -> ts[above]
+    noised = noise_matched_start(schedule, x_init, jnp.full((n,), t_first),
+                                 jax.random.normal(init_rng, x_init.shape, x_init.dtype), input_sigma)
+    x = jnp.where(t_first >= 0, noised, x_init)  # t_start < 0: nothing to do
+    first = jnp.where(t_first >= 0, first, ts.shape[0] + 1)
+  ts_ext = jnp.concatenate([ts[:1], ts])
+  prev_ext = jnp.append(ts, -1).astype(jnp.int32)
 
-  def body(i, carry):
+  def body(e, carry):
     x, rng = carry
+    i = jnp.maximum(e - 1, 0)
     rng, step_rng = jax.random.split(rng)
-    t = jnp.full((n,), ts[i])
-    t_prev = jnp.full((n,), prev[i])
+    t = jnp.full((n,), jnp.where(e == first, t_first, ts_ext[e]))
+    t_prev = jnp.full((n,), prev_ext[e])
     out = denoise_fn(x, t)
     noise = jax.random.normal(step_rng, x.shape, x.dtype)
     if method == "ddim":
@@ -136,7 +175,7 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
       jax.debug.callback(progress, i)
     return x, rng
 
-  x, _ = jax.lax.fori_loop(first, ts.shape[0], body, (x, rng))
+  x, _ = jax.lax.fori_loop(first, ts.shape[0] + 1, body, (x, rng))
   return x
 
 
@@ -152,6 +191,26 @@ def null_condition(cond: dict[str, jax.Array], num_regions: int) -> dict[str, ja
   if "structures" in null:
     null["structures"] = jnp.zeros_like(null["structures"])
   return null
+
+
+def drop_organ_structures(cond: dict[str, jax.Array], drop: jax.Array,
+                          drop_body: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Zero the organ channels of `structures` (all but the last, the body mask) where `drop` is True, and the
+  body channel too where `drop_body` is also True; the region is kept.
+
+  Training with this teaches the conditions tasks use without a label map: body from the HU with the
+  organs unknown (denoise, anomaly, SR, lesion), or no anatomy at all with a real region (synthesis
+  without labels).
+  """
+  if "structures" not in cond:
+    return cond
+  s = cond["structures"]
+  expand = lambda m: m.reshape(m.shape + (1,) * (s.ndim - 1))
+  organs = jnp.where(expand(drop), jnp.zeros_like(s[..., :-1]), s[..., :-1])
+  body = s[..., -1:]
+  if drop_body is not None:
+    body = jnp.where(expand(drop & drop_body), jnp.zeros_like(body), body)
+  return dict(cond, structures=jnp.concatenate([organs, body], axis=-1))
 
 
 def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Array], num_regions: int,

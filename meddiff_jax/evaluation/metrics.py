@@ -113,3 +113,38 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
   a, b = np.asarray(a, bool), np.asarray(b, bool)
   denom = a.sum() + b.sum()
   return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
+
+
+def slice_scores(amap: np.ndarray, body: np.ndarray | None = None, axis: int = 2,
+                 top_fraction: float = 0.01) -> np.ndarray:
+  """Per-2D-slice anomaly scores (BMAD scores slices): the mean of the top `top_fraction` of the map inside
+  the body in each slice along `axis` (0 for a slice without body voxels)."""
+  amap = np.moveaxis(np.asarray(amap, np.float64), axis, 0)
+  body = np.ones(amap.shape, bool) if body is None else np.moveaxis(np.asarray(body, bool), axis, 0)
+  out = np.zeros(amap.shape[0], np.float64)
+  for i, (a, b) in enumerate(zip(amap, body)):
+    values = a[b]
+    if values.size:
+      k = max(1, int(round(top_fraction * values.size)))
+      out[i] = np.mean(np.partition(values, values.size - k)[-k:])
+  return out
+
+
+def anomaly_aurocs(amaps: list[np.ndarray], truths: list[np.ndarray], bodies: list[np.ndarray] | None = None,
+                   axis: int = 2, top_fraction: float = 0.01) -> dict[str, float]:
+  """Slice-level and pixel-level AUROC over a set of volumes (BMAD's two levels; the volume score is
+  `volume_score`). A slice is positive when it holds a lesion voxel; pixels are scored inside the body.
+  A level whose labels are all one class is reported as NaN."""
+  bodies = bodies if bodies is not None else [np.ones(np.shape(a), bool) for a in amaps]
+  s_lab, s_score, p_lab, p_score = [], [], [], []
+  for amap, truth, body in zip(amaps, truths, bodies):
+    truth, body = np.asarray(truth, bool), np.asarray(body, bool)
+    s_lab.append(np.moveaxis(truth, axis, 0).reshape(truth.shape[axis], -1).any(axis=1))
+    s_score.append(slice_scores(amap, body, axis, top_fraction))
+    p_lab.append(truth[body])
+    p_score.append(np.asarray(amap)[body])
+  out = {}
+  for name, lab, score in (("slice_auroc", s_lab, s_score), ("pixel_auroc", p_lab, p_score)):
+    lab, score = np.concatenate(lab), np.concatenate(score)
+    out[name] = auroc(lab, score) if 0 < lab.sum() < lab.size else float("nan")
+  return out

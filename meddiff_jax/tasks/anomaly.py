@@ -1,8 +1,9 @@
 """Zero-shot anomaly detection: noise the scan to t (paper: 950 of 1000), reconstruct a "healthy" version
 with the prior, and score the residual.
 
-voxel map: |x - recon| smoothed (Gaussian) and zeroed outside the body; volume score: mean of the top
-`top_fraction` of the map inside the body.
+voxel map (pixel level): |x - recon| smoothed (Gaussian) and zeroed outside the body; volume score: mean of the top
+`top_fraction` of the map inside the body; slice scores: the same per 2D slice (BMAD's levels,
+evaluation/metrics.anomaly_aurocs).
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ def volume_score(amap: np.ndarray, body: np.ndarray | None = None, top_fraction:
   return float(np.mean(np.partition(values, values.size - k)[-k:]))
 
 
-def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: np.ndarray | None = None) -> np.ndarray:
+def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: np.ndarray | None = None,
+                frame: tuple[slice, ...] | None = None) -> np.ndarray:
   """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume."""
   from meddiff_jax.tasks import common
   from meddiff_jax.train import sharding
 
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config)
-    run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, jnp.int32(config.noise_t),
+    fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config, frame=frame)
+    # the grid starts at noise_t itself (paper: 950), every step is spent below it
+    run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),
                                                          config.num_steps, r, progress=bar))
     out = np.asarray(run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed)))
   bar.close()
@@ -56,17 +59,24 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.tasks import common, sliding_window
 
   pre = common.load_pretrained(config.checkpoint)
-  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None,
-                                  config)
+  original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
   region = preprocess.region_id(config.region)
   y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  recon = reconstruct(pre, y, region, config, common.structure_volume(pre, None, None, y.shape))[crop]
-  body = work.data > preprocess.BODY_THRESHOLD_HU
+  structures = common.structure_volume(pre, common.load_labels(config.labels, original, work), work.data,
+                                       pre.patch_size)
+  recon = reconstruct(pre, y, region, config, structures, crop)[crop]
+  body = preprocess.body_mask(work.data)
   amap = anomaly_map(y[crop], recon, body, config.smooth_sigma)
   score = volume_score(amap, body, config.top_fraction)
-  common.save_like_input(common.back_to_input_grid(amap, work, original), original, config.output, np.float32,
-                         f"meddiff anomaly map ({config.checkpoint})")
-  result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t)}
+  amap_input = common.back_to_input_grid(amap, work, original)
+  common.save_like_input(amap_input, original, config.output, np.float32, f"meddiff anomaly map ({config.checkpoint})")
+  from meddiff_jax.evaluation import metrics
+
+  # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score
+  slices = metrics.slice_scores(amap_input, preprocess.body_mask(original.data), axis=2,
+                                top_fraction=config.top_fraction)
+  result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t),
+            "slice_scores": [float(v) for v in slices]}
   with open(config.output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
     json.dump(result, f, indent=1)
   return result

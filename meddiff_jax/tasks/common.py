@@ -107,16 +107,54 @@ def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):
   return fn
 
 
-def structure_volume(pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray | None, shape) -> np.ndarray | None:
-  """(X, Y, Z, K) uint8 structure channels the model expects, from a label map (zeros when absent)."""
+def structure_volume(pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray,
+                     pad_to: int | None = None) -> np.ndarray | None:
+  """(X, Y, Z, K+1) uint8 structure channels exactly as training builds them (`preprocess.structure_channels`).
+
+  The body channel always comes from the HU (HU > BODY_THRESHOLD_HU, the training definition). The organ
+  channels come from a TotalSegmentator label map (`--config.labels`); without one they are all zero,
+  the "organs unknown" condition that training produces with structure-only dropout
+  (`diffusion.structure_drop_prob`): never all channels zero next to a real region, which training never
+  shows. `pad_to`: pad like the image (`sliding_window.pad_to_window`), zeros outside the volume.
+  """
   if not pre.spec.structure_channels:
     return None
+  if hu is None:
+    raise ValueError("structure_volume needs the HU volume: the body channel is computed from it as in training")
   lut, groups = pipeline.structure_lut(pre.config.data)
-  if labels is None and hu is None:
-    return np.zeros(tuple(shape) + (pre.spec.structure_channels,), np.uint8)
-  hu = hu if hu is not None else np.full(shape, 0.0, np.float32)
   encode = preprocess.structure_labels if pipeline.structures_as_labels(pre.config.data) else preprocess.structure_channels
-  return encode(labels, hu, lut, groups)
+  out = encode(labels, np.asarray(hu), lut, groups)
+  if out.shape[-1] != pre.spec.structure_channels:
+    raise ValueError(f"the checkpoint expects {pre.spec.structure_channels} structure channels, the label "
+                     f"grouping gives {out.shape[-1]}")
+  if pad_to:
+    out, _ = sliding_window.pad_to_window(out, pad_to, 0)
+  return out
+
+
+def task_spacing(pre: Pretrained, config: Any) -> tuple[float, float, float] | None:
+  """The working voxel size: `--config.spacing` when given, else the checkpoint's training spacing (the
+  network is only right at the scale it learned); None (the input's own grid) when neither is known."""
+  if config.get("spacing"):
+    return tuple(float(s) for s in config.spacing)
+  return pipeline.training_spacing(pre.config.data)
+
+
+def load_labels(path: str, original: nifti.Volume, work: nifti.Volume) -> np.ndarray | None:
+  """A TotalSegmentator label map (`--config.labels`) on the input's grid, moved to the working grid (nearest)."""
+  if not path:
+    return None
+  labels = nifti.load(path, is_mask=True)
+  try:
+    nifti.check_same_grid(original, labels)
+  except ValueError as e:
+    raise ValueError(f"--config.labels={path!r}: {e}") from None
+  if work.shape == original.shape and np.allclose(work.affine, original.affine):
+    return labels.data
+  moved = nifti.resample(labels, work.spacing, order=0, fill=0.0).data
+  if moved.shape != work.shape:
+    raise ValueError(f"--config.labels={path!r}: resampled to {moved.shape}, the image to {work.shape}")
+  return moved
 
 
 def window_batch(config: Any) -> int:
@@ -156,12 +194,15 @@ def save_like_input(values_ras: np.ndarray, original: nifti.Volume, path: str, d
 
 
 def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np.ndarray | None, config: Any,
-                      guidance_scale: jax.Array | None = None, hint: np.ndarray | None = None, apply_fn=None):
+                      guidance_scale: jax.Array | None = None, hint: np.ndarray | None = None, apply_fn=None,
+                      frame: tuple[slice, ...] | None = None):
   """(x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume, windows over devices.
 
   hint: a ControlNet condition volume (X, Y, Z, 1); apply_fn overrides the model (e.g. base + branch).
+  frame: the crop `pad_to_window` returned: positions are those of the real volume, as in training.
   """
-  plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config))
+  plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config),
+                                     frame)
   cond = {"region": jnp.array([region], jnp.int32)}
   if structures is not None:
     cond["structures"] = jnp.asarray(structures)

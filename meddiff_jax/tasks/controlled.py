@@ -2,8 +2,9 @@
 
 All three sample with the frozen base + fine-tuned branch through overlapping windows (the condition
 volume is windowed with the image). Inpainting is RePaint (Lugmayr et al. 2022): at every step the known
-region (outside the lesion mask) is replaced by the forward-noised original, with `resample` re-noise /
-re-denoise rounds per step so the generated region harmonises with its surroundings.
+region (outside the lesion mask) is replaced by the forward-noised original, and RePaint's jump schedule
+(jump_length / jump_n_sample, the paper's 10 / 10) re-noises and re-denoises so the generated region
+harmonises with its surroundings.
 """
 
 from __future__ import annotations
@@ -55,40 +56,66 @@ def load_controlled(workdir: str) -> ControlledModel:
   return ControlledModel(pre, branch, restored.state.ema_params, config)
 
 
+def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:
+  """RePaint's jump schedule (Lugmayr et al. 2022, `get_schedule_jump` with n_sample = 1) over grid indices.
+
+  Index u in [0, num_steps) is the u-th smallest timestep of the grid, -1 the clean image. Going down
+  one index is a denoising step; at every multiple of `jump_length` below the top the walk jumps back up
+  `jump_length` indices (re-noising), `jump_n_sample - 1` times. The walk ends at -1 exactly once, so a
+  clean x0 is never denoised again.
+  """
+  if jump_length < 1 or jump_n_sample < 1:
+    raise ValueError(f"jump_length={jump_length}, jump_n_sample={jump_n_sample}: both must be >= 1")
+  jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}
+  u, walk = num_steps - 1, [num_steps - 1]
+  while u >= 0:
+    u -= 1
+    walk.append(u)
+    if u >= 0 and jumps.get(u, 0) > 0:
+      jumps[u] -= 1
+      for _ in range(jump_length):
+        u += 1
+        walk.append(u)
+  return np.asarray(walk, np.int32)
+
+
 def repaint(denoise_fn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array, known: jax.Array,
-            keep: jax.Array, resample: int = 5) -> jax.Array:
-  """RePaint with DDPM steps over `timesteps`: `keep` (1 = known voxel) takes the noised `known` image."""
-  ts = jnp.asarray(timesteps, jnp.int32)
-  prev = jnp.asarray(samplers.previous_timesteps(np.asarray(timesteps)), jnp.int32)
+            keep: jax.Array, jump_length: int = 10, jump_n_sample: int = 10) -> jax.Array:
+  """RePaint with DDPM steps over `timesteps`: `keep` (1 = known voxel) takes the noised `known` image.
+
+  Every denoising step t -> t' replaces the known region by q(x_t' | known) (the known image itself at
+  t' = -1); every jump back up re-noises the whole state with q(x_t | x_t'), so the generated region
+  harmonises with what is kept.
+  """
+  asc = np.sort(np.asarray(timesteps, np.int32))
+  walk = repaint_schedule(len(asc), jump_length, jump_n_sample)
+  time = lambda u: np.where(u >= 0, asc[np.maximum(u, 0)], -1).astype(np.int32)
+  t_from, t_to = jnp.asarray(time(walk[:-1])), jnp.asarray(time(walk[1:]))
+  down = jnp.asarray(walk[1:] < walk[:-1])
   n = known.shape[0]
   rng, init = jax.random.split(rng)
   x = jax.random.normal(init, known.shape)
 
-  def one_round(x, t, t_prev, rng):
+  def denoise(x, t, t_prev, rng):
     k1, k2 = jax.random.split(rng)
     unknown = samplers.ddpm_step(schedule, denoise_fn(x, t), x, t, t_prev, jax.random.normal(k1, x.shape))
     known_prev = schedules.q_sample(schedule, known, t_prev, jax.random.normal(k2, x.shape))
     known_prev = jnp.where(t_prev.reshape(-1, 1, 1, 1, 1) < 0, known, known_prev)
     return keep * known_prev + (1.0 - keep) * unknown
 
-  def body(i, carry):
+  def renoise(x, t, t_next, rng):
+    # q(x_t_next | x_t) for t_next > t: abar ratio abar_next / abar_t
+    ratio = schedules.alpha_bar(schedule, t_next, x.ndim) / schedules.alpha_bar(schedule, t, x.ndim)
+    return jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * jax.random.normal(rng, x.shape)
+
+  def body(k, carry):
     x, rng = carry
-    t, t_prev = jnp.full((n,), ts[i]), jnp.full((n,), prev[i])
-
-    def inner(j, carry):
-      x, rng = carry
-      rng, r1, r2 = jax.random.split(rng, 3)
-      x_prev = one_round(x, t, t_prev, r1)
-      last = (j == resample - 1) | (prev[i] < 0)
-      # re-noise t_prev -> t: q(x_t | x_{t_prev}) with abar_t / abar_{t_prev}
-      ratio = schedules.alpha_bar(schedule, t, x.ndim) / schedules.alpha_bar(schedule, t_prev, x.ndim)
-      renoised = jnp.sqrt(ratio) * x_prev + jnp.sqrt(1.0 - ratio) * jax.random.normal(r2, x.shape)
-      return jnp.where(last, x_prev, renoised), rng
-
-    x, rng = jax.lax.fori_loop(0, resample, inner, (x, rng))
+    rng, step_rng = jax.random.split(rng)
+    t, t_next = jnp.full((n,), t_from[k]), jnp.full((n,), t_to[k])
+    x = jax.lax.cond(down[k], denoise, renoise, x, t, t_next, step_rng)
     return x, rng
 
-  x, _ = jax.lax.fori_loop(0, ts.shape[0], body, (x, rng))
+  x, _ = jax.lax.fori_loop(0, len(walk) - 1, body, (x, rng))
   return x
 
 
@@ -106,7 +133,7 @@ def lesion_dice(generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.nd
 def run_super_resolution(config: Any) -> dict[str, Any]:
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
   reference, PSNR / SSIM against trilinear and cubic interpolation."""
-  from meddiff_jax.data import nifti, preprocess
+  from meddiff_jax.data import nifti, pipeline, preprocess
   from meddiff_jax.evaluation import metrics
   from meddiff_jax.tasks import sliding_window
   from meddiff_jax.train import sharding
@@ -116,27 +143,37 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   options = nifti.ReadOptions.from_config(config)
   lr = nifti.load(config.input, options=options)
   nifti.check_ct(lr, assume_hu=options.assume_hu)
-  target_spacing = tuple(float(s) for s in config.spacing)
-  up = nifti.resample(lr, target_spacing, order=1, fill=-1024.0)
+  # the network runs at its training spacing; the result goes to the thin grid asked for (default: the same)
+  asked = tuple(float(s) for s in config.spacing) if config.spacing else None
+  model_spacing = pipeline.training_spacing(cm.pre.config.data) or asked or lr.spacing
+  target_spacing = asked or model_spacing
+  up = nifti.resample(lr, model_spacing, order=1, fill=-1024.0)
   hint, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(up.data, region), cm.pre.patch_size, -1.0)
   shape = hint.shape
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(cm.pre, shape, region, common.structure_volume(cm.pre, None, None, shape), config,
-                                     hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
+    structures = common.structure_volume(cm.pre, common.load_labels(config.labels, lr, up), up.data,
+                                         cm.pre.patch_size)
+    fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
+                                     hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale), frame=crop)
     out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1))))(
         jax.random.key(config.seed))
-  sr = preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region)
-  common.save_like_input(sr, up, config.output, np.int16)  # the finer grid, in the input's voxel order
+  sr_vol = nifti.Volume(data=preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region), affine=up.affine,
+                        path=up.path, source=up.source)
+  if not np.allclose(model_spacing, target_spacing):
+    sr_vol = nifti.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
+  sr = sr_vol.data
+  common.save_like_input(sr, sr_vol, config.output, np.int16)  # the thin grid, in the input's voxel order
   result: dict[str, Any] = {"output": config.output, "shape": list(sr.shape)}
   if config.reference:
     ref = nifti.load(config.reference)
     cubic = nifti.resample(lr, target_spacing, order=3, fill=-1024.0).data
+    linear = nifti.resample(lr, target_spacing, order=1, fill=-1024.0).data
     sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, sr.shape))
     unit = lambda v: preprocess.hu_to_unit(v[sl], region)
     result["metrics"] = {name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0),
                                 "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
-                         for name, v in (("controlnet", sr), ("trilinear", up.data), ("cubic", cubic))}
+                         for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))}
   _write_json(config.output, result)
   return result
 
@@ -162,12 +199,16 @@ def run_lesion(config: Any) -> dict[str, Any]:
   shape = unit.shape
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(cm.pre, shape, region, common.structure_volume(cm.pre, None, None, shape), config,
-                                     hint=(m * 2.0 - 1.0)[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
+    structures = common.structure_volume(cm.pre, common.load_labels(config.labels, ct, ct), ct.data,
+                                         cm.pre.patch_size)
+    fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
+                                     hint=(m * 2.0 - 1.0)[..., None], apply_fn=cm.apply_fn(config.conditioning_scale),
+                                     frame=crop)
     known = jnp.asarray(unit)[None, ..., None]
     if config.method == "inpaint":
       keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
-      out = jax.jit(lambda r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, config.resample))(
+      out = jax.jit(lambda r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, config.jump_length,
+                                      config.jump_n_sample))(
           jax.random.key(config.seed))
     elif config.method == "generate":
       out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape)))(

@@ -1,12 +1,15 @@
 """Zero-shot denoising with the pretrained prior: DiffPIR (plug-and-play) and plain partial diffusion.
 
-DiffPIR (Zhu et al. 2023; MedDiff-FM: sigma_n ~ 0.15 on the [-1, 1] scale, lambda ~ 10) for the
-identity degradation y = x + n: start at the timestep t* whose data-scale noise std matches sigma_n,
-x_t* = sqrt(abar) y + sqrt(1 - abar) eps; then per step
+DiffPIR (Zhu et al. 2023; MedDiff-FM: lambda ~ 10) for the identity degradation y = x + n, sigma_n the
+noise std on the [-1, 1] data scale. Start at the timestep t* whose data-scale noise std matches
+sigma_n, counting the noise y already carries (`samplers.noise_matched_start`: at t* nothing is added,
+x_t* = sqrt(abar*) y); then per step
   x0      <- model prediction
-  x0_hat  <- argmin ||y - x||^2 + rho ||x - x0||^2 = (y + rho x0) / (1 + rho),  rho = lambda sigma_n^2 / sigma_t^2
+  x0_hat  <- argmin ||y - x||^2 + rho ||x - x0||^2 = (y + rho x0) / (1 + rho),
+             rho = lambda (sigma_n / 2)^2 / sigma_t^2   (DiffPIR's code: its sigma is in [0, 1] image units)
   x_prev  <- sqrt(abar') x0_hat + sqrt(1 - abar') (sqrt(1 - zeta) eps_hat + sqrt(zeta) z)
-with sigma_t = sqrt(1 - abar)/sqrt(abar). Partial diffusion skips the data step (SDEdit).
+with sigma_t = sqrt(1 - abar)/sqrt(abar). Partial diffusion skips the data step (SDEdit): the same
+noise-matched start and a DDIM grid from t* down to 0.
 """
 
 from __future__ import annotations
@@ -17,19 +20,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 
 
-def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None) -> float:
-  """Robust white-noise std from first differences along the last axis (MAD / 0.6745 / sqrt(2)).
+def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, lag: int = 4) -> float:
+  """Robust noise std that holds for spatially correlated (CT-like) noise.
 
-  Differences of neighbouring voxels cancel smooth anatomy; the median ignores edges.
+  CT noise is correlated over a few voxels by the reconstruction kernel, so neighbour differences cancel
+  much of it (a white-noise formula reads CT noise ~40% low). Second differences x[i-k] - 2 x[i] + x[i+k]
+  at a lag k past the correlation length keep it all (variance 6 sigma^2) while still cancelling smooth
+  anatomy up to linear trends; the MAD over all three axes (voxels whose stencil lies in `mask`) ignores
+  organ edges.
   """
-  d = np.diff(np.asarray(image, np.float64), axis=-1)
-  if mask is not None:
-    d = d[np.asarray(mask)[..., 1:] & np.asarray(mask)[..., :-1]]
-  d = d.ravel()
-  return float(np.median(np.abs(d - np.median(d))) / 0.6745 / np.sqrt(2.0))
+  x = np.asarray(image, np.float64)
+  inside = np.ones(x.shape, bool) if mask is None else np.asarray(mask, bool)
+  values = []
+  for axis in range(x.ndim):
+    n = x.shape[axis]
+    if n <= 2 * lag:
+      continue
+    take = lambda a, lo: np.take(a, np.arange(lo, lo + n - 2 * lag), axis=axis)
+    d = take(x, 0) - 2.0 * take(x, lag) + take(x, 2 * lag)
+    ok = take(inside, 0) & take(inside, lag) & take(inside, 2 * lag)
+    values.append(d[ok])
+  d = np.concatenate(values) if values else np.zeros(1)
+  if d.size < 2:
+    raise ValueError(f"cannot estimate the noise: the volume {x.shape} (mask) is too small for lag {lag}")
+  return float(np.median(np.abs(d - np.median(d))) / 0.6745 / np.sqrt(6.0))
 
 
 def diffpir_timesteps(schedule: schedules.Schedule, sigma_n: float, num_steps: int) -> np.ndarray:
@@ -46,7 +64,7 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
   prev = jnp.asarray(samplers.previous_timesteps(np.asarray(timesteps)))
   n = y.shape[0]
   rng, init_rng = jax.random.split(rng)
-  x = schedules.q_sample(schedule, y, jnp.full((n,), ts[0]), jax.random.normal(init_rng, y.shape))
+  x = samplers.noise_matched_start(schedule, y, jnp.full((n,), ts[0]), jax.random.normal(init_rng, y.shape), sigma_n)
 
   def body(i, carry):
     x, _, rng = carry
@@ -56,7 +74,7 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
     x0 = jnp.clip(x0, -1.0, 1.0)
     abar = schedules.alpha_bar(schedule, t, x.ndim)
     sigma_t2 = schedules.one_minus_alpha_bar(schedule, t, x.ndim) / abar
-    rho = lam * sigma_n ** 2 / sigma_t2
+    rho = lam * (0.5 * sigma_n) ** 2 / sigma_t2  # DiffPIR's lambda scale (sigma in [0, 1] units)
     x0_hat = (y + rho * x0) / (1.0 + rho)
     eps_hat = (x - jnp.sqrt(abar) * x0_hat) / jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t, x.ndim))
     abar_prev = schedules.alpha_bar(schedule, t_prev, x.ndim)
@@ -70,12 +88,28 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
   return x0_hat
 
 
-def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: jax.Array, num_steps: int,
-                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None) -> jax.Array:
-  """Noise y to t_start, then DDIM back (SDEdit): the comparison baseline."""
-  timesteps = samplers.make_timesteps(schedule.num_timesteps, num_steps, "leading")
-  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=t_start, method="ddim",
-                         prediction_type=prediction_type, progress=progress)
+def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: int, num_steps: int,
+                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None,
+                      input_sigma: float | jax.Array = 0.0) -> jax.Array:
+  """SDEdit: y to t_start (counting its own noise `input_sigma`), then DDIM over a grid from t_start to 0."""
+  timesteps = samplers.partial_timesteps(int(t_start), num_steps)
+  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=jnp.int32(timesteps[0]), method="ddim",
+                         prediction_type=prediction_type, progress=progress, input_sigma=input_sigma)
+
+
+def keep_input_outside_window(denoised_unit: np.ndarray, input_hu: np.ndarray, region: int,
+                              margin: float = 0.02) -> np.ndarray:
+  """HU result: the denoised value, except where the model puts the voxel at the window's edge and the
+  input lies beyond that edge (air, bone: the model only sees the window, so the input's HU is kept).
+
+  A voxel whose noisy input fell outside the window but whose estimate is inside it keeps the estimate:
+  deciding on the noisy value would keep noise exactly at the window edge (fat near the lower bound).
+  """
+  lo, hi = preprocess.window_bounds(region)
+  hu = preprocess.unit_to_hu(denoised_unit, region)
+  below = (denoised_unit <= -1.0 + margin) & (input_hu <= lo)
+  above = (denoised_unit >= 1.0 - margin) & (input_hu >= hi)
+  return np.where(below | above, input_hu, hu).astype(np.float32)
 
 
 def run(config: Any) -> dict[str, Any]:
@@ -85,20 +119,20 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.train import sharding
 
   pre = common.load_pretrained(config.checkpoint)
-  original, work = common.load_ct(config.input, config.region, tuple(config.spacing) if config.spacing else None,
-                                  config)
+  original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
   region = preprocess.region_id(config.region)
   lo, hi = preprocess.window_bounds(region)
   y = preprocess.hu_to_unit(work.data, region)
   y, crop = sliding_window.pad_to_window(y, pre.patch_size, fill=-1.0)
-  body = work.data > preprocess.BODY_THRESHOLD_HU
+  body = preprocess.body_mask(work.data)
   sigma = float(config.noise_sigma_hu) * 2.0 / (hi - lo) if config.noise_sigma_hu else estimate_noise_sigma(
       preprocess.hu_to_unit(work.data, region), body)
-  structures = common.structure_volume(pre, None, None, y.shape)
+  labels = common.load_labels(config.labels, original, work)
+  structures = common.structure_volume(pre, labels, work.data, pre.patch_size)
   mesh = common.task_mesh()
   bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y.shape, region, structures, config)
+    fn, _ = common.windowed_denoiser(pre, y.shape, region, structures, config, frame=crop)
     y_dev = jnp.asarray(y)[None, ..., None]
     if config.method == "diffpir":
       ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
@@ -106,15 +140,13 @@ def run(config: Any) -> dict[str, Any]:
                                          zeta=config.zeta, progress=bar))(y_dev, jax.random.key(config.seed))
     elif config.method == "partial":
       t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
-      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, jnp.int32(t0), config.num_steps, r,
-                                                   progress=bar))(y_dev, jax.random.key(config.seed))
+      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, t0, config.num_steps, r, progress=bar,
+                                                   input_sigma=jnp.float32(sigma)))(y_dev, jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
     den = np.asarray(out)[0, ..., 0][crop]
   bar.close()
-  hu = preprocess.unit_to_hu(den, region)
-  # the model only sees the window: outside it (air, bone) keep the input's HU
-  hu = np.where((work.data <= lo) | (work.data >= hi), work.data, hu)
+  hu = keep_input_outside_window(den, work.data, region, config.window_margin)
   hu = common.back_to_input_grid(hu, work, original)
   common.save_like_input(hu, original, config.output, np.int16 if config.output_int16 else np.float32,
                          f"meddiff denoise {config.method} ({config.checkpoint})")

@@ -45,20 +45,29 @@ class WindowPlan:
   starts: np.ndarray  # (num_windows_padded, 3) int32
   valid: np.ndarray  # (num_windows_padded,) float32: 0 for padding windows
   batch: int
+  # The position frame: the real volume sits at frame_start with frame_shape inside the (padded) volume.
+  frame_start: tuple[int, int, int] = (0, 0, 0)
+  frame_shape: tuple[int, int, int] | None = None
 
   @property
   def num_batches(self) -> int:
     return len(self.starts) // self.batch
 
   def boxes(self) -> np.ndarray:
-    """(num_windows_padded, 3, 2) whole-volume position boxes (voxel i of size S -> 2i/(S-1) - 1)."""
-    sizes = np.array(self.volume_shape, np.float32)
-    lo = 2.0 * self.starts / (sizes - 1) - 1.0
-    hi = 2.0 * (self.starts + self.window - 1) / (sizes - 1) - 1.0
+    """(num_windows_padded, 3, 2) whole-volume position boxes (voxel i of size S -> 2i/(S-1) - 1).
+
+    Coordinates are those of the real volume (`frame_*`), so padding runs beyond [-1, 1] exactly as the
+    training crops of a volume smaller than the patch do (data/multilevel.py)."""
+    sizes = np.array(self.frame_shape or self.volume_shape, np.float32)
+    denom = np.maximum(sizes - 1, 1.0)
+    rel = self.starts - np.array(self.frame_start, np.float32)
+    lo = np.where(sizes > 1, 2.0 * rel / denom - 1.0, 0.0)
+    hi = np.where(sizes > 1, 2.0 * (rel + self.window - 1) / denom - 1.0, 0.0)
     return np.stack([lo, hi], axis=-1).astype(np.float32)
 
 
-def plan_windows(volume_shape: tuple[int, int, int], window: int, overlap: float = 0.5, batch: int = 4) -> WindowPlan:
+def plan_windows(volume_shape: tuple[int, int, int], window: int, overlap: float = 0.5, batch: int = 4,
+                 frame: tuple[slice, ...] | None = None) -> WindowPlan:
   if any(s < window for s in volume_shape):
     raise ValueError(f"volume {volume_shape} is smaller than the window {window}; pad it first (pad_to_window)")
   grid = np.stack(np.meshgrid(*[window_starts(s, window, overlap) for s in volume_shape], indexing="ij"), -1)
@@ -67,14 +76,18 @@ def plan_windows(volume_shape: tuple[int, int, int], window: int, overlap: float
   padded = int(np.ceil(n / batch)) * batch
   valid = np.r_[np.ones(n), np.zeros(padded - n)].astype(np.float32)
   starts = np.concatenate([starts, np.repeat(starts[:1], padded - n, axis=0)])
-  return WindowPlan(tuple(volume_shape), window, starts, valid, batch)
+  if frame is None:
+    return WindowPlan(tuple(volume_shape), window, starts, valid, batch)
+  return WindowPlan(tuple(volume_shape), window, starts, valid, batch, tuple(int(f.start) for f in frame[:3]),
+                    tuple(int(f.stop - f.start) for f in frame[:3]))
 
 
 def pad_to_window(volume: np.ndarray, window: int, fill: float) -> tuple[np.ndarray, tuple[slice, ...]]:
-  """Pad each spatial side up to the window (and to a multiple of 1); returns the crop back."""
-  pads = [(0, max(0, window - s)) for s in volume.shape[:3]]
+  """Pad each spatial side shorter than the window up to it, centred (as training's crops of a small
+  volume are); returns the crop back, which is also the position frame (`plan_windows(frame=...)`)."""
+  pads = [((window - s) // 2, window - s - (window - s) // 2) if s < window else (0, 0) for s in volume.shape[:3]]
+  crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, volume.shape[:3]))
   pads += [(0, 0)] * (volume.ndim - 3)
-  crop = tuple(slice(0, s) for s in volume.shape[:3])
   return np.pad(volume, pads, constant_values=fill), crop
 
 

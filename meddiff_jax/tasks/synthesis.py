@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 
 from meddiff_jax.diffusion import samplers
 
@@ -32,30 +33,55 @@ def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.nda
   return out[0, ..., 0]
 
 
+def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple[str, ...]) -> np.ndarray:
+  """A stand-in HU volume for the body channel of a synthesis without a CT: 0 HU inside the body, -1000 outside.
+
+  Training's body channel is HU > -500: skin, fat and unlabelled tissue are in, air-filled lungs and
+  airways are out. From a label map that is approximated by the filled, closed hull of all labelled
+  structures, less the lung and airway groups; `preprocess.structure_channels` then thresholds it with
+  the one training definition.
+  """
+  inside = ndimage.binary_fill_holes(ndimage.binary_closing(labels > 0, iterations=2))
+  if lut is not None:
+    safe = np.where((labels >= 0) & (labels < lut.shape[0]), labels, 0).astype(np.intp)
+    air = [g + 1 for g, name in enumerate(group_names) if name in ("lung", "airway")]
+    inside &= ~np.isin(lut[safe], air)
+  return np.where(inside, 0.0, -1000.0).astype(np.float32)
+
+
 def run(config: Any) -> dict[str, Any]:
-  """The `synthesis` command: shape (or a TotalSegmentator label NIfTI giving shape, affine and anatomy)
-  -> synthetic CT NIfTI in HU."""
-  from meddiff_jax.data import nifti, preprocess
+  """The `synthesis` command: shape (or a TotalSegmentator label NIfTI giving extent, affine and anatomy)
+  -> synthetic CT NIfTI in HU. Sampling runs on the `config.spacing` grid (the model's training spacing);
+  a label map is resampled there (nearest) and the result back onto the label map's grid."""
+  from meddiff_jax.data import nifti, pipeline, preprocess
   from meddiff_jax.tasks import common
 
   pre = common.load_pretrained(config.checkpoint)
   region = preprocess.region_id(config.region)
-  if config.structure_mask:
-    mask = nifti.load(config.structure_mask, is_mask=True)
-    shape, affine, labels = mask.shape, mask.affine, mask.data
-    # body from the labels (any structure) stands in for the thresholded body channel
-    structures = common.structure_volume(pre, labels, np.where(labels > 0, 0.0, -1000.0), shape)
+  spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
+  if config.labels:
+    mask = nifti.load(config.labels, is_mask=True)
+    work = nifti.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
+    labels = work.data.astype(np.int32)
+    lut, _ = pipeline.structure_lut(pre.config.data)
+    proxy = body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS))
+    shape = work.shape
+    structures = common.structure_volume(pre, labels, proxy)
   else:
     shape = tuple(int(s) for s in config.shape)
-    spacing = tuple(float(s) for s in config.spacing)
-    affine = np.diag([*spacing, 1.0])
-    structures = common.structure_volume(pre, None, None, shape)
+    mask = work = nifti.Volume(np.zeros(shape, np.float32), np.diag([*spacing, 1.0]))
+    # no anatomy given: all structure channels zero with the real region, trained by structure dropout
+    # (diffusion.structure_drop_prob x body_drop_prob)
+    structures = None if not pre.spec.structure_channels else np.zeros(
+        tuple(shape) + (pre.spec.structure_channels,), np.uint8)
   if any(s < pre.patch_size for s in shape):
-    raise ValueError(f"config.shape={shape}: every side must be >= the model's patch size {pre.patch_size}")
+    raise ValueError(f"synthesis grid {shape}: every side must be >= the model's patch size {pre.patch_size}")
   unit = synthesize(pre, shape, region, structures, config)
   hu = preprocess.unit_to_hu(unit, region)
-  if config.structure_mask:  # on the label map's own grid, voxel order and header
+  if work is not mask:
+    hu = common.back_to_input_grid(hu, work, mask)
+  if config.labels:  # on the label map's own grid, voxel order and header
     common.save_like_input(hu, mask, config.output, np.int16)
   else:
-    nifti.save(nifti.Volume(hu, affine), config.output, np.int16)
-  return {"output": config.output, "shape": list(shape), "region": config.region}
+    nifti.save(nifti.Volume(hu, mask.affine), config.output, np.int16)
+  return {"output": config.output, "shape": list(hu.shape), "region": config.region}

@@ -146,7 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                   config.sharding.min_shard_size)
   logging.info("model: %s params", f"{unet3d.count_params(train_state.params):,}")
 
-  train_store, val_store = pipeline.split_train_val(pipeline.make_store(config.data), config.data)
+  store = pipeline.make_store(config.data)
+  config.data.spacing = pipeline.training_spacing(config.data, store) or ()  # saved with every checkpoint
+  train_store, val_store = pipeline.split_train_val(store, config.data)
   batch_sharding = pipeline.batch_sharding(mesh, sharding.batch_axes(rules))
   make_batches = lambda seed: pipeline.GlobalBatches(pipeline.make_dataset(
       train_store, config.data, batch_size=config.training.batch_size, seed=seed,

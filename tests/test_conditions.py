@@ -1,0 +1,208 @@
+"""Task conditions are the ones training produces (fast tier: numpy and a fake model)."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain
+from meddiff_jax.data import multilevel, nifti, pipeline, preprocess
+from meddiff_jax.diffusion import samplers, schedules
+from meddiff_jax.tasks import common, synthesis
+
+
+def fake_pretrained(patch=8):
+  config = pretrain.get_config("tiny")
+  config.data.patch_size = patch
+  spec = types.SimpleNamespace(structure_channels=pretrain.NUM_STRUCTURE_CHANNELS)
+  return types.SimpleNamespace(spec=spec, config=config, patch_size=patch)
+
+
+def phantom_ct():
+  from meddiff_jax.data import phantom
+  return phantom.make_phantom((16, 16, 16), (6.0, 6.0, 6.0), "abdomen", seed=1)
+
+
+def test_task_structures_equal_the_training_sample_structures():
+  """A patch-level training sample of a volume the size of the patch sees exactly what a task builds."""
+  p = phantom_ct()
+  pre = fake_pretrained(16)
+  lut, groups = pipeline.structure_lut(pre.config.data)
+  sample = multilevel.make_sample(p.hu, p.labels, 0, 16, np.random.default_rng(0), operation="patch", lut=lut,
+                                  num_groups=groups)
+  np.testing.assert_array_equal(common.structure_volume(pre, p.labels, p.hu), sample["structures"])
+  no_labels = common.structure_volume(pre, None, p.hu)
+  np.testing.assert_array_equal(no_labels[..., -1], p.hu > preprocess.BODY_THRESHOLD_HU)  # body from HU
+  assert no_labels[..., -1].any() and not no_labels[..., :-1].any()  # organs unknown, never all-zero with a body
+  with pytest.raises(ValueError, match="HU"):
+    common.structure_volume(pre, None, None)
+
+
+def test_structures_are_padded_like_the_image():
+  p = phantom_ct()
+  from meddiff_jax.tasks import sliding_window
+
+  out = common.structure_volume(fake_pretrained(24), None, p.hu[:10], pad_to=24)
+  _, crop = sliding_window.pad_to_window(p.hu[:10], 24, -1000.0)
+  assert out.shape == (24, 24, 24, pretrain.NUM_STRUCTURE_CHANNELS)
+  assert out[crop].sum() == out.sum() > 0  # the padding (centred, as the image) is empty
+
+
+def test_label_map_moves_to_the_working_grid_and_must_match_the_input(tmp_path):
+  p = phantom_ct()
+  original = nifti.Volume(p.hu, p.affine)
+  nifti.save(nifti.Volume(p.labels.astype(np.int16), p.affine), tmp_path / "seg.nii.gz", np.int16)
+  work = nifti.resample(original, (3.0, 3.0, 3.0), order=1)
+  labels = common.load_labels(str(tmp_path / "seg.nii.gz"), original, work)
+  assert labels.shape == work.shape
+  np.testing.assert_array_equal(labels[::2, ::2, ::2][:4, :4, :4] > 0, p.labels[:4, :4, :4] > 0)
+  shifted = p.affine.copy()
+  shifted[:3, 3] += 30.0
+  nifti.save(nifti.Volume(p.labels.astype(np.int16), shifted), tmp_path / "bad.nii.gz", np.int16)
+  with pytest.raises(ValueError, match="bad.nii.gz"):
+    common.load_labels(str(tmp_path / "bad.nii.gz"), original, original)
+  assert common.load_labels("", original, work) is None
+
+
+def test_organ_dropout_keeps_the_body_and_the_region():
+  s = jnp.ones((3, 2, 2, 2, 4), jnp.uint8)
+  cond = {"structures": s, "region": jnp.array([0, 1, 2])}
+  out = samplers.drop_organ_structures(cond, jnp.array([True, False, True]), jnp.array([False, True, True]))
+  got = np.asarray(out["structures"])
+  assert not got[0, ..., :3].any() and got[0, ..., 3].all()  # organs dropped, body kept
+  assert got[1].all()  # not dropped (drop_body alone does nothing)
+  assert not got[2].any()  # organs and body dropped
+  np.testing.assert_array_equal(np.asarray(out["region"]), [0, 1, 2])
+
+
+def test_training_applies_structure_only_dropout():
+  from conftest import tiny_config
+  from meddiff_jax.train import step
+
+  seen = []
+
+  def apply_fn(variables, x, t, cond, **kw):
+    seen.append(jax.tree_util.tree_map(np.asarray, cond))
+    return jnp.zeros_like(x)
+
+  config = tiny_config(**{"diffusion.cond_drop_prob": 0.0, "diffusion.structure_drop_prob": 1.0,
+                          "diffusion.body_drop_prob": 0.0})
+  loss_fn = step.make_loss_fn(apply_fn, schedules.make_schedule("cosine", 1000), config)
+  batch = {"image": jnp.zeros((2, 4, 4, 4, 1)), "region": jnp.array([0, 1]),
+           "structures": jnp.ones((2, 4, 4, 4, pretrain.NUM_STRUCTURE_CHANNELS), jnp.uint8)}
+  loss_fn({}, batch, jax.random.key(0))
+  st = seen[-1]["structures"]
+  assert not st[..., :-1].any() and st[..., -1].all()
+  np.testing.assert_array_equal(seen[-1]["region"], [0, 1])
+
+
+def test_synthesis_body_from_labels_is_the_filled_hull_without_air_organs():
+  labels = np.zeros((20, 20, 20), np.int32)
+  cmap = {v: k for k, v in pipeline.class_map_for(pretrain.get_config("tiny").data).items()}
+  labels[4:16, 4:16, 4:16] = cmap["liver"]
+  labels[8:12, 8:12, 8:12] = 0  # unlabelled tissue inside the body
+  labels[5:7, 5:7, 5:7] = cmap["lung_upper_lobe_left"]
+  lut, _ = pipeline.structure_lut(pretrain.get_config("tiny").data)
+  body = preprocess.body_mask(synthesis.body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS)))
+  assert body[10, 10, 10] and body[4, 4, 4] and not body[0, 0, 0] and not body[6, 6, 6]
+
+
+def test_small_volume_position_frame_matches_training():
+  """A volume smaller than the patch: training's patch crop is centred with coordinates past [-1, 1];
+  inference pads the same way and gives the window the same box and the same image."""
+  from meddiff_jax.tasks import sliding_window
+
+  hu = np.random.default_rng(0).normal(0, 100, (10, 16, 13)).astype(np.float32)
+  sample = multilevel.make_sample(hu, None, 0, 16, np.random.default_rng(0), operation="patch")
+  padded, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(hu, 0), 16, -1.0)
+  plan = sliding_window.plan_windows(padded.shape, 16, 0.5, 1, crop)
+  np.testing.assert_allclose(plan.boxes()[0], sample["pos_box"], atol=1e-6)
+  np.testing.assert_allclose(padded, sample["image"][..., 0], atol=1e-6)
+  np.testing.assert_array_equal(padded[crop], preprocess.hu_to_unit(hu, 0))
+
+
+def test_tasks_default_to_the_checkpoint_training_spacing(tmp_path):
+  from meddiff_jax.data import store
+  import ml_collections
+
+  pre = fake_pretrained()
+  pre.config.data.phantom.spacing = (3.0, 3.0, 3.0)
+  assert common.task_spacing(pre, ml_collections.ConfigDict({"spacing": ()})) == (3.0, 3.0, 3.0)
+  assert common.task_spacing(pre, ml_collections.ConfigDict({"spacing": (1.0, 1.0, 2.0)})) == (1.0, 1.0, 2.0)
+  pre.config.data.spacing = (1.5, 1.5, 1.5)  # what training records in the checkpoint
+  assert pipeline.training_spacing(pre.config.data) == (1.5, 1.5, 1.5)
+  data = ml_collections.ConfigDict({"source": "prepared", "prepared_dir": str(tmp_path), "spacing": ()})
+  for i in range(2):
+    store.write_record(str(tmp_path), f"v{i}", np.zeros((2, 2, 2)), None, {"spacing": [1.0, 1.0, 1.0]})
+  assert pipeline.training_spacing(data) == (1.0, 1.0, 1.0)
+  store.write_record(str(tmp_path), "v3", np.zeros((2, 2, 2)), None, {"spacing": [2.0, 1.0, 1.0]})
+  assert pipeline.training_spacing(data) is None  # mixed: unknown, tasks keep the input grid
+
+
+def test_lesion_crops_are_positive_at_the_configured_rate_and_keep_organs():
+  """Small lesions: uniform crops rarely hold one; with positive_fraction f about f of the crops (plus the
+  uniform hits) do. The organ channel under the lesion is intact."""
+  from meddiff_jax.data import phantom
+
+  p = phantom.make_phantom((64, 64, 64), (3.0, 3.0, 3.0), "abdomen", seed=2, num_lesions=1)
+  labels = multilevel.with_lesions(p.labels, p.lesions)
+  lut, groups = pipeline.structure_lut(pretrain.get_config("tiny").data)
+  coords = multilevel.lesion_coordinates(labels)
+  rng = np.random.default_rng(0)
+
+  def hit_rate(fraction):
+    hits = 0
+    for _ in range(200):
+      s = multilevel.make_sample(p.hu, labels, 2, 8, rng, operation="patch", lut=lut, num_groups=groups,
+                                 hint="lesion", positive_fraction=fraction, positive_coords=coords)
+      hits += bool((s["hint"] > 0).any())
+    return hits / 200
+
+  uniform, half = hit_rate(0.0), hit_rate(0.5)
+  assert uniform < 0.2 and half == pytest.approx(0.5 + 0.5 * uniform, abs=0.1)
+  s = multilevel.make_sample(p.hu, labels, 2, 8, rng, operation="patch", lut=lut, num_groups=groups, hint="lesion",
+                             positive_fraction=1.0, positive_coords=coords)
+  organs_only = multilevel.make_sample(p.hu, p.labels, 2, 8, np.random.default_rng(1), operation="patch", lut=lut,
+                                       num_groups=groups)
+  assert (s["hint"] > 0).any()
+  # the same crop without lesions has the same structure channels: nothing is punched out under the lesion
+  box = s["pos_box"]
+  start = np.round((box[:, 0] + 1) / 2 * (np.array(p.hu.shape) - 1)).astype(int)
+  crop = tuple(slice(a, a + 8) for a in start)
+  np.testing.assert_array_equal(s["structures"], preprocess.structure_channels(p.labels[crop], p.hu[crop], lut, groups))
+  assert organs_only["structures"].shape == s["structures"].shape
+
+
+def _edge_width_native(sample, shape_z):
+  """10-90% rise of the hint's z-profile, in native slices (positions from the sample's pos_box)."""
+  prof = sample["hint"][..., 0].mean(axis=(0, 1))
+  lo, hi = prof.min(), prof.max()
+  z = np.linspace(sample["pos_box"][2, 0], sample["pos_box"][2, 1], len(prof))
+  z = (z + 1) / 2 * (shape_z - 1)
+  fine = np.linspace(z[0], z[-1], 2000)
+  f = np.interp(fine, z, prof)
+  return fine[np.argmax(f > lo + 0.9 * (hi - lo))] - fine[np.argmax(f > lo + 0.1 * (hi - lo))]
+
+
+def test_sr_hint_degradation_is_the_same_in_mm_at_every_level():
+  """The thick-slice hint is simulated on native slices: a step edge is blurred over the same number of
+  native slices in a native patch and in a whole-volume (downsampled) sample, as at inference."""
+  hu = np.full((16, 16, 48), -100.0, np.float32)
+  hu[..., 24:] = 100.0
+  rng = np.random.default_rng(0)
+  kw = dict(hint="lowres", sr_factor=5)
+  whole = multilevel.make_sample(hu, None, 2, 16, rng, operation="whole", **kw)
+  patch = multilevel.make_sample(hu, None, 2, 16, rng, operation="patch",
+                                 positive_fraction=1.0, positive_coords=np.array([[8, 8, 24]]), **kw)
+  w_whole, w_patch = _edge_width_native(whole, 48), _edge_width_native(patch, 48)
+  assert 3.0 < w_patch < 10.0 and abs(w_whole - w_patch) < 1.5, (w_whole, w_patch)  # was 3x wider in whole
+
+
+def test_sr_hint_uses_a_real_low_resolution_partner_when_given():
+  hu = np.random.default_rng(0).normal(0, 50, (16, 16, 16)).astype(np.float32)
+  partner = np.full(hu.shape, 40.0, np.float32)
+  s = multilevel.make_sample(hu, None, 2, 16, np.random.default_rng(0), operation="patch", hint="lowres",
+                             lowres=partner)
+  np.testing.assert_allclose(s["hint"], preprocess.hu_to_unit(partner, 2)[..., None], atol=1e-6)
