@@ -183,7 +183,9 @@ def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
   nifti.save(nifti.Volume(p.lesions, p.affine), src / "ct_lesion.nii.gz", np.uint8)
   manifest = tmp_path / "m.csv"
   manifest.write_text("image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n")
-  report = prepare.run(_prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0)))
+  cfg = _prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0))
+  cfg.limits.max_spacing_mm = 40.0  # the phantom's partner has 30 mm slices (5 x 6 mm)
+  report = prepare.run(cfg)
   assert len(report["prepared"]) == 1, report
   hu, labels, _ = store.PreparedStore(str(tmp_path / "out")).load(0)
   organs, lesion = multilevel.split_lesions(np.asarray(labels))
@@ -206,7 +208,9 @@ def test_prepare_stores_a_real_low_resolution_partner_for_sr(tmp_path):
   nifti.save(thick, src / "ct_thick.nii.gz", np.int16)
   manifest = tmp_path / "m.csv"
   manifest.write_text("image,region,lowres\nct.nii.gz,chest,ct_thick.nii.gz\n")
-  report = prepare.run(_prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0)))
+  cfg = _prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0))
+  cfg.limits.max_spacing_mm = 40.0  # the phantom's partner has 30 mm slices (5 x 6 mm)
+  report = prepare.run(cfg)
   assert len(report["prepared"]) == 1, report
   st = store.PreparedStore(str(tmp_path / "out"))
   lowres = np.asarray(st.load_lowres(0))
