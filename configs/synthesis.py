@@ -17,6 +17,5 @@ def get_config(arg=None):
   c.spacing = (3.0, 3.0, 3.0)  # for the output affine when no structure_mask is given
   c.structure_mask = ""  # TotalSegmentator label NIfTI: gives shape, affine and anatomy conditions
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
-  c.sampler = "ddim"
   c.eta = 0.0
   return task_options.add_window_options(c, num_steps=50)

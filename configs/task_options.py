@@ -3,8 +3,12 @@
 import ml_collections
 
 
-def add_window_options(c: ml_collections.ConfigDict, num_steps: int = 50) -> ml_collections.ConfigDict:
-  c.num_steps = num_steps  # reverse-process steps
+def add_window_options(c: ml_collections.ConfigDict, num_steps: int = 50,
+                       sampler: str = "ddim") -> ml_collections.ConfigDict:
+  c.num_steps = num_steps  # reverse-process steps (network calls per window); the step budget
+  # ddpm | ddim | dpmpp_2m (DPM-Solver++(2M), second order: see benchmarks/RESULTS.md #15 for quality vs steps).
+  # Not used by RePaint (lesion inpaint: stochastic DDPM re-noising) or DiffPIR (its own data-consistency loop).
+  c.sampler = sampler
   c.overlap = 0.5  # fraction shared by neighbouring windows
   c.window_batch = 8  # windows per model call (rounded up to a multiple of the device count)
   c.seed = 0

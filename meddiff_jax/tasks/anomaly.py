@@ -42,7 +42,7 @@ def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: n
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
     fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config)
     run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, jnp.int32(config.noise_t),
-                                                         config.num_steps, r, progress=bar))
+                                                         config.num_steps, r, progress=bar, method=config.sampler))
     out = np.asarray(run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed)))
   bar.close()
   return out[0, ..., 0]

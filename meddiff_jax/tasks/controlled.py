@@ -123,7 +123,8 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
     fn, _ = common.windowed_denoiser(cm.pre, shape, region, common.structure_volume(cm.pre, None, None, shape), config,
                                      hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
-    out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1))))(
+    out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1)),
+                                            method=config.sampler))(
         jax.random.key(config.seed))
   sr = preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region)
   nifti.save(nifti.Volume(sr, up.affine), config.output, np.int16)
@@ -168,7 +169,8 @@ def run_lesion(config: Any) -> dict[str, Any]:
       out = jax.jit(lambda r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, config.resample))(
           jax.random.key(config.seed))
     elif config.method == "generate":
-      out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape)))(
+      out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape),
+                                                    method=config.sampler))(
           jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")

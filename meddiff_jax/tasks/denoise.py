@@ -71,10 +71,11 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
 
 
 def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: jax.Array, num_steps: int,
-                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None) -> jax.Array:
-  """Noise y to t_start, then DDIM back (SDEdit): the comparison baseline."""
+                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None,
+                      method: str = "ddim") -> jax.Array:
+  """Noise y to t_start, then run `method` (ddim | ddpm | dpmpp_2m) back (SDEdit): the comparison baseline."""
   timesteps = samplers.make_timesteps(schedule.num_timesteps, num_steps, "leading")
-  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=t_start, method="ddim",
+  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=t_start, method=method,
                          prediction_type=prediction_type, progress=progress)
 
 
@@ -106,7 +107,7 @@ def run(config: Any) -> dict[str, Any]:
     elif config.method == "partial":
       t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
       out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, jnp.int32(t0), config.num_steps, r,
-                                                   progress=bar))(y_dev, jax.random.key(config.seed))
+                                                   progress=bar, method=config.sampler))(y_dev, jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
     den = np.asarray(out)[0, ..., 0][crop]
