@@ -34,8 +34,9 @@ def test_separable_normaliser_equals_the_sum_of_window_weights():
   np.testing.assert_allclose(nx[:, None, None] * ny[None, :, None] * nz[None, None, :], brute, rtol=1e-5)
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 0])  # condition windows precut once / cut every step
-def test_blend_matches_a_numpy_reference_for_a_nonlinear_model(budget):
+@pytest.mark.parametrize("budget,accumulate", [(1 << 30, "scatter"), (0, "loop"), (1 << 30, "loop")])
+def test_blend_matches_a_numpy_reference_for_a_nonlinear_model(budget, accumulate):
+  """budget 0: condition windows cut every step, else once; scatter-add or slice-update accumulation."""
   shape, window = (20, 13, 17), 8
   plan = sliding_window.plan_windows(shape, window, 0.5, batch=3)  # 3 does not divide the count: padding
   rng = np.random.default_rng(0)
@@ -46,6 +47,6 @@ def test_blend_matches_a_numpy_reference_for_a_nonlinear_model(budget):
 
   apply_fn = lambda x, t, c: model(x, c["hint"])
   fn = sliding_window.blended_denoise_fn(apply_fn, plan, {"region": jnp.array([0]), "hint": jnp.asarray(hint)},
-                                         precompute_budget_bytes=budget)
+                                         precompute_budget_bytes=budget, accumulate=accumulate)
   out = jax.jit(fn)(jnp.asarray(vol)[None], jnp.array([3]))
   np.testing.assert_allclose(np.asarray(out[0]), reference_blend(model, vol, hint, plan), atol=2e-5)

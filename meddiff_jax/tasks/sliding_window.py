@@ -111,9 +111,19 @@ def _scatter_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Ar
   return acc.at[ix, iy, iz].add(values, mode="promise_in_bounds")
 
 
+def _loop_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Array:
+  """The same as `_scatter_add` as a loop of in-place dynamic_update_slices: faster on XLA:CPU, whose
+  scatter runs element by element (benchmarks/RESULTS.md #15)."""
+  def add(j, acc):
+    pos = (starts[j, 0], starts[j, 1], starts[j, 2], 0)
+    return jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, pos, values.shape[1:]) + values[j], pos)
+  return jax.lax.fori_loop(0, values.shape[0], add, acc)
+
+
 def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array], plan: WindowPlan,
                        cond_volume: dict[str, jax.Array], batch_axes: Any = None,
-                       precompute_budget_bytes: int = 1 << 30) -> Callable[[jax.Array, jax.Array], jax.Array]:
+                       precompute_budget_bytes: int = 1 << 30,
+                       accumulate: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(x (1, X, Y, Z, 1), t (1,)) -> blended model output over the whole volume.
 
   cond_volume: 'region' (1,) plus any per-voxel conditions (X, Y, Z, C) ('structures', ControlNet's 'hint'):
@@ -121,9 +131,16 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
   between reverse steps), else every step.
   apply_fn(x_windows, t_windows, cond_windows) is the (possibly CFG-guided) model.
 
-  Per step the only work besides the network is one gather of the x windows and one scatter-add of the
+  Per step the only work besides the network is one gather of the x windows and one accumulation of the
   weighted outputs per window batch; the normaliser is static and separable (outer product of three 1D sums).
+  accumulate: "scatter" (one scatter-add per batch), "loop" (in-place slice updates) or "auto" (loop on CPU,
+  scatter elsewhere).
   """
+  if accumulate == "auto":
+    accumulate = "loop" if jax.default_backend() == "cpu" else "scatter"
+  if accumulate not in ("loop", "scatter"):
+    raise ValueError(f"accumulate={accumulate!r}; choose auto, loop or scatter")
+  add = _scatter_add if accumulate == "scatter" else _loop_add
   weight = jnp.asarray(gaussian_weight(plan.window))[..., None]
   starts = jnp.asarray(plan.starts)
   valid = jnp.asarray(plan.valid)
@@ -152,7 +169,7 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
         cond[key] = constrain(cut)
       out = apply_fn(constrain(_take(vol, s, w)), jnp.broadcast_to(t, (b,)), cond)
       out = out.astype(jnp.float32) * weight[None] * keep[:, None, None, None, None]
-      return _scatter_add(acc, s, out)
+      return add(acc, s, out)
 
     acc = jax.lax.fori_loop(0, plan.num_batches, body, jnp.zeros(vol.shape, jnp.float32))
     norm = nx[:, None, None, None] * ny[None, :, None, None] * nz[None, None, :, None]
