@@ -50,3 +50,19 @@ def test_blend_matches_a_numpy_reference_for_a_nonlinear_model(budget, accumulat
                                          precompute_budget_bytes=budget, accumulate=accumulate)
   out = jax.jit(fn)(jnp.asarray(vol)[None], jnp.array([3]))
   np.testing.assert_allclose(np.asarray(out[0]), reference_blend(model, vol, hint, plan), atol=2e-5)
+
+
+def test_progress_bar_estimates_total_time_from_the_second_step(capsys):
+  from meddiff_jax.tasks import common
+  clock = iter([10.0, 12.0, 12.5, 13.0])  # step 0 at 10 s (after compile), step 1 at 12 s: 2 s/step
+  bar = common.ProgressBar(11, "test", windows=50)
+  bar._clock = lambda: next(clock)
+  bar(0)
+  assert bar.estimate() is None
+  bar(1)
+  per_step, rest = bar.estimate()
+  assert per_step == 2.0 and rest == 2.0 * 9  # 9 steps left after step index 1
+  bar(2)
+  assert "40.0 windows/s" in str(bar.bar)  # 2 steps x 50 windows in 2.5 s since step 0
+  bar.close()
+  assert "2.00 s/step, 25.0 windows/s; estimated 0.3 min for the remaining 9 steps" in capsys.readouterr().out

@@ -40,7 +40,8 @@ def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: n
 
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config)
+    fn, plan = common.windowed_denoiser(pre, y_unit.shape, region, structures, config)
+    bar.windows = int(plan.valid.sum())
     run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, jnp.int32(config.noise_t),
                                                          config.num_steps, r, progress=bar, method=config.sampler))
     out = np.asarray(run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed)))

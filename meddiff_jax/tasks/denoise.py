@@ -98,7 +98,8 @@ def run(config: Any) -> dict[str, Any]:
   mesh = common.task_mesh()
   bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y.shape, region, structures, config)
+    fn, plan = common.windowed_denoiser(pre, y.shape, region, structures, config)
+    bar.windows = int(plan.valid.sum())
     y_dev = jnp.asarray(y)[None, ..., None]
     if config.method == "diffpir":
       ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
