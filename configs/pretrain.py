@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype="bfloat16",
       param_dtype="float32",
       remat="none",
-      conv_impl="xla",  # xla | depth_taps (3^3 conv as a 2D conv + depth sum: faster on CPU, see RESULTS #15)
+      conv_impl="auto",  # auto (depth_taps on CPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15)
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(

@@ -13,7 +13,8 @@ from meddiff_jax.models import unet3d
 @pytest.mark.parametrize("shape,cin,cout", [((2, 5, 6, 7), 3, 4), ((1, 8, 8, 8), 8, 16)])
 def test_depth_tap_conv_equals_lax_conv3d(shape, cin, cout):
   x = jax.random.normal(jax.random.key(0), (*shape, cin))
-  plain = unet3d.conv3d(cout, 3, unet3d.UNetSpec())
+  plain = unet3d.conv3d(cout, 3, unet3d.UNetSpec(conv_impl="xla"))
+  assert isinstance(plain, unet3d.nn.Conv) and not isinstance(plain, unet3d.DepthTapConv)
   params = plain.init(jax.random.key(1), x)
   params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # bias != 0
   taps = unet3d.conv3d(cout, 3, unet3d.UNetSpec(conv_impl="depth_taps"))
@@ -30,6 +31,7 @@ def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
   from conftest import tiny_config
   from meddiff_jax.train import loop
   config = tiny_config()
+  config.model.conv_impl = "xla"
   model, spec = loop.build_model(config)
   x, t, cond = loop.dummy_inputs(spec, config.data.patch_size)
   params = jax.jit(model.init)(jax.random.key(0), x, t, cond)
