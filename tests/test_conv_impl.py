@@ -38,8 +38,8 @@ def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
   # zero-init output convs would hide everything: perturb all params
   params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
   x = jax.random.normal(jax.random.key(2), x.shape)
-  ref = model.apply(params, x, t, cond)
-  fast = unet3d.UNet3D(dataclasses.replace(spec, conv_impl="depth_taps")).apply(params, x, t, cond)
+  ref = jax.jit(model.apply)(params, x, t, cond)
+  fast = jax.jit(unet3d.UNet3D(dataclasses.replace(spec, conv_impl="depth_taps")).apply)(params, x, t, cond)
   assert float(jnp.max(jnp.abs(ref))) > 1e-2
   np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=1e-5 * float(jnp.max(jnp.abs(ref))) + 1e-6)
 
