@@ -1,7 +1,8 @@
 """DDIM sampling speed: our jitted fori_loop vs a Python loop over a jitted step vs MONAI's DDIM
 inferer (torch), same model size and shapes.
 
-python benchmarks/sampler.py [--sizes=64,128] [--steps=50] [--preset=tiny]
+python benchmarks/sampler.py [--sizes=64,128] [--steps=50] [--preset=tiny] [--method=ddim|dpmpp_2m|ddpm]
+(--method only changes the fori_loop column; the python-loop and MONAI columns are DDIM.)
 Writes benchmarks/results/sampler.json.
 """
 
@@ -19,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def ours(preset, size, steps):
+def ours(preset, size, steps, method="ddim"):
   import jax
   import jax.numpy as jnp
   from configs import pretrain
@@ -35,7 +36,7 @@ def ours(preset, size, steps):
   ts = samplers.make_timesteps(1000, steps, "trailing")
   prev = samplers.previous_timesteps(ts)
   fn = lambda p: (lambda xx, tt: model.apply({"params": p}, xx, tt, cond))
-  scan = jax.jit(lambda p, r, x: samplers.sample(fn(p), sched, ts, r, x))
+  scan = jax.jit(lambda p, r, x: samplers.sample(fn(p), sched, ts, r, x, method=method))
   xT = jax.random.normal(jax.random.key(1), x.shape)
   jax.block_until_ready(scan(params, jax.random.key(2), xT))
   t0 = time.perf_counter()
@@ -87,12 +88,13 @@ def main():
   p.add_argument("--sizes", default="64,128")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--preset", default="tiny")
+  p.add_argument("--method", default="ddim")
   args = p.parse_args()
   rows = []
   for size in map(int, args.sizes.split(",")):
-    t_scan, t_loop, config = ours(args.preset, size, args.steps)
+    t_scan, t_loop, config = ours(args.preset, size, args.steps, args.method)
     t_monai = monai_ddim(config, size, args.steps)
-    rows.append({"size": size, "steps": args.steps, "preset": args.preset, "jax_fori_loop_s": t_scan,
+    rows.append({"size": size, "steps": args.steps, "preset": args.preset, "method": args.method, "jax_fori_loop_s": t_scan,
                  "jax_python_loop_s": t_loop, "monai_ddim_s": t_monai})
     print(f"{size}^3 DDIM-{args.steps}: fori_loop {t_scan:.2f} s | python loop {t_loop:.2f} s | "
           f"MONAI {t_monai if t_monai is None else round(t_monai, 2)} s")

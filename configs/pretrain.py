@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype="bfloat16",
       param_dtype="float32",
       remat="none",
+      conv_impl="auto",  # auto (depth_taps on CPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15)
   ))
 
   c.diffusion = ml_collections.ConfigDict(dict(

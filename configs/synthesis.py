@@ -17,6 +17,5 @@ def get_config(arg=None):
   c.spacing = ()  # the sampling grid; () = the checkpoint's training spacing; the output grid without labels
   c.labels = ""  # TotalSegmentator label NIfTI: extent, affine and anatomy (resampled to `spacing`, result back)
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
-  c.sampler = "ddim"
   c.eta = 0.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

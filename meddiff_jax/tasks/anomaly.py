@@ -42,10 +42,11 @@ def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: n
 
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y_unit.shape, region, structures, config, frame=frame)
+    fn, plan = common.windowed_denoiser(pre, y_unit.shape, region, structures, config, frame=frame)
+    bar.windows = int(plan.valid.sum())
     # the grid starts at noise_t itself (paper: 950), every step is spent below it
     run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),
-                                                         config.num_steps, r, progress=bar))
+                                                         config.num_steps, r, progress=bar, method=config.sampler))
     out = np.asarray(run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed)))
   bar.close()
   return out[0, ..., 0]

@@ -214,15 +214,50 @@ def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np
 
 
 class ProgressBar:
-  """A tqdm bar fed from inside jitted loops through `jax.debug.callback` (process 0 only)."""
+  """A tqdm bar fed from inside jitted loops through `jax.debug.callback` (process 0 only).
 
-  def __init__(self, total: int, desc: str):
+  Shows steps and, when `windows` (network windows per step) is set, windows/s. After the second step
+  (the first includes compilation) it prints the measured time per step and the estimated total, so a
+  user can stop a long run and pick a cheaper budget (--config.num_steps, --config.sampler=dpmpp_2m).
+  """
+
+  def __init__(self, total: int, desc: str, windows: int = 0):
+    import time
+
     from tqdm import tqdm
+    self._clock = time.perf_counter
+    self.total, self.windows = total, windows
     self.bar = tqdm(total=total, desc=desc, unit="step", disable=jax.process_index() != 0)
+    self._seen: list[tuple[int, float]] = []  # (step index, time) of the first two callbacks
 
   def __call__(self, i) -> None:
-    self.bar.n = int(i) + 1
+    i, now = int(i), self._clock()
+    if len(self._seen) < 2:
+      self._seen.append((i, now))
+      if len(self._seen) == 2:
+        self._report_estimate()
+    self.bar.n = i + 1
+    if self.windows and len(self._seen) == 2:
+      (i0, t0) = self._seen[0]
+      if i > i0 and now > t0:
+        self.bar.set_postfix_str(f"{self.windows * (i - i0) / (now - t0):.1f} windows/s", refresh=False)
     self.bar.refresh()
+
+  def estimate(self) -> tuple[float, float] | None:
+    """(seconds per step, estimated seconds for the remaining steps) once two steps were seen."""
+    if len(self._seen) < 2:
+      return None
+    (i0, t0), (i1, t1) = self._seen
+    per_step = (t1 - t0) / max(i1 - i0, 1)
+    return per_step, per_step * (self.total - i1 - 1)
+
+  def _report_estimate(self) -> None:
+    per_step, rest = self.estimate()
+    rate = f", {self.windows / per_step:.1f} windows/s" if self.windows and per_step > 0 else ""
+    if not self.bar.disable:
+      self.bar.write(f"{self.bar.desc}: {per_step:.2f} s/step{rate}; estimated {rest / 60:.1f} min for the "
+                     f"remaining {self.total - self._seen[1][0] - 1} steps (Ctrl-C and lower --config.num_steps "
+                     f"or use --config.sampler=dpmpp_2m for a cheaper budget)")
 
   def close(self) -> None:
     self.bar.close()

@@ -156,7 +156,8 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
                                          cm.pre.patch_size)
     fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
                                      hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale), frame=crop)
-    out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1))))(
+    out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1)),
+                                            method=config.sampler))(
         jax.random.key(config.seed))
   sr_vol = nifti.Volume(data=preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region), affine=up.affine,
                         path=up.path, source=up.source)
@@ -211,7 +212,8 @@ def run_lesion(config: Any) -> dict[str, Any]:
                                       config.jump_n_sample))(
           jax.random.key(config.seed))
     elif config.method == "generate":
-      out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape)))(
+      out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape),
+                                                    method=config.sampler))(
           jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")

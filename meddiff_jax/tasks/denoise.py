@@ -90,10 +90,11 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
 
 def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: int, num_steps: int,
                       rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None,
-                      input_sigma: float | jax.Array = 0.0) -> jax.Array:
-  """SDEdit: y to t_start (counting its own noise `input_sigma`), then DDIM over a grid from t_start to 0."""
+                      input_sigma: float | jax.Array = 0.0, method: str = "ddim") -> jax.Array:
+  """SDEdit: y to t_start (counting its own noise `input_sigma`), then `method` (ddim | ddpm | dpmpp_2m) over
+  a grid from t_start to 0."""
   timesteps = samplers.partial_timesteps(int(t_start), num_steps)
-  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=jnp.int32(timesteps[0]), method="ddim",
+  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=jnp.int32(timesteps[0]), method=method,
                          prediction_type=prediction_type, progress=progress, input_sigma=input_sigma)
 
 
@@ -132,7 +133,8 @@ def run(config: Any) -> dict[str, Any]:
   mesh = common.task_mesh()
   bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    fn, _ = common.windowed_denoiser(pre, y.shape, region, structures, config, frame=crop)
+    fn, plan = common.windowed_denoiser(pre, y.shape, region, structures, config, frame=crop)
+    bar.windows = int(plan.valid.sum())
     y_dev = jnp.asarray(y)[None, ..., None]
     if config.method == "diffpir":
       ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
@@ -141,7 +143,8 @@ def run(config: Any) -> dict[str, Any]:
     elif config.method == "partial":
       t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
       out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, t0, config.num_steps, r, progress=bar,
-                                                   input_sigma=jnp.float32(sigma)))(y_dev, jax.random.key(config.seed))
+                                                   input_sigma=jnp.float32(sigma), method=config.sampler))(
+          y_dev, jax.random.key(config.seed))
     else:
       raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
     den = np.asarray(out)[0, ..., 0][crop]

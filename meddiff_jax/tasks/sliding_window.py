@@ -27,13 +27,16 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
   return [int(round(i * (size - window) / (count - 1))) for i in range(count)]
 
 
-def gaussian_weight(window: int, sigma_scale: float = 0.125) -> np.ndarray:
-  """(w, w, w) weights peaking at the centre; floored so that borders still count a little."""
+def axis_weight(window: int, sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
+  """(w,) Gaussian peaking at the window centre, floored so that borders still count a little."""
   ax = np.arange(window) - (window - 1) / 2.0
-  g = np.exp(-0.5 * (ax / (sigma_scale * window)) ** 2)
-  w = g[:, None, None] * g[None, :, None] * g[None, None, :]
-  w = w / w.max()
-  return np.maximum(w, 1e-3).astype(np.float32)
+  return np.maximum(np.exp(-0.5 * (ax / (sigma_scale * window)) ** 2), floor)
+
+
+def gaussian_weight(window: int, sigma_scale: float = 0.125) -> np.ndarray:
+  """(w, w, w) separable weights (nnU-Net style); separable so the blend normaliser factorises per axis."""
+  g = axis_weight(window, sigma_scale)
+  return (g[:, None, None] * g[None, :, None] * g[None, None, :]).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class WindowPlan:
   # The position frame: the real volume sits at frame_start with frame_shape inside the (padded) volume.
   frame_start: tuple[int, int, int] = (0, 0, 0)
   frame_shape: tuple[int, int, int] | None = None
+  axis_starts: tuple[tuple[int, ...], ...] = ()  # the grid's starts per axis (starts is their product)
 
   @property
   def num_batches(self) -> int:
@@ -65,21 +69,34 @@ class WindowPlan:
     hi = np.where(sizes > 1, 2.0 * (rel + self.window - 1) / denom - 1.0, 0.0)
     return np.stack([lo, hi], axis=-1).astype(np.float32)
 
+  def axis_norms(self) -> list[np.ndarray]:
+    """Per axis, the sum of the 1D window weights covering each voxel. The 3D normaliser (sum of all
+    windows' weights) is their outer product because the weights are separable and the windows a grid."""
+    g = axis_weight(self.window)
+    norms = []
+    for size, starts in zip(self.volume_shape, self.axis_starts):
+      n = np.zeros(size, np.float64)
+      for s in starts:
+        n[s:s + self.window] += g
+      norms.append(n.astype(np.float32))
+    return norms
+
 
 def plan_windows(volume_shape: tuple[int, int, int], window: int, overlap: float = 0.5, batch: int = 4,
                  frame: tuple[slice, ...] | None = None) -> WindowPlan:
   if any(s < window for s in volume_shape):
     raise ValueError(f"volume {volume_shape} is smaller than the window {window}; pad it first (pad_to_window)")
-  grid = np.stack(np.meshgrid(*[window_starts(s, window, overlap) for s in volume_shape], indexing="ij"), -1)
+  axis_starts = tuple(tuple(window_starts(s, window, overlap)) for s in volume_shape)
+  grid = np.stack(np.meshgrid(*axis_starts, indexing="ij"), -1)
   starts = grid.reshape(-1, 3).astype(np.int32)
   n = len(starts)
   padded = int(np.ceil(n / batch)) * batch
   valid = np.r_[np.ones(n), np.zeros(padded - n)].astype(np.float32)
   starts = np.concatenate([starts, np.repeat(starts[:1], padded - n, axis=0)])
   if frame is None:
-    return WindowPlan(tuple(volume_shape), window, starts, valid, batch)
+    return WindowPlan(tuple(volume_shape), window, starts, valid, batch, axis_starts=axis_starts)
   return WindowPlan(tuple(volume_shape), window, starts, valid, batch, tuple(int(f.start) for f in frame[:3]),
-                    tuple(int(f.stop - f.start) for f in frame[:3]))
+                    tuple(int(f.stop - f.start) for f in frame[:3]), axis_starts)
 
 
 def pad_to_window(volume: np.ndarray, window: int, fill: float) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -97,20 +114,55 @@ def _take(volume: jax.Array, starts: jax.Array, window: int) -> jax.Array:
   return jax.vmap(lambda s: jax.lax.dynamic_slice(volume, (s[0], s[1], s[2], 0), (window, window, window, c)))(starts)
 
 
+def _scatter_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Array:
+  """acc[s0:s0+w, s1:s1+w, s2:s2+w] += values[j] for every window j, as one scatter-add (overlaps add up)."""
+  w = values.shape[1]
+  r = jnp.arange(w)
+  ix = (starts[:, 0, None] + r)[:, :, None, None]
+  iy = (starts[:, 1, None] + r)[:, None, :, None]
+  iz = (starts[:, 2, None] + r)[:, None, None, :]
+  return acc.at[ix, iy, iz].add(values, mode="promise_in_bounds")
+
+
+def _loop_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Array:
+  """The same as `_scatter_add` as a loop of in-place dynamic_update_slices: faster on XLA:CPU, whose
+  scatter runs element by element (benchmarks/RESULTS.md #15)."""
+  def add(j, acc):
+    pos = (starts[j, 0], starts[j, 1], starts[j, 2], 0)
+    return jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, pos, values.shape[1:]) + values[j], pos)
+  return jax.lax.fori_loop(0, values.shape[0], add, acc)
+
+
 def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array], plan: WindowPlan,
-                       cond_volume: dict[str, jax.Array], batch_axes: Any = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+                       cond_volume: dict[str, jax.Array], batch_axes: Any = None,
+                       precompute_budget_bytes: int = 1 << 30,
+                       accumulate: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(x (1, X, Y, Z, 1), t (1,)) -> blended model output over the whole volume.
 
   cond_volume: 'region' (1,) plus any per-voxel conditions (X, Y, Z, C) ('structures', ControlNet's 'hint'):
-  windows are cut from those.
+  windows are cut from those once, here, when all of them fit in `precompute_budget_bytes` (they do not change
+  between reverse steps), else every step.
   apply_fn(x_windows, t_windows, cond_windows) is the (possibly CFG-guided) model.
+
+  Per step the only work besides the network is one gather of the x windows and one accumulation of the
+  weighted outputs per window batch; the normaliser is static and separable (outer product of three 1D sums).
+  accumulate: "scatter" (one scatter-add per batch), "loop" (in-place slice updates) or "auto" (loop on CPU,
+  scatter elsewhere).
   """
+  if accumulate == "auto":
+    accumulate = "loop" if jax.default_backend() == "cpu" else "scatter"
+  if accumulate not in ("loop", "scatter"):
+    raise ValueError(f"accumulate={accumulate!r}; choose auto, loop or scatter")
+  add = _scatter_add if accumulate == "scatter" else _loop_add
   weight = jnp.asarray(gaussian_weight(plan.window))[..., None]
   starts = jnp.asarray(plan.starts)
   valid = jnp.asarray(plan.valid)
   boxes = jnp.asarray(plan.boxes())
+  nx, ny, nz = (jnp.asarray(n) for n in plan.axis_norms())
   b, w = plan.batch, plan.window
   volumes = {k: v for k, v in cond_volume.items() if k != "region"}
+  window_bytes = sum(len(plan.starts) * w ** 3 * v.shape[-1] * v.dtype.itemsize for v in volumes.values())
+  precut = {k: _take(v, starts, w) for k, v in volumes.items()} if window_bytes <= precompute_budget_bytes else None
 
   def constrain(a):
     if batch_axes is None:
@@ -119,31 +171,21 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
 
   def fn(x: jax.Array, t: jax.Array) -> jax.Array:
     vol = x[0]
-    acc = jnp.zeros(vol.shape, jnp.float32)
-    norm = jnp.zeros(vol.shape[:3] + (1,), jnp.float32)
 
-    def body(i, carry):
-      acc, norm = carry
+    def body(i, acc):
       s = jax.lax.dynamic_slice_in_dim(starts, i * b, b)
       keep = jax.lax.dynamic_slice_in_dim(valid, i * b, b)
       cond = {"pos_box": constrain(jax.lax.dynamic_slice_in_dim(boxes, i * b, b)),
               "region": jnp.broadcast_to(cond_volume["region"], (b,))}
       for key, volume in volumes.items():
-        cond[key] = constrain(_take(volume, s, w))
+        cut = jax.lax.dynamic_slice_in_dim(precut[key], i * b, b) if precut is not None else _take(volume, s, w)
+        cond[key] = constrain(cut)
       out = apply_fn(constrain(_take(vol, s, w)), jnp.broadcast_to(t, (b,)), cond)
       out = out.astype(jnp.float32) * weight[None] * keep[:, None, None, None, None]
+      return add(acc, s, out)
 
-      def add(j, carry):
-        acc, norm = carry
-        pos = (s[j, 0], s[j, 1], s[j, 2], 0)
-        acc = jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, pos, out.shape[1:]) + out[j], pos)
-        wj = weight * keep[j]
-        norm = jax.lax.dynamic_update_slice(norm, jax.lax.dynamic_slice(norm, pos, wj.shape) + wj, pos)
-        return acc, norm
-
-      return jax.lax.fori_loop(0, b, add, (acc, norm))
-
-    acc, norm = jax.lax.fori_loop(0, plan.num_batches, body, (acc, norm))
-    return (acc / jnp.maximum(norm, 1e-8))[None]
+    acc = jax.lax.fori_loop(0, plan.num_batches, body, jnp.zeros(vol.shape, jnp.float32))
+    norm = nx[:, None, None, None] * ny[None, :, None, None] * nz[None, None, :, None]
+    return (acc / norm)[None].astype(x.dtype)
 
   return fn

@@ -24,7 +24,7 @@ def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.nda
   bar = common.ProgressBar(len(timesteps), "synthesis")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
     fn, plan = common.windowed_denoiser(pre, shape, region, structures, config, guidance_scale=scale)
-    bar.bar.set_postfix(windows=int(plan.valid.sum()))
+    bar.windows = int(plan.valid.sum())
     run = jax.jit(lambda r: samplers.sample(fn, pre.schedule, timesteps, r,
                                             jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
                                             method=config.sampler, eta=config.eta, progress=bar))

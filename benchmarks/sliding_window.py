@@ -1,0 +1,84 @@
+"""Blended sliding-window step (one sampler step's network evaluation over a whole volume) on the shipped
+tiny_phantom prior: seconds per step, windows/s, and the growth exponent of time vs volume size.
+
+python benchmarks/sliding_window.py [--sizes=32,48,64] [--window_batch=8] [--repeats=3] [--dtype=float32]
+  [--null_model]   (a model that returns its input: the cost of the window machinery alone)
+Appends one JSON line per size to benchmarks/results/sliding_window.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--sizes", default="32,48,64")
+  p.add_argument("--window_batch", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--null_model", action="store_true")
+  args = p.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from meddiff_jax.tasks import common
+
+  pre = common.load_pretrained("tiny_phantom")
+  if args.dtype != "float32":
+    import dataclasses
+    pre.spec = dataclasses.replace(pre.spec, dtype=jnp.dtype(args.dtype))
+    pre.model = type(pre.model)(pre.spec)
+  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=args.window_batch))
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  rows = []
+  for size in map(int, args.sizes.split(",")):
+    shape = (size,) * 3
+    structures = common.structure_volume(pre, None, None, shape)
+    # null model: output = input + 0 * a structure channel, so the condition windows are still cut
+    null = lambda x, t, c: x + 0.0 * c["structures"][..., :1].astype(x.dtype)
+    apply_fn = null if args.null_model else None
+    fn, plan = common.windowed_denoiser(pre, shape, 0, structures, cfg, apply_fn=apply_fn)
+    step = jax.jit(fn)
+    x = jax.random.normal(jax.random.key(0), (1, *shape, 1))
+    t = jnp.array([500])
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(x, t))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(x, t))
+      times.append(time.perf_counter() - t0)
+    s = float(np.median(times))
+    n = int(plan.valid.sum())
+    row = {"commit": commit, "size": size, "windows": n, "padded_windows": len(plan.starts), "step_s": s,
+           "windows_per_s": n / s, "first_call_s": compile_s, "window_batch": plan.batch, "dtype": args.dtype,
+           "null_model": args.null_model}
+    rows.append(row)
+    print(f"{size}^3: {n} windows, {s:.3f} s/step, {n / s:.1f} windows/s (first call {compile_s:.1f} s)", flush=True)
+  if len(rows) > 1:
+    v = np.log([r["size"] ** 3 for r in rows])
+    slope = np.polyfit(v, np.log([r["step_s"] for r in rows]), 1)[0]
+    print(f"time ~ voxels^{slope:.2f}")
+  out = ROOT / "benchmarks" / "results" / "sliding_window.jsonl"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with out.open("a") as f:
+    for r in rows:
+      f.write(json.dumps({"command": " ".join(sys.argv), **r}) + "\n")
+
+
+if __name__ == "__main__":
+  main()
