@@ -265,7 +265,8 @@ def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prio
 
   pre = types.SimpleNamespace(patch_size=8, schedule=SCHED, apply=apply,
                               spec=types.SimpleNamespace(num_regions=3, structure_channels=0))
-  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0))
+  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0,
+                                       sampler="ddim"))
   x0, _ = gaussian_problem((1, 8, 8, 8, 1), MU, S, 0.0, seed=7)
   recon = anomaly.reconstruct(pre, np.asarray(x0)[0, ..., 0], 0, cfg)
   jax.effects_barrier()
