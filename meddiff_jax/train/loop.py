@@ -210,7 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
   writer_lib.progress(writer_lib.closing_summary(
       kind="pretraining", workdir=workdir, step=int(train_state.step), num_steps=num_steps, last=last,
-      last_val=last_val, checkpoints=ckpt.all_steps(), preempted=stopping, seconds=time.perf_counter() - t_start))
+      last_val=last_val, checkpoints=ckpt.all_steps(), preempted=stopping, seconds=time.perf_counter() - t_start,
+      samples=bool(config.eval.sample_every_steps)))
   return last
 
 

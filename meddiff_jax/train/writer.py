@@ -31,10 +31,11 @@ def _record(data: bytes) -> bytes:
 
 
 class EventFile:
-  """A TensorBoard event file `events.out.tfevents.<time>.<host>` in `logdir`."""
+  """A TensorBoard event file `events.out.tfevents.<time>.<host>.<ns>` in `logdir`."""
 
   def __init__(self, logdir: str, *, flush_interval_s: float = 30.0):
-    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+    now = time.time_ns()  # the sub-second suffix keeps two writers started in one second apart
+    name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{now % 10**9:09d}"
     self.path = storage.join(logdir, name)
     self._out = storage.Appender(self.path, min_interval_s=flush_interval_s)
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
@@ -117,7 +118,7 @@ def format_scalars(values: Mapping[str, float], keys: tuple[str, ...]) -> str:
 
 def closing_summary(*, kind: str, workdir: str, step: int, num_steps: int, last: Mapping[str, float],
                     last_val: Mapping[str, float], checkpoints: list[int], preempted: bool,
-                    seconds: float) -> str:
+                    seconds: float, samples: bool = False) -> str:
   """The lines a run ends on: what ran, final losses, where everything is, how to look at it."""
   state = "preempted at" if preempted else "finished at"
   lines = [f"{kind} {state} step {step}/{num_steps} in {seconds:.0f} s."]
@@ -127,9 +128,8 @@ def closing_summary(*, kind: str, workdir: str, step: int, num_steps: int, last:
   if "val/loss" in last_val:
     lines.append(f"  final val/loss {last_val['val/loss']:.4g}")
   lines.append(f"  checkpoints: {storage.join(workdir, 'checkpoints')} (steps {checkpoints})")
-  samples = storage.join(workdir, "samples")
-  if storage.exists(samples):
-    lines.append(f"  samples:     {samples}")
+  if samples:
+    lines.append(f"  samples:     {storage.join(workdir, 'samples')}")
   lines.append(f"  metrics:     {storage.join(workdir, 'metrics.jsonl')}")
   lines.append(f"  events:      {workdir} (tensorboard --logdir {workdir})")
   return "\n".join(lines)
