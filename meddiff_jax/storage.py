@@ -76,6 +76,13 @@ def isdir(path: str) -> bool:
   return fs.isdir(p)
 
 
+def remove_tree(path: str) -> None:
+  """Delete a file or directory (prefix) if it exists."""
+  fs, p = filesystem(path)
+  if fs.exists(p):
+    fs.rm(p, recursive=True)
+
+
 def glob(pattern: str) -> list[str]:
   """Sorted matches, as URLs when the pattern is one."""
   fs, p = filesystem(pattern)
