@@ -26,8 +26,26 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def gcs():
-  """gs://bucket served by a local emulator; yields an fsspec gcs filesystem on it."""
+  """gs://bucket served by a local emulator; yields an fsspec gcs filesystem on it.
+
+  The emulator omits the object generation header on media downloads, which real GCS sends and
+  TensorStore needs for OCDBT's conditional manifest commits (a multi-array Orbax save); the fixture adds
+  it for the emulator's lifetime.
+  """
+  from gcp_storage_emulator.handlers import objects
   from gcp_storage_emulator.server import create_server
+
+  download = objects.download
+
+  def download_with_generation(request, response, storage_, *args, **kwargs):
+    download(request, response, storage_, *args, **kwargs)
+    try:
+      obj = storage_.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # not found: the original handler already answered 404
+      return
+    response["x-goog-generation"] = str(obj["generation"])
+
+  objects.download = download_with_generation
   port = _free_port()
   url = f"http://localhost:{port}"
   env = {"STORAGE_EMULATOR_HOST": url,  # gcsfs
@@ -45,6 +63,7 @@ def gcs():
     yield fsspec.filesystem("gs")
   finally:
     server.stop()
+    objects.download = download
     for k, v in old.items():
       if v is None:
         os.environ.pop(k, None)
@@ -95,7 +114,8 @@ def test_missing_cloud_library_names_the_extra(monkeypatch):
 
 
 def test_orbax_checkpoint_round_trip_on_gcs_emulator(gcs):
-  state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.int32(7)}
+  state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.int32(7),
+           **{f"b{i}": np.full((4, 8), i, np.float32) for i in range(40)}}  # many arrays: OCDBT commits concurrently
   import ml_collections
   ck = checkpoint.Checkpointer("gs://bucket/unit/checkpoints", keep=2)
   for step in (1, 2, 3):
