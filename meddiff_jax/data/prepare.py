@@ -86,7 +86,8 @@ def find_jobs(config: Any) -> list[dict[str, str]]:
   return jobs
 
 
-def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, float, float]) -> dict[str, Any]:
+def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, float, float],
+                store_format: str = "zarr") -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
   try:
@@ -115,7 +116,8 @@ def prepare_one(job: dict[str, str], output_dir: str, spacing: tuple[float, floa
             "region": job["region"],
             "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
             "hu_range": [float(image.data.min()), float(image.data.max())]}
-    store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta)
+    store.write_record(output_dir, job["id"], np.round(image.data), None if labels is None else labels.data, meta,
+                       fmt=store_format)
     return {"image": job["image"], "id": job["id"], "status": "done", "seconds": round(time.perf_counter() - t0, 2)}
   except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
     return {"image": job["image"], "id": job["id"], "status": "failed", "reason": str(e)}
@@ -125,6 +127,8 @@ def run(config: Any) -> dict[str, Any]:
   """Prepare every job not already in the store; writes and returns the report."""
   if not config.input_dir or not config.output_dir:
     raise ValueError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
+  if config.store_format not in store.FORMATS:
+    raise ValueError(f"config.store_format={config.store_format!r}; choose from {store.FORMATS}")
   os.makedirs(config.output_dir, exist_ok=True)
   jobs = find_jobs(config)
   done_ids = {r["id"] for r in store.read_records(config.output_dir)} if not config.overwrite else set()
@@ -135,12 +139,12 @@ def run(config: Any) -> dict[str, Any]:
   progress = _progress(len(todo))
   if config.workers > 1 and len(todo) > 1:
     with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing) for j in todo]
+      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, config.store_format) for j in todo]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing), progress))
+      results.append(_report_one(prepare_one(j, config.output_dir, spacing, config.store_format), progress))
   progress.close()
   report = {"input_dir": config.input_dir, "output_dir": config.output_dir, "spacing": list(spacing),
             "prepared": [r for r in results if r["status"] == "done"],
