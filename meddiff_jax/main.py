@@ -38,8 +38,8 @@ def maybe_initialize_distributed() -> None:
     kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
-               jax.device_count())
+  print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global "
+        "devices", flush=True)
 
 
 def main(argv: list[str]) -> None:
