@@ -59,7 +59,9 @@ def main(argv: list[str]) -> None:
 
     try:
       loop.validate(config)
-    except ValueError as e:  # a config mistake: one line, no traceback
+      if config.data.source == "prepared":  # a gs:// / s3:// store needs its filesystem extra
+        storage.check_backend(config.data.prepared_dir)
+    except (ValueError, storage.MissingBackendError) as e:  # a config mistake: one line, no traceback
       raise app.UsageError(str(e)) from None
     loop.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "prepare":
