@@ -133,3 +133,19 @@ def test_training_run_prints_progress_and_a_summary_and_leaves_no_stray_folders(
   events = {n for n in names if n.startswith("events.out.tfevents.")}
   assert len(events) == 1 and names - events == {"checkpoints", "metrics.jsonl"}, names
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_profiler_traces_the_requested_steps_only(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from meddiff_jax.train import loop
+
+  prof = loop.Profiler(str(tmp_path), start_step=10, num_steps=2)
+  f = jax.jit(lambda x: x * 2)
+  for step in range(11, 16):
+    f(jnp.ones(3)).block_until_ready()
+    prof.step(step)
+    assert prof.active == (11 <= step < 13), step
+  prof.close()
+  traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
