@@ -4,6 +4,11 @@ torch DataLoader on the same volumes.
 python benchmarks/input_pipeline.py [--sizes=64,128] [--batches=20] [--threads=2]
 Writes benchmarks/results/input_pipeline.json. Volumes: 4 phantoms at 256^3 (1.5 mm) and, when present,
 the real CT in ../shared/data, prepared once into a temporary store (and as .nii.gz for MONAI).
+
+python benchmarks/input_pipeline.py --stores [--sizes=64,128]
+The prepared-store formats side by side on local disk (#12): zarr (TensorStore, chunked, zstd) vs the
+older memory-mapped .npy, patches/s through the same Grain pipeline and bytes read per window.
+Writes benchmarks/results/input_pipeline_stores.json.
 """
 
 from __future__ import annotations
@@ -62,6 +67,85 @@ def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
   return 4 * batches / (time.perf_counter() - t0)
 
 
+def npy_copy(store_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  """The same volumes in the older one-.npy-per-array format."""
+  from meddiff_jax.data import store
+
+  for rec in store.read_records(str(store_dir)):
+    hu = np.asarray(store.open_array(str(store_dir / rec["image"])))
+    labels = np.asarray(store.open_array(str(store_dir / rec["labels"]))) if rec.get("labels") else None
+    meta = {k: v for k, v in rec.items() if k not in ("id", "image", "labels", "shape")}
+    store.write_record(str(out), rec["id"], hu, labels, meta, fmt="npy")
+  return out
+
+
+def _rchar() -> int:
+  with open("/proc/self/io") as f:
+    return int(next(l for l in f if l.startswith("rchar")).split()[1])
+
+
+def window_bytes(store_dir: pathlib.Path, patch: int, windows: int = 30) -> dict[str, float]:
+  """Mean bytes read for one random patch^3 window (image + label map), and the window's own bytes.
+
+  zarr: bytes read by the process (/proc/self/io rchar: TensorStore's file driver preads whole chunks).
+  npy: 4 KiB pages the window's rows touch in the memory map (what the kernel must bring in, before
+  readahead), counted from the array layout.
+  """
+  from meddiff_jax.data import store
+
+  ps = store.PreparedStore(str(store_dir))
+  rng = np.random.default_rng(0)
+  read, own = [], []
+  for w in range(windows):
+    rec = ps.records[w % len(ps)]
+    names = [rec["image"]] + ([rec["labels"]] if rec.get("labels") else [])
+    shape = rec["shape"]
+    start = [int(rng.integers(0, max(s - patch, 0) + 1)) for s in shape]
+    sl = tuple(slice(a, a + min(patch, s)) for a, s in zip(start, shape))
+    total = 0
+    for name in names:
+      arr = ps._array(name)
+      if isinstance(arr, np.memmap):
+        total += _pages_touched(arr, sl) * 4096
+      else:
+        r0 = _rchar()
+        arr[sl]
+        total += _rchar() - r0
+      own.append(int(np.prod([s.stop - s.start for s in sl])) * arr.dtype.itemsize)
+    read.append(total)
+  return {"bytes_read_per_window": float(np.mean(read)), "window_bytes": float(np.sum(own) / windows)}
+
+
+def _pages_touched(arr: np.memmap, sl: tuple[slice, ...]) -> int:
+  x, y, z = (np.arange(s.start, s.stop) for s in sl)
+  _, ny, nz = arr.shape
+  item = arr.dtype.itemsize
+  row_start = arr.offset + ((x[:, None] * ny + y[None, :]) * nz + z[0]) * item
+  first = row_start // 4096
+  last = (row_start + len(z) * item - 1) // 4096
+  pages = set()
+  for a, b in zip(first.ravel(), last.ravel()):
+    pages.update(range(int(a), int(b) + 1))
+  return len(pages)
+
+
+def compare_stores(store_dir, sizes, batches, threads):
+  npy_dir = npy_copy(store_dir, store_dir.parent / "store_npy")
+  rows = []
+  for size in sizes:
+    for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
+      row = {"patch": size, "format": fmt,
+             "multilevel_with_structures": bench_ours(d, size, batches, threads, True, (1 / 3, 1 / 3, 1 / 3)),
+             "crop_only": bench_ours(d, size, batches, threads, False, (0, 0, 1)),
+             **window_bytes(d, size)}
+      rows.append(row)
+      print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+  sizes_on_disk = {fmt: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                   for fmt, d in (("zarr", store_dir), ("npy", npy_dir))}
+  print("bytes on disk:", sizes_on_disk)
+  return {"rows": rows, "bytes_on_disk": sizes_on_disk}
+
+
 def bench_monai(src, patch, batches, threads, copy_cache):
   try:
     import monai.transforms as mt
@@ -92,12 +176,20 @@ def main():
   p.add_argument("--sizes", default="64,128")
   p.add_argument("--batches", type=int, default=20)
   p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--stores", action="store_true", help="compare the zarr and .npy store formats (#12)")
   args = p.parse_args()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     t0 = time.perf_counter()
     src, store_dir = make_inputs(pathlib.Path(tmp))
     print(f"prepared inputs in {time.perf_counter() - t0:.1f} s")
+    if args.stores:
+      result = compare_stores(store_dir, list(map(int, args.sizes.split(","))), args.batches, args.threads)
+      out = ROOT / "benchmarks" / "results" / "input_pipeline_stores.json"
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps({"command": " ".join(sys.argv), **result}, indent=2))
+      print(f"wrote {out}")
+      return
     for size in map(int, args.sizes.split(",")):
       row = {"patch": size,
              "ours_multilevel_with_structures": bench_ours(store_dir, size, args.batches, args.threads, True,

@@ -44,4 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.spacing = (1.0, 1.0, 1.0)  # mm, the paper's isotropic 1 mm
   c.workers = 2
   c.overwrite = False
+  # zarr: chunked + compressed (~4x smaller), windows stream from local disk or gs:// / s3:// (pods);
+  # npy: memory-mapped, faster on one host's local disk (benchmarks/RESULTS.md "#12 store")
+  c.store_format = "zarr"
   return input_options.add_input_options(c)

@@ -11,9 +11,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from meddiff_jax import storage
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally :preset.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs and checkpoints.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// / s3:// URL) for logs and checkpoints.")
 
 # Environment variables that mean "this is one process of a multi-process job".
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
@@ -37,13 +39,15 @@ def maybe_initialize_distributed() -> None:
     kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
-               jax.device_count())
+  print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global "
+        "devices", flush=True)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, Grain) only when asked: --verbosity=0
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
@@ -56,7 +60,9 @@ def main(argv: list[str]) -> None:
 
     try:
       loop.validate(config)
-    except ValueError as e:  # a config mistake: one line, no traceback
+      if config.data.source == "prepared":  # a gs:// / s3:// store needs its filesystem extra
+        storage.check_backend(config.data.prepared_dir)
+    except (ValueError, storage.MissingBackendError) as e:  # a config mistake: one line, no traceback
       raise app.UsageError(str(e)) from None
     loop.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "prepare":
@@ -100,14 +106,20 @@ def main(argv: list[str]) -> None:
 
 
 def check_workdir(workdir: str | None) -> None:
+  """A local directory or a gs:// / s3:// URL, created and proven writable before anything is compiled."""
   if not workdir:
     raise app.UsageError("--workdir=DIR is required")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.checkpoint_path(storage.join(workdir, "checkpoints"))
+    storage.makedirs(workdir)
+  except (storage.MissingBackendError, ValueError) as e:
+    raise app.UsageError(f"--workdir: {e}") from None
   except OSError as e:
-    raise app.UsageError(f"--workdir={workdir!r} cannot be created: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK):
-    raise app.UsageError(f"--workdir={workdir!r} is not writable")
+    raise app.UsageError(f"--workdir={workdir!r} cannot be created: {e.strerror or e}") from None
+  try:
+    storage.check_writable(workdir)
+  except OSError as e:
+    raise app.UsageError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
 
 
 TASKS = ("denoise", "anomaly", "synthesis", "super_resolution", "lesion")

@@ -224,7 +224,7 @@ def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) 
 
 
 def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, float, float],
-                options: nifti.ReadOptions | None = None) -> dict[str, Any]:
+                options: nifti.ReadOptions | None = None, store_format: str = "zarr") -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
   options = options or nifti.ReadOptions()
@@ -274,7 +274,7 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
               "hu_range": [float(image.data.min()), float(image.data.max())]}
       vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
       store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta,
-                         lowres=None if lowres is None else np.round(lowres))
+                         lowres=None if lowres is None else np.round(lowres), fmt=store_format)
       ids.append(vid)
     return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -293,6 +293,8 @@ def run(config: Any) -> dict[str, Any]:
   check_output_dir(config.input_dir, config.output_dir)
   ignored: list[dict[str, str]] = []
   jobs = find_jobs(config, ignored)
+  if config.store_format not in store.FORMATS:
+    raise ValueError(f"config.store_format={config.store_format!r}; choose from {store.FORMATS}")
   os.makedirs(config.output_dir, exist_ok=True)
   open(os.path.join(config.output_dir, MARKER), "a").close()
   done_ids = set()
@@ -307,12 +309,14 @@ def run(config: Any) -> dict[str, Any]:
   if config.workers > 1 and len(todo) > 1:
     with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, initializer=_die_with_parent,
                                                 initargs=(os.getpid(),)) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options) for j in todo]
+      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, config.store_format)
+                 for j in todo]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options), progress))
+      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, config.store_format),
+                                 progress))
   progress.close()
   failed = [r for r in results if r["status"] == "failed"]
   report = {"input_dir": config.input_dir, "output_dir": config.output_dir, "spacing": list(spacing),

@@ -1,60 +1,128 @@
-"""The prepared-data store: one .npy per volume (and label map) plus a small JSON record each.
+"""The prepared-data store: per volume, chunked compressed arrays (zarr v3 through TensorStore) for the HU
+volume and label map, plus a small JSON record; on local disk or object storage (gs://, s3://).
 
-Why .npy + JSON rather than ArrayRecord: a training sample reads a 128^3 (or 256^3) window of a
-~100M-voxel volume, and `np.load(mmap_mode='r')` gives zero-copy random access to exactly the pages that
-window touches, with no extra dependency; record formats would read whole volumes. A volume counts as
-prepared once its JSON exists (written last, atomically), which makes preparation resumable.
+Why zarr through TensorStore: a training sample reads a 128^3 window of a ~100M-voxel volume. With
+32^3 chunks (zstd) inside 128^3 shards, a window reads only the chunks it touches, by byte range,
+locally or from a bucket, so a pod's workers stream windows without a shared disk (benchmarks/RESULTS.md,
+"#12 store": patches/s and bytes read per window). TensorStore is already installed with Orbax and has
+native gcs / s3 drivers. Stores written before (one .npy per array, memory-mapped) are still read.
+
+A volume counts as prepared once its JSON record exists (written last; local: tmp + rename, object
+stores commit an object whole), which makes preparation resumable.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
 
+from meddiff_jax import storage
 from meddiff_jax.data import regions
 
 RECORD_SUFFIX = ".json"
+CHUNK = 64  # voxels per chunk edge (one object each): a 128^3 window at a random offset reads <= 3^3 chunks
+FORMATS = ("zarr", "npy")
 
 
 def record_path(output_dir: str, volume_id: str) -> str:
-  return os.path.join(output_dir, volume_id + RECORD_SUFFIX)
+  return storage.join(output_dir, volume_id + RECORD_SUFFIX)
+
+
+def _kvstore(path: str) -> Any:
+  """TensorStore kvstore for a local path or a gs:// / s3:// URL (directory: trailing slash)."""
+  if storage.is_local(path):
+    return {"driver": "file", "path": os.path.abspath(path.removeprefix("file://")) + "/"}
+  if storage.scheme(path) in ("gs", "s3"):
+    return path.rstrip("/") + "/"
+  raise ValueError(f"{path}: prepared stores live on local disk, gs:// or s3:// (TensorStore drivers)")
+
+
+def _zarr_spec(path: str, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None,
+               chunk: int | None = None) -> dict[str, Any]:
+  spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _kvstore(path)}
+  if shape is not None:
+    spec["metadata"] = {
+        "shape": list(shape), "data_type": np.dtype(dtype).name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [min(chunk or CHUNK, s) for s in shape]}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                   {"name": "zstd", "configuration": {"level": 3}}],
+    }
+  return spec
+
+
+def write_array(path: str, array: np.ndarray, fmt: str = "zarr", chunk: int | None = None) -> None:
+  if fmt == "npy":
+    if not storage.is_local(path):
+      raise ValueError(f"{path}: the .npy store is local only; use the zarr format for object storage")
+    np.save(path, array)
+    return
+  # a re-prepared volume replaces the old array; deleted through the path layer, not TensorStore's
+  # delete_existing (a prefix range delete that some GCS stand-ins widen to the whole bucket)
+  storage.remove_tree(path)
+  arr = ts.open(_zarr_spec(path, array.shape, array.dtype, chunk), create=True).result()
+  arr.write(array).result()
 
 
 def write_record(output_dir: str, volume_id: str, hu: np.ndarray, labels: np.ndarray | None,
-                 meta: dict[str, Any], lowres: np.ndarray | None = None) -> dict[str, Any]:
-  """Write arrays then the JSON record (tmp + rename: a crash never leaves a record without data)."""
-  os.makedirs(output_dir, exist_ok=True)
-  image_file = volume_id + ".image.npy"
-  np.save(os.path.join(output_dir, image_file), hu.astype(np.int16))
-  record = dict(meta, id=volume_id, image=image_file, shape=list(hu.shape))
+                 meta: dict[str, Any], lowres: np.ndarray | None = None, fmt: str = "zarr") -> dict[str, Any]:
+  """Write the arrays then the JSON record (a crash never leaves a record without data)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"store format {fmt!r}; choose from {FORMATS}")
+  suffix = ".zarr" if fmt == "zarr" else ".npy"
+  storage.makedirs(output_dir)
+  record = dict(meta, id=volume_id, image=volume_id + ".image" + suffix, shape=list(hu.shape))
+  write_array(storage.join(output_dir, record["image"]), hu.astype(np.int16), fmt)
   if labels is not None:
-    record["labels"] = volume_id + ".labels.npy"
-    np.save(os.path.join(output_dir, record["labels"]), labels.astype(np.uint8 if labels.max() < 256 else np.int16))
+    record["labels"] = volume_id + ".labels" + suffix
+    write_array(storage.join(output_dir, record["labels"]), labels.astype(np.uint8 if labels.max() < 256 else np.int16),
+                fmt)
   if lowres is not None:  # a real low-resolution partner on the same grid (SR fine-tuning)
-    record["lowres"] = volume_id + ".lowres.npy"
-    np.save(os.path.join(output_dir, record["lowres"]), lowres.astype(np.int16))
-  tmp = record_path(output_dir, volume_id) + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, record_path(output_dir, volume_id))
+    record["lowres"] = volume_id + ".lowres" + suffix
+    write_array(storage.join(output_dir, record["lowres"]), lowres.astype(np.int16), fmt)
+  storage.write_text(record_path(output_dir, volume_id), json.dumps(record, indent=1))
   return record
 
 
 def read_records(output_dir: str) -> list[dict[str, Any]]:
-  paths = sorted(p for p in glob.glob(os.path.join(output_dir, "*" + RECORD_SUFFIX)) if not p.endswith("report.json"))
-  records = []
-  for p in paths:
-    with open(p) as f:
-      records.append(json.load(f))
-  return records
+  paths = [p for p in storage.glob(storage.join(output_dir, "*" + RECORD_SUFFIX)) if not p.endswith("report.json")]
+  return [json.loads(storage.read_text(p)) for p in paths]
+
+
+class ChunkedVolume:
+  """A lazily read zarr array that slices like numpy: `vol[a:b, c:d, e:f]` reads only the chunks it
+  touches and returns an np.ndarray (what multilevel.crop_padded needs); np.asarray reads it all."""
+
+  def __init__(self, array: ts.TensorStore):
+    self._array = array
+    self.shape = tuple(int(s) for s in array.shape)
+    self.dtype = np.dtype(array.dtype.numpy_dtype)
+    self.ndim = len(self.shape)
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    return self._array[index].read().result()
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    out = self._array.read().result()
+    return out if dtype is None else out.astype(dtype)
+
+
+def open_array(path: str) -> np.ndarray | ChunkedVolume:
+  if path.endswith(".npy"):
+    return np.load(path, mmap_mode="r")
+  return ChunkedVolume(ts.open(_zarr_spec(path), open=True, read=True).result())
 
 
 class PreparedStore:
-  """VolumeStore over a prepared directory (memory-mapped, so Grain workers share the page cache)."""
+  """VolumeStore over a prepared directory or bucket prefix.
+
+  zarr volumes are read window by window (TensorStore); .npy volumes are memory-mapped (Grain workers
+  share the page cache). Arrays are opened lazily once per process (TensorStore handles do not pickle
+  into Grain workers; the records do).
+  """
 
   def __init__(self, directory: str):
     self.directory = directory
@@ -62,7 +130,8 @@ class PreparedStore:
     if not self.records:
       raise FileNotFoundError(f"{directory}: no prepared volumes (*.json records); run configs/prepare.py first")
     for rec in self.records:  # an 'unknown' region is the guidance null class: refuse, never train it
-      regions.training_region_id(rec.get("region", "unknown"), os.path.join(directory, rec["id"] + RECORD_SUFFIX))
+      regions.training_region_id(rec.get("region", "unknown"), storage.join(directory, rec["id"] + RECORD_SUFFIX))
+    self._open: dict[str, Any] = {}
 
   @property
   def splits(self) -> list[str | None]:
@@ -72,16 +141,24 @@ class PreparedStore:
   def __len__(self) -> int:
     return len(self.records)
 
-  def __repr__(self) -> str:
+  def __repr__(self) -> str:  # stable: Grain compares reprs when restoring checkpoints
     return f"PreparedStore({self.directory!r}, n={len(self.records)})"
 
-  def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
-    rec = self.records[index]
-    hu = np.load(os.path.join(self.directory, rec["image"]), mmap_mode="r")
-    labels = np.load(os.path.join(self.directory, rec["labels"]), mmap_mode="r") if rec.get("labels") else None
-    return hu, labels, regions.training_region_id(rec.get("region", "unknown"), rec["id"])
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_open": {}}
 
-  def load_lowres(self, index: int) -> np.ndarray | None:
+  def _array(self, name: str) -> Any:
+    if name not in self._open:
+      self._open[name] = open_array(storage.join(self.directory, name))
+    return self._open[name]
+
+  def load(self, index: int) -> tuple[Any, Any | None, int]:
+    """(HU volume, label map or None, region id); the arrays are lazy (numpy-style slicing)."""
+    rec = self.records[index]
+    labels = self._array(rec["labels"]) if rec.get("labels") else None
+    return self._array(rec["image"]), labels, regions.training_region_id(rec.get("region", "unknown"), rec["id"])
+
+  def load_lowres(self, index: int) -> Any | None:
     """The real low-resolution partner on the image grid, or None (the SR hint is then simulated)."""
     rec = self.records[index]
-    return np.load(os.path.join(self.directory, rec["lowres"]), mmap_mode="r") if rec.get("lowres") else None
+    return self._array(rec["lowres"]) if rec.get("lowres") else None

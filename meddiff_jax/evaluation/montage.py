@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from meddiff_jax import storage
 
 
 def _to_uint8(plane: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -44,6 +46,8 @@ def slice_montage(volumes: list[np.ndarray], lo: float = -1.0, hi: float = 1.0, 
 
 
 def save_png(image: np.ndarray, path: str) -> None:
+  """`path`: local or a URL (gs://, s3://, memory://; see meddiff_jax.storage)."""
   from PIL import Image
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  storage.write_bytes(path, buf.getvalue())

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from meddiff_jax import storage
 
 
 def abstract_target(state: Any, shardings: Any) -> Any:
@@ -41,7 +42,8 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items state / data / config."""
 
   def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
-    self.directory = os.path.abspath(directory)
+    """`directory`: local, gs:// or s3:// (Orbax writes arrays with TensorStore, metadata with etils.epath)."""
+    self.directory = storage.checkpoint_path(directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max(keep, 1)),
         enable_async_checkpointing=asynchronous,

@@ -8,23 +8,21 @@ freeze it; STACK_NOTES section 4). Checkpoints hold only the branch state plus t
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import logging
 
-from meddiff_jax import clu_shim  # noqa: F401
-from clu import metric_writers  # noqa: E402
+from meddiff_jax import storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.models import controlnet, unet3d
 from meddiff_jax.tasks import common
 from meddiff_jax.train import checkpoint, loop, sharding
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
+from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
 
 
@@ -59,7 +57,8 @@ def setup(config: ml_collections.ConfigDict, mesh, rules):
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Fine-tune a ControlNet branch; resumes from WORKDIR/checkpoints (branch only)."""
-  os.makedirs(workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  storage.makedirs(workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.rules_from_config(config.sharding.rules)
   pre, branch, st, shardings, base_params, base_shardings = setup(config, mesh, rules)
@@ -77,16 +76,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   batches = pipeline.GlobalBatches(pipeline.make_dataset(
       store, config.data, batch_size=config.training.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count()), batch_sharding)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
   restored = (ckpt.restore_latest(checkpoint.abstract_target(st, shardings), batches.iterator)
               if config.restore else None)
   if restored is not None:
     st = restored.state
-    logging.info("resumed ControlNet branch from step %d", restored.step)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  log = loop.MetricsLog(workdir)
+    writer_lib.progress(f"resumed ControlNet branch from step {restored.step}")
+  writer = writer_lib.MetricWriter(workdir)
   watcher = loop.PreemptionWatcher(config.checkpoint.preemption_check_every)
-  last, acc = {}, None
+  last, acc, stopping = {}, None, False
   with sharding.activate(mesh, rules):
     step, t0 = int(st.step), time.perf_counter()
     while step < config.training.num_steps:
@@ -99,8 +97,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
       if step % config.training.log_every == 0 or step == config.training.num_steps or stopping:
         last = {k: float(v) for k, v in acc.compute().items()}
         last["steps_per_sec"] = config.training.log_every / (time.perf_counter() - t0)
-        writer.write_scalars(step, {f"controlnet/{k}": v for k, v in last.items()})
-        log.write(step, last)
+        writer.scalars(step, last, prefix="controlnet/")
+        writer_lib.progress(f"step {step}/{config.training.num_steps}  "
+                            + writer_lib.format_scalars(last, ("loss", "grad_norm", "steps_per_sec")))
         acc, t0 = None, time.perf_counter()
       if step % config.checkpoint.every_steps == 0 or step == config.training.num_steps or stopping:
         ckpt.save(step, st, batches.iterator, config)
@@ -108,5 +107,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         break
   watcher.close()
   ckpt.close()
-  writer.flush()
+  writer.close()
+  writer_lib.progress(writer_lib.closing_summary(
+      kind="ControlNet fine-tuning", workdir=workdir, step=step, num_steps=config.training.num_steps, last=last,
+      last_val={}, checkpoints=ckpt.all_steps(), preempted=stopping, seconds=time.perf_counter() - t_start))
   return last

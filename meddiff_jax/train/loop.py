@@ -3,8 +3,6 @@ samples, checkpoints; SIGTERM (preemption) saves and exits cleanly."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
 import time
@@ -16,13 +14,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from meddiff_jax import clu_shim  # noqa: F401  # before clu.metric_writers / periodic_actions
-from clu import metric_writers, periodic_actions  # noqa: E402  (after the shim)
+from meddiff_jax import storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import checkpoint, evaluate, sharding
+from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
@@ -78,23 +76,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "(make one with configs/prepare.py), or use --config.data.source=phantom")
 
 
-class MetricsLog:
-  """Appends one JSON line per logged step to WORKDIR/metrics.jsonl (process 0 only).
-
-  Kept beside TensorBoard because it is trivially machine-readable (tests, notebooks). After a resume,
-  re-run steps are appended again: the last line for a step is the one that counts.
-  """
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
-
-  def write(self, step: int, values: dict[str, float]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **values}) + "\n")
-
-
 class PreemptionWatcher:
   """SIGTERM sets a flag; every process agrees on stopping at the same step.
 
@@ -132,10 +113,10 @@ class PreemptionWatcher:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs (or resumes) pretraining; returns the last logged metrics."""
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  storage.makedirs(workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.rules_from_config(config.sharding.rules)
-  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   model, spec = build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -144,7 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_fn = init_params_fn(model, spec, config.data.patch_size)
   train_state, state_shardings = state_lib.create(init_fn, tx, config.seed, mesh, rules,
                                                   config.sharding.min_shard_size)
-  logging.info("model: %s params", f"{unet3d.count_params(train_state.params):,}")
+  writer_lib.progress(f"model {unet3d.count_params(train_state.params):,} params; mesh {dict(mesh.shape)} on "
+                      f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}")
 
   store = pipeline.make_store(config.data)
   config.data.spacing = pipeline.training_spacing(config.data, store) or ()  # saved with every checkpoint
@@ -155,13 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       process_index=jax.process_index(), process_count=jax.process_count()), batch_sharding)
   batches = make_batches(config.seed)
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
   if config.restore:
     restored = ckpt.restore_latest(checkpoint.abstract_target(train_state, state_shardings), batches.iterator)
     if restored is not None:
       train_state = restored.state
-      logging.info("resumed from step %d in %s", restored.step, ckpt.directory)
+      writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
       if not restored.data_restored:  # do not replay the same samples from the start
         batches = make_batches(config.seed + restored.step)
 
@@ -171,27 +153,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       in_shardings=(state_shardings.ema_params, batch_sharding, None))
   preview = jax.jit(evaluate.make_preview_sampler(model.apply, schedule, config, config.eval.sample_steps))
 
-  is_lead = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead, asynchronous=True)
-  log = MetricsLog(workdir)
+  writer = writer_lib.MetricWriter(workdir)
   num_steps = config.training.num_steps
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_steps=config.training.log_every)]
-  if config.training.profile_steps and is_lead:
-    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.training.profile_steps,
-                                          profile_duration_ms=None))
   preemption = PreemptionWatcher(config.checkpoint.preemption_check_every)
   start = int(train_state.step)
-  if start == 0 and is_lead:
-    writer.write_hparams(json.loads(config.to_json_best_effort()))
+  profiler = Profiler(workdir, start, config.training.profile_steps)
+  if start == 0:
+    writer.config(config)
   last: dict[str, float] = {}
+  last_val: dict[str, float] = {}
+  stopping = False
   try:
     with sharding.activate(mesh, rules):
       batch = next(batches) if start < num_steps else None
       if batch is not None:
         t0 = time.perf_counter()
         compiled = train_step.lower(train_state, batch).compile()
-        logging.info("compiled train step in %.1f s; %s", time.perf_counter() - t0, _memory_summary(compiled))
+        writer_lib.progress(f"compiled the train step in {time.perf_counter() - t0:.1f} s; "
+                            f"{_memory_summary(compiled)}")
       accumulated, pending = None, None
       t_log, steps_since = time.perf_counter(), 0
       step = start
@@ -207,22 +186,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = step_metrics
         single = TrainMetrics.single_from_model_output(**step_metrics)
         accumulated = single if accumulated is None else accumulated.merge(single)
-        for hook in hooks:
-          hook(step)
+        profiler.step(step)
         stopping = preemption.should_stop(step)
         if step % config.training.log_every == 0 or step == num_steps or stopping:
           scalars = {k: float(v) for k, v in accumulated.compute().items()}
           elapsed = time.perf_counter() - t_log
           scalars["steps_per_sec"] = steps_since / elapsed
           scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
-          writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-          log.write(step, scalars)
+          writer.scalars(step, scalars, prefix="train/")
+          writer_lib.progress(f"step {step}/{num_steps}  "
+                              + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec")))
           last, accumulated = scalars, None
           t_log, steps_since = time.perf_counter(), 0
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == num_steps):
           val = run_eval(eval_step, train_state.ema_params, val_store, config, batch_sharding, schedule.num_timesteps)
-          writer.write_scalars(step, val)
-          log.write(step, val)
+          writer.scalars(step, val)
+          last_val = val
+          writer_lib.progress(f"step {step}/{num_steps}  val/loss {val['val/loss']:.4g}")
         if config.eval.sample_every_steps and (step % config.eval.sample_every_steps == 0 or step == num_steps):
           write_samples(preview, train_state.ema_params, val_store, config, batch_sharding, writer, workdir, step)
         if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
@@ -233,9 +213,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if pending is not None:
         _check_finite(pending, step, config.training.max_consecutive_nan)
   finally:
+    profiler.close()
     preemption.close()
     ckpt.close()
-    writer.flush()
+    writer.close()
+  writer_lib.progress(writer_lib.closing_summary(
+      kind="pretraining", workdir=workdir, step=int(train_state.step), num_steps=num_steps, last=last,
+      last_val=last_val, checkpoints=ckpt.all_steps(), preempted=stopping, seconds=time.perf_counter() - t_start,
+      samples=bool(config.eval.sample_every_steps)))
   return last
 
 
@@ -265,8 +250,37 @@ def write_samples(preview, params, val_store, config, batch_sharding, writer, wo
   if jax.process_index() != 0:
     return
   image = montage.slice_montage([gen, real])
-  writer.write_images(step, {"samples/generated_over_real": image[None]})
-  montage.save_png(image, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+  writer.images(step, {"samples/generated_over_real": image})
+  montage.save_png(image, storage.join(workdir, "samples", f"step_{step:08d}.png"))
+
+
+class Profiler:
+  """jax.profiler trace of `num_steps` steps into WORKDIR/profile (TensorBoard's profile tab), process 0.
+
+  Starts one step after the first step of this run, so compilation and the first dispatch stay out.
+  """
+
+  def __init__(self, workdir: str, start_step: int, num_steps: int):
+    self.logdir = storage.join(workdir, "profile")
+    self.first, self.last = start_step + 1, start_step + 1 + num_steps
+    self.enabled = num_steps > 0 and jax.process_index() == 0
+    self.active = False
+
+  def step(self, step: int) -> None:
+    """Called after `step` was dispatched."""
+    if not self.enabled:
+      return
+    if step == self.first and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    elif step == self.last and self.active:
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      writer_lib.progress(f"profile written to {self.logdir}")
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
