@@ -57,6 +57,11 @@ def main(argv: list[str]) -> None:
       loop.validate(config)
     except ValueError as e:  # a config mistake: one line, no traceback
       raise app.UsageError(str(e)) from None
+    if config.get("dry_run", False):  # compile on synthetic inputs, print cost and memory, exit
+      from meddiff_jax.train import dry_run
+
+      dry_run.run(config)
+      return
     loop.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "prepare":
     from meddiff_jax.data import prepare
