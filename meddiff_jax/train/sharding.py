@@ -180,11 +180,11 @@ def check_plan(batch_size: int, grad_accum_steps: int, patch_size: int, levels: 
     hints.append(f"--config.training.batch_size={grad_accum_steps * n_batch}")
     raise ValueError(
         f"micro-batch {micro} (config.training.batch_size={batch_size} / grad_accum_steps={grad_accum_steps}) "
-        f"does not split over the {n_batch} devices of mesh axes {'x'.join(b_axes) or '()'} "
+        f"does not split over the {n_batch} devices of mesh axes {' x '.join(b_axes) or '()'} "
         f"(mesh {mesh_sizes}); set " + " or ".join(hints))
   coarsest = patch_size // 2 ** (levels - 1)
   if n_depth > 1 and coarsest % n_depth:
-    raise ValueError(f"mesh axes {'x'.join(d_axes)} split depth {n_depth} ways, but the coarsest feature map "
+    raise ValueError(f"mesh axes {' x '.join(d_axes)} split depth {n_depth} ways, but the coarsest feature map "
                      f"has depth {coarsest} (patch_size={patch_size}, {levels} levels); set "
                      f"--config.mesh.spatial to a divisor of {coarsest} or a larger --config.data.patch_size")
 
