@@ -100,7 +100,7 @@ def measure(config, steps):
 def main():
   args = parse_args()
   rows = [measure(make_config(p, args.set), args.steps) for p in args.presets.split(",")]
-  print("| preset | patch | batch x accum | mesh | device | step s | samples/s/device | TFLOP/s/device | MFU |")
+  print("| preset | patch | micro x accum | mesh | device | step s | samples/s/device | TFLOP/s/device | MFU |")
   print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
