@@ -10,7 +10,7 @@ import optax
 
 from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax.train import sharding
-from meddiff_jax.train.state import TrainState
+from meddiff_jax.train.state import TrainState, float32_tree
 
 Batch = dict[str, jax.Array]
 COND_KEYS = ("pos_box", "region", "structures", "hint")  # hint: ControlNet's condition volume
@@ -118,10 +118,10 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
     grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, _as_float32(state.params))
+    updates, new_opt_state = tx.update(grads, state.opt_state, float32_tree(state.params))
     new_params = optax.apply_updates(state.params, updates)
     # EMA in float32: with decay 0.9999 a bf16 EMA could not represent its own updates.
-    new_ema = optax.incremental_update(_as_float32(new_params), state.ema_params, step_size=1.0 - ema_decay)
+    new_ema = optax.incremental_update(float32_tree(new_params), state.ema_params, step_size=1.0 - ema_decay)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
@@ -144,10 +144,6 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
     return new_state, metrics
 
   return step
-
-
-def _as_float32(tree: Any) -> Any:
-  return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any,
