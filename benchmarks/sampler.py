@@ -70,7 +70,7 @@ def monai_ddim(config, size, steps):
   levels = len(m.channel_mult)
   net = DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1,
                            channels=tuple(m.base_channels * k for k in m.channel_mult),
-                           attention_levels=tuple((size // 2 ** i) in tuple(m.attention_resolutions) for i in range(levels)),
+                           attention_levels=tuple(i in tuple(m.attention_levels) for i in range(levels)),
                            num_res_blocks=m.num_res_blocks, norm_num_groups=m.norm_groups,
                            num_head_channels=m.num_head_channels).eval()
   sched = DDIMScheduler(num_train_timesteps=1000, schedule="cosine")

@@ -166,7 +166,7 @@ def bench_monai(args):
     levels = len(m.channel_mult)
     p, n = config.data.patch_size, config.training.batch_size
     channels = tuple(m.base_channels * k for k in m.channel_mult)
-    attn = tuple((p // 2 ** i) in tuple(m.attention_resolutions) for i in range(levels))
+    attn = tuple(i in tuple(m.attention_levels) for i in range(levels))
     in_ch = 1 + m.structure_channels + 3 * (2 * m.pos_num_freqs + 1)
     net = DiffusionModelUNet(spatial_dims=3, in_channels=in_ch, out_channels=1, channels=channels,
                              attention_levels=attn, num_res_blocks=m.num_res_blocks, norm_num_groups=m.norm_groups,

@@ -4,13 +4,18 @@ Presets (`--config=configs/pretrain.py:PRESET`):
   tiny   CPU / CI smoke runs: 16^3 patches of small phantoms, an 8-channel UNet, float32.
   base   one GPU: 64^3 patches, 32-channel 4-level UNet, bfloat16 compute.
   paper  MedDiff-FM's hyper-parameters: 128^3 patches at 1 mm, base 32, mult (1,2,4,8), 1 res block per
-         level, attention at 16^3, cosine schedule, eps target, L1 loss, Adam 1e-4, batch 1 x 4 accumulation.
+         level, attention at level 3 (16^3), cosine schedule, eps target, L1 loss, Adam 1e-4, effective batch
+         4 = 1 sample x 4 accumulation steps. Every device shares that one sample along depth
+         (mesh.spatial=-1), so it runs unchanged on 1, 2, 4 or 8 devices.
          Needs prepared data: --config.data.source=prepared --config.data.prepared_dir=DIR.
+  paper256  the paper model on 256^3 windows, each sample split over 8 devices along depth (mesh.spatial=8).
 Append `+classes` (e.g. `configs/pretrain.py:paper+classes`) for the paper's structure conditioning: all 117
 TotalSegmentator classes + body as one label-id channel with a learned 8-wide embedding, instead of the
 default grouped one-hot channels (data.structure_groups). A 118-channel one-hot would be 0.99 GB (float32)
 per 128^3 sample; the label map is 2 MiB and its embedding 8 channels.
 Override anything with --config.KEY=VALUE; unknown keys are an error.
+Check a plan before paying for a slice: --config.dry_run=True compiles the step for the devices present
+and prints params, FLOPs, memory per device and the projected step time (train/dry_run.py).
 """
 
 from __future__ import annotations
@@ -24,21 +29,22 @@ NUM_STRUCTURE_CHANNELS = len(preprocess.DEFAULT_STRUCTURE_GROUPS) + 1  # groups 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset, *options = (arg or "tiny").split("+")
-  if preset not in ("tiny", "base", "paper"):
-    raise ValueError(f"unknown preset {preset!r}; choose tiny, base or paper")
+  if preset not in ("tiny", "base", "paper", "paper256"):
+    raise ValueError(f"unknown preset {preset!r}; choose tiny, base, paper or paper256")
   if set(options) - {"classes"}:
     raise ValueError(f"unknown preset option(s) {sorted(set(options) - {'classes'})}; the only one is +classes")
   c = ml_collections.ConfigDict()
   c.mode = "train"
   c.preset = preset
   c.seed = 0
+  c.dry_run = False  # compile the train step on synthetic inputs, print one JSON line of cost, exit
 
   c.model = ml_collections.ConfigDict(dict(
       out_channels=1,
       base_channels=32,
       channel_mult=(1, 2, 4, 8),
       num_res_blocks=1,
-      attention_resolutions=(16,),
+      attention_levels=(3,),  # 0 = full resolution; 3 = 16^3 at a 128^3 patch
       mid_attention=True,
       num_head_channels=32,
       dropout=0.0,
@@ -54,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_structure_ids=0,  # classes mode: 117 TotalSegmentator classes + background + body = 119
       dtype="bfloat16",
       param_dtype="float32",
-      remat="none",
+      remat="none",  # none | full | dots | dots_no_batch | offload: per whole encoder/decoder level
       conv_impl="auto",  # auto (depth_taps on CPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15)
   ))
 
@@ -101,8 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   c.training = ml_collections.ConfigDict(dict(
-      batch_size=4,  # global, counts every micro-batch
-      grad_accum_steps=1,
+      batch_size=4,  # global samples per optimizer step, all micro-batches together
+      grad_accum_steps=1,  # micro-batch = batch_size / grad_accum_steps, split over mesh data x fsdp
       num_steps=200_000,
       ema_decay=0.9999,
       log_every=100,
@@ -126,14 +132,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       preemption_check_every=10,  # multi-process: steps between SIGTERM agreement points
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Devices per axis (one may be -1: the rest). spatial: devices that share one sample along depth.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(
       rules=(),  # empty: train/sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
       min_shard_size=2 ** 14,  # params with fewer elements stay replicated
   ))
 
   if preset == "tiny":
-    c.model.update(base_channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=8,
+    c.model.update(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_head_channels=8,
                    pos_num_freqs=2, dtype="float32")
     c.data.update(patch_size=16)
     c.data.phantom.update(num_volumes=6, shape=(48, 48, 48), spacing=(6.0, 6.0, 6.0))
@@ -143,17 +150,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.update(every_steps=10)
     c.sharding.min_shard_size = 0
   elif preset == "base":
-    c.model.update(base_channels=32, channel_mult=(1, 2, 4, 4), attention_resolutions=(16, 8), pos_num_freqs=6)
+    c.model.update(base_channels=32, channel_mult=(1, 2, 4, 4), attention_levels=(2, 3), pos_num_freqs=6)
     c.data.update(patch_size=64)
     c.data.phantom.update(shape=(128, 128, 128), spacing=(2.5, 2.5, 2.5))
     c.optimizer.update(learning_rate=1e-4, schedule="cosine", warmup_steps=1000, decay_steps=100_000)
     c.training.update(batch_size=8, num_steps=100_000)
-  else:  # paper
+  else:  # paper, paper256
     c.data.update(source="prepared", patch_size=128)
     c.model.update(remat="full")
     c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=0, grad_clip_norm=0.0)
     # ~150 epochs of 0.9 * 5376 volumes at an effective batch of 4.
     c.training.update(batch_size=4, grad_accum_steps=4, num_steps=181_000)
+    c.mesh.update(data=1, spatial=-1)  # one sample per micro-step, split along depth over every device
+    if preset == "paper256":  # same architecture: attention_levels keep the paper model's weights usable
+      c.data.update(patch_size=256)
+      c.mesh.update(data=-1, spatial=8)
   if "classes" in options:
     from meddiff_jax.data import class_map
     c.data.structures = "classes"

@@ -7,7 +7,7 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = [("pretrain", ["tiny", "base", "paper"]), ("demo", [None]), ("prepare", [None]), ("denoise", [None]),
+CONFIGS = [("pretrain", ["tiny", "base", "paper", "paper256"]), ("demo", [None]), ("prepare", [None]), ("denoise", [None]),
            ("anomaly", [None]), ("synthesis", [None]), ("controlnet", ["sr", "lesion"]), ("super_resolution", [None]),
            ("lesion", [None]), ("evaluate", [None])]
 

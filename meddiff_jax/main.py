@@ -64,6 +64,11 @@ def main(argv: list[str]) -> None:
         storage.check_backend(config.data.prepared_dir)
     except (ValueError, storage.MissingBackendError) as e:  # a config mistake: one line, no traceback
       raise app.UsageError(str(e)) from None
+    if config.get("dry_run", False):  # compile on synthetic inputs, print cost and memory, exit
+      from meddiff_jax.train import dry_run
+
+      dry_run.run(config)
+      return
     loop.train_and_evaluate(config, _WORKDIR.value)
   elif mode == "prepare":
     from meddiff_jax.data import prepare

@@ -23,7 +23,7 @@ def tiny_config(**overrides):
   c = pretrain.get_config("tiny")
   c.data.patch_size = 8
   c.data.phantom.update(num_volumes=3, shape=(24, 24, 24), spacing=(12.0, 12.0, 12.0))
-  c.model.update(base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,))
+  c.model.update(base_channels=8, channel_mult=(1, 2), attention_levels=(1,))
   c.training.update(batch_size=8, num_steps=3, log_every=1)
   return override(c, **overrides)
 

@@ -10,7 +10,7 @@ import pytest
 
 from meddiff_jax.models import embeddings, unet3d
 
-SPEC = unet3d.UNetSpec(base_channels=8, channel_mult=(1, 2), attention_resolutions=(4,), num_head_channels=4,
+SPEC = unet3d.UNetSpec(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_head_channels=4,
                        structure_channels=3, pos_num_freqs=2)
 
 
@@ -80,15 +80,54 @@ def test_remat_and_bf16_agree_with_reference():
   params = perturbed(init(ref_model, x, t, cond)["params"])
   loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, cond) ** 2)))(params)
   l_ref, g_ref = loss(ref_model)
-  l_remat, g_remat = loss(unet3d.UNet3D(dataclasses.replace(SPEC, remat="full")))
-  np.testing.assert_allclose(l_remat, l_ref, rtol=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_remat, g_ref)
+  for policy in ("full", "dots"):
+    l_remat, g_remat = loss(unet3d.UNet3D(dataclasses.replace(SPEC, remat=policy)))
+    np.testing.assert_allclose(l_remat, l_ref, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_remat, g_ref)
   bf16 = unet3d.UNet3D(dataclasses.replace(SPEC, dtype=jnp.bfloat16))
   out_ref = jax.jit(ref_model.apply)({"params": params}, x, t, cond)
   out_bf16 = jax.jit(bf16.apply)({"params": params}, x, t, cond)
   assert out_bf16.dtype == jnp.float32
   rel = float(jnp.linalg.norm(out_bf16 - out_ref) / jnp.linalg.norm(out_ref))
   assert rel < 0.05
+
+
+def test_remat_segments_cover_whole_levels():
+  """One rematerialised segment per stem, encoder level, middle, decoder level and head, and every conv
+  of the network (skips, resampling, conv_in, output head included) sits inside one."""
+  x, t, cond = inputs(SPEC)
+  model = unet3d.UNet3D(dataclasses.replace(SPEC, remat="full"))
+  params = nn.meta.unbox(init(model, x, t, cond)["params"])
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, t, cond))(params).jaxpr
+  segments = [e for e in jaxpr.eqns if e.primitive.name in ("checkpoint", "remat", "remat2")]
+  levels = len(SPEC.channel_mult)
+  assert len(segments) == 2 * levels + 3
+  outside = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert not outside
+  convs = sum(str(e.params["jaxpr"]).count("conv_general_dilated") for e in segments)
+  num_kernels = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in str(path[-1])
+                    and _.ndim == 5)
+  assert convs == num_kernels
+
+
+def test_attention_is_keyed_by_level_and_legacy_configs_map_to_levels():
+  from meddiff_jax.tasks import common
+  # tiny_phantom was trained at 16^3 with attention_resolutions=(8,): attention at level 1.
+  pre = common.load_pretrained("tiny_phantom")
+  assert pre.spec.attention_levels == (1,)
+  assert unet3d.legacy_attention_levels((16, 8), 4, 64) == (2, 3)
+  with pytest.raises(ValueError, match="patch size"):
+    unet3d.UNetSpec.from_config({"attention_resolutions": (8,)})
+  with pytest.raises(ValueError, match="levels are 0..1"):
+    unet3d.UNetSpec.from_config({"channel_mult": (1, 2), "attention_levels": (2,)})
+  # The same weights run at any window 2^(levels-1) divides, with the same parameter tree (attention found).
+  params = nn.meta.unbox(pre.params)
+  for size in (8, 16, 32):
+    x, t, cond = inputs(pre.spec, n=1, size=size)
+    shapes = jax.eval_shape(lambda: pre.model.init(jax.random.key(0), x, t, cond)["params"])
+    assert jax.tree_util.tree_structure(nn.meta.unbox(shapes)) == jax.tree_util.tree_structure(params)
+    out = jax.jit(lambda p: pre.model.apply({"params": p}, x, t, cond))(params)
+    assert out.shape == x.shape and bool(jnp.isfinite(out).all())
 
 
 def test_rejects_bad_shapes_and_unknown_config_keys():

@@ -1,5 +1,7 @@
 """Sharded train step vs single device, shardings, loss decrease, NaN guard, gradient accumulation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
-from meddiff_jax.train import loop, sharding
+from meddiff_jax.models import unet3d
+from meddiff_jax.train import dry_run, loop, sharding, throughput
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 
@@ -33,7 +36,7 @@ def build(config, mesh_sizes):
   st, shardings = state_lib.create(init_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size)
   step_fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
                                      config, rules)
-  batch_sh = pipeline.batch_sharding(mesh, sharding.batch_axes(rules))
+  batch_sh = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))
   jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh, mesh)
   return mesh, rules, st, shardings, jitted, batch_sh
 
@@ -42,7 +45,7 @@ def run_steps(config, mesh_sizes, batch, n):
   mesh, rules, st, shardings, jitted, batch_sh = build(config, mesh_sizes)
   losses = []
   with sharding.activate(mesh, rules):
-    gbatch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    gbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
     for _ in range(n):
       st, metrics = jitted(st, gbatch)
       losses.append(float(metrics["loss"]))
@@ -104,15 +107,15 @@ def test_non_finite_updates_are_skipped_and_counted():
   bad = dict(batch, image=np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 3, np.nan,
                                    batch["image"]).astype(np.float32))
   with sharding.activate(mesh, rules):
-    st, m1 = jitted(st, {k: jax.device_put(v, batch_sh) for k, v in bad.items()})
-    st, m2 = jitted(st, {k: jax.device_put(v, batch_sh) for k, v in bad.items()})
+    st, m1 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
+    st, m2 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
   assert float(m2["finite"]) == 0 and int(m2["consecutive_nan"]) == 2 and int(m2["nan_skips"]) == 2
   assert int(st.step) == 2
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), st.params, before)
   with pytest.raises(loop.NonFiniteError, match="2 consecutive"):
     loop._check_finite(m2, 1, limit=2)
   with sharding.activate(mesh, rules):
-    st, m3 = jitted(st, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
+    st, m3 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()})
   assert float(m3["finite"]) == 1 and int(m3["consecutive_nan"]) == 0 and int(m3["nan_skips"]) == 2
 
 
@@ -126,3 +129,135 @@ def test_config_validation_messages():
   config = tiny_config(**{"data.source": "prepared"})
   with pytest.raises(ValueError, match="prepared_dir"):
     loop.validate(config)
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
+                         a, b)
+
+
+@pytest.mark.slow
+def test_spatially_sharded_step_matches_single_device():
+  """Each sample split along depth over 4 devices (x 2 data shards): same loss, params and EMA as one
+  device, inputs really split along depth, and XLA exchanges halos (collective-permute), not whole maps."""
+  config = tiny_config(**{"training.batch_size": 4, "training.grad_accum_steps": 2})
+  batch = fixed_batch(config)
+  single, l1, _ = run_steps(config, {"data": 1}, batch, 2)
+  mesh_sizes = {"data": 2, "spatial": 4}
+  sharded, l8, _ = run_steps(config, mesh_sizes, batch, 2)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  assert_trees_close(sharded.params, single.params)
+  assert_trees_close(sharded.ema_params, single.ema_params)
+  mesh, rules, st, _, jitted, batch_sh = build(config, mesh_sizes)
+  assert batch_sh["image"].spec == P(("data", "fsdp"), "spatial")
+  assert batch_sh["pos_box"].spec == P(("data", "fsdp"))
+  with sharding.activate(mesh, rules):
+    gbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+    assert gbatch["image"].addressable_shards[0].data.shape == (2, 2, 8, 8, 1)  # 4 samples / 2, depth 8 / 4
+    hlo = jitted.lower(st, gbatch).compile().as_text()
+  assert "collective-permute" in hlo
+
+
+def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
+  rules = sharding.DEFAULT_RULES
+  plan = lambda b, k, n, **axes: sharding.check_plan(b, k, 128, 4, sharding.resolve_mesh_sizes(axes, n), rules)
+  from configs import pretrain
+  paper = pretrain.get_config("paper")
+  for n in (1, 4, 8):  # the paper preset (4 = 1 x 4 accumulation) on 1, 4, 8 devices: split along depth
+    sizes = sharding.resolve_mesh_sizes(dict(paper.mesh), n)
+    assert sizes["spatial"] == n and sizes["data"] == 1
+    sharding.check_plan(paper.training.batch_size, paper.training.grad_accum_steps, paper.data.patch_size,
+                        len(paper.model.channel_mult), sizes, rules)
+  # The issue's failures: paper batch on data=8 (IndivisibleError late), batch 8 x 4 accumulation (4x padding).
+  with pytest.raises(ValueError, match=r"micro-batch 1 .* 8 devices .*--config.mesh.data=1 --config.mesh.fsdp=1 "
+                                       r"--config.mesh.spatial=8 or --config.training.batch_size=32"):
+    plan(4, 4, 8, data=8)
+  with pytest.raises(ValueError, match=r"micro-batch 2 .*grad_accum_steps=1 or .*spatial=4"):
+    plan(8, 4, 8, data=2, fsdp=4)
+  plan(8, 1, 8, data=2, fsdp=4)
+  plan(2, 2, 8, data=1, spatial=8)
+  with pytest.raises(ValueError, match="coarsest feature map has depth 16"):
+    sharding.check_plan(1, 1, 128, 4, sharding.resolve_mesh_sizes({"spatial": 32}, 32), rules)
+  with pytest.raises(ValueError, match="both batch and act_depth"):
+    sharding.check_plan(1, 1, 128, 4, sharding.resolve_mesh_sizes({"fsdp": 8}, 8),
+                        (("batch", ("data", "fsdp")), ("act_depth", "fsdp")))
+  with pytest.raises(ValueError, match="micro-batch"):  # loop.validate runs it for the devices present
+    loop.validate(tiny_config(**{"training.batch_size": 4}))  # 8 fake devices, data=-1
+
+
+@pytest.mark.slow
+def test_dry_run_reports_cost_without_padding():
+  """Depth-split dry run on 8 devices: XLA's per-device FLOPs are ~1/8 of the single-device step's (no
+  padding), and match the analytic model FLOPs that MFU is computed from."""
+  config = tiny_config(**{"training.batch_size": 2, "training.grad_accum_steps": 1, "mesh.data": 2,
+                          "mesh.spatial": 4})
+  result = dry_run.run(config)
+  _, spec = loop.build_model(config)
+  assert result["flops_per_step"] == pytest.approx(3 * unet3d.forward_flops(spec, (8, 8, 8), batch=2))
+  assert result["params"] == unet3d.count_params(build(config, {"data": 1})[2].params)
+  assert result["xla_flops_per_device"] * 8 == pytest.approx(result["flops_per_step"], rel=0.3)
+  assert result["memory_per_device_gib"] > 0 and result["compile_s"] > 0
+  assert result["projected_step_s_at_40pct_mfu"] is None and "unknown" in result["note"]  # CPU
+  assert result["projected_step_s_at_40pct_mfu_by_kind"]["H100"] == pytest.approx(
+      result["flops_per_step"] / (8 * 989e12 * 0.4))
+
+
+@pytest.mark.slow
+def test_paper256_preset_lowers_with_depth_split_inputs():
+  """The 256^3 preset on 8 devices: lowered ahead of time (ShapeDtypeStructs, nothing allocated). Its full
+  compile (minutes on 2 CPU cores) is recorded with the dry run in docs/scaling.md."""
+  from configs import pretrain
+  config = pretrain.get_config("paper256")
+  config.data.prepared_dir = "unused"
+  lowered, facts = dry_run.lower_train_step(config)
+  assert facts["mesh"] == {"data": 1, "fsdp": 1, "spatial": 8, "tensor": 1}
+  text = lowered.as_text()
+  assert "tensor<4x256x256x256x1xf32>" in text  # the global batch: 4 samples = 1 x 4 accumulation
+  # Volumes split along depth over the 8 devices (Shardy annotation of the image and structures arguments).
+  for arg in ("4x256x256x256x1xf32", "4x256x256x256x13xui8"):
+    assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
+
+
+def test_bf16_params_keep_float32_ema_and_moments():
+  config = tiny_config(**{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16", "training.ema_decay": 0.9999,
+                          "training.batch_size": 8})
+  batch = fixed_batch(config)
+  mesh, rules, st, _, jitted, batch_sh = build(config, {"data": 1})
+  leaves = lambda t: jax.tree_util.tree_leaves(t)
+  assert {x.dtype for x in leaves(st.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in leaves(st.ema_params)} == {jnp.dtype(jnp.float32)}
+  adam = st.opt_state[1][0]
+  assert {x.dtype for x in leaves(adam.mu) + leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+  ema0 = [np.asarray(x, np.float64) for x in leaves(st.ema_params)]
+  with sharding.activate(mesh, rules):
+    st, _ = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()})
+  new_params = [np.asarray(x.astype(jnp.float32), np.float64) for x in leaves(st.params)]
+  moved = 0
+  for e0, p, e in zip(ema0, new_params, leaves(st.ema_params)):
+    expected = 0.9999 * e0 + 0.0001 * p  # float64 reference of the EMA update
+    np.testing.assert_allclose(np.asarray(e, np.float64), expected, rtol=1e-6, atol=1e-9)
+    assert e.dtype == jnp.float32
+    moved += int(np.sum(np.asarray(e, np.float64) != e0))
+  # The update is real in float32 ...
+  assert moved > 0
+  # ... and below bfloat16 resolution: a bf16 EMA would not have moved at all for most weights.
+  big = [(e0, np.asarray(e, np.float64)) for e0, e in zip(ema0, leaves(st.ema_params)) if np.abs(e0).max() > 0.05]
+  lost = sum(int(np.sum((e0.astype(np.float32).astype(jnp.bfloat16) == e.astype(np.float32).astype(jnp.bfloat16))
+                        & (e0 != e))) for e0, e in big)
+  assert lost > 0
+
+
+def test_throughput_metrics_and_peak_lookup():
+  assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert throughput.peak_flops("TPU v5 lite") == 197e12
+  assert throughput.peak_flops("TPU v5") == 459e12
+  assert throughput.peak_flops("TPU v5p") == 459e12
+  assert throughput.peak_flops("cpu") is None and "unknown" in throughput.describe_peak("cpu")
+  m = throughput.step_metrics(steps_per_sec=0.5, flops_per_step=8e13, samples_per_step=4, num_devices=8,
+                              device_kind="NVIDIA H100 80GB HBM3")
+  assert m["samples_per_sec_per_device"] == pytest.approx(0.25)
+  assert m["tflops_per_sec_per_device"] == pytest.approx(5.0)
+  assert m["mfu"] == pytest.approx(5e12 / 989e12)
+  assert "mfu" not in throughput.step_metrics(1.0, 1e12, 1, 1, "cpu")
+  spec = unet3d.UNetSpec()
+  assert throughput.train_flops_per_step(spec, 32, 2) == pytest.approx(6 * unet3d.forward_flops(spec, (32,) * 3))

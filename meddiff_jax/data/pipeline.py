@@ -216,9 +216,12 @@ def batch_sharding(mesh: Mesh, batch_axes: Any) -> NamedSharding:
 
 
 class GlobalBatches:
-  """Wraps a per-process Grain iterator; yields dicts of global, mesh-sharded jax.Arrays."""
+  """Wraps a per-process Grain iterator; yields dicts of global, mesh-sharded jax.Arrays.
 
-  def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding):
+  `sharding` is one NamedSharding for every key, or a dict of them by key (volumes split along depth too).
+  """
+
+  def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding | dict[str, NamedSharding]):
     self.iterator = iter(dataset)
     self.sharding = sharding
 
@@ -228,7 +231,8 @@ class GlobalBatches:
   def __next__(self) -> dict[str, jax.Array]:
     local = next(self.iterator)
     local.pop("operation", None)  # host-side bookkeeping only
-    return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)) for k, v in local.items()}
+    shard = lambda k: self.sharding[k] if isinstance(self.sharding, dict) else self.sharding
+    return {k: jax.make_array_from_process_local_data(shard(k), np.asarray(v)) for k, v in local.items()}
 
   def get_state(self) -> dict:
     return self.iterator.get_state()

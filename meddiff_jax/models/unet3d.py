@@ -10,6 +10,12 @@ be initialised from the pretrained ones by name.
 
 Every param carries logical axis names (see train/sharding.py for the rules that map them to the mesh).
 GroupNorm runs in float32 whatever the compute dtype; output convs are zero-initialised (ADM).
+
+Attention is placed by level (0 = full resolution, as ADM keys it by downsample factor), so a trained
+model runs at any window size that 2^(levels-1) divides. Rematerialisation (`remat`) wraps whole segments:
+the stem (input assembly + conv_in), each encoder level (res blocks, attention, downsampling), the middle
+block, each decoder level (skip concatenations, res blocks, attention, upsampling) and the output head.
+Only segment inputs/outputs (which include the skips) are kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from meddiff_jax.models import embeddings
 
@@ -30,10 +37,16 @@ Dtype = Any
 CONV_IMPLS = ("auto", "xla", "depth_taps")
 ACT_AXES = ("batch", "act_depth", "act_height", "act_width", "act_channels")
 
+BLOCK_OUT = "unet_block_out"  # checkpoint_name of every ResBlock output (what `offload` moves to host)
+
 _REMAT_POLICIES = {
-    "full": None,  # recompute everything in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "full": None,  # keep only segment inputs/outputs, recompute everything inside
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep conv and matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep ResBlock outputs in host memory (GPU/TPU with pinned_host memory), recompute the rest.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(BLOCK_OUT,), offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -45,7 +58,7 @@ class UNetSpec:
   base_channels: int = 32
   channel_mult: tuple[int, ...] = (1, 2, 4, 8)
   num_res_blocks: int = 1
-  attention_resolutions: tuple[int, ...] = (16,)
+  attention_levels: tuple[int, ...] = (3,)  # levels with attention after each res block (0: full resolution)
   mid_attention: bool = True
   num_head_channels: int = 32
   dropout: float = 0.0
@@ -65,7 +78,7 @@ class UNetSpec:
   # Numerics and memory.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: str = "none"  # none | full | dots | dots_no_batch
+  remat: str = "none"  # none | full | dots | dots_no_batch | offload (per whole level, see module doc)
   # auto (depth_taps on CPU, xla elsewhere) | xla (lax 3D conv) | depth_taps (3^3 conv as one 2D conv + shifted
   # depth sum: 3.8x faster UNet forward on XLA:CPU, benchmarks/RESULTS.md #15)
   conv_impl: str = "auto"
@@ -82,14 +95,27 @@ class UNetSpec:
     return self.base_channels * self.time_embed_mult
 
   @classmethod
-  def from_config(cls, model_config: Any) -> "UNetSpec":
-    """Build from an ml_collections `config.model` (unknown keys are an error)."""
+  def from_config(cls, model_config: Any, patch_size: int | None = None) -> "UNetSpec":
+    """Build from an ml_collections `config.model` (unknown keys are an error).
+
+    Configs written before attention was keyed by level (e.g. the shipped tiny_phantom checkpoint) give
+    `attention_resolutions` (feature-map sizes); with the patch size they were trained on, those map to
+    the levels where the map had that size.
+    """
     cfg = dict(model_config)
+    if "attention_resolutions" in cfg:
+      cfg["attention_levels"] = legacy_attention_levels(
+          cfg.pop("attention_resolutions"), len(cfg.get("channel_mult", cls.channel_mult)), patch_size,
+          "attention_levels" in cfg)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - names)
     if unknown:
       raise ValueError(f"config.model has unknown keys {unknown}; valid keys: {sorted(names)}")
-    for key in ("channel_mult", "attention_resolutions"):
+    levels = len(cfg.get("channel_mult", cls.channel_mult))
+    bad = [l for l in cfg.get("attention_levels", ()) if not 0 <= int(l) < levels]
+    if bad:
+      raise ValueError(f"config.model.attention_levels has {bad}; levels are 0..{levels - 1}")
+    for key in ("channel_mult", "attention_levels"):
       if key in cfg:
         cfg[key] = tuple(cfg[key])
     for key in ("dtype", "param_dtype"):
@@ -100,6 +126,18 @@ class UNetSpec:
     if cfg.get("remat", "none") not in ("none", *_REMAT_POLICIES):
       raise ValueError(f"config.model.remat={cfg['remat']!r}; choose from none, {list(_REMAT_POLICIES)}")
     return cls(**cfg)
+
+
+def legacy_attention_levels(resolutions: Sequence[int], levels: int, patch_size: int | None,
+                            also_levels: bool = False) -> tuple[int, ...]:
+  """Old `attention_resolutions` (feature-map sizes at the training patch) -> attention levels."""
+  if also_levels:
+    raise ValueError("config.model gives both attention_resolutions (legacy) and attention_levels; keep "
+                     "attention_levels")
+  if not patch_size:
+    raise ValueError("config.model.attention_resolutions (legacy) needs the training patch size to map to "
+                     "attention_levels; set config.model.attention_levels instead")
+  return tuple(l for l in range(levels) if patch_size // 2 ** l in tuple(resolutions))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +250,7 @@ class ResBlock(nn.Module):
     h = conv3d(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
       x = conv3d(self.out_channels, 1, spec, name="skip")(x)
-    return _constrain(x + h)
+    return checkpoint_name(_constrain(x + h), BLOCK_OUT)
 
 
 class AttentionBlock(nn.Module):
@@ -255,15 +293,11 @@ class Upsample(nn.Module):
     return _constrain(conv3d(x.shape[-1], 3, self.spec, name="conv")(x))
 
 
-def _block_types(spec: UNetSpec) -> tuple[type[nn.Module], type[nn.Module]]:
+def _segment(spec: UNetSpec, fn: Any) -> Any:
+  """fn(module, *arrays) as one rematerialised segment (params keep their names in the caller's scope)."""
   if spec.remat == "none":
-    return ResBlock, AttentionBlock
-  policy = _REMAT_POLICIES[spec.remat]
-  return nn.remat(ResBlock, policy=policy), nn.remat(AttentionBlock, policy=policy)
-
-
-def _use_attention(spec: UNetSpec, x: Array) -> bool:
-  return max(x.shape[1:4]) in spec.attention_resolutions
+    return fn
+  return nn.remat(fn, policy=_REMAT_POLICIES[spec.remat])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,7 +317,6 @@ class UNetEncoder(nn.Module):
                hint: Array | None = None) -> tuple[Array, list[Array], Array]:
     spec = self.spec
     cond = cond or {}
-    res_block, attn_block = _block_types(spec)
 
     emb = embeddings.timestep_embedding(t, spec.base_channels)
     emb = _dense(spec.time_embed_dim, spec, name="time_mlp1")(emb)
@@ -296,27 +329,27 @@ class UNetEncoder(nn.Module):
           spec.num_regions, spec.time_embed_dim, spec.param_dtype, name="region_embed")
       emb = emb + region_embed(region).astype(emb.dtype)
 
-    h = self.assemble_input(x, cond)
-    h = conv3d(spec.base_channels, 3, spec, name="conv_in")(h)
-    if hint is not None:
-      h = h + hint.astype(h.dtype)
-    h = _constrain(h)
-    skips = [h]
-    for level, mult in enumerate(spec.channel_mult):
-      for i in range(spec.num_res_blocks):
-        h = res_block(spec, spec.base_channels * mult, not train, name=f"down{level}_res{i}")(h, emb)
-        if _use_attention(spec, h):
-          h = attn_block(spec, name=f"down{level}_attn{i}")(h)
-        skips.append(h)
-      if level != len(spec.channel_mult) - 1:
-        h = Downsample(spec, name=f"down{level}_downsample")(h)
-        skips.append(h)
+    def stem(mdl, x, cond, hint):
+      h = conv3d(spec.base_channels, 3, spec, name="conv_in")(mdl.assemble_input(x, cond))
+      if hint is not None:
+        h = h + hint.astype(h.dtype)
+      return _constrain(h)
 
-    channels = spec.base_channels * spec.channel_mult[-1]
-    h = res_block(spec, channels, not train, name="mid_res0")(h, emb)
-    if spec.mid_attention:
-      h = attn_block(spec, name="mid_attn")(h)
-    h = res_block(spec, channels, not train, name="mid_res1")(h, emb)
+    h = _segment(spec, stem)(self, x, cond, hint)
+    skips = [h]
+    for level in range(len(spec.channel_mult)):
+      h, level_skips = _segment(spec, lambda mdl, h, emb, level=level: down_level(spec, level, train, h, emb))(
+          self, h, emb)
+      skips.extend(level_skips)
+
+    def middle(mdl, h, emb):
+      channels = spec.base_channels * spec.channel_mult[-1]
+      h = ResBlock(spec, channels, not train, name="mid_res0")(h, emb)
+      if spec.mid_attention:
+        h = AttentionBlock(spec, name="mid_attn")(h)
+      return ResBlock(spec, channels, not train, name="mid_res1")(h, emb)
+
+    h = _segment(spec, middle)(self, h, emb)
     return h, skips, emb
 
   def assemble_input(self, x: Array, cond: dict[str, Array]) -> Array:
@@ -351,20 +384,45 @@ class UNetDecoder(nn.Module):
   @nn.compact
   def __call__(self, h: Array, skips: list[Array], emb: Array, *, train: bool = False) -> Array:
     spec = self.spec
-    res_block, attn_block = _block_types(spec)
     skips = list(skips)
     for level in reversed(range(len(spec.channel_mult))):
-      for i in range(spec.num_res_blocks + 1):
-        h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = res_block(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"up{level}_res{i}")(h, emb)
-        if _use_attention(spec, h):
-          h = attn_block(spec, name=f"up{level}_attn{i}")(h)
-      if level:
-        h = Upsample(spec, name=f"up{level}_upsample")(h)
+      level_skips = [skips.pop() for _ in range(spec.num_res_blocks + 1)]  # in the order they are consumed
+      h = _segment(spec, lambda mdl, h, ss, emb, level=level: up_level(spec, level, train, h, ss, emb))(
+          self, h, level_skips, emb)
     assert not skips, "skip bookkeeping mismatch"
-    h = nn.silu(GroupNorm32(spec, name="out_norm")(h))
-    out = conv3d(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h)
-    return out.astype(jnp.float32)
+
+    def head(mdl, h):
+      h = nn.silu(GroupNorm32(spec, name="out_norm")(h))
+      return conv3d(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h).astype(jnp.float32)
+
+    return _segment(spec, head)(self, h)
+
+
+def down_level(spec: UNetSpec, level: int, train: bool, h: Array, emb: Array) -> tuple[Array, list[Array]]:
+  """One encoder level: res blocks (+ attention), then downsampling; returns (h, the level's skips).
+  Called inside a parent module's scope, so params are named down{level}_*."""
+  skips = []
+  for i in range(spec.num_res_blocks):
+    h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"down{level}_res{i}")(h, emb)
+    if level in spec.attention_levels:
+      h = AttentionBlock(spec, name=f"down{level}_attn{i}")(h)
+    skips.append(h)
+  if level != len(spec.channel_mult) - 1:
+    h = Downsample(spec, name=f"down{level}_downsample")(h)
+    skips.append(h)
+  return h, skips
+
+
+def up_level(spec: UNetSpec, level: int, train: bool, h: Array, skips: list[Array], emb: Array) -> Array:
+  """One decoder level: (concat skip, res block, attention) x (num_res_blocks + 1), then upsampling."""
+  for i, skip in enumerate(skips):
+    h = jnp.concatenate([h, skip], axis=-1)
+    h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"up{level}_res{i}")(h, emb)
+    if level in spec.attention_levels:
+      h = AttentionBlock(spec, name=f"up{level}_attn{i}")(h)
+  if level:
+    h = Upsample(spec, name=f"up{level}_upsample")(h)
+  return h
 
 
 class UNet3D(nn.Module):
@@ -423,17 +481,15 @@ def forward_flops(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> flo
   ch = spec.base_channels
   flops += conv(spec.in_channels, ch, 3, vox)
   chans = [ch]
-  size = max(spatial)
   for level, mult in enumerate(spec.channel_mult):
     for _ in range(spec.num_res_blocks):
       flops += res(ch, spec.base_channels * mult, vox)
       ch = spec.base_channels * mult
-      if size in spec.attention_resolutions:
+      if level in spec.attention_levels:
         flops += attn(ch, vox)
       chans.append(ch)
     if level != len(spec.channel_mult) - 1:
       vox //= 8
-      size //= 2
       flops += conv(ch, ch, 3, vox)
       chans.append(ch)
   flops += 2 * res(ch, ch, vox) + (attn(ch, vox) if spec.mid_attention else 0.0)
@@ -442,11 +498,10 @@ def forward_flops(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> flo
       cout = spec.base_channels * spec.channel_mult[level]
       flops += res(ch + chans.pop(), cout, vox)
       ch = cout
-      if size in spec.attention_resolutions:
+      if level in spec.attention_levels:
         flops += attn(ch, vox)
     if level:
       vox *= 8
-      size *= 2
       flops += conv(ch, ch, 3, vox)
   flops += conv(ch, spec.out_channels, 3, vox)
   return flops * batch

@@ -46,7 +46,7 @@ class Pretrained:
 
 def _from_config_json(config_dict: dict, params: Any) -> Pretrained:
   config = ml_collections.ConfigDict(config_dict)
-  spec = unet3d.UNetSpec.from_config(config.model)
+  spec = unet3d.UNetSpec.from_config(config.model, config.data.patch_size)  # patch: legacy attention config
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   return Pretrained(unet3d.UNet3D(spec), spec, params, config, schedule)
 

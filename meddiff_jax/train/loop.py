@@ -19,7 +19,7 @@ from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
 from meddiff_jax.models import unet3d
-from meddiff_jax.train import checkpoint, evaluate, sharding
+from meddiff_jax.train import checkpoint, evaluate, sharding, throughput
 from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
 from meddiff_jax.train import state as state_lib
@@ -31,7 +31,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3d.UNetSpec]:
-  spec = unet3d.UNetSpec.from_config(config.model)
+  spec = unet3d.UNetSpec.from_config(config.model, config.data.patch_size)
   return unet3d.UNet3D(spec), spec
 
 
@@ -68,9 +68,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if data.patch_size % factor:
     raise ValueError(f"config.data.patch_size={data.patch_size} must be divisible by {factor} "
                      f"(2^(levels-1) for channel_mult={tuple(model.channel_mult)})")
-  if train.batch_size % train.grad_accum_steps:
-    raise ValueError(f"config.training.batch_size={train.batch_size} must be divisible by "
-                     f"grad_accum_steps={train.grad_accum_steps}")
+  # The batch plan against the mesh of the devices present: fails here, not after a compile.
+  sharding.check_plan(train.batch_size, train.grad_accum_steps, data.patch_size, len(model.channel_mult),
+                      sharding.resolve_mesh_sizes(dict(config.mesh), jax.device_count()),
+                      sharding.rules_from_config(config.sharding.rules))
   if data.source == "prepared" and not data.prepared_dir:
     raise ValueError("config.data.source='prepared' needs --config.data.prepared_dir=DIR "
                      "(make one with configs/prepare.py), or use --config.data.source=phantom")
@@ -127,11 +128,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                   config.sharding.min_shard_size)
   writer_lib.progress(f"model {unet3d.count_params(train_state.params):,} params; mesh {dict(mesh.shape)} on "
                       f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}")
+  flops_per_step, device_kind = throughput.flops_for_config(config, spec), jax.devices()[0].device_kind
+  logging.info("%.3g model FLOPs per step; %s", flops_per_step, throughput.describe_peak(device_kind))
 
   store = pipeline.make_store(config.data)
   config.data.spacing = pipeline.training_spacing(config.data, store) or ()  # saved with every checkpoint
   train_store, val_store = pipeline.split_train_val(store, config.data)
-  batch_sharding = pipeline.batch_sharding(mesh, sharding.batch_axes(rules))
+  batch_sharding = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
   make_batches = lambda seed: pipeline.GlobalBatches(pipeline.make_dataset(
       train_store, config.data, batch_size=config.training.batch_size, seed=seed,
       process_index=jax.process_index(), process_count=jax.process_count()), batch_sharding)
@@ -193,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           elapsed = time.perf_counter() - t_log
           scalars["steps_per_sec"] = steps_since / elapsed
           scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
+          scalars.update(throughput.step_metrics(scalars["steps_per_sec"], flops_per_step, config.training.batch_size,
+                                                 jax.device_count(), device_kind))
           writer.scalars(step, scalars, prefix="train/")
           writer_lib.progress(f"step {step}/{num_steps}  "
                               + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec")))

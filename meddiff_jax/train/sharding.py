@@ -15,11 +15,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "spatial", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),  # activations and inputs: split over every data-parallel axis
-    ("act_depth", None),
+    ("act_depth", "spatial"),  # one sample split along depth over `spatial` devices (XLA adds the halos)
     ("act_height", None),
     ("act_width", None),
     ("act_channels", "tensor"),
@@ -33,12 +33,19 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh with axes (data, fsdp, tensor); one size may be -1 (= whatever devices remain).
+  """Mesh with axes (data, fsdp, spatial, tensor); one size may be -1 (= whatever devices remain).
 
   Axis types are Auto: with jax 0.10's default Explicit axes, linen's logical constraints raise
   (STACK_NOTES section 3).
   """
   devices = list(devices if devices is not None else jax.devices())
+  sizes = resolve_mesh_sizes(axis_sizes, len(devices))
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def resolve_mesh_sizes(axis_sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+  """{axis: size} for every mesh axis with the -1 resolved; no devices needed (plan checks, dry runs)."""
   unknown = set(axis_sizes) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"mesh axes {sorted(unknown)} unknown; use {MESH_AXES}")
@@ -47,13 +54,13 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
     raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not split into mesh {dict(zip(MESH_AXES, sizes))}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices do not split into mesh {dict(zip(MESH_AXES, sizes))}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} available")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+                     f"{num_devices} available")
+  return dict(zip(MESH_AXES, sizes))
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -118,6 +125,68 @@ def strip_boxes(tree: Any) -> Any:
 def batch_axes(rules: Sequence[tuple[str, Any]]) -> Any:
   """Mesh axes the leading (batch) dimension of inputs is split over."""
   return dict(rules).get("batch")
+
+
+def _axes_tuple(axes: Any) -> tuple[str, ...]:
+  return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+
+
+def input_spec(rules: Sequence[tuple[str, Any]], ndim: int) -> PartitionSpec:
+  """Inputs: batch dim over the batch axes; volumes (N, D, H, W, C) also along depth (act_depth)."""
+  r = dict(rules)
+  if ndim == 5:
+    return PartitionSpec(r.get("batch"), r.get("act_depth"))
+  return PartitionSpec(r.get("batch"))
+
+
+def input_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: Any) -> Any:
+  """NamedSharding per leaf of a batch (arrays or ShapeDtypeStructs), by `input_spec` of its rank."""
+  return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, input_spec(rules, len(x.shape))), batch)
+
+
+def constrain_inputs(batch: Any, rules: Sequence[tuple[str, Any]]) -> Any:
+  """Inside jit: keep (micro-)batches laid out like `input_shardings`."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.lax.with_sharding_constraint(x, input_spec(rules, x.ndim)), batch)
+
+
+def check_plan(batch_size: int, grad_accum_steps: int, patch_size: int, levels: int,
+               mesh_sizes: dict[str, int], rules: Sequence[tuple[str, Any]]) -> None:
+  """Raise one ValueError line (what to set) when the batch plan does not fit the mesh.
+
+  Called before anything compiles. A micro-batch must split evenly over the mesh axes `batch` maps to
+  (data x fsdp by default): XLA would otherwise pad it, and every device would pay a whole sample's
+  FLOPs for a fraction of one. Samples split along depth need the coarsest feature map's depth to divide.
+  """
+  r = dict(rules)
+  b_axes, d_axes = _axes_tuple(r.get("batch")), _axes_tuple(r.get("act_depth"))
+  clash = set(b_axes) & set(d_axes)
+  if clash:
+    raise ValueError(f"sharding rules map both batch and act_depth to mesh axes {sorted(clash)}; "
+                     "give act_depth its own axis (default: spatial)")
+  n_batch = int(np.prod([mesh_sizes[a] for a in b_axes])) if b_axes else 1
+  n_depth = int(np.prod([mesh_sizes[a] for a in d_axes])) if d_axes else 1
+  if batch_size % grad_accum_steps:
+    raise ValueError(f"config.training.batch_size={batch_size} must be divisible by "
+                     f"grad_accum_steps={grad_accum_steps}")
+  micro = batch_size // grad_accum_steps
+  if micro % n_batch:
+    hints = []
+    if batch_size % n_batch == 0:  # one sample per batch shard and micro-step
+      hints.append(f"--config.training.grad_accum_steps={batch_size // n_batch}")
+    total = n_batch * n_depth
+    if total % micro == 0:  # keep the micro-batch, split each sample along depth instead
+      hints.append(f"--config.mesh.data={micro} --config.mesh.fsdp=1 --config.mesh.spatial={total // micro}")
+    hints.append(f"--config.training.batch_size={grad_accum_steps * n_batch}")
+    raise ValueError(
+        f"micro-batch {micro} (config.training.batch_size={batch_size} / grad_accum_steps={grad_accum_steps}) "
+        f"does not split over the {n_batch} devices of mesh axes {' x '.join(b_axes) or '()'} "
+        f"(mesh {mesh_sizes}); set " + " or ".join(hints))
+  coarsest = patch_size // 2 ** (levels - 1)
+  if n_depth > 1 and coarsest % n_depth:
+    raise ValueError(f"mesh axes {' x '.join(d_axes)} split depth {n_depth} ways, but the coarsest feature map "
+                     f"has depth {coarsest} (patch_size={patch_size}, {levels} levels); set "
+                     f"--config.mesh.spatial to a divisor of {coarsest} or a larger --config.data.patch_size")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -54,6 +54,12 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
+def float32_tree(tree: Any) -> Any:
+  """Floating leaves as float32 (linen's partitioning boxes are pytree nodes, so they survive)."""
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def create(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
            mesh: Mesh, rules: Any, min_shard_size: int = 0) -> tuple[TrainState, TrainState]:
   """Initialise directly into its shardings.
@@ -62,20 +68,42 @@ def create(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransfo
     init_params_fn: rng -> boxed params (linen `init(...)['params']`).
     seed: params come from `init_key(seed)`, the training rng (threefry) from seed + 1.
 
+  Precision: `params` are in model.param_dtype (float32 by default: the master copy; the model casts to
+  model.dtype for compute). EMA params and Adam moments are float32 always, so param_dtype=bfloat16 is
+  an explicit memory-saving choice that only rounds the trained weights, never the EMA's accumulation.
+
   Returns:
     (state, state shardings).
   """
-  param_rng, state_rng = init_key(seed), jax.random.key(seed + 1)
-
-  def init_boxed(key):
-    params = init_params_fn(key)
-    opt_state = tx.init(params)  # boxes propagate: Adam moments inherit the params' logical axes
-    return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=opt_state,
-                      rng=jax.random.key_data(state_rng), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
-
+  init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed)
   with sharding.activate(mesh, rules):
     abstract = jax.eval_shape(init_boxed, param_rng)
     shardings = sharding.tree_shardings(abstract, mesh, rules, min_shard_size)
     state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(param_rng)
   return state, shardings
 
+
+def abstract(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
+             mesh: Mesh, rules: Any, min_shard_size: int = 0) -> tuple[TrainState, TrainState]:
+  """What `create` would return, as ShapeDtypeStructs carrying their shardings (nothing allocated):
+  for ahead-of-time compiles (train/dry_run.py)."""
+  init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed)
+  with sharding.activate(mesh, rules):
+    boxed = jax.eval_shape(init_boxed, param_rng)
+    shardings = sharding.tree_shardings(boxed, mesh, rules, min_shard_size)
+  shapes = sharding.strip_boxes(boxed)
+  state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return state, shardings
+
+
+def _boxed_init(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int):
+  param_rng, state_rng = init_key(seed), jax.random.key(seed + 1)
+
+  def init_boxed(key):
+    params = init_params_fn(key)
+    master = float32_tree(params)  # EMA and optimizer moments are float32 whatever model.param_dtype is
+    opt_state = tx.init(master)  # boxes propagate: Adam moments inherit the params' logical axes
+    return TrainState(step=jnp.int32(0), params=params, ema_params=master, opt_state=opt_state,
+                      rng=jax.random.key_data(state_rng), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
+
+  return init_boxed, param_rng

@@ -10,10 +10,23 @@ import optax
 
 from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax.train import sharding
-from meddiff_jax.train.state import TrainState
+from meddiff_jax.train.state import TrainState, float32_tree
 
 Batch = dict[str, jax.Array]
 COND_KEYS = ("pos_box", "region", "structures", "hint")  # hint: ControlNet's condition volume
+
+
+def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one global training batch (data/multilevel.make_sample, batched): what the
+  dry run compiles against and what input shardings are built for."""
+  n = int(config.training.batch_size if batch_size is None else batch_size)
+  p, k = int(config.data.patch_size), int(config.model.structure_channels)
+  spec = {"image": jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
+          "pos_box": jax.ShapeDtypeStruct((n, 3, 2), jnp.float32),
+          "region": jax.ShapeDtypeStruct((n,), jnp.int32)}
+  if k:
+    spec["structures"] = jax.ShapeDtypeStruct((n, p, p, p, k), jnp.uint8)
+  return spec
 
 
 def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
@@ -80,7 +93,6 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   k = int(config.training.grad_accum_steps)
   ema_decay = float(config.training.ema_decay)
-  batch_axes = sharding.batch_axes(rules) if rules else None
 
   def step(state: TrainState, batch: Batch, frozen: Any = None):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -93,9 +105,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
       def accumulate(carry, xs):
         grads_acc, loss_acc = carry
         mb, i = xs
-        if batch_axes is not None:  # keep each micro-batch split over the data axes
-          mb = jax.tree_util.tree_map(
-              lambda x: jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(batch_axes)), mb)
+        if rules:  # keep each micro-batch split over the batch axes (and along depth over spatial)
+          mb = sharding.constrain_inputs(mb, rules)
         (l, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), frozen)
         grads_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
         return (grads_acc, loss_acc + l), aux["per_sample_loss"]
@@ -106,11 +117,15 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
       loss = loss / k
       per_sample = per_sample.reshape(-1)
 
+    # Optimizer maths in float32 whatever the param dtype: the moments are float32 (state.create), and
+    # apply_updates casts the fp32 update sum back to each param's dtype.
+    grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, new_opt_state = tx.update(grads, state.opt_state, float32_tree(state.params))
     new_params = optax.apply_updates(state.params, updates)
-    new_ema = optax.incremental_update(new_params, state.ema_params, step_size=1.0 - ema_decay)
+    # EMA in float32: with decay 0.9999 a bf16 EMA could not represent its own updates.
+    new_ema = optax.incremental_update(float32_tree(new_params), state.ema_params, step_size=1.0 - ema_decay)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,

@@ -1,0 +1,114 @@
+"""Dry run: compile the training step for the devices present on synthetic inputs, print its cost, exit.
+
+`python -m meddiff_jax.main --config=configs/pretrain.py:PRESET --workdir=W --config.dry_run=True`
+
+Nothing is allocated or read: the state and the batch are ShapeDtypeStructs with their shardings, the
+step is lowered and compiled ahead of time, and XLA's memory and cost analyses are read back. One JSON
+line answers "will it fit, and how long will a step take" before a slice is paid for. On XLA:CPU (fake
+devices) memory figures are indicative only: CPU convolutions are scheduled and fused differently.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from meddiff_jax.diffusion import schedules
+from meddiff_jax.models import unet3d
+from meddiff_jax.train import loop, sharding, throughput
+from meddiff_jax.train import state as state_lib
+from meddiff_jax.train import step as step_lib
+
+GIB = 2.0 ** 30
+
+
+def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> tuple[Any, dict]:
+  """(jax Lowered train step, facts) for the config's mesh on `devices` (default: all)."""
+  devices = list(devices if devices is not None else jax.devices())
+  mesh_sizes = sharding.resolve_mesh_sizes(dict(config.mesh), len(devices))
+  rules = sharding.rules_from_config(config.sharding.rules)
+  sharding.check_plan(config.training.batch_size, config.training.grad_accum_steps, config.data.patch_size,
+                      len(config.model.channel_mult), mesh_sizes, rules)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  model, spec = loop.build_model(config)
+  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  tx = state_lib.make_optimizer(config.optimizer)
+  init_fn = loop.init_params_fn(model, spec, config.data.patch_size)
+  state, state_shardings = state_lib.abstract(init_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size)
+  batch = step_lib.batch_spec(config)
+  batch_shardings = sharding.input_shardings(mesh, rules, batch)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()}
+  step_fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
+                                     config, rules)
+  jitted = step_lib.jit_train_step(step_fn, state_shardings, batch_shardings, mesh)
+  with sharding.activate(mesh, rules):
+    lowered = jitted.lower(state, batch)
+  facts = {"spec": spec, "mesh": mesh_sizes, "num_devices": len(devices), "device_kind": devices[0].device_kind,
+           "params": unet3d.count_params(state.params)}
+  return lowered, facts
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compile, analyse, print one JSON line, return it as a dict."""
+  loop.validate(config)
+  t0 = time.perf_counter()
+  lowered, facts = lower_train_step(config)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t1
+  spec, n, kind = facts["spec"], facts["num_devices"], facts["device_kind"]
+  flops = throughput.flops_for_config(config, spec)
+  result: dict[str, Any] = {
+      "preset": config.get("preset", ""),
+      "patch_size": int(config.data.patch_size),
+      "batch_size": int(config.training.batch_size),
+      "grad_accum_steps": int(config.training.grad_accum_steps),
+      "remat": spec.remat,
+      "dtype": str(spec.dtype),
+      "mesh": facts["mesh"],
+      "device_kind": kind,
+      "num_devices": n,
+      "params": facts["params"],
+      "flops_per_step": flops,
+      "flops_per_device": flops / n,
+  }
+  result.update(_memory(compiled))
+  result["xla_flops_per_device"] = _xla_flops(compiled)
+  result["lower_s"] = round(t1 - t0, 2)
+  result["compile_s"] = round(compile_s, 2)
+  result["projected_step_s_at_40pct_mfu"] = throughput.projected_step_s(flops, n, kind)
+  if result["projected_step_s_at_40pct_mfu"] is None:
+    result["note"] = throughput.describe_peak(kind)
+  result["projected_step_s_at_40pct_mfu_by_kind"] = {
+      k: throughput.projected_step_s(flops, n, k) for k in throughput.PLANNING_KINDS}
+  print(json.dumps(result), flush=True)
+  return result
+
+
+def _memory(compiled: Any) -> dict[str, Any]:
+  """Per-device bytes from XLA: arguments + outputs + temp (donated outputs alias arguments: counted once)."""
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    mem = None
+  if mem is None:
+    return {"memory_per_device_gib": None}
+  args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+  alias = mem.alias_size_in_bytes
+  return {"memory_per_device_gib": round((args + out + temp - alias) / GIB, 3),
+          "arguments_gib": round(args / GIB, 3), "outputs_gib": round(out / GIB, 3),
+          "temp_gib": round(temp / GIB, 3), "aliased_gib": round(alias / GIB, 3)}
+
+
+def _xla_flops(compiled: Any) -> float | None:
+  """XLA's FLOP count of the partitioned (per-device) program; a loop body (accumulation scan) counts once."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
