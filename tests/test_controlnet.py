@@ -99,7 +99,10 @@ def test_sharded_controlnet_step_matches_single_device():
       st, m2 = jitted(st, gb, {"base": base_params})
     out.append((float(m1["loss"]), float(m2["loss"]), jax.tree_util.tree_map(np.asarray, st.params)))
   np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), out[1][2], out[0][2])
+  # Adam's first steps move every leaf by ~lr * g / |g|: on leaves whose gradient is near Adam's eps (the zero
+  # convs' neighbours) a reduction-order difference in g changes the step by up to ~1% of lr (7e-5 measured at
+  # lr 1e-2); a wrong sharding would move them by O(lr).
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4), out[1][2], out[0][2])
 
 
 def test_finetune_command_saves_only_the_branch_and_resumes(tmp_path):

@@ -293,8 +293,11 @@ def run(config: Any) -> dict[str, Any]:
   check_output_dir(config.input_dir, config.output_dir)
   ignored: list[dict[str, str]] = []
   jobs = find_jobs(config, ignored)
-  if config.store_format not in store.FORMATS:
-    raise ValueError(f"config.store_format={config.store_format!r}; choose from {store.FORMATS}")
+  store_format = config.store_format
+  if store_format == "auto":
+    store_format = "zarr" if "://" in str(config.output_dir) else "npy"
+  if store_format not in store.FORMATS:
+    raise ValueError(f"config.store_format={config.store_format!r}; choose auto or one of {store.FORMATS}")
   os.makedirs(config.output_dir, exist_ok=True)
   open(os.path.join(config.output_dir, MARKER), "a").close()
   done_ids = set()
@@ -309,13 +312,13 @@ def run(config: Any) -> dict[str, Any]:
   if config.workers > 1 and len(todo) > 1:
     with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, initializer=_die_with_parent,
                                                 initargs=(os.getpid(),)) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, config.store_format)
+      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format)
                  for j in todo]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, config.store_format),
+      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, store_format),
                                  progress))
   progress.close()
   failed = [r for r in results if r["status"] == "failed"]
