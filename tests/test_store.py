@@ -46,7 +46,7 @@ def _bytes_read() -> int:
 def test_a_window_reads_only_the_chunks_it_touches(tmp_path):
   rng = np.random.default_rng(0)
   hu = rng.integers(-1024, 2000, size=(256, 256, 128)).astype(np.int16)  # incompressible-ish: bytes ~ voxels
-  store.write_record(str(tmp_path), "v", hu, None, {})
+  store.write_record(str(tmp_path), "v", hu, None, {"region": "chest"})
   total = sum(p.stat().st_size for p in (tmp_path / "v.image.zarr").rglob("*") if p.is_file())
   vol, _, _ = store.PreparedStore(str(tmp_path)).load(0)
   c = store.CHUNK

@@ -61,7 +61,7 @@ def test_embedding_with_an_identity_table_equals_one_hot_channels():
   """The embedding path is exactly one_hot(ids) @ table: with table = I it must reproduce the one-hot model."""
   from meddiff_jax.models import unet3d
   k, patch = 5, 8
-  common = dict(base_channels=8, channel_mult=(1, 2), attention_resolutions=(), mid_attention=False,
+  common = dict(base_channels=8, channel_mult=(1, 2), attention_levels=(), mid_attention=False,
                 num_head_channels=8, use_position=False, use_region=False, norm_groups=4)
   onehot_spec = unet3d.UNetSpec(structure_channels=k, **common)
   embed_spec = unet3d.UNetSpec(structure_channels=1, structure_embed_dim=k, num_structure_ids=k, **common)

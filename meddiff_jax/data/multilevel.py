@@ -86,8 +86,9 @@ def with_lesions(labels: np.ndarray | None, lesion: np.ndarray) -> np.ndarray:
 def split_lesions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(organ labels, lesion mask) from a label map written by `with_lesions` (or the legacy LESION_LABEL)."""
   labels = np.asarray(labels)
-  lesion = (labels >= LESION_OFFSET) | (labels == LESION_LABEL)
-  organs = np.where(labels >= LESION_OFFSET, labels - LESION_OFFSET, np.where(labels == LESION_LABEL, 0, labels))
+  wide = labels.astype(np.int32)  # uint8 stores cannot even be compared with LESION_OFFSET under NumPy 2
+  lesion = (wide >= LESION_OFFSET) | (wide == LESION_LABEL)
+  organs = np.where(wide >= LESION_OFFSET, wide - LESION_OFFSET, np.where(wide == LESION_LABEL, 0, wide))
   return organs.astype(labels.dtype if labels.dtype.kind == "i" else np.int16), lesion
 
 
