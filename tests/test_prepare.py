@@ -156,7 +156,8 @@ def test_workers_die_with_a_killed_parent(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "meddiff_jax.main", "--config=configs/prepare.py",
                            f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}",
-                           "--config.workers=2", "--config.spacing=(0.7,0.7,0.7)"], cwd=REPO, env=env,
+                           "--config.workers=2", "--config.spacing=(0.7,0.7,0.7)",
+                           "--config.default_region=abdomen"], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   workers = []
   deadline = time.time() + 120
