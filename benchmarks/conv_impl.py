@@ -45,7 +45,7 @@ def main():
 
   from configs import pretrain
   from meddiff_jax.models import unet3d
-  from meddiff_jax.train import loop
+  from meddiff_jax import pretrained
 
   out = ROOT / "benchmarks" / "results" / "conv_impl.jsonl"
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,8 +55,8 @@ def main():
     config = pretrain.get_config(preset)
     config.model.dtype = "float32"
     config.data.patch_size = window
-    model, spec = loop.build_model(config)
-    x, t, cond = loop.dummy_inputs(spec, window)
+    model, spec = pretrained.build_model(config)
+    x, t, cond = pretrained.dummy_inputs(spec, window)
     rep = lambda a: jnp.repeat(a, batch, axis=0)
     x, t, cond = rep(x), rep(t), jax.tree_util.tree_map(rep, cond)
     params = jax.jit(model.init)(jax.random.key(0), x, t, cond)

@@ -25,12 +25,12 @@ def ours(preset, size, steps, method="ddim"):
   import jax.numpy as jnp
   from configs import pretrain
   from meddiff_jax.diffusion import samplers, schedules
-  from meddiff_jax.train import loop
+  from meddiff_jax import pretrained
 
   config = pretrain.get_config(preset)
   config.data.patch_size = size
-  model, spec = loop.build_model(config)
-  x, t, cond = loop.dummy_inputs(spec, size)
+  model, spec = pretrained.build_model(config)
+  x, t, cond = pretrained.dummy_inputs(spec, size)
   params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, t, cond)["params"]
   sched = schedules.make_schedule("cosine", 1000)
   ts = samplers.make_timesteps(1000, steps, "trailing")

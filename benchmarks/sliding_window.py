@@ -34,9 +34,10 @@ def main():
   import jax.numpy as jnp
   import ml_collections
 
+  from meddiff_jax import pretrained
   from meddiff_jax.tasks import common
 
-  pre = common.load_pretrained("tiny_phantom")
+  pre = pretrained.load("tiny_phantom")
   if args.dtype != "float32":
     import dataclasses
     pre.spec = dataclasses.replace(pre.spec, dtype=jnp.dtype(args.dtype))

@@ -37,9 +37,9 @@ def main():
   import jax.numpy as jnp
 
   from meddiff_jax.diffusion import samplers
-  from meddiff_jax.tasks import common
+  from meddiff_jax import pretrained
 
-  pre = common.load_pretrained("tiny_phantom")
+  pre = pretrained.load("tiny_phantom")
   w, n = pre.patch_size, 2
   cond = {"pos_box": jnp.tile(jnp.array([[[-1.0, 1.0]] * 3]), (n, 1, 1)), "region": jnp.full((n,), 2, jnp.int32)}
   if pre.spec.structure_channels:

@@ -46,9 +46,9 @@ def main():
   from meddiff_jax.diffusion import schedules
   from meddiff_jax.evaluation import metrics
   from meddiff_jax.tasks import anomaly, common, denoise, sliding_window
-  from meddiff_jax.train import sharding
+  from meddiff_jax import pretrained, sharding
 
-  pre = common.load_pretrained(args.checkpoint)
+  pre = pretrained.load(args.checkpoint)
   ct = nifti.load(pathlib.Path(args.data) / "example_ct.nii.gz")
   seg = nifti.load(pathlib.Path(args.data) / "example_seg_fast_force_split.nii.gz", is_mask=True)
   region = preprocess.region_id("abdomen")

@@ -74,22 +74,22 @@ def synthetic_batch(config, n):
 
 def build_step(config, mesh_sizes):
   import jax
-  from meddiff_jax.data import pipeline
   from meddiff_jax.diffusion import schedules
-  from meddiff_jax.train import loop, sharding
+  from meddiff_jax import sharding
+  from meddiff_jax import pretrained
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
 
   mesh = sharding.make_mesh(mesh_sizes)
   rules = sharding.rules_from_config(config.sharding.rules)
-  model, spec = loop.build_model(config)
+  model, spec = pretrained.build_model(config)
   tx = state_lib.make_optimizer(config.optimizer)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  init_fn = loop.init_params_fn(model, spec, config.data.patch_size)
+  init_fn = pretrained.init_params_fn(model, spec, config.data.patch_size)
   st, shardings = state_lib.create(init_fn, tx, 0, mesh, rules, config.sharding.min_shard_size)
   fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config,
                                 rules)
-  batch_sh = pipeline.batch_sharding(mesh, sharding.batch_axes(rules))
+  batch_sh = sharding.batch_sharding(mesh, rules)
   jitted = step_lib.jit_train_step(fn, shardings, batch_sh, mesh)
   return mesh, rules, spec, st, jitted, batch_sh
 
@@ -98,7 +98,7 @@ def bench_preset(name, args):
   import jax
   import numpy as np
   from meddiff_jax.models import unet3d
-  from meddiff_jax.train import sharding
+  from meddiff_jax import sharding
 
   config = preset_config(name, args)
   n, p = config.training.batch_size, config.data.patch_size
@@ -141,7 +141,7 @@ def bench_memory(args):
       config = preset_config(name, args)
       config.training.batch_size = mesh_sizes["data"] * mesh_sizes.get("fsdp", 1)  # one sample per data shard
       mesh, rules, spec, st, jitted, batch_sh = build_step(config, mesh_sizes)
-      from meddiff_jax.train import sharding
+      from meddiff_jax import sharding
       batch = synthetic_batch(config, config.training.batch_size)
       abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
       with sharding.activate(mesh, rules):

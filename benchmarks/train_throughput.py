@@ -52,17 +52,18 @@ def measure(config, steps):
   import jax
   import numpy as np
   from meddiff_jax.diffusion import schedules
-  from meddiff_jax.train import loop, sharding, throughput
+  from meddiff_jax import pretrained, sharding
+  from meddiff_jax.train import loop, throughput
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
 
   loop.validate(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.rules_from_config(config.sharding.rules)
-  model, spec = loop.build_model(config)
+  model, spec = pretrained.build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   tx = state_lib.make_optimizer(config.optimizer)
-  st, shardings = state_lib.create(loop.init_params_fn(model, spec, config.data.patch_size), tx, config.seed, mesh,
+  st, shardings = state_lib.create(pretrained.init_params_fn(model, spec, config.data.patch_size), tx, config.seed, mesh,
                                    rules, config.sharding.min_shard_size)
   spec_batch = step_lib.batch_spec(config)
   batch_sh = sharding.input_shardings(mesh, rules, spec_batch)

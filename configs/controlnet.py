@@ -3,7 +3,8 @@
 python -m meddiff_jax.main --config=configs/controlnet.py:sr --workdir=runs/sr \
     --config.base_checkpoint=runs/pretrain        # or an exported dir / 'tiny_phantom'
 Presets: sr (condition: the x5 thick-slice volume, RPLHR-CT style), lesion (condition: a lesion mask;
-phantom lesions by default). model.* and diffusion.* come from the base checkpoint.
+phantom lesions by default). model.*, diffusion.*, data.patch_size and data.use_structures come from the
+base checkpoint: main.py derives them once (train/controlnet.derive_config).
 """
 
 import ml_collections
@@ -27,6 +28,10 @@ def get_config(arg=None):
   # crops centred on a lesion voxel with this probability (MONAI RandCropByPosNegLabeld pos=1, neg=1)
   c.data.positive_fraction = 0.5 if task == "lesion" else 0.0
   c.optimizer.update(learning_rate=1e-4, warmup_steps=100, schedule="constant")
+  # one param tree {base, controlnet}: the branch trains, the base is frozen (no optimizer state, not
+  # checkpointed again). Add e.g. "base/decoder/.*" to also tune the base decoder, or use (".*",).
+  c.optimizer.trainable = ("controlnet/.*",)
   c.training.update(batch_size=4, num_steps=10_000, ema_decay=0.999, log_every=50)  # paper: ~10k steps per task
+  c.eval.update(every_steps=500, num_batches=2, sample_every_steps=500)  # val loss / previews with the hint
   c.checkpoint.update(every_steps=500)
   return c

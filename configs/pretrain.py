@@ -104,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.0,
       grad_clip_norm=1.0,
+      trainable=(".*",),  # regexes over param paths ('encoder/conv_in/kernel'); the rest is frozen
   ))
 
   c.training = ml_collections.ConfigDict(dict(
@@ -135,7 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Devices per axis (one may be -1: the rest). spatial: devices that share one sample along depth.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(
-      rules=(),  # empty: train/sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
+      rules=(),  # empty: sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
       min_shard_size=2 ** 14,  # params with fewer elements stay replicated
   ))
 

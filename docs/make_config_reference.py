@@ -9,7 +9,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = [("pretrain", ["tiny", "base", "paper", "paper256"]), ("demo", [None]), ("prepare", [None]), ("denoise", [None]),
            ("anomaly", [None]), ("synthesis", [None]), ("controlnet", ["sr", "lesion"]), ("super_resolution", [None]),
-           ("lesion", [None]), ("evaluate", [None])]
+           ("lesion", [None]), ("evaluate", [None]), ("export", [None])]
 
 
 def flatten(d, prefix=""):

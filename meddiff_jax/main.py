@@ -1,6 +1,7 @@
 """Entry point: `python -m meddiff_jax.main --config=configs/NAME.py[:preset] --workdir=DIR --config.key=value`.
 
-`config.mode` picks the job: train (pretraining) or prepare (offline data conversion).
+`config.mode` picks the job: train (pretraining), controlnet (fine-tuning), prepare (offline data
+conversion), export (a training run as config.json + params.msgpack) or one of the TASKS.
 """
 
 from __future__ import annotations
@@ -78,13 +79,19 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError) as e:  # bad directories / manifest / nothing prepared: one line, exit 1
       sys.exit(f"error: {e}")
   elif mode == "controlnet":
-    from meddiff_jax.tasks import common
+    from meddiff_jax import pretrained
 
-    if not os.path.exists(common.BUILTIN.get(config.base_checkpoint, config.base_checkpoint)):
+    if not os.path.exists(pretrained.BUILTIN.get(config.base_checkpoint, config.base_checkpoint)):
       raise app.UsageError(f"--config.base_checkpoint={config.base_checkpoint!r} does not exist")
     maybe_initialize_distributed()
-    from meddiff_jax.train import controlnet
+    from meddiff_jax.train import controlnet, loop
 
+    config = controlnet.derive_config(config)  # the base's architecture: computed once, here
+    try:
+      controlnet.validate(config)
+      loop.validate(config)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
     controlnet.finetune(config, _WORKDIR.value)
   elif mode == "evaluate":  # the paper's evaluation protocols (configs/evaluate.py)
     check_workdir(_WORKDIR.value)
@@ -94,6 +101,11 @@ def main(argv: list[str]) -> None:
       evaluate.run(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as e:  # bad cases / files / plug-ins: one line
       raise app.UsageError(str(e)) from None
+  elif mode == "export":
+    from meddiff_jax import pretrained
+
+    check_export_config(config)
+    print(pretrained.export(config.source, config.output))
   elif mode in TASKS:
     check_task_config(config)
     import importlib
@@ -107,7 +119,7 @@ def main(argv: list[str]) -> None:
     logging.info("%s: %s", mode, result)
     print(result)
   else:
-    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet, evaluate or one of {TASKS}")
+    raise app.UsageError(f"config.mode={mode!r}; expected train, prepare, controlnet, evaluate, export or one of {TASKS}")
 
 
 def check_workdir(workdir: str | None) -> None:
@@ -127,22 +139,38 @@ def check_workdir(workdir: str | None) -> None:
     raise app.UsageError(f"--workdir={workdir!r} is not writable: {e.strerror or e}") from None
 
 
+def check_export_config(config) -> None:
+  from meddiff_jax import pretrained
+
+  try:
+    pretrained.resolve(config.source)
+  except FileNotFoundError as e:
+    raise app.UsageError(f"--config.source: {e}") from None
+  if not config.output:
+    raise app.UsageError("--config.output=DIR is required")
+  if os.path.isdir(config.output) and os.listdir(config.output) and not config.overwrite:
+    raise app.UsageError(f"--config.output={config.output!r} exists and is not empty; choose a new directory "
+                         "or pass --config.overwrite=True")
+  if os.path.exists(config.output) and not os.path.isdir(config.output):
+    raise app.UsageError(f"--config.output={config.output!r} is a file, not a directory")
+
+
 TASKS = ("denoise", "anomaly", "synthesis", "super_resolution", "lesion")
 
 
 def check_task_config(config) -> None:
   """One-line errors for what would otherwise fail deep inside a task."""
-  from meddiff_jax.tasks import common
+  from meddiff_jax import pretrained
 
   if "controlnet" in config:
     if not config.controlnet or not os.path.isdir(os.path.join(config.controlnet, "checkpoints")):
       raise app.UsageError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
                            "(configs/controlnet.py)")
   else:
-    ckpt = common.BUILTIN.get(config.checkpoint, config.checkpoint)
+    ckpt = pretrained.BUILTIN.get(config.checkpoint, config.checkpoint)
     if not ckpt or not os.path.exists(ckpt):
       raise app.UsageError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
-                           f"exported directory, or one of {sorted(common.BUILTIN)})")
+                           f"exported directory, or one of {sorted(pretrained.BUILTIN)})")
   if "mask" in config and not os.path.isfile(config.mask):
     raise app.UsageError(f"--config.mask={config.mask!r} is not a file")
   if "input" in config and not os.path.exists(config.input):

@@ -1,5 +1,7 @@
-"""ControlNet: exact base output at init, frozen base bitwise unchanged, no optimizer state for the base,
-sharded step == single-device step, fine-tuning command with branch-only checkpoints."""
+"""ControlNet: exact base output at init; one param tree {base, controlnet} whose frozen leaves stay bitwise
+unchanged and have no optimizer state (optax.partition + set_to_zero), a non-default pattern training what it
+names, compiled memory no larger than a separate-argument frozen base, sharded == single device, and the
+fine-tuning command with branch-only checkpoints that resume bitwise."""
 
 import json
 import os
@@ -9,13 +11,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import REPO, override
+from meddiff_jax import pretrained, sharding
 from meddiff_jax.data import pipeline
-from meddiff_jax.models import controlnet
+from meddiff_jax.models import trainable
 from meddiff_jax.train import controlnet as cn_train
-from meddiff_jax.train import sharding
+from meddiff_jax.train import loop
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 
@@ -26,22 +30,19 @@ def cn_config(**kw):
   c.training.update(batch_size=8, num_steps=3, log_every=1)
   c.data.phantom.update(num_volumes=3, shape=(32, 32, 32), spacing=(9.0, 9.0, 9.0))
   c.optimizer.update(learning_rate=1e-2, warmup_steps=1)
-  return override(c, **kw)
+  return cn_train.derive_config(override(c, **kw))
 
 
 def build(config, mesh_sizes):
   mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
   rules = sharding.rules_from_config(())
-  pre, branch, st, shardings, base_params, base_sh = cn_train.setup(config, mesh, rules)
-  with config.unlocked():
-    config.model, config.diffusion = pre.config.model, pre.config.diffusion
-    config.data.patch_size = pre.patch_size
-  tx = state_lib.make_optimizer(config.optimizer)
-  fn = step_lib.make_train_step(cn_train.make_apply_fn(pre.model, branch), pre.schedule, tx,
-                                state_lib.learning_rate_schedule(config.optimizer), config, rules)
-  batch_sh = pipeline.batch_sharding(mesh, sharding.batch_axes(rules))
-  jitted = step_lib.jit_train_step(fn, shardings, batch_sh, mesh, {"base": base_sh})
-  return mesh, rules, pre, branch, st, base_params, jitted, batch_sh
+  trainee = cn_train.trainee(config)
+  st, shardings, labels, tx = loop.init_state(config, trainee, mesh, rules)
+  fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, tx,
+                                state_lib.learning_rate_schedule(config.optimizer), config, rules, labels)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  jitted = step_lib.jit_train_step(fn, shardings, batch_sh, mesh, labels)
+  return mesh, rules, trainee, st, shardings, labels, jitted, batch_sh
 
 
 def a_batch(config):
@@ -52,51 +53,173 @@ def a_batch(config):
   return batch
 
 
+def run(mesh, rules, jitted, batch_sh, st, batch, n):
+  with sharding.activate(mesh, rules):
+    gb = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    for _ in range(n):
+      st, m = jitted(st, gb)
+  return st, m
+
+
+def host(tree):
+  return jax.tree_util.tree_map(np.array, tree)
+
+
+def n_elements(tree):
+  return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_trainable_labels_split_merge_and_typos():
+  params = {"base": {"encoder": {"k": 1}, "decoder": {"k": 2}}, "controlnet": {"encoder": {"k": 3}, "zero": {"k": 4}}}
+  labels = trainable.labels(params, ["controlnet/.*", "base/decoder/.*"])
+  assert labels == {"base": {"encoder": {"k": "frozen"}, "decoder": {"k": "trainable"}},
+                    "controlnet": {"encoder": {"k": "trainable"}, "zero": {"k": "trainable"}}}
+  trained, frozen = trainable.split(params, labels)
+  assert frozen == {"base": {"encoder": {"k": 1}}} and trainable.merge(trained, frozen) == params
+  with pytest.raises(ValueError, match="match no parameter"):
+    trainable.labels(params, ["controlnet/.*", "base/decodr/.*"])
+  with pytest.raises(ValueError, match="match no parameter"):
+    trainable.labels(params, ["controlnet"])  # a whole-path match: a prefix alone is a typo, not a subtree
+
+
+def test_partition_optimizer_freezes_exactly_the_frozen_leaves():
+  """optax.partition + set_to_zero (not optax.masked alone): frozen leaves get no update and no moments."""
+  cfg = cn_config().optimizer
+  params = {"base": {"w": jnp.full((3,), -0.0), "v": jnp.arange(4.0)}, "controlnet": {"w": jnp.ones((5,))}}
+  labels = trainable.labels(params, ["controlnet/.*"])
+  tx = state_lib.make_optimizer(cfg, labels)
+  opt = tx.init(params)
+  assert n_elements(opt) == 2 * 5 + 2  # mu, nu of controlnet/w + two step counts (Adam, lr schedule)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+  assert np.all(np.asarray(params["controlnet"]["w"]) != 1.0)
+  np.testing.assert_array_equal(np.asarray(params["base"]["v"]), np.arange(4.0))
+  assert not trainable.has_frozen(trainable.labels(params, [".*"]))
+
+
+def test_itstime_fires_periodically_at_the_end_and_when_stopping():
+  fired = [s for s in range(1, 11) if loop.itstime(s, 4, 10)]
+  assert fired == [4, 8, 10]
+  assert loop.itstime(5, 4, 10, stopping=True) and not loop.itstime(5, 4, 10)
+  assert not any(loop.itstime(s, 0, 10, stopping=True) for s in range(1, 11))  # every=0: off
+
+
+def test_loading_and_tasks_import_nothing_from_train():
+  code = ("import sys; import meddiff_jax.pretrained, meddiff_jax.tasks.controlled, meddiff_jax.tasks.denoise, "
+          "meddiff_jax.tasks.anomaly, meddiff_jax.tasks.synthesis, meddiff_jax.tasks.common; "
+          "bad = sorted(m for m in sys.modules if m.startswith('meddiff_jax.train')); assert not bad, bad")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_zero_convs_make_the_combined_model_equal_the_base_at_init():
   config = cn_config()
-  mesh, rules, pre, branch, st, base_params, _, _ = build(config, {"data": 1})
+  mesh, rules, trainee, st, _, _, _, _ = build(config, {"data": 1})
+  pre = pretrained.load(config.base_checkpoint)
   batch = a_batch(config)
   cond = {k: jnp.asarray(batch[k]) for k in ("pos_box", "region", "structures", "hint")}
   x, t = jnp.asarray(batch["image"]), jnp.arange(8) * 120
   with sharding.activate(mesh, rules):
-    combined = jax.jit(lambda bp, cp: controlnet.controlled_apply(pre.model, branch, bp, cp, x, t, cond, cond["hint"]))(
-        base_params, st.params)
-    base = jax.jit(lambda bp: pre.model.apply({"params": bp}, x, t, cond))(base_params)
+    combined = jax.jit(lambda p: trainee.apply_fn({"params": p}, x, t, cond))(st.params)
+    base = jax.jit(lambda bp: pre.model.apply({"params": bp}, x, t, cond))(pre.params)
   np.testing.assert_array_equal(np.asarray(combined), np.asarray(base))
-  # the trainable copy is the pretrained encoder
+  # the base in the tree is the pretrained model, and the trainable copy is its encoder
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         st.params["encoder"], base_params["encoder"])
+                         st.params["base"], pre.params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         st.params["controlnet"]["encoder"], pre.params["encoder"])
 
 
+@pytest.mark.slow
 def test_base_is_frozen_and_has_no_optimizer_state():
   config = cn_config()
-  mesh, rules, pre, branch, st, base_params, jitted, batch_sh = build(config, {"data": 1})
-  before = jax.tree_util.tree_map(np.array, base_params)
-  branch_before = jax.tree_util.tree_map(np.array, st.params)
-  batch = a_batch(config)
-  with sharding.activate(mesh, rules):
-    gb = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-    for _ in range(3):
-      st, m = jitted(st, gb, {"base": base_params})
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), base_params, before)
-  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), st.params, branch_before)
+  mesh, rules, _, st, _, _, jitted, batch_sh = build(config, {"data": 1})
+  before = host(st.params)
+  st, m = run(mesh, rules, jitted, batch_sh, st, a_batch(config), 3)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), st.params["base"],
+                         before["base"])
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), st.params["controlnet"],
+                                   before["controlnet"])
   assert any(jax.tree_util.tree_leaves(changed))
   assert float(m["finite"]) == 1.0
-  n_branch = sum(x.size for x in jax.tree_util.tree_leaves(st.params))
+  n_branch = n_elements(st.params["controlnet"])
   n_opt = sum(x.size for x in jax.tree_util.tree_leaves(st.opt_state) if x.ndim)
   assert n_opt == 2 * n_branch  # Adam mu + nu of the branch only
+  assert set(st.ema_params) == {"controlnet"}  # no EMA copy of the frozen base either
 
 
+@pytest.mark.slow
+def test_a_non_default_pattern_trains_what_it_names():
+  config = cn_config(**{"optimizer.trainable": ("controlnet/.*", "base/decoder/.*")})
+  mesh, rules, _, st, _, labels, jitted, batch_sh = build(config, {"data": 1})
+  before = host(st.params)
+  st, _ = run(mesh, rules, jitted, batch_sh, st, a_batch(config), 3)
+  changed = lambda part: [bool(np.any(np.asarray(a) != b)) for a, b in zip(
+      jax.tree_util.tree_leaves(st.params["base"][part]), jax.tree_util.tree_leaves(before["base"][part]))]
+  assert np.mean(changed("decoder")) > 0.9  # the named base decoder trains (a zero-gradient leaf may not move)
+  assert not any(changed("encoder"))  # the rest of the base stays bitwise frozen
+  for part in set(st.params["base"]) - {"decoder"}:
+    assert not any(changed(part)), part
+  n_trained = n_elements(st.params["controlnet"]) + n_elements(st.params["base"]["decoder"])
+  assert sum(x.size for x in jax.tree_util.tree_leaves(st.opt_state) if x.ndim) == 2 * n_trained
+  assert set(st.ema_params["base"]) == {"decoder"}
+
+
+def separate_argument_step(config, trainee, st, shardings, batch_sh, mesh, rules):
+  """The previous mechanism, as reference: the branch state donated, the base a separate non-donated,
+  non-differentiated jit argument, and an optimizer over the branch only."""
+  tx = state_lib.make_optimizer(config.optimizer)
+  branch = lambda s: s.replace(params=s.params["controlnet"], ema_params=s.ema_params["controlnet"])
+  branch_sh = branch(shardings).replace(opt_state=None)
+  with sharding.activate(mesh, rules):
+    branch_st = branch(st).replace(opt_state=tx.init(st.params["controlnet"]))
+    opt_sh = jax.tree_util.tree_map(lambda x: x.sharding, branch_st.opt_state)
+  branch_sh = branch_sh.replace(opt_state=opt_sh)
+
+  def step(state, batch, base):
+    apply = lambda v, *a, **k: trainee.apply_fn({"params": {"base": base, "controlnet": v["params"]}}, *a, **k)
+    fn = step_lib.make_train_step(apply, trainee.schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
+                                  config, rules)
+    return fn(state, batch)
+
+  jitted = jax.jit(step, in_shardings=(branch_sh, batch_sh, shardings.params["base"]),
+                   out_shardings=(branch_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  return jitted, branch_st
+
+
+def total_bytes(compiled):
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+@pytest.mark.slow
+def test_compiled_step_memory_is_no_larger_than_a_separate_frozen_argument():
+  config = cn_config()
+  mesh, rules, trainee, st, shardings, _, jitted, batch_sh = build(config, {"data": 1})
+  ref_jitted, branch_st = separate_argument_step(config, trainee, st, shardings, batch_sh, mesh, rules)
+  with sharding.activate(mesh, rules):
+    gb = {k: jax.device_put(v, batch_sh) for k, v in a_batch(config).items()}
+    ours = total_bytes(jitted.lower(st, gb).compile())
+    ref = total_bytes(ref_jitted.lower(branch_st, gb, st.params["base"]).compile())
+  print(f"compiled step memory: partition {ours} B, separate argument {ref} B")
+  assert ours <= ref
+
+
+@pytest.mark.slow
 def test_sharded_controlnet_step_matches_single_device():
   config = cn_config()
   batch = a_batch(config)
   out = []
   for mesh_sizes in ({"data": 1}, {"data": 4, "fsdp": 2}):
-    mesh, rules, pre, branch, st, base_params, jitted, batch_sh = build(cn_config(), mesh_sizes)
+    mesh, rules, _, st, _, _, jitted, batch_sh = build(cn_config(), mesh_sizes)
     with sharding.activate(mesh, rules):
       gb = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-      st, m1 = jitted(st, gb, {"base": base_params})
-      st, m2 = jitted(st, gb, {"base": base_params})
+      st, m1 = jitted(st, gb)
+      st, m2 = jitted(st, gb)
     out.append((float(m1["loss"]), float(m2["loss"]), jax.tree_util.tree_map(np.asarray, st.params)))
   np.testing.assert_allclose(out[1][:2], out[0][:2], rtol=1e-5)
   # Adam's first steps move every leaf by ~lr * g / |g|: on leaves whose gradient is near Adam's eps (the zero
@@ -105,23 +228,68 @@ def test_sharded_controlnet_step_matches_single_device():
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4), out[1][2], out[0][2])
 
 
-def test_finetune_command_saves_only_the_branch_and_resumes(tmp_path):
+CN_ARGS = ["--config=configs/controlnet.py:lesion", "--config.training.log_every=1",
+           "--config.data.phantom.shape=(32,32,32)", "--config.data.phantom.num_volumes=3",
+           "--config.training.batch_size=2", "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0",
+           "--config.eval.sample_every_steps=0"]
+
+
+def run_main(args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  args = [sys.executable, "-m", "meddiff_jax.main", "--config=configs/controlnet.py:lesion", f"--workdir={tmp_path}",
-          "--config.training.log_every=1", "--config.data.phantom.shape=(32,32,32)",
-          "--config.data.phantom.num_volumes=3", "--config.training.batch_size=2", "--config.checkpoint.every_steps=2"]
-  proc = subprocess.run(args + ["--config.training.num_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def metrics_rows(workdir):
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_finetune_command_saves_only_the_branch_and_resumes_bitwise(tmp_path):
+  from meddiff_jax import checkpoint
+
+  resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+  proc = run_main(CN_ARGS + [f"--workdir={resumed}", "--config.training.num_steps=2"])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  meta = json.loads((tmp_path / "checkpoints" / "2" / "config" / "metadata").read_text())
-  assert meta["base_checkpoint"] == "tiny_phantom"
-  proc = subprocess.run(args + ["--config.training.num_steps=3"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  meta = json.loads((resumed / "checkpoints" / "2" / "config" / "metadata").read_text())
+  assert meta["base_checkpoint"] == "tiny_phantom" and meta["model"]["base_channels"] == 8  # derived once
+  saved = checkpoint.Checkpointer(str(resumed / "checkpoints")).manager.item_metadata(2)["state"]
+  assert set(saved["params"]) == {"controlnet"} and set(saved["ema_params"]) == {"controlnet"}  # no base copy
+  proc = run_main(CN_ARGS + [f"--workdir={resumed}", "--config.training.num_steps=3"])
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "resumed ControlNet branch from step 2" in proc.stdout  # our progress lines go to stdout
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert "resumed from step 2" in proc.stdout  # our progress lines go to stdout
+  assert [r["step"] for r in metrics_rows(resumed)] == [1, 2, 3]
+  proc = run_main(CN_ARGS + [f"--workdir={straight}", "--config.training.num_steps=3"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  losses = lambda w: [r["loss"] for r in metrics_rows(w)]
+  assert losses(resumed) == losses(straight)  # bitwise (float repr): the base reloaded, the branch restored
+
+
+@pytest.mark.slow
+def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path):
+  from configs import pretrain
+  from meddiff_jax import checkpoint
+
+  config = pretrain.get_config("tiny")
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  st, _, _, _ = loop.init_state(config, loop.pretraining(config), mesh, sharding.DEFAULT_RULES)
+  st = st.replace(ema_params=jax.tree_util.tree_map(lambda p: p + 1.0, st.ema_params))  # EMA != params
+  ck = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  ck.save(4, st, None, config)
+  ck.close()
+  loaded = pretrained.load(str(tmp_path / "run"))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         loaded.params, st.ema_params)
+  out = tmp_path / "exported"
+  proc = run_main(["--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  exported = pretrained.load(str(out))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         exported.params, st.ema_params)
+  assert exported.config.to_dict() == loaded.config.to_dict()
+  proc = run_main(["--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}"])
+  assert proc.returncode != 0 and "not empty" in proc.stderr  # never overwrites without being asked
 
 
 def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
@@ -142,8 +310,9 @@ def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_super_resolution_and_lesion_commands(tmp_path):
-  from meddiff_jax.data import multilevel, nifti, phantom
+  from meddiff_jax.data import nifti, phantom
 
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -151,7 +320,8 @@ def test_super_resolution_and_lesion_commands(tmp_path):
   base = [sys.executable, "-m", "meddiff_jax.main"]
   proc = subprocess.run(base + ["--config=configs/controlnet.py:lesion", f"--workdir={work}",
                                 "--config.training.num_steps=1", "--config.data.phantom.shape=(32,32,32)",
-                                "--config.data.phantom.num_volumes=3", "--config.training.batch_size=2"],
+                                "--config.data.phantom.num_volumes=3", "--config.training.batch_size=2",
+                                "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   p = phantom.make_phantom((24, 24, 20), (6.0, 6.0, 6.0), "abdomen", seed=3, num_lesions=1)

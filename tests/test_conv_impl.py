@@ -29,11 +29,11 @@ def test_depth_tap_conv_equals_lax_conv3d(shape, cin, cout):
 @pytest.mark.slow
 def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
   from conftest import tiny_config
-  from meddiff_jax.train import loop
+  from meddiff_jax import pretrained
   config = tiny_config()
   config.model.conv_impl = "xla"
-  model, spec = loop.build_model(config)
-  x, t, cond = loop.dummy_inputs(spec, config.data.patch_size)
+  model, spec = pretrained.build_model(config)
+  x, t, cond = pretrained.dummy_inputs(spec, config.data.patch_size)
   params = jax.jit(model.init)(jax.random.key(0), x, t, cond)
   # zero-init output convs would hide everything: perturb all params
   params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)

@@ -111,9 +111,9 @@ def test_remat_segments_cover_whole_levels():
 
 
 def test_attention_is_keyed_by_level_and_legacy_configs_map_to_levels():
-  from meddiff_jax.tasks import common
+  from meddiff_jax import pretrained
   # tiny_phantom was trained at 16^3 with attention_resolutions=(8,): attention at level 1.
-  pre = common.load_pretrained("tiny_phantom")
+  pre = pretrained.load("tiny_phantom")
   assert pre.spec.attention_levels == (1,)
   assert unet3d.legacy_attention_levels((16, 8), 4, 64) == (2, 3)
   with pytest.raises(ValueError, match="patch size"):

@@ -95,11 +95,11 @@ def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
 
 
 def test_global_batches_are_laid_out_on_the_mesh():
-  from meddiff_jax.train import sharding
+  from meddiff_jax import sharding
   config = tiny_config()
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=8, seed=0)
-  batches = pipeline.GlobalBatches(ds, pipeline.batch_sharding(mesh, ("data", "fsdp")))
+  batches = pipeline.GlobalBatches(ds, sharding.batch_sharding(mesh, (("batch", ("data", "fsdp")),)))
   batch = next(batches)
   assert set(batch) == {"image", "pos_box", "region", "structures"}
   assert batch["image"].shape == (8, 8, 8, 8, 1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from meddiff_jax.train import checkpoint, loop, sharding
+from meddiff_jax import checkpoint, pretrained, sharding
 from meddiff_jax.train import state as state_lib
 
 ARGS = ["--config=configs/pretrain.py:tiny", "--config.training.num_steps=24", "--config.training.log_every=1",
@@ -100,9 +100,9 @@ def small_state(mesh_sizes, seed=0):
   config = tiny_config()
   mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
   rules = sharding.rules_from_config(())
-  model, spec = loop.build_model(config)
+  model, spec = pretrained.build_model(config)
   tx = state_lib.make_optimizer(config.optimizer)
-  st, shardings = state_lib.create(loop.init_params_fn(model, spec, 8), tx, seed, mesh, rules, 0)
+  st, shardings = state_lib.create(pretrained.init_params_fn(model, spec, 8), tx, seed, mesh, rules, 0)
   return config, st, shardings
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tiny_config
 from meddiff_jax import storage
-from meddiff_jax.train import checkpoint
+from meddiff_jax import checkpoint
 
 
 def _free_port() -> int:

@@ -17,7 +17,7 @@ from meddiff_jax.data import nifti, phantom
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import embeddings
 from meddiff_jax.tasks import anomaly, denoise, sliding_window
-from meddiff_jax.train import sharding
+from meddiff_jax import sharding
 
 SCHED = schedules.make_schedule("cosine", 1000)
 

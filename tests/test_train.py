@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
+from meddiff_jax import pretrained, sharding
 from meddiff_jax.models import unet3d
-from meddiff_jax.train import dry_run, loop, sharding, throughput
+from meddiff_jax.train import dry_run, loop, throughput
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 
@@ -29,10 +30,10 @@ def fixed_batch(config, seed=0):
 def build(config, mesh_sizes):
   mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
   rules = sharding.rules_from_config(config.sharding.rules)
-  model, spec = loop.build_model(config)
+  model, spec = pretrained.build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   tx = state_lib.make_optimizer(config.optimizer)
-  init_fn = loop.init_params_fn(model, spec, config.data.patch_size)
+  init_fn = pretrained.init_params_fn(model, spec, config.data.patch_size)
   st, shardings = state_lib.create(init_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size)
   step_fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
                                      config, rules)
@@ -192,7 +193,7 @@ def test_dry_run_reports_cost_without_padding():
   config = tiny_config(**{"training.batch_size": 2, "training.grad_accum_steps": 1, "mesh.data": 2,
                           "mesh.spatial": 4})
   result = dry_run.run(config)
-  _, spec = loop.build_model(config)
+  _, spec = pretrained.build_model(config)
   assert result["flops_per_step"] == pytest.approx(3 * unet3d.forward_flops(spec, (8, 8, 8), batch=2))
   assert result["params"] == unet3d.count_params(build(config, {"data": 1})[2].params)
   assert result["xla_flops_per_device"] * 8 == pytest.approx(result["flops_per_step"], rel=0.3)

@@ -24,7 +24,6 @@ LABELS = {
     "autochthon_left": 86, "autochthon_right": 87, "brain": 90, "skull": 91, "rib_left_5": 96,
     "rib_right_5": 108, "sternum": 116,
 }
-LESION_LABEL = 255  # separate lesion mask; the label map keeps the organ underneath
 
 HU = {
     "air": -1000.0, "lung": -850.0, "fat": -100.0, "muscle": 45.0, "liver": 60.0, "spleen": 50.0,
@@ -181,9 +180,3 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
   hu = np.where(body, hu + noise, hu + 0.2 * noise)
   return Phantom(hu=hu.astype(np.float32), labels=labels, lesions=lesions, spacing=tuple(map(float, spacing)), region=region)
 
-
-def phantom_dataset(num_volumes: int, shape: tuple[int, int, int] = (96, 96, 96),
-                    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0), seed: int = 0,
-                    num_lesions: int = 0) -> list[Phantom]:
-  """Volumes cycling through the three regions, seeds seed, seed+1, ..."""
-  return [make_phantom(shape, spacing, preprocess.REGIONS[i % 3], seed + i, num_lesions) for i in range(num_volumes)]

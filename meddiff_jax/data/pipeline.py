@@ -13,7 +13,7 @@ from typing import Any, Iterator, Protocol
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from meddiff_jax.data import multilevel, phantom, preprocess
 
@@ -209,10 +209,6 @@ def _absl_flags_parsed() -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-
-
-def batch_sharding(mesh: Mesh, batch_axes: Any) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(batch_axes))
 
 
 class GlobalBatches:

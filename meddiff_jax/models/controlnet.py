@@ -16,7 +16,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from meddiff_jax.models import unet3d
 
@@ -50,16 +49,19 @@ class ControlNet(nn.Module):
     return {"skips": out_skips, "middle": middle}
 
 
-def init_from_base(control_params: Any, base_params: Any) -> Any:
-  """Copy the pretrained encoder into the branch (ControlNet's "trainable copy")."""
-  params = dict(control_params)
-  params["encoder"] = jax.tree_util.tree_map(jnp.array, base_params["encoder"])
-  return params
+class ControlledUNet(nn.Module):
+  """The pretrained UNet plus a ControlNet branch as one module: params {'base': ..., 'controlnet': ...}.
 
+  One parameter tree, so one optimizer decides per leaf what trains (train/state.py: the base is frozen
+  by label, not by a separate argument). The condition volume comes in cond['hint'].
+  """
 
-def controlled_apply(base: unet3d.UNet3D, control: ControlNet, base_params: Any, control_params: Any, x: jax.Array,
-                     t: jax.Array, cond: dict[str, jax.Array] | None, hint: jax.Array, *, train: bool = False,
-                     scale: jax.Array | float = 1.0, rngs: dict | None = None) -> jax.Array:
-  """Frozen base UNet with the branch's residuals added to its skips and middle block."""
-  residuals = control.apply({"params": control_params}, x, t, cond, hint, train=train, scale=scale, rngs=rngs)
-  return base.apply({"params": base_params}, x, t, cond, train=train, control=residuals, rngs=rngs)
+  spec: unet3d.UNetSpec
+  hint_hidden: tuple[int, ...] = (16, 16, 32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array], *, train: bool = False,
+               scale: jax.Array | float = 1.0) -> jax.Array:
+    residuals = ControlNet(self.spec, self.hint_hidden, name="controlnet")(x, t, cond, cond["hint"], train=train,
+                                                                           scale=scale)
+    return unet3d.UNet3D(self.spec, name="base")(x, t, cond, train=train, control=residuals)

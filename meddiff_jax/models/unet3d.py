@@ -8,7 +8,7 @@ Split into `UNetEncoder` (embeddings, conv_in, down path, middle block) and `UNe
 output head) so that a ControlNet branch is a trainable copy of exactly `UNetEncoder` whose params can
 be initialised from the pretrained ones by name.
 
-Every param carries logical axis names (see train/sharding.py for the rules that map them to the mesh).
+Every param carries logical axis names (see sharding.py for the rules that map them to the mesh).
 GroupNorm runs in float32 whatever the compute dtype; output convs are zero-initialised (ADM).
 
 Attention is placed by level (0 = full resolution, as ADM keys it by downsample factor), so a trained

@@ -38,7 +38,7 @@ def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: n
                 frame: tuple[slice, ...] | None = None) -> np.ndarray:
   """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume."""
   from meddiff_jax.tasks import common
-  from meddiff_jax.train import sharding
+  from meddiff_jax import sharding
 
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
   with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
@@ -57,9 +57,10 @@ def run(config: Any) -> dict[str, Any]:
   import json
 
   from meddiff_jax.data import nifti, preprocess
+  from meddiff_jax import pretrained
   from meddiff_jax.tasks import common, sliding_window
 
-  pre = common.load_pretrained(config.checkpoint)
+  pre = pretrained.load(config.checkpoint)
   original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
   region = preprocess.region_id(config.region)
   y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)

@@ -1,100 +1,21 @@
-"""What every downstream task shares: the pretrained model, the mesh, volumes in and out.
+"""What every downstream task shares: the guided model, the mesh, volumes in and out.
 
-A pretrained model is either a training workdir (Orbax checkpoints; the EMA params of the newest step
-are used) or an exported directory (`config.json` + `params.msgpack`, see `export_pretrained`), which is
-what ships in `meddiff_jax/assets/`.
+Loading a pretrained model (names, workdirs, exported directories) is meddiff_jax/pretrained.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from typing import Any
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from meddiff_jax import sharding
 from meddiff_jax.data import nifti, pipeline, preprocess
-from meddiff_jax.diffusion import samplers, schedules
-from meddiff_jax.models import unet3d
+from meddiff_jax.diffusion import samplers
+from meddiff_jax.pretrained import Pretrained
 from meddiff_jax.tasks import sliding_window
-from meddiff_jax.train import sharding
-
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
-BUILTIN = {"tiny_phantom": os.path.join(ASSETS, "tiny_phantom")}
-
-
-@dataclasses.dataclass
-class Pretrained:
-  model: unet3d.UNet3D
-  spec: unet3d.UNetSpec
-  params: Any
-  config: ml_collections.ConfigDict
-  schedule: schedules.Schedule
-
-  @property
-  def patch_size(self) -> int:
-    return int(self.config.data.patch_size)
-
-  def apply(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
-    return self.model.apply({"params": self.params}, x, t, cond)
-
-
-def _from_config_json(config_dict: dict, params: Any) -> Pretrained:
-  config = ml_collections.ConfigDict(config_dict)
-  spec = unet3d.UNetSpec.from_config(config.model, config.data.patch_size)  # patch: legacy attention config
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  return Pretrained(unet3d.UNet3D(spec), spec, params, config, schedule)
-
-
-def load_pretrained(path: str) -> Pretrained:
-  """From an exported dir, a builtin name (e.g. 'tiny_phantom'), or a training workdir."""
-  path = BUILTIN.get(path, path)
-  if not path or not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path!r} does not exist (a training workdir, an exported directory, "
-                            f"or one of {sorted(BUILTIN)})")
-  if os.path.exists(os.path.join(path, "params.msgpack")):
-    with open(os.path.join(path, "config.json")) as f:
-      config_dict = json.load(f)
-    with open(os.path.join(path, "params.msgpack"), "rb") as f:
-      params = flax.serialization.msgpack_restore(f.read())
-    return _from_config_json(config_dict, jax.tree_util.tree_map(jnp.asarray, params))
-  return _from_workdir(path)
-
-
-def _from_workdir(path: str) -> Pretrained:
-  from meddiff_jax.train import checkpoint, loop
-  from meddiff_jax.train import state as state_lib
-
-  ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  ck = checkpoint.Checkpointer(ckpt_dir)
-  if not ck.all_steps():
-    raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
-  meta = ck.latest_config()
-  config = ml_collections.ConfigDict(meta)
-  model, spec = loop.build_model(config)
-  tx = state_lib.make_optimizer(config.optimizer)
-  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  st, shardings = state_lib.create(loop.init_params_fn(model, spec, config.data.patch_size), tx, 0, mesh,
-                                   sharding.DEFAULT_RULES)
-  restored = ck.restore_latest(checkpoint.abstract_target(st, shardings), None)
-  ck.close()
-  return _from_config_json(meta, restored.state.ema_params)
-
-
-def export_pretrained(workdir: str, out_dir: str) -> str:
-  """EMA params + config of a training run as a small self-contained directory."""
-  pre = load_pretrained(workdir)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(json.loads(pre.config.to_json_best_effort()), f, indent=1)
-  with open(os.path.join(out_dir, "params.msgpack"), "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, pre.params)))
-  return out_dir
 
 
 def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):

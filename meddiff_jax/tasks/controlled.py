@@ -9,51 +9,22 @@ harmonises with its surroundings.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from scipy import ndimage
 
+from meddiff_jax import pretrained
 from meddiff_jax.diffusion import samplers, schedules
-from meddiff_jax.models import controlnet
 from meddiff_jax.tasks import common
 
 
-@dataclasses.dataclass
-class ControlledModel:
-  pre: common.Pretrained
-  branch: controlnet.ControlNet
-  branch_params: Any
-  config: ml_collections.ConfigDict
-
-  def apply_fn(self, scale: float = 1.0):
-    def fn(x, t, cond):
-      return controlnet.controlled_apply(self.pre.model, self.branch, self.pre.params, self.branch_params, x, t, cond,
-                                         cond["hint"], scale=scale)
-    return fn
-
-
-def load_controlled(workdir: str) -> ControlledModel:
+def load_controlled(workdir: str) -> pretrained.Controlled:
   """A fine-tuning workdir: branch EMA params from its newest checkpoint, base from `base_checkpoint`."""
-  from meddiff_jax.train import checkpoint, sharding
-  from meddiff_jax.train import controlnet as cn_train
-
-  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if not ck.all_steps():
-    raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
-  meta = ck.latest_config()
-  config = ml_collections.ConfigDict(meta)
-  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  pre, branch, st, shardings, _, _ = cn_train.setup(config, mesh, sharding.DEFAULT_RULES)
-  restored = ck.restore_latest(checkpoint.abstract_target(st, shardings), None)
-  ck.close()
-  return ControlledModel(pre, branch, restored.state.ema_params, config)
+  return pretrained.load_controlled(workdir)
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:
@@ -136,7 +107,7 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   from meddiff_jax.data import nifti, pipeline, preprocess
   from meddiff_jax.evaluation import metrics
   from meddiff_jax.tasks import sliding_window
-  from meddiff_jax.train import sharding
+  from meddiff_jax import sharding
 
   cm = load_controlled(config.controlnet)
   region = preprocess.region_id(config.region)
@@ -185,7 +156,7 @@ def run_lesion(config: Any) -> dict[str, Any]:
   from meddiff_jax.data import nifti, preprocess
   from meddiff_jax.evaluation import metrics
   from meddiff_jax.tasks import sliding_window
-  from meddiff_jax.train import sharding
+  from meddiff_jax import sharding
 
   cm = load_controlled(config.controlnet)
   region = preprocess.region_id(config.region)

@@ -117,9 +117,9 @@ def run(config: Any) -> dict[str, Any]:
   """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine)."""
   from meddiff_jax.data import nifti, preprocess
   from meddiff_jax.tasks import common, sliding_window
-  from meddiff_jax.train import sharding
+  from meddiff_jax import pretrained, sharding
 
-  pre = common.load_pretrained(config.checkpoint)
+  pre = pretrained.load(config.checkpoint)
   original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
   region = preprocess.region_id(config.region)
   lo, hi = preprocess.window_bounds(region)

@@ -17,7 +17,7 @@ from meddiff_jax.diffusion import samplers
 def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.ndarray | None, config: Any) -> np.ndarray:
   """[-1, 1] volume of `shape` (each side >= the patch size)."""
   from meddiff_jax.tasks import common
-  from meddiff_jax.train import sharding
+  from meddiff_jax import sharding
 
   scale = jnp.float32(config.guidance_scale) if config.guidance_scale != 1.0 else None
   timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, config.num_steps, "trailing")
@@ -54,9 +54,10 @@ def run(config: Any) -> dict[str, Any]:
   -> synthetic CT NIfTI in HU. Sampling runs on the `config.spacing` grid (the model's training spacing);
   a label map is resampled there (nearest) and the result back onto the label map's grid."""
   from meddiff_jax.data import nifti, pipeline, preprocess
+  from meddiff_jax import pretrained
   from meddiff_jax.tasks import common
 
-  pre = common.load_pretrained(config.checkpoint)
+  pre = pretrained.load(config.checkpoint)
   region = preprocess.region_id(config.region)
   spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
   if config.labels:

@@ -19,7 +19,8 @@ import ml_collections
 
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import unet3d
-from meddiff_jax.train import loop, sharding, throughput
+from meddiff_jax import pretrained, sharding
+from meddiff_jax.train import loop, throughput
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 
@@ -34,10 +35,10 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
   sharding.check_plan(config.training.batch_size, config.training.grad_accum_steps, config.data.patch_size,
                       len(config.model.channel_mult), mesh_sizes, rules)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  model, spec = loop.build_model(config)
+  model, spec = pretrained.build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   tx = state_lib.make_optimizer(config.optimizer)
-  init_fn = loop.init_params_fn(model, spec, config.data.patch_size)
+  init_fn = pretrained.init_params_fn(model, spec, config.data.patch_size)
   state, state_shardings = state_lib.abstract(init_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size)
   batch = step_lib.batch_spec(config)
   batch_shardings = sharding.input_shardings(mesh, rules, batch)

@@ -1,15 +1,19 @@
-"""Pretraining loop: mesh -> data -> sharded state -> restore -> AOT-compiled step -> metrics, eval,
-samples, checkpoints; SIGTERM (preemption) saves and exits cleanly."""
+"""The training loop (pretraining and ControlNet fine-tuning): mesh -> data -> sharded state -> restore ->
+AOT-compiled step -> metrics, eval, samples, checkpoints; SIGTERM (preemption) saves and exits cleanly.
+
+What differs between the two is a `Trainee` (the model's apply / init and which params come from
+elsewhere); which params train is config.optimizer.trainable (models/trainable.py labels).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -18,8 +22,9 @@ from meddiff_jax import storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
-from meddiff_jax.models import unet3d
-from meddiff_jax.train import checkpoint, evaluate, sharding, throughput
+from meddiff_jax.models import trainable, unet3d
+from meddiff_jax import checkpoint, pretrained, sharding
+from meddiff_jax.train import evaluate, throughput
 from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
 from meddiff_jax.train import state as state_lib
@@ -30,24 +35,46 @@ class NonFiniteError(FloatingPointError):
   """Raised after `max_consecutive_nan` updates in a row were skipped for NaN/inf."""
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3d.UNetSpec]:
-  spec = unet3d.UNetSpec.from_config(config.model, config.data.patch_size)
-  return unet3d.UNet3D(spec), spec
+@dataclasses.dataclass(frozen=True)
+class Trainee:
+  """What the loop trains.
+
+  apply_fn: linen-style (variables {'params': whole tree}, x_t, t, cond, train=, rngs=) -> model output.
+  init_params_fn: (rng, *init_args) -> boxed whole param tree.
+  external: top-level param keys whose frozen leaves are loaded from elsewhere (the pretrained base),
+    so checkpoints do not store them again.
+  metric_prefix: TensorBoard namespace of the training scalars.
+  """
+  apply_fn: Callable[..., jax.Array]
+  init_params_fn: Callable[..., Any]
+  schedule: schedules.Schedule
+  init_args: tuple = ()
+  external: tuple[str, ...] = ()
+  metric_prefix: str = "train"
 
 
-def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
-  x = jnp.zeros((batch, patch, patch, patch, 1), jnp.float32)
-  t = jnp.zeros((batch,), jnp.int32)
-  cond = {"pos_box": jnp.tile(jnp.array([[-1.0, 1.0]], jnp.float32), (batch, 3, 1)),
-          "region": jnp.zeros((batch,), jnp.int32)}
-  if spec.structure_channels:
-    cond["structures"] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
-  return x, t, cond
+def pretraining(config: ml_collections.ConfigDict) -> Trainee:
+  model, spec = pretrained.build_model(config)
+  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  return Trainee(model.apply, pretrained.init_params_fn(model, spec, config.data.patch_size), schedule)
 
 
-def init_params_fn(model: unet3d.UNet3D, spec: unet3d.UNetSpec, patch: int):
-  x, t, cond = dummy_inputs(spec, patch)
-  return lambda key: model.init(key, x, t, cond)["params"]
+def itstime(step: int, every: int, total: int, stopping: bool = False) -> bool:
+  """A periodic action is due after `step`: every `every` steps, at the last step, and (when `stopping`
+  is passed) before a preempted run exits. every=0 switches the action off."""
+  return bool(every) and (step % every == 0 or step == total or stopping)
+
+
+def init_state(config: ml_collections.ConfigDict, trainee: Trainee, mesh: jax.sharding.Mesh, rules: Any
+               ) -> tuple[state_lib.TrainState, state_lib.TrainState, dict, Any]:
+  """(state, its shardings, trainable/frozen labels, optimizer); the labels are computed once, here."""
+  with sharding.activate(mesh, rules):
+    abstract = jax.eval_shape(trainee.init_params_fn, state_lib.init_key(config.seed), *trainee.init_args)
+  labels = trainable.labels(sharding.strip_boxes(abstract), config.optimizer.trainable)
+  tx = state_lib.make_optimizer(config.optimizer, labels)
+  state, shardings = state_lib.create(trainee.init_params_fn, tx, config.seed, mesh, rules,
+                                      config.sharding.min_shard_size, labels, trainee.init_args)
+  return state, shardings, labels, tx
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -111,25 +138,28 @@ class PreemptionWatcher:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) pretraining; returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       trainee: Trainee | None = None) -> dict[str, float]:
+  """Runs (or resumes) training, pretraining unless a trainee is given; returns the last logged metrics."""
   validate(config)
   t_start = time.perf_counter()
   storage.makedirs(workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.rules_from_config(config.sharding.rules)
 
-  model, spec = build_model(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  tx = state_lib.make_optimizer(config.optimizer)
+  trainee = trainee or pretraining(config)
+  schedule = trainee.schedule
+  train_state, state_shardings, labels, tx = init_state(config, trainee, mesh, rules)
   lr_schedule = state_lib.learning_rate_schedule(config.optimizer)
-  init_fn = init_params_fn(model, spec, config.data.patch_size)
-  train_state, state_shardings = state_lib.create(init_fn, tx, config.seed, mesh, rules,
-                                                  config.sharding.min_shard_size)
-  writer_lib.progress(f"model {unet3d.count_params(train_state.params):,} params; mesh {dict(mesh.shape)} on "
+  writer_lib.progress(f"model {unet3d.count_params(train_state.params):,} params "
+                      f"({unet3d.count_params(train_state.ema_params):,} trained); mesh {dict(mesh.shape)} on "
                       f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}")
-  flops_per_step, device_kind = throughput.flops_for_config(config, spec), jax.devices()[0].device_kind
+  # model FLOPs of the (base) UNet: a ControlNet's config.model is its base's (train/controlnet.derive_config)
+  flops_per_step = throughput.flops_for_config(config, pretrained.build_model(config)[1])
+  device_kind = jax.devices()[0].device_kind
   logging.info("%.3g model FLOPs per step; %s", flops_per_step, throughput.describe_peak(device_kind))
+  # checkpoints hold the state without the frozen params loaded from elsewhere (the ControlNet base)
+  stored = lambda st: st.replace(params=state_lib.checkpoint_split(st.params, labels, trainee.external)[0])
 
   store = pipeline.make_store(config.data)
   config.data.spacing = pipeline.training_spacing(config.data, store) or ()  # saved with every checkpoint
@@ -143,18 +173,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  asynchronous=config.checkpoint.asynchronous)
   if config.restore:
-    restored = ckpt.restore_latest(checkpoint.abstract_target(train_state, state_shardings), batches.iterator)
+    restored = ckpt.restore_latest(checkpoint.abstract_target(stored(train_state), stored(state_shardings)),
+                                   batches.iterator)
     if restored is not None:
-      train_state = restored.state
+      left_out = state_lib.checkpoint_split(train_state.params, labels, trainee.external)[1]
+      train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
       writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
       if not restored.data_restored:  # do not replay the same samples from the start
         batches = make_batches(config.seed + restored.step)
 
-  step_fn = step_lib.make_train_step(model.apply, schedule, tx, lr_schedule, config, rules)
-  train_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, mesh)
-  eval_step = jax.jit(evaluate.make_eval_step(model.apply, schedule, config, config.eval.num_buckets),
-                      in_shardings=(state_shardings.ema_params, batch_sharding, None))
-  preview = jax.jit(evaluate.make_preview_sampler(model.apply, schedule, config, config.eval.sample_steps))
+  step_fn = step_lib.make_train_step(trainee.apply_fn, schedule, tx, lr_schedule, config, rules, labels)
+  train_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, mesh, labels)
+  # eval and previews use the EMA of the trained leaves with the frozen leaves as they are
+  eval_params = lambda st: trainable.merge(trainable.split(st.params, labels)[1], st.ema_params)
+  eval_step = jax.jit(evaluate.make_eval_step(trainee.apply_fn, schedule, config, config.eval.num_buckets),
+                      in_shardings=(eval_params(state_shardings), batch_sharding, None))
+  preview = jax.jit(evaluate.make_preview_sampler(trainee.apply_fn, schedule, config, config.eval.sample_steps))
 
   writer = writer_lib.MetricWriter(workdir)
   num_steps = config.training.num_steps
@@ -191,27 +225,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         accumulated = single if accumulated is None else accumulated.merge(single)
         profiler.step(step)
         stopping = preemption.should_stop(step)
-        if step % config.training.log_every == 0 or step == num_steps or stopping:
+        if itstime(step, config.training.log_every, num_steps, stopping):
           scalars = {k: float(v) for k, v in accumulated.compute().items()}
           elapsed = time.perf_counter() - t_log
           scalars["steps_per_sec"] = steps_since / elapsed
           scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
           scalars.update(throughput.step_metrics(scalars["steps_per_sec"], flops_per_step, config.training.batch_size,
                                                  jax.device_count(), device_kind))
-          writer.scalars(step, scalars, prefix="train/")
+          writer.scalars(step, scalars, prefix=f"{trainee.metric_prefix}/")
           writer_lib.progress(f"step {step}/{num_steps}  "
                               + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec")))
           last, accumulated = scalars, None
           t_log, steps_since = time.perf_counter(), 0
-        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == num_steps):
-          val = run_eval(eval_step, train_state.ema_params, val_store, config, batch_sharding, schedule.num_timesteps)
+        if itstime(step, config.eval.every_steps, num_steps):
+          val = run_eval(eval_step, eval_params(train_state), val_store, config, batch_sharding, schedule.num_timesteps)
           writer.scalars(step, val)
           last_val = val
           writer_lib.progress(f"step {step}/{num_steps}  val/loss {val['val/loss']:.4g}")
-        if config.eval.sample_every_steps and (step % config.eval.sample_every_steps == 0 or step == num_steps):
-          write_samples(preview, train_state.ema_params, val_store, config, batch_sharding, writer, workdir, step)
-        if step % config.checkpoint.every_steps == 0 or step == num_steps or stopping:
-          ckpt.save(step, train_state, batches.iterator, config)
+        if itstime(step, config.eval.sample_every_steps, num_steps):
+          write_samples(preview, eval_params(train_state), val_store, config, batch_sharding, writer, workdir, step)
+        if itstime(step, config.checkpoint.every_steps, num_steps, stopping):
+          ckpt.save(step, stored(train_state), batches.iterator, config)
         if stopping:
           logging.warning("preempted: checkpoint for step %d saved, exiting", step)
           break
@@ -223,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
   writer_lib.progress(writer_lib.closing_summary(
-      kind="pretraining", workdir=workdir, step=int(train_state.step), num_steps=num_steps, last=last,
+      kind="ControlNet fine-tuning" if trainee.external else "pretraining", workdir=workdir, step=int(train_state.step), num_steps=num_steps, last=last,
       last_val=last_val, checkpoints=ckpt.all_steps(), preempted=stopping, seconds=time.perf_counter() - t_start,
       samples=bool(config.eval.sample_every_steps)))
   return last

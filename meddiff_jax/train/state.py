@@ -6,19 +6,21 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from meddiff_jax.train import sharding
+from meddiff_jax import sharding
+from meddiff_jax.models import trainable
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer updates applied + skipped
-  params: Any
-  ema_params: Any
+  params: Any  # the whole tree, frozen leaves included
+  ema_params: Any  # the trainable leaves only (a frozen leaf's EMA is the leaf)
   opt_state: Any
   rng: jax.Array  # raw uint32 key: checkpointable as a plain array
   nan_skips: jax.Array  # total updates skipped for a non-finite loss or gradient
@@ -38,14 +40,31 @@ def learning_rate_schedule(opt_config: Any) -> optax.Schedule:
   raise ValueError(f"config.optimizer.schedule={opt_config.schedule!r}; choose constant or cosine")
 
 
-def make_optimizer(opt_config: Any) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW (weight_decay 0 gives the paper's Adam)."""
+def make_optimizer(opt_config: Any, labels: Any = None) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW (weight_decay 0 gives the paper's Adam).
+
+  With `labels` (models/trainable.py) that freeze some leaves: `optax.partition` applies this to the
+  trainable leaves and `set_to_zero` to the frozen ones, which then hold no optimizer state. (optax.masked
+  alone would apply the raw gradients to the frozen leaves: STACK_NOTES section 4.)
+  """
   parts = []
   if opt_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   parts.append(optax.adamw(learning_rate_schedule(opt_config), b1=opt_config.b1, b2=opt_config.b2,
                            eps=opt_config.eps, weight_decay=opt_config.weight_decay))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if labels is None or not trainable.has_frozen(labels):
+    return tx
+  return optax.partition({trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()}, labels)
+
+
+def checkpoint_split(tree: Any, labels: Any, external: tuple[str, ...] = ()) -> tuple[dict, dict]:
+  """(checkpointed, left out) parts of a params-shaped tree: frozen leaves under the top-level keys in
+  `external` (e.g. 'base': the pretrained model, reloaded from config.base_checkpoint) are not stored again."""
+  flat = flax.traverse_util.flatten_dict(labels)
+  keep = {p: trainable.TRAINABLE if l == trainable.TRAINABLE or p[0] not in external else trainable.FROZEN
+          for p, l in flat.items()}
+  return trainable.split(tree, flax.traverse_util.unflatten_dict(keep))
 
 
 def init_key(seed: int) -> jax.Array:
@@ -60,13 +79,16 @@ def float32_tree(tree: Any) -> Any:
       lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def create(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
-           mesh: Mesh, rules: Any, min_shard_size: int = 0) -> tuple[TrainState, TrainState]:
+def create(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int,
+           mesh: Mesh, rules: Any, min_shard_size: int = 0, labels: Any = None,
+           init_args: tuple = ()) -> tuple[TrainState, TrainState]:
   """Initialise directly into its shardings.
 
   Args:
-    init_params_fn: rng -> boxed params (linen `init(...)['params']`).
+    init_params_fn: (rng, *init_args) -> boxed params (linen `init(...)['params']`); init_args are
+      arrays it needs (e.g. pretrained weights), passed in rather than baked into the program.
     seed: params come from `init_key(seed)`, the training rng (threefry) from seed + 1.
+    labels: trainable / frozen per leaf (models/trainable.py); EMA is kept for trainable leaves only.
 
   Precision: `params` are in model.param_dtype (float32 by default: the master copy; the model casts to
   model.dtype for compute). EMA params and Adam moments are float32 always, so param_dtype=bfloat16 is
@@ -75,35 +97,38 @@ def create(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransfo
   Returns:
     (state, state shardings).
   """
-  init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed)
+  init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed, labels)
   with sharding.activate(mesh, rules):
-    abstract = jax.eval_shape(init_boxed, param_rng)
+    abstract = jax.eval_shape(init_boxed, param_rng, *init_args)
     shardings = sharding.tree_shardings(abstract, mesh, rules, min_shard_size)
-    state = jax.jit(lambda k: nn.meta.unbox(init_boxed(k)), out_shardings=shardings)(param_rng)
+    state = jax.jit(lambda k, *a: nn.meta.unbox(init_boxed(k, *a)), out_shardings=shardings)(param_rng, *init_args)
   return state, shardings
 
 
-def abstract(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
-             mesh: Mesh, rules: Any, min_shard_size: int = 0) -> tuple[TrainState, TrainState]:
+def abstract(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int,
+             mesh: Mesh, rules: Any, min_shard_size: int = 0, labels: Any = None,
+             init_args: tuple = ()) -> tuple[TrainState, TrainState]:
   """What `create` would return, as ShapeDtypeStructs carrying their shardings (nothing allocated):
   for ahead-of-time compiles (train/dry_run.py)."""
-  init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed)
+  init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed, labels)
   with sharding.activate(mesh, rules):
-    boxed = jax.eval_shape(init_boxed, param_rng)
+    boxed = jax.eval_shape(init_boxed, param_rng, *init_args)
     shardings = sharding.tree_shardings(boxed, mesh, rules, min_shard_size)
   shapes = sharding.strip_boxes(boxed)
   state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return state, shardings
 
 
-def _boxed_init(init_params_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int):
+def _boxed_init(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int,
+                labels: Any = None):
   param_rng, state_rng = init_key(seed), jax.random.key(seed + 1)
 
-  def init_boxed(key):
-    params = init_params_fn(key)
+  def init_boxed(key, *args):
+    params = init_params_fn(key, *args)
     master = float32_tree(params)  # EMA and optimizer moments are float32 whatever model.param_dtype is
     opt_state = tx.init(master)  # boxes propagate: Adam moments inherit the params' logical axes
-    return TrainState(step=jnp.int32(0), params=params, ema_params=master, opt_state=opt_state,
+    ema = master if labels is None else trainable.split(master, labels)[0]  # trainable leaves only
+    return TrainState(step=jnp.int32(0), params=params, ema_params=ema, opt_state=opt_state,
                       rng=jax.random.key_data(state_rng), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
 
   return init_boxed, param_rng

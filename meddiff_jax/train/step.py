@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from meddiff_jax.diffusion import losses, samplers, schedules
-from meddiff_jax.train import sharding
+from meddiff_jax import sharding
+from meddiff_jax.models import trainable
 from meddiff_jax.train.state import TrainState, float32_tree
 
 Batch = dict[str, jax.Array]
@@ -26,6 +28,8 @@ def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.Shap
           "region": jax.ShapeDtypeStruct((n,), jnp.int32)}
   if k:
     spec["structures"] = jax.ShapeDtypeStruct((n, p, p, p, k), jnp.uint8)
+  if config.data.get("hint"):  # ControlNet's condition volume (data/multilevel.make_sample)
+    spec["hint"] = jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32)
   return spec
 
 
@@ -43,8 +47,8 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
                  ) -> Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]:
   """(params, batch, rng, frozen) -> (loss, aux) for one micro-batch.
 
-  apply_fn receives variables {"params": params, **frozen}: `frozen` holds collections that are inputs,
-  never differentiated or updated (the pretrained base under a ControlNet).
+  `params` are the trainable leaves (differentiated), `frozen` the rest of the same tree (models/trainable.py
+  split): apply_fn receives variables {"params": the merged tree}.
   """
   dcfg = config.diffusion
   num_regions = config.model.num_regions
@@ -63,7 +67,8 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
       cond = samplers.drop_organ_structures(cond, organ_drop, body_drop)
     if dcfg.cond_drop_prob > 0:
       cond = drop_conditions(cond, jax.random.bernoulli(drop_rng, dcfg.cond_drop_prob, (n,)), num_regions)
-    out = apply_fn({"params": params, **(frozen or {})}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng})
+    full = trainable.merge(params, frozen) if frozen else params
+    out = apply_fn({"params": full}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng})
     loss, per_sample = losses.diffusion_loss(
         schedule, out, x0, noise, t, prediction_type=dcfg.prediction_type, loss_type=dcfg.loss_type,
         min_snr_gamma=dcfg.min_snr_gamma or None)
@@ -87,17 +92,23 @@ def _split_micro(batch: Batch, k: int) -> Batch:
 
 def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule,
                     tx: optax.GradientTransformation, lr_schedule: optax.Schedule, config: Any,
-                    rules: Any = ()) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """Un-jitted step; see `jit_train_step` for the sharded, donated version."""
+                    rules: Any = (), labels: Any = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """Un-jitted step; see `jit_train_step` for the sharded, donated version.
+
+  labels (models/trainable.py): only the trainable leaves are differentiated, updated and averaged into
+  the EMA; frozen leaves pass through untouched (bitwise) and have no gradient buffers.
+  """
   loss_fn = make_loss_fn(apply_fn, schedule, config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   k = int(config.training.grad_accum_steps)
   ema_decay = float(config.training.ema_decay)
 
-  def step(state: TrainState, batch: Batch, frozen: Any = None):
+  def step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    params, frozen = trainable.split(state.params, labels) if labels is not None else (state.params, {})
     if k == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng, frozen)
+      (loss, aux), grads = grad_fn(params, batch, rng, frozen)
       per_sample = aux["per_sample_loss"]
     else:
       micro = _split_micro(batch, k)
@@ -107,11 +118,11 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
         mb, i = xs
         if rules:  # keep each micro-batch split over the batch axes (and along depth over spatial)
           mb = sharding.constrain_inputs(mb, rules)
-        (l, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), frozen)
+        (l, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i), frozen)
         grads_acc = jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
         return (grads_acc, loss_acc + l), aux["per_sample_loss"]
 
-      zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       (grads, loss), per_sample = jax.lax.scan(accumulate, (zeros, jnp.float32(0)), (micro, jnp.arange(k)))
       grads = jax.tree_util.tree_map(lambda g: g / k, grads)
       loss = loss / k
@@ -122,14 +133,19 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
     grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, float32_tree(state.params))
-    new_params = optax.apply_updates(state.params, updates)
+    # frozen leaves: zero "gradients" that set_to_zero ignores (dead code for XLA), never applied
+    full_grads = trainable.merge(grads, jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, jnp.float32), frozen)) if frozen else grads
+    updates, new_opt_state = tx.update(full_grads, state.opt_state, float32_tree(state.params))
+    if frozen:
+      updates = trainable.split(updates, labels)[0]
+    new_params = optax.apply_updates(params, updates)
     # EMA in float32: with decay 0.9999 a bf16 EMA could not represent its own updates.
     new_ema = optax.incremental_update(float32_tree(new_params), state.ema_params, step_size=1.0 - ema_decay)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
+        params=trainable.merge(keep(new_params, params), frozen) if frozen else keep(new_params, params),
         ema_params=keep(new_ema, state.ema_params),
         opt_state=keep(new_opt_state, state.opt_state),
         nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
@@ -138,7 +154,7 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(state.params),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": lr_schedule(state.step),
         "finite": finite.astype(jnp.float32),
         "nan_skips": new_state.nan_skips,
@@ -151,11 +167,56 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
 
 
 def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any,
-                   frozen_shardings: Any = None) -> Callable:
-  """jit with the state donated and laid out by its shardings; metrics replicated. With frozen_shardings
-  the step takes a third argument (frozen variables: sharded, not donated, never updated)."""
-  in_shardings = (state_shardings, batch_sharding)
-  if frozen_shardings is not None:
-    in_shardings += (frozen_shardings,)
-  return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+                   labels: Any = None) -> Callable:
+  """jit with the state donated and laid out by its shardings; metrics replicated.
+
+  With frozen leaves (labels), those are a read-only input at the jit boundary rather than part of the
+  donated state: the caller still passes and gets back one state, but XLA neither aliases nor writes the
+  frozen buffers back (JAX hands the same arrays back).
+  """
+  metrics_sharding = sharding.replicated(mesh)
+  if labels is None or not trainable.has_frozen(labels):
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
+
+  def split(state):
+    moving, frozen = trainable.split(state.params, labels)
+    return state.replace(params=moving), frozen
+
+  moving_shardings, frozen_shardings = split(state_shardings)
+
+  def inner(moving, batch, frozen):
+    new_state, metrics = step_fn(moving.replace(params=trainable.merge(moving.params, frozen)), batch)
+    return split(new_state)[0], metrics
+
+  return _FrozenInput(jax.jit(inner, in_shardings=(moving_shardings, batch_sharding, frozen_shardings),
+                              out_shardings=(moving_shardings, metrics_sharding), donate_argnums=(0,)), split)
+
+
+class _FrozenInput:
+  """(state, batch) -> (state, metrics) over a jitted or compiled (moving state, batch, frozen params) step;
+  `lower(...).compile()` works as on a jitted function."""
+
+  def __init__(self, fn: Any, split: Callable):
+    self.fn, self.split = fn, split
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    moving, frozen = self.split(state)
+    new_state, metrics = self.fn(moving, batch, frozen)
+    return new_state.replace(params=trainable.merge(new_state.params, frozen)), metrics
+
+  def lower(self, state: TrainState, batch: Batch) -> Any:
+    moving, frozen = self.split(state)
+    return _FrozenLowered(self.fn.lower(moving, batch, frozen), self.split)
+
+  def memory_analysis(self) -> Any:
+    return self.fn.memory_analysis()
+
+
+@dataclasses.dataclass
+class _FrozenLowered:
+  lowered: Any
+  split: Callable
+
+  def compile(self) -> _FrozenInput:
+    return _FrozenInput(self.lowered.compile(), self.split)

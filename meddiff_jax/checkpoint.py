@@ -64,6 +64,17 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory}: no checkpoints")
     return self.manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+  def read_state_fields(self, targets: dict[str, Any]) -> dict[str, Any]:
+    """Only the named fields of the newest step's train state (e.g. {'ema_params': abstract tree}),
+    restored against ShapeDtypeStruct targets: nothing else (optimizer moments) is read or allocated."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{self.directory}: no checkpoints")
+    path = storage.join(self.directory, str(steps[-1]), "state")
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(path, args=ocp.args.PyTreeRestore(
+          item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets), partial_restore=True))
+
   def save(self, step: int, state: Any, data_iterator: Any | None, config: Any) -> None:
     items = {"state": ocp.args.StandardSave(state),
              "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}

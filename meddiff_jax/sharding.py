@@ -187,6 +187,9 @@ def check_plan(batch_size: int, grad_accum_steps: int, patch_size: int, levels: 
     raise ValueError(f"mesh axes {' x '.join(d_axes)} split depth {n_depth} ways, but the coarsest feature map "
                      f"has depth {coarsest} (patch_size={patch_size}, {levels} levels); set "
                      f"--config.mesh.spatial to a divisor of {coarsest} or a larger --config.data.patch_size")
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:
+  """Inputs: the leading (batch) dimension split over the rules' batch axes."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

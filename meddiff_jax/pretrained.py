@@ -1,0 +1,208 @@
+"""Pretrained models: names, the model builders, loading (EMA params only) and exporting.
+
+Below train/ and tasks/ (both import it); it imports models/, diffusion/ and the checkpoint reader only.
+A pretrained model is
+  - a builtin name (BUILTIN, shipped in meddiff_jax/assets/),
+  - an exported directory (`config.json` + `params.msgpack`, written by `--config=configs/export.py`), or
+  - a training workdir (Orbax checkpoints): the newest step's EMA params, restored against a
+    `jax.eval_shape` target; no optimizer is built and nothing else is read.
+A ControlNet fine-tuning workdir holds the branch (and whatever else its run trained); its config's
+`base_checkpoint` names the base, loaded as above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.serialization
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from meddiff_jax import checkpoint, sharding
+from meddiff_jax.diffusion import schedules
+from meddiff_jax.models import controlnet, trainable, unet3d
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+BUILTIN = {"tiny_phantom": os.path.join(ASSETS, "tiny_phantom")}
+ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before the option existed
+
+
+@dataclasses.dataclass
+class Pretrained:
+  model: unet3d.UNet3D
+  spec: unet3d.UNetSpec
+  params: Any
+  config: ml_collections.ConfigDict
+  schedule: schedules.Schedule
+
+  @property
+  def patch_size(self) -> int:
+    return int(self.config.data.patch_size)
+
+  def apply(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
+    return self.model.apply({"params": self.params}, x, t, cond)
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3d.UNetSpec]:
+  spec = unet3d.UNetSpec.from_config(config.model, config.data.patch_size)  # patch: legacy attention config
+  return unet3d.UNet3D(spec), spec
+
+
+def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
+  x = jnp.zeros((batch, patch, patch, patch, 1), jnp.float32)
+  t = jnp.zeros((batch,), jnp.int32)
+  cond = {"pos_box": jnp.tile(jnp.array([[-1.0, 1.0]], jnp.float32), (batch, 3, 1)),
+          "region": jnp.zeros((batch,), jnp.int32)}
+  if spec.structure_channels:
+    cond["structures"] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
+  return x, t, cond
+
+
+def init_params_fn(model: unet3d.UNet3D, spec: unet3d.UNetSpec, patch: int):
+  x, t, cond = dummy_inputs(spec, patch)
+  return lambda key: model.init(key, x, t, cond)["params"]
+
+
+def build_controlled(config: ml_collections.ConfigDict, spec: unet3d.UNetSpec) -> controlnet.ControlledUNet:
+  return controlnet.ControlledUNet(spec, tuple(config.controlnet.hint_hidden))
+
+
+def controlled_init_fn(model: controlnet.ControlledUNet, patch: int) -> Callable[[jax.Array, Any], Any]:
+  """(key, base params) -> boxed {'base': the given params, 'controlnet': a new branch whose encoder is a
+  copy of the base encoder (ControlNet's "trainable copy"; zero convs make the sum equal the base)}."""
+  x, t, cond = dummy_inputs(model.spec, patch)
+  cond["hint"] = jnp.zeros(x.shape, jnp.float32)
+  is_box = lambda v: isinstance(v, nn.Partitioned)
+  fill = lambda boxed, values: jax.tree_util.tree_map(
+      lambda b, v: b.replace_boxed(v) if is_box(b) else v, boxed, values, is_leaf=is_box)
+
+  def init(key, base_params):
+    params = model.init(key, x, t, cond)["params"]  # the base's random init is unused (dead code under jit)
+    branch = dict(params["controlnet"], encoder=fill(params["controlnet"]["encoder"], base_params["encoder"]))
+    return {"base": fill(params["base"], base_params), "controlnet": branch}
+  return init
+
+
+def resolve(path: str) -> str:
+  """A builtin name or an existing path, else a FileNotFoundError naming both options."""
+  path = BUILTIN.get(path, path)
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist (a training workdir, an exported directory, "
+                            f"or one of {sorted(BUILTIN)})")
+  return path
+
+
+def _checkpoint_dir(path: str) -> str:
+  return os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+  """The config a pretrained model was trained with (cheap: no params are read)."""
+  path = resolve(path)
+  if os.path.exists(os.path.join(path, "params.msgpack")):
+    with open(os.path.join(path, "config.json")) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  ck = checkpoint.Checkpointer(_checkpoint_dir(path))
+  try:
+    return ml_collections.ConfigDict(ck.latest_config())
+  finally:
+    ck.close()
+
+
+def _from_config(config: ml_collections.ConfigDict, params: Any) -> Pretrained:
+  model, spec = build_model(config)
+  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  return Pretrained(model, spec, params, config, schedule)
+
+
+def load(path: str) -> Pretrained:
+  """From a builtin name (e.g. 'tiny_phantom'), an exported dir, or a training workdir."""
+  path = resolve(path)
+  if os.path.exists(os.path.join(path, "params.msgpack")):
+    config = read_config(path)
+    with open(os.path.join(path, "params.msgpack"), "rb") as f:
+      params = flax.serialization.msgpack_restore(f.read())
+    return _from_config(config, jax.tree_util.tree_map(jnp.asarray, params))
+  ck = checkpoint.Checkpointer(_checkpoint_dir(path))
+  if not ck.all_steps():
+    ck.close()
+    raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
+  config = ml_collections.ConfigDict(ck.latest_config())
+  model, spec = build_model(config)
+  abstract = _abstract(init_params_fn(model, spec, config.data.patch_size))
+  params = _inference_params(ck, abstract, config)
+  ck.close()
+  return _from_config(config, params)
+
+
+def _abstract(init_fn: Callable, *args: Any) -> Any:
+  """Unboxed ShapeDtypeStructs of the params on this process's first device (no compute, no memory)."""
+  boxed = jax.eval_shape(init_fn, jax.random.key(0, impl="rbg"), *args)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                sharding.strip_boxes(boxed))
+
+
+def _inference_params(ck: checkpoint.Checkpointer, abstract: Any, config: ml_collections.ConfigDict,
+                      external: Any = None) -> Any:
+  """EMA of the trained leaves + the frozen leaves as checkpointed; `external` (the base of a ControlNet
+  run) supplies frozen leaves the run did not checkpoint."""
+  labels = trainable.labels(abstract, config.optimizer.get("trainable", ALL_PARAMS))
+  trained, frozen = trainable.split(abstract, labels)
+  if external:
+    frozen, _ = trainable.split(frozen, _mask_out(frozen, external))
+  targets = {"ema_params": trained, **({"params": frozen} if frozen else {})}
+  restored = ck.read_state_fields(targets)
+  return trainable.merge(external or {}, restored.get("params", {}), restored["ema_params"])
+
+
+def _mask_out(tree: dict, external: dict) -> dict:
+  """Labels for `split`: leaves present in `external` count as 'frozen' (dropped), the rest 'trainable'."""
+  ext = traverse_util.flatten_dict(external)
+  flat = {k: trainable.FROZEN if k in ext else trainable.TRAINABLE for k in traverse_util.flatten_dict(tree)}
+  return traverse_util.unflatten_dict(flat)
+
+
+@dataclasses.dataclass
+class Controlled:
+  """A fine-tuned ControlNet: the base + branch module and its full inference params {'base', 'controlnet'}."""
+  pre: Pretrained
+  model: controlnet.ControlledUNet
+  params: Any
+  config: ml_collections.ConfigDict
+
+  def apply_fn(self, scale: float = 1.0) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
+    return lambda x, t, cond: self.model.apply({"params": self.params}, x, t, cond, scale=scale)
+
+
+def load_controlled(workdir: str) -> Controlled:
+  """A fine-tuning workdir: branch EMA params from its newest checkpoint, the base from `base_checkpoint`."""
+  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if not ck.all_steps():
+    ck.close()
+    raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
+  config = ml_collections.ConfigDict(ck.latest_config())
+  pre = load(config.base_checkpoint)
+  model = build_controlled(config, pre.spec)
+  abstract = _abstract(controlled_init_fn(model, pre.patch_size), pre.params)
+  params = _inference_params(ck, abstract, config, external={"base": pre.params})
+  ck.close()
+  return Controlled(pre, model, params, config)
+
+
+def export(workdir: str, out_dir: str) -> str:
+  """EMA params + config of a pretraining run as a small self-contained directory (what BUILTIN ships)."""
+  pre = load(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(json.loads(pre.config.to_json_best_effort()), f, indent=1)
+  with open(os.path.join(out_dir, "params.msgpack"), "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, pre.params)))
+  return out_dir
