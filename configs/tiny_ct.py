@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.update(source="prepared", prepared_dir="", patch_size=32, spacing=(2.0, 2.0, 2.0))
   c.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100, decay_steps=1000,
                      end_lr_factor=0.05, grad_clip_norm=1.0)
-  c.training.update(batch_size=2, num_steps=1000, ema_decay=0.999, log_every=100)
+  c.training.update(batch_size=2, num_steps=1000, ema_decay=0.99, log_every=100)
   c.eval.update(every_steps=500, num_batches=4, num_buckets=4, sample_every_steps=0, sample_steps=20)
   c.checkpoint.update(every_steps=500, keep=2)
   return c
