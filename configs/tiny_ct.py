@@ -4,7 +4,7 @@ Reproduce (README "Checkpoints"; under two hours on a 2-core CPU):
   python -m meddiff_jax.main --config=configs/prepare.py --config.input_dir=../shared/data \
       --config.output_dir=STORE --config.manifest=configs/tiny_ct_manifest.csv --config.spacing="(2.0,2.0,2.0)"
   python -m meddiff_jax.main --config=configs/tiny_ct.py --workdir=W --config.data.prepared_dir=STORE
-  python -m meddiff_jax.main --config=configs/export.py --config.workdir=W --config.output_dir=meddiff_jax/assets/tiny_ct
+  python -m meddiff_jax.main --config=configs/export.py --config.source=W --config.output=meddiff_jax/assets/tiny_ct
 
 Training volumes: example_ct (abdomen part, with its TotalSegmentator labels) and aorta_ct_cropped_lps (chest,
 no labels). Validation: pulmonary_ct_cropped_lps, the same patient as the aorta crop and overlapping it, so the
