@@ -35,3 +35,16 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   assert " on CPU: " in text, text  # the setup cell says which device is in use (CPU here: JAX_PLATFORMS=cpu)
   pictures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(pictures) >= (3 if "samples.example_ct()" in path.read_text() else 2)
+
+
+def test_notebooks_match_their_generator():
+  """notebooks/make_notebooks.py is the one source of the three notebooks (they share the install cell)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("make_notebooks", REPO / "notebooks" / "make_notebooks.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert sorted(module.NOTEBOOKS) == [p.stem for p in NOTEBOOKS]
+  for path in NOTEBOOKS:
+    committed = [(c.cell_type, c.source) for c in nbformat.read(path, as_version=4).cells]
+    assert committed == [(c.cell_type, c.source) for c in module.NOTEBOOKS[path.stem].cells], \
+        f"{path.name}: run python notebooks/make_notebooks.py"
