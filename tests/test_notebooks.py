@@ -14,6 +14,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch, tmp_path):
   monkeypatch.setenv("NB_STEPS", "3")
