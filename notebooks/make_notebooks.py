@@ -163,10 +163,10 @@ with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
 results = {"noisy": noisy, "Gaussian filter": ndimage.gaussian_filter(noisy, 1.0), "DiffPIR": np.asarray(out)[0, ..., 0]}
 for name, img in results.items():
   print(f"{name:16s} PSNR {metrics.psnr(clean, img, 2.0):6.2f} dB  SSIM {metrics.ssim(clean, img, 2.0):.3f}")
-to_hu = lambda v: preprocess.unit_to_hu(v, region)
-show([hu] + [to_hu(v) for v in results.values()], ["clean"] + list(results), ["gray"] * 4, [(lo_hu, hi_hu)] * 4,
-     f"{CHECKPOINT}: denoising at {NOISE_HU:.0f} HU noise")
-show([to_hu(v) - hu for v in results.values()], [f"{k} - clean" for k in results], ["RdBu_r"] * 3,
+to_hu = lambda v: preprocess.unit_to_hu(v, region)  # back to HU, within the region's window (what the model sees)
+show([to_hu(clean)] + [to_hu(v) for v in results.values()], ["clean"] + list(results), ["gray"] * 4,
+     [(lo_hu, hi_hu)] * 4, f"{CHECKPOINT}: denoising at {NOISE_HU:.0f} HU noise")
+show([to_hu(v) - to_hu(clean) for v in results.values()], [f"{k} - clean" for k in results], ["RdBu_r"] * 3,
      [(-2 * NOISE_HU, 2 * NOISE_HU)] * 3, "difference maps (HU)")'''),
     new_markdown_cell("## Anomaly detection: an inserted lesion\nA hypodense sphere in soft tissue; the prior "
                       "reconstructs the crop from noise level `noise_t` (the paper: 950) and the anomaly map is the "
@@ -243,7 +243,8 @@ print(json.dumps(result["metrics"], indent=1))'''),
 sr = nifti.load(sr_path).data
 lr_up = nifti.resample(nifti.load(lr_path), SPACING).data
 n = [min(s) for s in zip(hr.shape, sr.shape, lr_up.shape)]
-ref, tri, out = (v[:n[0], :n[1], :n[2]].astype(np.float32) for v in (hr.data, lr_up, sr))
+# compared within the region's HU window: the model's output range (bone above it is clipped)
+ref, tri, out = (np.clip(v[:n[0], :n[1], :n[2]], lo_hu, hi_hu).astype(np.float32) for v in (hr.data, lr_up, sr))
 show([ref, tri, out], ["reference", "trilinear from x5 thick slices", "ControlNet"], ["gray"] * 3,
      [(lo_hu, hi_hu)] * 3, f"super-resolution on a real CT crop (base {CHECKPOINT})")
 show([tri - ref, out - ref], ["trilinear - reference", "ControlNet - reference"], ["RdBu_r"] * 2,
