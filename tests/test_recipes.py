@@ -264,29 +264,131 @@ def test_folder_recipe_own_scans_with_a_totalsegmentator_output_folder(tmp_path)
   assert {os.path.basename(r["image"]) for r in report["prepared"]} == {"a.nii.gz", "b.nii.gz", "c.nii.gz"}
 
 
-def test_dicom_and_nrrd_recipes_build_their_manifest(tmp_path):
-  """CHAOS (DICOM series folders) and HaN-Seg (NRRD): manifest side only; reading needs issue #13's loaders."""
+def _marked_ct(shape=(10, 12, 8)) -> np.ndarray:
+  """HU (x, y, z): air, a soft-tissue block, and one 1000 HU marker voxel off every symmetry axis."""
+  hu = np.full(shape, -1000, np.int16)
+  hu[2:8, 2:10, 1:7] = 40
+  hu[6, 3, 2] = 1000
+  return hu
+
+
+MARKER = (6, 3, 2)
+
+
+def _dicom_series(folder: pathlib.Path, hu: np.ndarray, spacing=(8.0, 8.0, 8.0), origin=(-40.0, -30.0, 100.0)):
+  """A CT series as a scanner writes it (pydicom): axial slices, LPS, IPP = centre of the first voxel of each
+  slice, stored value = HU + 1024 (RescaleIntercept -1024), InstanceNumber running against z."""
+  from pydicom.dataset import FileDataset, FileMetaDataset
+  from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+  folder.mkdir(parents=True, exist_ok=True)
+  study, series = generate_uid(), generate_uid()
+  nx, ny, nz = hu.shape
+  for k in range(nz):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / f"i{k:04d},0000b.dcm"  # CHAOS file names
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "anon", study, series
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
+    ds.PixelSpacing = [spacing[1], spacing[0]]  # (between rows: y, between columns: x)
+    ds.SliceThickness, ds.InstanceNumber = spacing[2], nz - k
+    ds.Rows, ds.Columns = ny, nx
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = (hu[:, :, k].T.astype(np.int32) + 1024).astype(np.uint16).tobytes()  # rows = y, columns = x
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def _nrrd(path: pathlib.Path, hu: np.ndarray, spacing=(8.0, 8.0, 8.0), origin=(-40.0, -30.0, 100.0),
+          compress=True):
+  """An NRRD as SimpleITK writes it: LPS world, identity direction."""
+  import SimpleITK as sitk
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img = sitk.GetImageFromArray(hu.transpose(2, 1, 0))  # ITK arrays are (z, y, x)
+  img.SetSpacing(spacing)
+  img.SetOrigin(origin)
+  sitk.WriteImage(img, str(path), useCompression=compress)
+
+
+def _stored(out: pathlib.Path, record: dict) -> np.ndarray:
+  prepared = store.PreparedStore(str(out))
+  return np.asarray(prepared.load([r["id"] for r in prepared.records].index(record["id"]))[0])
+
+
+def _stored_marker_world(out: pathlib.Path, record: dict) -> np.ndarray:
+  """RAS world position of the stored volume's bright marker (from the stored array and affine)."""
+  (ijk,) = np.argwhere(_stored(out, record) > 500)
+  affine = np.asarray(record["affine"])
+  return affine[:3, :3] @ ijk + affine[:3, 3]
+
+
+def test_chaos_recipe_prepares_dicom_series(tmp_path):
+  """CHAOS as published: one DICOM series folder per CT case, MR beside it; one truncated slice, one empty case."""
+  pytest.importorskip("pydicom")
   root = tmp_path / "root"
-  for n in (1, 2):
-    (root / f"CHAOS_Train_Sets/Train_Sets/CT/{n}/DICOM_anon").mkdir(parents=True)
-    (root / f"CHAOS_Train_Sets/Train_Sets/CT/{n}/DICOM_anon/i0000,0000b.dcm").write_bytes(b"")
-  (root / "CHAOS_Train_Sets/Train_Sets/MR/1/T1DUAL/DICOM_anon/InPhase").mkdir(parents=True)
-  (root / "CHAOS_Test_Sets/Test_Sets/CT/3/DICOM_anon").mkdir(parents=True)
-  (root / "HaN-Seg/set_1/case_01").mkdir(parents=True)
-  (root / "HaN-Seg/set_1/case_01/case_01_IMG_CT.nrrd").write_bytes(b"NRRD0004\n")
-  (root / "HaN-Seg/set_1/case_01/case_01_OAR_Brainstem.seg.nrrd").write_bytes(b"NRRD0004\n")
-  from configs import prepare as prepare_config
-  c = prepare_config.get_config()
-  c.update(input_dir=str(root), dataset="chaos")
-  entries = recipes.build_manifest(c)
-  assert sorted(os.path.relpath(k, root) for k in entries) == [
-      "CHAOS_Test_Sets/Test_Sets/CT/3/DICOM_anon", "CHAOS_Train_Sets/Train_Sets/CT/1/DICOM_anon",
-      "CHAOS_Train_Sets/Train_Sets/CT/2/DICOM_anon"]
-  assert {e["patient"] for e in entries.values()} == {"train_1", "train_2", "test_3"}
-  assert {e["region"] for e in entries.values()} == {"abdomen"}
-  c.dataset = "hanseg"
-  (entry,) = recipes.build_manifest(c).items()
-  assert entry[0].endswith("case_01_IMG_CT.nrrd") and entry[1]["region"] == "head_neck"
+  hu = _marked_ct()
+  _dicom_series(root / "CHAOS_Train_Sets/Train_Sets/CT/1/DICOM_anon", hu)
+  _dicom_series(root / "CHAOS_Test_Sets/Test_Sets/CT/3/DICOM_anon", hu, origin=(0.0, 0.0, -50.0))
+  broken = root / "CHAOS_Train_Sets/Train_Sets/CT/2/DICOM_anon"
+  _dicom_series(broken, hu)
+  (broken / "i0003,0000b.dcm").write_bytes((broken / "i0003,0000b.dcm").read_bytes()[:-100])  # pixel data cut
+  (root / "CHAOS_Train_Sets/Train_Sets/CT/4/DICOM_anon").mkdir(parents=True)  # a case folder without its files
+  mr = root / "CHAOS_Train_Sets/Train_Sets/MR/1/T1DUAL/DICOM_anon/InPhase"
+  _dicom_series(mr, hu)  # (CT-tagged, but under MR/: the layout says MRI, the recipe never reads it)
+  _, report = _run(tmp_path, "chaos", root)
+  reasons = {os.path.relpath(r["image"], root): r["reason"] for r in report["failed"]}
+  assert set(reasons) == {"CHAOS_Train_Sets/Train_Sets/CT/2/DICOM_anon", "CHAOS_Train_Sets/Train_Sets/CT/4/DICOM_anon"}
+  assert "cannot decode pixels of i0003,0000b.dcm" in reasons["CHAOS_Train_Sets/Train_Sets/CT/2/DICOM_anon"]
+  assert "no CT DICOM series in this folder" in reasons["CHAOS_Train_Sets/Train_Sets/CT/4/DICOM_anon"]
+  records = {r["patient"]: r for r in store.read_records(str(tmp_path / "out"))}
+  assert set(records) == {"chaos/train_1", "chaos/test_3"}
+  assert {r["region"] for r in records.values()} == {"abdomen"}
+  # geometry by hand (DICOM PS3.3 C.7.6.2.1.1): the marker at column 6, row 3 of the slice k=2 sits at LPS
+  # IPP_k + 6 * 8 * (1,0,0) + 3 * 8 * (0,1,0); RAS negates x and y. File names run with z but InstanceNumber
+  # against it: slices placed in InstanceNumber order would put the marker 24 mm off.
+  for patient, origin in (("chaos/train_1", (-40.0, -30.0, 100.0)), ("chaos/test_3", (0.0, 0.0, -50.0))):
+    lps = np.array(origin) + np.array(MARKER) * 8.0
+    np.testing.assert_allclose(_stored_marker_world(tmp_path / "out", records[patient]),
+                               [-lps[0], -lps[1], lps[2]], atol=1e-3)
+  stored = _stored(tmp_path / "out", records["chaos/train_1"])
+  assert stored.shape == hu.shape and sorted(np.unique(stored)) == [-1000, 40, 1000]  # rescale intercept applied
+  np.testing.assert_array_equal(stored, hu[::-1, ::-1, :])  # RAS voxel order: x and y reversed from LPS
+  rows = _manifest(tmp_path, "chaos")
+  assert {r["patient"] for r in rows} == {"chaos/train_1", "chaos/train_2", "chaos/test_3", "chaos/train_4"}
+
+
+def test_hanseg_recipe_prepares_nrrd(tmp_path):
+  """HaN-Seg as published: case_XX_IMG_CT.nrrd beside the MR and the OAR .seg.nrrd; one truncated CT, one missing."""
+  pytest.importorskip("SimpleITK")
+  root = tmp_path / "root" / "HaN-Seg"
+  hu = _marked_ct()
+  _nrrd(root / "set_1/case_01/case_01_IMG_CT.nrrd", hu)
+  _nrrd(root / "set_1/case_01/case_01_IMG_MR_T1.nrrd", np.zeros((4, 4, 4), np.int16))
+  _nrrd(root / "set_1/case_01/case_01_OAR_Brainstem.seg.nrrd", (hu > 0).astype(np.uint8))
+  _nrrd(root / "set_1/case_02/case_02_IMG_CT.nrrd", hu, origin=(10.0, -20.0, 5.0))
+  broken = root / "set_1/case_03/case_03_IMG_CT.nrrd"
+  _nrrd(broken, hu, compress=False)
+  broken.write_bytes(broken.read_bytes()[:-300])  # raw data shorter than the header says
+  _nrrd(root / "set_1/case_04/case_04_IMG_MR_T1.nrrd", np.zeros((4, 4, 4), np.int16))  # the CT is missing
+  _, report = _run(tmp_path, "hanseg", tmp_path / "root")
+  reasons = {os.path.basename(r["image"]): r["reason"] for r in report["failed"]}
+  assert set(reasons) == {"case_03_IMG_CT.nrrd", "case_04_IMG_CT.nrrd"}, reasons
+  assert "truncated or corrupt data" in reasons["case_03_IMG_CT.nrrd"]
+  assert "does not exist" in reasons["case_04_IMG_CT.nrrd"]
+  records = {r["patient"]: r for r in store.read_records(str(tmp_path / "out"))}
+  assert set(records) == {"hanseg/case_01", "hanseg/case_02"}
+  assert {r["region"] for r in records.values()} == {"head_neck"}
+  for patient, origin in (("hanseg/case_01", (-40.0, -30.0, 100.0)), ("hanseg/case_02", (10.0, -20.0, 5.0))):
+    lps = np.array(origin) + np.array(MARKER) * 8.0  # ITK: origin + spacing * index (identity direction), LPS
+    np.testing.assert_allclose(_stored_marker_world(tmp_path / "out", records[patient]),
+                               [-lps[0], -lps[1], lps[2]], atol=1e-3)
+  stored = _stored(tmp_path / "out", records["hanseg/case_01"])
+  np.testing.assert_array_equal(stored, hu[::-1, ::-1, :])
 
 
 # ----------------------------------------------------------------------------------------- splits

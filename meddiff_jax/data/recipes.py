@@ -180,8 +180,8 @@ def btcv(root: str, config: Any) -> list[Case]:
 
 
 def chaos(root: str, config: Any) -> list[Case]:
-  """CHAOS: ROOT/{Train,Test}_Sets/CT/<n>/DICOM_anon/*.dcm. Each image is a DICOM series folder: reading it
-  needs the DICOM series loader (issue #13); until then prepare reports each as unreadable."""
+  """CHAOS: ROOT/{Train,Test}_Sets/CT/<n>/DICOM_anon/*.dcm. Each image is a DICOM series folder (data/dicom.py:
+  slices ordered by position, never by file name or InstanceNumber)."""
   cases = []
   for d in sorted(d for d in _find(root, "DICOM_anon") if os.path.isdir(d)):
     n = os.path.basename(os.path.dirname(d))
@@ -239,9 +239,10 @@ def instance2022(root: str, config: Any) -> list[Case]:
 
 
 def hanseg(root: str, config: Any) -> list[Case]:
-  """HaN-Seg: ROOT/set_1/case_01/case_01_IMG_CT.nrrd (+ _IMG_MR_T1.nrrd, _OAR_*.seg.nrrd). NRRD input needs
-  the NRRD loader (issue #13); until then prepare reports each as unreadable."""
-  return [Case(p, os.path.basename(p)[: -len("_IMG_CT.nrrd")], "head_neck") for p in _find(root, "case_*_IMG_CT.nrrd")]
+  """HaN-Seg: ROOT/set_1/case_01/case_01_IMG_CT.nrrd (+ _IMG_MR_T1.nrrd, _OAR_*.seg.nrrd), read by SimpleITK.
+  One row per case folder, so a case whose CT is missing is reported rather than skipped."""
+  return [Case(os.path.join(d, f"{os.path.basename(d)}_IMG_CT.nrrd"), os.path.basename(d), "head_neck")
+          for d in _find(root, "case_[0-9]*") if os.path.isdir(d)]
 
 
 def segrap2023(root: str, config: Any) -> list[Case]:
