@@ -271,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps) -> dict[str, float]:
   """Mean per-bucket validation loss over a fixed set of batches (the same batches every time)."""
   ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=12345,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             num_batches=config.eval.num_batches)
   batches = pipeline.GlobalBatches(ds, batch_sharding)
   total = None
   for i in range(config.eval.num_batches):
@@ -284,9 +285,14 @@ def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps
 
 
 def write_samples(preview, params, val_store, config, batch_sharding, writer, workdir, step) -> None:
-  """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used."""
-  ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=777,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+  """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used.
+
+  Reads one sample per process (the montage shows global sample 0), repeated to the batch the sampler
+  is sharded for: the model treats samples independently, so sample 0 is what a full batch would give."""
+  per_process = config.training.batch_size // jax.process_count()
+  ds = pipeline.make_dataset(val_store, config.data, batch_size=jax.process_count(), seed=777,
+                             process_index=jax.process_index(), process_count=jax.process_count(), num_batches=1)
+  ds = ds.map(lambda b: {k: np.repeat(v, per_process, axis=0) for k, v in b.items()})
   batch = next(pipeline.GlobalBatches(ds, batch_sharding))
   cond = {k: batch[k] for k in step_lib.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
