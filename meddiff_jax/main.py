@@ -81,8 +81,12 @@ def main(argv: list[str]) -> None:
   elif mode == "controlnet":
     from meddiff_jax import pretrained
 
-    if not os.path.exists(pretrained.BUILTIN.get(config.base_checkpoint, config.base_checkpoint)):
-      raise app.UsageError(f"--config.base_checkpoint={config.base_checkpoint!r} does not exist")
+    try:
+      pretrained.resolve(config.base_checkpoint)
+    except FileNotFoundError:
+      raise app.UsageError(f"--config.base_checkpoint={config.base_checkpoint!r} does not exist") from None
+    except storage.MissingBackendError as e:
+      raise app.UsageError(f"--config.base_checkpoint: {e}") from None
     maybe_initialize_distributed()
     from meddiff_jax.train import controlnet, loop
 
@@ -144,14 +148,18 @@ def check_export_config(config) -> None:
 
   try:
     pretrained.resolve(config.source)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, storage.MissingBackendError) as e:
     raise app.UsageError(f"--config.source: {e}") from None
   if not config.output:
     raise app.UsageError("--config.output=DIR is required")
-  if os.path.isdir(config.output) and os.listdir(config.output) and not config.overwrite:
+  try:
+    is_dir, exists = storage.isdir(config.output), storage.exists(config.output)
+  except storage.MissingBackendError as e:
+    raise app.UsageError(f"--config.output: {e}") from None
+  if is_dir and storage.glob(storage.join(config.output, "*")) and not config.overwrite:
     raise app.UsageError(f"--config.output={config.output!r} exists and is not empty; choose a new directory "
                          "or pass --config.overwrite=True")
-  if os.path.exists(config.output) and not os.path.isdir(config.output):
+  if exists and not is_dir:
     raise app.UsageError(f"--config.output={config.output!r} is a file, not a directory")
 
 
@@ -163,14 +171,17 @@ def check_task_config(config) -> None:
   from meddiff_jax import pretrained
 
   if "controlnet" in config:
-    if not config.controlnet or not os.path.isdir(os.path.join(config.controlnet, "checkpoints")):
+    if not config.controlnet or not storage.isdir(storage.join(config.controlnet, "checkpoints")):
       raise app.UsageError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
                            "(configs/controlnet.py)")
   else:
-    ckpt = pretrained.BUILTIN.get(config.checkpoint, config.checkpoint)
-    if not ckpt or not os.path.exists(ckpt):
+    try:
+      pretrained.resolve(config.checkpoint)
+    except FileNotFoundError:
       raise app.UsageError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
-                           f"exported directory, or one of {sorted(pretrained.BUILTIN)})")
+                           f"exported directory, or one of {sorted(pretrained.BUILTIN)})") from None
+    except storage.MissingBackendError as e:
+      raise app.UsageError(f"--config.checkpoint: {e}") from None
   if "mask" in config and not os.path.isfile(config.mask):
     raise app.UsageError(f"--config.mask={config.mask!r} is not a file")
   if "input" in config and not os.path.exists(config.input):

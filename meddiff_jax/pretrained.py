@@ -6,6 +6,8 @@ A pretrained model is
   - an exported directory (`config.json` + `params.msgpack`, written by `--config=configs/export.py`), or
   - a training workdir (Orbax checkpoints): the newest step's EMA params, restored against a
     `jax.eval_shape` target; no optimizer is built and nothing else is read.
+Paths may be local or URLs (gs://, s3://; an exported directory also memory:// and any fsspec scheme):
+everything is read and written through meddiff_jax/storage.py.
 A ControlNet fine-tuning workdir holds the branch (and whatever else its run trained); its config's
 `base_checkpoint` names the base, loaded as above.
 """
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from meddiff_jax import checkpoint, sharding
+from meddiff_jax import checkpoint, sharding, storage
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import controlnet, trainable, unet3d
 
@@ -93,22 +95,26 @@ def controlled_init_fn(model: controlnet.ControlledUNet, patch: int) -> Callable
 def resolve(path: str) -> str:
   """A builtin name or an existing path, else a FileNotFoundError naming both options."""
   path = BUILTIN.get(path, path)
-  if not path or not os.path.exists(path):
+  if not path or not storage.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist (a training workdir, an exported directory, "
                             f"or one of {sorted(BUILTIN)})")
   return path
 
 
 def _checkpoint_dir(path: str) -> str:
-  return os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  sub = storage.join(path, "checkpoints")
+  return sub if storage.isdir(sub) else path
+
+
+def _is_export(path: str) -> bool:
+  return storage.exists(storage.join(path, "params.msgpack"))
 
 
 def read_config(path: str) -> ml_collections.ConfigDict:
   """The config a pretrained model was trained with (cheap: no params are read)."""
   path = resolve(path)
-  if os.path.exists(os.path.join(path, "params.msgpack")):
-    with open(os.path.join(path, "config.json")) as f:
-      return ml_collections.ConfigDict(json.load(f))
+  if _is_export(path):
+    return ml_collections.ConfigDict(json.loads(storage.read_text(storage.join(path, "config.json"))))
   ck = checkpoint.Checkpointer(_checkpoint_dir(path))
   try:
     return ml_collections.ConfigDict(ck.latest_config())
@@ -125,10 +131,9 @@ def _from_config(config: ml_collections.ConfigDict, params: Any) -> Pretrained:
 def load(path: str) -> Pretrained:
   """From a builtin name (e.g. 'tiny_phantom'), an exported dir, or a training workdir."""
   path = resolve(path)
-  if os.path.exists(os.path.join(path, "params.msgpack")):
+  if _is_export(path):
     config = read_config(path)
-    with open(os.path.join(path, "params.msgpack"), "rb") as f:
-      params = flax.serialization.msgpack_restore(f.read())
+    params = flax.serialization.msgpack_restore(storage.read_bytes(storage.join(path, "params.msgpack")))
     return _from_config(config, jax.tree_util.tree_map(jnp.asarray, params))
   ck = checkpoint.Checkpointer(_checkpoint_dir(path))
   if not ck.all_steps():
@@ -184,7 +189,7 @@ class Controlled:
 
 def load_controlled(workdir: str) -> Controlled:
   """A fine-tuning workdir: branch EMA params from its newest checkpoint, the base from `base_checkpoint`."""
-  ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ck = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"))
   if not ck.all_steps():
     ck.close()
     raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
@@ -200,9 +205,10 @@ def load_controlled(workdir: str) -> Controlled:
 def export(workdir: str, out_dir: str) -> str:
   """EMA params + config of a pretraining run as a small self-contained directory (what BUILTIN ships)."""
   pre = load(workdir)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(json.loads(pre.config.to_json_best_effort()), f, indent=1)
-  with open(os.path.join(out_dir, "params.msgpack"), "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, pre.params)))
+  storage.makedirs(out_dir)
+  # config first: params.msgpack is what marks an export (`_is_export`), so a reader never sees half of one
+  storage.write_text(storage.join(out_dir, "config.json"),
+                     json.dumps(json.loads(pre.config.to_json_best_effort()), indent=1))
+  storage.write_bytes(storage.join(out_dir, "params.msgpack"),
+                      flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, pre.params)))
   return out_dir

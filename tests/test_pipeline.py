@@ -94,6 +94,45 @@ def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
   assert x0["image"].shape[0] == 2 and not np.array_equal(x0["image"], x1["image"])
 
 
+class _CountingStore:
+  """Small in-memory volumes that count how many samples were read (what a bucket would be asked for)."""
+
+  def __init__(self, n=3, shape=(12, 12, 12)):
+    rng = np.random.default_rng(0)
+    self.volumes = [rng.uniform(-1000, 1000, shape).astype(np.float32) for _ in range(n)]
+    self.loads = 0
+
+  def __len__(self):
+    return len(self.volumes)
+
+  def load(self, index):
+    self.loads += 1
+    return self.volumes[index], None, 0
+
+
+def test_a_finite_dataset_reads_exactly_its_batches_and_matches_the_stream():
+  """Validation / previews (num_batches): the same batches as the infinite stream's first ones, and no
+  read-ahead past them; the infinite stream's prefetch keeps reading batches nobody asked for."""
+  import time
+
+  config = tiny_config(**{"data.use_structures": False, "data.prefetch": 4, "data.num_threads": 2})
+  infinite, finite = _CountingStore(), _CountingStore()
+  stream = iter(pipeline.make_dataset(infinite, config.data, batch_size=2, seed=5))
+  it = iter(pipeline.make_dataset(finite, config.data, batch_size=2, seed=5, num_batches=2))
+  fixed = [next(it), next(it)]
+  with pytest.raises(StopIteration):
+    next(it)
+  assert finite.loads == 4
+  for batch in fixed:
+    ref = next(stream)
+    for k in batch:
+      np.testing.assert_array_equal(batch[k], ref[k])
+  deadline = time.monotonic() + 10
+  while infinite.loads <= 4 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert infinite.loads > 4  # what validation and previews read before (prefetch 4 batches ahead)
+
+
 def test_global_batches_are_laid_out_on_the_mesh():
   from meddiff_jax import sharding
   config = tiny_config()

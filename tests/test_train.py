@@ -262,3 +262,72 @@ def test_throughput_metrics_and_peak_lookup():
   assert "mfu" not in throughput.step_metrics(1.0, 1e12, 1, 1, "cpu")
   spec = unet3d.UNetSpec()
   assert throughput.train_flops_per_step(spec, 32, 2) == pytest.approx(6 * unet3d.forward_flops(spec, (32,) * 3))
+
+
+def test_train_flops_count_backward_only_where_gradients_flow():
+  """Closed-form bookkeeping of throughput.train_flops; its total is checked against XLA in
+  tests/test_controlnet.py (test_logged_flops_per_step_match_xla_cost_analysis_of_the_compiled_step)."""
+  from meddiff_jax.models import controlnet
+
+  spec = unet3d.UNetSpec(base_channels=8, channel_mult=(1, 2), attention_levels=(1,))
+  parts = unet3d.forward_flops_parts(spec, (16,) * 3, 2)
+  assert parts["encoder"] + parts["decoder"] == unet3d.forward_flops(spec, (16,) * 3, 2)
+  enc, dec = parts["encoder"], parts["decoder"]
+  t, f = "trainable", "frozen"
+  unet = lambda e, d: {"encoder": {"conv_in": {"kernel": e}}, "decoder": {"out_conv": {"kernel": d}}}
+  assert throughput.train_flops(spec, 16, 2, unet(t, t)) == pytest.approx(throughput.train_flops_per_step(spec, 16, 2))
+  assert throughput.train_flops(spec, 16, 2, unet(f, t)) == pytest.approx(enc + 3 * dec)
+  branch = controlnet.branch_forward_flops(spec, (4, 4), (16,) * 3, 2)
+  hint = 2 * 27 * 16 ** 3 * (1 * 4 + 4 * 4 + 4 * 8) * 2  # 3x3x3 convs 1 -> 4 -> 4 -> base channels
+  zero = 2 * 2 * (8 * 8 * (2 * 16 ** 3 + 8 ** 3) + 16 * 16 * 2 * 8 ** 3)  # 1x1x1 on 4 skips + the middle
+  assert branch == pytest.approx(enc + hint + zero)
+  cn = lambda e, d, b: {"base": unet(e, d), "controlnet": {"encoder": {"conv_in": {"kernel": b}}}}
+  assert throughput.train_flops(spec, 16, 2, cn(f, f, t), (4, 4)) == pytest.approx(enc + 2 * dec + 3 * branch)
+  assert throughput.train_flops(spec, 16, 2, cn(f, t, t), (4, 4)) == pytest.approx(enc + 3 * dec + 3 * branch)
+
+
+def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
+  """A preview montage shows sample 0: it reads that one sample (not a batch plus Grain's read-ahead, which
+  from a bucket is whole volumes for a third of the samples), with the conditions a full batch gave it."""
+  import time
+
+  class Counting:
+    def __init__(self, base):
+      self.base, self.loads = base, 0
+
+    def __len__(self):
+      return len(self.base)
+
+    def load(self, index):
+      self.loads += 1
+      return self.base.load(index)
+
+  config = tiny_config(**{"training.batch_size": 4, "eval.num_batches": 2, "data.prefetch": 4})
+  store = pipeline.make_store(config.data)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  batch_sharding = sharding.batch_sharding(mesh, sharding.rules_from_config(()))
+  seen = {}
+
+  def preview(params, rng, cond):
+    seen.update(cond)
+    return jnp.zeros((cond["region"].shape[0], 8, 8, 8, 1))
+
+  class Writer:
+    def images(self, step, images):
+      seen["montage"] = images
+
+  counting = Counting(store)
+  loop.write_samples(preview, None, counting, config, batch_sharding, Writer(), str(tmp_path), 1)
+  time.sleep(0.5)
+  assert counting.loads == 1 and (tmp_path / "samples" / "step_00000001.png").exists()
+  full = next(iter(pipeline.make_dataset(store, config.data, batch_size=4, seed=777)))  # what it read before
+  for k in ("pos_box", "region", "structures"):
+    assert seen[k].shape[0] == 4
+    for i in range(4):
+      np.testing.assert_array_equal(np.asarray(seen[k][i]), full[k][0])
+
+  counting = Counting(store)
+  eval_step = lambda params, batch, rng: jnp.ones(config.eval.num_buckets)
+  out = loop.run_eval(eval_step, None, counting, config, batch_sharding, 1000)
+  time.sleep(0.5)
+  assert out["val/loss"] == 1.0 and counting.loads == 2 * 4

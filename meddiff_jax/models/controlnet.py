@@ -65,3 +65,22 @@ class ControlledUNet(nn.Module):
     residuals = ControlNet(self.spec, self.hint_hidden, name="controlnet")(x, t, cond, cond["hint"], train=train,
                                                                            scale=scale)
     return unet3d.UNet3D(self.spec, name="base")(x, t, cond, train=train, control=residuals)
+
+
+def branch_forward_flops(spec: unet3d.UNetSpec, hint_hidden: tuple[int, ...], spatial: tuple[int, int, int],
+                         batch: int = 1, hint_channels: int = 1) -> float:
+  """Analytic FLOPs of one `ControlNet` forward pass (as `unet3d.forward_flops`): the hint encoder, the
+  encoder copy (stem, down path, middle) and the 1x1x1 zero convs on every skip and the middle."""
+  vox = spatial[0] * spatial[1] * spatial[2]
+  chans = (hint_channels, *hint_hidden, spec.base_channels)
+  flops = sum(unet3d.conv_flops(a, b, 3, vox) for a, b in zip(chans[:-1], chans[1:]))
+  flops += unet3d.forward_flops_parts(spec, spatial)["encoder"]
+  skips = [(spec.base_channels, vox)]  # conv_in, then each res block and each downsampling (UNetEncoder)
+  for level, mult in enumerate(spec.channel_mult):
+    skips += [(spec.base_channels * mult, vox)] * spec.num_res_blocks
+    if level != len(spec.channel_mult) - 1:
+      vox //= 8
+      skips.append((spec.base_channels * mult, vox))
+  skips.append((spec.base_channels * spec.channel_mult[-1], vox))  # zero_middle
+  flops += sum(unet3d.conv_flops(c, c, 1, v) for c, v in skips)
+  return flops * batch

@@ -464,12 +464,20 @@ def forward_flops(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> flo
 
   Norms and elementwise ops are ignored (<2% for this architecture). A training step costs ~3x.
   """
-  flops = 0.0
+  return sum(forward_flops_parts(spec, spatial, batch).values())
+
+
+def conv_flops(cin: int, cout: int, k: int, voxels: int) -> float:
+  return 2.0 * cin * cout * k ** 3 * voxels
+
+
+def forward_flops_parts(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> dict[str, float]:
+  """`forward_flops` split as the modules are: {'encoder': stem, down path and middle block (UNetEncoder,
+  also what a ControlNet branch copies), 'decoder': up path and output head (UNetDecoder)}."""
+  enc = 0.0
   d, h, w = spatial
   vox = d * h * w
-
-  def conv(cin, cout, k, voxels):
-    return 2.0 * cin * cout * k ** 3 * voxels
+  conv = conv_flops
 
   def attn(c, voxels):
     return 2.0 * voxels * c * 4 * c + 4.0 * voxels * voxels * c  # qkv+proj, QK^T and AV
@@ -479,29 +487,30 @@ def forward_flops(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> flo
     return f + (conv(cin, cout, 1, voxels) if cin != cout else 0.0)
 
   ch = spec.base_channels
-  flops += conv(spec.in_channels, ch, 3, vox)
+  enc += conv(spec.in_channels, ch, 3, vox)
   chans = [ch]
   for level, mult in enumerate(spec.channel_mult):
     for _ in range(spec.num_res_blocks):
-      flops += res(ch, spec.base_channels * mult, vox)
+      enc += res(ch, spec.base_channels * mult, vox)
       ch = spec.base_channels * mult
       if level in spec.attention_levels:
-        flops += attn(ch, vox)
+        enc += attn(ch, vox)
       chans.append(ch)
     if level != len(spec.channel_mult) - 1:
       vox //= 8
-      flops += conv(ch, ch, 3, vox)
+      enc += conv(ch, ch, 3, vox)
       chans.append(ch)
-  flops += 2 * res(ch, ch, vox) + (attn(ch, vox) if spec.mid_attention else 0.0)
+  enc += 2 * res(ch, ch, vox) + (attn(ch, vox) if spec.mid_attention else 0.0)
+  dec = 0.0
   for level in reversed(range(len(spec.channel_mult))):
     for _ in range(spec.num_res_blocks + 1):
       cout = spec.base_channels * spec.channel_mult[level]
-      flops += res(ch + chans.pop(), cout, vox)
+      dec += res(ch + chans.pop(), cout, vox)
       ch = cout
       if level in spec.attention_levels:
-        flops += attn(ch, vox)
+        dec += attn(ch, vox)
     if level:
       vox *= 8
-      flops += conv(ch, ch, 3, vox)
-  flops += conv(ch, spec.out_channels, 3, vox)
-  return flops * batch
+      dec += conv(ch, ch, 3, vox)
+  dec += conv(ch, spec.out_channels, 3, vox)
+  return {"encoder": enc * batch, "decoder": dec * batch}

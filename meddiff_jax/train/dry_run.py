@@ -78,7 +78,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "flops_per_device": flops / n,
   }
   result.update(_memory(compiled))
-  result["xla_flops_per_device"] = _xla_flops(compiled)
+  result["xla_flops_per_device"] = throughput.xla_flops(compiled)
   result["lower_s"] = round(t1 - t0, 2)
   result["compile_s"] = round(compile_s, 2)
   result["projected_step_s_at_40pct_mfu"] = throughput.projected_step_s(flops, n, kind)
@@ -103,13 +103,3 @@ def _memory(compiled: Any) -> dict[str, Any]:
   return {"memory_per_device_gib": round((args + out + temp - alias) / GIB, 3),
           "arguments_gib": round(args / GIB, 3), "outputs_gib": round(out / GIB, 3),
           "temp_gib": round(temp / GIB, 3), "aliased_gib": round(alias / GIB, 3)}
-
-
-def _xla_flops(compiled: Any) -> float | None:
-  """XLA's FLOP count of the partitioned (per-device) program; a loop body (accumulation scan) counts once."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and "flops" in cost else None

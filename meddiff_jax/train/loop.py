@@ -154,8 +154,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer_lib.progress(f"model {unet3d.count_params(train_state.params):,} params "
                       f"({unet3d.count_params(train_state.ema_params):,} trained); mesh {dict(mesh.shape)} on "
                       f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}")
-  # model FLOPs of the (base) UNet: a ControlNet's config.model is its base's (train/controlnet.derive_config)
-  flops_per_step = throughput.flops_for_config(config, pretrained.build_model(config)[1])
+  # model FLOPs by which parts train (a ControlNet's config.model is its base's: train/controlnet.derive_config)
+  flops_per_step = throughput.flops_for_config(config, pretrained.build_model(config)[1], labels)
+  xla_flops_per_step = None
   device_kind = jax.devices()[0].device_kind
   logging.info("%.3g model FLOPs per step; %s", flops_per_step, throughput.describe_peak(device_kind))
   # checkpoints hold the state without the frozen params loaded from elsewhere (the ControlNet base)
@@ -208,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         compiled = train_step.lower(train_state, batch).compile()
         writer_lib.progress(f"compiled the train step in {time.perf_counter() - t0:.1f} s; "
                             f"{_memory_summary(compiled)}")
+        xla_flops_per_step = _executed_flops(compiled, config)
       accumulated, pending = None, None
       t_log, steps_since = time.perf_counter(), 0
       step = start
@@ -232,6 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
           scalars.update(throughput.step_metrics(scalars["steps_per_sec"], flops_per_step, config.training.batch_size,
                                                  jax.device_count(), device_kind))
+          scalars["flops_per_step"] = flops_per_step
+          if xla_flops_per_step is not None:
+            scalars["xla_flops_per_step"] = xla_flops_per_step
           writer.scalars(step, scalars, prefix=f"{trainee.metric_prefix}/")
           writer_lib.progress(f"step {step}/{num_steps}  "
                               + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec")))
@@ -266,7 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps) -> dict[str, float]:
   """Mean per-bucket validation loss over a fixed set of batches (the same batches every time)."""
   ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=12345,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             num_batches=config.eval.num_batches)
   batches = pipeline.GlobalBatches(ds, batch_sharding)
   total = None
   for i in range(config.eval.num_batches):
@@ -279,9 +285,14 @@ def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps
 
 
 def write_samples(preview, params, val_store, config, batch_sharding, writer, workdir, step) -> None:
-  """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used."""
-  ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=777,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+  """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used.
+
+  Reads one sample per process (the montage shows global sample 0), repeated to the batch the sampler
+  is sharded for: the model treats samples independently, so sample 0 is what a full batch would give."""
+  per_process = config.training.batch_size // jax.process_count()
+  ds = pipeline.make_dataset(val_store, config.data, batch_size=jax.process_count(), seed=777,
+                             process_index=jax.process_index(), process_count=jax.process_count(), num_batches=1)
+  ds = ds.map(lambda b: {k: np.repeat(v, per_process, axis=0) for k, v in b.items()})
   batch = next(pipeline.GlobalBatches(ds, batch_sharding))
   cond = {k: batch[k] for k in step_lib.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
@@ -338,6 +349,13 @@ def _check_finite(step_metrics: dict[str, jax.Array], step: int, limit: int) -> 
     raise NonFiniteError(
         f"{consecutive} consecutive training steps had a NaN/inf loss or gradient (last at step {step}); "
         f"stopping. Lower config.optimizer.learning_rate, enable grad_clip_norm, or check the data.")
+
+
+def _executed_flops(compiled: Any, config: ml_collections.ConfigDict) -> float | None:
+  """XLA's count for the whole step over all devices: the per-device program x devices x accumulation
+  steps (the scan body counts once). Remat recompute included, so above `flops_per_step` when remat is on."""
+  flops = throughput.xla_flops(compiled)
+  return flops * jax.device_count() * config.training.grad_accum_steps if flops is not None else None
 
 
 def _memory_summary(compiled: Any) -> str:

@@ -212,6 +212,9 @@ class _FrozenInput:
   def memory_analysis(self) -> Any:
     return self.fn.memory_analysis()
 
+  def cost_analysis(self) -> Any:
+    return self.fn.cost_analysis()
+
 
 @dataclasses.dataclass
 class _FrozenLowered:
