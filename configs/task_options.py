@@ -13,4 +13,8 @@ def add_window_options(c: ml_collections.ConfigDict, num_steps: int = 50,
   c.overlap = 0.5  # fraction shared by neighbouring windows
   c.window_batch = 8  # windows per model call (rounded up to a multiple of the device count)
   c.seed = 0
+  # The network's compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16. Parameters
+  # stay float32 in storage; norms, the model output and the sampler stay float32 (bf16 vs fp32 agreement:
+  # tests/test_inference_dtype.py, RESULTS.md #15).
+  c.inference_dtype = "auto"
   return c
