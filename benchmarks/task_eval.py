@@ -185,15 +185,16 @@ def main():
       y_pad, crop = sliding_window.pad_to_window(unit, pre.patch_size, fill=-1.0)
       crops.append(dict(hu=hu, unit=unit, truth=truth, body=preprocess.body_mask(hu), y=y_pad, crop=crop,
                         structures=common.structure_volume(pre, None, hu, pre.patch_size)))
-    rows = {}
+    rows, recons = {}, {}
     with sharding.activate(mesh, sharding.DEFAULT_RULES):
       for method, steps in a_runs:
         f = reconstructor(crops[0]["y"].shape, crops[0]["crop"], args.noise_t, method, steps, 0.0)
-        amaps, secs = [], 0.0
+        amaps, secs, recons[method, steps] = [], 0.0, []
         for k in crops:  # same key per crop across budgets: the same x_T at noise_t
           out, s = timed(f, jnp.asarray(k["y"])[None, ..., None], k["structures"], jax.random.key(0))
           secs += s
-          amaps.append(anomaly.anomaly_map(k["unit"], out[0, ..., 0][k["crop"]], k["body"], 1.0))
+          recons[method, steps].append(out[0, ..., 0][k["crop"]])
+          amaps.append(anomaly.anomaly_map(k["unit"], recons[method, steps][-1], k["body"], 1.0))
         truths = [k["truth"] for k in crops]
         bodies = [k["body"] for k in crops]
         labels = np.array([t.any() for t in truths])
@@ -206,6 +207,10 @@ def main():
                "network_calls_per_window": len(samplers.partial_timesteps(args.noise_t, steps))}
         rows[f"{method}:{steps}"] = row
         print(f"anomaly {method}:{steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    if a_reference:  # distance of each budget's reconstructions to the reference's (same x_T per crop)
+      for method, steps in budgets:
+        rows[f"{method}:{steps}"]["recon_rmse_to_reference"] = float(np.mean(
+            [_common.rmse(a, b) for a, b in zip(recons[method, steps], recons[a_reference[0]])]))
     result["anomaly"] = {"num_crops": len(crops), "with_lesion": int(sum(k["truth"].any() for k in crops)),
                          "noise_t": args.noise_t, "budgets": rows}
   mark_matches(result, args)
@@ -251,21 +256,23 @@ def markdown(result: dict) -> str:
   lines = []
   den = result.get("denoising")
   if den:
-    lines += ["| method | network calls | PSNR (dB) | SSIM | s (incl. compile) | matches reference |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| method | network calls | PSNR (dB) | SSIM | RMSE to reference | s (incl. compile) | matches reference |",
+              "|---|---|---|---|---|---|---|"]
     for name, m in den.items():
       calls = m.get("network_calls", "")
-      lines.append(f"| {name} | {calls} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
+      rmse = f"{m['rmse_to_reference']:.4f}" if "rmse_to_reference" in m else ""
+      lines.append(f"| {name} | {calls} | {m['psnr']:.2f} | {m['ssim']:.4f} | {rmse} | "
                    f"{m.get('seconds_incl_compile', float('nan')):.0f} | {m.get('matches_reference', '')} |")
   an = result.get("anomaly")
   if an:
     lines += ["", f"anomaly: {an['num_crops']} crops ({an['with_lesion']} with a lesion), noise_t {an['noise_t']}",
               "", "| budget | network calls | volume AUROC | voxel AUROC | voxel AUPRC | slice AUROC | pixel AUROC | "
-              "s (incl. compile, all crops) | matches reference |", "|---|---|---|---|---|---|---|---|---|"]
+              "recon RMSE to reference | s (incl. compile, all crops) | matches reference |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in an["budgets"].items():
       lines.append(f"| {name} | {r['network_calls_per_window']} | {r['volume_auroc']:.3f} | {r['voxel_auroc']:.3f} | "
                    f"{r['voxel_auprc']:.4f} | {r['slice_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
-                   f"{r['seconds_incl_compile']:.0f} | {r.get('matches_reference', '')} |")
+                   f"{r.get('recon_rmse_to_reference', float('nan')):.4f} | {r['seconds_incl_compile']:.0f} | {r.get('matches_reference', '')} |")
   return "\n".join(lines)
 
 
