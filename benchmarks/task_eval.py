@@ -143,6 +143,11 @@ def main():
           den[name] = {**score(baselines[name]), "seconds_incl_compile": secs, "network_calls": len(ts)}
           print(f"{name:32s} PSNR {den[name]['psnr']:6.2f} dB  SSIM {den[name]['ssim']:.4f}  ({secs:.1f} s)",
                 flush=True)
+        longest = diffpir_name(result, max(result["diffpir_steps"]))
+        for steps in result["diffpir_steps"]:
+          if len(result["diffpir_steps"]) > 1 and diffpir_name(result, steps) != longest:
+            den[diffpir_name(result, steps)]["rmse_to_reference"] = _common.rmse(baselines[diffpir_name(result, steps)],
+                                                                                 baselines[longest])
       partial = {}
       for method, steps in runs:
         f = reconstructor(y_pad.shape, crop, t_star, method, steps, jnp.float32(sigma_unit))
