@@ -7,9 +7,8 @@ def add_window_options(c: ml_collections.ConfigDict, num_steps: int = 50,
                        sampler: str = "dpmpp_2m") -> ml_collections.ConfigDict:
   c.num_steps = num_steps  # reverse-process steps (network calls per window); the step budget
   # ddpm | ddim | dpmpp_2m (DPM-Solver++(2M), second order). Default: the cheapest measured budget within RMSE
-  # 0.02 of the converged ODE sample on the shipped prior is dpmpp_2m-50 (ddim-50: 0.021), and the anomaly
-  # AUROCs at 50 are within 0.003 of 100 steps (20: at the 0.01 edge); denoising needs fewer (configs/denoise.py).
-  # RESULTS.md #15.
+  # 0.02 of the converged ODE sample from pure noise on the shipped prior is dpmpp_2m-50 (ddim-50: 0.021);
+  # denoise (10) and anomaly (20) measured their own task budgets (configs/denoise.py, anomaly.py). RESULTS.md #15.
   # Not used by RePaint (lesion inpaint: stochastic DDPM re-noising) or DiffPIR (its own data-consistency loop).
   c.sampler = sampler
   c.overlap = 0.5  # fraction shared by neighbouring windows
