@@ -1,8 +1,11 @@
 """Blended sliding-window step (one sampler step's network evaluation over a whole volume) on the shipped
 tiny_phantom prior: seconds per step, windows/s, and the growth exponent of time vs volume size.
 
-python benchmarks/sliding_window.py [--sizes=32,48,64] [--window_batch=8] [--repeats=3] [--dtype=float32]
+python benchmarks/sliding_window.py [--sizes=32,48,64] [--window_batch=8] [--repeats=3] [--checkpoint=tiny_phantom]
+  [--inference_dtype=auto|float32|bfloat16]
   [--null_model]   (a model that returns its input: the cost of the window machinery alone)
+The structure channels are built as the tasks build them (`common.structure_volume`): the body channel from
+the HU of a synthetic body (an ellipsoid of soft tissue in air), organs unknown.
 Appends one JSON line per size to benchmarks/results/sliding_window.jsonl.
 """
 
@@ -10,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common
 
 
 def main():
@@ -26,7 +26,7 @@ def main():
   p.add_argument("--sizes", default="32,48,64")
   p.add_argument("--window_batch", type=int, default=8)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--dtype", default="float32")
+  _common.add_prior_flags(p)
   p.add_argument("--null_model", action="store_true")
   args = p.parse_args()
 
@@ -34,20 +34,17 @@ def main():
   import jax.numpy as jnp
   import ml_collections
 
-  from meddiff_jax import pretrained
   from meddiff_jax.tasks import common
 
-  pre = pretrained.load("tiny_phantom")
-  if args.dtype != "float32":
-    import dataclasses
-    pre.spec = dataclasses.replace(pre.spec, dtype=jnp.dtype(args.dtype))
-    pre.model = type(pre.model)(pre.spec)
+  pre = _common.load_prior(args)
   cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=args.window_batch))
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+  commit = _common.commit()
   rows = []
   for size in map(int, args.sizes.split(",")):
     shape = (size,) * 3
-    structures = common.structure_volume(pre, None, None, shape)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"), -1)
+    hu = np.where(np.sum((grid / [0.9, 0.7, 0.95]) ** 2, -1) <= 1, 40.0, -1000.0).astype(np.float32)
+    structures = common.structure_volume(pre, None, hu)
     # null model: output = input + 0 * a structure channel, so the condition windows are still cut
     null = lambda x, t, c: x + 0.0 * c["structures"][..., :1].astype(x.dtype)
     apply_fn = null if args.null_model else None
@@ -66,7 +63,7 @@ def main():
     s = float(np.median(times))
     n = int(plan.valid.sum())
     row = {"commit": commit, "size": size, "windows": n, "padded_windows": len(plan.starts), "step_s": s,
-           "windows_per_s": n / s, "first_call_s": compile_s, "window_batch": plan.batch, "dtype": args.dtype,
+           "windows_per_s": n / s, "first_call_s": compile_s, "window_batch": plan.batch, "dtype": str(pre.spec.dtype),
            "null_model": args.null_model}
     rows.append(row)
     print(f"{size}^3: {n} windows, {s:.3f} s/step, {n / s:.1f} windows/s (first call {compile_s:.1f} s)", flush=True)
@@ -74,7 +71,7 @@ def main():
     v = np.log([r["size"] ** 3 for r in rows])
     slope = np.polyfit(v, np.log([r["step_s"] for r in rows]), 1)[0]
     print(f"time ~ voxels^{slope:.2f}")
-  out = ROOT / "benchmarks" / "results" / "sliding_window.jsonl"
+  out = _common.RESULTS / "sliding_window.jsonl"
   out.parent.mkdir(parents=True, exist_ok=True)
   with out.open("a") as f:
     for r in rows:

@@ -1,4 +1,5 @@
-"""Quality vs cost of the samplers on the shipped tiny_phantom prior (one 16^3 window, no blending):
+"""Quality vs cost of the samplers on a prior (--checkpoint, default the shipped tiny_phantom; one window, no
+blending):
 distance of DDIM / DPM-Solver++(2M) samples at a few step budgets to references from the same x_T.
 
 References: the probability-flow ODE solved with DPM-Solver++(2M) at 250 steps (what every deterministic
@@ -6,26 +7,27 @@ solver converges to; in the Gaussian test its error at 160 steps is 2.7e-4, belo
 DDPM-1000 (the paper's sampler; stochastic, so its distance to any ODE sample has a floor, measured as the
 distance between two DDPM-1000 runs from the same x_T).
 
-python benchmarks/solver_quality.py [--budgets=10,20,50] [--ode_reference=dpmpp_2m:250] [--ddpm_steps=1000]
-Writes benchmarks/results/solver_quality.json.
+python benchmarks/solver_quality.py [--checkpoint=tiny_phantom] [--budgets=10,20,50] [--ode_reference=dpmpp_2m:250]
+  [--ddpm_steps=1000]
+Writes benchmarks/results/solver_quality_[CHECKPOINT_]SPACING_clipN.json (no prefix for tiny_phantom).
+Task metrics (PSNR/SSIM, AUROC) per budget: benchmarks/task_eval.py --budgets.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common
 
 
 def main():
   p = argparse.ArgumentParser()
+  _common.add_prior_flags(p)
   p.add_argument("--budgets", default="10,20,50")
   p.add_argument("--ode_reference", default="dpmpp_2m:250")
   p.add_argument("--ddpm_steps", type=int, default=1000, help="0: skip the DDPM reference")
@@ -37,13 +39,10 @@ def main():
   import jax.numpy as jnp
 
   from meddiff_jax.diffusion import samplers
-  from meddiff_jax import pretrained
 
-  pre = pretrained.load("tiny_phantom")
+  pre = _common.load_prior(args)
   w, n = pre.patch_size, 2
-  cond = {"pos_box": jnp.tile(jnp.array([[[-1.0, 1.0]] * 3]), (n, 1, 1)), "region": jnp.full((n,), 2, jnp.int32)}
-  if pre.spec.structure_channels:
-    cond["structures"] = jnp.zeros((n, w, w, w, pre.spec.structure_channels), jnp.uint8)
+  cond = _common.window_conditions(pre, n)
   x_T = jax.random.normal(jax.random.key(0), (n, w, w, w, 1))  # two different starting noises
   T = pre.schedule.num_timesteps
 
@@ -58,8 +57,8 @@ def main():
   ref_method, ref_steps = args.ode_reference.split(":")
   ode_ref, t_ref = run(ref_method, int(ref_steps), x_T, cond, spacing=args.spacing)
   print(f"ODE reference {args.ode_reference}: {t_ref:.1f} s", flush=True)
-  rmse = lambda a, b: float(np.sqrt(np.mean((a - b) ** 2)))
-  result = {"command": " ".join(sys.argv), "patch": w, "ode_reference": args.ode_reference, "spacing": args.spacing,
+  rmse = _common.rmse
+  result = {"command": " ".join(sys.argv), "commit": _common.commit(), "checkpoint": args.checkpoint, "patch": w, "ode_reference": args.ode_reference, "spacing": args.spacing,
             "clip_x0": bool(args.clip_x0),
             "seconds": {args.ode_reference: t_ref}, "rows": []}
   outs = {}
@@ -71,9 +70,9 @@ def main():
              "max_to_ode_ref": float(np.max(np.abs(out - ode_ref))), "seconds_incl_compile": secs}
       result["rows"].append(row)
       print(row, flush=True)
-  out_path = ROOT / "benchmarks" / "results" / f"solver_quality_{args.spacing}_clip{args.clip_x0}.json"
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(result, indent=1))
+  prefix = "" if args.checkpoint == "tiny_phantom" else pathlib.Path(args.checkpoint).name + "_"
+  name = f"solver_quality_{prefix}{args.spacing}_clip{args.clip_x0}.json"
+  _common.write_json(name, result)
   if not args.ddpm_steps:
     return
   # the same x_T[0] twice: independent ancestral noise, so the pair measures DDPM's own spread
@@ -84,7 +83,7 @@ def main():
   for row in result["rows"]:
     row["rmse_to_ddpm"] = rmse(outs[row["method"], row["steps"]][0], ddpm[0])
   print(f"DDPM floor {result['ddpm_floor_rmse']:.4f}  DDPM vs ODE ref {result['ddpm_vs_ode_ref_rmse']:.4f}", flush=True)
-  out_path.write_text(json.dumps(result, indent=1))
+  _common.write_json(name, result)
 
 
 if __name__ == "__main__":

@@ -122,14 +122,51 @@ def read_config(path: str) -> ml_collections.ConfigDict:
     ck.close()
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def inference_dtype(name: str | None, backend: str | None = None) -> jnp.dtype | None:
+  """The network's compute dtype for inference (`--config.inference_dtype`); None keeps the checkpoint's.
+
+  'auto': bfloat16 where the backend has fast bf16 matrix units (GPU, TPU), float32 on CPU (XLA:CPU has no
+  fast bf16 convolutions, and CPU runs are the ones that check results). Parameters stay float32 in storage
+  (flax casts them at each layer); GroupNorm and the model output stay float32, so samplers run in float32.
+  """
+  if name is None:
+    return None
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"inference_dtype={name!r}; choose from {list(COMPUTE_DTYPES)}")
+  if name == "auto":
+    name = "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return jnp.dtype(name)
+
+
+def with_compute_dtype(pre: Pretrained, dtype: jnp.dtype | str | None) -> Pretrained:
+  """The same params under a model that computes in `dtype` (a name is resolved by `inference_dtype`)."""
+  if isinstance(dtype, str):
+    dtype = inference_dtype(dtype)
+  if dtype is None or jnp.dtype(dtype) == pre.spec.dtype:
+    return pre
+  spec = dataclasses.replace(pre.spec, dtype=jnp.dtype(dtype))
+  return dataclasses.replace(pre, model=unet3d.UNet3D(spec), spec=spec)
+
+
 def _from_config(config: ml_collections.ConfigDict, params: Any) -> Pretrained:
   model, spec = build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   return Pretrained(model, spec, params, config, schedule)
 
 
-def load(path: str) -> Pretrained:
-  """From a builtin name (e.g. 'tiny_phantom'), an exported dir, or a training workdir."""
+def load(path: str, compute_dtype: str | None = None) -> Pretrained:
+  """From a builtin name (e.g. 'tiny_phantom'), an exported dir, or a training workdir.
+
+  compute_dtype: auto | float32 | bfloat16 (`inference_dtype`); None computes as the checkpoint was trained.
+  """
+  dtype = inference_dtype(compute_dtype)  # a bad name fails before anything is read
+  return with_compute_dtype(_load(path), dtype)
+
+
+def _load(path: str) -> Pretrained:
   path = resolve(path)
   if _is_export(path):
     config = read_config(path)
@@ -187,14 +224,15 @@ class Controlled:
     return lambda x, t, cond: self.model.apply({"params": self.params}, x, t, cond, scale=scale)
 
 
-def load_controlled(workdir: str) -> Controlled:
-  """A fine-tuning workdir: branch EMA params from its newest checkpoint, the base from `base_checkpoint`."""
+def load_controlled(workdir: str, compute_dtype: str | None = None) -> Controlled:
+  """A fine-tuning workdir: branch EMA params from its newest checkpoint, the base from `base_checkpoint`;
+  compute_dtype as in `load` (the branch computes in the base's dtype)."""
   ck = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"))
   if not ck.all_steps():
     ck.close()
     raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
   config = ml_collections.ConfigDict(ck.latest_config())
-  pre = load(config.base_checkpoint)
+  pre = load(config.base_checkpoint, compute_dtype)
   model = build_controlled(config, pre.spec)
   abstract = _abstract(controlled_init_fn(model, pre.patch_size), pre.params)
   params = _inference_params(ck, abstract, config, external={"base": pre.params})

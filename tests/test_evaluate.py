@@ -397,7 +397,7 @@ def test_adapter_builds_the_task_config_from_shared_options():
   t = adapters.task_config("denoising", cfg, input="in.nii.gz", output="out.nii.gz")
   assert t.overlap == 0.0 and t.seed == 0  # zero is a value, not 'unset'
   default = adapters.task_config("denoising", _config())
-  assert default.overlap == 0.5 and default.num_steps == 20  # configs/denoise.py's own defaults
+  assert default.overlap == 0.5 and default.num_steps == 10  # configs/denoise.py's own defaults
   assert (t.method, t.num_steps, t.lam, t.zeta, t.input, t.checkpoint) == ("partial", 3, 5.0, 0.1, "in.nii.gz",
                                                                            "tiny_phantom")
   assert adapters.task_config("inpainting", _config(protocol="inpainting"), input="a").method == "inpaint"

@@ -140,7 +140,7 @@ def seg_file(ct_file):
 @pytest.mark.parametrize("task,extra", [
     ("denoise", ["--config.num_steps=3", "--config.window_batch=2"]),
     ("denoise", ["--config.method=partial", "--config.num_steps=3", "--config.noise_sigma_hu=20", "LABELS"]),
-    ("anomaly", ["--config.num_steps=3", "--config.noise_t=500", "LABELS"]),
+    ("anomaly", ["--config.num_steps=3", "--config.noise_t=500", "LABELS", "--config.inference_dtype=bfloat16"]),
 ])
 def test_task_commands_write_nifti_on_the_input_grid(tmp_path, ct_file, seg_file, task, extra):
   out = tmp_path / "out.nii.gz"

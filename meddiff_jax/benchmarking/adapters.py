@@ -13,7 +13,8 @@ from typing import Any
 
 TASK = {"denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis", "super_resolution": "super_resolution",
         "lesion": "lesion", "inpainting": "lesion"}
-SHARED = ("checkpoint", "controlnet", "region", "sampler", "num_steps", "overlap", "window_batch", "seed", "method")
+SHARED = ("checkpoint", "controlnet", "region", "sampler", "num_steps", "overlap", "window_batch", "seed", "method",
+          "inference_dtype")
 FIXED_METHOD = {"lesion": "generate", "inpainting": "inpaint"}
 
 

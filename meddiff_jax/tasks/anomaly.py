@@ -60,7 +60,7 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax import pretrained
   from meddiff_jax.tasks import common, sliding_window
 
-  pre = pretrained.load(config.checkpoint)
+  pre = pretrained.load(config.checkpoint, config.inference_dtype)
   original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
   region = preprocess.region_id(config.region)
   y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)

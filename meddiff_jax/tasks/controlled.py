@@ -22,9 +22,9 @@ from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common
 
 
-def load_controlled(workdir: str) -> pretrained.Controlled:
+def load_controlled(workdir: str, compute_dtype: str | None = None) -> pretrained.Controlled:
   """A fine-tuning workdir: branch EMA params from its newest checkpoint, base from `base_checkpoint`."""
-  return pretrained.load_controlled(workdir)
+  return pretrained.load_controlled(workdir, compute_dtype)
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:
@@ -109,7 +109,7 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   from meddiff_jax.tasks import sliding_window
   from meddiff_jax import sharding
 
-  cm = load_controlled(config.controlnet)
+  cm = load_controlled(config.controlnet, config.inference_dtype)
   region = preprocess.region_id(config.region)
   options = nifti.ReadOptions.from_config(config)
   lr = nifti.load(config.input, options=options)
@@ -158,7 +158,7 @@ def run_lesion(config: Any) -> dict[str, Any]:
   from meddiff_jax.tasks import sliding_window
   from meddiff_jax import sharding
 
-  cm = load_controlled(config.controlnet)
+  cm = load_controlled(config.controlnet, config.inference_dtype)
   region = preprocess.region_id(config.region)
   options = nifti.ReadOptions.from_config(config)
   ct = nifti.load(config.input, options=options)

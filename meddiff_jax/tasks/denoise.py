@@ -119,7 +119,7 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax.tasks import common, sliding_window
   from meddiff_jax import pretrained, sharding
 
-  pre = pretrained.load(config.checkpoint)
+  pre = pretrained.load(config.checkpoint, config.inference_dtype)
   original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
   region = preprocess.region_id(config.region)
   lo, hi = preprocess.window_bounds(region)

@@ -57,7 +57,7 @@ def run(config: Any) -> dict[str, Any]:
   from meddiff_jax import pretrained
   from meddiff_jax.tasks import common
 
-  pre = pretrained.load(config.checkpoint)
+  pre = pretrained.load(config.checkpoint, config.inference_dtype)
   region = preprocess.region_id(config.region)
   spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
   if config.labels:

@@ -1,0 +1,87 @@
+"""Set-up the sampler/task benchmarks share: the prior, the real CT and its liver crops, window conditions,
+results files. Imported by benchmarks/task_eval.py, solver_quality.py and sliding_window.py (run as scripts
+from the repository root or anywhere: this module puts the repository on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+LIVER = 5  # TotalSegmentator label of the liver in example_seg_fast_force_split
+
+
+def add_prior_flags(p) -> None:
+  """--checkpoint (a builtin name such as tiny_phantom, an exported dir or a training workdir) and
+  --inference_dtype (configs/task_options.py)."""
+  p.add_argument("--checkpoint", default="tiny_phantom")
+  p.add_argument("--inference_dtype", default="auto", help="auto | float32 | bfloat16")
+
+
+def load_prior(args) -> Any:
+  from meddiff_jax import pretrained
+  return pretrained.load(args.checkpoint, compute_dtype=args.inference_dtype)
+
+
+def commit() -> str:
+  return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip()
+
+
+def real_ct(data_dir: str | pathlib.Path = DATA):
+  """(CT, TotalSegmentator labels) of the example abdomen CT (3 mm), as `nifti` volumes."""
+  from meddiff_jax.data import nifti
+  data_dir = pathlib.Path(data_dir)
+  ct = nifti.load(data_dir / "example_ct.nii.gz")
+  seg = nifti.load(data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  return ct, seg
+
+
+def crop_around(centre: np.ndarray, size: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """A size^3 box around `centre`, moved inside the volume."""
+  centre = np.clip(np.asarray(centre), size // 2, np.array(shape) - size // 2)
+  return tuple(slice(int(m - size // 2), int(m - size // 2 + size)) for m in centre)
+
+
+def liver_centre(seg) -> np.ndarray:
+  return np.argwhere(seg.data == LIVER).mean(0).astype(int)
+
+
+def window_conditions(pre, n: int, region: int = 2) -> dict:
+  """Conditions of n whole-frame windows (position box [-1, 1]^3, one region, organs unknown)."""
+  import jax.numpy as jnp
+  w = pre.patch_size
+  cond = {"pos_box": jnp.tile(jnp.array([[[-1.0, 1.0]] * 3]), (n, 1, 1)), "region": jnp.full((n,), region, jnp.int32)}
+  if pre.spec.structure_channels:
+    cond["structures"] = jnp.zeros((n, w, w, w, pre.spec.structure_channels), jnp.uint8)
+  return cond
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+  return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def write_json(name: str, result: dict) -> pathlib.Path:
+  out = RESULTS / name
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1))
+  return out
+
+
+def parse_budgets(text: str) -> list[tuple[str, int]]:
+  """'ddim:10,dpmpp_2m:20' -> [('ddim', 10), ('dpmpp_2m', 20)]."""
+  out = []
+  for item in filter(None, text.split(",")):
+    method, steps = item.split(":")
+    out.append((method, int(steps)))
+  return out
