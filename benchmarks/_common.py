@@ -38,19 +38,54 @@ def commit() -> str:
                         text=True).stdout.strip()
 
 
-def real_ct(data_dir: str | pathlib.Path = DATA):
-  """(CT, TotalSegmentator labels) of the example abdomen CT (3 mm), as `nifti` volumes."""
+SCANS = ("example_ct", "dicom")
+
+
+def add_scan_flags(p) -> None:
+  """--scan: example_ct (the 3 mm abdomen CT; tiny_ct trained on it) or dicom (example_ct_dicom/, another
+  patient, never trained on: the held-out scan); --spacing: native | prior (the checkpoint's training spacing)
+  | 'X,Y,Z' mm."""
+  p.add_argument("--scan", default="example_ct", choices=SCANS)
+  p.add_argument("--spacing", default="native")
+
+
+def scan_spacing(args, pre) -> tuple[float, float, float] | None:
+  if args.spacing == "native":
+    return None
+  if args.spacing == "prior":
+    spacing = tuple(pre.config.data.get("spacing", ()) or ())
+    if not spacing:
+      raise SystemExit(f"--spacing=prior: {args.checkpoint} records no training spacing")
+    return tuple(float(v) for v in spacing)
+  return tuple(float(v) for v in args.spacing.split(","))
+
+
+def real_ct(data_dir: str | pathlib.Path = DATA, scan: str = "example_ct",
+            spacing: tuple[float, float, float] | None = None):
+  """(CT, TotalSegmentator labels) as `nifti` volumes in RAS, labels on the CT's grid, optionally resampled
+  to `spacing` mm (trilinear CT, nearest labels)."""
   from meddiff_jax.data import nifti
   data_dir = pathlib.Path(data_dir)
-  ct = nifti.load(data_dir / "example_ct.nii.gz")
-  seg = nifti.load(data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  if scan == "example_ct":
+    ct = nifti.load(data_dir / "example_ct.nii.gz")
+    seg = nifti.load(data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  elif scan == "dicom":  # labels were made on dcm2niix's grid of the series: put them on ours by world position
+    ct = nifti.load(data_dir / "example_ct_dicom")
+    seg = nifti.load(data_dir / "example_seg_dicom.nii.gz", is_mask=True)
+    seg = nifti.resample_like(seg, ct.shape, ct.affine, order=0)
+  else:
+    raise ValueError(f"scan {scan!r}: choose one of {SCANS}")
+  if spacing:
+    ct = nifti.resample(ct, spacing)
+    seg = nifti.resample_like(seg, ct.shape, ct.affine, order=0)
   return ct, seg
 
 
 def crop_around(centre: np.ndarray, size: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-  """A size^3 box around `centre`, moved inside the volume."""
-  centre = np.clip(np.asarray(centre), size // 2, np.array(shape) - size // 2)
-  return tuple(slice(int(m - size // 2), int(m - size // 2 + size)) for m in centre)
+  """A size^3 box around `centre`, moved inside the volume (an axis shorter than `size` is taken whole)."""
+  sizes = np.minimum(size, np.array(shape))
+  centre = np.clip(np.asarray(centre), sizes // 2, np.array(shape) - (sizes - sizes // 2))
+  return tuple(slice(int(m - n // 2), int(m - n // 2 + n)) for m, n in zip(centre, sizes))
 
 
 def liver_centre(seg) -> np.ndarray:

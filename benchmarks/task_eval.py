@@ -15,7 +15,7 @@ when no metric is worse than the reference's by more than --psnr_tol dB / --ssim
 --steps (the #14 protocol). `--rescore` recomputes the marks of an existing --out file with the given
 tolerances and prints the markdown tables (no model run).
 
-python benchmarks/task_eval.py [--checkpoint=tiny_phantom] [--crop=48] [--num_crops=8] [--steps=20]
+python benchmarks/task_eval.py [--checkpoint=tiny_phantom] [--scan=example_ct|dicom] [--spacing=native|prior|X,Y,Z] [--crop=48] [--num_crops=8] [--steps=20]
   [--noise_t=500] [--budgets=...] [--reference=ddpm:1000] [--anomaly_reference=dpmpp_2m:100] [--only=denoising|anomaly] [--montage]
 Writes benchmarks/results/task_eval.json (or --out).
 """
@@ -35,6 +35,7 @@ import _common
 def main():
   p = argparse.ArgumentParser()
   _common.add_prior_flags(p)
+  _common.add_scan_flags(p)
   p.add_argument("--data", default=str(_common.DATA))
   p.add_argument("--crop", type=int, default=48)
   p.add_argument("--noise_hu", type=float, default=30.0)
@@ -72,13 +73,13 @@ def main():
   from skimage.restoration import denoise_nl_means
 
   from meddiff_jax import sharding
-  from meddiff_jax.data import preprocess
+  from meddiff_jax.data import geometry, preprocess
   from meddiff_jax.diffusion import samplers, schedules
   from meddiff_jax.evaluation import metrics
   from meddiff_jax.tasks import anomaly, common, denoise, sliding_window
 
   pre = _common.load_prior(args)
-  ct, seg = _common.real_ct(args.data)
+  ct, seg = _common.real_ct(args.data, args.scan, _common.scan_spacing(args, pre))
   region = preprocess.region_id("abdomen")
   lo, hi = preprocess.window_bounds(region)
   rng = np.random.default_rng(0)
@@ -90,7 +91,8 @@ def main():
   a_runs = budgets + [r for r in a_reference if r not in budgets]
   sigma_unit = args.noise_hu * 2 / (hi - lo)
   wcfg = ml_collections.ConfigDict(dict(overlap=args.overlap, window_batch=8))
-  result = {"command": " ".join(sys.argv), "commit": _common.commit(), "checkpoint": args.checkpoint,
+  result = {"command": " ".join(sys.argv), "commit": _common.commit(), "checkpoint": args.checkpoint, "scan": args.scan,
+            "spacing_mm": list(geometry.spacing_of(ct.affine)),
             "compute_dtype": str(pre.spec.dtype), "crop": c, "noise_hu": args.noise_hu, "sigma_unit": sigma_unit,
             "budgets": [f"{m}:{s}" for m, s in budgets], "reference": args.reference or None,
             "diffpir_steps": [int(s) for s in args.diffpir_steps.split(",")] if args.diffpir_steps else [args.steps],
