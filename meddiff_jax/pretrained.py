@@ -27,7 +27,7 @@ import numpy as np
 
 from meddiff_jax import checkpoint, sharding
 from meddiff_jax.diffusion import schedules
-from meddiff_jax.models import controlnet, trainable, unet3d
+from meddiff_jax.models import conditions, controlnet, trainable, unet3d
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 BUILTIN = {"tiny_phantom": os.path.join(ASSETS, "tiny_phantom")}
@@ -58,10 +58,10 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3
 def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
   x = jnp.zeros((batch, patch, patch, patch, 1), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
-  cond = {"pos_box": jnp.tile(jnp.array([[-1.0, 1.0]], jnp.float32), (batch, 3, 1)),
-          "region": jnp.zeros((batch,), jnp.int32)}
+  cond = {conditions.POS_BOX: jnp.asarray(conditions.whole_box(batch)),
+          conditions.REGION: jnp.zeros((batch,), jnp.int32)}
   if spec.structure_channels:
-    cond["structures"] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
+    cond[conditions.STRUCTURES] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
   return x, t, cond
 
 
@@ -78,7 +78,7 @@ def controlled_init_fn(model: controlnet.ControlledUNet, patch: int) -> Callable
   """(key, base params) -> boxed {'base': the given params, 'controlnet': a new branch whose encoder is a
   copy of the base encoder (ControlNet's "trainable copy"; zero convs make the sum equal the base)}."""
   x, t, cond = dummy_inputs(model.spec, patch)
-  cond["hint"] = jnp.zeros(x.shape, jnp.float32)
+  cond[conditions.HINT] = jnp.zeros(x.shape, jnp.float32)
   is_box = lambda v: isinstance(v, nn.Partitioned)
   fill = lambda boxed, values: jax.tree_util.tree_map(
       lambda b, v: b.replace_boxed(v) if is_box(b) else v, boxed, values, is_leaf=is_box)

@@ -22,7 +22,7 @@ from meddiff_jax import storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
-from meddiff_jax.models import trainable, unet3d
+from meddiff_jax.models import conditions, trainable, unet3d
 from meddiff_jax import checkpoint, pretrained, sharding
 from meddiff_jax.train import evaluate, throughput
 from meddiff_jax.train import writer as writer_lib
@@ -283,9 +283,9 @@ def write_samples(preview, params, val_store, config, batch_sharding, writer, wo
   ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=777,
                              process_index=jax.process_index(), process_count=jax.process_count())
   batch = next(pipeline.GlobalBatches(ds, batch_sharding))
-  cond = {k: batch[k] for k in step_lib.COND_KEYS if k in batch}
+  cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
-  gen, real = (_to_host(a)[0] for a in (generated, batch["image"]))
+  gen, real = (_to_host(a)[0] for a in (generated, batch[conditions.IMAGE]))
   if jax.process_index() != 0:
     return
   image = montage.slice_montage([gen, real])
