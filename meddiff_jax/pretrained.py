@@ -26,12 +26,39 @@ import ml_collections
 import numpy as np
 
 from meddiff_jax import checkpoint, sharding
+from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import conditions, controlnet, trainable, unet3d
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 BUILTIN = {"tiny_phantom": os.path.join(ASSETS, "tiny_phantom")}
 ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before the option existed
+# Config keys added after checkpoints had been written (the shipped tiny_phantom among them), with what their
+# absence meant then. Only configs read back from a checkpoint get them (`stored_config`); a new config
+# has every key, with its default visible in configs/pretrain.py.
+LEGACY_KEYS = {
+    "model.structure_embed_dim": 0, "model.num_structure_ids": 0,
+    "diffusion.structure_drop_prob": 0.0, "diffusion.body_drop_prob": 0.0,
+    "data.class_map": "", "data.spacing": (), "data.structures": "grouped",
+    "data.structure_groups": tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
+    "data.hint": "", "data.sr_factor": 5, "data.positive_fraction": 0.0, "data.phantom.num_lesions": 0,
+    "optimizer.trainable": ALL_PARAMS,
+}
+
+
+def stored_config(raw: dict) -> ml_collections.ConfigDict:
+  """A config as a checkpoint or export stored it, completed with LEGACY_KEYS it predates."""
+  config = ml_collections.ConfigDict(raw)
+  for dotted, value in LEGACY_KEYS.items():
+    *path, last = dotted.split(".")
+    node = config
+    for key in path:
+      node = node[key] if key in node else None
+      if node is None:
+        break
+    if node is not None and last not in node:
+      node[last] = value
+  return config
 
 
 @dataclasses.dataclass
@@ -108,10 +135,10 @@ def read_config(path: str) -> ml_collections.ConfigDict:
   path = resolve(path)
   if os.path.exists(os.path.join(path, "params.msgpack")):
     with open(os.path.join(path, "config.json")) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      return stored_config(json.load(f))
   ck = checkpoint.Checkpointer(_checkpoint_dir(path))
   try:
-    return ml_collections.ConfigDict(ck.latest_config())
+    return stored_config(ck.latest_config())
   finally:
     ck.close()
 
@@ -134,7 +161,7 @@ def load(path: str) -> Pretrained:
   if not ck.all_steps():
     ck.close()
     raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
-  config = ml_collections.ConfigDict(ck.latest_config())
+  config = stored_config(ck.latest_config())
   model, spec = build_model(config)
   abstract = _abstract(init_params_fn(model, spec, config.data.patch_size))
   params = _inference_params(ck, abstract, config)
@@ -154,7 +181,7 @@ def _inference_params(ck: checkpoint.Checkpointer, abstract: Any, config: ml_col
                       external: Any = None) -> Any:
   """EMA of the trained leaves + the frozen leaves as checkpointed; `external` (the base of a ControlNet
   run) supplies frozen leaves the run did not checkpoint."""
-  labels = trainable.labels(abstract, config.optimizer.get("trainable", ALL_PARAMS))
+  labels = trainable.labels(abstract, config.optimizer.trainable)
   trained, frozen = trainable.split(abstract, labels)
   if external:
     frozen, _ = trainable.split(frozen, _mask_out(frozen, external))
@@ -188,7 +215,7 @@ def load_controlled(workdir: str) -> Controlled:
   if not ck.all_steps():
     ck.close()
     raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
-  config = ml_collections.ConfigDict(ck.latest_config())
+  config = stored_config(ck.latest_config())
   pre = load(config.base_checkpoint)
   model = build_controlled(config, pre.spec)
   abstract = _abstract(controlled_init_fn(model, pre.patch_size), pre.params)

@@ -60,9 +60,9 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
     x_t = schedules.q_sample(schedule, x0.astype(jnp.float32), t, noise)
     cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
-    if dcfg.get("structure_drop_prob", 0.0) > 0:  # organs unknown (and sometimes no body): tasks without labels
+    if dcfg.structure_drop_prob > 0:  # organs unknown (and sometimes no body): tasks without labels
       organ_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 1), dcfg.structure_drop_prob, (n,))
-      body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.get("body_drop_prob", 0.0), (n,))
+      body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.body_drop_prob, (n,))
       cond = samplers.drop_organ_structures(cond, organ_drop, body_drop)
     if dcfg.cond_drop_prob > 0:
       cond = drop_conditions(cond, jax.random.bernoulli(drop_rng, dcfg.cond_drop_prob, (n,)), num_regions)
