@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import jax
 import ml_collections
@@ -105,7 +105,7 @@ COMMANDS: dict[str, Command] = {
 CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)
 
 
-def fail(message: Any) -> None:
+def fail(message: Any) -> NoReturn:
   """The one error path: `error: MESSAGE` (one line) on stderr, exit status 1."""
   sys.exit(f"error: {message}")
 
