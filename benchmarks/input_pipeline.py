@@ -53,11 +53,12 @@ def make_inputs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
-  import ml_collections
   from meddiff_jax.data import pipeline, store
 
-  cfg = ml_collections.ConfigDict(dict(patch_size=patch, use_structures=structures, operation_probs=operation_probs,
-                                       num_threads=threads, prefetch=8, worker_count=0, class_map=""))
+  from configs import pretrain
+  cfg = pretrain.get_config("tiny").data  # every data key, with its visible default
+  cfg.update(patch_size=patch, use_structures=structures, operation_probs=operation_probs, num_threads=threads,
+             prefetch=8, worker_count=0, class_map="")
   ds = pipeline.make_dataset(store.PreparedStore(str(store_dir)), cfg, batch_size=4, seed=0)
   it = iter(ds)
   next(it)  # warm-up: first touches of the memory maps

@@ -52,12 +52,12 @@ def measure(config, steps):
   import jax
   import numpy as np
   from meddiff_jax.diffusion import schedules
-  from meddiff_jax import pretrained, sharding
-  from meddiff_jax.train import loop, throughput
+  from meddiff_jax import checks, pretrained, sharding
+  from meddiff_jax.train import throughput
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
 
-  loop.validate(config)
+  checks.pretrain(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.rules_from_config(config.sharding.rules)
   model, spec = pretrained.build_model(config)

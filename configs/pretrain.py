@@ -90,7 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prefetch=4,
       worker_count=0,
       val_fraction=0.1,  # stores without recorded splits (phantoms): every k-th volume validates
-      phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0)),
+      # ControlNet fine-tuning only (configs/controlnet.py): the condition volume each sample carries
+      hint="",  # '' (none) | lowres (thick slices of the image) | lesion (the lesion mask)
+      sr_factor=5,  # lowres: native slices averaged into one thick slice (when no real low-res partner)
+      positive_fraction=0.0,  # crops centred on a lesion voxel with this probability (lesion fine-tuning)
+      phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0,
+                                             num_lesions=0)),  # lesions per phantom (lesion fine-tuning)
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(

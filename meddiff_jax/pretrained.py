@@ -28,12 +28,39 @@ import ml_collections
 import numpy as np
 
 from meddiff_jax import checkpoint, sharding, storage
+from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import schedules
-from meddiff_jax.models import controlnet, trainable, unet3d
+from meddiff_jax.models import conditions, controlnet, trainable, unet3d
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 BUILTIN = {"tiny_phantom": os.path.join(ASSETS, "tiny_phantom")}
 ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before the option existed
+# Config keys added after checkpoints had been written (the shipped tiny_phantom among them), with what their
+# absence meant then. Only configs read back from a checkpoint get them (`stored_config`); a new config
+# has every key, with its default visible in configs/pretrain.py.
+LEGACY_KEYS = {
+    "model.structure_embed_dim": 0, "model.num_structure_ids": 0,
+    "diffusion.structure_drop_prob": 0.0, "diffusion.body_drop_prob": 0.0,
+    "data.class_map": "", "data.spacing": (), "data.structures": "grouped",
+    "data.structure_groups": tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
+    "data.hint": "", "data.sr_factor": 5, "data.positive_fraction": 0.0, "data.phantom.num_lesions": 0,
+    "optimizer.trainable": ALL_PARAMS,
+}
+
+
+def stored_config(raw: dict) -> ml_collections.ConfigDict:
+  """A config as a checkpoint or export stored it, completed with LEGACY_KEYS it predates."""
+  config = ml_collections.ConfigDict(raw)
+  for dotted, value in LEGACY_KEYS.items():
+    *path, last = dotted.split(".")
+    node = config
+    for key in path:
+      node = node[key] if key in node else None
+      if node is None:
+        break
+    if node is not None and last not in node:
+      node[last] = value
+  return config
 
 
 @dataclasses.dataclass
@@ -60,10 +87,10 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3
 def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
   x = jnp.zeros((batch, patch, patch, patch, 1), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
-  cond = {"pos_box": jnp.tile(jnp.array([[-1.0, 1.0]], jnp.float32), (batch, 3, 1)),
-          "region": jnp.zeros((batch,), jnp.int32)}
+  cond = {conditions.POS_BOX: jnp.asarray(conditions.whole_box(batch)),
+          conditions.REGION: jnp.zeros((batch,), jnp.int32)}
   if spec.structure_channels:
-    cond["structures"] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
+    cond[conditions.STRUCTURES] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
   return x, t, cond
 
 
@@ -80,7 +107,7 @@ def controlled_init_fn(model: controlnet.ControlledUNet, patch: int) -> Callable
   """(key, base params) -> boxed {'base': the given params, 'controlnet': a new branch whose encoder is a
   copy of the base encoder (ControlNet's "trainable copy"; zero convs make the sum equal the base)}."""
   x, t, cond = dummy_inputs(model.spec, patch)
-  cond["hint"] = jnp.zeros(x.shape, jnp.float32)
+  cond[conditions.HINT] = jnp.zeros(x.shape, jnp.float32)
   is_box = lambda v: isinstance(v, nn.Partitioned)
   fill = lambda boxed, values: jax.tree_util.tree_map(
       lambda b, v: b.replace_boxed(v) if is_box(b) else v, boxed, values, is_leaf=is_box)
@@ -114,10 +141,10 @@ def read_config(path: str) -> ml_collections.ConfigDict:
   """The config a pretrained model was trained with (cheap: no params are read)."""
   path = resolve(path)
   if _is_export(path):
-    return ml_collections.ConfigDict(json.loads(storage.read_text(storage.join(path, "config.json"))))
+    return stored_config(json.loads(storage.read_text(storage.join(path, "config.json"))))
   ck = checkpoint.Checkpointer(_checkpoint_dir(path))
   try:
-    return ml_collections.ConfigDict(ck.latest_config())
+    return stored_config(ck.latest_config())
   finally:
     ck.close()
 
@@ -176,7 +203,7 @@ def _load(path: str) -> Pretrained:
   if not ck.all_steps():
     ck.close()
     raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
-  config = ml_collections.ConfigDict(ck.latest_config())
+  config = stored_config(ck.latest_config())
   model, spec = build_model(config)
   abstract = _abstract(init_params_fn(model, spec, config.data.patch_size))
   params = _inference_params(ck, abstract, config)
@@ -196,7 +223,7 @@ def _inference_params(ck: checkpoint.Checkpointer, abstract: Any, config: ml_col
                       external: Any = None) -> Any:
   """EMA of the trained leaves + the frozen leaves as checkpointed; `external` (the base of a ControlNet
   run) supplies frozen leaves the run did not checkpoint."""
-  labels = trainable.labels(abstract, config.optimizer.get("trainable", ALL_PARAMS))
+  labels = trainable.labels(abstract, config.optimizer.trainable)
   trained, frozen = trainable.split(abstract, labels)
   if external:
     frozen, _ = trainable.split(frozen, _mask_out(frozen, external))
@@ -231,7 +258,7 @@ def load_controlled(workdir: str, compute_dtype: str | None = None) -> Controlle
   if not ck.all_steps():
     ck.close()
     raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
-  config = ml_collections.ConfigDict(ck.latest_config())
+  config = stored_config(ck.latest_config())
   pre = load(config.base_checkpoint, compute_dtype)
   model = build_controlled(config, pre.spec)
   abstract = _abstract(controlled_init_fn(model, pre.patch_size), pre.params)

@@ -104,6 +104,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 from configs import pretrain
 from meddiff_jax.evaluation import montage
+from meddiff_jax import checks
 from meddiff_jax.train import loop
 config = pretrain.get_config("tiny")
 config.training.update(num_steps=int(os.environ.get("NB_STEPS", 30)), log_every=2)
@@ -111,7 +112,7 @@ config.eval.update(every_steps=10, sample_every_steps=0)
 workdir = tempfile.mkdtemp(prefix="meddiff_quickstart_")
 print(config.model)'''),
     new_code_cell('''\
-last = loop.train_and_evaluate(config, workdir)
+last = loop.train_and_evaluate(checks.pretrain(config), workdir)  # checked once, as main.py does
 rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 train = [r for r in rows if "loss" in r]
 val = [r for r in rows if "val/loss" in r]
@@ -219,6 +220,7 @@ nb03 = nb([
     new_code_cell('''\
 import json, tempfile
 from configs import controlnet as cn_config
+from meddiff_jax import checks
 from meddiff_jax.train import controlnet as cn_train
 config = cn_config.get_config("sr")
 config.base_checkpoint = CHECKPOINT
@@ -226,7 +228,7 @@ config.training.update(num_steps=int(os.environ.get("NB_STEPS", 6)), batch_size=
 config.data.phantom.update(num_volumes=3, shape=(48, 48, 48), spacing=SPACING)  # the base's voxel size
 config.eval.update(every_steps=0, sample_every_steps=0)  # no validation / previews in this short demo
 workdir = tempfile.mkdtemp(prefix="meddiff_sr_")
-print(cn_train.finetune(cn_train.derive_config(config), workdir))'''),
+print(cn_train.finetune(checks.controlnet(config), workdir))  # checked and derived from the base once'''),
     new_code_cell(REAL_CT),
     new_code_cell('''\
 from configs import super_resolution

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import evaluate as evaluate_config
+from meddiff_jax import checks
 from meddiff_jax.benchmarking import adapters, datasets, run as bench
 from meddiff_jax.data import nifti, phantom, preprocess
 from meddiff_jax.evaluation import extractors, frechet, segmenters
@@ -406,7 +407,7 @@ def test_adapter_builds_the_task_config_from_shared_options():
   with pytest.raises(ValueError, match="KEY=VALUE"):
     adapters.parse_task_options("lam")
   with pytest.raises(FileNotFoundError, match="not a ControlNet fine-tuning workdir"):
-    bench.validate(_config(protocol="lesion"))
+    checks.evaluate(_config(protocol="lesion"))
 
 
 # ------------------------------------------------------------------------------------------ the command line

@@ -56,3 +56,16 @@ def test_config_mistakes_fail_with_one_line_messages(tmp_path):
   assert proc.returncode != 0 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
   proc = run_main("--config=configs/controlnet.py:sr", f"--workdir={tmp_path}", "--config.base_checkpoint=/nope")
   assert proc.returncode != 0 and "base_checkpoint='/nope' does not exist" in proc.stderr
+
+
+def test_every_config_file_names_a_command_with_its_check():
+  """main.COMMANDS is the whole dispatch: each shipped config's mode has an entry, and task configs are
+  checked by the task check (chosen by mode, not by which keys exist)."""
+  import importlib
+
+  from meddiff_jax import checks, main
+
+  names = [p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "input_options", "task_options")]
+  modes = {importlib.import_module(f"configs.{n}").get_config().mode for n in names}
+  assert modes <= set(main.COMMANDS) and set(checks.TASKS) <= modes
+  assert all(main.COMMANDS[t].check is checks.task for t in checks.TASKS)

@@ -66,3 +66,36 @@ def test_progress_bar_estimates_total_time_from_the_second_step(capsys):
   assert "40.0 windows/s" in str(bar.bar)  # 2 steps x 50 windows in 2.5 s since step 0
   bar.close()
   assert "2.00 s/step, 25.0 windows/s; estimated 0.3 min for the remaining 9 steps" in capsys.readouterr().out
+
+
+def test_window_boxes_equal_the_training_boxes_for_the_same_window():
+  """A window of the sliding-window plan and a training patch at the same place get the same pos_box
+  (models/conditions.py), also on a size-1 axis (a one-slice volume padded to the window) and on an axis
+  shorter than the window, and both equal the closed form 2 i / (S - 1) - 1 (0 when S = 1)."""
+  from meddiff_jax.data import multilevel
+
+  shape, window = (20, 1, 6), 8
+  hu = np.zeros(shape, np.float32)
+  padded, crop = sliding_window.pad_to_window(hu, window, -1.0)
+  plan = sliding_window.plan_windows(padded.shape, window, 0.5, batch=1, frame=crop)
+  frame_start = np.array([c.start for c in crop])
+
+  def closed_form(start):  # float64, written out independently of the code under test
+    box = np.zeros((3, 2))
+    for a in range(3):
+      for j, i in enumerate((start[a], start[a] + window - 1)):
+        box[a, j] = 0.0 if shape[a] == 1 else 2.0 * i / (shape[a] - 1) - 1.0
+    return box
+
+  for start, box in zip(plan.starts, plan.boxes()):
+    np.testing.assert_allclose(box, closed_form(start - frame_start), atol=1e-6)
+  assert np.all(plan.boxes()[:, 1] == 0.0)  # the size-1 axis
+  seen = 0
+  for seed in range(40):  # training patches at random starts; the window placed at the same start
+    start, _ = multilevel.choose_box(shape, window, "patch", np.random.default_rng(seed))
+    sample = multilevel.make_sample(hu, None, 0, window, np.random.default_rng(seed), operation="patch")
+    one = sliding_window.WindowPlan(padded.shape, window, (start + frame_start)[None].astype(np.int32),
+                                    np.ones(1, np.float32), 1, tuple(frame_start), shape)
+    np.testing.assert_array_equal(one.boxes()[0], sample["pos_box"])
+    seen += any(np.array_equal(start + frame_start, s) for s in plan.starts)
+  assert seen  # some training patches sit exactly on a plan window

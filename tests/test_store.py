@@ -4,7 +4,6 @@ old .npy stores still read, and each process reading only its own samples."""
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -101,8 +100,10 @@ class RecordingStore:
 def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
   for i in range(8):
     store.write_record(str(tmp_path), f"v{i}", volume((24, 24, 24), seed=i), None, {"region": "abdomen"})
-  cfg = ml_collections.ConfigDict(dict(patch_size=8, use_structures=False, operation_probs=(0, 0, 1), num_threads=0,
-                                       prefetch=0, worker_count=0, class_map=""))
+  from configs import pretrain
+  cfg = pretrain.get_config("tiny").data  # every data key, with its visible default
+  cfg.update(patch_size=8, use_structures=False, operation_probs=(0, 0, 1), num_threads=0, prefetch=0,
+             worker_count=0, class_map="")
   loaded = []
   for p in range(2):
     rec = RecordingStore(store.PreparedStore(str(tmp_path)))

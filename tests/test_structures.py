@@ -47,11 +47,11 @@ def test_classes_mode_samples_are_one_label_channel():
 
 def test_validate_refuses_a_model_that_does_not_match_classes_mode():
   from configs import pretrain
-  from meddiff_jax.train import loop
+  from meddiff_jax import checks
   c = pretrain.get_config("tiny+classes")
   c.model.num_structure_ids = 50
   with pytest.raises(ValueError, match="num_structure_ids=119"):
-    loop.validate(c)
+    checks.pretrain(c)
   with pytest.raises(ValueError, match="unknown preset option"):
     pretrain.get_config("tiny+onehot")
 

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
-from meddiff_jax import pretrained, sharding
+from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import dry_run, loop, throughput
 from meddiff_jax.train import state as state_lib
@@ -123,13 +123,13 @@ def test_non_finite_updates_are_skipped_and_counted():
 def test_config_validation_messages():
   config = tiny_config(**{"model.structure_channels": 3})
   with pytest.raises(ValueError, match="structure_channels=3"):
-    loop.validate(config)
+    checks.pretrain(config)
   config = tiny_config(**{"data.patch_size": 7})
   with pytest.raises(ValueError, match="patch_size=7"):
-    loop.validate(config)
+    checks.pretrain(config)
   config = tiny_config(**{"data.source": "prepared"})
   with pytest.raises(ValueError, match="prepared_dir"):
-    loop.validate(config)
+    checks.pretrain(config)
 
 
 def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
@@ -182,8 +182,8 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
   with pytest.raises(ValueError, match="both batch and act_depth"):
     sharding.check_plan(1, 1, 128, 4, sharding.resolve_mesh_sizes({"fsdp": 8}, 8),
                         (("batch", ("data", "fsdp")), ("act_depth", "fsdp")))
-  with pytest.raises(ValueError, match="micro-batch"):  # loop.validate runs it for the devices present
-    loop.validate(tiny_config(**{"training.batch_size": 4}))  # 8 fake devices, data=-1
+  with pytest.raises(ValueError, match="micro-batch"):  # checks.pretrain runs it for the devices present
+    checks.pretrain(tiny_config(**{"training.batch_size": 4}))  # 8 fake devices, data=-1
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Run one task on one case through the task's public entry point (`meddiff_jax.tasks.<task>.run(config)`).
+"""Run one task on one case through the task's public entry point (RUN: the task's `run(config)`).
 
 The only things relied on are each task's config file (configs/<task>.py: its keys and defaults) and its
 `run` writing `config.output` on the input's grid, so the task algorithms can change underneath. Options
@@ -9,13 +9,18 @@ are copied when the task has them; `--config.task="KEY=VALUE;KEY=VALUE"` reaches
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Callable
+
+from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 
 TASK = {"denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis", "super_resolution": "super_resolution",
         "lesion": "lesion", "inpainting": "lesion"}
 SHARED = ("checkpoint", "controlnet", "region", "sampler", "num_steps", "overlap", "window_batch", "seed", "method",
           "inference_dtype")
 FIXED_METHOD = {"lesion": "generate", "inpainting": "inpaint"}
+RUN: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "denoise": denoise.run, "anomaly": anomaly.run, "synthesis": synthesis.run,
+    "super_resolution": controlled.run_super_resolution, "lesion": controlled.run_lesion}
 
 
 def parse_task_options(text: str) -> dict[str, Any]:
@@ -36,16 +41,18 @@ def parse_task_options(text: str) -> dict[str, Any]:
 
 def task_config(protocol: str, config: Any, **case_keys: Any):
   """The task's own default config, with the evaluation's shared options and the case's paths set."""
+  # configs/ is a folder of config files beside the package (not part of it): loaded by name, as the
+  # --config flag loads them
   cfg = importlib.import_module(f"configs.{TASK[protocol]}").get_config()
   for key in SHARED:
-    value = config.get(key)
+    value = config[key]
     unset = value is None or value == "" or (isinstance(value, (int, float)) and value < (1 if key in (
         "num_steps", "window_batch") else 0))  # '' / -1 (0 steps / windows): the task config's default
     if key in cfg and not unset:
       cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], (tuple, list)) else value
   if protocol in FIXED_METHOD:
     cfg.method = FIXED_METHOD[protocol]
-  for key, value in parse_task_options(config.get("task", "")).items():
+  for key, value in parse_task_options(config.task).items():
     if key not in cfg:
       raise ValueError(f"--config.task.{key}: configs/{TASK[protocol]}.py has no key {key!r}")
     cfg[key] = value
@@ -58,4 +65,4 @@ def task_config(protocol: str, config: Any, **case_keys: Any):
 
 def run_task(protocol: str, config: Any, **case_keys: Any) -> dict[str, Any]:
   cfg = task_config(protocol, config, **case_keys)
-  return importlib.import_module(f"meddiff_jax.tasks.{TASK[protocol]}").run(cfg)
+  return RUN[TASK[protocol]](cfg)

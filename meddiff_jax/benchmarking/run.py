@@ -24,22 +24,8 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-CONTROLNET_PROTOCOLS = ("super_resolution", "lesion", "inpainting")
-
-
-def validate(config: Any) -> None:
-  """Config mistakes found before any case is read (one-line errors)."""
-  if config.protocol not in protocols.PROTOCOLS:
-    raise ValueError(f"--config.protocol={config.protocol!r}; choose from {sorted(protocols.PROTOCOLS)}")
-  if config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not os.path.isdir(
-      os.path.join(config.controlnet or "", "checkpoints")):
-    raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
-                            f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
-                            "for the reference rows only)")
-
-
 def run(config: Any, workdir: str) -> dict[str, Any]:
-  validate(config)
+  """`config` was checked by checks.evaluate (main.py)."""
   cases = datasets.read_cases(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()

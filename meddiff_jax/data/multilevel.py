@@ -5,7 +5,7 @@ Each sample is drawn with equal probability from three operations on a region vo
   zoom2:  a random 2P^3 crop resized to P^3                         (intermediate)
   patch:  a random P^3 crop at native resolution                    (patch level)
 Every sample carries `pos_box` (3, 2): the whole-volume-frame coordinates, in [-1, 1], of its first and
-last voxel along each axis (voxel i of an axis of size S sits at 2 i / (S - 1) - 1). Resizing uses
+last voxel along each axis (models/conditions.py: the one definition, shared with inference). Resizing uses
 align-corners sampling (scipy `zoom`, grid_mode=False), so the sample's voxels sit exactly on
 linspace(box[a, 0], box[a, 1], P): `models.embeddings.coordinate_grid` reproduces them on device.
 Crops that extend past the volume (a volume smaller than the crop) are padded with air / background and
@@ -18,12 +18,9 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax.data import preprocess
+from meddiff_jax.models import conditions
 
 OPERATIONS = ("whole", "zoom2", "patch")
-
-
-def axis_coordinate(index: float, size: int) -> float:
-  return 2.0 * index / (size - 1) - 1.0 if size > 1 else 0.0
 
 
 def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
@@ -146,12 +143,10 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
   target = (patch,) * 3
   native = crop_padded(hu, start, size, fill=-1000.0)
   hu_crop = resize(native, target, order=1, dtype=np.float32)
-  box = np.array([[axis_coordinate(s, n), axis_coordinate(s + c - 1, n)] for s, c, n in zip(start, size, hu.shape)],
-                 np.float32)
   sample = {
-      "image": preprocess.hu_to_unit(hu_crop, region)[..., None],
-      "pos_box": box,
-      "region": np.int32(region),
+      conditions.IMAGE: preprocess.hu_to_unit(hu_crop, region)[..., None],
+      conditions.POS_BOX: conditions.position_boxes(start, size, hu.shape),
+      conditions.REGION: np.int32(region),
       "operation": np.int32(OPERATIONS.index(operation)),
   }
   lab = None
@@ -160,7 +155,7 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
   organs, lesion = split_lesions(lab) if lab is not None else (None, None)
   if lut is not None:  # structure_labels: one label-id channel (num_groups = number of classes)
     encode = preprocess.structure_labels if structure_labels else preprocess.structure_channels
-    sample["structures"] = encode(organs, hu_crop, lut, num_groups)
+    sample[conditions.STRUCTURES] = encode(organs, hu_crop, lut, num_groups)
   if hint == "lowres":
     if lowres is not None:
       if lowres.shape != hu.shape:
@@ -168,10 +163,10 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
       thick = crop_padded(lowres, start, size, fill=-1000.0)
     else:
       thick = thick_slices(np.asarray(native, np.float32), sr_factor, axis=2)
-    sample["hint"] = preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)[..., None]
+    sample[conditions.HINT] = preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)[..., None]
   elif hint == "lesion":
     mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
-    sample["hint"] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
+    sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
   elif hint:
     raise ValueError(f"unknown ControlNet hint {hint!r}; choose lowres or lesion")
   return sample

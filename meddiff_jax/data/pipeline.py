@@ -17,6 +17,8 @@ from jax.sharding import NamedSharding
 
 from meddiff_jax.data import multilevel, phantom, preprocess
 
+STRUCTURE_MODES = ("grouped", "classes")  # config.data.structures
+
 
 class VolumeStore(Protocol):
   """Random access to preprocessed volumes: HU array, optional label map, region id."""
@@ -53,7 +55,7 @@ def make_store(data_config: Any) -> VolumeStore:
   if data_config.source == "phantom":
     return PhantomStore(data_config.phantom.num_volumes, tuple(data_config.phantom.shape),
                         tuple(data_config.phantom.spacing), data_config.phantom.seed,
-                        data_config.phantom.get("num_lesions", 0))
+                        data_config.phantom.num_lesions)
   if data_config.source == "prepared":
     from meddiff_jax.data import store  # local import: only needed for prepared data
     return store.PreparedStore(data_config.prepared_dir)
@@ -133,12 +135,12 @@ def training_spacing(data_config: Any, store: Any = None) -> tuple[float, float,
   """The voxel size (mm) a model is trained at: data.spacing if set, else the phantom spacing, else the
   one spacing of the prepared records (None when unknown or mixed). Training writes it into data.spacing,
   so checkpoints carry it and tasks run the network at that scale."""
-  if data_config.get("spacing"):
+  if data_config.spacing:
     return tuple(float(s) for s in data_config.spacing)
-  if data_config.get("source") == "phantom":
+  if data_config.source == "phantom":
     return tuple(float(s) for s in data_config.phantom.spacing)
   records = getattr(store, "records", None)
-  if records is None and data_config.get("prepared_dir"):
+  if records is None and data_config.prepared_dir:
     import os
 
     from meddiff_jax.data import store as store_lib
@@ -154,16 +156,15 @@ def structure_lut(data_config: Any) -> tuple[np.ndarray | None, int]:
   if structures_as_labels(data_config):  # every class is its own id (learned embedding in the model)
     cmap = class_map_for(data_config)
     return preprocess.class_lookup(cmap), max(cmap)
-  groups = dict(data_config.get("structure_groups") or preprocess.DEFAULT_STRUCTURE_GROUPS)
+  groups = dict(data_config.structure_groups)
   return preprocess.group_lookup(class_map_for(data_config), groups), len(groups)
 
 
 def structures_as_labels(data_config: Any) -> bool:
   """data.structures: 'grouped' (one-hot group channels + body) or 'classes' (one label-id channel)."""
-  mode = data_config.get("structures", "grouped")
-  if mode not in ("grouped", "classes"):
-    raise ValueError(f"config.data.structures={mode!r}; choose 'grouped' or 'classes'")
-  return mode == "classes"
+  if data_config.structures not in STRUCTURE_MODES:
+    raise ValueError(f"config.data.structures={data_config.structures!r}; choose 'grouped' or 'classes'")
+  return data_config.structures == "classes"
 
 
 def structure_channel_count(data_config: Any) -> int:
@@ -174,7 +175,7 @@ def structure_channel_count(data_config: Any) -> int:
 
 
 def class_map_for(data_config: Any) -> dict[int, str]:
-  if data_config.get("class_map"):
+  if data_config.class_map:
     return preprocess.load_class_map(data_config.class_map)
   from meddiff_jax.data import class_map  # the embedded TotalSegmentator map
   return class_map.TOTAL
@@ -193,10 +194,9 @@ def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed:
         .shuffle(seed=seed)
         [process_index::process_count]
         .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
-                                     tuple(data_config.operation_probs), data_config.get("hint", ""),
-                                     data_config.get("sr_factor", 5),
+                                     tuple(data_config.operation_probs), data_config.hint, data_config.sr_factor,
                                      lut is not None and structures_as_labels(data_config),
-                                     data_config.get("positive_fraction", 0.0)), seed=seed)
+                                     data_config.positive_fraction), seed=seed)
         .batch(batch_size // process_count, drop_remainder=True))
   if num_batches is not None:
     ds = ds[:num_batches]

@@ -143,10 +143,10 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
   if not os.path.isdir(input_dir):
     raise FileNotFoundError(f"config.input_dir={input_dir!r} is not a directory")
   ignored = ignored if ignored is not None else []
-  if config.get("dataset"):  # a public dataset's published layout -> manifest rows (data/recipes.py)
+  if config.dataset:  # a public dataset's published layout -> manifest rows (data/recipes.py)
     entries = recipes.build_manifest(config)
   elif config.manifest:
-    entries = read_manifest(config.manifest, input_dir, bool(config.get("allow_outside_paths", False)))
+    entries = read_manifest(config.manifest, input_dir, bool(config.allow_outside_paths))
   else:
     entries, skipped = scan_input_dir(config)
     ignored += skipped
@@ -285,19 +285,14 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
 
 def run(config: Any) -> dict[str, Any]:
   """Prepare every job not already in the store; writes and returns the report. Raises ValueError (one
-  line) on bad directories / manifests, and when nothing could be prepared."""
-  if not config.input_dir or not config.output_dir:
-    raise ValueError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
-  if not os.path.isdir(config.input_dir):
-    raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
+  line) on bad directories / manifests, and when nothing could be prepared. `config` was checked by
+  checks.prepare (main.py): directories given, input_dir exists, store_format known."""
   check_output_dir(config.input_dir, config.output_dir)
   ignored: list[dict[str, str]] = []
   jobs = find_jobs(config, ignored)
   store_format = config.store_format
   if store_format == "auto":
     store_format = "zarr" if "://" in str(config.output_dir) else "npy"
-  if store_format not in store.FORMATS:
-    raise ValueError(f"config.store_format={config.store_format!r}; choose auto or one of {store.FORMATS}")
   os.makedirs(config.output_dir, exist_ok=True)
   open(os.path.join(config.output_dir, MARKER), "a").close()
   done_ids = set()

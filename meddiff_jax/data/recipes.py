@@ -57,17 +57,15 @@ def assign_split(patient: str, seed: int = 0, fractions: Sequence[float] = (0.9,
 
 def job_extras(entry: Mapping[str, str], image: str, input_dir: str, config: Any) -> dict[str, Any]:
   """Per-job fields beyond prepare's own: patient, split, dataset, class map, region-split settings."""
-  dataset = entry.get("dataset") or config.get("dataset", "") or ""
+  dataset = entry.get("dataset") or config.dataset
   patient = entry.get("patient") or os.path.relpath(image, input_dir)
   key = f"{dataset}/{patient}" if dataset else patient
-  split = entry.get("split") or assign_split(key, config.get("split_seed", 0),
-                                             tuple(config.get("split_fractions", (0.9, 0.05, 0.05))))
+  split = entry.get("split") or assign_split(key, config.split_seed, tuple(config.split_fractions))
   if split not in SPLITS:
     raise ValueError(f"{image}: split {split!r} is not one of {SPLITS}")
-  regions_cfg = config.get("regions")
-  extras = {"patient": key, "split": split, "dataset": dataset, "class_map": config.get("class_map", "") or "",
-            "split_config": dict(regions_cfg.to_dict()) if regions_cfg is not None else {}}
-  if config.get("dataset"):  # several datasets share one store: their volume ids must not collide
+  extras = {"patient": key, "split": split, "dataset": dataset, "class_map": config.class_map,
+            "split_config": dict(config.regions.to_dict())}
+  if config.dataset:  # several datasets share one store: their volume ids must not collide
     from meddiff_jax.data import prepare
     extras["id"] = f"{config.dataset}-{prepare.volume_id(image, input_dir)}"
   return extras
@@ -214,7 +212,7 @@ def ct_rate(root: str, config: Any) -> list[Case]:
     if m and (m.group(1) not in first or os.path.basename(p) < os.path.basename(first[m.group(1)])):
       first[m.group(1)] = p
   cases = [Case(p, pid, "chest") for pid, p in sorted(first.items())]
-  limit = int(config.get("max_volumes", 0) or 0)
+  limit = int(config.max_volumes)
   if limit and len(cases) > limit:
     cases = sorted(cases, key=lambda c: hashlib.sha256(c.patient.encode()).hexdigest())[:limit]
   return sorted(cases, key=lambda c: c.patient)
@@ -260,9 +258,9 @@ def folder(root: str, config: Any) -> list[Case]:
   import fnmatch
   cases = []
   for p in _find(root, "*.nii*"):
-    if any(fnmatch.fnmatch(os.path.basename(p), pat) for pat in config.get("exclude", ())):
+    if any(fnmatch.fnmatch(os.path.basename(p), pat) for pat in config.exclude):
       continue
-    cases.append(Case(p, os.path.relpath(p, root), config.get("default_region", "auto") or "auto", _stem(p)))
+    cases.append(Case(p, os.path.relpath(p, root), config.default_region or "auto", _stem(p)))
   return cases
 
 
@@ -283,13 +281,13 @@ def build_manifest(config: Any) -> dict[str, dict[str, str]]:
   if not cases:
     raise FileNotFoundError(f"{config.input_dir}: no {name} cases found in the published layout "
                             f"({RECIPES[name].__doc__.splitlines()[0]}); see docs/datasets.md")
-  mask_dir = config.get("mask_dir", "")
+  mask_dir = config.mask_dir
   entries = {}
   for c in cases:
     mask = _ts_output(mask_dir, c.key or c.patient) or c.mask
     entries[os.path.normpath(c.image)] = {"region": c.region, "mask": mask, "parent": "", "lesion": "",
                                           "patient": c.patient, "split": "", "dataset": name}
-  if config.get("output_dir"):
+  if config.output_dir:
     write_manifest(entries, os.path.join(config.output_dir, MANIFEST_NAME.format(dataset=name)), config)
   return entries
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meddiff_jax.diffusion import schedules
+from meddiff_jax.models import conditions
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t (N,)) -> model output
 METHODS = ("ddpm", "ddim", "dpmpp_2m")
@@ -202,10 +203,10 @@ def null_condition(cond: dict[str, jax.Array], num_regions: int) -> dict[str, ja
   sits, not what it contains, and is never dropped in training either.
   """
   null = dict(cond)
-  if "region" in null:
-    null["region"] = jnp.full_like(null["region"], num_regions)
-  if "structures" in null:
-    null["structures"] = jnp.zeros_like(null["structures"])
+  if conditions.REGION in null:
+    null[conditions.REGION] = jnp.full_like(null[conditions.REGION], num_regions)
+  if conditions.STRUCTURES in null:
+    null[conditions.STRUCTURES] = jnp.zeros_like(null[conditions.STRUCTURES])
   return null
 
 
@@ -218,15 +219,15 @@ def drop_organ_structures(cond: dict[str, jax.Array], drop: jax.Array,
   organs unknown (denoise, anomaly, SR, lesion), or no anatomy at all with a real region (synthesis
   without labels).
   """
-  if "structures" not in cond:
+  if conditions.STRUCTURES not in cond:
     return cond
-  s = cond["structures"]
+  s = cond[conditions.STRUCTURES]
   expand = lambda m: m.reshape(m.shape + (1,) * (s.ndim - 1))
   organs = jnp.where(expand(drop), jnp.zeros_like(s[..., :-1]), s[..., :-1])
   body = s[..., -1:]
   if drop_body is not None:
     body = jnp.where(expand(drop & drop_body), jnp.zeros_like(body), body)
-  return dict(cond, structures=jnp.concatenate([organs, body], axis=-1))
+  return {**cond, conditions.STRUCTURES: jnp.concatenate([organs, body], axis=-1)}
 
 
 def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Array], num_regions: int,

@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from meddiff_jax.models import unet3d
+from meddiff_jax.models import conditions, unet3d
 
 
 class HintEncoder(nn.Module):
@@ -62,7 +62,7 @@ class ControlledUNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array], *, train: bool = False,
                scale: jax.Array | float = 1.0) -> jax.Array:
-    residuals = ControlNet(self.spec, self.hint_hidden, name="controlnet")(x, t, cond, cond["hint"], train=train,
+    residuals = ControlNet(self.spec, self.hint_hidden, name="controlnet")(x, t, cond, cond[conditions.HINT], train=train,
                                                                            scale=scale)
     return unet3d.UNet3D(self.spec, name="base")(x, t, cond, train=train, control=residuals)
 

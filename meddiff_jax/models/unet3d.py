@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from meddiff_jax.models import embeddings
+from meddiff_jax.models import conditions, embeddings
 
 Array = jax.Array
 Dtype = Any
@@ -322,7 +322,7 @@ class UNetEncoder(nn.Module):
     emb = _dense(spec.time_embed_dim, spec, name="time_mlp1")(emb)
     emb = _dense(spec.time_embed_dim, spec, name="time_mlp2")(nn.silu(emb))
     if spec.use_region:
-      region = cond.get("region")
+      region = cond.get(conditions.REGION)
       if region is None:  # unknown region == the CFG "null" class
         region = jnp.full((x.shape[0],), spec.num_regions, jnp.int32)
       region_embed = embeddings.RegionEmbedding(
@@ -357,7 +357,7 @@ class UNetEncoder(nn.Module):
     spec = self.spec
     parts = [x.astype(spec.dtype)]
     if spec.structure_channels:
-      structures = cond.get("structures")
+      structures = cond.get(conditions.STRUCTURES)
       if structures is None:
         structures = jnp.zeros((*x.shape[:4], spec.structure_channels), spec.dtype)
       if structures.shape[-1] != spec.structure_channels:
@@ -369,9 +369,9 @@ class UNetEncoder(nn.Module):
       else:
         parts.append(structures.astype(spec.dtype))
     if spec.use_position:
-      if "pos_box" not in cond:
-        raise ValueError("model.use_position=True but cond has no 'pos_box' (N, 3, 2)")
-      coords = embeddings.coordinate_grid(cond["pos_box"], x.shape[1:4])
+      if conditions.POS_BOX not in cond:
+        raise ValueError(f"model.use_position=True but cond has no {conditions.POS_BOX!r} (N, 3, 2)")
+      coords = embeddings.coordinate_grid(cond[conditions.POS_BOX], x.shape[1:4])
       parts.append(embeddings.fourier_features(coords, spec.pos_num_freqs, spec.pos_include_input).astype(spec.dtype))
     return jnp.concatenate(parts, axis=-1)
 

@@ -14,6 +14,7 @@ import numpy as np
 from meddiff_jax import sharding
 from meddiff_jax.data import nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers
+from meddiff_jax.models import conditions
 from meddiff_jax.pretrained import Pretrained
 from meddiff_jax.tasks import sliding_window
 
@@ -124,11 +125,11 @@ def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np
   """
   plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config),
                                      frame)
-  cond = {"region": jnp.array([region], jnp.int32)}
+  cond = {conditions.REGION: jnp.array([region], jnp.int32)}
   if structures is not None:
-    cond["structures"] = jnp.asarray(structures)
+    cond[conditions.STRUCTURES] = jnp.asarray(structures)
   if hint is not None:
-    cond["hint"] = jnp.asarray(hint)
+    cond[conditions.HINT] = jnp.asarray(hint)
   axes = ("data",) if jax.device_count() > 1 else None
   fn = apply_fn or model_fn(pre, guidance_scale)
   return sliding_window.blended_denoise_fn(fn, plan, cond, axes), plan

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meddiff_jax.models import conditions
+
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
   """Starts of windows covering [0, size) with at least `overlap` fraction shared between neighbours."""
@@ -58,16 +60,12 @@ class WindowPlan:
     return len(self.starts) // self.batch
 
   def boxes(self) -> np.ndarray:
-    """(num_windows_padded, 3, 2) whole-volume position boxes (voxel i of size S -> 2i/(S-1) - 1).
+    """(num_windows_padded, 3, 2) whole-volume position boxes (models/conditions.py, as training's).
 
     Coordinates are those of the real volume (`frame_*`), so padding runs beyond [-1, 1] exactly as the
     training crops of a volume smaller than the patch do (data/multilevel.py)."""
-    sizes = np.array(self.frame_shape or self.volume_shape, np.float32)
-    denom = np.maximum(sizes - 1, 1.0)
-    rel = self.starts - np.array(self.frame_start, np.float32)
-    lo = np.where(sizes > 1, 2.0 * rel / denom - 1.0, 0.0)
-    hi = np.where(sizes > 1, 2.0 * (rel + self.window - 1) / denom - 1.0, 0.0)
-    return np.stack([lo, hi], axis=-1).astype(np.float32)
+    rel = self.starts - np.asarray(self.frame_start)
+    return conditions.position_boxes(rel, self.window, self.frame_shape or self.volume_shape)
 
   def axis_norms(self) -> list[np.ndarray]:
     """Per axis, the sum of the 1D window weights covering each voxel. The 3D normaliser (sum of all
@@ -160,7 +158,7 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
   boxes = jnp.asarray(plan.boxes())
   nx, ny, nz = (jnp.asarray(n) for n in plan.axis_norms())
   b, w = plan.batch, plan.window
-  volumes = {k: v for k, v in cond_volume.items() if k != "region"}
+  volumes = {k: v for k, v in cond_volume.items() if k != conditions.REGION}
   window_bytes = sum(len(plan.starts) * w ** 3 * v.shape[-1] * v.dtype.itemsize for v in volumes.values())
   precut = {k: _take(v, starts, w) for k, v in volumes.items()} if window_bytes <= precompute_budget_bytes else None
 
@@ -175,8 +173,8 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
     def body(i, acc):
       s = jax.lax.dynamic_slice_in_dim(starts, i * b, b)
       keep = jax.lax.dynamic_slice_in_dim(valid, i * b, b)
-      cond = {"pos_box": constrain(jax.lax.dynamic_slice_in_dim(boxes, i * b, b)),
-              "region": jnp.broadcast_to(cond_volume["region"], (b,))}
+      cond = {conditions.POS_BOX: constrain(jax.lax.dynamic_slice_in_dim(boxes, i * b, b)),
+              conditions.REGION: jnp.broadcast_to(cond_volume[conditions.REGION], (b,))}
       for key, volume in volumes.items():
         cut = jax.lax.dynamic_slice_in_dim(precut[key], i * b, b) if precut is not None else _take(volume, s, w)
         cond[key] = constrain(cut)

@@ -14,13 +14,14 @@ import ml_collections
 from meddiff_jax import pretrained, storage
 from meddiff_jax.train import loop
 
-TASKS = ("sr", "lesion")
+HINTS = {"sr": "lowres", "lesion": "lesion"}  # config.task -> the condition volume (config.data.hint)
 
 
 def derive_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The fine-tuning config with the architecture, diffusion and data layout of the base model.
 
-  Computed once, at the entry point (main.py); returns a new config and leaves the argument as it was.
+  Computed once, at the entry point (checks.controlnet, from main.py); returns a new config and leaves the
+  argument as it was.
   """
   base = pretrained.read_config(config.base_checkpoint)
   derived = ml_collections.ConfigDict(config.to_dict())
@@ -29,18 +30,6 @@ def derive_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   derived.data.patch_size = base.data.patch_size
   derived.data.use_structures = base.data.use_structures
   return derived
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """One-line errors for a fine-tuning config (after `derive_config`); loop.validate checks the rest."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r}; choose one of {TASKS}")
-  if not config.controlnet.hint_hidden:
-    raise ValueError("config.controlnet.hint_hidden must list at least one hint-encoder width")
-  base = pretrained.read_config(config.base_checkpoint)
-  if config.model.to_dict() != base.model.to_dict() or config.data.patch_size != base.data.patch_size:
-    raise ValueError(f"config.model / data.patch_size differ from the base {config.base_checkpoint!r}: "
-                     "pass the config through train.controlnet.derive_config first")
 
 
 def trainee(config: ml_collections.ConfigDict) -> loop.Trainee:
@@ -52,6 +41,6 @@ def trainee(config: ml_collections.ConfigDict) -> loop.Trainee:
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Fine-tune (or resume) a ControlNet branch; `config` comes from `derive_config` (and `validate`)."""
+  """Fine-tune (or resume) a ControlNet branch; `config` is the derived one (checks.controlnet)."""
   storage.makedirs(workdir)
   return loop.train_and_evaluate(config, workdir, trainee(config))

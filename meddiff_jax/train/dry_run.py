@@ -20,7 +20,7 @@ import ml_collections
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import unet3d
 from meddiff_jax import pretrained, sharding
-from meddiff_jax.train import loop, throughput
+from meddiff_jax.train import throughput
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 
@@ -54,8 +54,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Compile, analyse, print one JSON line, return it as a dict."""
-  loop.validate(config)
+  """Compile, analyse, print one JSON line, return it as a dict (`config` checked by checks.pretrain)."""
   t0 = time.perf_counter()
   lowered, facts = lower_train_step(config)
   t1 = time.perf_counter()
@@ -64,7 +63,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   spec, n, kind = facts["spec"], facts["num_devices"], facts["device_kind"]
   flops = throughput.flops_for_config(config, spec)
   result: dict[str, Any] = {
-      "preset": config.get("preset", ""),
+      "preset": config.preset,
       "patch_size": int(config.data.patch_size),
       "batch_size": int(config.training.batch_size),
       "grad_accum_steps": int(config.training.grad_accum_steps),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from meddiff_jax.diffusion import losses, samplers, schedules
-from meddiff_jax.train.step import COND_KEYS
+from meddiff_jax.models import conditions
 
 
 def make_eval_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any,
@@ -22,9 +22,9 @@ def make_eval_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sched
   edges = [round(i * schedule.num_timesteps / num_buckets) for i in range(num_buckets + 1)]
 
   def eval_step(params, batch, rng):
-    x0 = batch["image"].astype(jnp.float32)
+    x0 = batch[conditions.IMAGE].astype(jnp.float32)
     n = x0.shape[0]
-    cond = {k: batch[k] for k in COND_KEYS if k in batch}
+    cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
     out = []
     for b in range(num_buckets):
       t_rng, n_rng = jax.random.split(jax.random.fold_in(rng, b))
@@ -51,7 +51,7 @@ def make_preview_sampler(apply_fn: Callable[..., jax.Array], schedule: schedules
   patch = config.data.patch_size
 
   def sample(params, rng, cond):
-    n = cond["region"].shape[0]
+    n = cond[conditions.REGION].shape[0]
     noise_rng, rng = jax.random.split(rng)
     x_t = jax.random.normal(noise_rng, (n, patch, patch, patch, 1), jnp.float32)
     fn = lambda x, t: apply_fn({"params": params}, x, t, cond)

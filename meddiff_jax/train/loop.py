@@ -22,7 +22,7 @@ from meddiff_jax import storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
-from meddiff_jax.models import trainable, unet3d
+from meddiff_jax.models import conditions, trainable, unet3d
 from meddiff_jax import checkpoint, pretrained, sharding
 from meddiff_jax.train import evaluate, throughput
 from meddiff_jax.train import writer as writer_lib
@@ -77,33 +77,6 @@ def init_state(config: ml_collections.ConfigDict, trainee: Trainee, mesh: jax.sh
   return state, shardings, labels, tx
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Catch inconsistent configs before anything is compiled, with one-line messages."""
-  data, model, train = config.data, config.model, config.training
-  expected = pipeline.structure_channel_count(data)
-  if model.structure_channels != expected:
-    raise ValueError(f"config.model.structure_channels={model.structure_channels} but the data gives {expected} "
-                     f"structure channels (data.use_structures={data.use_structures}, "
-                     f"data.structures={data.get('structures', 'grouped')!r})")
-  if data.use_structures and pipeline.structures_as_labels(data):
-    ids = pipeline.structure_lut(data)[1] + 2  # background, classes, body
-    if not model.get("structure_embed_dim") or model.get("num_structure_ids") != ids:
-      raise ValueError(f"data.structures='classes' needs model.structure_embed_dim > 0 and model.num_structure_ids="
-                       f"{ids} (got {model.get('structure_embed_dim')}, {model.get('num_structure_ids')}); "
-                       "use configs/pretrain.py:PRESET+classes")
-  factor = 2 ** (len(model.channel_mult) - 1)
-  if data.patch_size % factor:
-    raise ValueError(f"config.data.patch_size={data.patch_size} must be divisible by {factor} "
-                     f"(2^(levels-1) for channel_mult={tuple(model.channel_mult)})")
-  # The batch plan against the mesh of the devices present: fails here, not after a compile.
-  sharding.check_plan(train.batch_size, train.grad_accum_steps, data.patch_size, len(model.channel_mult),
-                      sharding.resolve_mesh_sizes(dict(config.mesh), jax.device_count()),
-                      sharding.rules_from_config(config.sharding.rules))
-  if data.source == "prepared" and not data.prepared_dir:
-    raise ValueError("config.data.source='prepared' needs --config.data.prepared_dir=DIR "
-                     "(make one with configs/prepare.py), or use --config.data.source=phantom")
-
-
 class PreemptionWatcher:
   """SIGTERM sets a flag; every process agrees on stopping at the same step.
 
@@ -140,8 +113,9 @@ class PreemptionWatcher:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        trainee: Trainee | None = None) -> dict[str, float]:
-  """Runs (or resumes) training, pretraining unless a trainee is given; returns the last logged metrics."""
-  validate(config)
+  """Runs (or resumes) training, pretraining unless a trainee is given; returns the last logged metrics.
+
+  `config` was checked once by the entry point (checks.pretrain / checks.controlnet); not again here."""
   t_start = time.perf_counter()
   storage.makedirs(workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -294,9 +268,9 @@ def write_samples(preview, params, val_store, config, batch_sharding, writer, wo
                              process_index=jax.process_index(), process_count=jax.process_count(), num_batches=1)
   ds = ds.map(lambda b: {k: np.repeat(v, per_process, axis=0) for k, v in b.items()})
   batch = next(pipeline.GlobalBatches(ds, batch_sharding))
-  cond = {k: batch[k] for k in step_lib.COND_KEYS if k in batch}
+  cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
-  gen, real = (_to_host(a)[0] for a in (generated, batch["image"]))
+  gen, real = (_to_host(a)[0] for a in (generated, batch[conditions.IMAGE]))
   if jax.process_index() != 0:
     return
   image = montage.slice_montage([gen, real])

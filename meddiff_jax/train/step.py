@@ -11,11 +11,10 @@ import optax
 
 from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax import sharding
-from meddiff_jax.models import trainable
+from meddiff_jax.models import conditions, trainable
 from meddiff_jax.train.state import TrainState, float32_tree
 
 Batch = dict[str, jax.Array]
-COND_KEYS = ("pos_box", "region", "structures", "hint")  # hint: ControlNet's condition volume
 
 
 def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -23,13 +22,13 @@ def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.Shap
   dry run compiles against and what input shardings are built for."""
   n = int(config.training.batch_size if batch_size is None else batch_size)
   p, k = int(config.data.patch_size), int(config.model.structure_channels)
-  spec = {"image": jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
-          "pos_box": jax.ShapeDtypeStruct((n, 3, 2), jnp.float32),
-          "region": jax.ShapeDtypeStruct((n,), jnp.int32)}
+  spec = {conditions.IMAGE: jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
+          conditions.POS_BOX: jax.ShapeDtypeStruct((n, 3, 2), jnp.float32),
+          conditions.REGION: jax.ShapeDtypeStruct((n,), jnp.int32)}
   if k:
-    spec["structures"] = jax.ShapeDtypeStruct((n, p, p, p, k), jnp.uint8)
-  if config.data.get("hint"):  # ControlNet's condition volume (data/multilevel.make_sample)
-    spec["hint"] = jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32)
+    spec[conditions.STRUCTURES] = jax.ShapeDtypeStruct((n, p, p, p, k), jnp.uint8)
+  if config.data.hint:  # ControlNet's condition volume (data/multilevel.make_sample)
+    spec[conditions.HINT] = jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32)
   return spec
 
 
@@ -54,16 +53,16 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
   num_regions = config.model.num_regions
 
   def loss_fn(params, batch, rng, frozen=None):
-    x0 = batch["image"]
+    x0 = batch[conditions.IMAGE]
     n = x0.shape[0]
     t_rng, noise_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
     t = jax.random.randint(t_rng, (n,), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
     x_t = schedules.q_sample(schedule, x0.astype(jnp.float32), t, noise)
-    cond = {k: batch[k] for k in COND_KEYS if k in batch}
-    if dcfg.get("structure_drop_prob", 0.0) > 0:  # organs unknown (and sometimes no body): tasks without labels
+    cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
+    if dcfg.structure_drop_prob > 0:  # organs unknown (and sometimes no body): tasks without labels
       organ_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 1), dcfg.structure_drop_prob, (n,))
-      body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.get("body_drop_prob", 0.0), (n,))
+      body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.body_drop_prob, (n,))
       cond = samplers.drop_organ_structures(cond, organ_drop, body_drop)
     if dcfg.cond_drop_prob > 0:
       cond = drop_conditions(cond, jax.random.bernoulli(drop_rng, dcfg.cond_drop_prob, (n,)), num_regions)

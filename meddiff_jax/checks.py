@@ -1,0 +1,217 @@
+"""Every config kind checked once, at the entry point, before anything is read, compiled or written.
+
+One function per kind, chosen by `config.mode` (main.py's command table): `pretrain`, `controlnet`,
+`prepare`, `evaluate`, `export` and `task`. Each returns the config the command runs with (for
+`controlnet`, the one derived from its base checkpoint) or raises a one-line error naming the key:
+ConfigError (a ValueError), FileNotFoundError for paths that do not exist, storage.MissingBackendError for
+a missing object-store extra. main.py prints them as `error: ...` and exits 1.
+
+The model section is typed by `unet3d.UNetSpec.from_config` (unknown keys, attention levels, remat,
+conv_impl); defaults are all visible in configs/*.py. Library callers that build a config in code (tests,
+notebooks) call the same function before `loop.train_and_evaluate` & co., which do not check again.
+This module sits just below main.py: it may import every layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from meddiff_jax import pretrained, sharding, storage
+from meddiff_jax.benchmarking import protocols
+from meddiff_jax.data import pipeline, preprocess, regions
+from meddiff_jax.data import store as store_lib
+from meddiff_jax.diffusion import samplers
+from meddiff_jax.models import unet3d
+from meddiff_jax.train import controlnet as controlnet_lib
+
+Config = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config mistake, said in one line that names the key."""
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+def pretrain(config: Config) -> Config:
+  """configs/pretrain.py (and the training part of a derived ControlNet config)."""
+  data, model, train = config.data, config.model, config.training
+  try:
+    unet3d.UNetSpec.from_config(model, data.patch_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if data.source not in ("phantom", "prepared"):
+    raise ConfigError(f"config.data.source={data.source!r}; choose 'phantom' or 'prepared'")
+  if data.structures not in pipeline.STRUCTURE_MODES:
+    raise ConfigError(f"config.data.structures={data.structures!r}; choose 'grouped' or 'classes'")
+  if data.hint not in ("",) + tuple(controlnet_lib.HINTS.values()):
+    raise ConfigError(f"config.data.hint={data.hint!r}; choose '' or one of {tuple(controlnet_lib.HINTS.values())}")
+  expected = pipeline.structure_channel_count(data)
+  if model.structure_channels != expected:
+    raise ConfigError(f"config.model.structure_channels={model.structure_channels} but the data gives {expected} "
+                      f"structure channels (data.use_structures={data.use_structures}, "
+                      f"data.structures={data.structures!r})")
+  if data.use_structures and pipeline.structures_as_labels(data):
+    ids = pipeline.structure_lut(data)[1] + 2  # background, classes, body
+    if not model.structure_embed_dim or model.num_structure_ids != ids:
+      raise ConfigError(f"data.structures='classes' needs model.structure_embed_dim > 0 and model.num_structure_ids="
+                        f"{ids} (got {model.structure_embed_dim}, {model.num_structure_ids}); "
+                        "use configs/pretrain.py:PRESET+classes")
+  factor = 2 ** (len(model.channel_mult) - 1)
+  if data.patch_size % factor:
+    raise ConfigError(f"config.data.patch_size={data.patch_size} must be divisible by {factor} "
+                      f"(2^(levels-1) for channel_mult={tuple(model.channel_mult)})")
+  # The batch plan against the mesh of the devices present: fails here, not after a compile.
+  sharding.check_plan(train.batch_size, train.grad_accum_steps, data.patch_size, len(model.channel_mult),
+                      sharding.resolve_mesh_sizes(dict(config.mesh), jax.device_count()),
+                      sharding.rules_from_config(config.sharding.rules))
+  if data.source == "prepared":
+    if not data.prepared_dir:
+      raise ConfigError("config.data.source='prepared' needs --config.data.prepared_dir=DIR "
+                        "(make one with configs/prepare.py), or use --config.data.source=phantom")
+    storage.check_backend(data.prepared_dir)  # a gs:// / s3:// store needs its filesystem extra
+  return config
+
+
+def controlnet(config: Config) -> Config:
+  """configs/controlnet.py: the user's choices, then the config derived from the base checkpoint (its
+  architecture, diffusion and data layout: `train.controlnet.derive_config`, computed here, once),
+  checked like a pretraining config. Returns the derived config."""
+  try:
+    pretrained.resolve(config.base_checkpoint)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"--config.base_checkpoint={config.base_checkpoint!r} does not exist (a training "
+                            f"workdir, an exported directory, or one of {sorted(pretrained.BUILTIN)})") from None
+  if config.task not in controlnet_lib.HINTS:
+    raise ConfigError(f"config.task={config.task!r}; choose one of {tuple(controlnet_lib.HINTS)}")
+  if config.data.hint != controlnet_lib.HINTS[config.task]:
+    raise ConfigError(f"config.data.hint={config.data.hint!r} but task {config.task!r} is conditioned on "
+                      f"{controlnet_lib.HINTS[config.task]!r}")
+  if not config.controlnet.hint_hidden:
+    raise ConfigError("config.controlnet.hint_hidden must list at least one hint-encoder width")
+  return pretrain(controlnet_lib.derive_config(config))
+
+
+# ------------------------------------------------------------------------------------------ data, evaluation
+
+def prepare(config: Config) -> Config:
+  """configs/prepare.py (the output folder's contents are checked when preparation starts)."""
+  if not config.input_dir or not config.output_dir:
+    raise ConfigError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
+  if not os.path.isdir(config.input_dir):
+    raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
+  if config.store_format not in ("auto", *store_lib.FORMATS):
+    raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
+  if config.default_region not in preprocess.REGIONS + regions.AUTO:
+    raise ConfigError(f"config.default_region={config.default_region!r}; choose auto or one of {preprocess.REGIONS}")
+  return config
+
+
+CONTROLNET_PROTOCOLS = ("super_resolution", "lesion", "inpainting")
+
+
+def evaluate(config: Config) -> Config:
+  """configs/evaluate.py (the cases themselves are read and checked by benchmarking/datasets.py)."""
+  if config.protocol not in protocols.PROTOCOLS:
+    raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(protocols.PROTOCOLS)}")
+  if config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not os.path.isdir(
+      os.path.join(config.controlnet or "", "checkpoints")):
+    raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
+                            f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
+                            "for the reference rows only)")
+  return config
+
+
+def export(config: Config) -> Config:
+  """configs/export.py."""
+  try:
+    pretrained.resolve(config.source)
+  except (FileNotFoundError, storage.MissingBackendError) as e:
+    raise FileNotFoundError(f"--config.source: {e}") from None
+  if not config.output:
+    raise ConfigError("--config.output=DIR is required")
+  try:
+    is_dir, exists = storage.isdir(config.output), storage.exists(config.output)
+  except storage.MissingBackendError as e:
+    raise storage.MissingBackendError(f"--config.output: {e}") from None
+  if is_dir and storage.glob(storage.join(config.output, "*")) and not config.overwrite:
+    raise ConfigError(f"--config.output={config.output!r} exists and is not empty; choose a new directory "
+                      "or pass --config.overwrite=True")
+  if exists and not is_dir:
+    raise ConfigError(f"--config.output={config.output!r} is a file, not a directory")
+  return config
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+
+ZERO_SHOT_TASKS = ("denoise", "anomaly", "synthesis")  # a pretrained model: --config.checkpoint
+CONTROLNET_TASKS = ("super_resolution", "lesion")  # a fine-tuning workdir: --config.controlnet
+TASKS = ZERO_SHOT_TASKS + CONTROLNET_TASKS
+TASK_METHODS = {"denoise": ("diffpir", "partial"), "lesion": ("inpaint", "generate")}  # config.method
+
+
+def task(config: Config) -> Config:
+  """configs/{denoise,anomaly,synthesis,super_resolution,lesion}.py: what would otherwise fail deep inside."""
+  mode = config.mode
+  if mode not in TASKS:
+    raise ConfigError(f"config.mode={mode!r} is not a task; choose one of {TASKS}")
+  if mode in CONTROLNET_TASKS:
+    if not config.controlnet or not storage.isdir(storage.join(config.controlnet, "checkpoints")):
+      raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
+                              "(configs/controlnet.py)")
+  else:
+    try:
+      pretrained.resolve(config.checkpoint)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
+                              f"exported directory, or one of {sorted(pretrained.BUILTIN)})") from None
+  if mode != "synthesis" and not os.path.exists(config.input):
+    raise FileNotFoundError(f"--config.input={config.input!r} is not a file or DICOM series folder (does not exist)")
+  if mode == "lesion" and not os.path.isfile(config.mask):
+    raise FileNotFoundError(f"--config.mask={config.mask!r} is not a file")
+  if config.labels and not os.path.exists(config.labels):
+    raise FileNotFoundError(f"--config.labels={config.labels!r} does not exist")
+  if mode in TASK_METHODS and config.method not in TASK_METHODS[mode]:
+    raise ConfigError(f"config.method={config.method!r}; choose one of {TASK_METHODS[mode]}")
+  pretrained.inference_dtype(config.inference_dtype)  # auto | float32 | bfloat16: a ValueError names it
+  if config.sampler not in samplers.METHODS:
+    raise ConfigError(f"config.sampler={config.sampler!r}; choose one of {samplers.METHODS}")
+  try:
+    preprocess.region_id(config.region)
+  except ValueError as e:
+    raise ConfigError(f"--config.region: {e}") from None
+  if not 0.0 <= config.overlap < 1.0:
+    raise ConfigError(f"config.overlap={config.overlap}; a fraction in [0, 1)")
+  if config.num_steps < 1 or config.window_batch < 1:
+    raise ConfigError(f"config.num_steps={config.num_steps}, window_batch={config.window_batch}: both must be >= 1")
+  if not config.output:
+    raise ConfigError("--config.output=PATH.nii.gz (or DIR/ for a DICOM series) is required")
+  out_dir = os.path.dirname(os.path.abspath(config.output))
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"output directory {out_dir} cannot be created: {e.strerror or e}") from None
+  if not os.access(out_dir, os.W_OK):
+    raise ConfigError(f"output directory {out_dir} is not writable")
+  return config
+
+
+def workdir(path: str | None) -> str:
+  """--workdir: a local directory or a gs:// / s3:// URL, created and proven writable before anything is compiled."""
+  if not path:
+    raise ConfigError("--workdir=DIR is required")
+  try:
+    storage.checkpoint_path(storage.join(path, "checkpoints"))
+    storage.makedirs(path)
+  except (storage.MissingBackendError, ValueError) as e:
+    raise ConfigError(f"--workdir: {e}") from None
+  except OSError as e:
+    raise ConfigError(f"--workdir={path!r} cannot be created: {e.strerror or e}") from None
+  try:
+    storage.check_writable(path)
+  except OSError as e:
+    raise ConfigError(f"--workdir={path!r} is not writable: {e.strerror or e}") from None
+  return path

@@ -1,0 +1,43 @@
+"""The condition names and the position-box convention: one definition for data, models, train and tasks.
+
+A training sample (data/multilevel.py) and a sampling window (tasks/sliding_window.py) both say where they
+sit in the whole volume with a `pos_box` (3, 2): per axis, the coordinate of their first and last voxel in
+the whole volume's frame, where voxel i of an axis of size S sits at 2 i / (S - 1) - 1 (0 on a size-1
+axis). A box reaching past the volume (a volume smaller than the window, padded) extends linearly beyond
+[-1, 1]. The model turns a box into per-voxel coordinates on device (`embeddings.coordinate_grid`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# Keys of a training batch / a model's `cond` dict.
+IMAGE = "image"  # (N, P, P, P, 1) float32 in [-1, 1]: the clean sample (batches only, not a condition)
+POS_BOX = "pos_box"  # (N, 3, 2) float32: position_box below
+REGION = "region"  # (N,) int32: preprocess.REGIONS index; num_regions = the "unknown" (guidance null) class
+STRUCTURES = "structures"  # (N, P, P, P, K) uint8: structure channels (or one label-id channel)
+HINT = "hint"  # (N, P, P, P, 1) float32: a ControlNet's condition volume (thick slices, lesion mask)
+COND_KEYS = (POS_BOX, REGION, STRUCTURES, HINT)  # what a batch passes to the model
+
+
+def axis_coordinate(index, size):
+  """Whole-volume coordinate of voxel `index` on an axis of `size` voxels (numpy, broadcasts)."""
+  index, size = np.asarray(index, np.float64), np.asarray(size, np.float64)
+  return np.where(size > 1, 2.0 * index / np.maximum(size - 1.0, 1.0) - 1.0, 0.0)
+
+
+def position_boxes(starts, window: int | Sequence[int], volume_shape: Sequence[int]) -> np.ndarray:
+  """(..., 3, 2) float32 boxes of windows of `window` voxels per axis starting at `starts` (..., 3) voxels
+  (negative: before the volume) in a volume of `volume_shape`."""
+  starts = np.asarray(starts, np.float64)
+  window = np.broadcast_to(np.asarray(window, np.float64), starts.shape)
+  shape = np.asarray(volume_shape, np.float64)
+  lo, hi = axis_coordinate(starts, shape), axis_coordinate(starts + window - 1.0, shape)
+  return np.stack([lo, hi], axis=-1).astype(np.float32)
+
+
+def whole_box(batch: int = 1) -> np.ndarray:
+  """(batch, 3, 2) boxes of a sample that is the whole volume: [-1, 1] on every axis (model init inputs)."""
+  return np.tile(position_boxes(np.zeros(3), 2, (2, 2, 2)), (batch, 1, 1))
