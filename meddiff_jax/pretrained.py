@@ -60,7 +60,7 @@ def stored_config(raw: dict) -> ml_collections.ConfigDict:
         break
     if node is not None and last not in node:
       node[last] = value
-  return config
+  return ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))  # as stored: lists, not tuples
 
 
 @dataclasses.dataclass
