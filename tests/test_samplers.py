@@ -79,7 +79,7 @@ def test_classifier_free_guidance_combines_branches_and_scale_is_traced():
     ("ddim", "epsilon", True, 100), ("ddim", "epsilon", False, 100), ("ddim", "v", True, 100)])
 def test_sampling_gaussian_data_with_the_exact_model_gives_the_data_distribution(method, prediction_type, clip_x0,
                                                                                  steps):
-  from oracles import gaussian_oracle
+  from conftest import gaussian_oracle
 
   mu, s = 0.1, 0.25
   ts = samplers.make_timesteps(1000, steps, "trailing")
