@@ -14,6 +14,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -80,6 +81,25 @@ def mesh_of(sizes: dict):
   """A mesh of exactly prod(sizes) of the (fake) devices."""
   from meddiff_jax import sharding
   return sharding.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+def build_step(config, mesh_sizes: dict, trainee=None) -> types.SimpleNamespace:
+  """The training setup as train/loop.py builds it (default trainee: pretraining), on `mesh_of(mesh_sizes)`:
+  mesh, rules, trainee, state, shardings, labels, step (jitted, state donated), batch_shardings (per key)."""
+  from meddiff_jax import sharding
+  from meddiff_jax.train import loop
+  from meddiff_jax.train import state as state_lib
+  from meddiff_jax.train import step as step_lib
+  mesh = mesh_of(mesh_sizes)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  trainee = trainee or loop.pretraining(config)
+  state, shardings, labels, tx = loop.init_state(config, trainee, mesh, rules)
+  fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, tx,
+                                state_lib.learning_rate_schedule(config.optimizer), config, rules, labels)
+  batch_shardings = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))
+  return types.SimpleNamespace(mesh=mesh, rules=rules, trainee=trainee, state=state, shardings=shardings,
+                               labels=labels, step=step_lib.jit_train_step(fn, shardings, batch_shardings, mesh, labels),
+                               batch_shardings=batch_shardings)
 
 
 def fixed_batch(config, seed: int = 0) -> dict:

@@ -1,7 +1,6 @@
 """Every notebook runs headless on CPU (few steps), as the Colab demos would offline."""
 
 import os
-import pathlib
 
 import pytest
 
