@@ -37,6 +37,17 @@ def build(config, mesh_sizes):
   return b.mesh, b.rules, b.trainee, b.state, b.shardings, b.labels, b.step, b.batch_shardings
 
 
+@pytest.fixture(scope="module")
+def default_build():
+  """build(cn_config(), {"data": 1}): initialised, and its step compiled, once for the tests that share it. The
+  step donates its state: a test that runs it starts from `fresh(state)`."""
+  return build(cn_config(), {"data": 1})
+
+
+def fresh(st):
+  return jax.tree_util.tree_map(jnp.copy, st)
+
+
 def run(mesh, rules, jitted, batch_sh, st, batch, n):
   with sharding.activate(mesh, rules):
     gb = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
@@ -100,9 +111,9 @@ def test_loading_and_tasks_import_nothing_from_train():
 
 
 @pytest.mark.slow
-def test_zero_convs_make_the_combined_model_equal_the_base_at_init():
+def test_zero_convs_make_the_combined_model_equal_the_base_at_init(default_build):
   config = cn_config()
-  mesh, rules, trainee, st, _, _, _, _ = build(config, {"data": 1})
+  mesh, rules, trainee, st, _, _, _, _ = default_build
   pre = pretrained.load(config.base_checkpoint)
   batch = fixed_batch(config)
   cond = {k: jnp.asarray(batch[k]) for k in ("pos_box", "region", "structures", "hint")}
@@ -119,9 +130,10 @@ def test_zero_convs_make_the_combined_model_equal_the_base_at_init():
 
 
 @pytest.mark.slow
-def test_base_is_frozen_and_has_no_optimizer_state():
+def test_base_is_frozen_and_has_no_optimizer_state(default_build):
   config = cn_config()
-  mesh, rules, _, st, _, _, jitted, batch_sh = build(config, {"data": 1})
+  mesh, rules, _, st, _, _, jitted, batch_sh = default_build
+  st = fresh(st)
   before = host(st.params)
   st, m = run(mesh, rules, jitted, batch_sh, st, fixed_batch(config), 3)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), st.params["base"],
@@ -181,9 +193,9 @@ def total_bytes(compiled):
 
 
 @pytest.mark.slow
-def test_compiled_step_memory_is_no_larger_than_a_separate_frozen_argument():
+def test_compiled_step_memory_is_no_larger_than_a_separate_frozen_argument(default_build):
   config = cn_config()
-  mesh, rules, trainee, st, shardings, _, jitted, batch_sh = build(config, {"data": 1})
+  mesh, rules, trainee, st, shardings, _, jitted, batch_sh = default_build
   ref_jitted, branch_st = separate_argument_step(config, trainee, st, shardings, batch_sh, mesh, rules)
   with sharding.activate(mesh, rules):
     gb = {k: jax.device_put(v, batch_sh[k]) for k, v in fixed_batch(config).items()}
@@ -194,12 +206,14 @@ def test_compiled_step_memory_is_no_larger_than_a_separate_frozen_argument():
 
 
 @pytest.mark.slow
-def test_sharded_controlnet_step_matches_single_device():
+def test_sharded_controlnet_step_matches_single_device(default_build):
   config = cn_config()
   batch = fixed_batch(config)
   out = []
   for mesh_sizes in ({"data": 1}, {"data": 4, "fsdp": 2}):
-    mesh, rules, _, st, _, _, jitted, batch_sh = build(cn_config(), mesh_sizes)
+    built = default_build if mesh_sizes == {"data": 1} else build(config, mesh_sizes)
+    mesh, rules, _, st, _, _, jitted, batch_sh = built
+    st = fresh(st)
     with sharding.activate(mesh, rules):
       gb = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
       st, m1 = jitted(st, gb)
