@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices for every sharding test, plus shared tiny configs."""
+"""Test setup: 8 fake CPU devices for every sharding test, and the one place for shared test helpers: tiny
+configs, exact denoisers (oracles), float64 DDPM posterior tables, the command line as a user runs it, meshes,
+batches and prepare configs."""
 
 import os
 
@@ -10,7 +12,12 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
 
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,3 +59,145 @@ def data_dir() -> pathlib.Path | None:
 @pytest.fixture
 def real_data_dir():
   return data_dir()
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def run_main(*args, timeout: int = 900, cwd=REPO) -> subprocess.CompletedProcess:
+  """`python -m meddiff_jax.main ARGS` as a user runs it: one real CPU device (no fake-device XLA_FLAGS), this
+  checkout's package, output captured."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ meshes, batches, configs
+
+
+def mesh_of(sizes: dict):
+  """A mesh of exactly prod(sizes) of the (fake) devices."""
+  from meddiff_jax import sharding
+  return sharding.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
+
+
+def build_step(config, mesh_sizes: dict, trainee=None) -> types.SimpleNamespace:
+  """The training setup as train/loop.py builds it (default trainee: pretraining), on `mesh_of(mesh_sizes)`:
+  mesh, rules, trainee, state, shardings, labels, step (jitted, state donated), batch_shardings (per key)."""
+  from meddiff_jax import sharding
+  from meddiff_jax.train import loop
+  from meddiff_jax.train import state as state_lib
+  from meddiff_jax.train import step as step_lib
+  mesh = mesh_of(mesh_sizes)
+  rules = sharding.rules_from_config(config.sharding.rules)
+  trainee = trainee or loop.pretraining(config)
+  state, shardings, labels, tx = loop.init_state(config, trainee, mesh, rules)
+  fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, tx,
+                                state_lib.learning_rate_schedule(config.optimizer), config, rules, labels)
+  batch_shardings = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))
+  return types.SimpleNamespace(mesh=mesh, rules=rules, trainee=trainee, state=state, shardings=shardings,
+                               labels=labels, step=step_lib.jit_train_step(fn, shardings, batch_shardings, mesh, labels),
+                               batch_shardings=batch_shardings)
+
+
+def fixed_batch(config, seed: int = 0) -> dict:
+  """The first training batch of config.data (numpy, without the host-side 'operation' tag)."""
+  from meddiff_jax.data import pipeline
+  ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=config.training.batch_size,
+                             seed=seed)
+  batch = next(iter(ds))
+  batch.pop("operation")
+  return batch
+
+
+def prepare_config(input_dir, output_dir, **kw):
+  """configs/prepare.py on these folders with one worker, then `kw`."""
+  from configs import prepare
+  c = prepare.get_config()
+  c.input_dir, c.output_dir, c.workers = str(input_dir), str(output_dir), 1
+  c.update(kw)
+  return c
+
+
+# ------------------------------------------------------------------------------------------ exact denoisers
+# Test data whose posterior is known in closed form. Gaussian data x0 ~ N(mu, s^2) i.i.d. per voxel: E[x0 | x_t]
+# is linear in x_t, so the "model" below is the best possible one, and for y = x0 + sigma n the best possible
+# estimate of x0 is the Wiener filter with MSE s^2 sigma^2 / (s^2 + sigma^2). A task run with this oracle can be
+# checked against both "better than the input" and "close to the optimum"; a pass-through denoiser fails the
+# second. A point mass x0 has the exact eps (x_t - sqrt(abar) x0) / sqrt(1 - abar): every sampler must land on x0.
+
+
+def point_mass_oracle(schedule, x0):
+  """(x_t, t) -> the exact eps-prediction for the data distribution that is a point mass at x0."""
+  from meddiff_jax.diffusion import schedules
+
+  def fn(x, t):
+    abar = schedules.alpha_bar(schedule, t, x.ndim)
+    return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+  return fn
+
+
+def gaussian_posterior_mean(schedule, x, t, mu: float, s: float):
+  from meddiff_jax.diffusion import schedules
+  a = schedules.alpha_bar(schedule, t, x.ndim)
+  return mu + s ** 2 * jnp.sqrt(a) / (a * s ** 2 + 1.0 - a) * (x - jnp.sqrt(a) * mu)
+
+
+def gaussian_oracle(schedule, mu: float, s: float, prediction_type: str = "epsilon"):
+  """(x_t, t) -> the exact model output for i.i.d. N(mu, s^2) data."""
+  from meddiff_jax.diffusion import schedules
+
+  def fn(x, t):
+    x0 = gaussian_posterior_mean(schedule, x, t, mu, s)
+    a = schedules.alpha_bar(schedule, t, x.ndim)
+    one_minus = schedules.one_minus_alpha_bar(schedule, t, x.ndim)
+    eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(one_minus)
+    if prediction_type == "epsilon":
+      return eps
+    if prediction_type == "x0":
+      return x0
+    return jnp.sqrt(a) * eps - jnp.sqrt(one_minus) * x0  # v
+  return fn
+
+
+def identity_denoiser(schedule, prediction_type: str = "epsilon"):
+  """A pass-through "model": claims x_t / sqrt(abar) is already clean. Task tests must fail with it."""
+  from meddiff_jax.diffusion import schedules
+
+  def fn(x, t):
+    a = schedules.alpha_bar(schedule, t, x.ndim)
+    if prediction_type == "x0":
+      return x / jnp.sqrt(a)
+    return jnp.zeros_like(x)  # eps = 0 -> x0_hat = x_t / sqrt(abar)
+  return fn
+
+
+def wiener_mse(s: float, sigma: float) -> float:
+  return s ** 2 * sigma ** 2 / (s ** 2 + sigma ** 2)
+
+
+def gaussian_problem(shape=(1, 24, 24, 24, 1), mu: float = 0.1, s: float = 0.3, sigma: float = 0.15, seed: int = 0):
+  """(x0, y) with x0 ~ N(mu, s^2) and y = x0 + sigma n, float32 jax arrays."""
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x0 = mu + s * jax.random.normal(k1, shape)
+  return x0, x0 + sigma * jax.random.normal(k2, shape)
+
+
+def mse(a, b) -> float:
+  return float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+
+
+def ddpm_posterior_tables(betas) -> dict[str, np.ndarray]:
+  """float64 per-step tables of the DDPM posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 6-7), as ADM
+  keeps them: mean = coef1 x0 + coef2 x_t, variance (0 at t=0; its log clipped like ADM)."""
+  betas = np.asarray(betas, np.float64)
+  alphas = 1.0 - betas
+  acp = np.cumprod(alphas)
+  acp_prev = np.append(1.0, acp[:-1])
+  post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
+  return dict(alphas_cumprod_prev=acp_prev, posterior_variance=post_var,
+              posterior_log_variance_clipped=np.log(np.append(post_var[1:2], post_var[1:])),
+              posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
+              posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp))

@@ -14,9 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, override
+from conftest import REPO, build_step, fixed_batch, mesh_of, override, point_mass_oracle, run_main
 from meddiff_jax import pretrained, sharding
-from meddiff_jax.data import pipeline
 from meddiff_jax.models import trainable
 from meddiff_jax.train import controlnet as cn_train
 from meddiff_jax.train import loop
@@ -34,28 +33,24 @@ def cn_config(**kw):
 
 
 def build(config, mesh_sizes):
-  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
-  rules = sharding.rules_from_config(())
-  trainee = cn_train.trainee(config)
-  st, shardings, labels, tx = loop.init_state(config, trainee, mesh, rules)
-  fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, tx,
-                                state_lib.learning_rate_schedule(config.optimizer), config, rules, labels)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  jitted = step_lib.jit_train_step(fn, shardings, batch_sh, mesh, labels)
-  return mesh, rules, trainee, st, shardings, labels, jitted, batch_sh
+  b = build_step(config, mesh_sizes, cn_train.trainee(config))
+  return b.mesh, b.rules, b.trainee, b.state, b.shardings, b.labels, b.step, b.batch_shardings
 
 
-def a_batch(config):
-  ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=config.training.batch_size,
-                             seed=0)
-  batch = next(iter(ds))
-  batch.pop("operation")
-  return batch
+@pytest.fixture(scope="module")
+def default_build():
+  """build(cn_config(), {"data": 1}): initialised, and its step compiled, once for the tests that share it. The
+  step donates its state: a test that runs it starts from `fresh(state)`."""
+  return build(cn_config(), {"data": 1})
+
+
+def fresh(st):
+  return jax.tree_util.tree_map(jnp.copy, st)
 
 
 def run(mesh, rules, jitted, batch_sh, st, batch, n):
   with sharding.activate(mesh, rules):
-    gb = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    gb = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
     for _ in range(n):
       st, m = jitted(st, gb)
   return st, m
@@ -116,11 +111,11 @@ def test_loading_and_tasks_import_nothing_from_train():
 
 
 @pytest.mark.slow
-def test_zero_convs_make_the_combined_model_equal_the_base_at_init():
+def test_zero_convs_make_the_combined_model_equal_the_base_at_init(default_build):
   config = cn_config()
-  mesh, rules, trainee, st, _, _, _, _ = build(config, {"data": 1})
+  mesh, rules, trainee, st, _, _, _, _ = default_build
   pre = pretrained.load(config.base_checkpoint)
-  batch = a_batch(config)
+  batch = fixed_batch(config)
   cond = {k: jnp.asarray(batch[k]) for k in ("pos_box", "region", "structures", "hint")}
   x, t = jnp.asarray(batch["image"]), jnp.arange(8) * 120
   with sharding.activate(mesh, rules):
@@ -135,11 +130,12 @@ def test_zero_convs_make_the_combined_model_equal_the_base_at_init():
 
 
 @pytest.mark.slow
-def test_base_is_frozen_and_has_no_optimizer_state():
+def test_base_is_frozen_and_has_no_optimizer_state(default_build):
   config = cn_config()
-  mesh, rules, _, st, _, _, jitted, batch_sh = build(config, {"data": 1})
+  mesh, rules, _, st, _, _, jitted, batch_sh = default_build
+  st = fresh(st)
   before = host(st.params)
-  st, m = run(mesh, rules, jitted, batch_sh, st, a_batch(config), 3)
+  st, m = run(mesh, rules, jitted, batch_sh, st, fixed_batch(config), 3)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), st.params["base"],
                          before["base"])
   changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), st.params["controlnet"],
@@ -157,7 +153,7 @@ def test_a_non_default_pattern_trains_what_it_names():
   config = cn_config(**{"optimizer.trainable": ("controlnet/.*", "base/decoder/.*")})
   mesh, rules, _, st, _, labels, jitted, batch_sh = build(config, {"data": 1})
   before = host(st.params)
-  st, _ = run(mesh, rules, jitted, batch_sh, st, a_batch(config), 3)
+  st, _ = run(mesh, rules, jitted, batch_sh, st, fixed_batch(config), 3)
   changed = lambda part: [bool(np.any(np.asarray(a) != b)) for a, b in zip(
       jax.tree_util.tree_leaves(st.params["base"][part]), jax.tree_util.tree_leaves(before["base"][part]))]
   assert np.mean(changed("decoder")) > 0.9  # the named base decoder trains (a zero-gradient leaf may not move)
@@ -197,12 +193,12 @@ def total_bytes(compiled):
 
 
 @pytest.mark.slow
-def test_compiled_step_memory_is_no_larger_than_a_separate_frozen_argument():
+def test_compiled_step_memory_is_no_larger_than_a_separate_frozen_argument(default_build):
   config = cn_config()
-  mesh, rules, trainee, st, shardings, _, jitted, batch_sh = build(config, {"data": 1})
+  mesh, rules, trainee, st, shardings, _, jitted, batch_sh = default_build
   ref_jitted, branch_st = separate_argument_step(config, trainee, st, shardings, batch_sh, mesh, rules)
   with sharding.activate(mesh, rules):
-    gb = {k: jax.device_put(v, batch_sh) for k, v in a_batch(config).items()}
+    gb = {k: jax.device_put(v, batch_sh[k]) for k, v in fixed_batch(config).items()}
     ours = total_bytes(jitted.lower(st, gb).compile())
     ref = total_bytes(ref_jitted.lower(branch_st, gb, st.params["base"]).compile())
   print(f"compiled step memory: partition {ours} B, separate argument {ref} B")
@@ -240,14 +236,16 @@ def test_logged_flops_per_step_match_xla_cost_analysis_of_the_compiled_step(tmp_
 
 
 @pytest.mark.slow
-def test_sharded_controlnet_step_matches_single_device():
+def test_sharded_controlnet_step_matches_single_device(default_build):
   config = cn_config()
-  batch = a_batch(config)
+  batch = fixed_batch(config)
   out = []
   for mesh_sizes in ({"data": 1}, {"data": 4, "fsdp": 2}):
-    mesh, rules, _, st, _, _, jitted, batch_sh = build(cn_config(), mesh_sizes)
+    built = default_build if mesh_sizes == {"data": 1} else build(config, mesh_sizes)
+    mesh, rules, _, st, _, _, jitted, batch_sh = built
+    st = fresh(st)
     with sharding.activate(mesh, rules):
-      gb = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+      gb = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
       st, m1 = jitted(st, gb)
       st, m2 = jitted(st, gb)
     out.append((float(m1["loss"]), float(m2["loss"]), jax.tree_util.tree_map(np.asarray, st.params)))
@@ -264,13 +262,6 @@ CN_ARGS = ["--config=configs/controlnet.py:lesion", "--config.training.log_every
            "--config.eval.sample_every_steps=0"]
 
 
-def run_main(args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-
-
 def metrics_rows(workdir):
   return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -280,17 +271,17 @@ def test_finetune_command_saves_only_the_branch_and_resumes_bitwise(tmp_path):
   from meddiff_jax import checkpoint
 
   resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-  proc = run_main(CN_ARGS + [f"--workdir={resumed}", "--config.training.num_steps=2"])
+  proc = run_main(*CN_ARGS, f"--workdir={resumed}", "--config.training.num_steps=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   meta = json.loads((resumed / "checkpoints" / "2" / "config" / "metadata").read_text())
   assert meta["base_checkpoint"] == "tiny_phantom" and meta["model"]["base_channels"] == 8  # derived once
   saved = checkpoint.Checkpointer(str(resumed / "checkpoints")).manager.item_metadata(2)["state"]
   assert set(saved["params"]) == {"controlnet"} and set(saved["ema_params"]) == {"controlnet"}  # no base copy
-  proc = run_main(CN_ARGS + [f"--workdir={resumed}", "--config.training.num_steps=3"])
+  proc = run_main(*CN_ARGS, f"--workdir={resumed}", "--config.training.num_steps=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from step 2" in proc.stdout  # our progress lines go to stdout
   assert [r["step"] for r in metrics_rows(resumed)] == [1, 2, 3]
-  proc = run_main(CN_ARGS + [f"--workdir={straight}", "--config.training.num_steps=3"])
+  proc = run_main(*CN_ARGS, f"--workdir={straight}", "--config.training.num_steps=3")
   assert proc.returncode == 0, proc.stderr[-3000:]
   losses = lambda w: [r["loss"] for r in metrics_rows(w)]
   assert losses(resumed) == losses(straight)  # bitwise (float repr): the base reloaded, the branch restored
@@ -302,7 +293,7 @@ def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path)
   from meddiff_jax import checkpoint
 
   config = pretrain.get_config("tiny")
-  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  mesh = mesh_of({"data": 1})
   st, _, _, _ = loop.init_state(config, loop.pretraining(config), mesh, sharding.DEFAULT_RULES)
   st = st.replace(ema_params=jax.tree_util.tree_map(lambda p: p + 1.0, st.ema_params))  # EMA != params
   ck = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
@@ -312,13 +303,13 @@ def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                          loaded.params, st.ema_params)
   out = tmp_path / "exported"
-  proc = run_main(["--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}"])
+  proc = run_main("--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   exported = pretrained.load(str(out))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                          exported.params, st.ema_params)
   assert exported.config.to_dict() == loaded.config.to_dict()
-  proc = run_main(["--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}"])
+  proc = run_main("--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}")
   assert proc.returncode != 0 and "not empty" in proc.stderr  # never overwrites without being asked
 
 
@@ -330,10 +321,7 @@ def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
   x0 = jnp.linspace(-0.5, 0.5, 8 ** 3).reshape(1, 8, 8, 8, 1)
   keep = jnp.ones_like(x0).at[:, 2:5, 2:5, 2:5].set(0.0)
 
-  def oracle(x, t):
-    abar = schedules.alpha_bar(sched, t, x.ndim)
-    return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-
+  oracle = point_mass_oracle(sched, x0)
   known = jnp.where(keep > 0, x0, 0.9)  # the hole holds garbage
   ts = samplers.make_timesteps(1000, 20, "trailing")
   out = jax.jit(lambda r: controlled.repaint(oracle, sched, ts, r, known, keep, 5, 2))(jax.random.key(0))
@@ -344,25 +332,21 @@ def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
 def test_super_resolution_and_lesion_commands(tmp_path):
   from meddiff_jax.data import nifti, phantom
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   work = tmp_path / "cn"
-  base = [sys.executable, "-m", "meddiff_jax.main"]
-  proc = subprocess.run(base + ["--config=configs/controlnet.py:lesion", f"--workdir={work}",
-                                "--config.training.num_steps=1", "--config.data.phantom.shape=(32,32,32)",
-                                "--config.data.phantom.num_volumes=3", "--config.training.batch_size=2",
-                                "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = run_main("--config=configs/controlnet.py:lesion", f"--workdir={work}", "--config.training.num_steps=1",
+                  "--config.data.phantom.shape=(32,32,32)", "--config.data.phantom.num_volumes=3",
+                  "--config.training.batch_size=2", "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0",
+                  timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   p = phantom.make_phantom((24, 24, 20), (6.0, 6.0, 6.0), "abdomen", seed=3, num_lesions=1)
   nifti.save(nifti.Volume(np.round(p.hu), p.affine), tmp_path / "ct.nii.gz", np.int16)
   nifti.save(nifti.Volume(p.lesions, p.affine), tmp_path / "lesion.nii.gz", np.uint8)
   for method in ("inpaint", "generate"):
     out = tmp_path / f"{method}.nii.gz"
-    proc = subprocess.run(base + ["--config=configs/lesion.py", f"--config.controlnet={work}",
-                                  f"--config.input={tmp_path / 'ct.nii.gz'}", f"--config.mask={tmp_path / 'lesion.nii.gz'}",
-                                  f"--config.output={out}", f"--config.method={method}", "--config.num_steps=3",
-                                  "--config.jump_length=1", "--config.jump_n_sample=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_main("--config=configs/lesion.py", f"--config.controlnet={work}",
+                    f"--config.input={tmp_path / 'ct.nii.gz'}", f"--config.mask={tmp_path / 'lesion.nii.gz'}",
+                    f"--config.output={out}", f"--config.method={method}", "--config.num_steps=3",
+                    "--config.jump_length=1", "--config.jump_n_sample=2", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / f"{method}.json").read_text())
     assert 0.0 <= res["dice_threshold_segmentation"] <= 1.0 and res["psnr_outside_mask"] > 0
@@ -373,10 +357,10 @@ def test_super_resolution_and_lesion_commands(tmp_path):
   nifti.save(thin, tmp_path / "hr.nii.gz", np.int16)
   lr = nifti.resample(thin, (6.0, 6.0, 18.0), order=1)
   nifti.save(lr, tmp_path / "lr.nii.gz", np.int16)
-  proc = subprocess.run(base + ["--config=configs/super_resolution.py", f"--config.controlnet={work}",
-                                f"--config.input={tmp_path / 'lr.nii.gz'}", f"--config.output={tmp_path / 'sr.nii.gz'}",
-                                f"--config.reference={tmp_path / 'hr.nii.gz'}", "--config.spacing=(6.0,6.0,6.0)",
-                                "--config.num_steps=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = run_main("--config=configs/super_resolution.py", f"--config.controlnet={work}",
+                  f"--config.input={tmp_path / 'lr.nii.gz'}", f"--config.output={tmp_path / 'sr.nii.gz'}",
+                  f"--config.reference={tmp_path / 'hr.nii.gz'}", "--config.spacing=(6.0,6.0,6.0)",
+                  "--config.num_steps=3", timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "sr.json").read_text())
   assert set(res["metrics"]) == {"controlnet", "trilinear", "cubic"}

@@ -198,19 +198,15 @@ def small_series(src, dst, n=10, box=(176, 112, 64, 64)):
 
 @pytest.mark.slow
 def test_denoise_command_dicom_in_dicom_out(series_dir, tmp_path):
-  from conftest import REPO
+  from conftest import run_main
   src = small_series(series_dir, tmp_path / "in")
   full = nifti.load(series_dir)
   small = nifti.load(src)
   # the crop sits where the full series says those pixels are (world coordinates agree)
   np.testing.assert_array_equal(nifti.resample_like(full, small.shape, small.affine, order=0).data, small.data)
   out = tmp_path / "den"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([os.sys.executable, "-m", "meddiff_jax.main", "--config=configs/denoise.py",
-                         f"--config.input={src}", f"--config.output={out}/", "--config.num_steps=2",
-                         "--config.noise_sigma_hu=10", "--config.overlap=0.0"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = run_main("--config=configs/denoise.py", f"--config.input={src}", f"--config.output={out}/",
+                  "--config.num_steps=2", "--config.noise_sigma_hu=10", "--config.overlap=0.0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   back = nifti.load(out)
   np.testing.assert_allclose(back.affine, small.affine, atol=1e-5)

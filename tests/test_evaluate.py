@@ -4,7 +4,6 @@ segmenter, and one slow end-to-end denoising run with the builtin tiny_phantom p
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ from meddiff_jax import checks
 from meddiff_jax.benchmarking import adapters, datasets, run as bench
 from meddiff_jax.data import nifti, phantom, preprocess
 from meddiff_jax.evaluation import extractors, frechet, segmenters
-from tests.conftest import REPO, override
+from conftest import override, run_main
 
 SHAPE, SPACING = (24, 24, 20), (12.0, 12.0, 12.0)
 
@@ -412,26 +411,23 @@ def test_adapter_builds_the_task_config_from_shared_options():
 
 # ------------------------------------------------------------------------------------------ the command line
 
-def _main(args, cwd=REPO):
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", "--config=configs/evaluate.py", *args],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+def _main(*args):
+  return run_main("--config=configs/evaluate.py", *args)
 
 
 @pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
-  proc = _main([f"--workdir={tmp_path}/w", "--config.protocol=denoising", f"--config.pairs={tmp_path}/none.csv"])
+  proc = _main(f"--workdir={tmp_path}/w", "--config.protocol=denoising", f"--config.pairs={tmp_path}/none.csv")
   assert proc.returncode != 0
   assert "none.csv: pairs CSV does not exist" in proc.stderr and "Traceback" not in proc.stderr
-  proc = _main([f"--workdir={tmp_path}/w", "--config.protocol=segmentation", f"--config.pairs={tmp_path}/none.csv"])
+  proc = _main(f"--workdir={tmp_path}/w", "--config.protocol=segmentation", f"--config.pairs={tmp_path}/none.csv")
   assert proc.returncode != 0 and "choose from" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_denoising_protocol_end_to_end_with_the_tiny_prior(tmp_path):
   csv = _denoising_csv(tmp_path, n=1)
-  proc = _main([f"--workdir={tmp_path}/w", f"--config.pairs={csv}", "--config.num_steps=4"])
+  proc = _main(f"--workdir={tmp_path}/w", f"--config.pairs={csv}", "--config.num_steps=4")
   assert proc.returncode == 0, proc.stderr[-2000:]
   res = _results(tmp_path / "w")
   m = res["cases"][0]["metrics"]

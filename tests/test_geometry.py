@@ -135,19 +135,11 @@ def test_save_like_after_resampling_goes_back_to_the_input_grid(real_data_dir, t
 @pytest.mark.slow
 def test_denoise_on_real_lps_ct_writes_the_input_grid(real_data_dir, tmp_path):
   """End to end: the denoise command on an LPS crop, compared index by index with the input."""
-  import os
-  import subprocess
-  import sys
-
-  from conftest import REPO
+  from conftest import run_main
   src = real_data_dir / "aorta_ct_cropped_lps.nii.gz"
   out = tmp_path / "den.nii.gz"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "meddiff_jax.main", "--config=configs/denoise.py",
-                         f"--config.input={src}", f"--config.output={out}", "--config.num_steps=2",
-                         "--config.window_batch=8", "--config.overlap=0.0", "--config.noise_sigma_hu=10"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  proc = run_main("--config=configs/denoise.py", f"--config.input={src}", f"--config.output={out}",
+                  "--config.num_steps=2", "--config.window_batch=8", "--config.overlap=0.0", "--config.noise_sigma_hu=10")
   assert proc.returncode == 0, proc.stderr[-3000:]
   a, b = nib.load(src), nib.load(out)
   assert b.shape == a.shape

@@ -1,18 +1,8 @@
 """End-to-end: `python -m meddiff_jax.main` as a user runs it."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
-
-
-def run_main(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one real CPU device, like a user's laptop
-  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+from conftest import run_main
 
 
 def test_three_step_pretraining_run_writes_loss_log(tmp_path):

@@ -27,19 +27,23 @@ def init(model, *args):
   return jax.jit(model.init)(jax.random.key(0, impl="rbg"), *args)
 
 
-def test_output_shape_and_zero_init():
+@pytest.fixture(scope="module")
+def tiny_unet():
+  """UNet3D(SPEC), its inputs and its initialised variables: one init for the tests that share them."""
   model = unet3d.UNet3D(SPEC)
   x, t, cond = inputs(SPEC)
-  variables = init(model, x, t, cond)
+  return model, (x, t, cond), init(model, x, t, cond)
+
+
+def test_output_shape_and_zero_init(tiny_unet):
+  model, (x, t, cond), variables = tiny_unet
   out = jax.jit(model.apply)(variables, x, t, cond)
   assert out.shape == x.shape and out.dtype == jnp.float32
   np.testing.assert_array_equal(out, 0.0)  # zero-initialised output conv (ADM)
 
 
-def test_every_param_has_logical_axes():
-  model = unet3d.UNet3D(SPEC)
-  x, t, cond = inputs(SPEC)
-  params = init(model, x, t, cond)["params"]
+def test_every_param_has_logical_axes(tiny_unet):
+  params = tiny_unet[2]["params"]
   leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda v: isinstance(v, nn.Partitioned))
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   for v in leaves:
@@ -56,10 +60,9 @@ def perturbed(params, seed=1):
   return perturb(nn.meta.unbox(params))
 
 
-def test_conditions_change_the_output_and_can_be_switched_off():
-  model = unet3d.UNet3D(SPEC)
-  x, t, cond = inputs(SPEC)
-  params = perturbed(init(model, x, t, cond)["params"])
+def test_conditions_change_the_output_and_can_be_switched_off(tiny_unet):
+  model, (x, t, cond), variables = tiny_unet
+  params = perturbed(variables["params"])
   apply = jax.jit(model.apply)
   base = apply({"params": params}, x, t, cond)
   for key, value in (("region", (cond["region"] + 1) % 4), ("structures", 1 - cond["structures"]),
@@ -74,10 +77,9 @@ def test_conditions_change_the_output_and_can_be_switched_off():
   assert "region_embed" not in variables["params"]["encoder"]
 
 
-def test_remat_and_bf16_agree_with_reference():
-  x, t, cond = inputs(SPEC)
-  ref_model = unet3d.UNet3D(SPEC)
-  params = perturbed(init(ref_model, x, t, cond)["params"])
+def test_remat_and_bf16_agree_with_reference(tiny_unet):
+  ref_model, (x, t, cond), variables = tiny_unet
+  params = perturbed(variables["params"])
   loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, cond) ** 2)))(params)
   l_ref, g_ref = loss(ref_model)
   for policy in ("full", "dots"):

@@ -1,8 +1,6 @@
 """NIfTI I/O: RAS canonicalisation, resampling round trips in world coordinates, and bad input."""
 
 import gzip
-import os
-import shutil
 
 import nibabel as nib
 import numpy as np

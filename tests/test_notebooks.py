@@ -2,7 +2,6 @@
 skipped (meddiff_jax is importable), and the public sample CT comes from ../shared/data instead of its URL."""
 
 import os
-import pathlib
 
 import pytest
 

@@ -3,12 +3,11 @@
 import json
 import os
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import prepare_config, tiny_config
 from meddiff_jax.data import multilevel, nifti, phantom, pipeline, prepare, preprocess, store
 from meddiff_jax.models import embeddings
 
@@ -146,14 +145,6 @@ def test_global_batches_are_laid_out_on_the_mesh():
   assert batch["image"].addressable_shards[0].data.shape == (1, 8, 8, 8, 1)
 
 
-def _prepare_config(input_dir, output_dir, **kw):
-  from configs import prepare as prepare_config
-  c = prepare_config.get_config()
-  c.input_dir, c.output_dir, c.workers = str(input_dir), str(output_dir), 1
-  c.update(kw)
-  return c
-
-
 def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_dir):
   src = tmp_path / "in"
   src.mkdir()
@@ -173,7 +164,7 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
           "ph0.nii.gz_missing,chest,,"]
   manifest.write_text("\n".join(rows) + "\n")
   out = tmp_path / "out"
-  report = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
+  report = prepare.run(prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
                                        allow_outside_paths=True))  # the real CT rows live in shared/data
   assert len(report["prepared"]) == 2
   reasons = {os.path.basename(r["image"]): r["reason"] for r in report["failed"]}
@@ -188,7 +179,7 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
   assert {r["region"] for r in records} == {"abdomen", "chest"}
   assert records[0]["spacing"] == pytest.approx([4.0, 4.0, 4.0])
   # resumable: a second run prepares nothing new
-  again = prepare.run(_prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
+  again = prepare.run(prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
                                       allow_outside_paths=True))
   assert len(again["prepared"]) == 0 and len(again["skipped"]) == 2
   # and the store feeds the training pipeline
@@ -205,12 +196,23 @@ def test_prepare_real_ct_with_masks_by_directory_scan(tmp_path, real_data_dir):
   masks.mkdir()
   os.symlink(real_data_dir / "example_ct.nii.gz", src / "case.nii.gz")
   os.symlink(real_data_dir / "example_seg_fast_force_split.nii.gz", masks / "case.nii.gz")
-  report = prepare.run(_prepare_config(src, tmp_path / "out", mask_dir=str(masks), default_region="abdomen",
+  report = prepare.run(prepare_config(src, tmp_path / "out", mask_dir=str(masks), default_region="abdomen",
                                        spacing=(3.0, 3.0, 3.0), workers=2))
   assert len(report["prepared"]) == 1, report
   hu, labels, region = store.PreparedStore(str(tmp_path / "out")).load(0)
   assert region == preprocess.region_id("abdomen") and hu.shape == (122, 101, 112)
   assert np.median(np.asarray(hu)[np.asarray(labels) == 5]) == pytest.approx(55, abs=40)  # liver HU
+
+
+def _prepare_one(tmp_path, manifest_csv: str) -> store.PreparedStore:
+  """Prepare the one scan in tmp_path/in that the manifest lists, at 6 mm; its store."""
+  manifest = tmp_path / "m.csv"
+  manifest.write_text(manifest_csv)
+  cfg = prepare_config(tmp_path / "in", tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0))
+  cfg.limits.max_spacing_mm = 40.0  # the SR test's partner has 30 mm slices (5 x 6 mm)
+  report = prepare.run(cfg)
+  assert len(report["prepared"]) == 1, report
+  return store.PreparedStore(str(tmp_path / "out"))
 
 
 def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
@@ -220,13 +222,8 @@ def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
   nifti.save(nifti.Volume(p.hu, p.affine), src / "ct.nii.gz", np.int16)
   nifti.save(nifti.Volume(p.labels, p.affine), src / "ct_seg.nii.gz", np.uint8)
   nifti.save(nifti.Volume(p.lesions, p.affine), src / "ct_lesion.nii.gz", np.uint8)
-  manifest = tmp_path / "m.csv"
-  manifest.write_text("image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n")
-  cfg = _prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0))
-  cfg.limits.max_spacing_mm = 40.0  # the phantom's partner has 30 mm slices (5 x 6 mm)
-  report = prepare.run(cfg)
-  assert len(report["prepared"]) == 1, report
-  hu, labels, _ = store.PreparedStore(str(tmp_path / "out")).load(0)
+  hu, labels, _ = _prepare_one(tmp_path, "image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n"
+                               ).load(0)
   organs, lesion = multilevel.split_lesions(np.asarray(labels))
   np.testing.assert_array_equal(lesion, p.lesions > 0)
   np.testing.assert_array_equal(organs, p.labels)  # the organ under a lesion is kept
@@ -245,13 +242,7 @@ def test_prepare_stores_a_real_low_resolution_partner_for_sr(tmp_path):
   nifti.save(thin, src / "ct.nii.gz", np.int16)
   thick = nifti.resample(thin, (6.0, 6.0, 30.0), order=1)
   nifti.save(thick, src / "ct_thick.nii.gz", np.int16)
-  manifest = tmp_path / "m.csv"
-  manifest.write_text("image,region,lowres\nct.nii.gz,chest,ct_thick.nii.gz\n")
-  cfg = _prepare_config(src, tmp_path / "out", manifest=str(manifest), spacing=(6.0, 6.0, 6.0))
-  cfg.limits.max_spacing_mm = 40.0  # the phantom's partner has 30 mm slices (5 x 6 mm)
-  report = prepare.run(cfg)
-  assert len(report["prepared"]) == 1, report
-  st = store.PreparedStore(str(tmp_path / "out"))
+  st = _prepare_one(tmp_path, "image,region,lowres\nct.nii.gz,chest,ct_thick.nii.gz\n")
   lowres = np.asarray(st.load_lowres(0))
   hu = np.asarray(st.load(0)[0])
   assert lowres.shape == hu.shape

@@ -11,16 +11,13 @@ import time
 import numpy as np
 import pytest
 
+from conftest import prepare_config, run_main
 from meddiff_jax.data import nifti, phantom, prepare, store
 
 
 def config_for(input_dir, output_dir, **kw):
-  from configs import prepare as prepare_config
-  c = prepare_config.get_config()
-  c.input_dir, c.output_dir, c.workers, c.spacing = str(input_dir), str(output_dir), 1, (6.0, 6.0, 6.0)
-  c.default_region = "abdomen"  # the phantoms carry no TotalSegmentator mask to cut regions from
-  c.update(kw)
-  return c
+  # the phantoms carry no TotalSegmentator mask to cut regions from: a default region
+  return prepare_config(input_dir, output_dir, **{"spacing": (6.0, 6.0, 6.0), "default_region": "abdomen", **kw})
 
 
 def write_phantom(path, seed=0, shape=(24, 24, 24)):
@@ -185,13 +182,11 @@ def _state(pid):
 
 @pytest.mark.slow
 def test_prepare_command_exits_nonzero_with_one_line_when_nothing_prepared(tmp_path):
-  from conftest import REPO
   src = tmp_path / "in"
   src.mkdir()
   (src / "readme.txt").write_text("no scans here")
-  proc = subprocess.run([sys.executable, "-m", "meddiff_jax.main", "--config=configs/prepare.py",
-                         f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}"], cwd=REPO,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+  proc = run_main("--config=configs/prepare.py", f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}",
+                  timeout=300)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: nothing prepared from {src}")
   assert "Traceback" not in proc.stderr and "flags:" not in proc.stderr

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import prepare_config
 from meddiff_jax.data import class_map, nifti, prepare, preprocess, regions, store
 
 LUNG_IDS = [10, 11, 12, 13, 14]
@@ -122,14 +123,6 @@ def test_unknown_region_never_reaches_training(tmp_path):
     store.PreparedStore(str(tmp_path))
 
 
-def _config(input_dir, output_dir, **kw):
-  from configs import prepare as prepare_config
-  c = prepare_config.get_config()
-  c.input_dir, c.output_dir, c.workers = str(input_dir), str(output_dir), 1
-  c.update(kw)
-  return c
-
-
 def test_prepare_writes_region_sub_volumes_with_exact_affines(tmp_path, real_data_dir):
   src, masks = tmp_path / "in", tmp_path / "masks"
   src.mkdir()
@@ -137,7 +130,7 @@ def test_prepare_writes_region_sub_volumes_with_exact_affines(tmp_path, real_dat
   os.symlink(real_data_dir / "example_ct.nii.gz", src / "case.nii.gz")
   os.symlink(real_data_dir / "example_seg_fast_force_split.nii.gz", masks / "case.nii.gz")
   os.symlink(real_data_dir / "aorta_ct_cropped_lps.nii.gz", src / "plain.nii.gz")
-  c = _config(src, tmp_path / "out", mask_dir=str(masks), spacing=(3.0, 3.0, 3.0))
+  c = prepare_config(src, tmp_path / "out", mask_dir=str(masks), spacing=(3.0, 3.0, 3.0))
   c.regions.min_extent_mm.chest = 10.0
   report = prepare.run(c)
   assert len(report["prepared"]) == 1 and len(report["failed"]) == 1

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from meddiff_jax import checkpoint, pretrained, sharding
-from meddiff_jax.train import state as state_lib
+from conftest import REPO, mesh_of, tiny_config
+from meddiff_jax import checkpoint, sharding
+from meddiff_jax.train import loop
 
 ARGS = ["--config=configs/pretrain.py:tiny", "--config.training.num_steps=24", "--config.training.log_every=1",
         "--config.data.patch_size=8", "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=4",
@@ -97,12 +97,9 @@ def test_killed_run_resumes_to_the_same_losses_bitwise(tmp_path, reference, sig)
 
 
 def small_state(mesh_sizes, seed=0):
-  config = tiny_config()
-  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
-  rules = sharding.rules_from_config(())
-  model, spec = pretrained.build_model(config)
-  tx = state_lib.make_optimizer(config.optimizer)
-  st, shardings = state_lib.create(pretrained.init_params_fn(model, spec, 8), tx, seed, mesh, rules, 0)
+  config = tiny_config(seed=seed, **{"sharding.min_shard_size": 0})
+  st, shardings, _, _ = loop.init_state(config, loop.pretraining(config), mesh_of(mesh_sizes),
+                                        sharding.rules_from_config(()))
   return config, st, shardings
 
 

@@ -5,17 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import point_mass_oracle
 from meddiff_jax.diffusion import samplers, schedules
 
 SCHED = schedules.make_schedule("cosine", 1000)
-
-
-def oracle(x0):
-  """The exact eps-predictor for a point-mass data distribution at x0."""
-  def fn(x, t):
-    abar = schedules.alpha_bar(SCHED, t, x.ndim)
-    return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-  return fn
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
@@ -23,7 +16,7 @@ def test_oracle_denoiser_recovers_x0(method):
   x0 = jax.random.uniform(jax.random.key(0), (2, 4, 4, 4, 1), minval=-0.9, maxval=0.9)
   ts = samplers.make_timesteps(1000, 20 if method == "ddim" else 1000, "leading")
   xT = jax.random.normal(jax.random.key(1), x0.shape)
-  out = jax.jit(lambda r, x: samplers.sample(oracle(x0), SCHED, ts, r, x, method=method))(jax.random.key(2), xT)
+  out = jax.jit(lambda r, x: samplers.sample(point_mass_oracle(SCHED, x0), SCHED, ts, r, x, method=method))(jax.random.key(2), xT)
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-3)
 
 
@@ -34,7 +27,7 @@ def test_partial_diffusion_start_is_traced_and_does_not_recompile():
 
   def denoise(x, t):
     calls.append(1)  # counts traces, not executions
-    return oracle(x0)(x, t)
+    return point_mass_oracle(SCHED, x0)(x, t)
 
   run = jax.jit(lambda r, x, t0: samplers.sample(denoise, SCHED, ts, r, x, t_start=t0))
   for t_start in (950, 500, 100):
@@ -79,7 +72,7 @@ def test_classifier_free_guidance_combines_branches_and_scale_is_traced():
     ("ddim", "epsilon", True, 100), ("ddim", "epsilon", False, 100), ("ddim", "v", True, 100)])
 def test_sampling_gaussian_data_with_the_exact_model_gives_the_data_distribution(method, prediction_type, clip_x0,
                                                                                  steps):
-  from oracles import gaussian_oracle
+  from conftest import gaussian_oracle
 
   mu, s = 0.1, 0.25
   ts = samplers.make_timesteps(1000, steps, "trailing")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ddpm_posterior_tables
 from meddiff_jax.diffusion import samplers, schedules
 
 T = 1000
@@ -30,12 +31,22 @@ def test_cosine_alpha_bar_matches_closed_form():
 def test_linear_schedule_endpoints_and_posterior():
   betas = schedules.make_betas("linear", T)
   assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
-  tab = schedules.tables(betas)
+  tab = ddpm_posterior_tables(betas)
   acp = np.cumprod(1 - betas)
   t = 500
   var = betas[t] * (1 - acp[t - 1]) / (1 - acp[t])
   assert tab["posterior_variance"][t] == pytest.approx(var, rel=1e-12)
   assert tab["posterior_mean_coef1"][t] == pytest.approx(betas[t] * math.sqrt(acp[t - 1]) / (1 - acp[t]), rel=1e-12)
+  # the sampler's ancestral step (from log abar, any t -> t') is that posterior for t -> t-1
+  np.testing.assert_allclose(schedules.tables(betas)["alphas_cumprod"], acp, rtol=1e-12)
+  with jax.enable_x64(True):
+    sched = schedules.Schedule(**{k: jnp.asarray(v) for k, v in schedules.tables(betas).items()})
+    x_t, x0, noise = (jnp.asarray(np.array(v, np.float64).reshape(2, 1, 1, 1, 1)) for v in
+                      ([0.3, -1.2], [0.5, -0.25], [1.0, -2.0]))
+    out = samplers.ddpm_step(sched, x0, x_t, jnp.full((2,), t), jnp.full((2,), t - 1), noise,
+                             prediction_type="x0", clip_x0=False)
+  ref = tab["posterior_mean_coef1"][t] * x0 + tab["posterior_mean_coef2"][t] * x_t + np.sqrt(var) * noise
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)  # a wrong term is O(1) off
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "x0", "v"])

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import point_mass_oracle
 from meddiff_jax.diffusion import samplers, schedules
 
 MU = np.array([0.3, -0.5, 0.0, 0.8])  # per-voxel Gaussian data N(MU, S^2)
@@ -89,18 +90,10 @@ def test_first_order_update_is_ddim():
   np.testing.assert_allclose(np.asarray(dpm), np.asarray(ddim), atol=1e-5)
 
 
-def point_mass_oracle(x0):
-  sched = schedules.make_schedule("cosine", 1000)
-
-  def fn(x, t):
-    abar = schedules.alpha_bar(sched, t, x.ndim)
-    return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-  return sched, fn
-
-
 def test_partial_start_is_traced_and_compiles_once():
   x0 = jnp.full((1, 4, 4, 4, 1), 0.3)
-  sched, oracle = point_mass_oracle(x0)
+  sched = schedules.make_schedule("cosine", 1000)
+  oracle = point_mass_oracle(sched, x0)
   ts = samplers.make_timesteps(1000, 20, "trailing")
   traces = []
 

@@ -161,18 +161,13 @@ def test_tiny_training_on_gs_workdir_writes_everything_there_and_resumes(gcs, tm
 def test_main_names_the_missing_extra_in_one_line(tmp_path):
   """What a user without the cloud extra sees (s3fs is not in the test extra; skipped where installed)."""
   import importlib.util
-  import subprocess
-  import sys
 
-  from conftest import REPO
+  from conftest import REPO, run_main
   if importlib.util.find_spec("s3fs") is not None:
     pytest.skip("s3fs is installed")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   for args in (["--workdir=s3://bucket/run"],
                [f"--workdir={tmp_path}", "--config.data.source=prepared", "--config.data.prepared_dir=s3://b/prep"]):
-    proc = subprocess.run([sys.executable, "-m", "meddiff_jax.main", "--config=configs/pretrain.py:tiny", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_main("--config=configs/pretrain.py:tiny", *args, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "s3:// needs s3fs; install it with pip install -e '.[s3]'" in proc.stderr.strip().splitlines()[-1]
   assert not os.path.exists(os.path.join(REPO, "s3:"))

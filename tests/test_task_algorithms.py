@@ -17,7 +17,7 @@ import pytest
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import controlled, denoise
-from oracles import gaussian_oracle, gaussian_problem, identity_denoiser, mse, wiener_mse
+from conftest import gaussian_oracle, gaussian_problem, identity_denoiser, mse, wiener_mse
 
 SCHED = schedules.make_schedule("cosine", 1000)
 T64 = schedules.tables(schedules.make_betas("cosine", 1000))

@@ -1,21 +1,10 @@
 """Tasks fail like prepare: a bad input is one line naming the file and the problem, non-zero exit."""
 
-import os
-import subprocess
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REPO
-
-
-def run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
+from conftest import run_main
 
 
 @pytest.mark.slow

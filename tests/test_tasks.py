@@ -2,17 +2,13 @@
 commands end to end (NIfTI in, NIfTI out with the input's affine)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import mesh_of, point_mass_oracle, run_main
 from meddiff_jax.data import nifti, phantom
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import embeddings
@@ -34,7 +30,7 @@ def test_window_starts_cover_and_overlap():
 
 def _blend(apply_fn, shape, mesh_sizes, window=8, batch=8):
   plan = sliding_window.plan_windows(shape, window, 0.5, batch)
-  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
+  mesh = mesh_of(mesh_sizes)
   axes = ("data",) if mesh_sizes.get("data", 1) > 1 else None
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
     fn = sliding_window.blended_denoise_fn(apply_fn, plan, {"region": jnp.array([0])}, axes)
@@ -57,23 +53,17 @@ def test_window_position_boxes_agree_with_the_whole_volume_frame():
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
 
-def oracle(x0):
-  def fn(x, t):
-    abar = schedules.alpha_bar(SCHED, t, x.ndim)
-    return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-  return fn
-
-
 def test_diffpir_and_partial_diffusion_with_an_oracle_prior_remove_noise():
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(np.clip(rng.normal(0, 0.3, (1, 12, 12, 12, 1)), -1, 1), jnp.float32)
   sigma = 0.15
   y = x0 + sigma * jax.random.normal(jax.random.key(1), x0.shape)
+  oracle = point_mass_oracle(SCHED, x0)
   ts = denoise.diffpir_timesteps(SCHED, sigma, 20)
   assert ts[0] == int(schedules.timestep_for_noise_level(SCHED, sigma)) and ts[-1] == 0
-  out = jax.jit(lambda y: denoise.diffpir(oracle(x0), SCHED, y, jnp.float32(sigma), ts, jax.random.key(2)))(y)
+  out = jax.jit(lambda y: denoise.diffpir(oracle, SCHED, y, jnp.float32(sigma), ts, jax.random.key(2)))(y)
   assert float(jnp.sqrt(jnp.mean((out - x0) ** 2))) < 0.1 * sigma
-  out = denoise.partial_diffusion(oracle(x0), SCHED, y, int(ts[0]), 50, jax.random.key(3), input_sigma=sigma)
+  out = denoise.partial_diffusion(oracle, SCHED, y, int(ts[0]), 50, jax.random.key(3), input_sigma=sigma)
   assert float(jnp.sqrt(jnp.mean((out - x0) ** 2))) < 0.1 * sigma
 
 
@@ -107,13 +97,6 @@ def test_anomaly_map_and_score_localise_a_residual():
 
 # ------------------------------------------------------------------------------------------------
 # commands end to end
-
-
-def run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -8,38 +8,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import build_step, fixed_batch, tiny_config
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import dry_run, loop, throughput
-from meddiff_jax.train import state as state_lib
-from meddiff_jax.train import step as step_lib
-
-
-def fixed_batch(config, seed=0):
-  store = pipeline.make_store(config.data)
-  ds = pipeline.make_dataset(store, config.data, batch_size=config.training.batch_size, seed=seed)
-  it = iter(ds)
-  batch = next(it)
-  batch.pop("operation")
-  return batch
 
 
 def build(config, mesh_sizes):
-  mesh = sharding.make_mesh(mesh_sizes, jax.devices()[: int(np.prod(list(mesh_sizes.values())))])
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model, spec = pretrained.build_model(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  tx = state_lib.make_optimizer(config.optimizer)
-  init_fn = pretrained.init_params_fn(model, spec, config.data.patch_size)
-  st, shardings = state_lib.create(init_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size)
-  step_fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
-                                     config, rules)
-  batch_sh = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))
-  jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh, mesh)
-  return mesh, rules, st, shardings, jitted, batch_sh
+  b = build_step(config, mesh_sizes)
+  return b.mesh, b.rules, b.state, b.shardings, b.step, b.batch_shardings
 
 
 def run_steps(config, mesh_sizes, batch, n):

@@ -4,15 +4,13 @@ training run whose stdout is ours (no library INFO logs) and whose workdir has n
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import REPO
+from conftest import run_main
 from meddiff_jax import storage
 from meddiff_jax.train import writer as writer_lib
 
@@ -112,14 +110,11 @@ def test_closing_summary_names_everything():
 @pytest.mark.slow
 def test_training_run_prints_progress_and_a_summary_and_leaves_no_stray_folders(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [sys.executable, "-m", "meddiff_jax.main", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
-       "--config.training.num_steps=2", "--config.training.log_every=1", "--config.data.patch_size=8",
-       "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=3",
-       "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0", "--config.checkpoint.every_steps=1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  proc = run_main("--config=configs/pretrain.py:tiny", f"--workdir={workdir}", "--config.training.num_steps=2",
+                  "--config.training.log_every=1", "--config.data.patch_size=8",
+                  "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=3",
+                  "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0",
+                  "--config.checkpoint.every_steps=1", timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout.splitlines()
   assert any(l.startswith("step 2/2  loss ") for l in out), proc.stdout

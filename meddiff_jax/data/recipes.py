@@ -129,6 +129,14 @@ def _find(root: str, pattern: str) -> list[str]:
   return sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True))
 
 
+def _folder(path: str, up: int = 1) -> str:
+  """The name of the folder `up` levels above `path` (1: the one holding it): the datasets' layouts name
+  splits, modalities and tasks by folder."""
+  for _ in range(up):
+    path = os.path.dirname(path)
+  return os.path.basename(path)
+
+
 def totalsegmentator(root: str, config: Any) -> list[Case]:
   """Zenodo v2 (10047292): ROOT/s0000/ct.nii.gz + ROOT/s0000/segmentations/<class>.nii.gz (117 files)."""
   cases = []
@@ -163,7 +171,7 @@ def amos22(root: str, config: Any) -> list[Case]:
   """AMOS22: ROOT/images{Tr,Va,Ts}/amos_0001.nii.gz; ids >= 500 are MRI and are left out."""
   cases = []
   for p in _find(root, "amos_*.nii.gz"):
-    if os.path.basename(os.path.dirname(p)).startswith("labels"):
+    if _folder(p).startswith("labels"):
       continue
     m = re.match(r"amos_(\d+)\.nii\.gz$", os.path.basename(p))
     if m and int(m.group(1)) < 500:
@@ -174,7 +182,7 @@ def amos22(root: str, config: Any) -> list[Case]:
 def btcv(root: str, config: Any) -> list[Case]:
   """BTCV (Synapse): ROOT/RawData/{Training,Testing}/img/img0001.nii.gz (labels: Training/label/label0001)."""
   return [Case(p, _stem(p), "abdomen") for p in _find(root, "img[0-9]*.nii.gz")
-          if os.path.basename(os.path.dirname(p)) == "img"]
+          if _folder(p) == "img"]
 
 
 def chaos(root: str, config: Any) -> list[Case]:
@@ -182,8 +190,8 @@ def chaos(root: str, config: Any) -> list[Case]:
   slices ordered by position, never by file name or InstanceNumber)."""
   cases = []
   for d in sorted(d for d in _find(root, "DICOM_anon") if os.path.isdir(d)):
-    n = os.path.basename(os.path.dirname(d))
-    modality = os.path.basename(os.path.dirname(os.path.dirname(d)))
+    n = _folder(d)
+    modality = _folder(d, 2)
     if modality != "CT":
       continue  # MR/T1DUAL... are MRI
     split_set = "test" if "Test" in d else "train"
@@ -194,7 +202,7 @@ def chaos(root: str, config: Any) -> list[Case]:
 def word(root: str, config: Any) -> list[Case]:
   """WORD v0.1.0: ROOT/images{Tr,Val,Ts}/word_0001.nii.gz (labels: labels{Tr,Val,Ts}/)."""
   return [Case(p, _stem(p), "abdomen") for p in _find(root, "word_*.nii.gz")
-          if os.path.basename(os.path.dirname(p)).startswith("images")]
+          if _folder(p).startswith("images")]
 
 
 def segthor(root: str, config: Any) -> list[Case]:
@@ -221,19 +229,14 @@ def ct_rate(root: str, config: Any) -> list[Case]:
 def structseg(root: str, config: Any) -> list[Case]:
   """StructSeg 2019 head-and-neck tasks: ROOT/HaN_OAR/<n>/data.nii.gz (+ label.nii.gz), ROOT/Naso_GTV/<n>/...
   The thoracic tasks (Thoracic_OAR, Lung_GTV) are chest and left out (the paper lists StructSeg under HaN)."""
-  cases = []
-  for p in _find(root, "data.nii.gz"):
-    case_dir = os.path.dirname(p)
-    task = os.path.basename(os.path.dirname(case_dir))
-    if task in ("HaN_OAR", "Naso_GTV"):
-      cases.append(Case(p, f"{task}_{os.path.basename(case_dir)}", "head_neck"))
-  return cases
+  return [Case(p, f"{_folder(p, 2)}_{_folder(p)}", "head_neck") for p in _find(root, "data.nii.gz")
+          if _folder(p, 2) in ("HaN_OAR", "Naso_GTV")]
 
 
 def instance2022(root: str, config: Any) -> list[Case]:
   """INSTANCE 2022 (non-contrast head CT): ROOT/train_2/data/001.nii.gz (+ train_2/label/001.nii.gz)."""
   return [Case(p, _stem(p), "head_neck") for p in _find(root, "*.nii.gz")
-          if os.path.basename(os.path.dirname(p)) == "data"]
+          if _folder(p) == "data"]
 
 
 def hanseg(root: str, config: Any) -> list[Case]:

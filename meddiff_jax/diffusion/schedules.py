@@ -37,16 +37,12 @@ def make_betas(name: str, num_timesteps: int = 1000) -> np.ndarray:
 
 @flax.struct.dataclass
 class Schedule:
-  """Per-timestep tables, float32. Index t in [0, T); alphas_cumprod_prev[0] == 1."""
+  """Per-timestep tables, float32. Index t in [0, T). The samplers compute the DDPM posterior q(x_t' | x_t, x0)
+  from log abar for any pair of timesteps (samplers.ddpm_step), so no per-step posterior tables are kept."""
 
   betas: jax.Array
   alphas_cumprod: jax.Array
   log_alphas_cumprod: jax.Array  # for 1 - abar and ratios near t=0 without float32 cancellation
-  alphas_cumprod_prev: jax.Array
-  posterior_variance: jax.Array
-  posterior_log_variance_clipped: jax.Array
-  posterior_mean_coef1: jax.Array
-  posterior_mean_coef2: jax.Array
 
   @property
   def num_timesteps(self) -> int:
@@ -54,23 +50,10 @@ class Schedule:
 
 
 def tables(betas: np.ndarray) -> dict[str, np.ndarray]:
-  """float64 schedule tables from betas (closed forms of DDPM, Ho et al. 2020, eq. 6-7)."""
+  """float64 schedule tables from betas (DDPM, Ho et al. 2020)."""
   betas = np.asarray(betas, np.float64)
   alphas = 1.0 - betas
-  acp = np.cumprod(alphas)
-  acp_prev = np.append(1.0, acp[:-1])
-  post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
-  return dict(
-      betas=betas,
-      alphas_cumprod=acp,
-      log_alphas_cumprod=np.cumsum(np.log(alphas)),
-      alphas_cumprod_prev=acp_prev,
-      posterior_variance=post_var,
-      # the variance is 0 at t=0; clip the log like ADM does
-      posterior_log_variance_clipped=np.log(np.append(post_var[1:2], post_var[1:])),
-      posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
-      posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
-  )
+  return dict(betas=betas, alphas_cumprod=np.cumprod(alphas), log_alphas_cumprod=np.cumsum(np.log(alphas)))
 
 
 def make_schedule(name: str = "cosine", num_timesteps: int = 1000) -> Schedule:

@@ -81,47 +81,30 @@ def position_channels(num_freqs: int, include_input: bool = True) -> int:
   return 3 * (2 * num_freqs + (1 if include_input or num_freqs == 0 else 0))
 
 
-class RegionEmbedding(nn.Module):
-  """Learned embedding of the coarse region class, added to the timestep embedding.
+class IdEmbedding(nn.Module):
+  """A learned vector per integer id: (...) ids -> (..., features); ids outside [0, num_ids) are clipped.
 
-  Ids 0..num_regions-1 are real regions (head-and-neck, chest, abdomen); id `num_regions` is the
-  "unknown" class used for unconditional samples and classifier-free-guidance dropout.
-  """
-
-  num_regions: int
-  features: int
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, region: jax.Array) -> jax.Array:
-    table = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
-        (self.num_regions + 1, self.features),
-        self.param_dtype,
-    )
-    region = jnp.clip(region.astype(jnp.int32), 0, self.num_regions)
-    return jnp.take(table, region, axis=0)
-
-
-class StructureEmbedding(nn.Module):
-  """Learned vector per anatomical label id, per voxel: (N, D, H, W) ids -> (N, D, H, W, features).
-
-  The paper conditions on 117 TotalSegmentator classes + a body mask. As one-hot input channels that is
-  118 x 128^3 x 4 B = 0.99 GB per 128^3 sample in float32 (0.49 GB bf16) before the first conv; as a label
-  map it is 2 MiB (uint8) on the wire and features x 128^3 after this lookup (8 x bf16: 34 MB). Id 0 is
-  background (and the classifier-free-guidance null), ids outside the table are clipped.
+  Two uses in the UNet:
+  - the coarse region class, added to the timestep embedding: ids 0..num_regions-1 are real regions
+    (head-and-neck, chest, abdomen), id `num_regions` the "unknown" class of unconditional samples and
+    classifier-free-guidance dropout (num_ids = num_regions + 1, stddev 0.02);
+  - the anatomical label id per voxel, (N, D, H, W) -> (N, D, H, W, features) (stddev 1: one-hot scale). The
+    paper conditions on 117 TotalSegmentator classes + a body mask. As one-hot input channels that is
+    118 x 128^3 x 4 B = 0.99 GB per 128^3 sample in float32 (0.49 GB bf16) before the first conv; as a label
+    map it is 2 MiB (uint8) on the wire and features x 128^3 after this lookup (8 x bf16: 34 MB). Id 0 is
+    background (and the classifier-free-guidance null).
   """
 
   num_ids: int
   features: int
+  stddev: float
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, ids: jax.Array) -> jax.Array:
     table = self.param(
         "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),  # one-hot scale
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=self.stddev), ("vocab", "embed")),
         (self.num_ids, self.features),
         self.param_dtype,
     )

@@ -325,8 +325,8 @@ class UNetEncoder(nn.Module):
       region = cond.get(conditions.REGION)
       if region is None:  # unknown region == the CFG "null" class
         region = jnp.full((x.shape[0],), spec.num_regions, jnp.int32)
-      region_embed = embeddings.RegionEmbedding(
-          spec.num_regions, spec.time_embed_dim, spec.param_dtype, name="region_embed")
+      region_embed = embeddings.IdEmbedding(spec.num_regions + 1, spec.time_embed_dim, 0.02, spec.param_dtype,
+                                            name="region_embed")
       emb = emb + region_embed(region).astype(emb.dtype)
 
     def stem(mdl, x, cond, hint):
@@ -364,8 +364,8 @@ class UNetEncoder(nn.Module):
         raise ValueError(
             f"structures have {structures.shape[-1]} channels, model expects {spec.structure_channels}")
       if spec.structure_embed_dim:  # label ids -> learned vectors
-        parts.append(embeddings.StructureEmbedding(spec.num_structure_ids, spec.structure_embed_dim, spec.param_dtype,
-                                                   name="structure_embed")(structures[..., 0]).astype(spec.dtype))
+        parts.append(embeddings.IdEmbedding(spec.num_structure_ids, spec.structure_embed_dim, 1.0, spec.param_dtype,
+                                            name="structure_embed")(structures[..., 0]).astype(spec.dtype))
       else:
         parts.append(structures.astype(spec.dtype))
     if spec.use_position:

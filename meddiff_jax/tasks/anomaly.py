@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from meddiff_jax.tasks import denoise
+from meddiff_jax import pretrained
+from meddiff_jax.data import preprocess
+from meddiff_jax.evaluation import metrics
+from meddiff_jax.tasks import common, denoise
 
 
 def anomaly_map(image: np.ndarray, reconstruction: np.ndarray, body: np.ndarray | None = None,
@@ -36,49 +38,30 @@ def volume_score(amap: np.ndarray, body: np.ndarray | None = None, top_fraction:
 
 def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: np.ndarray | None = None,
                 frame: tuple[slice, ...] | None = None) -> np.ndarray:
-  """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume."""
-  from meddiff_jax.tasks import common
-  from meddiff_jax import sharding
-
+  """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume, `frame`
+  the crop `pad_to_window` returned (positions of the real volume; the result is cropped to it)."""
+  # the grid starts at noise_t itself (paper: 950), every step is spent below it
+  sample = lambda fn, y, r: denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),
+                                                      config.num_steps, r, progress=bar, method=config.sampler)
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
-  with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, plan = common.windowed_denoiser(pre, y_unit.shape, region, structures, config, frame=frame)
-    bar.windows = int(plan.valid.sum())
-    # the grid starts at noise_t itself (paper: 950), every step is spent below it
-    run = jax.jit(lambda y, r: denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),
-                                                         config.num_steps, r, progress=bar, method=config.sampler))
-    out = np.asarray(run(jnp.asarray(y_unit)[None, ..., None], jax.random.key(config.seed)))
-  bar.close()
-  return out[0, ..., 0]
+  return common.run_windowed(pre, sample, (jnp.asarray(y_unit)[None, ..., None],), config, y_unit.shape, region,
+                             structures, frame=frame, progress=bar)
 
 
 def run(config: Any) -> dict[str, Any]:
   """The `anomaly` command: NIfTI in; anomaly map NIfTI (input grid/affine) and a JSON score out."""
-  import json
-
-  from meddiff_jax.data import nifti, preprocess
-  from meddiff_jax import pretrained
-  from meddiff_jax.tasks import common, sliding_window
-
   pre = pretrained.load(config.checkpoint, config.inference_dtype)
-  original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
-  region = preprocess.region_id(config.region)
-  y, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  structures = common.structure_volume(pre, common.load_labels(config.labels, original, work), work.data,
-                                       pre.patch_size)
-  recon = reconstruct(pre, y, region, config, structures, crop)[crop]
-  body = preprocess.body_mask(work.data)
-  amap = anomaly_map(y[crop], recon, body, config.smooth_sigma)
+  inp = common.prepare_input(pre, config, common.task_spacing(pre, config))
+  recon = reconstruct(pre, inp.unit, inp.region, config, inp.structures, inp.crop)
+  body = preprocess.body_mask(inp.work.data)
+  amap = anomaly_map(inp.unit[inp.crop], recon, body, config.smooth_sigma)
   score = volume_score(amap, body, config.top_fraction)
-  amap_input = common.back_to_input_grid(amap, work, original)
-  common.save_like_input(amap_input, original, config.output, np.float32, f"meddiff anomaly map ({config.checkpoint})")
-  from meddiff_jax.evaluation import metrics
-
+  amap_input = common.back_to_input_grid(amap, inp.work, inp.original)
   # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score
-  slices = metrics.slice_scores(amap_input, preprocess.body_mask(original.data), axis=2,
+  slices = metrics.slice_scores(amap_input, preprocess.body_mask(inp.original.data), axis=2,
                                 top_fraction=config.top_fraction)
   result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t),
             "slice_scores": [float(v) for v in slices]}
-  with open(config.output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
-    json.dump(result, f, indent=1)
+  common.finish(amap_input, config.output, inp.original, dtype=np.float32,
+                description=f"meddiff anomaly map ({config.checkpoint})", sidecar=result)
   return result

@@ -1,11 +1,17 @@
 """What every downstream task shares: the guided model, the mesh, volumes in and out.
 
+A task module holds only its algorithm; around it every task runs the same prologue and epilogue:
+`prepare_input` (read and check the CT, region, working grid, [-1, 1] padded to the window, structure
+conditions), `run_windowed` (the blended whole-volume denoiser on the task mesh, the sampler jitted) and
+`finish` (back onto the input's grid, saved like the input, the sidecar JSON).
 Loading a pretrained model (names, workdirs, exported directories) is meddiff_jax/pretrained.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +119,70 @@ def save_like_input(values_ras: np.ndarray, original: nifti.Volume, path: str, d
   """Write a task result on the input's own grid: same shape, voxel order, affine and qform/sform codes
   (NIfTI), or a new DICOM series beside the original when the input was DICOM and `path` is a folder."""
   return nifti.save_like(values_ras, original, path, dtype, description=description)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInput:
+  """A CT read for a task, on the model's grid and scale."""
+
+  original: nifti.Volume  # as read: the output is saved on its grid, voxel order and header
+  work: nifti.Volume  # on the working grid (resampled to the working spacing, or `original` itself)
+  region: int
+  unit: np.ndarray  # (X, Y, Z) `work` in [-1, 1], padded with -1 to at least the patch on every side
+  crop: tuple[slice, ...]  # unit[crop] is `work`; also the windows' position frame
+  structures: np.ndarray | None  # the structure conditions, padded like `unit`
+  patch_size: int
+
+  def pad(self, values: np.ndarray, fill: float) -> np.ndarray:
+    """Another volume on the working grid padded like `unit` (e.g. a lesion mask)."""
+    return sliding_window.pad_to_window(values, self.patch_size, fill)[0]
+
+
+def prepare_input(pre: Pretrained, config: Any, spacing: tuple[float, ...] | None) -> TaskInput:
+  """The task prologue: `config.input` read and checked as CT (configs/input_options.py), moved to `spacing`
+  (None: its own grid), mapped to [-1, 1] with `config.region`'s window and padded to the patch; the
+  structure conditions from `config.labels` (or the body channel alone)."""
+  original, work = load_ct(config.input, config.region, spacing, config)
+  region = preprocess.region_id(config.region)
+  unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
+  structures = structure_volume(pre, load_labels(config.labels, original, work), work.data, pre.patch_size)
+  return TaskInput(original, work, region, unit, crop, structures, pre.patch_size)
+
+
+def sidecar_path(output: str) -> str:
+  """OUTPUT.json beside a task's output (OUTPUT.nii.gz, OUTPUT.nii or a DICOM folder OUTPUT/)."""
+  return output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json"
+
+
+def finish(values: np.ndarray, output: str, like: nifti.Volume, *, work: nifti.Volume | None = None, dtype=None,
+           description: str = "", sidecar: dict[str, Any] | None = None) -> None:
+  """The task epilogue: `values` (computed on the grid of `work`, default `like`'s) back onto `like`'s grid,
+  saved like it (`save_like_input`), and the result summary `sidecar` as OUTPUT.json beside it."""
+  if work is not None:
+    values = back_to_input_grid(values, work, like)
+  save_like_input(values, like, output, dtype, description)
+  if sidecar is not None:
+    with open(sidecar_path(output), "w") as f:
+      json.dump(sidecar, f, indent=1, default=float)
+
+
+def run_windowed(pre: Pretrained, sample: Callable[..., jax.Array], args: tuple, config: Any, volume_shape,
+                 region: int, structures: np.ndarray | None, *, frame: tuple[slice, ...] | None = None,
+                 guidance_scale: jax.Array | None = None, hint: np.ndarray | None = None, apply_fn=None,
+                 progress: ProgressBar | None = None) -> np.ndarray:
+  """Run a sampler over a whole (padded) volume on the task mesh: `sample(fn, *args, rng)` jitted, where fn is
+  the blended windowed denoiser (`windowed_denoiser`) and rng = key(config.seed). Returns the (X, Y, Z)
+  result, cropped to `frame` when given; closes `progress`."""
+  with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):
+    fn, plan = windowed_denoiser(pre, volume_shape, region, structures, config, guidance_scale, hint, apply_fn,
+                                 frame)
+    if progress is not None:
+      progress.windows = int(plan.valid.sum())
+    out = np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(config.seed)))
+  if progress is not None:
+    progress.close()
+  out = out[0, ..., 0]
+  return out if frame is None else out[frame]
 
 
 def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np.ndarray | None, config: Any,

@@ -9,7 +9,6 @@ harmonises with its surroundings.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
@@ -18,13 +17,10 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained
+from meddiff_jax.data import nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers, schedules
+from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common
-
-
-def load_controlled(workdir: str, compute_dtype: str | None = None) -> pretrained.Controlled:
-  """A fine-tuning workdir: branch EMA params from its newest checkpoint, base from `base_checkpoint`."""
-  return pretrained.load_controlled(workdir, compute_dtype)
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:
@@ -94,48 +90,37 @@ def lesion_dice(generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.nd
                 ) -> float:
   """Dice between the lesion mask and a simple threshold segmentation of what changed: voxels within a
   dilated mask whose HU differs from the lesion-free scan by more than threshold_hu."""
-  from meddiff_jax.evaluation import metrics
-
   region = ndimage.binary_dilation(mask, iterations=2)
   seg = (np.abs(generated_hu - background_hu) > threshold_hu) & region
   return metrics.dice(seg, mask)
 
 
+def sample_controlled(cm: pretrained.Controlled, inp: common.TaskInput, hint: np.ndarray, config: Any, sample
+                      ) -> np.ndarray:
+  """`sample(fn, rng)` over the whole volume with fn the base + branch denoiser, the (padded) condition volume
+  `hint` (X, Y, Z) windowed with the image; the result in [-1, 1], cropped to the input."""
+  return common.run_windowed(cm.pre, sample, (), config, inp.unit.shape, inp.region, inp.structures,
+                             frame=inp.crop, hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
+
+
 def run_super_resolution(config: Any) -> dict[str, Any]:
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
   reference, PSNR / SSIM against trilinear and cubic interpolation."""
-  from meddiff_jax.data import nifti, pipeline, preprocess
-  from meddiff_jax.evaluation import metrics
-  from meddiff_jax.tasks import sliding_window
-  from meddiff_jax import sharding
-
-  cm = load_controlled(config.controlnet, config.inference_dtype)
-  region = preprocess.region_id(config.region)
-  options = nifti.ReadOptions.from_config(config)
-  lr = nifti.load(config.input, options=options)
-  nifti.check_ct(lr, assume_hu=options.assume_hu)
+  cm = pretrained.load_controlled(config.controlnet, config.inference_dtype)
   # the network runs at its training spacing; the result goes to the thin grid asked for (default: the same)
   asked = tuple(float(s) for s in config.spacing) if config.spacing else None
-  model_spacing = pipeline.training_spacing(cm.pre.config.data) or asked or lr.spacing
+  inp = common.prepare_input(cm.pre, config, pipeline.training_spacing(cm.pre.config.data) or asked)
+  lr, up, region = inp.original, inp.work, inp.region
+  model_spacing = up.spacing
   target_spacing = asked or model_spacing
-  up = nifti.resample(lr, model_spacing, order=1, fill=-1024.0)
-  hint, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(up.data, region), cm.pre.patch_size, -1.0)
-  shape = hint.shape
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
-  with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    structures = common.structure_volume(cm.pre, common.load_labels(config.labels, lr, up), up.data,
-                                         cm.pre.patch_size)
-    fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
-                                     hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale), frame=crop)
-    out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *shape, 1)),
-                                            method=config.sampler))(
-        jax.random.key(config.seed))
-  sr_vol = nifti.Volume(data=preprocess.unit_to_hu(np.asarray(out)[0, ..., 0][crop], region), affine=up.affine,
-                        path=up.path, source=up.source)
+  sample = lambda fn, r: samplers.sample(fn, cm.pre.schedule, timesteps, r,
+                                         jax.random.normal(r, (1, *inp.unit.shape, 1)), method=config.sampler)
+  out = sample_controlled(cm, inp, inp.unit, config, sample)
+  sr_vol = nifti.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
   if not np.allclose(model_spacing, target_spacing):
     sr_vol = nifti.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
   sr = sr_vol.data
-  common.save_like_input(sr, sr_vol, config.output, np.int16)  # the thin grid, in the input's voxel order
   result: dict[str, Any] = {"output": config.output, "shape": list(sr.shape)}
   if config.reference:
     ref = nifti.load(config.reference)
@@ -146,60 +131,38 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
     result["metrics"] = {name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0),
                                 "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
                          for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))}
-  _write_json(config.output, result)
+  common.finish(sr, config.output, sr_vol, dtype=np.int16, sidecar=result)  # the thin grid, input's voxel order
   return result
 
 
 def run_lesion(config: Any) -> dict[str, Any]:
   """CT + lesion mask NIfTI -> a lesion generated inside the mask. method 'inpaint' (RePaint: the scan is
   kept outside the mask) or 'generate' (the whole window resampled, conditioned on the mask)."""
-  from meddiff_jax.data import nifti, preprocess
-  from meddiff_jax.evaluation import metrics
-  from meddiff_jax.tasks import sliding_window
-  from meddiff_jax import sharding
-
-  cm = load_controlled(config.controlnet, config.inference_dtype)
-  region = preprocess.region_id(config.region)
-  options = nifti.ReadOptions.from_config(config)
-  ct = nifti.load(config.input, options=options)
-  nifti.check_ct(ct, assume_hu=options.assume_hu)
-  mask = nifti.load(config.mask, is_mask=True, options=options)
+  cm = pretrained.load_controlled(config.controlnet, config.inference_dtype)
+  inp = common.prepare_input(cm.pre, config, None)  # the lesion goes into the scan as it is: its own grid
+  ct = inp.original
+  mask = nifti.load(config.mask, is_mask=True, options=nifti.ReadOptions.from_config(config))
   nifti.check_same_grid(ct, mask)
   lesion = mask.data > 0
-  unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(ct.data, region), cm.pre.patch_size, -1.0)
-  m, _ = sliding_window.pad_to_window(lesion.astype(np.float32), cm.pre.patch_size, 0.0)
-  shape = unit.shape
+  m = inp.pad(lesion.astype(np.float32), 0.0)
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
-  with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    structures = common.structure_volume(cm.pre, common.load_labels(config.labels, ct, ct), ct.data,
-                                         cm.pre.patch_size)
-    fn, _ = common.windowed_denoiser(cm.pre, shape, region, structures, config,
-                                     hint=(m * 2.0 - 1.0)[..., None], apply_fn=cm.apply_fn(config.conditioning_scale),
-                                     frame=crop)
-    known = jnp.asarray(unit)[None, ..., None]
-    if config.method == "inpaint":
-      keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
-      out = jax.jit(lambda r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, config.jump_length,
-                                      config.jump_n_sample))(
-          jax.random.key(config.seed))
-    elif config.method == "generate":
-      out = jax.jit(lambda r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape),
-                                                    method=config.sampler))(
-          jax.random.key(config.seed))
-    else:
-      raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")
-  gen_unit = np.asarray(out)[0, ..., 0][crop]
-  gen = preprocess.unit_to_hu(gen_unit, region)
-  common.save_like_input(gen, ct, config.output, np.int16, f"meddiff lesion {config.method} ({config.controlnet})")
-  orig_unit = unit[crop]
+  known = jnp.asarray(inp.unit)[None, ..., None]
+  if config.method == "inpaint":
+    keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
+    sample = lambda fn, r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, config.jump_length,
+                                   config.jump_n_sample)
+  elif config.method == "generate":
+    sample = lambda fn, r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape),
+                                           method=config.sampler)
+  else:
+    raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")
+  gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, config, sample)
+  gen = preprocess.unit_to_hu(gen_unit, inp.region)
+  orig_unit = inp.unit[inp.crop]
   result = {"output": config.output, "method": config.method,
             "psnr_inside_mask": metrics.psnr(orig_unit[lesion], gen_unit[lesion], 2.0) if lesion.any() else None,
             "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], gen_unit[~lesion], 2.0),
             "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, config.dice_threshold_hu)}
-  _write_json(config.output, result)
+  common.finish(gen, config.output, ct, dtype=np.int16,
+                description=f"meddiff lesion {config.method} ({config.controlnet})", sidecar=result)
   return result
-
-
-def _write_json(output: str, result: dict) -> None:
-  with open(output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json", "w") as f:
-    json.dump(result, f, indent=1, default=float)

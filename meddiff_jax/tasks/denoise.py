@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meddiff_jax import pretrained
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
+from meddiff_jax.tasks import common
 
 
 def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, lag: int = 4) -> float:
@@ -115,43 +117,26 @@ def keep_input_outside_window(denoised_unit: np.ndarray, input_hu: np.ndarray, r
 
 def run(config: Any) -> dict[str, Any]:
   """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine)."""
-  from meddiff_jax.data import nifti, preprocess
-  from meddiff_jax.tasks import common, sliding_window
-  from meddiff_jax import pretrained, sharding
-
   pre = pretrained.load(config.checkpoint, config.inference_dtype)
-  original, work = common.load_ct(config.input, config.region, common.task_spacing(pre, config), config)
-  region = preprocess.region_id(config.region)
-  lo, hi = preprocess.window_bounds(region)
-  y = preprocess.hu_to_unit(work.data, region)
-  y, crop = sliding_window.pad_to_window(y, pre.patch_size, fill=-1.0)
-  body = preprocess.body_mask(work.data)
+  inp = common.prepare_input(pre, config, common.task_spacing(pre, config))
+  lo, hi = preprocess.window_bounds(inp.region)
   sigma = float(config.noise_sigma_hu) * 2.0 / (hi - lo) if config.noise_sigma_hu else estimate_noise_sigma(
-      preprocess.hu_to_unit(work.data, region), body)
-  labels = common.load_labels(config.labels, original, work)
-  structures = common.structure_volume(pre, labels, work.data, pre.patch_size)
-  mesh = common.task_mesh()
+      inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
+  if config.method == "diffpir":
+    ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
+    sample = lambda fn, y, r: diffpir(fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=config.lam,
+                                      zeta=config.zeta, progress=bar)
+  elif config.method == "partial":
+    t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
+    sample = lambda fn, y, r: partial_diffusion(fn, pre.schedule, y, t0, config.num_steps, r, progress=bar,
+                                                input_sigma=jnp.float32(sigma), method=config.sampler)
+  else:
+    raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
   bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
-  with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    fn, plan = common.windowed_denoiser(pre, y.shape, region, structures, config, frame=crop)
-    bar.windows = int(plan.valid.sum())
-    y_dev = jnp.asarray(y)[None, ..., None]
-    if config.method == "diffpir":
-      ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
-      out = jax.jit(lambda y, r: diffpir(fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=config.lam,
-                                         zeta=config.zeta, progress=bar))(y_dev, jax.random.key(config.seed))
-    elif config.method == "partial":
-      t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
-      out = jax.jit(lambda y, r: partial_diffusion(fn, pre.schedule, y, t0, config.num_steps, r, progress=bar,
-                                                   input_sigma=jnp.float32(sigma), method=config.sampler))(
-          y_dev, jax.random.key(config.seed))
-    else:
-      raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
-    den = np.asarray(out)[0, ..., 0][crop]
-  bar.close()
-  hu = keep_input_outside_window(den, work.data, region, config.window_margin)
-  hu = common.back_to_input_grid(hu, work, original)
-  common.save_like_input(hu, original, config.output, np.int16 if config.output_int16 else np.float32,
-                         f"meddiff denoise {config.method} ({config.checkpoint})")
+  den = common.run_windowed(pre, sample, (jnp.asarray(inp.unit)[None, ..., None],), config, inp.unit.shape,
+                            inp.region, inp.structures, frame=inp.crop, progress=bar)
+  hu = keep_input_outside_window(den, inp.work.data, inp.region, config.window_margin)
+  common.finish(hu, config.output, inp.original, work=inp.work,
+                dtype=np.int16 if config.output_int16 else np.float32,
+                description=f"meddiff denoise {config.method} ({config.checkpoint})")
   return {"output": config.output, "sigma_unit": sigma, "method": config.method}
-

@@ -11,26 +11,22 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from meddiff_jax import pretrained
+from meddiff_jax.data import nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers
+from meddiff_jax.tasks import common
 
 
 def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.ndarray | None, config: Any) -> np.ndarray:
   """[-1, 1] volume of `shape` (each side >= the patch size)."""
-  from meddiff_jax.tasks import common
-  from meddiff_jax import sharding
-
   scale = jnp.float32(config.guidance_scale) if config.guidance_scale != 1.0 else None
   timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, config.num_steps, "trailing")
+  sample = lambda fn, r: samplers.sample(fn, pre.schedule, timesteps, r,
+                                         jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
+                                         method=config.sampler, eta=config.eta, progress=bar)
   bar = common.ProgressBar(len(timesteps), "synthesis")
-  with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-    fn, plan = common.windowed_denoiser(pre, shape, region, structures, config, guidance_scale=scale)
-    bar.windows = int(plan.valid.sum())
-    run = jax.jit(lambda r: samplers.sample(fn, pre.schedule, timesteps, r,
-                                            jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
-                                            method=config.sampler, eta=config.eta, progress=bar))
-    out = np.asarray(run(jax.random.key(config.seed)))
-  bar.close()
-  return out[0, ..., 0]
+  return common.run_windowed(pre, sample, (), config, shape, region, structures, guidance_scale=scale,
+                             progress=bar)
 
 
 def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple[str, ...]) -> np.ndarray:
@@ -53,10 +49,6 @@ def run(config: Any) -> dict[str, Any]:
   """The `synthesis` command: shape (or a TotalSegmentator label NIfTI giving extent, affine and anatomy)
   -> synthetic CT NIfTI in HU. Sampling runs on the `config.spacing` grid (the model's training spacing);
   a label map is resampled there (nearest) and the result back onto the label map's grid."""
-  from meddiff_jax.data import nifti, pipeline, preprocess
-  from meddiff_jax import pretrained
-  from meddiff_jax.tasks import common
-
   pre = pretrained.load(config.checkpoint, config.inference_dtype)
   region = preprocess.region_id(config.region)
   spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
@@ -77,12 +69,7 @@ def run(config: Any) -> dict[str, Any]:
         tuple(shape) + (pre.spec.structure_channels,), np.uint8)
   if any(s < pre.patch_size for s in shape):
     raise ValueError(f"synthesis grid {shape}: every side must be >= the model's patch size {pre.patch_size}")
-  unit = synthesize(pre, shape, region, structures, config)
-  hu = preprocess.unit_to_hu(unit, region)
-  if work is not mask:
-    hu = common.back_to_input_grid(hu, work, mask)
-  if config.labels:  # on the label map's own grid, voxel order and header
-    common.save_like_input(hu, mask, config.output, np.int16)
-  else:
-    nifti.save(nifti.Volume(hu, mask.affine), config.output, np.int16)
-  return {"output": config.output, "shape": list(hu.shape), "region": config.region}
+  hu = preprocess.unit_to_hu(synthesize(pre, shape, region, structures, config), region)
+  # on the label map's own grid, voxel order and header (a shape alone: a plain RAS NIfTI)
+  common.finish(hu, config.output, mask, work=work, dtype=np.int16)
+  return {"output": config.output, "shape": list(mask.shape), "region": config.region}
