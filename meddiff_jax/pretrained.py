@@ -33,7 +33,7 @@ from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import conditions, controlnet, trainable, unet3d
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-BUILTIN = {"tiny_phantom": os.path.join(ASSETS, "tiny_phantom")}
+BUILTIN = {name: os.path.join(ASSETS, name) for name in ("tiny_phantom", "tiny_ct")}
 ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before the option existed
 # Config keys added after checkpoints had been written (the shipped tiny_phantom among them), with what their
 # absence meant then. Only configs read back from a checkpoint get them (`stored_config`); a new config

@@ -168,3 +168,13 @@ def test_timestep_embedding_formula():
   emb = embeddings.timestep_embedding(jnp.array([0, 10]), 6)
   freqs = np.exp(-np.log(10000.0) * np.arange(3) / 3)
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(10 * freqs), np.sin(10 * freqs)]), rtol=1e-5)
+
+
+def test_builtin_priors_load_at_their_training_spacing_and_window():
+  """Every shipped prior loads from the package (EMA params against its own config) and records the grid it
+  was trained on, which the tasks resample to (tiny_ct: 2 mm, 32^3 windows; tiny_phantom predates the key)."""
+  from meddiff_jax import pretrained
+  pre = pretrained.load("tiny_ct")
+  assert tuple(pre.config.data.spacing) == (2.0, 2.0, 2.0) and pre.patch_size == 32
+  assert pre.config.data.source == "prepared" and pre.spec.attention_levels == (2,)
+  assert set(pretrained.BUILTIN) == {"tiny_phantom", "tiny_ct"}
