@@ -33,6 +33,7 @@ def get_config(arg=None):
   c.num_steps = 0
   c.overlap = -1.0
   c.window_batch = 0
+  c.inference_dtype = ""  # auto | float32 | bfloat16
   c.seed = -1
   c.task = ""  # any other task key, 'KEY=VALUE;...', e.g. --config.task='lam=10;zeta=0.3' or 'noise_t=950'
   c.skip_model = False  # only the protocol's reference rows (baselines), e.g. to check a dataset layout
