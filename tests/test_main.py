@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_main
+from conftest import REPO, run_main
 
 
 def test_three_step_pretraining_run_writes_loss_log(tmp_path):
