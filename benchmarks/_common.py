@@ -53,10 +53,11 @@ def scan_spacing(args, pre) -> tuple[float, float, float] | None:
   if args.spacing == "native":
     return None
   if args.spacing == "prior":
-    spacing = tuple(pre.config.data.get("spacing", ()) or ())
-    if not spacing:
+    from meddiff_jax.data import pipeline
+    spacing = pipeline.training_spacing(pre.config.data)  # what the tasks resample to
+    if spacing is None:
       raise SystemExit(f"--spacing=prior: {args.checkpoint} records no training spacing")
-    return tuple(float(v) for v in spacing)
+    return spacing
   return tuple(float(v) for v in args.spacing.split(","))
 
 

@@ -76,15 +76,25 @@ def pretrain(config: Config) -> Config:
   return config
 
 
+def _pretrained_exists(key: str, path: str) -> None:
+  """--config.KEY names a pretrained model: a training workdir, an exported directory or a builtin name."""
+  try:
+    pretrained.resolve(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"--config.{key}={path!r} does not exist (a training workdir, an exported directory, "
+                            f"or one of {sorted(pretrained.BUILTIN)})") from None
+
+
+def _is_controlnet_workdir(path: str) -> bool:
+  """A configs/controlnet.py workdir (local or an object-store URL): it has checkpoints/."""
+  return bool(path) and storage.isdir(storage.join(path, "checkpoints"))
+
+
 def controlnet(config: Config) -> Config:
   """configs/controlnet.py: the user's choices, then the config derived from the base checkpoint (its
   architecture, diffusion and data layout: `train.controlnet.derive_config`, computed here, once),
   checked like a pretraining config. Returns the derived config."""
-  try:
-    pretrained.resolve(config.base_checkpoint)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"--config.base_checkpoint={config.base_checkpoint!r} does not exist (a training "
-                            f"workdir, an exported directory, or one of {sorted(pretrained.BUILTIN)})") from None
+  _pretrained_exists("base_checkpoint", config.base_checkpoint)
   if config.task not in controlnet_lib.HINTS:
     raise ConfigError(f"config.task={config.task!r}; choose one of {tuple(controlnet_lib.HINTS)}")
   if config.data.hint != controlnet_lib.HINTS[config.task]:
@@ -117,8 +127,8 @@ def evaluate(config: Config) -> Config:
   """configs/evaluate.py (the cases themselves are read and checked by benchmarking/datasets.py)."""
   if config.protocol not in protocols.PROTOCOLS:
     raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(protocols.PROTOCOLS)}")
-  if config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not os.path.isdir(
-      os.path.join(config.controlnet or "", "checkpoints")):
+  if config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not _is_controlnet_workdir(
+      config.controlnet):
     raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
                             f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
                             "for the reference rows only)")
@@ -159,15 +169,11 @@ def task(config: Config) -> Config:
   if mode not in TASKS:
     raise ConfigError(f"config.mode={mode!r} is not a task; choose one of {TASKS}")
   if mode in CONTROLNET_TASKS:
-    if not config.controlnet or not storage.isdir(storage.join(config.controlnet, "checkpoints")):
+    if not _is_controlnet_workdir(config.controlnet):
       raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
                               "(configs/controlnet.py)")
   else:
-    try:
-      pretrained.resolve(config.checkpoint)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"--config.checkpoint={config.checkpoint!r} does not exist (a training workdir, an "
-                              f"exported directory, or one of {sorted(pretrained.BUILTIN)})") from None
+    _pretrained_exists("checkpoint", config.checkpoint)
   if mode != "synthesis" and not os.path.exists(config.input):
     raise FileNotFoundError(f"--config.input={config.input!r} is not a file or DICOM series folder (does not exist)")
   if mode == "lesion" and not os.path.isfile(config.mask):
