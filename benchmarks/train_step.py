@@ -36,6 +36,7 @@ def parse_args():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--dtype", default="", help="override compute dtype")
   p.add_argument("--remat", default="", help="override remat policy")
+  p.add_argument("--conv_impl", default="", help="override model.conv_impl (auto | xla | depth_taps)")
   p.add_argument("--memory", action="store_true", help="compiled memory: replicated vs fsdp=8 (fake devices)")
   p.add_argument("--monai", action="store_true", help="also time a matched MONAI UNet in torch (CPU)")
   p.add_argument("--meshes", default="data=8;fsdp=8",
@@ -56,6 +57,8 @@ def preset_config(name, args):
     c.model.dtype = args.dtype
   if args.remat:
     c.model.remat = args.remat
+  if args.conv_impl:
+    c.model.conv_impl = args.conv_impl
   c.training.grad_accum_steps = 1
   return c
 

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import REPO, run_main
 
 
+@pytest.mark.slow
 def test_three_step_pretraining_run_writes_loss_log(tmp_path):
   proc = run_main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.training.num_steps=3",
                   "--config.training.log_every=1", "--config.data.patch_size=8",
@@ -33,6 +36,7 @@ def test_unknown_preset_fails_clearly(tmp_path):
   assert "unknown preset 'huge'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_config_mistakes_fail_with_one_line_messages(tmp_path):
   proc = run_main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.data.patch_size=7")
   assert proc.returncode != 0 and "patch_size=7 must be divisible by 2" in proc.stderr

@@ -60,6 +60,7 @@ def perturbed(params, seed=1):
   return perturb(nn.meta.unbox(params))
 
 
+@pytest.mark.slow
 def test_conditions_change_the_output_and_can_be_switched_off(tiny_unet):
   model, (x, t, cond), variables = tiny_unet
   params = perturbed(variables["params"])
@@ -77,6 +78,7 @@ def test_conditions_change_the_output_and_can_be_switched_off(tiny_unet):
   assert "region_embed" not in variables["params"]["encoder"]
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_agree_with_reference(tiny_unet):
   ref_model, (x, t, cond), variables = tiny_unet
   params = perturbed(variables["params"])
@@ -112,6 +114,7 @@ def test_remat_segments_cover_whole_levels():
   assert convs == num_kernels
 
 
+@pytest.mark.slow
 def test_attention_is_keyed_by_level_and_legacy_configs_map_to_levels():
   from meddiff_jax import pretrained
   # tiny_phantom was trained at 16^3 with attention_resolutions=(8,): attention at level 1.
@@ -141,6 +144,7 @@ def test_rejects_bad_shapes_and_unknown_config_keys():
     unet3d.UNetSpec.from_config({"base_channels": 8, "bogus": 1})
 
 
+@pytest.mark.slow
 def test_flops_estimate_matches_xla_cost_analysis():
   spec = dataclasses.replace(SPEC, base_channels=16)
   model = unet3d.UNet3D(spec)

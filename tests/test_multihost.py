@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 ARGS = ["--config=configs/pretrain.py:tiny", "--config.training.log_every=1", "--config.data.patch_size=8",
@@ -43,6 +45,7 @@ def run_two(workdir, steps):
   return errs
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   errs = run_two(tmp_path, 3)
   assert "process 1 of 2" in errs[1] or "process 1 of 2" in errs[0]

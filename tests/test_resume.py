@@ -75,6 +75,7 @@ def reference(tmp_path_factory):
   return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_run_resumes_to_the_same_losses_bitwise(tmp_path, reference, sig):
   proc = start(tmp_path)
@@ -107,6 +108,7 @@ def abstract_of(st, shardings):
   return checkpoint.abstract_target(st, shardings)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
   config, st8, _ = small_state({"data": 1, "fsdp": 8})
   ck = checkpoint.Checkpointer(str(tmp_path), asynchronous=True)
@@ -122,6 +124,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert leaf.sharding == shardings.params["encoder"]["down1_res0"]["conv1"]["kernel"]
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   config, st, shardings = small_state({"data": 1})
   ck = checkpoint.Checkpointer(str(tmp_path), keep=3)

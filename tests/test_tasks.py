@@ -53,6 +53,7 @@ def test_window_position_boxes_agree_with_the_whole_volume_frame():
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_diffpir_and_partial_diffusion_with_an_oracle_prior_remove_noise():
   rng = np.random.default_rng(0)
   x0 = jnp.asarray(np.clip(rng.normal(0, 0.3, (1, 12, 12, 12, 1)), -1, 1), jnp.float32)

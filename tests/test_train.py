@@ -32,6 +32,7 @@ def run_steps(config, mesh_sizes, batch, n):
   return st, losses, shardings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharded_step_matches_single_device(accum):
   config = tiny_config(**{"training.grad_accum_steps": accum, "model.channel_mult": (1, 2),
@@ -52,6 +53,7 @@ def test_sharded_step_matches_single_device(accum):
   assert mu.sharding.spec == kernel_sh.spec
 
 
+@pytest.mark.slow
 def test_param_shardings_follow_rules_and_drop_indivisible_axes():
   config = tiny_config()
   mesh, rules, st, shardings, _, _ = build(config, {"data": 2, "fsdp": 2, "tensor": 2})
@@ -71,6 +73,7 @@ def test_param_shardings_follow_rules_and_drop_indivisible_axes():
     sharding.make_mesh({"data": -1, "fsdp": -1})
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
   config = tiny_config(**{"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1,
                           "diffusion.cond_drop_prob": 0.0})
@@ -79,6 +82,7 @@ def test_loss_falls_on_a_fixed_batch():
   assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_and_counted():
   config = tiny_config()
   batch = fixed_batch(config)
@@ -198,6 +202,7 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
     assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
 
 
+@pytest.mark.slow
 def test_bf16_params_keep_float32_ema_and_moments():
   config = tiny_config(**{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16", "training.ema_decay": 0.9999,
                           "training.batch_size": 8})
