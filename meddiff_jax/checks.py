@@ -30,7 +30,7 @@ import jax
 import ml_collections
 
 from meddiff_jax import pretrained, sections, sharding, storage
-from meddiff_jax.benchmarking import protocols
+from meddiff_jax.benchmarking import adapters, protocols
 from meddiff_jax.data import nifti, pipeline, preprocess, regions
 from meddiff_jax.data import store as store_lib
 from meddiff_jax.diffusion import spec as diffusion_spec
@@ -155,6 +155,9 @@ def evaluate(config: Config) -> Config:
     raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
                             f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
                             "for the reference rows only)")
+  if not config.skip_model:  # the task config each case runs with: shared options and --config.task typed now
+    task_name = adapters.TASK[config.protocol]
+    TASK_SPECS[task_name].from_config(adapters.task_config(config.protocol, config))
   return config
 
 

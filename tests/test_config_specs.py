@@ -140,6 +140,15 @@ def test_task_bad_value_names_the_key(task, key, bad):
   assert_names(e, key, bad)
 
 
+def test_evaluate_checks_the_task_config_it_will_run():
+  from configs import evaluate
+  with pytest.raises(checks.ConfigError, match=re.escape("config.sampler='euler'")):
+    checks.evaluate(override(evaluate.get_config(), sampler="euler"))
+  with pytest.raises(checks.ConfigError, match=re.escape("config.lam=0.0")):
+    checks.evaluate(override(evaluate.get_config(), task="lam=0.0"))
+  checks.evaluate(override(evaluate.get_config(), sampler="euler", skip_model=True))  # no model run: not used
+
+
 def test_prepare_checks_the_input_limits(tmp_path):
   from conftest import prepare_config
   config = prepare_config(tmp_path, tmp_path / "out")
