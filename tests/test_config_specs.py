@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import re
 
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
@@ -265,6 +266,14 @@ def test_specs_have_no_defaults_of_their_own(spec):
   defaulted = [f.name for f in dataclasses.fields(spec)
                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
   assert not defaulted
+
+
+def test_unet_spec_defaults_are_the_paper_model_of_configs_pretrain():
+  """UNetSpec (older than the rule) keeps defaults for library callers: they are configs/pretrain.py:paper's
+  model, except three that a bare UNetSpec() keeps cheap (no structure channels, float32, no remat)."""
+  paper = unet3d.UNetSpec.from_config(pretrain.get_config("paper").model)
+  library = {"structure_channels": 0, "dtype": jnp.float32, "remat": "none"}
+  assert unet3d.UNetSpec() == dataclasses.replace(paper, **library)
 
 
 def test_read_options_defaults_equal_configs_input_options():
