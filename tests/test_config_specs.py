@@ -83,6 +83,20 @@ def test_pretrain_bad_value_names_the_key(key, bad):
   assert_names(e, key, bad)
 
 
+SPEC_OF = dict(PRETRAIN_SPECS)
+TYPE_BAD = [("data", "use_structures", "yes"), ("data", "prepared_dir", 3), ("data", "class_map", None),
+            ("checkpoint", "asynchronous", 1), ("training", "num_steps", 2.5), ("data", "patch_size", True)]
+
+
+@pytest.mark.parametrize("name,key,bad", TYPE_BAD, ids=[f"{n}.{k}={v!r}" for n, k, v in TYPE_BAD])
+def test_wrong_types_are_refused(name, key, bad):
+  """What ConfigDict's own type lock lets through when a config is built in code (or read back from JSON)."""
+  values = dict(section(tiny_config(), name).to_dict(), **{key: bad})
+  with pytest.raises(checks.ConfigError) as e:
+    SPEC_OF[name].from_config(values)
+  assert_names(e, f"{name}.{key}", bad)
+
+
 def test_choices_are_listed_and_mesh_rest_axis_once():
   with pytest.raises(checks.ConfigError, match=r"config.diffusion.schedule='sigmoid'; choose one of \('linear', "
                                                r"'cosine', 'scaled_linear'\)"):
