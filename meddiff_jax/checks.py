@@ -6,9 +6,19 @@ One function per kind, chosen by `config.mode` (main.py's command table): `pretr
 ConfigError (a ValueError), FileNotFoundError for paths that do not exist, storage.MissingBackendError for
 a missing object-store extra. main.py prints them as `error: ...` and exits 1.
 
-The model section is typed by `unet3d.UNetSpec.from_config` (unknown keys, attention levels, remat,
-conv_impl); defaults are all visible in configs/*.py. Library callers that build a config in code (tests,
-notebooks) call the same function before `loop.train_and_evaluate` & co., which do not check again.
+Each config section is typed by a frozen dataclass beside the module that consumes it, built here once
+per command: unknown or missing keys, choices and ranges (meddiff_jax/sections.py has the helper):
+  model        models/unet3d.UNetSpec            diffusion   diffusion/spec.DiffusionSpec
+  data         data/pipeline.DataSpec            optimizer   train/state.OptimizerSpec
+  training / eval / checkpoint   train/loop.TrainingSpec / EvalSpec / CheckpointSpec
+  mesh / sharding                sharding.MeshSpec / ShardingSpec
+  controlnet   pretrained.ControlNetSpec         a task      tasks/*.TaskSpec subclasses (TASK_SPECS)
+  limits and input overrides     data/nifti.ReadOptions.from_section (tasks and prepare)
+The specs have no defaults (configs/*.py hold every one). What involves two sections (patch size vs UNet
+depth, structure channels vs the data, the batch against the mesh of the devices present, preview steps vs
+the diffusion steps) and what touches the disk (paths, checkpoints, writable outputs) is checked here.
+The consumers keep reading the ConfigDict. Library callers that build a config in code (tests, notebooks)
+call the same function before `loop.train_and_evaluate` & co., which do not check again.
 This module sits just below main.py: it may import every layer.
 """
 
@@ -19,36 +29,49 @@ import os
 import jax
 import ml_collections
 
-from meddiff_jax import pretrained, sharding, storage
-from meddiff_jax.benchmarking import protocols
-from meddiff_jax.data import pipeline, preprocess, regions
+from meddiff_jax import pretrained, sections, sharding, storage
+from meddiff_jax.benchmarking import adapters, protocols
+from meddiff_jax.data import nifti, pipeline, preprocess, regions
 from meddiff_jax.data import store as store_lib
-from meddiff_jax.diffusion import samplers
+from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
+from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet as controlnet_lib
+from meddiff_jax.train import loop
+from meddiff_jax.train import state as state_lib
 
 Config = ml_collections.ConfigDict
-
-
-class ConfigError(ValueError):
-  """A config mistake, said in one line that names the key."""
+ConfigError = sections.ConfigError  # a ValueError: a config mistake, said in one line that names the key
 
 
 # ------------------------------------------------------------------------------------------------- training
 
-def pretrain(config: Config) -> Config:
-  """configs/pretrain.py (and the training part of a derived ControlNet config)."""
+def pretrain(config: Config, num_devices: int | None = None) -> Config:
+  """configs/pretrain.py (and the training part of a derived ControlNet config). The batch plan is checked
+  against `num_devices` (default: the devices present)."""
   data, model, train = config.data, config.model, config.training
   try:
     unet3d.UNetSpec.from_config(model, data.patch_size)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if data.source not in ("phantom", "prepared"):
-    raise ConfigError(f"config.data.source={data.source!r}; choose 'phantom' or 'prepared'")
-  if data.structures not in pipeline.STRUCTURE_MODES:
-    raise ConfigError(f"config.data.structures={data.structures!r}; choose 'grouped' or 'classes'")
-  if data.hint not in ("",) + tuple(controlnet_lib.HINTS.values()):
-    raise ConfigError(f"config.data.hint={data.hint!r}; choose '' or one of {tuple(controlnet_lib.HINTS.values())}")
+  diffusion = diffusion_spec.DiffusionSpec.from_config(config.diffusion)
+  pipeline.DataSpec.from_config(data)
+  state_lib.OptimizerSpec.from_config(config.optimizer)
+  loop.TrainingSpec.from_config(train)
+  evaluation = loop.EvalSpec.from_config(config.eval)
+  loop.CheckpointSpec.from_config(config.checkpoint)
+  sharding.MeshSpec.from_config(config.mesh)
+  sharding.ShardingSpec.from_config(config.sharding)
+  sections.count("config.seed", config.seed, 0)
+  sections.flag("config.dry_run", config.dry_run)
+  sections.flag("config.restore", config.restore)
+  # across sections
+  if evaluation.sample_every_steps and evaluation.sample_steps > diffusion.num_timesteps:
+    raise ConfigError(f"config.eval.sample_steps={evaluation.sample_steps} exceeds config.diffusion.num_timesteps="
+                      f"{diffusion.num_timesteps}; choose 1..{diffusion.num_timesteps}")
+  if evaluation.every_steps and evaluation.num_buckets > diffusion.num_timesteps:
+    raise ConfigError(f"config.eval.num_buckets={evaluation.num_buckets} exceeds config.diffusion.num_timesteps="
+                      f"{diffusion.num_timesteps}")
   expected = pipeline.structure_channel_count(data)
   if model.structure_channels != expected:
     raise ConfigError(f"config.model.structure_channels={model.structure_channels} but the data gives {expected} "
@@ -66,7 +89,7 @@ def pretrain(config: Config) -> Config:
                       f"(2^(levels-1) for channel_mult={tuple(model.channel_mult)})")
   # The batch plan against the mesh of the devices present: fails here, not after a compile.
   sharding.check_plan(train.batch_size, train.grad_accum_steps, data.patch_size, len(model.channel_mult),
-                      sharding.resolve_mesh_sizes(dict(config.mesh), jax.device_count()),
+                      sharding.resolve_mesh_sizes(dict(config.mesh), num_devices or jax.device_count()),
                       sharding.rules_from_config(config.sharding.rules))
   if data.source == "prepared":
     if not data.prepared_dir:
@@ -90,7 +113,7 @@ def _is_controlnet_workdir(path: str) -> bool:
   return bool(path) and storage.isdir(storage.join(path, "checkpoints"))
 
 
-def controlnet(config: Config) -> Config:
+def controlnet(config: Config, num_devices: int | None = None) -> Config:
   """configs/controlnet.py: the user's choices, then the config derived from the base checkpoint (its
   architecture, diffusion and data layout: `train.controlnet.derive_config`, computed here, once),
   checked like a pretraining config. Returns the derived config."""
@@ -100,9 +123,8 @@ def controlnet(config: Config) -> Config:
   if config.data.hint != controlnet_lib.HINTS[config.task]:
     raise ConfigError(f"config.data.hint={config.data.hint!r} but task {config.task!r} is conditioned on "
                       f"{controlnet_lib.HINTS[config.task]!r}")
-  if not config.controlnet.hint_hidden:
-    raise ConfigError("config.controlnet.hint_hidden must list at least one hint-encoder width")
-  return pretrain(controlnet_lib.derive_config(config))
+  pretrained.ControlNetSpec.from_config(config.controlnet)
+  return pretrain(controlnet_lib.derive_config(config), num_devices)
 
 
 # ------------------------------------------------------------------------------------------ data, evaluation
@@ -117,6 +139,7 @@ def prepare(config: Config) -> Config:
     raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
   if config.default_region not in preprocess.REGIONS + regions.AUTO:
     raise ConfigError(f"config.default_region={config.default_region!r}; choose auto or one of {preprocess.REGIONS}")
+  nifti.ReadOptions.from_section(config)
   return config
 
 
@@ -132,6 +155,9 @@ def evaluate(config: Config) -> Config:
     raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
                             f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
                             "for the reference rows only)")
+  if not config.skip_model:  # the task config each case runs with: shared options and --config.task typed now
+    task_name = adapters.TASK[config.protocol]
+    TASK_SPECS[task_name].from_config(adapters.task_config(config.protocol, config))
   return config
 
 
@@ -160,14 +186,17 @@ def export(config: Config) -> Config:
 ZERO_SHOT_TASKS = ("denoise", "anomaly", "synthesis")  # a pretrained model: --config.checkpoint
 CONTROLNET_TASKS = ("super_resolution", "lesion")  # a fine-tuning workdir: --config.controlnet
 TASKS = ZERO_SHOT_TASKS + CONTROLNET_TASKS
-TASK_METHODS = {"denoise": ("diffpir", "partial"), "lesion": ("inpaint", "generate")}  # config.method
+TASK_SPECS = {"denoise": denoise.DenoiseSpec, "anomaly": anomaly.AnomalySpec, "synthesis": synthesis.SynthesisSpec,
+              "super_resolution": controlled.SuperResolutionSpec, "lesion": controlled.LesionSpec}
 
 
 def task(config: Config) -> Config:
-  """configs/{denoise,anomaly,synthesis,super_resolution,lesion}.py: what would otherwise fail deep inside."""
+  """configs/{denoise,anomaly,synthesis,super_resolution,lesion}.py: the task's spec (keys, choices, ranges),
+  then the paths (the model, the input, the output)."""
   mode = config.mode
   if mode not in TASKS:
     raise ConfigError(f"config.mode={mode!r} is not a task; choose one of {TASKS}")
+  TASK_SPECS[mode].from_config(config)
   if mode in CONTROLNET_TASKS:
     if not _is_controlnet_workdir(config.controlnet):
       raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
@@ -180,19 +209,6 @@ def task(config: Config) -> Config:
     raise FileNotFoundError(f"--config.mask={config.mask!r} is not a file")
   if config.labels and not os.path.exists(config.labels):
     raise FileNotFoundError(f"--config.labels={config.labels!r} does not exist")
-  if mode in TASK_METHODS and config.method not in TASK_METHODS[mode]:
-    raise ConfigError(f"config.method={config.method!r}; choose one of {TASK_METHODS[mode]}")
-  pretrained.inference_dtype(config.inference_dtype)  # auto | float32 | bfloat16: a ValueError names it
-  if config.sampler not in samplers.METHODS:
-    raise ConfigError(f"config.sampler={config.sampler!r}; choose one of {samplers.METHODS}")
-  try:
-    preprocess.region_id(config.region)
-  except ValueError as e:
-    raise ConfigError(f"--config.region: {e}") from None
-  if not 0.0 <= config.overlap < 1.0:
-    raise ConfigError(f"config.overlap={config.overlap}; a fraction in [0, 1)")
-  if config.num_steps < 1 or config.window_batch < 1:
-    raise ConfigError(f"config.num_steps={config.num_steps}, window_batch={config.window_batch}: both must be >= 1")
   if not config.output:
     raise ConfigError("--config.output=PATH.nii.gz (or DIR/ for a DICOM series) is required")
   out_dir = os.path.dirname(os.path.abspath(config.output))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from meddiff_jax import checkpoint, sharding, storage
+from meddiff_jax import checkpoint, sections, sharding, storage
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import conditions, controlnet, trainable, unet3d
@@ -97,6 +97,22 @@ def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax
 def init_params_fn(model: unet3d.UNet3D, spec: unet3d.UNetSpec, patch: int):
   x, t, cond = dummy_inputs(spec, patch)
   return lambda key: model.init(key, x, t, cond)["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetSpec:
+  """config.controlnet (configs/controlnet.py): the branch's hint encoder."""
+
+  hint_hidden: tuple[int, ...]  # hint-encoder widths, full resolution first
+  conditioning_scale: float
+
+  def __post_init__(self):
+    sections.sizes("config.controlnet.hint_hidden", self.hint_hidden, length=None, integer=True)
+    sections.at_least("config.controlnet.conditioning_scale", self.conditioning_scale, 0.0)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "ControlNetSpec":
+    return sections.from_config(cls, section, "config.controlnet")
 
 
 def build_controlled(config: ml_collections.ConfigDict, spec: unet3d.UNetSpec) -> controlnet.ControlledUNet:

@@ -8,12 +8,15 @@ from a param's spec where the dimension does not divide evenly (a 1-channel outp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from meddiff_jax import sections
 
 MESH_AXES = ("data", "fsdp", "spatial", "tensor")
 
@@ -30,6 +33,52 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", None),
     ("norm", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """config.mesh: devices per axis, one of them may be -1 (the rest). Whether they fit the devices present
+  is resolve_mesh_sizes' (checks.py runs it with the batch plan)."""
+
+  data: int
+  fsdp: int
+  spatial: int
+  tensor: int
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    for axis, size in sizes.items():
+      if isinstance(size, bool) or not isinstance(size, int) or not (size >= 1 or size == -1):
+        raise sections.ConfigError(f"config.mesh.{axis}={size!r}; must be a device count >= 1, or -1 (the rest)")
+    rest = [a for a, n in sizes.items() if n == -1]
+    if len(rest) > 1:
+      raise sections.ConfigError(f"config.mesh has -1 for {rest}; at most one mesh axis may be -1")
+
+  @classmethod
+  def from_config(cls, section: Any) -> "MeshSpec":
+    return sections.from_config(cls, section, "config.mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSpec:
+  """config.sharding: logical-axis rules (empty: DEFAULT_RULES) and the replication threshold."""
+
+  rules: tuple[tuple[str, Any], ...]
+  min_shard_size: int
+
+  def __post_init__(self):
+    for rule in self.rules:
+      axes = rule[1] if isinstance(rule, tuple) and len(rule) == 2 else ()
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
+              and all(a is None or a in MESH_AXES for a in axes)):
+        raise sections.ConfigError(f"config.sharding.rules={self.rules!r}: {rule!r} is not (logical name, mesh axis "
+                                   f"or tuple of mesh axes or None) with mesh axes from {MESH_AXES}")
+    sections.count("config.sharding.min_shard_size", self.min_shard_size, 0)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "ShardingSpec":
+    return sections.from_config(cls, section, "config.sharding")
 
 
 def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from conftest import REPO, build_step, fixed_batch, mesh_of, override, point_mass_oracle, run_main
-from meddiff_jax import pretrained, sharding
+from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.models import trainable
 from meddiff_jax.train import controlnet as cn_train
 from meddiff_jax.train import loop
@@ -29,7 +29,7 @@ def cn_config(**kw):
   c.training.update(batch_size=8, num_steps=3, log_every=1)
   c.data.phantom.update(num_volumes=3, shape=(32, 32, 32), spacing=(9.0, 9.0, 9.0))
   c.optimizer.update(learning_rate=1e-2, warmup_steps=1)
-  return cn_train.derive_config(override(c, **kw))
+  return checks.controlnet(override(c, **kw))  # checked and derived once, as main.py does
 
 
 def build(config, mesh_sizes):

@@ -21,6 +21,7 @@ from meddiff_jax.data import preprocess
 from meddiff_jax.models import conditions
 
 OPERATIONS = ("whole", "zoom2", "patch")
+HINTS = ("lowres", "lesion")  # ControlNet condition volumes a sample can carry (config.data.hint)
 
 
 def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from meddiff_jax import sections
 from meddiff_jax.data import geometry
 
 ITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -31,6 +32,19 @@ class VolumeError(ValueError):
   def __init__(self, path: str | os.PathLike | None, problem: str):
     self.path, self.problem = str(path) if path else "<array>", problem or "unusable volume (no reason given)"
     super().__init__(f"{self.path}: {self.problem}")
+
+
+TRUST_AFFINE = ("", "sform", "qform")  # config.trust_affine
+INPUT_KEYS = ("assume_orientation", "trust_affine", "assume_hu", "limits")  # configs/input_options.py
+
+
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+  """config.limits: its keys (ReadOptions checks the values)."""
+  max_voxels: int
+  max_gb: float
+  max_spacing_mm: float
+  min_side_voxels: int
 
 
 @dataclasses.dataclass
@@ -52,6 +66,29 @@ class ReadOptions:
   max_gb: float = 8.0
   max_spacing_mm: float = 20.0
   min_side_voxels: int = 4
+  # The defaults above are what a library caller gets (ReadOptions()); tests/test_config_specs.py checks
+  # that they equal configs/input_options.py, where the command line's defaults live.
+
+  def __post_init__(self):
+    sections.text("config.assume_orientation", self.assume_orientation)
+    if self.assume_orientation:
+      try:
+        geometry.affine_from_codes(self.assume_orientation, (1.0, 1.0, 1.0))
+      except ValueError as e:
+        raise sections.ConfigError(f"config.assume_orientation={self.assume_orientation!r}: {e}") from None
+    sections.choice("config.trust_affine", self.trust_affine, TRUST_AFFINE)
+    sections.flag("config.assume_hu", self.assume_hu)
+    sections.count("config.limits.max_voxels", self.max_voxels)
+    sections.positive("config.limits.max_gb", self.max_gb)
+    sections.positive("config.limits.max_spacing_mm", self.max_spacing_mm)
+    sections.count("config.limits.min_side_voxels", self.min_side_voxels)
+
+  @classmethod
+  def from_section(cls, config: Any) -> "ReadOptions":
+    """Strictly from a task / prepare config (checks.py): config.limits must hold exactly LIMIT_KEYS."""
+    limits = sections.from_config(_Limits, config.limits, "config.limits")
+    return cls(assume_orientation=config.assume_orientation, trust_affine=config.trust_affine,
+               assume_hu=config.assume_hu, **dataclasses.asdict(limits))
 
   @classmethod
   def from_config(cls, config: Any) -> "ReadOptions":

@@ -7,6 +7,7 @@ get_state/set_state (orbax: grain.checkpoint.CheckpointSave/Restore).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterator, Protocol
 
@@ -15,9 +16,87 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from meddiff_jax import sections
 from meddiff_jax.data import multilevel, phantom, preprocess
 
 STRUCTURE_MODES = ("grouped", "classes")  # config.data.structures
+SOURCES = ("phantom", "prepared")  # config.data.source
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSpec:
+  """config.data.phantom: the synthetic volumes of data.source='phantom' (PhantomStore's arguments)."""
+
+  num_volumes: int
+  shape: tuple[int, int, int]
+  spacing: tuple[float, float, float]
+  seed: int
+  num_lesions: int
+
+  def __post_init__(self):
+    key = "config.data.phantom."
+    sections.count(key + "num_volumes", self.num_volumes)
+    sections.sizes(key + "shape", self.shape, integer=True)
+    sections.sizes(key + "spacing", self.spacing)
+    sections.count(key + "seed", self.seed, 0)
+    sections.count(key + "num_lesions", self.num_lesions, 0)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "PhantomSpec":
+    return sections.from_config(cls, section, "config.data.phantom")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """config.data, typed (make_store / make_dataset keep reading the ConfigDict). Checks that involve other
+  sections (patch size vs the UNet depth, structure channels vs the model) stay in checks.py."""
+
+  source: str
+  prepared_dir: str
+  class_map: str
+  patch_size: int
+  spacing: tuple[float, ...]
+  use_structures: bool
+  structures: str
+  structure_groups: tuple[tuple[str, tuple[str, ...]], ...]
+  operation_probs: tuple[float, float, float]
+  num_threads: int
+  prefetch: int
+  worker_count: int
+  val_fraction: float
+  hint: str
+  sr_factor: int
+  positive_fraction: float
+  phantom: PhantomSpec
+
+  def __post_init__(self):
+    key = "config.data."
+    sections.choice(key + "source", self.source, SOURCES)
+    sections.text(key + "prepared_dir", self.prepared_dir)
+    sections.text(key + "class_map", self.class_map)
+    sections.count(key + "patch_size", self.patch_size)
+    sections.sizes(key + "spacing", self.spacing, allow_empty=True)
+    sections.flag(key + "use_structures", self.use_structures)
+    sections.choice(key + "structures", self.structures, STRUCTURE_MODES)
+    if not all(isinstance(g, tuple) and len(g) == 2 and isinstance(g[0], str) and isinstance(g[1], tuple)
+               and all(isinstance(p, str) for p in g[1]) for g in self.structure_groups):
+      raise sections.ConfigError(f"{key}structure_groups={self.structure_groups!r}; must be ((channel name, "
+                             "(class-name patterns, ...)), ...)")
+    probs = self.operation_probs
+    if not (len(probs) == 3 and all(isinstance(p, (int, float)) and p >= 0 for p in probs) and sum(probs) > 0):
+      raise sections.ConfigError(f"{key}operation_probs={probs!r}; must be 3 weights >= 0 (whole, zoom2, patch), "
+                             "not all 0")
+    sections.count(key + "num_threads", self.num_threads, 0)
+    sections.count(key + "prefetch", self.prefetch, 0)
+    sections.count(key + "worker_count", self.worker_count, 0)
+    sections.fraction(key + "val_fraction", self.val_fraction)
+    sections.choice(key + "hint", self.hint, ("",) + multilevel.HINTS)
+    sections.count(key + "sr_factor", self.sr_factor)
+    sections.fraction(key + "positive_fraction", self.positive_fraction)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "DataSpec":
+    return sections.from_config(cls, section, "config.data", nested={"phantom": PhantomSpec.from_config})
 
 
 class VolumeStore(Protocol):

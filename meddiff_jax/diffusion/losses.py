@@ -7,6 +7,8 @@ import jax.numpy as jnp
 
 from meddiff_jax.diffusion import schedules
 
+LOSS_TYPES = ("l1", "l2")  # config.diffusion.loss_type
+
 
 def min_snr_weight(schedule: schedules.Schedule, t: jax.Array, prediction_type: str, gamma: float) -> jax.Array:
   """Min-SNR-gamma weights (Hang et al. 2023), expressed for the chosen prediction target.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "x0", "v")
+SCHEDULES = ("linear", "cosine", "scaled_linear")  # config.diffusion.schedule
 
 
 def make_betas(name: str, num_timesteps: int = 1000) -> np.ndarray:

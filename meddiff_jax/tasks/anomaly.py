@@ -8,16 +8,39 @@ evaluation/metrics.anomaly_aurocs).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from meddiff_jax import pretrained
+from meddiff_jax import pretrained, sections
 from meddiff_jax.data import preprocess
 from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common, denoise
+
+
+
+@dataclasses.dataclass(frozen=True)
+class AnomalySpec(common.TaskSpec):
+  """configs/anomaly.py, typed (noise_t against the checkpoint's timesteps: when it is loaded)."""
+
+  MODE = "anomaly"
+  checkpoint: str
+  input: str
+  spacing: tuple[float, ...]
+  noise_t: int
+  smooth_sigma: float
+  top_fraction: float
+
+  def __post_init__(self):
+    super().__post_init__()
+    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.count("config.noise_t", self.noise_t)
+    sections.at_least("config.smooth_sigma", self.smooth_sigma, 0.0)
+    sections.positive("config.top_fraction", self.top_fraction)
+    sections.fraction("config.top_fraction", self.top_fraction)
 
 
 def anomaly_map(image: np.ndarray, reconstruction: np.ndarray, body: np.ndarray | None = None,

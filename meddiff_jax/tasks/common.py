@@ -11,18 +11,59 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meddiff_jax import sharding
+from meddiff_jax import pretrained, sections, sharding
 from meddiff_jax.data import nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.models import conditions
 from meddiff_jax.pretrained import Pretrained
 from meddiff_jax.tasks import sliding_window
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """The options every task config shares (configs/task_options.py, input_options.py and the keys every
+  task file sets), typed; each task module subclasses it with its own keys (DenoiseSpec, ...), and
+  `from_config` refuses keys the task does not have. Paths are checked in checks.py (they touch the disk);
+  the task functions keep reading the ConfigDict."""
+
+  MODE: ClassVar[str] = ""
+  mode: str
+  output: str
+  region: str
+  labels: str
+  num_steps: int
+  sampler: str
+  overlap: float
+  window_batch: int
+  seed: int
+  inference_dtype: str
+  read: nifti.ReadOptions  # assume_orientation, trust_affine, assume_hu, limits (nifti.INPUT_KEYS)
+
+  def __post_init__(self):
+    sections.choice("config.mode", self.mode, (self.MODE,))
+    sections.text("config.output", self.output)
+    try:
+      preprocess.region_id(self.region)
+    except ValueError as e:
+      raise sections.ConfigError(f"--config.region: {e}") from None
+    sections.text("config.labels", self.labels)
+    sections.count("config.num_steps", self.num_steps)
+    sections.choice("config.sampler", self.sampler, samplers.METHODS)
+    sections.fraction("config.overlap", self.overlap, upper_open=True)
+    sections.count("config.window_batch", self.window_batch)
+    sections.count("config.seed", self.seed, 0)
+    sections.choice("config.inference_dtype", self.inference_dtype, pretrained.COMPUTE_DTYPES)
+
+  @classmethod
+  def from_config(cls, config: Any) -> "TaskSpec":
+    values = {k: v for k, v in dict(config).items() if k not in nifti.INPUT_KEYS}
+    return sections.from_config(cls, dict(values, read=nifti.ReadOptions.from_section(config)), "config")
 
 
 def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):

@@ -9,6 +9,7 @@ harmonises with its surroundings.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,11 +17,55 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from meddiff_jax import pretrained
+from meddiff_jax import pretrained, sections
 from meddiff_jax.data import nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common
+
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperResolutionSpec(common.TaskSpec):
+  """configs/super_resolution.py, typed."""
+
+  MODE = "super_resolution"
+  controlnet: str
+  input: str
+  reference: str
+  spacing: tuple[float, ...]
+  conditioning_scale: float
+
+  def __post_init__(self):
+    super().__post_init__()
+    sections.text("config.reference", self.reference)
+    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.at_least("config.conditioning_scale", self.conditioning_scale, 0.0)
+
+
+LESION_METHODS = ("inpaint", "generate")  # config.method of configs/lesion.py
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionSpec(common.TaskSpec):
+  """configs/lesion.py, typed."""
+
+  MODE = "lesion"
+  controlnet: str
+  input: str
+  mask: str
+  method: str
+  jump_length: int
+  jump_n_sample: int
+  conditioning_scale: float
+  dice_threshold_hu: float
+
+  def __post_init__(self):
+    super().__post_init__()
+    sections.choice("config.method", self.method, LESION_METHODS)
+    sections.count("config.jump_length", self.jump_length)
+    sections.count("config.jump_n_sample", self.jump_n_sample)
+    sections.at_least("config.conditioning_scale", self.conditioning_scale, 0.0)
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:

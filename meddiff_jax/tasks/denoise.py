@@ -14,16 +14,46 @@ noise-matched start and a DDIM grid from t* down to 0.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meddiff_jax import pretrained
+from meddiff_jax import pretrained, sections
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common
+
+
+METHODS = ("diffpir", "partial")  # config.method
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseSpec(common.TaskSpec):
+  """configs/denoise.py, typed."""
+
+  MODE = "denoise"
+  checkpoint: str
+  input: str
+  spacing: tuple[float, ...]
+  method: str
+  noise_sigma_hu: float  # 0: estimated
+  lam: float
+  zeta: float
+  window_margin: float
+  output_int16: bool
+
+  def __post_init__(self):
+    super().__post_init__()
+    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.choice("config.method", self.method, METHODS)
+    sections.at_least("config.noise_sigma_hu", self.noise_sigma_hu, 0.0)
+    sections.positive("config.lam", self.lam)
+    sections.fraction("config.zeta", self.zeta)
+    sections.fraction("config.window_margin", self.window_margin, upper_open=True)
+    sections.flag("config.output_int16", self.output_int16)
 
 
 def estimate_noise_sigma(image: np.ndarray, mask: np.ndarray | None = None, lag: int = 4) -> float:

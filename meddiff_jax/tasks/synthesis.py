@@ -4,6 +4,7 @@ structure conditions with classifier-free guidance; output in HU via the inverse
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -11,10 +12,30 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from meddiff_jax import pretrained
+from meddiff_jax import pretrained, sections
 from meddiff_jax.data import nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.tasks import common
+
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisSpec(common.TaskSpec):
+  """configs/synthesis.py, typed."""
+
+  MODE = "synthesis"
+  checkpoint: str
+  shape: tuple[int, int, int]
+  spacing: tuple[float, ...]
+  guidance_scale: float
+  eta: float
+
+  def __post_init__(self):
+    super().__post_init__()
+    sections.sizes("config.shape", self.shape, integer=True)
+    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.at_least("config.guidance_scale", self.guidance_scale, 0.0)
+    sections.at_least("config.eta", self.eta, 0.0)
 
 
 def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.ndarray | None, config: Any) -> np.ndarray:

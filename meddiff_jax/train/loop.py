@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from meddiff_jax import storage
+from meddiff_jax import sections, storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
@@ -51,6 +51,78 @@ class Trainee:
   init_args: tuple = ()
   external: tuple[str, ...] = ()
   metric_prefix: str = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+  """config.training, typed (the loop keeps reading the ConfigDict; the batch against the mesh is
+  sharding.check_plan's, in checks.py)."""
+
+  batch_size: int
+  grad_accum_steps: int
+  num_steps: int
+  ema_decay: float
+  log_every: int  # 0: off (itstime)
+  max_consecutive_nan: int
+  profile_steps: int
+
+  def __post_init__(self):
+    key = "config.training."
+    sections.count(key + "batch_size", self.batch_size)
+    sections.count(key + "grad_accum_steps", self.grad_accum_steps)
+    sections.count(key + "num_steps", self.num_steps)
+    sections.fraction(key + "ema_decay", self.ema_decay)
+    sections.count(key + "log_every", self.log_every, 0)
+    sections.count(key + "max_consecutive_nan", self.max_consecutive_nan)
+    sections.count(key + "profile_steps", self.profile_steps, 0)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "TrainingSpec":
+    return sections.from_config(cls, section, "config.training")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """config.eval, typed (against the diffusion steps: checks.py)."""
+
+  every_steps: int  # 0: off
+  num_batches: int
+  num_buckets: int
+  sample_every_steps: int  # 0: off
+  sample_steps: int
+
+  def __post_init__(self):
+    key = "config.eval."
+    sections.count(key + "every_steps", self.every_steps, 0)
+    sections.count(key + "num_batches", self.num_batches)
+    sections.count(key + "num_buckets", self.num_buckets)
+    sections.count(key + "sample_every_steps", self.sample_every_steps, 0)
+    sections.count(key + "sample_steps", self.sample_steps)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "EvalSpec":
+    return sections.from_config(cls, section, "config.eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  """config.checkpoint, typed."""
+
+  every_steps: int  # 0: off (itstime)
+  keep: int
+  asynchronous: bool
+  preemption_check_every: int
+
+  def __post_init__(self):
+    key = "config.checkpoint."
+    sections.count(key + "every_steps", self.every_steps, 0)
+    sections.count(key + "keep", self.keep)
+    sections.flag(key + "asynchronous", self.asynchronous)
+    sections.count(key + "preemption_check_every", self.preemption_check_every)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "CheckpointSpec":
+    return sections.from_config(cls, section, "config.checkpoint")
 
 
 def pretraining(config: ml_collections.ConfigDict) -> Trainee:

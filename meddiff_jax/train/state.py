@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -12,8 +13,46 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from meddiff_jax import sharding
+from meddiff_jax import sections, sharding
 from meddiff_jax.models import trainable
+
+LR_SCHEDULES = ("constant", "cosine")  # config.optimizer.schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """config.optimizer, typed (make_optimizer / learning_rate_schedule keep reading the ConfigDict; whether
+  each `trainable` pattern matches a parameter is known only once the params exist: models/trainable.py)."""
+
+  learning_rate: float
+  schedule: str
+  warmup_steps: int
+  decay_steps: int
+  end_lr_factor: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip_norm: float  # 0: no clipping
+  trainable: tuple[str, ...]
+
+  def __post_init__(self):
+    key = "config.optimizer."
+    sections.positive(key + "learning_rate", self.learning_rate)
+    sections.choice(key + "schedule", self.schedule, LR_SCHEDULES)
+    sections.count(key + "warmup_steps", self.warmup_steps, 0)
+    sections.count(key + "decay_steps", self.decay_steps, 0)
+    sections.fraction(key + "end_lr_factor", self.end_lr_factor)
+    sections.fraction(key + "b1", self.b1, upper_open=True)
+    sections.fraction(key + "b2", self.b2, upper_open=True)
+    sections.positive(key + "eps", self.eps)
+    sections.at_least(key + "weight_decay", self.weight_decay, 0.0)
+    sections.at_least(key + "grad_clip_norm", self.grad_clip_norm, 0.0)
+    sections.regexes(key + "trainable", self.trainable)
+
+  @classmethod
+  def from_config(cls, section: Any) -> "OptimizerSpec":
+    return sections.from_config(cls, section, "config.optimizer")
 
 
 @flax.struct.dataclass

@@ -1,0 +1,340 @@
+"""Typed config sections (meddiff_jax/sections.py and the XSpec beside each consumer), run once by checks.py.
+
+Every validated key: a bad value is one ConfigError naming `config.SECTION.KEY` and the value; unknown and
+missing keys are refused; every shipped config file and preset passes; the specs hold no defaults of their
+own (configs/ are the only defaults). Fast tier: nothing here compiles a model.
+"""
+
+import ast
+import dataclasses
+import importlib
+import re
+
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from conftest import REPO, override, run_main, tiny_config
+
+from configs import controlnet as controlnet_configs
+from configs import input_options, pretrain
+from meddiff_jax import checks, pretrained, sections, sharding
+from meddiff_jax.data import multilevel, nifti, pipeline
+from meddiff_jax.diffusion import spec as diffusion_spec
+from meddiff_jax.models import unet3d
+from meddiff_jax.train import controlnet as controlnet_lib
+from meddiff_jax.train import loop
+from meddiff_jax.train import state as state_lib
+
+# (section of configs/pretrain.py, its spec)
+PRETRAIN_SPECS = [("diffusion", diffusion_spec.DiffusionSpec), ("data", pipeline.DataSpec),
+                  ("data.phantom", pipeline.PhantomSpec), ("optimizer", state_lib.OptimizerSpec),
+                  ("training", loop.TrainingSpec), ("eval", loop.EvalSpec), ("checkpoint", loop.CheckpointSpec),
+                  ("mesh", sharding.MeshSpec), ("sharding", sharding.ShardingSpec)]
+TASK_CONFIGS = ["denoise", "anomaly", "synthesis", "super_resolution", "lesion"]
+ALL_SPECS = [s for _, s in PRETRAIN_SPECS] + [pretrained.ControlNetSpec] + list(checks.TASK_SPECS.values())
+
+
+def section(config, dotted):
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+def assert_names(error, key, bad):
+  message = str(error.value)
+  assert f"config.{key}" in message, message
+  assert repr(bad) in message or str(bad) in message, message
+  assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------ bad values
+
+PRETRAIN_BAD = [
+    ("diffusion.schedule", "sigmoid"), ("diffusion.num_timesteps", 1), ("diffusion.prediction_type", "score"),
+    ("diffusion.loss_type", "huber"), ("diffusion.min_snr_gamma", -1.0), ("diffusion.cond_drop_prob", 1.5),
+    ("diffusion.structure_drop_prob", -0.1), ("diffusion.body_drop_prob", 2.0),
+    ("data.source", "nifti"), ("data.patch_size", 0), ("data.spacing", (1.0, 1.0)), ("data.spacing", (1.0, 0.0, 1.0)),
+    ("data.structures", "onehot"), ("data.structure_groups", (("liver",),)), ("data.operation_probs", (0.0, 0.0, 0.0)),
+    ("data.operation_probs", (0.5, -0.5, 1.0)), ("data.num_threads", -1), ("data.prefetch", -1),
+    ("data.worker_count", -2), ("data.val_fraction", 1.5), ("data.hint", "edges"), ("data.sr_factor", 0),
+    ("data.positive_fraction", 1.1),
+    ("data.phantom.num_volumes", 0), ("data.phantom.shape", (48, 0, 48)), ("data.phantom.spacing", (6.0, 6.0)),
+    ("data.phantom.seed", -1), ("data.phantom.num_lesions", -1),
+    ("optimizer.learning_rate", 0.0), ("optimizer.schedule", "linear"), ("optimizer.warmup_steps", -1),
+    ("optimizer.decay_steps", -1), ("optimizer.end_lr_factor", 1.5), ("optimizer.b1", 1.0), ("optimizer.b2", -0.1),
+    ("optimizer.eps", 0.0), ("optimizer.weight_decay", -1e-4), ("optimizer.grad_clip_norm", -1.0),
+    ("optimizer.trainable", ()), ("optimizer.trainable", ("encoder/(",)),
+    ("training.batch_size", 0), ("training.grad_accum_steps", 0), ("training.num_steps", 0),
+    ("training.ema_decay", 1.01), ("training.log_every", -1), ("training.max_consecutive_nan", 0),
+    ("training.profile_steps", -1),
+    ("eval.every_steps", -1), ("eval.num_batches", 0), ("eval.num_buckets", 0), ("eval.sample_every_steps", -5),
+    ("eval.sample_steps", 0),
+    ("checkpoint.every_steps", -1), ("checkpoint.keep", 0), ("checkpoint.preemption_check_every", 0),
+    ("mesh.data", 0), ("mesh.fsdp", -2), ("mesh.spatial", 0), ("mesh.tensor", 0),
+    ("sharding.rules", (("batch", "pipeline"),)), ("sharding.min_shard_size", -1),
+]
+
+
+@pytest.mark.parametrize("key,bad", PRETRAIN_BAD, ids=[f"{k}={v!r}" for k, v in PRETRAIN_BAD])
+def test_pretrain_bad_value_names_the_key(key, bad):
+  with pytest.raises(checks.ConfigError) as e:
+    checks.pretrain(override(tiny_config(), **{key: bad}))
+  assert_names(e, key, bad)
+
+
+SPEC_OF = dict(PRETRAIN_SPECS)
+TYPE_BAD = [("data", "use_structures", "yes"), ("data", "prepared_dir", 3), ("data", "class_map", None),
+            ("checkpoint", "asynchronous", 1), ("training", "num_steps", 2.5), ("data", "patch_size", True)]
+
+
+@pytest.mark.parametrize("name,key,bad", TYPE_BAD, ids=[f"{n}.{k}={v!r}" for n, k, v in TYPE_BAD])
+def test_wrong_types_are_refused(name, key, bad):
+  """What ConfigDict's own type lock lets through when a config is built in code (or read back from JSON)."""
+  values = dict(section(tiny_config(), name).to_dict(), **{key: bad})
+  with pytest.raises(checks.ConfigError) as e:
+    SPEC_OF[name].from_config(values)
+  assert_names(e, f"{name}.{key}", bad)
+
+
+def test_choices_are_listed_and_mesh_rest_axis_once():
+  with pytest.raises(checks.ConfigError, match=r"config.diffusion.schedule='sigmoid'; choose one of \('linear', "
+                                               r"'cosine', 'scaled_linear'\)"):
+    checks.pretrain(override(tiny_config(), **{"diffusion.schedule": "sigmoid"}))
+  with pytest.raises(checks.ConfigError, match=r"config.mesh has -1 for \['data', 'fsdp'\]; at most one"):
+    checks.pretrain(override(tiny_config(), **{"mesh.fsdp": -1}))
+
+
+def test_cross_section_checks():
+  with pytest.raises(checks.ConfigError, match="config.eval.sample_steps=2000 exceeds config.diffusion.num_timesteps"):
+    checks.pretrain(override(tiny_config(), **{"eval.sample_steps": 2000}))
+  with pytest.raises(checks.ConfigError, match="config.eval.num_buckets=1001 exceeds"):
+    checks.pretrain(override(tiny_config(), **{"eval.num_buckets": 1001}))
+  # switched-off previews / validation do not need sample_steps / num_buckets in range
+  checks.pretrain(override(tiny_config(), **{"eval.sample_steps": 2000, "eval.sample_every_steps": 0}))
+
+
+def test_top_level_pretrain_keys():
+  with pytest.raises(checks.ConfigError, match="config.seed=-1"):
+    checks.pretrain(override(tiny_config(), seed=-1))
+
+
+CONTROLNET_BAD = [("controlnet.hint_hidden", ()), ("controlnet.hint_hidden", (16, 0)),
+                  ("controlnet.conditioning_scale", -1.0)]
+
+
+@pytest.mark.parametrize("key,bad", CONTROLNET_BAD, ids=[f"{k}={v!r}" for k, v in CONTROLNET_BAD])
+def test_controlnet_bad_value_names_the_key(key, bad):
+  with pytest.raises(checks.ConfigError) as e:
+    checks.controlnet(override(controlnet_configs.get_config("sr"), **{key: bad}))
+  assert_names(e, key, bad)
+
+
+COMMON_TASK_BAD = [("num_steps", 0), ("sampler", "euler"), ("overlap", 1.0), ("overlap", -0.5), ("window_batch", 0),
+                   ("seed", -1), ("inference_dtype", "fp16"), ("region", "pelvis"), ("trust_affine", "both"),
+                   ("assume_orientation", "XYZ"), ("limits.max_voxels", 0), ("limits.max_gb", 0.0),
+                   ("limits.max_spacing_mm", -1.0), ("limits.min_side_voxels", 0)]
+TASK_BAD = [(t, k, v) for t in TASK_CONFIGS for k, v in COMMON_TASK_BAD] + [
+    ("denoise", "method", "nlm"), ("denoise", "noise_sigma_hu", -1.0), ("denoise", "lam", 0.0),
+    ("denoise", "zeta", 1.5), ("denoise", "window_margin", 1.0), ("denoise", "spacing", (1.0,)),
+    ("anomaly", "noise_t", 0), ("anomaly", "smooth_sigma", -1.0), ("anomaly", "top_fraction", 0.0),
+    ("anomaly", "top_fraction", 1.5), ("anomaly", "spacing", (0.0, 1.0, 1.0)),
+    ("synthesis", "shape", (48, 0, 48)), ("synthesis", "shape", (48, 48)), ("synthesis", "guidance_scale", -1.0),
+    ("synthesis", "eta", -0.1), ("synthesis", "spacing", (2.0, 2.0)),
+    ("super_resolution", "conditioning_scale", -1.0), ("super_resolution", "spacing", (1.0, 1.0)),
+    ("lesion", "method", "paint"), ("lesion", "jump_length", 0), ("lesion", "jump_n_sample", 0),
+    ("lesion", "conditioning_scale", -0.5)]
+
+
+@pytest.mark.parametrize("task,key,bad", TASK_BAD, ids=[f"{t}:{k}={v!r}" for t, k, v in TASK_BAD])
+def test_task_bad_value_names_the_key(task, key, bad):
+  """The spec runs before the paths are looked at: the defaults' empty input / output do not matter."""
+  config = override(importlib.import_module(f"configs.{task}").get_config(), **{key: bad})
+  with pytest.raises(ValueError) as e:
+    checks.task(config)
+  assert_names(e, key, bad)
+
+
+def test_evaluate_checks_the_task_config_it_will_run():
+  from configs import evaluate
+  with pytest.raises(checks.ConfigError, match=re.escape("config.sampler='euler'")):
+    checks.evaluate(override(evaluate.get_config(), sampler="euler"))
+  with pytest.raises(checks.ConfigError, match=re.escape("config.lam=0.0")):
+    checks.evaluate(override(evaluate.get_config(), task="lam=0.0"))
+  checks.evaluate(override(evaluate.get_config(), sampler="euler", skip_model=True))  # no model run: not used
+
+
+def test_prepare_checks_the_input_limits(tmp_path):
+  from conftest import prepare_config
+  config = prepare_config(tmp_path, tmp_path / "out")
+  checks.prepare(config)
+  with pytest.raises(checks.ConfigError) as e:
+    checks.prepare(override(config, **{"limits.max_gb": -1.0}))
+  assert_names(e, "limits.max_gb", -1.0)
+
+
+# ------------------------------------------------------------------------------------------ unknown / missing keys
+
+
+@pytest.mark.parametrize("name,spec", PRETRAIN_SPECS, ids=[n for n, _ in PRETRAIN_SPECS])
+def test_unknown_and_missing_keys_are_refused(name, spec):
+  values = section(tiny_config(), name).to_dict()
+  with pytest.raises(checks.ConfigError, match=re.escape(f"config.{name} has unknown keys ['bogus']; valid keys: ")):
+    spec.from_config(dict(values, bogus=1))
+  missing = next(iter(values))
+  with pytest.raises(checks.ConfigError, match=re.escape(f"config.{name} lacks keys ['{missing}']")):
+    spec.from_config({k: v for k, v in values.items() if k != missing})
+
+
+@pytest.mark.parametrize("name", [n for n, _ in PRETRAIN_SPECS], ids=[n for n, _ in PRETRAIN_SPECS])
+def test_checks_pretrain_refuses_an_unknown_key_in_every_section(name):
+  config = tiny_config()
+  section(config, name).bogus = 1
+  with pytest.raises(checks.ConfigError, match=re.escape(f"config.{name} has unknown keys ['bogus']")):
+    checks.pretrain(config)
+
+
+@pytest.mark.parametrize("task", TASK_CONFIGS)
+def test_task_unknown_keys_are_refused(task):
+  config = importlib.import_module(f"configs.{task}").get_config()
+  config.bogus = 1
+  with pytest.raises(checks.ConfigError, match=re.escape("config has unknown keys ['bogus']; valid keys: ")):
+    checks.task(config)
+  del config["bogus"]
+  config.limits.bogus = 1
+  with pytest.raises(checks.ConfigError, match=re.escape("config.limits has unknown keys ['bogus']")):
+    checks.task(config)
+
+
+def test_a_key_of_another_task_is_refused():
+  config = importlib.import_module("configs.denoise").get_config()
+  config.noise_t = 950  # anomaly's
+  with pytest.raises(checks.ConfigError, match=re.escape("unknown keys ['noise_t']")):
+    checks.task(config)
+
+
+def test_controlnet_section_unknown_key():
+  config = controlnet_configs.get_config("lesion")
+  config.controlnet.hint_depth = 3
+  with pytest.raises(checks.ConfigError, match=re.escape("config.controlnet has unknown keys ['hint_depth']")):
+    checks.controlnet(config)
+
+
+# ------------------------------------------------------------------------------------------ shipped configs pass
+
+
+# (preset, devices it is planned for): tiny / base on one CPU or GPU, paper on 1 to 8, paper256 on 8 per sample
+PRESETS = [(p + o, n) for p, ns in (("tiny", (1,)), ("base", (1,)), ("paper", (1, 8)), ("paper256", (8,)))
+           for n in ns for o in ("", "+classes")]
+
+
+@pytest.mark.parametrize("preset,devices", PRESETS, ids=[f"{p}-{n}dev" for p, n in PRESETS])
+def test_every_pretrain_preset_passes(preset, devices, tmp_path):
+  config = pretrain.get_config(preset)
+  if config.data.source == "prepared":
+    config.data.prepared_dir = str(tmp_path)
+  assert checks.pretrain(config, devices) is config
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny_ct"])
+def test_every_training_config_file_passes(name, tmp_path):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  if config.data.source == "prepared":
+    config.data.prepared_dir = str(tmp_path)
+  checks.pretrain(config, num_devices=1)
+
+
+@pytest.mark.parametrize("preset", ["sr", "lesion"])
+def test_controlnet_presets_and_their_derived_configs_pass(preset):
+  config = controlnet_configs.get_config(preset)
+  derived = checks.controlnet(config, num_devices=1)
+  assert derived is not config and derived.model.to_dict() == pretrained.read_config("tiny_phantom").model.to_dict()
+  # the derived config is a complete training config: every spec takes it again
+  for name, spec in PRETRAIN_SPECS:
+    spec.from_config(section(derived, name))
+
+
+@pytest.mark.parametrize("task", TASK_CONFIGS)
+def test_every_task_config_passes_its_spec(task):
+  config = importlib.import_module(f"configs.{task}").get_config()
+  spec = checks.TASK_SPECS[task].from_config(config)
+  assert spec.mode == task and spec.read == nifti.ReadOptions.from_config(config)
+
+
+def test_prepare_evaluate_export_configs_pass(tmp_path):
+  from configs import evaluate, export
+  from conftest import prepare_config
+  checks.prepare(prepare_config(tmp_path, tmp_path / "out"))
+  checks.evaluate(evaluate.get_config())
+  config = export.get_config()
+  config.source, config.output = "tiny_phantom", str(tmp_path / "exported")
+  checks.export(config)
+
+
+# ------------------------------------------------------------------------------------------ one source of defaults
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=[s.__name__ for s in ALL_SPECS])
+def test_specs_have_no_defaults_of_their_own(spec):
+  """configs/*.py are the only defaults: a default in a spec would be a second one that can drift."""
+  defaulted = [f.name for f in dataclasses.fields(spec)
+               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+  assert not defaulted
+
+
+def test_unet_spec_defaults_are_the_paper_model_of_configs_pretrain():
+  """UNetSpec (older than the rule) keeps defaults for library callers: they are configs/pretrain.py:paper's
+  model, except three that a bare UNetSpec() keeps cheap (no structure channels, float32, no remat)."""
+  paper = unet3d.UNetSpec.from_config(pretrain.get_config("paper").model)
+  library = {"structure_channels": 0, "dtype": jnp.float32, "remat": "none"}
+  assert unet3d.UNetSpec() == dataclasses.replace(paper, **library)
+
+
+def test_read_options_defaults_equal_configs_input_options():
+  """ReadOptions() (library callers) and the command line's defaults (configs/input_options.py) agree."""
+  config = input_options.add_input_options(ml_collections.ConfigDict())
+  assert nifti.ReadOptions() == nifti.ReadOptions.from_section(config)
+  assert set(dataclasses.asdict(nifti.ReadOptions())) == set(nifti.INPUT_KEYS[:-1]) | set(config.limits)
+
+
+def test_hint_names_agree():
+  """data/ cannot import train/: the hint names of the data spec and of ControlNet's tasks must agree."""
+  assert set(controlnet_lib.HINTS.values()) == set(multilevel.HINTS)
+
+
+def test_spec_leaf_and_layers():
+  """sections.py imports nothing of ours; models/, diffusion/, data/ import neither train/ nor tasks/."""
+  def imports(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        yield node.module
+      elif isinstance(node, ast.Import):
+        yield from (a.name for a in node.names)
+  pkg = REPO / "meddiff_jax"
+  assert not [m for m in imports(pkg / "sections.py") if m.startswith("meddiff_jax")]
+  for layer in ("models", "diffusion", "data"):
+    for path in (pkg / layer).glob("*.py"):
+      bad = [m for m in imports(path) if m.startswith(("meddiff_jax.train", "meddiff_jax.tasks"))]
+      assert not bad, (path, bad)
+
+
+def test_unet_spec_still_types_the_model_section():
+  with pytest.raises(checks.ConfigError, match="config.model has unknown keys"):
+    config = tiny_config()
+    config.model.bogus = 1
+    checks.pretrain(config)
+  assert isinstance(unet3d.UNetSpec.from_config(tiny_config().model), unet3d.UNetSpec)
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def test_one_bad_value_is_one_error_line_exit_1(tmp_path):
+  proc = run_main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.diffusion.loss_type=huber")
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert errors == ["error: config.diffusion.loss_type='huber'; choose one of ('l1', 'l2')"], proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == errors[0]
+  assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "checkpoints").exists()
