@@ -106,6 +106,13 @@ def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarra
   return out
 
 
+def group_ids(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  """Per-voxel LUT value (uint8) of a label map; labels outside the LUT read entry 0 (as structure_channels)."""
+  labels = np.asarray(labels)
+  safe = np.where((labels >= 0) & (labels < lut.shape[0]), labels, 0).astype(np.intp)
+  return lut[safe]
+
+
 def class_lookup(class_map: Mapping[int, str]) -> np.ndarray:
   """LUT label id -> itself for every class of the map (the paper's full classes; 0: background)."""
   lut = np.zeros(max(class_map, default=0) + 1, np.uint8)
