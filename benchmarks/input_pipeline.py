@@ -75,7 +75,7 @@ def npy_copy(store_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
   for rec in store.read_records(str(store_dir)):
     hu = np.asarray(store.open_array(str(store_dir / rec["image"])))
     labels = np.asarray(store.open_array(str(store_dir / rec["labels"]))) if rec.get("labels") else None
-    meta = {k: v for k, v in rec.items() if k not in ("id", "image", "labels", "shape")}
+    meta = {k: v for k, v in rec.items() if k not in ("id", "image", "labels", "shape", "whole")}
     store.write_record(str(out), rec["id"], hu, labels, meta, fmt="npy")
   return out
 

@@ -66,6 +66,17 @@ def test_separable_resize_equals_scipy_zoom_on_real_ct(real_data_dir):
                              zoom_reference(crop, (40,) * 3, 1, np.float32), rtol=1e-6, atol=1e-5)
 
 
+def test_hu_to_unit_in_place_equals_the_expression_it_replaces():
+  rng = np.random.default_rng(1)
+  for hu in (rng.normal(0, 800, (30, 20, 10)).astype(np.float32), rng.integers(-1024, 3000, 500).astype(np.int16)):
+    for region in preprocess.REGIONS + ("unknown",):
+      lo, hi = preprocess.window_bounds(region if region != "unknown" else preprocess.UNKNOWN_REGION)
+      ref = np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+      keep = hu.copy()
+      got = preprocess.hu_to_unit(hu, region if region != "unknown" else preprocess.UNKNOWN_REGION)
+      assert got.dtype == np.float32 and np.array_equal(got, ref) and np.array_equal(hu, keep)
+
+
 # ------------------------------------------------------------------------------------------ packed structures
 
 

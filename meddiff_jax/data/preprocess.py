@@ -59,7 +59,12 @@ def window_bounds(region: int | str) -> tuple[float, float]:
 def hu_to_unit(hu: np.ndarray, region: int | str) -> np.ndarray:
   """Window and scale HU to [-1, 1] (float32)."""
   lo, hi = window_bounds(region)
-  return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+  x = np.array(hu, np.float32)  # a copy, then in place: the same float32 operations, no temporaries
+  x -= lo
+  x /= hi - lo
+  x *= 2.0
+  x -= 1.0
+  return np.clip(x, -1.0, 1.0, out=x)
 
 
 def unit_to_hu(x: np.ndarray, region: int | str) -> np.ndarray:
