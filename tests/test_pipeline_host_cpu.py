@@ -277,3 +277,13 @@ def test_prepare_writes_whole_levels_and_adds_them_to_volumes_prepared_before(tm
     assert labels is None and hu_level.dtype == np.float32
     np.testing.assert_array_equal(hu_level, multilevel.resize(np.asarray(ps.load(i)[0]), (16,) * 3, 1, np.float32))
   assert ps.load_whole(0, 32) is None
+
+
+def test_prepare_refuses_whole_sizes_that_are_not_patch_sizes(tmp_path):
+  from conftest import prepare_config
+  from meddiff_jax import checks
+
+  for bad in ((0,), (128.0,), ("128",)):
+    with pytest.raises(checks.ConfigError, match="whole_sizes"):
+      checks.prepare(prepare_config(tmp_path, tmp_path / "out", whole_sizes=bad))
+  checks.prepare(prepare_config(tmp_path, tmp_path / "out", whole_sizes=(64, 128)))
