@@ -49,10 +49,10 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int, dtype: np.dty
   output in `dtype`.
 
   3D orders 0 and 1 are computed separably (a gather per axis / a float64 lerp per axis, slab by slab so the
-  temporaries stay in cache): the same sampling positions and weights as scipy's `zoom`, ~3x less CPU for
+  temporaries stay in cache): the same sampling positions and weights as scipy's `zoom`, ~2.5x less CPU for
   the multi-level resizes (benchmarks/RESULTS.md "#12 pipeline margin"). Equal to `zoom` bitwise for order 0
   and, for order 1, to the last float32 bit except where float64 rounding of the two sums differs (tested:
-  tests/test_multilevel_fast.py). Other ranks / orders call `zoom` itself.
+  tests/test_pipeline_host_cpu.py). Other ranks / orders call `zoom` itself.
   """
   dtype = np.dtype(dtype or volume.dtype)
   if tuple(volume.shape) == tuple(shape):
