@@ -28,7 +28,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_inputs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.Path, pathlib.Path]:
+  """The benchmark volumes prepared into tmp/store, zarr by default (prepare's `auto` would pick npy for a
+  local folder, and the zarr rows would silently measure .npy: what pipeline_margin.py's first table did)."""
   from configs import prepare as prepare_config
   from meddiff_jax.data import nifti, phantom, prepare
 
@@ -48,6 +50,7 @@ def make_inputs(tmp: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   manifest.write_text("\n".join(rows) + "\n")
   c = prepare_config.get_config()
   c.input_dir, c.output_dir, c.manifest, c.spacing, c.workers = str(src), str(tmp / "store"), str(manifest), (1.5,) * 3, 2
+  c.store_format = store_format
   prepare.run(c)
   return src, tmp / "store"
 
@@ -75,7 +78,7 @@ def npy_copy(store_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
   for rec in store.read_records(str(store_dir)):
     hu = np.asarray(store.open_array(str(store_dir / rec["image"])))
     labels = np.asarray(store.open_array(str(store_dir / rec["labels"]))) if rec.get("labels") else None
-    meta = {k: v for k, v in rec.items() if k not in ("id", "image", "labels", "shape")}
+    meta = {k: v for k, v in rec.items() if k not in ("id", "image", "labels", "shape", "whole")}
     store.write_record(str(out), rec["id"], hu, labels, meta, fmt="npy")
   return out
 

@@ -48,4 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # npy: memory-mapped, 1.3-3.4x more patches/s on one host's local disk (benchmarks/RESULTS.md "#12 store");
   # auto: npy for a local output_dir, zarr for an object-store URL
   c.store_format = "auto"
+  # patch sizes (e.g. (128,)) whose 'whole' multi-level sample is stored per volume (HU resized to float32 + labels
+  # resized, as training computes it): whole-volume samples then read 128^3 instead of the whole volume and
+  # resize nothing (benchmarks/RESULTS.md "#12 pipeline margin"); training falls back for other patch sizes
+  c.whole_sizes = ()
   return input_options.add_input_options(c)

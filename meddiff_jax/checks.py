@@ -137,6 +137,9 @@ def prepare(config: Config) -> Config:
     raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
   if config.store_format not in ("auto", *store_lib.FORMATS):
     raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
+  if any(not isinstance(size, int) or size < 2 for size in config.whole_sizes):
+    raise ConfigError(f"config.whole_sizes={tuple(config.whole_sizes)!r}; give training patch sizes (integers >= 2), "
+                      "e.g. (128,)")
   if config.default_region not in preprocess.REGIONS + regions.AUTO:
     raise ConfigError(f"config.default_region={config.default_region!r}; choose auto or one of {preprocess.REGIONS}")
   nifti.ReadOptions.from_section(config)

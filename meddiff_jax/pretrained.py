@@ -44,6 +44,7 @@ LEGACY_KEYS = {
     "data.class_map": "", "data.spacing": (), "data.structures": "grouped",
     "data.structure_groups": tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
     "data.hint": "", "data.sr_factor": 5, "data.positive_fraction": 0.0, "data.phantom.num_lesions": 0,
+    "data.pack_structures": False,
     "optimizer.trainable": ALL_PARAMS,
 }
 

@@ -77,7 +77,8 @@ def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
     ref = next(b)
     for k in batch:
       np.testing.assert_array_equal(batch[k], ref[k])
-  assert first[0]["image"].shape == (4, 8, 8, 8, 1) and first[0]["structures"].shape[-1] == 13
+  assert first[0]["image"].shape == (4, 8, 8, 8, 1) and pipeline.structure_channel_count(config.data) == 13
+  assert first[0]["structures"].shape[-1] == 1  # the 13 channels packed (data.pack_structures), expanded on device
   ops = np.concatenate([x["operation"] for x in first])
   assert len(set(ops.tolist())) > 1  # multi-level operations are mixed
   # checkpoint: state after 3 batches reproduces batch 4 in a fresh iterator

@@ -198,7 +198,9 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
   text = lowered.as_text()
   assert "tensor<4x256x256x256x1xf32>" in text  # the global batch: 4 samples = 1 x 4 accumulation
   # Volumes split along depth over the 8 devices (Shardy annotation of the image and structures arguments).
-  for arg in ("4x256x256x256x1xf32", "4x256x256x256x13xui8"):
+  # (structures: the 13 grouped channels packed in 1, data.pack_structures; expanded inside the step)
+  assert pipeline.shipped_structure_channels(config.data) == 1
+  for arg in ("4x256x256x256x1xf32", "4x256x256x256x1xui8"):
     assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
 
 

@@ -14,6 +14,9 @@ their coordinates extend linearly beyond [-1, 1].
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import numpy as np
 from scipy import ndimage
 
@@ -43,14 +46,73 @@ def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: f
 
 
 def resize(volume: np.ndarray, shape: tuple[int, ...], order: int, dtype: np.dtype | None = None) -> np.ndarray:
-  """Align-corners resize (scipy zoom, grid_mode=False) to exactly `shape`, output in `dtype`."""
+  """Align-corners resize (scipy `zoom`, grid_mode=False, mode='nearest', no prefilter) to exactly `shape`,
+  output in `dtype`.
+
+  3D orders 0 and 1 are computed separably (a gather per axis / a float64 lerp per axis, slab by slab so the
+  temporaries stay in cache): the same sampling positions and weights as scipy's `zoom`, ~2.5x less CPU for
+  the multi-level resizes (benchmarks/RESULTS.md "#12 pipeline margin"). Equal to `zoom` bitwise for order 0
+  and, for order 1, to the last float32 bit except where float64 rounding of the two sums differs (tested:
+  tests/test_pipeline_host_cpu.py). Other ranks / orders call `zoom` itself.
+  """
   dtype = np.dtype(dtype or volume.dtype)
   if tuple(volume.shape) == tuple(shape):
     return np.asarray(volume, dtype)
-  factors = [o / i for o, i in zip(shape, volume.shape)]
-  out = ndimage.zoom(volume, factors, output=dtype, order=order, mode="nearest", grid_mode=False, prefilter=False)
+  if len(shape) == 3 and order in (0, 1):
+    out = _resize_nearest(np.asarray(volume), shape, dtype) if order == 0 else _resize_linear(
+        np.asarray(volume), shape, dtype)
+  else:
+    factors = [o / i for o, i in zip(shape, volume.shape)]
+    out = ndimage.zoom(volume, factors, output=dtype, order=order, mode="nearest", grid_mode=False, prefilter=False)
   assert out.shape == tuple(shape), (out.shape, shape)
   return out
+
+
+def _source_coordinates(n_in: int, n_out: int) -> np.ndarray:
+  """Input coordinate of each output voxel along one axis, computed as scipy's zoom_shift does (float64)."""
+  zoom = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0  # scipy: factor 1 for a size-1 output
+  return np.arange(n_out, dtype=np.float64) * zoom
+
+
+def _resize_nearest(volume: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """Order 0: scipy picks floor(c + 0.5) per axis (clamped: mode 'nearest'); separable, so one gather."""
+  index = [np.clip(np.floor(_source_coordinates(n, m) + 0.5).astype(np.intp), 0, n - 1)
+           for n, m in zip(volume.shape, shape)]
+  return volume[np.ix_(*index)].astype(dtype, copy=False)
+
+
+_SLAB = 2  # output slices per step of the linear resize: float64 temporaries of a few MB (cache-sized)
+
+
+def _resize_linear(volume: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+  """Order 1: per axis, out = v[lo] (1 - w) + v[lo + 1] w with lo = floor(c), w = c - lo (scipy's linear
+  spline weights), in float64 like scipy, cast once to `dtype`. Axis 0 slab by slab, then axes 1 and 2."""
+  taps = []
+  for n, m in zip(volume.shape, shape):
+    c = _source_coordinates(n, m)
+    lo = np.floor(c)
+    w = c - lo
+    lo = np.clip(lo.astype(np.intp), 0, n - 1)
+    taps.append((lo, np.minimum(lo + 1, n - 1), 1.0 - w, w))
+  out = np.empty(tuple(shape), dtype)
+  lo0, hi0, w00, w10 = taps[0]
+  for k in range(0, shape[0], _SLAB):
+    sl = slice(k, k + _SLAB)
+    x = _lerp(volume, 0, lo0[sl], hi0[sl], w00[sl], w10[sl])
+    x = _lerp(x, 1, *taps[1])
+    out[sl] = _lerp(x, 2, *taps[2])
+  return out
+
+
+def _lerp(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+  if a.shape[axis] == len(lo) and np.array_equal(lo, np.arange(len(lo))) and not w1.any():
+    return a.astype(np.float64, copy=False)  # an axis that keeps its size: v * 1 + v' * 0 == v
+  bshape = [-1 if i == axis else 1 for i in range(a.ndim)]
+  x = np.take(a, lo, axis=axis).astype(np.float64, copy=False) * w0.reshape(bshape)
+  y = np.take(a, hi, axis=axis).astype(np.float64, copy=False)
+  y *= w1.reshape(bshape)
+  x += y
+  return x
 
 
 def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.random.Generator,
@@ -90,6 +152,25 @@ def split_lesions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return organs.astype(labels.dtype if labels.dtype.kind == "i" else np.int16), lesion
 
 
+def label_groups(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  """uint8 LUT value (structure group) of the organ under each voxel of a stored label map, lesion codes
+  included: `preprocess.group_ids(split_lesions(labels)[0], lut)` in one gather. For 8- and 16-bit maps the
+  table is that very expression evaluated on every value of the dtype (elementwise, so equal by construction)."""
+  labels = np.asarray(labels)
+  if labels.dtype.itemsize > 2 or labels.dtype.kind not in "iu":
+    return preprocess.group_ids(split_lesions(labels)[0], lut)
+  unsigned = np.dtype(f"u{labels.dtype.itemsize}")
+  table = _group_table(lut.tobytes(), lut.dtype.str, labels.dtype.str)
+  return np.take(table, labels.view(unsigned))
+
+
+@functools.lru_cache(maxsize=16)
+def _group_table(lut_bytes: bytes, lut_dtype: str, label_dtype: str) -> np.ndarray:
+  dtype = np.dtype(label_dtype)
+  values = np.arange(2 ** (8 * dtype.itemsize), dtype=np.int64).astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
+  return preprocess.group_ids(split_lesions(values)[0], np.frombuffer(lut_bytes, np.dtype(lut_dtype)))
+
+
 def lesion_coordinates(labels: np.ndarray | None, max_points: int = 4096) -> np.ndarray:
   """(n, 3) lesion voxel indices (evenly thinned to max_points): the centres of positive crops."""
   if labels is None:
@@ -121,12 +202,20 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
                 operation: str | None = None, lut: np.ndarray | None = None, num_groups: int = 0,
                 operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), hint: str = "",
                 sr_factor: int = 5, structure_labels: bool = False, positive_fraction: float = 0.0,
-                positive_coords: np.ndarray | None = None, lowres: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                positive_coords: np.ndarray | None = None, lowres: np.ndarray | None = None,
+                pack_structures: bool = False,
+                whole_level: Callable[[], tuple[np.ndarray, np.ndarray | None] | None] | None = None
+                ) -> dict[str, np.ndarray]:
   """One training sample from a HU volume (and optional TotalSegmentator label map).
 
   Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
   structures (P,P,P,K+1) uint8 if lut is given, operation () int32, and for ControlNet a `hint`
   (P,P,P,1) float32: 'lowres' the thick-slice version of the image, 'lesion' the lesion mask).
+  pack_structures: grouped structures as one (P,P,P,1) uint8 channel, (group << 1) | body
+  (models/conditions.pack_structures), expanded to the K+1 channels on the accelerator.
+  whole_level: returns the store's precomputed 'whole' sample of this volume at `patch` (the HU volume resized
+  to float32 and the label map resized, exactly as below: data/store.py), or None; used instead of reading
+  and resizing the whole volume (not for the 'lowres' hint, which needs the native volume).
   positive_fraction: the probability that a crop is centred on a voxel of `positive_coords` (lesions), as
   MONAI's RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
   lowres: a real low-resolution partner of `hu` on its grid (HU; thick slices interpolated onto the thin
@@ -142,21 +231,39 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
       centre = positive_coords[rng.integers(len(positive_coords))]
   start, size = choose_box(hu.shape, patch, operation, rng, centre)
   target = (patch,) * 3
-  native = crop_padded(hu, start, size, fill=-1000.0)
-  hu_crop = resize(native, target, order=1, dtype=np.float32)
+  need_labels = labels is not None and (lut is not None or hint == "lesion")
+  cached = whole_level() if operation == "whole" and whole_level is not None and hint != "lowres" else None
+  if cached is not None:
+    hu_crop, lab = cached
+    if hu_crop.shape != target or hu_crop.dtype != np.float32 or (need_labels and lab is None):
+      raise ValueError(f"stored whole level {hu_crop.shape} {hu_crop.dtype} (labels: {lab is not None}) does not "
+                       f"match a {target} float32 sample of this volume")
+    native = None
+  else:
+    native = crop_padded(hu, start, size, fill=-1000.0)
+    hu_crop = resize(native, target, order=1, dtype=np.float32)
   sample = {
       conditions.IMAGE: preprocess.hu_to_unit(hu_crop, region)[..., None],
       conditions.POS_BOX: conditions.position_boxes(start, size, hu.shape),
       conditions.REGION: np.int32(region),
       "operation": np.int32(OPERATIONS.index(operation)),
   }
-  lab = None
-  if labels is not None and (lut is not None or hint == "lesion"):
+  if not need_labels:
+    lab = None
+  elif cached is None:
     lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
-  organs, lesion = split_lesions(lab) if lab is not None else (None, None)
-  if lut is not None:  # structure_labels: one label-id channel (num_groups = number of classes)
-    encode = preprocess.structure_labels if structure_labels else preprocess.structure_channels
-    sample[conditions.STRUCTURES] = encode(organs, hu_crop, lut, num_groups)
+  if lut is not None and pack_structures and not structure_labels:
+    if num_groups > conditions.MAX_PACKED_GROUPS:
+      raise ValueError(f"{num_groups} structure groups do not pack into one uint8 channel (at most "
+                       f"{conditions.MAX_PACKED_GROUPS}); set data.pack_structures=False")
+    group = np.zeros(target, np.uint8) if lab is None else label_groups(lab, lut)
+    sample[conditions.STRUCTURES] = conditions.pack_structures(group, preprocess.body_mask(hu_crop))
+    organs, lesion = None, (split_lesions(lab)[1] if lab is not None and hint == "lesion" else None)
+  else:
+    organs, lesion = split_lesions(lab) if lab is not None else (None, None)
+    if lut is not None:  # structure_labels: one label-id channel (num_groups = number of classes)
+      encode = preprocess.structure_labels if structure_labels else preprocess.structure_channels
+      sample[conditions.STRUCTURES] = encode(organs, hu_crop, lut, num_groups)
   if hint == "lowres":
     if lowres is not None:
       if lowres.shape != hu.shape:

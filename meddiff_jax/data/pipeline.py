@@ -160,6 +160,10 @@ class SubsetStore:
     fn = getattr(self.base, "load_lowres", None)
     return fn(self.indices[index]) if fn else None
 
+  def load_whole(self, index: int, size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    fn = getattr(self.base, "load_whole", None)
+    return fn(self.indices[index], size) if fn else None
+
 
 def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, VolumeStore]:
   """Train / validation stores: the prepared store's recorded patient splits (train trains, val validates,
@@ -186,10 +190,12 @@ class MultiLevelSample:
 
   def __init__(self, store: VolumeStore, patch_size: int, lut: np.ndarray | None, num_groups: int,
                operation_probs: tuple[float, float, float], hint: str = "", sr_factor: int = 5,
-               structure_labels: bool = False, positive_fraction: float = 0.0):
+               structure_labels: bool = False, positive_fraction: float = 0.0, pack_structures: bool = False):
+    """pack_structures: grouped structures ship as one uint8 channel (expanded on the accelerator). Whole-volume
+    samples come from the store's precomputed level at patch_size when it has one (`load_whole`)."""
     self.store, self.patch_size, self.lut, self.num_groups = store, patch_size, lut, num_groups
     self.operation_probs, self.hint, self.sr_factor = tuple(operation_probs), hint, sr_factor
-    self.structure_labels = structure_labels
+    self.structure_labels, self.pack_structures = structure_labels, pack_structures
     self.positive_fraction = positive_fraction
     self._coords: dict[int, np.ndarray] = {}  # lesion voxels per volume, for positive crops
 
@@ -203,11 +209,14 @@ class MultiLevelSample:
     lowres = None
     if self.hint == "lowres" and hasattr(self.store, "load_lowres"):
       lowres = self.store.load_lowres(int(index))  # a real partner when the manifest had one
+    load_whole = getattr(self.store, "load_whole", None)
+    whole = functools.partial(load_whole, int(index), self.patch_size) if load_whole else None
     return multilevel.make_sample(hu, labels, region, self.patch_size, rng, lut=self.lut,
                                   num_groups=self.num_groups, operation_probs=self.operation_probs,
                                   hint=self.hint, sr_factor=self.sr_factor, structure_labels=self.structure_labels,
                                   positive_fraction=self.positive_fraction,
-                                  positive_coords=coords, lowres=None if lowres is None else np.asarray(lowres))
+                                  positive_coords=coords, lowres=None if lowres is None else np.asarray(lowres),
+                                  pack_structures=self.pack_structures, whole_level=whole)
 
 
 def training_spacing(data_config: Any, store: Any = None) -> tuple[float, float, float] | None:
@@ -253,6 +262,17 @@ def structure_channel_count(data_config: Any) -> int:
   return 1 if structures_as_labels(data_config) else structure_lut(data_config)[1] + 1
 
 
+def packs_structures(data_config: Any) -> bool:
+  """Whether batches carry grouped structures packed in one uint8 channel (data.pack_structures), which the
+  train / eval step and the model expand to structure_channel_count channels on the accelerator."""
+  return bool(data_config.use_structures and data_config.pack_structures and not structures_as_labels(data_config))
+
+
+def shipped_structure_channels(data_config: Any) -> int:
+  """Structure channels a batch carries from the host: 1 when packed, else structure_channel_count."""
+  return 1 if packs_structures(data_config) else structure_channel_count(data_config)
+
+
 def class_map_for(data_config: Any) -> dict[int, str]:
   if data_config.class_map:
     return preprocess.load_class_map(data_config.class_map)
@@ -275,7 +295,7 @@ def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed:
         .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
                                      tuple(data_config.operation_probs), data_config.hint, data_config.sr_factor,
                                      lut is not None and structures_as_labels(data_config),
-                                     data_config.positive_fraction), seed=seed)
+                                     data_config.positive_fraction, packs_structures(data_config)), seed=seed)
         .batch(batch_size // process_count, drop_remainder=True))
   if num_batches is not None:
     ds = ds[:num_batches]

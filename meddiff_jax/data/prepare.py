@@ -224,7 +224,8 @@ def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) 
 
 
 def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, float, float],
-                options: nifti.ReadOptions | None = None, store_format: str = "zarr") -> dict[str, Any]:
+                options: nifti.ReadOptions | None = None, store_format: str = "zarr",
+                whole_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
   options = options or nifti.ReadOptions()
@@ -274,7 +275,8 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
               "hu_range": [float(image.data.min()), float(image.data.max())]}
       vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
       store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta,
-                         lowres=None if lowres is None else np.round(lowres), fmt=store_format)
+                         lowres=None if lowres is None else np.round(lowres), fmt=store_format,
+                         whole_sizes=whole_sizes)
       ids.append(vid)
     return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -301,21 +303,26 @@ def run(config: Any) -> dict[str, Any]:
   todo = [j for j in jobs if j["id"] not in done_ids]
   skipped = [{"image": j["image"], "id": j["id"], "status": "already prepared"} for j in jobs if j["id"] in done_ids]
   spacing = tuple(float(s) for s in config.spacing)
+  whole_sizes = tuple(int(s) for s in config.whole_sizes)
   options = nifti.ReadOptions.from_config(config)
   results: list[dict[str, Any]] = []
   progress = _progress(len(todo))
   if config.workers > 1 and len(todo) > 1:
     with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, initializer=_die_with_parent,
                                                 initargs=(os.getpid(),)) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format)
+      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format, whole_sizes)
                  for j in todo]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, store_format),
+      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, store_format, whole_sizes),
                                  progress))
   progress.close()
+  if whole_sizes:  # volumes prepared before (resumed or older stores) get their whole levels too
+    added = store.add_whole_levels(config.output_dir, whole_sizes)
+    if added:
+      print(f"added whole levels {whole_sizes} to {added} volumes prepared before")
   failed = [r for r in results if r["status"] == "failed"]
   report = {"input_dir": config.input_dir, "output_dir": config.output_dir, "spacing": list(spacing),
             "prepared": [r for r in results if r["status"] == "done"], "failed": failed, "skipped": skipped,

@@ -59,7 +59,12 @@ def window_bounds(region: int | str) -> tuple[float, float]:
 def hu_to_unit(hu: np.ndarray, region: int | str) -> np.ndarray:
   """Window and scale HU to [-1, 1] (float32)."""
   lo, hi = window_bounds(region)
-  return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0)
+  x = np.array(hu, np.float32)  # a copy, then in place: the same float32 operations, no temporaries
+  x -= lo
+  x /= hi - lo
+  x *= 2.0
+  x -= 1.0
+  return np.clip(x, -1.0, 1.0, out=x)
 
 
 def unit_to_hu(x: np.ndarray, region: int | str) -> np.ndarray:
@@ -104,6 +109,13 @@ def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarra
       out[..., g] = group == g + 1
   out[..., num_groups] = body_mask(hu)
   return out
+
+
+def group_ids(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  """Per-voxel LUT value (uint8) of a label map; labels outside the LUT read entry 0 (as structure_channels)."""
+  labels = np.asarray(labels)
+  safe = np.where((labels >= 0) & (labels < lut.shape[0]), labels, 0).astype(np.intp)
+  return lut[safe]
 
 
 def class_lookup(class_map: Mapping[int, str]) -> np.ndarray:

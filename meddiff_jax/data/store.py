@@ -7,6 +7,11 @@ locally or from a bucket, so a pod's workers stream windows without a shared dis
 "#12 store": patches/s and bytes read per window). TensorStore is already installed with Orbax and has
 native gcs / s3 drivers. Stores written before (one .npy per array, memory-mapped) are still read.
 
+Whole levels (prepare's `whole_sizes`): per volume and patch size P, the 'whole' multi-level sample's inputs
+precomputed -- the HU volume resized to P^3 float32 and the label map resized to P^3, exactly as
+data/multilevel.make_sample does -- so a whole-volume sample reads P^3 instead of the whole volume (from a bucket,
+in a pod) and resizes nothing. Recorded under record["whole"][str(P)]; readers fall back when absent.
+
 A volume counts as prepared once its JSON record exists (written last; local: tmp + rename, object
 stores commit an object whole), which makes preparation resumable.
 """
@@ -21,7 +26,7 @@ import numpy as np
 import tensorstore as ts
 
 from meddiff_jax import storage
-from meddiff_jax.data import regions
+from meddiff_jax.data import multilevel, regions
 
 RECORD_SUFFIX = ".json"
 CHUNK = 64  # voxels per chunk edge (one object each): a 128^3 window at a random offset reads <= 3^3 chunks
@@ -68,23 +73,60 @@ def write_array(path: str, array: np.ndarray, fmt: str = "zarr", chunk: int | No
 
 
 def write_record(output_dir: str, volume_id: str, hu: np.ndarray, labels: np.ndarray | None,
-                 meta: dict[str, Any], lowres: np.ndarray | None = None, fmt: str = "zarr") -> dict[str, Any]:
-  """Write the arrays then the JSON record (a crash never leaves a record without data)."""
+                 meta: dict[str, Any], lowres: np.ndarray | None = None, fmt: str = "zarr",
+                 whole_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+  """Write the arrays (and the whole levels at `whole_sizes`) then the JSON record (a crash never leaves a
+  record without data)."""
   if fmt not in FORMATS:
     raise ValueError(f"store format {fmt!r}; choose from {FORMATS}")
   suffix = ".zarr" if fmt == "zarr" else ".npy"
   storage.makedirs(output_dir)
   record = dict(meta, id=volume_id, image=volume_id + ".image" + suffix, shape=list(hu.shape))
-  write_array(storage.join(output_dir, record["image"]), hu.astype(np.int16), fmt)
+  hu = hu.astype(np.int16)
+  write_array(storage.join(output_dir, record["image"]), hu, fmt)
   if labels is not None:
     record["labels"] = volume_id + ".labels" + suffix
-    write_array(storage.join(output_dir, record["labels"]), labels.astype(np.uint8 if labels.max() < 256 else np.int16),
-                fmt)
+    labels = labels.astype(np.uint8 if labels.max() < 256 else np.int16)
+    write_array(storage.join(output_dir, record["labels"]), labels, fmt)
   if lowres is not None:  # a real low-resolution partner on the same grid (SR fine-tuning)
     record["lowres"] = volume_id + ".lowres" + suffix
     write_array(storage.join(output_dir, record["lowres"]), lowres.astype(np.int16), fmt)
+  write_whole_levels(output_dir, record, hu, labels, whole_sizes, fmt)
   storage.write_text(record_path(output_dir, volume_id), json.dumps(record, indent=1))
   return record
+
+
+def write_whole_levels(output_dir: str, record: dict[str, Any], hu: np.ndarray, labels: np.ndarray | None,
+                       sizes: tuple[int, ...], fmt: str) -> None:
+  """Write the whole levels of `sizes` missing from `record` (updated in place, not saved). `hu` / `labels`:
+  the arrays as stored (int16 HU, uint8 / int16 labels), so the level equals what make_sample computes."""
+  suffix = ".zarr" if fmt == "zarr" else ".npy"
+  levels = dict(record.get("whole") or {})
+  for size in sorted({int(s) for s in sizes} - {int(k) for k in levels}):
+    target = (size,) * 3
+    entry = {"image": f"{record['id']}.whole{size}.image{suffix}"}
+    write_array(storage.join(output_dir, entry["image"]), multilevel.resize(hu, target, order=1, dtype=np.float32), fmt)
+    if labels is not None:
+      entry["labels"] = f"{record['id']}.whole{size}.labels{suffix}"
+      write_array(storage.join(output_dir, entry["labels"]), multilevel.resize(labels, target, order=0), fmt)
+    levels[str(size)] = entry
+  if levels:
+    record["whole"] = levels
+
+
+def add_whole_levels(output_dir: str, sizes: tuple[int, ...]) -> int:
+  """Give every volume of a prepared store its whole levels at `sizes` (an existing store, or volumes prepared
+  before); returns how many records were updated. Each record is rewritten after its arrays."""
+  updated = 0
+  for record in read_records(output_dir):
+    if not {str(int(s)) for s in sizes} - set(record.get("whole") or {}):
+      continue
+    hu = np.asarray(open_array(storage.join(output_dir, record["image"])))
+    labels = np.asarray(open_array(storage.join(output_dir, record["labels"]))) if record.get("labels") else None
+    write_whole_levels(output_dir, record, hu, labels, sizes, "npy" if record["image"].endswith(".npy") else "zarr")
+    storage.write_text(record_path(output_dir, record["id"]), json.dumps(record, indent=1))
+    updated += 1
+  return updated
 
 
 def read_records(output_dir: str) -> list[dict[str, Any]]:
@@ -157,6 +199,15 @@ class PreparedStore:
     rec = self.records[index]
     labels = self._array(rec["labels"]) if rec.get("labels") else None
     return self._array(rec["image"]), labels, regions.training_region_id(rec.get("region", "unknown"), rec["id"])
+
+  def load_whole(self, index: int, size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The whole level at patch `size` (HU resized to float32, labels resized), read whole; None if not stored."""
+    rec = self.records[index]
+    entry = (rec.get("whole") or {}).get(str(int(size)))
+    if entry is None:
+      return None
+    labels = np.asarray(self._array(entry["labels"])) if entry.get("labels") else None
+    return np.asarray(self._array(entry["image"])), labels
 
   def load_lowres(self, index: int) -> Any | None:
     """The real low-resolution partner on the image grid, or None (the SR hint is then simulated)."""

@@ -11,6 +11,7 @@ import optax
 
 from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax import sharding
+from meddiff_jax.data import pipeline
 from meddiff_jax.models import conditions, trainable
 from meddiff_jax.train.state import TrainState, float32_tree
 
@@ -22,6 +23,8 @@ def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.Shap
   dry run compiles against and what input shardings are built for."""
   n = int(config.training.batch_size if batch_size is None else batch_size)
   p, k = int(config.data.patch_size), int(config.model.structure_channels)
+  if k and pipeline.packs_structures(config.data):
+    k = 1  # one packed uint8 channel, expanded in the step (expand_structures)
   spec = {conditions.IMAGE: jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
           conditions.POS_BOX: jax.ShapeDtypeStruct((n, 3, 2), jnp.float32),
           conditions.REGION: jax.ShapeDtypeStruct((n,), jnp.int32)}
@@ -30,6 +33,16 @@ def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.Shap
   if config.data.hint:  # ControlNet's condition volume (data/multilevel.make_sample)
     spec[conditions.HINT] = jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32)
   return spec
+
+
+def expand_structures(cond: Batch, model_config: Any) -> Batch:
+  """Packed grouped structures (one uint8 channel, data.pack_structures) -> the model's K + 1 one-hot channels,
+  on the accelerator; anything else passes unchanged. Before the condition dropouts, which act per channel."""
+  s = cond.get(conditions.STRUCTURES)
+  k = int(model_config.structure_channels)
+  if s is None or s.shape[-1] != 1 or k <= 1 or model_config.structure_embed_dim:
+    return cond
+  return {**cond, conditions.STRUCTURES: conditions.expand_structures(s, k)}
 
 
 def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
@@ -59,7 +72,7 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
     t = jax.random.randint(t_rng, (n,), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
     x_t = schedules.q_sample(schedule, x0.astype(jnp.float32), t, noise)
-    cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
+    cond = expand_structures({k: batch[k] for k in conditions.COND_KEYS if k in batch}, config.model)
     if dcfg.structure_drop_prob > 0:  # organs unknown (and sometimes no body): tasks without labels
       organ_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 1), dcfg.structure_drop_prob, (n,))
       body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.body_drop_prob, (n,))
