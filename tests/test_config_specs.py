@@ -84,7 +84,7 @@ def test_pretrain_bad_value_names_the_key(key, bad):
 
 
 SPEC_OF = dict(PRETRAIN_SPECS)
-TYPE_BAD = [("data", "use_structures", "yes"), ("data", "prepared_dir", 3), ("data", "class_map", None),
+TYPE_BAD = [("data", "use_structures", "yes"), ("data", "pack_structures", "yes"), ("data", "prepared_dir", 3), ("data", "class_map", None),
             ("checkpoint", "asynchronous", 1), ("training", "num_steps", 2.5), ("data", "patch_size", True)]
 
 

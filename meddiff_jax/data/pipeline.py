@@ -67,6 +67,7 @@ class DataSpec:
   hint: str
   sr_factor: int
   positive_fraction: float
+  pack_structures: bool  # grouped structures ship as one uint8 channel, expanded on the accelerator
   phantom: PhantomSpec
 
   def __post_init__(self):
@@ -93,6 +94,7 @@ class DataSpec:
     sections.choice(key + "hint", self.hint, ("",) + multilevel.HINTS)
     sections.count(key + "sr_factor", self.sr_factor)
     sections.fraction(key + "positive_fraction", self.positive_fraction)
+    sections.flag(key + "pack_structures", self.pack_structures)
 
   @classmethod
   def from_config(cls, section: Any) -> "DataSpec":
