@@ -1,4 +1,4 @@
-"""Mutation check for the diffusion samplers and the task algorithms (#14).
+"""Mutation check for the diffusion samplers, the task algorithms (#14) and the host sample pipeline (#12).
 
 Applies one semantic mutation at a time (sign flips, off-by-one timesteps, dropped noise / data terms,
 wrong noise levels, conditions ignored) to a scratch copy of the package, runs the FAST tests that target
@@ -31,6 +31,7 @@ MULTILEVEL = "meddiff_jax/data/multilevel.py"
 T_ALG = "tests/test_task_algorithms.py"
 T_SAMP = "tests/test_samplers.py"
 T_COND = "tests/test_conditions.py"
+T_HOST = "tests/test_pipeline_host_cpu.py"
 
 # (name, file, original text, mutated text, pytest selection)
 MUTANTS = [
@@ -144,6 +145,15 @@ MUTANTS = [
      "    sample[conditions.HINT] = thick_slices(sample[conditions.IMAGE], sr_factor, axis=2) if thick is None else "
      "preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)",
      [T_COND, "-k", "sr_hint"]),
+    ("resize: linear weights swapped", MULTILEVEL,
+     "taps.append((lo, np.minimum(lo + 1, n - 1), 1.0 - w, w))", "taps.append((lo, np.minimum(lo + 1, n - 1), w, 1.0 - w))",
+     [T_HOST, "-k", "separable"]),
+    ("resize: nearest rounds down", MULTILEVEL,
+     "np.floor(_source_coordinates(n, m) + 0.5)", "np.floor(_source_coordinates(n, m))",
+     [T_HOST, "-k", "separable"]),
+    ("packed structures: body bit read as a group bit", "meddiff_jax/models/conditions.py",
+     "masks = np.array([0xFE] * k + [0x01], np.uint8)", "masks = np.array([0xFF] * k + [0x01], np.uint8)",
+     [T_HOST, "-k", "packed"]),
     ("loss: L1 computed as L2", "meddiff_jax/diffusion/losses.py",
      "    err = jnp.abs(diff)", "    err = jnp.square(diff)", [T_SAMP, "-k", "loss_type"]),
     ("slice AUROC: slice score is the mean", "meddiff_jax/evaluation/metrics.py",
