@@ -21,7 +21,6 @@ from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common, denoise
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AnomalySpec(common.TaskSpec):
   """configs/anomaly.py, typed (noise_t against the checkpoint's timesteps: when it is loaded)."""

@@ -24,7 +24,6 @@ from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SuperResolutionSpec(common.TaskSpec):
   """configs/super_resolution.py, typed."""

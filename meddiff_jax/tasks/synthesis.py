@@ -18,7 +18,6 @@ from meddiff_jax.diffusion import samplers
 from meddiff_jax.tasks import common
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SynthesisSpec(common.TaskSpec):
   """configs/synthesis.py, typed."""
