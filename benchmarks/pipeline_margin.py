@@ -1,7 +1,8 @@
 """Does the input pipeline keep >= 5x ahead of the paper preset's train step? (#12)
 
 python benchmarks/pipeline_margin.py [--store_dir=DIR] [--patches=6] [--gpus_per_host=8] [--device_kind=H100]
-    [--whole_sizes=128] [--pack_structures=1] [--codec=blosc_lz4hc] [--formats=zarr,npy] [--out=benchmarks/results/pipeline_margin.json]
+    [--whole_sizes=128] [--pack_structures=1] [--codec=blosc_lz4hc] [--formats=zarr,npy]
+    [--out=benchmarks/results/pipeline_margin.json]
 
 Supply: the paper preset's samples (configs/pretrain.py:paper data section: 128^3 windows, multi-level
 whole / zoom2 / patch at 1/3 each, grouped structure channels) drawn from a prepared store on local

@@ -49,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # auto: npy for a local output_dir, zarr for an object-store URL
   c.store_format = "auto"
   # zarr arrays' compression (data/store.py CODECS): blosc_lz4hc reads a zoom2 / patch window with ~40-60% less
-  # CPU than zstd (the stores written before, still read) at ~6% more bytes (benchmarks/RESULTS.md "#12 store codec")
+  # CPU than zstd (the stores written before, still read) at ~6% more bytes
+  # (benchmarks/RESULTS.md "#12 pipeline margin", store codec table)
   c.store_codec = "blosc_lz4hc"  # blosc_lz4hc | blosc_lz4 | blosc_zstd | blosc_zstd1 | zstd | zstd1 | none
   # patch sizes (e.g. (128,)) whose 'whole' multi-level sample is stored per volume (HU resized to float32 + labels
   # resized, as training computes it): whole-volume samples then read 128^3 instead of the whole volume and

@@ -3,8 +3,8 @@ volume and label map, plus a small JSON record; on local disk or object storage 
 
 Why zarr through TensorStore: a training sample reads a 128^3 window of a ~100M-voxel volume. With
 64^3 chunks (CHUNK; one object each, compressed with prepare's `store_codec`, blosc lz4hc + byte shuffle by
-default), a window reads only the chunks it touches (<= 27), locally or from a bucket, so a pod's workers stream windows without a shared disk (benchmarks/RESULTS.md,
-"#12 store": patches/s and bytes read per window). TensorStore is already installed with Orbax and has
+default), a window reads only the chunks it touches (<= 27), locally or from a bucket, so a pod's workers
+stream windows without a shared disk (benchmarks/RESULTS.md, "#12 store": patches/s and bytes read per window). TensorStore is already installed with Orbax and has
 native gcs / s3 drivers. Stores written before (one .npy per array, memory-mapped) are still read.
 
 Whole levels (prepare's `whole_sizes`): per volume and patch size P, the 'whole' multi-level sample's inputs
@@ -33,7 +33,7 @@ CHUNK = 64  # voxels per chunk edge (one object each): a 128^3 window at a rando
 FORMATS = ("zarr", "npy")
 # zarr v3 codecs after the little-endian `bytes` codec, by prepare's `store_codec` name. Readers need no name:
 # TensorStore reads the codec chain from each array's metadata, so stores written with any of these stay readable.
-# Per-codec CPU and bytes: benchmarks/store_codecs.py, benchmarks/RESULTS.md "#12 store codec".
+# Per-codec CPU and bytes: benchmarks/store_codecs.py, benchmarks/RESULTS.md "#12 pipeline margin", store codec.
 CODECS: dict[str, list[dict[str, Any]]] = {
     "zstd": [{"name": "zstd", "configuration": {"level": 3}}],  # the stores written before store_codec existed
     "zstd1": [{"name": "zstd", "configuration": {"level": 1}}],
