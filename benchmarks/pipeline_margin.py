@@ -1,7 +1,8 @@
 """Does the input pipeline keep >= 5x ahead of the paper preset's train step? (#12)
 
 python benchmarks/pipeline_margin.py [--store_dir=DIR] [--patches=6] [--gpus_per_host=8] [--device_kind=H100]
-    [--whole_sizes=128] [--pack_structures=1] [--out=benchmarks/results/pipeline_margin.json]
+    [--whole_sizes=128] [--pack_structures=1] [--codec=blosc_lz4hc] [--formats=zarr,npy]
+    [--out=benchmarks/results/pipeline_margin.json]
 
 Supply: the paper preset's samples (configs/pretrain.py:paper data section: 128^3 windows, multi-level
 whole / zoom2 / patch at 1/3 each, grouped structure channels) drawn from a prepared store on local
@@ -14,7 +15,9 @@ of `device_kind` (train/throughput.projected_step_s, the dry run's projection).
 Volumes: --store_dir (a prepared zarr store, left as it is: read from copies) or, by default, input_pipeline.py's
 4 phantoms at 256^3 + the real CT, prepared into a temporary directory. --whole_sizes=128: the copies get their
 whole levels (store.add_whole_levels), so whole-volume samples read those. --pack_structures=0: ship the 13 grouped
-channels as before instead of one packed channel. Bytes read per sample: zarr, what the process read
+channels as before instead of one packed channel. --codec=NAME (store.CODECS): the zarr copy's arrays are
+rewritten with that codec (and its whole levels written with it) before timing; default: the store's own codecs
+kept, whole levels in store.DEFAULT_CODEC. Bytes read per sample: zarr, what the process read
 (/proc/self/io rchar); npy (memory-mapped, invisible to rchar), the bytes of the arrays the sample slices.
 Writes --out (default benchmarks/results/pipeline_margin.json).
 """
@@ -129,6 +132,8 @@ def main() -> None:
   p.add_argument("--mfu", type=float, default=0.4)
   p.add_argument("--whole_sizes", default="", help="e.g. 128: give the store copies whole levels at these sizes")
   p.add_argument("--pack_structures", type=int, default=1, help="1: one packed structure channel (the default)")
+  p.add_argument("--formats", default="zarr,npy", help="which copies to time")
+  p.add_argument("--codec", default="", help="re-encode the zarr copy with this store.CODECS codec")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_margin.json"))
   args = p.parse_args()
   import input_pipeline
@@ -149,12 +154,19 @@ def main() -> None:
       t0 = time.perf_counter()
       store_dir = input_pipeline.make_inputs(tmp)[1]
       print(f"prepared inputs in {time.perf_counter() - t0:.0f} s", flush=True)
-    npy_dir = input_pipeline.npy_copy(store_dir, tmp / "store_npy")
+    formats = args.formats.split(",")
+    npy_dir = input_pipeline.npy_copy(store_dir, tmp / "store_npy") if "npy" in formats else None
+    if args.codec:
+      for path in sorted(store_dir.glob("*.zarr")):
+        store.write_array(str(path), np.asarray(store.open_array(str(path))), "zarr", codec=args.codec)
     for d in (store_dir, npy_dir):
-      if whole_sizes:
-        store.add_whole_levels(str(d), whole_sizes)
+      if whole_sizes and d is not None:
+        store.add_whole_levels(str(d), whole_sizes, args.codec or store.DEFAULT_CODEC)
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
-      row = {"format": fmt, "whole_sizes": list(whole_sizes), "pack_structures": bool(args.pack_structures),
+      if fmt not in formats:
+        continue
+      row = {"format": fmt, "codec": (args.codec or "as stored") if fmt == "zarr" else None,
+             "whole_sizes": list(whole_sizes), "pack_structures": bool(args.pack_structures),
              **cpu_seconds_per_sample(d, args.patches, bool(args.pack_structures))}
       per_core = 1.0 / row["mixed_cpu_s"]
       row["samples_per_core_s"] = per_core

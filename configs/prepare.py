@@ -48,6 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # npy: memory-mapped, 1.3-3.4x more patches/s on one host's local disk (benchmarks/RESULTS.md "#12 store");
   # auto: npy for a local output_dir, zarr for an object-store URL
   c.store_format = "auto"
+  # zarr arrays' compression (data/store.py CODECS): blosc_lz4hc reads a zoom2 / patch window with ~40-60% less
+  # CPU than zstd (the stores written before, still read) at ~6% more bytes
+  # (benchmarks/RESULTS.md "#12 pipeline margin", store codec table)
+  c.store_codec = "blosc_lz4hc"  # blosc_lz4hc | blosc_lz4 | blosc_zstd | blosc_zstd1 | zstd | zstd1 | none
   # patch sizes (e.g. (128,)) whose 'whole' multi-level sample is stored per volume (HU resized to float32 + labels
   # resized, as training computes it): whole-volume samples then read 128^3 instead of the whole volume and
   # resize nothing (benchmarks/RESULTS.md "#12 pipeline margin"); training falls back for other patch sizes

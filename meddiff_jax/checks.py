@@ -137,6 +137,8 @@ def prepare(config: Config) -> Config:
     raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
   if config.store_format not in ("auto", *store_lib.FORMATS):
     raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
+  if config.store_codec not in store_lib.CODECS:
+    raise ConfigError(f"config.store_codec={config.store_codec!r}; choose one of {tuple(store_lib.CODECS)}")
   if any(not isinstance(size, int) or size < 2 for size in config.whole_sizes):
     raise ConfigError(f"config.whole_sizes={tuple(config.whole_sizes)!r}; give training patch sizes (integers >= 2), "
                       "e.g. (128,)")

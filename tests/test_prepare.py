@@ -191,3 +191,26 @@ def test_prepare_command_exits_nonzero_with_one_line_when_nothing_prepared(tmp_p
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: nothing prepared from {src}")
   assert "Traceback" not in proc.stderr and "flags:" not in proc.stderr
   assert "readme.txt: unsupported file type" in proc.stdout
+
+
+@pytest.mark.parametrize("codec", [None, "zstd"])
+def test_store_codec_reaches_every_zarr_array_and_is_validated(tmp_path, codec):
+  from meddiff_jax import checks
+
+  src = tmp_path / "in"
+  src.mkdir()
+  write_phantom(src / "scan.nii.gz")
+  kw = {"store_format": "zarr", "whole_sizes": (8,), **({"store_codec": codec} if codec else {})}
+  config = config_for(src, tmp_path / "out", **kw)
+  checks.prepare(config)
+  assert len(prepare.run(config)["prepared"]) == 1
+  arrays = sorted((tmp_path / "out").glob("*.zarr"))
+  assert len(arrays) == 2  # the HU volume and its whole level (no mask given)
+  want = store.CODECS[codec or config.store_codec]
+  for a in arrays:  # the default (blosc_lz4hc) or the named codec, for the volume and the level alike
+    written = json.loads((a / "zarr.json").read_text())["codecs"][1:]  # after `bytes`; TensorStore adds defaults
+    assert [c["name"] for c in written] == [c["name"] for c in want], (a, written)
+    for w, c in zip(written, want):
+      assert c["configuration"].items() <= w["configuration"].items(), (a, written)
+  with pytest.raises(checks.ConfigError, match="store_codec"):
+    checks.prepare(config_for(src, tmp_path / "out2", store_codec="lz4"))

@@ -225,7 +225,7 @@ def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) 
 
 def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, float, float],
                 options: nifti.ReadOptions | None = None, store_format: str = "zarr",
-                whole_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+                whole_sizes: tuple[int, ...] = (), store_codec: str = store.DEFAULT_CODEC) -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
   options = options or nifti.ReadOptions()
@@ -276,7 +276,7 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
       vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
       store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta,
                          lowres=None if lowres is None else np.round(lowres), fmt=store_format,
-                         whole_sizes=whole_sizes)
+                         whole_sizes=whole_sizes, codec=store_codec)
       ids.append(vid)
     return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -288,7 +288,7 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
 def run(config: Any) -> dict[str, Any]:
   """Prepare every job not already in the store; writes and returns the report. Raises ValueError (one
   line) on bad directories / manifests, and when nothing could be prepared. `config` was checked by
-  checks.prepare (main.py): directories given, input_dir exists, store_format known."""
+  checks.prepare (main.py): directories given, input_dir exists, store_format and store_codec known."""
   check_output_dir(config.input_dir, config.output_dir)
   ignored: list[dict[str, str]] = []
   jobs = find_jobs(config, ignored)
@@ -310,17 +310,17 @@ def run(config: Any) -> dict[str, Any]:
   if config.workers > 1 and len(todo) > 1:
     with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, initializer=_die_with_parent,
                                                 initargs=(os.getpid(),)) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format, whole_sizes)
-                 for j in todo]
+      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format, whole_sizes,
+                             config.store_codec) for j in todo]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, store_format, whole_sizes),
-                                 progress))
+      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, store_format, whole_sizes,
+                                             config.store_codec), progress))
   progress.close()
   if whole_sizes:  # volumes prepared before (resumed or older stores) get their whole levels too
-    added = store.add_whole_levels(config.output_dir, whole_sizes)
+    added = store.add_whole_levels(config.output_dir, whole_sizes, config.store_codec)
     if added:
       print(f"added whole levels {whole_sizes} to {added} volumes prepared before")
   failed = [r for r in results if r["status"] == "failed"]
