@@ -117,8 +117,10 @@ def test_partial_diffusion_with_a_pass_through_denoiser_is_not_near_optimal(prob
   assert mse(out, x0) > 1.1 * wiener_mse(S, SIGMA)
 
 
-def test_sample_partial_start_steps_from_t_start_itself():
-  """With a grid that misses t_start, the first model call is at t_start and the noise level is t_start's."""
+@pytest.mark.parametrize("method", samplers.METHODS)
+def test_sample_partial_start_steps_from_t_start_itself(method):
+  """With a grid that misses t_start, the first model call is at t_start and the noise level is t_start's
+  (every sampler: each has its own loop)."""
   seen = []
 
   def spy(x, t):
@@ -126,11 +128,11 @@ def test_sample_partial_start_steps_from_t_start_itself():
     return jnp.zeros_like(x)
 
   ts = samplers.make_timesteps(1000, 10, "leading")  # 900, 800, ..., 0
-  samplers.sample(spy, SCHED, ts, jax.random.key(0), jnp.zeros((1, 2, 2, 2, 1)), t_start=jnp.int32(950))
+  samplers.sample(spy, SCHED, ts, jax.random.key(0), jnp.zeros((1, 2, 2, 2, 1)), t_start=jnp.int32(950), method=method)
   jax.effects_barrier()
   assert seen == [950, 900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
   seen.clear()
-  samplers.sample(spy, SCHED, ts, jax.random.key(0), jnp.zeros((1, 2, 2, 2, 1)), t_start=jnp.int32(300))
+  samplers.sample(spy, SCHED, ts, jax.random.key(0), jnp.zeros((1, 2, 2, 2, 1)), t_start=jnp.int32(300), method=method)
   jax.effects_barrier()
   assert seen == [300, 200, 100, 0]
 
