@@ -66,3 +66,11 @@ def expand_structures(packed, num_channels: int):
   masks = np.array([0xFE] * k + [0x01], np.uint8)
   values = np.array([2 * (g + 1) for g in range(k)] + [1], np.uint8)
   return ((packed & masks) == values).astype(np.uint8)
+
+
+def unpack_if_packed(structures, structure_channels: int, structure_embed_dim: int):
+  """A packed batch (one channel where a model takes structure_channels > 1 one-hot channels) expanded to
+  them; anything else (already expanded, or one label-id channel for an embedding) unchanged."""
+  if structures.shape[-1] == 1 and structure_channels > 1 and not structure_embed_dim:
+    return expand_structures(structures, structure_channels)
+  return structures

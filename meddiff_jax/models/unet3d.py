@@ -360,8 +360,8 @@ class UNetEncoder(nn.Module):
       structures = cond.get(conditions.STRUCTURES)
       if structures is None:
         structures = jnp.zeros((*x.shape[:4], spec.structure_channels), spec.dtype)
-      elif structures.shape[-1] == 1 and spec.structure_channels > 1 and not spec.structure_embed_dim:
-        structures = conditions.expand_structures(structures, spec.structure_channels)  # packed (data.pack_structures)
+      else:  # packed (data.pack_structures) -> the one-hot channels
+        structures = conditions.unpack_if_packed(structures, spec.structure_channels, spec.structure_embed_dim)
       if structures.shape[-1] != spec.structure_channels:
         raise ValueError(
             f"structures have {structures.shape[-1]} channels, model expects {spec.structure_channels}")

@@ -39,10 +39,10 @@ def expand_structures(cond: Batch, model_config: Any) -> Batch:
   """Packed grouped structures (one uint8 channel, data.pack_structures) -> the model's K + 1 one-hot channels,
   on the accelerator; anything else passes unchanged. Before the condition dropouts, which act per channel."""
   s = cond.get(conditions.STRUCTURES)
-  k = int(model_config.structure_channels)
-  if s is None or s.shape[-1] != 1 or k <= 1 or model_config.structure_embed_dim:
+  if s is None:
     return cond
-  return {**cond, conditions.STRUCTURES: conditions.expand_structures(s, k)}
+  return {**cond, conditions.STRUCTURES: conditions.unpack_if_packed(s, int(model_config.structure_channels),
+                                                                     int(model_config.structure_embed_dim))}
 
 
 def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
