@@ -30,12 +30,14 @@ def add_prior_flags(p) -> None:
 
 def load_prior(args) -> Any:
   from meddiff_jax import pretrained
+
   return pretrained.load(args.checkpoint, compute_dtype=args.inference_dtype)
 
 
 def commit() -> str:
-  return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                        text=True).stdout.strip()
+  return subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+  ).stdout.strip()
 
 
 SCANS = ("example_ct", "dicom")
@@ -54,6 +56,7 @@ def scan_spacing(args, pre) -> tuple[float, float, float] | None:
     return None
   if args.spacing == "prior":
     from meddiff_jax.data import pipeline
+
     spacing = pipeline.training_spacing(pre.config.data)  # what the tasks resample to
     if spacing is None:
       raise SystemExit(f"--spacing=prior: {args.checkpoint} records no training spacing")
@@ -61,11 +64,13 @@ def scan_spacing(args, pre) -> tuple[float, float, float] | None:
   return tuple(float(v) for v in args.spacing.split(","))
 
 
-def real_ct(data_dir: str | pathlib.Path = DATA, scan: str = "example_ct",
-            spacing: tuple[float, float, float] | None = None):
+def real_ct(
+  data_dir: str | pathlib.Path = DATA, scan: str = "example_ct", spacing: tuple[float, float, float] | None = None
+):
   """(CT, TotalSegmentator labels) as `nifti` volumes in RAS, labels on the CT's grid, optionally resampled
   to `spacing` mm (trilinear CT, nearest labels)."""
   from meddiff_jax.data import nifti
+
   data_dir = pathlib.Path(data_dir)
   if scan == "example_ct":
     ct = nifti.load(data_dir / "example_ct.nii.gz")
@@ -96,6 +101,7 @@ def liver_centre(seg) -> np.ndarray:
 def window_conditions(pre, n: int, region: int = 2) -> dict:
   """Conditions of n whole-frame windows (position box [-1, 1]^3, one region, organs unknown)."""
   import jax.numpy as jnp
+
   w = pre.patch_size
   cond = {"pos_box": jnp.tile(jnp.array([[[-1.0, 1.0]] * 3]), (n, 1, 1)), "region": jnp.full((n,), region, jnp.int32)}
   if pre.spec.structure_channels:

@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import conftest  # noqa: E402,F401  (8 CPU devices, as in the tests)
 import jax  # noqa: E402
-
 import test_controlnet as t  # noqa: E402  (the test's config, builder and reference step)
+
 from meddiff_jax import sharding  # noqa: E402
 
 

@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = [(2, 32, 8), (2, 32, 32), (2, 16, 64)]  # (batch, spatial, channels)
@@ -41,6 +40,7 @@ def jax_conv(batch, size, ch, layout, dtype):
   def loss(w, x):
     y = jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=dn)
     return jnp.sum(y.astype(jnp.float32) ** 2)
+
   return timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), w, x)
 
 
@@ -55,6 +55,7 @@ def torch_conv(batch, size, ch):
   def step():
     conv.zero_grad()
     (conv(x) ** 2).sum().backward()
+
   step()
   ts = []
   for _ in range(5):
@@ -68,15 +69,21 @@ def main():
   rows = []
   print(f"{'shape (N,S,C)':>16s} {'last f32':>9s} {'first f32':>9s} {'last bf16':>9s} {'torch f32':>9s}  (ms, fwd+bwd)")
   for b, s, c in SHAPES:
-    row = {"batch": b, "spatial": s, "channels": c,
-           "channels_last_f32": jax_conv(b, s, c, "last", jnp.float32),
-           "channels_first_f32": jax_conv(b, s, c, "first", jnp.float32),
-           "channels_last_bf16": jax_conv(b, s, c, "last", jnp.bfloat16),
-           "torch_f32": torch_conv(b, s, c)}
+    row = {
+      "batch": b,
+      "spatial": s,
+      "channels": c,
+      "channels_last_f32": jax_conv(b, s, c, "last", jnp.float32),
+      "channels_first_f32": jax_conv(b, s, c, "first", jnp.float32),
+      "channels_last_bf16": jax_conv(b, s, c, "last", jnp.bfloat16),
+      "torch_f32": torch_conv(b, s, c),
+    }
     rows.append(row)
     fmt = lambda v: f"{1000 * v:9.1f}" if v else f"{'n/a':>9s}"
-    print(f"{str((b, s, c)):>16s} {fmt(row['channels_last_f32'])} {fmt(row['channels_first_f32'])} "
-          f"{fmt(row['channels_last_bf16'])} {fmt(row['torch_f32'])}")
+    print(
+      f"{str((b, s, c)):>16s} {fmt(row['channels_last_f32'])} {fmt(row['channels_first_f32'])} "
+      f"{fmt(row['channels_last_bf16'])} {fmt(row['torch_f32'])}"
+    )
   out = ROOT / "benchmarks" / "results" / "conv_cpu.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"command": " ".join(sys.argv), "jax": jax.__version__, "rows": rows}, indent=2))

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 def timeit(fn, *args, repeats=3):
   import jax
+
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
   first = time.perf_counter() - t0
@@ -44,8 +45,8 @@ def main():
   import jax.numpy as jnp
 
   from configs import pretrain
-  from meddiff_jax.models import unet3d
   from meddiff_jax import pretrained
+  from meddiff_jax.models import unet3d
 
   out = ROOT / "benchmarks" / "results" / "conv_impl.jsonl"
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +61,13 @@ def main():
     rep = lambda a: jnp.repeat(a, batch, axis=0)
     x, t, cond = rep(x), rep(t), jax.tree_util.tree_map(rep, cond)
     params = jax.jit(model.init)(jax.random.key(0), x, t, cond)
-    row = {"command": " ".join(sys.argv), "preset": preset, "window": window, "batch": batch,
-           "gflop_fwd": unet3d.forward_flops(spec, (window,) * 3, batch) / 1e9}
+    row = {
+      "command": " ".join(sys.argv),
+      "preset": preset,
+      "window": window,
+      "batch": batch,
+      "gflop_fwd": unet3d.forward_flops(spec, (window,) * 3, batch) / 1e9,
+    }
     for impl in ("xla", "depth_taps"):
       m = unet3d.UNet3D(dataclasses.replace(spec, conv_impl=impl))
       fwd = jax.jit(lambda p, x: m.apply(p, x, t, cond))

@@ -73,8 +73,17 @@ def main() -> None:
 
   protocols = [p for p in ("denoising", "anomaly") if p in args.protocols]
   for protocol, csv in ((p, f"{p}.csv") for p in protocols):
-    cmd = [sys.executable, "-m", "meddiff_jax.main", "--config=configs/evaluate.py", f"--config.protocol={protocol}",
-           f"--config.pairs={args.out}/{csv}", f"--config.num_steps={args.steps}", f"--config.overlap={args.overlap}", f"--workdir={args.out}/{protocol}"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "meddiff_jax.main",
+      "--config=configs/evaluate.py",
+      f"--config.protocol={protocol}",
+      f"--config.pairs={args.out}/{csv}",
+      f"--config.num_steps={args.steps}",
+      f"--config.overlap={args.overlap}",
+      f"--workdir={args.out}/{protocol}",
+    ]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=ROOT))
 

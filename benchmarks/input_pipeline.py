@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -45,23 +44,39 @@ def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.
     os.symlink(real, src / "real.nii.gz")
     os.symlink(ROOT.parent / "shared" / "data" / "example_seg_fast_force_split.nii.gz", src / "real_seg.nii.gz")
   manifest = tmp / "manifest.csv"
-  rows = ["image,region,mask"] + [f"{p.name},abdomen,{p.name.replace('.nii.gz', '_seg.nii.gz')}"
-                                  for p in sorted(src.glob("*.nii.gz")) if "_seg" not in p.name]
+  rows = ["image,region,mask"] + [
+    f"{p.name},abdomen,{p.name.replace('.nii.gz', '_seg.nii.gz')}"
+    for p in sorted(src.glob("*.nii.gz"))
+    if "_seg" not in p.name
+  ]
   manifest.write_text("\n".join(rows) + "\n")
   c = prepare_config.get_config()
-  c.input_dir, c.output_dir, c.manifest, c.spacing, c.workers = str(src), str(tmp / "store"), str(manifest), (1.5,) * 3, 2
+  c.input_dir, c.output_dir, c.manifest, c.spacing, c.workers = (
+    str(src),
+    str(tmp / "store"),
+    str(manifest),
+    (1.5,) * 3,
+    2,
+  )
   c.store_format = store_format
   prepare.run(c)
   return src, tmp / "store"
 
 
 def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
+  from configs import pretrain
   from meddiff_jax.data import pipeline, store
 
-  from configs import pretrain
   cfg = pretrain.get_config("tiny").data  # every data key, with its visible default
-  cfg.update(patch_size=patch, use_structures=structures, operation_probs=operation_probs, num_threads=threads,
-             prefetch=8, worker_count=0, class_map="")
+  cfg.update(
+    patch_size=patch,
+    use_structures=structures,
+    operation_probs=operation_probs,
+    num_threads=threads,
+    prefetch=8,
+    worker_count=0,
+    class_map="",
+  )
   ds = pipeline.make_dataset(store.PreparedStore(str(store_dir)), cfg, batch_size=4, seed=0)
   it = iter(ds)
   next(it)  # warm-up: first touches of the memory maps
@@ -138,14 +153,19 @@ def compare_stores(store_dir, sizes, batches, threads):
   rows = []
   for size in sizes:
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
-      row = {"patch": size, "format": fmt,
-             "multilevel_with_structures": bench_ours(d, size, batches, threads, True, (1 / 3, 1 / 3, 1 / 3)),
-             "crop_only": bench_ours(d, size, batches, threads, False, (0, 0, 1)),
-             **window_bytes(d, size)}
+      row = {
+        "patch": size,
+        "format": fmt,
+        "multilevel_with_structures": bench_ours(d, size, batches, threads, True, (1 / 3, 1 / 3, 1 / 3)),
+        "crop_only": bench_ours(d, size, batches, threads, False, (0, 0, 1)),
+        **window_bytes(d, size),
+      }
       rows.append(row)
       print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-  sizes_on_disk = {fmt: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-                   for fmt, d in (("zarr", store_dir), ("npy", npy_dir))}
+  sizes_on_disk = {
+    fmt: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    for fmt, d in (("zarr", store_dir), ("npy", npy_dir))
+  }
   print("bytes on disk:", sizes_on_disk)
   return {"rows": rows, "bytes_on_disk": sizes_on_disk}
 
@@ -153,19 +173,33 @@ def compare_stores(store_dir, sizes, batches, threads):
 def bench_monai(src, patch, batches, threads, copy_cache):
   try:
     import monai.transforms as mt
-    import torch
+    import torch  # noqa: F401  (the comparison needs it installed)
     from monai.data import CacheDataset, DataLoader
   except ImportError:
     return None
-  files = [{"image": str(p), "label": str(p).replace(".nii.gz", "_seg.nii.gz")}
-           for p in sorted(src.glob("*.nii.gz")) if "_seg" not in p.name]
-  load = mt.Compose([mt.LoadImaged(["image", "label"]), mt.EnsureChannelFirstd(["image", "label"]),
-                     mt.Spacingd(["image", "label"], (1.5, 1.5, 1.5), mode=("bilinear", "nearest")),
-                     mt.ScaleIntensityRanged("image", -120, 240, -1, 1, clip=True)])
+  files = [
+    {"image": str(p), "label": str(p).replace(".nii.gz", "_seg.nii.gz")}
+    for p in sorted(src.glob("*.nii.gz"))
+    if "_seg" not in p.name
+  ]
+  load = mt.Compose(
+    [
+      mt.LoadImaged(["image", "label"]),
+      mt.EnsureChannelFirstd(["image", "label"]),
+      mt.Spacingd(["image", "label"], (1.5, 1.5, 1.5), mode=("bilinear", "nearest")),
+      mt.ScaleIntensityRanged("image", -120, 240, -1, 1, clip=True),
+    ]
+  )
   crop = mt.RandSpatialCropd(["image", "label"], (patch,) * 3, random_size=False)
   # copy_cache=True (MONAI's default) deep-copies the cached volume for every sample before the random crop
-  ds = CacheDataset(files * 64, transform=mt.Compose([load, crop]), cache_rate=1.0, num_workers=threads,
-                    progress=False, copy_cache=copy_cache)
+  ds = CacheDataset(
+    files * 64,
+    transform=mt.Compose([load, crop]),
+    cache_rate=1.0,
+    num_workers=threads,
+    progress=False,
+    copy_cache=copy_cache,
+  )
   loader = DataLoader(ds, batch_size=4, shuffle=True, num_workers=threads, persistent_workers=threads > 0)
   it = iter(loader)
   next(it)
@@ -195,17 +229,20 @@ def main():
       print(f"wrote {out}")
       return
     for size in map(int, args.sizes.split(",")):
-      row = {"patch": size,
-             "ours_multilevel_with_structures": bench_ours(store_dir, size, args.batches, args.threads, True,
-                                                           (1 / 3, 1 / 3, 1 / 3)),
-             "ours_multilevel_image_only": bench_ours(store_dir, size, args.batches, args.threads, False,
-                                                      (1 / 3, 1 / 3, 1 / 3)),
-             "ours_patch_crop_only": bench_ours(store_dir, size, args.batches, args.threads, False, (0, 0, 1)),
-             "monai_cached_randspatialcrop": bench_monai(src, size, args.batches, args.threads, True),
-             "monai_cached_randspatialcrop_no_copy": bench_monai(src, size, args.batches, args.threads, False)}
+      row = {
+        "patch": size,
+        "ours_multilevel_with_structures": bench_ours(
+          store_dir, size, args.batches, args.threads, True, (1 / 3, 1 / 3, 1 / 3)
+        ),
+        "ours_multilevel_image_only": bench_ours(
+          store_dir, size, args.batches, args.threads, False, (1 / 3, 1 / 3, 1 / 3)
+        ),
+        "ours_patch_crop_only": bench_ours(store_dir, size, args.batches, args.threads, False, (0, 0, 1)),
+        "monai_cached_randspatialcrop": bench_monai(src, size, args.batches, args.threads, True),
+        "monai_cached_randspatialcrop_no_copy": bench_monai(src, size, args.batches, args.threads, False),
+      }
       rows.append(row)
-      print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-            "(patches/s)")
+      print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), "(patches/s)")
   out = ROOT / "benchmarks" / "results" / "input_pipeline.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -51,8 +51,13 @@ def demand(gpus: int, device_kind: str, mfu: float) -> dict[str, float]:
   flops = throughput.flops_for_config(config, spec)
   step_s = throughput.projected_step_s(flops, gpus, device_kind, mfu)
   batch = int(config.training.batch_size)
-  return {"flops_per_step": flops, "step_s": step_s, "samples_per_step": batch,
-          "samples_per_s_per_host": batch / step_s, "samples_per_s_per_gpu": batch / step_s / gpus}
+  return {
+    "flops_per_step": flops,
+    "step_s": step_s,
+    "samples_per_step": batch,
+    "samples_per_s_per_host": batch / step_s,
+    "samples_per_s_per_gpu": batch / step_s / gpus,
+  }
 
 
 def _rchar() -> int:
@@ -137,14 +142,18 @@ def main() -> None:
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_margin.json"))
   args = p.parse_args()
   import input_pipeline
+
   from meddiff_jax.data import store
 
   whole_sizes = tuple(int(s) for s in args.whole_sizes.split(",") if s)
 
   need = demand(args.gpus_per_host, args.device_kind, args.mfu)
-  print(f"demand: paper preset {need['flops_per_step'] / 1e12:.1f} TFLOP/step, {need['step_s'] * 1e3:.1f} ms/step on "
-        f"{args.gpus_per_host} x {args.device_kind} at {args.mfu:.0%} MFU -> {need['samples_per_s_per_host']:.0f} "
-        f"samples/s per host ({need['samples_per_s_per_gpu']:.1f} per GPU)", flush=True)
+  print(
+    f"demand: paper preset {need['flops_per_step'] / 1e12:.1f} TFLOP/step, {need['step_s'] * 1e3:.1f} ms/step on "
+    f"{args.gpus_per_host} x {args.device_kind} at {args.mfu:.0%} MFU -> {need['samples_per_s_per_host']:.0f} "
+    f"samples/s per host ({need['samples_per_s_per_gpu']:.1f} per GPU)",
+    flush=True,
+  )
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
@@ -165,9 +174,13 @@ def main() -> None:
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
       if fmt not in formats:
         continue
-      row = {"format": fmt, "codec": (args.codec or "as stored") if fmt == "zarr" else None,
-             "whole_sizes": list(whole_sizes), "pack_structures": bool(args.pack_structures),
-             **cpu_seconds_per_sample(d, args.patches, bool(args.pack_structures))}
+      row = {
+        "format": fmt,
+        "codec": (args.codec or "as stored") if fmt == "zarr" else None,
+        "whole_sizes": list(whole_sizes),
+        "pack_structures": bool(args.pack_structures),
+        **cpu_seconds_per_sample(d, args.patches, bool(args.pack_structures)),
+      }
       per_core = 1.0 / row["mixed_cpu_s"]
       row["samples_per_core_s"] = per_core
       row["cores_for_1x"] = need["samples_per_s_per_host"] / per_core

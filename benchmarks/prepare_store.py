@@ -34,18 +34,19 @@ def main() -> None:
   data = pathlib.Path(args.data)
   with tempfile.TemporaryDirectory() as tmp:
     manifest = pathlib.Path(tmp) / "m.csv"
-    manifest.write_text("image,region,mask\n"
-                        f"{data / 'example_ct.nii.gz'},auto,{data / 'example_seg_fast_force_split.nii.gz'}\n"
-                        f"{data / 'aorta_ct_cropped_lps.nii.gz'},chest,\n"
-                        f"{data / 'pulmonary_ct_cropped_lps.nii.gz'},chest,\n")
+    manifest.write_text(
+      "image,region,mask\n"
+      f"{data / 'example_ct.nii.gz'},auto,{data / 'example_seg_fast_force_split.nii.gz'}\n"
+      f"{data / 'aorta_ct_cropped_lps.nii.gz'},chest,\n"
+      f"{data / 'pulmonary_ct_cropped_lps.nii.gz'},chest,\n"
+    )
     rows = []
     for line in manifest.read_text().splitlines()[1:]:
       one = pathlib.Path(tmp) / "one.csv"
       one.write_text("image,region,mask\n" + line + "\n")
       out = pathlib.Path(tmp) / f"out{len(rows)}"
       c = prepare_config.get_config()
-      c.update(input_dir=str(data), output_dir=str(out), manifest=str(one), workers=1,
-               spacing=(args.spacing,) * 3)
+      c.update(input_dir=str(data), output_dir=str(out), manifest=str(one), workers=1, spacing=(args.spacing,) * 3)
       cpu0, wall0 = time.process_time(), time.perf_counter()
       report = prepare.run(c)
       cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -53,8 +54,16 @@ def main() -> None:
       records = store.read_records(str(out))
       voxels = sum(int(np.prod(r["shape"])) for r in records)
       size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".npy", ".json") and f.name != "report.json")
-      rows.append(dict(image=pathlib.Path(line.split(",")[0]).name, records=len(records), voxels=voxels,
-                       cpu_s=round(cpu, 2), wall_s=round(wall, 2), bytes=size))
+      rows.append(
+        dict(
+          image=pathlib.Path(line.split(",")[0]).name,
+          records=len(records),
+          voxels=voxels,
+          cpu_s=round(cpu, 2),
+          wall_s=round(wall, 2),
+          bytes=size,
+        )
+      )
   for r in rows:
     print(json.dumps(r))
   vox = sum(r["voxels"] for r in rows)
@@ -62,9 +71,11 @@ def main() -> None:
   bytes_per_vox = sum(r["bytes"] for r in rows) / vox
   print(f"measured: {cpu_per_mvox:.3f} CPU s per 1M output voxels, {bytes_per_vox:.2f} bytes per output voxel")
   per_1000_s = cpu_per_mvox * ASSUMED_VOXELS / 1e6 * 1000
-  print(f"extrapolated to 1,000 volumes of {ASSUMED_VOXELS / 1e6:.0f}M voxels at {args.spacing} mm: "
-        f"{bytes_per_vox * ASSUMED_VOXELS * 1000 / 1e9:.0f} GB, {per_1000_s / 3600:.1f} CPU hours "
-        f"({per_1000_s / 3600 / 16:.2f} h on 16 workers)")
+  print(
+    f"extrapolated to 1,000 volumes of {ASSUMED_VOXELS / 1e6:.0f}M voxels at {args.spacing} mm: "
+    f"{bytes_per_vox * ASSUMED_VOXELS * 1000 / 1e9:.0f} GB, {per_1000_s / 3600:.1f} CPU hours "
+    f"({per_1000_s / 3600 / 16:.2f} h on 16 workers)"
+  )
 
 
 if __name__ == "__main__":

@@ -47,16 +47,31 @@ def main():
     w = int(config.data.patch_size)
     windows = int(sliding_window.plan_windows(shape, w, args.overlap, 1).valid.sum())
     flops = unet3d.forward_flops(spec, (w, w, w)) * (2 if args.cfg else 1)
-    row = {"preset": preset, "window": w, "params_spec": f"base {spec.base_channels} mult {spec.channel_mult}",
-           "tflop_per_window_fwd": flops / 1e12, "windows": windows,
-           "seconds": {str(s): s * windows * flops / rate for s in steps}}
+    row = {
+      "preset": preset,
+      "window": w,
+      "params_spec": f"base {spec.base_channels} mult {spec.channel_mult}",
+      "tflop_per_window_fwd": flops / 1e12,
+      "windows": windows,
+      "seconds": {str(s): s * windows * flops / rate for s in steps},
+    }
     rows.append(row)
     secs = "  ".join(f"{s} steps {row['seconds'][str(s)]:.0f} s" for s in steps)
     print(f"{preset}: {w}^3 windows, {flops / 1e12:.2f} TFLOP/window, {windows} windows -> {secs}")
-  _common.write_json("project_inference.json", {"command": " ".join(sys.argv), "commit": _common.commit(),
-                                                "shape": shape, "overlap": args.overlap, "chip": args.chip,
-                                                "peak_bf16": PEAK_BF16[args.chip], "mfu": args.mfu,
-                                                "cfg": args.cfg, "rows": rows})
+  _common.write_json(
+    "project_inference.json",
+    {
+      "command": " ".join(sys.argv),
+      "commit": _common.commit(),
+      "shape": shape,
+      "overlap": args.overlap,
+      "chip": args.chip,
+      "peak_bf16": PEAK_BF16[args.chip],
+      "mfu": args.mfu,
+      "cfg": args.cfg,
+      "rows": rows,
+    },
+  )
 
 
 if __name__ == "__main__":

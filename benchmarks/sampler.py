@@ -14,8 +14,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -23,9 +21,10 @@ sys.path.insert(0, str(ROOT))
 def ours(preset, size, steps, method="ddim"):
   import jax
   import jax.numpy as jnp
+
   from configs import pretrain
-  from meddiff_jax.diffusion import samplers, schedules
   from meddiff_jax import pretrained
+  from meddiff_jax.diffusion import samplers, schedules
 
   config = pretrain.get_config(preset)
   config.data.patch_size = size
@@ -35,7 +34,7 @@ def ours(preset, size, steps, method="ddim"):
   sched = schedules.make_schedule("cosine", 1000)
   ts = samplers.make_timesteps(1000, steps, "trailing")
   prev = samplers.previous_timesteps(ts)
-  fn = lambda p: (lambda xx, tt: model.apply({"params": p}, xx, tt, cond))
+  fn = lambda p: lambda xx, tt: model.apply({"params": p}, xx, tt, cond)
   scan = jax.jit(lambda p, r, x: samplers.sample(fn(p), sched, ts, r, x, method=method))
   xT = jax.random.normal(jax.random.key(1), x.shape)
   jax.block_until_ready(scan(params, jax.random.key(2), xT))
@@ -68,11 +67,16 @@ def monai_ddim(config, size, steps):
     return None
   m = config.model
   levels = len(m.channel_mult)
-  net = DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1,
-                           channels=tuple(m.base_channels * k for k in m.channel_mult),
-                           attention_levels=tuple(i in tuple(m.attention_levels) for i in range(levels)),
-                           num_res_blocks=m.num_res_blocks, norm_num_groups=m.norm_groups,
-                           num_head_channels=m.num_head_channels).eval()
+  net = DiffusionModelUNet(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    channels=tuple(m.base_channels * k for k in m.channel_mult),
+    attention_levels=tuple(i in tuple(m.attention_levels) for i in range(levels)),
+    num_res_blocks=m.num_res_blocks,
+    norm_num_groups=m.norm_groups,
+    num_head_channels=m.num_head_channels,
+  ).eval()
   sched = DDIMScheduler(num_train_timesteps=1000, schedule="cosine")
   sched.set_timesteps(steps)
   inferer = DiffusionInferer(sched)
@@ -94,10 +98,21 @@ def main():
   for size in map(int, args.sizes.split(",")):
     t_scan, t_loop, config = ours(args.preset, size, args.steps, args.method)
     t_monai = monai_ddim(config, size, args.steps)
-    rows.append({"size": size, "steps": args.steps, "preset": args.preset, "method": args.method, "jax_fori_loop_s": t_scan,
-                 "jax_python_loop_s": t_loop, "monai_ddim_s": t_monai})
-    print(f"{size}^3 DDIM-{args.steps}: fori_loop {t_scan:.2f} s | python loop {t_loop:.2f} s | "
-          f"MONAI {t_monai if t_monai is None else round(t_monai, 2)} s")
+    rows.append(
+      {
+        "size": size,
+        "steps": args.steps,
+        "preset": args.preset,
+        "method": args.method,
+        "jax_fori_loop_s": t_scan,
+        "jax_python_loop_s": t_loop,
+        "monai_ddim_s": t_monai,
+      }
+    )
+    print(
+      f"{size}^3 DDIM-{args.steps}: fori_loop {t_scan:.2f} s | python loop {t_loop:.2f} s | "
+      f"MONAI {t_monai if t_monai is None else round(t_monai, 2)} s"
+    )
   out = ROOT / "benchmarks" / "results" / "sampler.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -16,9 +16,8 @@ import json
 import sys
 import time
 
-import numpy as np
-
 import _common
+import numpy as np
 
 
 def main():
@@ -62,9 +61,18 @@ def main():
       times.append(time.perf_counter() - t0)
     s = float(np.median(times))
     n = int(plan.valid.sum())
-    row = {"commit": commit, "size": size, "windows": n, "padded_windows": len(plan.starts), "step_s": s,
-           "windows_per_s": n / s, "first_call_s": compile_s, "window_batch": plan.batch, "dtype": str(pre.spec.dtype),
-           "null_model": args.null_model}
+    row = {
+      "commit": commit,
+      "size": size,
+      "windows": n,
+      "padded_windows": len(plan.starts),
+      "step_s": s,
+      "windows_per_s": n / s,
+      "first_call_s": compile_s,
+      "window_batch": plan.batch,
+      "dtype": str(pre.spec.dtype),
+      "null_model": args.null_model,
+    }
     rows.append(row)
     print(f"{size}^3: {n} windows, {s:.3f} s/step, {n / s:.1f} windows/s (first call {compile_s:.1f} s)", flush=True)
   if len(rows) > 1:

@@ -20,9 +20,8 @@ import pathlib
 import sys
 import time
 
-import numpy as np
-
 import _common
+import numpy as np
 
 
 def main():
@@ -58,16 +57,29 @@ def main():
   ode_ref, t_ref = run(ref_method, int(ref_steps), x_T, cond, spacing=args.spacing)
   print(f"ODE reference {args.ode_reference}: {t_ref:.1f} s", flush=True)
   rmse = _common.rmse
-  result = {"command": " ".join(sys.argv), "commit": _common.commit(), "checkpoint": args.checkpoint, "patch": w, "ode_reference": args.ode_reference, "spacing": args.spacing,
-            "clip_x0": bool(args.clip_x0),
-            "seconds": {args.ode_reference: t_ref}, "rows": []}
+  result = {
+    "command": " ".join(sys.argv),
+    "commit": _common.commit(),
+    "checkpoint": args.checkpoint,
+    "patch": w,
+    "ode_reference": args.ode_reference,
+    "spacing": args.spacing,
+    "clip_x0": bool(args.clip_x0),
+    "seconds": {args.ode_reference: t_ref},
+    "rows": [],
+  }
   outs = {}
   for method in ("ddim", "dpmpp_2m"):
     for steps in map(int, args.budgets.split(",")):
       out, secs = run(method, steps, x_T, cond, spacing=args.spacing)
       outs[method, steps] = out
-      row = {"method": method, "steps": steps, "rmse_to_ode_ref": rmse(out, ode_ref),
-             "max_to_ode_ref": float(np.max(np.abs(out - ode_ref))), "seconds_incl_compile": secs}
+      row = {
+        "method": method,
+        "steps": steps,
+        "rmse_to_ode_ref": rmse(out, ode_ref),
+        "max_to_ode_ref": float(np.max(np.abs(out - ode_ref))),
+        "seconds_incl_compile": secs,
+      }
       result["rows"].append(row)
       print(row, flush=True)
   prefix = "" if args.checkpoint == "tiny_phantom" else pathlib.Path(args.checkpoint).name + "_"

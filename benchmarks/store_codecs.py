@@ -43,10 +43,10 @@ def _volumes(store_dir: str, real: bool) -> list[tuple[str, np.ndarray, np.ndarr
   data = ROOT.parent / "shared" / "data"
   if real and (data / "example_ct.nii.gz").exists():
     ct = nifti.resample(nifti.load(str(data / "example_ct.nii.gz")), (1.5,) * 3, order=1, fill=-1024)
-    seg = nifti.resample(nifti.load(str(data / "example_seg_fast_force_split.nii.gz"), is_mask=True), (1.5,) * 3,
-                         order=0, fill=0)
-    out.append(("real_ct_1.5mm", np.round(np.clip(ct.data, -1024, 3071)).astype(np.int16),
-                seg.data.astype(np.uint8)))
+    seg = nifti.resample(
+      nifti.load(str(data / "example_seg_fast_force_split.nii.gz"), is_mask=True), (1.5,) * 3, order=0, fill=0
+    )
+    out.append(("real_ct_1.5mm", np.round(np.clip(ct.data, -1024, 3071)).astype(np.int16), seg.data.astype(np.uint8)))
   return out
 
 
@@ -54,8 +54,9 @@ def _disk_bytes(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _read_cpu(path_hu: str, path_lab: str, start: tuple[int, ...], size: int, want: tuple[np.ndarray, np.ndarray]
-              ) -> float:
+def _read_cpu(
+  path_hu: str, path_lab: str, start: tuple[int, ...], size: int, want: tuple[np.ndarray, np.ndarray]
+) -> float:
   from meddiff_jax.data import store
 
   c0 = time.process_time()
@@ -81,8 +82,18 @@ def main() -> None:
   codecs = args.codecs.split(",")
   vols = _volumes(args.store_dir, bool(args.real))
   print("volumes:", [(v, h.shape) for v, h, _ in vols], flush=True)
-  rows: dict[str, dict] = {c: {"codec": c, "spec": store.CODECS[c], "mb_per_volume": [], "ratio": [],
-                               "write_cpu_s": [], "crop256_cpu_s": [], "crop128_cpu_s": []} for c in codecs}
+  rows: dict[str, dict] = {
+    c: {
+      "codec": c,
+      "spec": store.CODECS[c],
+      "mb_per_volume": [],
+      "ratio": [],
+      "write_cpu_s": [],
+      "crop256_cpu_s": [],
+      "crop128_cpu_s": [],
+    }
+    for c in codecs
+  }
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     for c in codecs:
@@ -99,7 +110,7 @@ def main() -> None:
     for r in range(args.reps):
       for vid, hu, lab in vols:
         starts = {n: tuple(int(rng.integers(0, max(s - n, 0) + 1)) for s in hu.shape) for n in (256, 128)}
-        for c in (codecs if r % 2 == 0 else codecs[::-1]):  # interleaved, alternating order (a loaded box)
+        for c in codecs if r % 2 == 0 else codecs[::-1]:  # interleaved, alternating order (a loaded box)
           paths = str(tmp / c / f"{vid}.image.zarr"), str(tmp / c / f"{vid}.labels.zarr")
           for n in (256, 128):
             rows[c][f"crop{n}_cpu_s"].append(_read_cpu(*paths, starts[n], n, (hu, lab)))
@@ -111,12 +122,18 @@ def main() -> None:
     row["runs"] = {k: v for k, v in rows[c].items() if isinstance(v, list) and k != "spec"}
     base = base or row
     out.append(row)
-    print(f"{c:12s} MB/volume {row['mb_per_volume']:7.2f} (x{row['ratio']:.2f})  256^3 crop {row['crop256_cpu_s']:.4f} "
-          f"CPU s  128^3 crop {row['crop128_cpu_s']:.4f} CPU s  write {row['write_cpu_s']:.3f} CPU s", flush=True)
+    print(
+      f"{c:12s} MB/volume {row['mb_per_volume']:7.2f} (x{row['ratio']:.2f})  256^3 crop {row['crop256_cpu_s']:.4f} "
+      f"CPU s  128^3 crop {row['crop128_cpu_s']:.4f} CPU s  write {row['write_cpu_s']:.3f} CPU s",
+      flush=True,
+    )
   path = pathlib.Path(args.out)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"command": " ".join(sys.argv), "volumes": [(v, list(h.shape)) for v, h, _ in vols],
-                              "rows": out}, indent=1))
+  path.write_text(
+    json.dumps(
+      {"command": " ".join(sys.argv), "volumes": [(v, list(h.shape)) for v, h, _ in vols], "rows": out}, indent=1
+    )
+  )
   print(f"wrote {path}")
 
 

@@ -26,10 +26,9 @@ import argparse
 import sys
 import time
 
+import _common
 import numpy as np
 from scipy import ndimage
-
-import _common
 
 
 def main():
@@ -41,13 +40,20 @@ def main():
   p.add_argument("--noise_hu", type=float, default=30.0)
   p.add_argument("--num_crops", type=int, default=8)
   p.add_argument("--steps", type=int, default=20, help="DiffPIR's steps, and the single budget without --budgets")
-  p.add_argument("--diffpir_steps", default="", help="DiffPIR budgets, e.g. 10,20,50,1000 (the largest is its "
-                 "reference; 1000 = every timestep below t*); default --steps")
+  p.add_argument(
+    "--diffpir_steps",
+    default="",
+    help="DiffPIR budgets, e.g. 10,20,50,1000 (the largest is its "
+    "reference; 1000 = every timestep below t*); default --steps",
+  )
   p.add_argument("--sampler", default="ddim", help="the single budget's sampler without --budgets")
   p.add_argument("--budgets", default="", help="method:steps,... e.g. ddim:10,dpmpp_2m:20")
   p.add_argument("--reference", default="", help="method:steps of the reference budget, e.g. ddpm:1000")
-  p.add_argument("--anomaly_reference", default="", help="method:steps for the anomaly half (default --reference;"
-                 " DDPM from t=950 costs 951 network calls per window)")
+  p.add_argument(
+    "--anomaly_reference",
+    default="",
+    help="method:steps for the anomaly half (default --reference; DDPM from t=950 costs 951 network calls per window)",
+  )
   p.add_argument("--overlap", type=float, default=0.25)
   p.add_argument("--noise_t", type=int, default=500, help="anomaly start (the first run's protocol; the paper: 950)")
   p.add_argument("--only", default="", help="denoising | anomaly (default both)")
@@ -61,6 +67,7 @@ def main():
   args = p.parse_args()
   if args.rescore:
     import json
+
     result = json.loads((_common.RESULTS / args.out).read_text())
     mark_matches(result, args)
     _common.write_json(args.out, result)
@@ -91,21 +98,31 @@ def main():
   a_runs = budgets + [r for r in a_reference if r not in budgets]
   sigma_unit = args.noise_hu * 2 / (hi - lo)
   wcfg = ml_collections.ConfigDict(dict(overlap=args.overlap, window_batch=8))
-  result = {"command": " ".join(sys.argv), "commit": _common.commit(), "checkpoint": args.checkpoint, "scan": args.scan,
-            "spacing_mm": list(geometry.spacing_of(ct.affine)),
-            "compute_dtype": str(pre.spec.dtype), "crop": c, "noise_hu": args.noise_hu, "sigma_unit": sigma_unit,
-            "budgets": [f"{m}:{s}" for m, s in budgets], "reference": args.reference or None,
-            "diffpir_steps": [int(s) for s in args.diffpir_steps.split(",")] if args.diffpir_steps else [args.steps],
-            "anomaly_reference": args.anomaly_reference or args.reference or None}
+  result = {
+    "command": " ".join(sys.argv),
+    "commit": _common.commit(),
+    "checkpoint": args.checkpoint,
+    "scan": args.scan,
+    "spacing_mm": list(geometry.spacing_of(ct.affine)),
+    "compute_dtype": str(pre.spec.dtype),
+    "crop": c,
+    "noise_hu": args.noise_hu,
+    "sigma_unit": sigma_unit,
+    "budgets": [f"{m}:{s}" for m, s in budgets],
+    "reference": args.reference or None,
+    "diffpir_steps": [int(s) for s in args.diffpir_steps.split(",")] if args.diffpir_steps else [args.steps],
+    "anomaly_reference": args.anomaly_reference or args.reference or None,
+  }
   mesh = common.task_mesh()
 
   def reconstructor(shape, frame, t_start, method, steps, input_sigma):
     """jit(y (1,X,Y,Z,1), structures, rng) -> partial diffusion from t_start; one compile per budget,
     reused for every crop (structures are an argument, not a constant)."""
+
     def f(y, structures, key):
       fn, _ = common.windowed_denoiser(pre, shape, region, structures, wcfg, frame=frame)
-      return denoise.partial_diffusion(fn, pre.schedule, y, t_start, steps, key, input_sigma=input_sigma,
-                                       method=method)
+      return denoise.partial_diffusion(fn, pre.schedule, y, t_start, steps, key, input_sigma=input_sigma, method=method)
+
     return jax.jit(f)
 
   def timed(f, *a):
@@ -120,10 +137,13 @@ def main():
     clean = preprocess.hu_to_unit(clean_hu, region)
     noisy = np.clip(clean + rng.normal(0, sigma_unit, clean.shape).astype(np.float32), -1, 1)
     result["estimated_sigma_unit"] = denoise.estimate_noise_sigma(noisy, clean_hu > -500)
-    baselines = {"noisy input": noisy,
-                 "gaussian filter (sigma=1 vox)": ndimage.gaussian_filter(noisy, 1.0),
-                 "non-local means (skimage)": denoise_nl_means(noisy, h=0.8 * sigma_unit, sigma=sigma_unit,
-                                                               patch_size=3, patch_distance=4, fast_mode=True)}
+    baselines = {
+      "noisy input": noisy,
+      "gaussian filter (sigma=1 vox)": ndimage.gaussian_filter(noisy, 1.0),
+      "non-local means (skimage)": denoise_nl_means(
+        noisy, h=0.8 * sigma_unit, sigma=sigma_unit, patch_size=3, patch_distance=4, fast_mode=True
+      ),
+    }
     score = lambda img: {"psnr": metrics.psnr(clean, img, 2.0), "ssim": metrics.ssim(clean, img, 2.0)}
     den = {name: score(img) for name, img in baselines.items()}
     noisy_hu = preprocess.unit_to_hu(noisy, region)
@@ -138,38 +158,59 @@ def main():
         result["windows_per_step"] = int(plan.valid.sum())
         for steps in result["diffpir_steps"]:
           ts = denoise.diffpir_timesteps(pre.schedule, sigma_unit, steps)
-          out, secs = timed(jax.jit(lambda y: denoise.diffpir(fn, pre.schedule, y, jnp.float32(sigma_unit), ts,
-                                                               jax.random.key(0), lam=10.0, zeta=0.0)), y)
+          out, secs = timed(
+            jax.jit(
+              lambda y: denoise.diffpir(
+                fn, pre.schedule, y, jnp.float32(sigma_unit), ts, jax.random.key(0), lam=10.0, zeta=0.0
+              )
+            ),
+            y,
+          )
           name = diffpir_name(result, steps)
           baselines[name] = out[0, ..., 0][crop]
           den[name] = {**score(baselines[name]), "seconds_incl_compile": secs, "network_calls": len(ts)}
-          print(f"{name:32s} PSNR {den[name]['psnr']:6.2f} dB  SSIM {den[name]['ssim']:.4f}  ({secs:.1f} s)",
-                flush=True)
+          print(
+            f"{name:32s} PSNR {den[name]['psnr']:6.2f} dB  SSIM {den[name]['ssim']:.4f}  ({secs:.1f} s)", flush=True
+          )
         longest = diffpir_name(result, max(result["diffpir_steps"]))
         for steps in result["diffpir_steps"]:
           if len(result["diffpir_steps"]) > 1 and diffpir_name(result, steps) != longest:
-            den[diffpir_name(result, steps)]["rmse_to_reference"] = _common.rmse(baselines[diffpir_name(result, steps)],
-                                                                                 baselines[longest])
+            den[diffpir_name(result, steps)]["rmse_to_reference"] = _common.rmse(
+              baselines[diffpir_name(result, steps)], baselines[longest]
+            )
       partial = {}
       for method, steps in runs:
         f = reconstructor(y_pad.shape, crop, t_star, method, steps, jnp.float32(sigma_unit))
         out, secs = timed(f, y, structures, jax.random.key(1))
         partial[method, steps] = out[0, ..., 0][crop]
         name = f"partial diffusion {method}:{steps}"
-        den[name] = {**score(partial[method, steps]), "seconds_incl_compile": secs,
-                     "network_calls": len(np.asarray(samplers.partial_timesteps(t_star, steps)))}
-        print(f"{name:32s} PSNR {den[name]['psnr']:6.2f} dB  SSIM {den[name]['ssim']:.4f}  ({secs:.1f} s)",
-              flush=True)
+        den[name] = {
+          **score(partial[method, steps]),
+          "seconds_incl_compile": secs,
+          "network_calls": len(np.asarray(samplers.partial_timesteps(t_star, steps))),
+        }
+        print(f"{name:32s} PSNR {den[name]['psnr']:6.2f} dB  SSIM {den[name]['ssim']:.4f}  ({secs:.1f} s)", flush=True)
     if reference:
       for method, steps in budgets:
-        den[f"partial diffusion {method}:{steps}"]["rmse_to_reference"] = _common.rmse(partial[method, steps],
-                                                                                      partial[reference[0]])
+        den[f"partial diffusion {method}:{steps}"]["rmse_to_reference"] = _common.rmse(
+          partial[method, steps], partial[reference[0]]
+        )
     result["denoising"] = den
     if args.montage:
       from meddiff_jax.evaluation import montage
-      montage.save_png(montage.slice_montage([clean, noisy, baselines["non-local means (skimage)"],
-                                              baselines[diffpir_name(result, result["diffpir_steps"][0])]], tile=160),
-                       str(_common.ROOT / "docs" / "images" / "denoising_real_ct.png"))
+
+      montage.save_png(
+        montage.slice_montage(
+          [
+            clean,
+            noisy,
+            baselines["non-local means (skimage)"],
+            baselines[diffpir_name(result, result["diffpir_steps"][0])],
+          ],
+          tile=160,
+        ),
+        str(_common.ROOT / "docs" / "images" / "denoising_real_ct.png"),
+      )
     _common.write_json(args.out, result)
 
   # --- anomaly detection ------------------------------------------------------------------------------------
@@ -190,8 +231,17 @@ def main():
           hu[truth] -= 50.0
       unit = preprocess.hu_to_unit(hu, region)
       y_pad, crop = sliding_window.pad_to_window(unit, pre.patch_size, fill=-1.0)
-      crops.append(dict(hu=hu, unit=unit, truth=truth, body=preprocess.body_mask(hu), y=y_pad, crop=crop,
-                        structures=common.structure_volume(pre, None, hu, pre.patch_size)))
+      crops.append(
+        dict(
+          hu=hu,
+          unit=unit,
+          truth=truth,
+          body=preprocess.body_mask(hu),
+          y=y_pad,
+          crop=crop,
+          structures=common.structure_volume(pre, None, hu, pre.patch_size),
+        )
+      )
     rows, recons = {}, {}
     with sharding.activate(mesh, sharding.DEFAULT_RULES):
       for method, steps in a_runs:
@@ -207,19 +257,27 @@ def main():
         labels = np.array([t.any() for t in truths])
         vmaps = np.concatenate([a[b].ravel() for a, t, b in zip(amaps, truths, bodies) if t.any()])
         vtruth = np.concatenate([t[b].ravel() for t, b in zip(truths, bodies) if t.any()])
-        row = {"volume_auroc": metrics.auroc(labels, np.array([anomaly.volume_score(a, b)
-                                                               for a, b in zip(amaps, bodies)])),
-               "voxel_auroc": metrics.auroc(vtruth, vmaps), "voxel_auprc": metrics.auprc(vtruth, vmaps),
-               **metrics.anomaly_aurocs(amaps, truths, bodies, axis=2), "seconds_incl_compile": secs,
-               "network_calls_per_window": len(samplers.partial_timesteps(args.noise_t, steps))}
+        row = {
+          "volume_auroc": metrics.auroc(labels, np.array([anomaly.volume_score(a, b) for a, b in zip(amaps, bodies)])),
+          "voxel_auroc": metrics.auroc(vtruth, vmaps),
+          "voxel_auprc": metrics.auprc(vtruth, vmaps),
+          **metrics.anomaly_aurocs(amaps, truths, bodies, axis=2),
+          "seconds_incl_compile": secs,
+          "network_calls_per_window": len(samplers.partial_timesteps(args.noise_t, steps)),
+        }
         rows[f"{method}:{steps}"] = row
         print(f"anomaly {method}:{steps}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
     if a_reference:  # distance of each budget's reconstructions to the reference's (same x_T per crop)
       for method, steps in budgets:
-        rows[f"{method}:{steps}"]["recon_rmse_to_reference"] = float(np.mean(
-            [_common.rmse(a, b) for a, b in zip(recons[method, steps], recons[a_reference[0]])]))
-    result["anomaly"] = {"num_crops": len(crops), "with_lesion": int(sum(k["truth"].any() for k in crops)),
-                         "noise_t": args.noise_t, "budgets": rows}
+        rows[f"{method}:{steps}"]["recon_rmse_to_reference"] = float(
+          np.mean([_common.rmse(a, b) for a, b in zip(recons[method, steps], recons[a_reference[0]])])
+        )
+    result["anomaly"] = {
+      "num_crops": len(crops),
+      "with_lesion": int(sum(k["truth"].any() for k in crops)),
+      "noise_t": args.noise_t,
+      "budgets": rows,
+    }
   mark_matches(result, args)
   _common.write_json(args.out, result)
   print(markdown(result))
@@ -250,7 +308,8 @@ def mark_matches(result: dict, args) -> None:
     ref = den[diffpir_name(result, max(dsteps))]
     for steps in [s for s in dsteps if s != max(dsteps)]:
       den[diffpir_name(result, steps)]["matches_reference"] = _worse_by_at_most(
-          den[diffpir_name(result, steps)], ref, (("psnr", args.psnr_tol), ("ssim", args.ssim_tol)))
+        den[diffpir_name(result, steps)], ref, (("psnr", args.psnr_tol), ("ssim", args.ssim_tol))
+      )
   an = result.get("anomaly")
   if an and result.get("anomaly_reference"):
     ref = an["budgets"][result["anomaly_reference"]]
@@ -263,23 +322,34 @@ def markdown(result: dict) -> str:
   lines = []
   den = result.get("denoising")
   if den:
-    lines += ["| method | network calls | PSNR (dB) | SSIM | RMSE to reference | s (incl. compile) | matches reference |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+      "| method | network calls | PSNR (dB) | SSIM | RMSE to reference | s (incl. compile) | matches reference |",
+      "|---|---|---|---|---|---|---|",
+    ]
     for name, m in den.items():
       calls = m.get("network_calls", "")
       rmse = f"{m['rmse_to_reference']:.4f}" if "rmse_to_reference" in m else ""
-      lines.append(f"| {name} | {calls} | {m['psnr']:.2f} | {m['ssim']:.4f} | {rmse} | "
-                   f"{m.get('seconds_incl_compile', float('nan')):.0f} | {m.get('matches_reference', '')} |")
+      lines.append(
+        f"| {name} | {calls} | {m['psnr']:.2f} | {m['ssim']:.4f} | {rmse} | "
+        f"{m.get('seconds_incl_compile', float('nan')):.0f} | {m.get('matches_reference', '')} |"
+      )
   an = result.get("anomaly")
   if an:
-    lines += ["", f"anomaly: {an['num_crops']} crops ({an['with_lesion']} with a lesion), noise_t {an['noise_t']}",
-              "", "| budget | network calls | volume AUROC | voxel AUROC | voxel AUPRC | slice AUROC | pixel AUROC | "
-              "recon RMSE to reference | s (incl. compile, all crops) | matches reference |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      f"anomaly: {an['num_crops']} crops ({an['with_lesion']} with a lesion), noise_t {an['noise_t']}",
+      "",
+      "| budget | network calls | volume AUROC | voxel AUROC | voxel AUPRC | slice AUROC | pixel AUROC | "
+      "recon RMSE to reference | s (incl. compile, all crops) | matches reference |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in an["budgets"].items():
-      lines.append(f"| {name} | {r['network_calls_per_window']} | {r['volume_auroc']:.3f} | {r['voxel_auroc']:.3f} | "
-                   f"{r['voxel_auprc']:.4f} | {r['slice_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
-                   f"{r.get('recon_rmse_to_reference', float('nan')):.4f} | {r['seconds_incl_compile']:.0f} | {r.get('matches_reference', '')} |")
+      lines.append(
+        f"| {name} | {r['network_calls_per_window']} | {r['volume_auroc']:.3f} | {r['voxel_auroc']:.3f} | "
+        f"{r['voxel_auprc']:.4f} | {r['slice_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
+        f"{r.get('recon_rmse_to_reference', float('nan')):.4f} | {r['seconds_incl_compile']:.0f} | "
+        f"{r.get('matches_reference', '')} |"
+      )
   return "\n".join(lines)
 
 

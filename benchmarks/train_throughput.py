@@ -33,6 +33,7 @@ def parse_args():
 
 def make_config(preset, overrides):
   from configs import pretrain
+
   c = pretrain.get_config(preset)
   c.data.source = "phantom"  # shapes only: the data never load
   for item in overrides:
@@ -51,11 +52,12 @@ def make_config(preset, overrides):
 def measure(config, steps):
   import jax
   import numpy as np
-  from meddiff_jax.diffusion import schedules
+
   from meddiff_jax import checks, pretrained, sharding
-  from meddiff_jax.train import throughput
+  from meddiff_jax.diffusion import schedules
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
+  from meddiff_jax.train import throughput
 
   checks.pretrain(config)
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -63,18 +65,27 @@ def measure(config, steps):
   model, spec = pretrained.build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   tx = state_lib.make_optimizer(config.optimizer)
-  st, shardings = state_lib.create(pretrained.init_params_fn(model, spec, config.data.patch_size), tx, config.seed, mesh,
-                                   rules, config.sharding.min_shard_size)
+  st, shardings = state_lib.create(
+    pretrained.init_params_fn(model, spec, config.data.patch_size),
+    tx,
+    config.seed,
+    mesh,
+    rules,
+    config.sharding.min_shard_size,
+  )
   spec_batch = step_lib.batch_spec(config)
   batch_sh = sharding.input_shardings(mesh, rules, spec_batch)
   rng = np.random.default_rng(0)
-  host = {"image": rng.uniform(-1, 1, spec_batch["image"].shape).astype(np.float32),
-          "pos_box": np.tile(np.array([[-1.0, 1.0]], np.float32), (spec_batch["pos_box"].shape[0], 3, 1)),
-          "region": np.zeros(spec_batch["region"].shape, np.int32)}
+  host = {
+    "image": rng.uniform(-1, 1, spec_batch["image"].shape).astype(np.float32),
+    "pos_box": np.tile(np.array([[-1.0, 1.0]], np.float32), (spec_batch["pos_box"].shape[0], 3, 1)),
+    "region": np.zeros(spec_batch["region"].shape, np.int32),
+  }
   if "structures" in spec_batch:
     host["structures"] = (rng.uniform(size=spec_batch["structures"].shape) > 0.8).astype(np.uint8)
-  step_fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
-                                     config, rules)
+  step_fn = step_lib.make_train_step(
+    model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
+  )
   jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh, mesh)
   with sharding.activate(mesh, rules):
     batch = {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
@@ -90,10 +101,19 @@ def measure(config, steps):
     step_s = (time.perf_counter() - t0) / steps
   kind = jax.devices()[0].device_kind
   flops = throughput.flops_for_config(config, spec)
-  out = {"preset": config.preset, "patch": config.data.patch_size, "batch": config.training.batch_size,
-         "accum": config.training.grad_accum_steps, "remat": spec.remat, "mesh": dict(mesh.shape),
-         "device_kind": kind, "devices": jax.device_count(), "compile_s": round(compile_s, 1),
-         "step_s": step_s, "flops_per_step": flops}
+  out = {
+    "preset": config.preset,
+    "patch": config.data.patch_size,
+    "batch": config.training.batch_size,
+    "accum": config.training.grad_accum_steps,
+    "remat": spec.remat,
+    "mesh": dict(mesh.shape),
+    "device_kind": kind,
+    "devices": jax.device_count(),
+    "compile_s": round(compile_s, 1),
+    "step_s": step_s,
+    "flops_per_step": flops,
+  }
   out.update(throughput.step_metrics(1.0 / step_s, flops, config.training.batch_size, jax.device_count(), kind))
   return out
 
@@ -106,9 +126,11 @@ def main():
   for r in rows:
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1 device"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a (unknown peak)"
-    print(f"| {r['preset']} | {r['patch']}^3 | {r['batch'] // r['accum']} x {r['accum']} | {mesh} | "
-          f"{r['devices']} x {r['device_kind']} | {r['step_s']:.3f} | {r['samples_per_sec_per_device']:.3f} | "
-          f"{r['tflops_per_sec_per_device']:.4f} | {mfu} |")
+    print(
+      f"| {r['preset']} | {r['patch']}^3 | {r['batch'] // r['accum']} x {r['accum']} | {mesh} | "
+      f"{r['devices']} x {r['device_kind']} | {r['step_s']:.3f} | {r['samples_per_sec_per_device']:.3f} | "
+      f"{r['tflops_per_sec_per_device']:.4f} | {mfu} |"
+    )
   for r in rows:
     print(json.dumps(r))
 

@@ -22,8 +22,9 @@ def get_config(arg=None):
   c.base_checkpoint = "tiny_phantom"
   c.controlnet = ml_collections.ConfigDict(dict(hint_hidden=(16, 16, 32), conditioning_scale=1.0))
   c.data.update(hint="lowres" if task == "sr" else "lesion", sr_factor=5)
-  c.data.phantom.update(num_volumes=12, shape=(96, 96, 96), spacing=(3.0, 3.0, 3.0),
-                        num_lesions=3 if task == "lesion" else 0)
+  c.data.phantom.update(
+    num_volumes=12, shape=(96, 96, 96), spacing=(3.0, 3.0, 3.0), num_lesions=3 if task == "lesion" else 0
+  )
   # crops centred on a lesion voxel with this probability (MONAI RandCropByPosNegLabeld pos=1, neg=1)
   c.data.positive_fraction = 0.5 if task == "lesion" else 0.0
   c.optimizer.update(learning_rate=1e-4, warmup_steps=100, schedule="constant")

@@ -19,7 +19,9 @@ def get_config(arg=None):
   c.method = "diffpir"  # diffpir | partial
   c.noise_sigma_hu = 0.0  # 0: estimate from the image
   c.lam = 10.0  # DiffPIR lambda on DiffPIR's own scale (its sigma in [0, 1] image units; paper: ~10)
-  c.zeta = 0.0  # DiffPIR zeta (MedDiff-FM: unknown); > 0 draws posterior samples, 0 the estimate nearest the posterior mean
+  c.zeta = (
+    0.0  # DiffPIR zeta (MedDiff-FM: unknown); > 0 draws posterior samples, 0 the estimate nearest the posterior mean
+  )
   c.window_margin = 0.02  # estimate within this of a window edge and input beyond it: keep the input HU
   c.output_int16 = True
   # 10 steps below t* (DiffPIR and partial diffusion): the cheapest budget within 0.1 dB PSNR / 0.005 SSIM of

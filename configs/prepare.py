@@ -21,7 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input_dir = ""
   c.output_dir = ""
   c.dataset = ""  # a recipe in data/recipes.py builds the manifest from the dataset's layout (OUT/manifest_NAME.csv)
-  c.manifest = ""  # CSV/JSON: image, region[, mask][, parent][, lesion][, patient][, split]; paths relative to input_dir
+  c.manifest = (
+    ""  # CSV/JSON: image, region[, mask][, parent][, lesion][, patient][, split]; paths relative to input_dir
+  )
   c.allow_outside_paths = False  # manifest paths outside input_dir are refused unless this is set
   c.mask_dir = ""  # TotalSegmentator outputs: NAME.nii.gz label maps (or, with a dataset recipe, NAME/ folders)
   c.class_map = ""  # class_map json for the masks; default: the embedded TotalSegmentator `total` map
@@ -29,7 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # auto: cut into head_neck / chest / abdomen at TotalSegmentator landmarks (data/regions.py); a scan with
   # neither a region nor a mask is refused (an unlabelled volume must never train the guidance null class).
   c.default_region = "auto"  # auto | head_neck | chest | abdomen
-  c.regions = ml_collections.ConfigDict(dict(  # landmark margins, data/regions.py SplitConfig
+  c.regions = ml_collections.ConfigDict(
+    dict(  # landmark margins, data/regions.py SplitConfig
       chest_margin_mm=20.0,
       abdomen_top_margin_mm=20.0,
       abdomen_bottom_margin_mm=10.0,
@@ -37,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       head_top_margin_mm=10.0,
       min_extent_mm=ml_collections.ConfigDict(dict(head_neck=100.0, chest=120.0, abdomen=120.0)),
       min_voxels_per_slice=5,
-  ))
+    )
+  )
   c.split_fractions = (0.9, 0.05, 0.05)  # train / val / test by a hash of dataset/patient (the paper's 90/5/5)
   c.split_seed = 0
   c.max_volumes = 0  # >0: a stable hashed subset (ct_rate: the paper used 1,000)

@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.dry_run = False  # compile the train step on synthetic inputs, print one JSON line of cost, exit
 
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(
+    dict(
       out_channels=1,
       base_channels=32,
       channel_mult=(1, 2, 4, 8),
@@ -62,9 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",  # none | full | dots | dots_no_batch | offload: per whole encoder/decoder level
       conv_impl="auto",  # auto (depth_taps on CPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15)
-  ))
+    )
+  )
 
-  c.diffusion = ml_collections.ConfigDict(dict(
+  c.diffusion = ml_collections.ConfigDict(
+    dict(
       schedule="cosine",
       num_timesteps=1000,
       prediction_type="epsilon",
@@ -73,9 +76,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       cond_drop_prob=0.1,  # classifier-free-guidance dropout of region + structures
       structure_drop_prob=0.1,  # organ channels only, region kept: the condition of tasks run without labels
       body_drop_prob=0.3,  # of those, the fraction that also loses the body channel (synthesis without labels)
-  ))
+    )
+  )
 
-  c.data = ml_collections.ConfigDict(dict(
+  c.data = ml_collections.ConfigDict(
+    dict(
       source="phantom",  # phantom | prepared
       prepared_dir="",
       class_map="",  # optional class_map json; default: the embedded TotalSegmentator map
@@ -97,11 +102,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       hint="",  # '' (none) | lowres (thick slices of the image) | lesion (the lesion mask)
       sr_factor=5,  # lowres: native slices averaged into one thick slice (when no real low-res partner)
       positive_fraction=0.0,  # crops centred on a lesion voxel with this probability (lesion fine-tuning)
-      phantom=ml_collections.ConfigDict(dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0,
-                                             num_lesions=0)),  # lesions per phantom (lesion fine-tuning)
-  ))
+      phantom=ml_collections.ConfigDict(
+        dict(num_volumes=24, shape=(192, 192, 192), spacing=(1.5, 1.5, 1.5), seed=0, num_lesions=0)
+      ),  # lesions per phantom (lesion fine-tuning)
+    )
+  )
 
-  c.optimizer = ml_collections.ConfigDict(dict(
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
       learning_rate=1e-4,
       schedule="constant",  # constant | cosine
       warmup_steps=500,
@@ -113,9 +121,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=0.0,
       grad_clip_norm=1.0,
       trainable=(".*",),  # regexes over param paths ('encoder/conv_in/kernel'); the rest is frozen
-  ))
+    )
+  )
 
-  c.training = ml_collections.ConfigDict(dict(
+  c.training = ml_collections.ConfigDict(
+    dict(
       batch_size=4,  # global samples per optimizer step, all micro-batches together
       grad_accum_steps=1,  # micro-batch = batch_size / grad_accum_steps, split over mesh data x fsdp
       num_steps=200_000,
@@ -123,34 +133,42 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=100,
       max_consecutive_nan=10,
       profile_steps=0,  # >0: jax.profiler trace of that many steps into WORKDIR
-  ))
+    )
+  )
 
-  c.eval = ml_collections.ConfigDict(dict(
+  c.eval = ml_collections.ConfigDict(
+    dict(
       every_steps=5000,  # validation loss per timestep bucket on held-out volumes (0: off)
       num_batches=4,
       num_buckets=4,
       sample_every_steps=5000,  # preview montage (TensorBoard + WORKDIR/samples/*.png) (0: off)
       sample_steps=50,  # DDIM steps of the preview sampler
-  ))
+    )
+  )
 
   c.restore = True  # resume from the latest checkpoint in WORKDIR/checkpoints
-  c.checkpoint = ml_collections.ConfigDict(dict(
+  c.checkpoint = ml_collections.ConfigDict(
+    dict(
       every_steps=1000,
       keep=3,
       asynchronous=True,
       preemption_check_every=10,  # multi-process: steps between SIGTERM agreement points
-  ))
+    )
+  )
 
   # Devices per axis (one may be -1: the rest). spatial: devices that share one sample along depth.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1, tensor=1))
-  c.sharding = ml_collections.ConfigDict(dict(
+  c.sharding = ml_collections.ConfigDict(
+    dict(
       rules=(),  # empty: sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
-      min_shard_size=2 ** 14,  # params with fewer elements stay replicated
-  ))
+      min_shard_size=2**14,  # params with fewer elements stay replicated
+    )
+  )
 
   if preset == "tiny":
-    c.model.update(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_head_channels=8,
-                   pos_num_freqs=2, dtype="float32")
+    c.model.update(
+      base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_head_channels=8, pos_num_freqs=2, dtype="float32"
+    )
     c.data.update(patch_size=16)
     c.data.phantom.update(num_volumes=6, shape=(48, 48, 48), spacing=(6.0, 6.0, 6.0))
     c.optimizer.update(learning_rate=2e-3, warmup_steps=5, schedule="constant")
@@ -176,6 +194,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.mesh.update(data=-1, spatial=8)
   if "classes" in options:
     from meddiff_jax.data import class_map
+
     c.data.structures = "classes"
     c.model.update(structure_channels=1, structure_embed_dim=8, num_structure_ids=max(class_map.TOTAL) + 2)
   return c

@@ -3,8 +3,9 @@
 import ml_collections
 
 
-def add_window_options(c: ml_collections.ConfigDict, num_steps: int = 50,
-                       sampler: str = "dpmpp_2m") -> ml_collections.ConfigDict:
+def add_window_options(
+  c: ml_collections.ConfigDict, num_steps: int = 50, sampler: str = "dpmpp_2m"
+) -> ml_collections.ConfigDict:
   c.num_steps = num_steps  # reverse-process steps (network calls per window); the step budget
   # ddpm | ddim | dpmpp_2m (DPM-Solver++(2M), second order). Default: the cheapest measured budget within RMSE
   # 0.02 of the converged ODE sample from pure noise on the shipped prior is dpmpp_2m-50 (ddim-50: 0.021);

@@ -54,9 +54,17 @@ def parse(argv=None):
 
 def render(a) -> str:
   args = " ".join(shlex.quote(x) for x in [f"--config={a.config}", f"--workdir={a.workdir}", *a.overrides])
-  return TEMPLATE.format(name=a.name, nodes=a.nodes, gpus_per_node=a.gpus_per_node, cpus_per_task=a.cpus_per_task,
-                         time=a.time, log_dir=a.log_dir, port=a.port, args=args.replace("'", "'\\''"),
-                         partition_line=f"#SBATCH --partition={a.partition}" if a.partition else "")
+  return TEMPLATE.format(
+    name=a.name,
+    nodes=a.nodes,
+    gpus_per_node=a.gpus_per_node,
+    cpus_per_task=a.cpus_per_task,
+    time=a.time,
+    log_dir=a.log_dir,
+    port=a.port,
+    args=args.replace("'", "'\\''"),
+    partition_line=f"#SBATCH --partition={a.partition}" if a.partition else "",
+  )
 
 
 def main(argv=None) -> int:

@@ -41,17 +41,43 @@ def commands(a) -> list[list[str]]:
   tpu = ["gcloud", "compute", "tpus"]
   cmds = []
   if a.create:
-    create = tpu + ["queued-resources", "create", a.name, "--node-id", a.name, "--accelerator-type", a.accelerator,
-                    "--runtime-version", a.runtime] + loc
+    create = (
+      tpu
+      + [
+        "queued-resources",
+        "create",
+        a.name,
+        "--node-id",
+        a.name,
+        "--accelerator-type",
+        a.accelerator,
+        "--runtime-version",
+        a.runtime,
+      ]
+      + loc
+    )
     cmds.append(create + (["--spot"] if a.spot else []))
     cmds.append(["WAIT_ACTIVE", a.name] + loc)
   cmds.append(["git", "archive", "--format=tar.gz", "-o", "/tmp/meddiff_jax.tar.gz", "HEAD"])
   cmds.append(tpu + ["tpu-vm", "scp", "/tmp/meddiff_jax.tar.gz", f"{a.name}:/tmp/", "--worker=all"] + loc)
-  install = (f"mkdir -p {a.remote_dir} && tar -xzf /tmp/meddiff_jax.tar.gz -C {a.remote_dir} && cd {a.remote_dir} && "
-             "pip install -q -e . 'jax[tpu]>=0.10.2,<0.11'")
+  install = (
+    f"mkdir -p {a.remote_dir} && tar -xzf /tmp/meddiff_jax.tar.gz -C {a.remote_dir} && cd {a.remote_dir} && "
+    "pip install -q -e . 'jax[tpu]>=0.10.2,<0.11'"
+  )
   cmds.append(tpu + ["tpu-vm", "ssh", a.name, "--worker=all", f"--command={install}"] + loc)
-  run = " ".join(["cd", a.remote_dir, "&&", "python", "-m", "meddiff_jax.main", shlex.quote(f"--config={a.config}"),
-                  shlex.quote(f"--workdir={a.workdir}"), *map(shlex.quote, a.overrides)])
+  run = " ".join(
+    [
+      "cd",
+      a.remote_dir,
+      "&&",
+      "python",
+      "-m",
+      "meddiff_jax.main",
+      shlex.quote(f"--config={a.config}"),
+      shlex.quote(f"--workdir={a.workdir}"),
+      *map(shlex.quote, a.overrides),
+    ]
+  )
   cmds.append(tpu + ["tpu-vm", "ssh", a.name, "--worker=all", f"--command={run}"] + loc)
   return cmds
 
@@ -59,8 +85,11 @@ def commands(a) -> list[list[str]]:
 def wait_active(name: str, loc: list[str], timeout_s: float = 3600) -> None:
   t0 = time.time()
   while time.time() - t0 < timeout_s:
-    state = subprocess.run(["gcloud", "compute", "tpus", "queued-resources", "describe", name, *loc,
-                            "--format=value(state.state)"], capture_output=True, text=True).stdout.strip()
+    state = subprocess.run(
+      ["gcloud", "compute", "tpus", "queued-resources", "describe", name, *loc, "--format=value(state.state)"],
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
     print(f"queued resource {name}: {state or 'unknown'}", flush=True)
     if state == "ACTIVE":
       return

@@ -45,14 +45,19 @@ class Checkpointer:
     """`directory`: local, gs:// or s3:// (Orbax writes arrays with TensorStore, metadata with etils.epath)."""
     self.directory = storage.checkpoint_path(directory)
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=max(keep, 1)),
-        enable_async_checkpointing=asynchronous,
-        create=True,
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=max(keep, 1)),
+      enable_async_checkpointing=asynchronous,
+      create=True,
     )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -72,12 +77,18 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory}: no checkpoints")
     path = storage.join(self.directory, str(steps[-1]), "state")
     with ocp.PyTreeCheckpointer() as reader:
-      return reader.restore(path, args=ocp.args.PyTreeRestore(
-          item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets), partial_restore=True))
+      return reader.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+          item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets), partial_restore=True
+        ),
+      )
 
   def save(self, step: int, state: Any, data_iterator: Any | None, config: Any) -> None:
-    items = {"state": ocp.args.StandardSave(state),
-             "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort()))}
+    items = {
+      "state": ocp.args.StandardSave(state),
+      "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+    }
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -86,11 +97,17 @@ class Checkpointer:
     """Newest restorable step, or None when the directory has none."""
     for step in reversed(self.all_steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore())
+        )
       except Exception as e:  # a truncated/corrupt step: fall back to the previous one
-        logging.warning("checkpoint step %d in %s does not restore (%s: %s); trying an earlier step",
-                        step, self.directory, type(e).__name__, e)
+        logging.warning(
+          "checkpoint step %d in %s does not restore (%s: %s); trying an earlier step",
+          step,
+          self.directory,
+          type(e).__name__,
+          e,
+        )
         continue
       data_ok = False
       if data_iterator is not None:
@@ -98,8 +115,12 @@ class Checkpointer:
           self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
           data_ok = True
         except Exception as e:  # e.g. a different number of processes than when saved
-          logging.warning("data iterator state of step %d not restored (%s: %s); the data stream is "
-                          "reseeded by step instead", step, type(e).__name__, e)
+          logging.warning(
+            "data iterator state of step %d not restored (%s: %s); the data stream is reseeded by step instead",
+            step,
+            type(e).__name__,
+            e,
+          )
       return Restored(state=restored["state"], step=step, data_restored=data_ok, config=restored["config"])
     return None
 

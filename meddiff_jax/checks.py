@@ -46,6 +46,7 @@ ConfigError = sections.ConfigError  # a ValueError: a config mistake, said in on
 
 # ------------------------------------------------------------------------------------------------- training
 
+
 def pretrain(config: Config, num_devices: int | None = None) -> Config:
   """configs/pretrain.py (and the training part of a derived ControlNet config). The batch plan is checked
   against `num_devices` (default: the devices present)."""
@@ -67,34 +68,51 @@ def pretrain(config: Config, num_devices: int | None = None) -> Config:
   sections.flag("config.restore", config.restore)
   # across sections
   if evaluation.sample_every_steps and evaluation.sample_steps > diffusion.num_timesteps:
-    raise ConfigError(f"config.eval.sample_steps={evaluation.sample_steps} exceeds config.diffusion.num_timesteps="
-                      f"{diffusion.num_timesteps}; choose 1..{diffusion.num_timesteps}")
+    raise ConfigError(
+      f"config.eval.sample_steps={evaluation.sample_steps} exceeds config.diffusion.num_timesteps="
+      f"{diffusion.num_timesteps}; choose 1..{diffusion.num_timesteps}"
+    )
   if evaluation.every_steps and evaluation.num_buckets > diffusion.num_timesteps:
-    raise ConfigError(f"config.eval.num_buckets={evaluation.num_buckets} exceeds config.diffusion.num_timesteps="
-                      f"{diffusion.num_timesteps}")
+    raise ConfigError(
+      f"config.eval.num_buckets={evaluation.num_buckets} exceeds config.diffusion.num_timesteps="
+      f"{diffusion.num_timesteps}"
+    )
   expected = pipeline.structure_channel_count(data)
   if model.structure_channels != expected:
-    raise ConfigError(f"config.model.structure_channels={model.structure_channels} but the data gives {expected} "
-                      f"structure channels (data.use_structures={data.use_structures}, "
-                      f"data.structures={data.structures!r})")
+    raise ConfigError(
+      f"config.model.structure_channels={model.structure_channels} but the data gives {expected} "
+      f"structure channels (data.use_structures={data.use_structures}, "
+      f"data.structures={data.structures!r})"
+    )
   if data.use_structures and pipeline.structures_as_labels(data):
     ids = pipeline.structure_lut(data)[1] + 2  # background, classes, body
     if not model.structure_embed_dim or model.num_structure_ids != ids:
-      raise ConfigError(f"data.structures='classes' needs model.structure_embed_dim > 0 and model.num_structure_ids="
-                        f"{ids} (got {model.structure_embed_dim}, {model.num_structure_ids}); "
-                        "use configs/pretrain.py:PRESET+classes")
+      raise ConfigError(
+        f"data.structures='classes' needs model.structure_embed_dim > 0 and model.num_structure_ids="
+        f"{ids} (got {model.structure_embed_dim}, {model.num_structure_ids}); "
+        "use configs/pretrain.py:PRESET+classes"
+      )
   factor = 2 ** (len(model.channel_mult) - 1)
   if data.patch_size % factor:
-    raise ConfigError(f"config.data.patch_size={data.patch_size} must be divisible by {factor} "
-                      f"(2^(levels-1) for channel_mult={tuple(model.channel_mult)})")
+    raise ConfigError(
+      f"config.data.patch_size={data.patch_size} must be divisible by {factor} "
+      f"(2^(levels-1) for channel_mult={tuple(model.channel_mult)})"
+    )
   # The batch plan against the mesh of the devices present: fails here, not after a compile.
-  sharding.check_plan(train.batch_size, train.grad_accum_steps, data.patch_size, len(model.channel_mult),
-                      sharding.resolve_mesh_sizes(dict(config.mesh), num_devices or jax.device_count()),
-                      sharding.rules_from_config(config.sharding.rules))
+  sharding.check_plan(
+    train.batch_size,
+    train.grad_accum_steps,
+    data.patch_size,
+    len(model.channel_mult),
+    sharding.resolve_mesh_sizes(dict(config.mesh), num_devices or jax.device_count()),
+    sharding.rules_from_config(config.sharding.rules),
+  )
   if data.source == "prepared":
     if not data.prepared_dir:
-      raise ConfigError("config.data.source='prepared' needs --config.data.prepared_dir=DIR "
-                        "(make one with configs/prepare.py), or use --config.data.source=phantom")
+      raise ConfigError(
+        "config.data.source='prepared' needs --config.data.prepared_dir=DIR "
+        "(make one with configs/prepare.py), or use --config.data.source=phantom"
+      )
     storage.check_backend(data.prepared_dir)  # a gs:// / s3:// store needs its filesystem extra
   return config
 
@@ -104,8 +122,10 @@ def _pretrained_exists(key: str, path: str) -> None:
   try:
     pretrained.resolve(path)
   except FileNotFoundError:
-    raise FileNotFoundError(f"--config.{key}={path!r} does not exist (a training workdir, an exported directory, "
-                            f"or one of {sorted(pretrained.BUILTIN)})") from None
+    raise FileNotFoundError(
+      f"--config.{key}={path!r} does not exist (a training workdir, an exported directory, "
+      f"or one of {sorted(pretrained.BUILTIN)})"
+    ) from None
 
 
 def _is_controlnet_workdir(path: str) -> bool:
@@ -121,13 +141,16 @@ def controlnet(config: Config, num_devices: int | None = None) -> Config:
   if config.task not in controlnet_lib.HINTS:
     raise ConfigError(f"config.task={config.task!r}; choose one of {tuple(controlnet_lib.HINTS)}")
   if config.data.hint != controlnet_lib.HINTS[config.task]:
-    raise ConfigError(f"config.data.hint={config.data.hint!r} but task {config.task!r} is conditioned on "
-                      f"{controlnet_lib.HINTS[config.task]!r}")
+    raise ConfigError(
+      f"config.data.hint={config.data.hint!r} but task {config.task!r} is conditioned on "
+      f"{controlnet_lib.HINTS[config.task]!r}"
+    )
   pretrained.ControlNetSpec.from_config(config.controlnet)
   return pretrain(controlnet_lib.derive_config(config), num_devices)
 
 
 # ------------------------------------------------------------------------------------------ data, evaluation
+
 
 def prepare(config: Config) -> Config:
   """configs/prepare.py (the output folder's contents are checked when preparation starts)."""
@@ -140,8 +163,9 @@ def prepare(config: Config) -> Config:
   if config.store_codec not in store_lib.CODECS:
     raise ConfigError(f"config.store_codec={config.store_codec!r}; choose one of {tuple(store_lib.CODECS)}")
   if any(not isinstance(size, int) or size < 2 for size in config.whole_sizes):
-    raise ConfigError(f"config.whole_sizes={tuple(config.whole_sizes)!r}; give training patch sizes (integers >= 2), "
-                      "e.g. (128,)")
+    raise ConfigError(
+      f"config.whole_sizes={tuple(config.whole_sizes)!r}; give training patch sizes (integers >= 2), e.g. (128,)"
+    )
   if config.default_region not in preprocess.REGIONS + regions.AUTO:
     raise ConfigError(f"config.default_region={config.default_region!r}; choose auto or one of {preprocess.REGIONS}")
   nifti.ReadOptions.from_section(config)
@@ -155,11 +179,14 @@ def evaluate(config: Config) -> Config:
   """configs/evaluate.py (the cases themselves are read and checked by benchmarking/datasets.py)."""
   if config.protocol not in protocols.PROTOCOLS:
     raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(protocols.PROTOCOLS)}")
-  if config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not _is_controlnet_workdir(
-      config.controlnet):
-    raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
-                            f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
-                            "for the reference rows only)")
+  if (
+    config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not _is_controlnet_workdir(config.controlnet)
+  ):
+    raise FileNotFoundError(
+      f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
+      f"(configs/controlnet.py); the {config.protocol} protocol needs one (or skip_model=True "
+      "for the reference rows only)"
+    )
   if not config.skip_model:  # the task config each case runs with: shared options and --config.task typed now
     task_name = adapters.TASK[config.protocol]
     TASK_SPECS[task_name].from_config(adapters.task_config(config.protocol, config))
@@ -179,8 +206,10 @@ def export(config: Config) -> Config:
   except storage.MissingBackendError as e:
     raise storage.MissingBackendError(f"--config.output: {e}") from None
   if is_dir and storage.glob(storage.join(config.output, "*")) and not config.overwrite:
-    raise ConfigError(f"--config.output={config.output!r} exists and is not empty; choose a new directory "
-                      "or pass --config.overwrite=True")
+    raise ConfigError(
+      f"--config.output={config.output!r} exists and is not empty; choose a new directory "
+      "or pass --config.overwrite=True"
+    )
   if exists and not is_dir:
     raise ConfigError(f"--config.output={config.output!r} is a file, not a directory")
   return config
@@ -191,8 +220,13 @@ def export(config: Config) -> Config:
 ZERO_SHOT_TASKS = ("denoise", "anomaly", "synthesis")  # a pretrained model: --config.checkpoint
 CONTROLNET_TASKS = ("super_resolution", "lesion")  # a fine-tuning workdir: --config.controlnet
 TASKS = ZERO_SHOT_TASKS + CONTROLNET_TASKS
-TASK_SPECS = {"denoise": denoise.DenoiseSpec, "anomaly": anomaly.AnomalySpec, "synthesis": synthesis.SynthesisSpec,
-              "super_resolution": controlled.SuperResolutionSpec, "lesion": controlled.LesionSpec}
+TASK_SPECS = {
+  "denoise": denoise.DenoiseSpec,
+  "anomaly": anomaly.AnomalySpec,
+  "synthesis": synthesis.SynthesisSpec,
+  "super_resolution": controlled.SuperResolutionSpec,
+  "lesion": controlled.LesionSpec,
+}
 
 
 def task(config: Config) -> Config:
@@ -204,8 +238,9 @@ def task(config: Config) -> Config:
   TASK_SPECS[mode].from_config(config)
   if mode in CONTROLNET_TASKS:
     if not _is_controlnet_workdir(config.controlnet):
-      raise FileNotFoundError(f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir "
-                              "(configs/controlnet.py)")
+      raise FileNotFoundError(
+        f"--config.controlnet={config.controlnet!r} is not a ControlNet fine-tuning workdir (configs/controlnet.py)"
+      )
   else:
     _pretrained_exists("checkpoint", config.checkpoint)
   if mode != "synthesis" and not os.path.exists(config.input):

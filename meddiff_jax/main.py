@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -24,8 +25,9 @@ from meddiff_jax.data import nifti, prepare
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally :preset.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file, optionally :preset.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// / s3:// URL) for logs and checkpoints.")
 
 # Environment variables that mean "this is one process of a multi-process job".
@@ -45,11 +47,16 @@ def maybe_initialize_distributed() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if os.environ.get("JAX_COORDINATOR_ADDRESS") and os.environ.get("JAX_NUM_PROCESSES"):
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+    kwargs = dict(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
   jax.distributed.initialize(**kwargs)
-  print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global "
-        "devices", flush=True)
+  print(
+    f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global devices",
+    flush=True,
+  )
 
 
 Config = ml_collections.ConfigDict
@@ -75,6 +82,7 @@ def task(run: Callable[[Config], dict]) -> Callable[[Config, str | None], dict]:
     logging.info("%s: %s", config.mode, result)
     print(result)
     return result
+
   return run_task
 
 
@@ -90,16 +98,16 @@ class Command:
 
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad cases / manifests / directories found while reading them
 COMMANDS: dict[str, Command] = {
-    "train": Command(checks.pretrain, train, workdir=True, distributed=True),
-    "controlnet": Command(checks.controlnet, controlnet.finetune, workdir=True, distributed=True),
-    "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
-    "evaluate": Command(checks.evaluate, evaluation.run, workdir=True, user_errors=INPUT_ERRORS),
-    "export": Command(checks.export, export),
-    "denoise": Command(checks.task, task(denoise.run), user_errors=(nifti.VolumeError,)),
-    "anomaly": Command(checks.task, task(anomaly.run), user_errors=(nifti.VolumeError,)),
-    "synthesis": Command(checks.task, task(synthesis.run), user_errors=(nifti.VolumeError,)),
-    "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(nifti.VolumeError,)),
-    "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(nifti.VolumeError,)),
+  "train": Command(checks.pretrain, train, workdir=True, distributed=True),
+  "controlnet": Command(checks.controlnet, controlnet.finetune, workdir=True, distributed=True),
+  "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
+  "evaluate": Command(checks.evaluate, evaluation.run, workdir=True, user_errors=INPUT_ERRORS),
+  "export": Command(checks.export, export),
+  "denoise": Command(checks.task, task(denoise.run), user_errors=(nifti.VolumeError,)),
+  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(nifti.VolumeError,)),
+  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(nifti.VolumeError,)),
+  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(nifti.VolumeError,)),
+  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(nifti.VolumeError,)),
 }
 # What a check may raise: a wrong value, a path that does not exist, a missing gs:// / s3:// extra.
 CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)

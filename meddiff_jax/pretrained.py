@@ -17,15 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.serialization
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from meddiff_jax import checkpoint, sections, sharding, storage
 from meddiff_jax.data import preprocess
@@ -39,13 +40,20 @@ ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before
 # absence meant then. Only configs read back from a checkpoint get them (`stored_config`); a new config
 # has every key, with its default visible in configs/pretrain.py.
 LEGACY_KEYS = {
-    "model.structure_embed_dim": 0, "model.num_structure_ids": 0,
-    "diffusion.structure_drop_prob": 0.0, "diffusion.body_drop_prob": 0.0,
-    "data.class_map": "", "data.spacing": (), "data.structures": "grouped",
-    "data.structure_groups": tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
-    "data.hint": "", "data.sr_factor": 5, "data.positive_fraction": 0.0, "data.phantom.num_lesions": 0,
-    "data.pack_structures": False,
-    "optimizer.trainable": ALL_PARAMS,
+  "model.structure_embed_dim": 0,
+  "model.num_structure_ids": 0,
+  "diffusion.structure_drop_prob": 0.0,
+  "diffusion.body_drop_prob": 0.0,
+  "data.class_map": "",
+  "data.spacing": (),
+  "data.structures": "grouped",
+  "data.structure_groups": tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
+  "data.hint": "",
+  "data.sr_factor": 5,
+  "data.positive_fraction": 0.0,
+  "data.phantom.num_lesions": 0,
+  "data.pack_structures": False,
+  "optimizer.trainable": ALL_PARAMS,
 }
 
 
@@ -88,8 +96,10 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3
 def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
   x = jnp.zeros((batch, patch, patch, patch, 1), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
-  cond = {conditions.POS_BOX: jnp.asarray(conditions.whole_box(batch)),
-          conditions.REGION: jnp.zeros((batch,), jnp.int32)}
+  cond = {
+    conditions.POS_BOX: jnp.asarray(conditions.whole_box(batch)),
+    conditions.REGION: jnp.zeros((batch,), jnp.int32),
+  }
   if spec.structure_channels:
     cond[conditions.STRUCTURES] = jnp.zeros((batch, patch, patch, patch, spec.structure_channels), jnp.uint8)
   return x, t, cond
@@ -112,7 +122,7 @@ class ControlNetSpec:
     sections.at_least("config.controlnet.conditioning_scale", self.conditioning_scale, 0.0)
 
   @classmethod
-  def from_config(cls, section: Any) -> "ControlNetSpec":
+  def from_config(cls, section: Any) -> ControlNetSpec:
     return sections.from_config(cls, section, "config.controlnet")
 
 
@@ -127,12 +137,14 @@ def controlled_init_fn(model: controlnet.ControlledUNet, patch: int) -> Callable
   cond[conditions.HINT] = jnp.zeros(x.shape, jnp.float32)
   is_box = lambda v: isinstance(v, nn.Partitioned)
   fill = lambda boxed, values: jax.tree_util.tree_map(
-      lambda b, v: b.replace_boxed(v) if is_box(b) else v, boxed, values, is_leaf=is_box)
+    lambda b, v: b.replace_boxed(v) if is_box(b) else v, boxed, values, is_leaf=is_box
+  )
 
   def init(key, base_params):
     params = model.init(key, x, t, cond)["params"]  # the base's random init is unused (dead code under jit)
     branch = dict(params["controlnet"], encoder=fill(params["controlnet"]["encoder"], base_params["encoder"]))
     return {"base": fill(params["base"], base_params), "controlnet": branch}
+
   return init
 
 
@@ -140,8 +152,9 @@ def resolve(path: str) -> str:
   """A builtin name or an existing path, else a FileNotFoundError naming both options."""
   path = BUILTIN.get(path, path)
   if not path or not storage.exists(path):
-    raise FileNotFoundError(f"checkpoint {path!r} does not exist (a training workdir, an exported directory, "
-                            f"or one of {sorted(BUILTIN)})")
+    raise FileNotFoundError(
+      f"checkpoint {path!r} does not exist (a training workdir, an exported directory, or one of {sorted(BUILTIN)})"
+    )
   return path
 
 
@@ -232,12 +245,14 @@ def _abstract(init_fn: Callable, *args: Any) -> Any:
   """Unboxed ShapeDtypeStructs of the params on this process's first device (no compute, no memory)."""
   boxed = jax.eval_shape(init_fn, jax.random.key(0, impl="rbg"), *args)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                sharding.strip_boxes(boxed))
+  return jax.tree_util.tree_map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), sharding.strip_boxes(boxed)
+  )
 
 
-def _inference_params(ck: checkpoint.Checkpointer, abstract: Any, config: ml_collections.ConfigDict,
-                      external: Any = None) -> Any:
+def _inference_params(
+  ck: checkpoint.Checkpointer, abstract: Any, config: ml_collections.ConfigDict, external: Any = None
+) -> Any:
   """EMA of the trained leaves + the frozen leaves as checkpointed; `external` (the base of a ControlNet
   run) supplies frozen leaves the run did not checkpoint."""
   labels = trainable.labels(abstract, config.optimizer.trainable)
@@ -259,6 +274,7 @@ def _mask_out(tree: dict, external: dict) -> dict:
 @dataclasses.dataclass
 class Controlled:
   """A fine-tuned ControlNet: the base + branch module and its full inference params {'base', 'controlnet'}."""
+
   pre: Pretrained
   model: controlnet.ControlledUNet
   params: Any
@@ -289,8 +305,11 @@ def export(workdir: str, out_dir: str) -> str:
   pre = load(workdir)
   storage.makedirs(out_dir)
   # config first: params.msgpack is what marks an export (`_is_export`), so a reader never sees half of one
-  storage.write_text(storage.join(out_dir, "config.json"),
-                     json.dumps(json.loads(pre.config.to_json_best_effort()), indent=1))
-  storage.write_bytes(storage.join(out_dir, "params.msgpack"),
-                      flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, pre.params)))
+  storage.write_text(
+    storage.join(out_dir, "config.json"), json.dumps(json.loads(pre.config.to_json_best_effort()), indent=1)
+  )
+  storage.write_bytes(
+    storage.join(out_dir, "params.msgpack"),
+    flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, pre.params)),
+  )
   return out_dir

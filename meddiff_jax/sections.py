@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Mapping, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -29,8 +30,13 @@ def frozen(value: Any) -> Any:
   return value
 
 
-def from_config(cls: type[T], section: Mapping[str, Any], name: str, nested: Mapping[str, Any] | None = None,
-                ignore: Iterable[str] = ()) -> T:
+def from_config(
+  cls: type[T],
+  section: Mapping[str, Any],
+  name: str,
+  nested: Mapping[str, Any] | None = None,
+  ignore: Iterable[str] = (),
+) -> T:
   """`cls(**section)` for the dataclass `cls`: unknown or missing keys are a ConfigError naming the valid
   ones; `nested` maps a key to the spec class (or a function of the sub-section) that builds it; keys in
   `ignore` are not the spec's to check (another spec or check owns them)."""
@@ -78,8 +84,12 @@ def count(key: str, value: Any, low: int = 1) -> None:
 
 def fraction(key: str, value: Any, upper_open: bool = False) -> None:
   """A probability / fraction in [0, 1] (or [0, 1) with upper_open)."""
-  ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value and (
-      value < 1.0 if upper_open else value <= 1.0)
+  ok = (
+    not isinstance(value, bool)
+    and isinstance(value, (int, float))
+    and 0.0 <= value
+    and (value < 1.0 if upper_open else value <= 1.0)
+  )
   if not ok:
     raise ConfigError(f"{key}={value!r}; must be a fraction in [0, 1{')' if upper_open else ']'}")
 
@@ -99,12 +109,18 @@ def sizes(key: str, value: Any, length: int | None = 3, allow_empty: bool = Fals
   if allow_empty and value == ():
     return
   kind = int if integer else (int, float)
-  ok = isinstance(value, tuple) and (length is None or len(value) == length) and len(value) > 0 and all(
-      isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in value)
+  ok = (
+    isinstance(value, tuple)
+    and (length is None or len(value) == length)
+    and len(value) > 0
+    and all(isinstance(v, kind) and not isinstance(v, bool) and v > 0 for v in value)
+  )
   if not ok:
     n = f"{length} " if length else ""
-    raise ConfigError(f"{key}={value!r}; must be a tuple of {n}positive {'integers' if integer else 'numbers'}"
-                      + (" or ()" if allow_empty else ""))
+    raise ConfigError(
+      f"{key}={value!r}; must be a tuple of {n}positive {'integers' if integer else 'numbers'}"
+      + (" or ()" if allow_empty else "")
+    )
 
 
 def regexes(key: str, value: Any) -> None:

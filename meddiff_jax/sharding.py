@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,17 +22,17 @@ from meddiff_jax import sections
 MESH_AXES = ("data", "fsdp", "spatial", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),  # activations and inputs: split over every data-parallel axis
-    ("act_depth", "spatial"),  # one sample split along depth over `spatial` devices (XLA adds the halos)
-    ("act_height", None),
-    ("act_width", None),
-    ("act_channels", "tensor"),
-    ("conv_in", "fsdp"),
-    ("conv_out", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("vocab", None),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),  # activations and inputs: split over every data-parallel axis
+  ("act_depth", "spatial"),  # one sample split along depth over `spatial` devices (XLA adds the halos)
+  ("act_height", None),
+  ("act_width", None),
+  ("act_channels", "tensor"),
+  ("conv_in", "fsdp"),
+  ("conv_out", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("vocab", None),
+  ("norm", None),
 )
 
 
@@ -55,7 +56,7 @@ class MeshSpec:
       raise sections.ConfigError(f"config.mesh has -1 for {rest}; at most one mesh axis may be -1")
 
   @classmethod
-  def from_config(cls, section: Any) -> "MeshSpec":
+  def from_config(cls, section: Any) -> MeshSpec:
     return sections.from_config(cls, section, "config.mesh")
 
 
@@ -70,14 +71,20 @@ class ShardingSpec:
     for rule in self.rules:
       axes = rule[1] if isinstance(rule, tuple) and len(rule) == 2 else ()
       axes = axes if isinstance(axes, tuple) else (axes,)
-      if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
-              and all(a is None or a in MESH_AXES for a in axes)):
-        raise sections.ConfigError(f"config.sharding.rules={self.rules!r}: {rule!r} is not (logical name, mesh axis "
-                                   f"or tuple of mesh axes or None) with mesh axes from {MESH_AXES}")
+      if not (
+        isinstance(rule, tuple)
+        and len(rule) == 2
+        and isinstance(rule[0], str)
+        and all(a is None or a in MESH_AXES for a in axes)
+      ):
+        raise sections.ConfigError(
+          f"config.sharding.rules={self.rules!r}: {rule!r} is not (logical name, mesh axis "
+          f"or tuple of mesh axes or None) with mesh axes from {MESH_AXES}"
+        )
     sections.count("config.sharding.min_shard_size", self.min_shard_size, 0)
 
   @classmethod
-  def from_config(cls, section: Any) -> "ShardingSpec":
+  def from_config(cls, section: Any) -> ShardingSpec:
     return sections.from_config(cls, section, "config.sharding")
 
 
@@ -89,8 +96,7 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
   """
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_mesh_sizes(axis_sizes, len(devices))
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def resolve_mesh_sizes(axis_sizes: dict[str, int], num_devices: int) -> dict[str, int]:
@@ -107,8 +113,7 @@ def resolve_mesh_sizes(axis_sizes: dict[str, int], num_devices: int) -> dict[str
       raise ValueError(f"{num_devices} devices do not split into mesh {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{num_devices} available")
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, {num_devices} available")
   return dict(zip(MESH_AXES, sizes))
 
 
@@ -153,16 +158,18 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, min_shard_si
   return PartitionSpec(*fitted)
 
 
-def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
-                   min_shard_size: int = 0) -> Any:
+def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]], min_shard_size: int = 0) -> Any:
   """NamedShardings for the *unboxed* version of a tree that holds linen LogicallyPartitioned boxes."""
   logical_specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
   unboxed = strip_boxes(abstract_boxed)
   is_spec = lambda x: isinstance(x, PartitionSpec)
   return jax.tree_util.tree_map(
-      lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh, min_shard_size)),
-      mesh_specs, unboxed, is_leaf=is_spec)
+    lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh, min_shard_size)),
+    mesh_specs,
+    unboxed,
+    is_leaf=is_spec,
+  )
 
 
 def strip_boxes(tree: Any) -> Any:
@@ -195,12 +202,17 @@ def input_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: Any) ->
 
 def constrain_inputs(batch: Any, rules: Sequence[tuple[str, Any]]) -> Any:
   """Inside jit: keep (micro-)batches laid out like `input_shardings`."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.lax.with_sharding_constraint(x, input_spec(rules, x.ndim)), batch)
+  return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, input_spec(rules, x.ndim)), batch)
 
 
-def check_plan(batch_size: int, grad_accum_steps: int, patch_size: int, levels: int,
-               mesh_sizes: dict[str, int], rules: Sequence[tuple[str, Any]]) -> None:
+def check_plan(
+  batch_size: int,
+  grad_accum_steps: int,
+  patch_size: int,
+  levels: int,
+  mesh_sizes: dict[str, int],
+  rules: Sequence[tuple[str, Any]],
+) -> None:
   """Raise one ValueError line (what to set) when the batch plan does not fit the mesh.
 
   Called before anything compiles. A micro-batch must split evenly over the mesh axes `batch` maps to
@@ -211,13 +223,16 @@ def check_plan(batch_size: int, grad_accum_steps: int, patch_size: int, levels: 
   b_axes, d_axes = _axes_tuple(r.get("batch")), _axes_tuple(r.get("act_depth"))
   clash = set(b_axes) & set(d_axes)
   if clash:
-    raise ValueError(f"sharding rules map both batch and act_depth to mesh axes {sorted(clash)}; "
-                     "give act_depth its own axis (default: spatial)")
+    raise ValueError(
+      f"sharding rules map both batch and act_depth to mesh axes {sorted(clash)}; "
+      "give act_depth its own axis (default: spatial)"
+    )
   n_batch = int(np.prod([mesh_sizes[a] for a in b_axes])) if b_axes else 1
   n_depth = int(np.prod([mesh_sizes[a] for a in d_axes])) if d_axes else 1
   if batch_size % grad_accum_steps:
-    raise ValueError(f"config.training.batch_size={batch_size} must be divisible by "
-                     f"grad_accum_steps={grad_accum_steps}")
+    raise ValueError(
+      f"config.training.batch_size={batch_size} must be divisible by grad_accum_steps={grad_accum_steps}"
+    )
   micro = batch_size // grad_accum_steps
   if micro % n_batch:
     hints = []
@@ -228,14 +243,19 @@ def check_plan(batch_size: int, grad_accum_steps: int, patch_size: int, levels: 
       hints.append(f"--config.mesh.data={micro} --config.mesh.fsdp=1 --config.mesh.spatial={total // micro}")
     hints.append(f"--config.training.batch_size={grad_accum_steps * n_batch}")
     raise ValueError(
-        f"micro-batch {micro} (config.training.batch_size={batch_size} / grad_accum_steps={grad_accum_steps}) "
-        f"does not split over the {n_batch} devices of mesh axes {' x '.join(b_axes) or '()'} "
-        f"(mesh {mesh_sizes}); set " + " or ".join(hints))
+      f"micro-batch {micro} (config.training.batch_size={batch_size} / grad_accum_steps={grad_accum_steps}) "
+      f"does not split over the {n_batch} devices of mesh axes {' x '.join(b_axes) or '()'} "
+      f"(mesh {mesh_sizes}); set " + " or ".join(hints)
+    )
   coarsest = patch_size // 2 ** (levels - 1)
   if n_depth > 1 and coarsest % n_depth:
-    raise ValueError(f"mesh axes {' x '.join(d_axes)} split depth {n_depth} ways, but the coarsest feature map "
-                     f"has depth {coarsest} (patch_size={patch_size}, {levels} levels); set "
-                     f"--config.mesh.spatial to a divisor of {coarsest} or a larger --config.data.patch_size")
+    raise ValueError(
+      f"mesh axes {' x '.join(d_axes)} split depth {n_depth} ways, but the coarsest feature map "
+      f"has depth {coarsest} (patch_size={patch_size}, {levels} levels); set "
+      f"--config.mesh.spatial to a divisor of {coarsest} or a larger --config.data.patch_size"
+    )
+
+
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> NamedSharding:
   """Inputs: the leading (batch) dimension split over the rules' batch axes."""
   return NamedSharding(mesh, PartitionSpec(batch_axes(rules)))

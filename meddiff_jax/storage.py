@@ -51,8 +51,9 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     s = scheme(path)
     if s in EXTRAS:
       lib, extra = EXTRAS[s]
-      raise MissingBackendError(f"{path}: {s}:// needs {lib}; install it with pip install -e '.[{extra}]' "
-                                f"(or pip install {lib})") from None
+      raise MissingBackendError(
+        f"{path}: {s}:// needs {lib}; install it with pip install -e '.[{extra}]' (or pip install {lib})"
+      ) from None
     raise MissingBackendError(f"{path}: no filesystem for {s}:// ({e})") from None
 
 
@@ -141,8 +142,9 @@ def checkpoint_path(path: str) -> str:
   if scheme(path) in CHECKPOINT_SCHEMES:
     check_backend(path)  # Orbax's metadata goes through etils.epath -> fsspec
     return path
-  raise ValueError(f"{path}: Orbax checkpoints go to a local directory, gs:// or s3:// "
-                   f"(TensorStore has no {scheme(path)}:// driver)")
+  raise ValueError(
+    f"{path}: Orbax checkpoints go to a local directory, gs:// or s3:// (TensorStore has no {scheme(path)}:// driver)"
+  )
 
 
 class Appender:

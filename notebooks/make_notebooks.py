@@ -1,10 +1,11 @@
 """Writes the three Colab notebooks from one source: they share the setup (install) cell, the checkpoint
 choice and the real-CT cell. Edit here, then `python notebooks/make_notebooks.py`; tests/test_notebooks.py
 checks the committed notebooks match."""
+
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-SETUP = '''\
+SETUP = """\
 # Setup. On Colab (or anywhere meddiff_jax is not importable yet) this clones REPO and pip-installs it with
 # the JAX build for the runtime's accelerator; where meddiff_jax and its configs/ import already, it does nothing.
 REPO = "https://github.com/OWNER/meddiff_jax"  # <- set this once: the repository (or your fork) to install
@@ -24,9 +25,9 @@ if importlib.util.find_spec("meddiff_jax") is None or importlib.util.find_spec("
 import jax  # no platform forced: the runtime's GPU / TPU when there is one (JAX_PLATFORMS=cpu forces CPU)
 print(f"JAX {jax.__version__} on {jax.default_backend().upper()}: {len(jax.devices())} x {jax.devices()[0].device_kind}")
 STEPS = int(os.environ.get("NB_STEPS", 10))  # sampler / training steps: small, so the demo runs on a CPU too
-'''
+"""
 
-CHECKPOINT = '''\
+CHECKPOINT = """\
 import numpy as np
 import matplotlib.pyplot as plt
 from meddiff_jax import pretrained
@@ -35,7 +36,7 @@ from meddiff_jax.data import nifti, pipeline, preprocess, samples
 CHECKPOINT = "tiny_ct" if "tiny_ct" in pretrained.BUILTIN else "tiny_phantom"  # or a training workdir / exported dir
 SPACING = pipeline.training_spacing(pretrained.read_config(CHECKPOINT).data)  # the network runs at this voxel size
 print(f"checkpoint {CHECKPOINT}: trained at {SPACING} mm")
-'''
+"""
 
 REAL_CT = '''\
 UPLOAD = False  # True (on Colab): upload your own CT (.nii.gz / .nrrd / .mha) instead of the public sample
@@ -84,21 +85,28 @@ def nb(cells):
   n = new_notebook(cells=cells)
   for i, c in enumerate(n.cells):
     c.id = f"cell-{i}"  # stable ids: regenerating gives a clean diff
-  n.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                     "language_info": {"name": "python"}, "accelerator": "GPU",
-                     "colab": {"provenance": [], "gpuType": "T4"}})
+  n.metadata.update(
+    {
+      "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+      "language_info": {"name": "python"},
+      "accelerator": "GPU",
+      "colab": {"provenance": [], "gpuType": "T4"},
+    }
+  )
   return n
 
 
 # ------------------------------------------------------------------------------------------------ 01
-nb01 = nb([
+nb01 = nb(
+  [
     new_markdown_cell(
-        "# 1. Quickstart: pretrain MedDiff-FM's backbone for a few steps\n"
-        "The tiny preset on the embedded synthetic CT phantom: multi-level patches with whole-volume position, "
-        "region and structure conditions. Runs as is on Colab (GPU / TPU runtime or CPU): set `REPO` in the first "
-        "cell if you install from a fork. Real CT and the pretrained priors: notebook 2."),
+      "# 1. Quickstart: pretrain MedDiff-FM's backbone for a few steps\n"
+      "The tiny preset on the embedded synthetic CT phantom: multi-level patches with whole-volume position, "
+      "region and structure conditions. Runs as is on Colab (GPU / TPU runtime or CPU): set `REPO` in the first "
+      "cell if you install from a fork. Real CT and the pretrained priors: notebook 2."
+    ),
     new_code_cell(SETUP),
-    new_code_cell('''\
+    new_code_cell("""\
 import json, tempfile
 import numpy as np
 import matplotlib.pyplot as plt
@@ -110,8 +118,8 @@ config = pretrain.get_config("tiny")
 config.training.update(num_steps=int(os.environ.get("NB_STEPS", 30)), log_every=2)
 config.eval.update(every_steps=10, sample_every_steps=0)
 workdir = tempfile.mkdtemp(prefix="meddiff_quickstart_")
-print(config.model)'''),
-    new_code_cell('''\
+print(config.model)"""),
+    new_code_cell("""\
 last = loop.train_and_evaluate(checks.pretrain(config), workdir)  # checked once, as main.py does
 rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 train = [r for r in rows if "loss" in r]
@@ -120,30 +128,37 @@ plt.figure(figsize=(6, 3))
 plt.plot([r["step"] for r in train], [r["loss"] for r in train], label="train L1 (eps)")
 plt.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", label="validation")
 plt.xlabel("step"); plt.legend(); plt.show()
-assert all(np.isfinite(r["loss"]) for r in train)  # falls steadily with the default 30 steps'''),
-    new_markdown_cell("Training resumes from `workdir/checkpoints` when run again with more steps, and writes "
-                      "TensorBoard events to `workdir`."),
-    new_code_cell('''\
+assert all(np.isfinite(r["loss"]) for r in train)  # falls steadily with the default 30 steps"""),
+    new_markdown_cell(
+      "Training resumes from `workdir/checkpoints` when run again with more steps, and writes "
+      "TensorBoard events to `workdir`."
+    ),
+    new_code_cell("""\
 from meddiff_jax.data import pipeline
 batch = next(iter(pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=3, seed=0)))
 print("operations (whole, zoom2, patch):", batch["operation"], "\\npos_box[0]:", batch["pos_box"][0])
-plt.figure(figsize=(6, 6)); plt.imshow(montage.slice_montage(list(batch["image"]), tile=96)); plt.axis("off"); plt.show()'''),
-])
+plt.figure(figsize=(6, 6)); plt.imshow(montage.slice_montage(list(batch["image"]), tile=96)); plt.axis("off"); plt.show()"""),
+  ]
+)
 
 # ------------------------------------------------------------------------------------------------ 02
-nb02 = nb([
+nb02 = nb(
+  [
     new_markdown_cell(
-        "# 2. Denoising and anomaly detection on a real CT with the pretrained prior\n"
-        "`CHECKPOINT` is `tiny_ct` (a CPU-sized prior trained on two real CTs: smoke-level) when installed, else "
-        "`tiny_phantom` (phantoms only). Neither is a substitute for the paper-scale prior "
-        "(`configs/pretrain.py:paper`). The CT is TotalSegmentator's public `example_ct` (fetched by URL), or "
-        "your own with `UPLOAD = True`. Set `REPO` in the first cell if you install from a fork."),
+      "# 2. Denoising and anomaly detection on a real CT with the pretrained prior\n"
+      "`CHECKPOINT` is `tiny_ct` (a CPU-sized prior trained on two real CTs: smoke-level) when installed, else "
+      "`tiny_phantom` (phantoms only). Neither is a substitute for the paper-scale prior "
+      "(`configs/pretrain.py:paper`). The CT is TotalSegmentator's public `example_ct` (fetched by URL), or "
+      "your own with `UPLOAD = True`. Set `REPO` in the first cell if you install from a fork."
+    ),
     new_code_cell(SETUP),
     new_code_cell(CHECKPOINT + "pre = pretrained.load(CHECKPOINT)\n"),
     new_code_cell(REAL_CT),
-    new_markdown_cell("## Denoising at a simulated low dose\nGaussian noise of `NOISE_HU` HU on the crop; "
-                      "DiffPIR with the prior vs a Gaussian filter. Bottom: each result minus the clean crop (HU)."),
-    new_code_cell('''\
+    new_markdown_cell(
+      "## Denoising at a simulated low dose\nGaussian noise of `NOISE_HU` HU on the crop; "
+      "DiffPIR with the prior vs a Gaussian filter. Bottom: each result minus the clean crop (HU)."
+    ),
+    new_code_cell("""\
 import jax.numpy as jnp, ml_collections
 from scipy import ndimage
 from meddiff_jax import sharding
@@ -168,11 +183,13 @@ to_hu = lambda v: preprocess.unit_to_hu(v, region)  # back to HU, within the reg
 show([to_hu(clean)] + [to_hu(v) for v in results.values()], ["clean"] + list(results), ["gray"] * 4,
      [(lo_hu, hi_hu)] * 4, f"{CHECKPOINT}: denoising at {NOISE_HU:.0f} HU noise")
 show([to_hu(v) - to_hu(clean) for v in results.values()], [f"{k} - clean" for k in results], ["RdBu_r"] * 3,
-     [(-2 * NOISE_HU, 2 * NOISE_HU)] * 3, "difference maps (HU)")'''),
-    new_markdown_cell("## Anomaly detection: an inserted lesion\nA hypodense sphere in soft tissue; the prior "
-                      "reconstructs the crop from noise level `noise_t` (the paper: 950) and the anomaly map is the "
-                      "smoothed |input - reconstruction| inside the body."),
-    new_code_cell('''\
+     [(-2 * NOISE_HU, 2 * NOISE_HU)] * 3, "difference maps (HU)")"""),
+    new_markdown_cell(
+      "## Anomaly detection: an inserted lesion\nA hypodense sphere in soft tissue; the prior "
+      "reconstructs the crop from noise level `noise_t` (the paper: 950) and the anomaly map is the "
+      "smoothed |input - reconstruction| inside the body."
+    ),
+    new_code_cell("""\
 rng = np.random.default_rng(0)
 tissue = ndimage.binary_erosion((hu > -20) & (hu < 120), iterations=4)  # soft tissue away from edges
 candidates = np.argwhere(tissue) if tissue.any() else np.argwhere(preprocess.body_mask(hu))
@@ -202,22 +219,25 @@ ax[3].contour(view(truth.astype(float)), levels=[0.5], colors="cyan", linewidths
 ax[3].set_title("anomaly map (top 5%) + true lesion", fontsize=9)
 for a in ax:
   a.axis("off")
-plt.show()'''),
-])
+plt.show()"""),
+  ]
+)
 
 # ------------------------------------------------------------------------------------------------ 03
-nb03 = nb([
+nb03 = nb(
+  [
     new_markdown_cell(
-        "# 3. ControlNet super-resolution: fine-tune a branch on the frozen backbone\n"
-        "The condition is a x5 thick-slice version of the volume (RPLHR-CT style). The base (`CHECKPOINT`) stays "
-        "bitwise frozen; only the branch trains, here for a few steps on phantoms, and is then applied to a real CT "
-        "crop. This shows the mechanics only: after a few steps the branch has learned next to nothing and its "
-        "sample is far from the reference (trilinear wins). Real super-resolution needs `configs/controlnet.py:sr` "
-        "trained for thousands of steps on RPLHR-CT-like pairs over a paper-scale prior. Set `REPO` in the first "
-        "cell if you install from a fork."),
+      "# 3. ControlNet super-resolution: fine-tune a branch on the frozen backbone\n"
+      "The condition is a x5 thick-slice version of the volume (RPLHR-CT style). The base (`CHECKPOINT`) stays "
+      "bitwise frozen; only the branch trains, here for a few steps on phantoms, and is then applied to a real CT "
+      "crop. This shows the mechanics only: after a few steps the branch has learned next to nothing and its "
+      "sample is far from the reference (trilinear wins). Real super-resolution needs `configs/controlnet.py:sr` "
+      "trained for thousands of steps on RPLHR-CT-like pairs over a paper-scale prior. Set `REPO` in the first "
+      "cell if you install from a fork."
+    ),
     new_code_cell(SETUP),
     new_code_cell(CHECKPOINT),
-    new_code_cell('''\
+    new_code_cell("""\
 import json, tempfile
 from configs import controlnet as cn_config
 from meddiff_jax import checks
@@ -228,9 +248,9 @@ config.training.update(num_steps=int(os.environ.get("NB_STEPS", 6)), batch_size=
 config.data.phantom.update(num_volumes=3, shape=(48, 48, 48), spacing=SPACING)  # the base's voxel size
 config.eval.update(every_steps=0, sample_every_steps=0)  # no validation / previews in this short demo
 workdir = tempfile.mkdtemp(prefix="meddiff_sr_")
-print(cn_train.finetune(checks.controlnet(config), workdir))  # checked and derived from the base once'''),
+print(cn_train.finetune(checks.controlnet(config), workdir))  # checked and derived from the base once"""),
     new_code_cell(REAL_CT),
-    new_code_cell('''\
+    new_code_cell("""\
 from configs import super_resolution
 from meddiff_jax.tasks import controlled
 hr_path, lr_path, sr_path = (os.path.join(workdir, n) for n in ("hr.nii.gz", "lr.nii.gz", "sr.nii.gz"))
@@ -240,8 +260,8 @@ nifti.save(nifti.resample(hr, (SPACING[0], SPACING[1], 5 * SPACING[2])), lr_path
 c = super_resolution.get_config()
 c.update(controlnet=workdir, input=lr_path, output=sr_path, reference=hr_path, region=REGION, num_steps=STEPS)
 result = controlled.run_super_resolution(c)
-print(json.dumps(result["metrics"], indent=1))'''),
-    new_code_cell('''\
+print(json.dumps(result["metrics"], indent=1))"""),
+    new_code_cell("""\
 sr = nifti.load(sr_path).data
 lr_up = nifti.resample(nifti.load(lr_path), SPACING).data
 n = [min(s) for s in zip(hr.shape, sr.shape, lr_up.shape)]
@@ -250,14 +270,15 @@ ref, tri, out = (np.clip(v[:n[0], :n[1], :n[2]], lo_hu, hi_hu).astype(np.float32
 show([ref, tri, out], ["reference", "trilinear from x5 thick slices", "ControlNet"], ["gray"] * 3,
      [(lo_hu, hi_hu)] * 3, f"super-resolution on a real CT crop (base {CHECKPOINT})")
 show([tri - ref, out - ref], ["trilinear - reference", "ControlNet - reference"], ["RdBu_r"] * 2,
-     [(-200, 200)] * 2, "difference maps (HU)")'''),
-])
+     [(-200, 200)] * 2, "difference maps (HU)")"""),
+  ]
+)
 
-NOTEBOOKS = {"01_quickstart_pretraining": nb01, "02_denoising_anomaly": nb02,
-             "03_controlnet_super_resolution": nb03}
+NOTEBOOKS = {"01_quickstart_pretraining": nb01, "02_denoising_anomaly": nb02, "03_controlnet_super_resolution": nb03}
 
 if __name__ == "__main__":
   import os
+
   for name, n in NOTEBOOKS.items():
     nbformat.validate(n)
     nbformat.write(n, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.ipynb"))

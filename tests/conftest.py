@@ -67,11 +67,15 @@ def real_data_dir():
 def run_main(*args, timeout: int = 900, cwd=REPO) -> subprocess.CompletedProcess:
   """`python -m meddiff_jax.main ARGS` as a user runs it: one real CPU device (no fake-device XLA_FLAGS), this
   checkout's package, output captured."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-      p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+  )
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "meddiff_jax.main", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "meddiff_jax.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 # ------------------------------------------------------------------------------------------ meshes, batches, configs
@@ -80,6 +84,7 @@ def run_main(*args, timeout: int = 900, cwd=REPO) -> subprocess.CompletedProcess
 def mesh_of(sizes: dict):
   """A mesh of exactly prod(sizes) of the (fake) devices."""
   from meddiff_jax import sharding
+
   return sharding.make_mesh(sizes, jax.devices()[: int(np.prod(list(sizes.values())))])
 
 
@@ -90,23 +95,34 @@ def build_step(config, mesh_sizes: dict, trainee=None) -> types.SimpleNamespace:
   from meddiff_jax.train import loop
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
+
   mesh = mesh_of(mesh_sizes)
   rules = sharding.rules_from_config(config.sharding.rules)
   trainee = trainee or loop.pretraining(config)
   state, shardings, labels, tx = loop.init_state(config, trainee, mesh, rules)
-  fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, tx,
-                                state_lib.learning_rate_schedule(config.optimizer), config, rules, labels)
+  fn = step_lib.make_train_step(
+    trainee.apply_fn, trainee.schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules, labels
+  )
   batch_shardings = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))
-  return types.SimpleNamespace(mesh=mesh, rules=rules, trainee=trainee, state=state, shardings=shardings,
-                               labels=labels, step=step_lib.jit_train_step(fn, shardings, batch_shardings, mesh, labels),
-                               batch_shardings=batch_shardings)
+  return types.SimpleNamespace(
+    mesh=mesh,
+    rules=rules,
+    trainee=trainee,
+    state=state,
+    shardings=shardings,
+    labels=labels,
+    step=step_lib.jit_train_step(fn, shardings, batch_shardings, mesh, labels),
+    batch_shardings=batch_shardings,
+  )
 
 
 def fixed_batch(config, seed: int = 0) -> dict:
   """The first training batch of config.data (numpy, without the host-side 'operation' tag)."""
   from meddiff_jax.data import pipeline
-  ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=config.training.batch_size,
-                             seed=seed)
+
+  ds = pipeline.make_dataset(
+    pipeline.make_store(config.data), config.data, batch_size=config.training.batch_size, seed=seed
+  )
   batch = next(iter(ds))
   batch.pop("operation")
   return batch
@@ -115,6 +131,7 @@ def fixed_batch(config, seed: int = 0) -> dict:
 def prepare_config(input_dir, output_dir, **kw):
   """configs/prepare.py on these folders with one worker, then `kw`."""
   from configs import prepare
+
   c = prepare.get_config()
   c.input_dir, c.output_dir, c.workers = str(input_dir), str(output_dir), 1
   c.update(kw)
@@ -136,13 +153,15 @@ def point_mass_oracle(schedule, x0):
   def fn(x, t):
     abar = schedules.alpha_bar(schedule, t, x.ndim)
     return (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+
   return fn
 
 
 def gaussian_posterior_mean(schedule, x, t, mu: float, s: float):
   from meddiff_jax.diffusion import schedules
+
   a = schedules.alpha_bar(schedule, t, x.ndim)
-  return mu + s ** 2 * jnp.sqrt(a) / (a * s ** 2 + 1.0 - a) * (x - jnp.sqrt(a) * mu)
+  return mu + s**2 * jnp.sqrt(a) / (a * s**2 + 1.0 - a) * (x - jnp.sqrt(a) * mu)
 
 
 def gaussian_oracle(schedule, mu: float, s: float, prediction_type: str = "epsilon"):
@@ -159,6 +178,7 @@ def gaussian_oracle(schedule, mu: float, s: float, prediction_type: str = "epsil
     if prediction_type == "x0":
       return x0
     return jnp.sqrt(a) * eps - jnp.sqrt(one_minus) * x0  # v
+
   return fn
 
 
@@ -171,11 +191,12 @@ def identity_denoiser(schedule, prediction_type: str = "epsilon"):
     if prediction_type == "x0":
       return x / jnp.sqrt(a)
     return jnp.zeros_like(x)  # eps = 0 -> x0_hat = x_t / sqrt(abar)
+
   return fn
 
 
 def wiener_mse(s: float, sigma: float) -> float:
-  return s ** 2 * sigma ** 2 / (s ** 2 + sigma ** 2)
+  return s**2 * sigma**2 / (s**2 + sigma**2)
 
 
 def gaussian_problem(shape=(1, 24, 24, 24, 1), mu: float = 0.1, s: float = 0.3, sigma: float = 0.15, seed: int = 0):
@@ -197,7 +218,10 @@ def ddpm_posterior_tables(betas) -> dict[str, np.ndarray]:
   acp = np.cumprod(alphas)
   acp_prev = np.append(1.0, acp[:-1])
   post_var = betas * (1.0 - acp_prev) / (1.0 - acp)
-  return dict(alphas_cumprod_prev=acp_prev, posterior_variance=post_var,
-              posterior_log_variance_clipped=np.log(np.append(post_var[1:2], post_var[1:])),
-              posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
-              posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp))
+  return dict(
+    alphas_cumprod_prev=acp_prev,
+    posterior_variance=post_var,
+    posterior_log_variance_clipped=np.log(np.append(post_var[1:2], post_var[1:])),
+    posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
+    posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
+  )

@@ -22,6 +22,7 @@ def fake_pretrained(patch=8):
 
 def phantom_ct():
   from meddiff_jax.data import phantom
+
   return phantom.make_phantom((16, 16, 16), (6.0, 6.0, 6.0), "abdomen", seed=1)
 
 
@@ -30,8 +31,9 @@ def test_task_structures_equal_the_training_sample_structures():
   p = phantom_ct()
   pre = fake_pretrained(16)
   lut, groups = pipeline.structure_lut(pre.config.data)
-  sample = multilevel.make_sample(p.hu, p.labels, 0, 16, np.random.default_rng(0), operation="patch", lut=lut,
-                                  num_groups=groups)
+  sample = multilevel.make_sample(
+    p.hu, p.labels, 0, 16, np.random.default_rng(0), operation="patch", lut=lut, num_groups=groups
+  )
   np.testing.assert_array_equal(common.structure_volume(pre, p.labels, p.hu), sample["structures"])
   no_labels = common.structure_volume(pre, None, p.hu)
   np.testing.assert_array_equal(no_labels[..., -1], p.hu > preprocess.BODY_THRESHOLD_HU)  # body from HU
@@ -79,6 +81,7 @@ def test_organ_dropout_keeps_the_body_and_the_region():
 
 def test_training_applies_structure_only_dropout():
   from conftest import tiny_config
+
   from meddiff_jax.train import step
 
   seen = []
@@ -87,11 +90,15 @@ def test_training_applies_structure_only_dropout():
     seen.append(jax.tree_util.tree_map(np.asarray, cond))
     return jnp.zeros_like(x)
 
-  config = tiny_config(**{"diffusion.cond_drop_prob": 0.0, "diffusion.structure_drop_prob": 1.0,
-                          "diffusion.body_drop_prob": 0.0})
+  config = tiny_config(
+    **{"diffusion.cond_drop_prob": 0.0, "diffusion.structure_drop_prob": 1.0, "diffusion.body_drop_prob": 0.0}
+  )
   loss_fn = step.make_loss_fn(apply_fn, schedules.make_schedule("cosine", 1000), config)
-  batch = {"image": jnp.zeros((2, 4, 4, 4, 1)), "region": jnp.array([0, 1]),
-           "structures": jnp.ones((2, 4, 4, 4, pretrain.NUM_STRUCTURE_CHANNELS), jnp.uint8)}
+  batch = {
+    "image": jnp.zeros((2, 4, 4, 4, 1)),
+    "region": jnp.array([0, 1]),
+    "structures": jnp.ones((2, 4, 4, 4, pretrain.NUM_STRUCTURE_CHANNELS), jnp.uint8),
+  }
   loss_fn({}, batch, jax.random.key(0))
   st = seen[-1]["structures"]
   assert not st[..., :-1].any() and st[..., -1].all()
@@ -124,8 +131,9 @@ def test_small_volume_position_frame_matches_training():
 
 
 def test_tasks_default_to_the_checkpoint_training_spacing(tmp_path):
-  from meddiff_jax.data import store
   import ml_collections
+
+  from meddiff_jax.data import store
 
   pre = fake_pretrained()
   pre.config.data.phantom.spacing = (3.0, 3.0, 3.0)
@@ -155,17 +163,40 @@ def test_lesion_crops_are_positive_at_the_configured_rate_and_keep_organs():
   def hit_rate(fraction):
     hits = 0
     for _ in range(200):
-      s = multilevel.make_sample(p.hu, labels, 2, 8, rng, operation="patch", lut=lut, num_groups=groups,
-                                 hint="lesion", positive_fraction=fraction, positive_coords=coords)
+      s = multilevel.make_sample(
+        p.hu,
+        labels,
+        2,
+        8,
+        rng,
+        operation="patch",
+        lut=lut,
+        num_groups=groups,
+        hint="lesion",
+        positive_fraction=fraction,
+        positive_coords=coords,
+      )
       hits += bool((s["hint"] > 0).any())
     return hits / 200
 
   uniform, half = hit_rate(0.0), hit_rate(0.5)
   assert uniform < 0.2 and half == pytest.approx(0.5 + 0.5 * uniform, abs=0.1)
-  s = multilevel.make_sample(p.hu, labels, 2, 8, rng, operation="patch", lut=lut, num_groups=groups, hint="lesion",
-                             positive_fraction=1.0, positive_coords=coords)
-  organs_only = multilevel.make_sample(p.hu, p.labels, 2, 8, np.random.default_rng(1), operation="patch", lut=lut,
-                                       num_groups=groups)
+  s = multilevel.make_sample(
+    p.hu,
+    labels,
+    2,
+    8,
+    rng,
+    operation="patch",
+    lut=lut,
+    num_groups=groups,
+    hint="lesion",
+    positive_fraction=1.0,
+    positive_coords=coords,
+  )
+  organs_only = multilevel.make_sample(
+    p.hu, p.labels, 2, 8, np.random.default_rng(1), operation="patch", lut=lut, num_groups=groups
+  )
   assert (s["hint"] > 0).any()
   # the same crop without lesions has the same structure channels: nothing is punched out under the lesion
   box = s["pos_box"]
@@ -194,8 +225,9 @@ def test_sr_hint_degradation_is_the_same_in_mm_at_every_level():
   rng = np.random.default_rng(0)
   kw = dict(hint="lowres", sr_factor=5)
   whole = multilevel.make_sample(hu, None, 2, 16, rng, operation="whole", **kw)
-  patch = multilevel.make_sample(hu, None, 2, 16, rng, operation="patch",
-                                 positive_fraction=1.0, positive_coords=np.array([[8, 8, 24]]), **kw)
+  patch = multilevel.make_sample(
+    hu, None, 2, 16, rng, operation="patch", positive_fraction=1.0, positive_coords=np.array([[8, 8, 24]]), **kw
+  )
   w_whole, w_patch = _edge_width_native(whole, 48), _edge_width_native(patch, 48)
   assert 3.0 < w_patch < 10.0 and abs(w_whole - w_patch) < 1.5, (w_whole, w_patch)  # was 3x wider in whole
 
@@ -203,6 +235,7 @@ def test_sr_hint_degradation_is_the_same_in_mm_at_every_level():
 def test_sr_hint_uses_a_real_low_resolution_partner_when_given():
   hu = np.random.default_rng(0).normal(0, 50, (16, 16, 16)).astype(np.float32)
   partner = np.full(hu.shape, 40.0, np.float32)
-  s = multilevel.make_sample(hu, None, 2, 16, np.random.default_rng(0), operation="patch", hint="lowres",
-                             lowres=partner)
+  s = multilevel.make_sample(
+    hu, None, 2, 16, np.random.default_rng(0), operation="patch", hint="lowres", lowres=partner
+  )
   np.testing.assert_allclose(s["hint"], preprocess.hu_to_unit(partner, 2)[..., None], atol=1e-6)

@@ -13,12 +13,11 @@ import re
 import jax.numpy as jnp
 import ml_collections
 import pytest
-
 from conftest import REPO, override, run_main, tiny_config
 
 from configs import controlnet as controlnet_configs
 from configs import input_options, pretrain
-from meddiff_jax import checks, pretrained, sections, sharding
+from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.data import multilevel, nifti, pipeline
 from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
@@ -27,10 +26,17 @@ from meddiff_jax.train import loop
 from meddiff_jax.train import state as state_lib
 
 # (section of configs/pretrain.py, its spec)
-PRETRAIN_SPECS = [("diffusion", diffusion_spec.DiffusionSpec), ("data", pipeline.DataSpec),
-                  ("data.phantom", pipeline.PhantomSpec), ("optimizer", state_lib.OptimizerSpec),
-                  ("training", loop.TrainingSpec), ("eval", loop.EvalSpec), ("checkpoint", loop.CheckpointSpec),
-                  ("mesh", sharding.MeshSpec), ("sharding", sharding.ShardingSpec)]
+PRETRAIN_SPECS = [
+  ("diffusion", diffusion_spec.DiffusionSpec),
+  ("data", pipeline.DataSpec),
+  ("data.phantom", pipeline.PhantomSpec),
+  ("optimizer", state_lib.OptimizerSpec),
+  ("training", loop.TrainingSpec),
+  ("eval", loop.EvalSpec),
+  ("checkpoint", loop.CheckpointSpec),
+  ("mesh", sharding.MeshSpec),
+  ("sharding", sharding.ShardingSpec),
+]
 TASK_CONFIGS = ["denoise", "anomaly", "synthesis", "super_resolution", "lesion"]
 ALL_SPECS = [s for _, s in PRETRAIN_SPECS] + [pretrained.ControlNetSpec] + list(checks.TASK_SPECS.values())
 
@@ -51,28 +57,67 @@ def assert_names(error, key, bad):
 # ------------------------------------------------------------------------------------------ bad values
 
 PRETRAIN_BAD = [
-    ("diffusion.schedule", "sigmoid"), ("diffusion.num_timesteps", 1), ("diffusion.prediction_type", "score"),
-    ("diffusion.loss_type", "huber"), ("diffusion.min_snr_gamma", -1.0), ("diffusion.cond_drop_prob", 1.5),
-    ("diffusion.structure_drop_prob", -0.1), ("diffusion.body_drop_prob", 2.0),
-    ("data.source", "nifti"), ("data.patch_size", 0), ("data.spacing", (1.0, 1.0)), ("data.spacing", (1.0, 0.0, 1.0)),
-    ("data.structures", "onehot"), ("data.structure_groups", (("liver",),)), ("data.operation_probs", (0.0, 0.0, 0.0)),
-    ("data.operation_probs", (0.5, -0.5, 1.0)), ("data.num_threads", -1), ("data.prefetch", -1),
-    ("data.worker_count", -2), ("data.val_fraction", 1.5), ("data.hint", "edges"), ("data.sr_factor", 0),
-    ("data.positive_fraction", 1.1),
-    ("data.phantom.num_volumes", 0), ("data.phantom.shape", (48, 0, 48)), ("data.phantom.spacing", (6.0, 6.0)),
-    ("data.phantom.seed", -1), ("data.phantom.num_lesions", -1),
-    ("optimizer.learning_rate", 0.0), ("optimizer.schedule", "linear"), ("optimizer.warmup_steps", -1),
-    ("optimizer.decay_steps", -1), ("optimizer.end_lr_factor", 1.5), ("optimizer.b1", 1.0), ("optimizer.b2", -0.1),
-    ("optimizer.eps", 0.0), ("optimizer.weight_decay", -1e-4), ("optimizer.grad_clip_norm", -1.0),
-    ("optimizer.trainable", ()), ("optimizer.trainable", ("encoder/(",)),
-    ("training.batch_size", 0), ("training.grad_accum_steps", 0), ("training.num_steps", 0),
-    ("training.ema_decay", 1.01), ("training.log_every", -1), ("training.max_consecutive_nan", 0),
-    ("training.profile_steps", -1),
-    ("eval.every_steps", -1), ("eval.num_batches", 0), ("eval.num_buckets", 0), ("eval.sample_every_steps", -5),
-    ("eval.sample_steps", 0),
-    ("checkpoint.every_steps", -1), ("checkpoint.keep", 0), ("checkpoint.preemption_check_every", 0),
-    ("mesh.data", 0), ("mesh.fsdp", -2), ("mesh.spatial", 0), ("mesh.tensor", 0),
-    ("sharding.rules", (("batch", "pipeline"),)), ("sharding.min_shard_size", -1),
+  ("diffusion.schedule", "sigmoid"),
+  ("diffusion.num_timesteps", 1),
+  ("diffusion.prediction_type", "score"),
+  ("diffusion.loss_type", "huber"),
+  ("diffusion.min_snr_gamma", -1.0),
+  ("diffusion.cond_drop_prob", 1.5),
+  ("diffusion.structure_drop_prob", -0.1),
+  ("diffusion.body_drop_prob", 2.0),
+  ("data.source", "nifti"),
+  ("data.patch_size", 0),
+  ("data.spacing", (1.0, 1.0)),
+  ("data.spacing", (1.0, 0.0, 1.0)),
+  ("data.structures", "onehot"),
+  ("data.structure_groups", (("liver",),)),
+  ("data.operation_probs", (0.0, 0.0, 0.0)),
+  ("data.operation_probs", (0.5, -0.5, 1.0)),
+  ("data.num_threads", -1),
+  ("data.prefetch", -1),
+  ("data.worker_count", -2),
+  ("data.val_fraction", 1.5),
+  ("data.hint", "edges"),
+  ("data.sr_factor", 0),
+  ("data.positive_fraction", 1.1),
+  ("data.phantom.num_volumes", 0),
+  ("data.phantom.shape", (48, 0, 48)),
+  ("data.phantom.spacing", (6.0, 6.0)),
+  ("data.phantom.seed", -1),
+  ("data.phantom.num_lesions", -1),
+  ("optimizer.learning_rate", 0.0),
+  ("optimizer.schedule", "linear"),
+  ("optimizer.warmup_steps", -1),
+  ("optimizer.decay_steps", -1),
+  ("optimizer.end_lr_factor", 1.5),
+  ("optimizer.b1", 1.0),
+  ("optimizer.b2", -0.1),
+  ("optimizer.eps", 0.0),
+  ("optimizer.weight_decay", -1e-4),
+  ("optimizer.grad_clip_norm", -1.0),
+  ("optimizer.trainable", ()),
+  ("optimizer.trainable", ("encoder/(",)),
+  ("training.batch_size", 0),
+  ("training.grad_accum_steps", 0),
+  ("training.num_steps", 0),
+  ("training.ema_decay", 1.01),
+  ("training.log_every", -1),
+  ("training.max_consecutive_nan", 0),
+  ("training.profile_steps", -1),
+  ("eval.every_steps", -1),
+  ("eval.num_batches", 0),
+  ("eval.num_buckets", 0),
+  ("eval.sample_every_steps", -5),
+  ("eval.sample_steps", 0),
+  ("checkpoint.every_steps", -1),
+  ("checkpoint.keep", 0),
+  ("checkpoint.preemption_check_every", 0),
+  ("mesh.data", 0),
+  ("mesh.fsdp", -2),
+  ("mesh.spatial", 0),
+  ("mesh.tensor", 0),
+  ("sharding.rules", (("batch", "pipeline"),)),
+  ("sharding.min_shard_size", -1),
 ]
 
 
@@ -84,8 +129,15 @@ def test_pretrain_bad_value_names_the_key(key, bad):
 
 
 SPEC_OF = dict(PRETRAIN_SPECS)
-TYPE_BAD = [("data", "use_structures", "yes"), ("data", "pack_structures", "yes"), ("data", "prepared_dir", 3), ("data", "class_map", None),
-            ("checkpoint", "asynchronous", 1), ("training", "num_steps", 2.5), ("data", "patch_size", True)]
+TYPE_BAD = [
+  ("data", "use_structures", "yes"),
+  ("data", "pack_structures", "yes"),
+  ("data", "prepared_dir", 3),
+  ("data", "class_map", None),
+  ("checkpoint", "asynchronous", 1),
+  ("training", "num_steps", 2.5),
+  ("data", "patch_size", True),
+]
 
 
 @pytest.mark.parametrize("name,key,bad", TYPE_BAD, ids=[f"{n}.{k}={v!r}" for n, k, v in TYPE_BAD])
@@ -98,8 +150,11 @@ def test_wrong_types_are_refused(name, key, bad):
 
 
 def test_choices_are_listed_and_mesh_rest_axis_once():
-  with pytest.raises(checks.ConfigError, match=r"config.diffusion.schedule='sigmoid'; choose one of \('linear', "
-                                               r"'cosine', 'scaled_linear'\)"):
+  with pytest.raises(
+    checks.ConfigError,
+    match=r"config.diffusion.schedule='sigmoid'; choose one of \('linear', "
+    r"'cosine', 'scaled_linear'\)",
+  ):
     checks.pretrain(override(tiny_config(), **{"diffusion.schedule": "sigmoid"}))
   with pytest.raises(checks.ConfigError, match=r"config.mesh has -1 for \['data', 'fsdp'\]; at most one"):
     checks.pretrain(override(tiny_config(), **{"mesh.fsdp": -1}))
@@ -119,8 +174,11 @@ def test_top_level_pretrain_keys():
     checks.pretrain(override(tiny_config(), seed=-1))
 
 
-CONTROLNET_BAD = [("controlnet.hint_hidden", ()), ("controlnet.hint_hidden", (16, 0)),
-                  ("controlnet.conditioning_scale", -1.0)]
+CONTROLNET_BAD = [
+  ("controlnet.hint_hidden", ()),
+  ("controlnet.hint_hidden", (16, 0)),
+  ("controlnet.conditioning_scale", -1.0),
+]
 
 
 @pytest.mark.parametrize("key,bad", CONTROLNET_BAD, ids=[f"{k}={v!r}" for k, v in CONTROLNET_BAD])
@@ -130,20 +188,46 @@ def test_controlnet_bad_value_names_the_key(key, bad):
   assert_names(e, key, bad)
 
 
-COMMON_TASK_BAD = [("num_steps", 0), ("sampler", "euler"), ("overlap", 1.0), ("overlap", -0.5), ("window_batch", 0),
-                   ("seed", -1), ("inference_dtype", "fp16"), ("region", "pelvis"), ("trust_affine", "both"),
-                   ("assume_orientation", "XYZ"), ("limits.max_voxels", 0), ("limits.max_gb", 0.0),
-                   ("limits.max_spacing_mm", -1.0), ("limits.min_side_voxels", 0)]
+COMMON_TASK_BAD = [
+  ("num_steps", 0),
+  ("sampler", "euler"),
+  ("overlap", 1.0),
+  ("overlap", -0.5),
+  ("window_batch", 0),
+  ("seed", -1),
+  ("inference_dtype", "fp16"),
+  ("region", "pelvis"),
+  ("trust_affine", "both"),
+  ("assume_orientation", "XYZ"),
+  ("limits.max_voxels", 0),
+  ("limits.max_gb", 0.0),
+  ("limits.max_spacing_mm", -1.0),
+  ("limits.min_side_voxels", 0),
+]
 TASK_BAD = [(t, k, v) for t in TASK_CONFIGS for k, v in COMMON_TASK_BAD] + [
-    ("denoise", "method", "nlm"), ("denoise", "noise_sigma_hu", -1.0), ("denoise", "lam", 0.0),
-    ("denoise", "zeta", 1.5), ("denoise", "window_margin", 1.0), ("denoise", "spacing", (1.0,)),
-    ("anomaly", "noise_t", 0), ("anomaly", "smooth_sigma", -1.0), ("anomaly", "top_fraction", 0.0),
-    ("anomaly", "top_fraction", 1.5), ("anomaly", "spacing", (0.0, 1.0, 1.0)),
-    ("synthesis", "shape", (48, 0, 48)), ("synthesis", "shape", (48, 48)), ("synthesis", "guidance_scale", -1.0),
-    ("synthesis", "eta", -0.1), ("synthesis", "spacing", (2.0, 2.0)),
-    ("super_resolution", "conditioning_scale", -1.0), ("super_resolution", "spacing", (1.0, 1.0)),
-    ("lesion", "method", "paint"), ("lesion", "jump_length", 0), ("lesion", "jump_n_sample", 0),
-    ("lesion", "conditioning_scale", -0.5)]
+  ("denoise", "method", "nlm"),
+  ("denoise", "noise_sigma_hu", -1.0),
+  ("denoise", "lam", 0.0),
+  ("denoise", "zeta", 1.5),
+  ("denoise", "window_margin", 1.0),
+  ("denoise", "spacing", (1.0,)),
+  ("anomaly", "noise_t", 0),
+  ("anomaly", "smooth_sigma", -1.0),
+  ("anomaly", "top_fraction", 0.0),
+  ("anomaly", "top_fraction", 1.5),
+  ("anomaly", "spacing", (0.0, 1.0, 1.0)),
+  ("synthesis", "shape", (48, 0, 48)),
+  ("synthesis", "shape", (48, 48)),
+  ("synthesis", "guidance_scale", -1.0),
+  ("synthesis", "eta", -0.1),
+  ("synthesis", "spacing", (2.0, 2.0)),
+  ("super_resolution", "conditioning_scale", -1.0),
+  ("super_resolution", "spacing", (1.0, 1.0)),
+  ("lesion", "method", "paint"),
+  ("lesion", "jump_length", 0),
+  ("lesion", "jump_n_sample", 0),
+  ("lesion", "conditioning_scale", -0.5),
+]
 
 
 @pytest.mark.parametrize("task,key,bad", TASK_BAD, ids=[f"{t}:{k}={v!r}" for t, k, v in TASK_BAD])
@@ -157,6 +241,7 @@ def test_task_bad_value_names_the_key(task, key, bad):
 
 def test_evaluate_checks_the_task_config_it_will_run():
   from configs import evaluate
+
   with pytest.raises(checks.ConfigError, match=re.escape("config.sampler='euler'")):
     checks.evaluate(override(evaluate.get_config(), sampler="euler"))
   with pytest.raises(checks.ConfigError, match=re.escape("config.lam=0.0")):
@@ -166,6 +251,7 @@ def test_evaluate_checks_the_task_config_it_will_run():
 
 def test_prepare_checks_the_input_limits(tmp_path):
   from conftest import prepare_config
+
   config = prepare_config(tmp_path, tmp_path / "out")
   checks.prepare(config)
   with pytest.raises(checks.ConfigError) as e:
@@ -224,8 +310,12 @@ def test_controlnet_section_unknown_key():
 
 
 # (preset, devices it is planned for): tiny / base on one CPU or GPU, paper on 1 to 8, paper256 on 8 per sample
-PRESETS = [(p + o, n) for p, ns in (("tiny", (1,)), ("base", (1,)), ("paper", (1, 8)), ("paper256", (8,)))
-           for n in ns for o in ("", "+classes")]
+PRESETS = [
+  (p + o, n)
+  for p, ns in (("tiny", (1,)), ("base", (1,)), ("paper", (1, 8)), ("paper256", (8,)))
+  for n in ns
+  for o in ("", "+classes")
+]
 
 
 @pytest.mark.parametrize("preset,devices", PRESETS, ids=[f"{p}-{n}dev" for p, n in PRESETS])
@@ -262,8 +352,10 @@ def test_every_task_config_passes_its_spec(task):
 
 
 def test_prepare_evaluate_export_configs_pass(tmp_path):
-  from configs import evaluate, export
   from conftest import prepare_config
+
+  from configs import evaluate, export
+
   checks.prepare(prepare_config(tmp_path, tmp_path / "out"))
   checks.evaluate(evaluate.get_config())
   config = export.get_config()
@@ -277,8 +369,11 @@ def test_prepare_evaluate_export_configs_pass(tmp_path):
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=[s.__name__ for s in ALL_SPECS])
 def test_specs_have_no_defaults_of_their_own(spec):
   """configs/*.py are the only defaults: a default in a spec would be a second one that can drift."""
-  defaulted = [f.name for f in dataclasses.fields(spec)
-               if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+  defaulted = [
+    f.name
+    for f in dataclasses.fields(spec)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+  ]
   assert not defaulted
 
 
@@ -304,6 +399,7 @@ def test_hint_names_agree():
 
 def test_spec_leaf_and_layers():
   """sections.py imports nothing of ours; models/, diffusion/, data/ import neither train/ nor tasks/."""
+
   def imports(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
@@ -311,6 +407,7 @@ def test_spec_leaf_and_layers():
         yield node.module
       elif isinstance(node, ast.Import):
         yield from (a.name for a in node.names)
+
   pkg = REPO / "meddiff_jax"
   assert not [m for m in imports(pkg / "sections.py") if m.startswith("meddiff_jax")]
   for layer in ("models", "diffusion", "data"):

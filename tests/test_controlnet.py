@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import REPO, build_step, fixed_batch, mesh_of, override, point_mass_oracle, run_main
+
 from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.models import trainable
 from meddiff_jax.train import controlnet as cn_train
@@ -25,6 +25,7 @@ from meddiff_jax.train import step as step_lib
 
 def cn_config(**kw):
   from configs import controlnet as cfg
+
   c = cfg.get_config("sr")
   c.training.update(batch_size=8, num_steps=3, log_every=1)
   c.data.phantom.update(num_volumes=3, shape=(32, 32, 32), spacing=(9.0, 9.0, 9.0))
@@ -67,8 +68,10 @@ def n_elements(tree):
 def test_trainable_labels_split_merge_and_typos():
   params = {"base": {"encoder": {"k": 1}, "decoder": {"k": 2}}, "controlnet": {"encoder": {"k": 3}, "zero": {"k": 4}}}
   labels = trainable.labels(params, ["controlnet/.*", "base/decoder/.*"])
-  assert labels == {"base": {"encoder": {"k": "frozen"}, "decoder": {"k": "trainable"}},
-                    "controlnet": {"encoder": {"k": "trainable"}, "zero": {"k": "trainable"}}}
+  assert labels == {
+    "base": {"encoder": {"k": "frozen"}, "decoder": {"k": "trainable"}},
+    "controlnet": {"encoder": {"k": "trainable"}, "zero": {"k": "trainable"}},
+  }
   trained, frozen = trainable.split(params, labels)
   assert frozen == {"base": {"encoder": {"k": 1}}} and trainable.merge(trained, frozen) == params
   with pytest.raises(ValueError, match="match no parameter"):
@@ -102,11 +105,19 @@ def test_itstime_fires_periodically_at_the_end_and_when_stopping():
 
 
 def test_loading_and_tasks_import_nothing_from_train():
-  code = ("import sys; import meddiff_jax.pretrained, meddiff_jax.tasks.controlled, meddiff_jax.tasks.denoise, "
-          "meddiff_jax.tasks.anomaly, meddiff_jax.tasks.synthesis, meddiff_jax.tasks.common; "
-          "bad = sorted(m for m in sys.modules if m.startswith('meddiff_jax.train')); assert not bad, bad")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=300)
+  code = (
+    "import sys; import meddiff_jax.pretrained, meddiff_jax.tasks.controlled, meddiff_jax.tasks.denoise, "
+    "meddiff_jax.tasks.anomaly, meddiff_jax.tasks.synthesis, meddiff_jax.tasks.common; "
+    "bad = sorted(m for m in sys.modules if m.startswith('meddiff_jax.train')); assert not bad, bad"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -123,10 +134,14 @@ def test_zero_convs_make_the_combined_model_equal_the_base_at_init(default_build
     base = jax.jit(lambda bp: pre.model.apply({"params": bp}, x, t, cond))(pre.params)
   np.testing.assert_array_equal(np.asarray(combined), np.asarray(base))
   # the base in the tree is the pretrained model, and the trainable copy is its encoder
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         st.params["base"], pre.params)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         st.params["controlnet"]["encoder"], pre.params["encoder"])
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), st.params["base"], pre.params
+  )
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+    st.params["controlnet"]["encoder"],
+    pre.params["encoder"],
+  )
 
 
 @pytest.mark.slow
@@ -136,10 +151,12 @@ def test_base_is_frozen_and_has_no_optimizer_state(default_build):
   st = fresh(st)
   before = host(st.params)
   st, m = run(mesh, rules, jitted, batch_sh, st, fixed_batch(config), 3)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), st.params["base"],
-                         before["base"])
-  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), st.params["controlnet"],
-                                   before["controlnet"])
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), st.params["base"], before["base"]
+  )
+  changed = jax.tree_util.tree_map(
+    lambda a, b: bool(np.any(np.asarray(a) != b)), st.params["controlnet"], before["controlnet"]
+  )
   assert any(jax.tree_util.tree_leaves(changed))
   assert float(m["finite"]) == 1.0
   n_branch = n_elements(st.params["controlnet"])
@@ -154,8 +171,10 @@ def test_a_non_default_pattern_trains_what_it_names():
   mesh, rules, _, st, _, labels, jitted, batch_sh = build(config, {"data": 1})
   before = host(st.params)
   st, _ = run(mesh, rules, jitted, batch_sh, st, fixed_batch(config), 3)
-  changed = lambda part: [bool(np.any(np.asarray(a) != b)) for a, b in zip(
-      jax.tree_util.tree_leaves(st.params["base"][part]), jax.tree_util.tree_leaves(before["base"][part]))]
+  changed = lambda part: [
+    bool(np.any(np.asarray(a) != b))
+    for a, b in zip(jax.tree_util.tree_leaves(st.params["base"][part]), jax.tree_util.tree_leaves(before["base"][part]))
+  ]
   assert np.mean(changed("decoder")) > 0.9  # the named base decoder trains (a zero-gradient leaf may not move)
   assert not any(changed("encoder"))  # the rest of the base stays bitwise frozen
   for part in set(st.params["base"]) - {"decoder"}:
@@ -178,12 +197,17 @@ def separate_argument_step(config, trainee, st, shardings, batch_sh, mesh, rules
 
   def step(state, batch, base):
     apply = lambda v, *a, **k: trainee.apply_fn({"params": {"base": base, "controlnet": v["params"]}}, *a, **k)
-    fn = step_lib.make_train_step(apply, trainee.schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
-                                  config, rules)
+    fn = step_lib.make_train_step(
+      apply, trainee.schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
+    )
     return fn(state, batch)
 
-  jitted = jax.jit(step, in_shardings=(branch_sh, batch_sh, shardings.params["base"]),
-                   out_shardings=(branch_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(
+    step,
+    in_shardings=(branch_sh, batch_sh, shardings.params["base"]),
+    out_shardings=(branch_sh, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
   return jitted, branch_st
 
 
@@ -213,8 +237,9 @@ def test_logged_flops_per_step_match_xla_cost_analysis_of_the_compiled_step(tmp_
   forward pass's own analytic/XLA ratio calibrates that out. Measured (batch 8, 16^3): XLA step 13.63
   GFLOP; forward base 3.02 + branch 2.92; the old base-only 3 x forward (9.4) is 31% low, leaving out the
   decoder's activation gradients 9% low, counting base weight gradients too (17.2 by XLA) 26% high."""
-  config = cn_config(**{"training.num_steps": 1, "eval.every_steps": 0, "eval.sample_every_steps": 0,
-                        "checkpoint.every_steps": 0})
+  config = cn_config(
+    **{"training.num_steps": 1, "eval.every_steps": 0, "eval.sample_every_steps": 0, "checkpoint.every_steps": 0}
+  )
   trainee = cn_train.trainee(config)
   last = loop.train_and_evaluate(config, str(tmp_path), trainee)
   logged, xla_step = last["flops_per_step"], last["xla_flops_per_step"]
@@ -229,9 +254,12 @@ def test_logged_flops_per_step_match_xla_cost_analysis_of_the_compiled_step(tmp_
   abstract = pretrained._abstract(pretrained.controlled_init_fn(model, patch), pre.params)
   cost = jax.jit(lambda p: model.apply({"params": p}, x, t, cond)).lower(abstract).compile().cost_analysis()
   xla_forward = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
-  from meddiff_jax.models import controlnet as cn_model, unet3d
-  analytic_forward = (unet3d.forward_flops(pre.spec, (patch,) * 3, batch) + cn_model.branch_forward_flops(
-      pre.spec, tuple(config.controlnet.hint_hidden), (patch,) * 3, batch))
+  from meddiff_jax.models import controlnet as cn_model
+  from meddiff_jax.models import unet3d
+
+  analytic_forward = unet3d.forward_flops(pre.spec, (patch,) * 3, batch) + cn_model.branch_forward_flops(
+    pre.spec, tuple(config.controlnet.hint_hidden), (patch,) * 3, batch
+  )
   assert logged == pytest.approx(xla_step * analytic_forward / xla_forward, rel=0.03)
 
 
@@ -256,10 +284,16 @@ def test_sharded_controlnet_step_matches_single_device(default_build):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4), out[1][2], out[0][2])
 
 
-CN_ARGS = ["--config=configs/controlnet.py:lesion", "--config.training.log_every=1",
-           "--config.data.phantom.shape=(32,32,32)", "--config.data.phantom.num_volumes=3",
-           "--config.training.batch_size=2", "--config.checkpoint.every_steps=2", "--config.eval.every_steps=0",
-           "--config.eval.sample_every_steps=0"]
+CN_ARGS = [
+  "--config=configs/controlnet.py:lesion",
+  "--config.training.log_every=1",
+  "--config.data.phantom.shape=(32,32,32)",
+  "--config.data.phantom.num_volumes=3",
+  "--config.training.batch_size=2",
+  "--config.checkpoint.every_steps=2",
+  "--config.eval.every_steps=0",
+  "--config.eval.sample_every_steps=0",
+]
 
 
 def metrics_rows(workdir):
@@ -300,25 +334,27 @@ def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path)
   ck.save(4, st, None, config)
   ck.close()
   loaded = pretrained.load(str(tmp_path / "run"))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         loaded.params, st.ema_params)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded.params, st.ema_params
+  )
   out = tmp_path / "exported"
   proc = run_main("--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   exported = pretrained.load(str(out))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         exported.params, st.ema_params)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), exported.params, st.ema_params
+  )
   assert exported.config.to_dict() == loaded.config.to_dict()
   proc = run_main("--config=configs/export.py", f"--config.source={tmp_path / 'run'}", f"--config.output={out}")
   assert proc.returncode != 0 and "not empty" in proc.stderr  # never overwrites without being asked
 
 
 def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
-  from meddiff_jax.diffusion import schedules, samplers
+  from meddiff_jax.diffusion import samplers, schedules
   from meddiff_jax.tasks import controlled
 
   sched = schedules.make_schedule("cosine", 1000)
-  x0 = jnp.linspace(-0.5, 0.5, 8 ** 3).reshape(1, 8, 8, 8, 1)
+  x0 = jnp.linspace(-0.5, 0.5, 8**3).reshape(1, 8, 8, 8, 1)
   keep = jnp.ones_like(x0).at[:, 2:5, 2:5, 2:5].set(0.0)
 
   oracle = point_mass_oracle(sched, x0)
@@ -333,20 +369,35 @@ def test_super_resolution_and_lesion_commands(tmp_path):
   from meddiff_jax.data import nifti, phantom
 
   work = tmp_path / "cn"
-  proc = run_main("--config=configs/controlnet.py:lesion", f"--workdir={work}", "--config.training.num_steps=1",
-                  "--config.data.phantom.shape=(32,32,32)", "--config.data.phantom.num_volumes=3",
-                  "--config.training.batch_size=2", "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0",
-                  timeout=600)
+  proc = run_main(
+    "--config=configs/controlnet.py:lesion",
+    f"--workdir={work}",
+    "--config.training.num_steps=1",
+    "--config.data.phantom.shape=(32,32,32)",
+    "--config.data.phantom.num_volumes=3",
+    "--config.training.batch_size=2",
+    "--config.eval.every_steps=0",
+    "--config.eval.sample_every_steps=0",
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   p = phantom.make_phantom((24, 24, 20), (6.0, 6.0, 6.0), "abdomen", seed=3, num_lesions=1)
   nifti.save(nifti.Volume(np.round(p.hu), p.affine), tmp_path / "ct.nii.gz", np.int16)
   nifti.save(nifti.Volume(p.lesions, p.affine), tmp_path / "lesion.nii.gz", np.uint8)
   for method in ("inpaint", "generate"):
     out = tmp_path / f"{method}.nii.gz"
-    proc = run_main("--config=configs/lesion.py", f"--config.controlnet={work}",
-                    f"--config.input={tmp_path / 'ct.nii.gz'}", f"--config.mask={tmp_path / 'lesion.nii.gz'}",
-                    f"--config.output={out}", f"--config.method={method}", "--config.num_steps=3",
-                    "--config.jump_length=1", "--config.jump_n_sample=2", timeout=600)
+    proc = run_main(
+      "--config=configs/lesion.py",
+      f"--config.controlnet={work}",
+      f"--config.input={tmp_path / 'ct.nii.gz'}",
+      f"--config.mask={tmp_path / 'lesion.nii.gz'}",
+      f"--config.output={out}",
+      f"--config.method={method}",
+      "--config.num_steps=3",
+      "--config.jump_length=1",
+      "--config.jump_n_sample=2",
+      timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / f"{method}.json").read_text())
     assert 0.0 <= res["dice_threshold_segmentation"] <= 1.0 and res["psnr_outside_mask"] > 0
@@ -357,10 +408,16 @@ def test_super_resolution_and_lesion_commands(tmp_path):
   nifti.save(thin, tmp_path / "hr.nii.gz", np.int16)
   lr = nifti.resample(thin, (6.0, 6.0, 18.0), order=1)
   nifti.save(lr, tmp_path / "lr.nii.gz", np.int16)
-  proc = run_main("--config=configs/super_resolution.py", f"--config.controlnet={work}",
-                  f"--config.input={tmp_path / 'lr.nii.gz'}", f"--config.output={tmp_path / 'sr.nii.gz'}",
-                  f"--config.reference={tmp_path / 'hr.nii.gz'}", "--config.spacing=(6.0,6.0,6.0)",
-                  "--config.num_steps=3", timeout=600)
+  proc = run_main(
+    "--config=configs/super_resolution.py",
+    f"--config.controlnet={work}",
+    f"--config.input={tmp_path / 'lr.nii.gz'}",
+    f"--config.output={tmp_path / 'sr.nii.gz'}",
+    f"--config.reference={tmp_path / 'hr.nii.gz'}",
+    "--config.spacing=(6.0,6.0,6.0)",
+    "--config.num_steps=3",
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "sr.json").read_text())
   assert set(res["metrics"]) == {"controlnet", "trilinear", "cubic"}

@@ -16,12 +16,18 @@ def test_depth_tap_conv_equals_lax_conv3d(shape, cin, cout):
   plain = unet3d.conv3d(cout, 3, unet3d.UNetSpec(conv_impl="xla"))
   assert isinstance(plain, unet3d.nn.Conv) and not isinstance(plain, unet3d.DepthTapConv)
   params = plain.init(jax.random.key(1), x)
-  params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # bias != 0
+  params = jax.tree_util.tree_map(
+    lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params
+  )  # bias != 0
   taps = unet3d.conv3d(cout, 3, unet3d.UNetSpec(conv_impl="depth_taps"))
   assert isinstance(taps, unet3d.DepthTapConv)
   assert jax.tree_util.tree_structure(taps.init(jax.random.key(1), x)) == jax.tree_util.tree_structure(params)
-  ref = jax.lax.conv_general_dilated(x, params["params"]["kernel"].value, (1, 1, 1), "SAME",
-                                     dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + params["params"]["bias"].value
+  ref = (
+    jax.lax.conv_general_dilated(
+      x, params["params"]["kernel"].value, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+    + params["params"]["bias"].value
+  )
   np.testing.assert_allclose(np.asarray(taps.apply(params, x)), np.asarray(ref), atol=1e-5)
   np.testing.assert_allclose(np.asarray(plain.apply(params, x)), np.asarray(ref), atol=1e-5)
 
@@ -29,7 +35,9 @@ def test_depth_tap_conv_equals_lax_conv3d(shape, cin, cout):
 @pytest.mark.slow
 def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
   from conftest import tiny_config
+
   from meddiff_jax import pretrained
+
   config = tiny_config()
   config.model.conv_impl = "xla"
   model, spec = pretrained.build_model(config)
@@ -46,6 +54,7 @@ def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
 
 def test_unknown_conv_impl_is_refused():
   from configs import pretrain
+
   c = pretrain.get_config("tiny")
   c.model.conv_impl = "winograd"
   with pytest.raises(ValueError, match="conv_impl"):

@@ -17,6 +17,7 @@ pydicom = pytest.importorskip("pydicom")
 @pytest.fixture(scope="module")
 def series_dir(tmp_path_factory):
   from conftest import data_dir
+
   path = data_dir() / "example_ct_dicom"
   if not path.is_dir():
     pytest.skip("example_ct_dicom not found")
@@ -30,16 +31,21 @@ def ct(series_dir):
 
 def test_geometry_matches_dcm2niix_voxel_for_voxel(ct, series_dir, tmp_path):
   exe = shutil.which("dcm2niix") or os.path.join(os.path.dirname(os.sys.executable), "dcm2niix")
-  proc = subprocess.run([exe, "-o", str(tmp_path), "-f", "ref", "-z", "y", str(series_dir)], capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [exe, "-o", str(tmp_path), "-f", "ref", "-z", "y", str(series_dir)], capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   ref = nib.load(tmp_path / "ref.nii.gz")
   ref_data = np.asarray(ref.dataobj, np.float32)
   # spacing from the positions (2 mm), not SliceThickness (3 mm)
   assert ct.spacing == pytest.approx((0.9765625, 0.9765625, 2.0))
   # the same set of voxel-centre world coordinates: our affine and dcm2niix's differ only by axis flips
-  corners = lambda shape, aff: {tuple(np.round(aff[:3, :3] @ [i, j, k] + aff[:3, 3], 3))
-                                for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)}
+  corners = lambda shape, aff: {
+    tuple(np.round(aff[:3, :3] @ [i, j, k] + aff[:3, 3], 3))
+    for i in (0, shape[0] - 1)
+    for j in (0, shape[1] - 1)
+    for k in (0, shape[2] - 1)
+  }
   assert corners(ct.shape, ct.affine) == corners(ref.shape, ref.affine)
   # every dcm2niix voxel holds the HU we hold at the same world position (nearest = exact grid match)
   on_ref_grid = nifti.resample_like(ct, ref.shape, ref.affine, order=0).data
@@ -77,6 +83,7 @@ def test_single_file_loads_its_whole_series(ct, series_dir):
 
 def test_derived_series_reads_back_on_the_same_geometry(ct, tmp_path):
   from meddiff_jax.tasks import common
+
   out = tmp_path / "out"
   result = np.clip(ct.data, -1024, 3071) + 7.0
   common.save_like_input(result, ct, str(out) + "/", np.int16, "meddiff denoise diffpir (tiny_phantom)")
@@ -87,8 +94,15 @@ def test_derived_series_reads_back_on_the_same_geometry(ct, tmp_path):
   new_files = sorted(out.iterdir())
   new = [pydicom.dcmread(f, stop_before_pixels=True) for f in new_files]
   assert len(new) == len(ct.source.dicom_files)
-  for key in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "FrameOfReferenceUID",
-              "ImageOrientationPatient", "PixelSpacing"):
+  for key in (
+    "PatientID",
+    "PatientName",
+    "StudyInstanceUID",
+    "StudyDate",
+    "FrameOfReferenceUID",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+  ):
     assert str(new[0].get(key)) == str(old.get(key)), key
   assert len({d.SeriesInstanceUID for d in new}) == 1 and new[0].SeriesInstanceUID not in ("", old.SeriesInstanceUID)
   assert len({d.SOPInstanceUID for d in new}) == len(new)
@@ -126,6 +140,7 @@ def test_gantry_tilt_is_refused(series_dir, tmp_path):
   def tilt(i, ds):
     p = [float(v) for v in ds.ImagePositionPatient]
     ds.ImagePositionPatient = [p[0], p[1] + 0.35 * p[2], p[2]]  # y shifts with z: a tilted gantry
+
   d = copy_series(series_dir, tmp_path / "tilt", edit=tilt)
   with pytest.raises(nifti.VolumeError, match="gantry tilt .*dcm2niix"):
     nifti.load(d)
@@ -135,6 +150,7 @@ def test_duplicate_positions_are_refused(series_dir, tmp_path):
   def dup(i, ds):
     if i == 3:
       ds.ImagePositionPatient = pydicom.dcmread(sorted(series_dir.iterdir())[4]).ImagePositionPatient
+
   with pytest.raises(nifti.VolumeError, match="share a position"):
     nifti.load(copy_series(series_dir, tmp_path / "dup", edit=dup))
 
@@ -145,12 +161,15 @@ def test_localizer_and_other_modalities_are_skipped_with_reasons(series_dir, tmp
       ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     elif i == 1:
       ds.Modality = "MR"
+
   d = copy_series(series_dir, tmp_path / "mixed", n=2, edit=edit)
   (d / "notes.txt").write_text("not dicom")
   series, skipped = dicom.scan(dicom.list_files(str(d)))
   assert not series
-  assert sorted(s["reason"] for s in skipped) == ["CT localizer (scout) image, not part of a volume",
-                                                   "DICOM modality MR, not CT"]
+  assert sorted(s["reason"] for s in skipped) == [
+    "CT localizer (scout) image, not part of a volume",
+    "DICOM modality MR, not CT",
+  ]
   with pytest.raises(nifti.VolumeError, match="no CT DICOM series in this folder"):
     nifti.load(d)
 
@@ -158,6 +177,7 @@ def test_localizer_and_other_modalities_are_skipped_with_reasons(series_dir, tmp
 def test_unscaled_dicom_is_refused_unless_assume_hu(series_dir, tmp_path):
   def raw(i, ds):
     ds.RescaleIntercept = "0"  # a converter that dropped the intercept: air at 0, water near 1024
+
   d = copy_series(series_dir, tmp_path / "raw", n=8, edit=raw)
   vol = nifti.load(d)
   with pytest.raises(nifti.VolumeError, match="assume_hu"):
@@ -170,11 +190,13 @@ def test_padding_value_becomes_air_and_bad_private_tags_are_tolerated(series_dir
     ds.RescaleIntercept = "-1000"  # raw 0 would be -1000 HU ...
     ds.add_new(0x00280120, "US", 0)  # PixelPaddingValue: raw 0 marks "outside the scan", i.e. air
     ds.add_new(0x00091010, "UN", b"\x01\x02\x03")  # a private element of odd length
+
   d = copy_series(series_dir, tmp_path / "pad", n=8, edit=edit)
   vol = nifti.load(d)
   assert vol.data.min() == nifti.AIR_HU and not np.any(vol.data == -1000.0)
   raw = pydicom.dcmread(vol.source.dicom_files[0]).pixel_array.T
   from meddiff_jax.data import geometry
+
   in_file_order = geometry.from_ras(vol.data, vol.source.ornt)[..., 0]
   assert (raw == 0).any() and np.all(in_file_order[raw == 0] == nifti.AIR_HU)
   assert np.all(in_file_order[raw != 0] == raw[raw != 0] - 1000.0)
@@ -186,7 +208,7 @@ def small_series(src, dst, n=10, box=(176, 112, 64, 64)):
   dst.mkdir()
   for f in sorted(src.iterdir())[:n]:
     ds = pydicom.dcmread(f)
-    px = ds.pixel_array[r0:r0 + h, c0:c0 + w].copy()
+    px = ds.pixel_array[r0 : r0 + h, c0 : c0 + w].copy()
     iop = np.array([float(v) for v in ds.ImageOrientationPatient])
     dr, dc = (float(v) for v in ds.PixelSpacing)
     ipp = np.array([float(v) for v in ds.ImagePositionPatient]) + c0 * dc * iop[:3] + r0 * dr * iop[3:]
@@ -199,14 +221,21 @@ def small_series(src, dst, n=10, box=(176, 112, 64, 64)):
 @pytest.mark.slow
 def test_denoise_command_dicom_in_dicom_out(series_dir, tmp_path):
   from conftest import run_main
+
   src = small_series(series_dir, tmp_path / "in")
   full = nifti.load(series_dir)
   small = nifti.load(src)
   # the crop sits where the full series says those pixels are (world coordinates agree)
   np.testing.assert_array_equal(nifti.resample_like(full, small.shape, small.affine, order=0).data, small.data)
   out = tmp_path / "den"
-  proc = run_main("--config=configs/denoise.py", f"--config.input={src}", f"--config.output={out}/",
-                  "--config.num_steps=2", "--config.noise_sigma_hu=10", "--config.overlap=0.0")
+  proc = run_main(
+    "--config=configs/denoise.py",
+    f"--config.input={src}",
+    f"--config.output={out}/",
+    "--config.num_steps=2",
+    "--config.noise_sigma_hu=10",
+    "--config.overlap=0.0",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   back = nifti.load(out)
   np.testing.assert_allclose(back.affine, small.affine, atol=1e-5)

@@ -8,13 +8,14 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import override, run_main
 
 from configs import evaluate as evaluate_config
 from meddiff_jax import checks
-from meddiff_jax.benchmarking import adapters, datasets, run as bench
+from meddiff_jax.benchmarking import adapters, datasets
+from meddiff_jax.benchmarking import run as bench
 from meddiff_jax.data import nifti, phantom, preprocess
 from meddiff_jax.evaluation import extractors, frechet, segmenters
-from conftest import override, run_main
 
 SHAPE, SPACING = (24, 24, 20), (12.0, 12.0, 12.0)
 
@@ -64,6 +65,7 @@ def _results(workdir):
 
 # -------------------------------------------------------------------------------------------- generic CSV
 
+
 def _denoising_csv(tmp_path, n=2):
   rows = ["id,low,high"]
   for i in range(n):
@@ -88,17 +90,21 @@ def test_csv_is_read_and_denoising_baselines_scored(tmp_path):
   assert low["ssim_2d_gain"] == 0.0
   # the stored number is the metric of the stored inputs, recomputed here independently
   from skimage.metrics import peak_signal_noise_ratio
+
   ref = np.clip(nifti.load(tmp_path / "high0.nii.gz").data, -120, 240)
   img = np.clip(nifti.load(tmp_path / "low0.nii.gz").data, -120, 240)
   assert low["psnr"] == pytest.approx(peak_signal_noise_ratio(ref, img, data_range=360.0), rel=1e-9)
   assert "non-local means" in out["table"] and res["config"]["protocol"] == "denoising"
 
 
-@pytest.mark.parametrize("content,match", [
+@pytest.mark.parametrize(
+  "content,match",
+  [
     ("low,high\nmissing.nii.gz,x.nii.gz\n", "line 2: column 'low'.*does not exist"),
     ("noisy,clean\na,b\n", "header must have columns"),
     ("low,high\n", "no rows"),
-])
+  ],
+)
 def test_csv_errors_are_one_line(tmp_path, content, match):
   (tmp_path / "p.csv").write_text(content)
   with pytest.raises(datasets.DatasetError, match=match) as e:
@@ -120,6 +126,7 @@ def test_anomaly_csv_labels_and_malformed_flag(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- Mayo 2016
+
 
 def test_mayo2016_layout_dicom_round_trip_and_errors(tmp_path):
   root = tmp_path / "mayo"
@@ -167,8 +174,10 @@ def test_dicom_reader_puts_voxels_where_dcm2niix_does(real_data_dir):
 
 # ------------------------------------------------------------------------------------------------ BMAD liver
 
+
 def _png(path, arr):
   from PIL import Image
+
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(arr.astype(np.uint8)).save(path)
 
@@ -211,6 +220,7 @@ def test_bmad_liver_layout_anomaly_protocol_and_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- RPLHR-CT
 
+
 def test_rplhr_ct_layout_super_resolution_reference_rows_and_errors(tmp_path):
   root = tmp_path / "RPLHR"
   for i in range(2):
@@ -234,6 +244,7 @@ def test_rplhr_ct_layout_super_resolution_reference_rows_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- MSD
+
 
 def _msd(root, task, n=5):
   entries = []
@@ -279,6 +290,7 @@ def test_msd_layout_split_lesion_protocol_and_errors(tmp_path, task, dataset):
 
 # ------------------------------------------------------------------------------------------ TCIA lymph nodes
 
+
 def test_tcia_lymph_nodes_layout_nifti_and_dicom_and_errors(tmp_path):
   root = tmp_path / "ln"
   for i, pid in enumerate(("MED_LYMPH_001", "MED_LYMPH_002", "ABD_LYMPH_001")):
@@ -291,8 +303,7 @@ def test_tcia_lymph_nodes_layout_nifti_and_dicom_and_errors(tmp_path):
       nifti.save(nifti.Volume(p.hu, p.affine), root / "images" / f"{pid}.nii.gz")
       affine = p.affine
     nifti.save(nifti.Volume(p.lesions, affine), root / "MED_ABD_LYMPH_MASKS" / pid / f"{pid}_mask.nii.gz")
-  cfg = _config(protocol="inpainting", dataset="tcia_lymph_nodes", data_root=str(root), split="all",
-                skip_model=True)
+  cfg = _config(protocol="inpainting", dataset="tcia_lymph_nodes", data_root=str(root), split="all", skip_model=True)
   cases = datasets.read_cases(cfg)
   assert [c.id for c in cases] == ["MED_LYMPH_001", "MED_LYMPH_002"]  # the MED subset by default
   assert os.path.isdir(cases[1].paths["image"])
@@ -304,6 +315,7 @@ def test_tcia_lymph_nodes_layout_nifti_and_dicom_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------- synthesis plug-ins (FID, Dice)
+
 
 def _synthesis_csv(tmp_path, n=3):
   rows = ["id,image,labels"]
@@ -348,7 +360,8 @@ def test_user_features_give_the_frechet_distance_of_those_features(tmp_path):
   got = np.stack([ext(f"c{i}", None) for i in range(4)])
   got_gen = np.stack([ext(f"c{i}", None, generated=True) for i in range(4)])
   assert frechet.frechet_distance_from_features(got, got_gen) == pytest.approx(
-      frechet.frechet_distance_from_features(real, gen))
+    frechet.frechet_distance_from_features(real, gen)
+  )
   with pytest.raises(FileNotFoundError, match="c9.npy: feature file missing"):
     ext("c9", None)
 
@@ -380,10 +393,14 @@ def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
   p = _phantom(60)
   nifti.save(nifti.Volume(p.hu, p.affine), tmp_path / "ct.nii.gz")
   script = tmp_path / "seg.py"
-  script.write_text("import sys, nibabel as nib, numpy as np\n"
-                    "img = nib.load(sys.argv[1]); d = np.asarray(img.dataobj)\n"
-                    "nib.save(nib.Nifti1Image((d > 0).astype(np.int16), img.affine), sys.argv[2])\n")
-  seg = segmenters.Segmenter(f"command:{sys.executable} {script} {{input}} {{output}}")("x", str(tmp_path / "ct.nii.gz"))
+  script.write_text(
+    "import sys, nibabel as nib, numpy as np\n"
+    "img = nib.load(sys.argv[1]); d = np.asarray(img.dataobj)\n"
+    "nib.save(nib.Nifti1Image((d > 0).astype(np.int16), img.affine), sys.argv[2])\n"
+  )
+  seg = segmenters.Segmenter(f"command:{sys.executable} {script} {{input}} {{output}}")(
+    "x", str(tmp_path / "ct.nii.gz")
+  )
   np.testing.assert_array_equal(seg, (nifti.load(tmp_path / "ct.nii.gz").data > 0).astype(np.int16))
   bad = segmenters.Segmenter(f"command:{sys.executable} -c 'raise SystemExit(3)' {{input}} {{output}}")
   with pytest.raises(segmenters.SegmenterError, match="exit 3"):
@@ -392,14 +409,21 @@ def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- adapters
 
+
 def test_adapter_builds_the_task_config_from_shared_options():
   cfg = _config(protocol="denoising", method="partial", num_steps=3, task="lam=5.0;zeta=0.1", overlap=0.0, seed=0)
   t = adapters.task_config("denoising", cfg, input="in.nii.gz", output="out.nii.gz")
   assert t.overlap == 0.0 and t.seed == 0  # zero is a value, not 'unset'
   default = adapters.task_config("denoising", _config())
   assert default.overlap == 0.5 and default.num_steps == 10  # configs/denoise.py's own defaults
-  assert (t.method, t.num_steps, t.lam, t.zeta, t.input, t.checkpoint) == ("partial", 3, 5.0, 0.1, "in.nii.gz",
-                                                                           "tiny_phantom")
+  assert (t.method, t.num_steps, t.lam, t.zeta, t.input, t.checkpoint) == (
+    "partial",
+    3,
+    5.0,
+    0.1,
+    "in.nii.gz",
+    "tiny_phantom",
+  )
   assert adapters.task_config("inpainting", _config(protocol="inpainting"), input="a").method == "inpaint"
   with pytest.raises(ValueError, match="has no key 'nope'"):
     adapters.task_config("denoising", _config(task="nope=1"))
@@ -410,6 +434,7 @@ def test_adapter_builds_the_task_config_from_shared_options():
 
 
 # ------------------------------------------------------------------------------------------ the command line
+
 
 def _main(*args):
   return run_main("--config=configs/evaluate.py", *args)
@@ -439,14 +464,17 @@ def test_denoising_protocol_end_to_end_with_the_tiny_prior(tmp_path):
   assert res["config"]["num_steps"] == 4
 
 
-@pytest.mark.parametrize("protocol,keys", [
+@pytest.mark.parametrize(
+  "protocol,keys",
+  [
     ("denoising", dict(input="a.nii.gz", output="o.nii.gz", output_int16=False)),
     ("anomaly", dict(input="a.nii.gz", output="o.nii.gz")),
     ("synthesis", dict(output="o.nii.gz", labels="l.nii.gz")),
     ("super_resolution", dict(input="a.nii.gz", output="o.nii.gz", spacing=(1.0, 1.0, 1.0))),
     ("lesion", dict(input="a.nii.gz", mask="m.nii.gz", output="o.nii.gz")),
     ("inpainting", dict(input="a.nii.gz", mask="m.nii.gz", output="o.nii.gz")),
-])
+  ],
+)
 def test_every_protocol_sets_only_keys_its_task_config_has(protocol, keys):
   """The adapter's contract with each task (its config keys): a task rewrite that drops one fails here."""
   cfg = adapters.task_config(protocol, _config(protocol=protocol, region="chest", num_steps=2), **keys)
@@ -458,8 +486,9 @@ def test_anomaly_protocol_runs_the_anomaly_task_on_bmad_slices(tmp_path):
   """Plumbing of the anomaly adapter with the tiny prior (scores are not meaningful with 2 steps)."""
   root = str(tmp_path / "Liver")
   _bmad(root)
-  cfg = _config(protocol="anomaly", dataset="bmad_liver", data_root=root, png_depth=16, num_steps=2, overlap=0.0,
-                max_cases=2)
+  cfg = _config(
+    protocol="anomaly", dataset="bmad_liver", data_root=root, png_depth=16, num_steps=2, overlap=0.0, max_cases=2
+  )
   bench.run(cfg, str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   case = res["cases"][0]

@@ -111,6 +111,7 @@ def test_dice_conventions():
   assert scores.dice_per_label(pred, ref, labels=[1, 7]) == {1: pytest.approx(2 * 54 / 162)}  # 7 absent: skipped
   assert np.isnan(scores.mean_dice(pred, np.zeros_like(ref)))
   from meddiff_jax.evaluation import metrics
+
   assert metrics.dice(np.zeros(3), np.zeros(3)) == 1.0  # both empty: 1
 
 
@@ -134,6 +135,7 @@ def test_denoising_baselines_reduce_noise_and_match_skimage():
 
 # ------------------------------------------------------------------- MedicalNet ResNet vs a numpy reference
 
+
 def _np_conv(x, w, stride=1, pad=0, dil=1):
   """Torch Conv3d semantics in numpy: x (C, D, H, W), w (O, C, k, k, k), zero padding, no bias."""
   k = w.shape[-1]
@@ -143,28 +145,46 @@ def _np_conv(x, w, stride=1, pad=0, dil=1):
   for a in range(k):
     for b in range(k):
       for c in range(k):
-        patch = xp[:, a * dil: a * dil + stride * out_sz[0]: stride, b * dil: b * dil + stride * out_sz[1]: stride,
-                   c * dil: c * dil + stride * out_sz[2]: stride]
+        patch = xp[
+          :,
+          a * dil : a * dil + stride * out_sz[0] : stride,
+          b * dil : b * dil + stride * out_sz[1] : stride,
+          c * dil : c * dil + stride * out_sz[2] : stride,
+        ]
         out += np.einsum("oc,cdhw->odhw", w[:, :, a, b, c], patch)
   return out
 
 
 def _np_medicalnet10(sd, x):
   sd = {k[7:]: v.astype(np.float64) for k, v in sd.items()}
-  bn = lambda h, n: ((h - sd[f"{n}.running_mean"][:, None, None, None]) / np.sqrt(sd[f"{n}.running_var"] + 1e-5)[
-      :, None, None, None] * sd[f"{n}.weight"][:, None, None, None] + sd[f"{n}.bias"][:, None, None, None])
+  bn = lambda h, n: (
+    (h - sd[f"{n}.running_mean"][:, None, None, None])
+    / np.sqrt(sd[f"{n}.running_var"] + 1e-5)[:, None, None, None]
+    * sd[f"{n}.weight"][:, None, None, None]
+    + sd[f"{n}.bias"][:, None, None, None]
+  )
   relu = lambda h: np.maximum(h, 0)
   h = relu(bn(_np_conv(x, sd["conv1.weight"], 2, 3), "bn1"))
   hp = np.pad(h, [(0, 0)] + [(1, 1)] * 3, constant_values=-np.inf)  # MaxPool3d(3, 2, padding=1)
   sz = [(s + 2 - 3) // 2 + 1 for s in h.shape[1:]]
-  h = np.max([hp[:, a:a + 2 * sz[0]:2, b:b + 2 * sz[1]:2, c:c + 2 * sz[2]:2]
-              for a in range(3) for b in range(3) for c in range(3)], axis=0)
+  h = np.max(
+    [
+      hp[:, a : a + 2 * sz[0] : 2, b : b + 2 * sz[1] : 2, c : c + 2 * sz[2] : 2]
+      for a in range(3)
+      for b in range(3)
+      for c in range(3)
+    ],
+    axis=0,
+  )
   for s, (stride, dil) in enumerate(((1, 1), (2, 1), (1, 2), (1, 4))):
     p = f"layer{s + 1}.0"
     out = relu(bn(_np_conv(h, sd[f"{p}.conv1.weight"], stride, dil, dil), f"{p}.bn1"))
     out = bn(_np_conv(out, sd[f"{p}.conv2.weight"], 1, dil, dil), f"{p}.bn2")
-    res = bn(_np_conv(h, sd[f"{p}.downsample.0.weight"], stride), f"{p}.downsample.1") if (
-        f"{p}.downsample.0.weight" in sd) else h
+    res = (
+      bn(_np_conv(h, sd[f"{p}.downsample.0.weight"], stride), f"{p}.downsample.1")
+      if (f"{p}.downsample.0.weight" in sd)
+      else h
+    )
     h = relu(out + res)
   return h.mean(axis=(1, 2, 3))
 
@@ -186,5 +206,6 @@ def test_medicalnet_resnet10_matches_a_numpy_reference_of_the_torch_model(tmp_pa
   f = ext("a", hu)
   z = np.clip(hu, -1000, 1000) / 1000.0
   z = (z - z.mean()) / z.std()
-  np.testing.assert_allclose(f, np.asarray(medicalnet.forward(sd, z[None, ..., None].astype(np.float32), 10))[0],
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    f, np.asarray(medicalnet.forward(sd, z[None, ..., None].astype(np.float32), 10))[0], rtol=1e-4, atol=1e-5
+  )

@@ -19,6 +19,7 @@ def ramp(shape, affine):
 
 def affine_for(codes, zooms=(3.0, 2.0, 4.0), origin=(-40.0, 25.0, 100.0), rotate_deg=0.0):
   from meddiff_jax.data import geometry
+
   a = geometry.affine_from_codes(codes, zooms)
   if rotate_deg:
     r = np.eye(4)
@@ -39,14 +40,16 @@ def test_linear_ramp_resampled_exactly_on_every_face(codes, rot, new_spacing):
   vol = nifti.Volume(vol.data, vol.affine)
   # in RAS order as every loader returns it
   from meddiff_jax.data import geometry
+
   data, ras_affine, _ = geometry.to_ras(vol.data, vol.affine)
   vol = nifti.Volume(data, ras_affine)
   out = nifti.resample(vol, new_spacing, order=1)
   assert out.spacing == pytest.approx(new_spacing, abs=1e-9)
   # affine exact: same axes, same first voxel centre, columns scaled by new/old spacing
   np.testing.assert_allclose(out.affine[:3, 3], vol.affine[:3, 3], atol=1e-9)
-  np.testing.assert_allclose(out.affine[:3, :3], vol.affine[:3, :3] @ np.diag(np.array(new_spacing) / vol.spacing),
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    out.affine[:3, :3], vol.affine[:3, :3] @ np.diag(np.array(new_spacing) / vol.spacing), atol=1e-9
+  )
   expected = ramp(out.shape, out.affine)
   # every voxel, faces included: no invented border values
   np.testing.assert_allclose(out.data, expected, atol=2e-4 * np.abs(expected).max())
@@ -59,6 +62,7 @@ def test_linear_ramp_resampled_exactly_on_every_face(codes, rot, new_spacing):
 def test_up_then_down_returns_the_input_exactly():
   affine = affine_for("LPS", zooms=(3.0, 3.0, 3.0))
   from meddiff_jax.data import geometry
+
   data, ras_affine, _ = geometry.to_ras(ramp((21, 17, 13), affine).astype(np.float32), affine)
   vol = nifti.Volume(data, ras_affine)
   up = nifti.resample(vol, (1.5, 1.0, 0.75))
@@ -116,6 +120,7 @@ def test_save_like_writes_the_input_grid_index_by_index(tmp_path, codes, rot, qc
 def test_save_like_after_resampling_goes_back_to_the_input_grid(real_data_dir, tmp_path):
   """A task with --config.spacing: work on 1 mm, write on the 1.5 mm LPS input grid."""
   from meddiff_jax.tasks import common
+
   src = real_data_dir / "aorta_ct_cropped_lps.nii.gz"
   original, work = common.load_ct(str(src), "chest", (1.0, 1.0, 1.0))
   back = common.back_to_input_grid(work.data, work, original)
@@ -136,15 +141,25 @@ def test_save_like_after_resampling_goes_back_to_the_input_grid(real_data_dir, t
 def test_denoise_on_real_lps_ct_writes_the_input_grid(real_data_dir, tmp_path):
   """End to end: the denoise command on an LPS crop, compared index by index with the input."""
   from conftest import run_main
+
   src = real_data_dir / "aorta_ct_cropped_lps.nii.gz"
   out = tmp_path / "den.nii.gz"
-  proc = run_main("--config=configs/denoise.py", f"--config.input={src}", f"--config.output={out}",
-                  "--config.num_steps=2", "--config.window_batch=8", "--config.overlap=0.0", "--config.noise_sigma_hu=10")
+  proc = run_main(
+    "--config=configs/denoise.py",
+    f"--config.input={src}",
+    f"--config.output={out}",
+    "--config.num_steps=2",
+    "--config.window_batch=8",
+    "--config.overlap=0.0",
+    "--config.noise_sigma_hu=10",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   a, b = nib.load(src), nib.load(out)
   assert b.shape == a.shape
   np.testing.assert_array_equal(b.affine, a.affine)
-  assert (int(b.header["qform_code"]), int(b.header["sform_code"])) == (int(a.header["qform_code"]),
-                                                                          int(a.header["sform_code"]))
+  assert (int(b.header["qform_code"]), int(b.header["sform_code"])) == (
+    int(a.header["qform_code"]),
+    int(a.header["sform_code"]),
+  )
   x, y = np.asarray(a.dataobj, np.float32), np.asarray(b.dataobj, np.float32)
   assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.9  # flipped arrays correlate at -0.16..-0.30

@@ -3,15 +3,20 @@
 import json
 
 import pytest
-
 from conftest import REPO, run_main
 
 
 @pytest.mark.slow
 def test_three_step_pretraining_run_writes_loss_log(tmp_path):
-  proc = run_main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.training.num_steps=3",
-                  "--config.training.log_every=1", "--config.data.patch_size=8",
-                  "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=3")
+  proc = run_main(
+    "--config=configs/pretrain.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.training.num_steps=3",
+    "--config.training.log_every=1",
+    "--config.data.patch_size=8",
+    "--config.data.phantom.shape=(24,24,24)",
+    "--config.data.phantom.num_volumes=3",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [l for l in lines if "loss" in l]
@@ -45,8 +50,9 @@ def test_config_mistakes_fail_with_one_line_messages(tmp_path):
   assert proc.returncode != 0 and "cannot be created" in proc.stderr and "Traceback" not in proc.stderr
   proc = run_main("--config=configs/pretrain.py:tiny")
   assert proc.returncode != 0 and "--workdir=DIR is required" in proc.stderr
-  proc = run_main("--config=configs/prepare.py", f"--config.input_dir={tmp_path / 'none'}",
-                  f"--config.output_dir={tmp_path / 'out'}")
+  proc = run_main(
+    "--config=configs/prepare.py", f"--config.input_dir={tmp_path / 'none'}", f"--config.output_dir={tmp_path / 'out'}"
+  )
   assert proc.returncode != 0 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
   proc = run_main("--config=configs/controlnet.py:sr", f"--workdir={tmp_path}", "--config.base_checkpoint=/nope")
   assert proc.returncode != 0 and "base_checkpoint='/nope' does not exist" in proc.stderr
@@ -59,7 +65,9 @@ def test_every_config_file_names_a_command_with_its_check():
 
   from meddiff_jax import checks, main
 
-  names = [p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "input_options", "task_options")]
+  names = [
+    p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "input_options", "task_options")
+  ]
   modes = {importlib.import_module(f"configs.{n}").get_config().mode for n in names}
   assert modes <= set(main.COMMANDS) and set(checks.TASKS) <= modes
   assert all(main.COMMANDS[t].check is checks.task for t in checks.TASKS)

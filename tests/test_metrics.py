@@ -15,13 +15,15 @@ def test_psnr_and_ssim_match_scikit_image(seed):
   ref = rng.uniform(-1, 1, (20, 18, 16))
   img = ref + rng.normal(0, 0.2, ref.shape)
   assert metrics.psnr(ref, img, 2.0) == pytest.approx(skimage_metrics.peak_signal_noise_ratio(ref, img, data_range=2.0))
-  assert metrics.ssim(ref, img, 2.0) == pytest.approx(skimage_metrics.structural_similarity(ref, img, data_range=2.0),
-                                                      rel=1e-6)
+  assert metrics.ssim(ref, img, 2.0) == pytest.approx(
+    skimage_metrics.structural_similarity(ref, img, data_range=2.0), rel=1e-6
+  )
   smooth = np.cumsum(rng.normal(size=ref.shape), axis=0)
   noisy = smooth + rng.normal(0, 1.0, ref.shape)
   rng_ = smooth.max() - smooth.min()
   assert metrics.ssim(smooth, noisy, rng_) == pytest.approx(
-      skimage_metrics.structural_similarity(smooth, noisy, data_range=rng_), rel=1e-6)
+    skimage_metrics.structural_similarity(smooth, noisy, data_range=rng_), rel=1e-6
+  )
 
 
 def test_ms_ssim_properties():
@@ -64,7 +66,7 @@ def test_slice_and_pixel_auroc_match_scikit_learn():
   for i in range(3):
     truth = np.zeros((12, 10, 8), bool)
     if i:
-      truth[3:6, 4:7, 2 + i:4 + i] = True
+      truth[3:6, 4:7, 2 + i : 4 + i] = True
     amaps.append(rng.random(truth.shape) + 0.8 * truth)
     truths.append(truth)
     bodies.append(np.ones(truth.shape, bool))

@@ -10,16 +10,25 @@ import pytest
 
 from meddiff_jax.models import embeddings, unet3d
 
-SPEC = unet3d.UNetSpec(base_channels=8, channel_mult=(1, 2), attention_levels=(1,), num_head_channels=4,
-                       structure_channels=3, pos_num_freqs=2)
+SPEC = unet3d.UNetSpec(
+  base_channels=8,
+  channel_mult=(1, 2),
+  attention_levels=(1,),
+  num_head_channels=4,
+  structure_channels=3,
+  pos_num_freqs=2,
+)
 
 
 def inputs(spec, n=2, size=8, seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(k[0], (n, size, size, size, 1))
   t = jnp.arange(n) * 300
-  cond = {"pos_box": jnp.tile(jnp.array([[-1.0, 0.5]]), (n, 3, 1)), "region": jnp.arange(n) % 4,
-          "structures": (jax.random.uniform(k[1], (n, size, size, size, spec.structure_channels)) > 0.5).astype(jnp.uint8)}
+  cond = {
+    "pos_box": jnp.tile(jnp.array([[-1.0, 0.5]]), (n, 3, 1)),
+    "region": jnp.arange(n) % 4,
+    "structures": (jax.random.uniform(k[1], (n, size, size, size, spec.structure_channels)) > 0.5).astype(jnp.uint8),
+  }
   return x, t, cond
 
 
@@ -52,11 +61,13 @@ def test_every_param_has_logical_axes(tiny_unet):
 
 def perturbed(params, seed=1):
   """Random params everywhere (zero-init convs would hide the conditions' effect)."""
+
   @jax.jit
   def perturb(params):
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed, impl="rbg"), len(leaves))
     return jax.tree_util.tree_unflatten(tree, [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
   return perturb(nn.meta.unbox(params))
 
 
@@ -66,8 +77,11 @@ def test_conditions_change_the_output_and_can_be_switched_off(tiny_unet):
   params = perturbed(variables["params"])
   apply = jax.jit(model.apply)
   base = apply({"params": params}, x, t, cond)
-  for key, value in (("region", (cond["region"] + 1) % 4), ("structures", 1 - cond["structures"]),
-                     ("pos_box", cond["pos_box"] * 0.5)):
+  for key, value in (
+    ("region", (cond["region"] + 1) % 4),
+    ("structures", 1 - cond["structures"]),
+    ("pos_box", cond["pos_box"] * 0.5),
+  ):
     other = apply({"params": params}, x, t, {**cond, key: value})
     assert float(jnp.abs(other - base).max()) > 1e-4, key
   bare = dataclasses.replace(SPEC, use_position=False, use_region=False, structure_channels=0)
@@ -109,14 +123,16 @@ def test_remat_segments_cover_whole_levels():
   outside = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
   assert not outside
   convs = sum(str(e.params["jaxpr"]).count("conv_general_dilated") for e in segments)
-  num_kernels = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in str(path[-1])
-                    and _.ndim == 5)
+  num_kernels = sum(
+    1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0] if "kernel" in str(path[-1]) and _.ndim == 5
+  )
   assert convs == num_kernels
 
 
 @pytest.mark.slow
 def test_attention_is_keyed_by_level_and_legacy_configs_map_to_levels():
   from meddiff_jax import pretrained
+
   # tiny_phantom was trained at 16^3 with attention_resolutions=(8,): attention at level 1.
   pre = pretrained.load("tiny_phantom")
   assert pre.spec.attention_levels == (1,)
@@ -178,6 +194,7 @@ def test_builtin_priors_load_at_their_training_spacing_and_window():
   """Every shipped prior loads from the package (EMA params against its own config) and records the grid it
   was trained on, which the tasks resample to (tiny_ct: 2 mm, 32^3 windows; tiny_phantom predates the key)."""
   from meddiff_jax import pretrained
+
   pre = pretrained.load("tiny_ct")
   assert tuple(pre.config.data.spacing) == (2.0, 2.0, 2.0) and pre.patch_size == 32
   assert pre.config.data.source == "prepared" and pre.spec.attention_levels == (2,)

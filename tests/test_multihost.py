@@ -7,13 +7,19 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
-ARGS = ["--config=configs/pretrain.py:tiny", "--config.training.log_every=1", "--config.data.patch_size=8",
-        "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=4",
-        "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0", "--config.checkpoint.every_steps=3",
-        "--config.checkpoint.preemption_check_every=1"]
+ARGS = [
+  "--config=configs/pretrain.py:tiny",
+  "--config.training.log_every=1",
+  "--config.data.patch_size=8",
+  "--config.data.phantom.shape=(24,24,24)",
+  "--config.data.phantom.num_volumes=4",
+  "--config.eval.every_steps=0",
+  "--config.eval.sample_every_steps=0",
+  "--config.checkpoint.every_steps=3",
+  "--config.checkpoint.preemption_check_every=1",
+]
 
 
 def free_port():
@@ -26,14 +32,32 @@ def run_two(workdir, steps):
   port = free_port()
   procs, logs = [], []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(pid),
+    )
     env.pop("XLA_FLAGS", None)
     logs.append(workdir.parent / f"{workdir.name}.{steps}.{pid}.log")
     with open(logs[-1], "w") as f:  # a log file, not a PIPE: a full pipe would block the process
-      procs.append(subprocess.Popen([sys.executable, "-m", "meddiff_jax.main", *ARGS, f"--workdir={workdir}",
-                                     f"--config.training.num_steps={steps}"], cwd=REPO, env=env, stdout=f,
-                                    stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            "-m",
+            "meddiff_jax.main",
+            *ARGS,
+            f"--workdir={workdir}",
+            f"--config.training.num_steps={steps}",
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=f,
+          stderr=subprocess.STDOUT,
+        )
+      )
   for p in procs:
     try:
       p.wait(timeout=600)

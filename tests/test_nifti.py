@@ -97,8 +97,10 @@ def test_truncated_gzip(tmp_path):
     nifti.load(bad)
 
 
-@pytest.mark.parametrize("shape,match", [((16, 16), "expected a 3D volume"), ((16, 16, 16, 3), "expected a 3D volume"),
-                                         ((16, 16, 1), "degenerate shape")])
+@pytest.mark.parametrize(
+  "shape,match",
+  [((16, 16), "expected a 3D volume"), ((16, 16, 16, 3), "expected a 3D volume"), ((16, 16, 1), "degenerate shape")],
+)
 def test_wrong_dimensionality(tmp_path, shape, match):
   path = write(tmp_path, "dims.nii.gz", np.zeros(shape, np.float32))
   with pytest.raises(nifti.VolumeError, match=f"dims.nii.gz: {match}"):
@@ -158,8 +160,11 @@ def test_mask_shape_mismatch(tmp_path):
 def test_crop_whose_affine_was_not_updated(real_data_dir, tmp_path):
   parent = nifti.load(real_data_dir / "example_ct.nii.gz")
   stale = nifti.load(real_data_dir / "example_ct_sm.nii.gz")
-  with pytest.raises(nifti.VolumeError, match=r"example_ct_sm.nii.gz: affine places this crop at voxel offset "
-                     r"\(0, 0, 0\).*match the parent at voxel offset \(0, 0, 82\)"):
+  with pytest.raises(
+    nifti.VolumeError,
+    match=r"example_ct_sm.nii.gz: affine places this crop at voxel offset "
+    r"\(0, 0, 0\).*match the parent at voxel offset \(0, 0, 82\)",
+  ):
     nifti.check_crop_position(stale, parent)
   # the same crop with its origin shifted by the crop offset passes
   fixed_affine = stale.affine.copy()
@@ -235,6 +240,7 @@ def test_slice_gap_and_thin_slab_are_refused(tmp_path):
 
 def test_size_limits_are_checked_from_the_header_before_reading(tmp_path):
   import time
+
   hdr = nib.Nifti1Header()
   hdr.set_data_dtype(np.int16)
   hdr.set_data_shape((30000, 30000, 30000))
@@ -263,7 +269,7 @@ def test_ct_check_accepts_crops_without_air_and_rejects_mr(real_data_dir):
   ct = nifti.load(real_data_dir / "example_ct.nii.gz")
   seg = nifti.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
   c = np.argwhere(seg.data == 5).mean(0).astype(int)
-  crop = ct.data[c[0] - 8:c[0] + 8, c[1] - 8:c[1] + 8, c[2] - 8:c[2] + 8]
+  crop = ct.data[c[0] - 8 : c[0] + 8, c[1] - 8 : c[1] + 8, c[2] - 8 : c[2] + 8]
   assert crop.min() > -200
   nifti.check_ct(nifti.Volume(crop, ct.affine, "liver_crop"))
   rng = np.random.default_rng(0)

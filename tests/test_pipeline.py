@@ -6,8 +6,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import prepare_config, tiny_config
+
 from meddiff_jax.data import multilevel, nifti, phantom, pipeline, prepare, preprocess, store
 from meddiff_jax.models import embeddings
 
@@ -33,12 +33,12 @@ def test_sample_coordinates_match_the_whole_volume_frame(operation):
   idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float32)
   # encode each voxel's own normalised x coordinate as its "HU" so we can read positions back
   coord = np.stack([2 * idx[..., a] / (n - 1) - 1 for a, n in enumerate(shape)], -1)
-  rng = np.random.default_rng(0)
   patch = 16
   for axis in range(3):
     hu = (coord[..., axis] * 100.0).astype(np.float32)  # in [-100, 100] HU: inside the abdomen window
-    s = multilevel.make_sample(hu, None, preprocess.region_id("abdomen"), patch, np.random.default_rng(1),
-                               operation=operation)
+    s = multilevel.make_sample(
+      hu, None, preprocess.region_id("abdomen"), patch, np.random.default_rng(1), operation=operation
+    )
     grid = np.asarray(embeddings.coordinate_grid(s["pos_box"][None], (patch,) * 3))[0, ..., axis]
     seen = preprocess.unit_to_hu(s["image"][..., 0], "abdomen") / 100.0
     inside = np.abs(grid) <= 1.0  # padded voxels (volume smaller than the crop) hold air, not coordinates
@@ -48,8 +48,9 @@ def test_sample_coordinates_match_the_whole_volume_frame(operation):
 
 
 def test_structure_channels_group_labels_and_body():
-  lut = preprocess.group_lookup({1: "spleen", 5: "liver", 10: "lung_upper_lobe_left", 99: "unknown_thing"},
-                                preprocess.DEFAULT_STRUCTURE_GROUPS)
+  lut = preprocess.group_lookup(
+    {1: "spleen", 5: "liver", 10: "lung_upper_lobe_left", 99: "unknown_thing"}, preprocess.DEFAULT_STRUCTURE_GROUPS
+  )
   names = list(preprocess.DEFAULT_STRUCTURE_GROUPS)
   labels = np.array([[[0, 1, 5, 10, 99]]])
   hu = np.array([[[-1000.0, 50, 60, -850, 30]]])
@@ -135,6 +136,7 @@ def test_a_finite_dataset_reads_exactly_its_batches_and_matches_the_stream():
 
 def test_global_batches_are_laid_out_on_the_mesh():
   from meddiff_jax import sharding
+
   config = tiny_config()
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=8, seed=0)
@@ -153,24 +155,38 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
     p = phantom.make_phantom((24, 24, 24), (6.0, 6.0, 6.0), region, seed=i)
     nifti.save(nifti.Volume(p.hu, p.affine), src / f"ph{i}.nii.gz", np.int16)
     nifti.save(nifti.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
-  nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 255, (16, 16, 16)).astype(np.uint8), np.eye(4)),
-           src / "mr_like.nii.gz")
+  nib.save(
+    nib.Nifti1Image(np.random.default_rng(0).integers(0, 255, (16, 16, 16)).astype(np.uint8), np.eye(4)),
+    src / "mr_like.nii.gz",
+  )
   (src / "broken.nii.gz").write_bytes(open(src / "ph0.nii.gz", "rb").read()[:300])
   nib.save(nib.Nifti1Image(np.zeros((16, 16), np.float32), np.eye(4)), src / "slice2d.nii.gz")
   manifest = tmp_path / "manifest.csv"
-  rows = ["image,region,mask,parent", "ph0.nii.gz,abdomen,ph0_seg.nii.gz,", "ph1.nii.gz,chest,ph1_seg.nii.gz,",
-          "mr_like.nii.gz,abdomen,,", "broken.nii.gz,chest,,", "slice2d.nii.gz,chest,,",
-          f"{real_data_dir / 'example_ct_sm.nii.gz'},abdomen,{real_data_dir / 'example_seg.nii.gz'},"
-          f"{real_data_dir / 'example_ct.nii.gz'}",
-          "ph0.nii.gz_missing,chest,,"]
+  rows = [
+    "image,region,mask,parent",
+    "ph0.nii.gz,abdomen,ph0_seg.nii.gz,",
+    "ph1.nii.gz,chest,ph1_seg.nii.gz,",
+    "mr_like.nii.gz,abdomen,,",
+    "broken.nii.gz,chest,,",
+    "slice2d.nii.gz,chest,,",
+    f"{real_data_dir / 'example_ct_sm.nii.gz'},abdomen,{real_data_dir / 'example_seg.nii.gz'},"
+    f"{real_data_dir / 'example_ct.nii.gz'}",
+    "ph0.nii.gz_missing,chest,,",
+  ]
   manifest.write_text("\n".join(rows) + "\n")
   out = tmp_path / "out"
-  report = prepare.run(prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
-                                       allow_outside_paths=True))  # the real CT rows live in shared/data
+  report = prepare.run(
+    prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0), allow_outside_paths=True)
+  )  # the real CT rows live in shared/data
   assert len(report["prepared"]) == 2
   reasons = {os.path.basename(r["image"]): r["reason"] for r in report["failed"]}
-  assert set(reasons) == {"mr_like.nii.gz", "broken.nii.gz", "slice2d.nii.gz", "example_ct_sm.nii.gz",
-                          "ph0.nii.gz_missing"}
+  assert set(reasons) == {
+    "mr_like.nii.gz",
+    "broken.nii.gz",
+    "slice2d.nii.gz",
+    "example_ct_sm.nii.gz",
+    "ph0.nii.gz_missing",
+  }
   assert "not CT in Hounsfield units" in reasons["mr_like.nii.gz"]
   assert "expected a 3D volume" in reasons["slice2d.nii.gz"]
   assert "affine was not updated" in reasons["example_ct_sm.nii.gz"]
@@ -180,8 +196,9 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
   assert {r["region"] for r in records} == {"abdomen", "chest"}
   assert records[0]["spacing"] == pytest.approx([4.0, 4.0, 4.0])
   # resumable: a second run prepares nothing new
-  again = prepare.run(prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0),
-                                      allow_outside_paths=True))
+  again = prepare.run(
+    prepare_config(src, out, manifest=str(manifest), spacing=(4.0, 4.0, 4.0), allow_outside_paths=True)
+  )
   assert len(again["prepared"]) == 0 and len(again["skipped"]) == 2
   # and the store feeds the training pipeline
   ps = store.PreparedStore(str(out))
@@ -197,8 +214,11 @@ def test_prepare_real_ct_with_masks_by_directory_scan(tmp_path, real_data_dir):
   masks.mkdir()
   os.symlink(real_data_dir / "example_ct.nii.gz", src / "case.nii.gz")
   os.symlink(real_data_dir / "example_seg_fast_force_split.nii.gz", masks / "case.nii.gz")
-  report = prepare.run(prepare_config(src, tmp_path / "out", mask_dir=str(masks), default_region="abdomen",
-                                       spacing=(3.0, 3.0, 3.0), workers=2))
+  report = prepare.run(
+    prepare_config(
+      src, tmp_path / "out", mask_dir=str(masks), default_region="abdomen", spacing=(3.0, 3.0, 3.0), workers=2
+    )
+  )
   assert len(report["prepared"]) == 1, report
   hu, labels, region = store.PreparedStore(str(tmp_path / "out")).load(0)
   assert region == preprocess.region_id("abdomen") and hu.shape == (122, 101, 112)
@@ -223,13 +243,15 @@ def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
   nifti.save(nifti.Volume(p.hu, p.affine), src / "ct.nii.gz", np.int16)
   nifti.save(nifti.Volume(p.labels, p.affine), src / "ct_seg.nii.gz", np.uint8)
   nifti.save(nifti.Volume(p.lesions, p.affine), src / "ct_lesion.nii.gz", np.uint8)
-  hu, labels, _ = _prepare_one(tmp_path, "image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n"
-                               ).load(0)
+  hu, labels, _ = _prepare_one(
+    tmp_path, "image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n"
+  ).load(0)
   organs, lesion = multilevel.split_lesions(np.asarray(labels))
   np.testing.assert_array_equal(lesion, p.lesions > 0)
   np.testing.assert_array_equal(organs, p.labels)  # the organ under a lesion is kept
-  sample = multilevel.make_sample(np.asarray(hu), np.asarray(labels), 2, 8, np.random.default_rng(0),
-                                  operation="whole", hint="lesion")
+  sample = multilevel.make_sample(
+    np.asarray(hu), np.asarray(labels), 2, 8, np.random.default_rng(0), operation="whole", hint="lesion"
+  )
   assert set(np.unique(sample["hint"])) <= {-1.0, 1.0}
 
 
@@ -254,5 +276,6 @@ def test_prepare_stores_a_real_low_resolution_partner_for_sr(tmp_path):
   box = sample["pos_box"]
   start = np.round((box[:, 0] + 1) / 2 * (np.array(hu.shape) - 1)).astype(int)
   crop = tuple(slice(a, a + 8) for a in start)
-  np.testing.assert_allclose(sample["hint"][..., 0], preprocess.hu_to_unit(lowres[crop].astype(np.float32), 1),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    sample["hint"][..., 0], preprocess.hu_to_unit(lowres[crop].astype(np.float32), 1), atol=1e-5
+  )

@@ -7,15 +7,13 @@
 - whole-volume samples from the store's precomputed whole level against the computed ones, and what they read.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from scipy import ndimage
 
-from conftest import tiny_config
 from meddiff_jax.data import multilevel, nifti, phantom, pipeline, preprocess, store
 from meddiff_jax.models import conditions
 
@@ -38,9 +36,16 @@ def real_ct(real_data_dir):
 # ------------------------------------------------------------------------------------------ resize
 
 
-@pytest.mark.parametrize("shape,target", [((64, 64, 64), (32, 32, 32)), ((37, 50, 11), (16, 16, 16)),
-                                          ((10, 7, 5), (16, 3, 1)), ((9, 1, 20), (4, 5, 20)),
-                                          ((40, 33, 70), (40, 24, 24))])
+@pytest.mark.parametrize(
+  "shape,target",
+  [
+    ((64, 64, 64), (32, 32, 32)),
+    ((37, 50, 11), (16, 16, 16)),
+    ((10, 7, 5), (16, 3, 1)),
+    ((9, 1, 20), (4, 5, 20)),
+    ((40, 33, 70), (40, 24, 24)),
+  ],
+)
 def test_separable_resize_equals_scipy_zoom_on_random_volumes(shape, target):
   rng = np.random.default_rng(sum(shape))
   for src in (rng.integers(-1024, 3000, shape).astype(np.int16), rng.normal(0, 500, shape).astype(np.float32)):
@@ -62,8 +67,12 @@ def test_separable_resize_equals_scipy_zoom_on_real_ct(real_data_dir):
     assert np.abs(unit(got) - unit(ref)).max() <= 1e-5
     np.testing.assert_array_equal(multilevel.resize(labels, target, 0), zoom_reference(labels, target, 0))
   crop = hu[10:90, 5:85, 20:100]  # a zoom2-style crop, 2x down
-  np.testing.assert_allclose(multilevel.resize(crop, (40,) * 3, 1, np.float32),
-                             zoom_reference(crop, (40,) * 3, 1, np.float32), rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(
+    multilevel.resize(crop, (40,) * 3, 1, np.float32),
+    zoom_reference(crop, (40,) * 3, 1, np.float32),
+    rtol=1e-6,
+    atol=1e-5,
+  )
 
 
 def test_hu_to_unit_in_place_equals_the_expression_it_replaces():
@@ -99,17 +108,21 @@ def test_packed_structures_expand_to_the_structure_channels_on_real_labels(real_
 def test_label_groups_equal_split_lesions_then_the_lut():
   rng = np.random.default_rng(0)
   lut = (np.arange(120) % 7).astype(np.uint8)
-  cases = [rng.integers(0, 256, 5000).astype(np.uint8),  # incl. the legacy lesion label 255, past the LUT
-           rng.integers(-40, 1400, 5000).astype(np.int16),  # lesion codes (label + 1024), negatives
-           rng.integers(0, 300, 5000).astype(np.int32)]  # other dtypes: the reference path itself
+  cases = [
+    rng.integers(0, 256, 5000).astype(np.uint8),  # incl. the legacy lesion label 255, past the LUT
+    rng.integers(-40, 1400, 5000).astype(np.int16),  # lesion codes (label + 1024), negatives
+    rng.integers(0, 300, 5000).astype(np.int32),
+  ]  # other dtypes: the reference path itself
   for labels in cases:
     ref = preprocess.group_ids(multilevel.split_lesions(labels)[0], lut)
     got = multilevel.label_groups(labels, lut)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref)
     organs = multilevel.split_lesions(labels)[0]
-    np.testing.assert_array_equal(preprocess.structure_channels(organs, np.zeros(organs.shape), lut, 6)[..., :-1],
-                                  conditions.expand_structures(conditions.pack_structures(got, 0), 7)[..., :-1])
+    np.testing.assert_array_equal(
+      preprocess.structure_channels(organs, np.zeros(organs.shape), lut, 6)[..., :-1],
+      conditions.expand_structures(conditions.pack_structures(got, 0), 7)[..., :-1],
+    )
 
 
 @pytest.mark.parametrize("operation", multilevel.OPERATIONS)
@@ -140,18 +153,22 @@ def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
     seen.append(cond)
     return jnp.zeros_like(x)
 
-  config = tiny_config(**{"diffusion.structure_drop_prob": 0.5, "diffusion.body_drop_prob": 0.5,
-                          "diffusion.cond_drop_prob": 0.3})
+  config = tiny_config(
+    **{"diffusion.structure_drop_prob": 0.5, "diffusion.body_drop_prob": 0.5, "diffusion.cond_drop_prob": 0.3}
+  )
   packed_cfg = tiny_config(**{"data.pack_structures": True})
   plain_cfg = tiny_config(**{"data.pack_structures": False})
   assert step_lib.batch_spec(packed_cfg)["structures"].shape == (8, 8, 8, 8, 1)
   assert step_lib.batch_spec(plain_cfg)["structures"].shape == (8, 8, 8, 8, 13)
-  packed = next(iter(pipeline.make_dataset(pipeline.make_store(packed_cfg.data), packed_cfg.data, batch_size=8,
-                                           seed=1)))
+  packed = next(
+    iter(pipeline.make_dataset(pipeline.make_store(packed_cfg.data), packed_cfg.data, batch_size=8, seed=1))
+  )
   plain = next(iter(pipeline.make_dataset(pipeline.make_store(plain_cfg.data), plain_cfg.data, batch_size=8, seed=1)))
   assert packed["structures"].shape[-1] == 1 and plain["structures"].shape[-1] == 13
   np.testing.assert_array_equal(conditions.expand_structures(packed["structures"], 13), plain["structures"])
-  loss_fn = step_lib.make_loss_fn(apply_fn, schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps), config)
+  loss_fn = step_lib.make_loss_fn(
+    apply_fn, schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps), config
+  )
   for batch in (packed, plain):
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "operation"}
     loss_fn({}, batch, jax.random.key(0))
@@ -165,8 +182,15 @@ def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
 def test_the_model_takes_packed_structures_as_the_expanded_channels():
   from meddiff_jax.models import unet3d
 
-  spec = unet3d.UNetSpec(base_channels=8, channel_mult=(1,), attention_levels=(), num_head_channels=4,
-                         structure_channels=4, pos_num_freqs=2, mid_attention=False)
+  spec = unet3d.UNetSpec(
+    base_channels=8,
+    channel_mult=(1,),
+    attention_levels=(),
+    num_head_channels=4,
+    structure_channels=4,
+    pos_num_freqs=2,
+    mid_attention=False,
+  )
   model = unet3d.UNet3D(spec)
   rng = np.random.default_rng(0)
   packed = conditions.pack_structures(rng.integers(0, 4, (2, 8, 8, 8)), rng.integers(0, 2, (2, 8, 8, 8)))
@@ -257,6 +281,7 @@ def test_whole_samples_from_the_stored_level_equal_the_computed_ones(tmp_path, f
 
 def test_prepare_writes_whole_levels_and_adds_them_to_volumes_prepared_before(tmp_path):
   from conftest import prepare_config
+
   from meddiff_jax.data import prepare
 
   src = tmp_path / "in"
@@ -281,6 +306,7 @@ def test_prepare_writes_whole_levels_and_adds_them_to_volumes_prepared_before(tm
 
 def test_prepare_refuses_whole_sizes_that_are_not_patch_sizes(tmp_path):
   from conftest import prepare_config
+
   from meddiff_jax import checks
 
   for bad in ((0,), (128.0,), ("128",)):

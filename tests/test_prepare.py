@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import prepare_config, run_main
+
 from meddiff_jax.data import nifti, phantom, prepare, store
 
 
@@ -38,8 +38,10 @@ def test_dicom_series_and_nifti_found_and_every_other_file_reported(tmp_path, re
   report = prepare.run(config_for(src, tmp_path / "out", spacing=(4.0, 4.0, 4.0)))
   assert len(report["prepared"]) == 2, report
   reasons = {os.path.basename(r["path"]): r["reason"] for r in report["not_prepared"]}
-  assert reasons == {"notes.txt": "unsupported file type (not NIfTI, NRRD/MHA or DICOM)",
-                     "scout.dcm": "CT localizer (scout) image, not part of a volume"}
+  assert reasons == {
+    "notes.txt": "unsupported file type (not NIfTI, NRRD/MHA or DICOM)",
+    "scout.dcm": "CT localizer (scout) image, not part of a volume",
+  }
   records = {r["source"]: r for r in store.read_records(str(tmp_path / "out"))}
   dicom_rec = next(r for s, r in records.items() if "patient1" in s)
   ct = nifti.load(real_data_dir / "example_ct_dicom")
@@ -89,13 +91,16 @@ def test_output_dir_refusals_never_touch_user_files(tmp_path):
   assert len(prepare.run(config_for(src, out))["skipped"]) == 1
 
 
-@pytest.mark.parametrize("name,content,match", [
+@pytest.mark.parametrize(
+  "name,content,match",
+  [
     ("dup.csv", "image,region\nscan.nii.gz,chest\n./scan.nii.gz,abdomen\n", "listed twice \\(rows 2 and 3\\)"),
     ("empty.csv", "image,region\n", "lists no images"),
     ("obj.json", '{"image": "scan.nii.gz"}', "must be a list of objects"),
     ("noimage.csv", "region\nchest\n", "row 2 has no 'image'"),
     ("outside.csv", "image,region\n../elsewhere.nii.gz,chest\n", "outside input_dir .*allow_outside_paths"),
-])
+  ],
+)
 def test_manifest_errors_are_one_line(tmp_path, name, content, match):
   src = tmp_path / "in"
   src.mkdir()
@@ -146,16 +151,29 @@ def _children(pid):
 @pytest.mark.slow
 def test_workers_die_with_a_killed_parent(tmp_path):
   from conftest import REPO
+
   src = tmp_path / "in"
   src.mkdir()
   for i in range(8):
     write_phantom(src / f"ph{i}.nii.gz", seed=i, shape=(48, 48, 48))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "meddiff_jax.main", "--config=configs/prepare.py",
-                           f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}",
-                           "--config.workers=2", "--config.spacing=(0.7,0.7,0.7)",
-                           "--config.default_region=abdomen"], cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "meddiff_jax.main",
+      "--config=configs/prepare.py",
+      f"--config.input_dir={src}",
+      f"--config.output_dir={tmp_path / 'out'}",
+      "--config.workers=2",
+      "--config.spacing=(0.7,0.7,0.7)",
+      "--config.default_region=abdomen",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   workers = []
   deadline = time.time() + 120
   while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
@@ -185,8 +203,9 @@ def test_prepare_command_exits_nonzero_with_one_line_when_nothing_prepared(tmp_p
   src = tmp_path / "in"
   src.mkdir()
   (src / "readme.txt").write_text("no scans here")
-  proc = run_main("--config=configs/prepare.py", f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}",
-                  timeout=300)
+  proc = run_main(
+    "--config=configs/prepare.py", f"--config.input_dir={src}", f"--config.output_dir={tmp_path / 'out'}", timeout=300
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith(f"error: nothing prepared from {src}")
   assert "Traceback" not in proc.stderr and "flags:" not in proc.stderr

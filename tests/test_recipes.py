@@ -31,17 +31,26 @@ def _broken(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-WB_ORGANS = (("femur_left", 0, 25), ("hip_left", 20, 50), ("liver", 60, 100), ("spleen", 70, 95),
-             ("lung_upper_lobe_right", 90, 140), ("vertebrae_C5", 140, 160), ("skull", 160, 195), ("brain", 165, 190))
+WB_ORGANS = (
+  ("femur_left", 0, 25),
+  ("hip_left", 20, 50),
+  ("liver", 60, 100),
+  ("spleen", 70, 95),
+  ("lung_upper_lobe_right", 90, 140),
+  ("vertebrae_C5", 140, 160),
+  ("skull", 160, 195),
+  ("brain", 165, 190),
+)
 WB_AFFINE = np.diag([10.0, 10.0, 5.0, 1.0])
 
 
 def _whole_body_labels() -> np.ndarray:
   from meddiff_jax.data import class_map
+
   ids = {v: k for k, v in class_map.TOTAL.items()}
   labels = np.zeros((24, 10, 200), np.int16)
   for i, (name, k0, k1) in enumerate(WB_ORGANS):
-    labels[3 * i:3 * i + 3, 2:6, k0:k1 + 1] = ids[name]
+    labels[3 * i : 3 * i + 3, 2:6, k0 : k1 + 1] = ids[name]
   return labels
 
 
@@ -64,17 +73,22 @@ def _ts_folder(folder: pathlib.Path) -> pathlib.Path:
   folder.mkdir(parents=True, exist_ok=True)
   labels = _whole_body_labels()
   from meddiff_jax.data import class_map
-  for label, name in list(class_map.TOTAL.items())[:20] + [(k, v) for k, v in class_map.TOTAL.items()
-                                                            if v in dict((o[0], 0) for o in WB_ORGANS)]:
+
+  for label, name in list(class_map.TOTAL.items())[:20] + [
+    (k, v) for k, v in class_map.TOTAL.items() if v in dict((o[0], 0) for o in WB_ORGANS)
+  ]:
     nib.save(nib.Nifti1Image((labels == label).astype(np.uint8), WB_AFFINE), str(folder / f"{name}.nii.gz"))
   return folder
 
 
 def _run(tmp_path, dataset, root, **kw):
   from configs import prepare as prepare_config
+
   c = prepare_config.get_config()
-  c.update(dict(input_dir=str(root), output_dir=str(tmp_path / "out"), dataset=dataset, workers=1,
-                spacing=(8.0, 8.0, 8.0)), **kw)
+  c.update(
+    dict(input_dir=str(root), output_dir=str(tmp_path / "out"), dataset=dataset, workers=1, spacing=(8.0, 8.0, 8.0)),
+    **kw,
+  )
   return c, prepare.run(c)
 
 
@@ -98,39 +112,78 @@ def _layout_flat(root, names_good, names_broken, names_ignored):
 # dataset: (region, good image paths, malformed image paths, files in the layout that are not images,
 #           the patient ids of the good images, in order)
 FLAT = {
-    "abdomenct1k": ("abdomen", ["AbdomenCT-1K-ImagePart1/Case_00001_0000.nii.gz",
-                                "AbdomenCT-1K-ImagePart2/Case_00362_0000.nii.gz"],
-                    ["AbdomenCT-1K-ImagePart1/Case_00002_0000.nii.gz"], ["Mask/Case_00001.nii.gz"],
-                    ["Case_00001", "Case_00362"]),
-    "amos22": ("abdomen", ["amos22/imagesTr/amos_0001.nii.gz", "amos22/imagesVa/amos_0008.nii.gz"],
-               ["amos22/imagesTs/amos_0002.nii.gz"], ["amos22/labelsTr/amos_0001.nii.gz",
-                                                      "amos22/imagesTr/amos_0507.nii.gz"],  # >= 500: MRI
-               ["amos_0001", "amos_0008"]),
-    "btcv": ("abdomen", ["RawData/Training/img/img0001.nii.gz", "RawData/Testing/img/img0061.nii.gz"],
-             ["RawData/Training/img/img0002.nii.gz"], ["RawData/Training/label/label0001.nii.gz"],
-             ["img0001", "img0061"]),
-    "word": ("abdomen", ["WORD-V0.1.0/imagesTr/word_0001.nii.gz", "WORD-V0.1.0/imagesVal/word_0101.nii.gz"],
-             ["WORD-V0.1.0/imagesTs/word_0121.nii.gz"], ["WORD-V0.1.0/labelsTr/word_0001.nii.gz"],
-             ["word_0001", "word_0101"]),
-    "segthor": ("chest", ["train/Patient_01/Patient_01.nii.gz", "test/Patient_41.nii.gz"],
-                ["train/Patient_02/Patient_02.nii.gz"], ["train/Patient_01/GT.nii.gz"],
-                ["Patient_01", "Patient_41"]),
-    "ct_rate": ("chest", ["dataset/train/train_1/train_1_a/train_1_a_1.nii.gz",
-                          "dataset/valid/valid_7/valid_7_a/valid_7_a_1.nii.gz"],
-                ["dataset/train/train_2/train_2_a/train_2_a_1.nii.gz"],
-                ["dataset/train/train_1/train_1_a/train_1_a_2.nii.gz",  # second reconstruction
-                 "dataset/train/train_1/train_1_b/train_1_b_1.nii.gz"],  # second scan, same patient
-                ["train_1", "valid_7"]),
-    "structseg": ("head_neck", ["HaN_OAR/1/data.nii.gz", "Naso_GTV/12/data.nii.gz"], ["HaN_OAR/2/data.nii.gz"],
-                  ["HaN_OAR/1/label.nii.gz", "Thoracic_OAR/1/data.nii.gz"], ["HaN_OAR_1", "Naso_GTV_12"]),
-    "instance2022": ("head_neck", ["train_2/data/001.nii.gz", "train_2/data/100.nii.gz"], ["train_2/data/002.nii.gz"],
-                     ["train_2/label/001.nii.gz"], ["001", "100"]),
-    "segrap2023": ("head_neck", ["SegRap2023_Training_Set_120cases/segrap_0000/image.nii.gz",
-                                 "SegRap2023_Training_Set_120cases/segrap_0119/image.nii.gz"],
-                   ["SegRap2023_Training_Set_120cases/segrap_0001/image.nii.gz"],
-                   ["SegRap2023_Training_Set_120cases/segrap_0000/image_contrast.nii.gz",
-                    "SegRap2023_Training_Set_120cases/segrap_0002/image_contrast.nii.gz"],  # 0002: image missing
-                   ["segrap_0000", "segrap_0119"]),
+  "abdomenct1k": (
+    "abdomen",
+    ["AbdomenCT-1K-ImagePart1/Case_00001_0000.nii.gz", "AbdomenCT-1K-ImagePart2/Case_00362_0000.nii.gz"],
+    ["AbdomenCT-1K-ImagePart1/Case_00002_0000.nii.gz"],
+    ["Mask/Case_00001.nii.gz"],
+    ["Case_00001", "Case_00362"],
+  ),
+  "amos22": (
+    "abdomen",
+    ["amos22/imagesTr/amos_0001.nii.gz", "amos22/imagesVa/amos_0008.nii.gz"],
+    ["amos22/imagesTs/amos_0002.nii.gz"],
+    ["amos22/labelsTr/amos_0001.nii.gz", "amos22/imagesTr/amos_0507.nii.gz"],  # >= 500: MRI
+    ["amos_0001", "amos_0008"],
+  ),
+  "btcv": (
+    "abdomen",
+    ["RawData/Training/img/img0001.nii.gz", "RawData/Testing/img/img0061.nii.gz"],
+    ["RawData/Training/img/img0002.nii.gz"],
+    ["RawData/Training/label/label0001.nii.gz"],
+    ["img0001", "img0061"],
+  ),
+  "word": (
+    "abdomen",
+    ["WORD-V0.1.0/imagesTr/word_0001.nii.gz", "WORD-V0.1.0/imagesVal/word_0101.nii.gz"],
+    ["WORD-V0.1.0/imagesTs/word_0121.nii.gz"],
+    ["WORD-V0.1.0/labelsTr/word_0001.nii.gz"],
+    ["word_0001", "word_0101"],
+  ),
+  "segthor": (
+    "chest",
+    ["train/Patient_01/Patient_01.nii.gz", "test/Patient_41.nii.gz"],
+    ["train/Patient_02/Patient_02.nii.gz"],
+    ["train/Patient_01/GT.nii.gz"],
+    ["Patient_01", "Patient_41"],
+  ),
+  "ct_rate": (
+    "chest",
+    ["dataset/train/train_1/train_1_a/train_1_a_1.nii.gz", "dataset/valid/valid_7/valid_7_a/valid_7_a_1.nii.gz"],
+    ["dataset/train/train_2/train_2_a/train_2_a_1.nii.gz"],
+    [
+      "dataset/train/train_1/train_1_a/train_1_a_2.nii.gz",  # second reconstruction
+      "dataset/train/train_1/train_1_b/train_1_b_1.nii.gz",
+    ],  # second scan, same patient
+    ["train_1", "valid_7"],
+  ),
+  "structseg": (
+    "head_neck",
+    ["HaN_OAR/1/data.nii.gz", "Naso_GTV/12/data.nii.gz"],
+    ["HaN_OAR/2/data.nii.gz"],
+    ["HaN_OAR/1/label.nii.gz", "Thoracic_OAR/1/data.nii.gz"],
+    ["HaN_OAR_1", "Naso_GTV_12"],
+  ),
+  "instance2022": (
+    "head_neck",
+    ["train_2/data/001.nii.gz", "train_2/data/100.nii.gz"],
+    ["train_2/data/002.nii.gz"],
+    ["train_2/label/001.nii.gz"],
+    ["001", "100"],
+  ),
+  "segrap2023": (
+    "head_neck",
+    [
+      "SegRap2023_Training_Set_120cases/segrap_0000/image.nii.gz",
+      "SegRap2023_Training_Set_120cases/segrap_0119/image.nii.gz",
+    ],
+    ["SegRap2023_Training_Set_120cases/segrap_0001/image.nii.gz"],
+    [
+      "SegRap2023_Training_Set_120cases/segrap_0000/image_contrast.nii.gz",
+      "SegRap2023_Training_Set_120cases/segrap_0002/image_contrast.nii.gz",
+    ],  # 0002: image missing
+    ["segrap_0000", "segrap_0119"],
+  ),
 }
 
 
@@ -145,8 +198,9 @@ def test_recipe_on_a_miniature_of_the_published_layout(tmp_path, dataset):
   nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), SMALL_AFFINE), str(tmp_path / "ts" / f"{key}.nii.gz"))
   _, report = _run(tmp_path, dataset, root, mask_dir=str(tmp_path / "ts"))
   reasons = {os.path.relpath(r["image"], root): r["reason"] for r in report["failed"]}
-  expect_failed = set(broken) | ({"SegRap2023_Training_Set_120cases/segrap_0002/image.nii.gz"}
-                                 if dataset == "segrap2023" else set())
+  expect_failed = set(broken) | (
+    {"SegRap2023_Training_Set_120cases/segrap_0002/image.nii.gz"} if dataset == "segrap2023" else set()
+  )
   good_with_bad_mask = good[:1]
   assert set(reasons) == expect_failed | set(good_with_bad_mask), reasons
   for b in broken:
@@ -180,6 +234,7 @@ def test_ct_rate_subset_is_stable_and_one_volume_per_patient(tmp_path):
     for scan in ("a", "b"):
       _ct(root / f"dataset/train/train_{i}/train_{i}_{scan}/train_{i}_{scan}_1.nii.gz")
   from configs import prepare as prepare_config
+
   c = prepare_config.get_config()
   c.update(input_dir=str(root), dataset="ct_rate", max_volumes=5)
   first = recipes.ct_rate(str(root), c)
@@ -188,8 +243,9 @@ def test_ct_rate_subset_is_stable_and_one_volume_per_patient(tmp_path):
   for i in range(13, 20):  # more patients arrive: the chosen ones are either kept or displaced, never reshuffled
     _ct(root / f"dataset/train/train_{i}/train_{i}_a/train_{i}_a_1.nii.gz")
   later = {x.patient for x in recipes.ct_rate(str(root), c)}
-  full_order = sorted((f"train_{i}" for i in range(1, 20)), key=lambda p: __import__("hashlib").sha256(
-      p.encode()).hexdigest())
+  full_order = sorted(
+    (f"train_{i}" for i in range(1, 20)), key=lambda p: __import__("hashlib").sha256(p.encode()).hexdigest()
+  )
   assert later == set(full_order[:5])
 
 
@@ -213,8 +269,10 @@ def test_totalsegmentator_recipe_splits_whole_body_scans_by_their_shipped_masks(
   by_case = {}
   for r in records:
     by_case.setdefault(r["patient"], set()).add(r["region"])
-  assert by_case == {"totalsegmentator/s0001": {"head_neck", "chest", "abdomen"},
-                     "totalsegmentator/s0002": {"head_neck", "chest", "abdomen"}}
+  assert by_case == {
+    "totalsegmentator/s0001": {"head_neck", "chest", "abdomen"},
+    "totalsegmentator/s0002": {"head_neck", "chest", "abdomen"},
+  }
   for r in records:  # the combined per-class masks reach the store: lung voxels are in the chest crop
     if r["region"] == "chest":
       labels = np.load(tmp_path / "out" / r["labels"])
@@ -258,7 +316,8 @@ def test_folder_recipe_own_scans_with_a_totalsegmentator_output_folder(tmp_path)
   assert "c.nii.gz: no region given and no TotalSegmentator mask" in reasons["c.nii.gz"]
   records = store.read_records(str(tmp_path / "out"))
   assert sorted((r["patient"], r["region"]) for r in records) == sorted(
-      (f"folder/{p}.nii.gz", g) for p in "ab" for g in ("head_neck", "chest", "abdomen"))
+    (f"folder/{p}.nii.gz", g) for p in "ab" for g in ("head_neck", "chest", "abdomen")
+  )
   # own scans with a region: no masks needed
   _, report = _run(tmp_path, "folder", scans, default_region="chest", overwrite=True)
   assert {os.path.basename(r["image"]) for r in report["prepared"]} == {"a.nii.gz", "b.nii.gz", "c.nii.gz"}
@@ -304,10 +363,10 @@ def _dicom_series(folder: pathlib.Path, hu: np.ndarray, spacing=(8.0, 8.0, 8.0),
     ds.save_as(str(path), enforce_file_format=True)
 
 
-def _nrrd(path: pathlib.Path, hu: np.ndarray, spacing=(8.0, 8.0, 8.0), origin=(-40.0, -30.0, 100.0),
-          compress=True):
+def _nrrd(path: pathlib.Path, hu: np.ndarray, spacing=(8.0, 8.0, 8.0), origin=(-40.0, -30.0, 100.0), compress=True):
   """An NRRD as SimpleITK writes it: LPS world, identity direction."""
   import SimpleITK as sitk
+
   path.parent.mkdir(parents=True, exist_ok=True)
   img = sitk.GetImageFromArray(hu.transpose(2, 1, 0))  # ITK arrays are (z, y, x)
   img.SetSpacing(spacing)
@@ -353,8 +412,9 @@ def test_chaos_recipe_prepares_dicom_series(tmp_path):
   # against it: slices placed in InstanceNumber order would put the marker 24 mm off.
   for patient, origin in (("chaos/train_1", (-40.0, -30.0, 100.0)), ("chaos/test_3", (0.0, 0.0, -50.0))):
     lps = np.array(origin) + np.array(MARKER) * 8.0
-    np.testing.assert_allclose(_stored_marker_world(tmp_path / "out", records[patient]),
-                               [-lps[0], -lps[1], lps[2]], atol=1e-3)
+    np.testing.assert_allclose(
+      _stored_marker_world(tmp_path / "out", records[patient]), [-lps[0], -lps[1], lps[2]], atol=1e-3
+    )
   stored = _stored(tmp_path / "out", records["chaos/train_1"])
   assert stored.shape == hu.shape and sorted(np.unique(stored)) == [-1000, 40, 1000]  # rescale intercept applied
   np.testing.assert_array_equal(stored, hu[::-1, ::-1, :])  # RAS voxel order: x and y reversed from LPS
@@ -385,8 +445,9 @@ def test_hanseg_recipe_prepares_nrrd(tmp_path):
   assert {r["region"] for r in records.values()} == {"head_neck"}
   for patient, origin in (("hanseg/case_01", (-40.0, -30.0, 100.0)), ("hanseg/case_02", (10.0, -20.0, 5.0))):
     lps = np.array(origin) + np.array(MARKER) * 8.0  # ITK: origin + spacing * index (identity direction), LPS
-    np.testing.assert_allclose(_stored_marker_world(tmp_path / "out", records[patient]),
-                               [-lps[0], -lps[1], lps[2]], atol=1e-3)
+    np.testing.assert_allclose(
+      _stored_marker_world(tmp_path / "out", records[patient]), [-lps[0], -lps[1], lps[2]], atol=1e-3
+    )
   stored = _stored(tmp_path / "out", records["hanseg/case_01"])
   np.testing.assert_array_equal(stored, hu[::-1, ::-1, :])
 
@@ -413,6 +474,7 @@ def test_adding_a_dataset_never_moves_existing_patients(tmp_path):
   for i in range(30):
     _ct(root / f"WORD-V0.1.0/imagesTr/word_{i:04d}.nii.gz")
   from configs import prepare as prepare_config
+
   c = prepare_config.get_config()
   c.update(input_dir=str(root), dataset="word")
   before = {k: recipes.job_extras(e, k, str(root), c)["split"] for k, e in recipes.build_manifest(c).items()}
@@ -424,9 +486,11 @@ def test_adding_a_dataset_never_moves_existing_patients(tmp_path):
 
 def test_training_reads_train_validation_reads_val_and_test_is_never_read(tmp_path):
   for i, split in enumerate(["train", "val", "test", "train", "train", "val"]):
-    store.write_record(str(tmp_path), f"v{i}", np.full((4, 4, 4), i, np.int16), None,
-                       {"region": "chest", "split": split})
+    store.write_record(
+      str(tmp_path), f"v{i}", np.full((4, 4, 4), i, np.int16), None, {"region": "chest", "split": split}
+    )
   import ml_collections
+
   cfg = ml_collections.ConfigDict(dict(val_fraction=0.5))
   train, val = pipeline.split_train_val(store.PreparedStore(str(tmp_path)), cfg)
   seen = lambda s: sorted(int(s.load(i)[0][0, 0, 0]) for i in range(len(s)))

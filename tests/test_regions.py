@@ -6,8 +6,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import prepare_config
+
 from meddiff_jax.data import class_map, nifti, prepare, preprocess, regions, store
 
 LUNG_IDS = [10, 11, 12, 13, 14]
@@ -16,9 +16,20 @@ LUNG_IDS = [10, 11, 12, 13, 14]
 def _whole_body(flip_z: bool = False):
   """A 30x10x200 label map at 5 mm in z (z = -500 + 5 k) with organs on known slices, and an HU image."""
   labels = np.zeros((30, 10, 200), np.int16)
-  for i, (label, k0, k1) in enumerate(((75, 0, 25), (77, 20, 50), (78, 22, 48), (5, 60, 100), (1, 70, 95),
-                                       (12, 90, 140), (46, 140, 160), (91, 160, 195), (90, 165, 190))):
-    labels[3 * i:3 * i + 3, 2:6, k0:k1 + 1] = label  # side by side: every organ keeps its full z extent
+  for i, (label, k0, k1) in enumerate(
+    (
+      (75, 0, 25),
+      (77, 20, 50),
+      (78, 22, 48),
+      (5, 60, 100),
+      (1, 70, 95),
+      (12, 90, 140),
+      (46, 140, 160),
+      (91, 160, 195),
+      (90, 165, 190),
+    )
+  ):
+    labels[3 * i : 3 * i + 3, 2:6, k0 : k1 + 1] = label  # side by side: every organ keeps its full z extent
   hu = np.where(labels > 0, 40.0, -1000.0).astype(np.float32) + np.arange(200)[None, None, :]  # slice-unique
   affine = np.diag([10.0, 10.0, 5.0, 1.0])
   affine[:3, 3] = (-50.0, -50.0, -500.0)
@@ -39,8 +50,11 @@ def test_landmark_cuts_on_a_synthetic_whole_body_match_hand_computed_slices():
   parts = {p.region: p for p in regions.split(image, labels, class_map.TOTAL)}
   # by hand: chest = lungs z [-50, 200] +- 20 -> slices 86..144; abdomen = hips bottom z -400 - 10 .. liver top z 0
   # + 20 -> slices 18..104; head_neck = lung apex z 200 - 30 .. skull top z 475 + 10 -> slices 134..197
-  assert {r: p.index_range for r, p in parts.items()} == {"chest": (86, 145), "abdomen": (18, 105),
-                                                           "head_neck": (134, 198)}
+  assert {r: p.index_range for r, p in parts.items()} == {
+    "chest": (86, 145),
+    "abdomen": (18, 105),
+    "head_neck": (134, 198),
+  }
   for p in parts.values():
     start = p.index_range[0]
     np.testing.assert_allclose(p.image.affine[:3, 3], image.affine[:3, :3] @ [0, 0, start] + image.affine[:3, 3])
@@ -142,7 +156,7 @@ def test_prepare_writes_region_sub_volumes_with_exact_affines(tmp_path, real_dat
     start = r["source_index_range"][0]
     np.testing.assert_allclose(np.array(r["affine"])[:3, 3], parent.affine[:3, 3] + [0, 0, 3.0 * start], atol=1e-4)
     hu = np.load(tmp_path / "out" / r["image"])
-    np.testing.assert_array_equal(hu, np.round(np.clip(parent.data[:, :, start:start + hu.shape[2]], -1024, 3071)))
+    np.testing.assert_array_equal(hu, np.round(np.clip(parent.data[:, :, start : start + hu.shape[2]], -1024, 3071)))
     assert r["split"] in ("train", "val", "test") and r["job_id"] == records["chest"]["job_id"]
   assert records["chest"]["split"] == records["abdomen"]["split"]  # one patient, one split
   # resumable with sub-volumes: nothing prepared twice

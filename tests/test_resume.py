@@ -11,14 +11,22 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, mesh_of, tiny_config
+
 from meddiff_jax import checkpoint, sharding
 from meddiff_jax.train import loop
 
-ARGS = ["--config=configs/pretrain.py:tiny", "--config.training.num_steps=24", "--config.training.log_every=1",
-        "--config.data.patch_size=8", "--config.data.phantom.shape=(24,24,24)", "--config.data.phantom.num_volumes=4",
-        "--config.eval.every_steps=0", "--config.eval.sample_every_steps=0", "--config.checkpoint.every_steps=4"]
+ARGS = [
+  "--config=configs/pretrain.py:tiny",
+  "--config.training.num_steps=24",
+  "--config.training.log_every=1",
+  "--config.data.patch_size=8",
+  "--config.data.phantom.shape=(24,24,24)",
+  "--config.data.phantom.num_volumes=4",
+  "--config.eval.every_steps=0",
+  "--config.eval.sample_every_steps=0",
+  "--config.checkpoint.every_steps=4",
+]
 
 
 class Run:
@@ -29,8 +37,13 @@ class Run:
     env.pop("XLA_FLAGS", None)
     self.log = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}.{time.time_ns()}.log"
     with open(self.log, "w") as f:
-      self.proc = subprocess.Popen([sys.executable, "-m", "meddiff_jax.main", *ARGS, f"--workdir={workdir}"],
-                                   cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+      self.proc = subprocess.Popen(
+        [sys.executable, "-m", "meddiff_jax.main", *ARGS, f"--workdir={workdir}"],
+        cwd=REPO,
+        env=env,
+        stdout=f,
+        stderr=subprocess.STDOUT,
+      )
 
   def tail(self):
     return self.log.read_text()[-3000:]
@@ -99,8 +112,9 @@ def test_killed_run_resumes_to_the_same_losses_bitwise(tmp_path, reference, sig)
 
 def small_state(mesh_sizes, seed=0):
   config = tiny_config(seed=seed, **{"sharding.min_shard_size": 0})
-  st, shardings, _, _ = loop.init_state(config, loop.pretraining(config), mesh_of(mesh_sizes),
-                                        sharding.rules_from_config(()))
+  st, shardings, _, _ = loop.init_state(
+    config, loop.pretraining(config), mesh_of(mesh_sizes), sharding.rules_from_config(())
+  )
   return config, st, shardings
 
 
@@ -118,8 +132,9 @@ def test_restore_onto_a_different_mesh(tmp_path):
     _, other, shardings = small_state(mesh_sizes, seed=1)  # different values: restore must overwrite them
     restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(other, shardings), None)
     assert restored.step == 7 and restored.config["training"]["batch_size"] == config.training.batch_size
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                           restored.state, st8)
+    jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.state, st8
+    )
     leaf = restored.state.params["encoder"]["down1_res0"]["conv1"]["kernel"]
     assert leaf.sharding == shardings.params["encoder"]["down1_res0"]["conv1"]["kernel"]
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import point_mass_oracle
+
 from meddiff_jax.diffusion import samplers, schedules
 
 SCHED = schedules.make_schedule("cosine", 1000)
@@ -16,7 +16,9 @@ def test_oracle_denoiser_recovers_x0(method):
   x0 = jax.random.uniform(jax.random.key(0), (2, 4, 4, 4, 1), minval=-0.9, maxval=0.9)
   ts = samplers.make_timesteps(1000, 20 if method == "ddim" else 1000, "leading")
   xT = jax.random.normal(jax.random.key(1), x0.shape)
-  out = jax.jit(lambda r, x: samplers.sample(point_mass_oracle(SCHED, x0), SCHED, ts, r, x, method=method))(jax.random.key(2), xT)
+  out = jax.jit(lambda r, x: samplers.sample(point_mass_oracle(SCHED, x0), SCHED, ts, r, x, method=method))(
+    jax.random.key(2), xT
+  )
   np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=1e-3)
 
 
@@ -67,19 +69,37 @@ def test_classifier_free_guidance_combines_branches_and_scale_is_traced():
 # Gaussian data: the exact model, every parameterisation, with and without x0 clipping
 
 
-@pytest.mark.parametrize("method,prediction_type,clip_x0,steps", [
-    ("ddpm", "epsilon", True, 1000), ("ddpm", "x0", False, 1000), ("ddpm", "v", True, 1000),
-    ("ddim", "epsilon", True, 100), ("ddim", "epsilon", False, 100), ("ddim", "v", True, 100)])
-def test_sampling_gaussian_data_with_the_exact_model_gives_the_data_distribution(method, prediction_type, clip_x0,
-                                                                                 steps):
+@pytest.mark.parametrize(
+  "method,prediction_type,clip_x0,steps",
+  [
+    ("ddpm", "epsilon", True, 1000),
+    ("ddpm", "x0", False, 1000),
+    ("ddpm", "v", True, 1000),
+    ("ddim", "epsilon", True, 100),
+    ("ddim", "epsilon", False, 100),
+    ("ddim", "v", True, 100),
+  ],
+)
+def test_sampling_gaussian_data_with_the_exact_model_gives_the_data_distribution(
+  method, prediction_type, clip_x0, steps
+):
   from conftest import gaussian_oracle
 
   mu, s = 0.1, 0.25
   ts = samplers.make_timesteps(1000, steps, "trailing")
   xT = jax.random.normal(jax.random.key(1), (1, 24, 24, 24, 1))
-  out = jax.jit(lambda r, x: samplers.sample(gaussian_oracle(SCHED, mu, s, prediction_type), SCHED, ts, r, x,
-                                             method=method, prediction_type=prediction_type, clip_x0=clip_x0))(
-      jax.random.key(2), xT)
+  out = jax.jit(
+    lambda r, x: samplers.sample(
+      gaussian_oracle(SCHED, mu, s, prediction_type),
+      SCHED,
+      ts,
+      r,
+      x,
+      method=method,
+      prediction_type=prediction_type,
+      clip_x0=clip_x0,
+    )
+  )(jax.random.key(2), xT)
   out = np.asarray(out)
   assert np.mean(out) == pytest.approx(mu, abs=0.01)
   assert np.std(out) == pytest.approx(s, rel=0.05)
@@ -115,22 +135,36 @@ def test_clipped_steps_match_diffusers():
   x_t = (2.0 * rng.normal(size=(1, 1, 4, 4, 4))).astype(np.float32)  # large: x0 estimates leave [-1, 1]
   eps = rng.normal(size=x_t.shape).astype(np.float32)
   jx = lambda a: jnp.asarray(np.moveaxis(a, 1, -1))
-  ddpm = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                                 clip_sample_range=1.0, variance_type="fixed_small")
+  ddpm = diffusers.DDPMScheduler(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    clip_sample=True,
+    clip_sample_range=1.0,
+    variance_type="fixed_small",
+  )
   ddpm.set_timesteps(1000)
   t = 300
   noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3)).numpy()
-  ref = ddpm.step(torch.tensor(eps), t, torch.tensor(x_t), generator=torch.Generator().manual_seed(3)).prev_sample.numpy()
+  ref = ddpm.step(
+    torch.tensor(eps), t, torch.tensor(x_t), generator=torch.Generator().manual_seed(3)
+  ).prev_sample.numpy()
   got = samplers.ddpm_step(SCHED, jx(eps), jx(x_t), jnp.array([t]), jnp.array([t - 1]), jx(noise), clip_x0=True)
   np.testing.assert_allclose(np.asarray(got), np.moveaxis(ref, 1, -1), rtol=1e-4, atol=1e-4)
-  ddim = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True,
-                                 clip_sample_range=1.0, set_alpha_to_one=True, timestep_spacing="trailing")
+  ddim = diffusers.DDIMScheduler(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    clip_sample=True,
+    clip_sample_range=1.0,
+    set_alpha_to_one=True,
+    timestep_spacing="trailing",
+  )
   ddim.set_timesteps(20)
   ours = samplers.make_timesteps(1000, 20, "trailing")
   prev = samplers.previous_timesteps(ours)
   for i in (0, 10, 19):
-    ref = ddim.step(torch.tensor(eps), int(ours[i]), torch.tensor(x_t), eta=0.0,
-                   use_clipped_model_output=True).prev_sample.numpy()  # ADM: eps from the clipped x0
+    ref = ddim.step(
+      torch.tensor(eps), int(ours[i]), torch.tensor(x_t), eta=0.0, use_clipped_model_output=True
+    ).prev_sample.numpy()  # ADM: eps from the clipped x0
     got = samplers.ddim_step(SCHED, jx(eps), jx(x_t), jnp.array([ours[i]]), jnp.array([prev[i]]), jx(eps), clip_x0=True)
     np.testing.assert_allclose(np.asarray(got), np.moveaxis(ref, 1, -1), rtol=1e-4, atol=1e-4)
 
@@ -142,8 +176,11 @@ def test_clipped_steps_match_diffusers():
 def test_drop_conditions_nulls_exactly_the_dropped_samples():
   from meddiff_jax.train import step
 
-  cond = {"region": jnp.array([0, 2]), "structures": jnp.ones((2, 2, 2, 2, 3), jnp.uint8),
-          "pos_box": jnp.ones((2, 3, 2))}
+  cond = {
+    "region": jnp.array([0, 2]),
+    "structures": jnp.ones((2, 2, 2, 2, 3), jnp.uint8),
+    "pos_box": jnp.ones((2, 3, 2)),
+  }
   out = step.drop_conditions(cond, jnp.array([True, False]), 3)
   assert list(np.asarray(out["region"])) == [3, 2]
   assert int(out["structures"][0].sum()) == 0 and int(out["structures"][1].sum()) == 2 * 2 * 2 * 3
@@ -154,6 +191,7 @@ def test_drop_conditions_nulls_exactly_the_dropped_samples():
 def test_loss_type_is_used_by_the_training_loss(loss_type, expected):
   """A model that predicts eps = 0: the L1 loss is E|eps| = sqrt(2/pi), the L2 loss E eps^2 = 1."""
   from conftest import tiny_config
+
   from meddiff_jax.train import step
 
   config = tiny_config(**{"diffusion.loss_type": loss_type, "diffusion.cond_drop_prob": 0.0})

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ddpm_posterior_tables
+
 from meddiff_jax.diffusion import samplers, schedules
 
 T = 1000
@@ -41,10 +41,12 @@ def test_linear_schedule_endpoints_and_posterior():
   np.testing.assert_allclose(schedules.tables(betas)["alphas_cumprod"], acp, rtol=1e-12)
   with jax.enable_x64(True):
     sched = schedules.Schedule(**{k: jnp.asarray(v) for k, v in schedules.tables(betas).items()})
-    x_t, x0, noise = (jnp.asarray(np.array(v, np.float64).reshape(2, 1, 1, 1, 1)) for v in
-                      ([0.3, -1.2], [0.5, -0.25], [1.0, -2.0]))
-    out = samplers.ddpm_step(sched, x0, x_t, jnp.full((2,), t), jnp.full((2,), t - 1), noise,
-                             prediction_type="x0", clip_x0=False)
+    x_t, x0, noise = (
+      jnp.asarray(np.array(v, np.float64).reshape(2, 1, 1, 1, 1)) for v in ([0.3, -1.2], [0.5, -0.25], [1.0, -2.0])
+    )
+    out = samplers.ddpm_step(
+      sched, x0, x_t, jnp.full((2,), t), jnp.full((2,), t - 1), noise, prediction_type="x0", clip_x0=False
+    )
   ref = tab["posterior_mean_coef1"][t] * x0 + tab["posterior_mean_coef2"][t] * x_t + np.sqrt(var) * noise
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)  # a wrong term is O(1) off
 
@@ -67,7 +69,9 @@ def test_prediction_parameterisations_round_trip(pred):
 def _ddpm_f64(betas, x_t, x0, t, noise):
   acp = np.cumprod(1 - betas)
   acp_prev = acp[t - 1] if t > 0 else 1.0
-  mean = betas[t] * math.sqrt(acp_prev) / (1 - acp[t]) * x0 + (1 - acp_prev) * math.sqrt(1 - betas[t]) / (1 - acp[t]) * x_t
+  mean = (
+    betas[t] * math.sqrt(acp_prev) / (1 - acp[t]) * x0 + (1 - acp_prev) * math.sqrt(1 - betas[t]) / (1 - acp[t]) * x_t
+  )
   var = betas[t] * (1 - acp_prev) / (1 - acp[t])
   return mean + (math.sqrt(var) * noise if t > 0 else 0.0)
 
@@ -81,8 +85,16 @@ def test_ddpm_step_matches_float64(t):
   x0 = np.clip(x0, -1, 1)
   tt = jnp.full((2,), t)
   # x0-parameterised: at t~0 an eps output would be ~1/sqrt(1-abar) times larger and float32-ill-posed.
-  got = samplers.ddpm_step(sched, jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32), tt, tt - 1,
-                           jnp.asarray(noise, jnp.float32), prediction_type="x0", clip_x0=False)
+  got = samplers.ddpm_step(
+    sched,
+    jnp.asarray(x0, jnp.float32),
+    jnp.asarray(x_t, jnp.float32),
+    tt,
+    tt - 1,
+    jnp.asarray(noise, jnp.float32),
+    prediction_type="x0",
+    clip_x0=False,
+  )
   ref = _ddpm_f64(betas, x_t, x0, t, noise)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-3, atol=2e-3 if t == 999 else 2e-4)
 
@@ -97,9 +109,17 @@ def test_ddim_step_matches_float64(eta):
   x_t, eps, noise = (rng.normal(size=(1, 4, 4, 4, 1)) for _ in range(3))
   x0 = (x_t - math.sqrt(1 - acp[t]) * eps) / math.sqrt(acp[t])
   sigma = eta * math.sqrt((1 - acp[tp]) / (1 - acp[t]) * (1 - acp[t] / acp[tp]))
-  ref = math.sqrt(acp[tp]) * x0 + math.sqrt(1 - acp[tp] - sigma ** 2) * eps + sigma * noise
-  got = samplers.ddim_step(sched, jnp.asarray(eps, jnp.float32), jnp.asarray(x_t, jnp.float32), jnp.array([t]),
-                           jnp.array([tp]), jnp.asarray(noise, jnp.float32), eta=eta, clip_x0=False)
+  ref = math.sqrt(acp[tp]) * x0 + math.sqrt(1 - acp[tp] - sigma**2) * eps + sigma * noise
+  got = samplers.ddim_step(
+    sched,
+    jnp.asarray(eps, jnp.float32),
+    jnp.asarray(x_t, jnp.float32),
+    jnp.array([t]),
+    jnp.array([tp]),
+    jnp.asarray(noise, jnp.float32),
+    eta=eta,
+    clip_x0=False,
+  )
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -143,20 +163,24 @@ def test_matches_diffusers_ddpm_and_ddim():
   noise = rng.normal(size=x_t.shape).astype(np.float32)
   jx = lambda a: jnp.asarray(np.moveaxis(a, 1, -1))
 
-  ddpm = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                                 variance_type="fixed_small")
+  ddpm = diffusers.DDPMScheduler(
+    num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", clip_sample=False, variance_type="fixed_small"
+  )
   sched = schedules.make_schedule("cosine", T)
   np.testing.assert_allclose(np.asarray(sched.alphas_cumprod), ddpm.alphas_cumprod.numpy(), rtol=5e-5)
   ddpm.set_timesteps(T)
   t = 400
   # diffusers draws the step noise as torch.randn(shape, generator=g): replay it for our step
   noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(7)).numpy()
-  ref = ddpm.step(torch.tensor(eps), t, torch.tensor(x_t), generator=torch.Generator().manual_seed(7)).prev_sample.numpy()
+  ref = ddpm.step(
+    torch.tensor(eps), t, torch.tensor(x_t), generator=torch.Generator().manual_seed(7)
+  ).prev_sample.numpy()
   got = samplers.ddpm_step(sched, jx(eps), jx(x_t), jnp.array([t]), jnp.array([t - 1]), jx(noise), clip_x0=False)
   np.testing.assert_allclose(np.asarray(got), np.moveaxis(ref, 1, -1), rtol=1e-4, atol=1e-5)
 
-  ddim = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False,
-                                 set_alpha_to_one=True, timestep_spacing="trailing")
+  ddim = diffusers.DDIMScheduler(
+    num_train_timesteps=T, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"
+  )
   ddim.set_timesteps(50)
   ours = samplers.make_timesteps(T, 50, "trailing")
   np.testing.assert_array_equal(ddim.timesteps.numpy(), ours)

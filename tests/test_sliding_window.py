@@ -30,7 +30,7 @@ def test_separable_normaliser_equals_the_sum_of_window_weights():
   brute = np.zeros(plan.volume_shape)
   g = sliding_window.gaussian_weight(8)
   for s, ok in zip(plan.starts, plan.valid):
-    brute[s[0]:s[0] + 8, s[1]:s[1] + 8, s[2]:s[2] + 8] += ok * g
+    brute[s[0] : s[0] + 8, s[1] : s[1] + 8, s[2] : s[2] + 8] += ok * g
   np.testing.assert_allclose(nx[:, None, None] * ny[None, :, None] * nz[None, None, :], brute, rtol=1e-5)
 
 
@@ -46,14 +46,20 @@ def test_blend_matches_a_numpy_reference_for_a_nonlinear_model(budget, accumulat
   model = lambda x, h: jnp.tanh(x * h[..., :1]) + h[..., 1:] ** 2 + jnp.mean(x, axis=(1, 2, 3), keepdims=True)
 
   apply_fn = lambda x, t, c: model(x, c["hint"])
-  fn = sliding_window.blended_denoise_fn(apply_fn, plan, {"region": jnp.array([0]), "hint": jnp.asarray(hint)},
-                                         precompute_budget_bytes=budget, accumulate=accumulate)
+  fn = sliding_window.blended_denoise_fn(
+    apply_fn,
+    plan,
+    {"region": jnp.array([0]), "hint": jnp.asarray(hint)},
+    precompute_budget_bytes=budget,
+    accumulate=accumulate,
+  )
   out = jax.jit(fn)(jnp.asarray(vol)[None], jnp.array([3]))
   np.testing.assert_allclose(np.asarray(out[0]), reference_blend(model, vol, hint, plan), atol=2e-5)
 
 
 def test_progress_bar_estimates_total_time_from_the_second_step(capsys):
   from meddiff_jax.tasks import common
+
   clock = iter([10.0, 12.0, 12.5, 13.0])  # step 0 at 10 s (after compile), step 1 at 12 s: 2 s/step
   bar = common.ProgressBar(11, "test", windows=50)
   bar._clock = lambda: next(clock)
@@ -94,8 +100,15 @@ def test_window_boxes_equal_the_training_boxes_for_the_same_window():
   for seed in range(40):  # training patches at random starts; the window placed at the same start
     start, _ = multilevel.choose_box(shape, window, "patch", np.random.default_rng(seed))
     sample = multilevel.make_sample(hu, None, 0, window, np.random.default_rng(seed), operation="patch")
-    one = sliding_window.WindowPlan(padded.shape, window, (start + frame_start)[None].astype(np.int32),
-                                    np.ones(1, np.float32), 1, tuple(frame_start), shape)
+    one = sliding_window.WindowPlan(
+      padded.shape,
+      window,
+      (start + frame_start)[None].astype(np.int32),
+      np.ones(1, np.float32),
+      1,
+      tuple(frame_start),
+      shape,
+    )
     np.testing.assert_array_equal(one.boxes()[0], sample["pos_box"])
     seen += any(np.array_equal(start + frame_start, s) for s in plan.starts)
   assert seen  # some training patches sit exactly on a plan window

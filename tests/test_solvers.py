@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import point_mass_oracle
+
 from meddiff_jax.diffusion import samplers, schedules
 
 MU = np.array([0.3, -0.5, 0.0, 0.8])  # per-voxel Gaussian data N(MU, S^2)
@@ -14,7 +14,9 @@ S = np.array([0.5, 0.1, 1.0, 0.3])
 
 
 def f64_schedule(name="cosine"):
-  return schedules.Schedule(**{k: jnp.asarray(v) for k, v in schedules.tables(schedules.make_betas(name, 1000)).items()})
+  return schedules.Schedule(
+    **{k: jnp.asarray(v) for k, v in schedules.tables(schedules.make_betas(name, 1000)).items()}
+  )
 
 
 def gaussian_model(sched, prediction_type="epsilon"):
@@ -24,10 +26,11 @@ def gaussian_model(sched, prediction_type="epsilon"):
   def fn(x, t):
     a = jnp.sqrt(schedules.alpha_bar(sched, t, x.ndim))
     sg = jnp.sqrt(schedules.one_minus_alpha_bar(sched, t, x.ndim))
-    var = a ** 2 * s ** 2 + sg ** 2
+    var = a**2 * s**2 + sg**2
     eps = sg * (x - a * mu) / var
-    x0 = mu + a * s ** 2 * (x - a * mu) / var
+    x0 = mu + a * s**2 * (x - a * mu) / var
     return {"epsilon": eps, "x0": x0, "v": a * eps - sg * x0}[prediction_type]
+
   return fn
 
 
@@ -36,9 +39,9 @@ def exact_then_denoise(sched, x_T, t_hi, t_lo):
   final x0 prediction at t_lo, which is what every sampler's last step (t_lo -> clean) returns."""
   acp = np.asarray(sched.alphas_cumprod, np.float64)
   ah, sh, al, sl = np.sqrt(acp[t_hi]), np.sqrt(1 - acp[t_hi]), np.sqrt(acp[t_lo]), np.sqrt(1 - acp[t_lo])
-  z = (x_T - ah * MU) / np.sqrt(ah ** 2 * S ** 2 + sh ** 2)
-  x_lo = al * MU + np.sqrt(al ** 2 * S ** 2 + sl ** 2) * z
-  return MU + al * S ** 2 * (x_lo - al * MU) / (al ** 2 * S ** 2 + sl ** 2)
+  z = (x_T - ah * MU) / np.sqrt(ah**2 * S**2 + sh**2)
+  x_lo = al * MU + np.sqrt(al**2 * S**2 + sl**2) * z
+  return MU + al * S**2 * (x_lo - al * MU) / (al**2 * S**2 + sl**2)
 
 
 def grid(n, t_hi=900, t_lo=20):
@@ -52,8 +55,16 @@ def errors(method, steps, prediction_type="epsilon"):
     ref = exact_then_denoise(sched, x_T, 900, 20)
     out = []
     for n in steps:
-      x = samplers.sample(gaussian_model(sched, prediction_type), sched, grid(n), jax.random.key(0), jnp.asarray(x_T),
-                          method=method, prediction_type=prediction_type, clip_x0=False)
+      x = samplers.sample(
+        gaussian_model(sched, prediction_type),
+        sched,
+        grid(n),
+        jax.random.key(0),
+        jnp.asarray(x_T),
+        method=method,
+        prediction_type=prediction_type,
+        clip_x0=False,
+      )
       out.append(float(np.max(np.abs(np.asarray(x) - ref))))
   return np.array(out)
 
@@ -85,8 +96,9 @@ def test_first_order_update_is_ddim():
   out = jax.random.normal(jax.random.key(1), x.shape)
   t, tp = jnp.array([700, 700]), jnp.array([400, 400])
   ddim = samplers.ddim_step(sched, out, x, t, tp, jnp.zeros_like(x), clip_x0=False)
-  dpm, _, _ = samplers.dpmpp_2m_step(sched, out, x, t, tp, jnp.zeros_like(x), jnp.ones((2, 1, 1, 1, 1)), False,
-                                     clip_x0=False)
+  dpm, _, _ = samplers.dpmpp_2m_step(
+    sched, out, x, t, tp, jnp.zeros_like(x), jnp.ones((2, 1, 1, 1, 1)), False, clip_x0=False
+  )
   np.testing.assert_allclose(np.asarray(dpm), np.asarray(ddim), atol=1e-5)
 
 
@@ -134,8 +146,15 @@ def test_guidance_scale_is_traced():
 
   @jax.jit
   def run(s):
-    return samplers.sample(samplers.guided_denoise_fn(apply_fn, cond, 3, s), sched, ts, jax.random.key(0),
-                           jnp.ones((1, 2, 2, 2, 1)), method="dpmpp_2m", clip_x0=False)
+    return samplers.sample(
+      samplers.guided_denoise_fn(apply_fn, cond, 3, s),
+      sched,
+      ts,
+      jax.random.key(0),
+      jnp.ones((1, 2, 2, 2, 1)),
+      method="dpmpp_2m",
+      clip_x0=False,
+    )
 
   a, b = run(jnp.float32(1.0)), run(jnp.float32(3.0))
   assert run._cache_size() == 1 and not np.allclose(np.asarray(a), np.asarray(b))
@@ -153,11 +172,18 @@ def test_matches_diffusers_dpmsolver_multistep(prediction_type):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   steps = 12
-  sch = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                              algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-                                              prediction_type="v_prediction" if prediction_type == "v" else "epsilon",
-                                              timestep_spacing="trailing", final_sigmas_type="zero",
-                                              lower_order_final=True, thresholding=False)
+  sch = diffusers.DPMSolverMultistepScheduler(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    prediction_type="v_prediction" if prediction_type == "v" else "epsilon",
+    timestep_spacing="trailing",
+    final_sigmas_type="zero",
+    lower_order_final=True,
+    thresholding=False,
+  )
   # diffusers computes in float32; start where alpha_t is not tiny (at t=999 of the cosine schedule x0 =
   # (x - sigma eps) / alpha amplifies its float32 rounding ~1e4-fold), so the comparison sees the algorithm
   ts = np.round(np.linspace(850, 10, steps)).astype(np.int32)
@@ -173,14 +199,23 @@ def test_matches_diffusers_dpmsolver_multistep(prediction_type):
     for t in sch.timesteps:
       out = torch.tensor(np.asarray(model(jnp.asarray(x.numpy()), jnp.full((2,), int(t)))))
       x = sch.step(out, t, x).prev_sample
-    ours = samplers.sample(model, sched, ts, jax.random.key(0), jnp.asarray(x_T), method="dpmpp_2m",
-                           prediction_type=prediction_type, clip_x0=False)
+    ours = samplers.sample(
+      model,
+      sched,
+      ts,
+      jax.random.key(0),
+      jnp.asarray(x_T),
+      method="dpmpp_2m",
+      prediction_type=prediction_type,
+      clip_x0=False,
+    )
   np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["synthesis", "denoise", "anomaly", "super_resolution", "lesion"])
 def test_every_sampling_task_config_has_a_valid_sampler_and_budget(name):
   import importlib
+
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.sampler in samplers.METHODS and c.num_steps >= 1
 
@@ -189,12 +224,12 @@ def test_partial_diffusion_task_uses_the_configured_sampler():
   """denoise.partial_diffusion(method=...) reaches the solver: dpmpp_2m and ddim differ on a non-trivial model
   and dpmpp_2m matches a direct sample() call."""
   from meddiff_jax.tasks import denoise
+
   sched = schedules.make_schedule("cosine", 1000)
   model = lambda x, t: 0.5 * x
   y = jnp.full((1, 2, 2, 2, 1), 0.2)
   k = jax.random.key(0)
-  got = {m: np.asarray(denoise.partial_diffusion(model, sched, y, 600, 10, k, method=m))
-         for m in ("ddim", "dpmpp_2m")}
+  got = {m: np.asarray(denoise.partial_diffusion(model, sched, y, 600, 10, k, method=m)) for m in ("ddim", "dpmpp_2m")}
   ts = samplers.partial_timesteps(600, 10)  # the grid partial diffusion spends below its start
   ref = samplers.sample(model, sched, ts, k, y, t_start=jnp.int32(ts[0]), method="dpmpp_2m")
   np.testing.assert_allclose(got["dpmpp_2m"], np.asarray(ref), rtol=1e-6)

@@ -12,10 +12,9 @@ import socket
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from meddiff_jax import storage
-from meddiff_jax import checkpoint
+
+from meddiff_jax import checkpoint, storage
 
 
 def _free_port() -> int:
@@ -48,16 +47,19 @@ def gcs():
   objects.download = download_with_generation
   port = _free_port()
   url = f"http://localhost:{port}"
-  env = {"STORAGE_EMULATOR_HOST": url,  # gcsfs
-         "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore's gcs kvstore driver
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline",  # TensorStore: no credential lookup
-         "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}  # gcsfs: no gRPC bucket-type probe (the emulator is HTTP)
+  env = {
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs
+    "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore's gcs kvstore driver
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline",  # TensorStore: no credential lookup
+    "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }  # gcsfs: no gRPC bucket-type probe (the emulator is HTTP)
   old = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   server = create_server("localhost", port, in_memory=True, default_bucket="bucket")
   server.start()
   import fsspec
+
   fsspec.AbstractFileSystem.clear_instance_cache()
   try:
     yield fsspec.filesystem("gs")
@@ -90,12 +92,17 @@ def test_memory_round_trip_and_glob():
 def test_local_write_is_atomic_and_leaves_no_temporaries(tmp_path):
   storage.write_text(str(tmp_path / "sub" / "a.txt"), "one")
   storage.write_text(str(tmp_path / "sub" / "a.txt"), "two")
-  assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.txt"] and (tmp_path / "sub" / "a.txt").read_text() == "two"
+  assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.txt"] and (
+    tmp_path / "sub" / "a.txt"
+  ).read_text() == "two"
 
 
 def test_checkpoint_urls_orbax_cannot_write_are_refused_in_one_line():
-  with pytest.raises(ValueError, match=r"memory://x/checkpoints: Orbax checkpoints go to a local directory, gs:// "
-                                       r"or s3://"):
+  with pytest.raises(
+    ValueError,
+    match=r"memory://x/checkpoints: Orbax checkpoints go to a local directory, gs:// "
+    r"or s3://",
+  ):
     storage.checkpoint_path("memory://x/checkpoints")
   assert storage.checkpoint_path("runs/x") == os.path.abspath("runs/x")
 
@@ -109,14 +116,19 @@ def test_missing_cloud_library_names_the_extra(monkeypatch):
   monkeypatch.setattr(fsspec.core, "url_to_fs", no_backend)
   with pytest.raises(storage.MissingBackendError) as e:
     storage.makedirs("gs://bucket/run")
-  assert str(e.value) == ("gs://bucket/run: gs:// needs gcsfs; install it with pip install -e '.[gcp]' "
-                          "(or pip install gcsfs)")
+  assert str(e.value) == (
+    "gs://bucket/run: gs:// needs gcsfs; install it with pip install -e '.[gcp]' (or pip install gcsfs)"
+  )
 
 
 def test_orbax_checkpoint_round_trip_on_gcs_emulator(gcs):
-  state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.int32(7),
-           **{f"b{i}": np.full((4, 8), i, np.float32) for i in range(40)}}  # many arrays: OCDBT commits concurrently
+  state = {
+    "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "step": np.int32(7),
+    **{f"b{i}": np.full((4, 8), i, np.float32) for i in range(40)},
+  }  # many arrays: OCDBT commits concurrently
   import ml_collections
+
   ck = checkpoint.Checkpointer("gs://bucket/unit/checkpoints", keep=2)
   for step in (1, 2, 3):
     ck.save(step, jax.tree_util.tree_map(lambda x: x + step, state), None, ml_collections.ConfigDict({"a": step}))
@@ -138,16 +150,24 @@ def test_tiny_training_on_gs_workdir_writes_everything_there_and_resumes(gcs, tm
 
   monkeypatch.chdir(tmp_path)  # whatever lands on local disk by mistake would land here
   workdir = "gs://bucket/run"
-  cfg = tiny_config(**{"training.num_steps": 2, "eval.every_steps": 0, "eval.sample_every_steps": 2,
-                       "eval.sample_steps": 2, "checkpoint.every_steps": 1})
+  cfg = tiny_config(
+    **{
+      "training.num_steps": 2,
+      "eval.every_steps": 0,
+      "eval.sample_every_steps": 2,
+      "eval.sample_steps": 2,
+      "checkpoint.every_steps": 1,
+    }
+  )
   first = loop.train_and_evaluate(cfg, workdir)
   names = {p.rsplit("/", 1)[-1] for p in gcs.ls("bucket/run")}
   assert {"checkpoints", "metrics.jsonl", "samples"} <= names and any(n.startswith("events.out") for n in names)
   assert gcs.exists("bucket/run/samples/step_00000002.png")
   assert checkpoint.Checkpointer(storage.join(workdir, "checkpoints")).all_steps() == [1, 2]
 
-  cfg = tiny_config(**{"training.num_steps": 3, "eval.every_steps": 0, "eval.sample_every_steps": 0,
-                       "checkpoint.every_steps": 1})
+  cfg = tiny_config(
+    **{"training.num_steps": 3, "eval.every_steps": 0, "eval.sample_every_steps": 0, "checkpoint.every_steps": 1}
+  )
   loop.train_and_evaluate(cfg, workdir)
   rows = [json.loads(l) for l in gcs.cat("bucket/run/metrics.jsonl").decode().splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # resumed at 2: step 3 only was run again
@@ -163,10 +183,13 @@ def test_main_names_the_missing_extra_in_one_line(tmp_path):
   import importlib.util
 
   from conftest import REPO, run_main
+
   if importlib.util.find_spec("s3fs") is not None:
     pytest.skip("s3fs is installed")
-  for args in (["--workdir=s3://bucket/run"],
-               [f"--workdir={tmp_path}", "--config.data.source=prepared", "--config.data.prepared_dir=s3://b/prep"]):
+  for args in (
+    ["--workdir=s3://bucket/run"],
+    [f"--workdir={tmp_path}", "--config.data.source=prepared", "--config.data.prepared_dir=s3://b/prep"],
+  ):
     proc = run_main("--config=configs/pretrain.py:tiny", *args, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "s3:// needs s3fs; install it with pip install -e '.[s3]'" in proc.stderr.strip().splitlines()[-1]
@@ -187,7 +210,8 @@ def test_export_to_an_object_store_url_loads_back_bitwise(tmp_path, monkeypatch)
   out = "memory://bkt/exports/tiny"
   assert pretrained.export("tiny_phantom", out) == out
   assert storage.read_bytes(storage.join(out, "params.msgpack")) == storage.read_bytes(
-      os.path.join(pretrained.BUILTIN["tiny_phantom"], "params.msgpack"))
+    os.path.join(pretrained.BUILTIN["tiny_phantom"], "params.msgpack")
+  )
   loaded = pretrained.load(out)
   _assert_trees_equal(loaded.params, ref.params)
   assert pretrained.read_config(out).to_dict() == loaded.config.to_dict() == ref.config.to_dict()

@@ -6,9 +6,9 @@ import pathlib
 
 import numpy as np
 import pytest
+from test_storage import gcs  # noqa: F401  (the in-process GCS emulator fixture)
 
 from meddiff_jax.data import multilevel, pipeline, store
-from test_storage import gcs  # noqa: F401  (the in-process GCS emulator fixture)
 
 
 def volume(shape=(150, 140, 90), seed=0):
@@ -27,10 +27,12 @@ def test_zarr_round_trip_and_windows_equal_numpy(tmp_path):
   np.testing.assert_array_equal(got_labels[3:67, 70:134, 20:84], labels[3:67, 70:134, 20:84])
   # the training sample is the same whether the volume is in memory or streamed window by window
   for op in multilevel.OPERATIONS:
-    a = multilevel.make_sample(hu, labels, 1, 32, np.random.default_rng(5), operation=op, lut=np.arange(256) % 3,
-                               num_groups=3)
-    b = multilevel.make_sample(got_hu, got_labels, 1, 32, np.random.default_rng(5), operation=op,
-                               lut=np.arange(256) % 3, num_groups=3)
+    a = multilevel.make_sample(
+      hu, labels, 1, 32, np.random.default_rng(5), operation=op, lut=np.arange(256) % 3, num_groups=3
+    )
+    b = multilevel.make_sample(
+      got_hu, got_labels, 1, 32, np.random.default_rng(5), operation=op, lut=np.arange(256) % 3, num_groups=3
+    )
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
 
@@ -50,14 +52,14 @@ def test_a_window_reads_only_the_chunks_it_touches(tmp_path):
   vol, _, _ = store.PreparedStore(str(tmp_path)).load(0)
   c = store.CHUNK
   before = _bytes_read()
-  window = vol[c:2 * c, 2 * c:3 * c, 0:c]  # exactly one chunk
+  window = vol[c : 2 * c, 2 * c : 3 * c, 0:c]  # exactly one chunk
   one_chunk = _bytes_read() - before
-  np.testing.assert_array_equal(window, hu[c:2 * c, 2 * c:3 * c, 0:c])
+  np.testing.assert_array_equal(window, hu[c : 2 * c, 2 * c : 3 * c, 0:c])
   assert one_chunk < 1.2 * window.nbytes + 4096 and one_chunk < total / 20, (one_chunk, total)
   before = _bytes_read()
-  window = vol[5:5 + 2 * c, 40:40 + 2 * c, 10:10 + c]  # unaligned: touches 3 x 3 x 2 chunks
+  window = vol[5 : 5 + 2 * c, 40 : 40 + 2 * c, 10 : 10 + c]  # unaligned: touches 3 x 3 x 2 chunks
   unaligned = _bytes_read() - before
-  np.testing.assert_array_equal(window, hu[5:5 + 2 * c, 40:40 + 2 * c, 10:10 + c])
+  np.testing.assert_array_equal(window, hu[5 : 5 + 2 * c, 40 : 40 + 2 * c, 10 : 10 + c])
   assert 0.95 * 18 * one_chunk < unaligned < 1.05 * 18 * one_chunk + 4096, (unaligned, one_chunk)
 
 
@@ -101,9 +103,17 @@ def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
   for i in range(8):
     store.write_record(str(tmp_path), f"v{i}", volume((24, 24, 24), seed=i), None, {"region": "abdomen"})
   from configs import pretrain
+
   cfg = pretrain.get_config("tiny").data  # every data key, with its visible default
-  cfg.update(patch_size=8, use_structures=False, operation_probs=(0, 0, 1), num_threads=0, prefetch=0,
-             worker_count=0, class_map="")
+  cfg.update(
+    patch_size=8,
+    use_structures=False,
+    operation_probs=(0, 0, 1),
+    num_threads=0,
+    prefetch=0,
+    worker_count=0,
+    class_map="",
+  )
   loaded = []
   for p in range(2):
     rec = RecordingStore(store.PreparedStore(str(tmp_path)))

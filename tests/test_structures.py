@@ -21,6 +21,7 @@ def test_structure_labels_encode_classes_body_and_background():
 
 def test_grouping_table_comes_from_the_config():
   from configs import pretrain
+
   c = pretrain.get_config("tiny")
   c.data.structure_groups = (("lung", ("lung_*",)), ("liver", ("liver",)))
   lut, n = pipeline.structure_lut(c.data)
@@ -33,14 +34,16 @@ def test_grouping_table_comes_from_the_config():
 
 def test_classes_mode_samples_are_one_label_channel():
   from configs import pretrain
+
   data = pretrain.get_config("tiny+classes").data
   lut, n = pipeline.structure_lut(data)
   hu = np.full((16, 16, 16), -1000.0)
   hu[4:12, 4:12, 4:12] = 40.0
   labels = np.zeros((16, 16, 16), np.int16)
   labels[6:10, 6:10, 6:10] = 5
-  s = multilevel.make_sample(hu, labels, 2, 16, np.random.default_rng(0), operation="whole", lut=lut, num_groups=n,
-                             structure_labels=True)
+  s = multilevel.make_sample(
+    hu, labels, 2, 16, np.random.default_rng(0), operation="whole", lut=lut, num_groups=n, structure_labels=True
+  )
   assert s["structures"].shape == (16, 16, 16, 1)
   np.testing.assert_array_equal(np.unique(s["structures"]), [0, 5, 118])
 
@@ -48,6 +51,7 @@ def test_classes_mode_samples_are_one_label_channel():
 def test_validate_refuses_a_model_that_does_not_match_classes_mode():
   from configs import pretrain
   from meddiff_jax import checks
+
   c = pretrain.get_config("tiny+classes")
   c.model.num_structure_ids = 50
   with pytest.raises(ValueError, match="num_structure_ids=119"):
@@ -60,17 +64,25 @@ def test_validate_refuses_a_model_that_does_not_match_classes_mode():
 def test_embedding_with_an_identity_table_equals_one_hot_channels():
   """The embedding path is exactly one_hot(ids) @ table: with table = I it must reproduce the one-hot model."""
   from meddiff_jax.models import unet3d
+
   k, patch = 5, 8
-  common = dict(base_channels=8, channel_mult=(1, 2), attention_levels=(), mid_attention=False,
-                num_head_channels=8, use_position=False, use_region=False, norm_groups=4)
+  common = dict(
+    base_channels=8,
+    channel_mult=(1, 2),
+    attention_levels=(),
+    mid_attention=False,
+    num_head_channels=8,
+    use_position=False,
+    use_region=False,
+    norm_groups=4,
+  )
   onehot_spec = unet3d.UNetSpec(structure_channels=k, **common)
   embed_spec = unet3d.UNetSpec(structure_channels=1, structure_embed_dim=k, num_structure_ids=k, **common)
   ids = jax.random.randint(jax.random.PRNGKey(1), (1, patch, patch, patch), 0, k)
   x = jax.random.normal(jax.random.PRNGKey(2), (1, patch, patch, patch, 1))
   t = jnp.array([10])
   onehot_model, embed_model = unet3d.UNet3D(onehot_spec), unet3d.UNet3D(embed_spec)
-  params = meta.unbox(onehot_model.init(jax.random.PRNGKey(0), x, t,
-                                        {"structures": jax.nn.one_hot(ids, k)})["params"])
+  params = meta.unbox(onehot_model.init(jax.random.PRNGKey(0), x, t, {"structures": jax.nn.one_hot(ids, k)})["params"])
   embed_params = meta.unbox(embed_model.init(jax.random.PRNGKey(0), x, t, {"structures": ids[..., None]})["params"])
   assert embed_params["encoder"]["structure_embed"]["embedding"].shape == (k, k)
   params_with_table = jax.tree_util.tree_map(lambda a: a, params)

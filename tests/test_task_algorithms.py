@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import gaussian_oracle, gaussian_problem, identity_denoiser, mse, wiener_mse
 
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import controlled, denoise
-from conftest import gaussian_oracle, gaussian_problem, identity_denoiser, mse, wiener_mse
 
 SCHED = schedules.make_schedule("cosine", 1000)
 T64 = schedules.tables(schedules.make_betas("cosine", 1000))
@@ -30,7 +30,7 @@ def abar64(t):
 
 def posterior_mean64(x, t):
   a = abar64(t)
-  return MU + S ** 2 * np.sqrt(a) / (a * S ** 2 + 1 - a) * (x - np.sqrt(a) * MU)
+  return MU + S**2 * np.sqrt(a) / (a * S**2 + 1 - a) * (x - np.sqrt(a) * MU)
 
 
 def reference_diffpir64(y, sigma_n, timesteps, lam):
@@ -95,15 +95,16 @@ def test_noise_matched_start_has_the_noise_level_of_q_sample():
     a = abar64(t)
     resid = np.asarray(x) - np.sqrt(a) * 0.2
     assert np.mean(resid) == pytest.approx(0.0, abs=3e-3)
-    assert np.std(resid) == pytest.approx(np.sqrt(max(1 - a, a * sigma_y ** 2)), rel=0.02)
+    assert np.std(resid) == pytest.approx(np.sqrt(max(1 - a, a * sigma_y**2)), rel=0.02)
 
 
 def test_partial_diffusion_matches_the_float64_reference_and_is_near_optimal(problem):
   x0, y = problem
   t0 = t_star()
   level = np.sqrt((1 - abar64(t0)) / abar64(t0))  # y's noise read as exactly t0's: nothing is added
-  out = denoise.partial_diffusion(gaussian_oracle(SCHED, MU, S), SCHED, y, t0, 20, jax.random.key(3),
-                                  input_sigma=np.float32(level * 1.0001))
+  out = denoise.partial_diffusion(
+    gaussian_oracle(SCHED, MU, S), SCHED, y, t0, 20, jax.random.key(3), input_sigma=np.float32(level * 1.0001)
+  )
   ref = reference_ddim_partial64(y, samplers.partial_timesteps(t0, 20))
   np.testing.assert_allclose(np.asarray(out), ref, atol=2e-4)
   opt, noisy = wiener_mse(S, SIGMA), mse(y, x0)
@@ -112,8 +113,9 @@ def test_partial_diffusion_matches_the_float64_reference_and_is_near_optimal(pro
 
 def test_partial_diffusion_with_a_pass_through_denoiser_is_not_near_optimal(problem):
   x0, y = problem
-  out = denoise.partial_diffusion(identity_denoiser(SCHED), SCHED, y, t_star(), 20, jax.random.key(3),
-                                  input_sigma=SIGMA)
+  out = denoise.partial_diffusion(
+    identity_denoiser(SCHED), SCHED, y, t_star(), 20, jax.random.key(3), input_sigma=SIGMA
+  )
   assert mse(out, x0) > 1.1 * wiener_mse(S, SIGMA)
 
 
@@ -146,8 +148,9 @@ def test_diffpir_matches_the_float64_reference(problem, lam):
   _, y = problem
   ts = denoise.diffpir_timesteps(SCHED, SIGMA, 20)
   sigma = np.float32(np.sqrt((1 - abar64(ts[0])) / abar64(ts[0])) * 1.0001)  # exactly ts[0]'s level: no added noise
-  out = denoise.diffpir(gaussian_oracle(SCHED, MU, S), SCHED, y, jnp.float32(sigma), ts, jax.random.key(2),
-                        lam=lam, zeta=0.0)
+  out = denoise.diffpir(
+    gaussian_oracle(SCHED, MU, S), SCHED, y, jnp.float32(sigma), ts, jax.random.key(2), lam=lam, zeta=0.0
+  )
   np.testing.assert_allclose(np.asarray(out), reference_diffpir64(y, float(sigma), ts, lam), atol=2e-4)
 
 
@@ -167,8 +170,12 @@ def test_diffpir_data_step_pulls_a_wrong_prior_towards_y(problem):
   x0, y = problem
   ts = denoise.diffpir_timesteps(SCHED, SIGMA, 20)
   wrong = gaussian_oracle(SCHED, MU + 0.4, S)
-  run = lambda lam: float(np.mean(np.asarray(denoise.diffpir(wrong, SCHED, y, jnp.float32(SIGMA), ts,
-                                                             jax.random.key(2), lam=lam, zeta=0.0)) - np.asarray(x0)))
+  run = lambda lam: float(
+    np.mean(
+      np.asarray(denoise.diffpir(wrong, SCHED, y, jnp.float32(SIGMA), ts, jax.random.key(2), lam=lam, zeta=0.0))
+      - np.asarray(x0)
+    )
+  )
   assert abs(run(0.1)) < 0.5 * abs(run(100.0))
 
 
@@ -176,8 +183,12 @@ def test_diffpir_zeta_injects_fresh_noise(problem):
   """zeta = 1 replaces eps_hat by fresh noise each step: a posterior sample, about twice the optimal MSE."""
   x0, y = problem
   ts = denoise.diffpir_timesteps(SCHED, SIGMA, 20)
-  run = lambda z: mse(denoise.diffpir(gaussian_oracle(SCHED, MU, S), SCHED, y, jnp.float32(SIGMA), ts,
-                                      jax.random.key(2), lam=10.0, zeta=z), x0)
+  run = lambda z: mse(
+    denoise.diffpir(
+      gaussian_oracle(SCHED, MU, S), SCHED, y, jnp.float32(SIGMA), ts, jax.random.key(2), lam=10.0, zeta=z
+    ),
+    x0,
+  )
   assert run(1.0) > 1.4 * run(0.0)
 
 
@@ -205,7 +216,8 @@ def test_repaint_fills_iid_gaussian_holes_with_the_prior_and_keeps_the_known_reg
   known = jnp.where(keep > 0, x0, 0.9)
   ts = samplers.make_timesteps(1000, 100, "trailing")  # coarse DDPM grids under-disperse (posterior-mean x0)
   out = jax.jit(lambda r: controlled.repaint(gaussian_oracle(SCHED, MU, S), SCHED, ts, r, known, keep, *jumps))(
-      jax.random.key(0))
+    jax.random.key(0)
+  )
   hole = np.asarray(out)[np.asarray(keep) == 0]
   assert np.mean(hole) == pytest.approx(MU, abs=0.02) and np.std(hole) == pytest.approx(S, rel=0.1)
   np.testing.assert_allclose(np.asarray(out)[np.asarray(keep) > 0], np.asarray(x0)[np.asarray(keep) > 0], atol=1e-6)
@@ -213,12 +225,14 @@ def test_repaint_fills_iid_gaussian_holes_with_the_prior_and_keeps_the_known_reg
 
 def constant_volume_oracle(mu, s, n):
   """Exact eps for x0 = z * ones, z ~ N(mu, s^2): the posterior of z uses the mean of x_t over all n voxels."""
+
   def fn(x, t):
     a = schedules.alpha_bar(SCHED, t, x.ndim)
     one_minus = 1.0 - a
-    prec = 1.0 / s ** 2 + n * a / one_minus
-    z = (mu / s ** 2 + jnp.sqrt(a) * jnp.sum(x, axis=(1, 2, 3, 4), keepdims=True) / one_minus) / prec
+    prec = 1.0 / s**2 + n * a / one_minus
+    z = (mu / s**2 + jnp.sqrt(a) * jnp.sum(x, axis=(1, 2, 3, 4), keepdims=True) / one_minus) / prec
     return (x - jnp.sqrt(a) * z) / jnp.sqrt(one_minus)
+
   return fn
 
 
@@ -265,10 +279,10 @@ def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prio
     jax.debug.callback(lambda t: seen.append(int(t[0])), t)
     return oracle(x, t)
 
-  pre = types.SimpleNamespace(patch_size=8, schedule=SCHED, apply=apply,
-                              spec=types.SimpleNamespace(num_regions=3, structure_channels=0))
-  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0,
-                                       sampler="ddim"))
+  pre = types.SimpleNamespace(
+    patch_size=8, schedule=SCHED, apply=apply, spec=types.SimpleNamespace(num_regions=3, structure_channels=0)
+  )
+  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0, sampler="ddim"))
   x0, _ = gaussian_problem((1, 8, 8, 8, 1), MU, S, 0.0, seed=7)
   recon = anomaly.reconstruct(pre, np.asarray(x0)[0, ..., 0], 0, cfg)
   jax.effects_barrier()
@@ -276,7 +290,7 @@ def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prio
   # at t = 950 little of x0 survives: the reconstruction correlates with it only weakly (sqrt(abar) ~ 0.08)
   a = abar64(950)
   corr = np.corrcoef(recon.ravel(), np.asarray(x0).ravel())[0, 1]
-  expected = np.sqrt(a) * S / np.sqrt(a * S ** 2 + 1 - a)  # corr(x0, E[x0|x_950])-ish scale
+  expected = np.sqrt(a) * S / np.sqrt(a * S**2 + 1 - a)  # corr(x0, E[x0|x_950])-ish scale
   assert corr < 0.5 and abs(corr - expected) < 0.25
 
 

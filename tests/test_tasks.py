@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import mesh_of, point_mass_oracle, run_main
+
+from meddiff_jax import sharding
 from meddiff_jax.data import nifti, phantom
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import embeddings
 from meddiff_jax.tasks import anomaly, denoise, sliding_window
-from meddiff_jax import sharding
 
 SCHED = schedules.make_schedule("cosine", 1000)
 
@@ -23,7 +23,9 @@ def test_window_starts_cover_and_overlap():
   starts = sliding_window.window_starts(40, 16, 0.5)
   assert starts[0] == 0 and starts[-1] == 24 and all(b - a <= 8 for a, b in zip(starts, starts[1:]))
   plan = sliding_window.plan_windows((40, 16, 24), 16, 0.5, batch=4)
-  assert len(plan.starts) % 4 == 0 and plan.valid.sum() == len(starts) * 1 * len(sliding_window.window_starts(24, 16, 0.5))
+  assert len(plan.starts) % 4 == 0 and plan.valid.sum() == len(starts) * 1 * len(
+    sliding_window.window_starts(24, 16, 0.5)
+  )
   with pytest.raises(ValueError, match="smaller than the window"):
     sliding_window.plan_windows((8, 16, 16), 16)
 
@@ -121,11 +123,14 @@ def seg_file(ct_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,extra", [
+@pytest.mark.parametrize(
+  "task,extra",
+  [
     ("denoise", ["--config.num_steps=3", "--config.window_batch=2"]),
     ("denoise", ["--config.method=partial", "--config.num_steps=3", "--config.noise_sigma_hu=20", "LABELS"]),
     ("anomaly", ["--config.num_steps=3", "--config.noise_t=500", "LABELS", "--config.inference_dtype=bfloat16"]),
-])
+  ],
+)
 def test_task_commands_write_nifti_on_the_input_grid(tmp_path, ct_file, seg_file, task, extra):
   out = tmp_path / "out.nii.gz"
   extra = [f"--config.labels={seg_file}" if e == "LABELS" else e for e in extra]
@@ -146,8 +151,13 @@ def test_task_commands_write_nifti_on_the_input_grid(tmp_path, ct_file, seg_file
 @pytest.mark.slow
 def test_synthesis_command_larger_than_the_patch(tmp_path):
   out = tmp_path / "syn.nii.gz"
-  proc = run_main("--config=configs/synthesis.py", f"--config.output={out}", "--config.shape=(24,16,20)",
-                  "--config.num_steps=3", "--config.guidance_scale=2.0")
+  proc = run_main(
+    "--config=configs/synthesis.py",
+    f"--config.output={out}",
+    "--config.shape=(24,16,20)",
+    "--config.num_steps=3",
+    "--config.guidance_scale=2.0",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   vol = nifti.load(out)
   assert vol.shape == (24, 16, 20) and np.all(np.isfinite(vol.data))
@@ -157,8 +167,9 @@ def test_synthesis_command_larger_than_the_patch(tmp_path):
 def test_synthesis_from_a_label_map_on_another_grid(tmp_path, seg_file):
   """A 6 mm label map, a 3 mm model: sampling runs at 3 mm and the result comes back on the labels' grid."""
   out = tmp_path / "syn.nii.gz"
-  proc = run_main("--config=configs/synthesis.py", f"--config.output={out}", f"--config.labels={seg_file}",
-                  "--config.num_steps=2")
+  proc = run_main(
+    "--config=configs/synthesis.py", f"--config.output={out}", f"--config.labels={seg_file}", "--config.num_steps=2"
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   seg, vol = nifti.load(seg_file), nifti.load(out)
   assert vol.shape == seg.shape
@@ -167,9 +178,16 @@ def test_synthesis_from_a_label_map_on_another_grid(tmp_path, seg_file):
 
 @pytest.mark.slow
 def test_task_commands_fail_with_one_line_errors(tmp_path, ct_file):
-  proc = run_main("--config=configs/denoise.py", "--config.checkpoint=/nope", f"--config.input={ct_file}",
-                  f"--config.output={tmp_path / 'o.nii.gz'}")
+  proc = run_main(
+    "--config=configs/denoise.py",
+    "--config.checkpoint=/nope",
+    f"--config.input={ct_file}",
+    f"--config.output={tmp_path / 'o.nii.gz'}",
+  )
   assert proc.returncode != 0 and "--config.checkpoint='/nope' does not exist" in proc.stderr
-  proc = run_main("--config=configs/anomaly.py", f"--config.input={tmp_path / 'missing.nii.gz'}",
-                  f"--config.output={tmp_path / 'o.nii.gz'}")
+  proc = run_main(
+    "--config=configs/anomaly.py",
+    f"--config.input={tmp_path / 'missing.nii.gz'}",
+    f"--config.output={tmp_path / 'o.nii.gz'}",
+  )
   assert proc.returncode != 0 and "is not a file" in proc.stderr

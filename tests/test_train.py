@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import build_step, fixed_batch, tiny_config
 from jax.sharding import PartitionSpec as P
 
-from conftest import build_step, fixed_batch, tiny_config
-from meddiff_jax.data import pipeline
-from meddiff_jax.diffusion import schedules
 from meddiff_jax import checks, pretrained, sharding
+from meddiff_jax.data import pipeline
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import dry_run, loop, throughput
 
@@ -35,16 +34,21 @@ def run_steps(config, mesh_sizes, batch, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharded_step_matches_single_device(accum):
-  config = tiny_config(**{"training.grad_accum_steps": accum, "model.channel_mult": (1, 2),
-                          "model.base_channels": 8})
+  config = tiny_config(**{"training.grad_accum_steps": accum, "model.channel_mult": (1, 2), "model.base_channels": 8})
   batch = fixed_batch(config)
   single, l1, _ = run_steps(config, {"data": 1, "fsdp": 1, "tensor": 1}, batch, 2)
   sharded, l8, shardings = run_steps(config, {"data": 4, "fsdp": 2, "tensor": 1}, batch, 2)
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
-                         sharded.params, single.params)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
-                         sharded.ema_params, single.ema_params)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
+    sharded.params,
+    single.params,
+  )
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6),
+    sharded.ema_params,
+    single.ema_params,
+  )
   # FSDP really shards: some conv kernel is split over fsdp, and Adam moments follow their params.
   kernel_sh = shardings.params["encoder"]["down1_res0"]["conv1"]["kernel"]
   assert kernel_sh.spec == P(None, None, None, "fsdp", "tensor")  # tensor has size 1 here
@@ -75,8 +79,9 @@ def test_param_shardings_follow_rules_and_drop_indivisible_axes():
 
 @pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
-  config = tiny_config(**{"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1,
-                          "diffusion.cond_drop_prob": 0.0})
+  config = tiny_config(
+    **{"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1, "diffusion.cond_drop_prob": 0.0}
+  )
   batch = fixed_batch(config)
   _, losses, _ = run_steps(config, {"data": 1}, batch, 50)
   assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
@@ -88,8 +93,12 @@ def test_non_finite_updates_are_skipped_and_counted():
   batch = fixed_batch(config)
   mesh, rules, st, _, jitted, batch_sh = build(config, {"data": 1})
   before = jax.tree_util.tree_map(np.asarray, st.params)
-  bad = dict(batch, image=np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 3, np.nan,
-                                   batch["image"]).astype(np.float32))
+  bad = dict(
+    batch,
+    image=np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 3, np.nan, batch["image"]).astype(
+      np.float32
+    ),
+  )
   with sharding.activate(mesh, rules):
     st, m1 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
     st, m2 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
@@ -116,8 +125,9 @@ def test_config_validation_messages():
 
 
 def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
-                         a, b)
+  jax.tree_util.tree_map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b
+  )
 
 
 @pytest.mark.slow
@@ -146,15 +156,25 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
   rules = sharding.DEFAULT_RULES
   plan = lambda b, k, n, **axes: sharding.check_plan(b, k, 128, 4, sharding.resolve_mesh_sizes(axes, n), rules)
   from configs import pretrain
+
   paper = pretrain.get_config("paper")
   for n in (1, 4, 8):  # the paper preset (4 = 1 x 4 accumulation) on 1, 4, 8 devices: split along depth
     sizes = sharding.resolve_mesh_sizes(dict(paper.mesh), n)
     assert sizes["spatial"] == n and sizes["data"] == 1
-    sharding.check_plan(paper.training.batch_size, paper.training.grad_accum_steps, paper.data.patch_size,
-                        len(paper.model.channel_mult), sizes, rules)
+    sharding.check_plan(
+      paper.training.batch_size,
+      paper.training.grad_accum_steps,
+      paper.data.patch_size,
+      len(paper.model.channel_mult),
+      sizes,
+      rules,
+    )
   # The issue's failures: paper batch on data=8 (IndivisibleError late), batch 8 x 4 accumulation (4x padding).
-  with pytest.raises(ValueError, match=r"micro-batch 1 .* 8 devices .*--config.mesh.data=1 --config.mesh.fsdp=1 "
-                                       r"--config.mesh.spatial=8 or --config.training.batch_size=32"):
+  with pytest.raises(
+    ValueError,
+    match=r"micro-batch 1 .* 8 devices .*--config.mesh.data=1 --config.mesh.fsdp=1 "
+    r"--config.mesh.spatial=8 or --config.training.batch_size=32",
+  ):
     plan(4, 4, 8, data=8)
   with pytest.raises(ValueError, match=r"micro-batch 2 .*grad_accum_steps=1 or .*spatial=4"):
     plan(8, 4, 8, data=2, fsdp=4)
@@ -163,8 +183,9 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
   with pytest.raises(ValueError, match="coarsest feature map has depth 16"):
     sharding.check_plan(1, 1, 128, 4, sharding.resolve_mesh_sizes({"spatial": 32}, 32), rules)
   with pytest.raises(ValueError, match="both batch and act_depth"):
-    sharding.check_plan(1, 1, 128, 4, sharding.resolve_mesh_sizes({"fsdp": 8}, 8),
-                        (("batch", ("data", "fsdp")), ("act_depth", "fsdp")))
+    sharding.check_plan(
+      1, 1, 128, 4, sharding.resolve_mesh_sizes({"fsdp": 8}, 8), (("batch", ("data", "fsdp")), ("act_depth", "fsdp"))
+    )
   with pytest.raises(ValueError, match="micro-batch"):  # checks.pretrain runs it for the devices present
     checks.pretrain(tiny_config(**{"training.batch_size": 4}))  # 8 fake devices, data=-1
 
@@ -173,8 +194,7 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
 def test_dry_run_reports_cost_without_padding():
   """Depth-split dry run on 8 devices: XLA's per-device FLOPs are ~1/8 of the single-device step's (no
   padding), and match the analytic model FLOPs that MFU is computed from."""
-  config = tiny_config(**{"training.batch_size": 2, "training.grad_accum_steps": 1, "mesh.data": 2,
-                          "mesh.spatial": 4})
+  config = tiny_config(**{"training.batch_size": 2, "training.grad_accum_steps": 1, "mesh.data": 2, "mesh.spatial": 4})
   result = dry_run.run(config)
   _, spec = pretrained.build_model(config)
   assert result["flops_per_step"] == pytest.approx(3 * unet3d.forward_flops(spec, (8, 8, 8), batch=2))
@@ -183,7 +203,8 @@ def test_dry_run_reports_cost_without_padding():
   assert result["memory_per_device_gib"] > 0 and result["compile_s"] > 0
   assert result["projected_step_s_at_40pct_mfu"] is None and "unknown" in result["note"]  # CPU
   assert result["projected_step_s_at_40pct_mfu_by_kind"]["H100"] == pytest.approx(
-      result["flops_per_step"] / (8 * 989e12 * 0.4))
+    result["flops_per_step"] / (8 * 989e12 * 0.4)
+  )
 
 
 @pytest.mark.slow
@@ -191,6 +212,7 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
   """The 256^3 preset on 8 devices: lowered ahead of time (ShapeDtypeStructs, nothing allocated). Its full
   compile (minutes on 2 CPU cores) is recorded with the dry run in docs/scaling.md."""
   from configs import pretrain
+
   config = pretrain.get_config("paper256")
   config.data.prepared_dir = "unused"
   lowered, facts = dry_run.lower_train_step(config)
@@ -206,8 +228,14 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
 
 @pytest.mark.slow
 def test_bf16_params_keep_float32_ema_and_moments():
-  config = tiny_config(**{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16", "training.ema_decay": 0.9999,
-                          "training.batch_size": 8})
+  config = tiny_config(
+    **{
+      "model.param_dtype": "bfloat16",
+      "model.dtype": "bfloat16",
+      "training.ema_decay": 0.9999,
+      "training.batch_size": 8,
+    }
+  )
   batch = fixed_batch(config)
   mesh, rules, st, _, jitted, batch_sh = build(config, {"data": 1})
   leaves = lambda t: jax.tree_util.tree_leaves(t)
@@ -229,8 +257,10 @@ def test_bf16_params_keep_float32_ema_and_moments():
   assert moved > 0
   # ... and below bfloat16 resolution: a bf16 EMA would not have moved at all for most weights.
   big = [(e0, np.asarray(e, np.float64)) for e0, e in zip(ema0, leaves(st.ema_params)) if np.abs(e0).max() > 0.05]
-  lost = sum(int(np.sum((e0.astype(np.float32).astype(jnp.bfloat16) == e.astype(np.float32).astype(jnp.bfloat16))
-                        & (e0 != e))) for e0, e in big)
+  lost = sum(
+    int(np.sum((e0.astype(np.float32).astype(jnp.bfloat16) == e.astype(np.float32).astype(jnp.bfloat16)) & (e0 != e)))
+    for e0, e in big
+  )
   assert lost > 0
 
 
@@ -240,8 +270,9 @@ def test_throughput_metrics_and_peak_lookup():
   assert throughput.peak_flops("TPU v5") == 459e12
   assert throughput.peak_flops("TPU v5p") == 459e12
   assert throughput.peak_flops("cpu") is None and "unknown" in throughput.describe_peak("cpu")
-  m = throughput.step_metrics(steps_per_sec=0.5, flops_per_step=8e13, samples_per_step=4, num_devices=8,
-                              device_kind="NVIDIA H100 80GB HBM3")
+  m = throughput.step_metrics(
+    steps_per_sec=0.5, flops_per_step=8e13, samples_per_step=4, num_devices=8, device_kind="NVIDIA H100 80GB HBM3"
+  )
   assert m["samples_per_sec_per_device"] == pytest.approx(0.25)
   assert m["tflops_per_sec_per_device"] == pytest.approx(5.0)
   assert m["mfu"] == pytest.approx(5e12 / 989e12)
@@ -264,8 +295,8 @@ def test_train_flops_count_backward_only_where_gradients_flow():
   assert throughput.train_flops(spec, 16, 2, unet(t, t)) == pytest.approx(throughput.train_flops_per_step(spec, 16, 2))
   assert throughput.train_flops(spec, 16, 2, unet(f, t)) == pytest.approx(enc + 3 * dec)
   branch = controlnet.branch_forward_flops(spec, (4, 4), (16,) * 3, 2)
-  hint = 2 * 27 * 16 ** 3 * (1 * 4 + 4 * 4 + 4 * 8) * 2  # 3x3x3 convs 1 -> 4 -> 4 -> base channels
-  zero = 2 * 2 * (8 * 8 * (2 * 16 ** 3 + 8 ** 3) + 16 * 16 * 2 * 8 ** 3)  # 1x1x1 on 4 skips + the middle
+  hint = 2 * 27 * 16**3 * (1 * 4 + 4 * 4 + 4 * 8) * 2  # 3x3x3 convs 1 -> 4 -> 4 -> base channels
+  zero = 2 * 2 * (8 * 8 * (2 * 16**3 + 8**3) + 16 * 16 * 2 * 8**3)  # 1x1x1 on 4 skips + the middle
   assert branch == pytest.approx(enc + hint + zero)
   cn = lambda e, d, b: {"base": unet(e, d), "controlnet": {"encoder": {"conv_in": {"kernel": b}}}}
   assert throughput.train_flops(spec, 16, 2, cn(f, f, t), (4, 4)) == pytest.approx(enc + 2 * dec + 3 * branch)

@@ -9,18 +9,39 @@ are copied when the task has them; `--config.task="KEY=VALUE;KEY=VALUE"` reaches
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 
-TASK = {"denoising": "denoise", "anomaly": "anomaly", "synthesis": "synthesis", "super_resolution": "super_resolution",
-        "lesion": "lesion", "inpainting": "lesion"}
-SHARED = ("checkpoint", "controlnet", "region", "sampler", "num_steps", "overlap", "window_batch", "seed", "method",
-          "inference_dtype")
+TASK = {
+  "denoising": "denoise",
+  "anomaly": "anomaly",
+  "synthesis": "synthesis",
+  "super_resolution": "super_resolution",
+  "lesion": "lesion",
+  "inpainting": "lesion",
+}
+SHARED = (
+  "checkpoint",
+  "controlnet",
+  "region",
+  "sampler",
+  "num_steps",
+  "overlap",
+  "window_batch",
+  "seed",
+  "method",
+  "inference_dtype",
+)
 FIXED_METHOD = {"lesion": "generate", "inpainting": "inpaint"}
 RUN: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "denoise": denoise.run, "anomaly": anomaly.run, "synthesis": synthesis.run,
-    "super_resolution": controlled.run_super_resolution, "lesion": controlled.run_lesion}
+  "denoise": denoise.run,
+  "anomaly": anomaly.run,
+  "synthesis": synthesis.run,
+  "super_resolution": controlled.run_super_resolution,
+  "lesion": controlled.run_lesion,
+}
 
 
 def parse_task_options(text: str) -> dict[str, Any]:
@@ -46,8 +67,11 @@ def task_config(protocol: str, config: Any, **case_keys: Any):
   cfg = importlib.import_module(f"configs.{TASK[protocol]}").get_config()
   for key in SHARED:
     value = config[key]
-    unset = value is None or value == "" or (isinstance(value, (int, float)) and value < (1 if key in (
-        "num_steps", "window_batch") else 0))  # '' / -1 (0 steps / windows): the task config's default
+    unset = (
+      value is None
+      or value == ""
+      or (isinstance(value, (int, float)) and value < (1 if key in ("num_steps", "window_batch") else 0))
+    )  # '' / -1 (0 steps / windows): the task config's default
     if key in cfg and not unset:
       cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], (tuple, list)) else value
   if protocol in FIXED_METHOD:

@@ -21,21 +21,21 @@ import numpy as np
 from meddiff_jax.data import nifti, preprocess
 
 CSV_COLUMNS = {
-    "denoising": ("low", "high"),
-    "super_resolution": ("thick", "thin"),
-    "lesion": ("image", "mask"),
-    "inpainting": ("image", "mask"),
-    "anomaly": ("image", "label", "is_abnormal"),
-    "synthesis": ("image", "labels"),
+  "denoising": ("low", "high"),
+  "super_resolution": ("thick", "thin"),
+  "lesion": ("image", "mask"),
+  "inpainting": ("image", "mask"),
+  "anomaly": ("image", "label", "is_abnormal"),
+  "synthesis": ("image", "labels"),
 }
 OPTIONAL_COLUMNS = {"anomaly": ("label",)}  # an empty label path: no voxel labels for that case
 DATASETS = {  # name -> protocols it serves
-    "mayo2016": ("denoising",),
-    "bmad_liver": ("anomaly",),
-    "rplhr_ct": ("super_resolution",),
-    "msd_task03_liver": ("lesion", "inpainting"),
-    "msd_task06_lung": ("lesion", "inpainting"),
-    "tcia_lymph_nodes": ("lesion", "inpainting"),
+  "mayo2016": ("denoising",),
+  "bmad_liver": ("anomaly",),
+  "rplhr_ct": ("super_resolution",),
+  "msd_task03_liver": ("lesion", "inpainting"),
+  "msd_task06_lung": ("lesion", "inpainting"),
+  "tcia_lymph_nodes": ("lesion", "inpainting"),
 }
 MAYO_PATIENTS = ("L067", "L096", "L109", "L143", "L192", "L286", "L291", "L310", "L333", "L506")
 
@@ -66,15 +66,20 @@ def read_cases(config: Any) -> list[Case]:
       raise DatasetError(f"dataset {config.dataset} serves protocols {DATASETS[config.dataset]}, not {protocol!r}")
     if not config.data_root or not os.path.isdir(config.data_root):
       raise DatasetError(f"--config.data_root={config.data_root!r} is not a directory")
-    reader = {"mayo2016": lambda: mayo2016(config.data_root, config.mayo_thickness),
-              "bmad_liver": lambda: bmad_liver(config.data_root, config.split),
-              "rplhr_ct": lambda: rplhr_ct(config.data_root, config.split),
-              "msd_task03_liver": lambda: msd(config.data_root, "Task03_Liver", config.split, config.test_fraction,
-                                              config.split_seed),
-              "msd_task06_lung": lambda: msd(config.data_root, "Task06_Lung", config.split, config.test_fraction,
-                                             config.split_seed),
-              "tcia_lymph_nodes": lambda: tcia_lymph_nodes(config.data_root, config.ln_subset, config.split,
-                                                           config.test_fraction, config.split_seed)}[config.dataset]
+    reader = {
+      "mayo2016": lambda: mayo2016(config.data_root, config.mayo_thickness),
+      "bmad_liver": lambda: bmad_liver(config.data_root, config.split),
+      "rplhr_ct": lambda: rplhr_ct(config.data_root, config.split),
+      "msd_task03_liver": lambda: msd(
+        config.data_root, "Task03_Liver", config.split, config.test_fraction, config.split_seed
+      ),
+      "msd_task06_lung": lambda: msd(
+        config.data_root, "Task06_Lung", config.split, config.test_fraction, config.split_seed
+      ),
+      "tcia_lymph_nodes": lambda: tcia_lymph_nodes(
+        config.data_root, config.ln_subset, config.split, config.test_fraction, config.split_seed
+      ),
+    }[config.dataset]
     cases = reader()
   if config.max_cases:
     cases = cases[: int(config.max_cases)]
@@ -95,8 +100,10 @@ def read_pairs_csv(path: str, protocol: str) -> list[Case]:
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in need if c not in header]
     if missing:
-      raise DatasetError(f"{path}: header must have columns {list(need)} (optional: id) for protocol {protocol}; "
-                         f"missing {missing}, got {header}")
+      raise DatasetError(
+        f"{path}: header must have columns {list(need)} (optional: id) for protocol {protocol}; "
+        f"missing {missing}, got {header}"
+      )
     cases, seen = [], set()
     for line, row in enumerate(reader, start=2):
       row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -149,8 +156,10 @@ def mayo2016(root: str, thickness: str = "3mm") -> list[Case]:
         raise DatasetError(f"{d}: missing (Mayo 2016 layout: <patient>/quarter_{thickness} and full_{thickness})")
     cases.append(Case(os.path.basename(pdir), {"low": low, "high": high}))
   if not cases:
-    raise DatasetError(f"{root}: no <patient>/quarter_{thickness} + full_{thickness} folders (Mayo 2016 layout; "
-                       f"patients {', '.join(MAYO_PATIENTS)})")
+    raise DatasetError(
+      f"{root}: no <patient>/quarter_{thickness} + full_{thickness} folders (Mayo 2016 layout; "
+      f"patients {', '.join(MAYO_PATIENTS)})"
+    )
   return cases
 
 
@@ -215,10 +224,13 @@ def msd(root: str, task: str, split: str = "test", test_fraction: float = 0.2, s
         entries = json.load(f)["training"]
       pairs = [(os.path.join(root, e["image"]), os.path.join(root, e["label"])) for e in entries]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise DatasetError(f"{ds_json}: not an MSD dataset.json with a 'training' list ({type(e).__name__}: {e})") from None
+      raise DatasetError(
+        f"{ds_json}: not an MSD dataset.json with a 'training' list ({type(e).__name__}: {e})"
+      ) from None
   else:
-    images = sorted(p for p in glob.glob(os.path.join(root, "imagesTr", "*.nii.gz"))
-                    if not os.path.basename(p).startswith("._"))
+    images = sorted(
+      p for p in glob.glob(os.path.join(root, "imagesTr", "*.nii.gz")) if not os.path.basename(p).startswith("._")
+    )
     if not images:
       raise DatasetError(f"{root}: neither dataset.json nor imagesTr/*.nii.gz (MSD {task} layout)")
     pairs = [(p, os.path.join(root, "labelsTr", os.path.basename(p))) for p in images]
@@ -231,8 +243,9 @@ def msd(root: str, task: str, split: str = "test", test_fraction: float = 0.2, s
   return _split(sorted(cases, key=lambda c: c.id), split, test_fraction, seed)
 
 
-def tcia_lymph_nodes(root: str, subset: str = "", split: str = "test", test_fraction: float = 0.2, seed: int = 0
-                     ) -> list[Case]:
+def tcia_lymph_nodes(
+  root: str, subset: str = "", split: str = "test", test_fraction: float = 0.2, seed: int = 0
+) -> list[Case]:
   """TCIA CT Lymph Nodes: ROOT/MED_ABD_LYMPH_MASKS/<ID>/<ID>_mask.nii.gz with the CT either as a DICOM series
   under ROOT/CT Lymph Nodes/<ID>/ (TCIA download) or as ROOT/images/<ID>.nii.gz (converted, e.g. dcm2niix).
   subset: MED (mediastinal, the paper's MED-LN), ABD (abdominal, ABD-LN) or '' for both."""
@@ -290,5 +303,3 @@ def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> nift
     hu = np.where(img > 0, preprocess.unit_to_hu(img / 127.5 - 1.0, "abdomen"), -1024.0).astype(np.float32)
     data = np.repeat(hu[..., None], depth, axis=2)
   return nifti.Volume(data, np.diag([spacing] * 3 + [1.0]), path)
-
-

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -19,14 +20,14 @@ from meddiff_jax.evaluation import baselines, extractors, frechet, metrics, scor
 MODEL = "MedDiff-FM"
 # What the paper reports (../shared/PAPER_NOTES.md section 5), printed under each table.
 PAPER = {
-    "denoising": "paper (Mayo 2016, 10 patients): SSIM gain over the low-dose input: MedDiff-FM +0.059, "
-                 "RED-CNN +0.051, CTformer +0.052 (absolute PSNR/SSIM not published)",
-    "anomaly": "paper (BMAD liver CT): image-level AUROC 0.8525 (best earlier BMAD method SimpleNet 0.7228)",
-    "synthesis": "paper (Table III, full model): FID 0.0655, Dice 0.8183 (3D medical feature extractor; "
-                 "TotalSegmentator Dice against the conditioning masks)",
-    "super_resolution": "paper (RPLHR-CT, x5 in depth): PSNR/SSIM, values not accessible",
-    "lesion": "paper Table VIII (Dice, fine-tuned): MSD-Lung 0.28, MSD-Liver 0.48, MED-LN 0.22, ABD-LN 0.50",
-    "inpainting": "paper Table IX (Dice, fine-tuned): MSD-Lung 0.77, MSD-Liver 0.71, MED-LN 0.34, ABD-LN 0.53",
+  "denoising": "paper (Mayo 2016, 10 patients): SSIM gain over the low-dose input: MedDiff-FM +0.059, "
+  "RED-CNN +0.051, CTformer +0.052 (absolute PSNR/SSIM not published)",
+  "anomaly": "paper (BMAD liver CT): image-level AUROC 0.8525 (best earlier BMAD method SimpleNet 0.7228)",
+  "synthesis": "paper (Table III, full model): FID 0.0655, Dice 0.8183 (3D medical feature extractor; "
+  "TotalSegmentator Dice against the conditioning masks)",
+  "super_resolution": "paper (RPLHR-CT, x5 in depth): PSNR/SSIM, values not accessible",
+  "lesion": "paper Table VIII (Dice, fine-tuned): MSD-Lung 0.28, MSD-Liver 0.48, MED-LN 0.22, ABD-LN 0.50",
+  "inpainting": "paper Table IX (Dice, fine-tuned): MSD-Lung 0.77, MSD-Liver 0.71, MED-LN 0.34, ABD-LN 0.53",
 }
 
 
@@ -66,13 +67,18 @@ def _window(config: Any) -> tuple[float, float]:
 
 def _mean_std(values: list[float]) -> dict[str, float]:
   v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-  return {"mean": float(v.mean()) if v.size else float("nan"), "std": float(v.std()) if v.size else float("nan"),
-          "n": int(v.size)}
+  return {
+    "mean": float(v.mean()) if v.size else float("nan"),
+    "std": float(v.std()) if v.size else float("nan"),
+    "n": int(v.size),
+  }
 
 
 def _aggregate(cases: list[dict], rows: list[str], keys: tuple[str, ...]) -> dict[str, dict[str, dict]]:
-  return {r: {k: _mean_std([c["metrics"][r][k] for c in cases if r in c["metrics"] and k in c["metrics"][r]])
-              for k in keys} for r in rows}
+  return {
+    r: {k: _mean_std([c["metrics"][r][k] for c in cases if r in c["metrics"] and k in c["metrics"][r]]) for k in keys}
+    for r in rows
+  }
 
 
 def _fmt(ms: dict[str, float], digits: int = 4) -> str:
@@ -90,11 +96,15 @@ def _table(title: str, header: list[str], lines: list[list[str]], footer: list[s
 
 def _check_grid(a: nifti.Volume, b: nifti.Volume, what: str) -> None:
   if a.shape != b.shape or not np.allclose(a.affine, b.affine, atol=1e-2):
-    raise nifti.VolumeError(b.path, f"{what} grid (shape {b.shape}) does not match {a.path} (shape {a.shape}): "
-                            "pairs must be registered on one voxel grid")
+    raise nifti.VolumeError(
+      b.path,
+      f"{what} grid (shape {b.shape}) does not match {a.path} (shape {a.shape}): "
+      "pairs must be registered on one voxel grid",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- denoising
+
 
 def denoising(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   window = _window(config)
@@ -105,14 +115,21 @@ def denoising(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
     low, high = _load(config, case.paths["low"]), _load(config, case.paths["high"])
     _check_grid(low, high, "full-dose")
     nifti.check_ct(low)
-    outputs = {"low-dose input": low.data,
-               "Gaussian filter": baselines.gaussian(low.data, window, float(config.gaussian_sigma)),
-               "non-local means": baselines.non_local_means(low.data, window, float(config.nlm_h_factor))}
+    outputs = {
+      "low-dose input": low.data,
+      "Gaussian filter": baselines.gaussian(low.data, window, float(config.gaussian_sigma)),
+      "non-local means": baselines.non_local_means(low.data, window, float(config.nlm_h_factor)),
+    }
     if not config.skip_model:
       d = _case_dir(workdir, case.id)
       out = os.path.join(d, "denoised.nii.gz")
-      adapters.run_task("denoising", config, input=_as_nifti(low, case.paths["low"], os.path.join(d, "low.nii.gz")),
-                        output=out, output_int16=False)
+      adapters.run_task(
+        "denoising",
+        config,
+        input=_as_nifti(low, case.paths["low"], os.path.join(d, "low.nii.gz")),
+        output=out,
+        output_int16=False,
+      )
       outputs[model_row] = nifti.load(out).data
     m = {r: scores.image_quality(high.data, outputs[r], window) for r in rows}
     for r in rows:
@@ -123,16 +140,28 @@ def denoising(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   agg = _aggregate(out_cases, rows, keys)
   agg["window_hu"] = list(window)
   agg["data_range"] = window[1] - window[0]
-  lines = [[r, _fmt(agg[r]["psnr"], 2), _fmt(agg[r]["ssim_2d"]), _fmt(agg[r]["ssim_3d"]),
-            f"{agg[r]['ssim_2d_gain']['mean']:+.4f}"] for r in rows]
-  title = (f"Denoising: {len(out_cases)} cases; PSNR/SSIM on HU clipped to [{window[0]:g}, {window[1]:g}], "
-           f"data range {window[1] - window[0]:g}")
-  table = _table(title, ["method", "PSNR (dB)", "SSIM (2D slices)", "SSIM (3D)", "ΔSSIM vs input"], lines,
-                 [PAPER["denoising"]])
+  lines = [
+    [
+      r,
+      _fmt(agg[r]["psnr"], 2),
+      _fmt(agg[r]["ssim_2d"]),
+      _fmt(agg[r]["ssim_3d"]),
+      f"{agg[r]['ssim_2d_gain']['mean']:+.4f}",
+    ]
+    for r in rows
+  ]
+  title = (
+    f"Denoising: {len(out_cases)} cases; PSNR/SSIM on HU clipped to [{window[0]:g}, {window[1]:g}], "
+    f"data range {window[1] - window[0]:g}"
+  )
+  table = _table(
+    title, ["method", "PSNR (dB)", "SSIM (2D slices)", "SSIM (3D)", "ΔSSIM vs input"], lines, [PAPER["denoising"]]
+  )
   return Result(rows, out_cases, agg, table)
 
 
 # ------------------------------------------------------------------------------------------------------- anomaly
+
 
 def _no_prior_map(image_unit: np.ndarray, body: np.ndarray) -> np.ndarray:
   """Model-free reference: the residual to a heavily smoothed image (what any local-contrast detector sees)."""
@@ -162,13 +191,17 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
     if mask is not None and case.is_abnormal == 0 and mask.any():
       raise nifti.VolumeError(case.paths.get("label", ""), "is_abnormal=0 but its mask has abnormal voxels")
     body = img.data > preprocess.BODY_THRESHOLD_HU
-    maps = {"no-prior residual": ndimage.gaussian_filter(
-        _no_prior_map(preprocess.hu_to_unit(img.data, region), body), float(config.smooth_sigma))}
+    maps = {
+      "no-prior residual": ndimage.gaussian_filter(
+        _no_prior_map(preprocess.hu_to_unit(img.data, region), body), float(config.smooth_sigma)
+      )
+    }
     if not config.skip_model:
       d = _case_dir(workdir, case.id)
       out = os.path.join(d, "anomaly_map.nii.gz")
-      adapters.run_task("anomaly", config, input=_as_nifti(img, case.paths["image"], os.path.join(d, "image.nii.gz")),
-                        output=out)
+      adapters.run_task(
+        "anomaly", config, input=_as_nifti(img, case.paths["image"], os.path.join(d, "image.nii.gz")), output=out
+      )
       maps[MODEL] = nifti.load(out).data
     m = {}
     for r in rows:
@@ -183,8 +216,15 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
         step = max(1, int(config.pixel_subsample))  # every k-th body voxel: whole CTs hold ~10^7 each
         per_row[r]["pixel"][0].append(mask[body][::step])
         per_row[r]["pixel"][1].append(amap[body][::step].astype(np.float32))
-    out_cases.append({"id": case.id, "paths": case.paths, "is_abnormal": case.is_abnormal,
-                      "has_voxel_labels": mask is not None, "metrics": m})
+    out_cases.append(
+      {
+        "id": case.id,
+        "paths": case.paths,
+        "is_abnormal": case.is_abnormal,
+        "has_voxel_labels": mask is not None,
+        "metrics": m,
+      }
+    )
   agg: dict[str, Any] = {}
   for r in rows:
     agg[r] = {}
@@ -194,16 +234,28 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
         y, s = np.concatenate(y), np.concatenate(s)
       agg[r][level] = scores.detection_scores(np.asarray(y, np.int8), np.asarray(s, np.float64))
   f = lambda v: "-" if not np.isfinite(v) else f"{v:.4f}"
-  lines = [[r, level, f(agg[r][level]["auroc"]), f(agg[r][level]["auprc"]),
-            f"{agg[r][level]['n']} ({agg[r][level]['n_positive']} abnormal)"]
-           for r in rows for level in ("volume", "slice", "pixel")]
-  title = (f"Anomaly detection: {len(out_cases)} cases; noise to t={adapters.parse_task_options(config.task).get('noise_t', 950)}, residual map, "
-           f"score = mean of the top {top:g} of the map inside the body (volume / axial slice), voxels inside the body")
+  lines = [
+    [
+      r,
+      level,
+      f(agg[r][level]["auroc"]),
+      f(agg[r][level]["auprc"]),
+      f"{agg[r][level]['n']} ({agg[r][level]['n_positive']} abnormal)",
+    ]
+    for r in rows
+    for level in ("volume", "slice", "pixel")
+  ]
+  title = (
+    f"Anomaly detection: {len(out_cases)} cases; "
+    f"noise to t={adapters.parse_task_options(config.task).get('noise_t', 950)}, residual map, "
+    f"score = mean of the top {top:g} of the map inside the body (volume / axial slice), voxels inside the body"
+  )
   table = _table(title, ["method", "level", "AUROC", "AUPRC", "n"], lines, [PAPER["anomaly"]])
   return Result(rows, out_cases, agg, table)
 
 
 # ----------------------------------------------------------------------------------------------------- synthesis
+
 
 def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   extractor = None if config.extractor == "none" else extractors.Extractor(config.extractor)
@@ -219,11 +271,17 @@ def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
     labels = _load(config, case.paths["labels"], is_mask=True)
     _check_grid(real, labels, "labels")
     d = _case_dir(workdir, case.id)
-    images = {"real images (reference)": (real.data, _as_nifti(real, case.paths["image"], os.path.join(d, "real.nii.gz")))}
+    images = {
+      "real images (reference)": (real.data, _as_nifti(real, case.paths["image"], os.path.join(d, "real.nii.gz")))
+    }
     if not config.skip_model:
       out = os.path.join(d, "generated.nii.gz")
-      adapters.run_task("synthesis", config, output=out,
-                        labels=_as_nifti(labels, case.paths["labels"], os.path.join(d, "labels.nii.gz")))
+      adapters.run_task(
+        "synthesis",
+        config,
+        output=out,
+        labels=_as_nifti(labels, case.paths["labels"], os.path.join(d, "labels.nii.gz")),
+      )
       gen = nifti.load(out)
       images[MODEL] = (gen.data, out)
     if extractor is not None:
@@ -246,13 +304,16 @@ def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
     agg[r]["frechet_distance"] = fd
   f = lambda v: "-" if not np.isfinite(v) else f"{v:.4f}"
   lines = [[r, f(agg[r]["frechet_distance"]), _fmt(agg[r]["dice"])] for r in rows]
-  title = (f"Synthesis: {len(out_cases)} cases; Fréchet distance of {config.extractor or '-'} features to the real "
-           f"images, mean Dice of {config.segmenter or '-'} on each image against the conditioning labels")
+  title = (
+    f"Synthesis: {len(out_cases)} cases; Fréchet distance of {config.extractor or '-'} features to the real "
+    f"images, mean Dice of {config.segmenter or '-'} on each image against the conditioning labels"
+  )
   table = _table(title, ["images", "FD", "Dice"], lines, [PAPER["synthesis"]])
   return Result(rows, out_cases, agg, table)
 
 
 # ---------------------------------------------------------------------------------------------- super-resolution
+
 
 def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   window = _window(config) if config.metric_window or config.region else preprocess.window_bounds("chest")
@@ -263,13 +324,20 @@ def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> R
     nifti.check_ct(thick)
     target = tuple(float(s) for s in config.sr_spacing) if config.sr_spacing else thin.spacing
     ref = nifti.resample(thin, target, order=1, fill=-1024.0) if not np.allclose(target, thin.spacing) else thin
-    outputs = {"trilinear": nifti.resample(thick, target, order=1, fill=-1024.0).data,
-               "cubic": nifti.resample(thick, target, order=3, fill=-1024.0).data}
+    outputs = {
+      "trilinear": nifti.resample(thick, target, order=1, fill=-1024.0).data,
+      "cubic": nifti.resample(thick, target, order=3, fill=-1024.0).data,
+    }
     if not config.skip_model:
       d = _case_dir(workdir, case.id)
       out = os.path.join(d, "sr.nii.gz")
-      adapters.run_task("super_resolution", config, output=out, spacing=target,
-                        input=_as_nifti(thick, case.paths["thick"], os.path.join(d, "thick.nii.gz")))
+      adapters.run_task(
+        "super_resolution",
+        config,
+        output=out,
+        spacing=target,
+        input=_as_nifti(thick, case.paths["thick"], os.path.join(d, "thick.nii.gz")),
+      )
       outputs[rows[-1]] = nifti.load(out).data
     m = {}
     for r in rows:  # the thin scan and the upsampled thick one cover the same extent up to a slice: compare the overlap
@@ -279,13 +347,16 @@ def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> R
   agg = _aggregate(out_cases, rows, ("psnr", "ssim_2d", "ssim_3d"))
   agg["window_hu"] = list(window)
   lines = [[r, _fmt(agg[r]["psnr"], 2), _fmt(agg[r]["ssim_2d"]), _fmt(agg[r]["ssim_3d"])] for r in rows]
-  title = (f"Super-resolution: {len(out_cases)} cases; thin reference grid; PSNR/SSIM on HU clipped to "
-           f"[{window[0]:g}, {window[1]:g}]")
+  title = (
+    f"Super-resolution: {len(out_cases)} cases; thin reference grid; PSNR/SSIM on HU clipped to "
+    f"[{window[0]:g}, {window[1]:g}]"
+  )
   table = _table(title, ["method", "PSNR (dB)", "SSIM (2D slices)", "SSIM (3D)"], lines, [PAPER["super_resolution"]])
   return Result(rows, out_cases, agg, table)
 
 
 # --------------------------------------------------------------------------------------- lesion / inpainting
+
 
 def _lesion(protocol: str, config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   segmenter = None if config.segmenter in ("threshold", "") else segmenters.Segmenter(config.segmenter)
@@ -323,14 +394,25 @@ def _lesion(protocol: str, config: Any, cases: list[datasets.Case], workdir: str
   agg = _aggregate(out_cases, rows, ("dice",))
   agg["skipped"] = skipped
   lines = [[r, _fmt(agg[r]["dice"])] for r in rows]
-  title = (f"{'Lesion generation' if protocol == 'lesion' else 'Lesion inpainting'}: {len(out_cases)} cases "
-           f"({len(skipped)} skipped); Dice of the {config.segmenter} segmentation against the lesion mask")
-  table = _table(title, ["method", "Dice"], lines, [PAPER[protocol]] + (
-      ["(threshold segmenter: a model-free proxy, not the paper's segmenter)"] if segmenter is None else []))
+  title = (
+    f"{'Lesion generation' if protocol == 'lesion' else 'Lesion inpainting'}: {len(out_cases)} cases "
+    f"({len(skipped)} skipped); Dice of the {config.segmenter} segmentation against the lesion mask"
+  )
+  table = _table(
+    title,
+    ["method", "Dice"],
+    lines,
+    [PAPER[protocol]]
+    + (["(threshold segmenter: a model-free proxy, not the paper's segmenter)"] if segmenter is None else []),
+  )
   return Result(rows, out_cases, agg, table)
 
 
 PROTOCOLS: dict[str, Callable[..., Result]] = {
-    "denoising": denoising, "anomaly": anomaly, "synthesis": synthesis, "super_resolution": super_resolution,
-    "lesion": lambda c, cs, w: _lesion("lesion", c, cs, w), "inpainting": lambda c, cs, w: _lesion("inpainting", c, cs, w),
+  "denoising": denoising,
+  "anomaly": anomaly,
+  "synthesis": synthesis,
+  "super_resolution": super_resolution,
+  "lesion": lambda c, cs, w: _lesion("lesion", c, cs, w),
+  "inpainting": lambda c, cs, w: _lesion("inpainting", c, cs, w),
 }

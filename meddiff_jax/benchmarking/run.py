@@ -30,9 +30,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   result = protocols.PROTOCOLS[config.protocol](config, cases, workdir)
-  out = {"protocol": config.protocol, "dataset": config.dataset or None, "pairs": config.pairs or None,
-         "rows": result.rows, "aggregate": result.aggregate, "cases": result.cases, "table": result.table,
-         "seconds": time.time() - start, "config": json.loads(config.to_json_best_effort())}
+  out = {
+    "protocol": config.protocol,
+    "dataset": config.dataset or None,
+    "pairs": config.pairs or None,
+    "rows": result.rows,
+    "aggregate": result.aggregate,
+    "cases": result.cases,
+    "table": result.table,
+    "seconds": time.time() - start,
+    "config": json.loads(config.to_json_best_effort()),
+  }
   path = os.path.join(workdir, "results.json")
   with open(path, "w") as f:
     json.dump(_jsonable(out), f, indent=1)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -67,9 +68,19 @@ def series_key(path: str, ds: Any) -> str:
   if uid:
     return uid
   iop = tuple(round(float(v), 4) for v in (ds.get("ImageOrientationPatient") or ()))
-  return "|".join(str(x) for x in ("no-uid", os.path.dirname(os.path.realpath(path)), ds.get("StudyInstanceUID", ""),
-                                   ds.get("SeriesNumber", ""), ds.get("SeriesDescription", ""), ds.get("Rows"),
-                                   ds.get("Columns"), iop))
+  return "|".join(
+    str(x)
+    for x in (
+      "no-uid",
+      os.path.dirname(os.path.realpath(path)),
+      ds.get("StudyInstanceUID", ""),
+      ds.get("SeriesNumber", ""),
+      ds.get("SeriesDescription", ""),
+      ds.get("Rows"),
+      ds.get("Columns"),
+      iop,
+    )
+  )
 
 
 def list_files(directory: str) -> list[str]:
@@ -96,20 +107,24 @@ def load_series(path: str, options: nifti.ReadOptions | None = None) -> nifti.Vo
       raise nifti.VolumeError(path, f"no CT DICOM series in this folder{why}")
     if len(series) > 1:
       names = ", ".join(f"{str(v[0][1].get('SeriesDescription', '') or '?')} ({len(v)} files)" for v in series.values())
-      raise nifti.VolumeError(path, f"{len(series)} CT series in this folder ({names}); give a folder that holds one "
-                              "series (prepare handles folders of many)")
+      raise nifti.VolumeError(
+        path,
+        f"{len(series)} CT series in this folder ({names}); give a folder that holds one "
+        "series (prepare handles folders of many)",
+      )
     return read_series(next(iter(series.values())), path, options)
   series, skipped = scan([path])
   if not series:
     raise nifti.VolumeError(path, skipped[0]["reason"] if skipped else "not a readable DICOM file")
   uid = next(iter(series))
-  folder, _ = scan(os.path.join(os.path.dirname(os.path.abspath(path)), n)
-                   for n in sorted(os.listdir(os.path.dirname(os.path.abspath(path)))))
+  folder, _ = scan(
+    os.path.join(os.path.dirname(os.path.abspath(path)), n)
+    for n in sorted(os.listdir(os.path.dirname(os.path.abspath(path))))
+  )
   return read_series(folder[uid], path, options)
 
 
-def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOptions | None = None
-                ) -> nifti.Volume:
+def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOptions | None = None) -> nifti.Volume:
   """One series' (path, header) pairs -> Volume (RAS world, HU), geometry from the positions."""
   options = options or nifti.ReadOptions()
   headers = [ds for _, ds in files]
@@ -136,19 +151,28 @@ def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOpt
   along, positions = along[order], positions[order]
   gaps = np.diff(along)
   if np.any(gaps < POSITION_TOLERANCE_MM):
-    raise nifti.VolumeError(label, f"{int(np.sum(gaps < POSITION_TOLERANCE_MM)) + 1} slices share a position "
-                            "(several acquisitions or phases in one series?): split the series")
+    raise nifti.VolumeError(
+      label,
+      f"{int(np.sum(gaps < POSITION_TOLERANCE_MM)) + 1} slices share a position "
+      "(several acquisitions or phases in one series?): split the series",
+    )
   spacing = float(np.median(gaps))
   if np.max(np.abs(gaps - spacing)) > max(POSITION_TOLERANCE_MM, 0.01 * spacing):
-    raise nifti.VolumeError(label, f"non-uniform slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm between "
-                            "slice positions; missing slices?): a regular grid cannot hold it; export a uniformly "
-                            "spaced reconstruction or remove the stray slices")
+    raise nifti.VolumeError(
+      label,
+      f"non-uniform slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm between "
+      "slice positions; missing slices?): a regular grid cannot hold it; export a uniformly "
+      "spaced reconstruction or remove the stray slices",
+    )
   offsets = positions - positions[0]
   sideways = offsets - np.outer(offsets @ normal, normal)
   if np.max(np.linalg.norm(sideways, axis=1)) > POSITION_TOLERANCE_MM:
     tilt = np.degrees(np.arctan2(np.linalg.norm(sideways[-1]), abs(offsets[-1] @ normal)))
-    raise nifti.VolumeError(label, f"gantry tilt or sheared stack (slices step {tilt:.2f} degrees off the slice "
-                            "normal): convert with dcm2niix, which corrects gantry tilt, and use its NIfTI")
+    raise nifti.VolumeError(
+      label,
+      f"gantry tilt or sheared stack (slices step {tilt:.2f} degrees off the slice "
+      "normal): convert with dcm2niix, which corrects gantry tilt, and use its NIfTI",
+    )
   rows, cols = next(iter(shapes))
   dr, dc = (float(v) for v in first.PixelSpacing)  # DICOM: (between rows, between columns)
   shape = (cols, rows, len(files))  # x: along a row (column index), y: down the columns (row index), z: slices
@@ -161,8 +185,9 @@ def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOpt
   data = np.empty(shape, np.float32)
   for k, path in enumerate(paths):
     data[:, :, k] = _slice_hu(path, label).T
-  source = nifti.Source("dicom", label, shape, affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64),
-                        dicom_files=tuple(paths))
+  source = nifti.Source(
+    "dicom", label, shape, affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64), dicom_files=tuple(paths)
+  )
   return nifti.Volume(data=data, affine=affine, path=label, source=source)
 
 
@@ -176,11 +201,13 @@ def _slice_hu(path: str, label: str) -> np.ndarray:
       ds = pydicom.dcmread(path)
       raw = ds.pixel_array
   except Exception as e:  # decoders raise many types (missing plugin, corrupt stream)
-    raise nifti.VolumeError(label, f"cannot decode pixels of {os.path.basename(path)} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from e
+    raise nifti.VolumeError(
+      label, f"cannot decode pixels of {os.path.basename(path)} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from e
   if raw.ndim != 2:
-    raise nifti.VolumeError(label, f"{os.path.basename(path)}: pixel array of shape {raw.shape}, expected one "
-                            "grey-level slice")
+    raise nifti.VolumeError(
+      label, f"{os.path.basename(path)}: pixel array of shape {raw.shape}, expected one grey-level slice"
+    )
   slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
   hu = raw.astype(np.float32) * slope + intercept
   pad = ds.get("PixelPaddingValue")
@@ -216,8 +243,15 @@ def write_series(data: np.ndarray, source: nifti.Source, out_dir: str, descripti
       warnings.simplefilter("ignore")
       ds = pydicom.dcmread(path)
     ds.remove_private_tags()  # vendor blobs may not survive re-encoding, and describe the original pixels
-    for key in ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue", "LargestImagePixelValue",
-                "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+    for key in (
+      "PixelPaddingValue",
+      "PixelPaddingRangeLimit",
+      "SmallestImagePixelValue",
+      "LargestImagePixelValue",
+      "LossyImageCompression",
+      "LossyImageCompressionRatio",
+      "LossyImageCompressionMethod",
+    ):
       if key in ds:
         del ds[key]
     ds.set_pixel_data(np.ascontiguousarray(stored[:, :, k].T), "MONOCHROME2", 16)

@@ -22,8 +22,9 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
   return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
-def resample_grid(shape: tuple[int, ...], affine: np.ndarray, new_spacing: tuple[float, ...]
-                  ) -> tuple[tuple[int, ...], np.ndarray]:
+def resample_grid(
+  shape: tuple[int, ...], affine: np.ndarray, new_spacing: tuple[float, ...]
+) -> tuple[tuple[int, ...], np.ndarray]:
   """(shape, affine) of the grid with `new_spacing` mm, the same axes and first voxel centre, and as many
   voxels as fit inside the source's voxel-centre extent (n' = floor((n - 1) s / s') + 1)."""
   old = np.array(spacing_of(affine))
@@ -37,8 +38,15 @@ def resample_grid(shape: tuple[int, ...], affine: np.ndarray, new_spacing: tuple
   return out_shape, np.asarray(affine, np.float64) @ scale
 
 
-def resample_to(data: np.ndarray, affine: np.ndarray, out_shape: tuple[int, ...], out_affine: np.ndarray, *,
-                order: int = 1, fill: float = 0.0) -> np.ndarray:
+def resample_to(
+  data: np.ndarray,
+  affine: np.ndarray,
+  out_shape: tuple[int, ...],
+  out_affine: np.ndarray,
+  *,
+  order: int = 1,
+  fill: float = 0.0,
+) -> np.ndarray:
   """`data` (on `affine`) sampled at the voxel centres of the grid (out_shape, out_affine)."""
   index_map = np.linalg.solve(np.asarray(affine, np.float64), np.asarray(out_affine, np.float64))
   matrix, offset = index_map[:3, :3], index_map[:3, 3]
@@ -46,8 +54,15 @@ def resample_to(data: np.ndarray, affine: np.ndarray, out_shape: tuple[int, ...]
     matrix = np.diag(matrix)  # axis-aligned: scipy's faster separable path
   src = np.asarray(data)
   work_dtype = np.float32 if order else src.dtype
-  out = ndimage.affine_transform(src.astype(work_dtype, copy=False), matrix, offset=offset,
-                                 output_shape=tuple(out_shape), order=order, mode="nearest", prefilter=False)
+  out = ndimage.affine_transform(
+    src.astype(work_dtype, copy=False),
+    matrix,
+    offset=offset,
+    output_shape=tuple(out_shape),
+    order=order,
+    mode="nearest",
+    prefilter=False,
+  )
   outside = _outside(index_map, src.shape, tuple(out_shape))
   if outside is not None:
     out[outside] = fill
@@ -59,14 +74,19 @@ def _outside(index_map: np.ndarray, src_shape: tuple[int, ...], out_shape: tuple
 
   The source index is affine in the output index, so its range over the grid comes from the 8 corners;
   the mask is built (by broadcasting, no per-voxel coordinate arrays for axis-aligned maps) only when needed."""
-  corners = np.array([[i, j, k, 1.0] for i in (0, out_shape[0] - 1) for j in (0, out_shape[1] - 1)
-                      for k in (0, out_shape[2] - 1)]) @ index_map[:3].T
+  corners = (
+    np.array(
+      [[i, j, k, 1.0] for i in (0, out_shape[0] - 1) for j in (0, out_shape[1] - 1) for k in (0, out_shape[2] - 1)]
+    )
+    @ index_map[:3].T
+  )
   lo_ok = corners.min(axis=0) >= -EDGE_TOLERANCE_VOXELS
   hi_ok = corners.max(axis=0) <= np.asarray(src_shape[:3], np.float64) - 1 + EDGE_TOLERANCE_VOXELS
   if np.all(lo_ok & hi_ok):
     return None
-  axes = [np.arange(n, dtype=np.float64).reshape([-1 if a == b else 1 for b in range(3)]) for a, n in
-          enumerate(out_shape)]
+  axes = [
+    np.arange(n, dtype=np.float64).reshape([-1 if a == b else 1 for b in range(3)]) for a, n in enumerate(out_shape)
+  ]
   mask = np.zeros((1, 1, 1), bool)
   for d in range(3):
     if lo_ok[d] and hi_ok[d]:
@@ -125,8 +145,9 @@ def corner_distance_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> 
   return float(np.max(np.linalg.norm((corners @ np.asarray(a).T - corners @ np.asarray(b).T)[:, :3], axis=1)))
 
 
-def file_grid(shape_ras: tuple[int, ...], affine_ras: np.ndarray, ornt: np.ndarray
-              ) -> tuple[tuple[int, ...], np.ndarray]:
+def file_grid(
+  shape_ras: tuple[int, ...], affine_ras: np.ndarray, ornt: np.ndarray
+) -> tuple[tuple[int, ...], np.ndarray]:
   """(shape, affine) in a file's voxel order of a grid given in RAS order (inverse of `to_ras`'s grid)."""
   import nibabel as nib
 

@@ -15,7 +15,7 @@ their coordinates extend linearly beyond [-1, 1].
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -59,8 +59,11 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int, dtype: np.dty
   if tuple(volume.shape) == tuple(shape):
     return np.asarray(volume, dtype)
   if len(shape) == 3 and order in (0, 1):
-    out = _resize_nearest(np.asarray(volume), shape, dtype) if order == 0 else _resize_linear(
-        np.asarray(volume), shape, dtype)
+    out = (
+      _resize_nearest(np.asarray(volume), shape, dtype)
+      if order == 0
+      else _resize_linear(np.asarray(volume), shape, dtype)
+    )
   else:
     factors = [o / i for o, i in zip(shape, volume.shape)]
     out = ndimage.zoom(volume, factors, output=dtype, order=order, mode="nearest", grid_mode=False, prefilter=False)
@@ -76,8 +79,9 @@ def _source_coordinates(n_in: int, n_out: int) -> np.ndarray:
 
 def _resize_nearest(volume: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
   """Order 0: scipy picks floor(c + 0.5) per axis (clamped: mode 'nearest'); separable, so one gather."""
-  index = [np.clip(np.floor(_source_coordinates(n, m) + 0.5).astype(np.intp), 0, n - 1)
-           for n, m in zip(volume.shape, shape)]
+  index = [
+    np.clip(np.floor(_source_coordinates(n, m) + 0.5).astype(np.intp), 0, n - 1) for n, m in zip(volume.shape, shape)
+  ]
   return volume[np.ix_(*index)].astype(dtype, copy=False)
 
 
@@ -115,8 +119,9 @@ def _lerp(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w0: np.ndarr
   return x
 
 
-def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.random.Generator,
-               centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def choose_box(
+  shape: tuple[int, int, int], patch: int, operation: str, rng: np.random.Generator, centre: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """(start, size) in voxels of the region the operation reads; `centre`: a voxel the crop must hold
   (a positive crop, MONAI RandCropByPosNegLabeld-style), placed at the crop centre where the volume allows."""
   shape_arr = np.array(shape)
@@ -126,8 +131,9 @@ def choose_box(shape: tuple[int, int, int], patch: int, operation: str, rng: np.
   if operation not in ("zoom2", "patch"):
     raise ValueError(f"unknown multi-level operation {operation!r}; choose from {OPERATIONS}")
   if centre is not None:
-    return np.array([int(np.clip(m - c // 2, 0, s - c)) if s >= c else -((c - s) // 2)
-                     for m, s, c in zip(centre, shape_arr, size)]), size
+    return np.array(
+      [int(np.clip(m - c // 2, 0, s - c)) if s >= c else -((c - s) // 2) for m, s, c in zip(centre, shape_arr, size)]
+    ), size
   # Uniform start over positions that keep the crop inside; centred when the volume is smaller.
   start = np.array([rng.integers(0, s - c + 1) if s >= c else -((c - s) // 2) for s, c in zip(shape_arr, size)])
   return start, size
@@ -188,7 +194,7 @@ def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
   pad[axis] = (0, m * factor - n)
   padded = np.pad(image, pad, mode="edge")
   shape = list(padded.shape)
-  shape[axis:axis + 1] = [m, factor]
+  shape[axis : axis + 1] = [m, factor]
   thick = padded.reshape(shape).mean(axis=axis + 1)
   centres = (np.arange(m) + 0.5) * factor - 0.5  # thin-grid position of each thick slice centre
   coords = np.clip(np.interp(np.arange(n), centres, np.arange(m)), 0, m - 1)
@@ -198,14 +204,26 @@ def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
   return (np.take(thick, lo, axis=axis) * (1 - w) + np.take(thick, hi, axis=axis) * w).astype(image.dtype)
 
 
-def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: int, rng: np.random.Generator, *,
-                operation: str | None = None, lut: np.ndarray | None = None, num_groups: int = 0,
-                operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), hint: str = "",
-                sr_factor: int = 5, structure_labels: bool = False, positive_fraction: float = 0.0,
-                positive_coords: np.ndarray | None = None, lowres: np.ndarray | None = None,
-                pack_structures: bool = False,
-                whole_level: Callable[[], tuple[np.ndarray, np.ndarray | None] | None] | None = None
-                ) -> dict[str, np.ndarray]:
+def make_sample(
+  hu: np.ndarray,
+  labels: np.ndarray | None,
+  region: int,
+  patch: int,
+  rng: np.random.Generator,
+  *,
+  operation: str | None = None,
+  lut: np.ndarray | None = None,
+  num_groups: int = 0,
+  operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+  hint: str = "",
+  sr_factor: int = 5,
+  structure_labels: bool = False,
+  positive_fraction: float = 0.0,
+  positive_coords: np.ndarray | None = None,
+  lowres: np.ndarray | None = None,
+  pack_structures: bool = False,
+  whole_level: Callable[[], tuple[np.ndarray, np.ndarray | None] | None] | None = None,
+) -> dict[str, np.ndarray]:
   """One training sample from a HU volume (and optional TotalSegmentator label map).
 
   Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
@@ -236,17 +254,19 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
   if cached is not None:
     hu_crop, lab = cached
     if hu_crop.shape != target or hu_crop.dtype != np.float32 or (need_labels and lab is None):
-      raise ValueError(f"stored whole level {hu_crop.shape} {hu_crop.dtype} (labels: {lab is not None}) does not "
-                       f"match a {target} float32 sample of this volume")
+      raise ValueError(
+        f"stored whole level {hu_crop.shape} {hu_crop.dtype} (labels: {lab is not None}) does not "
+        f"match a {target} float32 sample of this volume"
+      )
     native = None
   else:
     native = crop_padded(hu, start, size, fill=-1000.0)
     hu_crop = resize(native, target, order=1, dtype=np.float32)
   sample = {
-      conditions.IMAGE: preprocess.hu_to_unit(hu_crop, region)[..., None],
-      conditions.POS_BOX: conditions.position_boxes(start, size, hu.shape),
-      conditions.REGION: np.int32(region),
-      "operation": np.int32(OPERATIONS.index(operation)),
+    conditions.IMAGE: preprocess.hu_to_unit(hu_crop, region)[..., None],
+    conditions.POS_BOX: conditions.position_boxes(start, size, hu.shape),
+    conditions.REGION: np.int32(region),
+    "operation": np.int32(OPERATIONS.index(operation)),
   }
   if not need_labels:
     lab = None
@@ -254,8 +274,10 @@ def make_sample(hu: np.ndarray, labels: np.ndarray | None, region: int, patch: i
     lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
   if lut is not None and pack_structures and not structure_labels:
     if num_groups > conditions.MAX_PACKED_GROUPS:
-      raise ValueError(f"{num_groups} structure groups do not pack into one uint8 channel (at most "
-                       f"{conditions.MAX_PACKED_GROUPS}); set data.pack_structures=False")
+      raise ValueError(
+        f"{num_groups} structure groups do not pack into one uint8 channel (at most "
+        f"{conditions.MAX_PACKED_GROUPS}); set data.pack_structures=False"
+      )
     group = np.zeros(target, np.uint8) if lab is None else label_groups(lab, lut)
     sample[conditions.STRUCTURES] = conditions.pack_structures(group, preprocess.body_mask(hu_crop))
     organs, lesion = None, (split_lesions(lab)[1] if lab is not None and hint == "lesion" else None)

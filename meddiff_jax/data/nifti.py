@@ -41,6 +41,7 @@ INPUT_KEYS = ("assume_orientation", "trust_affine", "assume_hu", "limits")  # co
 @dataclasses.dataclass(frozen=True)
 class _Limits:
   """config.limits: its keys (ReadOptions checks the values)."""
+
   max_voxels: int
   max_gb: float
   max_spacing_mm: float
@@ -84,25 +85,31 @@ class ReadOptions:
     sections.count("config.limits.min_side_voxels", self.min_side_voxels)
 
   @classmethod
-  def from_section(cls, config: Any) -> "ReadOptions":
+  def from_section(cls, config: Any) -> ReadOptions:
     """Strictly from a task / prepare config (checks.py): config.limits must hold exactly LIMIT_KEYS."""
     limits = sections.from_config(_Limits, config.limits, "config.limits")
-    return cls(assume_orientation=config.assume_orientation, trust_affine=config.trust_affine,
-               assume_hu=config.assume_hu, **dataclasses.asdict(limits))
+    return cls(
+      assume_orientation=config.assume_orientation,
+      trust_affine=config.trust_affine,
+      assume_hu=config.assume_hu,
+      **dataclasses.asdict(limits),
+    )
 
   @classmethod
-  def from_config(cls, config: Any) -> "ReadOptions":
+  def from_config(cls, config: Any) -> ReadOptions:
     """From a task/prepare config; keys it lacks keep their defaults."""
     get = lambda c, k, d: c.get(k, d) if c is not None and hasattr(c, "get") else d
     limits = get(config, "limits", None)
     d = cls()
-    return cls(assume_orientation=str(get(config, "assume_orientation", d.assume_orientation) or ""),
-               trust_affine=str(get(config, "trust_affine", d.trust_affine) or ""),
-               assume_hu=bool(get(config, "assume_hu", d.assume_hu)),
-               max_voxels=int(get(limits, "max_voxels", d.max_voxels)),
-               max_gb=float(get(limits, "max_gb", d.max_gb)),
-               max_spacing_mm=float(get(limits, "max_spacing_mm", d.max_spacing_mm)),
-               min_side_voxels=int(get(limits, "min_side_voxels", d.min_side_voxels)))
+    return cls(
+      assume_orientation=str(get(config, "assume_orientation", d.assume_orientation) or ""),
+      trust_affine=str(get(config, "trust_affine", d.trust_affine) or ""),
+      assume_hu=bool(get(config, "assume_hu", d.assume_hu)),
+      max_voxels=int(get(limits, "max_voxels", d.max_voxels)),
+      max_gb=float(get(limits, "max_gb", d.max_gb)),
+      max_spacing_mm=float(get(limits, "max_spacing_mm", d.max_spacing_mm)),
+      min_side_voxels=int(get(limits, "min_side_voxels", d.min_side_voxels)),
+    )
 
 
 @dataclasses.dataclass
@@ -154,12 +161,18 @@ def check_size(path: str, shape: tuple[int, ...], itemsize: int, options: ReadOp
     raise VolumeError(path, f"header gives a non-positive dimension in shape {tuple(dims)}")
   voxels = int(np.prod(np.array(dims, dtype=object)))
   if voxels > options.max_voxels:
-    raise VolumeError(path, f"header claims {'x'.join(map(str, dims))} = {voxels:.3g} voxels, more than "
-                      f"limits.max_voxels={options.max_voxels:.3g}; raise --config.limits.max_voxels if it is real")
+    raise VolumeError(
+      path,
+      f"header claims {'x'.join(map(str, dims))} = {voxels:.3g} voxels, more than "
+      f"limits.max_voxels={options.max_voxels:.3g}; raise --config.limits.max_voxels if it is real",
+    )
   gb = voxels * itemsize / 1e9
   if gb > options.max_gb:
-    raise VolumeError(path, f"header claims {gb:.3g} GB of voxel data when decompressed, more than "
-                      f"limits.max_gb={options.max_gb:g}; raise --config.limits.max_gb if it is real")
+    raise VolumeError(
+      path,
+      f"header claims {gb:.3g} GB of voxel data when decompressed, more than "
+      f"limits.max_gb={options.max_gb:g}; raise --config.limits.max_gb if it is real",
+    )
 
 
 def check_geometry(path: str, shape: tuple[int, ...], affine: np.ndarray, options: ReadOptions) -> None:
@@ -172,22 +185,32 @@ def check_geometry(path: str, shape: tuple[int, ...], affine: np.ndarray, option
     raise VolumeError(path, f"singular affine (det={det:.3g}): voxel-to-world mapping is broken")
   shear = geometry.shear_degrees(affine)
   if shear > 0.01:
-    raise VolumeError(path, f"sheared voxel grid (axes {shear:.2f} degrees from orthogonal, e.g. gantry tilt): "
-                      "resample it onto an orthogonal grid first (dcm2niix corrects gantry tilt when converting)")
+    raise VolumeError(
+      path,
+      f"sheared voxel grid (axes {shear:.2f} degrees from orthogonal, e.g. gantry tilt): "
+      "resample it onto an orthogonal grid first (dcm2niix corrects gantry tilt when converting)",
+    )
   spacing = geometry.spacing_of(affine)
   if max(spacing) > options.max_spacing_mm:
     axis = int(np.argmax(spacing))
-    raise VolumeError(path, f"voxel spacing {spacing[axis]:.4g} mm along axis {axis} exceeds limits.max_spacing_mm="
-                      f"{options.max_spacing_mm:g} (slice gap?): such slices cannot be interpolated into a volume; "
-                      "raise --config.limits.max_spacing_mm if it is intended")
+    raise VolumeError(
+      path,
+      f"voxel spacing {spacing[axis]:.4g} mm along axis {axis} exceeds limits.max_spacing_mm="
+      f"{options.max_spacing_mm:g} (slice gap?): such slices cannot be interpolated into a volume; "
+      "raise --config.limits.max_spacing_mm if it is intended",
+    )
   if min(shape[:3]) < options.min_side_voxels:
-    raise VolumeError(path, f"shape {tuple(shape[:3])} is thinner than limits.min_side_voxels="
-                      f"{options.min_side_voxels} along some axis (a slab, not a volume); volumes at least that "
-                      "thick but smaller than the model patch are padded with air, as in training")
+    raise VolumeError(
+      path,
+      f"shape {tuple(shape[:3])} is thinner than limits.min_side_voxels="
+      f"{options.min_side_voxels} along some axis (a slab, not a volume); volumes at least that "
+      "thick but smaller than the model patch are padded with air, as in training",
+    )
 
 
-def load(path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = True,
-         options: ReadOptions | None = None) -> Volume:
+def load(
+  path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = True, options: ReadOptions | None = None
+) -> Volume:
   """Load a 3D volume (NIfTI file, DICOM series folder or file, NRRD/MHA), reoriented to RAS.
 
   Images come back as float32 (scaling applied), masks as int16 labels. Raises VolumeError on unreadable
@@ -199,9 +222,13 @@ def load(path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = Tr
   if not os.path.exists(path):
     raise VolumeError(path, "file does not exist")
   lower = path.lower()
-  if os.path.isdir(path) or lower.endswith(".dcm") or (not lower.endswith(NIFTI_EXTENSIONS + ITK_EXTENSIONS)
-                                                        and is_dicom_file(path)):
+  if (
+    os.path.isdir(path)
+    or lower.endswith(".dcm")
+    or (not lower.endswith(NIFTI_EXTENSIONS + ITK_EXTENSIONS) and is_dicom_file(path))
+  ):
     from meddiff_jax.data import dicom
+
     vol = dicom.load_series(path, options)
   elif lower.endswith(ITK_EXTENSIONS):
     vol = _load_itk(path, options)
@@ -261,14 +288,20 @@ def _nifti_affine(img, path: str, options: ReadOptions) -> np.ndarray:
   if zooms is None:
     zooms = np.asarray(hdr["pixdim"][1:4], np.float64)
   if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-    raise VolumeError(path, f"pixdim {tuple(float(z) for z in zooms)} has zero, negative or NaN voxel sizes "
-                      "(nibabel would silently use 1 mm): fix the header's voxel size")
+    raise VolumeError(
+      path,
+      f"pixdim {tuple(float(z) for z in zooms)} has zero, negative or NaN voxel sizes "
+      "(nibabel would silently use 1 mm): fix the header's voxel size",
+    )
   qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
   if options.assume_orientation:
     return geometry.affine_from_codes(options.assume_orientation, tuple(zooms))
   if qcode == 0 and scode == 0:
-    raise VolumeError(path, "orientation unknown (qform_code = sform_code = 0): the voxel axes could be flipped; "
-                      "if you know it, set --config.assume_orientation=RAS (or LPS, LAS, ...)")
+    raise VolumeError(
+      path,
+      "orientation unknown (qform_code = sform_code = 0): the voxel axes could be flipped; "
+      "if you know it, set --config.assume_orientation=RAS (or LPS, LAS, ...)",
+    )
   qform, sform = hdr.get_qform(), hdr.get_sform()
   if qcode > 0 and scode > 0:
     if options.trust_affine in ("sform", "qform"):
@@ -278,8 +311,11 @@ def _nifti_affine(img, path: str, options: ReadOptions) -> np.ndarray:
         raise VolumeError(path, f"{name} contains NaN/inf")
     dist = geometry.corner_distance_mm(qform, sform, img.shape)
     if dist > 0.5:
-      raise VolumeError(path, f"qform and sform disagree by up to {dist:.3g} mm at the volume corners (sheared or "
-                        "tilt-corrected sform?): set --config.trust_affine=sform or qform if you know which is right")
+      raise VolumeError(
+        path,
+        f"qform and sform disagree by up to {dist:.3g} mm at the volume corners (sheared or "
+        "tilt-corrected sform?): set --config.trust_affine=sform or qform if you know which is right",
+      )
   return np.asarray(sform if scode > 0 else qform, np.float64)
 
 
@@ -307,8 +343,9 @@ def _load_nifti(path: str, options: ReadOptions, is_mask: bool) -> Volume:
   except (EOFError, zlib.error, OSError, ValueError) as e:
     raise VolumeError(path, f"truncated or corrupt data ({type(e).__name__}: {e})") from e
   data = data.reshape(shape)
-  source = Source("nifti", path, tuple(shape), affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64),
-                  header=img.header.copy())
+  source = Source(
+    "nifti", path, tuple(shape), affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64), header=img.header.copy()
+  )
   return Volume(data=data, affine=affine, path=path, source=source)
 
 
@@ -324,8 +361,9 @@ def _load_itk(path: str, options: ReadOptions) -> Volume:
     raise VolumeError(path, f"not a readable NRRD/MetaImage ({str(e).strip().splitlines()[-1][:200]})") from e
   size = reader.GetSize()
   if len(size) != 3 or reader.GetNumberOfComponents() != 1:
-    raise VolumeError(path, f"expected a 3D scalar volume, got size {size} with {reader.GetNumberOfComponents()} "
-                      "components")
+    raise VolumeError(
+      path, f"expected a 3D scalar volume, got size {size} with {reader.GetNumberOfComponents()} components"
+    )
   itemsize = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).dtype).itemsize
   check_size(path, size, itemsize, options)
   spacing = np.asarray(reader.GetSpacing(), np.float64)
@@ -347,8 +385,8 @@ def _load_itk(path: str, options: ReadOptions) -> Volume:
 def check_ct(volume: Volume, assume_hu: bool = False) -> None:
   """Reject data that does not look like CT in Hounsfield units (override: assume_hu=True).
 
-  CT in HU has air (< -200) or, in a crop without air, fat (-200..-30 HU) around soft tissue or
-  contrast-filled vessels (median -150..600). MR, 0-255 images and DICOM without rescale slope/intercept (air at 0, water near 1000)
+  CT in HU has air (< -200) or, in a crop without air, fat (-200..-30 HU) around soft tissue or contrast-filled
+  vessels (median -150..600). MR, 0-255 images and DICOM without rescale slope/intercept (air at 0, water near 1000)
   have neither. A constant volume and values outside any CT range are refused even with assume_hu.
   """
   data = volume.data
@@ -365,12 +403,18 @@ def check_ct(volume: Volume, assume_hu: bool = False) -> None:
   median = float(np.median(sample))
   hint = "override with --config.assume_hu=true if it really is CT in HU"
   if air < 1e-3 and (fat < 1e-3 or not -150.0 <= median <= 600.0):
-    raise VolumeError(volume.path, f"intensities in [{lo:g}, {hi:g}] (median {median:g}) have neither air (< -200 HU) "
-                      "nor fat (-200..-30 HU): not CT in Hounsfield units (MR, a 0-255 image, or DICOM without "
-                      f"rescale slope/intercept?); {hint}")
+    raise VolumeError(
+      volume.path,
+      f"intensities in [{lo:g}, {hi:g}] (median {median:g}) have neither air (< -200 HU) "
+      "nor fat (-200..-30 HU): not CT in Hounsfield units (MR, a 0-255 image, or DICOM without "
+      f"rescale slope/intercept?); {hint}",
+    )
   if median > 600.0:
-    raise VolumeError(volume.path, f"median intensity {median:g} is far above soft tissue: looks like CT stored "
-                      f"without its rescale intercept (raw values); {hint}")
+    raise VolumeError(
+      volume.path,
+      f"median intensity {median:g} is far above soft tissue: looks like CT stored "
+      f"without its rescale intercept (raw values); {hint}",
+    )
 
 
 def check_same_grid(image: Volume, mask: Volume, atol_mm: float = 1e-2) -> None:
@@ -396,9 +440,12 @@ def check_crop_position(crop: Volume, parent: Volume, tolerance_hu: float = 1.0)
     return
   actual = _find_offset(crop.data, parent.data, tolerance_hu)
   where = f"voxel offset {tuple(int(a) for a in actual)}" if actual is not None else "no offset"
-  raise VolumeError(crop.path, f"affine places this crop at voxel offset {tuple(int(c) for c in claimed_offset)} of "
-                    f"{parent.path}, but its voxels match the parent at {where}: the crop's affine was not "
-                    "updated (shift its origin by the crop offset)")
+  raise VolumeError(
+    crop.path,
+    f"affine places this crop at voxel offset {tuple(int(c) for c in claimed_offset)} of "
+    f"{parent.path}, but its voxels match the parent at {where}: the crop's affine was not "
+    "updated (shift its origin by the crop offset)",
+  )
 
 
 def _matches_at(crop: np.ndarray, parent: np.ndarray, offset: np.ndarray, tol: float) -> bool:
@@ -429,8 +476,9 @@ def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], new_spacing
   return tuple(int(np.floor((n - 1) * s / t + 1e-6)) + 1 for n, s, t in zip(shape, spacing, new_spacing))
 
 
-def resample(volume: Volume, new_spacing: tuple[float, float, float], *, order: int = 1,
-             fill: float | None = None) -> Volume:
+def resample(
+  volume: Volume, new_spacing: tuple[float, float, float], *, order: int = 1, fill: float | None = None
+) -> Volume:
   """Resample to `new_spacing` mm on the same axes, starting at the same first voxel centre; the affine is
   exact and every new voxel lies inside the old data (no border is invented). order=1 trilinear for
   images, 0 nearest for masks. `fill` only matters for grids reaching past the data (resample_like)."""
@@ -438,8 +486,9 @@ def resample(volume: Volume, new_spacing: tuple[float, float, float], *, order: 
   return resample_like(volume, shape, affine, order=order, fill=fill)
 
 
-def resample_like(volume: Volume, shape: tuple[int, ...], affine: np.ndarray, *, order: int = 1,
-                  fill: float | None = None) -> Volume:
+def resample_like(
+  volume: Volume, shape: tuple[int, ...], affine: np.ndarray, *, order: int = 1, fill: float | None = None
+) -> Volume:
   """`volume` sampled at the voxel centres of the grid (shape, affine), both in RAS world mm. Positions
   up to one voxel past the data take the nearest edge value; farther out, `fill` (default: air for images,
   0 for masks)."""
@@ -451,8 +500,14 @@ def resample_like(volume: Volume, shape: tuple[int, ...], affine: np.ndarray, *,
   if volume.source is not None:  # the new grid in the input file's voxel order, for save_like
     src = volume.source
     file_shape, file_affine = geometry.file_grid(tuple(shape), affine, src.ornt)
-    source = dataclasses.replace(src, kind="nifti" if src.kind == "nifti" else "derived", shape=file_shape,
-                                 affine=file_affine, dicom_files=(), derived=True)
+    source = dataclasses.replace(
+      src,
+      kind="nifti" if src.kind == "nifti" else "derived",
+      shape=file_shape,
+      affine=file_affine,
+      dicom_files=(),
+      derived=True,
+    )
   return Volume(data=data, affine=affine, path=volume.path, source=source)
 
 
@@ -471,8 +526,9 @@ def is_directory_output(path: str) -> bool:
   return str(path).endswith(os.sep) or os.path.isdir(str(path))
 
 
-def save_like(values_ras: np.ndarray, like: Volume, path: str | os.PathLike, dtype: np.dtype | None = None, *,
-              description: str = "") -> str:
+def save_like(
+  values_ras: np.ndarray, like: Volume, path: str | os.PathLike, dtype: np.dtype | None = None, *, description: str = ""
+) -> str:
   """Write `values_ras` (on `like`'s RAS grid) on the grid of the file `like` was read from: same shape,
   voxel order and affine; for NIfTI the same qform/sform (and their codes); a DICOM series folder when
   `path` is a directory and the input was DICOM (new series UIDs, `description` as SeriesDescription)."""
@@ -490,11 +546,17 @@ def save_like(values_ras: np.ndarray, like: Volume, path: str | os.PathLike, dty
   assert data.shape == tuple(src.shape), (data.shape, src.shape)
   if is_directory_output(path):
     if src.kind != "dicom":
-      why = ("this result is on a resampled grid, not the series' own" if src.derived
-             else f"the input {src.path} is not DICOM")
-      raise VolumeError(path, f"a directory output writes a DICOM series on the input series' grid, but {why}; "
-                        "give a .nii.gz output path")
+      why = (
+        "this result is on a resampled grid, not the series' own"
+        if src.derived
+        else f"the input {src.path} is not DICOM"
+      )
+      raise VolumeError(
+        path,
+        f"a directory output writes a DICOM series on the input series' grid, but {why}; give a .nii.gz output path",
+      )
     from meddiff_jax.data import dicom
+
     dicom.write_series(data, src, path, description)
     return path
   if dtype is not None:

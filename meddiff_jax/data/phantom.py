@@ -17,18 +17,48 @@ from meddiff_jax.data import preprocess
 
 # TotalSegmentator ids (class_map_total.json) used by the phantom.
 LABELS = {
-    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "stomach": 6,
-    "lung_upper_lobe_left": 10, "lung_lower_lobe_left": 11, "lung_upper_lobe_right": 12,
-    "lung_lower_lobe_right": 14, "esophagus": 15, "trachea": 16, "thyroid_gland": 17,
-    "vertebrae_L1": 31, "heart": 51, "aorta": 52, "inferior_vena_cava": 63, "spinal_cord": 79,
-    "autochthon_left": 86, "autochthon_right": 87, "brain": 90, "skull": 91, "rib_left_5": 96,
-    "rib_right_5": 108, "sternum": 116,
+  "spleen": 1,
+  "kidney_right": 2,
+  "kidney_left": 3,
+  "liver": 5,
+  "stomach": 6,
+  "lung_upper_lobe_left": 10,
+  "lung_lower_lobe_left": 11,
+  "lung_upper_lobe_right": 12,
+  "lung_lower_lobe_right": 14,
+  "esophagus": 15,
+  "trachea": 16,
+  "thyroid_gland": 17,
+  "vertebrae_L1": 31,
+  "heart": 51,
+  "aorta": 52,
+  "inferior_vena_cava": 63,
+  "spinal_cord": 79,
+  "autochthon_left": 86,
+  "autochthon_right": 87,
+  "brain": 90,
+  "skull": 91,
+  "rib_left_5": 96,
+  "rib_right_5": 108,
+  "sternum": 116,
 }
 
 HU = {
-    "air": -1000.0, "lung": -850.0, "fat": -100.0, "muscle": 45.0, "liver": 60.0, "spleen": 50.0,
-    "kidney": 35.0, "blood": 40.0, "heart": 40.0, "bone_cortical": 900.0, "bone_cancellous": 250.0,
-    "brain": 35.0, "csf": 8.0, "stomach": 20.0, "thyroid": 90.0,
+  "air": -1000.0,
+  "lung": -850.0,
+  "fat": -100.0,
+  "muscle": 45.0,
+  "liver": 60.0,
+  "spleen": 50.0,
+  "kidney": 35.0,
+  "blood": 40.0,
+  "heart": 40.0,
+  "bone_cortical": 900.0,
+  "bone_cancellous": 250.0,
+  "brain": 35.0,
+  "csf": 8.0,
+  "stomach": 20.0,
+  "thyroid": 90.0,
 }
 
 
@@ -49,7 +79,9 @@ class Phantom:
 
 def _ellipsoid(grid, center, radii):
   x, y, z = grid
-  return ((x - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + ((z - center[2]) / radii[2]) ** 2 <= 1.0
+  return ((x - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + (
+    (z - center[2]) / radii[2]
+  ) ** 2 <= 1.0
 
 
 def _cylinder_z(grid, center, radii, z_range=(-np.inf, np.inf)):
@@ -58,8 +90,14 @@ def _cylinder_z(grid, center, radii, z_range=(-np.inf, np.inf)):
   return inside & (z >= z_range[0]) & (z <= z_range[1])
 
 
-def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[float, float, float] = (3.0, 3.0, 3.0),
-                 region: str = "abdomen", seed: int = 0, num_lesions: int = 0, noise_hu: float = 15.0) -> Phantom:
+def make_phantom(
+  shape: tuple[int, int, int] = (96, 96, 96),
+  spacing: tuple[float, float, float] = (3.0, 3.0, 3.0),
+  region: str = "abdomen",
+  seed: int = 0,
+  num_lesions: int = 0,
+  noise_hu: float = 15.0,
+) -> Phantom:
   """One phantom volume.
 
   Args:
@@ -98,7 +136,7 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
   spine_c = np.array([0.0, -half_ap * 0.55, 0.0])
   cord = _cylinder_z(grid, spine_c + [0, -8, 0], (5, 5))
   vert = _cylinder_z(grid, spine_c, (14, 12))
-  disc = (np.mod(grid[2], 30.0) < 5.0)
+  disc = np.mod(grid[2], 30.0) < 5.0
   put(_cylinder_z(grid, spine_c + [22, -14, 0], (10, 14)), HU["muscle"] + 10, LABELS["autochthon_left"])
   put(_cylinder_z(grid, spine_c + [-22, -14, 0], (10, 14)), HU["muscle"] + 10, LABELS["autochthon_right"])
   put(vert & ~disc, HU["bone_cortical"], LABELS["vertebrae_L1"])
@@ -121,7 +159,9 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
     put(stomach & (grid[1] > half_ap * 0.35 + 12), HU["air"] + 50, LABELS["stomach"])  # gastric air cap
     organs = labels > 0
     for _ in range(14):  # bowel loops: soft-tissue tubes cut across, some with gas
-      c = np.array([rng.uniform(-0.6, 0.6) * half_w, rng.uniform(-0.1, 0.6) * half_ap, rng.uniform(-1, 1) * extent[2] / 2])
+      c = np.array(
+        [rng.uniform(-0.6, 0.6) * half_w, rng.uniform(-0.1, 0.6) * half_ap, rng.uniform(-1, 1) * extent[2] / 2]
+      )
       r = rng.uniform(8, 14)
       loop = _ellipsoid(grid, c, (r, r, r * rng.uniform(1.5, 3))) & ~organs & (labels == 0)
       put(loop, HU["stomach"] + 10)
@@ -129,20 +169,27 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
         put(_ellipsoid(grid, c, (r * 0.4,) * 3) & loop, HU["air"] + 100)
     lesion_hosts.append(liver)
   elif region == "chest":
-    for side, (up, lo) in ((1, ("lung_upper_lobe_right", "lung_lower_lobe_right")),
-                           (-1, ("lung_upper_lobe_left", "lung_lower_lobe_left"))):
-      lung = _ellipsoid(grid, np.array([side * half_w * 0.45, 0, 0]) + jit(4), (half_w * 0.4, half_ap * 0.75, extent[2]))
+    for side, (up, lo) in (
+      (1, ("lung_upper_lobe_right", "lung_lower_lobe_right")),
+      (-1, ("lung_upper_lobe_left", "lung_lower_lobe_left")),
+    ):
+      lung = _ellipsoid(
+        grid, np.array([side * half_w * 0.45, 0, 0]) + jit(4), (half_w * 0.4, half_ap * 0.75, extent[2])
+      )
       upper = grid[2] > (grid[1] * 0.6)
       put(lung & upper, HU["lung"], LABELS[up])
       put(lung & ~upper, HU["lung"], LABELS[lo])
       lesion_hosts.append(lung)
-    heart = _ellipsoid(grid, np.array([-half_w * 0.1, half_ap * 0.25, -extent[2] * 0.2]) + jit(5), (half_w * 0.3, half_ap * 0.4, 55))
+    heart = _ellipsoid(
+      grid, np.array([-half_w * 0.1, half_ap * 0.25, -extent[2] * 0.2]) + jit(5), (half_w * 0.3, half_ap * 0.4, 55)
+    )
     put(heart, HU["heart"], LABELS["heart"])
     put(_cylinder_z(grid, (0, half_ap * 0.1, 0), (7, 7)), HU["air"], LABELS["trachea"])
     put(_cylinder_z(grid, (0, half_ap * 0.85, 0), (15, 5)), HU["bone_cortical"] * 0.7, LABELS["sternum"])
     for side, label in ((1, "rib_right_5"), (-1, "rib_left_5")):
       shell = (((grid[0] / (half_w * 0.85)) ** 2 + (grid[1] / (half_ap * 0.8)) ** 2) <= 1.0) & (
-          ((grid[0] / (half_w * 0.78)) ** 2 + (grid[1] / (half_ap * 0.72)) ** 2) > 1.0)
+        ((grid[0] / (half_w * 0.78)) ** 2 + (grid[1] / (half_ap * 0.72)) ** 2) > 1.0
+      )
       ribs = shell & (np.mod(grid[2], 25.0) < 8.0) & (np.sign(grid[0]) == side)
       put(ribs, HU["bone_cortical"] * 0.8, LABELS[label])
   else:  # head_neck: skull with brain in the upper part, neck below
@@ -178,5 +225,6 @@ def make_phantom(shape: tuple[int, int, int] = (96, 96, 96), spacing: tuple[floa
   noise = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape).astype(np.float32), sigma=0.7)
   noise *= noise_hu / (noise.std() + 1e-6)
   hu = np.where(body, hu + noise, hu + 0.2 * noise)
-  return Phantom(hu=hu.astype(np.float32), labels=labels, lesions=lesions, spacing=tuple(map(float, spacing)), region=region)
-
+  return Phantom(
+    hu=hu.astype(np.float32), labels=labels, lesions=lesions, spacing=tuple(map(float, spacing)), region=region
+  )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import grain
 import jax
@@ -42,7 +43,7 @@ class PhantomSpec:
     sections.count(key + "num_lesions", self.num_lesions, 0)
 
   @classmethod
-  def from_config(cls, section: Any) -> "PhantomSpec":
+  def from_config(cls, section: Any) -> PhantomSpec:
     return sections.from_config(cls, section, "config.data.phantom")
 
 
@@ -79,14 +80,22 @@ class DataSpec:
     sections.sizes(key + "spacing", self.spacing, allow_empty=True)
     sections.flag(key + "use_structures", self.use_structures)
     sections.choice(key + "structures", self.structures, STRUCTURE_MODES)
-    if not all(isinstance(g, tuple) and len(g) == 2 and isinstance(g[0], str) and isinstance(g[1], tuple)
-               and all(isinstance(p, str) for p in g[1]) for g in self.structure_groups):
-      raise sections.ConfigError(f"{key}structure_groups={self.structure_groups!r}; must be ((channel name, "
-                             "(class-name patterns, ...)), ...)")
+    if not all(
+      isinstance(g, tuple)
+      and len(g) == 2
+      and isinstance(g[0], str)
+      and isinstance(g[1], tuple)
+      and all(isinstance(p, str) for p in g[1])
+      for g in self.structure_groups
+    ):
+      raise sections.ConfigError(
+        f"{key}structure_groups={self.structure_groups!r}; must be ((channel name, (class-name patterns, ...)), ...)"
+      )
     probs = self.operation_probs
     if not (len(probs) == 3 and all(isinstance(p, (int, float)) and p >= 0 for p in probs) and sum(probs) > 0):
-      raise sections.ConfigError(f"{key}operation_probs={probs!r}; must be 3 weights >= 0 (whole, zoom2, patch), "
-                             "not all 0")
+      raise sections.ConfigError(
+        f"{key}operation_probs={probs!r}; must be 3 weights >= 0 (whole, zoom2, patch), not all 0"
+      )
     sections.count(key + "num_threads", self.num_threads, 0)
     sections.count(key + "prefetch", self.prefetch, 0)
     sections.count(key + "worker_count", self.worker_count, 0)
@@ -97,7 +106,7 @@ class DataSpec:
     sections.flag(key + "pack_structures", self.pack_structures)
 
   @classmethod
-  def from_config(cls, section: Any) -> "DataSpec":
+  def from_config(cls, section: Any) -> DataSpec:
     return sections.from_config(cls, section, "config.data", nested={"phantom": PhantomSpec.from_config})
 
 
@@ -112,8 +121,14 @@ class VolumeStore(Protocol):
 class PhantomStore:
   """Phantom volumes generated on first use in each process (cheap to pickle into Grain workers)."""
 
-  def __init__(self, num_volumes: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
-               seed: int = 0, num_lesions: int = 0):
+  def __init__(
+    self,
+    num_volumes: int,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    seed: int = 0,
+    num_lesions: int = 0,
+  ):
     """num_lesions > 0: lesions are written into the label map with `multilevel.with_lesions` (organs kept)."""
     self.num_volumes, self.shape, self.spacing = num_volumes, tuple(shape), tuple(spacing)
     self.seed, self.num_lesions = seed, num_lesions
@@ -124,7 +139,7 @@ class PhantomStore:
   def __repr__(self) -> str:  # stable: Grain compares reprs when restoring checkpoints
     return f"PhantomStore({self.num_volumes}, {self.shape}, {self.spacing}, seed={self.seed})"
 
-  @functools.lru_cache(maxsize=64)
+  @functools.lru_cache(maxsize=64)  # noqa: B019  (a few stores per process, cached volumes wanted)
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, int]:
     region = preprocess.REGIONS[index % 3]
     p = phantom.make_phantom(self.shape, self.spacing, region, self.seed + index, self.num_lesions)
@@ -134,11 +149,16 @@ class PhantomStore:
 
 def make_store(data_config: Any) -> VolumeStore:
   if data_config.source == "phantom":
-    return PhantomStore(data_config.phantom.num_volumes, tuple(data_config.phantom.shape),
-                        tuple(data_config.phantom.spacing), data_config.phantom.seed,
-                        data_config.phantom.num_lesions)
+    return PhantomStore(
+      data_config.phantom.num_volumes,
+      tuple(data_config.phantom.shape),
+      tuple(data_config.phantom.spacing),
+      data_config.phantom.seed,
+      data_config.phantom.num_lesions,
+    )
   if data_config.source == "prepared":
     from meddiff_jax.data import store  # local import: only needed for prepared data
+
     return store.PreparedStore(data_config.prepared_dir)
   raise ValueError(f"config.data.source={data_config.source!r}; choose 'phantom' or 'prepared'")
 
@@ -175,8 +195,10 @@ def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, 
     train = [i for i, s in enumerate(splits) if s == "train"]
     val = [i for i, s in enumerate(splits) if s == "val"]
     if not train or not val:
-      raise ValueError(f"{store!r}: the recorded splits have {len(train)} train and {len(val)} val volumes; both "
-                       "need one (a small store: prepare it with --config.split_fractions giving val a larger share)")
+      raise ValueError(
+        f"{store!r}: the recorded splits have {len(train)} train and {len(val)} val volumes; both "
+        "need one (a small store: prepare it with --config.split_fractions giving val a larger share)"
+      )
     return SubsetStore(store, train), SubsetStore(store, val)
   n = len(store)
   if n < 2:
@@ -190,9 +212,19 @@ def split_train_val(store: VolumeStore, data_config: Any) -> tuple[VolumeStore, 
 class MultiLevelSample:
   """volume index -> multi-level sample (a picklable callable for Grain's random_map)."""
 
-  def __init__(self, store: VolumeStore, patch_size: int, lut: np.ndarray | None, num_groups: int,
-               operation_probs: tuple[float, float, float], hint: str = "", sr_factor: int = 5,
-               structure_labels: bool = False, positive_fraction: float = 0.0, pack_structures: bool = False):
+  def __init__(
+    self,
+    store: VolumeStore,
+    patch_size: int,
+    lut: np.ndarray | None,
+    num_groups: int,
+    operation_probs: tuple[float, float, float],
+    hint: str = "",
+    sr_factor: int = 5,
+    structure_labels: bool = False,
+    positive_fraction: float = 0.0,
+    pack_structures: bool = False,
+  ):
     """pack_structures: grouped structures ship as one uint8 channel (expanded on the accelerator). Whole-volume
     samples come from the store's precomputed level at patch_size when it has one (`load_whole`)."""
     self.store, self.patch_size, self.lut, self.num_groups = store, patch_size, lut, num_groups
@@ -213,12 +245,24 @@ class MultiLevelSample:
       lowres = self.store.load_lowres(int(index))  # a real partner when the manifest had one
     load_whole = getattr(self.store, "load_whole", None)
     whole = functools.partial(load_whole, int(index), self.patch_size) if load_whole else None
-    return multilevel.make_sample(hu, labels, region, self.patch_size, rng, lut=self.lut,
-                                  num_groups=self.num_groups, operation_probs=self.operation_probs,
-                                  hint=self.hint, sr_factor=self.sr_factor, structure_labels=self.structure_labels,
-                                  positive_fraction=self.positive_fraction,
-                                  positive_coords=coords, lowres=None if lowres is None else np.asarray(lowres),
-                                  pack_structures=self.pack_structures, whole_level=whole)
+    return multilevel.make_sample(
+      hu,
+      labels,
+      region,
+      self.patch_size,
+      rng,
+      lut=self.lut,
+      num_groups=self.num_groups,
+      operation_probs=self.operation_probs,
+      hint=self.hint,
+      sr_factor=self.sr_factor,
+      structure_labels=self.structure_labels,
+      positive_fraction=self.positive_fraction,
+      positive_coords=coords,
+      lowres=None if lowres is None else np.asarray(lowres),
+      pack_structures=self.pack_structures,
+      whole_level=whole,
+    )
 
 
 def training_spacing(data_config: Any, store: Any = None) -> tuple[float, float, float] | None:
@@ -234,6 +278,7 @@ def training_spacing(data_config: Any, store: Any = None) -> tuple[float, float,
     import os
 
     from meddiff_jax.data import store as store_lib
+
     records = store_lib.read_records(data_config.prepared_dir) if os.path.isdir(data_config.prepared_dir) else []
   spacings = {tuple(round(float(s), 4) for s in r["spacing"]) for r in records or [] if "spacing" in r}
   return spacings.pop() if len(spacings) == 1 else None
@@ -279,30 +324,52 @@ def class_map_for(data_config: Any) -> dict[int, str]:
   if data_config.class_map:
     return preprocess.load_class_map(data_config.class_map)
   from meddiff_jax.data import class_map  # the embedded TotalSegmentator map
+
   return class_map.TOTAL
 
 
-def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, num_batches: int | None = None) -> grain.IterDataset:
+def make_dataset(
+  store: VolumeStore,
+  data_config: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_batches: int | None = None,
+) -> grain.IterDataset:
   """Iterator dataset of per-process batches: infinite, or exactly the first `num_batches` (validation,
   previews: Grain's read-ahead stops there instead of reading -- from a bucket, whole volumes for a third
   of the samples -- batches nobody consumes)."""
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
   lut, num_groups = structure_lut(data_config)
-  ds = (grain.MapDataset.range(len(store))
-        .repeat()
-        .shuffle(seed=seed)
-        [process_index::process_count]
-        .random_map(MultiLevelSample(store, data_config.patch_size, lut, num_groups,
-                                     tuple(data_config.operation_probs), data_config.hint, data_config.sr_factor,
-                                     lut is not None and structures_as_labels(data_config),
-                                     data_config.positive_fraction, packs_structures(data_config)), seed=seed)
-        .batch(batch_size // process_count, drop_remainder=True))
+  ds = (
+    grain.MapDataset.range(len(store))
+    .repeat()
+    .shuffle(seed=seed)[process_index::process_count]
+    .random_map(
+      MultiLevelSample(
+        store,
+        data_config.patch_size,
+        lut,
+        num_groups,
+        tuple(data_config.operation_probs),
+        data_config.hint,
+        data_config.sr_factor,
+        lut is not None and structures_as_labels(data_config),
+        data_config.positive_fraction,
+        packs_structures(data_config),
+      ),
+      seed=seed,
+    )
+    .batch(batch_size // process_count, drop_remainder=True)
+  )
   if num_batches is not None:
     ds = ds[:num_batches]
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.num_threads,
-                                               prefetch_buffer_size=data_config.prefetch))
+  it_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
+  )
   if data_config.worker_count > 0:
     _absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
@@ -312,6 +379,7 @@ def make_dataset(store: VolumeStore, data_config: Any, *, batch_size: int, seed:
 def _absl_flags_parsed() -> None:
   """Grain 0.2.18 workers read an absl flag and crash if flags were never parsed (grain#1355)."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

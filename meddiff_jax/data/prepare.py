@@ -55,20 +55,22 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dict[str, dict[str, str]]:
-  """CSV (columns: image, region[, mask][, parent][, lesion][, lowres][, patient][, split]) or JSON list of such objects; paths relative to
-  input_dir (an image may be a DICOM series folder). `lesion`: a lesion mask on the image grid, merged into
-  the label map by multilevel.with_lesions, organs kept (ControlNet lesion fine-tuning); `lowres`: a real
-  low-resolution scan of the same patient and extent (e.g. RPLHR-CT's 5 mm partner), stored interpolated onto
-  the prepared grid (ControlNet SR fine-tuning uses it instead of simulated thick slices). Raises ValueError (one line) on
-  an empty manifest, a wrong JSON shape, a row without an image, an image listed twice, or a path outside
+  """CSV (columns: image, region[, mask][, parent][, lesion][, lowres][, patient][, split]) or JSON list of such
+  objects; paths relative to input_dir (an image may be a DICOM series folder). `lesion`: a lesion mask on the image
+  grid, merged into the label map by multilevel.with_lesions, organs kept (ControlNet lesion fine-tuning); `lowres`:
+  a real low-resolution scan of the same patient and extent (e.g. RPLHR-CT's 5 mm partner), stored interpolated onto
+  the prepared grid (ControlNet SR fine-tuning uses it instead of simulated thick slices). Raises ValueError (one
+  line) on an empty manifest, a wrong JSON shape, a row without an image, an image listed twice, or a path outside
   input_dir unless allow_outside."""
   try:
     if path.endswith(".json"):
       with open(path) as f:
         rows = json.load(f)
       if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: a JSON manifest must be a list of objects like "
-                         '[{"image": "a.nii.gz", "region": "chest"}], got ' + type(rows).__name__)
+        raise ValueError(
+          f"{path}: a JSON manifest must be a list of objects like "
+          '[{"image": "a.nii.gz", "region": "chest"}], got ' + type(rows).__name__
+        )
     else:
       with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -87,18 +89,24 @@ def read_manifest(path: str, input_dir: str, allow_outside: bool = False) -> dic
         return ""
       full = os.path.normpath(p if os.path.isabs(p) else os.path.join(input_dir, p))
       if not allow_outside and not _inside(full, input_dir):
-        raise ValueError(f"{path}: row {n} {column} {p!r} is outside input_dir {input_dir} "
-                         "(set --config.allow_outside_paths=true to allow it)")
+        raise ValueError(
+          f"{path}: row {n} {column} {p!r} is outside input_dir {input_dir} "
+          "(set --config.allow_outside_paths=true to allow it)"
+        )
       return full
+
     image = resolve(str(row["image"]), "image")
     if image in entries:
       raise ValueError(f"{path}: {row['image']!r} is listed twice (rows {first_row[image]} and {n})")
     first_row[image] = n
-    entries[image] = {"region": str(row.get("region") or ""), "mask": resolve(str(row.get("mask") or ""), "mask"),
-                      "parent": resolve(str(row.get("parent") or ""), "parent"),
-                      "lesion": resolve(str(row.get("lesion") or ""), "lesion"),
-                      "lowres": resolve(str(row.get("lowres") or ""), "lowres"),
-                      **{k: str(row.get(k) or "") for k in recipes.EXTRA_COLUMNS}}
+    entries[image] = {
+      "region": str(row.get("region") or ""),
+      "mask": resolve(str(row.get("mask") or ""), "mask"),
+      "parent": resolve(str(row.get("parent") or ""), "parent"),
+      "lesion": resolve(str(row.get("lesion") or ""), "lesion"),
+      "lowres": resolve(str(row.get("lowres") or ""), "lowres"),
+      **{k: str(row.get(k) or "") for k in recipes.EXTRA_COLUMNS},
+    }
   return entries
 
 
@@ -125,8 +133,9 @@ def scan_input_dir(config: Any) -> tuple[dict[str, dict[str, Any]], list[dict[st
   series, skipped = dicom.scan(other)
   in_series = {p for members in series.values() for p, _ in members} | {s["path"] for s in skipped}
   ignored += [{"path": s["path"], "reason": s["reason"]} for s in skipped]
-  ignored += [{"path": p, "reason": "unsupported file type (not NIfTI, NRRD/MHA or DICOM)"}
-              for p in other if p not in in_series]
+  ignored += [
+    {"path": p, "reason": "unsupported file type (not NIfTI, NRRD/MHA or DICOM)"} for p in other if p not in in_series
+  ]
   for uid, members in series.items():
     paths = sorted(p for p, _ in members)
     folder = os.path.dirname(paths[0])
@@ -156,10 +165,16 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
     if not mask and config.mask_dir and "dicom_files" not in entry:
       candidate = os.path.join(config.mask_dir, os.path.basename(image))
       mask = candidate if os.path.exists(candidate) else ""
-    job = {"image": image, "region": entry["region"] or config.default_region, "mask": mask,
-           "parent": entry["parent"], "lesion": entry.get("lesion", ""), "lowres": entry.get("lowres", ""),
-           "id": volume_id(image, input_dir, entry.get("series_uid", "")),
-           **recipes.job_extras(entry, image, input_dir, config)}
+    job = {
+      "image": image,
+      "region": entry["region"] or config.default_region,
+      "mask": mask,
+      "parent": entry["parent"],
+      "lesion": entry.get("lesion", ""),
+      "lowres": entry.get("lowres", ""),
+      "id": volume_id(image, input_dir, entry.get("series_uid", "")),
+      **recipes.job_extras(entry, image, input_dir, config),
+    }
     if "dicom_files" in entry:
       job["dicom_files"] = entry["dicom_files"]
     jobs.append(job)
@@ -175,11 +190,14 @@ def check_output_dir(input_dir: str, output_dir: str) -> None:
   if _inside(inp, out):
     raise ValueError(f"config.output_dir={output_dir!r} contains the input folder {input_dir!r}; give a separate one")
   if _inside(out, inp):
-    raise ValueError(f"config.output_dir={output_dir!r} lies inside the input folder {input_dir!r}; its files would "
-                     "be mixed with yours; give a folder outside it")
+    raise ValueError(
+      f"config.output_dir={output_dir!r} lies inside the input folder {input_dir!r}; its files would "
+      "be mixed with yours; give a folder outside it"
+    )
   if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
-    raise ValueError(f"config.output_dir={output_dir!r} already holds files that preparation did not write; give a "
-                     "new or empty folder")
+    raise ValueError(
+      f"config.output_dir={output_dir!r} already holds files that preparation did not write; give a new or empty folder"
+    )
 
 
 def _load_image(job: dict[str, Any], options: nifti.ReadOptions) -> nifti.Volume:
@@ -195,6 +213,7 @@ def _die_with_parent(parent_pid: int) -> None:
   """Worker initializer: exit when the preparing process dies (even by kill -9), never linger."""
   try:
     import ctypes
+
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
   except (OSError, AttributeError):
     pass
@@ -206,6 +225,7 @@ def _die_with_parent(parent_pid: int) -> None:
       if os.getppid() != parent_pid:
         os._exit(1)
       time.sleep(0.5)
+
   threading.Thread(target=watch, daemon=True).start()
 
 
@@ -219,13 +239,26 @@ def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) 
   src = (m @ corners.T)[:3].T
   if np.any(src < -1.0) or np.any(src > np.array(volume.shape) + 0.0):
     raise ValueError(f"{volume.path}: the low-resolution partner does not cover the image's extent")
-  return ndimage.affine_transform(np.asarray(volume.data, np.float32), m[:3, :3], offset=m[:3, 3], output_shape=shape,
-                                  order=1, mode="nearest", prefilter=False)
+  return ndimage.affine_transform(
+    np.asarray(volume.data, np.float32),
+    m[:3, :3],
+    offset=m[:3, 3],
+    output_shape=shape,
+    order=1,
+    mode="nearest",
+    prefilter=False,
+  )
 
 
-def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, float, float],
-                options: nifti.ReadOptions | None = None, store_format: str = "zarr",
-                whole_sizes: tuple[int, ...] = (), store_codec: str = store.DEFAULT_CODEC) -> dict[str, Any]:
+def prepare_one(
+  job: dict[str, Any],
+  output_dir: str,
+  spacing: tuple[float, float, float],
+  options: nifti.ReadOptions | None = None,
+  store_format: str = "zarr",
+  whole_sizes: tuple[int, ...] = (),
+  store_codec: str = store.DEFAULT_CODEC,
+) -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
   options = options or nifti.ReadOptions()
@@ -244,13 +277,19 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
     if job.get("lesion"):
       lesion = nifti.load(job["lesion"], is_mask=True, options=options)
       nifti.check_same_grid(image, lesion)
-      labels = nifti.Volume(multilevel.with_lesions(None if labels is None else labels.data, lesion.data),
-                            image.affine, lesion.path)
+      labels = nifti.Volume(
+        multilevel.with_lesions(None if labels is None else labels.data, lesion.data), image.affine, lesion.path
+      )
     original_spacing = image.spacing
     image.data = np.clip(image.data, *HU_CLIP)
     # one sub-volume per region: the given region, or head_neck / chest / abdomen cut at mask landmarks
-    parts = regions.resolve(image, labels, job["region"], recipes.class_map_from(job.get("class_map", "")),
-                            regions.SplitConfig(**job.get("split_config", {})))
+    parts = regions.resolve(
+      image,
+      labels,
+      job["region"],
+      recipes.class_map_from(job.get("class_map", "")),
+      regions.SplitConfig(**job.get("split_config", {})),
+    )
     split_scan = job["region"] not in preprocess.REGIONS
     ids = []
     for part in parts:
@@ -264,22 +303,46 @@ def prepare_one(job: dict[str, Any], output_dir: str, spacing: tuple[float, floa
         nifti.check_ct(partner, assume_hu=options.assume_hu)
         lowres = onto_grid(partner, image.affine, image.shape)
       if min(image.shape) < options.min_side_voxels:
-        raise nifti.VolumeError(job["image"], f"only {image.shape} voxels at {spacing} mm, thinner than "
-                                f"limits.min_side_voxels={options.min_side_voxels}")
-      meta = {"source": job["image"], "mask_source": job["mask"] or None, "lesion_source": job.get("lesion") or None,
-              "lowres_source": job.get("lowres") or None, "region": part.region, "job_id": job["id"],
-              "patient": job.get("patient") or job["id"],
-              "split": job.get("split") or "train", "dataset": job.get("dataset", ""),
-              "source_index_range": list(part.index_range) if split_scan else None,
-              "affine": image.affine.tolist(), "spacing": list(image.spacing), "original_spacing": list(original_spacing),
-              "hu_range": [float(image.data.min()), float(image.data.max())]}
+        raise nifti.VolumeError(
+          job["image"],
+          f"only {image.shape} voxels at {spacing} mm, thinner than limits.min_side_voxels={options.min_side_voxels}",
+        )
+      meta = {
+        "source": job["image"],
+        "mask_source": job["mask"] or None,
+        "lesion_source": job.get("lesion") or None,
+        "lowres_source": job.get("lowres") or None,
+        "region": part.region,
+        "job_id": job["id"],
+        "patient": job.get("patient") or job["id"],
+        "split": job.get("split") or "train",
+        "dataset": job.get("dataset", ""),
+        "source_index_range": list(part.index_range) if split_scan else None,
+        "affine": image.affine.tolist(),
+        "spacing": list(image.spacing),
+        "original_spacing": list(original_spacing),
+        "hu_range": [float(image.data.min()), float(image.data.max())],
+      }
       vid = f"{job['id']}-{part.region}" if split_scan else job["id"]
-      store.write_record(output_dir, vid, np.round(image.data), None if labels is None else labels.data, meta,
-                         lowres=None if lowres is None else np.round(lowres), fmt=store_format,
-                         whole_sizes=whole_sizes, codec=store_codec)
+      store.write_record(
+        output_dir,
+        vid,
+        np.round(image.data),
+        None if labels is None else labels.data,
+        meta,
+        lowres=None if lowres is None else np.round(lowres),
+        fmt=store_format,
+        whole_sizes=whole_sizes,
+        codec=store_codec,
+      )
       ids.append(vid)
-    return {"image": job["image"], "id": job["id"], "records": ids, "status": "done",
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+      "image": job["image"],
+      "id": job["id"],
+      "records": ids,
+      "status": "done",
+      "seconds": round(time.perf_counter() - t0, 2),
+    }
   except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
     reason = str(e) or f"{type(e).__name__} while preparing {job['image']}"
     return {"image": job["image"], "id": job["id"], "status": "failed", "reason": reason}
@@ -308,36 +371,55 @@ def run(config: Any) -> dict[str, Any]:
   results: list[dict[str, Any]] = []
   progress = _progress(len(todo))
   if config.workers > 1 and len(todo) > 1:
-    with concurrent.futures.ProcessPoolExecutor(max_workers=config.workers, initializer=_die_with_parent,
-                                                initargs=(os.getpid(),)) as pool:
-      futures = [pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format, whole_sizes,
-                             config.store_codec) for j in todo]
+    with concurrent.futures.ProcessPoolExecutor(
+      max_workers=config.workers, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
+      futures = [
+        pool.submit(prepare_one, j, config.output_dir, spacing, options, store_format, whole_sizes, config.store_codec)
+        for j in todo
+      ]
       for fut in concurrent.futures.as_completed(futures):
         results.append(_report_one(fut.result(), progress))
   else:
     for j in todo:
-      results.append(_report_one(prepare_one(j, config.output_dir, spacing, options, store_format, whole_sizes,
-                                             config.store_codec), progress))
+      results.append(
+        _report_one(
+          prepare_one(j, config.output_dir, spacing, options, store_format, whole_sizes, config.store_codec), progress
+        )
+      )
   progress.close()
   if whole_sizes:  # volumes prepared before (resumed or older stores) get their whole levels too
     added = store.add_whole_levels(config.output_dir, whole_sizes, config.store_codec)
     if added:
       print(f"added whole levels {whole_sizes} to {added} volumes prepared before")
   failed = [r for r in results if r["status"] == "failed"]
-  report = {"input_dir": config.input_dir, "output_dir": config.output_dir, "spacing": list(spacing),
-            "prepared": [r for r in results if r["status"] == "done"], "failed": failed, "skipped": skipped,
-            "not_prepared": [{"path": r["image"], "reason": r["reason"]} for r in failed] + ignored,
-            "total_in_store": len(store.read_records(config.output_dir))}
+  report = {
+    "input_dir": config.input_dir,
+    "output_dir": config.output_dir,
+    "spacing": list(spacing),
+    "prepared": [r for r in results if r["status"] == "done"],
+    "failed": failed,
+    "skipped": skipped,
+    "not_prepared": [{"path": r["image"], "reason": r["reason"]} for r in failed] + ignored,
+    "total_in_store": len(store.read_records(config.output_dir)),
+  }
   with open(os.path.join(config.output_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
-  print(f"prepared {len(report['prepared'])}, failed {len(failed)}, already done {len(skipped)}, other files "
-        f"not used {len(ignored)}; {report['total_in_store']} volumes in {config.output_dir}")
+  print(
+    f"prepared {len(report['prepared'])}, failed {len(failed)}, already done {len(skipped)}, other files "
+    f"not used {len(ignored)}; {report['total_in_store']} volumes in {config.output_dir}"
+  )
   for r in report["not_prepared"]:
-    print(f"  not prepared: {r['path']}: {r['reason']}" if not r["reason"].startswith(r["path"])
-          else f"  not prepared: {r['reason']}")
+    print(
+      f"  not prepared: {r['path']}: {r['reason']}"
+      if not r["reason"].startswith(r["path"])
+      else f"  not prepared: {r['reason']}"
+    )
   if not report["prepared"] and not skipped:
-    raise ValueError(f"nothing prepared from {config.input_dir}: {len(failed)} volumes failed, {len(ignored)} other "
-                     f"files not used (reasons above and in {os.path.join(config.output_dir, 'report.json')})")
+    raise ValueError(
+      f"nothing prepared from {config.input_dir}: {len(failed)} volumes failed, {len(ignored)} other "
+      f"files not used (reasons above and in {os.path.join(config.output_dir, 'report.json')})"
+    )
   return report
 
 
@@ -350,4 +432,5 @@ def _report_one(result: dict[str, Any], progress) -> dict[str, Any]:
 
 def _progress(total: int):
   from tqdm import tqdm  # a progress bar users know; cheap dependency
+
   return tqdm(total=total, desc="preparing", unit="vol", disable=total == 0)

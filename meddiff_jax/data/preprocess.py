@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -23,20 +23,36 @@ BODY_THRESHOLD_HU = -500.0
 # Default coarse grouping: the paper uses all 117 classes + body; 12 groups keep the input narrow.
 # Values are fnmatch patterns over TotalSegmentator class names. Order defines the channel order.
 DEFAULT_STRUCTURE_GROUPS: dict[str, tuple[str, ...]] = {
-    "lung": ("lung_*",),
-    "airway": ("trachea",),
-    "heart": ("heart", "atrial_appendage_left"),
-    "liver": ("liver", "gallbladder"),
-    "spleen": ("spleen",),
-    "kidney": ("kidney_*", "adrenal_gland_*"),
-    "gi": ("stomach", "esophagus", "small_bowel", "duodenum", "colon", "pancreas"),
-    "vessels": ("aorta", "*vena*", "*artery*", "*_trunk", "pulmonary_vein", "portal_vein_and_splenic_vein",
-                "brachiocephalic_vein_*"),
-    "spine": ("vertebrae_*", "sacrum", "spinal_cord"),
-    "bone": ("rib_*", "sternum", "costal_cartilages", "hip_*", "femur_*", "humerus_*", "scapula_*",
-             "clavicula_*", "skull"),
-    "muscle": ("gluteus_*", "autochthon_*", "iliopsoas_*"),
-    "head": ("brain", "thyroid_gland"),
+  "lung": ("lung_*",),
+  "airway": ("trachea",),
+  "heart": ("heart", "atrial_appendage_left"),
+  "liver": ("liver", "gallbladder"),
+  "spleen": ("spleen",),
+  "kidney": ("kidney_*", "adrenal_gland_*"),
+  "gi": ("stomach", "esophagus", "small_bowel", "duodenum", "colon", "pancreas"),
+  "vessels": (
+    "aorta",
+    "*vena*",
+    "*artery*",
+    "*_trunk",
+    "pulmonary_vein",
+    "portal_vein_and_splenic_vein",
+    "brachiocephalic_vein_*",
+  ),
+  "spine": ("vertebrae_*", "sacrum", "spinal_cord"),
+  "bone": (
+    "rib_*",
+    "sternum",
+    "costal_cartilages",
+    "hip_*",
+    "femur_*",
+    "humerus_*",
+    "scapula_*",
+    "clavicula_*",
+    "skull",
+  ),
+  "muscle": ("gluteus_*", "autochthon_*", "iliopsoas_*"),
+  "head": ("brain", "thyroid_gland"),
 }
 
 

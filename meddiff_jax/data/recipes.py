@@ -1,4 +1,5 @@
-"""Dataset recipes: a public CT dataset's published folder layout -> manifest rows (image, region, mask, patient, split).
+"""Dataset recipes: a public CT dataset's published folder layout -> manifest rows
+(image, region, mask, patient, split).
 
 `--config.dataset=NAME --config.input_dir=ROOT` builds the manifest from ROOT as the dataset ships it (layouts
 and licences: docs/datasets.md), writes it to OUTPUT_DIR/manifest_NAME.csv for inspection, and prepare.py prepares
@@ -23,7 +24,8 @@ import glob
 import hashlib
 import os
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +53,7 @@ def assign_split(patient: str, seed: int = 0, fractions: Sequence[float] = (0.9,
   if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
     raise ValueError(f"split fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
   digest = hashlib.sha256(f"{seed}/{patient}".encode()).digest()
-  u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+  u = int.from_bytes(digest[:8], "big") / 2.0**64
   return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
 
 
@@ -63,10 +65,16 @@ def job_extras(entry: Mapping[str, str], image: str, input_dir: str, config: Any
   split = entry.get("split") or assign_split(key, config.split_seed, tuple(config.split_fractions))
   if split not in SPLITS:
     raise ValueError(f"{image}: split {split!r} is not one of {SPLITS}")
-  extras = {"patient": key, "split": split, "dataset": dataset, "class_map": config.class_map,
-            "split_config": dict(config.regions.to_dict())}
+  extras = {
+    "patient": key,
+    "split": split,
+    "dataset": dataset,
+    "class_map": config.class_map,
+    "split_config": dict(config.regions.to_dict()),
+  }
   if config.dataset:  # several datasets share one store: their volume ids must not collide
     from meddiff_jax.data import prepare
+
     extras["id"] = f"{config.dataset}-{prepare.volume_id(image, input_dir)}"
   return extras
 
@@ -78,8 +86,10 @@ def job_extras(entry: Mapping[str, str], image: str, input_dir: str, config: Any
 def class_map_from(path: str = "") -> dict[int, str]:
   if path:
     from meddiff_jax.data import preprocess
+
     return preprocess.load_class_map(path)
   from meddiff_jax.data import class_map
+
   return dict(class_map.TOTAL)
 
 
@@ -91,8 +101,11 @@ def load_mask(path: str, class_map_path: str = "", options: nifti.ReadOptions | 
   files = sorted(glob.glob(os.path.join(path, "*.nii*")))
   known = [(names[_stem(f)], f) for f in files if _stem(f) in names]
   if not known:
-    raise nifti.VolumeError(path, f"mask folder has no per-class masks named like the class map (e.g. liver.nii.gz); "
-                            f"{len(files)} NIfTI files found")
+    raise nifti.VolumeError(
+      path,
+      f"mask folder has no per-class masks named like the class map (e.g. liver.nii.gz); "
+      f"{len(files)} NIfTI files found",
+    )
   out = None
   for label, f in known:
     part = nifti.load(f, is_mask=True, options=options)
@@ -115,8 +128,11 @@ def _ts_output(mask_dir: str, key: str) -> str:
   """TotalSegmentator output for a case in mask_dir: KEY.nii.gz / KEY.nii (label map) or KEY/ (per-class)."""
   if not mask_dir:
     return ""
-  for candidate in (os.path.join(mask_dir, key + ".nii.gz"), os.path.join(mask_dir, key + ".nii"),
-                    os.path.join(mask_dir, key)):
+  for candidate in (
+    os.path.join(mask_dir, key + ".nii.gz"),
+    os.path.join(mask_dir, key + ".nii"),
+    os.path.join(mask_dir, key),
+  ):
     if os.path.exists(candidate):
       return candidate
   return ""
@@ -181,8 +197,7 @@ def amos22(root: str, config: Any) -> list[Case]:
 
 def btcv(root: str, config: Any) -> list[Case]:
   """BTCV (Synapse): ROOT/RawData/{Training,Testing}/img/img0001.nii.gz (labels: Training/label/label0001)."""
-  return [Case(p, _stem(p), "abdomen") for p in _find(root, "img[0-9]*.nii.gz")
-          if _folder(p) == "img"]
+  return [Case(p, _stem(p), "abdomen") for p in _find(root, "img[0-9]*.nii.gz") if _folder(p) == "img"]
 
 
 def chaos(root: str, config: Any) -> list[Case]:
@@ -201,8 +216,7 @@ def chaos(root: str, config: Any) -> list[Case]:
 
 def word(root: str, config: Any) -> list[Case]:
   """WORD v0.1.0: ROOT/images{Tr,Val,Ts}/word_0001.nii.gz (labels: labels{Tr,Val,Ts}/)."""
-  return [Case(p, _stem(p), "abdomen") for p in _find(root, "word_*.nii.gz")
-          if _folder(p).startswith("images")]
+  return [Case(p, _stem(p), "abdomen") for p in _find(root, "word_*.nii.gz") if _folder(p).startswith("images")]
 
 
 def segthor(root: str, config: Any) -> list[Case]:
@@ -229,21 +243,26 @@ def ct_rate(root: str, config: Any) -> list[Case]:
 def structseg(root: str, config: Any) -> list[Case]:
   """StructSeg 2019 head-and-neck tasks: ROOT/HaN_OAR/<n>/data.nii.gz (+ label.nii.gz), ROOT/Naso_GTV/<n>/...
   The thoracic tasks (Thoracic_OAR, Lung_GTV) are chest and left out (the paper lists StructSeg under HaN)."""
-  return [Case(p, f"{_folder(p, 2)}_{_folder(p)}", "head_neck") for p in _find(root, "data.nii.gz")
-          if _folder(p, 2) in ("HaN_OAR", "Naso_GTV")]
+  return [
+    Case(p, f"{_folder(p, 2)}_{_folder(p)}", "head_neck")
+    for p in _find(root, "data.nii.gz")
+    if _folder(p, 2) in ("HaN_OAR", "Naso_GTV")
+  ]
 
 
 def instance2022(root: str, config: Any) -> list[Case]:
   """INSTANCE 2022 (non-contrast head CT): ROOT/train_2/data/001.nii.gz (+ train_2/label/001.nii.gz)."""
-  return [Case(p, _stem(p), "head_neck") for p in _find(root, "*.nii.gz")
-          if _folder(p) == "data"]
+  return [Case(p, _stem(p), "head_neck") for p in _find(root, "*.nii.gz") if _folder(p) == "data"]
 
 
 def hanseg(root: str, config: Any) -> list[Case]:
   """HaN-Seg: ROOT/set_1/case_01/case_01_IMG_CT.nrrd (+ _IMG_MR_T1.nrrd, _OAR_*.seg.nrrd), read by SimpleITK.
   One row per case folder, so a case whose CT is missing is reported rather than skipped."""
-  return [Case(os.path.join(d, f"{os.path.basename(d)}_IMG_CT.nrrd"), os.path.basename(d), "head_neck")
-          for d in _find(root, "case_[0-9]*") if os.path.isdir(d)]
+  return [
+    Case(os.path.join(d, f"{os.path.basename(d)}_IMG_CT.nrrd"), os.path.basename(d), "head_neck")
+    for d in _find(root, "case_[0-9]*")
+    if os.path.isdir(d)
+  ]
 
 
 def segrap2023(root: str, config: Any) -> list[Case]:
@@ -259,6 +278,7 @@ def folder(root: str, config: Any) -> list[Case]:
   """Your own scans: every NIfTI under ROOT not matching config.exclude; mask_dir: TotalSegmentator outputs
   (KEY.nii.gz or KEY/ per scan, KEY = the file stem). Region: config.default_region ('auto': cut by masks)."""
   import fnmatch
+
   cases = []
   for p in _find(root, "*.nii*"):
     if any(fnmatch.fnmatch(os.path.basename(p), pat) for pat in config.exclude):
@@ -268,9 +288,20 @@ def folder(root: str, config: Any) -> list[Case]:
 
 
 RECIPES: dict[str, Callable[[str, Any], list[Case]]] = {
-    "totalsegmentator": totalsegmentator, "autopet": autopet, "abdomenct1k": abdomenct1k, "amos22": amos22,
-    "btcv": btcv, "chaos": chaos, "word": word, "segthor": segthor, "ct_rate": ct_rate, "structseg": structseg,
-    "instance2022": instance2022, "hanseg": hanseg, "segrap2023": segrap2023, "folder": folder,
+  "totalsegmentator": totalsegmentator,
+  "autopet": autopet,
+  "abdomenct1k": abdomenct1k,
+  "amos22": amos22,
+  "btcv": btcv,
+  "chaos": chaos,
+  "word": word,
+  "segthor": segthor,
+  "ct_rate": ct_rate,
+  "structseg": structseg,
+  "instance2022": instance2022,
+  "hanseg": hanseg,
+  "segrap2023": segrap2023,
+  "folder": folder,
 }
 
 
@@ -282,14 +313,23 @@ def build_manifest(config: Any) -> dict[str, dict[str, str]]:
     raise ValueError(f"--config.dataset={name!r}; choose one of {sorted(RECIPES)}")
   cases = RECIPES[name](config.input_dir, config)
   if not cases:
-    raise FileNotFoundError(f"{config.input_dir}: no {name} cases found in the published layout "
-                            f"({RECIPES[name].__doc__.splitlines()[0]}); see docs/datasets.md")
+    raise FileNotFoundError(
+      f"{config.input_dir}: no {name} cases found in the published layout "
+      f"({RECIPES[name].__doc__.splitlines()[0]}); see docs/datasets.md"
+    )
   mask_dir = config.mask_dir
   entries = {}
   for c in cases:
     mask = _ts_output(mask_dir, c.key or c.patient) or c.mask
-    entries[os.path.normpath(c.image)] = {"region": c.region, "mask": mask, "parent": "", "lesion": "",
-                                          "patient": c.patient, "split": "", "dataset": name}
+    entries[os.path.normpath(c.image)] = {
+      "region": c.region,
+      "mask": mask,
+      "parent": "",
+      "lesion": "",
+      "patient": c.patient,
+      "split": "",
+      "dataset": name,
+    }
   if config.output_dir:
     write_manifest(entries, os.path.join(config.output_dir, MANIFEST_NAME.format(dataset=name)), config)
   return entries

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -45,8 +45,20 @@ LUNG = ("lung_*",)
 LIVER_SPLEEN = ("liver", "spleen")
 HIP = ("hip_left", "hip_right")
 HEAD_TOP = ("skull", "brain")
-ABDOMEN_ANCHORS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas", "small_bowel",
-                   "duodenum", "colon", "urinary_bladder", "hip_left", "hip_right")
+ABDOMEN_ANCHORS = (
+  "liver",
+  "spleen",
+  "kidney_left",
+  "kidney_right",
+  "stomach",
+  "pancreas",
+  "small_bowel",
+  "duodenum",
+  "colon",
+  "urinary_bladder",
+  "hip_left",
+  "hip_right",
+)
 HEAD_NECK_ANCHORS = ("skull", "brain", "vertebrae_C*", "thyroid_gland", "common_carotid_artery_*")
 
 
@@ -60,7 +72,8 @@ class SplitConfig:
   head_neck_below_apex_mm: float = 30.0
   head_top_margin_mm: float = 10.0
   min_extent_mm: Mapping[str, float] = dataclasses.field(
-      default_factory=lambda: {"head_neck": 100.0, "chest": 120.0, "abdomen": 120.0})
+    default_factory=lambda: {"head_neck": 100.0, "chest": 120.0, "abdomen": 120.0}
+  )
   min_voxels_per_slice: int = 5  # a slice counts for a structure with at least this many voxels (label noise)
 
 
@@ -77,9 +90,11 @@ class SubVolume:
 def training_region_id(name: str, where: str = "") -> int:
   """Region id for a training volume: a real region only; 'unknown' (the null class) is refused."""
   if name not in preprocess.REGIONS:
-    raise ValueError(f"{where + ': ' if where else ''}region {name!r} is not one of {preprocess.REGIONS}; a training "
-                     "volume without a region would train the guidance null class (id "
-                     f"{preprocess.UNKNOWN_REGION}). Give it a region in the manifest or a TotalSegmentator mask.")
+    raise ValueError(
+      f"{where + ': ' if where else ''}region {name!r} is not one of {preprocess.REGIONS}; a training "
+      "volume without a region would train the guidance null class (id "
+      f"{preprocess.UNKNOWN_REGION}). Give it a region in the manifest or a TotalSegmentator mask."
+    )
   return preprocess.REGIONS.index(name)
 
 
@@ -109,8 +124,12 @@ class _Landmarks:
     self.z = slice_z(affine, labels.shape, self.axis)
     # voxels per label per slice: one bincount per slice (no full-volume copy of a 1 mm whole-body map)
     size = max(class_map, default=0) + 1
-    self.counts = np.stack([np.bincount(np.clip(np.take(labels, k, axis=self.axis), 0, size).ravel(),
-                                        minlength=size + 1)[:size] for k in range(labels.shape[self.axis])])
+    self.counts = np.stack(
+      [
+        np.bincount(np.clip(np.take(labels, k, axis=self.axis), 0, size).ravel(), minlength=size + 1)[:size]
+        for k in range(labels.shape[self.axis])
+      ]
+    )
     self.class_map, self.min_voxels = class_map, min_voxels
 
   def slices(self, patterns: Sequence[str]) -> np.ndarray:
@@ -130,8 +149,9 @@ class _Landmarks:
     return float(zk.min()), float(zk.max()), lo_k in edges, hi_k in edges
 
 
-def region_intervals(labels: np.ndarray, affine: np.ndarray, class_map: Mapping[int, str],
-                     cfg: SplitConfig = SplitConfig()) -> dict[str, tuple[float, float]]:
+def region_intervals(
+  labels: np.ndarray, affine: np.ndarray, class_map: Mapping[int, str], cfg: SplitConfig = SplitConfig()
+) -> dict[str, tuple[float, float]]:
   """Each region's wanted world-z interval (mm), unclipped; infinite where a landmark is missing/truncated."""
   lm = _Landmarks(labels, affine, class_map, cfg.min_voxels_per_slice)
   inf = float("inf")
@@ -169,8 +189,9 @@ def crop(volume: nifti.Volume, axis: int, start: int, stop: int) -> nifti.Volume
   return nifti.Volume(np.ascontiguousarray(volume.data[tuple(index)]), affine, volume.path)
 
 
-def split(image: nifti.Volume, labels: nifti.Volume, class_map: Mapping[int, str],
-          cfg: SplitConfig = SplitConfig()) -> list[SubVolume]:
+def split(
+  image: nifti.Volume, labels: nifti.Volume, class_map: Mapping[int, str], cfg: SplitConfig = SplitConfig()
+) -> list[SubVolume]:
   """Region sub-volumes of a scan from its TotalSegmentator label map (same grid); may be empty."""
   nifti.check_same_grid(image, labels)
   axis = superior_axis(image.affine)
@@ -188,13 +209,19 @@ def split(image: nifti.Volume, labels: nifti.Volume, class_map: Mapping[int, str
     extent = abs(z[stop - 1] - z[start]) + abs(z[1] - z[0] if len(z) > 1 else 0.0)
     if extent < cfg.min_extent_mm[region]:
       continue
-    out.append(SubVolume(region, crop(image, axis, start, stop), crop(labels, axis, start, stop), (start, stop),
-                         axis, interval))
+    out.append(
+      SubVolume(region, crop(image, axis, start, stop), crop(labels, axis, start, stop), (start, stop), axis, interval)
+    )
   return out
 
 
-def resolve(image: nifti.Volume, labels: nifti.Volume | None, region: str, class_map: Mapping[int, str],
-            cfg: SplitConfig = SplitConfig()) -> list[SubVolume]:
+def resolve(
+  image: nifti.Volume,
+  labels: nifti.Volume | None,
+  region: str,
+  class_map: Mapping[int, str],
+  cfg: SplitConfig = SplitConfig(),
+) -> list[SubVolume]:
   """The sub-volumes to store for one scan: its given region as is, or the landmark split.
 
   region in REGIONS: the dataset says what it is (a chest CT stays whole). region in AUTO: split by the
@@ -205,10 +232,14 @@ def resolve(image: nifti.Volume, labels: nifti.Volume | None, region: str, class
   if region not in AUTO:
     raise ValueError(f"{image.path}: region {region!r} is not one of {preprocess.REGIONS} or 'auto'")
   if labels is None:
-    raise ValueError(f"{image.path}: no region given and no TotalSegmentator mask to find one; set the region in the "
-                     f"manifest or --config.default_region (one of {preprocess.REGIONS}), or give a mask")
+    raise ValueError(
+      f"{image.path}: no region given and no TotalSegmentator mask to find one; set the region in the "
+      f"manifest or --config.default_region (one of {preprocess.REGIONS}), or give a mask"
+    )
   parts = split(image, labels, class_map, cfg)
   if not parts:
-    raise ValueError(f"{image.path}: its mask {labels.path} shows no head_neck / chest / abdomen part of at least "
-                     f"{dict(cfg.min_extent_mm)} mm; set the region in the manifest")
+    raise ValueError(
+      f"{image.path}: its mask {labels.path} shows no head_neck / chest / abdomen part of at least "
+      f"{dict(cfg.min_extent_mm)} mm; set the region in the manifest"
+    )
   return parts

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import urllib.request
 
-EXAMPLE_CT_URL = ("https://github.com/wasserth/TotalSegmentator/raw/master/"
-                  "tests/reference_files/example_ct.nii.gz")
+EXAMPLE_CT_URL = "https://github.com/wasserth/TotalSegmentator/raw/master/tests/reference_files/example_ct.nii.gz"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "meddiff_jax")
 
 

@@ -3,9 +3,10 @@ volume and label map, plus a small JSON record; on local disk or object storage 
 
 Why zarr through TensorStore: a training sample reads a 128^3 window of a ~100M-voxel volume. With
 64^3 chunks (CHUNK; one object each, compressed with prepare's `store_codec`, blosc lz4hc + byte shuffle by
-default), a window reads only the chunks it touches (<= 27), locally or from a bucket, so a pod's workers
-stream windows without a shared disk (benchmarks/RESULTS.md, "#12 store": patches/s and bytes read per window). TensorStore is already installed with Orbax and has
-native gcs / s3 drivers. Stores written before (one .npy per array, memory-mapped) are still read.
+default), a window reads only the chunks it touches (<= 27), locally or from a bucket, so a pod's workers stream
+windows without a shared disk (benchmarks/RESULTS.md, "#12 store": patches/s and bytes read per window). TensorStore
+is already installed with Orbax and has native gcs / s3 drivers. Stores written before (one .npy per array, memory-
+mapped) are still read.
 
 Whole levels (prepare's `whole_sizes`): per volume and patch size P, the 'whole' multi-level sample's inputs
 precomputed -- the HU volume resized to P^3 float32 and the label map resized to P^3, exactly as
@@ -35,13 +36,13 @@ FORMATS = ("zarr", "npy")
 # TensorStore reads the codec chain from each array's metadata, so stores written with any of these stay readable.
 # Per-codec CPU and bytes: benchmarks/store_codecs.py, benchmarks/RESULTS.md "#12 pipeline margin", store codec.
 CODECS: dict[str, list[dict[str, Any]]] = {
-    "zstd": [{"name": "zstd", "configuration": {"level": 3}}],  # the stores written before store_codec existed
-    "zstd1": [{"name": "zstd", "configuration": {"level": 1}}],
-    "blosc_lz4": [{"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}}],
-    "blosc_lz4hc": [{"name": "blosc", "configuration": {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle"}}],
-    "blosc_zstd": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}}],
-    "blosc_zstd1": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}}],
-    "none": [],  # uncompressed: the CPU bound (and the bucket-size worst case)
+  "zstd": [{"name": "zstd", "configuration": {"level": 3}}],  # the stores written before store_codec existed
+  "zstd1": [{"name": "zstd", "configuration": {"level": 1}}],
+  "blosc_lz4": [{"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}}],
+  "blosc_lz4hc": [{"name": "blosc", "configuration": {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle"}}],
+  "blosc_zstd": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 3, "shuffle": "shuffle"}}],
+  "blosc_zstd1": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}}],
+  "none": [],  # uncompressed: the CPU bound (and the bucket-size worst case)
 }
 DEFAULT_CODEC = "blosc_lz4hc"  # ~40-60% less CPU per window read than zstd at +6% bytes (RESULTS.md)
 
@@ -59,20 +60,27 @@ def _kvstore(path: str) -> Any:
   raise ValueError(f"{path}: prepared stores live on local disk, gs:// or s3:// (TensorStore drivers)")
 
 
-def _zarr_spec(path: str, shape: tuple[int, ...] | None = None, dtype: np.dtype | None = None,
-               chunk: int | None = None, codec: str = DEFAULT_CODEC) -> dict[str, Any]:
+def _zarr_spec(
+  path: str,
+  shape: tuple[int, ...] | None = None,
+  dtype: np.dtype | None = None,
+  chunk: int | None = None,
+  codec: str = DEFAULT_CODEC,
+) -> dict[str, Any]:
   spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _kvstore(path)}
   if shape is not None:
     spec["metadata"] = {
-        "shape": list(shape), "data_type": np.dtype(dtype).name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [min(chunk or CHUNK, s) for s in shape]}},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, *CODECS[codec]],
+      "shape": list(shape),
+      "data_type": np.dtype(dtype).name,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [min(chunk or CHUNK, s) for s in shape]}},
+      "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, *CODECS[codec]],
     }
   return spec
 
 
-def write_array(path: str, array: np.ndarray, fmt: str = "zarr", chunk: int | None = None,
-                codec: str = DEFAULT_CODEC) -> None:
+def write_array(
+  path: str, array: np.ndarray, fmt: str = "zarr", chunk: int | None = None, codec: str = DEFAULT_CODEC
+) -> None:
   if fmt == "npy":
     if not storage.is_local(path):
       raise ValueError(f"{path}: the .npy store is local only; use the zarr format for object storage")
@@ -85,9 +93,17 @@ def write_array(path: str, array: np.ndarray, fmt: str = "zarr", chunk: int | No
   arr.write(array).result()
 
 
-def write_record(output_dir: str, volume_id: str, hu: np.ndarray, labels: np.ndarray | None,
-                 meta: dict[str, Any], lowres: np.ndarray | None = None, fmt: str = "zarr",
-                 whole_sizes: tuple[int, ...] = (), codec: str = DEFAULT_CODEC) -> dict[str, Any]:
+def write_record(
+  output_dir: str,
+  volume_id: str,
+  hu: np.ndarray,
+  labels: np.ndarray | None,
+  meta: dict[str, Any],
+  lowres: np.ndarray | None = None,
+  fmt: str = "zarr",
+  whole_sizes: tuple[int, ...] = (),
+  codec: str = DEFAULT_CODEC,
+) -> dict[str, Any]:
   """Write the arrays (and the whole levels at `whole_sizes`) then the JSON record (a crash never leaves a
   record without data). `codec`: a CODECS name, for zarr arrays."""
   if fmt not in FORMATS:
@@ -109,8 +125,15 @@ def write_record(output_dir: str, volume_id: str, hu: np.ndarray, labels: np.nda
   return record
 
 
-def write_whole_levels(output_dir: str, record: dict[str, Any], hu: np.ndarray, labels: np.ndarray | None,
-                       sizes: tuple[int, ...], fmt: str, codec: str = DEFAULT_CODEC) -> None:
+def write_whole_levels(
+  output_dir: str,
+  record: dict[str, Any],
+  hu: np.ndarray,
+  labels: np.ndarray | None,
+  sizes: tuple[int, ...],
+  fmt: str,
+  codec: str = DEFAULT_CODEC,
+) -> None:
   """Write the whole levels of `sizes` missing from `record` (updated in place, not saved). `hu` / `labels`:
   the arrays as stored (int16 HU, uint8 / int16 labels), so the level equals what make_sample computes."""
   suffix = ".zarr" if fmt == "zarr" else ".npy"
@@ -118,12 +141,17 @@ def write_whole_levels(output_dir: str, record: dict[str, Any], hu: np.ndarray, 
   for size in sorted({int(s) for s in sizes} - {int(k) for k in levels}):
     target = (size,) * 3
     entry = {"image": f"{record['id']}.whole{size}.image{suffix}"}
-    write_array(storage.join(output_dir, entry["image"]), multilevel.resize(hu, target, order=1, dtype=np.float32), fmt,
-                codec=codec)
+    write_array(
+      storage.join(output_dir, entry["image"]),
+      multilevel.resize(hu, target, order=1, dtype=np.float32),
+      fmt,
+      codec=codec,
+    )
     if labels is not None:
       entry["labels"] = f"{record['id']}.whole{size}.labels{suffix}"
-      write_array(storage.join(output_dir, entry["labels"]), multilevel.resize(labels, target, order=0), fmt,
-                  codec=codec)
+      write_array(
+        storage.join(output_dir, entry["labels"]), multilevel.resize(labels, target, order=0), fmt, codec=codec
+      )
     levels[str(size)] = entry
   if levels:
     record["whole"] = levels
@@ -138,8 +166,9 @@ def add_whole_levels(output_dir: str, sizes: tuple[int, ...], codec: str = DEFAU
       continue
     hu = np.asarray(open_array(storage.join(output_dir, record["image"])))
     labels = np.asarray(open_array(storage.join(output_dir, record["labels"]))) if record.get("labels") else None
-    write_whole_levels(output_dir, record, hu, labels, sizes, "npy" if record["image"].endswith(".npy") else "zarr",
-                       codec)
+    write_whole_levels(
+      output_dir, record, hu, labels, sizes, "npy" if record["image"].endswith(".npy") else "zarr", codec
+    )
     storage.write_text(record_path(output_dir, record["id"]), json.dumps(record, indent=1))
     updated += 1
   return updated

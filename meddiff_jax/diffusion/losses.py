@@ -38,9 +38,17 @@ def per_sample_loss(model_output: jax.Array, target: jax.Array, loss_type: str =
   return jnp.mean(err, axis=tuple(range(1, err.ndim)))
 
 
-def diffusion_loss(schedule: schedules.Schedule, model_output: jax.Array, x0: jax.Array, noise: jax.Array,
-                   t: jax.Array, *, prediction_type: str = "epsilon", loss_type: str = "l1",
-                   min_snr_gamma: float | None = None) -> tuple[jax.Array, jax.Array]:
+def diffusion_loss(
+  schedule: schedules.Schedule,
+  model_output: jax.Array,
+  x0: jax.Array,
+  noise: jax.Array,
+  t: jax.Array,
+  *,
+  prediction_type: str = "epsilon",
+  loss_type: str = "l1",
+  min_snr_gamma: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Returns (scalar loss, per-sample loss before weighting)."""
   target = schedules.training_target(schedule, prediction_type, x0, noise, t)
   per_sample = per_sample_loss(model_output, target, loss_type)

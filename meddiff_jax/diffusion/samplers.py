@@ -8,7 +8,7 @@ so changing them does not recompile. Both steps take (t, t_prev) explicitly, wit
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +41,18 @@ def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
   return np.append(timesteps[1:], -1).astype(np.int32)
 
 
-def ddpm_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
-              t_prev: jax.Array, noise: jax.Array, *, prediction_type: str = "epsilon", clip_x0: bool = True,
-              variance_type: str = "fixed_small") -> jax.Array:
+def ddpm_step(
+  schedule: schedules.Schedule,
+  model_output: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  t_prev: jax.Array,
+  noise: jax.Array,
+  *,
+  prediction_type: str = "epsilon",
+  clip_x0: bool = True,
+  variance_type: str = "fixed_small",
+) -> jax.Array:
   """Ancestral step x_t -> x_{t_prev} from the posterior q(x_{t_prev} | x_t, x0_hat)."""
   nd = x_t.ndim
   log_t = schedules.log_alpha_bar(schedule, t, nd)
@@ -54,7 +63,8 @@ def ddpm_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Ar
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
   mean = (jnp.exp(0.5 * log_prev) * beta / one_minus_t) * x0 + (
-      jnp.exp(0.5 * (log_t - log_prev)) * one_minus_prev / one_minus_t) * x_t
+    jnp.exp(0.5 * (log_t - log_prev)) * one_minus_prev / one_minus_t
+  ) * x_t
   if variance_type == "fixed_small":
     var = jnp.maximum(beta * one_minus_prev / one_minus_t, 1e-20)
   elif variance_type == "fixed_large":
@@ -65,9 +75,18 @@ def ddpm_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Ar
   return mean + jnp.where(t_prev >= 0, jnp.sqrt(var), 0.0) * noise
 
 
-def ddim_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
-              t_prev: jax.Array, noise: jax.Array, *, eta: float | jax.Array = 0.0,
-              prediction_type: str = "epsilon", clip_x0: bool = True) -> jax.Array:
+def ddim_step(
+  schedule: schedules.Schedule,
+  model_output: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  t_prev: jax.Array,
+  noise: jax.Array,
+  *,
+  eta: float | jax.Array = 0.0,
+  prediction_type: str = "epsilon",
+  clip_x0: bool = True,
+) -> jax.Array:
   """DDIM (Song et al. 2021, eq. 12); eta=0 deterministic, eta=1 ~ DDPM."""
   nd = x_t.ndim
   log_t = schedules.log_alpha_bar(schedule, t, nd)
@@ -78,7 +97,7 @@ def ddim_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Ar
     x0 = jnp.clip(x0, -1.0, 1.0)
     eps = (x_t - jnp.exp(0.5 * log_t) * x0) / jnp.sqrt(one_minus_t)
   sigma = eta * jnp.sqrt(one_minus_prev / one_minus_t * -jnp.expm1(log_t - log_prev))
-  direction = jnp.sqrt(jnp.maximum(one_minus_prev - sigma ** 2, 0.0)) * eps
+  direction = jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
   return jnp.exp(0.5 * log_prev) * x0 + direction + sigma * noise
 
 
@@ -100,8 +119,9 @@ def partial_timesteps(t_start: int, num_steps: int) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, t_start, n)).astype(np.int32))[::-1].copy()
 
 
-def noise_matched_start(schedule: schedules.Schedule, y: jax.Array, t: jax.Array, noise: jax.Array,
-                        input_sigma: float | jax.Array = 0.0) -> jax.Array:
+def noise_matched_start(
+  schedule: schedules.Schedule, y: jax.Array, t: jax.Array, noise: jax.Array, input_sigma: float | jax.Array = 0.0
+) -> jax.Array:
   """x_t from an observation y = x0 + sigma_y n that already carries Gaussian noise of std sigma_y.
 
   x_t = sqrt(abar_t) y + sqrt(max(0, 1 - abar_t - abar_t sigma_y^2)) z has exactly the noise level of
@@ -119,8 +139,14 @@ def _extended_grid(ts: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.concatenate([ts[:1], ts]), jnp.append(ts, -1).astype(jnp.int32)
 
 
-def _partial_start(schedule: schedules.Schedule, ts: jax.Array, x_init: jax.Array, t_start: jax.Array | None,
-                   rng: jax.Array, input_sigma: float | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _partial_start(
+  schedule: schedules.Schedule,
+  ts: jax.Array,
+  x_init: jax.Array,
+  t_start: jax.Array | None,
+  rng: jax.Array,
+  input_sigma: float | jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(first step index into the extended grid, first timestep, x at it). With t_start, x_init is noised to
   exactly t_start counting its own noise; grid points above t_start are skipped, and off the grid one extra
   step t_start -> ts[above] runs first. t_start < 0: nothing to do."""
@@ -131,18 +157,30 @@ def _partial_start(schedule: schedules.Schedule, ts: jax.Array, x_init: jax.Arra
   above = start_index(ts, t_first)
   on_grid = (above < ts.shape[0]) & (ts[jnp.minimum(above, ts.shape[0] - 1)] == t_first)
   first = above + on_grid.astype(jnp.int32)
-  noised = noise_matched_start(schedule, x_init, jnp.full((n,), t_first),
-                               jax.random.normal(rng, x_init.shape, x_init.dtype), input_sigma)
+  noised = noise_matched_start(
+    schedule, x_init, jnp.full((n,), t_first), jax.random.normal(rng, x_init.shape, x_init.dtype), input_sigma
+  )
   x = jnp.where(t_first >= 0, noised, x_init)
   first = jnp.where(t_first >= 0, first, ts.shape[0] + 1)
   return first, t_first, x
 
 
-def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array,
-           x_init: jax.Array, *, t_start: jax.Array | None = None, method: str = "ddim",
-           eta: float | jax.Array = 0.0, prediction_type: str = "epsilon", clip_x0: bool = True,
-           variance_type: str = "fixed_small", progress: Callable[[jax.Array], None] | None = None,
-           input_sigma: float | jax.Array = 0.0) -> jax.Array:
+def sample(
+  denoise_fn: DenoiseFn,
+  schedule: schedules.Schedule,
+  timesteps: np.ndarray,
+  rng: jax.Array,
+  x_init: jax.Array,
+  *,
+  t_start: jax.Array | None = None,
+  method: str = "ddim",
+  eta: float | jax.Array = 0.0,
+  prediction_type: str = "epsilon",
+  clip_x0: bool = True,
+  variance_type: str = "fixed_small",
+  progress: Callable[[jax.Array], None] | None = None,
+  input_sigma: float | jax.Array = 0.0,
+) -> jax.Array:
   """Run the reverse process.
 
   Args:
@@ -163,9 +201,18 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
     x_0 estimate, same shape as x_init.
   """
   if method == "dpmpp_2m":
-    return sample_dpmpp_2m(denoise_fn, schedule, timesteps, rng, x_init, t_start=t_start,
-                           prediction_type=prediction_type, clip_x0=clip_x0, progress=progress,
-                           input_sigma=input_sigma)
+    return sample_dpmpp_2m(
+      denoise_fn,
+      schedule,
+      timesteps,
+      rng,
+      x_init,
+      t_start=t_start,
+      prediction_type=prediction_type,
+      clip_x0=clip_x0,
+      progress=progress,
+      input_sigma=input_sigma,
+    )
   if method not in ("ddim", "ddpm"):
     raise ValueError(f"sampler method {method!r}; choose one of {METHODS}")
   ts = jnp.asarray(timesteps, jnp.int32)
@@ -186,8 +233,17 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.nd
     if method == "ddim":
       x = ddim_step(schedule, out, x, t, t_prev, noise, eta=eta, prediction_type=prediction_type, clip_x0=clip_x0)
     else:
-      x = ddpm_step(schedule, out, x, t, t_prev, noise, prediction_type=prediction_type, clip_x0=clip_x0,
-                    variance_type=variance_type)
+      x = ddpm_step(
+        schedule,
+        out,
+        x,
+        t,
+        t_prev,
+        noise,
+        prediction_type=prediction_type,
+        clip_x0=clip_x0,
+        variance_type=variance_type,
+      )
     if progress is not None:
       jax.debug.callback(progress, i)
     return x, rng
@@ -210,8 +266,9 @@ def null_condition(cond: dict[str, jax.Array], num_regions: int) -> dict[str, ja
   return null
 
 
-def drop_organ_structures(cond: dict[str, jax.Array], drop: jax.Array,
-                          drop_body: jax.Array | None = None) -> dict[str, jax.Array]:
+def drop_organ_structures(
+  cond: dict[str, jax.Array], drop: jax.Array, drop_body: jax.Array | None = None
+) -> dict[str, jax.Array]:
   """Zero the organ channels of `structures` (all but the last, the body mask) where `drop` is True, and the
   body channel too where `drop_body` is also True; the region is kept.
 
@@ -230,8 +287,9 @@ def drop_organ_structures(cond: dict[str, jax.Array], drop: jax.Array,
   return {**cond, conditions.STRUCTURES: jnp.concatenate([organs, body], axis=-1)}
 
 
-def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Array], num_regions: int,
-                      guidance_scale: jax.Array | None) -> DenoiseFn:
+def guided_denoise_fn(
+  apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Array], num_regions: int, guidance_scale: jax.Array | None
+) -> DenoiseFn:
   """Classifier-free guidance: out_u + s * (out_c - out_u), both halves in one batched call.
 
   guidance_scale is a traced array; None disables guidance (single conditional pass).
@@ -248,7 +306,6 @@ def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Ar
   return fn
 
 
-
 # ------------------------------------------------------------------------------------------------
 # DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2; diffusers' DPMSolverMultistepScheduler
 # with algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero").
@@ -257,9 +314,16 @@ def guided_denoise_fn(apply_fn: Callable[..., jax.Array], cond: dict[str, jax.Ar
 # with D = x0_s (first order, == DDIM) or the multistep D = x0_s + (h / (2 h_prev)) (x0_s - x0_prev).
 
 
-def dpmpp_2m_update(x_s: jax.Array, x0: jax.Array, x0_prev: jax.Array, alpha_t: jax.Array,
-                    sigma_ratio: jax.Array, h: jax.Array, h_prev: jax.Array,
-                    second_order: jax.Array | bool) -> jax.Array:
+def dpmpp_2m_update(
+  x_s: jax.Array,
+  x0: jax.Array,
+  x0_prev: jax.Array,
+  alpha_t: jax.Array,
+  sigma_ratio: jax.Array,
+  h: jax.Array,
+  h_prev: jax.Array,
+  second_order: jax.Array | bool,
+) -> jax.Array:
   """One DPM-Solver++(2M) update from s to t in terms of the schedule quantities.
 
   sigma_ratio = sigma_t / sigma_s (0 when t is the clean image), h = lambda_t - lambda_s (inf then),
@@ -276,9 +340,19 @@ def _lambda(log_abar: jax.Array) -> jax.Array:
   return 0.5 * (log_abar - jnp.log(-jnp.expm1(log_abar)))
 
 
-def dpmpp_2m_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: jax.Array, t: jax.Array,
-                  t_prev: jax.Array, x0_prev: jax.Array, h_prev: jax.Array, second_order: jax.Array | bool, *,
-                  prediction_type: str = "epsilon", clip_x0: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+def dpmpp_2m_step(
+  schedule: schedules.Schedule,
+  model_output: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  t_prev: jax.Array,
+  x0_prev: jax.Array,
+  h_prev: jax.Array,
+  second_order: jax.Array | bool,
+  *,
+  prediction_type: str = "epsilon",
+  clip_x0: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x_t -> x_{t_prev}; returns (x_{t_prev}, x0 prediction at t, h) to carry into the next step.
 
   The step onto the clean image (t_prev = -1, sigma = 0) is always first order: there h is infinite and
@@ -295,15 +369,32 @@ def dpmpp_2m_step(schedule: schedules.Schedule, model_output: jax.Array, x_t: ja
   lam_t = jnp.where(final, jnp.inf, _lambda(jnp.where(final, log_t, log_prev)))
   h = lam_t - lam_s
   sigma_ratio = jnp.where(final, 0.0, jnp.sqrt(jnp.expm1(log_prev) / jnp.expm1(log_t)))
-  x = dpmpp_2m_update(x_t, x0, x0_prev, jnp.exp(0.5 * log_prev), sigma_ratio, h, h_prev,
-                      jnp.logical_and(second_order, jnp.logical_not(final)))
+  x = dpmpp_2m_update(
+    x_t,
+    x0,
+    x0_prev,
+    jnp.exp(0.5 * log_prev),
+    sigma_ratio,
+    h,
+    h_prev,
+    jnp.logical_and(second_order, jnp.logical_not(final)),
+  )
   return x, x0, h
 
 
-def sample_dpmpp_2m(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array,
-                    x_init: jax.Array, *, t_start: jax.Array | None = None, prediction_type: str = "epsilon",
-                    clip_x0: bool = True, progress: Callable[[jax.Array], None] | None = None,
-                    input_sigma: float | jax.Array = 0.0) -> jax.Array:
+def sample_dpmpp_2m(
+  denoise_fn: DenoiseFn,
+  schedule: schedules.Schedule,
+  timesteps: np.ndarray,
+  rng: jax.Array,
+  x_init: jax.Array,
+  *,
+  t_start: jax.Array | None = None,
+  prediction_type: str = "epsilon",
+  clip_x0: bool = True,
+  progress: Callable[[jax.Array], None] | None = None,
+  input_sigma: float | jax.Array = 0.0,
+) -> jax.Array:
   """DPM-Solver++(2M) reverse process; same contract as `sample` (deterministic after the start noise),
   including the partial start at exactly t_start with the input's own noise counted (`input_sigma`).
 
@@ -322,8 +413,9 @@ def sample_dpmpp_2m(denoise_fn: DenoiseFn, schedule: schedules.Schedule, timeste
     t = jnp.full((n,), jnp.where(e == first, t_first, ts_ext[e]))
     t_prev = jnp.full((n,), prev_ext[e])
     out = denoise_fn(x, t)
-    x, x0, h = dpmpp_2m_step(schedule, out, x, t, t_prev, x0_prev, h_prev, e > first,
-                             prediction_type=prediction_type, clip_x0=clip_x0)
+    x, x0, h = dpmpp_2m_step(
+      schedule, out, x, t, t_prev, x0_prev, h_prev, e > first, prediction_type=prediction_type, clip_x0=clip_x0
+    )
     if progress is not None:
       jax.debug.callback(progress, jnp.maximum(e - 1, 0))
     return x, x0.astype(x.dtype), h.astype(jnp.float32)

@@ -28,7 +28,7 @@ def make_betas(name: str, num_timesteps: int = 1000) -> np.ndarray:
     scale = 1000 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
   if name == "scaled_linear":
-    return np.linspace(1e-4 ** 0.5, 0.02 ** 0.5, num_timesteps, dtype=np.float64) ** 2
+    return np.linspace(1e-4**0.5, 0.02**0.5, num_timesteps, dtype=np.float64) ** 2
   if name == "cosine":
     s = 0.008
     f = lambda t: math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
@@ -85,18 +85,17 @@ def one_minus_alpha_bar(schedule: Schedule, t: jax.Array, ndim: int) -> jax.Arra
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-  return (jnp.sqrt(alpha_bar(schedule, t, x0.ndim)) * x0
-          + jnp.sqrt(one_minus_alpha_bar(schedule, t, x0.ndim)) * noise)
+  return jnp.sqrt(alpha_bar(schedule, t, x0.ndim)) * x0 + jnp.sqrt(one_minus_alpha_bar(schedule, t, x0.ndim)) * noise
 
 
 def velocity(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022)."""
-  return (jnp.sqrt(alpha_bar(schedule, t, x0.ndim)) * noise
-          - jnp.sqrt(one_minus_alpha_bar(schedule, t, x0.ndim)) * x0)
+  return jnp.sqrt(alpha_bar(schedule, t, x0.ndim)) * noise - jnp.sqrt(one_minus_alpha_bar(schedule, t, x0.ndim)) * x0
 
 
-def training_target(schedule: Schedule, prediction_type: str, x0: jax.Array, noise: jax.Array,
-                    t: jax.Array) -> jax.Array:
+def training_target(
+  schedule: Schedule, prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array
+) -> jax.Array:
   if prediction_type == "epsilon":
     return noise
   if prediction_type == "x0":
@@ -106,8 +105,9 @@ def training_target(schedule: Schedule, prediction_type: str, x0: jax.Array, noi
   raise ValueError(f"prediction_type {prediction_type!r} not in {PREDICTION_TYPES}")
 
 
-def split_prediction(schedule: Schedule, prediction_type: str, model_output: jax.Array, x_t: jax.Array,
-                     t: jax.Array) -> tuple[jax.Array, jax.Array]:
+def split_prediction(
+  schedule: Schedule, prediction_type: str, model_output: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """(x0_hat, eps_hat) from any model parameterisation."""
   sa = jnp.sqrt(alpha_bar(schedule, t, x_t.ndim))
   s1a = jnp.sqrt(one_minus_alpha_bar(schedule, t, x_t.ndim))

@@ -35,5 +35,5 @@ class DiffusionSpec:
       sections.fraction(key + name, getattr(self, name))
 
   @classmethod
-  def from_config(cls, section: Any) -> "DiffusionSpec":
+  def from_config(cls, section: Any) -> DiffusionSpec:
     return sections.from_config(cls, section, "config.diffusion")

@@ -38,12 +38,14 @@ def noise_sigma(x: np.ndarray) -> float:
   return float(np.median(np.abs(d - np.median(d))) / 0.6745 / np.sqrt(2.0))
 
 
-def non_local_means(hu: np.ndarray, window: tuple[float, float], h_factor: float = 0.8, patch_size: int = 3,
-                    patch_distance: int = 3) -> np.ndarray:
+def non_local_means(
+  hu: np.ndarray, window: tuple[float, float], h_factor: float = 0.8, patch_size: int = 3, patch_distance: int = 3
+) -> np.ndarray:
   from skimage.restoration import denoise_nl_means
 
   x = _to_unit(hu, window)
   sigma = noise_sigma(x)
-  out = denoise_nl_means(x, h=h_factor * sigma, sigma=sigma, patch_size=patch_size, patch_distance=patch_distance,
-                         fast_mode=True)
+  out = denoise_nl_means(
+    x, h=h_factor * sigma, sigma=sigma, patch_size=patch_size, patch_distance=patch_distance, fast_mode=True
+  )
   return _from_unit(out, window)

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-MISSING = ("no feature extractor configured: set --config.extractor=DIR (an exported 3D network: extractor.json + "
-           "params.msgpack, e.g. MedicalNet converted with meddiff_jax.evaluation.extractors.save_extractor) or "
-           "--config.extractor=features:DIR (your own DIR/<case_id>.npy features)")
+MISSING = (
+  "no feature extractor configured: set --config.extractor=DIR (an exported 3D network: extractor.json + "
+  "params.msgpack, e.g. MedicalNet converted with meddiff_jax.evaluation.extractors.save_extractor) or "
+  "--config.extractor=features:DIR (your own DIR/<case_id>.npy features)"
+)
 
 
 def feature_net(widths: Sequence[int]):
@@ -49,8 +52,13 @@ def feature_net(widths: Sequence[int]):
   return FeatureNet3D(tuple(int(w) for w in widths))
 
 
-def save_extractor(directory: str, widths: Sequence[int], params: Any, hu_window: tuple[float, float] = (-1000., 1000.),
-                   input_size: Sequence[int] = (32, 32, 32)) -> str:
+def save_extractor(
+  directory: str,
+  widths: Sequence[int],
+  params: Any,
+  hu_window: tuple[float, float] = (-1000.0, 1000.0),
+  input_size: Sequence[int] = (32, 32, 32),
+) -> str:
   import flax.serialization
   import jax
 
@@ -62,8 +70,9 @@ def save_extractor(directory: str, widths: Sequence[int], params: Any, hu_window
   return directory
 
 
-def init_random_extractor(directory: str, widths: Sequence[int] = (4, 8), seed: int = 0,
-                          input_size: Sequence[int] = (16, 16, 16)) -> str:
+def init_random_extractor(
+  directory: str, widths: Sequence[int] = (4, 8), seed: int = 0, input_size: Sequence[int] = (16, 16, 16)
+) -> str:
   """A randomly initialised FeatureNet3D saved as an extractor directory (plumbing tests only)."""
   import jax
   import jax.numpy as jnp
@@ -81,10 +90,11 @@ class Extractor:
     if not spec:
       raise FileNotFoundError(MISSING)
     if spec.startswith("features:"):
-      self.features_dir = spec[len("features:"):]
+      self.features_dir = spec[len("features:") :]
       if not os.path.isdir(self.features_dir):
-        raise FileNotFoundError(f"--config.extractor={spec!r}: {self.features_dir} is not a directory of "
-                                "<case_id>.npy feature files")
+        raise FileNotFoundError(
+          f"--config.extractor={spec!r}: {self.features_dir} is not a directory of <case_id>.npy feature files"
+        )
       self._fn: Callable | None = None
       return
     self.features_dir = ""
@@ -147,8 +157,10 @@ class Extractor:
     if self.features_dir:
       path = os.path.join(self.features_dir, f"{case_id}{'_generated' if generated else ''}.npy")
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: feature file missing (features:DIR expects one <case_id>.npy per real "
-                                "volume and <case_id>_generated.npy per generated one)")
+        raise FileNotFoundError(
+          f"{path}: feature file missing (features:DIR expects one <case_id>.npy per real "
+          "volume and <case_id>_generated.npy per generated one)"
+        )
       f = np.load(path).astype(np.float64).ravel()
       if not np.isfinite(f).all():
         raise ValueError(f"{path}: features contain NaN/inf")

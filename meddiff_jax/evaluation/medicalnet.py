@@ -15,18 +15,26 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-DEPTHS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+DEPTHS = {
+  10: ("basic", (1, 1, 1, 1)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+}
 STAGES = ((64, 1, 1), (128, 2, 1), (256, 1, 2), (512, 1, 4))  # (planes, stride, dilation)
 
 
 def _strip(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in state.items()
-          if not k.endswith("num_batches_tracked")}
+  return {
+    k[len("module.") :] if k.startswith("module.") else k: np.asarray(v)
+    for k, v in state.items()
+    if not k.endswith("num_batches_tracked")
+  }
 
 
 def forward(state: Mapping[str, np.ndarray], x, depth: int = 10):
@@ -39,8 +47,9 @@ def forward(state: Mapping[str, np.ndarray], x, depth: int = 10):
 
   def conv(h, name, stride=1, pad=0, dil=1):
     k = jnp.asarray(w[f"{name}.weight"]).transpose(2, 3, 4, 1, 0)
-    return jax.lax.conv_general_dilated(h, k, (stride,) * 3, [(pad, pad)] * 3, rhs_dilation=(dil,) * 3,
-                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return jax.lax.conv_general_dilated(
+      h, k, (stride,) * 3, [(pad, pad)] * 3, rhs_dilation=(dil,) * 3, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
 
   def bn(h, name):
     scale = w[f"{name}.weight"] / np.sqrt(w[f"{name}.running_var"] + 1e-5)
@@ -48,9 +57,10 @@ def forward(state: Mapping[str, np.ndarray], x, depth: int = 10):
 
   relu = jax.nn.relu
   h = relu(bn(conv(x, "conv1", 2, 3), "bn1"))
-  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 3, 3, 3, 1), (1, 2, 2, 2, 1),
-                            [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)])
-  for s, ((planes, stride, dil), n) in enumerate(zip(STAGES, layers)):
+  h = jax.lax.reduce_window(
+    h, -jnp.inf, jax.lax.max, (1, 3, 3, 3, 1), (1, 2, 2, 2, 1), [(0, 0), (1, 1), (1, 1), (1, 1), (0, 0)]
+  )
+  for s, ((_planes, stride, dil), n) in enumerate(zip(STAGES, layers)):
     for b in range(n):
       p = f"layer{s + 1}.{b}"
       st = stride if b == 0 else 1
@@ -80,7 +90,7 @@ def random_state_dict(depth: int = 10, seed: int = 0, shortcut: str = "B") -> di
   sd: dict[str, np.ndarray] = {}
 
   def conv(name, o, i, k):
-    sd[f"module.{name}.weight"] = (rng.normal(size=(o, i, k, k, k)) * np.sqrt(2.0 / (i * k ** 3))).astype(np.float32)
+    sd[f"module.{name}.weight"] = (rng.normal(size=(o, i, k, k, k)) * np.sqrt(2.0 / (i * k**3))).astype(np.float32)
 
   def bn(name, c):
     sd[f"module.{name}.weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
@@ -107,14 +117,27 @@ def random_state_dict(depth: int = 10, seed: int = 0, shortcut: str = "B") -> di
   return sd
 
 
-def save_extractor(directory: str, state: Mapping[str, np.ndarray], depth: int,
-                   hu_window: tuple[float, float] = (-1000.0, 1000.0), input_size: Sequence[int] = (64, 64, 64),
-                   normalize: str = "zscore") -> str:
+def save_extractor(
+  directory: str,
+  state: Mapping[str, np.ndarray],
+  depth: int,
+  hu_window: tuple[float, float] = (-1000.0, 1000.0),
+  input_size: Sequence[int] = (64, 64, 64),
+  normalize: str = "zscore",
+) -> str:
   """An extractor directory for `--config.extractor=DIR` (extractor.json + weights.npz)."""
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "extractor.json"), "w") as f:
-    json.dump({"arch": "medicalnet_resnet", "depth": int(depth), "hu_window": list(hu_window),
-               "input_size": list(input_size), "normalize": normalize}, f)
+    json.dump(
+      {
+        "arch": "medicalnet_resnet",
+        "depth": int(depth),
+        "hu_window": list(hu_window),
+        "input_size": list(input_size),
+        "normalize": normalize,
+      },
+      f,
+    )
   np.savez(os.path.join(directory, "weights.npz"), **{k: np.asarray(v) for k, v in state.items()})
   return directory
 
@@ -124,8 +147,9 @@ def convert_checkpoint(pth: str, directory: str, depth: int, **kwargs) -> str:
   try:
     import torch
   except ImportError:
-    raise ImportError("converting a MedicalNet .pth needs torch (pip install torch); the converted directory "
-                      "then runs without it") from None
+    raise ImportError(
+      "converting a MedicalNet .pth needs torch (pip install torch); the converted directory then runs without it"
+    ) from None
   ckpt = torch.load(pth, map_location="cpu", weights_only=True)
   state = ckpt.get("state_dict", ckpt)
   return save_extractor(directory, {k: v.numpy() for k, v in state.items()}, depth, **kwargs)

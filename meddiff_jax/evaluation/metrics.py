@@ -16,12 +16,12 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 def psnr(reference: np.ndarray, image: np.ndarray, data_range: float) -> float:
   mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(image, np.float64)) ** 2))
-  return float("inf") if mse == 0 else 10.0 * np.log10(data_range ** 2 / mse)
+  return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
 
 
 def _ssim_terms(x: np.ndarray, y: np.ndarray, data_range: float, win_size: int):
   ndim = x.ndim
-  n = win_size ** ndim
+  n = win_size**ndim
   cov_norm = n / (n - 1)  # sample covariance, as skimage's default
   mean = lambda a: ndimage.uniform_filter(a, size=win_size, mode="reflect")
   ux, uy = mean(x), mean(y)
@@ -29,7 +29,7 @@ def _ssim_terms(x: np.ndarray, y: np.ndarray, data_range: float, win_size: int):
   vy = cov_norm * (mean(y * y) - uy * uy)
   vxy = cov_norm * (mean(x * y) - ux * uy)
   c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-  luminance = (2 * ux * uy + c1) / (ux ** 2 + uy ** 2 + c1)
+  luminance = (2 * ux * uy + c1) / (ux**2 + uy**2 + c1)
   contrast_structure = (2 * vxy + c2) / (vx + vy + c2)
   pad = (win_size - 1) // 2
   interior = tuple(slice(pad, s - pad) for s in x.shape)
@@ -47,8 +47,13 @@ def ssim(reference: np.ndarray, image: np.ndarray, data_range: float, win_size: 
   return float(np.mean(lum * cs))
 
 
-def ms_ssim(reference: np.ndarray, image: np.ndarray, data_range: float, win_size: int = 7,
-            weights: tuple[float, ...] = MS_SSIM_WEIGHTS) -> float:
+def ms_ssim(
+  reference: np.ndarray,
+  image: np.ndarray,
+  data_range: float,
+  win_size: int = 7,
+  weights: tuple[float, ...] = MS_SSIM_WEIGHTS,
+) -> float:
   """Multi-scale SSIM: contrast-structure at every scale, luminance at the coarsest.
 
   Needs every side >= win_size * 2^(scales-1); fewer scales (renormalised weights) are used otherwise.
@@ -64,10 +69,12 @@ def ms_ssim(reference: np.ndarray, image: np.ndarray, data_range: float, win_siz
     values.append(np.mean(lum * cs) if last else np.mean(cs))
     if not last:
       crop = tuple(slice(0, s - s % 2) for s in x.shape)
-      pool = lambda a: a[crop].reshape([d for s in a[crop].shape for d in (s // 2, 2)]).mean(axis=tuple(range(1, 2 * a.ndim, 2)))
+      pool = lambda a: (
+        a[crop].reshape([d for s in a[crop].shape for d in (s // 2, 2)]).mean(axis=tuple(range(1, 2 * a.ndim, 2)))
+      )
       x, y = pool(x), pool(y)
   values = np.maximum(np.asarray(values), 0.0)
-  return float(np.prod(values ** weights))
+  return float(np.prod(values**weights))
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -115,8 +122,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
   return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
 
 
-def slice_scores(amap: np.ndarray, body: np.ndarray | None = None, axis: int = 2,
-                 top_fraction: float = 0.01) -> np.ndarray:
+def slice_scores(
+  amap: np.ndarray, body: np.ndarray | None = None, axis: int = 2, top_fraction: float = 0.01
+) -> np.ndarray:
   """Per-2D-slice anomaly scores (BMAD scores slices): the mean of the top `top_fraction` of the map inside
   the body in each slice along `axis` (0 for a slice without body voxels)."""
   amap = np.moveaxis(np.asarray(amap, np.float64), axis, 0)
@@ -130,8 +138,13 @@ def slice_scores(amap: np.ndarray, body: np.ndarray | None = None, axis: int = 2
   return out
 
 
-def anomaly_aurocs(amaps: list[np.ndarray], truths: list[np.ndarray], bodies: list[np.ndarray] | None = None,
-                   axis: int = 2, top_fraction: float = 0.01) -> dict[str, float]:
+def anomaly_aurocs(
+  amaps: list[np.ndarray],
+  truths: list[np.ndarray],
+  bodies: list[np.ndarray] | None = None,
+  axis: int = 2,
+  top_fraction: float = 0.01,
+) -> dict[str, float]:
   """Slice-level and pixel-level AUROC over a set of volumes (BMAD's two levels; the volume score is
   `volume_score`). A slice is positive when it holds a lesion voxel; pixels are scored inside the body.
   A level whose labels are all one class is reported as NaN."""

@@ -30,8 +30,9 @@ def orthogonal_planes(volume: np.ndarray) -> list[np.ndarray]:
   return [axial, coronal, sagittal]
 
 
-def slice_montage(volumes: list[np.ndarray], lo: float = -1.0, hi: float = 1.0, tile: int = 128,
-                  gap: int = 2) -> np.ndarray:
+def slice_montage(
+  volumes: list[np.ndarray], lo: float = -1.0, hi: float = 1.0, tile: int = 128, gap: int = 2
+) -> np.ndarray:
   """(rows * tile, 3 * tile, 3) uint8 RGB montage: one row per volume, columns axial/coronal/sagittal."""
   rows = []
   for vol in volumes:
@@ -48,6 +49,7 @@ def slice_montage(volumes: list[np.ndarray], lo: float = -1.0, hi: float = 1.0, 
 def save_png(image: np.ndarray, path: str) -> None:
   """`path`: local or a URL (gs://, s3://, memory://; see meddiff_jax.storage)."""
   from PIL import Image
+
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
   storage.write_bytes(path, buf.getvalue())

@@ -13,7 +13,7 @@ Conventions (stated once, used by every protocol):
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -24,8 +24,9 @@ def windowed(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
   return np.clip(np.asarray(hu, np.float64), window[0], window[1])
 
 
-def image_quality(reference_hu: np.ndarray, image_hu: np.ndarray, window: tuple[float, float],
-                  slice_axis: int = 2) -> dict[str, float]:
+def image_quality(
+  reference_hu: np.ndarray, image_hu: np.ndarray, window: tuple[float, float], slice_axis: int = 2
+) -> dict[str, float]:
   """PSNR, 3D SSIM and slice-mean 2D SSIM on HU clipped to `window`, data range = its width."""
   lo, hi = float(window[0]), float(window[1])
   if not hi > lo:
@@ -38,8 +39,14 @@ def image_quality(reference_hu: np.ndarray, image_hu: np.ndarray, window: tuple[
   out["ssim_3d"] = metrics.ssim(ref, img, rng) if min(ref.shape) >= 7 else float("nan")
   in_plane = [s for i, s in enumerate(ref.shape) if i != slice_axis]
   if min(in_plane) >= 7:
-    out["ssim_2d"] = float(np.mean([metrics.ssim(np.take(ref, k, slice_axis), np.take(img, k, slice_axis), rng)
-                                    for k in range(ref.shape[slice_axis])]))
+    out["ssim_2d"] = float(
+      np.mean(
+        [
+          metrics.ssim(np.take(ref, k, slice_axis), np.take(img, k, slice_axis), rng)
+          for k in range(ref.shape[slice_axis])
+        ]
+      )
+    )
   else:
     out["ssim_2d"] = float("nan")
   return out
@@ -53,13 +60,18 @@ def top_fraction_mean(values: np.ndarray, top_fraction: float) -> float:
   return float(np.mean(np.partition(values, values.size - k)[-k:]))
 
 
-def slice_scores(amap: np.ndarray, body: np.ndarray | None, top_fraction: float = 0.01,
-                 slice_axis: int = 2) -> np.ndarray:
+def slice_scores(
+  amap: np.ndarray, body: np.ndarray | None, top_fraction: float = 0.01, slice_axis: int = 2
+) -> np.ndarray:
   """One anomaly score per slice along `slice_axis` (top-fraction mean inside the body)."""
   amap = np.asarray(amap)
   body = np.ones(amap.shape, bool) if body is None else np.asarray(body, bool)
-  return np.array([top_fraction_mean(np.take(amap, k, slice_axis)[np.take(body, k, slice_axis)], top_fraction)
-                   for k in range(amap.shape[slice_axis])])
+  return np.array(
+    [
+      top_fraction_mean(np.take(amap, k, slice_axis)[np.take(body, k, slice_axis)], top_fraction)
+      for k in range(amap.shape[slice_axis])
+    ]
+  )
 
 
 def slice_labels(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
@@ -73,12 +85,17 @@ def detection_scores(labels: Sequence[int], scores: Sequence[float]) -> dict[str
   labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
   if labels.size == 0 or labels.min() == labels.max():
     return {"auroc": float("nan"), "auprc": float("nan"), "n": int(labels.size), "n_positive": int(labels.sum())}
-  return {"auroc": metrics.auroc(labels, scores), "auprc": metrics.auprc(labels, scores), "n": int(labels.size),
-          "n_positive": int(labels.sum())}
+  return {
+    "auroc": metrics.auroc(labels, scores),
+    "auprc": metrics.auprc(labels, scores),
+    "n": int(labels.size),
+    "n_positive": int(labels.sum()),
+  }
 
 
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels: Iterable[int] | None = None
-                   ) -> dict[int, float]:
+def dice_per_label(
+  prediction: np.ndarray, reference: np.ndarray, labels: Iterable[int] | None = None
+) -> dict[int, float]:
   """Dice for each label present in the reference (or each of `labels` present in it)."""
   prediction, reference = np.asarray(prediction), np.asarray(reference)
   if prediction.shape != reference.shape:

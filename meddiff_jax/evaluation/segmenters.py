@@ -23,8 +23,10 @@ import tempfile
 
 import numpy as np
 
-MISSING = ("no segmenter configured: set --config.segmenter=totalsegmentator (pip install TotalSegmentator), "
-           "predictions:DIR (your nnU-Net predictions, DIR/<case_id>.nii.gz) or command:'TOOL {input} {output}'")
+MISSING = (
+  "no segmenter configured: set --config.segmenter=totalsegmentator (pip install TotalSegmentator), "
+  "predictions:DIR (your nnU-Net predictions, DIR/<case_id>.nii.gz) or command:'TOOL {input} {output}'"
+)
 
 
 class SegmenterError(ValueError):
@@ -42,17 +44,20 @@ class Segmenter:
       self.kind = "threshold"
     elif spec == "totalsegmentator":
       if shutil.which("TotalSegmentator") is None:
-        raise FileNotFoundError("--config.segmenter=totalsegmentator: the TotalSegmentator command is not on PATH "
-                                "(pip install TotalSegmentator, and make its weights available offline)")
+        raise FileNotFoundError(
+          "--config.segmenter=totalsegmentator: the TotalSegmentator command is not on PATH "
+          "(pip install TotalSegmentator, and make its weights available offline)"
+        )
       self.kind = "command"
       self.template = "TotalSegmentator -i {input} -o {output} --ml --quiet"
     elif spec.startswith("predictions:"):
-      self.kind, self.directory = "predictions", spec[len("predictions:"):]
+      self.kind, self.directory = "predictions", spec[len("predictions:") :]
       if not os.path.isdir(self.directory):
-        raise FileNotFoundError(f"--config.segmenter={spec!r}: {self.directory} is not a directory of "
-                                "<case_id>.nii.gz predictions")
+        raise FileNotFoundError(
+          f"--config.segmenter={spec!r}: {self.directory} is not a directory of <case_id>.nii.gz predictions"
+        )
     elif spec.startswith("command:"):
-      self.kind, self.template = "command", spec[len("command:"):]
+      self.kind, self.template = "command", spec[len("command:") :]
       tool = shlex.split(self.template)[0] if self.template.strip() else ""
       if not tool or shutil.which(tool) is None:
         raise FileNotFoundError(f"--config.segmenter={spec!r}: command {tool!r} not found on PATH")
@@ -79,8 +84,9 @@ class Segmenter:
       return nifti.load(out, is_mask=True).data
 
 
-def lesion_threshold_segmentation(generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.ndarray,
-                                  threshold_hu: float = 20.0, dilation: int = 2) -> np.ndarray:
+def lesion_threshold_segmentation(
+  generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.ndarray, threshold_hu: float = 20.0, dilation: int = 2
+) -> np.ndarray:
   """Voxels within a dilated mask whose HU differs from the lesion-free scan by more than threshold_hu."""
   from scipy import ndimage
 

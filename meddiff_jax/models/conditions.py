@@ -9,7 +9,7 @@ axis). A box reaching past the volume (a volume smaller than the window, padded)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

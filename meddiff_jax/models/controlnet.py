@@ -39,12 +39,22 @@ class ControlNet(nn.Module):
   hint_hidden: tuple[int, ...] = (16, 16, 32)
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array] | None, hint: jax.Array, *,
-               train: bool = False, scale: jax.Array | float = 1.0) -> dict[str, Any]:
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    cond: dict[str, jax.Array] | None,
+    hint: jax.Array,
+    *,
+    train: bool = False,
+    scale: jax.Array | float = 1.0,
+  ) -> dict[str, Any]:
     hint_features = HintEncoder(self.spec, self.hint_hidden, name="hint_encoder")(hint)
     h, skips, _ = unet3d.UNetEncoder(self.spec, name="encoder")(x, t, cond, train=train, hint=hint_features)
-    out_skips = [unet3d.conv3d(s.shape[-1], 1, self.spec, zero_init=True, name=f"zero_skip{i}")(s) * scale
-                 for i, s in enumerate(skips)]
+    out_skips = [
+      unet3d.conv3d(s.shape[-1], 1, self.spec, zero_init=True, name=f"zero_skip{i}")(s) * scale
+      for i, s in enumerate(skips)
+    ]
     middle = unet3d.conv3d(h.shape[-1], 1, self.spec, zero_init=True, name="zero_middle")(h) * scale
     return {"skips": out_skips, "middle": middle}
 
@@ -60,15 +70,22 @@ class ControlledUNet(nn.Module):
   hint_hidden: tuple[int, ...] = (16, 16, 32)
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array], *, train: bool = False,
-               scale: jax.Array | float = 1.0) -> jax.Array:
-    residuals = ControlNet(self.spec, self.hint_hidden, name="controlnet")(x, t, cond, cond[conditions.HINT], train=train,
-                                                                           scale=scale)
+  def __call__(
+    self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array], *, train: bool = False, scale: jax.Array | float = 1.0
+  ) -> jax.Array:
+    residuals = ControlNet(self.spec, self.hint_hidden, name="controlnet")(
+      x, t, cond, cond[conditions.HINT], train=train, scale=scale
+    )
     return unet3d.UNet3D(self.spec, name="base")(x, t, cond, train=train, control=residuals)
 
 
-def branch_forward_flops(spec: unet3d.UNetSpec, hint_hidden: tuple[int, ...], spatial: tuple[int, int, int],
-                         batch: int = 1, hint_channels: int = 1) -> float:
+def branch_forward_flops(
+  spec: unet3d.UNetSpec,
+  hint_hidden: tuple[int, ...],
+  spatial: tuple[int, int, int],
+  batch: int = 1,
+  hint_channels: int = 1,
+) -> float:
   """Analytic FLOPs of one `ControlNet` forward pass (as `unet3d.forward_flops`): the hint encoder, the
   encoder copy (stem, down path, middle) and the 1x1x1 zero convs on every skip and the middle."""
   vox = spatial[0] * spatial[1] * spatial[2]

@@ -103,9 +103,9 @@ class IdEmbedding(nn.Module):
   @nn.compact
   def __call__(self, ids: jax.Array) -> jax.Array:
     table = self.param(
-        "embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=self.stddev), ("vocab", "embed")),
-        (self.num_ids, self.features),
-        self.param_dtype,
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=self.stddev), ("vocab", "embed")),
+      (self.num_ids, self.features),
+      self.param_dtype,
     )
     return jnp.take(table, jnp.clip(ids.astype(jnp.int32), 0, self.num_ids - 1), axis=0)

@@ -8,7 +8,8 @@ leaves get no gradient, no optimizer state and no EMA.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from flax import traverse_util
 
@@ -24,8 +25,9 @@ def labels(params: Any, patterns: Sequence[str]) -> dict:
   compiled = [re.compile(p) for p in patterns]
   unused = [p.pattern for p in compiled if not any(p.fullmatch(path) for path in flat)]
   if unused:
-    raise ValueError(f"config.optimizer.trainable patterns {unused} match no parameter "
-                     f"(paths look like {next(iter(flat))!r})")
+    raise ValueError(
+      f"config.optimizer.trainable patterns {unused} match no parameter (paths look like {next(iter(flat))!r})"
+    )
   out = {path: TRAINABLE if any(p.fullmatch(path) for p in compiled) else FROZEN for path in flat}
   return traverse_util.unflatten_dict(out, sep="/")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,13 +41,16 @@ ACT_AXES = ("batch", "act_depth", "act_height", "act_width", "act_channels")
 BLOCK_OUT = "unet_block_out"  # checkpoint_name of every ResBlock output (what `offload` moves to host)
 
 _REMAT_POLICIES = {
-    "full": None,  # keep only segment inputs/outputs, recompute everything inside
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep conv and matmul outputs, recompute the rest
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Keep ResBlock outputs in host memory (GPU/TPU with pinned_host memory), recompute the rest.
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=(), names_which_can_be_offloaded=(BLOCK_OUT,), offload_src="device",
-        offload_dst="pinned_host"),
+  "full": None,  # keep only segment inputs/outputs, recompute everything inside
+  "dots": jax.checkpoint_policies.checkpoint_dots,  # keep conv and matmul outputs, recompute the rest
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # Keep ResBlock outputs in host memory (GPU/TPU with pinned_host memory), recompute the rest.
+  "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=(),
+    names_which_can_be_offloaded=(BLOCK_OUT,),
+    offload_src="device",
+    offload_dst="pinned_host",
+  ),
 }
 
 
@@ -95,7 +99,7 @@ class UNetSpec:
     return self.base_channels * self.time_embed_mult
 
   @classmethod
-  def from_config(cls, model_config: Any, patch_size: int | None = None) -> "UNetSpec":
+  def from_config(cls, model_config: Any, patch_size: int | None = None) -> UNetSpec:
     """Build from an ml_collections `config.model` (unknown keys are an error).
 
     Configs written before attention was keyed by level (e.g. the shipped tiny_phantom checkpoint) give
@@ -105,8 +109,11 @@ class UNetSpec:
     cfg = dict(model_config)
     if "attention_resolutions" in cfg:
       cfg["attention_levels"] = legacy_attention_levels(
-          cfg.pop("attention_resolutions"), len(cfg.get("channel_mult", cls.channel_mult)), patch_size,
-          "attention_levels" in cfg)
+        cfg.pop("attention_resolutions"),
+        len(cfg.get("channel_mult", cls.channel_mult)),
+        patch_size,
+        "attention_levels" in cfg,
+      )
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - names)
     if unknown:
@@ -128,24 +135,29 @@ class UNetSpec:
     return cls(**cfg)
 
 
-def legacy_attention_levels(resolutions: Sequence[int], levels: int, patch_size: int | None,
-                            also_levels: bool = False) -> tuple[int, ...]:
+def legacy_attention_levels(
+  resolutions: Sequence[int], levels: int, patch_size: int | None, also_levels: bool = False
+) -> tuple[int, ...]:
   """Old `attention_resolutions` (feature-map sizes at the training patch) -> attention levels."""
   if also_levels:
-    raise ValueError("config.model gives both attention_resolutions (legacy) and attention_levels; keep "
-                     "attention_levels")
+    raise ValueError(
+      "config.model gives both attention_resolutions (legacy) and attention_levels; keep attention_levels"
+    )
   if not patch_size:
-    raise ValueError("config.model.attention_resolutions (legacy) needs the training patch size to map to "
-                     "attention_levels; set config.model.attention_levels instead")
-  return tuple(l for l in range(levels) if patch_size // 2 ** l in tuple(resolutions))
+    raise ValueError(
+      "config.model.attention_resolutions (legacy) needs the training patch size to map to "
+      "attention_levels; set config.model.attention_levels instead"
+    )
+  return tuple(l for l in range(levels) if patch_size // 2**l in tuple(resolutions))
 
 
 # ------------------------------------------------------------------------------------------------
 # Layers
 
 
-def conv3d(features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero_init: bool = False,
-           name: str | None = None) -> nn.Module:
+def conv3d(
+  features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero_init: bool = False, name: str | None = None
+) -> nn.Module:
   """A k^3 'SAME' conv with logical axis names on kernel and bias (zero_init: ADM / ControlNet zero convs).
 
   spec.conv_impl='depth_taps' (or 'auto' on CPU) computes stride-1 3^3 convs as `DepthTapConv` (same params,
@@ -155,15 +167,15 @@ def conv3d(features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero
   taps = spec.conv_impl == "depth_taps" or (spec.conv_impl == "auto" and jax.default_backend() == "cpu")
   cls = DepthTapConv if taps and kernel == 3 and strides == 1 else nn.Conv
   return cls(
-      features,
-      (kernel,) * 3,
-      strides=(strides,) * 3,
-      padding="SAME",
-      dtype=spec.dtype,
-      param_dtype=spec.param_dtype,
-      kernel_init=nn.with_logical_partitioning(init, (None, None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      name=name,
+    features,
+    (kernel,) * 3,
+    strides=(strides,) * 3,
+    padding="SAME",
+    dtype=spec.dtype,
+    param_dtype=spec.param_dtype,
+    kernel_init=nn.with_logical_partitioning(init, (None, None, None, "conv_in", "conv_out")),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    name=name,
   )
 
 
@@ -183,24 +195,25 @@ class DepthTapConv(nn.Conv):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     n, d, h, w, _ = x.shape
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, cin, kd * self.features)  # taps on out channels
-    y = jax.lax.conv_general_dilated(x.reshape(n * d, h, w, cin), k2, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x.reshape(n * d, h, w, cin), k2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     y = y.reshape(n, d, h, w, kd, self.features)
     lo = (kd - 1) // 2
     y = jnp.pad(y, ((0, 0), (lo, kd - 1 - lo), (0, 0), (0, 0), (0, 0), (0, 0)))
-    out = sum(y[:, j:j + d, :, :, j] for j in range(kd))  # out[d] = sum_j x[d + j - lo] K[j]
+    out = sum(y[:, j : j + d, :, :, j] for j in range(kd))  # out[d] = sum_j x[d + j - lo] K[j]
     return out + bias
 
 
 def _dense(features: int, spec: UNetSpec, *, zero_init: bool = False, name: str | None = None) -> nn.Dense:
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
   return nn.Dense(
-      features,
-      dtype=spec.dtype,
-      param_dtype=spec.param_dtype,
-      kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
-      name=name,
+    features,
+    dtype=spec.dtype,
+    param_dtype=spec.param_dtype,
+    kernel_init=nn.with_logical_partitioning(init, ("embed", "mlp")),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+    name=name,
   )
 
 
@@ -216,12 +229,12 @@ class GroupNorm32(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     norm = nn.GroupNorm(
-        num_groups=_num_groups(x.shape[-1], self.spec.norm_groups),
-        epsilon=1e-5,
-        dtype=jnp.float32,
-        param_dtype=self.spec.param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      num_groups=_num_groups(x.shape[-1], self.spec.norm_groups),
+      epsilon=1e-5,
+      dtype=jnp.float32,
+      param_dtype=self.spec.param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
     )
     return norm(x.astype(jnp.float32)).astype(self.spec.dtype)
 
@@ -313,8 +326,9 @@ class UNetEncoder(nn.Module):
   spec: UNetSpec
 
   @nn.compact
-  def __call__(self, x: Array, t: Array, cond: dict[str, Array] | None = None, *, train: bool = False,
-               hint: Array | None = None) -> tuple[Array, list[Array], Array]:
+  def __call__(
+    self, x: Array, t: Array, cond: dict[str, Array] | None = None, *, train: bool = False, hint: Array | None = None
+  ) -> tuple[Array, list[Array], Array]:
     spec = self.spec
     cond = cond or {}
 
@@ -325,8 +339,9 @@ class UNetEncoder(nn.Module):
       region = cond.get(conditions.REGION)
       if region is None:  # unknown region == the CFG "null" class
         region = jnp.full((x.shape[0],), spec.num_regions, jnp.int32)
-      region_embed = embeddings.IdEmbedding(spec.num_regions + 1, spec.time_embed_dim, 0.02, spec.param_dtype,
-                                            name="region_embed")
+      region_embed = embeddings.IdEmbedding(
+        spec.num_regions + 1, spec.time_embed_dim, 0.02, spec.param_dtype, name="region_embed"
+      )
       emb = emb + region_embed(region).astype(emb.dtype)
 
     def stem(mdl, x, cond, hint):
@@ -339,7 +354,8 @@ class UNetEncoder(nn.Module):
     skips = [h]
     for level in range(len(spec.channel_mult)):
       h, level_skips = _segment(spec, lambda mdl, h, emb, level=level: down_level(spec, level, train, h, emb))(
-          self, h, emb)
+        self, h, emb
+      )
       skips.extend(level_skips)
 
     def middle(mdl, h, emb):
@@ -363,11 +379,13 @@ class UNetEncoder(nn.Module):
       else:  # packed (data.pack_structures) -> the one-hot channels
         structures = conditions.unpack_if_packed(structures, spec.structure_channels, spec.structure_embed_dim)
       if structures.shape[-1] != spec.structure_channels:
-        raise ValueError(
-            f"structures have {structures.shape[-1]} channels, model expects {spec.structure_channels}")
+        raise ValueError(f"structures have {structures.shape[-1]} channels, model expects {spec.structure_channels}")
       if spec.structure_embed_dim:  # label ids -> learned vectors
-        parts.append(embeddings.IdEmbedding(spec.num_structure_ids, spec.structure_embed_dim, 1.0, spec.param_dtype,
-                                            name="structure_embed")(structures[..., 0]).astype(spec.dtype))
+        parts.append(
+          embeddings.IdEmbedding(
+            spec.num_structure_ids, spec.structure_embed_dim, 1.0, spec.param_dtype, name="structure_embed"
+          )(structures[..., 0]).astype(spec.dtype)
+        )
       else:
         parts.append(structures.astype(spec.dtype))
     if spec.use_position:
@@ -390,7 +408,8 @@ class UNetDecoder(nn.Module):
     for level in reversed(range(len(spec.channel_mult))):
       level_skips = [skips.pop() for _ in range(spec.num_res_blocks + 1)]  # in the order they are consumed
       h = _segment(spec, lambda mdl, h, ss, emb, level=level: up_level(spec, level, train, h, ss, emb))(
-          self, h, level_skips, emb)
+        self, h, level_skips, emb
+      )
     assert not skips, "skip bookkeeping mismatch"
 
     def head(mdl, h):
@@ -440,8 +459,15 @@ class UNet3D(nn.Module):
     self.encoder = UNetEncoder(self.spec)
     self.decoder = UNetDecoder(self.spec)
 
-  def __call__(self, x: Array, t: Array, cond: dict[str, Array] | None = None, *, train: bool = False,
-               control: dict[str, Any] | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    t: Array,
+    cond: dict[str, Array] | None = None,
+    *,
+    train: bool = False,
+    control: dict[str, Any] | None = None,
+  ) -> Array:
     _check_spatial(self.spec, x)
     h, skips, emb = self.encoder(x, t, cond, train=train)
     if control is not None:
@@ -453,8 +479,7 @@ class UNet3D(nn.Module):
 def _check_spatial(spec: UNetSpec, x: Array) -> None:
   factor = 2 ** (len(spec.channel_mult) - 1)
   if x.ndim != 5 or any(s % factor for s in x.shape[1:4]):
-    raise ValueError(
-        f"UNet3D input must be (N, D, H, W, C) with D, H, W divisible by {factor}; got {x.shape}")
+    raise ValueError(f"UNet3D input must be (N, D, H, W, C) with D, H, W divisible by {factor}; got {x.shape}")
 
 
 def count_params(params: Any) -> int:
@@ -470,7 +495,7 @@ def forward_flops(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> flo
 
 
 def conv_flops(cin: int, cout: int, k: int, voxels: int) -> float:
-  return 2.0 * cin * cout * k ** 3 * voxels
+  return 2.0 * cin * cout * k**3 * voxels
 
 
 def forward_flops_parts(spec: UNetSpec, spatial: Sequence[int], batch: int = 1) -> dict[str, float]:

@@ -42,8 +42,9 @@ class AnomalySpec(common.TaskSpec):
     sections.fraction("config.top_fraction", self.top_fraction)
 
 
-def anomaly_map(image: np.ndarray, reconstruction: np.ndarray, body: np.ndarray | None = None,
-                smooth_sigma: float = 1.0) -> np.ndarray:
+def anomaly_map(
+  image: np.ndarray, reconstruction: np.ndarray, body: np.ndarray | None = None, smooth_sigma: float = 1.0
+) -> np.ndarray:
   residual = np.abs(np.asarray(image, np.float32) - np.asarray(reconstruction, np.float32))
   if smooth_sigma:
     residual = ndimage.gaussian_filter(residual, smooth_sigma)
@@ -58,16 +59,32 @@ def volume_score(amap: np.ndarray, body: np.ndarray | None = None, top_fraction:
   return float(np.mean(np.partition(values, values.size - k)[-k:]))
 
 
-def reconstruct(pre, y_unit: np.ndarray, region: int, config: Any, structures: np.ndarray | None = None,
-                frame: tuple[slice, ...] | None = None) -> np.ndarray:
+def reconstruct(
+  pre,
+  y_unit: np.ndarray,
+  region: int,
+  config: Any,
+  structures: np.ndarray | None = None,
+  frame: tuple[slice, ...] | None = None,
+) -> np.ndarray:
   """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume, `frame`
   the crop `pad_to_window` returned (positions of the real volume; the result is cropped to it)."""
   # the grid starts at noise_t itself (paper: 950), every step is spent below it
-  sample = lambda fn, y, r: denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),
-                                                      config.num_steps, r, progress=bar, method=config.sampler)
+  sample = lambda fn, y, r: denoise.partial_diffusion(
+    fn, pre.schedule, y, int(config.noise_t), config.num_steps, r, progress=bar, method=config.sampler
+  )
   bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
-  return common.run_windowed(pre, sample, (jnp.asarray(y_unit)[None, ..., None],), config, y_unit.shape, region,
-                             structures, frame=frame, progress=bar)
+  return common.run_windowed(
+    pre,
+    sample,
+    (jnp.asarray(y_unit)[None, ..., None],),
+    config,
+    y_unit.shape,
+    region,
+    structures,
+    frame=frame,
+    progress=bar,
+  )
 
 
 def run(config: Any) -> dict[str, Any]:
@@ -80,10 +97,22 @@ def run(config: Any) -> dict[str, Any]:
   score = volume_score(amap, body, config.top_fraction)
   amap_input = common.back_to_input_grid(amap, inp.work, inp.original)
   # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score
-  slices = metrics.slice_scores(amap_input, preprocess.body_mask(inp.original.data), axis=2,
-                                top_fraction=config.top_fraction)
-  result = {"input": config.input, "output": config.output, "volume_score": score, "noise_t": int(config.noise_t),
-            "slice_scores": [float(v) for v in slices]}
-  common.finish(amap_input, config.output, inp.original, dtype=np.float32,
-                description=f"meddiff anomaly map ({config.checkpoint})", sidecar=result)
+  slices = metrics.slice_scores(
+    amap_input, preprocess.body_mask(inp.original.data), axis=2, top_fraction=config.top_fraction
+  )
+  result = {
+    "input": config.input,
+    "output": config.output,
+    "volume_score": score,
+    "noise_t": int(config.noise_t),
+    "slice_scores": [float(v) for v in slices],
+  }
+  common.finish(
+    amap_input,
+    config.output,
+    inp.original,
+    dtype=np.float32,
+    description=f"meddiff anomaly map ({config.checkpoint})",
+    sidecar=result,
+  )
   return result

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ class TaskSpec:
     sections.choice("config.inference_dtype", self.inference_dtype, pretrained.COMPUTE_DTYPES)
 
   @classmethod
-  def from_config(cls, config: Any) -> "TaskSpec":
+  def from_config(cls, config: Any) -> TaskSpec:
     values = {k: v for k, v in dict(config).items() if k not in nifti.INPUT_KEYS}
     return sections.from_config(cls, dict(values, read=nifti.ReadOptions.from_section(config)), "config")
 
@@ -73,11 +74,13 @@ def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):
 
   def fn(x, t, cond):
     return samplers.guided_denoise_fn(pre.apply, cond, pre.spec.num_regions, guidance_scale)(x, t)
+
   return fn
 
 
-def structure_volume(pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray,
-                     pad_to: int | None = None) -> np.ndarray | None:
+def structure_volume(
+  pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray, pad_to: int | None = None
+) -> np.ndarray | None:
   """(X, Y, Z, K+1) uint8 structure channels exactly as training builds them (`preprocess.structure_channels`).
 
   The body channel always comes from the HU (HU > BODY_THRESHOLD_HU, the training definition). The organ
@@ -91,11 +94,15 @@ def structure_volume(pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray,
   if hu is None:
     raise ValueError("structure_volume needs the HU volume: the body channel is computed from it as in training")
   lut, groups = pipeline.structure_lut(pre.config.data)
-  encode = preprocess.structure_labels if pipeline.structures_as_labels(pre.config.data) else preprocess.structure_channels
+  encode = (
+    preprocess.structure_labels if pipeline.structures_as_labels(pre.config.data) else preprocess.structure_channels
+  )
   out = encode(labels, np.asarray(hu), lut, groups)
   if out.shape[-1] != pre.spec.structure_channels:
-    raise ValueError(f"the checkpoint expects {pre.spec.structure_channels} structure channels, the label "
-                     f"grouping gives {out.shape[-1]}")
+    raise ValueError(
+      f"the checkpoint expects {pre.spec.structure_channels} structure channels, the label "
+      f"grouping gives {out.shape[-1]}"
+    )
   if pad_to:
     out, _ = sliding_window.pad_to_window(out, pad_to, 0)
   return out
@@ -132,8 +139,9 @@ def window_batch(config: Any) -> int:
   return max(n, int(np.ceil(config.window_batch / n)) * n)
 
 
-def load_ct(path: str, region: str, spacing: tuple[float, ...] | None, config: Any = None
-            ) -> tuple[nifti.Volume, nifti.Volume]:
+def load_ct(
+  path: str, region: str, spacing: tuple[float, ...] | None, config: Any = None
+) -> tuple[nifti.Volume, nifti.Volume]:
   """(original volume, working volume resampled to `spacing` (or as is)). `path`: a NIfTI / NRRD / MHA file
   or a DICOM series folder; `config` supplies the overrides and limits (configs/input_options.py)."""
   options = nifti.ReadOptions.from_config(config)
@@ -150,13 +158,19 @@ def back_to_input_grid(values: np.ndarray, work: nifti.Volume, original: nifti.V
   """Resample a result computed on the working grid back onto the input's grid (same shape/affine)."""
   if work.shape == original.shape and np.allclose(work.affine, original.affine):
     return values
-  back = nifti.resample_like(nifti.Volume(np.asarray(values, np.float32), work.affine), original.shape,
-                             original.affine, order=order, fill=float(np.min(values)))
+  back = nifti.resample_like(
+    nifti.Volume(np.asarray(values, np.float32), work.affine),
+    original.shape,
+    original.affine,
+    order=order,
+    fill=float(np.min(values)),
+  )
   return back.data
 
 
-def save_like_input(values_ras: np.ndarray, original: nifti.Volume, path: str, dtype=None, description: str = ""
-                    ) -> str:
+def save_like_input(
+  values_ras: np.ndarray, original: nifti.Volume, path: str, dtype=None, description: str = ""
+) -> str:
   """Write a task result on the input's own grid: same shape, voxel order, affine and qform/sform codes
   (NIfTI), or a new DICOM series beside the original when the input was DICOM and `path` is a folder."""
   return nifti.save_like(values_ras, original, path, dtype, description=description)
@@ -195,8 +209,16 @@ def sidecar_path(output: str) -> str:
   return output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json"
 
 
-def finish(values: np.ndarray, output: str, like: nifti.Volume, *, work: nifti.Volume | None = None, dtype=None,
-           description: str = "", sidecar: dict[str, Any] | None = None) -> None:
+def finish(
+  values: np.ndarray,
+  output: str,
+  like: nifti.Volume,
+  *,
+  work: nifti.Volume | None = None,
+  dtype=None,
+  description: str = "",
+  sidecar: dict[str, Any] | None = None,
+) -> None:
   """The task epilogue: `values` (computed on the grid of `work`, default `like`'s) back onto `like`'s grid,
   saved like it (`save_like_input`), and the result summary `sidecar` as OUTPUT.json beside it."""
   if work is not None:
@@ -207,16 +229,26 @@ def finish(values: np.ndarray, output: str, like: nifti.Volume, *, work: nifti.V
       json.dump(sidecar, f, indent=1, default=float)
 
 
-def run_windowed(pre: Pretrained, sample: Callable[..., jax.Array], args: tuple, config: Any, volume_shape,
-                 region: int, structures: np.ndarray | None, *, frame: tuple[slice, ...] | None = None,
-                 guidance_scale: jax.Array | None = None, hint: np.ndarray | None = None, apply_fn=None,
-                 progress: ProgressBar | None = None) -> np.ndarray:
+def run_windowed(
+  pre: Pretrained,
+  sample: Callable[..., jax.Array],
+  args: tuple,
+  config: Any,
+  volume_shape,
+  region: int,
+  structures: np.ndarray | None,
+  *,
+  frame: tuple[slice, ...] | None = None,
+  guidance_scale: jax.Array | None = None,
+  hint: np.ndarray | None = None,
+  apply_fn=None,
+  progress: ProgressBar | None = None,
+) -> np.ndarray:
   """Run a sampler over a whole (padded) volume on the task mesh: `sample(fn, *args, rng)` jitted, where fn is
   the blended windowed denoiser (`windowed_denoiser`) and rng = key(config.seed). Returns the (X, Y, Z)
   result, cropped to `frame` when given; closes `progress`."""
   with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):
-    fn, plan = windowed_denoiser(pre, volume_shape, region, structures, config, guidance_scale, hint, apply_fn,
-                                 frame)
+    fn, plan = windowed_denoiser(pre, volume_shape, region, structures, config, guidance_scale, hint, apply_fn, frame)
     if progress is not None:
       progress.windows = int(plan.valid.sum())
     out = np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(config.seed)))
@@ -226,16 +258,23 @@ def run_windowed(pre: Pretrained, sample: Callable[..., jax.Array], args: tuple,
   return out if frame is None else out[frame]
 
 
-def windowed_denoiser(pre: Pretrained, volume_shape, region: int, structures: np.ndarray | None, config: Any,
-                      guidance_scale: jax.Array | None = None, hint: np.ndarray | None = None, apply_fn=None,
-                      frame: tuple[slice, ...] | None = None):
+def windowed_denoiser(
+  pre: Pretrained,
+  volume_shape,
+  region: int,
+  structures: np.ndarray | None,
+  config: Any,
+  guidance_scale: jax.Array | None = None,
+  hint: np.ndarray | None = None,
+  apply_fn=None,
+  frame: tuple[slice, ...] | None = None,
+):
   """(x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume, windows over devices.
 
   hint: a ControlNet condition volume (X, Y, Z, 1); apply_fn overrides the model (e.g. base + branch).
   frame: the crop `pad_to_window` returned: positions are those of the real volume, as in training.
   """
-  plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config),
-                                     frame)
+  plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config), frame)
   cond = {conditions.REGION: jnp.array([region], jnp.int32)}
   if structures is not None:
     cond[conditions.STRUCTURES] = jnp.asarray(structures)
@@ -258,6 +297,7 @@ class ProgressBar:
     import time
 
     from tqdm import tqdm
+
     self._clock = time.perf_counter
     self.total, self.windows = total, windows
     self.bar = tqdm(total=total, desc=desc, unit="step", disable=jax.process_index() != 0)
@@ -288,9 +328,11 @@ class ProgressBar:
     per_step, rest = self.estimate()
     rate = f", {self.windows / per_step:.1f} windows/s" if self.windows and per_step > 0 else ""
     if not self.bar.disable:
-      self.bar.write(f"{self.bar.desc}: {per_step:.2f} s/step{rate}; estimated {rest / 60:.1f} min for the "
-                     f"remaining {self.total - self._seen[1][0] - 1} steps (Ctrl-C and lower --config.num_steps "
-                     f"or use --config.sampler=dpmpp_2m for a cheaper budget)")
+      self.bar.write(
+        f"{self.bar.desc}: {per_step:.2f} s/step{rate}; estimated {rest / 60:.1f} min for the "
+        f"remaining {self.total - self._seen[1][0] - 1} steps (Ctrl-C and lower --config.num_steps "
+        f"or use --config.sampler=dpmpp_2m for a cheaper budget)"
+      )
 
   def close(self) -> None:
     self.bar.close()

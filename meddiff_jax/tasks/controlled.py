@@ -90,8 +90,16 @@ def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int =
   return np.asarray(walk, np.int32)
 
 
-def repaint(denoise_fn, schedule: schedules.Schedule, timesteps: np.ndarray, rng: jax.Array, known: jax.Array,
-            keep: jax.Array, jump_length: int = 10, jump_n_sample: int = 10) -> jax.Array:
+def repaint(
+  denoise_fn,
+  schedule: schedules.Schedule,
+  timesteps: np.ndarray,
+  rng: jax.Array,
+  known: jax.Array,
+  keep: jax.Array,
+  jump_length: int = 10,
+  jump_n_sample: int = 10,
+) -> jax.Array:
   """RePaint with DDPM steps over `timesteps`: `keep` (1 = known voxel) takes the noised `known` image.
 
   Every denoising step t -> t' replaces the known region by q(x_t' | known) (the known image itself at
@@ -130,8 +138,9 @@ def repaint(denoise_fn, schedule: schedules.Schedule, timesteps: np.ndarray, rng
   return x
 
 
-def lesion_dice(generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.ndarray, threshold_hu: float = 20.0
-                ) -> float:
+def lesion_dice(
+  generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.ndarray, threshold_hu: float = 20.0
+) -> float:
   """Dice between the lesion mask and a simple threshold segmentation of what changed: voxels within a
   dilated mask whose HU differs from the lesion-free scan by more than threshold_hu."""
   region = ndimage.binary_dilation(mask, iterations=2)
@@ -139,12 +148,23 @@ def lesion_dice(generated_hu: np.ndarray, background_hu: np.ndarray, mask: np.nd
   return metrics.dice(seg, mask)
 
 
-def sample_controlled(cm: pretrained.Controlled, inp: common.TaskInput, hint: np.ndarray, config: Any, sample
-                      ) -> np.ndarray:
+def sample_controlled(
+  cm: pretrained.Controlled, inp: common.TaskInput, hint: np.ndarray, config: Any, sample
+) -> np.ndarray:
   """`sample(fn, rng)` over the whole volume with fn the base + branch denoiser, the (padded) condition volume
   `hint` (X, Y, Z) windowed with the image; the result in [-1, 1], cropped to the input."""
-  return common.run_windowed(cm.pre, sample, (), config, inp.unit.shape, inp.region, inp.structures,
-                             frame=inp.crop, hint=hint[..., None], apply_fn=cm.apply_fn(config.conditioning_scale))
+  return common.run_windowed(
+    cm.pre,
+    sample,
+    (),
+    config,
+    inp.unit.shape,
+    inp.region,
+    inp.structures,
+    frame=inp.crop,
+    hint=hint[..., None],
+    apply_fn=cm.apply_fn(config.conditioning_scale),
+  )
 
 
 def run_super_resolution(config: Any) -> dict[str, Any]:
@@ -158,8 +178,9 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
   model_spacing = up.spacing
   target_spacing = asked or model_spacing
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
-  sample = lambda fn, r: samplers.sample(fn, cm.pre.schedule, timesteps, r,
-                                         jax.random.normal(r, (1, *inp.unit.shape, 1)), method=config.sampler)
+  sample = lambda fn, r: samplers.sample(
+    fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *inp.unit.shape, 1)), method=config.sampler
+  )
   out = sample_controlled(cm, inp, inp.unit, config, sample)
   sr_vol = nifti.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
   if not np.allclose(model_spacing, target_spacing):
@@ -172,9 +193,10 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
     linear = nifti.resample(lr, target_spacing, order=1, fill=-1024.0).data
     sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, sr.shape))
     unit = lambda v: preprocess.hu_to_unit(v[sl], region)
-    result["metrics"] = {name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0),
-                                "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
-                         for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))}
+    result["metrics"] = {
+      name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0), "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
+      for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))
+    }
   common.finish(sr, config.output, sr_vol, dtype=np.int16, sidecar=result)  # the thin grid, input's voxel order
   return result
 
@@ -193,20 +215,31 @@ def run_lesion(config: Any) -> dict[str, Any]:
   known = jnp.asarray(inp.unit)[None, ..., None]
   if config.method == "inpaint":
     keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
-    sample = lambda fn, r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, config.jump_length,
-                                   config.jump_n_sample)
+    sample = lambda fn, r: repaint(
+      fn, cm.pre.schedule, timesteps, r, known, keep, config.jump_length, config.jump_n_sample
+    )
   elif config.method == "generate":
-    sample = lambda fn, r: samplers.sample(fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape),
-                                           method=config.sampler)
+    sample = lambda fn, r: samplers.sample(
+      fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape), method=config.sampler
+    )
   else:
     raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")
   gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, config, sample)
   gen = preprocess.unit_to_hu(gen_unit, inp.region)
   orig_unit = inp.unit[inp.crop]
-  result = {"output": config.output, "method": config.method,
-            "psnr_inside_mask": metrics.psnr(orig_unit[lesion], gen_unit[lesion], 2.0) if lesion.any() else None,
-            "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], gen_unit[~lesion], 2.0),
-            "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, config.dice_threshold_hu)}
-  common.finish(gen, config.output, ct, dtype=np.int16,
-                description=f"meddiff lesion {config.method} ({config.controlnet})", sidecar=result)
+  result = {
+    "output": config.output,
+    "method": config.method,
+    "psnr_inside_mask": metrics.psnr(orig_unit[lesion], gen_unit[lesion], 2.0) if lesion.any() else None,
+    "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], gen_unit[~lesion], 2.0),
+    "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, config.dice_threshold_hu),
+  }
+  common.finish(
+    gen,
+    config.output,
+    ct,
+    dtype=np.int16,
+    description=f"meddiff lesion {config.method} ({config.controlnet})",
+    sidecar=result,
+  )
   return result

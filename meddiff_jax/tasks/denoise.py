@@ -15,7 +15,8 @@ noise-matched start and a DDIM grid from t* down to 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,6 @@ from meddiff_jax import pretrained, sections
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common
-
 
 METHODS = ("diffpir", "partial")  # config.method
 
@@ -88,9 +88,19 @@ def diffpir_timesteps(schedule: schedules.Schedule, sigma_n: float, num_steps: i
   return np.unique(np.round(np.linspace(0, t_start, min(num_steps, t_start + 1))).astype(np.int32))[::-1].copy()
 
 
-def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: schedules.Schedule, y: jax.Array,
-            sigma_n: jax.Array, timesteps: np.ndarray, rng: jax.Array, *, lam: float = 10.0, zeta: float = 0.3,
-            prediction_type: str = "epsilon", progress: Callable | None = None) -> jax.Array:
+def diffpir(
+  denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  schedule: schedules.Schedule,
+  y: jax.Array,
+  sigma_n: jax.Array,
+  timesteps: np.ndarray,
+  rng: jax.Array,
+  *,
+  lam: float = 10.0,
+  zeta: float = 0.3,
+  prediction_type: str = "epsilon",
+  progress: Callable | None = None,
+) -> jax.Array:
   """DiffPIR restoration of y (data scale [-1, 1]) for additive Gaussian noise of std sigma_n."""
   ts = jnp.asarray(timesteps, jnp.int32)
   prev = jnp.asarray(samplers.previous_timesteps(np.asarray(timesteps)))
@@ -120,18 +130,38 @@ def diffpir(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: s
   return x0_hat
 
 
-def partial_diffusion(denoise_fn, schedule: schedules.Schedule, y: jax.Array, t_start: int, num_steps: int,
-                      rng: jax.Array, prediction_type: str = "epsilon", progress: Callable | None = None,
-                      input_sigma: float | jax.Array = 0.0, method: str = "ddim") -> jax.Array:
+def partial_diffusion(
+  denoise_fn,
+  schedule: schedules.Schedule,
+  y: jax.Array,
+  t_start: int,
+  num_steps: int,
+  rng: jax.Array,
+  prediction_type: str = "epsilon",
+  progress: Callable | None = None,
+  input_sigma: float | jax.Array = 0.0,
+  method: str = "ddim",
+) -> jax.Array:
   """SDEdit: y to t_start (counting its own noise `input_sigma`), then `method` (ddim | ddpm | dpmpp_2m) over
   a grid from t_start to 0."""
   timesteps = samplers.partial_timesteps(int(t_start), num_steps)
-  return samplers.sample(denoise_fn, schedule, timesteps, rng, y, t_start=jnp.int32(timesteps[0]), method=method,
-                         prediction_type=prediction_type, progress=progress, input_sigma=input_sigma)
+  return samplers.sample(
+    denoise_fn,
+    schedule,
+    timesteps,
+    rng,
+    y,
+    t_start=jnp.int32(timesteps[0]),
+    method=method,
+    prediction_type=prediction_type,
+    progress=progress,
+    input_sigma=input_sigma,
+  )
 
 
-def keep_input_outside_window(denoised_unit: np.ndarray, input_hu: np.ndarray, region: int,
-                              margin: float = 0.02) -> np.ndarray:
+def keep_input_outside_window(
+  denoised_unit: np.ndarray, input_hu: np.ndarray, region: int, margin: float = 0.02
+) -> np.ndarray:
   """HU result: the denoised value, except where the model puts the voxel at the window's edge and the
   input lies beyond that edge (air, bone: the model only sees the window, so the input's HU is kept).
 
@@ -150,23 +180,42 @@ def run(config: Any) -> dict[str, Any]:
   pre = pretrained.load(config.checkpoint, config.inference_dtype)
   inp = common.prepare_input(pre, config, common.task_spacing(pre, config))
   lo, hi = preprocess.window_bounds(inp.region)
-  sigma = float(config.noise_sigma_hu) * 2.0 / (hi - lo) if config.noise_sigma_hu else estimate_noise_sigma(
-      inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
+  sigma = (
+    float(config.noise_sigma_hu) * 2.0 / (hi - lo)
+    if config.noise_sigma_hu
+    else estimate_noise_sigma(inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
+  )
   if config.method == "diffpir":
     ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
-    sample = lambda fn, y, r: diffpir(fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=config.lam,
-                                      zeta=config.zeta, progress=bar)
+    sample = lambda fn, y, r: diffpir(
+      fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=config.lam, zeta=config.zeta, progress=bar
+    )
   elif config.method == "partial":
     t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
-    sample = lambda fn, y, r: partial_diffusion(fn, pre.schedule, y, t0, config.num_steps, r, progress=bar,
-                                                input_sigma=jnp.float32(sigma), method=config.sampler)
+    sample = lambda fn, y, r: partial_diffusion(
+      fn, pre.schedule, y, t0, config.num_steps, r, progress=bar, input_sigma=jnp.float32(sigma), method=config.sampler
+    )
   else:
     raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
   bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
-  den = common.run_windowed(pre, sample, (jnp.asarray(inp.unit)[None, ..., None],), config, inp.unit.shape,
-                            inp.region, inp.structures, frame=inp.crop, progress=bar)
+  den = common.run_windowed(
+    pre,
+    sample,
+    (jnp.asarray(inp.unit)[None, ..., None],),
+    config,
+    inp.unit.shape,
+    inp.region,
+    inp.structures,
+    frame=inp.crop,
+    progress=bar,
+  )
   hu = keep_input_outside_window(den, inp.work.data, inp.region, config.window_margin)
-  common.finish(hu, config.output, inp.original, work=inp.work,
-                dtype=np.int16 if config.output_int16 else np.float32,
-                description=f"meddiff denoise {config.method} ({config.checkpoint})")
+  common.finish(
+    hu,
+    config.output,
+    inp.original,
+    work=inp.work,
+    dtype=np.int16 if config.output_int16 else np.float32,
+    description=f"meddiff denoise {config.method} ({config.checkpoint})",
+  )
   return {"output": config.output, "sigma_unit": sigma, "method": config.method}

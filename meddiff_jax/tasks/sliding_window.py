@@ -11,7 +11,8 @@ batch axes, so devices share the windows.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +76,18 @@ class WindowPlan:
     for size, starts in zip(self.volume_shape, self.axis_starts):
       n = np.zeros(size, np.float64)
       for s in starts:
-        n[s:s + self.window] += g
+        n[s : s + self.window] += g
       norms.append(n.astype(np.float32))
     return norms
 
 
-def plan_windows(volume_shape: tuple[int, int, int], window: int, overlap: float = 0.5, batch: int = 4,
-                 frame: tuple[slice, ...] | None = None) -> WindowPlan:
+def plan_windows(
+  volume_shape: tuple[int, int, int],
+  window: int,
+  overlap: float = 0.5,
+  batch: int = 4,
+  frame: tuple[slice, ...] | None = None,
+) -> WindowPlan:
   if any(s < window for s in volume_shape):
     raise ValueError(f"volume {volume_shape} is smaller than the window {window}; pad it first (pad_to_window)")
   axis_starts = tuple(tuple(window_starts(s, window, overlap)) for s in volume_shape)
@@ -93,8 +99,16 @@ def plan_windows(volume_shape: tuple[int, int, int], window: int, overlap: float
   starts = np.concatenate([starts, np.repeat(starts[:1], padded - n, axis=0)])
   if frame is None:
     return WindowPlan(tuple(volume_shape), window, starts, valid, batch, axis_starts=axis_starts)
-  return WindowPlan(tuple(volume_shape), window, starts, valid, batch, tuple(int(f.start) for f in frame[:3]),
-                    tuple(int(f.stop - f.start) for f in frame[:3]), axis_starts)
+  return WindowPlan(
+    tuple(volume_shape),
+    window,
+    starts,
+    valid,
+    batch,
+    tuple(int(f.start) for f in frame[:3]),
+    tuple(int(f.stop - f.start) for f in frame[:3]),
+    axis_starts,
+  )
 
 
 def pad_to_window(volume: np.ndarray, window: int, fill: float) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -125,16 +139,22 @@ def _scatter_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Ar
 def _loop_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Array:
   """The same as `_scatter_add` as a loop of in-place dynamic_update_slices: faster on XLA:CPU, whose
   scatter runs element by element (benchmarks/RESULTS.md #15)."""
+
   def add(j, acc):
     pos = (starts[j, 0], starts[j, 1], starts[j, 2], 0)
     return jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, pos, values.shape[1:]) + values[j], pos)
+
   return jax.lax.fori_loop(0, values.shape[0], add, acc)
 
 
-def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array], plan: WindowPlan,
-                       cond_volume: dict[str, jax.Array], batch_axes: Any = None,
-                       precompute_budget_bytes: int = 1 << 30,
-                       accumulate: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array]:
+def blended_denoise_fn(
+  apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array],
+  plan: WindowPlan,
+  cond_volume: dict[str, jax.Array],
+  batch_axes: Any = None,
+  precompute_budget_bytes: int = 1 << 30,
+  accumulate: str = "auto",
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(x (1, X, Y, Z, 1), t (1,)) -> blended model output over the whole volume.
 
   cond_volume: 'region' (1,) plus any per-voxel conditions (X, Y, Z, C) ('structures', ControlNet's 'hint'):
@@ -159,7 +179,7 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
   nx, ny, nz = (jnp.asarray(n) for n in plan.axis_norms())
   b, w = plan.batch, plan.window
   volumes = {k: v for k, v in cond_volume.items() if k != conditions.REGION}
-  window_bytes = sum(len(plan.starts) * w ** 3 * v.shape[-1] * v.dtype.itemsize for v in volumes.values())
+  window_bytes = sum(len(plan.starts) * w**3 * v.shape[-1] * v.dtype.itemsize for v in volumes.values())
   precut = {k: _take(v, starts, w) for k, v in volumes.items()} if window_bytes <= precompute_budget_bytes else None
 
   def constrain(a):
@@ -173,8 +193,10 @@ def blended_denoise_fn(apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Arra
     def body(i, acc):
       s = jax.lax.dynamic_slice_in_dim(starts, i * b, b)
       keep = jax.lax.dynamic_slice_in_dim(valid, i * b, b)
-      cond = {conditions.POS_BOX: constrain(jax.lax.dynamic_slice_in_dim(boxes, i * b, b)),
-              conditions.REGION: jnp.broadcast_to(cond_volume[conditions.REGION], (b,))}
+      cond = {
+        conditions.POS_BOX: constrain(jax.lax.dynamic_slice_in_dim(boxes, i * b, b)),
+        conditions.REGION: jnp.broadcast_to(cond_volume[conditions.REGION], (b,)),
+      }
       for key, volume in volumes.items():
         cut = jax.lax.dynamic_slice_in_dim(precut[key], i * b, b) if precut is not None else _take(volume, s, w)
         cond[key] = constrain(cut)

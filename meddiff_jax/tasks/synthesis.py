@@ -41,12 +41,18 @@ def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.nda
   """[-1, 1] volume of `shape` (each side >= the patch size)."""
   scale = jnp.float32(config.guidance_scale) if config.guidance_scale != 1.0 else None
   timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, config.num_steps, "trailing")
-  sample = lambda fn, r: samplers.sample(fn, pre.schedule, timesteps, r,
-                                         jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
-                                         method=config.sampler, eta=config.eta, progress=bar)
+  sample = lambda fn, r: samplers.sample(
+    fn,
+    pre.schedule,
+    timesteps,
+    r,
+    jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
+    method=config.sampler,
+    eta=config.eta,
+    progress=bar,
+  )
   bar = common.ProgressBar(len(timesteps), "synthesis")
-  return common.run_windowed(pre, sample, (), config, shape, region, structures, guidance_scale=scale,
-                             progress=bar)
+  return common.run_windowed(pre, sample, (), config, shape, region, structures, guidance_scale=scale, progress=bar)
 
 
 def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple[str, ...]) -> np.ndarray:
@@ -85,8 +91,9 @@ def run(config: Any) -> dict[str, Any]:
     mask = work = nifti.Volume(np.zeros(shape, np.float32), np.diag([*spacing, 1.0]))
     # no anatomy given: all structure channels zero with the real region, trained by structure dropout
     # (diffusion.structure_drop_prob x body_drop_prob)
-    structures = None if not pre.spec.structure_channels else np.zeros(
-        tuple(shape) + (pre.spec.structure_channels,), np.uint8)
+    structures = (
+      None if not pre.spec.structure_channels else np.zeros(tuple(shape) + (pre.spec.structure_channels,), np.uint8)
+    )
   if any(s < pre.patch_size for s in shape):
     raise ValueError(f"synthesis grid {shape}: every side must be >= the model's patch size {pre.patch_size}")
   hu = preprocess.unit_to_hu(synthesize(pre, shape, region, structures, config), region)

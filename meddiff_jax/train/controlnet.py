@@ -35,9 +35,14 @@ def derive_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def trainee(config: ml_collections.ConfigDict) -> loop.Trainee:
   pre = pretrained.load(config.base_checkpoint)
   model = pretrained.build_controlled(config, pre.spec)
-  return loop.Trainee(apply_fn=model.apply, init_params_fn=pretrained.controlled_init_fn(model, pre.patch_size),
-                      schedule=pre.schedule, init_args=(pre.params,), external=("base",),
-                      metric_prefix="controlnet")
+  return loop.Trainee(
+    apply_fn=model.apply,
+    init_params_fn=pretrained.controlled_init_fn(model, pre.patch_size),
+    schedule=pre.schedule,
+    init_args=(pre.params,),
+    external=("base",),
+    metric_prefix="controlnet",
+  )
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

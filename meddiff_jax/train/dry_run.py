@@ -17,14 +17,14 @@ from typing import Any
 import jax
 import ml_collections
 
+from meddiff_jax import pretrained, sharding
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import unet3d
-from meddiff_jax import pretrained, sharding
-from meddiff_jax.train import throughput
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
+from meddiff_jax.train import throughput
 
-GIB = 2.0 ** 30
+GIB = 2.0**30
 
 
 def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> tuple[Any, dict]:
@@ -32,8 +32,14 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
   devices = list(devices if devices is not None else jax.devices())
   mesh_sizes = sharding.resolve_mesh_sizes(dict(config.mesh), len(devices))
   rules = sharding.rules_from_config(config.sharding.rules)
-  sharding.check_plan(config.training.batch_size, config.training.grad_accum_steps, config.data.patch_size,
-                      len(config.model.channel_mult), mesh_sizes, rules)
+  sharding.check_plan(
+    config.training.batch_size,
+    config.training.grad_accum_steps,
+    config.data.patch_size,
+    len(config.model.channel_mult),
+    mesh_sizes,
+    rules,
+  )
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   model, spec = pretrained.build_model(config)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -43,13 +49,19 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
   batch = step_lib.batch_spec(config)
   batch_shardings = sharding.input_shardings(mesh, rules, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()}
-  step_fn = step_lib.make_train_step(model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer),
-                                     config, rules)
+  step_fn = step_lib.make_train_step(
+    model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
+  )
   jitted = step_lib.jit_train_step(step_fn, state_shardings, batch_shardings, mesh)
   with sharding.activate(mesh, rules):
     lowered = jitted.lower(state, batch)
-  facts = {"spec": spec, "mesh": mesh_sizes, "num_devices": len(devices), "device_kind": devices[0].device_kind,
-           "params": unet3d.count_params(state.params)}
+  facts = {
+    "spec": spec,
+    "mesh": mesh_sizes,
+    "num_devices": len(devices),
+    "device_kind": devices[0].device_kind,
+    "params": unet3d.count_params(state.params),
+  }
   return lowered, facts
 
 
@@ -63,18 +75,18 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   spec, n, kind = facts["spec"], facts["num_devices"], facts["device_kind"]
   flops = throughput.flops_for_config(config, spec)
   result: dict[str, Any] = {
-      "preset": config.preset,
-      "patch_size": int(config.data.patch_size),
-      "batch_size": int(config.training.batch_size),
-      "grad_accum_steps": int(config.training.grad_accum_steps),
-      "remat": spec.remat,
-      "dtype": str(spec.dtype),
-      "mesh": facts["mesh"],
-      "device_kind": kind,
-      "num_devices": n,
-      "params": facts["params"],
-      "flops_per_step": flops,
-      "flops_per_device": flops / n,
+    "preset": config.preset,
+    "patch_size": int(config.data.patch_size),
+    "batch_size": int(config.training.batch_size),
+    "grad_accum_steps": int(config.training.grad_accum_steps),
+    "remat": spec.remat,
+    "dtype": str(spec.dtype),
+    "mesh": facts["mesh"],
+    "device_kind": kind,
+    "num_devices": n,
+    "params": facts["params"],
+    "flops_per_step": flops,
+    "flops_per_device": flops / n,
   }
   result.update(_memory(compiled))
   result["xla_flops_per_device"] = throughput.xla_flops(compiled)
@@ -84,7 +96,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if result["projected_step_s_at_40pct_mfu"] is None:
     result["note"] = throughput.describe_peak(kind)
   result["projected_step_s_at_40pct_mfu_by_kind"] = {
-      k: throughput.projected_step_s(flops, n, k) for k in throughput.PLANNING_KINDS}
+    k: throughput.projected_step_s(flops, n, k) for k in throughput.PLANNING_KINDS
+  }
   print(json.dumps(result), flush=True)
   return result
 
@@ -99,6 +112,10 @@ def _memory(compiled: Any) -> dict[str, Any]:
     return {"memory_per_device_gib": None}
   args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
   alias = mem.alias_size_in_bytes
-  return {"memory_per_device_gib": round((args + out + temp - alias) / GIB, 3),
-          "arguments_gib": round(args / GIB, 3), "outputs_gib": round(out / GIB, 3),
-          "temp_gib": round(temp / GIB, 3), "aliased_gib": round(alias / GIB, 3)}
+  return {
+    "memory_per_device_gib": round((args + out + temp - alias) / GIB, 3),
+    "arguments_gib": round(args / GIB, 3),
+    "outputs_gib": round(out / GIB, 3),
+    "temp_gib": round(temp / GIB, 3),
+    "aliased_gib": round(alias / GIB, 3),
+  }

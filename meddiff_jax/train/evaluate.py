@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,9 @@ from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax.models import conditions
 
 
-def make_eval_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any,
-                   num_buckets: int) -> Callable[[Any, dict, jax.Array], jax.Array]:
+def make_eval_step(
+  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any, num_buckets: int
+) -> Callable[[Any, dict, jax.Array], jax.Array]:
   """(params, batch, rng) -> (num_buckets,) mean loss with t drawn inside each of equal timestep buckets.
 
   High-t buckets measure global structure, low-t buckets fine texture; a single averaged loss hides
@@ -31,8 +33,9 @@ def make_eval_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sched
       t = jax.random.randint(t_rng, (n,), edges[b], edges[b + 1])
       noise = jax.random.normal(n_rng, x0.shape, jnp.float32)
       pred = apply_fn({"params": params}, schedules.q_sample(schedule, x0, t, noise), t, cond)
-      loss, _ = losses.diffusion_loss(schedule, pred, x0, noise, t, prediction_type=dcfg.prediction_type,
-                                      loss_type=dcfg.loss_type)
+      loss, _ = losses.diffusion_loss(
+        schedule, pred, x0, noise, t, prediction_type=dcfg.prediction_type, loss_type=dcfg.loss_type
+      )
       out.append(loss)
     return jnp.stack(out)
 
@@ -44,8 +47,9 @@ def bucket_names(num_buckets: int, num_timesteps: int) -> list[str]:
   return [f"val/loss_t{edges[b]:04d}-{edges[b + 1] - 1:04d}" for b in range(num_buckets)]
 
 
-def make_preview_sampler(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any,
-                         num_steps: int) -> Callable[[Any, jax.Array, dict], jax.Array]:
+def make_preview_sampler(
+  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any, num_steps: int
+) -> Callable[[Any, jax.Array, dict], jax.Array]:
   """(params, rng, cond) -> DDIM sample with the shape of cond's structures / patch, conditioned on cond."""
   timesteps = samplers.make_timesteps(schedule.num_timesteps, num_steps, "trailing")
   patch = config.data.patch_size
@@ -55,7 +59,8 @@ def make_preview_sampler(apply_fn: Callable[..., jax.Array], schedule: schedules
     noise_rng, rng = jax.random.split(rng)
     x_t = jax.random.normal(noise_rng, (n, patch, patch, patch, 1), jnp.float32)
     fn = lambda x, t: apply_fn({"params": params}, x, t, cond)
-    return samplers.sample(fn, schedule, timesteps, rng, x_t, method="ddim",
-                           prediction_type=config.diffusion.prediction_type)
+    return samplers.sample(
+      fn, schedule, timesteps, rng, x_t, method="ddim", prediction_type=config.diffusion.prediction_type
+    )
 
   return sample

@@ -11,24 +11,24 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from meddiff_jax import sections, storage
+from meddiff_jax import checkpoint, pretrained, sections, sharding, storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
 from meddiff_jax.models import conditions, trainable, unet3d
-from meddiff_jax import checkpoint, pretrained, sharding
 from meddiff_jax.train import evaluate, throughput
-from meddiff_jax.train import writer as writer_lib
-from meddiff_jax.train.metrics import TrainMetrics
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
+from meddiff_jax.train import writer as writer_lib
+from meddiff_jax.train.metrics import TrainMetrics
 
 
 class NonFiniteError(FloatingPointError):
@@ -45,6 +45,7 @@ class Trainee:
     so checkpoints do not store them again.
   metric_prefix: TensorBoard namespace of the training scalars.
   """
+
   apply_fn: Callable[..., jax.Array]
   init_params_fn: Callable[..., Any]
   schedule: schedules.Schedule
@@ -77,7 +78,7 @@ class TrainingSpec:
     sections.count(key + "profile_steps", self.profile_steps, 0)
 
   @classmethod
-  def from_config(cls, section: Any) -> "TrainingSpec":
+  def from_config(cls, section: Any) -> TrainingSpec:
     return sections.from_config(cls, section, "config.training")
 
 
@@ -100,7 +101,7 @@ class EvalSpec:
     sections.count(key + "sample_steps", self.sample_steps)
 
   @classmethod
-  def from_config(cls, section: Any) -> "EvalSpec":
+  def from_config(cls, section: Any) -> EvalSpec:
     return sections.from_config(cls, section, "config.eval")
 
 
@@ -121,7 +122,7 @@ class CheckpointSpec:
     sections.count(key + "preemption_check_every", self.preemption_check_every)
 
   @classmethod
-  def from_config(cls, section: Any) -> "CheckpointSpec":
+  def from_config(cls, section: Any) -> CheckpointSpec:
     return sections.from_config(cls, section, "config.checkpoint")
 
 
@@ -137,15 +138,17 @@ def itstime(step: int, every: int, total: int, stopping: bool = False) -> bool:
   return bool(every) and (step % every == 0 or step == total or stopping)
 
 
-def init_state(config: ml_collections.ConfigDict, trainee: Trainee, mesh: jax.sharding.Mesh, rules: Any
-               ) -> tuple[state_lib.TrainState, state_lib.TrainState, dict, Any]:
+def init_state(
+  config: ml_collections.ConfigDict, trainee: Trainee, mesh: jax.sharding.Mesh, rules: Any
+) -> tuple[state_lib.TrainState, state_lib.TrainState, dict, Any]:
   """(state, its shardings, trainable/frozen labels, optimizer); the labels are computed once, here."""
   with sharding.activate(mesh, rules):
     abstract = jax.eval_shape(trainee.init_params_fn, state_lib.init_key(config.seed), *trainee.init_args)
   labels = trainable.labels(sharding.strip_boxes(abstract), config.optimizer.trainable)
   tx = state_lib.make_optimizer(config.optimizer, labels)
-  state, shardings = state_lib.create(trainee.init_params_fn, tx, config.seed, mesh, rules,
-                                      config.sharding.min_shard_size, labels, trainee.init_args)
+  state, shardings = state_lib.create(
+    trainee.init_params_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size, labels, trainee.init_args
+  )
   return state, shardings, labels, tx
 
 
@@ -180,11 +183,13 @@ class PreemptionWatcher:
     if step % self.check_every:
       return False
     from jax.experimental import multihost_utils
+
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       trainee: Trainee | None = None) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, trainee: Trainee | None = None
+) -> dict[str, float]:
   """Runs (or resumes) training, pretraining unless a trainee is given; returns the last logged metrics.
 
   `config` was checked once by the entry point (checks.pretrain / checks.controlnet); not again here."""
@@ -197,9 +202,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule = trainee.schedule
   train_state, state_shardings, labels, tx = init_state(config, trainee, mesh, rules)
   lr_schedule = state_lib.learning_rate_schedule(config.optimizer)
-  writer_lib.progress(f"model {unet3d.count_params(train_state.params):,} params "
-                      f"({unet3d.count_params(train_state.ema_params):,} trained); mesh {dict(mesh.shape)} on "
-                      f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}")
+  writer_lib.progress(
+    f"model {unet3d.count_params(train_state.params):,} params "
+    f"({unet3d.count_params(train_state.ema_params):,} trained); mesh {dict(mesh.shape)} on "
+    f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}"
+  )
   # model FLOPs by which parts train (a ControlNet's config.model is its base's: train/controlnet.derive_config)
   flops_per_step = throughput.flops_for_config(config, pretrained.build_model(config)[1], labels)
   xla_flops_per_step = None
@@ -212,16 +219,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config.data.spacing = pipeline.training_spacing(config.data, store) or ()  # saved with every checkpoint
   train_store, val_store = pipeline.split_train_val(store, config.data)
   batch_sharding = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
-  make_batches = lambda seed: pipeline.GlobalBatches(pipeline.make_dataset(
-      train_store, config.data, batch_size=config.training.batch_size, seed=seed,
-      process_index=jax.process_index(), process_count=jax.process_count()), batch_sharding)
+  make_batches = lambda seed: pipeline.GlobalBatches(
+    pipeline.make_dataset(
+      train_store,
+      config.data,
+      batch_size=config.training.batch_size,
+      seed=seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ),
+    batch_sharding,
+  )
   batches = make_batches(config.seed)
 
-  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                 asynchronous=config.checkpoint.asynchronous)
+  ckpt = checkpoint.Checkpointer(
+    storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
+  )
   if config.restore:
-    restored = ckpt.restore_latest(checkpoint.abstract_target(stored(train_state), stored(state_shardings)),
-                                   batches.iterator)
+    restored = ckpt.restore_latest(
+      checkpoint.abstract_target(stored(train_state), stored(state_shardings)), batches.iterator
+    )
     if restored is not None:
       left_out = state_lib.checkpoint_split(train_state.params, labels, trainee.external)[1]
       train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
@@ -233,8 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, mesh, labels)
   # eval and previews use the EMA of the trained leaves with the frozen leaves as they are
   eval_params = lambda st: trainable.merge(trainable.split(st.params, labels)[1], st.ema_params)
-  eval_step = jax.jit(evaluate.make_eval_step(trainee.apply_fn, schedule, config, config.eval.num_buckets),
-                      in_shardings=(eval_params(state_shardings), batch_sharding, None))
+  eval_step = jax.jit(
+    evaluate.make_eval_step(trainee.apply_fn, schedule, config, config.eval.num_buckets),
+    in_shardings=(eval_params(state_shardings), batch_sharding, None),
+  )
   preview = jax.jit(evaluate.make_preview_sampler(trainee.apply_fn, schedule, config, config.eval.sample_steps))
 
   writer = writer_lib.MetricWriter(workdir)
@@ -253,8 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if batch is not None:
         t0 = time.perf_counter()
         compiled = train_step.lower(train_state, batch).compile()
-        writer_lib.progress(f"compiled the train step in {time.perf_counter() - t0:.1f} s; "
-                            f"{_memory_summary(compiled)}")
+        writer_lib.progress(f"compiled the train step in {time.perf_counter() - t0:.1f} s; {_memory_summary(compiled)}")
         xla_flops_per_step = _executed_flops(compiled, config)
       accumulated, pending = None, None
       t_log, steps_since = time.perf_counter(), 0
@@ -277,15 +295,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           scalars = {k: float(v) for k, v in accumulated.compute().items()}
           elapsed = time.perf_counter() - t_log
           scalars["steps_per_sec"] = steps_since / elapsed
-          scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size ** 3
-          scalars.update(throughput.step_metrics(scalars["steps_per_sec"], flops_per_step, config.training.batch_size,
-                                                 jax.device_count(), device_kind))
+          scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size**3
+          scalars.update(
+            throughput.step_metrics(
+              scalars["steps_per_sec"], flops_per_step, config.training.batch_size, jax.device_count(), device_kind
+            )
+          )
           scalars["flops_per_step"] = flops_per_step
           if xla_flops_per_step is not None:
             scalars["xla_flops_per_step"] = xla_flops_per_step
           writer.scalars(step, scalars, prefix=f"{trainee.metric_prefix}/")
-          writer_lib.progress(f"step {step}/{num_steps}  "
-                              + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec")))
+          writer_lib.progress(
+            f"step {step}/{num_steps}  " + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec"))
+          )
           last, accumulated = scalars, None
           t_log, steps_since = time.perf_counter(), 0
         if itstime(step, config.eval.every_steps, num_steps):
@@ -307,18 +329,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     preemption.close()
     ckpt.close()
     writer.close()
-  writer_lib.progress(writer_lib.closing_summary(
-      kind="ControlNet fine-tuning" if trainee.external else "pretraining", workdir=workdir, step=int(train_state.step), num_steps=num_steps, last=last,
-      last_val=last_val, checkpoints=ckpt.all_steps(), preempted=stopping, seconds=time.perf_counter() - t_start,
-      samples=bool(config.eval.sample_every_steps)))
+  writer_lib.progress(
+    writer_lib.closing_summary(
+      kind="ControlNet fine-tuning" if trainee.external else "pretraining",
+      workdir=workdir,
+      step=int(train_state.step),
+      num_steps=num_steps,
+      last=last,
+      last_val=last_val,
+      checkpoints=ckpt.all_steps(),
+      preempted=stopping,
+      seconds=time.perf_counter() - t_start,
+      samples=bool(config.eval.sample_every_steps),
+    )
+  )
   return last
 
 
 def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps) -> dict[str, float]:
   """Mean per-bucket validation loss over a fixed set of batches (the same batches every time)."""
-  ds = pipeline.make_dataset(val_store, config.data, batch_size=config.training.batch_size, seed=12345,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             num_batches=config.eval.num_batches)
+  ds = pipeline.make_dataset(
+    val_store,
+    config.data,
+    batch_size=config.training.batch_size,
+    seed=12345,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_batches=config.eval.num_batches,
+  )
   batches = pipeline.GlobalBatches(ds, batch_sharding)
   total = None
   for i in range(config.eval.num_batches):
@@ -336,8 +374,15 @@ def write_samples(preview, params, val_store, config, batch_sharding, writer, wo
   Reads one sample per process (the montage shows global sample 0), repeated to the batch the sampler
   is sharded for: the model treats samples independently, so sample 0 is what a full batch would give."""
   per_process = config.training.batch_size // jax.process_count()
-  ds = pipeline.make_dataset(val_store, config.data, batch_size=jax.process_count(), seed=777,
-                             process_index=jax.process_index(), process_count=jax.process_count(), num_batches=1)
+  ds = pipeline.make_dataset(
+    val_store,
+    config.data,
+    batch_size=jax.process_count(),
+    seed=777,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_batches=1,
+  )
   ds = ds.map(lambda b: {k: np.repeat(v, per_process, axis=0) for k, v in b.items()})
   batch = next(pipeline.GlobalBatches(ds, batch_sharding))
   cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
@@ -383,18 +428,24 @@ def _to_host(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_finite(step_metrics: dict[str, jax.Array], step: int, limit: int) -> None:
   consecutive = int(step_metrics["consecutive_nan"])
   if consecutive:
-    logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
-                    step, consecutive, int(step_metrics["nan_skips"]))
+    logging.warning(
+      "step %d: non-finite loss or gradient, update skipped (%d in a row, %d total)",
+      step,
+      consecutive,
+      int(step_metrics["nan_skips"]),
+    )
   if consecutive >= limit:
     raise NonFiniteError(
-        f"{consecutive} consecutive training steps had a NaN/inf loss or gradient (last at step {step}); "
-        f"stopping. Lower config.optimizer.learning_rate, enable grad_clip_norm, or check the data.")
+      f"{consecutive} consecutive training steps had a NaN/inf loss or gradient (last at step {step}); "
+      f"stopping. Lower config.optimizer.learning_rate, enable grad_clip_norm, or check the data."
+    )
 
 
 def _executed_flops(compiled: Any, config: ml_collections.ConfigDict) -> float | None:

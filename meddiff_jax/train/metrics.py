@@ -16,7 +16,7 @@ class Std(metrics.Std):
 
   def compute(self):
     mean = self.total / self.count
-    return jnp.clip(self.sum_of_squares / self.count - mean ** 2, min=0.0) ** 0.5
+    return jnp.clip(self.sum_of_squares / self.count - mean**2, min=0.0) ** 0.5
 
 
 @flax.struct.dataclass

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -51,7 +52,7 @@ class OptimizerSpec:
     sections.regexes(key + "trainable", self.trainable)
 
   @classmethod
-  def from_config(cls, section: Any) -> "OptimizerSpec":
+  def from_config(cls, section: Any) -> OptimizerSpec:
     return sections.from_config(cls, section, "config.optimizer")
 
 
@@ -70,12 +71,15 @@ def learning_rate_schedule(opt_config: Any) -> optax.Schedule:
   """Linear warmup, then constant (the paper's Adam 1e-4) or cosine decay to end_lr_factor * lr."""
   lr, warmup = opt_config.learning_rate, opt_config.warmup_steps
   if opt_config.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
   if opt_config.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=warmup, decay_steps=max(opt_config.decay_steps, warmup + 1),
-        end_value=lr * opt_config.end_lr_factor)
+      0.0,
+      lr,
+      warmup_steps=warmup,
+      decay_steps=max(opt_config.decay_steps, warmup + 1),
+      end_value=lr * opt_config.end_lr_factor,
+    )
   raise ValueError(f"config.optimizer.schedule={opt_config.schedule!r}; choose constant or cosine")
 
 
@@ -89,8 +93,15 @@ def make_optimizer(opt_config: Any, labels: Any = None) -> optax.GradientTransfo
   parts = []
   if opt_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
-  parts.append(optax.adamw(learning_rate_schedule(opt_config), b1=opt_config.b1, b2=opt_config.b2,
-                           eps=opt_config.eps, weight_decay=opt_config.weight_decay))
+  parts.append(
+    optax.adamw(
+      learning_rate_schedule(opt_config),
+      b1=opt_config.b1,
+      b2=opt_config.b2,
+      eps=opt_config.eps,
+      weight_decay=opt_config.weight_decay,
+    )
+  )
   tx = optax.chain(*parts)
   if labels is None or not trainable.has_frozen(labels):
     return tx
@@ -101,8 +112,10 @@ def checkpoint_split(tree: Any, labels: Any, external: tuple[str, ...] = ()) -> 
   """(checkpointed, left out) parts of a params-shaped tree: frozen leaves under the top-level keys in
   `external` (e.g. 'base': the pretrained model, reloaded from config.base_checkpoint) are not stored again."""
   flat = flax.traverse_util.flatten_dict(labels)
-  keep = {p: trainable.TRAINABLE if l == trainable.TRAINABLE or p[0] not in external else trainable.FROZEN
-          for p, l in flat.items()}
+  keep = {
+    p: trainable.TRAINABLE if l == trainable.TRAINABLE or p[0] not in external else trainable.FROZEN
+    for p, l in flat.items()
+  }
   return trainable.split(tree, flax.traverse_util.unflatten_dict(keep))
 
 
@@ -114,13 +127,19 @@ def init_key(seed: int) -> jax.Array:
 
 def float32_tree(tree: Any) -> Any:
   """Floating leaves as float32 (linen's partitioning boxes are pytree nodes, so they survive)."""
-  return jax.tree_util.tree_map(
-      lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def create(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int,
-           mesh: Mesh, rules: Any, min_shard_size: int = 0, labels: Any = None,
-           init_args: tuple = ()) -> tuple[TrainState, TrainState]:
+def create(
+  init_params_fn: Callable[..., Any],
+  tx: optax.GradientTransformation,
+  seed: int,
+  mesh: Mesh,
+  rules: Any,
+  min_shard_size: int = 0,
+  labels: Any = None,
+  init_args: tuple = (),
+) -> tuple[TrainState, TrainState]:
   """Initialise directly into its shardings.
 
   Args:
@@ -144,9 +163,16 @@ def create(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation,
   return state, shardings
 
 
-def abstract(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int,
-             mesh: Mesh, rules: Any, min_shard_size: int = 0, labels: Any = None,
-             init_args: tuple = ()) -> tuple[TrainState, TrainState]:
+def abstract(
+  init_params_fn: Callable[..., Any],
+  tx: optax.GradientTransformation,
+  seed: int,
+  mesh: Mesh,
+  rules: Any,
+  min_shard_size: int = 0,
+  labels: Any = None,
+  init_args: tuple = (),
+) -> tuple[TrainState, TrainState]:
   """What `create` would return, as ShapeDtypeStructs carrying their shardings (nothing allocated):
   for ahead-of-time compiles (train/dry_run.py)."""
   init_boxed, param_rng = _boxed_init(init_params_fn, tx, seed, labels)
@@ -158,8 +184,7 @@ def abstract(init_params_fn: Callable[..., Any], tx: optax.GradientTransformatio
   return state, shardings
 
 
-def _boxed_init(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int,
-                labels: Any = None):
+def _boxed_init(init_params_fn: Callable[..., Any], tx: optax.GradientTransformation, seed: int, labels: Any = None):
   param_rng, state_rng = init_key(seed), jax.random.key(seed + 1)
 
   def init_boxed(key, *args):
@@ -167,7 +192,14 @@ def _boxed_init(init_params_fn: Callable[..., Any], tx: optax.GradientTransforma
     master = float32_tree(params)  # EMA and optimizer moments are float32 whatever model.param_dtype is
     opt_state = tx.init(master)  # boxes propagate: Adam moments inherit the params' logical axes
     ema = master if labels is None else trainable.split(master, labels)[0]  # trainable leaves only
-    return TrainState(step=jnp.int32(0), params=params, ema_params=ema, opt_state=opt_state,
-                      rng=jax.random.key_data(state_rng), nan_skips=jnp.int32(0), consecutive_nan=jnp.int32(0))
+    return TrainState(
+      step=jnp.int32(0),
+      params=params,
+      ema_params=ema,
+      opt_state=opt_state,
+      rng=jax.random.key_data(state_rng),
+      nan_skips=jnp.int32(0),
+      consecutive_nan=jnp.int32(0),
+    )
 
   return init_boxed, param_rng

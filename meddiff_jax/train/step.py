@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax import sharding
 from meddiff_jax.data import pipeline
+from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax.models import conditions, trainable
 from meddiff_jax.train.state import TrainState, float32_tree
 
@@ -25,9 +26,11 @@ def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.Shap
   p, k = int(config.data.patch_size), int(config.model.structure_channels)
   if k and pipeline.packs_structures(config.data):
     k = 1  # one packed uint8 channel, expanded in the step (expand_structures)
-  spec = {conditions.IMAGE: jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
-          conditions.POS_BOX: jax.ShapeDtypeStruct((n, 3, 2), jnp.float32),
-          conditions.REGION: jax.ShapeDtypeStruct((n,), jnp.int32)}
+  spec = {
+    conditions.IMAGE: jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
+    conditions.POS_BOX: jax.ShapeDtypeStruct((n, 3, 2), jnp.float32),
+    conditions.REGION: jax.ShapeDtypeStruct((n,), jnp.int32),
+  }
   if k:
     spec[conditions.STRUCTURES] = jax.ShapeDtypeStruct((n, p, p, p, k), jnp.uint8)
   if config.data.hint:  # ControlNet's condition volume (data/multilevel.make_sample)
@@ -41,8 +44,12 @@ def expand_structures(cond: Batch, model_config: Any) -> Batch:
   s = cond.get(conditions.STRUCTURES)
   if s is None:
     return cond
-  return {**cond, conditions.STRUCTURES: conditions.unpack_if_packed(s, int(model_config.structure_channels),
-                                                                     int(model_config.structure_embed_dim))}
+  return {
+    **cond,
+    conditions.STRUCTURES: conditions.unpack_if_packed(
+      s, int(model_config.structure_channels), int(model_config.structure_embed_dim)
+    ),
+  }
 
 
 def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
@@ -55,8 +62,9 @@ def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
   return out
 
 
-def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any
-                 ) -> Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]:
+def make_loss_fn(
+  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any
+) -> Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]:
   """(params, batch, rng, frozen) -> (loss, aux) for one micro-batch.
 
   `params` are the trainable leaves (differentiated), `frozen` the rest of the same tree (models/trainable.py
@@ -82,8 +90,15 @@ def make_loss_fn(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedul
     full = trainable.merge(params, frozen) if frozen else params
     out = apply_fn({"params": full}, x_t, t, cond, train=True, rngs={"dropout": dropout_rng})
     loss, per_sample = losses.diffusion_loss(
-        schedule, out, x0, noise, t, prediction_type=dcfg.prediction_type, loss_type=dcfg.loss_type,
-        min_snr_gamma=dcfg.min_snr_gamma or None)
+      schedule,
+      out,
+      x0,
+      noise,
+      t,
+      prediction_type=dcfg.prediction_type,
+      loss_type=dcfg.loss_type,
+      min_snr_gamma=dcfg.min_snr_gamma or None,
+    )
     return loss, {"per_sample_loss": per_sample, "t": t}
 
   return loss_fn
@@ -95,17 +110,24 @@ def _split_micro(batch: Batch, k: int) -> Batch:
   Sample j of the batch goes to micro-batch j % k, so the contiguous per-device blocks of the sharded
   batch dimension stay per device after the reshape.
   """
+
   def split(x):
     if x.shape[0] % k:
       raise ValueError(f"batch {x.shape[0]} not divisible by grad_accum_steps={k}")
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
   return jax.tree_util.tree_map(split, batch)
 
 
-def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule,
-                    tx: optax.GradientTransformation, lr_schedule: optax.Schedule, config: Any,
-                    rules: Any = (), labels: Any = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+  apply_fn: Callable[..., jax.Array],
+  schedule: schedules.Schedule,
+  tx: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  config: Any,
+  rules: Any = (),
+  labels: Any = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Un-jitted step; see `jit_train_step` for the sharded, donated version.
 
   labels (models/trainable.py): only the trainable leaves are differentiated, updated and averaged into
@@ -146,8 +168,11 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # frozen leaves: zero "gradients" that set_to_zero ignores (dead code for XLA), never applied
-    full_grads = trainable.merge(grads, jax.tree_util.tree_map(
-        lambda x: jnp.zeros(x.shape, jnp.float32), frozen)) if frozen else grads
+    full_grads = (
+      trainable.merge(grads, jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), frozen))
+      if frozen
+      else grads
+    )
     updates, new_opt_state = tx.update(full_grads, state.opt_state, float32_tree(state.params))
     if frozen:
       updates = trainable.split(updates, labels)[0]
@@ -156,30 +181,31 @@ def make_train_step(apply_fn: Callable[..., jax.Array], schedule: schedules.Sche
     new_ema = optax.incremental_update(float32_tree(new_params), state.ema_params, step_size=1.0 - ema_decay)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
-        step=state.step + 1,
-        params=trainable.merge(keep(new_params, params), frozen) if frozen else keep(new_params, params),
-        ema_params=keep(new_ema, state.ema_params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
-        consecutive_nan=jnp.where(finite, 0, state.consecutive_nan + 1),
+      step=state.step + 1,
+      params=trainable.merge(keep(new_params, params), frozen) if frozen else keep(new_params, params),
+      ema_params=keep(new_ema, state.ema_params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
+      consecutive_nan=jnp.where(finite, 0, state.consecutive_nan + 1),
     )
     metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(params),
-        "learning_rate": lr_schedule(state.step),
-        "finite": finite.astype(jnp.float32),
-        "nan_skips": new_state.nan_skips,
-        "consecutive_nan": new_state.consecutive_nan,
-        "per_sample_loss_max": jnp.max(per_sample),
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": optax.tree.norm(params),
+      "learning_rate": lr_schedule(state.step),
+      "finite": finite.astype(jnp.float32),
+      "nan_skips": new_state.nan_skips,
+      "consecutive_nan": new_state.consecutive_nan,
+      "per_sample_loss_max": jnp.max(per_sample),
     }
     return new_state, metrics
 
   return step
 
 
-def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any,
-                   labels: Any = None) -> Callable:
+def jit_train_step(
+  step_fn: Callable, state_shardings: TrainState, batch_sharding: Any, mesh: Any, labels: Any = None
+) -> Callable:
   """jit with the state donated and laid out by its shardings; metrics replicated.
 
   With frozen leaves (labels), those are a read-only input at the jit boundary rather than part of the
@@ -188,8 +214,12 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_shardin
   """
   metrics_sharding = sharding.replicated(mesh)
   if labels is None or not trainable.has_frozen(labels):
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
+    return jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, metrics_sharding),
+      donate_argnums=(0,),
+    )
 
   def split(state):
     moving, frozen = trainable.split(state.params, labels)
@@ -201,8 +231,15 @@ def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_shardin
     new_state, metrics = step_fn(moving.replace(params=trainable.merge(moving.params, frozen)), batch)
     return split(new_state)[0], metrics
 
-  return _FrozenInput(jax.jit(inner, in_shardings=(moving_shardings, batch_sharding, frozen_shardings),
-                              out_shardings=(moving_shardings, metrics_sharding), donate_argnums=(0,)), split)
+  return _FrozenInput(
+    jax.jit(
+      inner,
+      in_shardings=(moving_shardings, batch_sharding, frozen_shardings),
+      out_shardings=(moving_shardings, metrics_sharding),
+      donate_argnums=(0,),
+    ),
+    split,
+  )
 
 
 class _FrozenInput:

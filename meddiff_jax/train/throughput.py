@@ -20,15 +20,15 @@ from meddiff_jax.models import controlnet, trainable, unet3d
 # Dense bf16 peak FLOP/s per device (vendor datasheets). Matched as substrings of jax's device_kind,
 # first match wins (so "TPU v5 lite" comes before "TPU v5").
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6 lite", 918e12),  # v6e
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v4", 275e12),
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("L4", 121e12),
+  ("TPU v6 lite", 918e12),  # v6e
+  ("TPU v5 lite", 197e12),  # v5e
+  ("TPU v5", 459e12),  # v5p
+  ("TPU v4", 275e12),
 )
 
 PLANNING_KINDS = ("H100", "TPU v5p", "TPU v5 lite")  # dry-run projections for these whatever the host is
@@ -48,8 +48,9 @@ def train_flops_per_step(spec: unet3d.UNetSpec, patch_size: int, batch_size: int
   return 3.0 * unet3d.forward_flops(spec, (patch_size,) * 3, batch=batch_size)
 
 
-def train_flops(spec: unet3d.UNetSpec, patch_size: int, batch_size: int, labels: dict,
-                hint_hidden: tuple[int, ...] | None = None) -> float:
+def train_flops(
+  spec: unet3d.UNetSpec, patch_size: int, batch_size: int, labels: dict, hint_hidden: tuple[int, ...] | None = None
+) -> float:
   """Model FLOPs of one optimizer step, by which parts train (`labels`: models/trainable.labels of the
   param tree; a tree with a 'controlnet' key is a ControlledUNet, `hint_hidden` its hint encoder).
 
@@ -80,12 +81,15 @@ def xla_flops(compiled: Any) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def step_metrics(steps_per_sec: float, flops_per_step: float, samples_per_step: int, num_devices: int,
-                 device_kind: str) -> dict[str, float]:
+def step_metrics(
+  steps_per_sec: float, flops_per_step: float, samples_per_step: int, num_devices: int, device_kind: str
+) -> dict[str, float]:
   """Per-device throughput of the last logging interval; `mfu` only when the device kind's peak is known."""
   tflops = steps_per_sec * flops_per_step / num_devices / 1e12
-  out = {"samples_per_sec_per_device": steps_per_sec * samples_per_step / num_devices,
-         "tflops_per_sec_per_device": tflops}
+  out = {
+    "samples_per_sec_per_device": steps_per_sec * samples_per_step / num_devices,
+    "tflops_per_sec_per_device": tflops,
+  }
   peak = peak_flops(device_kind)
   if peak:
     out["mfu"] = tflops * 1e12 / peak

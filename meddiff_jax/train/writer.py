@@ -13,7 +13,8 @@ import json
 import socket
 import struct
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -116,9 +117,19 @@ def format_scalars(values: Mapping[str, float], keys: tuple[str, ...]) -> str:
   return "  ".join(f"{k} {values[k]:.4g}" for k in keys if k in values)
 
 
-def closing_summary(*, kind: str, workdir: str, step: int, num_steps: int, last: Mapping[str, float],
-                    last_val: Mapping[str, float], checkpoints: list[int], preempted: bool,
-                    seconds: float, samples: bool = False) -> str:
+def closing_summary(
+  *,
+  kind: str,
+  workdir: str,
+  step: int,
+  num_steps: int,
+  last: Mapping[str, float],
+  last_val: Mapping[str, float],
+  checkpoints: list[int],
+  preempted: bool,
+  seconds: float,
+  samples: bool = False,
+) -> str:
   """The lines a run ends on: what ran, final losses, where everything is, how to look at it."""
   state = "preempted at" if preempted else "finished at"
   lines = [f"{kind} {state} step {step}/{num_steps} in {seconds:.0f} s."]
