@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.Path, pathlib.Path]:
   """The benchmark volumes prepared into tmp/store, zarr by default (prepare's `auto` would pick npy for a
   local folder, and the zarr rows would silently measure .npy: what pipeline_margin.py's first table did)."""
-  from configs import prepare as prepare_config
+  from meddiff_jax.configs import prepare as prepare_config
   from meddiff_jax.data import nifti, phantom, prepare
 
   src = tmp / "nifti"
@@ -64,7 +64,7 @@ def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.
 
 
 def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.data import pipeline, store
 
   cfg = pretrain.get_config("tiny").data  # every data key, with its visible default

@@ -1,4 +1,7 @@
-"""Entry point: `python -m meddiff_jax.main --config=configs/NAME.py[:preset] --workdir=DIR --config.key=value`.
+"""Entry point: `meddiff --config=NAME[:preset] --workdir=DIR --config.key=value` (or `python -m meddiff_jax.main`).
+
+--config takes a shipped config's name (`denoise`, `pretrain:paper`) or a config file's path (`configs/denoise.py`,
+`my_run.py:arg`): meddiff_jax/config_files.py.
 
 `config.mode` picks the job: train (pretraining), controlnet (fine-tuning), prepare (offline data
 conversion), evaluate (the paper's protocols), export (a training run as config.json + params.msgpack) or one
@@ -17,16 +20,17 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from meddiff_jax import checks, pretrained, storage
+from meddiff_jax import checks, config_files, pretrained, storage
 from meddiff_jax.benchmarking import run as evaluation
 from meddiff_jax.data import nifti, prepare
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Path to a config file, optionally :preset.", lock_config=True
+_CONFIG = config_files.define_config_flag(
+  "config",
+  "A shipped config's name (demo, denoise, pretrain:paper, ...) or a config file's path[:preset].",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// / s3:// URL) for logs and checkpoints.")
 
@@ -125,7 +129,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
-    fail("--config is required, e.g. --config=configs/demo.py")
+    fail(f"--config is required, e.g. --config=demo; the shipped configs: {', '.join(config_files.names())}")
   command = COMMANDS.get(config.mode)
   if command is None:
     fail(f"config.mode={config.mode!r}; choose one of {list(COMMANDS)}")
@@ -144,5 +148,18 @@ def main(argv: list[str]) -> None:
     fail(e)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a flag mistake (an unknown --config name, a bad preset) on the one error path."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(e)
+
+
+def run() -> None:
+  """The `meddiff` console command ([project.scripts] in pyproject.toml)."""
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain
+from meddiff_jax.configs import pretrain
 from meddiff_jax.data import multilevel, nifti, pipeline, preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common, synthesis

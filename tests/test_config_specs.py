@@ -15,9 +15,9 @@ import ml_collections
 import pytest
 from conftest import REPO, override, run_main, tiny_config
 
-from configs import controlnet as controlnet_configs
-from configs import input_options, pretrain
 from meddiff_jax import checks, pretrained, sharding
+from meddiff_jax.configs import controlnet as controlnet_configs
+from meddiff_jax.configs import input_options, pretrain
 from meddiff_jax.data import multilevel, nifti, pipeline
 from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
@@ -233,14 +233,14 @@ TASK_BAD = [(t, k, v) for t in TASK_CONFIGS for k, v in COMMON_TASK_BAD] + [
 @pytest.mark.parametrize("task,key,bad", TASK_BAD, ids=[f"{t}:{k}={v!r}" for t, k, v in TASK_BAD])
 def test_task_bad_value_names_the_key(task, key, bad):
   """The spec runs before the paths are looked at: the defaults' empty input / output do not matter."""
-  config = override(importlib.import_module(f"configs.{task}").get_config(), **{key: bad})
+  config = override(importlib.import_module(f"meddiff_jax.configs.{task}").get_config(), **{key: bad})
   with pytest.raises(ValueError) as e:
     checks.task(config)
   assert_names(e, key, bad)
 
 
 def test_evaluate_checks_the_task_config_it_will_run():
-  from configs import evaluate
+  from meddiff_jax.configs import evaluate
 
   with pytest.raises(checks.ConfigError, match=re.escape("config.sampler='euler'")):
     checks.evaluate(override(evaluate.get_config(), sampler="euler"))
@@ -282,7 +282,7 @@ def test_checks_pretrain_refuses_an_unknown_key_in_every_section(name):
 
 @pytest.mark.parametrize("task", TASK_CONFIGS)
 def test_task_unknown_keys_are_refused(task):
-  config = importlib.import_module(f"configs.{task}").get_config()
+  config = importlib.import_module(f"meddiff_jax.configs.{task}").get_config()
   config.bogus = 1
   with pytest.raises(checks.ConfigError, match=re.escape("config has unknown keys ['bogus']; valid keys: ")):
     checks.task(config)
@@ -293,7 +293,7 @@ def test_task_unknown_keys_are_refused(task):
 
 
 def test_a_key_of_another_task_is_refused():
-  config = importlib.import_module("configs.denoise").get_config()
+  config = importlib.import_module("meddiff_jax.configs.denoise").get_config()
   config.noise_t = 950  # anomaly's
   with pytest.raises(checks.ConfigError, match=re.escape("unknown keys ['noise_t']")):
     checks.task(config)
@@ -328,7 +328,7 @@ def test_every_pretrain_preset_passes(preset, devices, tmp_path):
 
 @pytest.mark.parametrize("name", ["demo", "tiny_ct"])
 def test_every_training_config_file_passes(name, tmp_path):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"meddiff_jax.configs.{name}").get_config()
   if config.data.source == "prepared":
     config.data.prepared_dir = str(tmp_path)
   checks.pretrain(config, num_devices=1)
@@ -346,7 +346,7 @@ def test_controlnet_presets_and_their_derived_configs_pass(preset):
 
 @pytest.mark.parametrize("task", TASK_CONFIGS)
 def test_every_task_config_passes_its_spec(task):
-  config = importlib.import_module(f"configs.{task}").get_config()
+  config = importlib.import_module(f"meddiff_jax.configs.{task}").get_config()
   spec = checks.TASK_SPECS[task].from_config(config)
   assert spec.mode == task and spec.read == nifti.ReadOptions.from_config(config)
 
@@ -354,7 +354,7 @@ def test_every_task_config_passes_its_spec(task):
 def test_prepare_evaluate_export_configs_pass(tmp_path):
   from conftest import prepare_config
 
-  from configs import evaluate, export
+  from meddiff_jax.configs import evaluate, export
 
   checks.prepare(prepare_config(tmp_path, tmp_path / "out"))
   checks.evaluate(evaluate.get_config())

@@ -24,7 +24,7 @@ from meddiff_jax.train import step as step_lib
 
 
 def cn_config(**kw):
-  from configs import controlnet as cfg
+  from meddiff_jax.configs import controlnet as cfg
 
   c = cfg.get_config("sr")
   c.training.update(batch_size=8, num_steps=3, log_every=1)
@@ -323,8 +323,8 @@ def test_finetune_command_saves_only_the_branch_and_resumes_bitwise(tmp_path):
 
 @pytest.mark.slow
 def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path):
-  from configs import pretrain
   from meddiff_jax import checkpoint
+  from meddiff_jax.configs import pretrain
 
   config = pretrain.get_config("tiny")
   mesh = mesh_of({"data": 1})

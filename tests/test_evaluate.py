@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import override, run_main
 
-from configs import evaluate as evaluate_config
 from meddiff_jax import checks
 from meddiff_jax.benchmarking import adapters, datasets
 from meddiff_jax.benchmarking import run as bench
+from meddiff_jax.configs import evaluate as evaluate_config
 from meddiff_jax.data import nifti, phantom, preprocess
 from meddiff_jax.evaluation import extractors, frechet, segmenters
 
