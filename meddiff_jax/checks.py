@@ -30,11 +30,11 @@ import jax
 import ml_collections
 
 from meddiff_jax import pretrained, sections, sharding, storage
-from meddiff_jax.benchmarking import adapters, protocols
 from meddiff_jax.data import nifti, pipeline, preprocess, regions
 from meddiff_jax.data import store as store_lib
 from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
+from meddiff_jax.protocols import adapters, paper
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet as controlnet_lib
 from meddiff_jax.train import loop
@@ -176,9 +176,9 @@ CONTROLNET_PROTOCOLS = ("super_resolution", "lesion", "inpainting")
 
 
 def evaluate(config: Config) -> Config:
-  """configs/evaluate.py (the cases themselves are read and checked by benchmarking/datasets.py)."""
-  if config.protocol not in protocols.PROTOCOLS:
-    raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(protocols.PROTOCOLS)}")
+  """configs/evaluate.py (the cases themselves are read and checked by protocols/datasets.py)."""
+  if config.protocol not in paper.PROTOCOLS:
+    raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(paper.PROTOCOLS)}")
   if (
     config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not _is_controlnet_workdir(config.controlnet)
   ):

@@ -20,8 +20,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from meddiff_jax import checks, pretrained, storage
-from meddiff_jax.benchmarking import run as evaluation
 from meddiff_jax.data import nifti, prepare
+from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
 
@@ -101,7 +101,7 @@ COMMANDS: dict[str, Command] = {
   "train": Command(checks.pretrain, train, workdir=True, distributed=True),
   "controlnet": Command(checks.controlnet, controlnet.finetune, workdir=True, distributed=True),
   "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
-  "evaluate": Command(checks.evaluate, evaluation.run, workdir=True, user_errors=INPUT_ERRORS),
+  "evaluate": Command(checks.evaluate, evaluate.run, workdir=True, user_errors=INPUT_ERRORS),
   "export": Command(checks.export, export),
   "denoise": Command(checks.task, task(denoise.run), user_errors=(nifti.VolumeError,)),
   "anomaly": Command(checks.task, task(anomaly.run), user_errors=(nifti.VolumeError,)),

@@ -12,10 +12,9 @@ from conftest import override, run_main
 
 from configs import evaluate as evaluate_config
 from meddiff_jax import checks
-from meddiff_jax.benchmarking import adapters, datasets
-from meddiff_jax.benchmarking import run as bench
 from meddiff_jax.data import nifti, phantom, preprocess
 from meddiff_jax.evaluation import extractors, frechet, segmenters
+from meddiff_jax.protocols import adapters, datasets, evaluate
 
 SHAPE, SPACING = (24, 24, 20), (12.0, 12.0, 12.0)
 
@@ -83,7 +82,7 @@ def test_csv_is_read_and_denoising_baselines_scored(tmp_path):
   cases = datasets.read_cases(_config(pairs=csv))
   assert [c.id for c in cases] == ["case0", "case1"]
   assert cases[0].paths["low"] == str(tmp_path / "low0.nii.gz")
-  out = bench.run(_config(pairs=csv, skip_model=True), str(tmp_path / "w"))
+  out = evaluate.run(_config(pairs=csv, skip_model=True), str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   assert res["aggregate"]["window_hu"] == [-120.0, 240.0] and res["aggregate"]["data_range"] == 360.0
   low = res["cases"][0]["metrics"]["low-dose input"]
@@ -144,7 +143,7 @@ def test_mayo2016_layout_dicom_round_trip_and_errors(tmp_path):
   # RAS orientation and HU survive DICOM (LPS, rescale, reversed InstanceNumber): voxels equal the phantom's
   np.testing.assert_allclose(vol.data, np.clip(np.round(truth["L067"]), -1024, 3071), atol=0.5)
   assert vol.spacing == pytest.approx(sp)
-  bench.run(_config(dataset="mayo2016", data_root=str(root), skip_model=True), str(tmp_path / "w"))
+  evaluate.run(_config(dataset="mayo2016", data_root=str(root), skip_model=True), str(tmp_path / "w"))
   assert len(_results(tmp_path / "w")["cases"]) == 2
   # missing: a patient without full-dose scans
   os.makedirs(root / "L109" / "quarter_3mm")
@@ -203,7 +202,7 @@ def test_bmad_liver_layout_anomaly_protocol_and_errors(tmp_path):
   assert {c.is_abnormal for c in cases} == {0, 1} and all("label" in c.paths for c in cases if c.is_abnormal)
   vol = datasets.load_volume(cases[0].paths["image"], png_depth=8)
   assert vol.shape == (24, 24, 8) and vol.data.min() == -1024.0 and vol.data.max() <= 240.0 + 1e-3
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   agg = _results(tmp_path / "w")["aggregate"]["no-prior residual"]
   assert set(agg) == {"volume", "slice", "pixel"} and agg["pixel"]["n_positive"] > 0
   # missing label of an abnormal slice
@@ -231,13 +230,13 @@ def test_rplhr_ct_layout_super_resolution_reference_rows_and_errors(tmp_path):
     nifti.save(thick, root / "test" / "5mm" / f"case{i}.nii.gz")
   cfg = _config(protocol="super_resolution", dataset="rplhr_ct", data_root=str(root), skip_model=True)
   assert [c.id for c in datasets.read_cases(cfg)] == ["case0", "case1"]
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   agg = _results(tmp_path / "w")["aggregate"]
   assert agg["window_hu"] == [-1400.0, 400.0]  # chest window by default
   assert agg["cubic"]["psnr"]["mean"] > 10 and agg["trilinear"]["psnr"]["n"] == 2
   (root / "test" / "1mm" / "case1.nii.gz").write_bytes(b"\x1f\x8b truncated")
   with pytest.raises(nifti.VolumeError, match="case1.nii.gz: not a readable NIfTI"):
-    bench.run(cfg, str(tmp_path / "w2"))
+    evaluate.run(cfg, str(tmp_path / "w2"))
   os.remove(root / "test" / "1mm" / "case1.nii.gz")
   with pytest.raises(datasets.DatasetError, match="thin-slice partner"):
     datasets.read_cases(cfg)
@@ -273,7 +272,7 @@ def test_msd_layout_split_lesion_protocol_and_errors(tmp_path, task, dataset):
   train = datasets.read_cases(_config(protocol="lesion", dataset=dataset, data_root=root, split="train"))
   assert len(test) == 1 and len(train) == 4 and not {c.id for c in test} & {c.id for c in train}
   assert test[0].mask_labels == ((2,) if "Liver" in task else (1,))
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   # nothing generated: the threshold segmentation of the unchanged scan finds no lesion
   assert res["cases"][0]["metrics"]["input scan (no change)"]["dice"] == 0.0
@@ -307,7 +306,7 @@ def test_tcia_lymph_nodes_layout_nifti_and_dicom_and_errors(tmp_path):
   cases = datasets.read_cases(cfg)
   assert [c.id for c in cases] == ["MED_LYMPH_001", "MED_LYMPH_002"]  # the MED subset by default
   assert os.path.isdir(cases[1].paths["image"])
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   assert len(_results(tmp_path / "w")["cases"]) + len(_results(tmp_path / "w")["aggregate"]["skipped"]) == 2
   os.remove(root / "images" / "MED_LYMPH_001.nii.gz")
   with pytest.raises(datasets.DatasetError, match="MED_LYMPH_001: CT missing"):
@@ -337,7 +336,7 @@ def test_synthesis_with_a_random_flax_extractor_and_a_predictions_folder(tmp_pat
     lab = nifti.load(tmp_path / f"lab{i}.nii.gz", is_mask=True)
     nifti.save(lab, preds / f"s{i}_real.nii.gz")
   cfg = _config(protocol="synthesis", pairs=csv, skip_model=True, extractor=ext_dir, segmenter=f"predictions:{preds}")
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   agg = _results(tmp_path / "w")["aggregate"]["real images (reference)"]
   assert agg["dice"]["mean"] == pytest.approx(1.0)
   assert agg["frechet_distance"] == pytest.approx(0.0, abs=1e-6)  # real vs itself
@@ -384,9 +383,9 @@ def test_absent_plugins_are_one_line_errors_naming_what_to_provide(tmp_path):
     segmenters.Segmenter("nnunet")
   csv = _synthesis_csv(tmp_path)
   with pytest.raises(FileNotFoundError, match="no feature extractor configured"):
-    bench.run(_config(protocol="synthesis", pairs=csv, skip_model=True, segmenter="none"), str(tmp_path / "w"))
+    evaluate.run(_config(protocol="synthesis", pairs=csv, skip_model=True, segmenter="none"), str(tmp_path / "w"))
   with pytest.raises(ValueError, match="anatomy segmenter"):
-    bench.run(_config(protocol="synthesis", pairs=csv, skip_model=True, extractor="none"), str(tmp_path / "w"))
+    evaluate.run(_config(protocol="synthesis", pairs=csv, skip_model=True, extractor="none"), str(tmp_path / "w"))
 
 
 def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
@@ -489,7 +488,7 @@ def test_anomaly_protocol_runs_the_anomaly_task_on_bmad_slices(tmp_path):
   cfg = _config(
     protocol="anomaly", dataset="bmad_liver", data_root=root, png_depth=16, num_steps=2, overlap=0.0, max_cases=2
   )
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   case = res["cases"][0]
   amap = nifti.load(tmp_path / "w" / "cases" / case["id"] / "anomaly_map.nii.gz").data

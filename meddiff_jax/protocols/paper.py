@@ -1,4 +1,4 @@
-"""The paper's evaluation protocols: per case, run the task (benchmarking/adapters.py) and the protocol's
+"""The paper's evaluation protocols: per case, run the task (protocols/adapters.py) and the protocol's
 reference rows, score with evaluation/, aggregate, and format the table the paper reports.
 
 Every protocol returns `Result(rows, cases, aggregate, table)`; `rows` are the methods in table order.
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from meddiff_jax.benchmarking import adapters, datasets
 from meddiff_jax.data import nifti, preprocess
 from meddiff_jax.evaluation import baselines, extractors, frechet, metrics, scores, segmenters
+from meddiff_jax.protocols import adapters, datasets
 
 MODEL = "MedDiff-FM"
 # What the paper reports (../shared/PAPER_NOTES.md section 5), printed under each table.
