@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from meddiff_jax import checks, pretrained, storage
-from meddiff_jax.data import nifti, prepare
+from meddiff_jax.data import prepare, volumes
 from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
@@ -103,11 +103,11 @@ COMMANDS: dict[str, Command] = {
   "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
   "evaluate": Command(checks.evaluate, evaluate.run, workdir=True, user_errors=INPUT_ERRORS),
   "export": Command(checks.export, export),
-  "denoise": Command(checks.task, task(denoise.run), user_errors=(nifti.VolumeError,)),
-  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(nifti.VolumeError,)),
-  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(nifti.VolumeError,)),
-  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(nifti.VolumeError,)),
-  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(nifti.VolumeError,)),
+  "denoise": Command(checks.task, task(denoise.run), user_errors=(volumes.VolumeError,)),
+  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(volumes.VolumeError,)),
+  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(volumes.VolumeError,)),
+  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(volumes.VolumeError,)),
+  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(volumes.VolumeError,)),
 }
 # What a check may raise: a wrong value, a path that does not exist, a missing gs:// / s3:// extra.
 CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)

@@ -18,7 +18,7 @@ from conftest import REPO, override, run_main, tiny_config
 from configs import controlnet as controlnet_configs
 from configs import input_options, pretrain
 from meddiff_jax import checks, pretrained, sharding
-from meddiff_jax.data import multilevel, nifti, pipeline
+from meddiff_jax.data import multilevel, pipeline, volumes
 from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import controlnet as controlnet_lib
@@ -348,7 +348,7 @@ def test_controlnet_presets_and_their_derived_configs_pass(preset):
 def test_every_task_config_passes_its_spec(task):
   config = importlib.import_module(f"configs.{task}").get_config()
   spec = checks.TASK_SPECS[task].from_config(config)
-  assert spec.mode == task and spec.read == nifti.ReadOptions.from_config(config)
+  assert spec.mode == task and spec.read == volumes.ReadOptions.from_config(config)
 
 
 def test_prepare_evaluate_export_configs_pass(tmp_path):
@@ -388,8 +388,8 @@ def test_unet_spec_defaults_are_the_paper_model_of_configs_pretrain():
 def test_read_options_defaults_equal_configs_input_options():
   """ReadOptions() (library callers) and the command line's defaults (configs/input_options.py) agree."""
   config = input_options.add_input_options(ml_collections.ConfigDict())
-  assert nifti.ReadOptions() == nifti.ReadOptions.from_section(config)
-  assert set(dataclasses.asdict(nifti.ReadOptions())) == set(nifti.INPUT_KEYS[:-1]) | set(config.limits)
+  assert volumes.ReadOptions() == volumes.ReadOptions.from_section(config)
+  assert set(dataclasses.asdict(volumes.ReadOptions())) == set(volumes.INPUT_KEYS[:-1]) | set(config.limits)
 
 
 def test_hint_names_agree():
