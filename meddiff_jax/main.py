@@ -22,8 +22,8 @@ import ml_collections
 from absl import app, flags, logging
 
 from meddiff_jax import checks, config_files, pretrained, storage
-from meddiff_jax.benchmarking import run as evaluation
-from meddiff_jax.data import nifti, prepare
+from meddiff_jax.data import prepare, volumes
+from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
 
@@ -105,13 +105,13 @@ COMMANDS: dict[str, Command] = {
   "train": Command(checks.pretrain, train, workdir=True, distributed=True),
   "controlnet": Command(checks.controlnet, controlnet.finetune, workdir=True, distributed=True),
   "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
-  "evaluate": Command(checks.evaluate, evaluation.run, workdir=True, user_errors=INPUT_ERRORS),
+  "evaluate": Command(checks.evaluate, evaluate.run, workdir=True, user_errors=INPUT_ERRORS),
   "export": Command(checks.export, export),
-  "denoise": Command(checks.task, task(denoise.run), user_errors=(nifti.VolumeError,)),
-  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(nifti.VolumeError,)),
-  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(nifti.VolumeError,)),
-  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(nifti.VolumeError,)),
-  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(nifti.VolumeError,)),
+  "denoise": Command(checks.task, task(denoise.run), user_errors=(volumes.VolumeError,)),
+  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(volumes.VolumeError,)),
+  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(volumes.VolumeError,)),
+  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(volumes.VolumeError,)),
+  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(volumes.VolumeError,)),
 }
 # What a check may raise: a wrong value, a path that does not exist, a missing gs:// / s3:// extra.
 CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)

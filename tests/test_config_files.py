@@ -8,7 +8,7 @@ from conftest import REPO, override, run_main
 
 import meddiff_jax.configs
 from meddiff_jax import config_files
-from meddiff_jax.benchmarking import adapters
+from meddiff_jax.protocols import adapters
 
 # every shipped config with each of its presets (None: called without one)
 PRESETS = {

@@ -94,7 +94,7 @@ CHECKS = """
 import json, pathlib, sys
 import meddiff_jax
 from meddiff_jax import config_files
-from meddiff_jax.benchmarking import adapters
+from meddiff_jax.protocols import adapters
 out = dict(package=meddiff_jax.__file__, names=config_files.names())
 out["user_file"] = config_files.load("my_pretrain.py:paper").training.num_steps
 try:
