@@ -14,8 +14,8 @@ PACKAGE = REPO / "meddiff_jax"
 FLOORS = (
   ("models", "sections", "storage"),
   ("diffusion", "data"),
-  ("evaluation", "config_files"),
-  ("checkpoint", "sharding"),
+  ("evaluation", "configs"),
+  ("checkpoint", "sharding", "config_files"),
   ("pretrained",),
   ("train", "tasks"),
   ("protocols",),
@@ -29,7 +29,8 @@ FLOOR = {layer: floor for floor, layers in enumerate(FLOORS) for layer in layers
 def module_files() -> dict[str, object]:
   """'meddiff_jax.data.volumes' -> its path, for every module of the package."""
   out = {}
-  for path in sorted(PACKAGE.rglob("*.py")):
+  # configs/ is a link into the package (meddiff_jax.configs), which rglob does not follow
+  for path in sorted([*PACKAGE.rglob("*.py"), *(PACKAGE / "configs").glob("*.py")]):
     parts = path.relative_to(REPO).with_suffix("").parts
     out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
   return out
