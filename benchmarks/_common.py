@@ -55,9 +55,7 @@ def scan_spacing(args, pre) -> tuple[float, float, float] | None:
   if args.spacing == "native":
     return None
   if args.spacing == "prior":
-    from meddiff_jax.data import pipeline
-
-    spacing = pipeline.training_spacing(pre.config.data)  # what the tasks resample to
+    spacing = pre.data.training_spacing()  # what the tasks resample to
     if spacing is None:
       raise SystemExit(f"--spacing=prior: {args.checkpoint} records no training spacing")
     return spacing

@@ -56,7 +56,8 @@ def main():
     config = pretrain.get_config(preset)
     config.model.dtype = "float32"
     config.data.patch_size = window
-    model, spec = pretrained.build_model(config)
+    spec = unet3d.UNetSpec.from_config(config.model)
+    model = unet3d.UNet3D(spec)
     x, t, cond = pretrained.dummy_inputs(spec, window)
     rep = lambda a: jnp.repeat(a, batch, axis=0)
     x, t, cond = rep(x), rep(t), jax.tree_util.tree_map(rep, cond)

@@ -66,6 +66,7 @@ def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.
 def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
   from meddiff_jax.configs import pretrain
   from meddiff_jax.data import pipeline, store
+  from meddiff_jax.data.spec import DataSpec
 
   cfg = pretrain.get_config("tiny").data  # every data key, with its visible default
   cfg.update(
@@ -77,7 +78,7 @@ def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
     worker_count=0,
     class_map="",
   )
-  ds = pipeline.make_dataset(store.PreparedStore(str(store_dir)), cfg, batch_size=4, seed=0)
+  ds = pipeline.make_dataset(store.PreparedStore(str(store_dir)), DataSpec.from_config(cfg), batch_size=4, seed=0)
   it = iter(ds)
   next(it)  # warm-up: first touches of the memory maps
   t0 = time.perf_counter()

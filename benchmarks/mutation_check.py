@@ -192,8 +192,8 @@ MUTANTS = [
   (
     "anomaly: noise level one grid step low",
     "meddiff_jax/tasks/anomaly.py",
-    "denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t),",
-    "denoise.partial_diffusion(fn, pre.schedule, y, int(config.noise_t) - 10,",
+    "fn, pre.schedule, y, task.noise_t, task.num_steps,",
+    "fn, pre.schedule, y, task.noise_t - 10, task.num_steps,",
     [T_ALG, "-k", "anomaly"],
   ),
   (

@@ -42,13 +42,13 @@ OPERATIONS = ("whole", "zoom2", "patch")  # the order of data.operation_probs
 
 
 def demand(gpus: int, device_kind: str, mfu: float) -> dict[str, float]:
-  from meddiff_jax import pretrained
   from meddiff_jax.configs import pretrain
+  from meddiff_jax.models import unet3d
   from meddiff_jax.train import throughput
 
   config = pretrain.get_config("paper")
-  spec = pretrained.build_model(config)[1]
-  flops = throughput.flops_for_config(config, spec)
+  spec = unet3d.UNetSpec.from_config(config.model)
+  flops = throughput.train_flops_per_step(spec, config.data.patch_size, config.training.batch_size)
   step_s = throughput.projected_step_s(flops, gpus, device_kind, mfu)
   batch = int(config.training.batch_size)
   return {
@@ -93,6 +93,17 @@ class _SlicedBytes:
     hu, labels, region = self.base.load(index)
     return self._wrap(hu), self._wrap(labels), region
 
+  def load_lowres(self, index):
+    return self.base.load_lowres(index)
+
+  @property
+  def splits(self):
+    return self.base.splits
+
+  @property
+  def records(self):
+    return self.base.records
+
   def load_whole(self, index, size):
     level = self.base.load_whole(index, size)
     if level is not None:
@@ -102,16 +113,19 @@ class _SlicedBytes:
 
 def cpu_seconds_per_sample(store_dir: pathlib.Path, n: int, pack: bool) -> dict[str, float]:
   """Per operation: (process CPU s, wall s, bytes read) per paper-preset sample, one thread, after a warm-up."""
+  import dataclasses
+
   from meddiff_jax.configs import pretrain
   from meddiff_jax.data import pipeline, store
+  from meddiff_jax.data.spec import DataSpec
 
-  data = pretrain.get_config("paper").data
-  lut, groups = pipeline.structure_lut(data)
+  layout = DataSpec.from_config(pretrain.get_config("paper").data).sample_spec()
   ps = _SlicedBytes(store.PreparedStore(str(store_dir)))
   out = {}
   for op, name in enumerate(OPERATIONS):
     probs = tuple(float(i == op) for i in range(3))
-    sample = pipeline.MultiLevelSample(ps, int(data.patch_size), lut, groups, probs, pack_structures=pack)
+    spec = dataclasses.replace(layout, operation_probs=probs, pack_structures=pack)
+    sample = pipeline.MultiLevelSample(ps, spec)
     rng = np.random.default_rng(op)
     for i in range(len(ps)):  # warm-up: page cache, TensorStore handles, first touches
       sample(i, rng)
@@ -122,7 +136,7 @@ def cpu_seconds_per_sample(store_dir: pathlib.Path, n: int, pack: bool) -> dict[
     out[f"{name}_wall_s"] = (time.perf_counter() - w0) / n
     out[f"{name}_rchar_mb"] = (_rchar() - r0) / n / 1e6
     out[f"{name}_sliced_mb"] = (ps.bytes - b0) / n / 1e6
-  probs = tuple(float(p) for p in data.operation_probs)
+  probs = tuple(float(p) for p in layout.operation_probs)
   out["mixed_cpu_s"] = sum(p * out[f"{k}_cpu_s"] for p, k in zip(probs, OPERATIONS))
   out["mixed_wall_s"] = sum(p * out[f"{k}_wall_s"] for p, k in zip(probs, OPERATIONS))
   return out

@@ -32,7 +32,6 @@ def main():
   p.add_argument("--cfg", action="store_true", help="classifier-free guidance: two model calls per step")
   args = p.parse_args()
 
-  from meddiff_jax import pretrained
   from meddiff_jax.configs import pretrain
   from meddiff_jax.models import unet3d
   from meddiff_jax.tasks import sliding_window
@@ -43,7 +42,7 @@ def main():
   rows = []
   for preset in args.presets.split(","):
     config = pretrain.get_config(preset)
-    _, spec = pretrained.build_model(config)
+    spec = unet3d.UNetSpec.from_config(config.model)
     w = int(config.data.patch_size)
     windows = int(sliding_window.plan_windows(shape, w, args.overlap, 1).valid.sum())
     flops = unet3d.forward_flops(spec, (w, w, w)) * (2 if args.cfg else 1)

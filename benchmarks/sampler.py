@@ -25,10 +25,12 @@ def ours(preset, size, steps, method="ddim"):
   from meddiff_jax import pretrained
   from meddiff_jax.configs import pretrain
   from meddiff_jax.diffusion import samplers, schedules
+  from meddiff_jax.models import unet3d
 
   config = pretrain.get_config(preset)
   config.data.patch_size = size
-  model, spec = pretrained.build_model(config)
+  spec = unet3d.UNetSpec.from_config(config.model)
+  model = unet3d.UNet3D(spec)
   x, t, cond = pretrained.dummy_inputs(spec, size)
   params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, t, cond)["params"]
   sched = schedules.make_schedule("cosine", 1000)

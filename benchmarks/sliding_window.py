@@ -31,12 +31,14 @@ def main():
 
   import jax
   import jax.numpy as jnp
-  import ml_collections
 
-  from meddiff_jax.tasks import common
+  from meddiff_jax.configs import denoise as denoise_config
+  from meddiff_jax.tasks import common, denoise
 
   pre = _common.load_prior(args)
-  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=args.window_batch))
+  cfg = denoise_config.get_config()
+  cfg.update(overlap=0.5, window_batch=args.window_batch)
+  task = denoise.DenoiseSpec.from_config(cfg)  # the task options, typed as the tasks take them
   commit = _common.commit()
   rows = []
   for size in map(int, args.sizes.split(",")):
@@ -47,7 +49,7 @@ def main():
     # null model: output = input + 0 * a structure channel, so the condition windows are still cut
     null = lambda x, t, c: x + 0.0 * c["structures"][..., :1].astype(x.dtype)
     apply_fn = null if args.null_model else None
-    fn, plan = common.windowed_denoiser(pre, shape, 0, structures, cfg, apply_fn=apply_fn)
+    fn, plan = common.windowed_denoiser(pre, common.Canvas(shape, 0, structures, None, None), task, apply_fn)
     step = jax.jit(fn)
     x = jax.random.normal(jax.random.key(0), (1, *shape, 1))
     t = jnp.array([500])

@@ -76,10 +76,10 @@ def main():
 
   import jax
   import jax.numpy as jnp
-  import ml_collections
   from skimage.restoration import denoise_nl_means
 
   from meddiff_jax import sharding
+  from meddiff_jax.configs import denoise as denoise_config
   from meddiff_jax.data import geometry, preprocess
   from meddiff_jax.diffusion import samplers, schedules
   from meddiff_jax.evaluation import metrics
@@ -97,7 +97,9 @@ def main():
   a_reference = _common.parse_budgets(args.anomaly_reference) or reference
   a_runs = budgets + [r for r in a_reference if r not in budgets]
   sigma_unit = args.noise_hu * 2 / (hi - lo)
-  wcfg = ml_collections.ConfigDict(dict(overlap=args.overlap, window_batch=8))
+  wcfg = denoise_config.get_config()
+  wcfg.update(overlap=args.overlap, window_batch=8)
+  wcfg = denoise.DenoiseSpec.from_config(wcfg)  # the window options, typed as the tasks take them
   result = {
     "command": " ".join(sys.argv),
     "commit": _common.commit(),
@@ -120,7 +122,7 @@ def main():
     reused for every crop (structures are an argument, not a constant)."""
 
     def f(y, structures, key):
-      fn, _ = common.windowed_denoiser(pre, shape, region, structures, wcfg, frame=frame)
+      fn, _ = common.windowed_denoiser(pre, common.Canvas(shape, region, structures, frame, None), wcfg)
       return denoise.partial_diffusion(fn, pre.schedule, y, t_start, steps, key, input_sigma=input_sigma, method=method)
 
     return jax.jit(f)
@@ -154,7 +156,7 @@ def main():
     result["t_star"] = t_star
     with sharding.activate(mesh, sharding.DEFAULT_RULES):
       if not args.skip_diffpir:
-        fn, plan = common.windowed_denoiser(pre, y_pad.shape, region, structures, wcfg, frame=crop)
+        fn, plan = common.windowed_denoiser(pre, common.Canvas(y_pad.shape, region, structures, crop, None), wcfg)
         result["windows_per_step"] = int(plan.valid.sum())
         for steps in result["diffpir_steps"]:
           ts = denoise.diffpir_timesteps(pre.schedule, sigma_unit, steps)

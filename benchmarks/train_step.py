@@ -89,20 +89,20 @@ def synthetic_batch(config, n):
 
 def build_step(config, mesh_sizes):
   from meddiff_jax import pretrained, sharding
-  from meddiff_jax.diffusion import schedules
+  from meddiff_jax.models import unet3d
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
+  from meddiff_jax.train.spec import PretrainConfig
 
+  config = PretrainConfig.from_config(config)  # typed (the mesh is the caller's)
   mesh = sharding.make_mesh(mesh_sizes)
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model, spec = pretrained.build_model(config)
+  rules = config.sharding.logical_rules
+  spec = config.model
+  model = unet3d.UNet3D(spec)
   tx = state_lib.make_optimizer(config.optimizer)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   init_fn = pretrained.init_params_fn(model, spec, config.data.patch_size)
   st, shardings = state_lib.create(init_fn, tx, 0, mesh, rules, config.sharding.min_shard_size)
-  fn = step_lib.make_train_step(
-    model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
-  )
+  fn = step_lib.make_train_step(model.apply, config.diffusion.make_schedule(), tx, config, rules)
   batch_sh = sharding.batch_sharding(mesh, rules)
   jitted = step_lib.jit_train_step(fn, shardings, batch_sh, mesh)
   return mesh, rules, spec, st, jitted, batch_sh

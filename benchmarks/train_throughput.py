@@ -54,16 +54,17 @@ def measure(config, steps):
   import numpy as np
 
   from meddiff_jax import checks, pretrained, sharding
-  from meddiff_jax.diffusion import schedules
+  from meddiff_jax.models import unet3d
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
   from meddiff_jax.train import throughput
 
-  checks.pretrain(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = sharding.rules_from_config(config.sharding.rules)
-  model, spec = pretrained.build_model(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  config = checks.pretrain(config)  # typed, the batch plan against the devices present
+  mesh = sharding.make_mesh(config.mesh.sizes)
+  rules = config.sharding.logical_rules
+  spec = config.model
+  model = unet3d.UNet3D(spec)
+  schedule = config.diffusion.make_schedule()
   tx = state_lib.make_optimizer(config.optimizer)
   st, shardings = state_lib.create(
     pretrained.init_params_fn(model, spec, config.data.patch_size),
@@ -83,9 +84,7 @@ def measure(config, steps):
   }
   if "structures" in spec_batch:
     host["structures"] = (rng.uniform(size=spec_batch["structures"].shape) > 0.8).astype(np.uint8)
-  step_fn = step_lib.make_train_step(
-    model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
-  )
+  step_fn = step_lib.make_train_step(model.apply, schedule, tx, config, rules)
   jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh, mesh)
   with sharding.activate(mesh, rules):
     batch = {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
@@ -100,7 +99,7 @@ def measure(config, steps):
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t0) / steps
   kind = jax.devices()[0].device_kind
-  flops = throughput.flops_for_config(config, spec)
+  flops = throughput.flops_for_config(config)
   out = {
     "preset": config.preset,
     "patch": config.data.patch_size,

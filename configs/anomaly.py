@@ -3,6 +3,7 @@
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.configs import input_options, task_options
 
 
@@ -15,7 +16,7 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
-  c.spacing = ()  # () = the checkpoint's training spacing (resampled there and back); else mm, e.g. (1., 1., 1.)
+  c.spacing = sections.keyword("checkpoint")  # its training spacing (resampled there and back), or mm: (1.,1.,1.)
   c.noise_t = 950  # paper: 950 of 1000
   c.smooth_sigma = 1.0
   c.top_fraction = 0.01

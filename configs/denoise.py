@@ -3,6 +3,7 @@
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.configs import input_options, task_options
 
 
@@ -15,9 +16,9 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
-  c.spacing = ()  # () = the checkpoint's training spacing (resampled there and back); else mm, e.g. (1., 1., 1.)
+  c.spacing = sections.keyword("checkpoint")  # its training spacing (resampled there and back), or mm: (1.,1.,1.)
   c.method = "diffpir"  # diffpir | partial
-  c.noise_sigma_hu = 0.0  # 0: estimate from the image
+  c.noise_sigma_hu = sections.keyword("estimate")  # estimate: from the image; or the noise std in HU, e.g. 30
   c.lam = 10.0  # DiffPIR lambda on DiffPIR's own scale (its sigma in [0, 1] image units; paper: ~10)
   c.zeta = (
     0.0  # DiffPIR zeta (MedDiff-FM: unknown); > 0 draws posterior samples, 0 the estimate nearest the posterior mean

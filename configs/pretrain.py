@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.data import preprocess
 
 NUM_STRUCTURE_CHANNELS = len(preprocess.DEFAULT_STRUCTURE_GROUPS) + 1  # groups + body mask
@@ -85,7 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prepared_dir="",
       class_map="",  # optional class_map json; default: the embedded TotalSegmentator map
       patch_size=128,
-      spacing=(),  # mm the model is trained at; () = from the source (phantom / prepared records), saved at start
+      # mm the model is trained at, e.g. (1.0, 1.0, 1.0), or source: the one spacing of the source's volumes (phantom,
+      # prepared records); saved with every checkpoint, where the tasks read it
+      spacing=sections.keyword("source"),
       use_structures=True,
       structures="grouped",  # grouped: one-hot channels of structure_groups + body | classes: label ids
       # (channel name, TotalSegmentator class-name patterns); first match wins; order = channel order
@@ -160,7 +163,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(
     dict(
-      rules=(),  # empty: sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
+      rules=sections.keyword("default"),  # default: sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
       min_shard_size=2**14,  # params with fewer elements stay replicated
     )
   )

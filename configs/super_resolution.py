@@ -4,6 +4,7 @@
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.configs import input_options, task_options
 
 
@@ -17,6 +18,7 @@ def get_config(arg=None):
   c.reference = ""
   c.region = "chest"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
-  c.spacing = ()  # the thin output grid in mm; () = the checkpoint's training spacing (sampling always runs there)
+  # the thin output grid: checkpoint (its training spacing, where sampling always runs), or mm: (1.,1.,1.)
+  c.spacing = sections.keyword("checkpoint")
   c.conditioning_scale = 1.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

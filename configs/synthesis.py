@@ -3,6 +3,7 @@
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.configs import input_options, task_options
 
 
@@ -14,7 +15,8 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.shape = (48, 48, 48)
-  c.spacing = ()  # the sampling grid; () = the checkpoint's training spacing; the output grid without labels
+  # the sampling grid (the output grid without labels): checkpoint (its training spacing), or mm: (1.,1.,1.)
+  c.spacing = sections.keyword("checkpoint")
   c.labels = ""  # TotalSegmentator label NIfTI: extent, affine and anatomy (resampled to `spacing`, result back)
   c.guidance_scale = 1.0  # classifier-free guidance; 1.0 = plain conditional
   c.eta = 0.0

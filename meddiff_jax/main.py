@@ -6,7 +6,8 @@
 `config.mode` picks the job: train (pretraining), controlnet (fine-tuning), prepare (offline data
 conversion), evaluate (the paper's protocols), export (a training run as config.json + params.msgpack) or one
 of the tasks: COMMANDS below is the whole table. Each command's config is checked once, first
-(meddiff_jax/checks.py); a config or input mistake is one line `error: ...` on stderr and exit status 1.
+(meddiff_jax/checks.py), and the command runs on the typed config the check returns; a config or input mistake
+is one line `error: ...` on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from meddiff_jax.data import prepare, volumes
 from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
+from meddiff_jax.train.spec import PretrainConfig
 
 _CONFIG = config_files.define_config_flag(
   "config",
@@ -66,21 +68,23 @@ def maybe_initialize_distributed() -> None:
 Config = ml_collections.ConfigDict
 
 
-def train(config: Config, workdir: str) -> Any:
+def train(config: PretrainConfig, workdir: str) -> Any:
   if config.dry_run:  # compile on synthetic inputs, print cost and memory, exit
     return dry_run.run(config)
   return loop.train_and_evaluate(config, workdir)
 
 
-def export(config: Config, workdir: str | None) -> str:
+def export(config: pretrained.ExportSpec, workdir: str | None) -> str:
   del workdir
   out = pretrained.export(config.source, config.output)
   print(out)
   return out
 
 
-def task(run: Callable[[Config], dict]) -> Callable[[Config, str | None], dict]:
-  def run_task(config: Config, workdir: str | None) -> dict:
+def task(run: Callable[[Any], dict]) -> Callable[[Any, str | None], dict]:
+  """A task's run(spec) as a command (the spec: tasks/*.TaskSpec, from checks.task)."""
+
+  def run_task(config: Any, workdir: str | None) -> dict:
     del workdir
     result = run(config)
     logging.info("%s: %s", config.mode, result)
@@ -92,8 +96,8 @@ def task(run: Callable[[Config], dict]) -> Callable[[Config, str | None], dict]:
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  check: Callable[[Config], Config]  # checks.KIND: the config the command runs with, or a one-line error
-  run: Callable[[Config, str | None], Any]  # (config, workdir)
+  check: Callable[[Config], Any]  # checks.KIND: the typed config the command runs on, or a one-line error
+  run: Callable[[Any, str | None], Any]  # (typed config, workdir)
   workdir: bool = False  # needs --workdir
   distributed: bool = False  # may be one process of a multi-process job (initialised before the check:
   # the batch plan is checked against the global device count)

@@ -30,7 +30,9 @@ from flax import traverse_util
 
 from meddiff_jax import checkpoint, sections, sharding, storage
 from meddiff_jax.data import preprocess
+from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.diffusion import schedules
+from meddiff_jax.diffusion.spec import DiffusionSpec
 from meddiff_jax.models import conditions, controlnet, trainable, unet3d
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -42,10 +44,11 @@ ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before
 LEGACY_KEYS = {
   "model.structure_embed_dim": 0,
   "model.num_structure_ids": 0,
+  "model.conv_impl": "auto",
   "diffusion.structure_drop_prob": 0.0,
   "diffusion.body_drop_prob": 0.0,
   "data.class_map": "",
-  "data.spacing": (),
+  "data.spacing": "source",
   "data.structures": "grouped",
   "data.structure_groups": tuple(preprocess.DEFAULT_STRUCTURE_GROUPS.items()),
   "data.hint": "",
@@ -55,42 +58,66 @@ LEGACY_KEYS = {
   "data.pack_structures": False,
   "optimizer.trainable": ALL_PARAMS,
 }
+# Values that meant "work it out" before that had a name: (key, old value) -> the name.
+LEGACY_VALUES = {
+  ("data.spacing", ()): "source",  # from the data source (data/spec.DataSpec.training_spacing)
+  ("sharding.rules", ()): "default",  # sharding.DEFAULT_RULES
+}
 
 
 def stored_config(raw: dict) -> ml_collections.ConfigDict:
-  """A config as a checkpoint or export stored it, completed with LEGACY_KEYS it predates."""
-  config = ml_collections.ConfigDict(raw)
-  for dotted, value in LEGACY_KEYS.items():
+  """A config as a checkpoint or export stored it, brought up to date: completed with LEGACY_KEYS it predates,
+  LEGACY_VALUES named, a legacy model.attention_resolutions turned into attention_levels."""
+  config = json.loads(json.dumps(raw))  # a copy, as stored: lists, not tuples
+
+  def parent(dotted: str) -> tuple[dict | None, str]:
     *path, last = dotted.split(".")
     node = config
     for key in path:
-      node = node[key] if key in node else None
-      if node is None:
-        break
+      node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None, last
+
+  for dotted, value in LEGACY_KEYS.items():
+    node, last = parent(dotted)
     if node is not None and last not in node:
-      node[last] = value
-  return ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))  # as stored: lists, not tuples
+      node[last] = json.loads(json.dumps(value))
+  for (dotted, old), new in LEGACY_VALUES.items():
+    node, last = parent(dotted)
+    if node is not None and sections.frozen(node.get(last)) == old:
+      node[last] = new
+  model = config.get("model")
+  if isinstance(model, dict) and "attention_resolutions" in model:
+    model["attention_levels"] = list(
+      unet3d.legacy_attention_levels(
+        model.pop("attention_resolutions"),
+        len(model["channel_mult"]),
+        config.get("data", {}).get("patch_size"),
+        "attention_levels" in model,
+      )
+    )
+  return ml_collections.ConfigDict(config)
 
 
 @dataclasses.dataclass
 class Pretrained:
+  """A pretrained model: the network, its EMA params and what its stored config says about it, typed (the
+  architecture `spec`, the `diffusion` it was trained with, the `data` layout: patch size, training spacing,
+  structure conditions)."""
+
   model: unet3d.UNet3D
   spec: unet3d.UNetSpec
   params: Any
-  config: ml_collections.ConfigDict
+  diffusion: DiffusionSpec
+  data: DataSpec
   schedule: schedules.Schedule
+  config: ml_collections.ConfigDict  # the whole config as stored (`stored_config`): what `export` writes
 
   @property
   def patch_size(self) -> int:
-    return int(self.config.data.patch_size)
+    return self.data.patch_size
 
   def apply(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
     return self.model.apply({"params": self.params}, x, t, cond)
-
-
-def build_model(config: ml_collections.ConfigDict) -> tuple[unet3d.UNet3D, unet3d.UNetSpec]:
-  spec = unet3d.UNetSpec.from_config(config.model, config.data.patch_size)  # patch: legacy attention config
-  return unet3d.UNet3D(spec), spec
 
 
 def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
@@ -126,8 +153,8 @@ class ControlNetSpec:
     return sections.from_config(cls, section, "config.controlnet")
 
 
-def build_controlled(config: ml_collections.ConfigDict, spec: unet3d.UNetSpec) -> controlnet.ControlledUNet:
-  return controlnet.ControlledUNet(spec, tuple(config.controlnet.hint_hidden))
+def build_controlled(branch: ControlNetSpec, spec: unet3d.UNetSpec) -> controlnet.ControlledUNet:
+  return controlnet.ControlledUNet(spec, branch.hint_hidden)
 
 
 def controlled_init_fn(model: controlnet.ControlledUNet, patch: int) -> Callable[[jax.Array, Any], Any]:
@@ -209,9 +236,12 @@ def with_compute_dtype(pre: Pretrained, dtype: jnp.dtype | str | None) -> Pretra
 
 
 def _from_config(config: ml_collections.ConfigDict, params: Any) -> Pretrained:
-  model, spec = build_model(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  return Pretrained(model, spec, params, config, schedule)
+  """A stored config's model sections, typed, with these params (the training-only sections are not read)."""
+  spec = unet3d.UNetSpec.from_config(config.model)
+  diffusion = DiffusionSpec.from_config(config.diffusion)
+  return Pretrained(
+    unet3d.UNet3D(spec), spec, params, diffusion, DataSpec.from_config(config.data), diffusion.make_schedule(), config
+  )
 
 
 def load(path: str, compute_dtype: str | None = None) -> Pretrained:
@@ -230,15 +260,15 @@ def _load(path: str) -> Pretrained:
     params = flax.serialization.msgpack_restore(storage.read_bytes(storage.join(path, "params.msgpack")))
     return _from_config(config, jax.tree_util.tree_map(jnp.asarray, params))
   ck = checkpoint.Checkpointer(_checkpoint_dir(path))
-  if not ck.all_steps():
+  try:
+    if not ck.all_steps():
+      raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
+    config = stored_config(ck.latest_config())
+    pre = _from_config(config, None)
+    abstract = _abstract(init_params_fn(pre.model, pre.spec, pre.patch_size))
+    return dataclasses.replace(pre, params=_inference_params(ck, abstract, tuple(config.optimizer.trainable)))
+  finally:
     ck.close()
-    raise FileNotFoundError(f"{path}: no checkpoints (expected WORKDIR/checkpoints/STEP or params.msgpack)")
-  config = stored_config(ck.latest_config())
-  model, spec = build_model(config)
-  abstract = _abstract(init_params_fn(model, spec, config.data.patch_size))
-  params = _inference_params(ck, abstract, config)
-  ck.close()
-  return _from_config(config, params)
 
 
 def _abstract(init_fn: Callable, *args: Any) -> Any:
@@ -251,11 +281,11 @@ def _abstract(init_fn: Callable, *args: Any) -> Any:
 
 
 def _inference_params(
-  ck: checkpoint.Checkpointer, abstract: Any, config: ml_collections.ConfigDict, external: Any = None
+  ck: checkpoint.Checkpointer, abstract: Any, trained: tuple[str, ...], external: Any = None
 ) -> Any:
-  """EMA of the trained leaves + the frozen leaves as checkpointed; `external` (the base of a ControlNet
-  run) supplies frozen leaves the run did not checkpoint."""
-  labels = trainable.labels(abstract, config.optimizer.trainable)
+  """EMA of the trained leaves (`trained`: the run's optimizer.trainable patterns) + the frozen leaves as
+  checkpointed; `external` (the base of a ControlNet run) supplies frozen leaves the run did not checkpoint."""
+  labels = trainable.labels(abstract, trained)
   trained, frozen = trainable.split(abstract, labels)
   if external:
     frozen, _ = trainable.split(frozen, _mask_out(frozen, external))
@@ -278,7 +308,7 @@ class Controlled:
   pre: Pretrained
   model: controlnet.ControlledUNet
   params: Any
-  config: ml_collections.ConfigDict
+  config: ml_collections.ConfigDict  # the fine-tuning config as stored
 
   def apply_fn(self, scale: float = 1.0) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
     return lambda x, t, cond: self.model.apply({"params": self.params}, x, t, cond, scale=scale)
@@ -288,16 +318,38 @@ def load_controlled(workdir: str, compute_dtype: str | None = None) -> Controlle
   """A fine-tuning workdir: branch EMA params from its newest checkpoint, the base from `base_checkpoint`;
   compute_dtype as in `load` (the branch computes in the base's dtype)."""
   ck = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"))
-  if not ck.all_steps():
+  try:
+    if not ck.all_steps():
+      raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
+    config = stored_config(ck.latest_config())
+    pre = load(config.base_checkpoint, compute_dtype)
+    model = build_controlled(ControlNetSpec.from_config(config.controlnet), pre.spec)
+    abstract = _abstract(controlled_init_fn(model, pre.patch_size), pre.params)
+    trained = tuple(config.optimizer.trainable)
+    params = _inference_params(ck, abstract, trained, external={"base": pre.params})
+  finally:
     ck.close()
-    raise FileNotFoundError(f"{workdir}: no ControlNet checkpoints under checkpoints/")
-  config = stored_config(ck.latest_config())
-  pre = load(config.base_checkpoint, compute_dtype)
-  model = build_controlled(config, pre.spec)
-  abstract = _abstract(controlled_init_fn(model, pre.patch_size), pre.params)
-  params = _inference_params(ck, abstract, config, external={"base": pre.params})
-  ck.close()
   return Controlled(pre, model, params, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+  """configs/export.py, typed (whether `source` exists and `output` is free: checks.export)."""
+
+  mode: str
+  source: str  # a pretraining workdir, an exported directory or a builtin name
+  output: str  # a new (or empty) directory
+  overwrite: bool  # replace an existing export in `output`
+
+  def __post_init__(self):
+    sections.choice("config.mode", self.mode, ("export",))
+    sections.text("config.source", self.source)
+    sections.text("config.output", self.output)
+    sections.flag("config.overwrite", self.overwrite)
+
+  @classmethod
+  def from_config(cls, config: Any) -> ExportSpec:
+    return sections.from_config(cls, config, "config")
 
 
 def export(workdir: str, out_dir: str) -> str:

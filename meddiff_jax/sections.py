@@ -1,12 +1,16 @@
 """Typed config sections: the helper behind every `XSpec.from_config` (a leaf: imports nothing of ours).
 
-A spec is a frozen dataclass beside the module that consumes its section (`diffusion/spec.py`
-DiffusionSpec, `data/pipeline.py` DataSpec, `train/state.py` OptimizerSpec, `train/loop.py` TrainingSpec /
-EvalSpec / CheckpointSpec, `sharding.py` MeshSpec / ShardingSpec, `pretrained.py` ControlNetSpec,
-`tasks/` TaskSpec and one per task; `models/unet3d.UNetSpec` predates this helper). Its fields have **no
-defaults**: configs/*.py are the only place a default lives, and `from_config` refuses a section with
-unknown or missing keys. `__post_init__` checks choices and ranges and names the key, the bad value and
-what to choose, in one line. checks.py builds every spec once per command (main.py's entry point).
+A spec is a frozen dataclass beside the module that consumes its section (`models/unet3d.py` UNetSpec,
+`diffusion/spec.py` DiffusionSpec, `data/spec.py` DataSpec, `train/state.py` OptimizerSpec, `train/spec.py`
+TrainingSpec / EvalSpec / CheckpointSpec and the whole training configs, `sharding.py` MeshSpec / ShardingSpec,
+`pretrained.py` ControlNetSpec, `tasks/` TaskSpec and one per task, `protocols/spec.py` EvaluateSpec). Its
+fields have **no defaults**: configs/*.py are the only place a default lives, and `from_config` refuses a
+section with unknown or missing keys. `__post_init__` checks choices and ranges and names the key, the bad
+value and what to choose, in one line. checks.py builds the typed config of a command once (main.py's entry
+point), and the code runs on it: nothing reads the ConfigDict afterwards or checks a value again.
+
+A key whose value says where the value comes from instead of giving it (`spacing='checkpoint'`,
+`noise_sigma_hu='estimate'`) is declared in configs/ with `keyword(...)` and checked with `keyword_or`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
+
+import ml_collections
+import numpy as np
 
 T = TypeVar("T")
 
@@ -54,6 +61,24 @@ def from_config(
     build = nested.get(key)
     kwargs[key] = build(value) if build is not None else frozen(value)
   return cls(**kwargs)
+
+
+def to_dict(spec: Any) -> Any:
+  """A spec (nested specs, tuples, dtypes) as the plain JSON-able values of the config it was built from."""
+  if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+    return {f.name: to_dict(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+  if isinstance(spec, (list, tuple)):
+    return [to_dict(v) for v in spec]
+  if isinstance(spec, np.dtype):
+    return spec.name
+  return spec
+
+
+def keyword(default: str) -> ml_collections.FieldReference:
+  """A config value that is either a keyword (`default`, e.g. 'checkpoint') or a value of another type (a
+  tuple, a number): ml_collections locks a key to the type of its first value, so such a key is typed
+  `object` and `--config.KEY=` parses a literal (`'(1.0,1.0,1.0)'`, `30`) or takes a word as a string."""
+  return ml_collections.FieldReference(default, field_type=object)
 
 
 # ------------------------------------------------------------------------------------------ value checks
@@ -121,6 +146,16 @@ def sizes(key: str, value: Any, length: int | None = 3, allow_empty: bool = Fals
       f"{key}={value!r}; must be a tuple of {n}positive {'integers' if integer else 'numbers'}"
       + (" or ()" if allow_empty else "")
     )
+
+
+def keyword_or(key: str, value: Any, keywords: tuple[str, ...], check: Any, *args: Any, **kwargs: Any) -> None:
+  """`value` is one of `keywords` or passes `check(key, value, *args, **kwargs)` (one of the checks here)."""
+  if isinstance(value, str) and value in keywords:
+    return
+  try:
+    check(key, value, *args, **kwargs)
+  except ConfigError as e:
+    raise ConfigError(f"{e}, or one of {keywords}") from None
 
 
 def regexes(key: str, value: Any) -> None:

@@ -59,16 +59,28 @@ class MeshSpec:
   def from_config(cls, section: Any) -> MeshSpec:
     return sections.from_config(cls, section, "config.mesh")
 
+  @property
+  def sizes(self) -> dict[str, int]:
+    """{axis: devices} in MESH_AXES order, -1 for the rest (`resolve_mesh_sizes`, `make_mesh`)."""
+    return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+
+DEFAULT = "default"  # config.sharding.rules: DEFAULT_RULES
+
 
 @dataclasses.dataclass(frozen=True)
 class ShardingSpec:
-  """config.sharding: logical-axis rules (empty: DEFAULT_RULES) and the replication threshold."""
+  """config.sharding: logical-axis rules ('default': DEFAULT_RULES) and the replication threshold."""
 
-  rules: tuple[tuple[str, Any], ...]
+  rules: tuple[tuple[str, Any], ...] | str
   min_shard_size: int
 
   def __post_init__(self):
-    for rule in self.rules:
+    if self.rules != DEFAULT and not isinstance(self.rules, tuple):
+      raise sections.ConfigError(
+        f"config.sharding.rules={self.rules!r}; must be {DEFAULT!r} or ((logical name, mesh axes), ...)"
+      )
+    for rule in () if self.rules == DEFAULT else self.rules:
       axes = rule[1] if isinstance(rule, tuple) and len(rule) == 2 else ()
       axes = axes if isinstance(axes, tuple) else (axes,)
       if not (
@@ -87,6 +99,11 @@ class ShardingSpec:
   def from_config(cls, section: Any) -> ShardingSpec:
     return sections.from_config(cls, section, "config.sharding")
 
+  @property
+  def logical_rules(self) -> tuple[tuple[str, Any], ...]:
+    """The rules that map logical axis names to mesh axes."""
+    return DEFAULT_RULES if self.rules == DEFAULT else self.rules
+
 
 def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh with axes (data, fsdp, spatial, tensor); one size may be -1 (= whatever devices remain).
@@ -100,13 +117,9 @@ def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None =
 
 
 def resolve_mesh_sizes(axis_sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-  """{axis: size} for every mesh axis with the -1 resolved; no devices needed (plan checks, dry runs)."""
-  unknown = set(axis_sizes) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"mesh axes {sorted(unknown)} unknown; use {MESH_AXES}")
+  """{axis: size} for every mesh axis (those not given: 1) with the -1 resolved (MeshSpec allows one); no
+  devices needed (plan checks, dry runs)."""
   sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
@@ -115,15 +128,6 @@ def resolve_mesh_sizes(axis_sizes: dict[str, int], num_devices: int) -> dict[str
   if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, {num_devices} available")
   return dict(zip(MESH_AXES, sizes))
-
-
-def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
-  if not rules:
-    return DEFAULT_RULES
-  out = []
-  for name, axes in rules:
-    out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
-  return tuple(out)
 
 
 @contextlib.contextmanager

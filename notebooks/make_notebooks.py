@@ -31,10 +31,13 @@ CHECKPOINT = """\
 import numpy as np
 import matplotlib.pyplot as plt
 from meddiff_jax import pretrained
+from meddiff_jax.data import nifti, preprocess, samples
+from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.data import nifti, pipeline, preprocess, samples, volume_io, volumes
 # the CPU prior trained on real CT when this install ships it, else the phantom-only demo prior
 CHECKPOINT = "tiny_ct" if "tiny_ct" in pretrained.BUILTIN else "tiny_phantom"  # or a training workdir / exported dir
-SPACING = pipeline.training_spacing(pretrained.read_config(CHECKPOINT).data)  # the network runs at this voxel size
+# the network runs at the voxel size it was trained at (its stored config's data section, typed)
+SPACING = DataSpec.from_config(pretrained.read_config(CHECKPOINT).data).training_spacing()
 print(f"checkpoint {CHECKPOINT}: trained at {SPACING} mm")
 """
 
@@ -110,7 +113,7 @@ nb01 = nb(
 import json, tempfile
 import numpy as np
 import matplotlib.pyplot as plt
-from configs import pretrain
+from meddiff_jax.configs import pretrain
 from meddiff_jax.evaluation import montage
 from meddiff_jax import checks
 from meddiff_jax.train import loop
@@ -120,7 +123,8 @@ config.eval.update(every_steps=10, sample_every_steps=0)
 workdir = tempfile.mkdtemp(prefix="meddiff_quickstart_")
 print(config.model)"""),
     new_code_cell("""\
-last = loop.train_and_evaluate(checks.pretrain(config), workdir)  # checked once, as main.py does
+typed = checks.pretrain(config)  # checked and typed once, as main.py does: the loop runs on this
+last = loop.train_and_evaluate(typed, workdir)
 rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 train = [r for r in rows if "loss" in r]
 val = [r for r in rows if "val/loss" in r]
@@ -135,7 +139,7 @@ assert all(np.isfinite(r["loss"]) for r in train)  # falls steadily with the def
     ),
     new_code_cell("""\
 from meddiff_jax.data import pipeline
-batch = next(iter(pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=3, seed=0)))
+batch = next(iter(pipeline.make_dataset(pipeline.make_store(typed.data), typed.data, batch_size=3, seed=0)))
 print("operations (whole, zoom2, patch):", batch["operation"], "\\npos_box[0]:", batch["pos_box"][0])
 plt.figure(figsize=(6, 6)); plt.imshow(montage.slice_montage(list(batch["image"]), tile=96)); plt.axis("off"); plt.show()"""),
   ]
@@ -159,8 +163,9 @@ nb02 = nb(
       "DiffPIR with the prior vs a Gaussian filter. Bottom: each result minus the clean crop (HU)."
     ),
     new_code_cell("""\
-import jax.numpy as jnp, ml_collections
+import jax.numpy as jnp
 from scipy import ndimage
+from meddiff_jax.configs import anomaly as anomaly_config, denoise as denoise_config
 from meddiff_jax import sharding
 from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import anomaly, common, denoise
@@ -169,10 +174,12 @@ NOISE_HU = 40.0
 clean = preprocess.hu_to_unit(hu, region)
 sigma = NOISE_HU * 2 / (hi_hu - lo_hu)  # the same noise on the model's [-1, 1] scale
 noisy = np.clip(clean + np.random.default_rng(0).normal(0, sigma, clean.shape), -1, 1).astype(np.float32)
-cfg = ml_collections.ConfigDict(dict(overlap=0.25, window_batch=8))
+cfg = denoise_config.get_config()
+cfg.update(overlap=0.25, window_batch=8)
+task = denoise.DenoiseSpec.from_config(cfg)  # the denoise command's options, typed and checked (no files here)
 with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
   structures = common.structure_volume(pre, None, preprocess.unit_to_hu(noisy, region))  # body from HU, organs unknown
-  fn, plan = common.windowed_denoiser(pre, noisy.shape, region, structures, cfg)
+  fn, plan = common.windowed_denoiser(pre, common.Canvas(noisy.shape, region, structures, None, None), task)
   ts = denoise.diffpir_timesteps(pre.schedule, sigma, STEPS)
   out = jax.jit(lambda y: denoise.diffpir(fn, pre.schedule, y, jnp.float32(sigma), ts, jax.random.key(0), zeta=0.0))(
       jnp.asarray(noisy)[None, ..., None])
@@ -198,9 +205,10 @@ grid = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), -
 truth = np.linalg.norm(grid - lesion_centre, axis=-1) <= 4.0
 with_lesion = np.where(truth, hu - 60.0, hu).astype(np.float32)  # 60 HU darker, like a hypodense lesion
 x = preprocess.hu_to_unit(with_lesion, region)
-acfg = ml_collections.ConfigDict(dict(overlap=0.25, window_batch=8, noise_t=500, num_steps=STEPS, seed=0,
-                                      sampler="dpmpp_2m"))
-recon = anomaly.reconstruct(pre, x, region, acfg, common.structure_volume(pre, None, with_lesion))
+acfg = anomaly_config.get_config()
+acfg.update(overlap=0.25, window_batch=8, noise_t=500, num_steps=STEPS, seed=0, sampler="dpmpp_2m")
+canvas = common.Canvas(x.shape, region, common.structure_volume(pre, None, with_lesion), None, None)
+recon = anomaly.reconstruct(pre, x, canvas, anomaly.AnomalySpec.from_config(acfg))
 body = preprocess.body_mask(with_lesion)
 amap = anomaly.anomaly_map(x, recon, body)
 print(f"volume score {anomaly.volume_score(amap, body):.4f}; voxel AUROC (lesion vs rest of body) "
@@ -239,7 +247,7 @@ nb03 = nb(
     new_code_cell(CHECKPOINT),
     new_code_cell("""\
 import json, tempfile
-from configs import controlnet as cn_config
+from meddiff_jax.configs import controlnet as cn_config
 from meddiff_jax import checks
 from meddiff_jax.train import controlnet as cn_train
 config = cn_config.get_config("sr")
@@ -251,7 +259,8 @@ workdir = tempfile.mkdtemp(prefix="meddiff_sr_")
 print(cn_train.finetune(checks.controlnet(config), workdir))  # checked and derived from the base once"""),
     new_code_cell(REAL_CT),
     new_code_cell("""\
-from configs import super_resolution
+from meddiff_jax.configs import super_resolution
+from meddiff_jax import checks
 from meddiff_jax.tasks import controlled
 hr_path, lr_path, sr_path = (os.path.join(workdir, n) for n in ("hr.nii.gz", "lr.nii.gz", "sr.nii.gz"))
 hr = volumes.Volume(np.round(hu), crop_affine)
@@ -259,7 +268,7 @@ nifti.save(hr, hr_path, np.int16)
 nifti.save(volumes.resample(hr, (SPACING[0], SPACING[1], 5 * SPACING[2])), lr_path, np.int16)  # x5 thick slices
 c = super_resolution.get_config()
 c.update(controlnet=workdir, input=lr_path, output=sr_path, reference=hr_path, region=REGION, num_steps=STEPS)
-result = controlled.run_super_resolution(c)
+result = controlled.run_super_resolution(checks.task(c))  # checked and typed, as the command does
 print(json.dumps(result["metrics"], indent=1))"""),
     new_code_cell("""\
 sr = volume_io.load(sr_path).data

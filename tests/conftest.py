@@ -24,7 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
-  """The tiny preset shrunk further: 8^3 patches of 24^3 phantoms (XLA:CPU 3D convs are slow)."""
+  """The tiny preset shrunk further: 8^3 patches of 24^3 phantoms (XLA:CPU 3D convs are slow); the ConfigDict,
+  as a config file gives it (`tiny` types it)."""
   from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config("tiny")
@@ -33,6 +34,28 @@ def tiny_config(**overrides):
   c.model.update(base_channels=8, channel_mult=(1, 2), attention_levels=(1,))
   c.training.update(batch_size=8, num_steps=3, log_every=1)
   return override(c, **overrides)
+
+
+def tiny(**overrides):
+  """`tiny_config(**overrides)` typed (train/spec.PretrainConfig: every section checked, as checks.pretrain does
+  without the devices present: tests build their own meshes)."""
+  from meddiff_jax.train.spec import PretrainConfig
+
+  return PretrainConfig.from_config(tiny_config(**overrides))
+
+
+def unet_spec(**overrides):
+  """A UNetSpec for model-level tests: configs/pretrain.py:paper's model without structure channels, float32, no
+  remat, with `overrides` (e.g. base_channels=8, channel_mult=(1, 2), attention_levels=(1,))."""
+  import dataclasses
+
+  from meddiff_jax.configs import pretrain
+  from meddiff_jax.models import unet3d
+
+  paper = unet3d.UNetSpec.from_config(pretrain.get_config("paper").model)
+  return dataclasses.replace(
+    paper, **{"structure_channels": 0, "dtype": jnp.dtype("float32"), "remat": "none", **overrides}
+  )
 
 
 def override(config, **dotted):
@@ -89,20 +112,18 @@ def mesh_of(sizes: dict):
 
 
 def build_step(config, mesh_sizes: dict, trainee=None) -> types.SimpleNamespace:
-  """The training setup as train/loop.py builds it (default trainee: pretraining), on `mesh_of(mesh_sizes)`:
-  mesh, rules, trainee, state, shardings, labels, step (jitted, state donated), batch_shardings (per key)."""
+  """The training setup as train/loop.py builds it (default trainee: pretraining) for a typed `config` (`tiny`),
+  on `mesh_of(mesh_sizes)`: mesh, rules, trainee, state, shardings, labels, step (jitted, state donated),
+  batch_shardings (per key)."""
   from meddiff_jax import sharding
   from meddiff_jax.train import loop
-  from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
 
   mesh = mesh_of(mesh_sizes)
-  rules = sharding.rules_from_config(config.sharding.rules)
+  rules = config.sharding.logical_rules
   trainee = trainee or loop.pretraining(config)
   state, shardings, labels, tx = loop.init_state(config, trainee, mesh, rules)
-  fn = step_lib.make_train_step(
-    trainee.apply_fn, trainee.schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules, labels
-  )
+  fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, tx, config, rules, labels)
   batch_shardings = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))
   return types.SimpleNamespace(
     mesh=mesh,
@@ -117,7 +138,7 @@ def build_step(config, mesh_sizes: dict, trainee=None) -> types.SimpleNamespace:
 
 
 def fixed_batch(config, seed: int = 0) -> dict:
-  """The first training batch of config.data (numpy, without the host-side 'operation' tag)."""
+  """The first training batch of a typed config's data (numpy, without the host-side 'operation' tag)."""
   from meddiff_jax.data import pipeline
 
   ds = pipeline.make_dataset(
@@ -126,6 +147,42 @@ def fixed_batch(config, seed: int = 0) -> dict:
   batch = next(iter(ds))
   batch.pop("operation")
   return batch
+
+
+def sample_spec(patch: int, **kw):
+  """data/multilevel.SampleSpec of side `patch`: no structures, uniform operations, no hint, then `kw`."""
+  from meddiff_jax.data import multilevel
+
+  base = dict(
+    lut=None,
+    num_groups=0,
+    operation_probs=(1 / 3, 1 / 3, 1 / 3),
+    hint="",
+    sr_factor=5,
+    structure_labels=False,
+    positive_fraction=0.0,
+    pack_structures=False,
+  )
+  return multilevel.SampleSpec(patch=patch, **{**base, **kw})
+
+
+class MinimalStore:
+  """The parts of the VolumeStore protocol (data/pipeline.py) a test store that defines `__len__` and `load`
+  does not have: no low-resolution partners, no stored whole levels, no recorded splits, no records."""
+
+  def load_lowres(self, index):
+    return None
+
+  def load_whole(self, index, size):
+    return None
+
+  @property
+  def splits(self):
+    return [None] * len(self)
+
+  @property
+  def records(self):
+    return []
 
 
 def prepare_config(input_dir, output_dir, **kw):

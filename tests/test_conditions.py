@@ -1,23 +1,26 @@
 """Task conditions are the ones training produces (fast tier: numpy and a fake model)."""
 
+import dataclasses
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sample_spec
 
 from meddiff_jax.configs import pretrain
-from meddiff_jax.data import multilevel, nifti, pipeline, preprocess, volumes
+from meddiff_jax.data import multilevel, nifti, preprocess, volumes
+from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common, synthesis
 
+TINY_DATA = DataSpec.from_config(pretrain.get_config("tiny").data)
+
 
 def fake_pretrained(patch=8):
-  config = pretrain.get_config("tiny")
-  config.data.patch_size = patch
   spec = types.SimpleNamespace(structure_channels=pretrain.NUM_STRUCTURE_CHANNELS)
-  return types.SimpleNamespace(spec=spec, config=config, patch_size=patch)
+  return types.SimpleNamespace(spec=spec, data=dataclasses.replace(TINY_DATA, patch_size=patch), patch_size=patch)
 
 
 def phantom_ct():
@@ -30,10 +33,9 @@ def test_task_structures_equal_the_training_sample_structures():
   """A patch-level training sample of a volume the size of the patch sees exactly what a task builds."""
   p = phantom_ct()
   pre = fake_pretrained(16)
-  lut, groups = pipeline.structure_lut(pre.config.data)
-  sample = multilevel.make_sample(
-    p.hu, p.labels, 0, 16, np.random.default_rng(0), operation="patch", lut=lut, num_groups=groups
-  )
+  lut, groups = pre.data.structure_lut()
+  spec = sample_spec(16, lut=lut, num_groups=groups)
+  sample = multilevel.make_sample(p.hu, p.labels, 0, spec, np.random.default_rng(0), operation="patch")
   np.testing.assert_array_equal(common.structure_volume(pre, p.labels, p.hu), sample["structures"])
   no_labels = common.structure_volume(pre, None, p.hu)
   np.testing.assert_array_equal(no_labels[..., -1], p.hu > preprocess.BODY_THRESHOLD_HU)  # body from HU
@@ -80,7 +82,7 @@ def test_organ_dropout_keeps_the_body_and_the_region():
 
 
 def test_training_applies_structure_only_dropout():
-  from conftest import tiny_config
+  from conftest import tiny
 
   from meddiff_jax.train import step
 
@@ -90,10 +92,10 @@ def test_training_applies_structure_only_dropout():
     seen.append(jax.tree_util.tree_map(np.asarray, cond))
     return jnp.zeros_like(x)
 
-  config = tiny_config(
+  config = tiny(
     **{"diffusion.cond_drop_prob": 0.0, "diffusion.structure_drop_prob": 1.0, "diffusion.body_drop_prob": 0.0}
   )
-  loss_fn = step.make_loss_fn(apply_fn, schedules.make_schedule("cosine", 1000), config)
+  loss_fn = step.make_loss_fn(apply_fn, schedules.make_schedule("cosine", 1000), config.diffusion, config.model)
   batch = {
     "image": jnp.zeros((2, 4, 4, 4, 1)),
     "region": jnp.array([0, 1]),
@@ -107,11 +109,11 @@ def test_training_applies_structure_only_dropout():
 
 def test_synthesis_body_from_labels_is_the_filled_hull_without_air_organs():
   labels = np.zeros((20, 20, 20), np.int32)
-  cmap = {v: k for k, v in pipeline.class_map_for(pretrain.get_config("tiny").data).items()}
+  cmap = {v: k for k, v in TINY_DATA.class_names().items()}
   labels[4:16, 4:16, 4:16] = cmap["liver"]
   labels[8:12, 8:12, 8:12] = 0  # unlabelled tissue inside the body
   labels[5:7, 5:7, 5:7] = cmap["lung_upper_lobe_left"]
-  lut, _ = pipeline.structure_lut(pretrain.get_config("tiny").data)
+  lut, _ = TINY_DATA.structure_lut()
   body = preprocess.body_mask(synthesis.body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS)))
   assert body[10, 10, 10] and body[4, 4, 4] and not body[0, 0, 0] and not body[6, 6, 6]
 
@@ -122,7 +124,7 @@ def test_small_volume_position_frame_matches_training():
   from meddiff_jax.tasks import sliding_window
 
   hu = np.random.default_rng(0).normal(0, 100, (10, 16, 13)).astype(np.float32)
-  sample = multilevel.make_sample(hu, None, 0, 16, np.random.default_rng(0), operation="patch")
+  sample = multilevel.make_sample(hu, None, 0, sample_spec(16), np.random.default_rng(0), operation="patch")
   padded, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(hu, 0), 16, -1.0)
   plan = sliding_window.plan_windows(padded.shape, 16, 0.5, 1, crop)
   np.testing.assert_allclose(plan.boxes()[0], sample["pos_box"], atol=1e-6)
@@ -131,22 +133,21 @@ def test_small_volume_position_frame_matches_training():
 
 
 def test_tasks_default_to_the_checkpoint_training_spacing(tmp_path):
-  import ml_collections
-
   from meddiff_jax.data import store
 
-  pre = fake_pretrained()
-  pre.config.data.phantom.spacing = (3.0, 3.0, 3.0)
-  assert common.task_spacing(pre, ml_collections.ConfigDict({"spacing": ()})) == (3.0, 3.0, 3.0)
-  assert common.task_spacing(pre, ml_collections.ConfigDict({"spacing": (1.0, 1.0, 2.0)})) == (1.0, 1.0, 2.0)
-  pre.config.data.spacing = (1.5, 1.5, 1.5)  # what training records in the checkpoint
-  assert pipeline.training_spacing(pre.config.data) == (1.5, 1.5, 1.5)
-  data = ml_collections.ConfigDict({"source": "prepared", "prepared_dir": str(tmp_path), "spacing": ()})
+  assert TINY_DATA.spacing == "source"
+  phantoms = dataclasses.replace(TINY_DATA, phantom=dataclasses.replace(TINY_DATA.phantom, spacing=(3.0, 3.0, 3.0)))
+  pre = types.SimpleNamespace(data=phantoms)
+  assert common.task_spacing(pre, "checkpoint") == (3.0, 3.0, 3.0)
+  assert common.task_spacing(pre, (1.0, 1.0, 2.0)) == (1.0, 1.0, 2.0)
+  recorded = dataclasses.replace(phantoms, spacing=(1.5, 1.5, 1.5))  # what training records in the checkpoint
+  assert common.task_spacing(types.SimpleNamespace(data=recorded), "checkpoint") == (1.5, 1.5, 1.5)
+  data = dataclasses.replace(TINY_DATA, source="prepared", prepared_dir=str(tmp_path))
   for i in range(2):
     store.write_record(str(tmp_path), f"v{i}", np.zeros((2, 2, 2)), None, {"spacing": [1.0, 1.0, 1.0]})
-  assert pipeline.training_spacing(data) == (1.0, 1.0, 1.0)
+  assert data.training_spacing() == (1.0, 1.0, 1.0)
   store.write_record(str(tmp_path), "v3", np.zeros((2, 2, 2)), None, {"spacing": [2.0, 1.0, 1.0]})
-  assert pipeline.training_spacing(data) is None  # mixed: unknown, tasks keep the input grid
+  assert data.training_spacing() is None  # mixed: unknown, tasks keep the input grid
 
 
 def test_lesion_crops_are_positive_at_the_configured_rate_and_keep_organs():
@@ -156,47 +157,24 @@ def test_lesion_crops_are_positive_at_the_configured_rate_and_keep_organs():
 
   p = phantom.make_phantom((64, 64, 64), (3.0, 3.0, 3.0), "abdomen", seed=2, num_lesions=1)
   labels = multilevel.with_lesions(p.labels, p.lesions)
-  lut, groups = pipeline.structure_lut(pretrain.get_config("tiny").data)
+  lut, groups = TINY_DATA.structure_lut()
   coords = multilevel.lesion_coordinates(labels)
   rng = np.random.default_rng(0)
 
   def hit_rate(fraction):
     hits = 0
     for _ in range(200):
-      s = multilevel.make_sample(
-        p.hu,
-        labels,
-        2,
-        8,
-        rng,
-        operation="patch",
-        lut=lut,
-        num_groups=groups,
-        hint="lesion",
-        positive_fraction=fraction,
-        positive_coords=coords,
-      )
+      spec = sample_spec(8, lut=lut, num_groups=groups, hint="lesion", positive_fraction=fraction)
+      s = multilevel.make_sample(p.hu, labels, 2, spec, rng, operation="patch", positive_coords=coords)
       hits += bool((s["hint"] > 0).any())
     return hits / 200
 
   uniform, half = hit_rate(0.0), hit_rate(0.5)
   assert uniform < 0.2 and half == pytest.approx(0.5 + 0.5 * uniform, abs=0.1)
-  s = multilevel.make_sample(
-    p.hu,
-    labels,
-    2,
-    8,
-    rng,
-    operation="patch",
-    lut=lut,
-    num_groups=groups,
-    hint="lesion",
-    positive_fraction=1.0,
-    positive_coords=coords,
-  )
-  organs_only = multilevel.make_sample(
-    p.hu, p.labels, 2, 8, np.random.default_rng(1), operation="patch", lut=lut, num_groups=groups
-  )
+  spec = sample_spec(8, lut=lut, num_groups=groups, hint="lesion", positive_fraction=1.0)
+  s = multilevel.make_sample(p.hu, labels, 2, spec, rng, operation="patch", positive_coords=coords)
+  spec = sample_spec(8, lut=lut, num_groups=groups)
+  organs_only = multilevel.make_sample(p.hu, p.labels, 2, spec, np.random.default_rng(1), operation="patch")
   assert (s["hint"] > 0).any()
   # the same crop without lesions has the same structure channels: nothing is punched out under the lesion
   box = s["pos_box"]
@@ -223,11 +201,9 @@ def test_sr_hint_degradation_is_the_same_in_mm_at_every_level():
   hu = np.full((16, 16, 48), -100.0, np.float32)
   hu[..., 24:] = 100.0
   rng = np.random.default_rng(0)
-  kw = dict(hint="lowres", sr_factor=5)
-  whole = multilevel.make_sample(hu, None, 2, 16, rng, operation="whole", **kw)
-  patch = multilevel.make_sample(
-    hu, None, 2, 16, rng, operation="patch", positive_fraction=1.0, positive_coords=np.array([[8, 8, 24]]), **kw
-  )
+  whole = multilevel.make_sample(hu, None, 2, sample_spec(16, hint="lowres", sr_factor=5), rng, operation="whole")
+  centred = sample_spec(16, hint="lowres", sr_factor=5, positive_fraction=1.0)
+  patch = multilevel.make_sample(hu, None, 2, centred, rng, operation="patch", positive_coords=np.array([[8, 8, 24]]))
   w_whole, w_patch = _edge_width_native(whole, 48), _edge_width_native(patch, 48)
   assert 3.0 < w_patch < 10.0 and abs(w_whole - w_patch) < 1.5, (w_whole, w_patch)  # was 3x wider in whole
 
@@ -235,7 +211,6 @@ def test_sr_hint_degradation_is_the_same_in_mm_at_every_level():
 def test_sr_hint_uses_a_real_low_resolution_partner_when_given():
   hu = np.random.default_rng(0).normal(0, 50, (16, 16, 16)).astype(np.float32)
   partner = np.full(hu.shape, 40.0, np.float32)
-  s = multilevel.make_sample(
-    hu, None, 2, 16, np.random.default_rng(0), operation="patch", hint="lowres", lowres=partner
-  )
+  spec = sample_spec(16, hint="lowres")
+  s = multilevel.make_sample(hu, None, 2, spec, np.random.default_rng(0), operation="patch", lowres=partner)
   np.testing.assert_allclose(s["hint"], preprocess.hu_to_unit(partner, 2)[..., None], atol=1e-6)

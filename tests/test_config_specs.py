@@ -1,15 +1,16 @@
-"""Typed config sections (meddiff_jax/sections.py and the XSpec beside each consumer), run once by checks.py.
+"""Typed config sections (meddiff_jax/sections.py and the XSpec beside each consumer), built once by checks.py
+into the typed config each command runs on.
 
 Every validated key: a bad value is one ConfigError naming `config.SECTION.KEY` and the value; unknown and
 missing keys are refused; every shipped config file and preset passes; the specs hold no defaults of their
-own (configs/ are the only defaults). Fast tier: nothing here compiles a model.
+own (configs/ are the only defaults); what training stores in a checkpoint types back to the same config, and
+configs stored by older versions still load. Fast tier: nothing here compiles a model.
 """
 
 import dataclasses
 import importlib
 import re
 
-import jax.numpy as jnp
 import ml_collections
 import pytest
 from conftest import override, run_main, tiny_config
@@ -17,27 +18,34 @@ from conftest import override, run_main, tiny_config
 from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.configs import controlnet as controlnet_configs
 from meddiff_jax.configs import input_options, pretrain
-from meddiff_jax.data import multilevel, pipeline, volumes
+from meddiff_jax.data import multilevel, volumes
+from meddiff_jax.data import spec as data_spec
 from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
-from meddiff_jax.train import controlnet as controlnet_lib
-from meddiff_jax.train import loop
+from meddiff_jax.protocols.spec import EvaluateSpec
+from meddiff_jax.train import spec as train_spec
 from meddiff_jax.train import state as state_lib
 
 # (section of configs/pretrain.py, its spec)
 PRETRAIN_SPECS = [
+  ("model", unet3d.UNetSpec),
   ("diffusion", diffusion_spec.DiffusionSpec),
-  ("data", pipeline.DataSpec),
-  ("data.phantom", pipeline.PhantomSpec),
+  ("data", data_spec.DataSpec),
+  ("data.phantom", data_spec.PhantomSpec),
   ("optimizer", state_lib.OptimizerSpec),
-  ("training", loop.TrainingSpec),
-  ("eval", loop.EvalSpec),
-  ("checkpoint", loop.CheckpointSpec),
+  ("training", train_spec.TrainingSpec),
+  ("eval", train_spec.EvalSpec),
+  ("checkpoint", train_spec.CheckpointSpec),
   ("mesh", sharding.MeshSpec),
   ("sharding", sharding.ShardingSpec),
 ]
 TASK_CONFIGS = ["denoise", "anomaly", "synthesis", "super_resolution", "lesion"]
-ALL_SPECS = [s for _, s in PRETRAIN_SPECS] + [pretrained.ControlNetSpec] + list(checks.TASK_SPECS.values())
+ALL_SPECS = (
+  [s for _, s in PRETRAIN_SPECS]
+  + [train_spec.PretrainConfig, train_spec.ControlNetConfig, pretrained.ControlNetSpec, pretrained.ExportSpec]
+  + [EvaluateSpec]
+  + list(checks.TASK_SPECS.values())
+)
 
 
 def section(config, dotted):
@@ -56,6 +64,14 @@ def assert_names(error, key, bad):
 # ------------------------------------------------------------------------------------------ bad values
 
 PRETRAIN_BAD = [
+  ("model.base_channels", 0),
+  ("model.channel_mult", (1, 0)),
+  ("model.attention_levels", (2,)),
+  ("model.dropout", 1.0),
+  ("model.dtype", "float8"),
+  ("model.remat", "sometimes"),
+  ("model.conv_impl", "winograd"),
+  ("model.num_structure_ids", -1),
   ("diffusion.schedule", "sigmoid"),
   ("diffusion.num_timesteps", 1),
   ("diffusion.prediction_type", "score"),
@@ -68,6 +84,7 @@ PRETRAIN_BAD = [
   ("data.patch_size", 0),
   ("data.spacing", (1.0, 1.0)),
   ("data.spacing", (1.0, 0.0, 1.0)),
+  ("data.spacing", "sourced"),
   ("data.structures", "onehot"),
   ("data.structure_groups", (("liver",),)),
   ("data.operation_probs", (0.0, 0.0, 0.0)),
@@ -116,6 +133,7 @@ PRETRAIN_BAD = [
   ("mesh.spatial", 0),
   ("mesh.tensor", 0),
   ("sharding.rules", (("batch", "pipeline"),)),
+  ("sharding.rules", "defaults"),
   ("sharding.min_shard_size", -1),
 ]
 
@@ -206,6 +224,9 @@ COMMON_TASK_BAD = [
 TASK_BAD = [(t, k, v) for t in TASK_CONFIGS for k, v in COMMON_TASK_BAD] + [
   ("denoise", "method", "nlm"),
   ("denoise", "noise_sigma_hu", -1.0),
+  ("denoise", "noise_sigma_hu", 0.0),
+  ("denoise", "noise_sigma_hu", "estimated"),
+  ("denoise", "spacing", "checkpnt"),
   ("denoise", "lam", 0.0),
   ("denoise", "zeta", 1.5),
   ("denoise", "window_margin", 1.0),
@@ -322,7 +343,9 @@ def test_every_pretrain_preset_passes(preset, devices, tmp_path):
   config = pretrain.get_config(preset)
   if config.data.source == "prepared":
     config.data.prepared_dir = str(tmp_path)
-  assert checks.pretrain(config, devices) is config
+  typed = checks.pretrain(config, devices)
+  assert isinstance(typed, train_spec.PretrainConfig) and typed.preset == preset.split("+")[0]
+  assert typed.data.spacing == "source" and typed.sharding.logical_rules == sharding.DEFAULT_RULES
 
 
 @pytest.mark.parametrize("name", ["demo", "tiny_ct"])
@@ -336,11 +359,13 @@ def test_every_training_config_file_passes(name, tmp_path):
 @pytest.mark.parametrize("preset", ["sr", "lesion"])
 def test_controlnet_presets_and_their_derived_configs_pass(preset):
   config = controlnet_configs.get_config(preset)
+  config.model.base_channels = 16  # the base checkpoint's architecture wins
   derived = checks.controlnet(config, num_devices=1)
-  assert derived is not config and derived.model.to_dict() == pretrained.read_config("tiny_phantom").model.to_dict()
-  # the derived config is a complete training config: every spec takes it again
-  for name, spec in PRETRAIN_SPECS:
-    spec.from_config(section(derived, name))
+  assert isinstance(derived, train_spec.ControlNetConfig) and derived.task == preset
+  assert derived.model == unet3d.UNetSpec.from_config(pretrained.read_config("tiny_phantom").model)
+  assert derived.model.base_channels == 8 and config.model.base_channels == 16  # the argument is left as it was
+  # what a checkpoint stores of it types back to the same config
+  assert train_spec.ControlNetConfig.from_config(derived.stored(None)) == derived
 
 
 @pytest.mark.parametrize("task", TASK_CONFIGS)
@@ -376,14 +401,6 @@ def test_specs_have_no_defaults_of_their_own(spec):
   assert not defaulted
 
 
-def test_unet_spec_defaults_are_the_paper_model_of_configs_pretrain():
-  """UNetSpec (older than the rule) keeps defaults for library callers: they are configs/pretrain.py:paper's
-  model, except three that a bare UNetSpec() keeps cheap (no structure channels, float32, no remat)."""
-  paper = unet3d.UNetSpec.from_config(pretrain.get_config("paper").model)
-  library = {"structure_channels": 0, "dtype": jnp.float32, "remat": "none"}
-  assert unet3d.UNetSpec() == dataclasses.replace(paper, **library)
-
-
 def test_read_options_defaults_equal_configs_input_options():
   """ReadOptions() (library callers) and the command line's defaults (configs/input_options.py) agree."""
   config = input_options.add_input_options(ml_collections.ConfigDict())
@@ -393,7 +410,7 @@ def test_read_options_defaults_equal_configs_input_options():
 
 def test_hint_names_agree():
   """data/ cannot import train/: the hint names of the data spec and of ControlNet's tasks must agree."""
-  assert set(controlnet_lib.HINTS.values()) == set(multilevel.HINTS)
+  assert set(train_spec.HINTS.values()) == set(multilevel.HINTS)
 
 
 def test_unet_spec_still_types_the_model_section():
@@ -415,3 +432,51 @@ def test_one_bad_value_is_one_error_line_exit_1(tmp_path):
   assert errors == ["error: config.diffusion.loss_type='huber'; choose one of ('l1', 'l2')"], proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == errors[0]
   assert not list(tmp_path.glob("events.out.tfevents.*")) and not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------ stored configs
+
+
+def test_what_training_stores_types_back_to_the_same_config():
+  """Checkpoints carry `PretrainConfig.stored(spacing)`: the config with data.spacing the training spacing."""
+  typed = train_spec.PretrainConfig.from_config(tiny_config())
+  assert train_spec.PretrainConfig.from_config(typed.stored(None)) == typed  # spacing unknown: 'source' kept
+  stored = typed.stored((1.5, 1.5, 1.5))
+  assert stored["data"]["spacing"] == [1.5, 1.5, 1.5] and stored["model"]["dtype"] == "float32"
+  back = train_spec.PretrainConfig.from_config(stored)
+  assert back.data.spacing == (1.5, 1.5, 1.5) and back.data.training_spacing() == (1.5, 1.5, 1.5)
+  assert dataclasses.replace(back, data=typed.data) == typed
+
+
+def test_configs_stored_by_older_versions_still_type():
+  """Keys added later (LEGACY_KEYS) and values that got a name (LEGACY_VALUES: data.spacing () -> 'source',
+  sharding.rules () -> 'default'); the shipped tiny_phantom predates most of them."""
+  old = pretrained.stored_config({"data": {"spacing": [], "source": "phantom"}, "sharding": {"rules": []}})
+  assert old.data.spacing == "source" and old.sharding.rules == "default"
+  kept = pretrained.stored_config({"data": {"spacing": [2.0, 2.0, 2.0]}})
+  assert tuple(kept.data.spacing) == (2.0, 2.0, 2.0)
+  stored = pretrained.read_config("tiny_phantom")
+  data, model = data_spec.DataSpec.from_config(stored.data), unet3d.UNetSpec.from_config(stored.model)
+  assert data.spacing == "source" and data.training_spacing() == tuple(data.phantom.spacing)
+  assert model.attention_levels == (1,) and model.conv_impl == "auto"
+  assert stored.optimizer.trainable == list(pretrained.ALL_PARAMS)
+
+
+def test_keyword_keys_take_a_value_or_their_keyword_on_the_command_line(tmp_path):
+  """A key whose default is a keyword (`sections.keyword`) takes a tuple or a number from the command line, and
+  a word: the run gets past the spec (to the missing input file), or the spec names the key."""
+  base = ("--config=configs/denoise.py", f"--config.input={tmp_path / 'none.nii.gz'}", f"--config.output={tmp_path}/o")
+  proc = run_main(*base, "--config.spacing=(1.0,1.0,2.0)", "--config.noise_sigma_hu=30")
+  assert proc.returncode == 1 and "none.nii.gz' is not a file" in proc.stderr, proc.stderr[-2000:]
+  proc = run_main(*base, "--config.spacing=checkpoint", "--config.noise_sigma_hu=estimate")
+  assert proc.returncode == 1 and "none.nii.gz' is not a file" in proc.stderr, proc.stderr[-2000:]
+  proc = run_main(*base, "--config.noise_sigma_hu=estimated")
+  assert "error: config.noise_sigma_hu='estimated'; must be a number > 0, or one of ('estimate',)" in proc.stderr
+  proc = run_main(
+    "--config=configs/pretrain.py:tiny",
+    f"--workdir={tmp_path / 'w'}",
+    "--config.data.spacing=(2.0,2.0,2.0)",
+    "--config.sharding.rules=(('batch',('data','fsdp')),)",
+    "--config.mesh.data=3",  # past the specs: the mesh against the one device present
+  )
+  assert proc.returncode == 1 and "error: mesh {'data': 3" in proc.stderr, proc.stderr[-2000:]

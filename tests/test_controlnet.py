@@ -197,9 +197,7 @@ def separate_argument_step(config, trainee, st, shardings, batch_sh, mesh, rules
 
   def step(state, batch, base):
     apply = lambda v, *a, **k: trainee.apply_fn({"params": {"base": base, "controlnet": v["params"]}}, *a, **k)
-    fn = step_lib.make_train_step(
-      apply, trainee.schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
-    )
+    fn = step_lib.make_train_step(apply, trainee.schedule, tx, config, rules)
     return fn(state, batch)
 
   jitted = jax.jit(
@@ -247,7 +245,7 @@ def test_logged_flops_per_step_match_xla_cost_analysis_of_the_compiled_step(tmp_
   assert rows[-1]["flops_per_step"] == logged
 
   pre = pretrained.load(config.base_checkpoint)
-  model = pretrained.build_controlled(config, pre.spec)
+  model = pretrained.build_controlled(config.controlnet, pre.spec)
   patch, batch = config.data.patch_size, config.training.batch_size
   x, t, cond = pretrained.dummy_inputs(pre.spec, patch, batch)
   cond["hint"] = jnp.zeros(x.shape, jnp.float32)
@@ -327,8 +325,9 @@ def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path)
   from meddiff_jax.configs import pretrain
 
   config = pretrain.get_config("tiny")
+  typed = checks.pretrain(config, num_devices=1)
   mesh = mesh_of({"data": 1})
-  st, _, _, _ = loop.init_state(config, loop.pretraining(config), mesh, sharding.DEFAULT_RULES)
+  st, _, _, _ = loop.init_state(typed, loop.pretraining(typed), mesh, sharding.DEFAULT_RULES)
   st = st.replace(ema_params=jax.tree_util.tree_map(lambda p: p + 1.0, st.ema_params))  # EMA != params
   ck = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
   ck.save(4, st, None, config)

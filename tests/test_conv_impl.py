@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import unet_spec
 
 from meddiff_jax.models import unet3d
 
@@ -13,13 +14,13 @@ from meddiff_jax.models import unet3d
 @pytest.mark.parametrize("shape,cin,cout", [((2, 5, 6, 7), 3, 4), ((1, 8, 8, 8), 8, 16)])
 def test_depth_tap_conv_equals_lax_conv3d(shape, cin, cout):
   x = jax.random.normal(jax.random.key(0), (*shape, cin))
-  plain = unet3d.conv3d(cout, 3, unet3d.UNetSpec(conv_impl="xla"))
+  plain = unet3d.conv3d(cout, 3, unet_spec(conv_impl="xla"))
   assert isinstance(plain, unet3d.nn.Conv) and not isinstance(plain, unet3d.DepthTapConv)
   params = plain.init(jax.random.key(1), x)
   params = jax.tree_util.tree_map(
     lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params
   )  # bias != 0
-  taps = unet3d.conv3d(cout, 3, unet3d.UNetSpec(conv_impl="depth_taps"))
+  taps = unet3d.conv3d(cout, 3, unet_spec(conv_impl="depth_taps"))
   assert isinstance(taps, unet3d.DepthTapConv)
   assert jax.tree_util.tree_structure(taps.init(jax.random.key(1), x)) == jax.tree_util.tree_structure(params)
   ref = (
@@ -34,13 +35,13 @@ def test_depth_tap_conv_equals_lax_conv3d(shape, cin, cout):
 
 @pytest.mark.slow
 def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
-  from conftest import tiny_config
+  from conftest import tiny
 
   from meddiff_jax import pretrained
 
-  config = tiny_config()
-  config.model.conv_impl = "xla"
-  model, spec = pretrained.build_model(config)
+  config = tiny(**{"model.conv_impl": "xla"})
+  spec = config.model
+  model = unet3d.UNet3D(spec)
   x, t, cond = pretrained.dummy_inputs(spec, config.data.patch_size)
   params = jax.jit(model.init)(jax.random.key(0), x, t, cond)
   # zero-init output convs would hide everything: perturb all params

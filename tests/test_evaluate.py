@@ -15,12 +15,19 @@ from meddiff_jax.configs import evaluate as evaluate_config
 from meddiff_jax.data import nifti, phantom, preprocess, volume_io, volumes
 from meddiff_jax.evaluation import extractors, frechet, segmenters
 from meddiff_jax.protocols import adapters, datasets, evaluate
+from meddiff_jax.protocols.spec import EvaluateSpec
 
 SHAPE, SPACING = (24, 24, 20), (12.0, 12.0, 12.0)
 
 
-def _config(**kw):
+def _raw(**kw):
+  """configs/evaluate.py with `kw`, as the command line gives it."""
   return override(evaluate_config.get_config(), **kw)
+
+
+def _config(**kw):
+  """The same, typed (what checks.evaluate returns and the evaluation runs on)."""
+  return EvaluateSpec.from_config(_raw(**kw))
 
 
 def _phantom(seed, region="abdomen", lesions=0, shape=SHAPE, spacing=SPACING):
@@ -412,7 +419,7 @@ def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
 def test_adapter_builds_the_task_config_from_shared_options():
   cfg = _config(protocol="denoising", method="partial", num_steps=3, task="lam=5.0;zeta=0.1", overlap=0.0, seed=0)
   t = adapters.task_config("denoising", cfg, input="in.nii.gz", output="out.nii.gz")
-  assert t.overlap == 0.0 and t.seed == 0  # zero is a value, not 'unset'
+  assert t.overlap == 0.0 and t.seed == 0  # zero is a value, 'task' the task's default
   default = adapters.task_config("denoising", _config())
   assert default.overlap == 0.5 and default.num_steps == 10  # configs/denoise.py's own defaults
   assert (t.method, t.num_steps, t.lam, t.zeta, t.input, t.checkpoint) == (
@@ -429,7 +436,7 @@ def test_adapter_builds_the_task_config_from_shared_options():
   with pytest.raises(ValueError, match="KEY=VALUE"):
     adapters.parse_task_options("lam")
   with pytest.raises(FileNotFoundError, match="not a ControlNet fine-tuning workdir"):
-    checks.evaluate(_config(protocol="lesion"))
+    checks.evaluate(_raw(protocol="lesion"))
 
 
 # ------------------------------------------------------------------------------------------ the command line

@@ -12,7 +12,8 @@ PACKAGE = REPO / "meddiff_jax"
 # Bottom to top (docs/architecture.md, "Layers"). A layer is a subpackage or a top-level module of meddiff_jax
 # (`__init__`: the package's own __init__.py); it may import itself and every layer on a lower floor.
 FLOORS = (
-  ("models", "sections", "storage"),
+  ("sections", "storage"),
+  ("models",),
   ("diffusion", "data"),
   ("evaluation", "configs"),
   ("checkpoint", "sharding", "config_files"),
@@ -124,13 +125,13 @@ def test_the_checks_see_violations_and_cycles(tmp_path):
     "meddiff_jax.data.a": {"meddiff_jax.data.b"},
     "meddiff_jax.data.b": {"meddiff_jax.data.a", "meddiff_jax.train"},
   }
-  assert violations(graph) == ["meddiff_jax.data.b (floor 1) imports meddiff_jax.train (floor 5)"]
+  assert violations(graph) == ["meddiff_jax.data.b (floor 2) imports meddiff_jax.train (floor 6)"]
   assert cycles(graph) == ["meddiff_jax.data.a -> meddiff_jax.data.b -> meddiff_jax.data.a"]
   assert violations(
     {"meddiff_jax.protocols.x": {"meddiff_jax.train.loop"}, "meddiff_jax.tasks.y": {"meddiff_jax.train.z"}}
   ) == [
-    "meddiff_jax.protocols.x (floor 6) imports meddiff_jax.train.loop (floor 5)",
-    "meddiff_jax.tasks.y (floor 5) imports meddiff_jax.train.z (floor 5)",
+    "meddiff_jax.protocols.x (floor 7) imports meddiff_jax.train.loop (floor 6)",
+    "meddiff_jax.tasks.y (floor 6) imports meddiff_jax.train.z (floor 6)",
   ]
 
 

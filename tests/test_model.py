@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import unet_spec
 
 from meddiff_jax.models import embeddings, unet3d
 
-SPEC = unet3d.UNetSpec(
+SPEC = unet_spec(
   base_channels=8,
   channel_mult=(1, 2),
   attention_levels=(1,),
@@ -102,7 +103,7 @@ def test_remat_and_bf16_agree_with_reference(tiny_unet):
     l_remat, g_remat = loss(unet3d.UNet3D(dataclasses.replace(SPEC, remat=policy)))
     np.testing.assert_allclose(l_remat, l_ref, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_remat, g_ref)
-  bf16 = unet3d.UNet3D(dataclasses.replace(SPEC, dtype=jnp.bfloat16))
+  bf16 = unet3d.UNet3D(dataclasses.replace(SPEC, dtype=jnp.dtype("bfloat16")))
   out_ref = jax.jit(ref_model.apply)({"params": params}, x, t, cond)
   out_bf16 = jax.jit(bf16.apply)({"params": params}, x, t, cond)
   assert out_bf16.dtype == jnp.float32
@@ -137,10 +138,13 @@ def test_attention_is_keyed_by_level_and_legacy_configs_map_to_levels():
   pre = pretrained.load("tiny_phantom")
   assert pre.spec.attention_levels == (1,)
   assert unet3d.legacy_attention_levels((16, 8), 4, 64) == (2, 3)
+  legacy = {"model": {"channel_mult": [1, 2, 4, 8], "attention_resolutions": [16, 8]}, "data": {"patch_size": 64}}
+  stored = pretrained.stored_config(legacy).model  # what a config read back from an old checkpoint becomes
+  assert tuple(stored.attention_levels) == (2, 3) and "attention_resolutions" not in stored
   with pytest.raises(ValueError, match="patch size"):
-    unet3d.UNetSpec.from_config({"attention_resolutions": (8,)})
+    pretrained.stored_config({"model": {"channel_mult": [1, 2], "attention_resolutions": [8]}})
   with pytest.raises(ValueError, match="levels are 0..1"):
-    unet3d.UNetSpec.from_config({"channel_mult": (1, 2), "attention_levels": (2,)})
+    dataclasses.replace(SPEC, attention_levels=(2,))
   # The same weights run at any window 2^(levels-1) divides, with the same parameter tree (attention found).
   params = nn.meta.unbox(pre.params)
   for size in (8, 16, 32):
@@ -196,6 +200,7 @@ def test_builtin_priors_load_at_their_training_spacing_and_window():
   from meddiff_jax import pretrained
 
   pre = pretrained.load("tiny_ct")
-  assert tuple(pre.config.data.spacing) == (2.0, 2.0, 2.0) and pre.patch_size == 32
-  assert pre.config.data.source == "prepared" and pre.spec.attention_levels == (2,)
+  assert pre.data.spacing == (2.0, 2.0, 2.0) and pre.patch_size == 32
+  assert pre.data.source == "prepared" and pre.spec.attention_levels == (2,)
+  assert pretrained.load("tiny_phantom").data.spacing == "source"  # predates the key: its phantoms' spacing
   assert set(pretrained.BUILTIN) == {"tiny_phantom", "tiny_ct"}

@@ -6,7 +6,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import prepare_config, tiny_config
+from conftest import MinimalStore, prepare_config, sample_spec, tiny
 
 from meddiff_jax.data import multilevel, nifti, phantom, pipeline, prepare, preprocess, store, volumes
 from meddiff_jax.models import embeddings
@@ -37,7 +37,7 @@ def test_sample_coordinates_match_the_whole_volume_frame(operation):
   for axis in range(3):
     hu = (coord[..., axis] * 100.0).astype(np.float32)  # in [-100, 100] HU: inside the abdomen window
     s = multilevel.make_sample(
-      hu, None, preprocess.region_id("abdomen"), patch, np.random.default_rng(1), operation=operation
+      hu, None, preprocess.region_id("abdomen"), sample_spec(patch), np.random.default_rng(1), operation=operation
     )
     grid = np.asarray(embeddings.coordinate_grid(s["pos_box"][None], (patch,) * 3))[0, ..., axis]
     seen = preprocess.unit_to_hu(s["image"][..., 0], "abdomen") / 100.0
@@ -69,7 +69,7 @@ def test_windows_invert():
 
 
 def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
-  config = tiny_config()
+  config = tiny()
   st = pipeline.make_store(config.data)
   make = lambda **kw: iter(pipeline.make_dataset(st, config.data, batch_size=4, seed=3, **kw))
   a, b = make(), make()
@@ -78,7 +78,7 @@ def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
     ref = next(b)
     for k in batch:
       np.testing.assert_array_equal(batch[k], ref[k])
-  assert first[0]["image"].shape == (4, 8, 8, 8, 1) and pipeline.structure_channel_count(config.data) == 13
+  assert first[0]["image"].shape == (4, 8, 8, 8, 1) and config.data.structure_channel_count == 13
   assert first[0]["structures"].shape[-1] == 1  # the 13 channels packed (data.pack_structures), expanded on device
   ops = np.concatenate([x["operation"] for x in first])
   assert len(set(ops.tolist())) > 1  # multi-level operations are mixed
@@ -95,7 +95,7 @@ def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
   assert x0["image"].shape[0] == 2 and not np.array_equal(x0["image"], x1["image"])
 
 
-class _CountingStore:
+class _CountingStore(MinimalStore):
   """Small in-memory volumes that count how many samples were read (what a bucket would be asked for)."""
 
   def __init__(self, n=3, shape=(12, 12, 12)):
@@ -116,7 +116,9 @@ def test_a_finite_dataset_reads_exactly_its_batches_and_matches_the_stream():
   read-ahead past them; the infinite stream's prefetch keeps reading batches nobody asked for."""
   import time
 
-  config = tiny_config(**{"data.use_structures": False, "data.prefetch": 4, "data.num_threads": 2})
+  config = tiny(
+    **{"data.use_structures": False, "data.prefetch": 4, "data.num_threads": 2, "model.structure_channels": 0}
+  )
   infinite, finite = _CountingStore(), _CountingStore()
   stream = iter(pipeline.make_dataset(infinite, config.data, batch_size=2, seed=5))
   it = iter(pipeline.make_dataset(finite, config.data, batch_size=2, seed=5, num_batches=2))
@@ -137,7 +139,7 @@ def test_a_finite_dataset_reads_exactly_its_batches_and_matches_the_stream():
 def test_global_batches_are_laid_out_on_the_mesh():
   from meddiff_jax import sharding
 
-  config = tiny_config()
+  config = tiny()
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=8, seed=0)
   batches = pipeline.GlobalBatches(ds, sharding.batch_sharding(mesh, (("batch", ("data", "fsdp")),)))
@@ -250,7 +252,7 @@ def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
   np.testing.assert_array_equal(lesion, p.lesions > 0)
   np.testing.assert_array_equal(organs, p.labels)  # the organ under a lesion is kept
   sample = multilevel.make_sample(
-    np.asarray(hu), np.asarray(labels), 2, 8, np.random.default_rng(0), operation="whole", hint="lesion"
+    np.asarray(hu), np.asarray(labels), 2, sample_spec(8, hint="lesion"), np.random.default_rng(0), operation="whole"
   )
   assert set(np.unique(sample["hint"])) <= {-1.0, 1.0}
 
@@ -272,7 +274,8 @@ def test_prepare_stores_a_real_low_resolution_partner_for_sr(tmp_path):
   # the partner is smoother along z than the thin scan, and agrees with it on average
   assert np.abs(np.diff(lowres, axis=2)).mean() < 0.7 * np.abs(np.diff(hu, axis=2)).mean()
   assert abs(lowres.mean() - hu.mean()) < 20
-  sample = pipeline.MultiLevelSample(st, 8, None, 0, (0, 0, 1), hint="lowres")(0, np.random.default_rng(0))
+  spec = sample_spec(8, operation_probs=(0, 0, 1), hint="lowres")
+  sample = pipeline.MultiLevelSample(st, spec)(0, np.random.default_rng(0))
   box = sample["pos_box"]
   start = np.round((box[:, 0] + 1) / 2 * (np.array(hu.shape) - 1)).astype(int)
   crop = tuple(slice(a, a + 8) for a in start)

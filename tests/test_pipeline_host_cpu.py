@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import sample_spec, tiny, unet_spec
 from scipy import ndimage
 
 from meddiff_jax.data import multilevel, nifti, phantom, pipeline, preprocess, store, volume_io, volumes
@@ -91,8 +91,7 @@ def test_hu_to_unit_in_place_equals_the_expression_it_replaces():
 
 def test_packed_structures_expand_to_the_structure_channels_on_real_labels(real_data_dir):
   hu, labels = real_ct(real_data_dir)
-  data = tiny_config().data
-  lut, k = pipeline.structure_lut(data)
+  lut, k = tiny().data.structure_lut()
   ref = preprocess.structure_channels(labels, hu, lut, k)
   assert ref[..., :-1].any() and ref[..., -1].any() and (ref[..., :-1].sum(-1) <= 1).all()
   packed = conditions.pack_structures(multilevel.label_groups(labels, lut), preprocess.body_mask(hu))
@@ -129,11 +128,12 @@ def test_label_groups_equal_split_lesions_then_the_lut():
 def test_packed_samples_expand_to_todays_samples_with_lesions(operation):
   p = phantom.make_phantom((40, 40, 40), (6.0, 6.0, 6.0), "abdomen", seed=3, num_lesions=2)
   labels = multilevel.with_lesions(p.labels, p.lesions)
-  lut, k = pipeline.structure_lut(tiny_config().data)
+  lut, k = tiny().data.structure_lut()
   for hint in ("", "lesion"):
-    kw = dict(operation=operation, lut=lut, num_groups=k, hint=hint)
-    ref = multilevel.make_sample(p.hu, labels, 2, 16, np.random.default_rng(7), **kw)
-    got = multilevel.make_sample(p.hu, labels, 2, 16, np.random.default_rng(7), pack_structures=True, **kw)
+    kw = dict(lut=lut, num_groups=k, hint=hint)
+    ref = multilevel.make_sample(p.hu, labels, 2, sample_spec(16, **kw), np.random.default_rng(7), operation=operation)
+    packed = sample_spec(16, pack_structures=True, **kw)
+    got = multilevel.make_sample(p.hu, labels, 2, packed, np.random.default_rng(7), operation=operation)
     assert got["structures"].shape == (16, 16, 16, 1) and ref["structures"].shape == (16, 16, 16, k + 1)
     assert ref["structures"][..., :-1].any()
     for key in ref:
@@ -144,7 +144,6 @@ def test_packed_samples_expand_to_todays_samples_with_lesions(operation):
 
 def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
   """What the model receives from a packed batch equals what it received from today's batch, dropouts included."""
-  from meddiff_jax.diffusion import schedules
   from meddiff_jax.train import step as step_lib
 
   seen = []
@@ -153,11 +152,11 @@ def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
     seen.append(cond)
     return jnp.zeros_like(x)
 
-  config = tiny_config(
+  config = tiny(
     **{"diffusion.structure_drop_prob": 0.5, "diffusion.body_drop_prob": 0.5, "diffusion.cond_drop_prob": 0.3}
   )
-  packed_cfg = tiny_config(**{"data.pack_structures": True})
-  plain_cfg = tiny_config(**{"data.pack_structures": False})
+  packed_cfg = tiny(**{"data.pack_structures": True})
+  plain_cfg = tiny(**{"data.pack_structures": False})
   assert step_lib.batch_spec(packed_cfg)["structures"].shape == (8, 8, 8, 8, 1)
   assert step_lib.batch_spec(plain_cfg)["structures"].shape == (8, 8, 8, 8, 13)
   packed = next(
@@ -166,9 +165,7 @@ def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
   plain = next(iter(pipeline.make_dataset(pipeline.make_store(plain_cfg.data), plain_cfg.data, batch_size=8, seed=1)))
   assert packed["structures"].shape[-1] == 1 and plain["structures"].shape[-1] == 13
   np.testing.assert_array_equal(conditions.expand_structures(packed["structures"], 13), plain["structures"])
-  loss_fn = step_lib.make_loss_fn(
-    apply_fn, schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps), config
-  )
+  loss_fn = step_lib.make_loss_fn(apply_fn, config.diffusion.make_schedule(), config.diffusion, config.model)
   for batch in (packed, plain):
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "operation"}
     loss_fn({}, batch, jax.random.key(0))
@@ -182,7 +179,7 @@ def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
 def test_the_model_takes_packed_structures_as_the_expanded_channels():
   from meddiff_jax.models import unet3d
 
-  spec = unet3d.UNetSpec(
+  spec = unet_spec(
     base_channels=8,
     channel_mult=(1,),
     attention_levels=(),
@@ -221,20 +218,15 @@ class _ReadCounting:
     return out
 
 
-class _CountingStore:
+class _CountingStore(pipeline.SubsetStore):
   def __init__(self, base):
-    self.base, self.volumes_read = base, []
-
-  def __len__(self):
-    return len(self.base)
+    super().__init__(base, list(range(len(base))))
+    self.volumes_read = []
 
   def load(self, index):
-    hu, labels, region = self.base.load(index)
+    hu, labels, region = super().load(index)
     self.volumes_read += [_ReadCounting(hu)] + ([_ReadCounting(labels)] if labels is not None else [])
     return self.volumes_read[-2], self.volumes_read[-1] if labels is not None else None, region
-
-  def load_whole(self, index, size):
-    return self.base.load_whole(index, size)
 
 
 @pytest.mark.parametrize("fmt", store.FORMATS)
@@ -251,15 +243,15 @@ def test_whole_samples_from_the_stored_level_equal_the_computed_ones(tmp_path, f
   for i, (hu, labels) in enumerate(vols):
     store.write_record(later, f"v{i}", hu, labels, {"region": "chest"}, fmt=fmt)
   assert store.add_whole_levels(later, (16,)) == 2 and store.add_whole_levels(later, (16,)) == 0
-  lut, k = pipeline.structure_lut(tiny_config().data)
+  lut, k = tiny().data.structure_lut()
   for pack in (False, True):
     for hint in ("", "lesion"):
-      kw = dict(lut=lut, num_groups=k, operation_probs=(1.0, 0.0, 0.0), hint=hint, pack_structures=pack)
+      spec = sample_spec(16, lut=lut, num_groups=k, operation_probs=(1.0, 0.0, 0.0), hint=hint, pack_structures=pack)
       ref_store = store.PreparedStore(plain)
-      ref = pipeline.MultiLevelSample(ref_store, 16, **kw)
+      ref = pipeline.MultiLevelSample(ref_store, spec)
       for directory in (cached, later):
         counting = _CountingStore(store.PreparedStore(directory))
-        got = pipeline.MultiLevelSample(counting, 16, **kw)
+        got = pipeline.MultiLevelSample(counting, spec)
         for i in range(2):
           want, have = ref(i, np.random.default_rng(i)), got(i, np.random.default_rng(i))
           assert set(want) == set(have)
@@ -268,14 +260,16 @@ def test_whole_samples_from_the_stored_level_equal_the_computed_ones(tmp_path, f
         assert sum(v.voxels_read for v in counting.volumes_read) == 0  # no voxel of the volumes themselves
   # another patch size has no level: the sample is computed from the volume (which is then read)
   counting = _CountingStore(store.PreparedStore(cached))
-  other = pipeline.MultiLevelSample(counting, 8, lut, k, (1.0, 0.0, 0.0))(0, np.random.default_rng(0))
-  want = pipeline.MultiLevelSample(store.PreparedStore(plain), 8, lut, k, (1.0, 0.0, 0.0))(0, np.random.default_rng(0))
+  whole8 = sample_spec(8, lut=lut, num_groups=k, operation_probs=(1.0, 0.0, 0.0))
+  other = pipeline.MultiLevelSample(counting, whole8)(0, np.random.default_rng(0))
+  want = pipeline.MultiLevelSample(store.PreparedStore(plain), whole8)(0, np.random.default_rng(0))
   for key in want:
     np.testing.assert_array_equal(other[key], want[key])
   assert counting.volumes_read[0].voxels_read == 40 * 36 * 30
   # the lowres hint needs the native volume: it does not use the level
   counting = _CountingStore(store.PreparedStore(cached))
-  pipeline.MultiLevelSample(counting, 16, lut, k, (1.0, 0.0, 0.0), hint="lowres")(0, np.random.default_rng(0))
+  lowres = sample_spec(16, lut=lut, num_groups=k, operation_probs=(1.0, 0.0, 0.0), hint="lowres")
+  pipeline.MultiLevelSample(counting, lowres)(0, np.random.default_rng(0))
   assert counting.volumes_read[0].voxels_read == 40 * 36 * 30
 
 

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, mesh_of, tiny_config
+from conftest import REPO, mesh_of, tiny, tiny_config
 
 from meddiff_jax import checkpoint, sharding
 from meddiff_jax.train import loop
@@ -111,11 +111,10 @@ def test_killed_run_resumes_to_the_same_losses_bitwise(tmp_path, reference, sig)
 
 
 def small_state(mesh_sizes, seed=0):
-  config = tiny_config(seed=seed, **{"sharding.min_shard_size": 0})
-  st, shardings, _, _ = loop.init_state(
-    config, loop.pretraining(config), mesh_of(mesh_sizes), sharding.rules_from_config(())
-  )
-  return config, st, shardings
+  overrides = dict(seed=seed, **{"sharding.min_shard_size": 0})
+  typed = tiny(**overrides)
+  st, shardings, _, _ = loop.init_state(typed, loop.pretraining(typed), mesh_of(mesh_sizes), sharding.DEFAULT_RULES)
+  return tiny_config(**overrides), st, shardings  # the config as a checkpoint stores it
 
 
 def abstract_of(st, shardings):

@@ -190,13 +190,13 @@ def test_drop_conditions_nulls_exactly_the_dropped_samples():
 @pytest.mark.parametrize("loss_type,expected", [("l1", np.sqrt(2 / np.pi)), ("l2", 1.0)])
 def test_loss_type_is_used_by_the_training_loss(loss_type, expected):
   """A model that predicts eps = 0: the L1 loss is E|eps| = sqrt(2/pi), the L2 loss E eps^2 = 1."""
-  from conftest import tiny_config
+  from conftest import tiny
 
   from meddiff_jax.train import step
 
-  config = tiny_config(**{"diffusion.loss_type": loss_type, "diffusion.cond_drop_prob": 0.0})
+  config = tiny(**{"diffusion.loss_type": loss_type, "diffusion.cond_drop_prob": 0.0})
   apply_fn = lambda variables, x, t, cond, **kw: jnp.zeros_like(x)
-  loss_fn = step.make_loss_fn(apply_fn, SCHED, config)
+  loss_fn = step.make_loss_fn(apply_fn, SCHED, config.diffusion, config.model)
   batch = {"image": jnp.zeros((2, 32, 32, 32, 1)), "region": jnp.array([0, 1])}
   loss, _ = loss_fn({}, batch, jax.random.key(0))
   assert float(loss) == pytest.approx(expected, rel=0.01)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sample_spec
 
 from meddiff_jax.tasks import sliding_window
 
@@ -99,7 +100,7 @@ def test_window_boxes_equal_the_training_boxes_for_the_same_window():
   seen = 0
   for seed in range(40):  # training patches at random starts; the window placed at the same start
     start, _ = multilevel.choose_box(shape, window, "patch", np.random.default_rng(seed))
-    sample = multilevel.make_sample(hu, None, 0, window, np.random.default_rng(seed), operation="patch")
+    sample = multilevel.make_sample(hu, None, 0, sample_spec(window), np.random.default_rng(seed), operation="patch")
     one = sliding_window.WindowPlan(
       padded.shape,
       window,

@@ -12,7 +12,7 @@ import socket
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny
 
 from meddiff_jax import checkpoint, storage
 
@@ -150,7 +150,7 @@ def test_tiny_training_on_gs_workdir_writes_everything_there_and_resumes(gcs, tm
 
   monkeypatch.chdir(tmp_path)  # whatever lands on local disk by mistake would land here
   workdir = "gs://bucket/run"
-  cfg = tiny_config(
+  cfg = tiny(
     **{
       "training.num_steps": 2,
       "eval.every_steps": 0,
@@ -165,7 +165,7 @@ def test_tiny_training_on_gs_workdir_writes_everything_there_and_resumes(gcs, tm
   assert gcs.exists("bucket/run/samples/step_00000002.png")
   assert checkpoint.Checkpointer(storage.join(workdir, "checkpoints")).all_steps() == [1, 2]
 
-  cfg = tiny_config(
+  cfg = tiny(
     **{"training.num_steps": 3, "eval.every_steps": 0, "eval.sample_every_steps": 0, "checkpoint.every_steps": 1}
   )
   loop.train_and_evaluate(cfg, workdir)

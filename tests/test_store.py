@@ -6,9 +6,11 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import sample_spec
 from test_storage import gcs  # noqa: F401  (the in-process GCS emulator fixture)
 
 from meddiff_jax.data import multilevel, pipeline, store
+from meddiff_jax.data.spec import DataSpec
 
 
 def volume(shape=(150, 140, 90), seed=0):
@@ -27,12 +29,9 @@ def test_zarr_round_trip_and_windows_equal_numpy(tmp_path):
   np.testing.assert_array_equal(got_labels[3:67, 70:134, 20:84], labels[3:67, 70:134, 20:84])
   # the training sample is the same whether the volume is in memory or streamed window by window
   for op in multilevel.OPERATIONS:
-    a = multilevel.make_sample(
-      hu, labels, 1, 32, np.random.default_rng(5), operation=op, lut=np.arange(256) % 3, num_groups=3
-    )
-    b = multilevel.make_sample(
-      got_hu, got_labels, 1, 32, np.random.default_rng(5), operation=op, lut=np.arange(256) % 3, num_groups=3
-    )
+    spec = sample_spec(32, lut=np.arange(256) % 3, num_groups=3)
+    a = multilevel.make_sample(hu, labels, 1, spec, np.random.default_rng(5), operation=op)
+    b = multilevel.make_sample(got_hu, got_labels, 1, spec, np.random.default_rng(5), operation=op)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
 
@@ -82,21 +81,19 @@ def test_store_on_gcs_streams_windows(gcs):  # noqa: F811
   np.testing.assert_array_equal(np.asarray(labels), hu > 0)
 
 
-class RecordingStore:
+class RecordingStore(pipeline.SubsetStore):
   """Wraps a store; records which volume indices were loaded in this process."""
 
   def __init__(self, base):
-    self.base, self.loaded = base, []
-
-  def __len__(self):
-    return len(self.base)
+    super().__init__(base, list(range(len(base))))
+    self.loaded = []
 
   def __repr__(self):
     return f"Recording({self.base!r})"
 
   def load(self, index):
     self.loaded.append(index)
-    return self.base.load(index)
+    return super().load(index)
 
 
 def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
@@ -114,6 +111,7 @@ def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
     worker_count=0,
     class_map="",
   )
+  cfg = DataSpec.from_config(cfg)
   loaded = []
   for p in range(2):
     rec = RecordingStore(store.PreparedStore(str(tmp_path)))

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import sample_spec, unet_spec
 from flax.core import meta
 
-from meddiff_jax.data import class_map, multilevel, pipeline, preprocess
+from meddiff_jax.data import class_map, multilevel, preprocess
+from meddiff_jax.data.spec import DataSpec
 
 
 def test_structure_labels_encode_classes_body_and_background():
@@ -24,26 +26,27 @@ def test_grouping_table_comes_from_the_config():
 
   c = pretrain.get_config("tiny")
   c.data.structure_groups = (("lung", ("lung_*",)), ("liver", ("liver",)))
-  lut, n = pipeline.structure_lut(c.data)
+  data = DataSpec.from_config(c.data)
+  lut, n = data.structure_lut()
   assert n == 2 and lut[5] == 2 and lut[10] == 1 and lut[1] == 0  # liver, lung lobe, spleen ungrouped
-  assert pipeline.structure_channel_count(c.data) == 3
+  assert data.structure_channel_count == 3
   c = pretrain.get_config("tiny+classes")
-  assert pipeline.structure_channel_count(c.data) == 1 and pipeline.structure_lut(c.data)[1] == 117
+  data = DataSpec.from_config(c.data)
+  assert data.structure_channel_count == 1 and data.structure_lut()[1] == 117
   assert c.model.num_structure_ids == 119
 
 
 def test_classes_mode_samples_are_one_label_channel():
   from meddiff_jax.configs import pretrain
 
-  data = pretrain.get_config("tiny+classes").data
-  lut, n = pipeline.structure_lut(data)
+  data = DataSpec.from_config(pretrain.get_config("tiny+classes").data)
+  lut, n = data.structure_lut()
   hu = np.full((16, 16, 16), -1000.0)
   hu[4:12, 4:12, 4:12] = 40.0
   labels = np.zeros((16, 16, 16), np.int16)
   labels[6:10, 6:10, 6:10] = 5
-  s = multilevel.make_sample(
-    hu, labels, 2, 16, np.random.default_rng(0), operation="whole", lut=lut, num_groups=n, structure_labels=True
-  )
+  spec = sample_spec(16, lut=lut, num_groups=n, structure_labels=True)
+  s = multilevel.make_sample(hu, labels, 2, spec, np.random.default_rng(0), operation="whole")
   assert s["structures"].shape == (16, 16, 16, 1)
   np.testing.assert_array_equal(np.unique(s["structures"]), [0, 5, 118])
 
@@ -76,8 +79,8 @@ def test_embedding_with_an_identity_table_equals_one_hot_channels():
     use_region=False,
     norm_groups=4,
   )
-  onehot_spec = unet3d.UNetSpec(structure_channels=k, **common)
-  embed_spec = unet3d.UNetSpec(structure_channels=1, structure_embed_dim=k, num_structure_ids=k, **common)
+  onehot_spec = unet_spec(structure_channels=k, **common)
+  embed_spec = unet_spec(structure_channels=1, structure_embed_dim=k, num_structure_ids=k, **common)
   ids = jax.random.randint(jax.random.PRNGKey(1), (1, patch, patch, patch), 0, k)
   x = jax.random.normal(jax.random.PRNGKey(2), (1, patch, patch, patch, 1))
   t = jnp.array([10])

@@ -268,9 +268,8 @@ def test_denoise_output_keeps_the_estimate_when_only_the_noisy_input_left_the_wi
 def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prior():
   """The whole anomaly path (windows, partial diffusion) with an exact prior: the first model call is at
   t = noise_t itself, and the reconstruction of pure-prior data is a fresh draw near the prior mean."""
-  import ml_collections
-
-  from meddiff_jax.tasks import anomaly
+  from meddiff_jax.configs import anomaly as anomaly_config
+  from meddiff_jax.tasks import anomaly, common
 
   seen = []
   oracle = gaussian_oracle(SCHED, MU, S)
@@ -282,9 +281,11 @@ def test_anomaly_reconstruction_starts_at_exactly_noise_t_with_the_gaussian_prio
   pre = types.SimpleNamespace(
     patch_size=8, schedule=SCHED, apply=apply, spec=types.SimpleNamespace(num_regions=3, structure_channels=0)
   )
-  cfg = ml_collections.ConfigDict(dict(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0, sampler="ddim"))
+  cfg = anomaly_config.get_config()
+  cfg.update(overlap=0.5, window_batch=8, noise_t=950, num_steps=10, seed=0, sampler="ddim")
   x0, _ = gaussian_problem((1, 8, 8, 8, 1), MU, S, 0.0, seed=7)
-  recon = anomaly.reconstruct(pre, np.asarray(x0)[0, ..., 0], 0, cfg)
+  canvas = common.Canvas((8, 8, 8), 0, None, None, None)
+  recon = anomaly.reconstruct(pre, np.asarray(x0)[0, ..., 0], canvas, anomaly.AnomalySpec.from_config(cfg))
   jax.effects_barrier()
   assert seen[0] == 950 and seen[-1] == 0 and len(set(seen)) == 10
   # at t = 950 little of x0 survives: the reconstruction correlates with it only weakly (sqrt(abar) ~ 0.08)

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import build_step, fixed_batch, tiny_config
+from conftest import build_step, fixed_batch, tiny, tiny_config, unet_spec
 from jax.sharding import PartitionSpec as P
 
-from meddiff_jax import checks, pretrained, sharding
+from meddiff_jax import checks, sharding
 from meddiff_jax.data import pipeline
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import dry_run, loop, throughput
@@ -34,7 +34,7 @@ def run_steps(config, mesh_sizes, batch, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharded_step_matches_single_device(accum):
-  config = tiny_config(**{"training.grad_accum_steps": accum, "model.channel_mult": (1, 2), "model.base_channels": 8})
+  config = tiny(**{"training.grad_accum_steps": accum, "model.channel_mult": (1, 2), "model.base_channels": 8})
   batch = fixed_batch(config)
   single, l1, _ = run_steps(config, {"data": 1, "fsdp": 1, "tensor": 1}, batch, 2)
   sharded, l8, shardings = run_steps(config, {"data": 4, "fsdp": 2, "tensor": 1}, batch, 2)
@@ -59,7 +59,7 @@ def test_sharded_step_matches_single_device(accum):
 
 @pytest.mark.slow
 def test_param_shardings_follow_rules_and_drop_indivisible_axes():
-  config = tiny_config()
+  config = tiny()
   mesh, rules, st, shardings, _, _ = build(config, {"data": 2, "fsdp": 2, "tensor": 2})
   out_conv = shardings.params["decoder"]["out_conv"]
   # (3,3,3,8,1): conv_in -> fsdp divides 8, conv_out -> tensor cannot split 1 channel
@@ -73,15 +73,13 @@ def test_param_shardings_follow_rules_and_drop_indivisible_axes():
   assert sharding.fit_spec(P("fsdp", None), (8, 8), mesh, min_shard_size=100) == P()
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh({"data": 4, "fsdp": 4})
-  with pytest.raises(ValueError, match="at most one"):
-    sharding.make_mesh({"data": -1, "fsdp": -1})
+  with pytest.raises(ValueError, match="at most one"):  # the config's mesh section, checked once
+    sharding.MeshSpec(data=-1, fsdp=-1, spatial=1, tensor=1)
 
 
 @pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
-  config = tiny_config(
-    **{"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1, "diffusion.cond_drop_prob": 0.0}
-  )
+  config = tiny(**{"optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1, "diffusion.cond_drop_prob": 0.0})
   batch = fixed_batch(config)
   _, losses, _ = run_steps(config, {"data": 1}, batch, 50)
   assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
@@ -89,7 +87,7 @@ def test_loss_falls_on_a_fixed_batch():
 
 @pytest.mark.slow
 def test_non_finite_updates_are_skipped_and_counted():
-  config = tiny_config()
+  config = tiny()
   batch = fixed_batch(config)
   mesh, rules, st, _, jitted, batch_sh = build(config, {"data": 1})
   before = jax.tree_util.tree_map(np.asarray, st.params)
@@ -134,7 +132,7 @@ def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 def test_spatially_sharded_step_matches_single_device():
   """Each sample split along depth over 4 devices (x 2 data shards): same loss, params and EMA as one
   device, inputs really split along depth, and XLA exchanges halos (collective-permute), not whole maps."""
-  config = tiny_config(**{"training.batch_size": 4, "training.grad_accum_steps": 2})
+  config = tiny(**{"training.batch_size": 4, "training.grad_accum_steps": 2})
   batch = fixed_batch(config)
   single, l1, _ = run_steps(config, {"data": 1}, batch, 2)
   mesh_sizes = {"data": 2, "spatial": 4}
@@ -194,10 +192,9 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
 def test_dry_run_reports_cost_without_padding():
   """Depth-split dry run on 8 devices: XLA's per-device FLOPs are ~1/8 of the single-device step's (no
   padding), and match the analytic model FLOPs that MFU is computed from."""
-  config = tiny_config(**{"training.batch_size": 2, "training.grad_accum_steps": 1, "mesh.data": 2, "mesh.spatial": 4})
+  config = tiny(**{"training.batch_size": 2, "training.grad_accum_steps": 1, "mesh.data": 2, "mesh.spatial": 4})
   result = dry_run.run(config)
-  _, spec = pretrained.build_model(config)
-  assert result["flops_per_step"] == pytest.approx(3 * unet3d.forward_flops(spec, (8, 8, 8), batch=2))
+  assert result["flops_per_step"] == pytest.approx(3 * unet3d.forward_flops(config.model, (8, 8, 8), batch=2))
   assert result["params"] == unet3d.count_params(build(config, {"data": 1})[2].params)
   assert result["xla_flops_per_device"] * 8 == pytest.approx(result["flops_per_step"], rel=0.3)
   assert result["memory_per_device_gib"] > 0 and result["compile_s"] > 0
@@ -215,20 +212,21 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
 
   config = pretrain.get_config("paper256")
   config.data.prepared_dir = "unused"
+  config = checks.pretrain(config, num_devices=8)
   lowered, facts = dry_run.lower_train_step(config)
   assert facts["mesh"] == {"data": 1, "fsdp": 1, "spatial": 8, "tensor": 1}
   text = lowered.as_text()
   assert "tensor<4x256x256x256x1xf32>" in text  # the global batch: 4 samples = 1 x 4 accumulation
   # Volumes split along depth over the 8 devices (Shardy annotation of the image and structures arguments).
   # (structures: the 13 grouped channels packed in 1, data.pack_structures; expanded inside the step)
-  assert pipeline.shipped_structure_channels(config.data) == 1
+  assert config.data.shipped_structure_channels == 1
   for arg in ("4x256x256x256x1xf32", "4x256x256x256x1xui8"):
     assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
 
 
 @pytest.mark.slow
 def test_bf16_params_keep_float32_ema_and_moments():
-  config = tiny_config(
+  config = tiny(
     **{
       "model.param_dtype": "bfloat16",
       "model.dtype": "bfloat16",
@@ -277,7 +275,7 @@ def test_throughput_metrics_and_peak_lookup():
   assert m["tflops_per_sec_per_device"] == pytest.approx(5.0)
   assert m["mfu"] == pytest.approx(5e12 / 989e12)
   assert "mfu" not in throughput.step_metrics(1.0, 1e12, 1, 1, "cpu")
-  spec = unet3d.UNetSpec()
+  spec = unet_spec()
   assert throughput.train_flops_per_step(spec, 32, 2) == pytest.approx(6 * unet3d.forward_flops(spec, (32,) * 3))
 
 
@@ -286,7 +284,7 @@ def test_train_flops_count_backward_only_where_gradients_flow():
   tests/test_controlnet.py (test_logged_flops_per_step_match_xla_cost_analysis_of_the_compiled_step)."""
   from meddiff_jax.models import controlnet
 
-  spec = unet3d.UNetSpec(base_channels=8, channel_mult=(1, 2), attention_levels=(1,))
+  spec = unet_spec(base_channels=8, channel_mult=(1, 2), attention_levels=(1,))
   parts = unet3d.forward_flops_parts(spec, (16,) * 3, 2)
   assert parts["encoder"] + parts["decoder"] == unet3d.forward_flops(spec, (16,) * 3, 2)
   enc, dec = parts["encoder"], parts["decoder"]
@@ -308,21 +306,19 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
   from a bucket is whole volumes for a third of the samples), with the conditions a full batch gave it."""
   import time
 
-  class Counting:
+  class Counting(pipeline.SubsetStore):
     def __init__(self, base):
-      self.base, self.loads = base, 0
-
-    def __len__(self):
-      return len(self.base)
+      super().__init__(base, list(range(len(base))))
+      self.loads = 0
 
     def load(self, index):
       self.loads += 1
-      return self.base.load(index)
+      return super().load(index)
 
-  config = tiny_config(**{"training.batch_size": 4, "eval.num_batches": 2, "data.prefetch": 4})
+  config = tiny(**{"training.batch_size": 4, "eval.num_batches": 2, "data.prefetch": 4})
   store = pipeline.make_store(config.data)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  batch_sharding = sharding.batch_sharding(mesh, sharding.rules_from_config(()))
+  batch_sharding = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
   seen = {}
 
   def preview(params, rng, cond):

@@ -14,6 +14,7 @@ their coordinates extend linearly beyond [-1, 1].
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -204,43 +205,61 @@ def thick_slices(image: np.ndarray, factor: int, axis: int = 2) -> np.ndarray:
   return (np.take(thick, lo, axis=axis) * (1 - w) + np.take(thick, hi, axis=axis) * w).astype(image.dtype)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class SampleSpec:
+  """The layout of every sample of a dataset, from config.data (`data/spec.DataSpec.sample_spec`).
+
+  patch: the sample's side P. lut / num_groups: label -> structure group (`preprocess.group_lookup`, or
+  `class_lookup` with structure_labels: one label-id channel) and their number; lut None: no structures.
+  operation_probs: weights of whole / zoom2 / patch. hint: the ControlNet condition volume ('' none,
+  'lowres', 'lesion'); sr_factor: native slices averaged into one thick slice (simulated 'lowres').
+  positive_fraction: the probability that a crop is centred on a lesion voxel, as MONAI's
+  RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
+  pack_structures: grouped structures as one (P,P,P,1) uint8 channel, (group << 1) | body
+  (models/conditions.pack_structures), expanded to the K+1 channels on the accelerator.
+  """
+
+  patch: int
+  lut: np.ndarray | None
+  num_groups: int
+  operation_probs: tuple[float, float, float]
+  hint: str
+  sr_factor: int
+  structure_labels: bool
+  positive_fraction: float
+  pack_structures: bool
+
+
 def make_sample(
   hu: np.ndarray,
   labels: np.ndarray | None,
   region: int,
-  patch: int,
+  spec: SampleSpec,
   rng: np.random.Generator,
   *,
   operation: str | None = None,
-  lut: np.ndarray | None = None,
-  num_groups: int = 0,
-  operation_probs: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
-  hint: str = "",
-  sr_factor: int = 5,
-  structure_labels: bool = False,
-  positive_fraction: float = 0.0,
   positive_coords: np.ndarray | None = None,
   lowres: np.ndarray | None = None,
-  pack_structures: bool = False,
   whole_level: Callable[[], tuple[np.ndarray, np.ndarray | None] | None] | None = None,
 ) -> dict[str, np.ndarray]:
-  """One training sample from a HU volume (and optional TotalSegmentator label map).
+  """One training sample of layout `spec` from a HU volume (and optional TotalSegmentator label map).
 
   Returns dict(image (P,P,P,1) float32 in [-1,1], pos_box (3,2) float32, region () int32,
-  structures (P,P,P,K+1) uint8 if lut is given, operation () int32, and for ControlNet a `hint`
-  (P,P,P,1) float32: 'lowres' the thick-slice version of the image, 'lesion' the lesion mask).
-  pack_structures: grouped structures as one (P,P,P,1) uint8 channel, (group << 1) | body
-  (models/conditions.pack_structures), expanded to the K+1 channels on the accelerator.
-  whole_level: returns the store's precomputed 'whole' sample of this volume at `patch` (the HU volume resized
+  structures (P,P,P,K+1) uint8 if spec.lut is given (one packed channel with spec.pack_structures),
+  operation () int32, and for ControlNet a `hint` (P,P,P,1) float32: 'lowres' the thick-slice version of the
+  image, 'lesion' the lesion mask). operation: force one (default: drawn with spec.operation_probs).
+  positive_coords: the lesion voxels crops may centre on (spec.positive_fraction).
+  whole_level: returns the store's precomputed 'whole' sample of this volume at P (the HU volume resized
   to float32 and the label map resized, exactly as below: data/store.py), or None; used instead of reading
   and resizing the whole volume (not for the 'lowres' hint, which needs the native volume).
-  positive_fraction: the probability that a crop is centred on a voxel of `positive_coords` (lesions), as
-  MONAI's RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
   lowres: a real low-resolution partner of `hu` on its grid (HU; thick slices interpolated onto the thin
   grid). Without one the 'lowres' hint is simulated: `sr_factor` native slices averaged (what a thick
   acquisition at the training spacing gives, and what inference's trilinear upsampling of a real thick
   scan looks like), computed at native resolution *before* the multi-level resize, as inference sees it.
   """
+  patch, lut, num_groups, hint = spec.patch, spec.lut, spec.num_groups, spec.hint
+  operation_probs, positive_fraction = spec.operation_probs, spec.positive_fraction
+  structure_labels, pack_structures, sr_factor = spec.structure_labels, spec.pack_structures, spec.sr_factor
   if operation is None:
     operation = OPERATIONS[rng.choice(3, p=np.asarray(operation_probs) / np.sum(operation_probs))]
   centre = None
@@ -297,6 +316,4 @@ def make_sample(
   elif hint == "lesion":
     mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
     sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
-  elif hint:
-    raise ValueError(f"unknown ControlNet hint {hint!r}; choose lowres or lesion")
   return sample

@@ -1,7 +1,7 @@
 """config.diffusion, typed: the forward process, the training target and loss, condition dropout.
 
-Consumed by schedules.make_schedule, losses.diffusion_loss and train/step.py (which keep reading the
-ConfigDict); checks.py builds this once per training command so a bad value fails before any compile.
+Consumed by schedules.make_schedule, losses.diffusion_loss and train/step.py; part of the training configs
+(train/spec.py) and of a pretrained model (pretrained.Pretrained), built once from a config section.
 """
 
 from __future__ import annotations
@@ -37,3 +37,6 @@ class DiffusionSpec:
   @classmethod
   def from_config(cls, section: Any) -> DiffusionSpec:
     return sections.from_config(cls, section, "config.diffusion")
+
+  def make_schedule(self) -> schedules.Schedule:
+    return schedules.make_schedule(self.schedule, self.num_timesteps)

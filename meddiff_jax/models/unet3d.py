@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from meddiff_jax import sections
 from meddiff_jax.models import conditions, embeddings
 
 Array = jax.Array
@@ -54,38 +55,78 @@ _REMAT_POLICIES = {
 }
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # config.model.dtype / param_dtype
+REMAT = ("none", *_REMAT_POLICIES)  # config.model.remat
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetSpec:
-  """Architecture hyper-parameters (hashable so linen modules can hold it)."""
+  """config.model, typed: the architecture hyper-parameters (hashable so linen modules can hold it).
 
-  out_channels: int = 1
-  base_channels: int = 32
-  channel_mult: tuple[int, ...] = (1, 2, 4, 8)
-  num_res_blocks: int = 1
-  attention_levels: tuple[int, ...] = (3,)  # levels with attention after each res block (0: full resolution)
-  mid_attention: bool = True
-  num_head_channels: int = 32
-  dropout: float = 0.0
-  norm_groups: int = 8
-  time_embed_mult: int = 4
+  No defaults (configs/pretrain.py has them); `from_config` builds it from a config section. A config stored
+  by an old checkpoint is brought up to date first (pretrained.stored_config: `legacy_attention_levels`)."""
+
+  out_channels: int
+  base_channels: int
+  channel_mult: tuple[int, ...]
+  num_res_blocks: int
+  attention_levels: tuple[int, ...]  # levels with attention after each res block (0: full resolution)
+  mid_attention: bool
+  num_head_channels: int
+  dropout: float
+  norm_groups: int
+  time_embed_mult: int
   # Conditions; each can be switched off.
-  use_position: bool = True
-  pos_num_freqs: int = 8
-  pos_include_input: bool = True
-  use_region: bool = True
-  num_regions: int = 3
-  structure_channels: int = 0
+  use_position: bool
+  pos_num_freqs: int
+  pos_include_input: bool
+  use_region: bool
+  num_regions: int
+  structure_channels: int
   # >0: the one structure channel holds label ids (0..num_structure_ids-1), embedded by a learned table of
   # this width instead of entering as one-hot channels (the paper's 117 classes + body; data.structures=classes).
-  structure_embed_dim: int = 0
-  num_structure_ids: int = 0
+  structure_embed_dim: int
+  num_structure_ids: int
   # Numerics and memory.
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  remat: str = "none"  # none | full | dots | dots_no_batch | offload (per whole level, see module doc)
+  dtype: Dtype  # a jnp dtype (the config names it: DTYPES)
+  param_dtype: Dtype
+  remat: str  # none | full | dots | dots_no_batch | offload (per whole level, see module doc)
   # auto (depth_taps on CPU, xla elsewhere) | xla (lax 3D conv) | depth_taps (3^3 conv as one 2D conv + shifted
   # depth sum: 3.8x faster UNet forward on XLA:CPU, benchmarks/RESULTS.md #15)
-  conv_impl: str = "auto"
+  conv_impl: str
+
+  def __post_init__(self):
+    key = "config.model."
+    for name in ("out_channels", "base_channels", "num_res_blocks", "num_head_channels", "norm_groups"):
+      sections.count(key + name, getattr(self, name))
+    sections.sizes(key + "channel_mult", self.channel_mult, length=None, integer=True)
+    levels = len(self.channel_mult)
+    if not isinstance(self.attention_levels, tuple) or not all(
+      isinstance(l, int) and 0 <= l < levels for l in self.attention_levels
+    ):
+      raise sections.ConfigError(
+        f"{key}attention_levels={self.attention_levels!r}; levels are 0..{levels - 1} (channel_mult has {levels})"
+      )
+    for name in ("mid_attention", "use_position", "pos_include_input", "use_region"):
+      sections.flag(key + name, getattr(self, name))
+    sections.fraction(key + "dropout", self.dropout, upper_open=True)
+    sections.count(key + "time_embed_mult", self.time_embed_mult)
+    sections.count(key + "pos_num_freqs", self.pos_num_freqs, 0)
+    sections.count(key + "num_regions", self.num_regions)
+    for name in ("structure_channels", "structure_embed_dim", "num_structure_ids"):
+      sections.count(key + name, getattr(self, name), 0)
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      if not (isinstance(value, jnp.dtype) and value.name in DTYPES):
+        raise sections.ConfigError(
+          f"{key}{name}={value!r}; choose one of {DTYPES} (in code: jnp.dtype(name), as from_config makes it)"
+        )
+    sections.choice(key + "remat", self.remat, REMAT)
+    sections.choice(key + "conv_impl", self.conv_impl, CONV_IMPLS)
+
+  @classmethod
+  def from_config(cls, section: Any) -> UNetSpec:
+    return sections.from_config(cls, section, "config.model", nested={"dtype": _dtype, "param_dtype": _dtype})
 
   @property
   def in_channels(self) -> int:
@@ -98,41 +139,10 @@ class UNetSpec:
   def time_embed_dim(self) -> int:
     return self.base_channels * self.time_embed_mult
 
-  @classmethod
-  def from_config(cls, model_config: Any, patch_size: int | None = None) -> UNetSpec:
-    """Build from an ml_collections `config.model` (unknown keys are an error).
 
-    Configs written before attention was keyed by level (e.g. the shipped tiny_phantom checkpoint) give
-    `attention_resolutions` (feature-map sizes); with the patch size they were trained on, those map to
-    the levels where the map had that size.
-    """
-    cfg = dict(model_config)
-    if "attention_resolutions" in cfg:
-      cfg["attention_levels"] = legacy_attention_levels(
-        cfg.pop("attention_resolutions"),
-        len(cfg.get("channel_mult", cls.channel_mult)),
-        patch_size,
-        "attention_levels" in cfg,
-      )
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-      raise ValueError(f"config.model has unknown keys {unknown}; valid keys: {sorted(names)}")
-    levels = len(cfg.get("channel_mult", cls.channel_mult))
-    bad = [l for l in cfg.get("attention_levels", ()) if not 0 <= int(l) < levels]
-    if bad:
-      raise ValueError(f"config.model.attention_levels has {bad}; levels are 0..{levels - 1}")
-    for key in ("channel_mult", "attention_levels"):
-      if key in cfg:
-        cfg[key] = tuple(cfg[key])
-    for key in ("dtype", "param_dtype"):
-      if key in cfg:
-        cfg[key] = jnp.dtype(cfg[key])
-    if cfg.get("conv_impl", "auto") not in CONV_IMPLS:
-      raise ValueError(f"config.model.conv_impl={cfg['conv_impl']!r}; choose from {list(CONV_IMPLS)}")
-    if cfg.get("remat", "none") not in ("none", *_REMAT_POLICIES):
-      raise ValueError(f"config.model.remat={cfg['remat']!r}; choose from none, {list(_REMAT_POLICIES)}")
-    return cls(**cfg)
+def _dtype(name: Any) -> Any:
+  """A config's dtype name -> the jnp dtype the layers take; any other value stays as is (and is refused)."""
+  return jnp.dtype(name) if isinstance(name, str) and name in DTYPES else name
 
 
 def legacy_attention_levels(

@@ -3,7 +3,8 @@
 The only things relied on are each task's config file (configs/<task>.py: its keys and defaults) and its
 `run` writing `config.output` on the input's grid, so the task algorithms can change underneath. Options
 shared with the task commands (checkpoint / controlnet, region, method, sampler, num_steps, windows, seed)
-are copied when the task has them; `--config.task="KEY=VALUE;KEY=VALUE"` reaches any other task key.
+are copied when the task has them and they are not 'task' (the task's default); `--config.task="KEY=VALUE;KEY=VALUE"`
+reaches any other task key. The task config is checked by its spec (TASK_SPECS) and the task runs on that.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from meddiff_jax import config_files
-from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
+from meddiff_jax.protocols.spec import TASK_DEFAULT, EvaluateSpec
+from meddiff_jax.tasks import anomaly, common, controlled, denoise, synthesis
 
 TASK = {
   "denoising": "denoise",
@@ -35,6 +37,13 @@ SHARED = (
   "inference_dtype",
 )
 FIXED_METHOD = {"lesion": "generate", "inpainting": "inpaint"}
+TASK_SPECS: dict[str, type[common.TaskSpec]] = {  # each task's typed config
+  "denoise": denoise.DenoiseSpec,
+  "anomaly": anomaly.AnomalySpec,
+  "synthesis": synthesis.SynthesisSpec,
+  "super_resolution": controlled.SuperResolutionSpec,
+  "lesion": controlled.LesionSpec,
+}
 RUN: dict[str, Callable[[Any], dict[str, Any]]] = {
   "denoise": denoise.run,
   "anomaly": anomaly.run,
@@ -60,21 +69,17 @@ def parse_task_options(text: str) -> dict[str, Any]:
   return out
 
 
-def task_config(protocol: str, config: Any, **case_keys: Any):
-  """The task's own default config, with the evaluation's shared options and the case's paths set."""
+def task_config(protocol: str, evaluate: EvaluateSpec, **case_keys: Any):
+  """The task's own default config, with the evaluation's shared options (those not 'task') and the case's
+  paths set; checked by the task's spec (TASK_SPECS) before it runs."""
   cfg = config_files.load(TASK[protocol])  # the shipped config, by name (as --config=denoise loads it)
   for key in SHARED:
-    value = config[key]
-    unset = (
-      value is None
-      or value == ""
-      or (isinstance(value, (int, float)) and value < (1 if key in ("num_steps", "window_batch") else 0))
-    )  # '' / -1 (0 steps / windows): the task config's default
-    if key in cfg and not unset:
+    value = getattr(evaluate, key)
+    if key in cfg and value != TASK_DEFAULT:
       cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], (tuple, list)) else value
   if protocol in FIXED_METHOD:
     cfg.method = FIXED_METHOD[protocol]
-  for key, value in parse_task_options(config.task).items():
+  for key, value in parse_task_options(evaluate.task).items():
     if key not in cfg:
       raise ValueError(f"--config.task.{key}: configs/{TASK[protocol]}.py has no key {key!r}")
     cfg[key] = value
@@ -85,6 +90,6 @@ def task_config(protocol: str, config: Any, **case_keys: Any):
   return cfg
 
 
-def run_task(protocol: str, config: Any, **case_keys: Any) -> dict[str, Any]:
-  cfg = task_config(protocol, config, **case_keys)
-  return RUN[TASK[protocol]](cfg)
+def run_task(protocol: str, evaluate: EvaluateSpec, **case_keys: Any) -> dict[str, Any]:
+  name = TASK[protocol]
+  return RUN[name](TASK_SPECS[name].from_config(task_config(protocol, evaluate, **case_keys)))

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from meddiff_jax.data import preprocess, volume_io, volumes
+from meddiff_jax.protocols import spec
 
 CSV_COLUMNS = {
   "denoising": ("low", "high"),
@@ -53,7 +54,8 @@ class DatasetError(ValueError):
 
 
 def read_cases(config: Any) -> list[Case]:
-  """The cases a config names: --config.pairs=CSV or --config.dataset=NAME --config.data_root=DIR."""
+  """The cases an evaluation (protocols/spec.EvaluateSpec) names: --config.pairs=CSV or --config.dataset=NAME
+  --config.data_root=DIR, the first --config.max_cases of them."""
   protocol = config.protocol
   if bool(config.pairs) == bool(config.dataset):
     raise DatasetError("give exactly one of --config.pairs=FILE.csv or --config.dataset=NAME (with --config.data_root)")
@@ -81,8 +83,8 @@ def read_cases(config: Any) -> list[Case]:
       ),
     }[config.dataset]
     cases = reader()
-  if config.max_cases:
-    cases = cases[: int(config.max_cases)]
+  if config.max_cases != spec.ALL:
+    cases = cases[: config.max_cases]
   if not cases:
     raise DatasetError("no cases found")
   return cases

@@ -8,7 +8,9 @@ import os
 import time
 from typing import Any
 
+from meddiff_jax import sections
 from meddiff_jax.protocols import datasets, paper
+from meddiff_jax.protocols.spec import EvaluateSpec
 
 
 def _jsonable(x: Any) -> Any:
@@ -24,8 +26,8 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def run(config: Any, workdir: str) -> dict[str, Any]:
-  """`config` was checked by checks.evaluate (main.py)."""
+def run(config: EvaluateSpec, workdir: str) -> dict[str, Any]:
+  """`config` was checked and typed by checks.evaluate (main.py)."""
   cases = datasets.read_cases(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
@@ -39,7 +41,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     "cases": result.cases,
     "table": result.table,
     "seconds": time.time() - start,
-    "config": json.loads(config.to_json_best_effort()),
+    "config": sections.to_dict(config),
   }
   path = os.path.join(workdir, "results.json")
   with open(path, "w") as f:

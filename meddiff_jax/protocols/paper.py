@@ -16,6 +16,7 @@ import numpy as np
 from meddiff_jax.data import nifti, preprocess, volume_io, volumes
 from meddiff_jax.evaluation import baselines, extractors, frechet, metrics, scores, segmenters
 from meddiff_jax.protocols import adapters, datasets
+from meddiff_jax.protocols.spec import ALL, REGION_WINDOW, TASK_DEFAULT, THIN_SPACING, EvaluateSpec
 
 MODEL = "MedDiff-FM"
 # What the paper reports (../shared/PAPER_NOTES.md section 5), printed under each table.
@@ -45,8 +46,8 @@ def _case_dir(workdir: str, cid: str) -> str:
   return d
 
 
-def _load(config: Any, path: str, is_mask: bool = False) -> volumes.Volume:
-  return datasets.load_volume(path, is_mask, int(config.png_depth), float(config.png_spacing))
+def _load(config: EvaluateSpec, path: str, is_mask: bool = False) -> volumes.Volume:
+  return datasets.load_volume(path, is_mask, config.png_depth, float(config.png_spacing))
 
 
 def _as_nifti(vol: volumes.Volume, source: str, out: str) -> str:
@@ -58,11 +59,16 @@ def _as_nifti(vol: volumes.Volume, source: str, out: str) -> str:
   return out
 
 
-def _window(config: Any) -> tuple[float, float]:
-  if config.metric_window:
+def _region(config: EvaluateSpec) -> str:
+  """The region the metrics and the model-free references use: --config.region, else the default of most tasks."""
+  return "abdomen" if config.region == TASK_DEFAULT else config.region
+
+
+def _window(config: EvaluateSpec) -> tuple[float, float]:
+  if config.metric_window != REGION_WINDOW:
     lo, hi = (float(v) for v in config.metric_window)
     return lo, hi
-  return preprocess.window_bounds(config.region or "abdomen")
+  return preprocess.window_bounds(_region(config))
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -106,9 +112,9 @@ def _check_grid(a: volumes.Volume, b: volumes.Volume, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------- denoising
 
 
-def denoising(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
+def denoising(config: EvaluateSpec, cases: list[datasets.Case], workdir: str) -> Result:
   window = _window(config)
-  model_row = f"{MODEL} ({config.method or 'diffpir'})"
+  model_row = f"{MODEL} ({'diffpir' if config.method == TASK_DEFAULT else config.method})"
   rows = ["low-dose input", "Gaussian filter", "non-local means"] + ([] if config.skip_model else [model_row])
   out_cases = []
   for case in cases:
@@ -170,11 +176,11 @@ def _no_prior_map(image_unit: np.ndarray, body: np.ndarray) -> np.ndarray:
   return np.where(body, np.abs(image_unit - ndimage.gaussian_filter(image_unit, 3.0)), 0.0).astype(np.float32)
 
 
-def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
+def anomaly(config: EvaluateSpec, cases: list[datasets.Case], workdir: str) -> Result:
   from scipy import ndimage
 
-  region = config.region or "abdomen"
-  top, axis = float(config.top_fraction), int(config.slice_axis)
+  region = _region(config)
+  top, axis = float(config.top_fraction), config.slice_axis
   rows = ([] if config.skip_model else [MODEL]) + ["no-prior residual"]
   per_row = {r: {"volume": ([], []), "slice": ([], []), "pixel": ([], [])} for r in rows}
   out_cases = []
@@ -213,7 +219,7 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
       if mask is not None:
         per_row[r]["slice"][0].extend(scores.slice_labels(mask, axis))
         per_row[r]["slice"][1].extend(scores.slice_scores(amap, body, top, axis))
-        step = max(1, int(config.pixel_subsample))  # every k-th body voxel: whole CTs hold ~10^7 each
+        step = config.pixel_subsample  # every k-th body voxel: whole CTs hold ~10^7 each
         per_row[r]["pixel"][0].append(mask[body][::step])
         per_row[r]["pixel"][1].append(amap[body][::step].astype(np.float32))
     out_cases.append(
@@ -257,7 +263,7 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
 # ----------------------------------------------------------------------------------------------------- synthesis
 
 
-def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
+def synthesis(config: EvaluateSpec, cases: list[datasets.Case], workdir: str) -> Result:
   extractor = None if config.extractor == "none" else extractors.Extractor(config.extractor)
   if config.segmenter == "threshold":  # the lesion proxy has no meaning for anatomy
     raise ValueError(f"synthesis Dice needs an anatomy segmenter; {segmenters.MISSING} (or none to skip Dice)")
@@ -265,7 +271,7 @@ def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   rows = ([] if config.skip_model else [MODEL]) + ["real images (reference)"]
   feats = {r: [] for r in rows}
   real_feats, out_cases = [], []
-  dice_labels = [int(v) for v in config.dice_labels] or None
+  dice_labels = None if config.dice_labels == ALL else list(config.dice_labels)
   for case in cases:
     real = _load(config, case.paths["image"])
     labels = _load(config, case.paths["labels"], is_mask=True)
@@ -315,14 +321,15 @@ def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
 # ---------------------------------------------------------------------------------------------- super-resolution
 
 
-def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
-  window = _window(config) if config.metric_window or config.region else preprocess.window_bounds("chest")
+def super_resolution(config: EvaluateSpec, cases: list[datasets.Case], workdir: str) -> Result:
+  given = config.metric_window != REGION_WINDOW or config.region != TASK_DEFAULT
+  window = _window(config) if given else preprocess.window_bounds("chest")  # the task's default region
   rows = ["trilinear", "cubic"] + ([] if config.skip_model else [f"{MODEL} (ControlNet)"])
   out_cases = []
   for case in cases:
     thick, thin = _load(config, case.paths["thick"]), _load(config, case.paths["thin"])
     volumes.check_ct(thick)
-    target = tuple(float(s) for s in config.sr_spacing) if config.sr_spacing else thin.spacing
+    target = thin.spacing if config.sr_spacing == THIN_SPACING else tuple(float(s) for s in config.sr_spacing)
     ref = volumes.resample(thin, target, order=1, fill=-1024.0) if not np.allclose(target, thin.spacing) else thin
     outputs = {
       "trilinear": volumes.resample(thick, target, order=1, fill=-1024.0).data,
@@ -358,7 +365,7 @@ def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> R
 # --------------------------------------------------------------------------------------- lesion / inpainting
 
 
-def _lesion(protocol: str, config: Any, cases: list[datasets.Case], workdir: str) -> Result:
+def _lesion(protocol: str, config: EvaluateSpec, cases: list[datasets.Case], workdir: str) -> Result:
   segmenter = None if config.segmenter in ("threshold", "") else segmenters.Segmenter(config.segmenter)
   if config.segmenter == "":
     raise FileNotFoundError(segmenters.MISSING)

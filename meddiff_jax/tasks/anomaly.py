@@ -28,14 +28,14 @@ class AnomalySpec(common.TaskSpec):
   MODE = "anomaly"
   checkpoint: str
   input: str
-  spacing: tuple[float, ...]
+  spacing: tuple[float, float, float] | str  # mm, or 'checkpoint' (common.task_spacing)
   noise_t: int
   smooth_sigma: float
   top_fraction: float
 
   def __post_init__(self):
     super().__post_init__()
-    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
     sections.count("config.noise_t", self.noise_t)
     sections.at_least("config.smooth_sigma", self.smooth_sigma, 0.0)
     sections.positive("config.top_fraction", self.top_fraction)
@@ -59,60 +59,43 @@ def volume_score(amap: np.ndarray, body: np.ndarray | None = None, top_fraction:
   return float(np.mean(np.partition(values, values.size - k)[-k:]))
 
 
-def reconstruct(
-  pre,
-  y_unit: np.ndarray,
-  region: int,
-  config: Any,
-  structures: np.ndarray | None = None,
-  frame: tuple[slice, ...] | None = None,
-) -> np.ndarray:
-  """Partial diffusion from config.noise_t with windowed blending; y_unit is the (padded) [-1,1] volume, `frame`
-  the crop `pad_to_window` returned (positions of the real volume; the result is cropped to it)."""
+def reconstruct(pre: pretrained.Pretrained, y_unit: np.ndarray, canvas: common.Canvas, task: AnomalySpec) -> np.ndarray:
+  """Partial diffusion from task.noise_t with windowed blending over `canvas`; y_unit is the (padded) [-1,1]
+  volume (the result is cropped to canvas.frame)."""
   # the grid starts at noise_t itself (paper: 950), every step is spent below it
   sample = lambda fn, y, r: denoise.partial_diffusion(
-    fn, pre.schedule, y, int(config.noise_t), config.num_steps, r, progress=bar, method=config.sampler
+    fn, pre.schedule, y, task.noise_t, task.num_steps, r, progress=bar, method=task.sampler
   )
-  bar = common.ProgressBar(config.num_steps, "anomaly reconstruction")
-  return common.run_windowed(
-    pre,
-    sample,
-    (jnp.asarray(y_unit)[None, ..., None],),
-    config,
-    y_unit.shape,
-    region,
-    structures,
-    frame=frame,
-    progress=bar,
-  )
+  bar = common.ProgressBar(task.num_steps, "anomaly reconstruction")
+  return common.run_windowed(pre, sample, (jnp.asarray(y_unit)[None, ..., None],), canvas, task, progress=bar)
 
 
-def run(config: Any) -> dict[str, Any]:
+def run(task: AnomalySpec) -> dict[str, Any]:
   """The `anomaly` command: NIfTI in; anomaly map NIfTI (input grid/affine) and a JSON score out."""
-  pre = pretrained.load(config.checkpoint, config.inference_dtype)
-  inp = common.prepare_input(pre, config, common.task_spacing(pre, config))
-  recon = reconstruct(pre, inp.unit, inp.region, config, inp.structures, inp.crop)
+  pre = pretrained.load(task.checkpoint, task.inference_dtype)
+  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))
+  recon = reconstruct(pre, inp.unit, inp.canvas(), task)
   body = preprocess.body_mask(inp.work.data)
-  amap = anomaly_map(inp.unit[inp.crop], recon, body, config.smooth_sigma)
-  score = volume_score(amap, body, config.top_fraction)
+  amap = anomaly_map(inp.unit[inp.crop], recon, body, task.smooth_sigma)
+  score = volume_score(amap, body, task.top_fraction)
   amap_input = common.back_to_input_grid(amap, inp.work, inp.original)
   # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score
   slices = metrics.slice_scores(
-    amap_input, preprocess.body_mask(inp.original.data), axis=2, top_fraction=config.top_fraction
+    amap_input, preprocess.body_mask(inp.original.data), axis=2, top_fraction=task.top_fraction
   )
   result = {
-    "input": config.input,
-    "output": config.output,
+    "input": task.input,
+    "output": task.output,
     "volume_score": score,
-    "noise_t": int(config.noise_t),
+    "noise_t": task.noise_t,
     "slice_scores": [float(v) for v in slices],
   }
   common.finish(
     amap_input,
-    config.output,
+    task.output,
     inp.original,
     dtype=np.float32,
-    description=f"meddiff anomaly map ({config.checkpoint})",
+    description=f"meddiff anomaly map ({task.checkpoint})",
     sidecar=result,
   )
   return result

@@ -1,9 +1,10 @@
 """What every downstream task shares: the guided model, the mesh, volumes in and out.
 
-A task module holds only its algorithm; around it every task runs the same prologue and epilogue:
-`prepare_input` (read and check the CT, region, working grid, [-1, 1] padded to the window, structure
-conditions), `run_windowed` (the blended whole-volume denoiser on the task mesh, the sampler jitted) and
-`finish` (back onto the input's grid, saved like the input, the sidecar JSON).
+A task module holds only its algorithm and its typed config (a `TaskSpec`); around it every task runs the
+same prologue and epilogue: `prepare_input` (read and check the CT, region, working grid, [-1, 1] padded to
+the window, structure conditions), `run_windowed` (the blended whole-volume denoiser over a `Canvas` on the
+task mesh, the sampler jitted) and `finish` (back onto the input's grid, saved like the input, the sidecar
+JSON).
 Loading a pretrained model (names, workdirs, exported directories) is meddiff_jax/pretrained.py.
 """
 
@@ -19,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from meddiff_jax import pretrained, sections, sharding
-from meddiff_jax.data import pipeline, preprocess, volume_io, volumes
+from meddiff_jax.data import preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.models import conditions
 from meddiff_jax.pretrained import Pretrained
 from meddiff_jax.tasks import sliding_window
+
+CHECKPOINT = "checkpoint"  # config.spacing: the checkpoint's training spacing (`task_spacing`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,7 @@ class TaskSpec:
   """The options every task config shares (configs/task_options.py, input_options.py and the keys every
   task file sets), typed; each task module subclasses it with its own keys (DenoiseSpec, ...), and
   `from_config` refuses keys the task does not have. Paths are checked in checks.py (they touch the disk);
-  the task functions keep reading the ConfigDict."""
+  the task's `run` takes its spec."""
 
   MODE: ClassVar[str] = ""
   mode: str
@@ -93,10 +96,8 @@ def structure_volume(
     return None
   if hu is None:
     raise ValueError("structure_volume needs the HU volume: the body channel is computed from it as in training")
-  lut, groups = pipeline.structure_lut(pre.config.data)
-  encode = (
-    preprocess.structure_labels if pipeline.structures_as_labels(pre.config.data) else preprocess.structure_channels
-  )
+  lut, groups = pre.data.structure_lut()
+  encode = preprocess.structure_labels if pre.data.structures_as_labels else preprocess.structure_channels
   out = encode(labels, np.asarray(hu), lut, groups)
   if out.shape[-1] != pre.spec.structure_channels:
     raise ValueError(
@@ -108,12 +109,12 @@ def structure_volume(
   return out
 
 
-def task_spacing(pre: Pretrained, config: Any) -> tuple[float, float, float] | None:
-  """The working voxel size: `--config.spacing` when given, else the checkpoint's training spacing (the
-  network is only right at the scale it learned); None (the input's own grid) when neither is known."""
-  if config.get("spacing"):
-    return tuple(float(s) for s in config.spacing)
-  return pipeline.training_spacing(pre.config.data)
+def task_spacing(pre: Pretrained, spacing: tuple[float, ...] | str) -> tuple[float, float, float] | None:
+  """The working voxel size: `--config.spacing` in mm, or 'checkpoint': the checkpoint's training spacing (the
+  network is only right at the scale it learned); None (the input's own grid) when that is not known."""
+  if spacing != CHECKPOINT:
+    return tuple(float(s) for s in spacing)
+  return pre.data.training_spacing()
 
 
 def load_labels(path: str, original: volumes.Volume, work: volumes.Volume) -> np.ndarray | None:
@@ -133,24 +134,23 @@ def load_labels(path: str, original: volumes.Volume, work: volumes.Volume) -> np
   return moved
 
 
-def window_batch(config: Any) -> int:
-  """Windows per batch: a multiple of the device count so every device gets some."""
+def window_batch(task: TaskSpec) -> int:
+  """Windows per batch: config.window_batch rounded up to a multiple of the device count so every device
+  gets some."""
   n = jax.device_count()
-  return max(n, int(np.ceil(config.window_batch / n)) * n)
+  return max(n, int(np.ceil(task.window_batch / n)) * n)
 
 
 def load_ct(
-  path: str, region: str, spacing: tuple[float, ...] | None, config: Any = None
+  path: str, spacing: tuple[float, ...] | None, options: volumes.ReadOptions
 ) -> tuple[volumes.Volume, volumes.Volume]:
-  """(original volume, working volume resampled to `spacing` (or as is)). `path`: a NIfTI / NRRD / MHA file
-  or a DICOM series folder; `config` supplies the overrides and limits (configs/input_options.py)."""
-  options = volumes.ReadOptions.from_config(config)
+  """(original volume, working volume resampled to `spacing` (None: as is)). `path`: a NIfTI / NRRD / MHA file
+  or a DICOM series folder, read and checked as CT with `options` (configs/input_options.py: TaskSpec.read)."""
   original = volume_io.load(path, options=options)
   volumes.check_ct(original, assume_hu=options.assume_hu)
   work = original
-  if spacing and any(spacing):
+  if spacing:
     work = volumes.resample(original, tuple(spacing), order=1)
-  preprocess.region_id(region)
   return original, work
 
 
@@ -194,15 +194,20 @@ class TaskInput:
     """Another volume on the working grid padded like `unit` (e.g. a lesion mask)."""
     return sliding_window.pad_to_window(values, self.patch_size, fill)[0]
 
+  def canvas(self, hint: np.ndarray | None = None) -> Canvas:
+    """The padded volume as the windows cover it, positions those of the real volume; `hint`: a ControlNet
+    condition volume (X, Y, Z, 1) padded like `unit`."""
+    return Canvas(self.unit.shape, self.region, self.structures, self.crop, hint)
 
-def prepare_input(pre: Pretrained, config: Any, spacing: tuple[float, ...] | None) -> TaskInput:
-  """The task prologue: `config.input` read and checked as CT (configs/input_options.py), moved to `spacing`
-  (None: its own grid), mapped to [-1, 1] with `config.region`'s window and padded to the patch; the
-  structure conditions from `config.labels` (or the body channel alone)."""
-  original, work = load_ct(config.input, config.region, spacing, config)
-  region = preprocess.region_id(config.region)
+
+def prepare_input(pre: Pretrained, task: Any, spacing: tuple[float, ...] | None) -> TaskInput:
+  """The task prologue: `task.input` read and checked as CT (`task.read`: configs/input_options.py), moved to
+  `spacing` (None: its own grid), mapped to [-1, 1] with `task.region`'s window and padded to the patch; the
+  structure conditions from `task.labels` (or the body channel alone). `task`: a TaskSpec with an input."""
+  original, work = load_ct(task.input, spacing, task.read)
+  region = preprocess.region_id(task.region)
   unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  structures = structure_volume(pre, load_labels(config.labels, original, work), work.data, pre.patch_size)
+  structures = structure_volume(pre, load_labels(task.labels, original, work), work.data, pre.patch_size)
   return TaskInput(original, work, region, unit, crop, structures, pre.patch_size)
 
 
@@ -231,59 +236,58 @@ def finish(
       json.dump(sidecar, f, indent=1, default=float)
 
 
+@dataclasses.dataclass(frozen=True)
+class Canvas:
+  """What the windows of `run_windowed` cover and are conditioned on: the whole (padded) volume's shape, the
+  region id, the structure channels over it (or None), the crop of the real volume (positions are those of
+  the real volume, as in training; the result is cropped to it; None: all of it) and a ControlNet condition
+  volume (X, Y, Z, 1) windowed with the image (or None)."""
+
+  shape: tuple[int, ...]
+  region: int
+  structures: np.ndarray | None
+  frame: tuple[slice, ...] | None
+  hint: np.ndarray | None
+
+
 def run_windowed(
   pre: Pretrained,
   sample: Callable[..., jax.Array],
   args: tuple,
-  config: Any,
-  volume_shape,
-  region: int,
-  structures: np.ndarray | None,
+  canvas: Canvas,
+  task: TaskSpec,
   *,
-  frame: tuple[slice, ...] | None = None,
-  guidance_scale: jax.Array | None = None,
-  hint: np.ndarray | None = None,
-  apply_fn=None,
+  apply_fn: Callable[..., jax.Array] | None = None,
   progress: ProgressBar | None = None,
 ) -> np.ndarray:
   """Run a sampler over a whole (padded) volume on the task mesh: `sample(fn, *args, rng)` jitted, where fn is
-  the blended windowed denoiser (`windowed_denoiser`) and rng = key(config.seed). Returns the (X, Y, Z)
-  result, cropped to `frame` when given; closes `progress`."""
+  the blended windowed denoiser over `canvas` (`windowed_denoiser`: `task`'s overlap and window batch, the
+  model `apply_fn`, default `pre`'s) and rng = key(task.seed). Returns the (X, Y, Z) result, cropped to
+  `canvas.frame`; closes `progress`."""
   with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):
-    fn, plan = windowed_denoiser(pre, volume_shape, region, structures, config, guidance_scale, hint, apply_fn, frame)
+    fn, plan = windowed_denoiser(pre, canvas, task, apply_fn)
     if progress is not None:
       progress.windows = int(plan.valid.sum())
-    out = np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(config.seed)))
+    out = np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(task.seed)))
   if progress is not None:
     progress.close()
   out = out[0, ..., 0]
-  return out if frame is None else out[frame]
+  return out if canvas.frame is None else out[canvas.frame]
 
 
-def windowed_denoiser(
-  pre: Pretrained,
-  volume_shape,
-  region: int,
-  structures: np.ndarray | None,
-  config: Any,
-  guidance_scale: jax.Array | None = None,
-  hint: np.ndarray | None = None,
-  apply_fn=None,
-  frame: tuple[slice, ...] | None = None,
-):
-  """(x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume, windows over devices.
-
-  hint: a ControlNet condition volume (X, Y, Z, 1); apply_fn overrides the model (e.g. base + branch).
-  frame: the crop `pad_to_window` returned: positions are those of the real volume, as in training.
-  """
-  plan = sliding_window.plan_windows(tuple(volume_shape), pre.patch_size, config.overlap, window_batch(config), frame)
-  cond = {conditions.REGION: jnp.array([region], jnp.int32)}
-  if structures is not None:
-    cond[conditions.STRUCTURES] = jnp.asarray(structures)
-  if hint is not None:
-    cond[conditions.HINT] = jnp.asarray(hint)
+def windowed_denoiser(pre: Pretrained, canvas: Canvas, task: TaskSpec, apply_fn: Callable | None = None):
+  """((x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume of `canvas`, windows over
+  devices; the window plan). apply_fn overrides the model (e.g. base + branch, or `model_fn` with guidance)."""
+  plan = sliding_window.plan_windows(
+    tuple(canvas.shape), pre.patch_size, task.overlap, window_batch(task), canvas.frame
+  )
+  cond = {conditions.REGION: jnp.array([canvas.region], jnp.int32)}
+  if canvas.structures is not None:
+    cond[conditions.STRUCTURES] = jnp.asarray(canvas.structures)
+  if canvas.hint is not None:
+    cond[conditions.HINT] = jnp.asarray(canvas.hint)
   axes = ("data",) if jax.device_count() > 1 else None
-  fn = apply_fn or model_fn(pre, guidance_scale)
+  fn = apply_fn or pre.apply
   return sliding_window.blended_denoise_fn(fn, plan, cond, axes), plan
 
 

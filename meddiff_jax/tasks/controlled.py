@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import pipeline, preprocess, volume_io, volumes
+from meddiff_jax.data import preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common
@@ -32,13 +32,13 @@ class SuperResolutionSpec(common.TaskSpec):
   controlnet: str
   input: str
   reference: str
-  spacing: tuple[float, ...]
+  spacing: tuple[float, float, float] | str  # the thin output grid in mm, or 'checkpoint' (its training spacing)
   conditioning_scale: float
 
   def __post_init__(self):
     super().__post_init__()
     sections.text("config.reference", self.reference)
-    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
     sections.at_least("config.conditioning_scale", self.conditioning_scale, 0.0)
 
 
@@ -149,46 +149,37 @@ def lesion_dice(
 
 
 def sample_controlled(
-  cm: pretrained.Controlled, inp: common.TaskInput, hint: np.ndarray, config: Any, sample
+  cm: pretrained.Controlled, inp: common.TaskInput, hint: np.ndarray, task: Any, sample: Any
 ) -> np.ndarray:
-  """`sample(fn, rng)` over the whole volume with fn the base + branch denoiser, the (padded) condition volume
-  `hint` (X, Y, Z) windowed with the image; the result in [-1, 1], cropped to the input."""
-  return common.run_windowed(
-    cm.pre,
-    sample,
-    (),
-    config,
-    inp.unit.shape,
-    inp.region,
-    inp.structures,
-    frame=inp.crop,
-    hint=hint[..., None],
-    apply_fn=cm.apply_fn(config.conditioning_scale),
-  )
+  """`sample(fn, rng)` over the whole volume with fn the base + branch denoiser (`task.conditioning_scale`), the
+  (padded) condition volume `hint` (X, Y, Z) windowed with the image; the result in [-1, 1], cropped to the
+  input. `task`: SuperResolutionSpec or LesionSpec."""
+  canvas = inp.canvas(hint[..., None])
+  return common.run_windowed(cm.pre, sample, (), canvas, task, apply_fn=cm.apply_fn(task.conditioning_scale))
 
 
-def run_super_resolution(config: Any) -> dict[str, Any]:
+def run_super_resolution(task: SuperResolutionSpec) -> dict[str, Any]:
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
   reference, PSNR / SSIM against trilinear and cubic interpolation."""
-  cm = pretrained.load_controlled(config.controlnet, config.inference_dtype)
-  # the network runs at its training spacing; the result goes to the thin grid asked for (default: the same)
-  asked = tuple(float(s) for s in config.spacing) if config.spacing else None
-  inp = common.prepare_input(cm.pre, config, pipeline.training_spacing(cm.pre.config.data) or asked)
+  cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
+  # the network runs at its training spacing; the result goes to the thin grid asked for ('checkpoint': the same)
+  asked = None if task.spacing == common.CHECKPOINT else tuple(float(s) for s in task.spacing)
+  inp = common.prepare_input(cm.pre, task, cm.pre.data.training_spacing() or asked)
   lr, up, region = inp.original, inp.work, inp.region
   model_spacing = up.spacing
   target_spacing = asked or model_spacing
-  timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
+  timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
   sample = lambda fn, r: samplers.sample(
-    fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *inp.unit.shape, 1)), method=config.sampler
+    fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *inp.unit.shape, 1)), method=task.sampler
   )
-  out = sample_controlled(cm, inp, inp.unit, config, sample)
+  out = sample_controlled(cm, inp, inp.unit, task, sample)
   sr_vol = volumes.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
   if not np.allclose(model_spacing, target_spacing):
     sr_vol = volumes.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
   sr = sr_vol.data
-  result: dict[str, Any] = {"output": config.output, "shape": list(sr.shape)}
-  if config.reference:
-    ref = volume_io.load(config.reference)
+  result: dict[str, Any] = {"output": task.output, "shape": list(sr.shape)}
+  if task.reference:
+    ref = volume_io.load(task.reference)
     cubic = volumes.resample(lr, target_spacing, order=3, fill=-1024.0).data
     linear = volumes.resample(lr, target_spacing, order=1, fill=-1024.0).data
     sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, sr.shape))
@@ -197,49 +188,45 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
       name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0), "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
       for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))
     }
-  common.finish(sr, config.output, sr_vol, dtype=np.int16, sidecar=result)  # the thin grid, input's voxel order
+  common.finish(sr, task.output, sr_vol, dtype=np.int16, sidecar=result)  # the thin grid, input's voxel order
   return result
 
 
-def run_lesion(config: Any) -> dict[str, Any]:
+def run_lesion(task: LesionSpec) -> dict[str, Any]:
   """CT + lesion mask NIfTI -> a lesion generated inside the mask. method 'inpaint' (RePaint: the scan is
   kept outside the mask) or 'generate' (the whole window resampled, conditioned on the mask)."""
-  cm = pretrained.load_controlled(config.controlnet, config.inference_dtype)
-  inp = common.prepare_input(cm.pre, config, None)  # the lesion goes into the scan as it is: its own grid
+  cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
+  inp = common.prepare_input(cm.pre, task, None)  # the lesion goes into the scan as it is: its own grid
   ct = inp.original
-  mask = volume_io.load(config.mask, is_mask=True, options=volumes.ReadOptions.from_config(config))
+  mask = volume_io.load(task.mask, is_mask=True, options=task.read)
   volumes.check_same_grid(ct, mask)
   lesion = mask.data > 0
   m = inp.pad(lesion.astype(np.float32), 0.0)
-  timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")
+  timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
   known = jnp.asarray(inp.unit)[None, ..., None]
-  if config.method == "inpaint":
+  if task.method == "inpaint":
     keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
-    sample = lambda fn, r: repaint(
-      fn, cm.pre.schedule, timesteps, r, known, keep, config.jump_length, config.jump_n_sample
-    )
-  elif config.method == "generate":
+    sample = lambda fn, r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, task.jump_length, task.jump_n_sample)
+  else:  # generate
     sample = lambda fn, r: samplers.sample(
-      fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape), method=config.sampler
+      fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape), method=task.sampler
     )
-  else:
-    raise ValueError(f"config.method={config.method!r}; choose inpaint or generate")
-  gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, config, sample)
+  gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, task, sample)
   gen = preprocess.unit_to_hu(gen_unit, inp.region)
   orig_unit = inp.unit[inp.crop]
   result = {
-    "output": config.output,
-    "method": config.method,
+    "output": task.output,
+    "method": task.method,
     "psnr_inside_mask": metrics.psnr(orig_unit[lesion], gen_unit[lesion], 2.0) if lesion.any() else None,
     "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], gen_unit[~lesion], 2.0),
-    "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, config.dice_threshold_hu),
+    "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, task.dice_threshold_hu),
   }
   common.finish(
     gen,
-    config.output,
+    task.output,
     ct,
     dtype=np.int16,
-    description=f"meddiff lesion {config.method} ({config.controlnet})",
+    description=f"meddiff lesion {task.method} ({task.controlnet})",
     sidecar=result,
   )
   return result

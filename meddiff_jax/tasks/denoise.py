@@ -28,6 +28,7 @@ from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common
 
 METHODS = ("diffpir", "partial")  # config.method
+ESTIMATE = "estimate"  # config.noise_sigma_hu: estimated from the image (`estimate_noise_sigma`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +38,9 @@ class DenoiseSpec(common.TaskSpec):
   MODE = "denoise"
   checkpoint: str
   input: str
-  spacing: tuple[float, ...]
+  spacing: tuple[float, float, float] | str  # mm, or 'checkpoint' (common.task_spacing)
   method: str
-  noise_sigma_hu: float  # 0: estimated
+  noise_sigma_hu: float | str  # HU, or 'estimate'
   lam: float
   zeta: float
   window_margin: float
@@ -47,9 +48,9 @@ class DenoiseSpec(common.TaskSpec):
 
   def __post_init__(self):
     super().__post_init__()
-    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
     sections.choice("config.method", self.method, METHODS)
-    sections.at_least("config.noise_sigma_hu", self.noise_sigma_hu, 0.0)
+    sections.keyword_or("config.noise_sigma_hu", self.noise_sigma_hu, (ESTIMATE,), sections.positive)
     sections.positive("config.lam", self.lam)
     sections.fraction("config.zeta", self.zeta)
     sections.fraction("config.window_margin", self.window_margin, upper_open=True)
@@ -175,47 +176,36 @@ def keep_input_outside_window(
   return np.where(below | above, input_hu, hu).astype(np.float32)
 
 
-def run(config: Any) -> dict[str, Any]:
+def run(task: DenoiseSpec) -> dict[str, Any]:
   """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine)."""
-  pre = pretrained.load(config.checkpoint, config.inference_dtype)
-  inp = common.prepare_input(pre, config, common.task_spacing(pre, config))
+  pre = pretrained.load(task.checkpoint, task.inference_dtype)
+  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))
   lo, hi = preprocess.window_bounds(inp.region)
   sigma = (
-    float(config.noise_sigma_hu) * 2.0 / (hi - lo)
-    if config.noise_sigma_hu
-    else estimate_noise_sigma(inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
+    estimate_noise_sigma(inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
+    if task.noise_sigma_hu == ESTIMATE
+    else float(task.noise_sigma_hu) * 2.0 / (hi - lo)
   )
-  if config.method == "diffpir":
-    ts = diffpir_timesteps(pre.schedule, sigma, config.num_steps)
+  if task.method == "diffpir":
+    ts = diffpir_timesteps(pre.schedule, sigma, task.num_steps)
     sample = lambda fn, y, r: diffpir(
-      fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=config.lam, zeta=config.zeta, progress=bar
+      fn, pre.schedule, y, jnp.float32(sigma), ts, r, lam=task.lam, zeta=task.zeta, progress=bar
     )
-  elif config.method == "partial":
+  else:  # partial
     t0 = int(schedules.timestep_for_noise_level(pre.schedule, jnp.float32(sigma)))
     sample = lambda fn, y, r: partial_diffusion(
-      fn, pre.schedule, y, t0, config.num_steps, r, progress=bar, input_sigma=jnp.float32(sigma), method=config.sampler
+      fn, pre.schedule, y, t0, task.num_steps, r, progress=bar, input_sigma=jnp.float32(sigma), method=task.sampler
     )
-  else:
-    raise ValueError(f"config.method={config.method!r}; choose diffpir or partial")
-  bar = common.ProgressBar(config.num_steps, f"denoise ({config.method})")
-  den = common.run_windowed(
-    pre,
-    sample,
-    (jnp.asarray(inp.unit)[None, ..., None],),
-    config,
-    inp.unit.shape,
-    inp.region,
-    inp.structures,
-    frame=inp.crop,
-    progress=bar,
-  )
-  hu = keep_input_outside_window(den, inp.work.data, inp.region, config.window_margin)
+  bar = common.ProgressBar(task.num_steps, f"denoise ({task.method})")
+  y = (jnp.asarray(inp.unit)[None, ..., None],)
+  den = common.run_windowed(pre, sample, y, inp.canvas(), task, progress=bar)
+  hu = keep_input_outside_window(den, inp.work.data, inp.region, task.window_margin)
   common.finish(
     hu,
-    config.output,
+    task.output,
     inp.original,
     work=inp.work,
-    dtype=np.int16 if config.output_int16 else np.float32,
-    description=f"meddiff denoise {config.method} ({config.checkpoint})",
+    dtype=np.int16 if task.output_int16 else np.float32,
+    description=f"meddiff denoise {task.method} ({task.checkpoint})",
   )
-  return {"output": config.output, "sigma_unit": sigma, "method": config.method}
+  return {"output": task.output, "sigma_unit": sigma, "method": task.method}

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import pipeline, preprocess, volume_io, volumes
+from meddiff_jax.data import preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.tasks import common
 
@@ -25,34 +25,34 @@ class SynthesisSpec(common.TaskSpec):
   MODE = "synthesis"
   checkpoint: str
   shape: tuple[int, int, int]
-  spacing: tuple[float, ...]
+  spacing: tuple[float, float, float] | str  # mm, or 'checkpoint' (common.task_spacing)
   guidance_scale: float
   eta: float
 
   def __post_init__(self):
     super().__post_init__()
     sections.sizes("config.shape", self.shape, integer=True)
-    sections.sizes("config.spacing", self.spacing, allow_empty=True)
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
     sections.at_least("config.guidance_scale", self.guidance_scale, 0.0)
     sections.at_least("config.eta", self.eta, 0.0)
 
 
-def synthesize(pre, shape: tuple[int, int, int], region: int, structures: np.ndarray | None, config: Any) -> np.ndarray:
-  """[-1, 1] volume of `shape` (each side >= the patch size)."""
-  scale = jnp.float32(config.guidance_scale) if config.guidance_scale != 1.0 else None
-  timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, config.num_steps, "trailing")
+def synthesize(pre: pretrained.Pretrained, canvas: common.Canvas, task: SynthesisSpec) -> np.ndarray:
+  """[-1, 1] volume of canvas.shape (each side >= the patch size), conditioned on the canvas."""
+  scale = jnp.float32(task.guidance_scale) if task.guidance_scale != 1.0 else None
+  timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, task.num_steps, "trailing")
   sample = lambda fn, r: samplers.sample(
     fn,
     pre.schedule,
     timesteps,
     r,
-    jax.random.normal(jax.random.fold_in(r, 1), (1, *shape, 1)),
-    method=config.sampler,
-    eta=config.eta,
+    jax.random.normal(jax.random.fold_in(r, 1), (1, *canvas.shape, 1)),
+    method=task.sampler,
+    eta=task.eta,
     progress=bar,
   )
   bar = common.ProgressBar(len(timesteps), "synthesis")
-  return common.run_windowed(pre, sample, (), config, shape, region, structures, guidance_scale=scale, progress=bar)
+  return common.run_windowed(pre, sample, (), canvas, task, apply_fn=common.model_fn(pre, scale), progress=bar)
 
 
 def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple[str, ...]) -> np.ndarray:
@@ -71,23 +71,23 @@ def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple
   return np.where(inside, 0.0, -1000.0).astype(np.float32)
 
 
-def run(config: Any) -> dict[str, Any]:
+def run(task: SynthesisSpec) -> dict[str, Any]:
   """The `synthesis` command: shape (or a TotalSegmentator label NIfTI giving extent, affine and anatomy)
-  -> synthetic CT NIfTI in HU. Sampling runs on the `config.spacing` grid (the model's training spacing);
+  -> synthetic CT NIfTI in HU. Sampling runs on the `task.spacing` grid (the model's training spacing);
   a label map is resampled there (nearest) and the result back onto the label map's grid."""
-  pre = pretrained.load(config.checkpoint, config.inference_dtype)
-  region = preprocess.region_id(config.region)
-  spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
-  if config.labels:
-    mask = volume_io.load(config.labels, is_mask=True)
+  pre = pretrained.load(task.checkpoint, task.inference_dtype)
+  region = preprocess.region_id(task.region)
+  spacing = common.task_spacing(pre, task.spacing) or (1.0, 1.0, 1.0)
+  if task.labels:
+    mask = volume_io.load(task.labels, is_mask=True)
     work = volumes.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
     labels = work.data.astype(np.int32)
-    lut, _ = pipeline.structure_lut(pre.config.data)
+    lut, _ = pre.data.structure_lut()
     proxy = body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS))
     shape = work.shape
     structures = common.structure_volume(pre, labels, proxy)
   else:
-    shape = tuple(int(s) for s in config.shape)
+    shape = task.shape
     mask = work = volumes.Volume(np.zeros(shape, np.float32), np.diag([*spacing, 1.0]))
     # no anatomy given: all structure channels zero with the real region, trained by structure dropout
     # (diffusion.structure_drop_prob x body_drop_prob)
@@ -96,7 +96,8 @@ def run(config: Any) -> dict[str, Any]:
     )
   if any(s < pre.patch_size for s in shape):
     raise ValueError(f"synthesis grid {shape}: every side must be >= the model's patch size {pre.patch_size}")
-  hu = preprocess.unit_to_hu(synthesize(pre, shape, region, structures, config), region)
+  canvas = common.Canvas(tuple(shape), region, structures, None, None)
+  hu = preprocess.unit_to_hu(synthesize(pre, canvas, task), region)
   # on the label map's own grid, voxel order and header (a shape alone: a plain RAS NIfTI)
-  common.finish(hu, config.output, mask, work=work, dtype=np.int16)
-  return {"output": config.output, "shape": list(mask.shape), "region": config.region}
+  common.finish(hu, task.output, mask, work=work, dtype=np.int16)
+  return {"output": task.output, "shape": list(mask.shape), "region": task.region}

@@ -13,15 +13,14 @@ import ml_collections
 
 from meddiff_jax import pretrained, storage
 from meddiff_jax.train import loop
-
-HINTS = {"sr": "lowres", "lesion": "lesion"}  # config.task -> the condition volume (config.data.hint)
+from meddiff_jax.train.spec import ControlNetConfig
 
 
 def derive_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The fine-tuning config with the architecture, diffusion and data layout of the base model.
 
-  Computed once, at the entry point (checks.controlnet, from main.py); returns a new config and leaves the
-  argument as it was.
+  Computed once, at the entry point (checks.controlnet, from main.py, before it types the result as a
+  train/spec.ControlNetConfig); returns a new config and leaves the argument as it was.
   """
   base = pretrained.read_config(config.base_checkpoint)
   derived = ml_collections.ConfigDict(config.to_dict())
@@ -32,9 +31,9 @@ def derive_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return derived
 
 
-def trainee(config: ml_collections.ConfigDict) -> loop.Trainee:
+def trainee(config: ControlNetConfig) -> loop.Trainee:
   pre = pretrained.load(config.base_checkpoint)
-  model = pretrained.build_controlled(config, pre.spec)
+  model = pretrained.build_controlled(config.controlnet, pre.spec)
   return loop.Trainee(
     apply_fn=model.apply,
     init_params_fn=pretrained.controlled_init_fn(model, pre.patch_size),
@@ -45,7 +44,7 @@ def trainee(config: ml_collections.ConfigDict) -> loop.Trainee:
   )
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def finetune(config: ControlNetConfig, workdir: str) -> dict[str, float]:
   """Fine-tune (or resume) a ControlNet branch; `config` is the derived one (checks.controlnet)."""
   storage.makedirs(workdir)
   return loop.train_and_evaluate(config, workdir, trainee(config))

@@ -15,43 +15,33 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 
 from meddiff_jax import pretrained, sharding
-from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
 from meddiff_jax.train import throughput
+from meddiff_jax.train.spec import PretrainConfig
 
 GIB = 2.0**30
 
 
-def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> tuple[Any, dict]:
-  """(jax Lowered train step, facts) for the config's mesh on `devices` (default: all)."""
+def lower_train_step(config: PretrainConfig, devices: list[jax.Device] | None = None) -> tuple[Any, dict]:
+  """(jax Lowered train step, facts) for the config's mesh on `devices` (default: all; the batch plan was
+  checked against them by checks.pretrain)."""
   devices = list(devices if devices is not None else jax.devices())
-  mesh_sizes = sharding.resolve_mesh_sizes(dict(config.mesh), len(devices))
-  rules = sharding.rules_from_config(config.sharding.rules)
-  sharding.check_plan(
-    config.training.batch_size,
-    config.training.grad_accum_steps,
-    config.data.patch_size,
-    len(config.model.channel_mult),
-    mesh_sizes,
-    rules,
-  )
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  model, spec = pretrained.build_model(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  mesh_sizes = sharding.resolve_mesh_sizes(config.mesh.sizes, len(devices))
+  rules = config.sharding.logical_rules
+  mesh = sharding.make_mesh(config.mesh.sizes, devices)
+  spec = config.model
+  model = unet3d.UNet3D(spec)
   tx = state_lib.make_optimizer(config.optimizer)
   init_fn = pretrained.init_params_fn(model, spec, config.data.patch_size)
   state, state_shardings = state_lib.abstract(init_fn, tx, config.seed, mesh, rules, config.sharding.min_shard_size)
   batch = step_lib.batch_spec(config)
   batch_shardings = sharding.input_shardings(mesh, rules, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch.items()}
-  step_fn = step_lib.make_train_step(
-    model.apply, schedule, tx, state_lib.learning_rate_schedule(config.optimizer), config, rules
-  )
+  step_fn = step_lib.make_train_step(model.apply, config.diffusion.make_schedule(), tx, config, rules)
   jitted = step_lib.jit_train_step(step_fn, state_shardings, batch_shardings, mesh)
   with sharding.activate(mesh, rules):
     lowered = jitted.lower(state, batch)
@@ -65,7 +55,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
   return lowered, facts
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def run(config: PretrainConfig) -> dict[str, Any]:
   """Compile, analyse, print one JSON line, return it as a dict (`config` checked by checks.pretrain)."""
   t0 = time.perf_counter()
   lowered, facts = lower_train_step(config)
@@ -73,12 +63,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t1
   spec, n, kind = facts["spec"], facts["num_devices"], facts["device_kind"]
-  flops = throughput.flops_for_config(config, spec)
+  flops = throughput.flops_for_config(config)
   result: dict[str, Any] = {
     "preset": config.preset,
-    "patch_size": int(config.data.patch_size),
-    "batch_size": int(config.training.batch_size),
-    "grad_accum_steps": int(config.training.grad_accum_steps),
+    "patch_size": config.data.patch_size,
+    "batch_size": config.training.batch_size,
+    "grad_accum_steps": config.training.grad_accum_steps,
     "remat": spec.remat,
     "dtype": str(spec.dtype),
     "mesh": facts["mesh"],

@@ -1,5 +1,6 @@
-"""The training loop (pretraining and ControlNet fine-tuning): mesh -> data -> sharded state -> restore ->
-AOT-compiled step -> metrics, eval, samples, checkpoints; SIGTERM (preemption) saves and exits cleanly.
+"""The training loop (pretraining and ControlNet fine-tuning): `setup` (mesh, sharded state, data) ->
+`restore` -> `jit_steps` / `compile_train_step` (AOT) -> steps with `TrainLog` metrics, eval, samples,
+checkpoints; SIGTERM (preemption) saves and exits cleanly.
 
 What differs between the two is a `Trainee` (the model's apply / init and which params come from
 elsewhere); which params train is config.optimizer.trainable (models/trainable.py labels).
@@ -17,9 +18,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
-from meddiff_jax import checkpoint, pretrained, sections, sharding, storage
+from meddiff_jax import checkpoint, pretrained, sharding, storage
 from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
@@ -29,6 +31,7 @@ from meddiff_jax.train import step as step_lib
 from meddiff_jax.train import throughput, validation
 from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
+from meddiff_jax.train.spec import PretrainConfig
 
 
 class NonFiniteError(FloatingPointError):
@@ -54,82 +57,10 @@ class Trainee:
   metric_prefix: str = "train"
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainingSpec:
-  """config.training, typed (the loop keeps reading the ConfigDict; the batch against the mesh is
-  sharding.check_plan's, in checks.py)."""
-
-  batch_size: int
-  grad_accum_steps: int
-  num_steps: int
-  ema_decay: float
-  log_every: int  # 0: off (itstime)
-  max_consecutive_nan: int
-  profile_steps: int
-
-  def __post_init__(self):
-    key = "config.training."
-    sections.count(key + "batch_size", self.batch_size)
-    sections.count(key + "grad_accum_steps", self.grad_accum_steps)
-    sections.count(key + "num_steps", self.num_steps)
-    sections.fraction(key + "ema_decay", self.ema_decay)
-    sections.count(key + "log_every", self.log_every, 0)
-    sections.count(key + "max_consecutive_nan", self.max_consecutive_nan)
-    sections.count(key + "profile_steps", self.profile_steps, 0)
-
-  @classmethod
-  def from_config(cls, section: Any) -> TrainingSpec:
-    return sections.from_config(cls, section, "config.training")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-  """config.eval, typed (against the diffusion steps: checks.py)."""
-
-  every_steps: int  # 0: off
-  num_batches: int
-  num_buckets: int
-  sample_every_steps: int  # 0: off
-  sample_steps: int
-
-  def __post_init__(self):
-    key = "config.eval."
-    sections.count(key + "every_steps", self.every_steps, 0)
-    sections.count(key + "num_batches", self.num_batches)
-    sections.count(key + "num_buckets", self.num_buckets)
-    sections.count(key + "sample_every_steps", self.sample_every_steps, 0)
-    sections.count(key + "sample_steps", self.sample_steps)
-
-  @classmethod
-  def from_config(cls, section: Any) -> EvalSpec:
-    return sections.from_config(cls, section, "config.eval")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSpec:
-  """config.checkpoint, typed."""
-
-  every_steps: int  # 0: off (itstime)
-  keep: int
-  asynchronous: bool
-  preemption_check_every: int
-
-  def __post_init__(self):
-    key = "config.checkpoint."
-    sections.count(key + "every_steps", self.every_steps, 0)
-    sections.count(key + "keep", self.keep)
-    sections.flag(key + "asynchronous", self.asynchronous)
-    sections.count(key + "preemption_check_every", self.preemption_check_every)
-
-  @classmethod
-  def from_config(cls, section: Any) -> CheckpointSpec:
-    return sections.from_config(cls, section, "config.checkpoint")
-
-
-def pretraining(config: ml_collections.ConfigDict) -> Trainee:
-  model, spec = pretrained.build_model(config)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  return Trainee(model.apply, pretrained.init_params_fn(model, spec, config.data.patch_size), schedule)
+def pretraining(config: PretrainConfig) -> Trainee:
+  model = unet3d.UNet3D(config.model)
+  init_fn = pretrained.init_params_fn(model, config.model, config.data.patch_size)
+  return Trainee(model.apply, init_fn, config.diffusion.make_schedule())
 
 
 def itstime(step: int, every: int, total: int, stopping: bool = False) -> bool:
@@ -139,7 +70,7 @@ def itstime(step: int, every: int, total: int, stopping: bool = False) -> bool:
 
 
 def init_state(
-  config: ml_collections.ConfigDict, trainee: Trainee, mesh: jax.sharding.Mesh, rules: Any
+  config: PretrainConfig, trainee: Trainee, mesh: jax.sharding.Mesh, rules: Any
 ) -> tuple[state_lib.TrainState, state_lib.TrainState, dict, Any]:
   """(state, its shardings, trainable/frozen labels, optimizer); the labels are computed once, here."""
   with sharding.activate(mesh, rules):
@@ -187,74 +118,190 @@ class PreemptionWatcher:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, trainee: Trainee | None = None
-) -> dict[str, float]:
-  """Runs (or resumes) training, pretraining unless a trainee is given; returns the last logged metrics.
+@dataclasses.dataclass
+class Run:
+  """A training run set up (`setup`): the mesh, the state's layout and optimizer, the data (the state itself is
+  not held here: restoring replaces it, and the fresh one must be freed then)."""
 
-  `config` was checked once by the entry point (checks.pretrain / checks.controlnet); not again here."""
-  t_start = time.perf_counter()
-  storage.makedirs(workdir)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = sharding.rules_from_config(config.sharding.rules)
+  config: PretrainConfig
+  workdir: str
+  trainee: Trainee
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  shardings: state_lib.TrainState
+  labels: dict  # trainable / frozen per leaf (models/trainable.py)
+  tx: optax.GradientTransformation
+  train_store: pipeline.VolumeStore
+  val_store: pipeline.VolumeStore
+  batch_sharding: Any  # per batch key: volumes split by depth too
+  stored_config: ml_collections.ConfigDict  # saved with every checkpoint: config.stored(training spacing)
+  flops_per_step: float  # model FLOPs by which parts train
 
-  trainee = trainee or pretraining(config)
-  schedule = trainee.schedule
-  train_state, state_shardings, labels, tx = init_state(config, trainee, mesh, rules)
-  lr_schedule = state_lib.learning_rate_schedule(config.optimizer)
-  writer_lib.progress(
-    f"model {unet3d.count_params(train_state.params):,} params "
-    f"({unet3d.count_params(train_state.ema_params):,} trained); mesh {dict(mesh.shape)} on "
-    f"{jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}"
-  )
-  # model FLOPs by which parts train (a ControlNet's config.model is its base's: train/controlnet.derive_config)
-  flops_per_step = throughput.flops_for_config(config, pretrained.build_model(config)[1], labels)
-  xla_flops_per_step = None
-  device_kind = jax.devices()[0].device_kind
-  logging.info("%.3g model FLOPs per step; %s", flops_per_step, throughput.describe_peak(device_kind))
-  # checkpoints hold the state without the frozen params loaded from elsewhere (the ControlNet base)
-  stored = lambda st: st.replace(params=state_lib.checkpoint_split(st.params, labels, trainee.external)[0])
-
-  store = pipeline.make_store(config.data)
-  config.data.spacing = pipeline.training_spacing(config.data, store) or ()  # saved with every checkpoint
-  train_store, val_store = pipeline.split_train_val(store, config.data)
-  batch_sharding = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
-  make_batches = lambda seed: pipeline.GlobalBatches(
-    pipeline.make_dataset(
-      train_store,
-      config.data,
-      batch_size=config.training.batch_size,
+  def batches(self, seed: int) -> pipeline.GlobalBatches:
+    """The training batches of this process, shuffled by `seed`, as global sharded arrays."""
+    dataset = pipeline.make_dataset(
+      self.train_store,
+      self.config.data,
+      batch_size=self.config.training.batch_size,
       seed=seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-    ),
-    batch_sharding,
-  )
-  batches = make_batches(config.seed)
+    )
+    return pipeline.GlobalBatches(dataset, self.batch_sharding)
 
+  def checkpointed(self, tree: Any) -> Any:
+    """A state (or its shardings) as checkpoints hold it: without the frozen params loaded from elsewhere
+    (the ControlNet base)."""
+    return tree.replace(params=state_lib.checkpoint_split(tree.params, self.labels, self.trainee.external)[0])
+
+  def eval_params(self, tree: Any) -> Any:
+    """What validation and previews run: the EMA of the trained leaves with the frozen leaves as they are."""
+    return trainable.merge(trainable.split(tree.params, self.labels)[1], tree.ema_params)
+
+
+def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) -> tuple[Run, state_lib.TrainState]:
+  """(the run: mesh, trainee (default: pretraining), shardings, stores, batch layout for `config` in `workdir`;
+  the freshly initialised sharded state)."""
+  storage.makedirs(workdir)
+  mesh = sharding.make_mesh(config.mesh.sizes)
+  rules = config.sharding.logical_rules
+  trainee = trainee or pretraining(config)
+  state, shardings, labels, tx = init_state(config, trainee, mesh, rules)
+  writer_lib.progress(
+    f"model {unet3d.count_params(state.params):,} params ({unet3d.count_params(state.ema_params):,} trained); "
+    f"mesh {dict(mesh.shape)} on {jax.device_count()} devices ({jax.process_count()} processes); workdir {workdir}"
+  )
+  # model FLOPs by which parts train (a ControlNet's config.model is its base's: train/controlnet.derive_config)
+  flops_per_step = throughput.flops_for_config(config, labels)
+  logging.info("%.3g model FLOPs per step; %s", flops_per_step, throughput.describe_peak(jax.devices()[0].device_kind))
+  store = pipeline.make_store(config.data)
+  stored_config = ml_collections.ConfigDict(config.stored(config.data.training_spacing(store.records)))
+  train_store, val_store = pipeline.split_train_val(store, config.data.val_fraction)
+  batch_sharding = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
+  run = Run(
+    config,
+    workdir,
+    trainee,
+    mesh,
+    rules,
+    shardings,
+    labels,
+    tx,
+    train_store,
+    val_store,
+    batch_sharding,
+    stored_config,
+    flops_per_step,
+  )
+  return run, state
+
+
+def restore(
+  run: Run, ckpt: checkpoint.Checkpointer, train_state: state_lib.TrainState, batches: pipeline.GlobalBatches
+) -> tuple[state_lib.TrainState, pipeline.GlobalBatches]:
+  """The newest checkpoint of `ckpt`, if any: its state (with the frozen params loaded from elsewhere) and the
+  data iterator's position; batches drawn with a new seed when the position could not be restored."""
+  restored = ckpt.restore_latest(
+    checkpoint.abstract_target(run.checkpointed(train_state), run.checkpointed(run.shardings)), batches.iterator
+  )
+  if restored is None:
+    return train_state, batches
+  left_out = state_lib.checkpoint_split(train_state.params, run.labels, run.trainee.external)[1]
+  train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
+  writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
+  if not restored.data_restored:  # do not replay the same samples from the start
+    batches = run.batches(run.config.seed + restored.step)
+  return train_state, batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted functions of a run: the train step (state donated), validation loss, preview sampler."""
+
+  train: Any
+  eval: Any
+  preview: Any
+
+
+def jit_steps(run: Run) -> Steps:
+  config, trainee = run.config, run.trainee
+  step_fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, run.tx, config, run.rules, run.labels)
+  train_step = step_lib.jit_train_step(step_fn, run.shardings, run.batch_sharding, run.mesh, run.labels)
+  eval_step = jax.jit(
+    validation.make_eval_step(trainee.apply_fn, trainee.schedule, config.diffusion, config.eval.num_buckets),
+    in_shardings=(run.eval_params(run.shardings), run.batch_sharding, None),
+  )
+  preview = jax.jit(
+    validation.make_preview_sampler(
+      trainee.apply_fn, trainee.schedule, config.diffusion, config.data.patch_size, config.eval.sample_steps
+    )
+  )
+  return Steps(train_step, eval_step, preview)
+
+
+def compile_train_step(run: Run, train_step: Any, train_state: state_lib.TrainState, batch: dict) -> tuple[Any, Any]:
+  """(the compiled step, XLA's FLOPs per step) for this state and batch layout; says how long and how much
+  memory. Inside `sharding.activate`."""
+  t0 = time.perf_counter()
+  compiled = train_step.lower(train_state, batch).compile()
+  writer_lib.progress(f"compiled the train step in {time.perf_counter() - t0:.1f} s; {_memory_summary(compiled)}")
+  return compiled, _executed_flops(compiled, run.config)
+
+
+class TrainLog:
+  """The training scalars: accumulated over the steps between log points, then written (TensorBoard,
+  metrics.jsonl) with the throughput of the interval, and printed as one progress line."""
+
+  def __init__(self, run: Run, writer: writer_lib.MetricWriter, xla_flops_per_step: float | None):
+    self.run, self.writer, self.xla_flops_per_step = run, writer, xla_flops_per_step
+    self.device_kind = jax.devices()[0].device_kind
+    self.accumulated: TrainMetrics | None = None
+    self.t_log, self.steps_since = time.perf_counter(), 0
+    self.last: dict[str, float] = {}
+
+  def add(self, step_metrics: dict[str, jax.Array]) -> None:
+    single = TrainMetrics.single_from_model_output(**step_metrics)
+    self.accumulated = single if self.accumulated is None else self.accumulated.merge(single)
+    self.steps_since += 1
+
+  def write(self, step: int) -> dict[str, float]:
+    config, flops = self.run.config, self.run.flops_per_step
+    scalars = {k: float(v) for k, v in self.accumulated.compute().items()}
+    elapsed = time.perf_counter() - self.t_log
+    scalars["steps_per_sec"] = self.steps_since / elapsed
+    scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size**3
+    scalars.update(
+      throughput.step_metrics(
+        scalars["steps_per_sec"], flops, config.training.batch_size, jax.device_count(), self.device_kind
+      )
+    )
+    scalars["flops_per_step"] = flops
+    if self.xla_flops_per_step is not None:
+      scalars["xla_flops_per_step"] = self.xla_flops_per_step
+    self.writer.scalars(step, scalars, prefix=f"{self.run.trainee.metric_prefix}/")
+    writer_lib.progress(
+      f"step {step}/{config.training.num_steps}  "
+      + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec"))
+    )
+    self.last, self.accumulated = scalars, None
+    self.t_log, self.steps_since = time.perf_counter(), 0
+    return scalars
+
+
+def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) -> dict[str, float]:
+  """Runs (or resumes) training, pretraining unless a trainee is given; returns the last logged metrics.
+
+  `config` is checked and typed by the entry point (checks.pretrain / checks.controlnet); not again here."""
+  t_start = time.perf_counter()
+  run, train_state = setup(config, workdir, trainee)
+  trainee = run.trainee
+  batches = run.batches(config.seed)
   ckpt = checkpoint.Checkpointer(
     storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
   )
   if config.restore:
-    restored = ckpt.restore_latest(
-      checkpoint.abstract_target(stored(train_state), stored(state_shardings)), batches.iterator
-    )
-    if restored is not None:
-      left_out = state_lib.checkpoint_split(train_state.params, labels, trainee.external)[1]
-      train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
-      writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
-      if not restored.data_restored:  # do not replay the same samples from the start
-        batches = make_batches(config.seed + restored.step)
-
-  step_fn = step_lib.make_train_step(trainee.apply_fn, schedule, tx, lr_schedule, config, rules, labels)
-  train_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, mesh, labels)
-  # eval and previews use the EMA of the trained leaves with the frozen leaves as they are
-  eval_params = lambda st: trainable.merge(trainable.split(st.params, labels)[1], st.ema_params)
-  eval_step = jax.jit(
-    validation.make_eval_step(trainee.apply_fn, schedule, config, config.eval.num_buckets),
-    in_shardings=(eval_params(state_shardings), batch_sharding, None),
-  )
-  preview = jax.jit(validation.make_preview_sampler(trainee.apply_fn, schedule, config, config.eval.sample_steps))
+    train_state, batches = restore(run, ckpt, train_state, batches)
+  steps = jit_steps(run)
 
   writer = writer_lib.MetricWriter(workdir)
   num_steps = config.training.num_steps
@@ -262,20 +309,16 @@ def train_and_evaluate(
   start = int(train_state.step)
   profiler = Profiler(workdir, start, config.training.profile_steps)
   if start == 0:
-    writer.config(config)
-  last: dict[str, float] = {}
+    writer.config(run.stored_config)
+  log = TrainLog(run, writer, None)
   last_val: dict[str, float] = {}
   stopping = False
   try:
-    with sharding.activate(mesh, rules):
+    with sharding.activate(run.mesh, run.rules):
       batch = next(batches) if start < num_steps else None
       if batch is not None:
-        t0 = time.perf_counter()
-        compiled = train_step.lower(train_state, batch).compile()
-        writer_lib.progress(f"compiled the train step in {time.perf_counter() - t0:.1f} s; {_memory_summary(compiled)}")
-        xla_flops_per_step = _executed_flops(compiled, config)
-      accumulated, pending = None, None
-      t_log, steps_since = time.perf_counter(), 0
+        compiled, log.xla_flops_per_step = compile_train_step(run, steps.train, train_state, batch)
+      log.t_log, pending = time.perf_counter(), None
       step = start
       while step < num_steps:
         if batch is None:
@@ -283,42 +326,25 @@ def train_and_evaluate(
         train_state, step_metrics = compiled(train_state, batch)
         batch = None
         step += 1
-        steps_since += 1
         if pending is not None:  # previous step's NaN counters: keeps one step in flight
           _check_finite(pending, step - 1, config.training.max_consecutive_nan)
         pending = step_metrics
-        single = TrainMetrics.single_from_model_output(**step_metrics)
-        accumulated = single if accumulated is None else accumulated.merge(single)
+        log.add(step_metrics)
         profiler.step(step)
         stopping = preemption.should_stop(step)
         if itstime(step, config.training.log_every, num_steps, stopping):
-          scalars = {k: float(v) for k, v in accumulated.compute().items()}
-          elapsed = time.perf_counter() - t_log
-          scalars["steps_per_sec"] = steps_since / elapsed
-          scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size**3
-          scalars.update(
-            throughput.step_metrics(
-              scalars["steps_per_sec"], flops_per_step, config.training.batch_size, jax.device_count(), device_kind
-            )
-          )
-          scalars["flops_per_step"] = flops_per_step
-          if xla_flops_per_step is not None:
-            scalars["xla_flops_per_step"] = xla_flops_per_step
-          writer.scalars(step, scalars, prefix=f"{trainee.metric_prefix}/")
-          writer_lib.progress(
-            f"step {step}/{num_steps}  " + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec"))
-          )
-          last, accumulated = scalars, None
-          t_log, steps_since = time.perf_counter(), 0
+          log.write(step)
         if itstime(step, config.eval.every_steps, num_steps):
-          val = run_eval(eval_step, eval_params(train_state), val_store, config, batch_sharding, schedule.num_timesteps)
+          params = run.eval_params(train_state)
+          val = run_eval(steps.eval, params, run.val_store, config, run.batch_sharding, trainee.schedule.num_timesteps)
           writer.scalars(step, val)
           last_val = val
           writer_lib.progress(f"step {step}/{num_steps}  val/loss {val['val/loss']:.4g}")
         if itstime(step, config.eval.sample_every_steps, num_steps):
-          write_samples(preview, eval_params(train_state), val_store, config, batch_sharding, writer, workdir, step)
+          params = run.eval_params(train_state)
+          write_samples(steps.preview, params, run.val_store, config, run.batch_sharding, writer, workdir, step)
         if itstime(step, config.checkpoint.every_steps, num_steps, stopping):
-          ckpt.save(step, stored(train_state), batches.iterator, config)
+          ckpt.save(step, run.checkpointed(train_state), batches.iterator, run.stored_config)
         if stopping:
           logging.warning("preempted: checkpoint for step %d saved, exiting", step)
           break
@@ -335,7 +361,7 @@ def train_and_evaluate(
       workdir=workdir,
       step=int(train_state.step),
       num_steps=num_steps,
-      last=last,
+      last=log.last,
       last_val=last_val,
       checkpoints=ckpt.all_steps(),
       preempted=stopping,
@@ -343,10 +369,17 @@ def train_and_evaluate(
       samples=bool(config.eval.sample_every_steps),
     )
   )
-  return last
+  return log.last
 
 
-def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps) -> dict[str, float]:
+def run_eval(
+  eval_step: Any,
+  params: Any,
+  val_store: pipeline.VolumeStore,
+  config: PretrainConfig,
+  batch_sharding: Any,
+  num_timesteps: int,
+) -> dict[str, float]:
   """Mean per-bucket validation loss over a fixed set of batches (the same batches every time)."""
   ds = pipeline.make_dataset(
     val_store,
@@ -368,7 +401,16 @@ def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps
   return out
 
 
-def write_samples(preview, params, val_store, config, batch_sharding, writer, workdir, step) -> None:
+def write_samples(
+  preview: Any,
+  params: Any,
+  val_store: pipeline.VolumeStore,
+  config: PretrainConfig,
+  batch_sharding: Any,
+  writer: writer_lib.MetricWriter,
+  workdir: str,
+  step: int,
+) -> None:
   """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used.
 
   Reads one sample per process (the montage shows global sample 0), repeated to the batch the sampler
@@ -448,7 +490,7 @@ def _check_finite(step_metrics: dict[str, jax.Array], step: int, limit: int) -> 
     )
 
 
-def _executed_flops(compiled: Any, config: ml_collections.ConfigDict) -> float | None:
+def _executed_flops(compiled: Any, config: PretrainConfig) -> float | None:
   """XLA's count for the whole step over all devices: the per-device program x devices x accumulation
   steps (the scan body counts once). Remat recompute included, so above `flops_per_step` when remat is on."""
   flops = throughput.xla_flops(compiled)

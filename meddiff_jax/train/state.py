@@ -22,8 +22,8 @@ LR_SCHEDULES = ("constant", "cosine")  # config.optimizer.schedule
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-  """config.optimizer, typed (make_optimizer / learning_rate_schedule keep reading the ConfigDict; whether
-  each `trainable` pattern matches a parameter is known only once the params exist: models/trainable.py)."""
+  """config.optimizer, typed (whether each `trainable` pattern matches a parameter is known only once the params
+  exist: models/trainable.py)."""
 
   learning_rate: float
   schedule: str
@@ -67,23 +67,17 @@ class TrainState:
   consecutive_nan: jax.Array  # current run of skipped updates (the loop stops past a limit)
 
 
-def learning_rate_schedule(opt_config: Any) -> optax.Schedule:
+def learning_rate_schedule(opt: OptimizerSpec) -> optax.Schedule:
   """Linear warmup, then constant (the paper's Adam 1e-4) or cosine decay to end_lr_factor * lr."""
-  lr, warmup = opt_config.learning_rate, opt_config.warmup_steps
-  if opt_config.schedule == "constant":
+  lr, warmup = opt.learning_rate, opt.warmup_steps
+  if opt.schedule == "constant":
     return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
-  if opt_config.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-      0.0,
-      lr,
-      warmup_steps=warmup,
-      decay_steps=max(opt_config.decay_steps, warmup + 1),
-      end_value=lr * opt_config.end_lr_factor,
-    )
-  raise ValueError(f"config.optimizer.schedule={opt_config.schedule!r}; choose constant or cosine")
+  return optax.warmup_cosine_decay_schedule(  # cosine
+    0.0, lr, warmup_steps=warmup, decay_steps=max(opt.decay_steps, warmup + 1), end_value=lr * opt.end_lr_factor
+  )
 
 
-def make_optimizer(opt_config: Any, labels: Any = None) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerSpec, labels: Any = None) -> optax.GradientTransformation:
   """Clip by global norm, then AdamW (weight_decay 0 gives the paper's Adam).
 
   With `labels` (models/trainable.py) that freeze some leaves: `optax.partition` applies this to the
@@ -91,16 +85,10 @@ def make_optimizer(opt_config: Any, labels: Any = None) -> optax.GradientTransfo
   alone would apply the raw gradients to the frozen leaves: STACK_NOTES section 4.)
   """
   parts = []
-  if opt_config.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
+  if opt.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
   parts.append(
-    optax.adamw(
-      learning_rate_schedule(opt_config),
-      b1=opt_config.b1,
-      b2=opt_config.b2,
-      eps=opt_config.eps,
-      weight_decay=opt_config.weight_decay,
-    )
+    optax.adamw(learning_rate_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
   )
   tx = optax.chain(*parts)
   if labels is None or not trainable.has_frozen(labels):

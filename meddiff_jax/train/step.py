@@ -11,20 +11,22 @@ import jax.numpy as jnp
 import optax
 
 from meddiff_jax import sharding
-from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import losses, samplers, schedules
+from meddiff_jax.diffusion.spec import DiffusionSpec
 from meddiff_jax.models import conditions, trainable
-from meddiff_jax.train.state import TrainState, float32_tree
+from meddiff_jax.models.unet3d import UNetSpec
+from meddiff_jax.train.spec import PretrainConfig
+from meddiff_jax.train.state import TrainState, float32_tree, learning_rate_schedule
 
 Batch = dict[str, jax.Array]
 
 
-def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(config: PretrainConfig, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of one global training batch (data/multilevel.make_sample, batched): what the
-  dry run compiles against and what input shardings are built for."""
-  n = int(config.training.batch_size if batch_size is None else batch_size)
-  p, k = int(config.data.patch_size), int(config.model.structure_channels)
-  if k and pipeline.packs_structures(config.data):
+  dry run compiles against and what input shardings are built for (default: config.training.batch_size)."""
+  n = config.training.batch_size if batch_size is None else batch_size
+  p, k = config.data.patch_size, config.model.structure_channels
+  if k and config.data.packs_structures:
     k = 1  # one packed uint8 channel, expanded in the step (expand_structures)
   spec = {
     conditions.IMAGE: jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32),
@@ -38,7 +40,7 @@ def batch_spec(config: Any, batch_size: int | None = None) -> dict[str, jax.Shap
   return spec
 
 
-def expand_structures(cond: Batch, model_config: Any) -> Batch:
+def expand_structures(cond: Batch, model: UNetSpec) -> Batch:
   """Packed grouped structures (one uint8 channel, data.pack_structures) -> the model's K + 1 one-hot channels,
   on the accelerator; anything else passes unchanged. Before the condition dropouts, which act per channel."""
   s = cond.get(conditions.STRUCTURES)
@@ -46,9 +48,7 @@ def expand_structures(cond: Batch, model_config: Any) -> Batch:
     return cond
   return {
     **cond,
-    conditions.STRUCTURES: conditions.unpack_if_packed(
-      s, int(model_config.structure_channels), int(model_config.structure_embed_dim)
-    ),
+    conditions.STRUCTURES: conditions.unpack_if_packed(s, model.structure_channels, model.structure_embed_dim),
   }
 
 
@@ -63,15 +63,16 @@ def drop_conditions(cond: Batch, drop: jax.Array, num_regions: int) -> Batch:
 
 
 def make_loss_fn(
-  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any
+  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, diffusion: DiffusionSpec, model: UNetSpec
 ) -> Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]:
-  """(params, batch, rng, frozen) -> (loss, aux) for one micro-batch.
+  """(params, batch, rng, frozen) -> (loss, aux) for one micro-batch: `diffusion`'s target, loss and condition
+  dropouts on a model of architecture `model`.
 
   `params` are the trainable leaves (differentiated), `frozen` the rest of the same tree (models/trainable.py
   split): apply_fn receives variables {"params": the merged tree}.
   """
-  dcfg = config.diffusion
-  num_regions = config.model.num_regions
+  dcfg = diffusion
+  num_regions = model.num_regions
 
   def loss_fn(params, batch, rng, frozen=None):
     x0 = batch[conditions.IMAGE]
@@ -80,7 +81,7 @@ def make_loss_fn(
     t = jax.random.randint(t_rng, (n,), 0, schedule.num_timesteps)
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
     x_t = schedules.q_sample(schedule, x0.astype(jnp.float32), t, noise)
-    cond = expand_structures({k: batch[k] for k in conditions.COND_KEYS if k in batch}, config.model)
+    cond = expand_structures({k: batch[k] for k in conditions.COND_KEYS if k in batch}, model)
     if dcfg.structure_drop_prob > 0:  # organs unknown (and sometimes no body): tasks without labels
       organ_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 1), dcfg.structure_drop_prob, (n,))
       body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.body_drop_prob, (n,))
@@ -123,19 +124,20 @@ def make_train_step(
   apply_fn: Callable[..., jax.Array],
   schedule: schedules.Schedule,
   tx: optax.GradientTransformation,
-  lr_schedule: optax.Schedule,
-  config: Any,
+  config: PretrainConfig,
   rules: Any = (),
   labels: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """Un-jitted step; see `jit_train_step` for the sharded, donated version.
+  """Un-jitted step of `config` (its diffusion loss, accumulation, EMA and learning-rate schedule; `tx` is
+  `state.make_optimizer(config.optimizer, labels)`); see `jit_train_step` for the sharded, donated version.
 
   labels (models/trainable.py): only the trainable leaves are differentiated, updated and averaged into
   the EMA; frozen leaves pass through untouched (bitwise) and have no gradient buffers.
   """
-  loss_fn = make_loss_fn(apply_fn, schedule, config)
+  loss_fn = make_loss_fn(apply_fn, schedule, config.diffusion, config.model)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  k = int(config.training.grad_accum_steps)
+  lr_schedule = learning_rate_schedule(config.optimizer)
+  k = config.training.grad_accum_steps
   ema_decay = float(config.training.ema_decay)
 
   def step(state: TrainState, batch: Batch):

@@ -16,6 +16,7 @@ from typing import Any
 from flax import traverse_util
 
 from meddiff_jax.models import controlnet, trainable, unet3d
+from meddiff_jax.train.spec import PretrainConfig
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets). Matched as substrings of jax's device_kind,
 # first match wins (so "TPU v5 lite" comes before "TPU v5").
@@ -109,10 +110,11 @@ def describe_peak(device_kind: str) -> str:
   return f"MFU against {peak / 1e12:.0f} TFLOP/s dense bf16 peak ({device_kind})"
 
 
-def flops_for_config(config: Any, spec: unet3d.UNetSpec, labels: dict | None = None) -> float:
-  """Model FLOPs per optimizer step; without `labels`, everything trains (pretraining: 3 x forward)."""
-  patch, batch = int(config.data.patch_size), int(config.training.batch_size)
+def flops_for_config(config: PretrainConfig, labels: dict | None = None) -> float:
+  """Model FLOPs per optimizer step of a training config (train/spec.PretrainConfig, ControlNetConfig: its
+  model is the base's); without `labels`, everything trains (pretraining: 3 x forward)."""
+  spec, patch, batch = config.model, config.data.patch_size, config.training.batch_size
   if labels is None:
     return train_flops_per_step(spec, patch, batch)
-  hint = tuple(config.controlnet.hint_hidden) if "controlnet" in labels else None
+  hint = config.controlnet.hint_hidden if "controlnet" in labels else None
   return train_flops(spec, patch, batch, labels, hint)

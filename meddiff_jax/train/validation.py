@@ -9,18 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from meddiff_jax.diffusion import losses, samplers, schedules
+from meddiff_jax.diffusion.spec import DiffusionSpec
 from meddiff_jax.models import conditions
 
 
 def make_eval_step(
-  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any, num_buckets: int
+  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, diffusion: DiffusionSpec, num_buckets: int
 ) -> Callable[[Any, dict, jax.Array], jax.Array]:
   """(params, batch, rng) -> (num_buckets,) mean loss with t drawn inside each of equal timestep buckets.
 
   High-t buckets measure global structure, low-t buckets fine texture; a single averaged loss hides
   which one a change helped (maxdiffusion reports it the same way).
   """
-  dcfg = config.diffusion
   edges = [round(i * schedule.num_timesteps / num_buckets) for i in range(num_buckets + 1)]
 
   def eval_step(params, batch, rng):
@@ -34,7 +34,7 @@ def make_eval_step(
       noise = jax.random.normal(n_rng, x0.shape, jnp.float32)
       pred = apply_fn({"params": params}, schedules.q_sample(schedule, x0, t, noise), t, cond)
       loss, _ = losses.diffusion_loss(
-        schedule, pred, x0, noise, t, prediction_type=dcfg.prediction_type, loss_type=dcfg.loss_type
+        schedule, pred, x0, noise, t, prediction_type=diffusion.prediction_type, loss_type=diffusion.loss_type
       )
       out.append(loss)
     return jnp.stack(out)
@@ -48,19 +48,20 @@ def bucket_names(num_buckets: int, num_timesteps: int) -> list[str]:
 
 
 def make_preview_sampler(
-  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, config: Any, num_steps: int
+  apply_fn: Callable[..., jax.Array],
+  schedule: schedules.Schedule,
+  diffusion: DiffusionSpec,
+  patch: int,
+  num_steps: int,
 ) -> Callable[[Any, jax.Array, dict], jax.Array]:
-  """(params, rng, cond) -> DDIM sample with the shape of cond's structures / patch, conditioned on cond."""
+  """(params, rng, cond) -> `num_steps`-step DDIM sample of a patch^3 volume, conditioned on cond."""
   timesteps = samplers.make_timesteps(schedule.num_timesteps, num_steps, "trailing")
-  patch = config.data.patch_size
 
   def sample(params, rng, cond):
     n = cond[conditions.REGION].shape[0]
     noise_rng, rng = jax.random.split(rng)
     x_t = jax.random.normal(noise_rng, (n, patch, patch, patch, 1), jnp.float32)
     fn = lambda x, t: apply_fn({"params": params}, x, t, cond)
-    return samplers.sample(
-      fn, schedule, timesteps, rng, x_t, method="ddim", prediction_type=config.diffusion.prediction_type
-    )
+    return samplers.sample(fn, schedule, timesteps, rng, x_t, method="ddim", prediction_type=diffusion.prediction_type)
 
   return sample
