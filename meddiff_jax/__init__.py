@@ -19,6 +19,7 @@ __all__ = [
   "pretrain",
   "finetune",
   "example_ct",
+  "hu_window",
   "ConfigError",
   "VolumeError",
 ]

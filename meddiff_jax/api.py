@@ -33,7 +33,7 @@ import numpy as np
 
 from meddiff_jax import checks, config_files, pretrained, sections
 from meddiff_jax.data import prepare as prepare_lib
-from meddiff_jax.data import samples, volume_io, volumes
+from meddiff_jax.data import preprocess, samples, volume_io, volumes
 from meddiff_jax.tasks import anomaly, common, controlled, synthesis
 from meddiff_jax.tasks import denoise as denoise_lib
 from meddiff_jax.train import controlnet, dry_run, loop
@@ -41,6 +41,13 @@ from meddiff_jax.train import controlnet, dry_run, loop
 ConfigError = sections.ConfigError
 VolumeError = volumes.VolumeError
 example_ct = samples.example_ct  # the public sample CT the notebooks use (a local path; downloaded once)
+
+
+def hu_window(region: str) -> tuple[float, float]:
+  """(lowest, highest) HU the model sees for `region` (head_neck, chest, abdomen; unknown: the widest): tasks map
+  this window to [-1, 1]; outside it, denoising keeps the input's HU."""
+  return preprocess.window_bounds(preprocess.region_id(region))
+
 
 # A file (NIfTI, NRRD / MHA, a DICOM series folder) or an array with its `affine`.
 VolumeInput = str | os.PathLike | np.ndarray
@@ -161,6 +168,8 @@ def _plain(value: Any) -> Any:
   """numpy scalars and arrays as the Python values a config holds (int, float, tuples)."""
   if isinstance(value, np.ndarray):
     return tuple(value.tolist())
+  if isinstance(value, (tuple, list)):
+    return tuple(_plain(v) for v in value)
   return value.item() if isinstance(value, np.generic) else value
 
 
@@ -241,7 +250,7 @@ class Pipeline:
   `super_resolve`, and the zero-shot tasks with its base)."""
 
   checkpoint: str
-  model: pretrained.Pretrained | pretrained.Controlled
+  model: pretrained.Pretrained | pretrained.Controlled = dataclasses.field(repr=False)  # params: not for printing
 
   @classmethod
   def from_pretrained(cls, checkpoint: str) -> Pipeline:
