@@ -66,6 +66,9 @@ def pretrain(config: Config, num_devices: int | None = None) -> Config:
   sections.count("config.seed", config.seed, 0)
   sections.flag("config.dry_run", config.dry_run)
   sections.flag("config.restore", config.restore)
+  sections.text("config.compilation_cache_dir", config.compilation_cache_dir)
+  if config.compilation_cache_dir not in ("", "auto"):
+    storage.check_backend(config.compilation_cache_dir)  # a gs:// cache needs its filesystem extra
   # across sections
   if evaluation.sample_every_steps and evaluation.sample_steps > diffusion.num_timesteps:
     raise ConfigError(
@@ -158,6 +161,7 @@ def prepare(config: Config) -> Config:
     raise ConfigError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
   if not os.path.isdir(config.input_dir):
     raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
+  storage.check_backend(config.output_dir)  # a gs:// / s3:// output needs its filesystem extra
   if config.store_format not in ("auto", *store_lib.FORMATS):
     raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
   if config.store_codec not in store_lib.CODECS:

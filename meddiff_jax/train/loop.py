@@ -112,14 +112,14 @@ class CheckpointSpec:
   every_steps: int  # 0: off (itstime)
   keep: int
   asynchronous: bool
-  preemption_check_every: int
+  on_unrestorable: str  # checkpoint.ON_UNRESTORABLE
 
   def __post_init__(self):
     key = "config.checkpoint."
     sections.count(key + "every_steps", self.every_steps, 0)
     sections.count(key + "keep", self.keep)
     sections.flag(key + "asynchronous", self.asynchronous)
-    sections.count(key + "preemption_check_every", self.preemption_check_every)
+    sections.choice(key + "on_unrestorable", self.on_unrestorable, checkpoint.ON_UNRESTORABLE)
 
   @classmethod
   def from_config(cls, section: Any) -> CheckpointSpec:
@@ -153,17 +153,20 @@ def init_state(
 
 
 class PreemptionWatcher:
-  """SIGTERM sets a flag; every process agrees on stopping at the same step.
+  """Decides the step at which a preempted run saves and exits, the same step on every process.
 
-  Single process: checked every step. Multi-process: the flag is all-gathered every `check_every` steps
-  (a sync point all processes reach together), so they all save the same step and exit.
+  With the distributed runtime (every multi-process job, and every TPU VM: main.maybe_initialize_distributed)
+  JAX's preemption service catches SIGTERM on any host and `reached_preemption_sync_point`, called every
+  step, turns true on all hosts at the same step (the anchors' way; no collective of ours in the loop). A
+  single process without it: a SIGTERM handler sets a flag, checked every step.
   """
 
-  def __init__(self, check_every: int):
+  def __init__(self):
     self.requested = False
-    self.check_every = max(int(check_every), 1)
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self.distributed = jax.distributed.is_initialized()
+    # the preemption service installed its own SIGTERM handler: a Python one would take the signal from it
+    if not self.distributed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def close(self) -> None:
@@ -174,17 +177,19 @@ class PreemptionWatcher:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next sync point")
+    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
+    """Called once per step, with the step just run, by every process."""
+    if not self.distributed:
       return self.requested
-    if step % self.check_every:
-      return False
     from jax.experimental import multihost_utils
 
-    return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    if multihost_utils.reached_preemption_sync_point(step):
+      logging.warning("preemption notice: every process saves step %d and exits", step)
+      return True
+    return False
 
 
 def train_and_evaluate(
@@ -235,16 +240,15 @@ def train_and_evaluate(
   ckpt = checkpoint.Checkpointer(
     storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
   )
-  if config.restore:
-    restored = ckpt.restore_latest(
-      checkpoint.abstract_target(stored(train_state), stored(state_shardings)), batches.iterator
-    )
-    if restored is not None:
-      left_out = state_lib.checkpoint_split(train_state.params, labels, trainee.external)[1]
-      train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
-      writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
-      if not restored.data_restored:  # do not replay the same samples from the start
-        batches = make_batches(config.seed + restored.step)
+  restored = checkpoint.resume(
+    ckpt, checkpoint.abstract_target(stored(train_state), stored(state_shardings)), batches.iterator, config
+  )
+  if restored is not None:
+    left_out = state_lib.checkpoint_split(train_state.params, labels, trainee.external)[1]
+    train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
+    writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
+    if not restored.data_restored:  # do not replay the same samples from the start
+      batches = make_batches(config.seed + restored.step)
 
   step_fn = step_lib.make_train_step(trainee.apply_fn, schedule, tx, lr_schedule, config, rules, labels)
   train_step = step_lib.jit_train_step(step_fn, state_shardings, batch_sharding, mesh, labels)
@@ -258,7 +262,7 @@ def train_and_evaluate(
 
   writer = writer_lib.MetricWriter(workdir)
   num_steps = config.training.num_steps
-  preemption = PreemptionWatcher(config.checkpoint.preemption_check_every)
+  preemption = PreemptionWatcher()
   start = int(train_state.step)
   profiler = Profiler(workdir, start, config.training.profile_steps)
   if start == 0:
