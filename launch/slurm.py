@@ -27,7 +27,7 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,11 +124,13 @@ def main(argv=None) -> int:
     return 0
   if "://" in a.workdir and not a.log_dir:
     raise SystemExit(f"--workdir={a.workdir}: SLURM writes its log to a file system path; give --log_dir")
-  os.makedirs(a.log_dir or os.path.join(a.workdir, "logs"), exist_ok=True)  # SLURM does not create it
-  with tempfile.NamedTemporaryFile("w", suffix=".sbatch", prefix=f"{a.name}-", delete=False) as f:
+  log_dir = a.log_dir or os.path.join(a.workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)  # SLURM does not create it
+  path = os.path.join(log_dir, f"{a.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")  # kept beside its logs
+  with open(path, "w") as f:
     f.write(script)
-  print(f"+ sbatch {f.name}", flush=True)
-  return subprocess.run(["sbatch", f.name]).returncode
+  print(f"+ sbatch {path}", flush=True)
+  return subprocess.run(["sbatch", path]).returncode
 
 
 if __name__ == "__main__":

@@ -470,6 +470,8 @@ def test_slurm_job_saves_and_requeues_at_the_time_limit_then_finishes(tmp_path):
   text = log.read_text()
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + text[-4000:]
   calls = (tmp_path / "fake" / "calls").read_text().splitlines()
+  (script,) = (workdir / "logs").glob("meddiff-*.sbatch")  # the job script, kept beside its log
+  assert calls[0] == f"sbatch {script}"
   assert sum(c.startswith("sbatch ") for c in calls) == 1 and calls.count("scontrol requeue 4242") == 1
   assert sum(c.startswith("srun --kill-on-bad-exit=1 bash -c") for c in calls) == 2  # the job, and its requeue
   signalled_at = int((tmp_path / "fake" / "signalled_at").read_text())
