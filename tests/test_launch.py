@@ -347,8 +347,8 @@ def test_tpu_launcher_reaches_the_last_step_through_a_preemption(tmp_path):
     f"--workdir={workdir}",
     "--",
     *TINY,
-    "--config.training.num_steps=12",
-    "--config.checkpoint.every_steps=6",
+    "--config.training.num_steps=20",
+    "--config.checkpoint.every_steps=10",
     f"--config.compilation_cache_dir={tmp_path / 'cache'}",
     env=env,
     timeout=1800,
@@ -369,10 +369,10 @@ def test_tpu_launcher_reaches_the_last_step_through_a_preemption(tmp_path):
   (log,) = (workdir / "logs").glob("*.log")  # the workers' log is in the workdir, across both slices
   text = log.read_text()
   preempted_at = int(text.split("pretraining preempted at step ")[1].split("/")[0])  # saved, then exited 0
-  assert 2 <= preempted_at < 12 and f"resumed from step {preempted_at}" in text
-  assert preempted_at in checkpoint_steps(workdir) and checkpoint_steps(workdir)[-1] == 12
-  assert sorted(metric_steps(workdir)) == list(range(1, 13)) and text.count("finished at step 12/12") == 1
-  assert "done: checkpoint of step 12" in proc.stdout
+  assert 2 <= preempted_at < 20 and f"resumed from step {preempted_at}" in text
+  assert preempted_at in checkpoint_steps(workdir) and checkpoint_steps(workdir)[-1] == 20
+  assert sorted(metric_steps(workdir)) == list(range(1, 21)) and text.count("finished at step 20/20") == 1
+  assert "done: checkpoint of step 20" in proc.stdout
 
 
 FAKE_SBATCH = textwrap.dedent(
@@ -460,8 +460,8 @@ def test_slurm_job_saves_and_requeues_at_the_time_limit_then_finishes(tmp_path):
     f"--workdir={workdir}",
     "--",
     *TINY,
-    "--config.training.num_steps=10",
-    "--config.checkpoint.every_steps=5",
+    "--config.training.num_steps=40",  # JAX notices SIGTERM within ~1 s: steps left to reach the sync point
+    "--config.checkpoint.every_steps=20",
     f"--config.compilation_cache_dir={tmp_path / 'cache'}",
     env=env,
     timeout=1800,
@@ -479,9 +479,9 @@ def test_slurm_job_saves_and_requeues_at_the_time_limit_then_finishes(tmp_path):
   assert "process 0 of 1: 1 local / 1 global cpu devices" in text  # jax.distributed ran: the preemption service
   assert "preemption notice: every process saves step" in text
   saved = int(text.split("preemption notice: every process saves step ")[1].split()[0])
-  assert signalled_at <= saved < 10 and f"resumed from step {saved}" in text
-  assert checkpoint_steps(workdir)[-1] == 10 and sorted(metric_steps(workdir)) == list(range(1, 11))
-  assert text.count("pretraining finished at step 10/10") == 1
+  assert signalled_at <= saved < 40 and f"resumed from step {saved}" in text
+  assert checkpoint_steps(workdir)[-1] == 40 and sorted(metric_steps(workdir)) == list(range(1, 41))
+  assert text.count("pretraining finished at step 40/40") == 1
 
 
 def _free_port():
