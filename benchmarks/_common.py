@@ -67,23 +67,23 @@ def scan_spacing(args, pre) -> tuple[float, float, float] | None:
 def real_ct(
   data_dir: str | pathlib.Path = DATA, scan: str = "example_ct", spacing: tuple[float, float, float] | None = None
 ):
-  """(CT, TotalSegmentator labels) as `nifti` volumes in RAS, labels on the CT's grid, optionally resampled
+  """(CT, TotalSegmentator labels) as `volumes.Volume`s in RAS, labels on the CT's grid, optionally resampled
   to `spacing` mm (trilinear CT, nearest labels)."""
-  from meddiff_jax.data import nifti
+  from meddiff_jax.data import volume_io, volumes
 
   data_dir = pathlib.Path(data_dir)
   if scan == "example_ct":
-    ct = nifti.load(data_dir / "example_ct.nii.gz")
-    seg = nifti.load(data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+    ct = volume_io.load(data_dir / "example_ct.nii.gz")
+    seg = volume_io.load(data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
   elif scan == "dicom":  # labels were made on dcm2niix's grid of the series: put them on ours by world position
-    ct = nifti.load(data_dir / "example_ct_dicom")
-    seg = nifti.load(data_dir / "example_seg_dicom.nii.gz", is_mask=True)
-    seg = nifti.resample_like(seg, ct.shape, ct.affine, order=0)
+    ct = volume_io.load(data_dir / "example_ct_dicom")
+    seg = volume_io.load(data_dir / "example_seg_dicom.nii.gz", is_mask=True)
+    seg = volumes.resample_like(seg, ct.shape, ct.affine, order=0)
   else:
     raise ValueError(f"scan {scan!r}: choose one of {SCANS}")
   if spacing:
-    ct = nifti.resample(ct, spacing)
-    seg = nifti.resample_like(seg, ct.shape, ct.affine, order=0)
+    ct = volumes.resample(ct, spacing)
+    seg = volumes.resample_like(seg, ct.shape, ct.affine, order=0)
   return ct, seg
 
 

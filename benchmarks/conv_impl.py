@@ -44,8 +44,8 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from configs import pretrain
   from meddiff_jax import pretrained
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.models import unet3d
 
   out = ROOT / "benchmarks" / "results" / "conv_impl.jsonl"

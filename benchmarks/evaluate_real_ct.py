@@ -20,14 +20,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from meddiff_jax.data import nifti  # noqa: E402
+from meddiff_jax.data import nifti, volume_io, volumes  # noqa: E402
 
 
-def crop(vol: nifti.Volume, start, size) -> nifti.Volume:
+def crop(vol: volumes.Volume, start, size) -> volumes.Volume:
   sl = tuple(slice(s, s + n) for s, n in zip(start, size))
   aff = vol.affine.copy()
   aff[:3, 3] = vol.world(np.array(start))
-  return nifti.Volume(vol.data[sl].copy(), aff)
+  return volumes.Volume(vol.data[sl].copy(), aff)
 
 
 def main() -> None:
@@ -43,13 +43,13 @@ def main() -> None:
   ap.add_argument("--protocols", nargs="+", default=("denoising", "anomaly"))
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  ct = nifti.load(os.path.join(args.data, "example_ct.nii.gz"))
+  ct = volume_io.load(os.path.join(args.data, "example_ct.nii.gz"))
   rng = np.random.default_rng(0)
   size = tuple(args.size)
 
   base = crop(ct, (37, 25, 40), size)  # abdomen above the pelvis
   nifti.save(base, f"{args.out}/high.nii.gz")
-  low = nifti.Volume(base.data + rng.normal(0, args.noise_hu, size).astype(np.float32), base.affine)
+  low = volumes.Volume(base.data + rng.normal(0, args.noise_hu, size).astype(np.float32), base.affine)
   nifti.save(low, f"{args.out}/low.nii.gz")
   with open(f"{args.out}/denoising.csv", "w") as f:
     f.write("id,low,high\nexample_ct_crop,low.nii.gz,high.nii.gz\n")
@@ -64,9 +64,9 @@ def main() -> None:
       c = body[rng.integers(len(body))]
       grid = np.indices(size).transpose(1, 2, 3, 0)
       mask = (np.linalg.norm((grid - c) * np.array(v.spacing), axis=-1) < 12.0).astype(np.uint8)
-      v = nifti.Volume(np.where(mask > 0, v.data - 50.0, v.data).astype(np.float32), v.affine)
+      v = volumes.Volume(np.where(mask > 0, v.data - 50.0, v.data).astype(np.float32), v.affine)
     nifti.save(v, f"{args.out}/anom{i}.nii.gz")
-    nifti.save(nifti.Volume(mask, v.affine), f"{args.out}/anom{i}_mask.nii.gz")
+    nifti.save(volumes.Volume(mask, v.affine), f"{args.out}/anom{i}_mask.nii.gz")
     rows.append(f"crop{i},anom{i}.nii.gz,anom{i}_mask.nii.gz,{i % 2}")
   with open(f"{args.out}/anomaly.csv", "w") as f:
     f.write("\n".join(rows) + "\n")

@@ -30,15 +30,15 @@ sys.path.insert(0, str(ROOT))
 def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.Path, pathlib.Path]:
   """The benchmark volumes prepared into tmp/store, zarr by default (prepare's `auto` would pick npy for a
   local folder, and the zarr rows would silently measure .npy: what pipeline_margin.py's first table did)."""
-  from configs import prepare as prepare_config
-  from meddiff_jax.data import nifti, phantom, prepare
+  from meddiff_jax.configs import prepare as prepare_config
+  from meddiff_jax.data import nifti, phantom, prepare, volumes
 
   src = tmp / "nifti"
   src.mkdir()
   for i, region in enumerate(("abdomen", "chest", "head_neck", "abdomen")):
     p = phantom.make_phantom((256, 256, 256), (1.5, 1.5, 1.5), region, seed=i)
-    nifti.save(nifti.Volume(np.round(p.hu), p.affine), src / f"ph{i}.nii.gz", np.int16)
-    nifti.save(nifti.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
+    nifti.save(volumes.Volume(np.round(p.hu), p.affine), src / f"ph{i}.nii.gz", np.int16)
+    nifti.save(volumes.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
   real = ROOT.parent / "shared" / "data" / "example_ct.nii.gz"
   if real.exists():
     os.symlink(real, src / "real.nii.gz")
@@ -64,7 +64,7 @@ def make_inputs(tmp: pathlib.Path, store_format: str = "zarr") -> tuple[pathlib.
 
 
 def bench_ours(store_dir, patch, batches, threads, structures, operation_probs):
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.data import pipeline, store
 
   cfg = pretrain.get_config("tiny").data  # every data key, with its visible default

@@ -328,7 +328,7 @@ def run_tests(tree: pathlib.Path, selection: list[str], timeout: int) -> tuple[i
 
 def scratch_copy(dest: pathlib.Path) -> None:
   for name in ("meddiff_jax", "tests", "configs"):
-    shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / name, dest / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
   shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
 

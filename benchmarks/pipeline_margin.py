@@ -42,8 +42,8 @@ OPERATIONS = ("whole", "zoom2", "patch")  # the order of data.operation_probs
 
 
 def demand(gpus: int, device_kind: str, mfu: float) -> dict[str, float]:
-  from configs import pretrain
   from meddiff_jax import pretrained
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.train import throughput
 
   config = pretrain.get_config("paper")
@@ -102,7 +102,7 @@ class _SlicedBytes:
 
 def cpu_seconds_per_sample(store_dir: pathlib.Path, n: int, pack: bool) -> dict[str, float]:
   """Per operation: (process CPU s, wall s, bytes read) per paper-preset sample, one thread, after a warm-up."""
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.data import pipeline, store
 
   data = pretrain.get_config("paper").data

@@ -28,7 +28,7 @@ def main() -> None:
   parser.add_argument("--data", default=os.environ.get("MEDDIFF_TEST_DATA", str(REPO.parent / "shared" / "data")))
   parser.add_argument("--spacing", type=float, default=1.0)
   args = parser.parse_args()
-  from configs import prepare as prepare_config
+  from meddiff_jax.configs import prepare as prepare_config
   from meddiff_jax.data import prepare, store
 
   data = pathlib.Path(args.data)

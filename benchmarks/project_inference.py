@@ -32,8 +32,8 @@ def main():
   p.add_argument("--cfg", action="store_true", help="classifier-free guidance: two model calls per step")
   args = p.parse_args()
 
-  from configs import pretrain
   from meddiff_jax import pretrained
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.models import unet3d
   from meddiff_jax.tasks import sliding_window
 

@@ -22,8 +22,8 @@ def ours(preset, size, steps, method="ddim"):
   import jax
   import jax.numpy as jnp
 
-  from configs import pretrain
   from meddiff_jax import pretrained
+  from meddiff_jax.configs import pretrain
   from meddiff_jax.diffusion import samplers, schedules
 
   config = pretrain.get_config(preset)

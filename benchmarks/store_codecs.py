@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 def _volumes(store_dir: str, real: bool) -> list[tuple[str, np.ndarray, np.ndarray]]:
   from meddiff_jax import storage
-  from meddiff_jax.data import nifti, store
+  from meddiff_jax.data import store, volume_io, volumes
 
   out = []
   for rec in sorted(store.read_records(store_dir), key=lambda r: r["id"]):
@@ -42,9 +42,9 @@ def _volumes(store_dir: str, real: bool) -> list[tuple[str, np.ndarray, np.ndarr
     out.append((rec["id"], hu, labels))
   data = ROOT.parent / "shared" / "data"
   if real and (data / "example_ct.nii.gz").exists():
-    ct = nifti.resample(nifti.load(str(data / "example_ct.nii.gz")), (1.5,) * 3, order=1, fill=-1024)
-    seg = nifti.resample(
-      nifti.load(str(data / "example_seg_fast_force_split.nii.gz"), is_mask=True), (1.5,) * 3, order=0, fill=0
+    ct = volumes.resample(volume_io.load(str(data / "example_ct.nii.gz")), (1.5,) * 3, order=1, fill=-1024)
+    seg = volumes.resample(
+      volume_io.load(str(data / "example_seg_fast_force_split.nii.gz"), is_mask=True), (1.5,) * 3, order=0, fill=0
     )
     out.append(("real_ct_1.5mm", np.round(np.clip(ct.data, -1024, 3071)).astype(np.int16), seg.data.astype(np.uint8)))
   return out

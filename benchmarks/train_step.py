@@ -54,7 +54,7 @@ def parse_args():
 
 
 def preset_config(name, args):
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config(name)
   c.data.source = "phantom"

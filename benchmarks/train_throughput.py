@@ -32,7 +32,7 @@ def parse_args():
 
 
 def make_config(preset, overrides):
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config(preset)
   c.data.source = "phantom"  # shapes only: the data never load

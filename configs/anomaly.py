@@ -1,9 +1,9 @@
-"""Zero-shot anomaly detection: python -m meddiff_jax.main --config=configs/anomaly.py --config.input=IN.nii.gz
+"""Zero-shot anomaly detection: meddiff --config=anomaly --config.input=IN.nii.gz
 --config.output=MAP.nii.gz (a MAP.json with the volume score is written beside it)."""
 
 import ml_collections
 
-from configs import input_options, task_options
+from meddiff_jax.configs import input_options, task_options
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """ControlNet fine-tuning on the frozen pretrained backbone.
 
-python -m meddiff_jax.main --config=configs/controlnet.py:sr --workdir=runs/sr \
+meddiff --config=controlnet:sr --workdir=runs/sr \
     --config.base_checkpoint=runs/pretrain        # or an exported dir / 'tiny_phantom'
 Presets: sr (condition: the x5 thick-slice volume, RPLHR-CT style), lesion (condition: a lesion mask;
 phantom lesions by default). model.*, diffusion.*, data.patch_size and data.use_structures come from the
@@ -9,7 +9,7 @@ base checkpoint: main.py derives them once (train/controlnet.derive_config).
 
 import ml_collections
 
-from configs import pretrain
+from meddiff_jax.configs import pretrain
 
 
 def get_config(arg=None):

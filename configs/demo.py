@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import pretrain
+from meddiff_jax.configs import pretrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

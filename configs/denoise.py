@@ -1,9 +1,9 @@
-"""Zero-shot denoising: python -m meddiff_jax.main --config=configs/denoise.py --config.input=IN.nii.gz
+"""Zero-shot denoising: meddiff --config=denoise --config.input=IN.nii.gz
 --config.output=OUT.nii.gz [--config.checkpoint=WORKDIR_OR_EXPORT] [--config.method=diffpir|partial]."""
 
 import ml_collections
 
-from configs import input_options, task_options
+from meddiff_jax.configs import input_options, task_options
 
 
 def get_config(arg=None):

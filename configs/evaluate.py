@@ -1,4 +1,4 @@
-"""The paper's evaluations: python -m meddiff_jax.main --config=configs/evaluate.py --workdir=W
+"""The paper's evaluations: meddiff --config=evaluate --workdir=W
 --config.protocol=denoising|anomaly|synthesis|super_resolution|lesion|inpainting
 (--config.pairs=FILE.csv | --config.dataset=NAME --config.data_root=DIR) [--config.checkpoint=CK] ...
 Writes W/results.json and prints the paper-style table; docs/evaluation.md describes every protocol."""

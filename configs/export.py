@@ -1,6 +1,6 @@
 """Export a training run as a small self-contained directory: config.json + params.msgpack (EMA params).
 
-python -m meddiff_jax.main --config=configs/export.py --config.source=runs/pretrain --config.output=runs/exported
+meddiff --config=export --config.source=runs/pretrain --config.output=runs/exported
 Tasks then load it with --config.checkpoint=runs/exported (what meddiff_jax/assets/tiny_phantom is).
 """
 

@@ -1,10 +1,10 @@
-"""ControlNet lesion generation / inpainting: python -m meddiff_jax.main --config=configs/lesion.py
+"""ControlNet lesion generation / inpainting: meddiff --config=lesion
 --config.controlnet=FINETUNE_WORKDIR --config.input=CT.nii.gz --config.mask=LESION_MASK.nii.gz
 --config.output=OUT.nii.gz [--config.method=inpaint|generate]."""
 
 import ml_collections
 
-from configs import input_options, task_options
+from meddiff_jax.configs import input_options, task_options
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 """Offline data preparation: NIfTI / DICOM series / NRRD / MHA under input_dir -> a prepared store.
 
-python -m meddiff_jax.main --config=configs/prepare.py --config.input_dir=IN --config.output_dir=OUT \
+meddiff --config=prepare --config.input_dir=IN --config.output_dir=OUT \
     [--config.dataset=NAME] [--config.manifest=manifest.csv] [--config.mask_dir=MASKS] [--config.workers=4]
 Then train with --config.data.source=prepared --config.data.prepared_dir=OUT.
 NAME (a public dataset as published, docs/datasets.md): totalsegmentator autopet abdomenct1k amos22 btcv chaos
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import input_options
+from meddiff_jax.configs import input_options
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,6 +1,6 @@
 """Pretraining the MedDiff-FM backbone.
 
-Presets (`--config=configs/pretrain.py:PRESET`):
+Presets (`--config=pretrain:PRESET`):
   tiny   CPU / CI smoke runs: 16^3 patches of small phantoms, an 8-channel UNet, float32.
   base   one GPU: 64^3 patches, 32-channel 4-level UNet, bfloat16 compute.
   paper  MedDiff-FM's hyper-parameters: 128^3 patches at 1 mm, base 32, mult (1,2,4,8), 1 res block per
@@ -9,7 +9,7 @@ Presets (`--config=configs/pretrain.py:PRESET`):
          (mesh.spatial=-1), so it runs unchanged on 1, 2, 4 or 8 devices.
          Needs prepared data: --config.data.source=prepared --config.data.prepared_dir=DIR.
   paper256  the paper model on 256^3 windows, each sample split over 8 devices along depth (mesh.spatial=8).
-Append `+classes` (e.g. `configs/pretrain.py:paper+classes`) for the paper's structure conditioning: all 117
+Append `+classes` (e.g. `--config=pretrain:paper+classes`) for the paper's structure conditioning: all 117
 TotalSegmentator classes + body as one label-id channel with a learned 8-wide embedding, instead of the
 default grouped one-hot channels (data.structure_groups). A 118-channel one-hot would be 0.99 GB (float32)
 per 128^3 sample; the label map is 2 MiB and its embedding 8 channels.

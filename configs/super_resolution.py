@@ -1,10 +1,10 @@
-"""ControlNet super-resolution: python -m meddiff_jax.main --config=configs/super_resolution.py
+"""ControlNet super-resolution: meddiff --config=super_resolution
 --config.controlnet=FINETUNE_WORKDIR --config.input=LR.nii.gz --config.output=SR.nii.gz
 [--config.reference=HR.nii.gz  (PSNR/SSIM vs trilinear and cubic written to SR.json)]."""
 
 import ml_collections
 
-from configs import input_options, task_options
+from meddiff_jax.configs import input_options, task_options
 
 
 def get_config(arg=None):

@@ -1,9 +1,9 @@
-"""Synthesis: python -m meddiff_jax.main --config=configs/synthesis.py --config.output=OUT.nii.gz
+"""Synthesis: meddiff --config=synthesis --config.output=OUT.nii.gz
 [--config.shape=(64,64,64)] [--config.labels=LABELS.nii.gz] [--config.guidance_scale=2.0]."""
 
 import ml_collections
 
-from configs import input_options, task_options
+from meddiff_jax.configs import input_options, task_options
 
 
 def get_config(arg=None):

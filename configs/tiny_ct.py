@@ -1,10 +1,10 @@
 """tiny_ct: the CPU-sized prior trained on the real CT in ../shared/data (shipped as meddiff_jax/assets/tiny_ct).
 
 Reproduce (README "Checkpoints"; under two hours on a 2-core CPU):
-  python -m meddiff_jax.main --config=configs/prepare.py --config.input_dir=../shared/data \
+  meddiff --config=prepare --config.input_dir=../shared/data \
       --config.output_dir=STORE --config.manifest=configs/tiny_ct_manifest.csv --config.spacing="(2.0,2.0,2.0)"
-  python -m meddiff_jax.main --config=configs/tiny_ct.py --workdir=W --config.data.prepared_dir=STORE
-  python -m meddiff_jax.main --config=configs/export.py --config.source=W --config.output=meddiff_jax/assets/tiny_ct
+  meddiff --config=tiny_ct --workdir=W --config.data.prepared_dir=STORE
+  meddiff --config=export --config.source=W --config.output=meddiff_jax/assets/tiny_ct
 
 Training volumes: example_ct (abdomen part, with its TotalSegmentator labels) and aorta_ct_cropped_lps (chest,
 no labels). Validation: pulmonary_ct_cropped_lps, the same patient as the aorta crop and overlapping it, so the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import pretrain
+from meddiff_jax.configs import pretrain
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

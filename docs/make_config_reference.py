@@ -39,7 +39,7 @@ def render() -> str:
     "",
   ]
   for name, presets in CONFIGS:
-    module = importlib.import_module(f"configs.{name}")
+    module = importlib.import_module(f"meddiff_jax.configs.{name}")
     doc = (module.__doc__ or "").strip().splitlines()[0]
     out += [f"## configs/{name}.py", "", doc, ""]
     tables = {p: dict(flatten(module.get_config(p).to_dict())) for p in presets}

@@ -27,7 +27,6 @@ sees (gs://, or a shared file system).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import shlex
@@ -170,19 +169,20 @@ def pack_tree(path: str, repo: str = REPO) -> int:
 
 
 def target_step(a) -> int:
-  """config.training.num_steps of the run: from the overrides, else from the config file (loaded here)."""
+  """config.training.num_steps of the run: from the overrides, else from the config (a shipped name or a path
+  in this checkout, loaded here as main.py loads it)."""
   for flag in reversed(a.overrides):
     m = re.fullmatch(r"--config\.training\.num_steps=(\d+)", flag)
     if m:
       return int(m.group(1))
-  path, _, arg = a.config.partition(":")
+  target, colon, arg = a.config.partition(":")
+  spec = os.path.join(REPO, target) + colon + arg if os.path.isfile(os.path.join(REPO, target)) else a.config
+  sys.path.insert(0, REPO)
   try:
-    sys.path.insert(0, REPO)
-    spec = importlib.util.spec_from_file_location("launch_target_config", os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return int(module.get_config(arg or None).training.num_steps)
-  except Exception as e:  # the config needs packages this machine lacks
+    from meddiff_jax import config_files
+
+    return int(config_files.load(spec).training.num_steps)
+  except Exception as e:  # the config needs packages this machine lacks, or names no training run
     raise SystemExit(
       f"cannot read config.training.num_steps from --config={a.config} here ({type(e).__name__}: {e}); "
       "pass it after --, e.g. -- --config.training.num_steps=N"

@@ -13,7 +13,7 @@ per command: unknown or missing keys, choices and ranges (meddiff_jax/sections.p
   training / eval / checkpoint   train/loop.TrainingSpec / EvalSpec / CheckpointSpec
   mesh / sharding                sharding.MeshSpec / ShardingSpec
   controlnet   pretrained.ControlNetSpec         a task      tasks/*.TaskSpec subclasses (TASK_SPECS)
-  limits and input overrides     data/nifti.ReadOptions.from_section (tasks and prepare)
+  limits and input overrides     data/volumes.ReadOptions.from_section (tasks and prepare)
 The specs have no defaults (configs/*.py hold every one). What involves two sections (patch size vs UNet
 depth, structure channels vs the data, the batch against the mesh of the devices present, preview steps vs
 the diffusion steps) and what touches the disk (paths, checkpoints, writable outputs) is checked here.
@@ -30,11 +30,11 @@ import jax
 import ml_collections
 
 from meddiff_jax import pretrained, sections, sharding, storage
-from meddiff_jax.benchmarking import adapters, protocols
-from meddiff_jax.data import nifti, pipeline, preprocess, regions
+from meddiff_jax.data import pipeline, preprocess, regions, volumes
 from meddiff_jax.data import store as store_lib
 from meddiff_jax.diffusion import spec as diffusion_spec
 from meddiff_jax.models import unet3d
+from meddiff_jax.protocols import adapters, paper
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet as controlnet_lib
 from meddiff_jax.train import loop
@@ -172,7 +172,7 @@ def prepare(config: Config) -> Config:
     )
   if config.default_region not in preprocess.REGIONS + regions.AUTO:
     raise ConfigError(f"config.default_region={config.default_region!r}; choose auto or one of {preprocess.REGIONS}")
-  nifti.ReadOptions.from_section(config)
+  volumes.ReadOptions.from_section(config)
   return config
 
 
@@ -180,9 +180,9 @@ CONTROLNET_PROTOCOLS = ("super_resolution", "lesion", "inpainting")
 
 
 def evaluate(config: Config) -> Config:
-  """configs/evaluate.py (the cases themselves are read and checked by benchmarking/datasets.py)."""
-  if config.protocol not in protocols.PROTOCOLS:
-    raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(protocols.PROTOCOLS)}")
+  """configs/evaluate.py (the cases themselves are read and checked by protocols/datasets.py)."""
+  if config.protocol not in paper.PROTOCOLS:
+    raise ConfigError(f"--config.protocol={config.protocol!r}; choose from {sorted(paper.PROTOCOLS)}")
   if (
     config.protocol in CONTROLNET_PROTOCOLS and not config.skip_model and not _is_controlnet_workdir(config.controlnet)
   ):

@@ -1,4 +1,7 @@
-"""Entry point: `python -m meddiff_jax.main --config=configs/NAME.py[:preset] --workdir=DIR --config.key=value`.
+"""Entry point: `meddiff --config=NAME[:preset] --workdir=DIR --config.key=value` (or `python -m meddiff_jax.main`).
+
+--config takes a shipped config's name (`denoise`, `pretrain:paper`) or a config file's path (`configs/denoise.py`,
+`my_run.py:arg`): meddiff_jax/config_files.py.
 
 `config.mode` picks the job: train (pretraining), controlnet (fine-tuning), prepare (offline data
 conversion), evaluate (the paper's protocols), export (a training run as config.json + params.msgpack) or one
@@ -18,18 +21,19 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from meddiff_jax import checkpoint, checks, pretrained, sharding, storage
-from meddiff_jax.benchmarking import run as evaluation
-from meddiff_jax.data import nifti, prepare
+from meddiff_jax import checkpoint, checks, config_files, pretrained, sharding, storage
+from meddiff_jax.data import prepare, volumes
+from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
 
 Config = ml_collections.ConfigDict
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Path to a config file, optionally :preset.", lock_config=True
+_CONFIG = config_files.define_config_flag(
+  "config",
+  "A shipped config's name (demo, denoise, pretrain:paper, ...) or a config file's path[:preset].",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// / s3:// URL) for logs and checkpoints.")
 
@@ -79,7 +83,6 @@ def maybe_initialize_distributed() -> None:
 
 def startup_line(config: Config) -> str:
   """Who this process is: index / count, local / global devices, the mesh it will build."""
-
   mesh = sharding.resolve_mesh_sizes(dict(config.mesh), jax.device_count())
   return (
     f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
@@ -148,13 +151,13 @@ COMMANDS: dict[str, Command] = {
     checks.controlnet, controlnet.finetune, workdir=True, distributed=True, user_errors=(checkpoint.UnrestorableError,)
   ),
   "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
-  "evaluate": Command(checks.evaluate, evaluation.run, workdir=True, user_errors=INPUT_ERRORS),
+  "evaluate": Command(checks.evaluate, evaluate.run, workdir=True, user_errors=INPUT_ERRORS),
   "export": Command(checks.export, export),
-  "denoise": Command(checks.task, task(denoise.run), user_errors=(nifti.VolumeError,)),
-  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(nifti.VolumeError,)),
-  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(nifti.VolumeError,)),
-  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(nifti.VolumeError,)),
-  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(nifti.VolumeError,)),
+  "denoise": Command(checks.task, task(denoise.run), user_errors=(volumes.VolumeError,)),
+  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(volumes.VolumeError,)),
+  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(volumes.VolumeError,)),
+  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(volumes.VolumeError,)),
+  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(volumes.VolumeError,)),
 }
 # What a check may raise: a wrong value, a path that does not exist, a missing gs:// / s3:// extra.
 CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)
@@ -172,7 +175,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
-    fail("--config is required, e.g. --config=configs/demo.py")
+    fail(f"--config is required, e.g. --config=demo; the shipped configs: {', '.join(config_files.names())}")
   command = COMMANDS.get(config.mode)
   if command is None:
     fail(f"config.mode={config.mode!r}; choose one of {list(COMMANDS)}")
@@ -195,5 +198,18 @@ def main(argv: list[str]) -> None:
     fail(e)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a flag mistake (an unknown --config name, a bad preset) on the one error path."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(e)
+
+
+def run() -> None:
+  """The `meddiff` console command ([project.scripts] in pyproject.toml)."""
+  app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

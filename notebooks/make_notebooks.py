@@ -31,7 +31,7 @@ CHECKPOINT = """\
 import numpy as np
 import matplotlib.pyplot as plt
 from meddiff_jax import pretrained
-from meddiff_jax.data import nifti, pipeline, preprocess, samples
+from meddiff_jax.data import nifti, pipeline, preprocess, samples, volume_io, volumes
 # the CPU prior trained on real CT when this install ships it, else the phantom-only demo prior
 CHECKPOINT = "tiny_ct" if "tiny_ct" in pretrained.BUILTIN else "tiny_phantom"  # or a training workdir / exported dir
 SPACING = pipeline.training_spacing(pretrained.read_config(CHECKPOINT).data)  # the network runs at this voxel size
@@ -47,9 +47,9 @@ if UPLOAD:
   path = os.path.abspath(next(iter(files.upload())))
 else:
   path = samples.example_ct()  # TotalSegmentator's example_ct (Apache-2.0): pelvis to lung bases, 3 mm, real CT
-vol = nifti.load(path)
-nifti.check_ct(vol)  # refuses MR, masks and unscaled data with a reason
-work = nifti.resample(vol, SPACING)
+vol = volume_io.load(path)
+volumes.check_ct(vol)  # refuses MR, masks and unscaled data with a reason
+work = volumes.resample(vol, SPACING)
 centre = np.round(np.argwhere(preprocess.body_mask(work.data)).mean(0)).astype(int)  # the body, not the air
 start = np.clip(centre - CROP // 2, 0, np.maximum(np.array(work.shape) - CROP, 0))
 hu = work.data[tuple(slice(int(s), int(s) + CROP) for s in start)].astype(np.float32)
@@ -254,16 +254,16 @@ print(cn_train.finetune(checks.controlnet(config), workdir))  # checked and deri
 from configs import super_resolution
 from meddiff_jax.tasks import controlled
 hr_path, lr_path, sr_path = (os.path.join(workdir, n) for n in ("hr.nii.gz", "lr.nii.gz", "sr.nii.gz"))
-hr = nifti.Volume(np.round(hu), crop_affine)
+hr = volumes.Volume(np.round(hu), crop_affine)
 nifti.save(hr, hr_path, np.int16)
-nifti.save(nifti.resample(hr, (SPACING[0], SPACING[1], 5 * SPACING[2])), lr_path, np.int16)  # x5 thick slices
+nifti.save(volumes.resample(hr, (SPACING[0], SPACING[1], 5 * SPACING[2])), lr_path, np.int16)  # x5 thick slices
 c = super_resolution.get_config()
 c.update(controlnet=workdir, input=lr_path, output=sr_path, reference=hr_path, region=REGION, num_steps=STEPS)
 result = controlled.run_super_resolution(c)
 print(json.dumps(result["metrics"], indent=1))"""),
     new_code_cell("""\
-sr = nifti.load(sr_path).data
-lr_up = nifti.resample(nifti.load(lr_path), SPACING).data
+sr = volume_io.load(sr_path).data
+lr_up = volumes.resample(volume_io.load(lr_path), SPACING).data
 n = [min(s) for s in zip(hr.shape, sr.shape, lr_up.shape)]
 # compared within the region's HU window: the model's output range (bone above it is clipped)
 ref, tri, out = (np.clip(v[:n[0], :n[1], :n[2]], lo_hu, hi_hu).astype(np.float32) for v in (hr.data, lr_up, sr))

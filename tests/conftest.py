@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_config(**overrides):
   """The tiny preset shrunk further: 8^3 patches of 24^3 phantoms (XLA:CPU 3D convs are slow)."""
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config("tiny")
   c.data.patch_size = 8
@@ -191,7 +191,7 @@ def fixed_batch(config, seed: int = 0) -> dict:
 
 def prepare_config(input_dir, output_dir, **kw):
   """configs/prepare.py on these folders with one worker, then `kw`."""
-  from configs import prepare
+  from meddiff_jax.configs import prepare
 
   c = prepare.get_config()
   c.input_dir, c.output_dir, c.workers = str(input_dir), str(output_dir), 1

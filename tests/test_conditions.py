@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain
-from meddiff_jax.data import multilevel, nifti, pipeline, preprocess
+from meddiff_jax.configs import pretrain
+from meddiff_jax.data import multilevel, nifti, pipeline, preprocess, volumes
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common, synthesis
 
@@ -54,15 +54,15 @@ def test_structures_are_padded_like_the_image():
 
 def test_label_map_moves_to_the_working_grid_and_must_match_the_input(tmp_path):
   p = phantom_ct()
-  original = nifti.Volume(p.hu, p.affine)
-  nifti.save(nifti.Volume(p.labels.astype(np.int16), p.affine), tmp_path / "seg.nii.gz", np.int16)
-  work = nifti.resample(original, (3.0, 3.0, 3.0), order=1)
+  original = volumes.Volume(p.hu, p.affine)
+  nifti.save(volumes.Volume(p.labels.astype(np.int16), p.affine), tmp_path / "seg.nii.gz", np.int16)
+  work = volumes.resample(original, (3.0, 3.0, 3.0), order=1)
   labels = common.load_labels(str(tmp_path / "seg.nii.gz"), original, work)
   assert labels.shape == work.shape
   np.testing.assert_array_equal(labels[::2, ::2, ::2][:4, :4, :4] > 0, p.labels[:4, :4, :4] > 0)
   shifted = p.affine.copy()
   shifted[:3, 3] += 30.0
-  nifti.save(nifti.Volume(p.labels.astype(np.int16), shifted), tmp_path / "bad.nii.gz", np.int16)
+  nifti.save(volumes.Volume(p.labels.astype(np.int16), shifted), tmp_path / "bad.nii.gz", np.int16)
   with pytest.raises(ValueError, match="bad.nii.gz"):
     common.load_labels(str(tmp_path / "bad.nii.gz"), original, original)
   assert common.load_labels("", original, work) is None

@@ -24,7 +24,7 @@ from meddiff_jax.train import step as step_lib
 
 
 def cn_config(**kw):
-  from configs import controlnet as cfg
+  from meddiff_jax.configs import controlnet as cfg
 
   c = cfg.get_config("sr")
   c.training.update(batch_size=8, num_steps=3, log_every=1)
@@ -323,8 +323,8 @@ def test_finetune_command_saves_only_the_branch_and_resumes_bitwise(tmp_path):
 
 @pytest.mark.slow
 def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path):
-  from configs import pretrain
   from meddiff_jax import checkpoint
+  from meddiff_jax.configs import pretrain
 
   config = pretrain.get_config("tiny")
   mesh = mesh_of({"data": 1})
@@ -366,7 +366,7 @@ def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
 
 @pytest.mark.slow
 def test_super_resolution_and_lesion_commands(tmp_path):
-  from meddiff_jax.data import nifti, phantom
+  from meddiff_jax.data import nifti, phantom, volume_io, volumes
 
   work = tmp_path / "cn"
   proc = run_main(
@@ -382,8 +382,8 @@ def test_super_resolution_and_lesion_commands(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   p = phantom.make_phantom((24, 24, 20), (6.0, 6.0, 6.0), "abdomen", seed=3, num_lesions=1)
-  nifti.save(nifti.Volume(np.round(p.hu), p.affine), tmp_path / "ct.nii.gz", np.int16)
-  nifti.save(nifti.Volume(p.lesions, p.affine), tmp_path / "lesion.nii.gz", np.uint8)
+  nifti.save(volumes.Volume(np.round(p.hu), p.affine), tmp_path / "ct.nii.gz", np.int16)
+  nifti.save(volumes.Volume(p.lesions, p.affine), tmp_path / "lesion.nii.gz", np.uint8)
   for method in ("inpaint", "generate"):
     out = tmp_path / f"{method}.nii.gz"
     proc = run_main(
@@ -401,12 +401,12 @@ def test_super_resolution_and_lesion_commands(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / f"{method}.json").read_text())
     assert 0.0 <= res["dice_threshold_segmentation"] <= 1.0 and res["psnr_outside_mask"] > 0
-    vol = nifti.load(out)
+    vol = volume_io.load(out)
     np.testing.assert_allclose(vol.affine, p.affine, atol=1e-4)
   # super-resolution: a x3 thick-slice input, reference = the thin original
-  thin = nifti.Volume(np.round(p.hu), p.affine)
+  thin = volumes.Volume(np.round(p.hu), p.affine)
   nifti.save(thin, tmp_path / "hr.nii.gz", np.int16)
-  lr = nifti.resample(thin, (6.0, 6.0, 18.0), order=1)
+  lr = volumes.resample(thin, (6.0, 6.0, 18.0), order=1)
   nifti.save(lr, tmp_path / "lr.nii.gz", np.int16)
   proc = run_main(
     "--config=configs/super_resolution.py",

@@ -53,7 +53,7 @@ def test_unet_with_depth_taps_equals_the_plain_unet_on_the_same_params():
 
 
 def test_unknown_conv_impl_is_refused():
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config("tiny")
   c.model.conv_impl = "winograd"

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff_jax.data import dicom, nifti
+from meddiff_jax.data import dicom, volume_io, volumes
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -26,7 +26,7 @@ def series_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ct(series_dir):
-  return nifti.load(series_dir)
+  return volume_io.load(series_dir)
 
 
 def test_geometry_matches_dcm2niix_voxel_for_voxel(ct, series_dir, tmp_path):
@@ -48,7 +48,7 @@ def test_geometry_matches_dcm2niix_voxel_for_voxel(ct, series_dir, tmp_path):
   }
   assert corners(ct.shape, ct.affine) == corners(ref.shape, ref.affine)
   # every dcm2niix voxel holds the HU we hold at the same world position (nearest = exact grid match)
-  on_ref_grid = nifti.resample_like(ct, ref.shape, ref.affine, order=0).data
+  on_ref_grid = volumes.resample_like(ct, ref.shape, ref.affine, order=0).data
   np.testing.assert_array_equal(on_ref_grid, ref_data)
   # InstanceNumber runs against z: sorting by it would flip the volume; positions increase with our k
   files = ct.source.dicom_files
@@ -58,8 +58,8 @@ def test_geometry_matches_dcm2niix_voxel_for_voxel(ct, series_dir, tmp_path):
 
 
 def test_totalsegmentator_labels_land_on_the_right_anatomy(ct, real_data_dir):
-  seg = nifti.load(real_data_dir / "example_seg_dicom.nii.gz", is_mask=True)
-  labels = nifti.resample_like(seg, ct.shape, ct.affine, order=0).data  # by world coordinates
+  seg = volume_io.load(real_data_dir / "example_seg_dicom.nii.gz", is_mask=True)
+  labels = volumes.resample_like(seg, ct.shape, ct.affine, order=0).data  # by world coordinates
   names = {v: int(k) for k, v in json.loads((real_data_dir / "class_map_total.json").read_text())["total"].items()}
   hu = lambda name, lab=labels: float(np.median(ct.data[lab == names[name]]))
   centre = lambda name: ct.world(np.argwhere(labels == names[name]).mean(0))
@@ -76,7 +76,7 @@ def test_totalsegmentator_labels_land_on_the_right_anatomy(ct, real_data_dir):
 
 def test_single_file_loads_its_whole_series(ct, series_dir):
   one = sorted(series_dir.iterdir())[5]
-  vol = nifti.load(one)
+  vol = volume_io.load(one)
   np.testing.assert_array_equal(vol.affine, ct.affine)
   assert vol.shape == ct.shape
 
@@ -87,7 +87,7 @@ def test_derived_series_reads_back_on_the_same_geometry(ct, tmp_path):
   out = tmp_path / "out"
   result = np.clip(ct.data, -1024, 3071) + 7.0
   common.save_like_input(result, ct, str(out) + "/", np.int16, "meddiff denoise diffpir (tiny_phantom)")
-  back = nifti.load(out)
+  back = volume_io.load(out)
   np.testing.assert_allclose(back.affine, ct.affine, atol=1e-6)
   np.testing.assert_array_equal(back.data, result)
   old = pydicom.dcmread(ct.source.dicom_files[0], stop_before_pixels=True)
@@ -112,8 +112,8 @@ def test_derived_series_reads_back_on_the_same_geometry(ct, tmp_path):
   out2 = tmp_path / "amap"
   amap = (np.abs(np.sin(ct.data / 100.0)) * 0.3).astype(np.float32)
   common.save_like_input(amap, ct, str(out2) + "/", np.float32)
-  np.testing.assert_allclose(nifti.load(out2, options=nifti.ReadOptions(min_side_voxels=2)).data, amap, atol=2e-5)
-  with pytest.raises(nifti.VolumeError, match="not empty"):
+  np.testing.assert_allclose(volume_io.load(out2, options=volumes.ReadOptions(min_side_voxels=2)).data, amap, atol=2e-5)
+  with pytest.raises(volumes.VolumeError, match="not empty"):
     common.save_like_input(result, ct, str(out) + "/", np.int16)
 
 
@@ -132,8 +132,8 @@ def copy_series(src, dst, n=None, edit=None):
 def test_missing_slice_is_refused(series_dir, tmp_path):
   d = copy_series(series_dir, tmp_path / "gap")
   os.remove(sorted(d.iterdir())[7])
-  with pytest.raises(nifti.VolumeError, match="non-uniform slice spacing .*2 to 4 mm"):
-    nifti.load(d)
+  with pytest.raises(volumes.VolumeError, match="non-uniform slice spacing .*2 to 4 mm"):
+    volume_io.load(d)
 
 
 def test_gantry_tilt_is_refused(series_dir, tmp_path):
@@ -142,8 +142,8 @@ def test_gantry_tilt_is_refused(series_dir, tmp_path):
     ds.ImagePositionPatient = [p[0], p[1] + 0.35 * p[2], p[2]]  # y shifts with z: a tilted gantry
 
   d = copy_series(series_dir, tmp_path / "tilt", edit=tilt)
-  with pytest.raises(nifti.VolumeError, match="gantry tilt .*dcm2niix"):
-    nifti.load(d)
+  with pytest.raises(volumes.VolumeError, match="gantry tilt .*dcm2niix"):
+    volume_io.load(d)
 
 
 def test_duplicate_positions_are_refused(series_dir, tmp_path):
@@ -151,8 +151,8 @@ def test_duplicate_positions_are_refused(series_dir, tmp_path):
     if i == 3:
       ds.ImagePositionPatient = pydicom.dcmread(sorted(series_dir.iterdir())[4]).ImagePositionPatient
 
-  with pytest.raises(nifti.VolumeError, match="share a position"):
-    nifti.load(copy_series(series_dir, tmp_path / "dup", edit=dup))
+  with pytest.raises(volumes.VolumeError, match="share a position"):
+    volume_io.load(copy_series(series_dir, tmp_path / "dup", edit=dup))
 
 
 def test_localizer_and_other_modalities_are_skipped_with_reasons(series_dir, tmp_path):
@@ -170,8 +170,8 @@ def test_localizer_and_other_modalities_are_skipped_with_reasons(series_dir, tmp
     "CT localizer (scout) image, not part of a volume",
     "DICOM modality MR, not CT",
   ]
-  with pytest.raises(nifti.VolumeError, match="no CT DICOM series in this folder"):
-    nifti.load(d)
+  with pytest.raises(volumes.VolumeError, match="no CT DICOM series in this folder"):
+    volume_io.load(d)
 
 
 def test_unscaled_dicom_is_refused_unless_assume_hu(series_dir, tmp_path):
@@ -179,10 +179,10 @@ def test_unscaled_dicom_is_refused_unless_assume_hu(series_dir, tmp_path):
     ds.RescaleIntercept = "0"  # a converter that dropped the intercept: air at 0, water near 1024
 
   d = copy_series(series_dir, tmp_path / "raw", n=8, edit=raw)
-  vol = nifti.load(d)
-  with pytest.raises(nifti.VolumeError, match="assume_hu"):
-    nifti.check_ct(vol)
-  nifti.check_ct(vol, assume_hu=True)
+  vol = volume_io.load(d)
+  with pytest.raises(volumes.VolumeError, match="assume_hu"):
+    volumes.check_ct(vol)
+  volumes.check_ct(vol, assume_hu=True)
 
 
 def test_padding_value_becomes_air_and_bad_private_tags_are_tolerated(series_dir, tmp_path):
@@ -192,13 +192,13 @@ def test_padding_value_becomes_air_and_bad_private_tags_are_tolerated(series_dir
     ds.add_new(0x00091010, "UN", b"\x01\x02\x03")  # a private element of odd length
 
   d = copy_series(series_dir, tmp_path / "pad", n=8, edit=edit)
-  vol = nifti.load(d)
-  assert vol.data.min() == nifti.AIR_HU and not np.any(vol.data == -1000.0)
+  vol = volume_io.load(d)
+  assert vol.data.min() == volumes.AIR_HU and not np.any(vol.data == -1000.0)
   raw = pydicom.dcmread(vol.source.dicom_files[0]).pixel_array.T
   from meddiff_jax.data import geometry
 
   in_file_order = geometry.from_ras(vol.data, vol.source.ornt)[..., 0]
-  assert (raw == 0).any() and np.all(in_file_order[raw == 0] == nifti.AIR_HU)
+  assert (raw == 0).any() and np.all(in_file_order[raw == 0] == volumes.AIR_HU)
   assert np.all(in_file_order[raw != 0] == raw[raw != 0] - 1000.0)
 
 
@@ -223,10 +223,10 @@ def test_denoise_command_dicom_in_dicom_out(series_dir, tmp_path):
   from conftest import run_main
 
   src = small_series(series_dir, tmp_path / "in")
-  full = nifti.load(series_dir)
-  small = nifti.load(src)
+  full = volume_io.load(series_dir)
+  small = volume_io.load(src)
   # the crop sits where the full series says those pixels are (world coordinates agree)
-  np.testing.assert_array_equal(nifti.resample_like(full, small.shape, small.affine, order=0).data, small.data)
+  np.testing.assert_array_equal(volumes.resample_like(full, small.shape, small.affine, order=0).data, small.data)
   out = tmp_path / "den"
   proc = run_main(
     "--config=configs/denoise.py",
@@ -237,7 +237,7 @@ def test_denoise_command_dicom_in_dicom_out(series_dir, tmp_path):
     "--config.overlap=0.0",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  back = nifti.load(out)
+  back = volume_io.load(out)
   np.testing.assert_allclose(back.affine, small.affine, atol=1e-5)
   assert back.shape == small.shape
   assert np.corrcoef(back.data.ravel(), small.data.ravel())[0, 1] > 0.9

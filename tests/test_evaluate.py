@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from conftest import override, run_main
 
-from configs import evaluate as evaluate_config
 from meddiff_jax import checks
-from meddiff_jax.benchmarking import adapters, datasets
-from meddiff_jax.benchmarking import run as bench
-from meddiff_jax.data import nifti, phantom, preprocess
+from meddiff_jax.configs import evaluate as evaluate_config
+from meddiff_jax.data import nifti, phantom, preprocess, volume_io, volumes
 from meddiff_jax.evaluation import extractors, frechet, segmenters
+from meddiff_jax.protocols import adapters, datasets, evaluate
 
 SHAPE, SPACING = (24, 24, 20), (12.0, 12.0, 12.0)
 
@@ -71,8 +70,8 @@ def _denoising_csv(tmp_path, n=2):
   for i in range(n):
     p = _phantom(i)
     noisy = p.hu + np.random.default_rng(i).normal(0, 40, p.hu.shape).astype(np.float32)
-    nifti.save(nifti.Volume(p.hu, p.affine), tmp_path / f"high{i}.nii.gz")
-    nifti.save(nifti.Volume(noisy, p.affine), tmp_path / f"low{i}.nii.gz")
+    nifti.save(volumes.Volume(p.hu, p.affine), tmp_path / f"high{i}.nii.gz")
+    nifti.save(volumes.Volume(noisy, p.affine), tmp_path / f"low{i}.nii.gz")
     rows.append(f"case{i},low{i}.nii.gz,{tmp_path}/high{i}.nii.gz")  # relative and absolute paths
   (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
   return str(tmp_path / "pairs.csv")
@@ -83,7 +82,7 @@ def test_csv_is_read_and_denoising_baselines_scored(tmp_path):
   cases = datasets.read_cases(_config(pairs=csv))
   assert [c.id for c in cases] == ["case0", "case1"]
   assert cases[0].paths["low"] == str(tmp_path / "low0.nii.gz")
-  out = bench.run(_config(pairs=csv, skip_model=True), str(tmp_path / "w"))
+  out = evaluate.run(_config(pairs=csv, skip_model=True), str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   assert res["aggregate"]["window_hu"] == [-120.0, 240.0] and res["aggregate"]["data_range"] == 360.0
   low = res["cases"][0]["metrics"]["low-dose input"]
@@ -91,8 +90,8 @@ def test_csv_is_read_and_denoising_baselines_scored(tmp_path):
   # the stored number is the metric of the stored inputs, recomputed here independently
   from skimage.metrics import peak_signal_noise_ratio
 
-  ref = np.clip(nifti.load(tmp_path / "high0.nii.gz").data, -120, 240)
-  img = np.clip(nifti.load(tmp_path / "low0.nii.gz").data, -120, 240)
+  ref = np.clip(volume_io.load(tmp_path / "high0.nii.gz").data, -120, 240)
+  img = np.clip(volume_io.load(tmp_path / "low0.nii.gz").data, -120, 240)
   assert low["psnr"] == pytest.approx(peak_signal_noise_ratio(ref, img, data_range=360.0), rel=1e-9)
   assert "non-local means" in out["table"] and res["config"]["protocol"] == "denoising"
 
@@ -114,7 +113,7 @@ def test_csv_errors_are_one_line(tmp_path, content, match):
 
 def test_anomaly_csv_labels_and_malformed_flag(tmp_path):
   p = _phantom(0)
-  nifti.save(nifti.Volume(p.hu, p.affine), tmp_path / "a.nii.gz")
+  nifti.save(volumes.Volume(p.hu, p.affine), tmp_path / "a.nii.gz")
   (tmp_path / "ok.csv").write_text("image,label,is_abnormal\na.nii.gz,,0\na.nii.gz,,true\n")
   cases = datasets.read_cases(_config(protocol="anomaly", pairs=str(tmp_path / "ok.csv")))
   assert [c.is_abnormal for c in cases] == [0, 1] and "label" not in cases[0].paths
@@ -144,7 +143,7 @@ def test_mayo2016_layout_dicom_round_trip_and_errors(tmp_path):
   # RAS orientation and HU survive DICOM (LPS, rescale, reversed InstanceNumber): voxels equal the phantom's
   np.testing.assert_allclose(vol.data, np.clip(np.round(truth["L067"]), -1024, 3071), atol=0.5)
   assert vol.spacing == pytest.approx(sp)
-  bench.run(_config(dataset="mayo2016", data_root=str(root), skip_model=True), str(tmp_path / "w"))
+  evaluate.run(_config(dataset="mayo2016", data_root=str(root), skip_model=True), str(tmp_path / "w"))
   assert len(_results(tmp_path / "w")["cases"]) == 2
   # missing: a patient without full-dose scans
   os.makedirs(root / "L109" / "quarter_3mm")
@@ -153,7 +152,7 @@ def test_mayo2016_layout_dicom_round_trip_and_errors(tmp_path):
   # malformed: a series with one readable slice
   (root / "L109" / "full_3mm").mkdir()
   (root / "L109" / "quarter_3mm" / "x.IMA").write_bytes(b"not dicom")
-  with pytest.raises(nifti.VolumeError, match="quarter_3mm: no CT DICOM series"):
+  with pytest.raises(volumes.VolumeError, match="quarter_3mm: no CT DICOM series"):
     datasets.load_volume(str(root / "L109" / "quarter_3mm"))
 
 
@@ -161,10 +160,10 @@ def test_dicom_reader_puts_voxels_where_dcm2niix_does(real_data_dir):
   """Independent reference: TotalSegmentator labels of the real DICOM series on dcm2niix's grid (LAS)."""
   pytest.importorskip("pydicom")
   try:
-    vol = nifti.load(str(real_data_dir / "example_ct_dicom"))  # JPEG 2000: needs pylibjpeg
-  except nifti.VolumeError as e:
+    vol = volume_io.load(str(real_data_dir / "example_ct_dicom"))  # JPEG 2000: needs pylibjpeg
+  except volumes.VolumeError as e:
     pytest.skip(f"no JPEG 2000 decoder: {e}")
-  seg = nifti.load(real_data_dir / "example_seg_dicom.nii.gz", is_mask=True)
+  seg = volume_io.load(real_data_dir / "example_seg_dicom.nii.gz", is_mask=True)
   assert vol.shape == seg.shape
   np.testing.assert_allclose(vol.affine, seg.affine, atol=1e-3)
   liver = seg.data == phantom.LABELS["liver"]
@@ -203,7 +202,7 @@ def test_bmad_liver_layout_anomaly_protocol_and_errors(tmp_path):
   assert {c.is_abnormal for c in cases} == {0, 1} and all("label" in c.paths for c in cases if c.is_abnormal)
   vol = datasets.load_volume(cases[0].paths["image"], png_depth=8)
   assert vol.shape == (24, 24, 8) and vol.data.min() == -1024.0 and vol.data.max() <= 240.0 + 1e-3
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   agg = _results(tmp_path / "w")["aggregate"]["no-prior residual"]
   assert set(agg) == {"volume", "slice", "pixel"} and agg["pixel"]["n_positive"] > 0
   # missing label of an abnormal slice
@@ -214,7 +213,7 @@ def test_bmad_liver_layout_anomaly_protocol_and_errors(tmp_path):
   # malformed PNG
   with open(f"{root}/test/good/img/000.png", "wb") as f:
     f.write(b"\x89PNG garbage")
-  with pytest.raises(nifti.VolumeError, match="000.png: not a readable PNG"):
+  with pytest.raises(volumes.VolumeError, match="000.png: not a readable PNG"):
     datasets.load_volume(f"{root}/test/good/img/000.png")
 
 
@@ -225,19 +224,19 @@ def test_rplhr_ct_layout_super_resolution_reference_rows_and_errors(tmp_path):
   root = tmp_path / "RPLHR"
   for i in range(2):
     p = _phantom(20 + i, region="chest", shape=(20, 20, 25), spacing=(12.0, 12.0, 3.0))
-    thin = nifti.Volume(p.hu, p.affine)
-    thick = nifti.resample(thin, (12.0, 12.0, 15.0), order=1)
+    thin = volumes.Volume(p.hu, p.affine)
+    thick = volumes.resample(thin, (12.0, 12.0, 15.0), order=1)
     nifti.save(thin, root / "test" / "1mm" / f"case{i}.nii.gz")
     nifti.save(thick, root / "test" / "5mm" / f"case{i}.nii.gz")
   cfg = _config(protocol="super_resolution", dataset="rplhr_ct", data_root=str(root), skip_model=True)
   assert [c.id for c in datasets.read_cases(cfg)] == ["case0", "case1"]
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   agg = _results(tmp_path / "w")["aggregate"]
   assert agg["window_hu"] == [-1400.0, 400.0]  # chest window by default
   assert agg["cubic"]["psnr"]["mean"] > 10 and agg["trilinear"]["psnr"]["n"] == 2
   (root / "test" / "1mm" / "case1.nii.gz").write_bytes(b"\x1f\x8b truncated")
-  with pytest.raises(nifti.VolumeError, match="case1.nii.gz: not a readable NIfTI"):
-    bench.run(cfg, str(tmp_path / "w2"))
+  with pytest.raises(volumes.VolumeError, match="case1.nii.gz: not a readable NIfTI"):
+    evaluate.run(cfg, str(tmp_path / "w2"))
   os.remove(root / "test" / "1mm" / "case1.nii.gz")
   with pytest.raises(datasets.DatasetError, match="thin-slice partner"):
     datasets.read_cases(cfg)
@@ -257,8 +256,8 @@ def _msd(root, task, n=5):
       lab[p.lesions > 0] = 2
     else:
       lab[p.lesions > 0] = 1
-    nifti.save(nifti.Volume(p.hu, p.affine), f"{root}/{task}/imagesTr/{prefix}_{i}.nii.gz")
-    nifti.save(nifti.Volume(lab, p.affine), f"{root}/{task}/labelsTr/{prefix}_{i}.nii.gz")
+    nifti.save(volumes.Volume(p.hu, p.affine), f"{root}/{task}/imagesTr/{prefix}_{i}.nii.gz")
+    nifti.save(volumes.Volume(lab, p.affine), f"{root}/{task}/labelsTr/{prefix}_{i}.nii.gz")
     entries.append({"image": f"./imagesTr/{prefix}_{i}.nii.gz", "label": f"./labelsTr/{prefix}_{i}.nii.gz"})
   with open(f"{root}/{task}/dataset.json", "w") as f:
     json.dump({"name": task, "training": entries, "test": []}, f)
@@ -273,7 +272,7 @@ def test_msd_layout_split_lesion_protocol_and_errors(tmp_path, task, dataset):
   train = datasets.read_cases(_config(protocol="lesion", dataset=dataset, data_root=root, split="train"))
   assert len(test) == 1 and len(train) == 4 and not {c.id for c in test} & {c.id for c in train}
   assert test[0].mask_labels == ((2,) if "Liver" in task else (1,))
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   # nothing generated: the threshold segmentation of the unchanged scan finds no lesion
   assert res["cases"][0]["metrics"]["input scan (no change)"]["dice"] == 0.0
@@ -297,17 +296,17 @@ def test_tcia_lymph_nodes_layout_nifti_and_dicom_and_errors(tmp_path):
     p = _phantom(40 + i, region="chest", lesions=1, shape=(20, 18, 6))
     if i == 1:  # as downloaded from TCIA: DICOM nested in study / series folders
       _write_dicom_series(root / "CT Lymph Nodes" / pid / "study" / "series", p.hu, SPACING)
-      vol = nifti.load(str(root / "CT Lymph Nodes" / pid / "study" / "series"))
+      vol = volume_io.load(str(root / "CT Lymph Nodes" / pid / "study" / "series"))
       affine = vol.affine
     else:
-      nifti.save(nifti.Volume(p.hu, p.affine), root / "images" / f"{pid}.nii.gz")
+      nifti.save(volumes.Volume(p.hu, p.affine), root / "images" / f"{pid}.nii.gz")
       affine = p.affine
-    nifti.save(nifti.Volume(p.lesions, affine), root / "MED_ABD_LYMPH_MASKS" / pid / f"{pid}_mask.nii.gz")
+    nifti.save(volumes.Volume(p.lesions, affine), root / "MED_ABD_LYMPH_MASKS" / pid / f"{pid}_mask.nii.gz")
   cfg = _config(protocol="inpainting", dataset="tcia_lymph_nodes", data_root=str(root), split="all", skip_model=True)
   cases = datasets.read_cases(cfg)
   assert [c.id for c in cases] == ["MED_LYMPH_001", "MED_LYMPH_002"]  # the MED subset by default
   assert os.path.isdir(cases[1].paths["image"])
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   assert len(_results(tmp_path / "w")["cases"]) + len(_results(tmp_path / "w")["aggregate"]["skipped"]) == 2
   os.remove(root / "images" / "MED_LYMPH_001.nii.gz")
   with pytest.raises(datasets.DatasetError, match="MED_LYMPH_001: CT missing"):
@@ -321,8 +320,8 @@ def _synthesis_csv(tmp_path, n=3):
   rows = ["id,image,labels"]
   for i in range(n):
     p = _phantom(50 + i)
-    nifti.save(nifti.Volume(p.hu, p.affine), tmp_path / f"ct{i}.nii.gz")
-    nifti.save(nifti.Volume(p.labels, p.affine), tmp_path / f"lab{i}.nii.gz")
+    nifti.save(volumes.Volume(p.hu, p.affine), tmp_path / f"ct{i}.nii.gz")
+    nifti.save(volumes.Volume(p.labels, p.affine), tmp_path / f"lab{i}.nii.gz")
     rows.append(f"s{i},ct{i}.nii.gz,lab{i}.nii.gz")
   (tmp_path / "syn.csv").write_text("\n".join(rows) + "\n")
   return str(tmp_path / "syn.csv")
@@ -334,17 +333,17 @@ def test_synthesis_with_a_random_flax_extractor_and_a_predictions_folder(tmp_pat
   preds = tmp_path / "preds"
   preds.mkdir()
   for i in range(3):  # the "segmenter" returns the conditioning labels of real images, so Dice must be 1
-    lab = nifti.load(tmp_path / f"lab{i}.nii.gz", is_mask=True)
+    lab = volume_io.load(tmp_path / f"lab{i}.nii.gz", is_mask=True)
     nifti.save(lab, preds / f"s{i}_real.nii.gz")
   cfg = _config(protocol="synthesis", pairs=csv, skip_model=True, extractor=ext_dir, segmenter=f"predictions:{preds}")
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   agg = _results(tmp_path / "w")["aggregate"]["real images (reference)"]
   assert agg["dice"]["mean"] == pytest.approx(1.0)
   assert agg["frechet_distance"] == pytest.approx(0.0, abs=1e-6)  # real vs itself
   # the network really runs: features differ across cases and depend on the image
   ext = extractors.Extractor(ext_dir)
-  f0 = ext("a", nifti.load(tmp_path / "ct0.nii.gz").data)
-  f1 = ext("b", nifti.load(tmp_path / "ct1.nii.gz").data)
+  f0 = ext("a", volume_io.load(tmp_path / "ct0.nii.gz").data)
+  f1 = ext("b", volume_io.load(tmp_path / "ct1.nii.gz").data)
   assert f0.shape == (8,) and not np.allclose(f0, f1)
 
 
@@ -384,14 +383,14 @@ def test_absent_plugins_are_one_line_errors_naming_what_to_provide(tmp_path):
     segmenters.Segmenter("nnunet")
   csv = _synthesis_csv(tmp_path)
   with pytest.raises(FileNotFoundError, match="no feature extractor configured"):
-    bench.run(_config(protocol="synthesis", pairs=csv, skip_model=True, segmenter="none"), str(tmp_path / "w"))
+    evaluate.run(_config(protocol="synthesis", pairs=csv, skip_model=True, segmenter="none"), str(tmp_path / "w"))
   with pytest.raises(ValueError, match="anatomy segmenter"):
-    bench.run(_config(protocol="synthesis", pairs=csv, skip_model=True, extractor="none"), str(tmp_path / "w"))
+    evaluate.run(_config(protocol="synthesis", pairs=csv, skip_model=True, extractor="none"), str(tmp_path / "w"))
 
 
 def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
   p = _phantom(60)
-  nifti.save(nifti.Volume(p.hu, p.affine), tmp_path / "ct.nii.gz")
+  nifti.save(volumes.Volume(p.hu, p.affine), tmp_path / "ct.nii.gz")
   script = tmp_path / "seg.py"
   script.write_text(
     "import sys, nibabel as nib, numpy as np\n"
@@ -401,7 +400,7 @@ def test_command_segmenter_runs_a_tool_on_the_image(tmp_path):
   seg = segmenters.Segmenter(f"command:{sys.executable} {script} {{input}} {{output}}")(
     "x", str(tmp_path / "ct.nii.gz")
   )
-  np.testing.assert_array_equal(seg, (nifti.load(tmp_path / "ct.nii.gz").data > 0).astype(np.int16))
+  np.testing.assert_array_equal(seg, (volume_io.load(tmp_path / "ct.nii.gz").data > 0).astype(np.int16))
   bad = segmenters.Segmenter(f"command:{sys.executable} -c 'raise SystemExit(3)' {{input}} {{output}}")
   with pytest.raises(segmenters.SegmenterError, match="exit 3"):
     bad("x", str(tmp_path / "ct.nii.gz"))
@@ -489,10 +488,10 @@ def test_anomaly_protocol_runs_the_anomaly_task_on_bmad_slices(tmp_path):
   cfg = _config(
     protocol="anomaly", dataset="bmad_liver", data_root=root, png_depth=16, num_steps=2, overlap=0.0, max_cases=2
   )
-  bench.run(cfg, str(tmp_path / "w"))
+  evaluate.run(cfg, str(tmp_path / "w"))
   res = _results(tmp_path / "w")
   case = res["cases"][0]
-  amap = nifti.load(tmp_path / "w" / "cases" / case["id"] / "anomaly_map.nii.gz").data
+  amap = volume_io.load(tmp_path / "w" / "cases" / case["id"] / "anomaly_map.nii.gz").data
   assert amap.shape == (24, 24, 16) and amap.max() > 0
   assert case["metrics"]["MedDiff-FM"]["volume_score"] != case["metrics"]["no-prior residual"]["volume_score"]
   assert set(res["aggregate"]["MedDiff-FM"]) == {"volume", "slice", "pixel"}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from meddiff_jax.data import nifti
+from meddiff_jax.data import volume_io, volumes
 
 GRADIENT = np.array([0.5, -0.25, 0.125])
 
@@ -36,14 +36,14 @@ ORIENTATIONS = [("RAS", 0.0), ("LPS", 0.0), ("LAS", 0.0), ("RAS", 17.0)]
 @pytest.mark.parametrize("new_spacing", [(1.5, 1.0, 2.0), (1.1, 0.7, 2.9), (6.0, 5.0, 9.0), (3.0, 2.0, 4.0)])
 def test_linear_ramp_resampled_exactly_on_every_face(codes, rot, new_spacing):
   affine = affine_for(codes, rotate_deg=rot)
-  vol = nifti.Volume(ramp((20, 24, 16), affine).astype(np.float32), affine)
-  vol = nifti.Volume(vol.data, vol.affine)
+  vol = volumes.Volume(ramp((20, 24, 16), affine).astype(np.float32), affine)
+  vol = volumes.Volume(vol.data, vol.affine)
   # in RAS order as every loader returns it
   from meddiff_jax.data import geometry
 
   data, ras_affine, _ = geometry.to_ras(vol.data, vol.affine)
-  vol = nifti.Volume(data, ras_affine)
-  out = nifti.resample(vol, new_spacing, order=1)
+  vol = volumes.Volume(data, ras_affine)
+  out = volumes.resample(vol, new_spacing, order=1)
   assert out.spacing == pytest.approx(new_spacing, abs=1e-9)
   # affine exact: same axes, same first voxel centre, columns scaled by new/old spacing
   np.testing.assert_allclose(out.affine[:3, 3], vol.affine[:3, 3], atol=1e-9)
@@ -64,19 +64,19 @@ def test_up_then_down_returns_the_input_exactly():
   from meddiff_jax.data import geometry
 
   data, ras_affine, _ = geometry.to_ras(ramp((21, 17, 13), affine).astype(np.float32), affine)
-  vol = nifti.Volume(data, ras_affine)
-  up = nifti.resample(vol, (1.5, 1.0, 0.75))
-  back = nifti.resample_like(up, vol.shape, vol.affine)
+  vol = volumes.Volume(data, ras_affine)
+  up = volumes.resample(vol, (1.5, 1.0, 0.75))
+  back = volumes.resample_like(up, vol.shape, vol.affine)
   np.testing.assert_allclose(back.data, vol.data, atol=1e-3)
-  down = nifti.resample(vol, (6.0, 6.0, 6.0))
+  down = volumes.resample(vol, (6.0, 6.0, 6.0))
   np.testing.assert_allclose(down.data, ramp(down.shape, down.affine), atol=1e-3)
 
 
 def test_labels_resample_by_nearest_neighbour_without_new_labels():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 5, (12, 10, 8)).astype(np.int16)
-  vol = nifti.Volume(labels, np.diag([2.0, 2.0, 2.0, 1.0]))
-  up = nifti.resample(vol, (1.0, 1.0, 1.0), order=0)
+  vol = volumes.Volume(labels, np.diag([2.0, 2.0, 2.0, 1.0]))
+  up = volumes.resample(vol, (1.0, 1.0, 1.0), order=0)
   assert up.data.dtype == np.int16 and set(np.unique(up.data)) <= set(np.unique(labels))
   # every even voxel of the 1 mm grid sits exactly on an old voxel centre
   np.testing.assert_array_equal(up.data[::2, ::2, ::2], labels)
@@ -84,8 +84,8 @@ def test_labels_resample_by_nearest_neighbour_without_new_labels():
 
 def test_real_lps_ct_resampled_keeps_its_border_tissue(real_data_dir):
   """The issue's case: a 1.5 mm LPS crop resampled to 1 mm must not gain fake air on its faces."""
-  ct = nifti.load(real_data_dir / "aorta_ct_cropped_lps.nii.gz")
-  out = nifti.resample(ct, (1.0, 1.0, 1.0))
+  ct = volume_io.load(real_data_dir / "aorta_ct_cropped_lps.nii.gz")
+  out = volumes.resample(ct, (1.0, 1.0, 1.0))
   for axis in range(3):
     for face in (0, -1):
       old_face = np.take(ct.data, face, axis=axis)
@@ -105,10 +105,10 @@ def test_save_like_writes_the_input_grid_index_by_index(tmp_path, codes, rot, qc
   img.set_sform(affine if scode else None, code=scode)
   src = tmp_path / "in.nii.gz"
   nib.save(img, src)
-  vol = nifti.load(src)
+  vol = volume_io.load(src)
   assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
   out = tmp_path / "out.nii.gz"
-  nifti.save_like(vol.data + 1.0, vol, out, np.int16)
+  volume_io.save_like(vol.data + 1.0, vol, out, np.int16)
   a, b = nib.load(src), nib.load(out)
   np.testing.assert_array_equal(np.asarray(b.dataobj), data + 1)  # same voxel order: index by index
   assert (int(b.header["qform_code"]), int(b.header["sform_code"])) == (qcode, scode)

@@ -21,7 +21,7 @@ def test_auto_is_float32_on_cpu_and_bfloat16_on_accelerators():
 
 
 def test_task_default_on_this_backend_and_params_stay_float32():
-  from configs import denoise
+  from meddiff_jax.configs import denoise
 
   cfg = denoise.get_config()
   assert cfg.inference_dtype == "auto"  # the visible default every task shares (configs/task_options.py)

@@ -115,6 +115,7 @@ def test_target_step_from_the_overrides_or_the_config():
   base = ["--name=n", "--zone=z", "--project=p", "--workdir=w"]
   assert tpu_vm.target_step(tpu_vm.parse([*base, "--config=configs/pretrain.py:paper"])) == 181_000
   assert tpu_vm.target_step(tpu_vm.parse([*base, "--config=configs/pretrain.py:tiny"])) == 20
+  assert tpu_vm.target_step(tpu_vm.parse([*base, "--config=pretrain:tiny"])) == 20  # a shipped name
   a = tpu_vm.parse([*base, "--config=configs/pretrain.py:paper", "--", "--config.training.num_steps=7"])
   assert tpu_vm.target_step(a) == 7
 

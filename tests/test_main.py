@@ -68,7 +68,7 @@ def test_every_config_file_names_a_command_with_its_check():
   names = [
     p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "input_options", "task_options")
   ]
-  modes = {importlib.import_module(f"configs.{n}").get_config().mode for n in names}
+  modes = {importlib.import_module(f"meddiff_jax.configs.{n}").get_config().mode for n in names}
   assert modes <= set(main.COMMANDS) and set(checks.TASKS) <= modes
   assert all(main.COMMANDS[t].check is checks.task for t in checks.TASKS)
 

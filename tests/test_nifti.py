@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff_jax.data import nifti, phantom
+from meddiff_jax.data import nifti, phantom, volume_io, volumes
 
 
 def landmark_world(volume, mask):
@@ -16,39 +16,39 @@ def landmark_world(volume, mask):
 
 
 def test_real_ct_round_trip_keeps_world_coordinates(real_data_dir, tmp_path):
-  ct = nifti.load(real_data_dir / "example_ct.nii.gz")
-  seg = nifti.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
-  nifti.check_ct(ct)
-  nifti.check_same_grid(ct, seg)
+  ct = volume_io.load(real_data_dir / "example_ct.nii.gz")
+  seg = volume_io.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  volumes.check_ct(ct)
+  volumes.check_same_grid(ct, seg)
   assert nib.aff2axcodes(ct.affine) == ("R", "A", "S") and ct.spacing == pytest.approx((3.0, 3.0, 3.0))
   liver = seg.data == 5
   before = landmark_world(seg, liver)
-  ct2 = nifti.resample(ct, (2.0, 2.0, 2.0), order=1)
-  seg2 = nifti.resample(seg, (2.0, 2.0, 2.0), order=0)
-  assert ct2.shape == nifti.target_shape(ct.shape, ct.spacing, (2.0, 2.0, 2.0))
+  ct2 = volumes.resample(ct, (2.0, 2.0, 2.0), order=1)
+  seg2 = volumes.resample(seg, (2.0, 2.0, 2.0), order=0)
+  assert ct2.shape == volumes.target_shape(ct.shape, ct.spacing, (2.0, 2.0, 2.0))
   nifti.save(seg2, tmp_path / "seg2.nii.gz", np.uint8)
   nifti.save(ct2, tmp_path / "ct2.nii.gz", np.int16)
-  seg3 = nifti.load(tmp_path / "seg2.nii.gz", is_mask=True)
+  seg3 = volume_io.load(tmp_path / "seg2.nii.gz", is_mask=True)
   after = landmark_world(seg3, seg3.data == 5)
   # nearest-neighbour resampling moves an organ's boundary by up to half a source voxel
   np.testing.assert_allclose(after, before, atol=1.5)
   # the image voxel nearest a world point holds the same tissue before and after
   p = before
   i_old = np.round(np.linalg.solve(ct.affine[:3, :3], p - ct.affine[:3, 3])).astype(int)
-  ct3 = nifti.load(tmp_path / "ct2.nii.gz")
+  ct3 = volume_io.load(tmp_path / "ct2.nii.gz")
   i_new = np.round(np.linalg.solve(ct3.affine[:3, :3], p - ct3.affine[:3, 3])).astype(int)
   assert abs(ct.data[tuple(i_old)] - ct3.data[tuple(i_new)]) < 60  # liver HU in both
 
 
 def test_reorientation_to_ras_preserves_world_positions(tmp_path):
   ph = phantom.make_phantom((24, 20, 16), (4.0, 4.0, 5.0), "abdomen", seed=0)
-  ras = nifti.Volume(ph.hu, ph.affine)
+  ras = volumes.Volume(ph.hu, ph.affine)
   # the same image stored LPS-flipped with a matching affine
   flip = np.diag([-1.0, -1.0, 1.0, 1.0])
   flip[:3, 3] = [ph.hu.shape[0] - 1, ph.hu.shape[1] - 1, 0]
-  lps = nifti.Volume(ph.hu[::-1, ::-1].copy(), ph.affine @ flip)
+  lps = volumes.Volume(ph.hu[::-1, ::-1].copy(), ph.affine @ flip)
   nifti.save(lps, tmp_path / "lps.nii.gz")
-  back = nifti.load(tmp_path / "lps.nii.gz")
+  back = volume_io.load(tmp_path / "lps.nii.gz")
   assert nib.aff2axcodes(nib.load(tmp_path / "lps.nii.gz").affine) == ("L", "P", "S")
   np.testing.assert_allclose(back.affine, ras.affine, atol=1e-4)
   np.testing.assert_allclose(back.data, ras.data, atol=1e-3)
@@ -60,11 +60,11 @@ def test_resampled_data_agrees_with_its_affine_exactly(tmp_path, new_spacing):
   functions, so every interior voxel of the result must equal that function at *its* affine's position."""
   ph = phantom.make_phantom((20, 24, 16), (3.0, 2.0, 4.0), "abdomen", seed=2)
   idx = np.stack(np.meshgrid(*[np.arange(n) for n in ph.hu.shape], indexing="ij"), -1)
-  vol = nifti.Volume(np.zeros(ph.hu.shape, np.float32), ph.affine)
+  vol = volumes.Volume(np.zeros(ph.hu.shape, np.float32), ph.affine)
   field = lambda world: world @ np.array([0.5, -0.25, 0.125]) + 3.0
   vol.data = field(vol.world(idx)).astype(np.float32)
-  nifti.save(nifti.resample(vol, new_spacing, order=1), tmp_path / "r.nii.gz")
-  out = nifti.load(tmp_path / "r.nii.gz")
+  nifti.save(volumes.resample(vol, new_spacing, order=1), tmp_path / "r.nii.gz")
+  out = volume_io.load(tmp_path / "r.nii.gz")
   assert out.spacing == pytest.approx(new_spacing)
   idx = np.stack(np.meshgrid(*[np.arange(n) for n in out.shape], indexing="ij"), -1)
   expected = field(out.world(idx))
@@ -93,8 +93,8 @@ def test_truncated_gzip(tmp_path):
   raw = open(path, "rb").read()
   bad = tmp_path / "truncated.nii.gz"
   bad.write_bytes(raw[: len(raw) // 2])
-  with pytest.raises(nifti.VolumeError, match="truncated.nii.gz: (truncated|not a readable)"):
-    nifti.load(bad)
+  with pytest.raises(volumes.VolumeError, match="truncated.nii.gz: (truncated|not a readable)"):
+    volume_io.load(bad)
 
 
 @pytest.mark.parametrize(
@@ -103,34 +103,34 @@ def test_truncated_gzip(tmp_path):
 )
 def test_wrong_dimensionality(tmp_path, shape, match):
   path = write(tmp_path, "dims.nii.gz", np.zeros(shape, np.float32))
-  with pytest.raises(nifti.VolumeError, match=f"dims.nii.gz: {match}"):
-    nifti.load(path)
+  with pytest.raises(volumes.VolumeError, match=f"dims.nii.gz: {match}"):
+    volume_io.load(path)
 
 
 def test_4d_singleton_is_squeezed(tmp_path):
   path = write(tmp_path, "single.nii.gz", ct_like()[..., None])
-  assert nifti.load(path).shape == (16, 16, 16)
+  assert volume_io.load(path).shape == (16, 16, 16)
 
 
 def test_rgb(tmp_path):
   rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
   path = write(tmp_path, "rgb.nii.gz", rgb)
-  with pytest.raises(nifti.VolumeError, match="rgb.nii.gz: RGB"):
-    nifti.load(path)
+  with pytest.raises(volumes.VolumeError, match="rgb.nii.gz: RGB"):
+    volume_io.load(path)
 
 
 def test_nan_voxels(tmp_path):
   data = ct_like()
   data[3, 4, 5] = np.nan
   path = write(tmp_path, "nan.nii.gz", data)
-  with pytest.raises(nifti.VolumeError, match="nan.nii.gz: 1 NaN/inf voxels"):
-    nifti.load(path)
+  with pytest.raises(volumes.VolumeError, match="nan.nii.gz: 1 NaN/inf voxels"):
+    volume_io.load(path)
 
 
 def test_constant_volume(tmp_path):
-  vol = nifti.load(write(tmp_path, "const.nii.gz", np.full((8, 8, 8), -1000.0, np.float32)))
-  with pytest.raises(nifti.VolumeError, match="const.nii.gz: constant volume"):
-    nifti.check_ct(vol)
+  vol = volume_io.load(write(tmp_path, "const.nii.gz", np.full((8, 8, 8), -1000.0, np.float32)))
+  with pytest.raises(volumes.VolumeError, match="const.nii.gz: constant volume"):
+    volumes.check_ct(vol)
 
 
 def test_singular_affine(tmp_path):
@@ -139,43 +139,43 @@ def test_singular_affine(tmp_path):
   img.header["sform_code"], img.header["qform_code"] = 1, 0
   path = tmp_path / "singular.nii.gz"
   nib.save(nib.Nifti1Image(ct_like(), None, img.header), path)
-  with pytest.raises(nifti.VolumeError, match="singular.nii.gz: singular affine"):
-    nifti.load(path)
+  with pytest.raises(volumes.VolumeError, match="singular.nii.gz: singular affine"):
+    volume_io.load(path)
 
 
 def test_non_hu_data(tmp_path):
   mr = np.random.default_rng(0).integers(0, 256, (16, 16, 16)).astype(np.uint8)
-  vol = nifti.load(write(tmp_path, "mr.nii.gz", mr))
-  with pytest.raises(nifti.VolumeError, match="mr.nii.gz: .*not CT in Hounsfield units"):
-    nifti.check_ct(vol)
+  vol = volume_io.load(write(tmp_path, "mr.nii.gz", mr))
+  with pytest.raises(volumes.VolumeError, match="mr.nii.gz: .*not CT in Hounsfield units"):
+    volumes.check_ct(vol)
 
 
 def test_mask_shape_mismatch(tmp_path):
-  image = nifti.load(write(tmp_path, "img.nii.gz", ct_like()))
-  mask = nifti.load(write(tmp_path, "img_seg.nii.gz", np.zeros((16, 16, 12), np.uint8)), is_mask=True)
-  with pytest.raises(nifti.VolumeError, match=r"img_seg.nii.gz: mask shape \(16, 16, 12\) does not match"):
-    nifti.check_same_grid(image, mask)
+  image = volume_io.load(write(tmp_path, "img.nii.gz", ct_like()))
+  mask = volume_io.load(write(tmp_path, "img_seg.nii.gz", np.zeros((16, 16, 12), np.uint8)), is_mask=True)
+  with pytest.raises(volumes.VolumeError, match=r"img_seg.nii.gz: mask shape \(16, 16, 12\) does not match"):
+    volumes.check_same_grid(image, mask)
 
 
 def test_crop_whose_affine_was_not_updated(real_data_dir, tmp_path):
-  parent = nifti.load(real_data_dir / "example_ct.nii.gz")
-  stale = nifti.load(real_data_dir / "example_ct_sm.nii.gz")
+  parent = volume_io.load(real_data_dir / "example_ct.nii.gz")
+  stale = volume_io.load(real_data_dir / "example_ct_sm.nii.gz")
   with pytest.raises(
-    nifti.VolumeError,
+    volumes.VolumeError,
     match=r"example_ct_sm.nii.gz: affine places this crop at voxel offset "
     r"\(0, 0, 0\).*match the parent at voxel offset \(0, 0, 82\)",
   ):
-    nifti.check_crop_position(stale, parent)
+    volumes.check_crop_position(stale, parent)
   # the same crop with its origin shifted by the crop offset passes
   fixed_affine = stale.affine.copy()
   fixed_affine[:3, 3] = parent.world(np.array([0, 0, 82]))
-  nifti.save(nifti.Volume(stale.data, fixed_affine), tmp_path / "fixed.nii.gz", np.int16)
-  nifti.check_crop_position(nifti.load(tmp_path / "fixed.nii.gz"), parent)
+  nifti.save(volumes.Volume(stale.data, fixed_affine), tmp_path / "fixed.nii.gz", np.int16)
+  volumes.check_crop_position(volume_io.load(tmp_path / "fixed.nii.gz"), parent)
 
 
 def test_missing_file(tmp_path):
-  with pytest.raises(nifti.VolumeError, match="nope.nii.gz: file does not exist"):
-    nifti.load(tmp_path / "nope.nii.gz")
+  with pytest.raises(volumes.VolumeError, match="nope.nii.gz: file does not exist"):
+    volume_io.load(tmp_path / "nope.nii.gz")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,9 +199,11 @@ def nifti_with(tmp_path, name, data=None, qform=None, qcode=0, sform=None, scode
 
 def test_unknown_orientation_is_refused_unless_assumed(tmp_path):
   path = nifti_with(tmp_path, "nocodes.nii.gz", pixdim=(2.0, 2.0, 3.0))
-  with pytest.raises(nifti.VolumeError, match="nocodes.nii.gz: orientation unknown .*--config.assume_orientation=RAS"):
-    nifti.load(path)
-  vol = nifti.load(path, options=nifti.ReadOptions(assume_orientation="LPS"))
+  with pytest.raises(
+    volumes.VolumeError, match="nocodes.nii.gz: orientation unknown .*--config.assume_orientation=RAS"
+  ):
+    volume_io.load(path)
+  vol = volume_io.load(path, options=volumes.ReadOptions(assume_orientation="LPS"))
   assert nib.aff2axcodes(vol.affine) == ("R", "A", "S") and vol.spacing == pytest.approx((2.0, 2.0, 3.0))
   raw = np.asarray(nib.load(path).dataobj)
   np.testing.assert_array_equal(vol.data, raw[::-1, ::-1, :])  # L->R and P->A flips
@@ -213,8 +215,8 @@ def test_bad_pixdim_is_refused(tmp_path, pixdim):
   raw = bytearray(path.read_bytes())
   raw[80:92] = np.array(pixdim, "<f4").tobytes()  # pixdim[1:4] as a broken writer left them
   path.write_bytes(bytes(raw))
-  with pytest.raises(nifti.VolumeError, match="pixdim.nii: pixdim .*zero, negative or NaN"):
-    nifti.load(path)
+  with pytest.raises(volumes.VolumeError, match="pixdim.nii: pixdim .*zero, negative or NaN"):
+    volume_io.load(path)
 
 
 def test_qform_sform_disagreement_and_shear(tmp_path):
@@ -222,20 +224,20 @@ def test_qform_sform_disagreement_and_shear(tmp_path):
   s = q.copy()
   s[1, 2] = 0.4  # a tilt-corrected sform: slices step sideways (GE gantry tilt)
   path = nifti_with(tmp_path, "tilt.nii.gz", qform=q, qcode=1, sform=s, scode=1)
-  with pytest.raises(nifti.VolumeError, match="tilt.nii.gz: qform and sform disagree by up to .*trust_affine"):
-    nifti.load(path)
-  assert nifti.load(path, options=nifti.ReadOptions(trust_affine="qform")).spacing == pytest.approx((1, 1, 2.5))
-  with pytest.raises(nifti.VolumeError, match="sheared voxel grid .*gantry tilt"):
-    nifti.load(path, options=nifti.ReadOptions(trust_affine="sform"))
+  with pytest.raises(volumes.VolumeError, match="tilt.nii.gz: qform and sform disagree by up to .*trust_affine"):
+    volume_io.load(path)
+  assert volume_io.load(path, options=volumes.ReadOptions(trust_affine="qform")).spacing == pytest.approx((1, 1, 2.5))
+  with pytest.raises(volumes.VolumeError, match="sheared voxel grid .*gantry tilt"):
+    volume_io.load(path, options=volumes.ReadOptions(trust_affine="sform"))
 
 
 def test_slice_gap_and_thin_slab_are_refused(tmp_path):
   gap = nifti_with(tmp_path, "gap.nii.gz", sform=np.diag([1.0, 1.0, 202.0, 1.0]), scode=1)
-  with pytest.raises(nifti.VolumeError, match="gap.nii.gz: voxel spacing 202 mm along axis 2 .*max_spacing_mm"):
-    nifti.load(gap)
+  with pytest.raises(volumes.VolumeError, match="gap.nii.gz: voxel spacing 202 mm along axis 2 .*max_spacing_mm"):
+    volume_io.load(gap)
   slab = nifti_with(tmp_path, "slab.nii.gz", data=ct_like((16, 16, 3)), sform=np.eye(4), scode=1)
-  with pytest.raises(nifti.VolumeError, match="slab.nii.gz: shape \\(16, 16, 3\\) is thinner than .*padded"):
-    nifti.load(slab)
+  with pytest.raises(volumes.VolumeError, match="slab.nii.gz: shape \\(16, 16, 3\\) is thinner than .*padded"):
+    volume_io.load(slab)
 
 
 def test_size_limits_are_checked_from_the_header_before_reading(tmp_path):
@@ -250,35 +252,35 @@ def test_size_limits_are_checked_from_the_header_before_reading(tmp_path):
   with gzip.open(path, "wb") as f:  # a header and a few bytes: a decompression bomb's header
     f.write(hdr.binaryblock + b"\0" * 4 + b"\0" * 1000)
   t0 = time.perf_counter()
-  with pytest.raises(nifti.VolumeError, match=r"huge.nii.gz: header claims 30000x30000x30000 = 2.7e\+13 voxels"):
-    nifti.load(path)
+  with pytest.raises(volumes.VolumeError, match=r"huge.nii.gz: header claims 30000x30000x30000 = 2.7e\+13 voxels"):
+    volume_io.load(path)
   hdr.set_data_shape((2000, 2000, 400))  # 3.2 GB of int16: under the voxel limit, over a 1 GB cap
   with gzip.open(path, "wb") as f:
     f.write(hdr.binaryblock + b"\0" * 1004)
-  with pytest.raises(nifti.VolumeError, match="3.2 GB of voxel data .*limits.max_gb=1"):
-    nifti.load(path, options=nifti.ReadOptions(max_gb=1.0))
+  with pytest.raises(volumes.VolumeError, match="3.2 GB of voxel data .*limits.max_gb=1"):
+    volume_io.load(path, options=volumes.ReadOptions(max_gb=1.0))
   assert time.perf_counter() - t0 < 5.0  # nothing was decompressed or allocated
 
 
 def test_ct_check_accepts_crops_without_air_and_rejects_mr(real_data_dir):
-  mr = nifti.load(real_data_dir / "example_mr_sm.nii.gz")
-  with pytest.raises(nifti.VolumeError, match="example_mr_sm.nii.gz: .*not CT in Hounsfield units.*assume_hu"):
-    nifti.check_ct(mr)
-  nifti.check_ct(mr, assume_hu=True)  # the override
+  mr = volume_io.load(real_data_dir / "example_mr_sm.nii.gz")
+  with pytest.raises(volumes.VolumeError, match="example_mr_sm.nii.gz: .*not CT in Hounsfield units.*assume_hu"):
+    volumes.check_ct(mr)
+  volumes.check_ct(mr, assume_hu=True)  # the override
   # a liver ROI crop without air (48 mm box at the liver centroid: -127..95 HU, fat at the edges)
-  ct = nifti.load(real_data_dir / "example_ct.nii.gz")
-  seg = nifti.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  ct = volume_io.load(real_data_dir / "example_ct.nii.gz")
+  seg = volume_io.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
   c = np.argwhere(seg.data == 5).mean(0).astype(int)
   crop = ct.data[c[0] - 8 : c[0] + 8, c[1] - 8 : c[1] + 8, c[2] - 8 : c[2] + 8]
   assert crop.min() > -200
-  nifti.check_ct(nifti.Volume(crop, ct.affine, "liver_crop"))
+  volumes.check_ct(volumes.Volume(crop, ct.affine, "liver_crop"))
   rng = np.random.default_rng(0)
-  with pytest.raises(nifti.VolumeError, match="neither air"):  # a 0-255 image
-    nifti.check_ct(nifti.Volume(rng.integers(0, 256, (16, 16, 16)).astype(np.float32), np.eye(4), "png"))
-  with pytest.raises(nifti.VolumeError, match="assume_hu"):  # unscaled: raw = HU + 1024, air at 0
-    nifti.check_ct(nifti.Volume(ct.data + 1024.0, ct.affine, "raw"))
-  with pytest.raises(nifti.VolumeError, match="assume_hu"):  # the liver crop unscaled
-    nifti.check_ct(nifti.Volume(crop + 1024.0, ct.affine, "raw_crop"))
+  with pytest.raises(volumes.VolumeError, match="neither air"):  # a 0-255 image
+    volumes.check_ct(volumes.Volume(rng.integers(0, 256, (16, 16, 16)).astype(np.float32), np.eye(4), "png"))
+  with pytest.raises(volumes.VolumeError, match="assume_hu"):  # unscaled: raw = HU + 1024, air at 0
+    volumes.check_ct(volumes.Volume(ct.data + 1024.0, ct.affine, "raw"))
+  with pytest.raises(volumes.VolumeError, match="assume_hu"):  # the liver crop unscaled
+    volumes.check_ct(volumes.Volume(crop + 1024.0, ct.affine, "raw_crop"))
 
 
 @pytest.mark.parametrize("ext", [".nrrd", ".mha"])
@@ -287,10 +289,10 @@ def test_nrrd_and_metaimage_match_the_nifti(real_data_dir, tmp_path, ext):
   src = real_data_dir / "aorta_ct_cropped_lps.nii.gz"
   out = tmp_path / f"ct{ext}"
   sitk.WriteImage(sitk.ReadImage(str(src)), str(out))  # ITK's own conversion: an independent path
-  a, b = nifti.load(src), nifti.load(out)
+  a, b = volume_io.load(src), volume_io.load(out)
   np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
   np.testing.assert_array_equal(b.data, a.data)
   saved = tmp_path / "back.nii.gz"
-  nifti.save_like(b.data, b, saved, np.int16)
+  volume_io.save_like(b.data, b, saved, np.int16)
   back = nib.load(saved)
   assert back.shape == sitk.ReadImage(str(out)).GetSize()  # the file's own voxel order

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import prepare_config, tiny_config
 
-from meddiff_jax.data import multilevel, nifti, phantom, pipeline, prepare, preprocess, store
+from meddiff_jax.data import multilevel, nifti, phantom, pipeline, prepare, preprocess, store, volumes
 from meddiff_jax.models import embeddings
 
 
@@ -18,7 +18,7 @@ def test_phantom_has_ct_values_and_totalsegmentator_labels():
     assert p.hu.min() < -900 and p.hu.max() > 500  # air and bone
     assert (p.labels == organ).sum() > 50
     assert p.lesions.sum() > 0
-    nifti.check_ct(nifti.Volume(p.hu, p.affine))
+    volumes.check_ct(volumes.Volume(p.hu, p.affine))
   a = phantom.make_phantom((32, 32, 32), seed=3)
   b = phantom.make_phantom((32, 32, 32), seed=3)
   np.testing.assert_array_equal(a.hu, b.hu)
@@ -153,8 +153,8 @@ def test_prepare_skips_bad_files_reports_them_and_resumes(tmp_path, real_data_di
   src.mkdir()
   for i, region in enumerate(("abdomen", "chest")):
     p = phantom.make_phantom((24, 24, 24), (6.0, 6.0, 6.0), region, seed=i)
-    nifti.save(nifti.Volume(p.hu, p.affine), src / f"ph{i}.nii.gz", np.int16)
-    nifti.save(nifti.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
+    nifti.save(volumes.Volume(p.hu, p.affine), src / f"ph{i}.nii.gz", np.int16)
+    nifti.save(volumes.Volume(p.labels, p.affine), src / f"ph{i}_seg.nii.gz", np.uint8)
   nib.save(
     nib.Nifti1Image(np.random.default_rng(0).integers(0, 255, (16, 16, 16)).astype(np.uint8), np.eye(4)),
     src / "mr_like.nii.gz",
@@ -240,9 +240,9 @@ def test_prepare_merges_user_lesion_masks_for_controlnet(tmp_path):
   src = tmp_path / "in"
   src.mkdir()
   p = phantom.make_phantom((24, 24, 24), (6.0, 6.0, 6.0), "abdomen", seed=4, num_lesions=2)
-  nifti.save(nifti.Volume(p.hu, p.affine), src / "ct.nii.gz", np.int16)
-  nifti.save(nifti.Volume(p.labels, p.affine), src / "ct_seg.nii.gz", np.uint8)
-  nifti.save(nifti.Volume(p.lesions, p.affine), src / "ct_lesion.nii.gz", np.uint8)
+  nifti.save(volumes.Volume(p.hu, p.affine), src / "ct.nii.gz", np.int16)
+  nifti.save(volumes.Volume(p.labels, p.affine), src / "ct_seg.nii.gz", np.uint8)
+  nifti.save(volumes.Volume(p.lesions, p.affine), src / "ct_lesion.nii.gz", np.uint8)
   hu, labels, _ = _prepare_one(
     tmp_path, "image,region,mask,lesion\nct.nii.gz,abdomen,ct_seg.nii.gz,ct_lesion.nii.gz\n"
   ).load(0)
@@ -261,9 +261,9 @@ def test_prepare_stores_a_real_low_resolution_partner_for_sr(tmp_path):
   src = tmp_path / "in"
   src.mkdir()
   p = phantom.make_phantom((24, 24, 30), (6.0, 6.0, 6.0), "chest", seed=4)
-  thin = nifti.Volume(np.round(p.hu), p.affine)
+  thin = volumes.Volume(np.round(p.hu), p.affine)
   nifti.save(thin, src / "ct.nii.gz", np.int16)
-  thick = nifti.resample(thin, (6.0, 6.0, 30.0), order=1)
+  thick = volumes.resample(thin, (6.0, 6.0, 30.0), order=1)
   nifti.save(thick, src / "ct_thick.nii.gz", np.int16)
   st = _prepare_one(tmp_path, "image,region,lowres\nct.nii.gz,chest,ct_thick.nii.gz\n")
   lowres = np.asarray(st.load_lowres(0))

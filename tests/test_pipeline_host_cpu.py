@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config
 from scipy import ndimage
 
-from meddiff_jax.data import multilevel, nifti, phantom, pipeline, preprocess, store
+from meddiff_jax.data import multilevel, nifti, phantom, pipeline, preprocess, store, volume_io, volumes
 from meddiff_jax.models import conditions
 
 
@@ -28,8 +28,8 @@ def zoom_reference(volume, shape, order, dtype=None):
 
 
 def real_ct(real_data_dir):
-  hu = nifti.load(str(real_data_dir / "example_ct.nii.gz")).data
-  labels = nifti.load(str(real_data_dir / "example_seg_fast_force_split.nii.gz"), is_mask=True).data
+  hu = volume_io.load(str(real_data_dir / "example_ct.nii.gz")).data
+  labels = volume_io.load(str(real_data_dir / "example_seg_fast_force_split.nii.gz"), is_mask=True).data
   return np.round(hu).astype(np.int16), labels.astype(np.uint8)
 
 
@@ -288,7 +288,7 @@ def test_prepare_writes_whole_levels_and_adds_them_to_volumes_prepared_before(tm
   src.mkdir()
   for i in range(2):
     p = phantom.make_phantom((24, 24, 24), (6.0, 6.0, 6.0), "abdomen", seed=i)
-    nifti.save(nifti.Volume(np.round(p.hu), p.affine), src / f"ph{i}.nii.gz", np.int16)
+    nifti.save(volumes.Volume(np.round(p.hu), p.affine), src / f"ph{i}.nii.gz", np.int16)
   (src / "manifest.csv").write_text("image,region\nph0.nii.gz,abdomen\n")
   out = tmp_path / "out"
   prepare.run(prepare_config(src, out, manifest=str(src / "manifest.csv"), spacing=(6.0,) * 3))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import prepare_config, run_main
 
-from meddiff_jax.data import nifti, phantom, prepare, store
+from meddiff_jax.data import nifti, phantom, prepare, store, volume_io, volumes
 
 
 def config_for(input_dir, output_dir, **kw):
@@ -22,7 +22,7 @@ def config_for(input_dir, output_dir, **kw):
 
 def write_phantom(path, seed=0, shape=(24, 24, 24)):
   p = phantom.make_phantom(shape, (6.0, 6.0, 6.0), "abdomen", seed=seed)
-  nifti.save(nifti.Volume(np.round(p.hu), p.affine), path, np.int16)
+  nifti.save(volumes.Volume(np.round(p.hu), p.affine), path, np.int16)
 
 
 def test_dicom_series_and_nifti_found_and_every_other_file_reported(tmp_path, real_data_dir):
@@ -44,11 +44,11 @@ def test_dicom_series_and_nifti_found_and_every_other_file_reported(tmp_path, re
   }
   records = {r["source"]: r for r in store.read_records(str(tmp_path / "out"))}
   dicom_rec = next(r for s, r in records.items() if "patient1" in s)
-  ct = nifti.load(real_data_dir / "example_ct_dicom")
+  ct = volume_io.load(real_data_dir / "example_ct_dicom")
   # the prepared DICOM volume: 4 mm grid from the same first voxel centre, HU intact
   np.testing.assert_allclose(np.array(dicom_rec["affine"])[:3, 3], ct.affine[:3, 3], atol=1e-6)
   hu = np.load(tmp_path / "out" / dicom_rec["image"])
-  assert hu.shape == nifti.target_shape(ct.shape, ct.spacing, (4.0, 4.0, 4.0))
+  assert hu.shape == volumes.target_shape(ct.shape, ct.spacing, (4.0, 4.0, 4.0))
   assert hu.min() >= -1024 and hu.max() > 1000
 
 
@@ -126,7 +126,7 @@ def test_nothing_prepared_is_an_error_with_the_report_written(tmp_path):
   src = tmp_path / "in"
   src.mkdir()
   (src / "readme.txt").write_text("no scans here")
-  nifti.save(nifti.Volume(np.full((16, 16, 16), 100.0, np.float32), np.eye(4)), src / "flat.nii.gz")
+  nifti.save(volumes.Volume(np.full((16, 16, 16), 100.0, np.float32), np.eye(4)), src / "flat.nii.gz")
   with pytest.raises(ValueError, match="nothing prepared from .*1 volumes failed, 1 other files not used"):
     prepare.run(config_for(src, tmp_path / "out"))
   report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -82,7 +82,7 @@ def _ts_folder(folder: pathlib.Path) -> pathlib.Path:
 
 
 def _run(tmp_path, dataset, root, **kw):
-  from configs import prepare as prepare_config
+  from meddiff_jax.configs import prepare as prepare_config
 
   c = prepare_config.get_config()
   c.update(
@@ -233,7 +233,7 @@ def test_ct_rate_subset_is_stable_and_one_volume_per_patient(tmp_path):
   for i in range(1, 13):
     for scan in ("a", "b"):
       _ct(root / f"dataset/train/train_{i}/train_{i}_{scan}/train_{i}_{scan}_1.nii.gz")
-  from configs import prepare as prepare_config
+  from meddiff_jax.configs import prepare as prepare_config
 
   c = prepare_config.get_config()
   c.update(input_dir=str(root), dataset="ct_rate", max_volumes=5)
@@ -473,7 +473,7 @@ def test_adding_a_dataset_never_moves_existing_patients(tmp_path):
   root = tmp_path / "root"
   for i in range(30):
     _ct(root / f"WORD-V0.1.0/imagesTr/word_{i:04d}.nii.gz")
-  from configs import prepare as prepare_config
+  from meddiff_jax.configs import prepare as prepare_config
 
   c = prepare_config.get_config()
   c.update(input_dir=str(root), dataset="word")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import prepare_config
 
-from meddiff_jax.data import class_map, nifti, prepare, preprocess, regions, store
+from meddiff_jax.data import class_map, nifti, prepare, preprocess, regions, store, volume_io, volumes
 
 LUNG_IDS = [10, 11, 12, 13, 14]
 
@@ -37,7 +37,7 @@ def _whole_body(flip_z: bool = False):
     labels, hu = labels[:, :, ::-1].copy(), hu[:, :, ::-1].copy()
     affine[:3, 2] *= -1
     affine[2, 3] = -500.0 + 5 * 199
-  return nifti.Volume(hu, affine, "wb.nii.gz"), nifti.Volume(labels, affine, "wb_seg.nii.gz")
+  return volumes.Volume(hu, affine, "wb.nii.gz"), volumes.Volume(labels, affine, "wb_seg.nii.gz")
 
 
 def _world_z(volume):
@@ -93,7 +93,7 @@ def _seg_slices_nibabel(path, ids, min_voxels=5):
 
 def test_real_ct_pelvis_to_lung_bases_split_lands_where_the_labels_say(real_data_dir, tmp_path):
   ct_path, seg_path = real_data_dir / "example_ct.nii.gz", real_data_dir / "example_seg_fast_force_split.nii.gz"
-  image, labels = nifti.load(ct_path), nifti.load(seg_path, is_mask=True)
+  image, labels = volume_io.load(ct_path), volume_io.load(seg_path, is_mask=True)
   # default: only the lung bases (~3 cm) are in this scan: one abdomen sub-volume, the whole scan
   parts = regions.split(image, labels, class_map.TOTAL)
   assert [(p.region, p.index_range) for p in parts] == [("abdomen", (0, 112))]
@@ -118,12 +118,12 @@ def test_real_ct_pelvis_to_lung_bases_split_lands_where_the_labels_say(real_data
 
 
 def test_region_given_keeps_the_scan_whole_and_missing_region_is_an_error(real_data_dir):
-  image = nifti.load(real_data_dir / "example_ct.nii.gz")
+  image = volume_io.load(real_data_dir / "example_ct.nii.gz")
   (part,) = regions.resolve(image, None, "abdomen", class_map.TOTAL)
   assert part.image is image and part.region == "abdomen"
   with pytest.raises(ValueError, match="example_ct.nii.gz: no region given and no TotalSegmentator mask"):
     regions.resolve(image, None, "auto", class_map.TOTAL)
-  empty = nifti.Volume(np.zeros(image.shape, np.int16), image.affine, "empty_seg.nii.gz")
+  empty = volumes.Volume(np.zeros(image.shape, np.int16), image.affine, "empty_seg.nii.gz")
   with pytest.raises(ValueError, match="shows no head_neck / chest / abdomen part"):
     regions.resolve(image, empty, "auto", class_map.TOTAL)
 
@@ -151,7 +151,7 @@ def test_prepare_writes_region_sub_volumes_with_exact_affines(tmp_path, real_dat
   assert "no region given and no TotalSegmentator mask" in report["failed"][0]["reason"]
   records = {r["region"]: r for r in store.read_records(str(tmp_path / "out"))}
   assert set(records) == {"chest", "abdomen"}
-  parent = nifti.load(real_data_dir / "example_ct.nii.gz")
+  parent = volume_io.load(real_data_dir / "example_ct.nii.gz")
   for r in records.values():
     start = r["source_index_range"][0]
     np.testing.assert_allclose(np.array(r["affine"])[:3, 3], parent.affine[:3, 3] + [0, 0, 3.0 * start], atol=1e-4)

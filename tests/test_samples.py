@@ -2,14 +2,14 @@
 
 import pytest
 
-from meddiff_jax.data import nifti, samples
+from meddiff_jax.data import samples, volume_io, volumes
 
 
 def test_example_ct_comes_from_the_test_data_when_given(monkeypatch, real_data_dir):
   monkeypatch.setenv("MEDDIFF_TEST_DATA", str(real_data_dir))
   path = samples.example_ct()
   assert path == str(real_data_dir / "example_ct.nii.gz")
-  nifti.check_ct(nifti.load(path))
+  volumes.check_ct(volume_io.load(path))
 
 
 def test_example_ct_is_downloaded_once_into_the_cache(monkeypatch, tmp_path, real_data_dir):

@@ -216,7 +216,7 @@ def test_matches_diffusers_dpmsolver_multistep(prediction_type):
 def test_every_sampling_task_config_has_a_valid_sampler_and_budget(name):
   import importlib
 
-  c = importlib.import_module(f"configs.{name}").get_config()
+  c = importlib.import_module(f"meddiff_jax.configs.{name}").get_config()
   assert c.sampler in samplers.METHODS and c.num_steps >= 1
 
 

@@ -101,7 +101,7 @@ class RecordingStore:
 def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
   for i in range(8):
     store.write_record(str(tmp_path), f"v{i}", volume((24, 24, 24), seed=i), None, {"region": "abdomen"})
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   cfg = pretrain.get_config("tiny").data  # every data key, with its visible default
   cfg.update(

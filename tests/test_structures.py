@@ -20,7 +20,7 @@ def test_structure_labels_encode_classes_body_and_background():
 
 
 def test_grouping_table_comes_from_the_config():
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config("tiny")
   c.data.structure_groups = (("lung", ("lung_*",)), ("liver", ("liver",)))
@@ -33,7 +33,7 @@ def test_grouping_table_comes_from_the_config():
 
 
 def test_classes_mode_samples_are_one_label_channel():
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   data = pretrain.get_config("tiny+classes").data
   lut, n = pipeline.structure_lut(data)
@@ -49,8 +49,8 @@ def test_classes_mode_samples_are_one_label_channel():
 
 
 def test_validate_refuses_a_model_that_does_not_match_classes_mode():
-  from configs import pretrain
   from meddiff_jax import checks
+  from meddiff_jax.configs import pretrain
 
   c = pretrain.get_config("tiny+classes")
   c.model.num_structure_ids = 50

@@ -10,7 +10,7 @@ import pytest
 from conftest import mesh_of, point_mass_oracle, run_main
 
 from meddiff_jax import sharding
-from meddiff_jax.data import nifti, phantom
+from meddiff_jax.data import nifti, phantom, volume_io, volumes
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.models import embeddings
 from meddiff_jax.tasks import anomaly, denoise, sliding_window
@@ -109,7 +109,7 @@ def ct_file(tmp_path_factory):
   affine = p.affine.copy()
   affine[:3, 3] += [10.0, -20.0, 30.0]
   path = d / "ct.nii.gz"
-  nifti.save(nifti.Volume(np.round(p.hu), affine), path, np.int16)
+  nifti.save(volumes.Volume(np.round(p.hu), affine), path, np.int16)
   return path
 
 
@@ -118,7 +118,7 @@ def seg_file(ct_file):
   """The TotalSegmentator-style label map of ct_file, on its grid."""
   p = phantom.make_phantom((20, 18, 16), (6.0, 6.0, 6.0), "abdomen", seed=5, num_lesions=1)
   path = ct_file.parent / "seg.nii.gz"
-  nifti.save(nifti.Volume(p.labels.astype(np.int16), nifti.load(ct_file).affine), path, np.int16)
+  nifti.save(volumes.Volume(p.labels.astype(np.int16), volume_io.load(ct_file).affine), path, np.int16)
   return path
 
 
@@ -136,7 +136,7 @@ def test_task_commands_write_nifti_on_the_input_grid(tmp_path, ct_file, seg_file
   extra = [f"--config.labels={seg_file}" if e == "LABELS" else e for e in extra]
   proc = run_main(f"--config=configs/{task}.py", f"--config.input={ct_file}", f"--config.output={out}", *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  src, res = nifti.load(ct_file), nifti.load(out)
+  src, res = volume_io.load(ct_file), volume_io.load(out)
   assert res.shape == src.shape
   np.testing.assert_allclose(res.affine, src.affine, atol=1e-4)
   assert np.all(np.isfinite(res.data))
@@ -159,7 +159,7 @@ def test_synthesis_command_larger_than_the_patch(tmp_path):
     "--config.guidance_scale=2.0",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  vol = nifti.load(out)
+  vol = volume_io.load(out)
   assert vol.shape == (24, 16, 20) and np.all(np.isfinite(vol.data))
 
 
@@ -171,7 +171,7 @@ def test_synthesis_from_a_label_map_on_another_grid(tmp_path, seg_file):
     "--config=configs/synthesis.py", f"--config.output={out}", f"--config.labels={seg_file}", "--config.num_steps=2"
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  seg, vol = nifti.load(seg_file), nifti.load(out)
+  seg, vol = volume_io.load(seg_file), volume_io.load(out)
   assert vol.shape == seg.shape
   np.testing.assert_allclose(vol.affine, seg.affine, atol=1e-4)
 

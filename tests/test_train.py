@@ -155,7 +155,7 @@ def test_spatially_sharded_step_matches_single_device():
 def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
   rules = sharding.DEFAULT_RULES
   plan = lambda b, k, n, **axes: sharding.check_plan(b, k, 128, 4, sharding.resolve_mesh_sizes(axes, n), rules)
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   paper = pretrain.get_config("paper")
   for n in (1, 4, 8):  # the paper preset (4 = 1 x 4 accumulation) on 1, 4, 8 devices: split along depth
@@ -211,7 +211,7 @@ def test_dry_run_reports_cost_without_padding():
 def test_paper256_preset_lowers_with_depth_split_inputs():
   """The 256^3 preset on 8 devices: lowered ahead of time (ShapeDtypeStructs, nothing allocated). Its full
   compile (minutes on 2 CPU cores) is recorded with the dry run in docs/scaling.md."""
-  from configs import pretrain
+  from meddiff_jax.configs import pretrain
 
   config = pretrain.get_config("paper256")
   config.data.prepared_dir = "unused"

@@ -19,10 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from meddiff_jax.data import nifti
+from meddiff_jax.data import volumes
 
 # Slices closer than this (mm) along the normal are duplicates; spacing may vary by this much.
 POSITION_TOLERANCE_MM = 0.05
+
+
+def is_dicom_file(path: str) -> bool:
+  try:
+    with open(path, "rb") as f:
+      return f.read(132)[128:132] == b"DICM"
+  except OSError:
+    return False
 
 
 def _read_header(path: str):
@@ -45,7 +53,7 @@ def scan(paths: Iterable[str]) -> tuple[dict[str, list[tuple[str, Any]]], list[d
     try:
       ds = _read_header(path)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
-      if nifti.is_dicom_file(path):
+      if is_dicom_file(path):
         skipped.append({"path": path, "reason": f"unreadable DICOM ({type(e).__name__}: {e})"})
       continue
     modality = str(ds.get("Modality", "") or "")
@@ -97,17 +105,17 @@ def list_files(directory: str) -> list[str]:
   return files
 
 
-def load_series(path: str, options: nifti.ReadOptions | None = None) -> nifti.Volume:
+def load_series(path: str, options: volumes.ReadOptions | None = None) -> volumes.Volume:
   """The CT series in folder `path` (or the series a single DICOM file `path` belongs to)."""
-  options = options or nifti.ReadOptions()
+  options = options or volumes.ReadOptions()
   if os.path.isdir(path):
     series, skipped = scan(list_files(path))
     if not series:
       why = f" (skipped: {skipped[0]['reason']}{' and others' if len(skipped) > 1 else ''})" if skipped else ""
-      raise nifti.VolumeError(path, f"no CT DICOM series in this folder{why}")
+      raise volumes.VolumeError(path, f"no CT DICOM series in this folder{why}")
     if len(series) > 1:
       names = ", ".join(f"{str(v[0][1].get('SeriesDescription', '') or '?')} ({len(v)} files)" for v in series.values())
-      raise nifti.VolumeError(
+      raise volumes.VolumeError(
         path,
         f"{len(series)} CT series in this folder ({names}); give a folder that holds one "
         "series (prepare handles folders of many)",
@@ -115,7 +123,7 @@ def load_series(path: str, options: nifti.ReadOptions | None = None) -> nifti.Vo
     return read_series(next(iter(series.values())), path, options)
   series, skipped = scan([path])
   if not series:
-    raise nifti.VolumeError(path, skipped[0]["reason"] if skipped else "not a readable DICOM file")
+    raise volumes.VolumeError(path, skipped[0]["reason"] if skipped else "not a readable DICOM file")
   uid = next(iter(series))
   folder, _ = scan(
     os.path.join(os.path.dirname(os.path.abspath(path)), n)
@@ -124,25 +132,27 @@ def load_series(path: str, options: nifti.ReadOptions | None = None) -> nifti.Vo
   return read_series(folder[uid], path, options)
 
 
-def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOptions | None = None) -> nifti.Volume:
+def read_series(files: list[tuple[str, Any]], label: str, options: volumes.ReadOptions | None = None) -> volumes.Volume:
   """One series' (path, header) pairs -> Volume (RAS world, HU), geometry from the positions."""
-  options = options or nifti.ReadOptions()
+  options = options or volumes.ReadOptions()
   headers = [ds for _, ds in files]
   first = headers[0]
   if int(first.get("NumberOfFrames", 1) or 1) > 1:
-    raise nifti.VolumeError(label, "multi-frame (enhanced) DICOM is not supported: convert it with dcm2niix first")
+    raise volumes.VolumeError(label, "multi-frame (enhanced) DICOM is not supported: convert it with dcm2niix first")
   for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
     if any(key not in ds for ds in headers):
-      raise nifti.VolumeError(label, f"a slice lacks {key}: the series' geometry is unknown")
+      raise volumes.VolumeError(label, f"a slice lacks {key}: the series' geometry is unknown")
   if len(files) < 2:
-    raise nifti.VolumeError(label, "a single DICOM slice, not a volume")
+    raise volumes.VolumeError(label, "a single DICOM slice, not a volume")
   iop = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
   if np.abs(iop - iop[0]).max() > 1e-4:
-    raise nifti.VolumeError(label, "slices have different ImageOrientationPatient (more than one stack in the series)")
+    raise volumes.VolumeError(
+      label, "slices have different ImageOrientationPatient (more than one stack in the series)"
+    )
   shapes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
   pixel = {tuple(round(float(v), 6) for v in ds.PixelSpacing) for ds in headers}
   if len(shapes) > 1 or len(pixel) > 1:
-    raise nifti.VolumeError(label, f"slices differ in size {sorted(shapes)} or pixel spacing {sorted(pixel)}")
+    raise volumes.VolumeError(label, f"slices differ in size {sorted(shapes)} or pixel spacing {sorted(pixel)}")
   row_dir, col_dir = iop[0, :3], iop[0, 3:]
   normal = np.cross(row_dir, col_dir)
   positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
@@ -151,14 +161,14 @@ def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOpt
   along, positions = along[order], positions[order]
   gaps = np.diff(along)
   if np.any(gaps < POSITION_TOLERANCE_MM):
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       label,
       f"{int(np.sum(gaps < POSITION_TOLERANCE_MM)) + 1} slices share a position "
       "(several acquisitions or phases in one series?): split the series",
     )
   spacing = float(np.median(gaps))
   if np.max(np.abs(gaps - spacing)) > max(POSITION_TOLERANCE_MM, 0.01 * spacing):
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       label,
       f"non-uniform slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm between "
       "slice positions; missing slices?): a regular grid cannot hold it; export a uniformly "
@@ -168,7 +178,7 @@ def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOpt
   sideways = offsets - np.outer(offsets @ normal, normal)
   if np.max(np.linalg.norm(sideways, axis=1)) > POSITION_TOLERANCE_MM:
     tilt = np.degrees(np.arctan2(np.linalg.norm(sideways[-1]), abs(offsets[-1] @ normal)))
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       label,
       f"gantry tilt or sheared stack (slices step {tilt:.2f} degrees off the slice "
       "normal): convert with dcm2niix, which corrects gantry tilt, and use its NIfTI",
@@ -176,19 +186,19 @@ def read_series(files: list[tuple[str, Any]], label: str, options: nifti.ReadOpt
   rows, cols = next(iter(shapes))
   dr, dc = (float(v) for v in first.PixelSpacing)  # DICOM: (between rows, between columns)
   shape = (cols, rows, len(files))  # x: along a row (column index), y: down the columns (row index), z: slices
-  nifti.check_size(label, shape, 4, options)
+  volumes.check_size(label, shape, 4, options)
   lps = np.eye(4)
   lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dc, col_dir * dr, normal * spacing, positions[0]
   affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-  nifti.check_geometry(label, shape, affine, options)
+  volumes.check_geometry(label, shape, affine, options)
   paths = [files[i][0] for i in order]
   data = np.empty(shape, np.float32)
   for k, path in enumerate(paths):
     data[:, :, k] = _slice_hu(path, label).T
-  source = nifti.Source(
+  source = volumes.Source(
     "dicom", label, shape, affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64), dicom_files=tuple(paths)
   )
-  return nifti.Volume(data=data, affine=affine, path=label, source=source)
+  return volumes.Volume(data=data, affine=affine, path=label, source=source)
 
 
 def _slice_hu(path: str, label: str) -> np.ndarray:
@@ -201,11 +211,11 @@ def _slice_hu(path: str, label: str) -> np.ndarray:
       ds = pydicom.dcmread(path)
       raw = ds.pixel_array
   except Exception as e:  # decoders raise many types (missing plugin, corrupt stream)
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       label, f"cannot decode pixels of {os.path.basename(path)} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     ) from e
   if raw.ndim != 2:
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       label, f"{os.path.basename(path)}: pixel array of shape {raw.shape}, expected one grey-level slice"
     )
   slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
@@ -214,23 +224,23 @@ def _slice_hu(path: str, label: str) -> np.ndarray:
   if pad is not None:
     limit = ds.get("PixelPaddingRangeLimit")
     lo, hi = (min(pad, limit), max(pad, limit)) if limit is not None else (pad, pad)
-    hu[(raw >= lo) & (raw <= hi)] = nifti.AIR_HU
+    hu[(raw >= lo) & (raw <= hi)] = volumes.AIR_HU
   return hu
 
 
-def write_series(data: np.ndarray, source: nifti.Source, out_dir: str, description: str = "") -> list[str]:
+def write_series(data: np.ndarray, source: volumes.Source, out_dir: str, description: str = "") -> list[str]:
   """A new series on the source's exact geometry and patient/study: new Series/SOP Instance UIDs, ImageType
   DERIVED\\SECONDARY, `description` as SeriesDescription. `data` is in the source's voxel order."""
   import pydicom
   from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
   if tuple(data.shape) != tuple(source.shape):
-    raise nifti.VolumeError(out_dir, f"result shape {data.shape} is not the input series' {source.shape}")
+    raise volumes.VolumeError(out_dir, f"result shape {data.shape} is not the input series' {source.shape}")
   inputs = {os.path.realpath(os.path.dirname(p)) for p in source.dicom_files}
   if os.path.realpath(out_dir) in inputs:
-    raise nifti.VolumeError(out_dir, "is the input series' folder; write the new series to another folder")
+    raise volumes.VolumeError(out_dir, "is the input series' folder; write the new series to another folder")
   if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise nifti.VolumeError(out_dir, "output folder is not empty; give a new or empty folder for the DICOM series")
+    raise volumes.VolumeError(out_dir, "output folder is not empty; give a new or empty folder for the DICOM series")
   os.makedirs(out_dir, exist_ok=True)
   values = np.asarray(data, np.float64)
   integral = np.allclose(values, np.round(values)) and values.min() >= -32768 and values.max() <= 32767

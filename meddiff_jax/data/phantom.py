@@ -2,7 +2,7 @@
 
 The embedded default dataset: a body outline (skin, fat, muscle), organs, bone and vessels placed with
 random jitter per seed, optional lesions with their own mask, and CT-like noise. Arrays are in RAS voxel
-order (axis 0: right, 1: anterior, 2: superior), like volumes after `data.nifti` canonicalisation, with a
+order (axis 0: right, 1: anterior, 2: superior), like volumes after `data.volume_io.load` canonicalisation, with a
 diagonal affine of the given spacing.
 """
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import fnmatch
-import hashlib
 import json
 import os
 import signal
@@ -28,26 +27,11 @@ import numpy as np
 from absl import logging
 
 from meddiff_jax import storage
-from meddiff_jax.data import dicom, multilevel, nifti, preprocess, recipes, regions, store
+from meddiff_jax.data import dicom, multilevel, preprocess, recipes, regions, store, volume_io, volumes
 
 HU_CLIP = (-1024.0, 3071.0)
 MARKER = ".meddiff_prepared"  # written into every output folder this command creates
-IMAGE_EXTENSIONS = nifti.NIFTI_EXTENSIONS + nifti.ITK_EXTENSIONS
 EMPTY_ENTRY = {"region": "", "mask": "", "parent": "", "lesion": ""}
-
-
-def _stem(path: str) -> str:
-  name = os.path.basename(path.rstrip(os.sep))
-  for ext in IMAGE_EXTENSIONS:
-    if name.lower().endswith(ext):
-      return name[: -len(ext)]
-  return os.path.splitext(name)[0]
-
-
-def volume_id(path: str, input_dir: str, extra: str = "") -> str:
-  """Readable and unique: the file stem plus a short hash of its path relative to the input dir."""
-  rel = os.path.relpath(path, input_dir) + extra
-  return f"{_stem(path)}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -124,7 +108,7 @@ def scan_input_dir(config: Any) -> tuple[dict[str, dict[str, Any]], list[dict[st
     seen_real.add(real)
     name = os.path.basename(path)
     pattern = next((pat for pat in config.exclude if fnmatch.fnmatch(name, pat)), None)
-    if name.lower().endswith(IMAGE_EXTENSIONS):
+    if name.lower().endswith(volume_io.IMAGE_EXTENSIONS):
       if pattern:
         ignored.append({"path": path, "reason": f"matches exclude pattern {pattern!r} (a mask, not an image)"})
       else:
@@ -173,7 +157,7 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
       "parent": entry["parent"],
       "lesion": entry.get("lesion", ""),
       "lowres": entry.get("lowres", ""),
-      "id": volume_id(image, input_dir, entry.get("series_uid", "")),
+      "id": store.volume_id(image, input_dir, entry.get("series_uid", "")),
       **recipes.job_extras(entry, image, input_dir, config),
     }
     if "dicom_files" in entry:
@@ -203,13 +187,13 @@ def check_output_dir(input_dir: str, output_dir: str) -> None:
     )
 
 
-def _load_image(job: dict[str, Any], options: nifti.ReadOptions) -> nifti.Volume:
+def _load_image(job: dict[str, Any], options: volumes.ReadOptions) -> volumes.Volume:
   if job.get("dicom_files"):
     series, skipped = dicom.scan(job["dicom_files"])
     if not series:
-      raise nifti.VolumeError(job["image"], skipped[0]["reason"] if skipped else "no readable DICOM files")
-    return nifti.canonical_ras(dicom.read_series(next(iter(series.values())), job["image"], options))
-  return nifti.load(job["image"], options=options)
+      raise volumes.VolumeError(job["image"], skipped[0]["reason"] if skipped else "no readable DICOM files")
+    return volumes.canonical_ras(dicom.read_series(next(iter(series.values())), job["image"], options))
+  return volume_io.load(job["image"], options=options)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -232,7 +216,7 @@ def _die_with_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, daemon=True).start()
 
 
-def onto_grid(volume: nifti.Volume, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def onto_grid(volume: volumes.Volume, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   """`volume` sampled (trilinear, by the exact voxel-to-voxel affine) at the voxels of another grid; -1024 HU
   outside. A partner scan that does not cover the grid is refused."""
   from scipy import ndimage
@@ -257,30 +241,30 @@ def prepare_one(
   job: dict[str, Any],
   output_dir: str,
   spacing: tuple[float, float, float],
-  options: nifti.ReadOptions | None = None,
+  options: volumes.ReadOptions | None = None,
   store_format: str = "zarr",
   whole_sizes: tuple[int, ...] = (),
   store_codec: str = store.DEFAULT_CODEC,
 ) -> dict[str, Any]:
   """Prepare one volume; returns a status dict instead of raising (runs in worker processes)."""
   t0 = time.perf_counter()
-  options = options or nifti.ReadOptions()
+  options = options or volumes.ReadOptions()
   try:
     if job["region"] not in preprocess.REGIONS + regions.AUTO:
       raise ValueError(f"{job['image']}: region {job['region']!r} is not one of {preprocess.REGIONS} or 'auto'")
     image = _load_image(job, options)
-    nifti.check_ct(image, assume_hu=options.assume_hu)
+    volumes.check_ct(image, assume_hu=options.assume_hu)
     labels = None
     if job["mask"]:
       mask = recipes.load_mask(job["mask"], job.get("class_map", ""), options)  # a label map or a per-class mask folder
-      nifti.check_same_grid(image, mask)
+      volumes.check_same_grid(image, mask)
       labels = mask
     if job["parent"]:
-      nifti.check_crop_position(image, nifti.load(job["parent"], options=options))
+      volumes.check_crop_position(image, volume_io.load(job["parent"], options=options))
     if job.get("lesion"):
-      lesion = nifti.load(job["lesion"], is_mask=True, options=options)
-      nifti.check_same_grid(image, lesion)
-      labels = nifti.Volume(
+      lesion = volume_io.load(job["lesion"], is_mask=True, options=options)
+      volumes.check_same_grid(image, lesion)
+      labels = volumes.Volume(
         multilevel.with_lesions(None if labels is None else labels.data, lesion.data), image.affine, lesion.path
       )
     original_spacing = image.spacing
@@ -297,16 +281,16 @@ def prepare_one(
     ids = []
     for part in parts:
       image, labels = part.image, part.labels
-      image = nifti.resample(image, spacing, order=1, fill=HU_CLIP[0])
+      image = volumes.resample(image, spacing, order=1, fill=HU_CLIP[0])
       if labels is not None:
-        labels = nifti.resample(labels, spacing, order=0, fill=0)
+        labels = volumes.resample(labels, spacing, order=0, fill=0)
       lowres = None
       if job.get("lowres"):
-        partner = nifti.load(job["lowres"], options=options)
-        nifti.check_ct(partner, assume_hu=options.assume_hu)
+        partner = volume_io.load(job["lowres"], options=options)
+        volumes.check_ct(partner, assume_hu=options.assume_hu)
         lowres = onto_grid(partner, image.affine, image.shape)
       if min(image.shape) < options.min_side_voxels:
-        raise nifti.VolumeError(
+        raise volumes.VolumeError(
           job["image"],
           f"only {image.shape} voxels at {spacing} mm, thinner than limits.min_side_voxels={options.min_side_voxels}",
         )
@@ -346,7 +330,7 @@ def prepare_one(
       "status": "done",
       "seconds": round(time.perf_counter() - t0, 2),
     }
-  except (nifti.VolumeError, ValueError, OSError, MemoryError) as e:
+  except (volumes.VolumeError, ValueError, OSError, MemoryError) as e:
     reason = str(e) or f"{type(e).__name__} while preparing {job['image']}"
     return {"image": job["image"], "id": job["id"], "status": "failed", "reason": reason}
 
@@ -371,7 +355,7 @@ def run(config: Any) -> dict[str, Any]:
   skipped = [{"image": j["image"], "id": j["id"], "status": "already prepared"} for j in jobs if j["id"] in done_ids]
   spacing = tuple(float(s) for s in config.spacing)
   whole_sizes = tuple(int(s) for s in config.whole_sizes)
-  options = nifti.ReadOptions.from_config(config)
+  options = volumes.ReadOptions.from_config(config)
   results: list[dict[str, Any]] = []
   progress = _progress(len(todo))
   if config.workers > 1 and len(todo) > 1:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from meddiff_jax import storage
-from meddiff_jax.data import nifti
+from meddiff_jax.data import store, volume_io, volumes
 
 EXTRA_COLUMNS = ("patient", "split", "dataset")
 SPLITS = ("train", "val", "test")
@@ -75,9 +75,7 @@ def job_extras(entry: Mapping[str, str], image: str, input_dir: str, config: Any
     "split_config": dict(config.regions.to_dict()),
   }
   if config.dataset:  # several datasets share one store: their volume ids must not collide
-    from meddiff_jax.data import prepare
-
-    extras["id"] = f"{config.dataset}-{prepare.volume_id(image, input_dir)}"
+    extras["id"] = f"{config.dataset}-{store.volume_id(image, input_dir)}"
   return extras
 
 
@@ -95,25 +93,25 @@ def class_map_from(path: str = "") -> dict[int, str]:
   return dict(class_map.TOTAL)
 
 
-def load_mask(path: str, class_map_path: str = "", options: nifti.ReadOptions | None = None) -> nifti.Volume:
+def load_mask(path: str, class_map_path: str = "", options: volumes.ReadOptions | None = None) -> volumes.Volume:
   """A TotalSegmentator label map: one NIfTI file, or a folder of per-class binary masks NAME.nii.gz."""
   if not os.path.isdir(path):
-    return nifti.load(path, is_mask=True, options=options)
+    return volume_io.load(path, is_mask=True, options=options)
   names = {v: k for k, v in class_map_from(class_map_path).items()}
   files = sorted(glob.glob(os.path.join(path, "*.nii*")))
   known = [(names[_stem(f)], f) for f in files if _stem(f) in names]
   if not known:
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       path,
       f"mask folder has no per-class masks named like the class map (e.g. liver.nii.gz); "
       f"{len(files)} NIfTI files found",
     )
   out = None
   for label, f in known:
-    part = nifti.load(f, is_mask=True, options=options)
+    part = volume_io.load(f, is_mask=True, options=options)
     if out is None:
-      out = nifti.Volume(np.zeros(part.shape, np.int16), part.affine, path)
-    nifti.check_same_grid(out, part)
+      out = volumes.Volume(np.zeros(part.shape, np.int16), part.affine, path)
+    volumes.check_same_grid(out, part)
     out.data[part.data > 0] = label  # TotalSegmentator classes do not overlap; a later id wins if they do
   return out
 

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from meddiff_jax.data import nifti, preprocess
+from meddiff_jax.data import preprocess, volumes
 
 AUTO = ("", "auto", "whole_body", "wholebody")  # manifest regions that ask for landmark splitting
 
@@ -80,8 +80,8 @@ class SplitConfig:
 @dataclasses.dataclass
 class SubVolume:
   region: str
-  image: nifti.Volume
-  labels: nifti.Volume | None
+  image: volumes.Volume
+  labels: volumes.Volume | None
   index_range: tuple[int, int]  # [start, stop) along `axis` of the parent
   axis: int
   z_range_mm: tuple[float, float]  # world S interval the region asked for (before clipping to the scan)
@@ -178,7 +178,7 @@ def region_intervals(
   return out
 
 
-def crop(volume: nifti.Volume, axis: int, start: int, stop: int) -> nifti.Volume:
+def crop(volume: volumes.Volume, axis: int, start: int, stop: int) -> volumes.Volume:
   """Index slice [start, stop) along `axis`; the affine origin moves to the first kept voxel (exact)."""
   index = [slice(None)] * 3
   index[axis] = slice(start, stop)
@@ -186,14 +186,14 @@ def crop(volume: nifti.Volume, axis: int, start: int, stop: int) -> nifti.Volume
   offset[axis] = start
   affine = volume.affine.copy()
   affine[:3, 3] = volume.affine[:3, :3] @ offset + volume.affine[:3, 3]
-  return nifti.Volume(np.ascontiguousarray(volume.data[tuple(index)]), affine, volume.path)
+  return volumes.Volume(np.ascontiguousarray(volume.data[tuple(index)]), affine, volume.path)
 
 
 def split(
-  image: nifti.Volume, labels: nifti.Volume, class_map: Mapping[int, str], cfg: SplitConfig = SplitConfig()
+  image: volumes.Volume, labels: volumes.Volume, class_map: Mapping[int, str], cfg: SplitConfig = SplitConfig()
 ) -> list[SubVolume]:
   """Region sub-volumes of a scan from its TotalSegmentator label map (same grid); may be empty."""
-  nifti.check_same_grid(image, labels)
+  volumes.check_same_grid(image, labels)
   axis = superior_axis(image.affine)
   z = slice_z(image.affine, image.shape, axis)
   intervals = region_intervals(labels.data, labels.affine, class_map, cfg)
@@ -216,8 +216,8 @@ def split(
 
 
 def resolve(
-  image: nifti.Volume,
-  labels: nifti.Volume | None,
+  image: volumes.Volume,
+  labels: volumes.Volume | None,
   region: str,
   class_map: Mapping[int, str],
   cfg: SplitConfig = SplitConfig(),

@@ -2,7 +2,7 @@
 Radiology: AI 2023), 122x101x112 at 3 mm, pelvis to lung bases, non-contrast.
 
 Offline (tests, or a machine with the files) `$MEDDIFF_TEST_DATA/example_ct.nii.gz` is used as is; otherwise
-the file is downloaded once into a cache folder. The caller checks it is CT (`nifti.check_ct`) after loading.
+the file is downloaded once into a cache folder. The caller checks it is CT (`volumes.check_ct`) after loading.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class SegmenterError(ValueError):
 
 
 class Segmenter:
-  """(case_id, image NIfTI path) -> integer label map on the image's grid (RAS, as data.nifti loads it)."""
+  """(case_id, image NIfTI path) -> integer label map on the image's grid (RAS, as data.volume_io loads it)."""
 
   def __init__(self, spec: str):
     self.spec = spec
@@ -65,7 +65,7 @@ class Segmenter:
       raise ValueError(f"--config.segmenter={spec!r} not understood; {MISSING}")
 
   def __call__(self, case_id: str, image_path: str) -> np.ndarray:
-    from meddiff_jax.data import nifti
+    from meddiff_jax.data import volume_io
 
     if self.kind == "threshold":
       raise ValueError("the threshold segmenter needs the lesion-free scan; use lesion_threshold_segmentation")
@@ -73,7 +73,7 @@ class Segmenter:
       path = os.path.join(self.directory, f"{case_id}.nii.gz")
       if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: prediction missing for case {case_id!r}")
-      return nifti.load(path, is_mask=True).data
+      return volume_io.load(path, is_mask=True).data
     with tempfile.TemporaryDirectory() as tmp:
       out = os.path.join(tmp, "seg.nii.gz")
       cmd = self.template.format(input=shlex.quote(image_path), output=shlex.quote(out))
@@ -81,7 +81,7 @@ class Segmenter:
       if proc.returncode != 0 or not os.path.isfile(out):
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
         raise SegmenterError(f"segmenter {cmd!r} failed (exit {proc.returncode}): {tail[0]}")
-      return nifti.load(out, is_mask=True).data
+      return volume_io.load(out, is_mask=True).data
 
 
 def lesion_threshold_segmentation(

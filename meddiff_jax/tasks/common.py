@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meddiff_jax import pretrained, sections, sharding
-from meddiff_jax.data import nifti, pipeline, preprocess
+from meddiff_jax.data import pipeline, preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.models import conditions
 from meddiff_jax.pretrained import Pretrained
@@ -44,7 +44,7 @@ class TaskSpec:
   window_batch: int
   seed: int
   inference_dtype: str
-  read: nifti.ReadOptions  # assume_orientation, trust_affine, assume_hu, limits (nifti.INPUT_KEYS)
+  read: volumes.ReadOptions  # assume_orientation, trust_affine, assume_hu, limits (volumes.INPUT_KEYS)
 
   def __post_init__(self):
     sections.choice("config.mode", self.mode, (self.MODE,))
@@ -63,8 +63,8 @@ class TaskSpec:
 
   @classmethod
   def from_config(cls, config: Any) -> TaskSpec:
-    values = {k: v for k, v in dict(config).items() if k not in nifti.INPUT_KEYS}
-    return sections.from_config(cls, dict(values, read=nifti.ReadOptions.from_section(config)), "config")
+    values = {k: v for k, v in dict(config).items() if k not in volumes.INPUT_KEYS}
+    return sections.from_config(cls, dict(values, read=volumes.ReadOptions.from_section(config)), "config")
 
 
 def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):
@@ -116,18 +116,18 @@ def task_spacing(pre: Pretrained, config: Any) -> tuple[float, float, float] | N
   return pipeline.training_spacing(pre.config.data)
 
 
-def load_labels(path: str, original: nifti.Volume, work: nifti.Volume) -> np.ndarray | None:
+def load_labels(path: str, original: volumes.Volume, work: volumes.Volume) -> np.ndarray | None:
   """A TotalSegmentator label map (`--config.labels`) on the input's grid, moved to the working grid (nearest)."""
   if not path:
     return None
-  labels = nifti.load(path, is_mask=True)
+  labels = volume_io.load(path, is_mask=True)
   try:
-    nifti.check_same_grid(original, labels)
+    volumes.check_same_grid(original, labels)
   except ValueError as e:
     raise ValueError(f"--config.labels={path!r}: {e}") from None
   if work.shape == original.shape and np.allclose(work.affine, original.affine):
     return labels.data
-  moved = nifti.resample(labels, work.spacing, order=0, fill=0.0).data
+  moved = volumes.resample(labels, work.spacing, order=0, fill=0.0).data
   if moved.shape != work.shape:
     raise ValueError(f"--config.labels={path!r}: resampled to {moved.shape}, the image to {work.shape}")
   return moved
@@ -141,25 +141,27 @@ def window_batch(config: Any) -> int:
 
 def load_ct(
   path: str, region: str, spacing: tuple[float, ...] | None, config: Any = None
-) -> tuple[nifti.Volume, nifti.Volume]:
+) -> tuple[volumes.Volume, volumes.Volume]:
   """(original volume, working volume resampled to `spacing` (or as is)). `path`: a NIfTI / NRRD / MHA file
   or a DICOM series folder; `config` supplies the overrides and limits (configs/input_options.py)."""
-  options = nifti.ReadOptions.from_config(config)
-  original = nifti.load(path, options=options)
-  nifti.check_ct(original, assume_hu=options.assume_hu)
+  options = volumes.ReadOptions.from_config(config)
+  original = volume_io.load(path, options=options)
+  volumes.check_ct(original, assume_hu=options.assume_hu)
   work = original
   if spacing and any(spacing):
-    work = nifti.resample(original, tuple(spacing), order=1)
+    work = volumes.resample(original, tuple(spacing), order=1)
   preprocess.region_id(region)
   return original, work
 
 
-def back_to_input_grid(values: np.ndarray, work: nifti.Volume, original: nifti.Volume, order: int = 1) -> np.ndarray:
+def back_to_input_grid(
+  values: np.ndarray, work: volumes.Volume, original: volumes.Volume, order: int = 1
+) -> np.ndarray:
   """Resample a result computed on the working grid back onto the input's grid (same shape/affine)."""
   if work.shape == original.shape and np.allclose(work.affine, original.affine):
     return values
-  back = nifti.resample_like(
-    nifti.Volume(np.asarray(values, np.float32), work.affine),
+  back = volumes.resample_like(
+    volumes.Volume(np.asarray(values, np.float32), work.affine),
     original.shape,
     original.affine,
     order=order,
@@ -169,19 +171,19 @@ def back_to_input_grid(values: np.ndarray, work: nifti.Volume, original: nifti.V
 
 
 def save_like_input(
-  values_ras: np.ndarray, original: nifti.Volume, path: str, dtype=None, description: str = ""
+  values_ras: np.ndarray, original: volumes.Volume, path: str, dtype=None, description: str = ""
 ) -> str:
   """Write a task result on the input's own grid: same shape, voxel order, affine and qform/sform codes
   (NIfTI), or a new DICOM series beside the original when the input was DICOM and `path` is a folder."""
-  return nifti.save_like(values_ras, original, path, dtype, description=description)
+  return volume_io.save_like(values_ras, original, path, dtype, description=description)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskInput:
   """A CT read for a task, on the model's grid and scale."""
 
-  original: nifti.Volume  # as read: the output is saved on its grid, voxel order and header
-  work: nifti.Volume  # on the working grid (resampled to the working spacing, or `original` itself)
+  original: volumes.Volume  # as read: the output is saved on its grid, voxel order and header
+  work: volumes.Volume  # on the working grid (resampled to the working spacing, or `original` itself)
   region: int
   unit: np.ndarray  # (X, Y, Z) `work` in [-1, 1], padded with -1 to at least the patch on every side
   crop: tuple[slice, ...]  # unit[crop] is `work`; also the windows' position frame
@@ -212,9 +214,9 @@ def sidecar_path(output: str) -> str:
 def finish(
   values: np.ndarray,
   output: str,
-  like: nifti.Volume,
+  like: volumes.Volume,
   *,
-  work: nifti.Volume | None = None,
+  work: volumes.Volume | None = None,
   dtype=None,
   description: str = "",
   sidecar: dict[str, Any] | None = None,

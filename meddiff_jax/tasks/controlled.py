@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import nifti, pipeline, preprocess
+from meddiff_jax.data import pipeline, preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common
@@ -182,15 +182,15 @@ def run_super_resolution(config: Any) -> dict[str, Any]:
     fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *inp.unit.shape, 1)), method=config.sampler
   )
   out = sample_controlled(cm, inp, inp.unit, config, sample)
-  sr_vol = nifti.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
+  sr_vol = volumes.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
   if not np.allclose(model_spacing, target_spacing):
-    sr_vol = nifti.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
+    sr_vol = volumes.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
   sr = sr_vol.data
   result: dict[str, Any] = {"output": config.output, "shape": list(sr.shape)}
   if config.reference:
-    ref = nifti.load(config.reference)
-    cubic = nifti.resample(lr, target_spacing, order=3, fill=-1024.0).data
-    linear = nifti.resample(lr, target_spacing, order=1, fill=-1024.0).data
+    ref = volume_io.load(config.reference)
+    cubic = volumes.resample(lr, target_spacing, order=3, fill=-1024.0).data
+    linear = volumes.resample(lr, target_spacing, order=1, fill=-1024.0).data
     sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, sr.shape))
     unit = lambda v: preprocess.hu_to_unit(v[sl], region)
     result["metrics"] = {
@@ -207,8 +207,8 @@ def run_lesion(config: Any) -> dict[str, Any]:
   cm = pretrained.load_controlled(config.controlnet, config.inference_dtype)
   inp = common.prepare_input(cm.pre, config, None)  # the lesion goes into the scan as it is: its own grid
   ct = inp.original
-  mask = nifti.load(config.mask, is_mask=True, options=nifti.ReadOptions.from_config(config))
-  nifti.check_same_grid(ct, mask)
+  mask = volume_io.load(config.mask, is_mask=True, options=volumes.ReadOptions.from_config(config))
+  volumes.check_same_grid(ct, mask)
   lesion = mask.data > 0
   m = inp.pad(lesion.astype(np.float32), 0.0)
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, config.num_steps, "trailing")

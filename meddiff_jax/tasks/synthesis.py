@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import nifti, pipeline, preprocess
+from meddiff_jax.data import pipeline, preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.tasks import common
 
@@ -79,8 +79,8 @@ def run(config: Any) -> dict[str, Any]:
   region = preprocess.region_id(config.region)
   spacing = common.task_spacing(pre, config) or (1.0, 1.0, 1.0)
   if config.labels:
-    mask = nifti.load(config.labels, is_mask=True)
-    work = nifti.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
+    mask = volume_io.load(config.labels, is_mask=True)
+    work = volumes.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
     labels = work.data.astype(np.int32)
     lut, _ = pipeline.structure_lut(pre.config.data)
     proxy = body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS))
@@ -88,7 +88,7 @@ def run(config: Any) -> dict[str, Any]:
     structures = common.structure_volume(pre, labels, proxy)
   else:
     shape = tuple(int(s) for s in config.shape)
-    mask = work = nifti.Volume(np.zeros(shape, np.float32), np.diag([*spacing, 1.0]))
+    mask = work = volumes.Volume(np.zeros(shape, np.float32), np.diag([*spacing, 1.0]))
     # no anatomy given: all structure channels zero with the real region, trained by structure dropout
     # (diffusion.structure_drop_prob x body_drop_prob)
     structures = (

@@ -24,9 +24,9 @@ from meddiff_jax.data import pipeline
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
 from meddiff_jax.models import conditions, trainable, unet3d
-from meddiff_jax.train import evaluate, throughput
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
+from meddiff_jax.train import throughput, validation
 from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
 
@@ -255,10 +255,10 @@ def train_and_evaluate(
   # eval and previews use the EMA of the trained leaves with the frozen leaves as they are
   eval_params = lambda st: trainable.merge(trainable.split(st.params, labels)[1], st.ema_params)
   eval_step = jax.jit(
-    evaluate.make_eval_step(trainee.apply_fn, schedule, config, config.eval.num_buckets),
+    validation.make_eval_step(trainee.apply_fn, schedule, config, config.eval.num_buckets),
     in_shardings=(eval_params(state_shardings), batch_sharding, None),
   )
-  preview = jax.jit(evaluate.make_preview_sampler(trainee.apply_fn, schedule, config, config.eval.sample_steps))
+  preview = jax.jit(validation.make_preview_sampler(trainee.apply_fn, schedule, config, config.eval.sample_steps))
 
   writer = writer_lib.MetricWriter(workdir)
   num_steps = config.training.num_steps
@@ -367,7 +367,7 @@ def run_eval(eval_step, params, val_store, config, batch_sharding, num_timesteps
     losses = eval_step(params, next(batches), jax.random.key(i))
     total = losses if total is None else total + losses
   values = np.asarray(jax.device_get(total)) / config.eval.num_batches
-  out = dict(zip(evaluate.bucket_names(config.eval.num_buckets, num_timesteps), map(float, values)))
+  out = dict(zip(validation.bucket_names(config.eval.num_buckets, num_timesteps), map(float, values)))
   out["val/loss"] = float(values.mean())
   return out
 

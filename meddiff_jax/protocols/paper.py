@@ -1,4 +1,4 @@
-"""The paper's evaluation protocols: per case, run the task (benchmarking/adapters.py) and the protocol's
+"""The paper's evaluation protocols: per case, run the task (protocols/adapters.py) and the protocol's
 reference rows, score with evaluation/, aggregate, and format the table the paper reports.
 
 Every protocol returns `Result(rows, cases, aggregate, table)`; `rows` are the methods in table order.
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from meddiff_jax.benchmarking import adapters, datasets
-from meddiff_jax.data import nifti, preprocess
+from meddiff_jax.data import nifti, preprocess, volume_io, volumes
 from meddiff_jax.evaluation import baselines, extractors, frechet, metrics, scores, segmenters
+from meddiff_jax.protocols import adapters, datasets
 
 MODEL = "MedDiff-FM"
 # What the paper reports (../shared/PAPER_NOTES.md section 5), printed under each table.
@@ -45,11 +45,11 @@ def _case_dir(workdir: str, cid: str) -> str:
   return d
 
 
-def _load(config: Any, path: str, is_mask: bool = False) -> nifti.Volume:
+def _load(config: Any, path: str, is_mask: bool = False) -> volumes.Volume:
   return datasets.load_volume(path, is_mask, int(config.png_depth), float(config.png_spacing))
 
 
-def _as_nifti(vol: nifti.Volume, source: str, out: str) -> str:
+def _as_nifti(vol: volumes.Volume, source: str, out: str) -> str:
   """The task commands read NIfTI: pass NIfTI files through, write anything else (DICOM, PNG, a selected
   mask) under the workdir. The user's files are never modified."""
   if source.endswith((".nii", ".nii.gz")) and os.path.isfile(source):
@@ -94,9 +94,9 @@ def _table(title: str, header: list[str], lines: list[list[str]], footer: list[s
   return "\n".join([title, sep, fmt(header), sep, *[fmt(r) for r in lines], sep, *footer])
 
 
-def _check_grid(a: nifti.Volume, b: nifti.Volume, what: str) -> None:
+def _check_grid(a: volumes.Volume, b: volumes.Volume, what: str) -> None:
   if a.shape != b.shape or not np.allclose(a.affine, b.affine, atol=1e-2):
-    raise nifti.VolumeError(
+    raise volumes.VolumeError(
       b.path,
       f"{what} grid (shape {b.shape}) does not match {a.path} (shape {a.shape}): "
       "pairs must be registered on one voxel grid",
@@ -114,7 +114,7 @@ def denoising(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   for case in cases:
     low, high = _load(config, case.paths["low"]), _load(config, case.paths["high"])
     _check_grid(low, high, "full-dose")
-    nifti.check_ct(low)
+    volumes.check_ct(low)
     outputs = {
       "low-dose input": low.data,
       "Gaussian filter": baselines.gaussian(low.data, window, float(config.gaussian_sigma)),
@@ -130,7 +130,7 @@ def denoising(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
         output=out,
         output_int16=False,
       )
-      outputs[model_row] = nifti.load(out).data
+      outputs[model_row] = volume_io.load(out).data
     m = {r: scores.image_quality(high.data, outputs[r], window) for r in rows}
     for r in rows:
       m[r]["ssim_2d_gain"] = m[r]["ssim_2d"] - m["low-dose input"]["ssim_2d"]
@@ -180,7 +180,7 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
   out_cases = []
   for case in cases:
     img = _load(config, case.paths["image"])
-    nifti.check_ct(img)
+    volumes.check_ct(img)
     mask = None
     if "label" in case.paths:
       mvol = _load(config, case.paths["label"], is_mask=True)
@@ -189,7 +189,7 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
     elif case.is_abnormal == 0:
       mask = np.zeros(img.shape, np.int8)  # a normal case: no abnormal voxel
     if mask is not None and case.is_abnormal == 0 and mask.any():
-      raise nifti.VolumeError(case.paths.get("label", ""), "is_abnormal=0 but its mask has abnormal voxels")
+      raise volumes.VolumeError(case.paths.get("label", ""), "is_abnormal=0 but its mask has abnormal voxels")
     body = img.data > preprocess.BODY_THRESHOLD_HU
     maps = {
       "no-prior residual": ndimage.gaussian_filter(
@@ -202,7 +202,7 @@ def anomaly(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
       adapters.run_task(
         "anomaly", config, input=_as_nifti(img, case.paths["image"], os.path.join(d, "image.nii.gz")), output=out
       )
-      maps[MODEL] = nifti.load(out).data
+      maps[MODEL] = volume_io.load(out).data
     m = {}
     for r in rows:
       amap = maps[r]
@@ -282,7 +282,7 @@ def synthesis(config: Any, cases: list[datasets.Case], workdir: str) -> Result:
         output=out,
         labels=_as_nifti(labels, case.paths["labels"], os.path.join(d, "labels.nii.gz")),
       )
-      gen = nifti.load(out)
+      gen = volume_io.load(out)
       images[MODEL] = (gen.data, out)
     if extractor is not None:
       real_feats.append(extractor(case.id, real.data))
@@ -321,12 +321,12 @@ def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> R
   out_cases = []
   for case in cases:
     thick, thin = _load(config, case.paths["thick"]), _load(config, case.paths["thin"])
-    nifti.check_ct(thick)
+    volumes.check_ct(thick)
     target = tuple(float(s) for s in config.sr_spacing) if config.sr_spacing else thin.spacing
-    ref = nifti.resample(thin, target, order=1, fill=-1024.0) if not np.allclose(target, thin.spacing) else thin
+    ref = volumes.resample(thin, target, order=1, fill=-1024.0) if not np.allclose(target, thin.spacing) else thin
     outputs = {
-      "trilinear": nifti.resample(thick, target, order=1, fill=-1024.0).data,
-      "cubic": nifti.resample(thick, target, order=3, fill=-1024.0).data,
+      "trilinear": volumes.resample(thick, target, order=1, fill=-1024.0).data,
+      "cubic": volumes.resample(thick, target, order=3, fill=-1024.0).data,
     }
     if not config.skip_model:
       d = _case_dir(workdir, case.id)
@@ -338,7 +338,7 @@ def super_resolution(config: Any, cases: list[datasets.Case], workdir: str) -> R
         spacing=target,
         input=_as_nifti(thick, case.paths["thick"], os.path.join(d, "thick.nii.gz")),
       )
-      outputs[rows[-1]] = nifti.load(out).data
+      outputs[rows[-1]] = volume_io.load(out).data
     m = {}
     for r in rows:  # the thin scan and the upsampled thick one cover the same extent up to a slice: compare the overlap
       sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, outputs[r].shape))
@@ -367,7 +367,7 @@ def _lesion(protocol: str, config: Any, cases: list[datasets.Case], workdir: str
   out_cases, skipped = [], []
   for case in cases:
     img = _load(config, case.paths["image"])
-    nifti.check_ct(img)
+    volumes.check_ct(img)
     mvol = _load(config, case.paths["mask"], is_mask=True)
     _check_grid(img, mvol, "mask")
     lesion = np.isin(mvol.data, case.mask_labels) if case.mask_labels else mvol.data > 0
@@ -378,10 +378,10 @@ def _lesion(protocol: str, config: Any, cases: list[datasets.Case], workdir: str
     images = {rows[0]: (img.data, _as_nifti(img, case.paths["image"], os.path.join(d, "image.nii.gz")))}
     if not config.skip_model:
       mask_path = os.path.join(d, "lesion_mask.nii.gz")
-      nifti.save(nifti.Volume(lesion.astype(np.uint8), mvol.affine), mask_path)
+      nifti.save(volumes.Volume(lesion.astype(np.uint8), mvol.affine), mask_path)
       out = os.path.join(d, "generated.nii.gz")
       adapters.run_task(protocol, config, input=images[rows[0]][1], mask=mask_path, output=out)
-      images[model_row] = (nifti.load(out).data, out)
+      images[model_row] = (volume_io.load(out).data, out)
     m = {}
     for r in rows:
       data, path = images[r]

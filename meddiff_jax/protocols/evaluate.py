@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from meddiff_jax.benchmarking import datasets, protocols
+from meddiff_jax.protocols import datasets, paper
 
 
 def _jsonable(x: Any) -> Any:
@@ -29,7 +29,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   cases = datasets.read_cases(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  result = protocols.PROTOCOLS[config.protocol](config, cases, workdir)
+  result = paper.PROTOCOLS[config.protocol](config, cases, workdir)
   out = {
     "protocol": config.protocol,
     "dataset": config.dataset or None,

@@ -2,7 +2,7 @@
 
 A case is an id plus paths by role (`low`/`high`, `thick`/`thin`, `image`/`mask`/`label`/`labels`) and,
 for anomaly detection, a 0/1 label. A path may be a NIfTI file, a DICOM series directory (Mayo, TCIA),
-or a PNG slice (BMAD); `load_volume` turns any of them into a RAS `nifti.Volume`. Every problem is a
+or a PNG slice (BMAD); `load_volume` turns any of them into a RAS `volumes.Volume`. Every problem is a
 one-line error naming the file (and CSV line) and what is wrong. Layouts are documented in
 docs/evaluation.md.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from meddiff_jax.data import nifti, preprocess
+from meddiff_jax.data import preprocess, volume_io, volumes
 
 CSV_COLUMNS = {
   "denoising": ("low", "high"),
@@ -279,14 +279,14 @@ def _series_dir(root: str) -> str:
   return best
 
 
-def load_volume(path: str, is_mask: bool = False, png_depth: int = 16, png_spacing: float = 1.0) -> nifti.Volume:
+def load_volume(path: str, is_mask: bool = False, png_depth: int = 16, png_spacing: float = 1.0) -> volumes.Volume:
   """NIfTI file, DICOM series directory or PNG slice -> RAS Volume (HU for images, int labels for masks)."""
   if path.lower().endswith(".png"):
     return read_png_slice(path, is_mask, png_depth, png_spacing)
-  return nifti.load(path, is_mask=is_mask)
+  return volume_io.load(path, is_mask=is_mask)
 
 
-def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> nifti.Volume:
+def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> volumes.Volume:
   """A BMAD slice (8-bit, already windowed) as a volume of `depth` identical slices: grey 1..255 maps
   linearly onto the abdomen window's HU range, grey 0 (at or below the window) to -1024 HU, which the
   model sees identically (-1 after windowing) and which makes the body mask (HU > -500) the non-zero
@@ -296,10 +296,10 @@ def read_png_slice(path: str, is_mask: bool, depth: int, spacing: float) -> nift
   try:
     img = np.asarray(Image.open(path).convert("L"), np.float32).T  # (W, H): x along the image columns
   except Exception as e:  # noqa: BLE001 - PIL raises many types
-    raise nifti.VolumeError(path, f"not a readable PNG ({type(e).__name__}: {e})") from None
+    raise volumes.VolumeError(path, f"not a readable PNG ({type(e).__name__}: {e})") from None
   if is_mask:
     data = np.repeat((img > 0)[..., None], depth, axis=2).astype(np.int16)
   else:
     hu = np.where(img > 0, preprocess.unit_to_hu(img / 127.5 - 1.0, "abdomen"), -1024.0).astype(np.float32)
     data = np.repeat(hu[..., None], depth, axis=2)
-  return nifti.Volume(data, np.diag([spacing] * 3 + [1.0]), path)
+  return volumes.Volume(data, np.diag([spacing] * 3 + [1.0]), path)

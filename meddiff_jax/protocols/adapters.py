@@ -8,10 +8,10 @@ are copied when the task has them; `--config.task="KEY=VALUE;KEY=VALUE"` reaches
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
+from meddiff_jax import config_files
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 
 TASK = {
@@ -62,9 +62,7 @@ def parse_task_options(text: str) -> dict[str, Any]:
 
 def task_config(protocol: str, config: Any, **case_keys: Any):
   """The task's own default config, with the evaluation's shared options and the case's paths set."""
-  # configs/ is a folder of config files beside the package (not part of it): loaded by name, as the
-  # --config flag loads them
-  cfg = importlib.import_module(f"configs.{TASK[protocol]}").get_config()
+  cfg = config_files.load(TASK[protocol])  # the shipped config, by name (as --config=denoise loads it)
   for key in SHARED:
     value = config[key]
     unset = (
