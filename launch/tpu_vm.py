@@ -145,7 +145,7 @@ def status_command(a) -> list[str]:
 
 def working_tree_files(repo: str = REPO) -> list[str]:
   """Tracked files plus untracked files git does not ignore (what `git status` would let you commit), that
-  exist (a deleted tracked file is not shipped)."""
+  exist (a deleted tracked file is not shipped); symlinks as links."""
   out = subprocess.run(
     ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
     cwd=repo,
@@ -153,7 +153,8 @@ def working_tree_files(repo: str = REPO) -> list[str]:
     check=True,
   ).stdout
   names = sorted({n for n in out.decode().split("\0") if n})
-  return [n for n in names if os.path.isfile(os.path.join(repo, n))]
+  exists = lambda n: os.path.isfile(os.path.join(repo, n)) or os.path.islink(os.path.join(repo, n))
+  return [n for n in names if exists(n)]  # a symlink (meddiff_jax/configs) goes as a link
 
 
 def pack_tree(path: str, repo: str = REPO) -> int:

@@ -98,10 +98,15 @@ def test_the_shipped_tree_is_the_working_tree(tmp_path):
   git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
   (tmp_path / "gone.py").unlink()
   (tmp_path / "tracked.py").write_text("edited")
-  assert tpu_vm.working_tree_files(str(tmp_path)) == [".gitignore", "configs/mine.py", "new.py", "tracked.py"]
+  (tmp_path / "pkg").mkdir()
+  (tmp_path / "pkg" / "configs").symlink_to("../configs")  # as meddiff_jax/configs -> ../configs
+  expected = [".gitignore", "configs/mine.py", "new.py", "pkg/configs", "tracked.py"]
+  assert tpu_vm.working_tree_files(str(tmp_path)) == expected
   n = tpu_vm.pack_tree(str(tmp_path / "t.tar.gz"), str(tmp_path))
   with tarfile.open(tmp_path / "t.tar.gz") as tar:
-    assert n == 4 and tar.extractfile("tracked.py").read() == b"edited"
+    assert n == 5 and tar.extractfile("tracked.py").read() == b"edited"
+    link = tar.getmember("pkg/configs")
+    assert link.issym() and link.linkname == "../configs"
 
 
 def test_the_gcp_extra_only_for_gs_paths():
