@@ -149,15 +149,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   )
 
-  c.restore = True  # resume from the latest checkpoint in WORKDIR/checkpoints
+  c.restore = True  # resume from the newest checkpoint in WORKDIR/checkpoints that restores
   c.checkpoint = ml_collections.ConfigDict(
     dict(
       every_steps=1000,
       keep=3,
       asynchronous=True,
-      preemption_check_every=10,  # multi-process: steps between SIGTERM agreement points
+      # WORKDIR/checkpoints holds steps and none restores into this run (another model, corrupt), or restore=False:
+      # fail (a one-line error naming the newest step and why) | start_fresh (move them aside, start at step 0)
+      on_unrestorable="fail",
     )
   )
+  # jax's persistent compilation cache (a restarted job loads its compiled steps instead of compiling again):
+  # auto = WORKDIR/compilation_cache on accelerators, off on CPU | '' = off | a directory or gs:// URL
+  c.compilation_cache_dir = "auto"
 
   # Devices per axis (one may be -1: the rest). spatial: devices that share one sample along depth.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1, tensor=1))

@@ -2,6 +2,8 @@
 # Plain multi-node launch without a scheduler: run this on every node.
 #   launch/multinode.sh COORDINATOR_HOST:PORT NUM_PROCESSES PROCESS_ID -- --config=... --workdir=...
 #   DRY_RUN=1 launch/multinode.sh ...   prints the command instead of running it
+# Training replaces this shell (exec), so a SIGTERM to it (a preemption notice) reaches JAX's preemption
+# service: every process saves the same step and exits 0; run the same command again to resume.
 set -euo pipefail
 if [ "$#" -lt 4 ] || [ "$4" != "--" ]; then
   echo "usage: $0 COORDINATOR_HOST:PORT NUM_PROCESSES PROCESS_ID -- MAIN_FLAGS..." >&2

@@ -63,6 +63,8 @@ def _trainable(typed: PretrainConfig, num_devices: int | None) -> PretrainConfig
   )
   if typed.data.source == "prepared":
     storage.check_backend(typed.data.prepared_dir)  # a gs:// / s3:// store needs its filesystem extra
+  if typed.compilation_cache_dir not in ("", "auto"):
+    storage.check_backend(typed.compilation_cache_dir)  # a gs:// cache needs its filesystem extra
   return typed
 
 
@@ -100,6 +102,7 @@ def prepare(config: Config) -> Config:
     raise ConfigError("prepare needs --config.input_dir=DIR and --config.output_dir=DIR")
   if not os.path.isdir(config.input_dir):
     raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
+  storage.check_backend(config.output_dir)  # a gs:// / s3:// output needs its filesystem extra
   if config.store_format not in ("auto", *store_lib.FORMATS):
     raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
   if config.store_codec not in store_lib.CODECS:

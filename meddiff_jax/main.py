@@ -13,6 +13,7 @@ is one line `error: ...` on stderr and exit status 1.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -22,12 +23,14 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from meddiff_jax import checks, config_files, pretrained, storage
+from meddiff_jax import checkpoint, checks, config_files, pretrained, sharding, storage
 from meddiff_jax.data import prepare, volumes
 from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
 from meddiff_jax.train.spec import PretrainConfig
+
+Config = ml_collections.ConfigDict
 
 _CONFIG = config_files.define_config_flag(
   "config",
@@ -40,14 +43,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// / s3:// URL
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when the environment describes a multi-process job.
+def on_cloud_tpu() -> bool:
+  """A Cloud TPU VM (any slice size): JAX's own test before it sets a TPU host up (jax._src.cloud_tpu_init,
+  private but pinned with jax <0.11): TPU chips on the PCI bus and libtpu installed. JAX_PLATFORMS=cpu opts out."""
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    return False
+  try:
+    from jax._src import hardware_utils
 
-  Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID (launch/ scripts set
-  them). Otherwise SLURM (more than one task) and TPU pod environments are auto-detected by JAX.
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except (ImportError, AttributeError, OSError):
+    return False
+  return chips > 0 and importlib.util.find_spec("libtpu") is not None
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() on every TPU VM and in every multi-process job, before the backend starts.
+
+  TPU VMs, as maxtext and maxdiffusion do: always, with no arguments (JAX reads the slice from the TPU
+  metadata; one process on a single-host slice). It also starts JAX's preemption service, which decides the
+  step a preempted run saves (train/loop.PreemptionWatcher). Elsewhere only when the environment describes
+  a multi-process job: JAX_COORDINATOR_ADDRESS (host:port) + JAX_NUM_PROCESSES + JAX_PROCESS_ID (the launch/
+  scripts set them), a SLURM job with more than one task, or a TPU pod / multi-slice environment.
   """
+  if jax.distributed.is_initialized():
+    return
   slurm_multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  if not (slurm_multi or any(os.environ.get(k) for k in _DISTRIBUTED_ENV)):
+  if not (on_cloud_tpu() or slurm_multi or any(os.environ.get(k) for k in _DISTRIBUTED_ENV)):
     return
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes need gloo for cross-process collectives
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -59,13 +81,35 @@ def maybe_initialize_distributed() -> None:
       process_id=int(os.environ["JAX_PROCESS_ID"]),
     )
   jax.distributed.initialize(**kwargs)
-  print(
-    f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global devices",
-    flush=True,
+
+
+def startup_line(config: PretrainConfig) -> str:
+  """Who this process is: index / count, local / global devices, the mesh it will build."""
+  mesh = sharding.resolve_mesh_sizes(config.mesh.sizes, jax.device_count())
+  return (
+    f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
+    f"{jax.device_count()} global {jax.devices()[0].platform} devices ({jax.devices()[0].device_kind}); mesh {mesh}"
   )
 
 
-Config = ml_collections.ConfigDict
+# jax's persistent cache keeps compiles that took at least this long (trivial jits would cost an object-store
+# round trip each); every size of entry is kept. jax's defaults, which maxtext / maxdiffusion run with.
+CACHE_MIN_COMPILE_TIME_S = 1.0
+CACHE_MIN_ENTRY_SIZE_BYTES = 0
+
+
+def configure_compilation_cache(setting: str, workdir: str | None) -> str | None:
+  """Point jax's persistent compilation cache at `setting` (config.compilation_cache_dir): 'auto' is
+  WORKDIR/compilation_cache on accelerators (a restarted or preempted job loads its compiled steps back) and
+  off on CPU; '' is off. Returns the directory in use, or None."""
+  if setting == "auto":
+    setting = storage.join(workdir, "compilation_cache") if workdir and jax.default_backend() != "cpu" else ""
+  if not setting:
+    return None
+  jax.config.update("jax_compilation_cache_dir", setting)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_S)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", CACHE_MIN_ENTRY_SIZE_BYTES)
+  return setting
 
 
 def train(config: PretrainConfig, workdir: str) -> Any:
@@ -106,8 +150,10 @@ class Command:
 
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad cases / manifests / directories found while reading them
 COMMANDS: dict[str, Command] = {
-  "train": Command(checks.pretrain, train, workdir=True, distributed=True),
-  "controlnet": Command(checks.controlnet, controlnet.finetune, workdir=True, distributed=True),
+  "train": Command(checks.pretrain, train, workdir=True, distributed=True, user_errors=(checkpoint.UnrestorableError,)),
+  "controlnet": Command(
+    checks.controlnet, controlnet.finetune, workdir=True, distributed=True, user_errors=(checkpoint.UnrestorableError,)
+  ),
   "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
   "evaluate": Command(checks.evaluate, evaluate.run, workdir=True, user_errors=INPUT_ERRORS),
   "export": Command(checks.export, export),
@@ -146,6 +192,10 @@ def main(argv: list[str]) -> None:
     config = command.check(config)
   except CONFIG_ERRORS as e:
     fail(e)
+  if command.distributed:
+    cache = configure_compilation_cache(config.compilation_cache_dir, workdir)
+    if not getattr(config, "dry_run", False):  # a dry run prints its one JSON line only
+      print(startup_line(config) + (f"; compilation cache {cache}" if cache else ""), flush=True)
   try:
     command.run(config, workdir)
   except command.user_errors as e:  # a bad input volume / case / manifest: one line naming the file

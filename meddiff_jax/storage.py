@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import socket
 import time
+import uuid
 from typing import IO, Any
 
 import fsspec
@@ -77,11 +79,30 @@ def isdir(path: str) -> bool:
   return fs.isdir(p)
 
 
+def listdir(path: str) -> list[str]:
+  """Names in a directory (hidden ones included); [] when it does not exist."""
+  fs, p = filesystem(path)
+  if not fs.isdir(p):
+    return []
+  return sorted(posixpath.basename(str(e).rstrip("/")) for e in fs.ls(p, detail=False))
+
+
 def remove_tree(path: str) -> None:
   """Delete a file or directory (prefix) if it exists."""
   fs, p = filesystem(path)
   if fs.exists(p):
     fs.rm(p, recursive=True)
+
+
+def move(source: str, destination: str) -> None:
+  """Rename a file or directory (a server-side copy + delete on object stores); the destination's parent is
+  created."""
+  fs, src = filesystem(source)
+  _, dst = filesystem(destination)
+  parent = posixpath.dirname(dst) if not is_local(destination) else os.path.dirname(os.path.abspath(dst))
+  if parent:
+    fs.makedirs(parent, exist_ok=True)
+  fs.mv(src, dst, recursive=True)
 
 
 def glob(pattern: str) -> list[str]:
@@ -112,7 +133,7 @@ def write_bytes(path: str, data: bytes) -> None:
   """Whole-object write. Local: tmp + rename, so a reader never sees half a file; object stores commit
   an object only when its upload completes, which gives the same guarantee."""
   if is_local(path):
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp.{unique_name()}"
     with open_file(tmp, "wb") as f:
       f.write(data)
     os.replace(tmp, path)
@@ -128,10 +149,15 @@ def write_text(path: str, text: str) -> None:
 def check_writable(path: str) -> None:
   """Create `path` and prove it takes a file; raises OSError / MissingBackendError with the reason."""
   makedirs(path)
-  probe = join(path, f".write_test.{os.getpid()}")
+  probe = join(path, f".write_test.{unique_name()}")
   write_bytes(probe, b"")
   fs, p = filesystem(probe)
   fs.rm(p)
+
+
+def unique_name() -> str:
+  """HOST.PID.RANDOM: unique across the hosts and processes of a job writing to one shared directory."""
+  return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 def checkpoint_path(path: str) -> str:

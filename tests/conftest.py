@@ -12,6 +12,7 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 import pathlib  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -99,6 +100,66 @@ def run_main(*args, timeout: int = 900, cwd=REPO) -> subprocess.CompletedProcess
   return subprocess.run(
     [sys.executable, "-m", "meddiff_jax.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
   )
+
+
+# ------------------------------------------------------------------------------------------ object storage
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """gs://bucket served by a local emulator; yields an fsspec gcs filesystem on it.
+
+  The emulator omits the object generation header on media downloads, which real GCS sends and
+  TensorStore needs for OCDBT's conditional manifest commits (a multi-array Orbax save); the fixture adds
+  it for the emulator's lifetime.
+  """
+  from gcp_storage_emulator.handlers import objects
+  from gcp_storage_emulator.server import create_server
+
+  download = objects.download
+
+  def download_with_generation(request, response, storage_, *args, **kwargs):
+    download(request, response, storage_, *args, **kwargs)
+    try:
+      obj = storage_.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # not found: the original handler already answered 404
+      return
+    response["x-goog-generation"] = str(obj["generation"])
+
+  objects.download = download_with_generation
+  port = free_port()
+  url = f"http://localhost:{port}"
+  env = {
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs
+    "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore's gcs kvstore driver
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline",  # TensorStore: no credential lookup
+    "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }  # gcsfs: no gRPC bucket-type probe (the emulator is HTTP)
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  server = create_server("localhost", port, in_memory=True, default_bucket="bucket")
+  server.start()
+  import fsspec
+
+  fsspec.AbstractFileSystem.clear_instance_cache()
+  try:
+    yield fsspec.filesystem("gs")
+  finally:
+    server.stop()
+    objects.download = download
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    fsspec.AbstractFileSystem.clear_instance_cache()
 
 
 # ------------------------------------------------------------------------------------------ meshes, batches, configs

@@ -127,7 +127,7 @@ PRETRAIN_BAD = [
   ("eval.sample_steps", 0),
   ("checkpoint.every_steps", -1),
   ("checkpoint.keep", 0),
-  ("checkpoint.preemption_check_every", 0),
+  ("checkpoint.on_unrestorable", "delete"),
   ("mesh.data", 0),
   ("mesh.fsdp", -2),
   ("mesh.spatial", 0),
@@ -189,6 +189,8 @@ def test_cross_section_checks():
 def test_top_level_pretrain_keys():
   with pytest.raises(checks.ConfigError, match="config.seed=-1"):
     checks.pretrain(override(tiny_config(), seed=-1))
+  with pytest.raises(checks.ConfigError, match="config.compilation_cache_dir=None"):
+    checks.pretrain(override(tiny_config(), compilation_cache_dir=None))
 
 
 CONTROLNET_BAD = [

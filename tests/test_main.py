@@ -71,3 +71,61 @@ def test_every_config_file_names_a_command_with_its_check():
   modes = {importlib.import_module(f"meddiff_jax.configs.{n}").get_config().mode for n in names}
   assert modes <= set(main.COMMANDS) and set(checks.TASKS) <= modes
   assert all(main.COMMANDS[t].check is checks.task for t in checks.TASKS)
+
+
+# ------------------------------------------------------------------------------------------ start-up
+
+
+def test_every_tpu_vm_initialises_the_distributed_runtime(monkeypatch):
+  """A Cloud TPU VM (TPU chips on the PCI bus + libtpu) calls jax.distributed.initialize() with no arguments
+  (JAX reads the slice from the TPU metadata), whatever the environment says; JAX_PLATFORMS=cpu opts out; a
+  plain host with no multi-process variables does not initialise; nor does a second call."""
+  import importlib.util
+
+  import jax
+  from jax._src import hardware_utils
+
+  from meddiff_jax import main
+
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  for key in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS"):
+    monkeypatch.delenv(key, raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  main.maybe_initialize_distributed()
+  assert calls == [] and not main.on_cloud_tpu()  # this machine: no TPU
+  monkeypatch.setattr(
+    hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (4, hardware_utils.TpuVersion.v5p)
+  )
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else find_spec(name))
+  assert main.on_cloud_tpu()
+  main.maybe_initialize_distributed()
+  assert calls == [{}]
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert not main.on_cloud_tpu()
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  main.maybe_initialize_distributed()
+  assert calls == [{}]
+
+
+def test_compilation_cache_is_on_for_accelerators_and_where_asked(monkeypatch, tmp_path):
+  import jax
+
+  from meddiff_jax import main
+
+  updates = {}
+  monkeypatch.setattr(jax.config, "update", lambda key, value: updates.__setitem__(key, value))
+  assert main.configure_compilation_cache("auto", str(tmp_path)) is None and updates == {}  # CPU: off
+  assert main.configure_compilation_cache("", str(tmp_path)) is None and updates == {}
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert main.configure_compilation_cache("auto", "gs://b/run") == "gs://b/run/compilation_cache"
+  assert updates == {
+    "jax_compilation_cache_dir": "gs://b/run/compilation_cache",
+    "jax_persistent_cache_min_compile_time_secs": 1.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert main.configure_compilation_cache(str(tmp_path / "c"), None) == str(tmp_path / "c")  # CPU when asked

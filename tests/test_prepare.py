@@ -233,3 +233,33 @@ def test_store_codec_reaches_every_zarr_array_and_is_validated(tmp_path, codec):
       assert c["configuration"].items() <= w["configuration"].items(), (a, written)
   with pytest.raises(checks.ConfigError, match="store_codec"):
     checks.prepare(config_for(src, tmp_path / "out2", store_codec="lz4"))
+
+
+def test_preparing_into_a_bucket_writes_nothing_locally(gcs, tmp_path, monkeypatch):
+  """output_dir=gs://...: the records, the marker, the report and the recipe's manifest all land in the bucket
+  (on the GCS emulator); the working directory stays empty (no local ./gs:/ folder); a resumed run prepares
+  nothing again; a bucket prefix holding someone else's objects is refused."""
+  from meddiff_jax import storage
+
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")  # whatever lands on local disk by mistake would land here
+  src = tmp_path / "in"
+  src.mkdir()
+  write_phantom(src / "scan.nii.gz")
+  out = "gs://bucket/prepared"
+  config = config_for(src, out, dataset="folder")
+  report = prepare.run(config)
+  assert len(report["prepared"]) == 1 and os.listdir(tmp_path / "cwd") == []
+  names = set(storage.listdir(out))
+  assert {prepare.MARKER, "report.json", "manifest_folder.csv"} <= names, names
+  assert json.loads(gcs.cat("bucket/prepared/report.json"))["total_in_store"] == 1
+  assert (
+    gcs.cat("bucket/prepared/manifest_folder.csv").decode().splitlines()[0] == "image,region,mask,patient,split,dataset"
+  )
+  assert len(store.read_records(out)) == 1 and any(n.endswith(".zarr") for n in names)  # zarr: auto for a URL
+  again = prepare.run(config)
+  assert again["prepared"] == [] and len(again["skipped"]) == 1
+  gcs.pipe("bucket/theirs/data.csv", b"x")
+  with pytest.raises(ValueError, match="already holds files that preparation did not write"):
+    prepare.run(config_for(src, "gs://bucket/theirs"))
+  assert gcs.cat("bucket/theirs/data.csv") == b"x" and os.listdir(tmp_path / "cwd") == []

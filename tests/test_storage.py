@@ -1,13 +1,12 @@
 """The path layer (meddiff_jax/storage.py) and a workdir on object storage, offline.
 
 Stand-ins: fsspec's memory:// filesystem for the path layer, and an in-process GCS emulator
-(gcp-storage-emulator) for gs:// end to end: gcsfs (metrics, events, samples, Orbax metadata through
-etils.epath) and TensorStore's own gcs driver (Orbax's arrays) both talk to it.
+(gcp-storage-emulator, the `gcs` fixture in conftest.py) for gs:// end to end: gcsfs (metrics, events, samples,
+Orbax metadata through etils.epath) and TensorStore's own gcs driver (Orbax's arrays) both talk to it.
 """
 
 import json
 import os
-import socket
 
 import jax
 import numpy as np
@@ -15,63 +14,6 @@ import pytest
 from conftest import tiny
 
 from meddiff_jax import checkpoint, storage
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  """gs://bucket served by a local emulator; yields an fsspec gcs filesystem on it.
-
-  The emulator omits the object generation header on media downloads, which real GCS sends and
-  TensorStore needs for OCDBT's conditional manifest commits (a multi-array Orbax save); the fixture adds
-  it for the emulator's lifetime.
-  """
-  from gcp_storage_emulator.handlers import objects
-  from gcp_storage_emulator.server import create_server
-
-  download = objects.download
-
-  def download_with_generation(request, response, storage_, *args, **kwargs):
-    download(request, response, storage_, *args, **kwargs)
-    try:
-      obj = storage_.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-    except Exception:  # not found: the original handler already answered 404
-      return
-    response["x-goog-generation"] = str(obj["generation"])
-
-  objects.download = download_with_generation
-  port = _free_port()
-  url = f"http://localhost:{port}"
-  env = {
-    "STORAGE_EMULATOR_HOST": url,  # gcsfs
-    "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore's gcs kvstore driver
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline",  # TensorStore: no credential lookup
-    "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-  }  # gcsfs: no gRPC bucket-type probe (the emulator is HTTP)
-  old = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  server = create_server("localhost", port, in_memory=True, default_bucket="bucket")
-  server.start()
-  import fsspec
-
-  fsspec.AbstractFileSystem.clear_instance_cache()
-  try:
-    yield fsspec.filesystem("gs")
-  finally:
-    server.stop()
-    objects.download = download
-    for k, v in old.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    fsspec.AbstractFileSystem.clear_instance_cache()
 
 
 def test_join_keeps_url_schemes():
@@ -95,6 +37,30 @@ def test_local_write_is_atomic_and_leaves_no_temporaries(tmp_path):
   assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.txt"] and (
     tmp_path / "sub" / "a.txt"
   ).read_text() == "two"
+
+
+def test_write_probe_and_temporaries_are_unique_per_host_and_process(monkeypatch):
+  """Every host of a job probes the shared workdir at once, often with equal PIDs (one process per container):
+  the probe (and the tmp of an atomic local write) is named by host, process and a random part, and removed."""
+  seen = set()
+  for host in ("worker-0", "worker-1"):
+    monkeypatch.setattr(storage.socket, "gethostname", lambda host=host: host)
+    name = storage.unique_name()
+    assert name.startswith(f"{host}.{os.getpid()}.")
+    seen.add(name)
+  assert len(seen) == 2 and storage.unique_name() != storage.unique_name()  # the same process twice, too
+  storage.check_writable("memory://probe/run")
+  assert storage.listdir("memory://probe/run") == []  # nothing left behind
+
+
+def test_move_and_listdir(tmp_path):
+  """move: a directory with its contents, the destination's parents created (checkpoints set aside)."""
+  storage.write_text(str(tmp_path / "a" / "7" / "x"), "7")
+  storage.move(str(tmp_path / "a" / "7"), str(tmp_path / "aside" / "deep" / "7"))
+  assert storage.listdir(str(tmp_path / "a")) == [] and (tmp_path / "aside" / "deep" / "7" / "x").read_text() == "7"
+  storage.write_text("memory://mv/src/.hidden", "h")
+  storage.move("memory://mv/src", "memory://mv/dst/src")
+  assert storage.listdir("memory://mv/dst/src") == [".hidden"] and storage.listdir("memory://mv/src") == []
 
 
 def test_checkpoint_urls_orbax_cannot_write_are_refused_in_one_line():

@@ -7,7 +7,6 @@ import pathlib
 import numpy as np
 import pytest
 from conftest import sample_spec
-from test_storage import gcs  # noqa: F401  (the in-process GCS emulator fixture)
 
 from meddiff_jax.data import multilevel, pipeline, store
 from meddiff_jax.data.spec import DataSpec

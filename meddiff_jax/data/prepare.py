@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from meddiff_jax import storage
 from meddiff_jax.data import dicom, multilevel, preprocess, recipes, regions, store, volume_io, volumes
 
 HU_CLIP = (-1024.0, 3071.0)
@@ -167,18 +168,20 @@ def find_jobs(config: Any, ignored: list[dict[str, str]] | None = None) -> list[
 
 def check_output_dir(input_dir: str, output_dir: str) -> None:
   """Refuse an output folder that is, contains or lies inside the input, or holds files this command did
-  not write (nothing of the user's may be overwritten)."""
-  inp, out = os.path.realpath(input_dir), os.path.realpath(output_dir)
-  if inp == out:
-    raise ValueError(f"config.output_dir={output_dir!r} is the input folder; give a new folder for the prepared data")
-  if _inside(inp, out):
-    raise ValueError(f"config.output_dir={output_dir!r} contains the input folder {input_dir!r}; give a separate one")
-  if _inside(out, inp):
-    raise ValueError(
-      f"config.output_dir={output_dir!r} lies inside the input folder {input_dir!r}; its files would "
-      "be mixed with yours; give a folder outside it"
-    )
-  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
+  not write (nothing of the user's may be overwritten). `output_dir` may be a URL (gs://...): never inside
+  the local input, and looked at through the storage layer."""
+  if storage.is_local(output_dir):
+    inp, out = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    if inp == out:
+      raise ValueError(f"config.output_dir={output_dir!r} is the input folder; give a new folder for the prepared data")
+    if _inside(inp, out):
+      raise ValueError(f"config.output_dir={output_dir!r} contains the input folder {input_dir!r}; give a separate one")
+    if _inside(out, inp):
+      raise ValueError(
+        f"config.output_dir={output_dir!r} lies inside the input folder {input_dir!r}; its files would "
+        "be mixed with yours; give a folder outside it"
+      )
+  if storage.listdir(output_dir) and not storage.exists(storage.join(output_dir, MARKER)):
     raise ValueError(
       f"config.output_dir={output_dir!r} already holds files that preparation did not write; give a new or empty folder"
     )
@@ -342,8 +345,9 @@ def run(config: Any) -> dict[str, Any]:
   store_format = config.store_format
   if store_format == "auto":
     store_format = "zarr" if "://" in str(config.output_dir) else "npy"
-  os.makedirs(config.output_dir, exist_ok=True)
-  open(os.path.join(config.output_dir, MARKER), "a").close()
+  storage.makedirs(config.output_dir)
+  if not storage.exists(storage.join(config.output_dir, MARKER)):
+    storage.write_bytes(storage.join(config.output_dir, MARKER), b"")
   done_ids = set()
   if not config.overwrite:
     done_ids = {r.get("job_id", r.get("id")) for r in store.read_records(config.output_dir) if isinstance(r, dict)}
@@ -387,8 +391,7 @@ def run(config: Any) -> dict[str, Any]:
     "not_prepared": [{"path": r["image"], "reason": r["reason"]} for r in failed] + ignored,
     "total_in_store": len(store.read_records(config.output_dir)),
   }
-  with open(os.path.join(config.output_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  storage.write_text(storage.join(config.output_dir, "report.json"), json.dumps(report, indent=1))
   print(
     f"prepared {len(report['prepared'])}, failed {len(failed)}, already done {len(skipped)}, other files "
     f"not used {len(ignored)}; {report['total_in_store']} volumes in {config.output_dir}"
@@ -402,7 +405,7 @@ def run(config: Any) -> dict[str, Any]:
   if not report["prepared"] and not skipped:
     raise ValueError(
       f"nothing prepared from {config.input_dir}: {len(failed)} volumes failed, {len(ignored)} other "
-      f"files not used (reasons above and in {os.path.join(config.output_dir, 'report.json')})"
+      f"files not used (reasons above and in {storage.join(config.output_dir, 'report.json')})"
     )
   return report
 

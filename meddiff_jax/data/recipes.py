@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import io
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from meddiff_jax import storage
 from meddiff_jax.data import store, volume_io, volumes
 
 EXTRA_COLUMNS = ("patient", "split", "dataset")
@@ -329,15 +331,16 @@ def build_manifest(config: Any) -> dict[str, dict[str, str]]:
       "dataset": name,
     }
   if config.output_dir:
-    write_manifest(entries, os.path.join(config.output_dir, MANIFEST_NAME.format(dataset=name)), config)
+    write_manifest(entries, storage.join(config.output_dir, MANIFEST_NAME.format(dataset=name)), config)
   return entries
 
 
 def write_manifest(entries: Mapping[str, Mapping[str, str]], path: str, config: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["image", "region", "mask", "patient", "split", "dataset"])
-    for image, e in entries.items():
-      extras = job_extras(e, image, config.input_dir, config)
-      w.writerow([image, e["region"], e["mask"], extras["patient"], extras["split"], e["dataset"]])
+  """The manifest as CSV at `path` (local or a URL: through the storage layer)."""
+  text = io.StringIO(newline="")
+  w = csv.writer(text)
+  w.writerow(["image", "region", "mask", "patient", "split", "dataset"])
+  for image, e in entries.items():
+    extras = job_extras(e, image, config.input_dir, config)
+    w.writerow([image, e["region"], e["mask"], extras["patient"], extras["split"], e["dataset"]])
+  storage.write_text(path, text.getvalue())

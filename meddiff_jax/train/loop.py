@@ -84,17 +84,20 @@ def init_state(
 
 
 class PreemptionWatcher:
-  """SIGTERM sets a flag; every process agrees on stopping at the same step.
+  """Decides the step at which a preempted run saves and exits, the same step on every process.
 
-  Single process: checked every step. Multi-process: the flag is all-gathered every `check_every` steps
-  (a sync point all processes reach together), so they all save the same step and exit.
+  With the distributed runtime (every multi-process job, and every TPU VM: main.maybe_initialize_distributed)
+  JAX's preemption service catches SIGTERM on any host and `reached_preemption_sync_point`, called every
+  step, turns true on all hosts at the same step (the anchors' way; no collective of ours in the loop). A
+  single process without it: a SIGTERM handler sets a flag, checked every step.
   """
 
-  def __init__(self, check_every: int):
+  def __init__(self):
     self.requested = False
-    self.check_every = max(int(check_every), 1)
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self.distributed = jax.distributed.is_initialized()
+    # the preemption service installed its own SIGTERM handler: a Python one would take the signal from it
+    if not self.distributed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def close(self) -> None:
@@ -105,17 +108,19 @@ class PreemptionWatcher:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next sync point")
+    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step")
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
+    """Called once per step, with the step just run, by every process."""
+    if not self.distributed:
       return self.requested
-    if step % self.check_every:
-      return False
     from jax.experimental import multihost_utils
 
-    return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+    if multihost_utils.reached_preemption_sync_point(step):
+      logging.warning("preemption notice: every process saves step %d and exits", step)
+      return True
+    return False
 
 
 @dataclasses.dataclass
@@ -199,10 +204,17 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
 def restore(
   run: Run, ckpt: checkpoint.Checkpointer, train_state: state_lib.TrainState, batches: pipeline.GlobalBatches
 ) -> tuple[state_lib.TrainState, pipeline.GlobalBatches]:
-  """The newest checkpoint of `ckpt`, if any: its state (with the frozen params loaded from elsewhere) and the
-  data iterator's position; batches drawn with a new seed when the position could not be restored."""
-  restored = ckpt.restore_latest(
-    checkpoint.abstract_target(run.checkpointed(train_state), run.checkpointed(run.shardings)), batches.iterator
+  """The newest checkpoint of `ckpt` that restores on every process, if any (checkpoint.resume: a workdir whose
+  checkpoints none restores is an error unless config.checkpoint.on_unrestorable='start_fresh'): its state (with
+  the frozen params loaded from elsewhere) and the data iterator's position; batches drawn with a new seed when
+  the position could not be restored."""
+  restored = checkpoint.resume(
+    ckpt,
+    checkpoint.abstract_target(run.checkpointed(train_state), run.checkpointed(run.shardings)),
+    batches.iterator,
+    run.stored_config,
+    restore=run.config.restore,
+    on_unrestorable=run.config.checkpoint.on_unrestorable,
   )
   if restored is None:
     return train_state, batches
@@ -299,13 +311,12 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
   ckpt = checkpoint.Checkpointer(
     storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
   )
-  if config.restore:
-    train_state, batches = restore(run, ckpt, train_state, batches)
+  train_state, batches = restore(run, ckpt, train_state, batches)
   steps = jit_steps(run)
 
   writer = writer_lib.MetricWriter(workdir)
   num_steps = config.training.num_steps
-  preemption = PreemptionWatcher(config.checkpoint.preemption_check_every)
+  preemption = PreemptionWatcher()
   start = int(train_state.step)
   profiler = Profiler(workdir, start, config.training.profile_steps)
   if start == 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from meddiff_jax import pretrained, sections, sharding
+from meddiff_jax import checkpoint, pretrained, sections, sharding
 from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.diffusion.spec import DiffusionSpec
 from meddiff_jax.models.unet3d import UNetSpec
@@ -78,14 +78,14 @@ class CheckpointSpec:
   every_steps: int  # 0: off (itstime)
   keep: int
   asynchronous: bool
-  preemption_check_every: int
+  on_unrestorable: str  # checkpoint.ON_UNRESTORABLE: fail | start_fresh
 
   def __post_init__(self):
     key = "config.checkpoint."
     sections.count(key + "every_steps", self.every_steps, 0)
     sections.count(key + "keep", self.keep)
     sections.flag(key + "asynchronous", self.asynchronous)
-    sections.count(key + "preemption_check_every", self.preemption_check_every)
+    sections.choice(key + "on_unrestorable", self.on_unrestorable, checkpoint.ON_UNRESTORABLE)
 
   @classmethod
   def from_config(cls, section: Any) -> CheckpointSpec:
@@ -115,7 +115,8 @@ class PretrainConfig:
   preset: str
   seed: int
   dry_run: bool  # compile the train step on synthetic inputs, print its cost, exit (train/dry_run.py)
-  restore: bool  # resume from the latest checkpoint in WORKDIR/checkpoints
+  restore: bool  # resume from the newest checkpoint in WORKDIR/checkpoints that restores
+  compilation_cache_dir: str  # auto (WORKDIR/compilation_cache on accelerators, off on CPU) | '' (off) | a path
   model: UNetSpec
   diffusion: DiffusionSpec
   data: DataSpec
@@ -132,6 +133,7 @@ class PretrainConfig:
     sections.count("config.seed", self.seed, 0)
     sections.flag("config.dry_run", self.dry_run)
     sections.flag("config.restore", self.restore)
+    sections.text("config.compilation_cache_dir", self.compilation_cache_dir)
     data, model, evaluation, steps = self.data, self.model, self.eval, self.diffusion.num_timesteps
     if evaluation.sample_every_steps and evaluation.sample_steps > steps:
       raise sections.ConfigError(
