@@ -435,10 +435,11 @@ def pretrain(config: str | ml_collections.ConfigDict, workdir: str | os.PathLike
   """`meddiff --config=pretrain:tiny --workdir=WORKDIR`: pretraining (or, with `dry_run=True`, its compile-only
   report) from a config (mode 'train'): a shipped name, a config file's path or a ConfigDict (e.g.
   `meddiff_jax.configs.pretrain.get_config('tiny')`, edited). Resumes from WORKDIR/checkpoints; returns the last
-  metrics."""
+  metrics. One process (a notebook): a multi-process job runs the command, which starts jax.distributed first."""
   config = _training_config(config, "train", "pretrain")
   workdir = checks.workdir(_path(workdir))
   typed = checks.pretrain(config)
+  loop.configure_compilation_cache(typed.compilation_cache_dir, workdir)
   return dry_run.run(typed) if typed.dry_run else loop.train_and_evaluate(typed, workdir)
 
 
@@ -448,7 +449,9 @@ def finetune(config: str | ml_collections.ConfigDict, workdir: str | os.PathLike
   `super_resolve`."""
   config = _training_config(config, "controlnet", "finetune")
   workdir = checks.workdir(_path(workdir))
-  return controlnet.finetune(checks.controlnet(config), workdir)
+  typed = checks.controlnet(config)
+  loop.configure_compilation_cache(typed.compilation_cache_dir, workdir)
+  return controlnet.finetune(typed, workdir)
 
 
 def _training_config(config: str | ml_collections.ConfigDict, mode: str, call: str) -> ml_collections.ConfigDict:
