@@ -204,7 +204,7 @@ def _is_array(value: Any) -> bool:
 
 def _inputs(
   ct: VolumeInput | None, labels: VolumeInput | None, affine: np.ndarray | None, read: volumes.ReadOptions
-) -> tuple[dict[str, str], volumes.VolumeInput | None, volumes.VolumeInput | None]:
+) -> tuple[dict[str, str], volumes.Volume | None, volumes.Volume | None]:
   """(the config's paths, the CT and the label map given as arrays, as volumes checked like files)."""
   arrays = [name for name, value in (("ct", ct), ("labels", labels)) if _is_array(value)]
   if arrays and affine is None:
