@@ -168,9 +168,11 @@ TASKS = ZERO_SHOT_TASKS + CONTROLNET_TASKS
 TASK_SPECS = adapters.TASK_SPECS  # task name -> its typed config (tasks/*.py)
 
 
-def task(config: Config) -> common.TaskSpec:
+def task(config: Config, memory: common.InMemory | None = None) -> common.TaskSpec:
   """configs/{denoise,anomaly,synthesis,super_resolution,lesion}.py: the task's spec (keys, choices, ranges),
-  then the paths (the model, the input, the output). Returns the spec."""
+  then the paths (the model, the input, the output). Returns the spec. `memory` (meddiff_jax/api.py): what is
+  given in memory instead of a path (the CT, the labels) is not looked for on disk, and the output is optional
+  (the result is kept in memory)."""
   mode = config.mode
   if mode not in TASKS:
     raise ConfigError(f"config.mode={mode!r} is not a task; choose one of {TASKS}")
@@ -182,13 +184,16 @@ def task(config: Config) -> common.TaskSpec:
       )
   else:
     _pretrained_exists("checkpoint", typed.checkpoint)
-  if mode != "synthesis" and not os.path.exists(typed.input):
+  ct_given, labels_given = (memory.ct is not None, memory.labels is not None) if memory else (False, False)
+  if mode != "synthesis" and not ct_given and not os.path.exists(typed.input):
     raise FileNotFoundError(f"--config.input={typed.input!r} is not a file or DICOM series folder (does not exist)")
   if mode == "lesion" and not os.path.isfile(typed.mask):
     raise FileNotFoundError(f"--config.mask={typed.mask!r} is not a file")
-  if typed.labels and not os.path.exists(typed.labels):
+  if typed.labels and not labels_given and not os.path.exists(typed.labels):
     raise FileNotFoundError(f"--config.labels={typed.labels!r} does not exist")
   if not typed.output:
+    if memory is not None:
+      return typed
     raise ConfigError("--config.output=PATH.nii.gz (or DIR/ for a DICOM series) is required")
   out_dir = os.path.dirname(os.path.abspath(typed.output))
   try:

@@ -28,6 +28,7 @@ from meddiff_jax.data import prepare, volumes
 from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
 from meddiff_jax.train import controlnet, dry_run, loop
+from meddiff_jax.train.loop import configure_compilation_cache  # shared with api.pretrain / finetune
 from meddiff_jax.train.spec import PretrainConfig
 
 Config = ml_collections.ConfigDict
@@ -90,26 +91,6 @@ def startup_line(config: PretrainConfig) -> str:
     f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
     f"{jax.device_count()} global {jax.devices()[0].platform} devices ({jax.devices()[0].device_kind}); mesh {mesh}"
   )
-
-
-# jax's persistent cache keeps compiles that took at least this long (trivial jits would cost an object-store
-# round trip each); every size of entry is kept. jax's defaults, which maxtext / maxdiffusion run with.
-CACHE_MIN_COMPILE_TIME_S = 1.0
-CACHE_MIN_ENTRY_SIZE_BYTES = 0
-
-
-def configure_compilation_cache(setting: str, workdir: str | None) -> str | None:
-  """Point jax's persistent compilation cache at `setting` (config.compilation_cache_dir): 'auto' is
-  WORKDIR/compilation_cache on accelerators (a restarted or preempted job loads its compiled steps back) and
-  off on CPU; '' is off. Returns the directory in use, or None."""
-  if setting == "auto":
-    setting = storage.join(workdir, "compilation_cache") if workdir and jax.default_backend() != "cpu" else ""
-  if not setting:
-    return None
-  jax.config.update("jax_compilation_cache_dir", setting)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_S)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", CACHE_MIN_ENTRY_SIZE_BYTES)
-  return setting
 
 
 def train(config: PretrainConfig, workdir: str) -> Any:

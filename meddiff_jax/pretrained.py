@@ -225,8 +225,15 @@ def inference_dtype(name: str | None, backend: str | None = None) -> jnp.dtype |
   return jnp.dtype(name)
 
 
-def with_compute_dtype(pre: Pretrained, dtype: jnp.dtype | str | None) -> Pretrained:
-  """The same params under a model that computes in `dtype` (a name is resolved by `inference_dtype`)."""
+def with_compute_dtype(pre: Pretrained | Controlled, dtype: jnp.dtype | str | None) -> Pretrained | Controlled:
+  """The same params under a model that computes in `dtype` (a name is resolved by `inference_dtype`); a
+  Controlled's branch computes in its base's dtype, as `load_controlled` builds it."""
+  if isinstance(pre, Controlled):
+    base = with_compute_dtype(pre.pre, dtype)
+    if base is pre.pre:
+      return pre
+    model = build_controlled(ControlNetSpec.from_config(pre.config.controlnet), base.spec)
+    return dataclasses.replace(pre, pre=base, model=model)
   if isinstance(dtype, str):
     dtype = inference_dtype(dtype)
   if dtype is None or jnp.dtype(dtype) == pre.spec.dtype:

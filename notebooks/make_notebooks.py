@@ -30,35 +30,34 @@ STEPS = int(os.environ.get("NB_STEPS", 10))  # sampler / training steps: small, 
 CHECKPOINT = """\
 import numpy as np
 import matplotlib.pyplot as plt
-from meddiff_jax import pretrained
-from meddiff_jax.data import nifti, preprocess, samples
-from meddiff_jax.data.spec import DataSpec
-from meddiff_jax.data import nifti, pipeline, preprocess, samples, volume_io, volumes
-# the CPU prior trained on real CT when this install ships it, else the phantom-only demo prior
-CHECKPOINT = "tiny_ct" if "tiny_ct" in pretrained.BUILTIN else "tiny_phantom"  # or a training workdir / exported dir
-# the network runs at the voxel size it was trained at (its stored config's data section, typed)
-SPACING = DataSpec.from_config(pretrained.read_config(CHECKPOINT).data).training_spacing()
-print(f"checkpoint {CHECKPOINT}: trained at {SPACING} mm")
+import meddiff_jax as md  # the Python API: the same checks and runs as the meddiff command
+CHECKPOINT = "tiny_ct"  # the CPU prior trained on real CT; or a training workdir, an exported dir, a gs:// URL
+pipe = md.load(CHECKPOINT)
+# tasks run the network at the voxel size it was trained at (resampled there and back)
+SPACING = pipe.spacing
+print(f"checkpoint {CHECKPOINT}: trained at {SPACING} mm, {pipe.patch_size}^3 windows")
 """
 
 REAL_CT = '''\
-UPLOAD = False  # True (on Colab): upload your own CT (.nii.gz / .nrrd / .mha) instead of the public sample
+import nibabel as nib
+UPLOAD = False  # True (on Colab): upload your own CT (.nii.gz) instead of the public sample
 REGION = "abdomen"  # head_neck | chest | abdomen: the region of the crop (sets the HU window and the condition)
-CROP = 48  # voxels per side of the demo crop (at SPACING); keep it small on a CPU
+CROP_MM = 96  # mm per side of the demo crop; keep it small on a CPU
 if UPLOAD:
   from google.colab import files
   path = os.path.abspath(next(iter(files.upload())))
 else:
-  path = samples.example_ct()  # TotalSegmentator's example_ct (Apache-2.0): pelvis to lung bases, 3 mm, real CT
-vol = volume_io.load(path)
-volumes.check_ct(vol)  # refuses MR, masks and unscaled data with a reason
-work = volumes.resample(vol, SPACING)
-centre = np.round(np.argwhere(preprocess.body_mask(work.data)).mean(0)).astype(int)  # the body, not the air
-start = np.clip(centre - CROP // 2, 0, np.maximum(np.array(work.shape) - CROP, 0))
-hu = work.data[tuple(slice(int(s), int(s) + CROP) for s in start)].astype(np.float32)
-crop_affine = work.affine.copy()
-crop_affine[:3, 3] += work.affine[:3, :3] @ start  # the crop keeps its place in world coordinates
-print(f"{os.path.basename(path)}: {vol.shape} at {tuple(round(s, 2) for s in vol.spacing)} mm -> crop {hu.shape} at {SPACING} mm")
+  path = md.example_ct()  # TotalSegmentator's example_ct (Apache-2.0): pelvis to lung bases, 3 mm, real CT
+img = nib.as_closest_canonical(nib.load(path))  # RAS voxel order, for the pictures
+ct = img.get_fdata(dtype=np.float32)
+voxel = np.array(img.header.get_zooms()[:3], float)
+size = np.minimum(np.round(CROP_MM / voxel).astype(int), ct.shape)
+centre = np.round(np.argwhere(ct > -500).mean(0)).astype(int)  # the body, not the air
+start = np.clip(centre - size // 2, 0, np.array(ct.shape) - size)
+hu = ct[tuple(slice(int(s), int(s + n)) for s, n in zip(start, size))]
+affine = img.affine.copy()
+affine[:3, 3] += img.affine[:3, :3] @ start  # the crop keeps its place in world coordinates
+print(f"{os.path.basename(path)}: {ct.shape} at {tuple(voxel.tolist())} mm -> crop {hu.shape} (tasks: {SPACING} mm)")
 
 
 def planes(v):
@@ -79,7 +78,7 @@ def show(rows, titles, cmaps, lims, suptitle=""):
   plt.show()
 
 
-lo_hu, hi_hu = preprocess.window_bounds(REGION)
+lo_hu, hi_hu = md.hu_window(REGION)  # the HU window the model sees for this region
 show([hu], ["real CT crop (HU)"], ["gray"], [(lo_hu, hi_hu)])
 '''
 
@@ -106,25 +105,23 @@ nb01 = nb(
       "# 1. Quickstart: pretrain MedDiff-FM's backbone for a few steps\n"
       "The tiny preset on the embedded synthetic CT phantom: multi-level patches with whole-volume position, "
       "region and structure conditions. Runs as is on Colab (GPU / TPU runtime or CPU): set `REPO` in the first "
-      "cell if you install from a fork. Real CT and the pretrained priors: notebook 2."
+      "cell if you install from a fork. Real CT and the pretrained priors: notebook 2. Everything runs through the "
+      "Python API (`import meddiff_jax as md`)."
     ),
     new_code_cell(SETUP),
     new_code_cell("""\
 import json, tempfile
 import numpy as np
 import matplotlib.pyplot as plt
-from meddiff_jax.configs import pretrain
-from meddiff_jax.evaluation import montage
-from meddiff_jax import checks
-from meddiff_jax.train import loop
+import meddiff_jax as md  # the Python API: the same checks and runs as the meddiff command
+from meddiff_jax.configs import pretrain  # the shipped configs: start from one, edit it
 config = pretrain.get_config("tiny")
 config.training.update(num_steps=int(os.environ.get("NB_STEPS", 30)), log_every=2)
 config.eval.update(every_steps=10, sample_every_steps=0)
 workdir = tempfile.mkdtemp(prefix="meddiff_quickstart_")
 print(config.model)"""),
     new_code_cell("""\
-typed = checks.pretrain(config)  # checked and typed once, as main.py does: the loop runs on this
-last = loop.train_and_evaluate(typed, workdir)
+last = md.pretrain(config, workdir)  # checked as `meddiff --config=... --workdir=...` checks it, then trained
 rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 train = [r for r in rows if "loss" in r]
 val = [r for r in rows if "val/loss" in r]
@@ -135,13 +132,17 @@ plt.xlabel("step"); plt.legend(); plt.show()
 assert all(np.isfinite(r["loss"]) for r in train)  # falls steadily with the default 30 steps"""),
     new_markdown_cell(
       "Training resumes from `workdir/checkpoints` when run again with more steps, and writes "
-      "TensorBoard events to `workdir`."
+      "TensorBoard events to `workdir`. The workdir is a checkpoint: load it and sample a volume larger than the "
+      "training patch (after a few dozen steps the sample is still mostly noise)."
     ),
     new_code_cell("""\
-from meddiff_jax.data import pipeline
-batch = next(iter(pipeline.make_dataset(pipeline.make_store(typed.data), typed.data, batch_size=3, seed=0)))
-print("operations (whole, zoom2, patch):", batch["operation"], "\\npos_box[0]:", batch["pos_box"][0])
-plt.figure(figsize=(6, 6)); plt.imshow(montage.slice_montage(list(batch["image"]), tile=96)); plt.axis("off"); plt.show()"""),
+pipe = md.load(workdir)  # the newest checkpoint's EMA params
+sample = pipe.synthesize(shape=(48, 48, 48), region="abdomen", num_steps=STEPS)
+print(sample.info, "trained at", pipe.spacing, "mm")
+fig, ax = plt.subplots(1, 2, figsize=(6, 3))
+for a, plane in zip(ax, (sample.image[:, :, 24], sample.image[:, 24, :])):
+  a.imshow(np.fliplr(np.rot90(plane)), cmap="gray", vmin=-1000, vmax=1000); a.axis("off")
+plt.show()"""),
   ]
 )
 
@@ -150,46 +151,35 @@ nb02 = nb(
   [
     new_markdown_cell(
       "# 2. Denoising and anomaly detection on a real CT with the pretrained prior\n"
-      "`CHECKPOINT` is `tiny_ct` (a CPU-sized prior trained on two real CTs: smoke-level) when installed, else "
-      "`tiny_phantom` (phantoms only). Neither is a substitute for the paper-scale prior "
-      "(`configs/pretrain.py:paper`). The CT is TotalSegmentator's public `example_ct` (fetched by URL), or "
-      "your own with `UPLOAD = True`. Set `REPO` in the first cell if you install from a fork."
+      "`CHECKPOINT` is `tiny_ct`, a CPU-sized prior trained on two real CTs (smoke-level): no substitute for the "
+      "paper-scale prior (`configs/pretrain.py:paper`). The CT is TotalSegmentator's public `example_ct` (fetched "
+      "by URL), or your own with `UPLOAD = True`. Everything runs through the Python API (`import meddiff_jax as "
+      "md`): the tasks take an array and its affine (or a file) and return the result on the same grid. Set "
+      "`REPO` in the first cell if you install from a fork."
     ),
     new_code_cell(SETUP),
-    new_code_cell(CHECKPOINT + "pre = pretrained.load(CHECKPOINT)\n"),
+    new_code_cell(CHECKPOINT),
     new_code_cell(REAL_CT),
     new_markdown_cell(
       "## Denoising at a simulated low dose\nGaussian noise of `NOISE_HU` HU on the crop; "
-      "DiffPIR with the prior vs a Gaussian filter. Bottom: each result minus the clean crop (HU)."
+      "DiffPIR with the prior (the noise level estimated from the image) vs a Gaussian filter. "
+      "Bottom: each result minus the clean crop (HU)."
     ),
     new_code_cell("""\
-import jax.numpy as jnp
-from scipy import ndimage
-from meddiff_jax.configs import anomaly as anomaly_config, denoise as denoise_config
-from meddiff_jax import sharding
-from meddiff_jax.evaluation import metrics
-from meddiff_jax.tasks import anomaly, common, denoise
-region = preprocess.region_id(REGION)
+from scipy import ndimage, stats
 NOISE_HU = 40.0
-clean = preprocess.hu_to_unit(hu, region)
-sigma = NOISE_HU * 2 / (hi_hu - lo_hu)  # the same noise on the model's [-1, 1] scale
-noisy = np.clip(clean + np.random.default_rng(0).normal(0, sigma, clean.shape), -1, 1).astype(np.float32)
-cfg = denoise_config.get_config()
-cfg.update(overlap=0.25, window_batch=8)
-task = denoise.DenoiseSpec.from_config(cfg)  # the denoise command's options, typed and checked (no files here)
-with sharding.activate(common.task_mesh(), sharding.DEFAULT_RULES):
-  structures = common.structure_volume(pre, None, preprocess.unit_to_hu(noisy, region))  # body from HU, organs unknown
-  fn, plan = common.windowed_denoiser(pre, common.Canvas(noisy.shape, region, structures, None, None), task)
-  ts = denoise.diffpir_timesteps(pre.schedule, sigma, STEPS)
-  out = jax.jit(lambda y: denoise.diffpir(fn, pre.schedule, y, jnp.float32(sigma), ts, jax.random.key(0), zeta=0.0))(
-      jnp.asarray(noisy)[None, ..., None])
-results = {"noisy": noisy, "Gaussian filter": ndimage.gaussian_filter(noisy, 1.0), "DiffPIR": np.asarray(out)[0, ..., 0]}
+noisy = (hu + np.random.default_rng(0).normal(0, NOISE_HU, hu.shape)).astype(np.float32)
+out = pipe.denoise(noisy, affine=affine, region=REGION, num_steps=STEPS, zeta=0.0, output_int16=False,
+                   overlap=0.25, window_batch=8)  # the denoise command's options; the result on the crop's grid
+print(out.info)
+results = {"noisy": noisy, "Gaussian filter": ndimage.gaussian_filter(noisy, 1.0), "DiffPIR": out.image}
+windowed = lambda v: np.clip(v, lo_hu, hi_hu)  # compared within the region's window: what the model sees
 for name, img in results.items():
-  print(f"{name:16s} PSNR {metrics.psnr(clean, img, 2.0):6.2f} dB  SSIM {metrics.ssim(clean, img, 2.0):.3f}")
-to_hu = lambda v: preprocess.unit_to_hu(v, region)  # back to HU, within the region's window (what the model sees)
-show([to_hu(clean)] + [to_hu(v) for v in results.values()], ["clean"] + list(results), ["gray"] * 4,
+  mse = np.mean((windowed(img) - windowed(hu)) ** 2)
+  print(f"{name:16s} PSNR {10 * np.log10((hi_hu - lo_hu) ** 2 / mse):6.2f} dB (within the window)")
+show([hu] + list(results.values()), ["clean"] + list(results), ["gray"] * 4,
      [(lo_hu, hi_hu)] * 4, f"{CHECKPOINT}: denoising at {NOISE_HU:.0f} HU noise")
-show([to_hu(v) - to_hu(clean) for v in results.values()], [f"{k} - clean" for k in results], ["RdBu_r"] * 3,
+show([windowed(v) - windowed(hu) for v in results.values()], [f"{k} - clean" for k in results], ["RdBu_r"] * 3,
      [(-2 * NOISE_HU, 2 * NOISE_HU)] * 3, "difference maps (HU)")"""),
     new_markdown_cell(
       "## Anomaly detection: an inserted lesion\nA hypodense sphere in soft tissue; the prior "
@@ -198,33 +188,30 @@ show([to_hu(v) - to_hu(clean) for v in results.values()], [f"{k} - clean" for k 
     ),
     new_code_cell("""\
 rng = np.random.default_rng(0)
-tissue = ndimage.binary_erosion((hu > -20) & (hu < 120), iterations=4)  # soft tissue away from edges
-candidates = np.argwhere(tissue) if tissue.any() else np.argwhere(preprocess.body_mask(hu))
+tissue = ndimage.binary_erosion((hu > -20) & (hu < 120), iterations=2)  # soft tissue away from edges
+candidates = np.argwhere(tissue) if tissue.any() else np.argwhere(hu > -500)
 lesion_centre = candidates[rng.integers(len(candidates))]
 grid = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), -1)
-truth = np.linalg.norm(grid - lesion_centre, axis=-1) <= 4.0
+truth = np.linalg.norm((grid - lesion_centre) * voxel, axis=-1) <= 10.0  # a 10 mm radius sphere
 with_lesion = np.where(truth, hu - 60.0, hu).astype(np.float32)  # 60 HU darker, like a hypodense lesion
-x = preprocess.hu_to_unit(with_lesion, region)
-acfg = anomaly_config.get_config()
-acfg.update(overlap=0.25, window_batch=8, noise_t=500, num_steps=STEPS, seed=0, sampler="dpmpp_2m")
-canvas = common.Canvas(x.shape, region, common.structure_volume(pre, None, with_lesion), None, None)
-recon = anomaly.reconstruct(pre, x, canvas, anomaly.AnomalySpec.from_config(acfg))
-body = preprocess.body_mask(with_lesion)
-amap = anomaly.anomaly_map(x, recon, body)
-print(f"volume score {anomaly.volume_score(amap, body):.4f}; voxel AUROC (lesion vs rest of body) "
-      f"{metrics.auroc(truth[body], amap[body]):.3f}")
+amap = pipe.detect_anomalies(with_lesion, affine=affine, region=REGION, noise_t=500, num_steps=STEPS,
+                             sampler="dpmpp_2m", overlap=0.25, window_batch=8)
+body = with_lesion > -500
+score, lesion = amap.image[body], truth[body]
+ranks = stats.rankdata(score)  # AUROC as the Mann-Whitney statistic: lesion voxels vs the rest of the body
+auroc = (ranks[lesion].sum() - lesion.sum() * (lesion.sum() + 1) / 2) / (lesion.sum() * (~lesion).sum())
+print(f"volume score {amap.info['volume_score']:.4f}; voxel AUROC (lesion vs rest of body) {auroc:.3f}")
 z = int(lesion_centre[2])
 view = lambda v: np.fliplr(np.rot90(v[:, :, z]))  # the axial slice through the lesion
-fig, ax = plt.subplots(1, 4, figsize=(13, 3.4))
-for a, img, title in zip(ax[:3], (with_lesion, to_hu(recon), np.abs(with_lesion - to_hu(recon))),
-                         ("input with lesion", "reconstruction", "|input - reconstruction| (HU)")):
-  a.imshow(view(img), cmap="gray" if "|" not in title else "magma",
-           **({"vmin": lo_hu, "vmax": hi_hu} if "|" not in title else {}))
-  a.set_title(title, fontsize=9)
-ax[3].imshow(view(with_lesion), cmap="gray", vmin=lo_hu, vmax=hi_hu)
-ax[3].imshow(np.ma.masked_less(view(amap), np.percentile(amap[body], 95)), cmap="autumn", alpha=0.6)
-ax[3].contour(view(truth.astype(float)), levels=[0.5], colors="cyan", linewidths=1)
-ax[3].set_title("anomaly map (top 5%) + true lesion", fontsize=9)
+fig, ax = plt.subplots(1, 3, figsize=(10, 3.4))
+ax[0].imshow(view(with_lesion), cmap="gray", vmin=lo_hu, vmax=hi_hu)
+ax[0].set_title("input with lesion", fontsize=9)
+ax[1].imshow(view(amap.image), cmap="magma")
+ax[1].set_title("anomaly map", fontsize=9)
+ax[2].imshow(view(with_lesion), cmap="gray", vmin=lo_hu, vmax=hi_hu)
+ax[2].imshow(np.ma.masked_less(view(amap.image), np.percentile(score, 95)), cmap="autumn", alpha=0.6)
+ax[2].contour(view(truth.astype(float)), levels=[0.5], colors="cyan", linewidths=1)
+ax[2].set_title("anomaly map (top 5%) + true lesion", fontsize=9)
 for a in ax:
   a.axis("off")
 plt.show()"""),
@@ -247,35 +234,34 @@ nb03 = nb(
     new_code_cell(CHECKPOINT),
     new_code_cell("""\
 import json, tempfile
-from meddiff_jax.configs import controlnet as cn_config
-from meddiff_jax import checks
-from meddiff_jax.train import controlnet as cn_train
+from meddiff_jax.configs import controlnet as cn_config  # the shipped configs: start from one, edit it
 config = cn_config.get_config("sr")
 config.base_checkpoint = CHECKPOINT
 config.training.update(num_steps=int(os.environ.get("NB_STEPS", 6)), batch_size=2, log_every=2)
 config.data.phantom.update(num_volumes=3, shape=(48, 48, 48), spacing=SPACING)  # the base's voxel size
 config.eval.update(every_steps=0, sample_every_steps=0)  # no validation / previews in this short demo
 workdir = tempfile.mkdtemp(prefix="meddiff_sr_")
-print(cn_train.finetune(checks.controlnet(config), workdir))  # checked and derived from the base once"""),
+print(md.finetune(config, workdir))  # checked (and derived from the base) as the command does, then trained"""),
     new_code_cell(REAL_CT),
     new_code_cell("""\
-from meddiff_jax.configs import super_resolution
-from meddiff_jax import checks
-from meddiff_jax.tasks import controlled
+from scipy import ndimage
 hr_path, lr_path, sr_path = (os.path.join(workdir, n) for n in ("hr.nii.gz", "lr.nii.gz", "sr.nii.gz"))
-hr = volumes.Volume(np.round(hu), crop_affine)
-nifti.save(hr, hr_path, np.int16)
-nifti.save(volumes.resample(hr, (SPACING[0], SPACING[1], 5 * SPACING[2])), lr_path, np.int16)  # x5 thick slices
-c = super_resolution.get_config()
-c.update(controlnet=workdir, input=lr_path, output=sr_path, reference=hr_path, region=REGION, num_steps=STEPS)
-result = controlled.run_super_resolution(checks.task(c))  # checked and typed, as the command does
-print(json.dumps(result["metrics"], indent=1))"""),
+hr = np.round(hu).astype(np.int16)
+lr, lr_affine = hr[:, :, ::5], affine @ np.diag([1.0, 1.0, 5.0, 1.0])  # every 5th slice: x5 thick slices
+nib.save(nib.Nifti1Image(hr, affine), hr_path)
+nib.save(nib.Nifti1Image(lr, lr_affine), lr_path)
+# the ControlNet pipeline: sampled at the base's spacing, resampled to the reference's grid (spacing=)
+sr = md.load(workdir).super_resolve(lr_path, output=sr_path, reference=hr_path, region=REGION, num_steps=STEPS,
+                                    spacing=tuple(voxel))
+print(json.dumps(sr.info["metrics"], indent=1))"""),
     new_code_cell("""\
-sr = volume_io.load(sr_path).data
-lr_up = volumes.resample(volume_io.load(lr_path), SPACING).data
-n = [min(s) for s in zip(hr.shape, sr.shape, lr_up.shape)]
+out = sr.image  # the thin grid, in the input file's voxel order (RAS here)
+z = np.arange(out.shape[2]) / 5.0  # the thin slices' positions in thick-slice units
+tri = ndimage.map_coordinates(lr.astype(np.float32), np.meshgrid(*map(np.arange, lr.shape[:2]), z, indexing="ij"),
+                              order=1)  # trilinear from the thick slices onto the thin grid
+n = [min(s) for s in zip(hr.shape, out.shape)]
 # compared within the region's HU window: the model's output range (bone above it is clipped)
-ref, tri, out = (np.clip(v[:n[0], :n[1], :n[2]], lo_hu, hi_hu).astype(np.float32) for v in (hr.data, lr_up, sr))
+ref, tri, out = (np.clip(v[:n[0], :n[1], :n[2]], lo_hu, hi_hu).astype(np.float32) for v in (hr, tri, out))
 show([ref, tri, out], ["reference", "trilinear from x5 thick slices", "ControlNet"], ["gray"] * 3,
      [(lo_hu, hi_hu)] * 3, f"super-resolution on a real CT crop (base {CHECKPOINT})")
 show([tri - ref, out - ref], ["trilinear - reference", "ControlNet - reference"], ["RdBu_r"] * 2,

@@ -21,7 +21,8 @@ FLOORS = (
   ("train", "tasks"),
   ("protocols",),
   ("checks",),
-  ("main", "__init__"),
+  ("main", "api"),
+  ("__init__",),  # re-exports the API (imported on first use)
 )
 NEVER = {("protocols", "train")}  # the evaluate command runs tasks through their run(config); it trains nothing
 FLOOR = {layer: floor for floor, layers in enumerate(FLOORS) for layer in layers}

@@ -20,7 +20,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend: figures come back as PNG outputs
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  if "samples.example_ct()" in path.read_text():  # the real-CT demos: offline, from the test data
+  if "example_ct()" in path.read_text():  # the real-CT demos: offline, from the test data
     monkeypatch.setenv("MEDDIFF_TEST_DATA", str(data_dir()))
   nb = nbformat.read(path, as_version=4)
   assert 'REPO = "https://github.com/' in nb.cells[1].source  # the one place a Colab user sets
@@ -37,7 +37,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   pictures = [
     o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
   ]
-  assert len(pictures) >= (3 if "samples.example_ct()" in path.read_text() else 2)
+  assert len(pictures) >= (3 if "example_ct()" in path.read_text() else 2)
 
 
 def test_notebooks_match_their_generator():

@@ -42,6 +42,11 @@ def load(
     vol = nifti.read(path, options, is_mask)
   if canonical:
     vol = volumes.canonical_ras(vol)
+  return _checked_values(vol, path, is_mask)
+
+
+def _checked_values(vol: volumes.Volume, path: str, is_mask: bool) -> volumes.Volume:
+  """Images as float32 with every voxel finite, masks as int16 labels that were integers."""
   if is_mask:
     data = vol.data
     if np.issubdtype(data.dtype, np.floating):
@@ -54,6 +59,32 @@ def load(
     if bad.any():
       raise volumes.VolumeError(path, f"{int(bad.sum())} NaN/inf voxels")
   return vol
+
+
+def from_array(
+  data: np.ndarray,
+  affine: np.ndarray,
+  *,
+  is_mask: bool = False,
+  options: volumes.ReadOptions | None = None,
+  name: str = "<array>",
+) -> volumes.Volume:
+  """An array in memory and its affine (voxel indices -> RAS world mm), checked as `load` checks a file (3D, size
+  limits, geometry, finite voxels or integer labels) and returned in RAS voxel order like `load`'s volumes. Its
+  `source` is the array's own grid: `save_like` and `as_saved` give results back in the array's voxel order.
+  `name` stands for the file name in error messages."""
+  options = options or volumes.ReadOptions()
+  data, affine = np.asarray(data), np.asarray(affine, np.float64)
+  if data.ndim != 3:
+    raise volumes.VolumeError(name, f"array of shape {data.shape}: give a 3D volume (X, Y, Z)")
+  if affine.shape != (4, 4):
+    raise volumes.VolumeError(name, f"affine of shape {affine.shape}: give the 4x4 voxel-to-world (RAS, mm) matrix")
+  if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+    raise volumes.VolumeError(name, f"array of dtype {data.dtype}: give integer or floating-point voxels")
+  volumes.check_size(name, data.shape, data.dtype.itemsize, options)
+  volumes.check_geometry(name, data.shape, affine, options)
+  source = volumes.Source("array", name, tuple(data.shape), affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64))
+  return _checked_values(volumes.canonical_ras(volumes.Volume(data, affine, path=name, source=source)), name, is_mask)
 
 
 def is_directory_output(path: str) -> bool:
@@ -72,18 +103,14 @@ def save_like(
   voxel order and affine; for NIfTI the same qform/sform (and their codes); a DICOM series folder when
   `path` is a directory and the input was DICOM (new series UIDs, `description` as SeriesDescription)."""
   path = str(path)
-  values_ras = np.asarray(values_ras)
-  if values_ras.shape != like.shape:
-    raise volumes.VolumeError(path, f"result shape {values_ras.shape} is not the input grid {like.shape}")
   src = like.source
   if src is None:  # an in-memory volume: its RAS grid is all there is
     if is_directory_output(path):
       raise volumes.VolumeError(path, "a directory output (DICOM series) needs a DICOM input; give a .nii.gz path")
-    nifti.save(volumes.Volume(values_ras, like.affine), path, dtype)
+    nifti.save(volumes.Volume(*as_saved(values_ras, like, dtype, path)), path)
     return path
-  data = geometry.from_ras(values_ras, src.ornt)
-  assert data.shape == tuple(src.shape), (data.shape, src.shape)
   if is_directory_output(path):
+    data, _ = as_saved(values_ras, like, None, path)
     if src.kind != "dicom":
       why = (
         "this result is on a resampled grid, not the series' own"
@@ -96,14 +123,28 @@ def save_like(
       )
     dicom.write_series(data, src, path, description)
     return path
-  if dtype is not None:
-    data = _cast(data, dtype)
+  data, affine = as_saved(values_ras, like, dtype, path)
   os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
   if src.kind == "nifti" and src.header is not None:
     nifti.save_with_header(data, src, path)
-  else:
-    nifti.save(volumes.Volume(data, src.affine), path, dtype)
+  else:  # ITK formats, arrays: their grid's affine
+    nifti.save(volumes.Volume(data, affine), path)
   return path
+
+
+def as_saved(
+  values_ras: np.ndarray, like: volumes.Volume, dtype: np.dtype | None = None, path: str = "<result>"
+) -> tuple[np.ndarray, np.ndarray]:
+  """(array, affine) as `save_like` writes `values_ras` (on `like`'s RAS grid) to a file: in the voxel order of the
+  grid `like` came from (a file's, an array's; RAS for a volume without a source), cast to `dtype` (integers
+  rounded and clipped), and that grid's affine."""
+  values_ras = np.asarray(values_ras)
+  if values_ras.shape != like.shape:
+    raise volumes.VolumeError(path, f"result shape {values_ras.shape} is not the input grid {like.shape}")
+  src = like.source
+  data, affine = (values_ras, like.affine) if src is None else (geometry.from_ras(values_ras, src.ornt), src.affine)
+  assert src is None or data.shape == tuple(src.shape), (data.shape, src.shape)
+  return (data if dtype is None else _cast(data, dtype)), np.asarray(affine, np.float64)
 
 
 def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -112,7 +112,8 @@ class ReadOptions:
 class Source:
   """Where a volume came from, enough to write a result back on exactly the same grid.
 
-  kind: 'nifti' | 'dicom' | 'itk'; shape/affine: the file's voxel order and its affine (RAS world);
+  kind: 'nifti' | 'dicom' | 'itk' | 'array' (volume_io.from_array: `path` names it) | 'derived' (resampled);
+  shape/affine: the file's voxel order and its affine (RAS world);
   ornt: nibabel orientation transform from the file's voxel order to RAS; header: the NIfTI header
   (qform/sform codes); dicom_files: the series' files sorted along the slice normal (file order).
   """

@@ -70,10 +70,11 @@ def reconstruct(pre: pretrained.Pretrained, y_unit: np.ndarray, canvas: common.C
   return common.run_windowed(pre, sample, (jnp.asarray(y_unit)[None, ..., None],), canvas, task, progress=bar)
 
 
-def run(task: AnomalySpec) -> dict[str, Any]:
-  """The `anomaly` command: NIfTI in; anomaly map NIfTI (input grid/affine) and a JSON score out."""
-  pre = pretrained.load(task.checkpoint, task.inference_dtype)
-  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))
+def run(task: AnomalySpec, memory: common.InMemory | None = None) -> dict[str, Any]:
+  """The `anomaly` command: NIfTI in; anomaly map NIfTI (input grid/affine) and a JSON score out; `memory`: the
+  model and the CT given in memory, the map kept there (meddiff_jax/api.py)."""
+  pre = common.load_model(task, memory)
+  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing), memory)
   recon = reconstruct(pre, inp.unit, inp.canvas(), task)
   body = preprocess.body_mask(inp.work.data)
   amap = anomaly_map(inp.unit[inp.crop], recon, body, task.smooth_sigma)
@@ -97,5 +98,6 @@ def run(task: AnomalySpec) -> dict[str, Any]:
     dtype=np.float32,
     description=f"meddiff anomaly map ({task.checkpoint})",
     sidecar=result,
+    memory=memory,
   )
   return result

@@ -117,20 +117,29 @@ def task_spacing(pre: Pretrained, spacing: tuple[float, ...] | str) -> tuple[flo
   return pre.data.training_spacing()
 
 
-def load_labels(path: str, original: volumes.Volume, work: volumes.Volume) -> np.ndarray | None:
-  """A TotalSegmentator label map (`--config.labels`) on the input's grid, moved to the working grid (nearest)."""
-  if not path:
+def read_labels(source: str | volumes.Volume) -> volumes.Volume | None:
+  """A label map: `--config.labels` read (a path), or given in memory (`InMemory.labels`); None when neither."""
+  if isinstance(source, volumes.Volume):
+    return source
+  return volume_io.load(source, is_mask=True) if source else None
+
+
+def load_labels(source: str | volumes.Volume, original: volumes.Volume, work: volumes.Volume) -> np.ndarray | None:
+  """A TotalSegmentator label map (`--config.labels`, or a Volume: `read_labels`) on the input's grid, moved to the
+  working grid (nearest)."""
+  labels = read_labels(source)
+  if labels is None:
     return None
-  labels = volume_io.load(path, is_mask=True)
+  name = f"--config.labels={source!r}" if isinstance(source, str) else "labels"
   try:
     volumes.check_same_grid(original, labels)
   except ValueError as e:
-    raise ValueError(f"--config.labels={path!r}: {e}") from None
+    raise ValueError(f"{name}: {e}") from None
   if work.shape == original.shape and np.allclose(work.affine, original.affine):
     return labels.data
   moved = volumes.resample(labels, work.spacing, order=0, fill=0.0).data
   if moved.shape != work.shape:
-    raise ValueError(f"--config.labels={path!r}: resampled to {moved.shape}, the image to {work.shape}")
+    raise ValueError(f"{name}: resampled to {moved.shape}, the image to {work.shape}")
   return moved
 
 
@@ -142,11 +151,12 @@ def window_batch(task: TaskSpec) -> int:
 
 
 def load_ct(
-  path: str, spacing: tuple[float, ...] | None, options: volumes.ReadOptions
+  source: str | volumes.Volume, spacing: tuple[float, ...] | None, options: volumes.ReadOptions
 ) -> tuple[volumes.Volume, volumes.Volume]:
-  """(original volume, working volume resampled to `spacing` (None: as is)). `path`: a NIfTI / NRRD / MHA file
-  or a DICOM series folder, read and checked as CT with `options` (configs/input_options.py: TaskSpec.read)."""
-  original = volume_io.load(path, options=options)
+  """(original volume, working volume resampled to `spacing` (None: as is)). `source`: a NIfTI / NRRD / MHA file
+  or a DICOM series folder, read with `options` (configs/input_options.py: TaskSpec.read), or a volume in memory
+  as volume_io reads one (`volume_io.from_array`); checked as CT either way."""
+  original = source if isinstance(source, volumes.Volume) else volume_io.load(source, options=options)
   volumes.check_ct(original, assume_hu=options.assume_hu)
   work = original
   if spacing:
@@ -200,15 +210,49 @@ class TaskInput:
     return Canvas(self.unit.shape, self.region, self.structures, self.crop, hint)
 
 
-def prepare_input(pre: Pretrained, task: Any, spacing: tuple[float, ...] | None) -> TaskInput:
+def prepare_input(
+  pre: Pretrained, task: Any, spacing: tuple[float, ...] | None, memory: InMemory | None = None
+) -> TaskInput:
   """The task prologue: `task.input` read and checked as CT (`task.read`: configs/input_options.py), moved to
   `spacing` (None: its own grid), mapped to [-1, 1] with `task.region`'s window and padded to the patch; the
-  structure conditions from `task.labels` (or the body channel alone). `task`: a TaskSpec with an input."""
-  original, work = load_ct(task.input, spacing, task.read)
+  structure conditions from `task.labels` (or the body channel alone). `task`: a TaskSpec with an input;
+  `memory`: the CT and labels given in memory instead (`InMemory`)."""
+  original, work = load_ct(given(task.input, memory and memory.ct), spacing, task.read)
   region = preprocess.region_id(task.region)
   unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  structures = structure_volume(pre, load_labels(task.labels, original, work), work.data, pre.patch_size)
+  labels = load_labels(given(task.labels, memory and memory.labels), original, work)
+  structures = structure_volume(pre, labels, work.data, pre.patch_size)
   return TaskInput(original, work, region, unit, crop, structures, pre.patch_size)
+
+
+@dataclasses.dataclass
+class InMemory:
+  """A task run from Python (meddiff_jax/api.py) on what is already in memory: the model loaded once (`model`: a
+  Pretrained, or a Controlled for the ControlNet tasks; each run computes in its task's inference dtype), the CT
+  and the label map as volumes (`volume_io.from_array`) in place of `task.input` / `task.labels`. The task's `run(task,
+  memory)` reads nothing else; `finish` leaves the result here, as a file would hold it (`result`, `affine`:
+  `volume_io.as_saved`), and writes `task.output` only when one is set."""
+
+  model: Any
+  ct: volumes.Volume | None = None
+  labels: volumes.Volume | None = None
+  result: np.ndarray | None = None
+  affine: np.ndarray | None = None
+
+
+def given(path: str, volume: volumes.Volume | None) -> str | volumes.Volume:
+  """What a task reads: the volume given in memory, else the config's path."""
+  return path if volume is None else volume
+
+
+def load_model(task: Any, memory: InMemory | None = None) -> Any:
+  """The task's model: `memory.model`, else read from `task.checkpoint` (a Pretrained) or `task.controlnet` (a
+  fine-tuning workdir: a Controlled), computing in `task.inference_dtype`."""
+  if memory is not None:
+    return pretrained.with_compute_dtype(memory.model, task.inference_dtype)
+  if hasattr(task, "controlnet"):
+    return pretrained.load_controlled(task.controlnet, task.inference_dtype)
+  return pretrained.load(task.checkpoint, task.inference_dtype)
 
 
 def sidecar_path(output: str) -> str:
@@ -225,11 +269,17 @@ def finish(
   dtype=None,
   description: str = "",
   sidecar: dict[str, Any] | None = None,
+  memory: InMemory | None = None,
 ) -> None:
   """The task epilogue: `values` (computed on the grid of `work`, default `like`'s) back onto `like`'s grid,
-  saved like it (`save_like_input`), and the result summary `sidecar` as OUTPUT.json beside it."""
+  saved like it (`save_like_input`), and the result summary `sidecar` as OUTPUT.json beside it; with `memory`,
+  also left there as the file holds it, and written only when `output` is set."""
   if work is not None:
     values = back_to_input_grid(values, work, like)
+  if memory is not None:
+    memory.result, memory.affine = volume_io.as_saved(values, like, dtype)
+    if not output:
+      return
   save_like_input(values, like, output, dtype, description)
   if sidecar is not None:
     with open(sidecar_path(output), "w") as f:

@@ -158,13 +158,14 @@ def sample_controlled(
   return common.run_windowed(cm.pre, sample, (), canvas, task, apply_fn=cm.apply_fn(task.conditioning_scale))
 
 
-def run_super_resolution(task: SuperResolutionSpec) -> dict[str, Any]:
+def run_super_resolution(task: SuperResolutionSpec, memory: common.InMemory | None = None) -> dict[str, Any]:
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
-  reference, PSNR / SSIM against trilinear and cubic interpolation."""
-  cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
+  reference, PSNR / SSIM against trilinear and cubic interpolation. `memory`: the model and the LR volume given
+  in memory, the result kept there (meddiff_jax/api.py)."""
+  cm = common.load_model(task, memory)
   # the network runs at its training spacing; the result goes to the thin grid asked for ('checkpoint': the same)
   asked = None if task.spacing == common.CHECKPOINT else tuple(float(s) for s in task.spacing)
-  inp = common.prepare_input(cm.pre, task, cm.pre.data.training_spacing() or asked)
+  inp = common.prepare_input(cm.pre, task, cm.pre.data.training_spacing() or asked, memory)
   lr, up, region = inp.original, inp.work, inp.region
   model_spacing = up.spacing
   target_spacing = asked or model_spacing
@@ -188,7 +189,8 @@ def run_super_resolution(task: SuperResolutionSpec) -> dict[str, Any]:
       name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0), "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
       for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))
     }
-  common.finish(sr, task.output, sr_vol, dtype=np.int16, sidecar=result)  # the thin grid, input's voxel order
+  # on the thin grid, in the input's voxel order
+  common.finish(sr, task.output, sr_vol, dtype=np.int16, sidecar=result, memory=memory)
   return result
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meddiff_jax import pretrained, sections
+from meddiff_jax import sections
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import common
@@ -176,10 +176,11 @@ def keep_input_outside_window(
   return np.where(below | above, input_hu, hu).astype(np.float32)
 
 
-def run(task: DenoiseSpec) -> dict[str, Any]:
-  """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine)."""
-  pre = pretrained.load(task.checkpoint, task.inference_dtype)
-  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))
+def run(task: DenoiseSpec, memory: common.InMemory | None = None) -> dict[str, Any]:
+  """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine); `memory`: the model and
+  the CT given in memory, the result kept there (meddiff_jax/api.py)."""
+  pre = common.load_model(task, memory)
+  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing), memory)
   lo, hi = preprocess.window_bounds(inp.region)
   sigma = (
     estimate_noise_sigma(inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
@@ -207,5 +208,6 @@ def run(task: DenoiseSpec) -> dict[str, Any]:
     work=inp.work,
     dtype=np.int16 if task.output_int16 else np.float32,
     description=f"meddiff denoise {task.method} ({task.checkpoint})",
+    memory=memory,
   )
   return {"output": task.output, "sigma_unit": sigma, "method": task.method}

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import preprocess, volume_io, volumes
+from meddiff_jax.data import preprocess, volumes
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.tasks import common
 
@@ -71,15 +71,16 @@ def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple
   return np.where(inside, 0.0, -1000.0).astype(np.float32)
 
 
-def run(task: SynthesisSpec) -> dict[str, Any]:
+def run(task: SynthesisSpec, memory: common.InMemory | None = None) -> dict[str, Any]:
   """The `synthesis` command: shape (or a TotalSegmentator label NIfTI giving extent, affine and anatomy)
   -> synthetic CT NIfTI in HU. Sampling runs on the `task.spacing` grid (the model's training spacing);
-  a label map is resampled there (nearest) and the result back onto the label map's grid."""
-  pre = pretrained.load(task.checkpoint, task.inference_dtype)
+  a label map is resampled there (nearest) and the result back onto the label map's grid. `memory`: the model
+  and the label map given in memory, the CT kept there (meddiff_jax/api.py)."""
+  pre = common.load_model(task, memory)
   region = preprocess.region_id(task.region)
   spacing = common.task_spacing(pre, task.spacing) or (1.0, 1.0, 1.0)
-  if task.labels:
-    mask = volume_io.load(task.labels, is_mask=True)
+  mask = common.read_labels(common.given(task.labels, memory and memory.labels))
+  if mask is not None:
     work = volumes.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
     labels = work.data.astype(np.int32)
     lut, _ = pre.data.structure_lut()
@@ -99,5 +100,5 @@ def run(task: SynthesisSpec) -> dict[str, Any]:
   canvas = common.Canvas(tuple(shape), region, structures, None, None)
   hu = preprocess.unit_to_hu(synthesize(pre, canvas, task), region)
   # on the label map's own grid, voxel order and header (a shape alone: a plain RAS NIfTI)
-  common.finish(hu, task.output, mask, work=work, dtype=np.int16)
+  common.finish(hu, task.output, mask, work=work, dtype=np.int16, memory=memory)
   return {"output": task.output, "shape": list(mask.shape), "region": task.region}

@@ -33,6 +33,25 @@ from meddiff_jax.train import writer as writer_lib
 from meddiff_jax.train.metrics import TrainMetrics
 from meddiff_jax.train.spec import PretrainConfig
 
+# jax's persistent cache keeps compiles that took at least this long (trivial jits would cost an object-store
+# round trip each); every size of entry is kept. jax's defaults, which maxtext / maxdiffusion run with.
+CACHE_MIN_COMPILE_TIME_S = 1.0
+CACHE_MIN_ENTRY_SIZE_BYTES = 0
+
+
+def configure_compilation_cache(setting: str, workdir: str | None) -> str | None:
+  """Point jax's persistent compilation cache at `setting` (config.compilation_cache_dir): 'auto' is
+  WORKDIR/compilation_cache on accelerators (a restarted or preempted job loads its compiled steps back) and
+  off on CPU; '' is off. Returns the directory in use, or None."""
+  if setting == "auto":
+    setting = storage.join(workdir, "compilation_cache") if workdir and jax.default_backend() != "cpu" else ""
+  if not setting:
+    return None
+  jax.config.update("jax_compilation_cache_dir", setting)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_TIME_S)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", CACHE_MIN_ENTRY_SIZE_BYTES)
+  return setting
+
 
 class NonFiniteError(FloatingPointError):
   """Raised after `max_consecutive_nan` updates in a row were skipped for NaN/inf."""
