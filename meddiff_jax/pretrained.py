@@ -310,6 +310,12 @@ class Controlled:
   params: Any
   config: ml_collections.ConfigDict  # the fine-tuning config as stored
 
+  @property
+  def data(self) -> DataSpec:
+    """The branch run's data layout, typed: its data.spacing is the grid the branch was trained at (its
+    base's, train/controlnet.derive_config), where the ControlNet tasks run."""
+    return DataSpec.from_config(self.config.data)
+
   def apply_fn(self, scale: float = 1.0) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
     return lambda x, t, cond: self.model.apply({"params": self.params}, x, t, cond, scale=scale)
 

@@ -282,3 +282,85 @@ def ddpm_posterior_tables(betas) -> dict[str, np.ndarray]:
     posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
     posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
   )
+
+
+# ------------------------------------------------------------------------------------------ exact models as checkpoints
+# A task's run(spec) loads its model with pretrained.load / load_controlled; these stand-ins carry an exact model of the
+# test data (an oracle above, in the checkpoint's parameterisation) and the stored config a task reads (patch size,
+# training spacing, structures, prediction_type), so a test runs the whole task (files, grids, windows, sampler).
+
+
+def exact_config(prediction_type: str = "epsilon", patch: int = 8, spacing=(6.0, 6.0, 6.0), structures: bool = False):
+  """configs/pretrain.py:tiny as a checkpoint stores it: data.spacing the training spacing."""
+  from meddiff_jax.configs import pretrain
+
+  c = pretrain.get_config("tiny")
+  c.data.patch_size = patch
+  c.data.spacing = tuple(float(s) for s in spacing)
+  c.data.use_structures = structures
+  c.model.structure_channels = pretrain.NUM_STRUCTURE_CHANNELS if structures else 0
+  c.diffusion.prediction_type = prediction_type
+  return c
+
+
+def exact_pretrained(apply, **config_kw):
+  """A pretrained.Pretrained whose network is `apply(x, t, cond)` (`exact_config(**config_kw)`)."""
+  from meddiff_jax import pretrained
+  from meddiff_jax.data.spec import DataSpec
+  from meddiff_jax.diffusion.spec import DiffusionSpec
+  from meddiff_jax.models import unet3d
+
+  config = exact_config(**config_kw)
+
+  class Exact(pretrained.Pretrained):
+    def apply(self, x, t, cond):
+      return apply(x, t, cond)
+
+  diffusion = DiffusionSpec.from_config(config.diffusion)
+  return Exact(
+    None,
+    unet3d.UNetSpec.from_config(config.model),
+    None,
+    diffusion,
+    DataSpec.from_config(config.data),
+    diffusion.make_schedule(),
+    config,
+  )
+
+
+def exact_controlled(apply, branch_spacing=None, **config_kw):
+  """A pretrained.Controlled whose base + branch is `apply(x, t, cond)` (cond has the 'hint'); the branch run's
+  training spacing `branch_spacing` (default: the base's)."""
+  from meddiff_jax import pretrained
+
+  pre = exact_pretrained(apply, **config_kw)
+  config = exact_config(**config_kw)
+  if branch_spacing is not None:
+    config.data.spacing = tuple(float(s) for s in branch_spacing)
+
+  class Exact(pretrained.Controlled):
+    def apply_fn(self, scale: float = 1.0):
+      return apply
+
+  return Exact(pre, None, None, config)
+
+
+def to_prediction(schedule, prediction_type: str, x, t, x0, eps):
+  """A model output in `prediction_type` from the exact (x0, eps) pair at (x_t, t)."""
+  from meddiff_jax.diffusion import schedules
+
+  if prediction_type == "epsilon":
+    return eps
+  if prediction_type == "x0":
+    return x0
+  a = schedules.alpha_bar(schedule, t, x.ndim)
+  return jnp.sqrt(a) * eps - jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t, x.ndim)) * x0
+
+
+def point_mass_prediction(schedule, x, t, target, prediction_type: str = "epsilon"):
+  """The exact model output for data that is a point mass at `target` (broadcast like x)."""
+  from meddiff_jax.diffusion import schedules
+
+  a = schedules.alpha_bar(schedule, t, x.ndim)
+  eps = (x - jnp.sqrt(a) * target) / jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t, x.ndim))
+  return to_prediction(schedule, prediction_type, x, t, jnp.broadcast_to(target, x.shape), eps)

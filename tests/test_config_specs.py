@@ -244,8 +244,9 @@ TASK_BAD = [(t, k, v) for t in TASK_CONFIGS for k, v in COMMON_TASK_BAD] + [
   ("super_resolution", "conditioning_scale", -1.0),
   ("super_resolution", "spacing", (1.0, 1.0)),
   ("lesion", "method", "paint"),
-  ("lesion", "jump_length", 0),
+  ("lesion", "jump_timesteps", 0),
   ("lesion", "jump_n_sample", 0),
+  ("lesion", "spacing", (1.0, 1.0)),
   ("lesion", "conditioning_scale", -0.5),
 ]
 
