@@ -15,95 +15,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import exact_pretrained, gaussian_oracle, gaussian_problem, identity_denoiser, mse, wiener_mse
+from conftest import (
+  abar64,
+  ddim64,
+  diffpir64,
+  exact_pretrained,
+  forward_matched_start64,
+  gaussian_oracle,
+  gaussian_posterior_mean64,
+  gaussian_problem,
+  identity_denoiser,
+  mse,
+  repaint_walk,
+  wiener_mse,
+)
 
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import controlled, denoise
 
 SCHED = schedules.make_schedule("cosine", 1000)
-T64 = schedules.tables(schedules.make_betas("cosine", 1000))
 MU, S, SIGMA = 0.1, 0.3, 0.15
 PREDICTIONS = ("epsilon", "v", "x0")
 
 
-def abar64(t):
-  return 1.0 if t < 0 else float(T64["alphas_cumprod"][t])
+def posterior_mean64(x, t):
+  return gaussian_posterior_mean64(x, t, MU, S)
 
 
-def posterior_mean64(x, t, mu=MU, s=S):
-  """E[x0 | x_t] for x0 ~ N(mu, s^2) i.i.d.: the exact model, float64."""
-  a = abar64(t)
-  return mu + s**2 * np.sqrt(a) / (a * s**2 + 1 - a) * (x - np.sqrt(a) * mu)
+def diffpir_reference64(img_l, noise_level_img, n_steps, lambda_, **kw):
+  return diffpir64(img_l, noise_level_img, n_steps, lambda_, posterior_mean64, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# references, float64, from the papers
-
-
-def forward_matched_start64(y, sigma_y, t, z):
-  """x_t with the marginal of q(x_t | x0) (DDPM, Ho et al. 2020 eq. 4: N(sqrt(abar) x0, (1 - abar) I)) from
-  y = x0 + sigma_y n: sqrt(abar) y already carries abar sigma_y^2 of the 1 - abar, fresh noise z adds the rest."""
-  a = abar64(t)
-  return np.sqrt(a) * y + np.sqrt(max(0.0, 1 - a - a * sigma_y**2)) * z
-
-
-def diffpir_reference64(img_l, noise_level_img, n_steps, lambda_, *, rho_scale=1.0, fresh_noise=False, z=None):
-  """DiffPIR (Zhu et al. 2023, Algorithm 1) for the identity operator, zeta = 0 (deterministic), float64, in the
-  conventions of the authors' code: images in [0, 1] with AWGN of std `noise_level_img`, the model on [-1, 1]
-  (y = 2 img - 1), reduced_alpha_cumprod = sqrt(1 - abar) / sqrt(abar) the model-scale noise std,
-  t_start = find_nearest(reduced_alpha_cumprod, 2 noise_level_img), rho_t = lambda sigma^2 / sigma_k^2 with
-  sigma = noise_level_img, data step (mask y + rho x0) / (mask + rho) with mask = 1, x0 clipped (clip_denoised),
-  last step returns the data-step x0. The start has q(x_t | x0)'s noise (`forward_matched_start64`); the grid
-  spends all n_steps uniformly in [0, t_start]. rho_scale / fresh_noise: known-wrong variants."""
-  acp = T64["alphas_cumprod"]
-  reduced = np.sqrt(1 - acp) / np.sqrt(acp)
-  t_start = int(np.argmin(np.abs(reduced - 2 * noise_level_img)))
-  seq = np.unique(np.round(np.linspace(0, t_start, min(n_steps, t_start + 1))).astype(int))[::-1]
-  y = np.asarray(img_l, np.float64) * 2 - 1
-  if fresh_noise:  # the old start: all of q's noise added on top of y's own
-    x = np.sqrt(abar64(t_start)) * y + np.sqrt(1 - abar64(t_start)) * z
-  else:
-    x = forward_matched_start64(y, 2 * noise_level_img, t_start, np.zeros_like(y) if z is None else z)
-  x0_p = y
-  for i, t in enumerate(seq):
-    t_im1 = seq[i + 1] if i + 1 < len(seq) else -1
-    a, ap = abar64(t), abar64(t_im1)
-    x0 = np.clip(posterior_mean64(x, t), -1, 1)
-    rho = rho_scale * lambda_ * noise_level_img**2 / ((1 - a) / a)
-    x0_p = (y + rho * x0) / (1 + rho)
-    eps = (x - np.sqrt(a) * x0_p) / np.sqrt(1 - a)
-    x = np.sqrt(ap) * x0_p + np.sqrt(1 - ap) * eps
-  return x0_p, t_start, seq
-
-
-def ddim_reference64(x, seq, model_x0=posterior_mean64):
-  """Deterministic DDIM (Song et al. 2021, eq. 12 with sigma = 0) from x at seq[0] down to the clean image
-  (abar = 1 after the last step), x0 clipped to [-1, 1] with eps recomputed from it (ADM)."""
-  x = np.asarray(x, np.float64)
-  for i, t in enumerate(seq):
-    tp = seq[i + 1] if i + 1 < len(seq) else -1
-    a, ap = abar64(int(t)), abar64(int(tp))
-    x0 = np.clip(model_x0(x, int(t)), -1, 1)
-    eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
-    x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
-  return x
-
-
-def repaint_walk(t_t, jump_length, jump_n_sample):
-  """RePaint's `get_schedule_jump_paper` (guided_diffusion/scheduler.py): grid indices from t_T - 1 to -1."""
-  jumps = {j: jump_n_sample - 1 for j in range(0, t_t - jump_length, jump_length)}
-  t, ts = t_t, []
-  while t >= 1:
-    t = t - 1
-    ts.append(t)
-    if jumps.get(t, 0) > 0:
-      jumps[t] = jumps[t] - 1
-      for _ in range(jump_length):
-        t = t + 1
-        ts.append(t)
-  ts.append(-1)
-  return ts
+def ddim_reference64(x, seq):
+  return ddim64(x, seq, posterior_mean64)
 
 
 @pytest.fixture(scope="module")
