@@ -347,6 +347,7 @@ def test_repaint_known_region_carries_the_noise_level_of_every_model_call():
 def test_jump_steps_round_timesteps_to_the_grid():
   assert controlled.jump_steps(1000, 250, 40) == 10 and controlled.jump_steps(1000, 50, 40) == 2
   assert controlled.jump_steps(1000, 10, 40) == 1  # at least one step
+  assert controlled.jump_steps(1000, 40, 40) == 2  # 1.6 steps: rounded, not truncated
   with pytest.raises(ValueError, match="jump_timesteps=1000"):
     controlled.jump_steps(1000, 50, 1000)
 

@@ -367,3 +367,49 @@ def test_lesion_runs_at_the_branch_runs_spacing(tmp_path, monkeypatch):
   hole = common.back_to_input_grid(hole_work, work, original, order=0) > 0.5
   np.testing.assert_array_equal(out[~(hole | lesion)], np.round(ct[~(hole | lesion)]))
   assert result["psnr_inside_mask"] < result["psnr_outside_mask"]
+
+
+# ------------------------------------------------------------------------------------------------ grids, limits
+
+
+def distinct_windows(model_fn):
+  """(apply recording the distinct window position boxes it is called on, the set they go into)."""
+  boxes = set()
+
+  def apply(x, t, cond):
+    jax.debug.callback(lambda b: boxes.update(tuple(np.round(np.asarray(v), 4).ravel()) for v in b), cond["pos_box"])
+    return model_fn(x, t, cond)
+
+  return apply, boxes
+
+
+def test_anomaly_and_synthesis_run_on_the_training_grid(tmp_path, monkeypatch):
+  """A 16^3 scan / label map at 6 mm and a model trained at 12 mm: both tasks sample on the 8^3 working grid (one
+  window of the patch) and write their result on the input's 16^3 grid."""
+  path = save_ct(tmp_path / "ct.nii.gz", gaussian_volume((16, 16, 16), seed=5)[0], "abdomen", (6.0, 6.0, 6.0))
+  nifti.save(volumes.Volume(np.ones((16, 16, 16), np.int16), np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "seg.nii.gz")
+  for run in ("anomaly", "synthesis"):
+    apply, boxes = distinct_windows(lambda x, t, c: gaussian_oracle(SCHED, MU, S)(x, t))
+    use(monkeypatch, exact_pretrained(apply, spacing=(12.0, 12.0, 12.0)))
+    out = str(tmp_path / f"{run}.nii.gz")
+    if run == "anomaly":
+      anomaly.run(
+        task_spec(anomaly_config, anomaly.AnomalySpec, checkpoint="exact", input=path, output=out, num_steps=3)
+      )
+    else:
+      spec = task_spec(
+        synthesis_config, synthesis.SynthesisSpec, checkpoint="exact", labels=str(tmp_path / "seg.nii.gz"), output=out
+      )
+      synthesis.run(spec)
+    jax.effects_barrier()
+    assert len(boxes) == 1 and volume_io.load(out).shape == (16, 16, 16), (run, len(boxes))
+
+
+def test_timesteps_past_the_schedule_are_refused_before_anything_runs(tmp_path):
+  from meddiff_jax import checks
+
+  path = save_ct(tmp_path / "ct.nii.gz", gaussian_volume((8, 8, 8))[0], "abdomen", (6.0, 6.0, 6.0))
+  config = anomaly_config.get_config()
+  config.update(input=path, output=str(tmp_path / "o.nii.gz"), noise_t=1000)  # tiny_phantom: T = 1000
+  with pytest.raises(checks.ConfigError, match="--config.noise_t=1000; 'tiny_phantom' has 1000 timesteps"):
+    checks.task(config)
