@@ -1,20 +1,30 @@
-"""Mutation check for the diffusion samplers, the task algorithms (#14) and the host sample pipeline (#12).
+"""Mutation check: every mutant against every test file that reaches the mutated module. Nobody picks the tests.
 
-Applies one semantic mutation at a time (sign flips, off-by-one timesteps, dropped noise / data terms,
-wrong noise levels, conditions ignored) to a scratch copy of the package, runs the FAST tests that target
-it (Gaussian-oracle and closed-form tests, no UNet compiles), and reports which mutants survive.
+Each mutant is one semantic change (a sign, an off-by-one timestep, a dropped term, a wrong scale, a condition or
+option not passed on) to one module of meddiff_jax, applied to a scratch copy of the repository (`git ls-files`).
+The tests a mutant runs against are computed, not chosen: every tests/test_*.py whose imports reach the mutated
+module through the package's import graph (tests/test_layers.py's parser: module- and function-level imports), a
+file that imports from conftest also reaching what conftest's helpers import. They run in groups by distance,
+nearest first (files that import the module itself, then those one import away, ..., then those that reach it only
+through conftest), one pytest run per group with `-x -p no:cacheprovider`, the fast tier (`-m "not slow"`) unless
+the mutant is marked slow; the first failing group kills the mutant, and its first failing test is recorded and
+then run alone on the unmutated copy, which it must pass (else the kill is void and the check stops). A mutant
+survives when every reaching test passes. The text to mutate must occur exactly once in the current file (the
+tree is ruff-formatted: copy the text from the file).
 
-python benchmarks/mutation_check.py [--only NAME,NAME] [--jobs 1]
-Writes benchmarks/results/mutation_check.json and prints a markdown table. A mutant "survives" when its
-tests still pass; a mutation whose text is not found fails loudly (the code moved: update the list).
+nice -n 10 python benchmarks/mutation_check.py [--only SUBSTR,SUBSTR] [--baseline]
+Writes benchmarks/results/mutation_check.json and prints the markdown table of RESULTS.md.
+--baseline first runs the whole fast tier on the unmutated copy (it must pass).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -22,245 +32,467 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import test_layers  # noqa: E402  (the import graph the layer test checks)
 
-SAMPLERS = "meddiff_jax/diffusion/samplers.py"
-DENOISE = "meddiff_jax/tasks/denoise.py"
-CONTROLLED = "meddiff_jax/tasks/controlled.py"
-COMMON = "meddiff_jax/tasks/common.py"
-MULTILEVEL = "meddiff_jax/data/multilevel.py"
-T_ALG = "tests/test_task_algorithms.py"
-T_SAMP = "tests/test_samplers.py"
-T_COND = "tests/test_conditions.py"
-T_HOST = "tests/test_pipeline_host_cpu.py"
+PKG = "meddiff_jax/"
+SAMPLERS = PKG + "diffusion/samplers.py"
+SCHEDULES = PKG + "diffusion/schedules.py"
+CONDITIONS = PKG + "models/conditions.py"
+COMMON = PKG + "tasks/common.py"
+DENOISE = PKG + "tasks/denoise.py"
+ANOMALY = PKG + "tasks/anomaly.py"
+SYNTHESIS = PKG + "tasks/synthesis.py"
+CONTROLLED = PKG + "tasks/controlled.py"
+MULTILEVEL = PKG + "data/multilevel.py"
+PREPROCESS = PKG + "data/preprocess.py"
 
-# (name, file, original text, mutated text, pytest selection)
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  path: str
+  old: str
+  new: str
+  slow: bool = False  # also run the slow tests (only where no fast test can see the change)
+
+
 MUTANTS = [
-  (
+  # ------------------------------------------------------------------ samplers, partial diffusion, guidance
+  Mutant(
     "partial: fresh noise on top of y's noise",
     SAMPLERS,
     "one_minus_alpha_bar(schedule, t, y.ndim) - abar * jnp.square(input_sigma)",
     "one_minus_alpha_bar(schedule, t, y.ndim) - 0.0 * jnp.square(input_sigma)",
-    [T_ALG, "-k", "partial or noise_matched"],
   ),
-  (
+  Mutant(
     "partial: start without the sqrt(abar) scale",
     SAMPLERS,
     "return jnp.sqrt(abar) * y + jnp.sqrt(extra) * noise",
     "return y + jnp.sqrt(extra) * noise",
-    [T_ALG, "-k", "partial or noise_matched"],
   ),
-  (
+  Mutant(
     "sample: first step not from t_start",
     SAMPLERS,
     "rng, step_rng = jax.random.split(rng)\n    t = jnp.full((n,), jnp.where(e == first, t_first, ts_ext[e]))",
     "rng, step_rng = jax.random.split(rng)\n    t = jnp.full((n,), ts_ext[e])",
-    [T_ALG, "-k", "t_start_itself"],
   ),
-  (
+  Mutant(
     "dpm-solver++: first step not from t_start",
     SAMPLERS,
     "x, x0_prev, h_prev = carry\n    t = jnp.full((n,), jnp.where(e == first, t_first, ts_ext[e]))",
     "x, x0_prev, h_prev = carry\n    t = jnp.full((n,), ts_ext[e])",
-    [T_ALG, "-k", "t_start_itself"],
   ),
-  (
+  Mutant(
     "sample: off-by-one start index",
     SAMPLERS,
     "first = above + on_grid.astype(jnp.int32)",
     "first = above + 1",
-    [T_ALG, "-k", "t_start_itself"],
   ),
-  (
+  Mutant(
     "partial grid: off by one below t*",
     SAMPLERS,
     "np.round(np.linspace(0, t_start, n))",
     "np.round(np.linspace(0, t_start - 1, n))",
-    [T_ALG, "-k", "partial"],
   ),
-  (
+  Mutant(
     "ddim: direction sign flipped",
     SAMPLERS,
     "return jnp.exp(0.5 * log_prev) * x0 + direction + sigma * noise",
     "return jnp.exp(0.5 * log_prev) * x0 - direction + sigma * noise",
-    [T_SAMP, "-k", "clipped_steps_match_the_float64 or oracle_denoiser"],
   ),
-  (
+  Mutant(
     "ddpm: noise term dropped",
     SAMPLERS,
     "return mean + jnp.where(t_prev >= 0, jnp.sqrt(var), 0.0) * noise",
     "return mean",
-    [T_SAMP, "-k", "clipped_steps_match_the_float64"],
   ),
-  (
+  Mutant(
     "ddpm: clip_x0 ignored",
     SAMPLERS,
     "  if clip_x0:\n    x0 = jnp.clip(x0, -1.0, 1.0)\n  mean",
     "  if False:\n    x0 = jnp.clip(x0, -1.0, 1.0)\n  mean",
-    [T_SAMP, "-k", "clipped_steps_match_the_float64"],
   ),
-  (
+  Mutant(
     "ddim: eps not recomputed from the clipped x0",
     SAMPLERS,
     "    eps = (x_t - jnp.exp(0.5 * log_t) * x0) / jnp.sqrt(one_minus_t)\n",
     "",
-    [T_SAMP, "-k", "clipped_steps_match_the_float64"],
   ),
-  (
+  Mutant(
     "cfg: guidance around the conditional output",
     SAMPLERS,
     "return out_u + guidance_scale * (out_c - out_u)",
     "return out_c + guidance_scale * (out_c - out_u)",
-    [T_SAMP, "-k", "classifier_free"],
   ),
-  (
+  Mutant(
     "null condition: structures kept",
     SAMPLERS,
     "null[conditions.STRUCTURES] = jnp.zeros_like(null[conditions.STRUCTURES])",
     "null[conditions.STRUCTURES] = null[conditions.STRUCTURES]",
-    [T_SAMP, "-k", "drop_conditions or classifier_free"],
   ),
-  (
-    "organ dropout: body dropped too",
+  # ------------------------------------------------------------------ prediction_type: the one conversion
+  Mutant(
+    "prediction type: every model read as eps",
     SAMPLERS,
-    "  body = s[..., -1:]\n",
-    "  body = jnp.zeros_like(s[..., -1:])\n",
-    [T_COND, "-k", "dropout"],
+    '  if prediction_type == "epsilon":\n    return denoise_fn\n',
+    "  if True:\n    return denoise_fn\n",
   ),
-  (
-    "diffpir: lambda on the [-1,1] scale (rho x4)",
+  Mutant(
+    "prediction type: the windowed denoiser ignores the checkpoint's",
+    COMMON,
+    "samplers.epsilon_fn(blended, pre.schedule, pre.diffusion.prediction_type)",
+    'samplers.epsilon_fn(blended, pre.schedule, "epsilon")',
+  ),
+  Mutant(
+    "prediction type: v's eps with the wrong sign",
+    SCHEDULES,
+    "    eps = s1a * x_t + sa * model_output",
+    "    eps = s1a * x_t - sa * model_output",
+  ),
+  Mutant(
+    "prediction type: x0's eps without sqrt(abar)",
+    SCHEDULES,
+    "    eps = (x_t - sa * x0) / s1a",
+    "    eps = (x_t - x0) / s1a",
+  ),
+  Mutant(
+    "prediction type: diffpir reads eps",
     DENOISE,
-    "rho = lam * (0.5 * sigma_n) ** 2 / sigma_t2",
-    "rho = lam * sigma_n ** 2 / sigma_t2",
-    [T_ALG, "-k", "diffpir_matches"],
+    "x0, _ = schedules.split_prediction(schedule, prediction_type, denoise_fn(x, t), x, t)",
+    'x0, _ = schedules.split_prediction(schedule, "epsilon", denoise_fn(x, t), x, t)',
   ),
-  (
-    "diffpir: data step dropped",
+  Mutant(
+    "prediction type: partial diffusion does not pass it on",
     DENOISE,
-    "x0_hat = (y + rho * x0) / (1.0 + rho)",
-    "x0_hat = x0",
-    [T_ALG, "-k", "diffpir"],
+    "    prediction_type=prediction_type,\n    progress=progress,",
+    "    progress=progress,",
   ),
-  (
-    "diffpir: data step sign flipped",
-    DENOISE,
-    "x0_hat = (y + rho * x0) / (1.0 + rho)",
-    "x0_hat = (-y + rho * x0) / (1.0 + rho)",
-    [T_ALG, "-k", "diffpir"],
-  ),
-  (
-    "diffpir: zeta ignored",
-    DENOISE,
-    "noise = jnp.sqrt(1.0 - zeta) * eps_hat + jnp.sqrt(zeta) * jax.random.normal(z_rng, x.shape)",
-    "noise = eps_hat",
-    [T_ALG, "-k", "diffpir"],
-  ),
-  (
-    "diffpir: start from pure noise",
-    DENOISE,
-    "x = samplers.noise_matched_start(schedule, y, jnp.full((n,), ts[0]), jax.random.normal(init_rng, y.shape), sigma_n)",
-    "x = jax.random.normal(init_rng, y.shape)",
-    [T_ALG, "-k", "diffpir"],
-  ),
-  (
-    "diffpir: start adds fresh noise (y's noise ignored)",
-    DENOISE,
-    "jax.random.normal(init_rng, y.shape), sigma_n)",
-    "jax.random.normal(init_rng, y.shape), 0.0)",
-    [T_ALG, "-k", "diffpir"],
-  ),
-  (
-    "diffpir: eps_hat sign flipped",
-    DENOISE,
-    "eps_hat = (x - jnp.sqrt(abar) * x0_hat)",
-    "eps_hat = (x + jnp.sqrt(abar) * x0_hat)",
-    [T_ALG, "-k", "diffpir"],
-  ),
-  (
-    "denoise: noisy input decides the window merge",
-    DENOISE,
-    "below = (denoised_unit <= -1.0 + margin) & (input_hu <= lo)",
-    "below = input_hu <= lo",
-    [T_ALG, "-k", "window"],
-  ),
-  (
-    "noise estimate: white-noise lag 1",
-    DENOISE,
-    "mask: np.ndarray | None = None, lag: int = 4)",
-    "mask: np.ndarray | None = None, lag: int = 1)",
-    ["tests/test_tasks.py", "-k", "noise_estimate"],
-  ),
-  (
-    "anomaly: noise level one grid step low",
-    "meddiff_jax/tasks/anomaly.py",
-    "fn, pre.schedule, y, task.noise_t, task.num_steps,",
-    "fn, pre.schedule, y, task.noise_t - 10, task.num_steps,",
-    [T_ALG, "-k", "anomaly"],
-  ),
-  (
-    "repaint: known region not re-noised",
+  Mutant(
+    "prediction type: repaint's DDPM step reads eps",
     CONTROLLED,
-    "known_prev = schedules.q_sample(schedule, known, t_prev, jax.random.normal(k2, x.shape))",
-    "known_prev = known",
-    [T_ALG, "-k", "repaint"],
+    "noise, prediction_type=prediction_type)",
+    "noise)",
   ),
-  (
-    "repaint: known region at the wrong noise level (t)",
-    CONTROLLED,
-    "known_prev = schedules.q_sample(schedule, known, t_prev, jax.random.normal(k2, x.shape))",
-    "known_prev = schedules.q_sample(schedule, known, t, jax.random.normal(k2, x.shape))",
-    [T_ALG, "-k", "repaint"],
+  # ------------------------------------------------------------------ structure conditions and their dropout
+  Mutant(
+    "organ dropout: body dropped too",
+    CONDITIONS,
+    "  body = structures[..., -1:]\n",
+    "  body = jnp.zeros_like(structures[..., -1:])\n",
   ),
-  (
-    "repaint: jumps do not re-noise",
-    CONTROLLED,
-    "return jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * jax.random.normal(rng, x.shape)",
-    "return x",
-    [T_ALG, "-k", "repaint"],
+  Mutant(
+    "label dropout: organs kept",
+    CONDITIONS,
+    "    out = jnp.where(expand(drop), unknown, structures)",
+    "    out = structures",
   ),
-  (
-    "repaint: no jumps",
-    CONTROLLED,
-    "    if u >= 0 and jumps.get(u, 0) > 0:",
-    "    if False:",
-    [T_ALG, "-k", "repaint"],
+  Mutant(
+    "label dropout: body bit ignored",
+    CONDITIONS,
+    "    unknown = jnp.where(body, label_body_id | LABEL_BODY_BIT, 0).astype(structures.dtype)",
+    "    unknown = jnp.full_like(structures, label_body_id | LABEL_BODY_BIT)",
   ),
-  ("repaint: final step repeated", CONTROLLED, "  while u >= 0:\n", "  while u >= -1:\n", [T_ALG, "-k", "repaint"]),
-  (
+  Mutant(
+    "training: label ids dropped as grouped channels",
+    PKG + "train/step.py",
+    "label_body_id=conditions.label_body_id(model.structure_embed_dim, model.num_structure_ids),",
+    "label_body_id=0,",
+  ),
+  Mutant(
+    "label ids: no body bit",
+    PREPROCESS,
+    "  return (out | np.where(body, conditions.LABEL_BODY_BIT, 0).astype(np.uint8))[..., None]",
+    "  return out[..., None]",
+  ),
+  Mutant(
+    "model: the body bit read as part of the id",
+    PKG + "models/unet3d.py",
+    "(conditions.label_ids(structures[..., 0]))",
+    "(structures[..., 0])",
+    slow=True,
+  ),
+  Mutant(
     "conditions: label map ignored",
     COMMON,
     "out = encode(labels, np.asarray(hu), lut, groups)",
     "out = encode(None, np.asarray(hu), lut, groups)",
-    [T_COND, "-k", "structures"],
   ),
-  (
+  Mutant(
     "conditions: body channel not from HU",
-    "meddiff_jax/data/preprocess.py",
+    PREPROCESS,
     "return np.asarray(hu) > BODY_THRESHOLD_HU",
     "return np.asarray(hu) > -2000.0",
-    [T_COND, "-k", "structures or synthesis"],
   ),
-  (
+  Mutant(
     "position frame: padding counted in the frame",
-    "meddiff_jax/tasks/sliding_window.py",
+    PKG + "tasks/sliding_window.py",
     "rel = self.starts - np.asarray(self.frame_start)",
     "rel = self.starts.astype(np.float32)",
-    [T_COND, "-k", "frame"],
   ),
-  (
-    "lesion crops: positive centre ignored",
-    MULTILEVEL,
-    "  if centre is not None:\n",
-    "  if False:\n",
-    [T_COND, "-k", "lesion"],
+  # ------------------------------------------------------------------ DiffPIR, denoising
+  Mutant(
+    "diffpir: lambda on the [-1,1] scale (rho x4)",
+    DENOISE,
+    "rho = lam * (0.5 * sigma_n) ** 2 / sigma_t2",
+    "rho = lam * sigma_n ** 2 / sigma_t2",
   ),
-  (
+  Mutant("diffpir: data step dropped", DENOISE, "x0_hat = (y + rho * x0) / (1.0 + rho)", "x0_hat = x0"),
+  Mutant(
+    "diffpir: data step sign flipped",
+    DENOISE,
+    "x0_hat = (y + rho * x0) / (1.0 + rho)",
+    "x0_hat = (-y + rho * x0) / (1.0 + rho)",
+  ),
+  Mutant(
+    "diffpir: zeta ignored",
+    DENOISE,
+    "noise = jnp.sqrt(1.0 - zeta) * eps_hat + jnp.sqrt(zeta) * jax.random.normal(z_rng, x.shape)",
+    "noise = eps_hat",
+  ),
+  Mutant(
+    "diffpir: start from pure noise",
+    DENOISE,
+    "x = samplers.noise_matched_start(schedule, y, jnp.full((n,), ts[0]), jax.random.normal(init_rng, y.shape), sigma_n)",
+    "x = jax.random.normal(init_rng, y.shape)",
+  ),
+  Mutant(
+    "diffpir: start adds fresh noise (y's noise ignored)",
+    DENOISE,
+    "jax.random.normal(init_rng, y.shape), sigma_n)",
+    "jax.random.normal(init_rng, y.shape), 0.0)",
+  ),
+  Mutant(
+    "diffpir: eps_hat sign flipped",
+    DENOISE,
+    "eps_hat = (x - jnp.sqrt(abar) * x0_hat)",
+    "eps_hat = (x + jnp.sqrt(abar) * x0_hat)",
+  ),
+  Mutant(
+    "denoise: noisy input decides the window merge",
+    DENOISE,
+    "below = (denoised_unit <= -1.0 + margin) & (input_hu <= lo)",
+    "below = input_hu <= lo",
+  ),
+  Mutant(
+    "noise estimate: white-noise lag 1",
+    DENOISE,
+    "mask: np.ndarray | None = None, lag: int = 4)",
+    "mask: np.ndarray | None = None, lag: int = 1)",
+  ),
+  # ------------------------------------------------------------------ each task's run(): what it passes on
+  Mutant(
+    "denoise run: sigma in HU read on a [0, 1] scale",
+    DENOISE,
+    "else float(task.noise_sigma_hu) * 2.0 / (hi - lo)",
+    "else float(task.noise_sigma_hu) / (hi - lo)",
+  ),
+  Mutant(
+    "denoise run: the input's own grid",
+    DENOISE,
+    "inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))",
+    "inp = common.prepare_input(pre, task, None)",
+  ),
+  Mutant(
+    "task input: the abdomen window for every region",
+    COMMON,
+    "  region = preprocess.region_id(task.region)",
+    '  region = preprocess.region_id("abdomen")',
+  ),
+  Mutant(
+    "task input: label map not read",
+    COMMON,
+    "structures = structure_volume(pre, load_labels(task.labels, original, work), work.data, pre.patch_size)",
+    "structures = structure_volume(pre, None, work.data, pre.patch_size)",
+  ),
+  Mutant(
+    "anomaly run: the input's own grid",
+    ANOMALY,
+    "inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))",
+    "inp = common.prepare_input(pre, task, None)",
+  ),
+  Mutant(
+    "anomaly: noise level one grid step low",
+    ANOMALY,
+    "fn, pre.schedule, y, task.noise_t, task.num_steps,",
+    "fn, pre.schedule, y, task.noise_t - 10, task.num_steps,",
+  ),
+  Mutant(
+    "anomaly: noise_t past the schedule accepted",
+    ANOMALY,
+    "  if not 0 < task.noise_t < steps:",
+    "  if False:",
+  ),
+  Mutant(
+    "anomaly run: map not smoothed",
+    ANOMALY,
+    "amap = anomaly_map(inp.unit[inp.crop], recon, body, task.smooth_sigma)",
+    "amap = anomaly_map(inp.unit[inp.crop], recon, body, 0.0)",
+  ),
+  Mutant(
+    "anomaly run: score of the whole body, not its top fraction",
+    ANOMALY,
+    "score = volume_score(amap, body, task.top_fraction)",
+    "score = volume_score(amap, body, 1.0)",
+  ),
+  Mutant(
+    "synthesis run: region not passed on",
+    SYNTHESIS,
+    "  region = preprocess.region_id(task.region)",
+    '  region = preprocess.region_id("abdomen")',
+  ),
+  Mutant(
+    "synthesis run: label map not passed on",
+    SYNTHESIS,
+    "structures = common.structure_volume(pre, labels, proxy)",
+    "structures = common.structure_volume(pre, None, proxy)",
+  ),
+  Mutant(
+    "synthesis run: 1 mm instead of the training spacing",
+    SYNTHESIS,
+    "spacing = common.task_spacing(pre, task.spacing) or (1.0, 1.0, 1.0)",
+    "spacing = (1.0, 1.0, 1.0)",
+  ),
+  Mutant(
+    "super-resolution run: the base's spacing, not the branch run's",
+    CONTROLLED,
+    "cm.data.training_spacing() or asked",
+    "cm.pre.data.training_spacing() or asked",
+  ),
+  Mutant(
+    "super-resolution run: the hint is not the input",
+    CONTROLLED,
+    "out = sample_controlled(cm, inp, inp.unit, task, sample)",
+    "out = sample_controlled(cm, inp, np.zeros_like(inp.unit), task, sample)",
+  ),
+  Mutant(
+    "lesion run: the input's own grid",
+    CONTROLLED,
+    "inp = common.prepare_input(cm.pre, task, common.task_spacing(cm, task.spacing))",
+    "inp = common.prepare_input(cm.pre, task, None)",
+  ),
+  Mutant(
+    "lesion run: mask hint not on the data scale",
+    CONTROLLED,
+    "gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, task, sample)",
+    "gen_unit = sample_controlled(cm, inp, m, task, sample)",
+  ),
+  Mutant(
+    "lesion run: scan not kept outside the regenerated region",
+    CONTROLLED,
+    "gen = np.where(hole_input | lesion, gen, ct.data).astype(np.float32)",
+    "gen = gen.astype(np.float32)",
+  ),
+  # ------------------------------------------------------------------ RePaint
+  Mutant(
+    "repaint: known region not re-noised",
+    CONTROLLED,
+    "known_prev = schedules.q_sample(schedule, known, t_prev, jax.random.normal(k2, x.shape))",
+    "known_prev = known",
+  ),
+  Mutant(
+    "repaint: known region at the wrong noise level (t)",
+    CONTROLLED,
+    "known_prev = schedules.q_sample(schedule, known, t_prev, jax.random.normal(k2, x.shape))",
+    "known_prev = schedules.q_sample(schedule, known, t, jax.random.normal(k2, x.shape))",
+  ),
+  Mutant(
+    "repaint: no known-region injection",
+    CONTROLLED,
+    "    return keep * known_prev + (1.0 - keep) * unknown",
+    "    return unknown",
+  ),
+  Mutant(
+    "repaint: jumps do not re-noise",
+    CONTROLLED,
+    "return jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * jax.random.normal(rng, x.shape)",
+    "return x",
+  ),
+  Mutant("repaint: no jumps", CONTROLLED, "    if u >= 0 and jumps.get(u, 0) > 0:", "    if False:"),
+  Mutant("repaint: final step repeated", CONTROLLED, "  while u >= 0:\n", "  while u >= -1:\n"),
+  Mutant(
+    "repaint: jumps counted in grid steps",
+    CONTROLLED,
+    "steps = jump_steps(schedule.num_timesteps, len(asc), jump_timesteps)",
+    "steps = jump_timesteps",
+  ),
+  Mutant(
+    "repaint: jump length truncated to the grid",
+    CONTROLLED,
+    "np.floor(jump_timesteps * num_steps / num_train_timesteps + 0.5)",
+    "np.floor(jump_timesteps * num_steps / num_train_timesteps)",
+  ),
+  Mutant(
+    "repaint: one resampling pass fewer",
+    CONTROLLED,
+    "jumps = {j: jump_n_sample - 1 for j in range(0, num_steps - jump_length, jump_length)}",
+    "jumps = {j: jump_n_sample - 2 for j in range(0, num_steps - jump_length, jump_length)}",
+  ),
+  # ------------------------------------------------------------------ training: partition, EMA, loss
+  Mutant(
+    "optimizer: frozen leaves updated too",
+    PKG + "train/state.py",
+    "optax.partition({trainable.TRAINABLE: tx, trainable.FROZEN: optax.set_to_zero()}, labels)",
+    "optax.partition({trainable.TRAINABLE: tx, trainable.FROZEN: tx}, labels)",
+  ),
+  Mutant(
+    "trainable labels: a prefix is enough",
+    PKG + "models/trainable.py",
+    "out = {path: TRAINABLE if any(p.fullmatch(path) for p in compiled) else FROZEN for path in flat}",
+    "out = {path: TRAINABLE if any(p.match(path) for p in compiled) else FROZEN for path in flat}",
+  ),
+  Mutant(
+    "trainable labels: swapped",
+    PKG + "models/trainable.py",
+    "out = {path: TRAINABLE if any(p.fullmatch(path) for p in compiled) else FROZEN for path in flat}",
+    "out = {path: FROZEN if any(p.fullmatch(path) for p in compiled) else TRAINABLE for path in flat}",
+  ),
+  Mutant(
+    "ema: decay used as the step size",
+    PKG + "train/step.py",
+    "step_size=1.0 - ema_decay)",
+    "step_size=ema_decay)",
+  ),
+  Mutant(
+    "ema: averages the params before the update",
+    PKG + "train/step.py",
+    "optax.incremental_update(float32_tree(new_params), state.ema_params",
+    "optax.incremental_update(float32_tree(params), state.ema_params",
+  ),
+  Mutant(
+    "loss: L1 computed as L2",
+    PKG + "diffusion/losses.py",
+    "    err = jnp.abs(diff)",
+    "    err = jnp.square(diff)",
+  ),
+  # ------------------------------------------------------------------ ControlNet configs
+  Mutant(
+    "controlnet config: spacing not inherited",
+    PKG + "train/controlnet.py",
+    '"spacing": tuple(spacing) if spacing else base_data.spacing,',
+    '"spacing": "source",',
+  ),
+  Mutant(
+    "controlnet config: a conflicting value accepted",
+    PKG + "train/controlnet.py",
+    "    elif not _same(asked, theirs):",
+    "    elif False:",
+  ),
+  Mutant(
+    "controlnet config: the branch's data at another spacing accepted",
+    PKG + "train/controlnet.py",
+    "    if source and not np.allclose(source, spacing):",
+    "    if False:",
+  ),
+  # ------------------------------------------------------------------ host data pipeline, metrics
+  Mutant("lesion crops: positive centre ignored", MULTILEVEL, "  if centre is not None:\n", "  if False:\n"),
+  Mutant(
     "lesion labels: organ lost under the lesion",
     MULTILEVEL,
     "organs = np.where(wide >= LESION_OFFSET, wide - LESION_OFFSET,",
     "organs = np.where(wide >= LESION_OFFSET, 0,",
-    [T_COND, "-k", "lesion"],
   ),
-  (
+  Mutant(
     "sr hint: degradation after the resize",
     MULTILEVEL,
     "      thick = thick_slices(np.asarray(native, np.float32), sr_factor, axis=2)\n"
@@ -268,116 +500,178 @@ MUTANTS = [
     "      thick = None\n"
     "    sample[conditions.HINT] = thick_slices(sample[conditions.IMAGE], sr_factor, axis=2) if thick is None else "
     "preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)",
-    [T_COND, "-k", "sr_hint"],
   ),
-  (
+  Mutant(
     "resize: linear weights swapped",
     MULTILEVEL,
     "taps.append((lo, np.minimum(lo + 1, n - 1), 1.0 - w, w))",
     "taps.append((lo, np.minimum(lo + 1, n - 1), w, 1.0 - w))",
-    [T_HOST, "-k", "separable"],
   ),
-  (
+  Mutant(
     "resize: nearest rounds down",
     MULTILEVEL,
     "np.floor(_source_coordinates(n, m) + 0.5)",
     "np.floor(_source_coordinates(n, m))",
-    [T_HOST, "-k", "separable"],
   ),
-  (
+  Mutant(
     "packed structures: body bit read as a group bit",
-    "meddiff_jax/models/conditions.py",
+    CONDITIONS,
     "masks = np.array([0xFE] * k + [0x01], np.uint8)",
     "masks = np.array([0xFF] * k + [0x01], np.uint8)",
-    [T_HOST, "-k", "packed"],
   ),
-  (
-    "loss: L1 computed as L2",
-    "meddiff_jax/diffusion/losses.py",
-    "    err = jnp.abs(diff)",
-    "    err = jnp.square(diff)",
-    [T_SAMP, "-k", "loss_type"],
-  ),
-  (
+  Mutant(
     "slice AUROC: slice score is the mean",
-    "meddiff_jax/evaluation/metrics.py",
+    PKG + "evaluation/metrics.py",
     "      out[i] = np.mean(np.partition(values, values.size - k)[-k:])",
     "      out[i] = np.mean(values)",
-    ["tests/test_metrics.py", "-k", "slice"],
   ),
 ]
 
 
-def run_tests(tree: pathlib.Path, selection: list[str], timeout: int) -> tuple[int, float, str]:
-  env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS="cpu")
+# ------------------------------------------------------------------------------------------ which tests reach what
+
+
+def module_of(path: str) -> str:
+  parts = pathlib.PurePosixPath(path).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def distances(graph: dict[str, set[str]], starts: set[str]) -> dict[str, int]:
+  """Import hops from `starts` (hop 0) to every package module they reach."""
+  out, frontier, hop = {m: 0 for m in starts}, set(starts), 0
+  while frontier:
+    hop += 1
+    frontier = {t for m in frontier for t in graph.get(m, ()) if t not in out}
+    out.update({t: hop for t in frontier})
+  return out
+
+
+def test_groups(module: str) -> list[list[str]]:
+  """The test files that reach `module`, grouped by distance (nearest first): the hops from the file's own
+  imports, then (offset past every own distance) the hops through conftest's helpers."""
+  modules = test_layers.module_files()
+  graph = {m: test_layers.imported_modules(m, p, modules) for m, p in modules.items()}
+  conftest_path = ROOT / "tests" / "conftest.py"
+  via_conftest = distances(graph, test_layers.imported_modules("tests.conftest", conftest_path, modules))
+  groups: dict[int, list[str]] = {}
+  for path in sorted((ROOT / "tests").glob("test_*.py")):
+    own = distances(graph, test_layers.imported_modules(f"tests.{path.stem}", path, modules))
+    uses_conftest = re.search(r"^from conftest import|^import conftest", path.read_text(), re.M)
+    if module in own:
+      key = own[module]
+    elif uses_conftest and module in via_conftest:
+      key = 1000 + via_conftest[module]
+    else:
+      continue
+    groups.setdefault(key, []).append(str(path.relative_to(ROOT)))
+  return [groups[k] for k in sorted(groups)]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def pytest_run(tree: pathlib.Path, args: list[str], timeout: int) -> tuple[int, float, str, str]:
+  """(return code, seconds, the first failing test's node id or '', the last output line)."""
+  env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS="cpu", PYTHONDONTWRITEBYTECODE="1")
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+      [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *args],
       cwd=tree,
       env=env,
       capture_output=True,
       text=True,
       timeout=timeout,
     )
-    rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-  except subprocess.TimeoutExpired:
-    rc, tail = -1, ["timeout"]
-  return rc, time.perf_counter() - t0, " ".join(tail)
+    out = proc.stdout + proc.stderr
+    rc = proc.returncode
+  except subprocess.TimeoutExpired as e:
+    out, rc = f"{e.stdout or ''}\ntimeout after {timeout} s", -1
+  failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+  lines = out.strip().splitlines()
+  return rc, time.perf_counter() - t0, (failed[0] if failed else ""), (lines[-1] if lines else "")
 
 
 def scratch_copy(dest: pathlib.Path) -> None:
-  for name in ("meddiff_jax", "tests", "configs"):
-    shutil.copytree(ROOT / name, dest / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-  shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
+  """The tracked files of this checkout (its working-tree versions), without caches."""
+  files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  for name in filter(None, files.split("\0")):
+    src, dst = ROOT / name, dest / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():
+      os.symlink(os.readlink(src), dst)
+    elif src.is_file():
+      shutil.copy2(src, dst)
 
 
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="", help="comma-separated substrings of mutant names")
-  p.add_argument("--timeout", type=int, default=900)
-  p.add_argument("--skip_baseline", action="store_true", help="skip the unmutated runs (they must pass)")
+  p.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
+  p.add_argument("--baseline", action="store_true", help="first run the whole fast tier unmutated (must pass)")
+  p.add_argument("--out", default="mutation_check.json")
   args = p.parse_args()
-  chosen = [m for m in MUTANTS if not args.only or any(s in m[0] for s in args.only.split(","))]
-  results = []
+  chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only.split(","))]
+  for m in chosen:  # every text must be where it is said to be, once, before anything runs
+    count = (ROOT / m.path).read_text().count(m.old)
+    if count != 1:
+      raise SystemExit(f"mutant {m.name!r}: the text to mutate occurs {count} times in {m.path}")
+  results, verified = [], set()
   with tempfile.TemporaryDirectory() as tmp:
-    base = pathlib.Path(tmp) / "base"
-    scratch_copy(base)
-    # every selection must pass unmutated, or "killed" would mean nothing
-    for selection in [] if args.skip_baseline else sorted({tuple(m[4]) for m in chosen}):
-      rc, seconds, tail = run_tests(base, list(selection), args.timeout)
-      print(f"baseline  {seconds:6.1f}s  {' '.join(selection)}  ({tail})", flush=True)
+    tree = pathlib.Path(tmp) / "repo"
+    scratch_copy(tree)
+    if args.baseline:
+      rc, seconds, first, tail = pytest_run(tree, ["-m", "not slow", "tests"], args.timeout)
+      print(f"baseline (fast tier) {seconds:6.0f}s  {tail}", flush=True)
       if rc != 0:
-        raise SystemExit(f"baseline fails for {' '.join(selection)}: {tail}")
-    for name, path, old, new, selection in chosen:
-      tree = pathlib.Path(tmp) / "mutant"
-      if tree.exists():
-        shutil.rmtree(tree)
-      shutil.copytree(base, tree)
-      source = (tree / path).read_text()
-      if source.count(old) != 1:
-        raise SystemExit(f"mutant {name!r}: the text to mutate occurs {source.count(old)} times in {path}")
-      (tree / path).write_text(source.replace(old, new))
-      rc, seconds, tail = run_tests(tree, selection, args.timeout)
-      status = "killed" if rc != 0 else "SURVIVED"
+        raise SystemExit(f"the fast tier fails unmutated ({first}): fix that first")
+    for m in chosen:
+      target = tree / m.path
+      original = target.read_text()
+      groups = test_groups(module_of(m.path))
+      marker = [] if m.slow else ["-m", "not slow"]
+      status, killer, seconds, ran, tail = "SURVIVED", "", 0.0, 0, ""
+      target.write_text(original.replace(m.old, m.new))
+      try:
+        for group in groups:
+          rc, s, first, tail = pytest_run(tree, [*marker, *group], args.timeout)
+          seconds += s
+          ran += len(group)
+          if rc != 0:
+            status, killer = "killed", first or f"(pytest exit {rc}: {tail})"
+            break
+      finally:
+        target.write_text(original)
+      if status == "killed" and killer and killer not in verified and "::" in killer:
+        rc, _, _, vtail = pytest_run(tree, [killer], args.timeout)  # the killing test passes unmutated
+        if rc != 0:
+          raise SystemExit(f"{killer} fails on the unmutated copy too ({vtail}): the kill of {m.name!r} is void")
+        verified.add(killer)
+      n_files = sum(len(g) for g in groups)
       results.append(
         {
-          "mutant": name,
-          "file": path,
-          "tests": " ".join(selection),
+          "mutant": m.name,
+          "file": m.path,
+          "slow_tests": m.slow,
           "status": status,
+          "killed_by": killer,
+          "test_files_run": ran,
+          "test_files_reaching": n_files,
           "seconds": round(seconds, 1),
-          "pytest": tail,
         }
       )
-      print(f"{status:9s} {seconds:6.1f}s  {name}  ({tail})", flush=True)
-  out = ROOT / "benchmarks" / "results" / "mutation_check.json"
+      print(f"{status:9s} {seconds:6.0f}s  {m.name}  <- {killer or tail}  ({ran}/{n_files} files)", flush=True)
+  out = ROOT / "benchmarks" / "results" / args.out
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
   killed = sum(r["status"] == "killed" for r in results)
-  print(f"\n{killed}/{len(results)} mutants killed\n\n| mutant | file | status |\n|---|---|---|")
+  print(f"\n{killed}/{len(results)} mutants killed\n")
+  print("| mutant | file | killed by (first failing test) | test files run / reaching | s |\n|---|---|---|---|---|")
   for r in results:
-    print(f"| {r['mutant']} | `{r['file']}` | {r['status']} |")
+    by = f"`{r['killed_by']}`" if r["status"] == "killed" else "**SURVIVED**"
+    print(
+      f"| {r['mutant']} | `{r['file'].removeprefix(PKG)}` | {by} | {r['test_files_run']} / {r['test_files_reaching']} | {r['seconds']:.0f} |"
+    )
 
 
 if __name__ == "__main__":

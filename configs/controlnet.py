@@ -4,11 +4,13 @@ meddiff --config=controlnet:sr --workdir=runs/sr \
     --config.base_checkpoint=runs/pretrain        # or an exported dir / 'tiny_phantom'
 Presets: sr (condition: the x5 thick-slice volume, RPLHR-CT style), lesion (condition: a lesion mask;
 phantom lesions by default). model.*, diffusion.*, data.patch_size and data.use_structures come from the
-base checkpoint: main.py derives them once (train/controlnet.derive_config).
+base checkpoint, and so do data.spacing, structures, structure_groups, class_map and pack_structures ('base'; a
+value given must be the base's): main.py derives them once (train/controlnet.derive_config).
 """
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.configs import pretrain
 
 
@@ -22,6 +24,13 @@ def get_config(arg=None):
   c.base_checkpoint = "tiny_phantom"
   c.controlnet = ml_collections.ConfigDict(dict(hint_hidden=(16, 16, 32), conditioning_scale=1.0))
   c.data.update(hint="lowres" if task == "sr" else "lesion", sr_factor=5)
+  # base: the base checkpoint's grid and structure conditions (train/controlnet.derive_config); a value given for
+  # one of these must equal the base's
+  c.data.spacing = sections.keyword("base")
+  c.data.structures = sections.keyword("base")
+  c.data.structure_groups = sections.keyword("base")
+  c.data.class_map = sections.keyword("base")
+  c.data.pack_structures = sections.keyword("base")
   c.data.phantom.update(
     num_volumes=12, shape=(96, 96, 96), spacing=(3.0, 3.0, 3.0), num_lesions=3 if task == "lesion" else 0
   )

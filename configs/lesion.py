@@ -4,6 +4,7 @@
 
 import ml_collections
 
+from meddiff_jax import sections
 from meddiff_jax.configs import input_options, task_options
 
 
@@ -17,9 +18,14 @@ def get_config(arg=None):
   c.output = ""
   c.region = "abdomen"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
+  # the working grid: checkpoint (the ControlNet run's training spacing; mask resampled there, result back), or mm
+  c.spacing = sections.keyword("checkpoint")
   c.method = "inpaint"  # inpaint (RePaint, scan kept outside the mask) | generate
-  c.jump_length = 10  # RePaint: jump back up this many grid steps (paper: 10)
-  c.jump_n_sample = 10  # RePaint: times each jump point is revisited (paper: 10; 1 = no resampling)
+  # RePaint's jumps in timesteps of the model's schedule (paper: 10 steps of a 250-step grid over T = 1000 = 40),
+  # rounded to whole steps of the sampling grid; jump_n_sample: passes through each jump point (paper: r = 10;
+  # 1 = no resampling)
+  c.jump_timesteps = 40
+  c.jump_n_sample = 10
   c.conditioning_scale = 1.0
   c.dice_threshold_hu = 20.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

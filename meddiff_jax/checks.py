@@ -184,6 +184,10 @@ def task(config: Config, memory: common.InMemory | None = None) -> common.TaskSp
       )
   else:
     _pretrained_exists("checkpoint", typed.checkpoint)
+  if mode == "anomaly":  # timesteps of the model's schedule (read from its stored config)
+    _within_timesteps("noise_t", typed.noise_t, typed.checkpoint)
+  if mode == "lesion":
+    _within_timesteps("jump_timesteps", typed.jump_timesteps, typed.controlnet)
   ct_given, labels_given = (memory.ct is not None, memory.labels is not None) if memory else (False, False)
   if mode != "synthesis" and not ct_given and not os.path.exists(typed.input):
     raise FileNotFoundError(f"--config.input={typed.input!r} is not a file or DICOM series folder (does not exist)")
@@ -203,6 +207,12 @@ def task(config: Config, memory: common.InMemory | None = None) -> common.TaskSp
   if not os.access(out_dir, os.W_OK):
     raise ConfigError(f"output directory {out_dir} is not writable")
   return typed
+
+
+def _within_timesteps(key: str, value: int, model: str) -> None:
+  steps = pretrained.read_config(model).diffusion.num_timesteps
+  if not 0 < value < steps:
+    raise ConfigError(f"--config.{key}={value}; {model!r} has {steps} timesteps: choose 1..{steps - 1}")
 
 
 def workdir(path: str | None) -> str:

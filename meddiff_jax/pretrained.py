@@ -38,7 +38,8 @@ from meddiff_jax.models import conditions, controlnet, trainable, unet3d
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 BUILTIN = {name: os.path.join(ASSETS, name) for name in ("tiny_phantom", "tiny_ct")}
 ALL_PARAMS = (".*",)  # config.optimizer.trainable of checkpoints written before the option existed
-# Config keys added after checkpoints had been written (the shipped tiny_phantom among them), with what their
+# Config keys added after checkpoints had been written (the tiny_phantom shipped until #26 among them:
+# tests/legacy_tiny_phantom_config.json), with what their
 # absence meant then. Only configs read back from a checkpoint get them (`stored_config`); a new config
 # has every key, with its default visible in configs/pretrain.py.
 LEGACY_KEYS = {
@@ -316,6 +317,12 @@ class Controlled:
   model: controlnet.ControlledUNet
   params: Any
   config: ml_collections.ConfigDict  # the fine-tuning config as stored
+
+  @property
+  def data(self) -> DataSpec:
+    """The branch run's data layout, typed: its data.spacing is the grid the branch was trained at (its
+    base's, train/controlnet.derive_config), where the ControlNet tasks run."""
+    return DataSpec.from_config(self.config.data)
 
   def apply_fn(self, scale: float = 1.0) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
     return lambda x, t, cond: self.model.apply({"params": self.params}, x, t, cond, scale=scale)

@@ -11,6 +11,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+import functools  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -343,3 +344,175 @@ def ddpm_posterior_tables(betas) -> dict[str, np.ndarray]:
     posterior_mean_coef1=betas * np.sqrt(acp_prev) / (1.0 - acp),
     posterior_mean_coef2=(1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp),
   )
+
+
+# ------------------------------------------------------------------------------------------ exact models as checkpoints
+# A task's run(spec) loads its model with pretrained.load / load_controlled; these stand-ins carry an exact model of the
+# test data (an oracle above, in the checkpoint's parameterisation) and the stored config a task reads (patch size,
+# training spacing, structures, prediction_type), so a test runs the whole task (files, grids, windows, sampler).
+
+
+def exact_config(prediction_type: str = "epsilon", patch: int = 8, spacing=(6.0, 6.0, 6.0), structures: bool = False):
+  """configs/pretrain.py:tiny as a checkpoint stores it: data.spacing the training spacing."""
+  from meddiff_jax.configs import pretrain
+
+  c = pretrain.get_config("tiny")
+  c.data.patch_size = patch
+  c.data.spacing = tuple(float(s) for s in spacing)
+  c.data.use_structures = structures
+  c.model.structure_channels = pretrain.NUM_STRUCTURE_CHANNELS if structures else 0
+  c.diffusion.prediction_type = prediction_type
+  return c
+
+
+def exact_pretrained(apply, **config_kw):
+  """A pretrained.Pretrained whose network is `apply(x, t, cond)` (`exact_config(**config_kw)`)."""
+  from meddiff_jax import pretrained
+  from meddiff_jax.data.spec import DataSpec
+  from meddiff_jax.diffusion.spec import DiffusionSpec
+  from meddiff_jax.models import unet3d
+
+  config = exact_config(**config_kw)
+
+  class Exact(pretrained.Pretrained):
+    def apply(self, x, t, cond):
+      return apply(x, t, cond)
+
+  diffusion = DiffusionSpec.from_config(config.diffusion)
+  return Exact(
+    None,
+    unet3d.UNetSpec.from_config(config.model),
+    None,
+    diffusion,
+    DataSpec.from_config(config.data),
+    diffusion.make_schedule(),
+    config,
+  )
+
+
+def exact_controlled(apply, branch_spacing=None, **config_kw):
+  """A pretrained.Controlled whose base + branch is `apply(x, t, cond)` (cond has the 'hint'); the branch run's
+  training spacing `branch_spacing` (default: the base's)."""
+  from meddiff_jax import pretrained
+
+  pre = exact_pretrained(apply, **config_kw)
+  config = exact_config(**config_kw)
+  if branch_spacing is not None:
+    config.data.spacing = tuple(float(s) for s in branch_spacing)
+
+  class Exact(pretrained.Controlled):
+    def apply_fn(self, scale: float = 1.0):
+      return apply
+
+  return Exact(pre, None, None, config)
+
+
+def to_prediction(schedule, prediction_type: str, x, t, x0, eps):
+  """A model output in `prediction_type` from the exact (x0, eps) pair at (x_t, t)."""
+  from meddiff_jax.diffusion import schedules
+
+  if prediction_type == "epsilon":
+    return eps
+  if prediction_type == "x0":
+    return x0
+  a = schedules.alpha_bar(schedule, t, x.ndim)
+  return jnp.sqrt(a) * eps - jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t, x.ndim)) * x0
+
+
+def point_mass_prediction(schedule, x, t, target, prediction_type: str = "epsilon"):
+  """The exact model output for data that is a point mass at `target` (broadcast like x)."""
+  from meddiff_jax.diffusion import schedules
+
+  a = schedules.alpha_bar(schedule, t, x.ndim)
+  eps = (x - jnp.sqrt(a) * target) / jnp.sqrt(schedules.one_minus_alpha_bar(schedule, t, x.ndim))
+  return to_prediction(schedule, prediction_type, x, t, jnp.broadcast_to(target, x.shape), eps)
+
+
+# ------------------------------------------------------------------------------------------ float64 references
+# Written from the papers' equations (and the authors' code where the paper leaves a choice), never from ours:
+# the tests compare the implementation with these, on the cosine schedule (T = 1000) of the tasks' checkpoints.
+
+
+@functools.lru_cache(maxsize=1)
+def _cosine_abar64() -> np.ndarray:
+  from meddiff_jax.diffusion import schedules
+
+  return schedules.tables(schedules.make_betas("cosine", 1000))["alphas_cumprod"]
+
+
+def abar64(t) -> float:
+  """abar_t of the cosine schedule, float64; abar_{-1} = 1 (the clean image)."""
+  return 1.0 if t < 0 else float(_cosine_abar64()[int(t)])
+
+
+def gaussian_posterior_mean64(x, t, mu, s):
+  """E[x0 | x_t] for x0 ~ N(mu, s^2) i.i.d. (mu may be a per-voxel array): the exact model, float64."""
+  a = abar64(t)
+  return mu + s**2 * np.sqrt(a) / (a * s**2 + 1 - a) * (np.asarray(x, np.float64) - np.sqrt(a) * mu)
+
+
+def forward_matched_start64(y, sigma_y, t, z):
+  """x_t with the marginal of q(x_t | x0) (DDPM, Ho et al. 2020 eq. 4: N(sqrt(abar) x0, (1 - abar) I)) from
+  y = x0 + sigma_y n: sqrt(abar) y already carries abar sigma_y^2 of the 1 - abar, fresh noise z adds the rest."""
+  a = abar64(t)
+  return np.sqrt(a) * np.asarray(y, np.float64) + np.sqrt(max(0.0, 1 - a - a * sigma_y**2)) * z
+
+
+def diffpir64(img_l, noise_level_img, n_steps, lambda_, model_x0, *, rho_scale=1.0, fresh_noise=False, z=None):
+  """DiffPIR (Zhu et al. 2023, Algorithm 1) for the identity operator, zeta = 0 (deterministic), float64, in the
+  conventions of the authors' code (yuanzhi-zhu/DiffPIR main_ddpir_*.py): images in [0, 1] with AWGN of std
+  `noise_level_img`, the model on [-1, 1] (y = 2 img - 1), reduced_alpha_cumprod = sqrt(1 - abar) / sqrt(abar)
+  the model-scale noise std, t_start = find_nearest(reduced_alpha_cumprod, 2 noise_level_img),
+  rho_t = lambda sigma^2 / sigma_k^2 with sigma = noise_level_img, data step (mask y + rho x0) / (mask + rho) with
+  mask = 1, x0 = model_x0(x, t) clipped (clip_denoised), the last step returns the data-step x0. The start has
+  q(x_t | x0)'s noise (`forward_matched_start64`); all n_steps are spent uniformly in [0, t_start].
+  Returns (x0, t_start, grid). rho_scale / fresh_noise (+ z): known-wrong variants."""
+  acp = np.array([abar64(t) for t in range(1000)])
+  reduced = np.sqrt(1 - acp) / np.sqrt(acp)
+  t_start = int(np.argmin(np.abs(reduced - 2 * noise_level_img)))
+  seq = np.unique(np.round(np.linspace(0, t_start, min(n_steps, t_start + 1))).astype(int))[::-1]
+  y = np.asarray(img_l, np.float64) * 2 - 1
+  if fresh_noise:  # the start before #14: all of q's noise added on top of y's own
+    x = np.sqrt(abar64(t_start)) * y + np.sqrt(1 - abar64(t_start)) * z
+  else:
+    x = forward_matched_start64(y, 2 * noise_level_img, t_start, np.zeros_like(y) if z is None else z)
+  x0_p = y
+  for i, t in enumerate(seq):
+    t_im1 = seq[i + 1] if i + 1 < len(seq) else -1
+    a, ap = abar64(t), abar64(t_im1)
+    x0 = np.clip(model_x0(x, t), -1, 1)
+    rho = rho_scale * lambda_ * noise_level_img**2 / ((1 - a) / a)
+    x0_p = (y + rho * x0) / (1 + rho)
+    eps = (x - np.sqrt(a) * x0_p) / np.sqrt(1 - a)
+    x = np.sqrt(ap) * x0_p + np.sqrt(1 - ap) * eps
+  return x0_p, t_start, seq
+
+
+def ddim64(x, seq, model_x0):
+  """Deterministic DDIM (Song et al. 2021, eq. 12 with sigma = 0) from x at seq[0] down to the clean image (abar = 1
+  after the last step); x0 = model_x0(x, t) clipped to [-1, 1] with eps recomputed from it (ADM)."""
+  x = np.asarray(x, np.float64)
+  for i, t in enumerate(seq):
+    tp = seq[i + 1] if i + 1 < len(seq) else -1
+    a, ap = abar64(int(t)), abar64(int(tp))
+    x0 = np.clip(model_x0(x, int(t)), -1, 1)
+    eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+    x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
+  return x
+
+
+def repaint_walk(t_t: int, jump_length: int, jump_n_sample: int) -> list[int]:
+  """RePaint's `get_schedule_jump_paper` (andreas128/RePaint guided_diffusion/scheduler.py) with t_T, jump length
+  and resample count as arguments: grid indices from t_T - 1 down to -1, jumps included."""
+  jumps = {j: jump_n_sample - 1 for j in range(0, t_t - jump_length, jump_length)}
+  t, ts = t_t, []
+  while t >= 1:
+    t = t - 1
+    ts.append(t)
+    if jumps.get(t, 0) > 0:
+      jumps[t] = jumps[t] - 1
+      for _ in range(jump_length):
+        t = t + 1
+        ts.append(t)
+  ts.append(-1)
+  return ts

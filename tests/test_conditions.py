@@ -12,7 +12,8 @@ from conftest import sample_spec
 from meddiff_jax.configs import pretrain
 from meddiff_jax.data import multilevel, nifti, preprocess, volumes
 from meddiff_jax.data.spec import DataSpec
-from meddiff_jax.diffusion import samplers, schedules
+from meddiff_jax.diffusion import schedules
+from meddiff_jax.models import conditions
 from meddiff_jax.tasks import common, synthesis
 
 TINY_DATA = DataSpec.from_config(pretrain.get_config("tiny").data)
@@ -70,21 +71,53 @@ def test_label_map_moves_to_the_working_grid_and_must_match_the_input(tmp_path):
   assert common.load_labels("", original, work) is None
 
 
-def test_organ_dropout_keeps_the_body_and_the_region():
-  s = jnp.ones((3, 2, 2, 2, 4), jnp.uint8)
-  cond = {"structures": s, "region": jnp.array([0, 1, 2])}
-  out = samplers.drop_organ_structures(cond, jnp.array([True, False, True]), jnp.array([False, True, True]))
+def data_of(mode: str, patch: int) -> DataSpec:
+  """The tiny preset's data in structure mode grouped / packed (grouped, one packed channel) / classes."""
+  config = pretrain.get_config("tiny+classes" if mode == "classes" else "tiny")
+  config.data.update(patch_size=patch, pack_structures=mode == "packed")
+  return DataSpec.from_config(config.data)
+
+
+@pytest.mark.parametrize("mode", ["grouped", "packed", "classes"])
+def test_structure_dropout_of_a_training_sample_is_the_tasks_label_free_condition(mode):
+  """Structure-only dropout of a training sample (labels known) gives exactly what a task builds without a label
+  map (body from the HU, organs unknown), in every structure mode; with the body dropped too, no anatomy at all;
+  region and samples not dropped are untouched."""
+  p = phantom_ct()
+  data = data_of(mode, 16)
+  channels = data.structure_channel_count
+  pre = types.SimpleNamespace(spec=types.SimpleNamespace(structure_channels=channels), data=data, patch_size=16)
+  sample = multilevel.make_sample(p.hu, p.labels, 0, data.sample_spec(), np.random.default_rng(0), operation="patch")
+  s = conditions.unpack_if_packed(jnp.asarray(sample["structures"])[None], channels, 8 if mode == "classes" else 0)
+  body_id = conditions.label_body_id(8, 119) if mode == "classes" else 0
+  cond = {"structures": jnp.concatenate([s, s, s]), "region": jnp.array([0, 1, 2])}
+  out = conditions.drop_organ_structures(
+    cond, jnp.array([True, False, True]), jnp.array([False, True, True]), label_body_id=body_id
+  )
   got = np.asarray(out["structures"])
-  assert not got[0, ..., :3].any() and got[0, ..., 3].all()  # organs dropped, body kept
-  assert got[1].all()  # not dropped (drop_body alone does nothing)
+  label_free = common.structure_volume(pre, None, p.hu)
+  assert not np.array_equal(np.asarray(s[0]), label_free)  # the labels mattered before the dropout
+  np.testing.assert_array_equal(got[0], label_free)  # organs dropped, body kept
+  np.testing.assert_array_equal(got[1], np.asarray(s[0]))  # drop_body alone does nothing
   assert not got[2].any()  # organs and body dropped
   np.testing.assert_array_equal(np.asarray(out["region"]), [0, 1, 2])
 
 
-def test_training_applies_structure_only_dropout():
-  from conftest import tiny
+def test_label_ids_carry_the_body_bit_the_model_does_not_read():
+  hu = np.array([-1000.0, 40.0, -900.0, 40.0])
+  labels = np.array([0, 0, 10, 5])  # air, body, lung lobe (outside the body threshold), liver
+  data = data_of("classes", 16)
+  lut, classes = data.structure_lut()
+  ids = preprocess.structure_labels(labels, hu, lut, classes)[..., 0]
+  np.testing.assert_array_equal(conditions.label_ids(ids), [0, classes + 1, 10, 5])
+  np.testing.assert_array_equal(ids >= conditions.LABEL_BODY_BIT, [False, True, False, True])
+
+
+def test_training_applies_structure_only_dropout_in_every_mode():
+  from conftest import tiny_config
 
   from meddiff_jax.train import step
+  from meddiff_jax.train.spec import PretrainConfig
 
   seen = []
 
@@ -92,19 +125,31 @@ def test_training_applies_structure_only_dropout():
     seen.append(jax.tree_util.tree_map(np.asarray, cond))
     return jnp.zeros_like(x)
 
-  config = tiny(
-    **{"diffusion.cond_drop_prob": 0.0, "diffusion.structure_drop_prob": 1.0, "diffusion.body_drop_prob": 0.0}
-  )
-  loss_fn = step.make_loss_fn(apply_fn, schedules.make_schedule("cosine", 1000), config.diffusion, config.model)
-  batch = {
-    "image": jnp.zeros((2, 4, 4, 4, 1)),
-    "region": jnp.array([0, 1]),
-    "structures": jnp.ones((2, 4, 4, 4, pretrain.NUM_STRUCTURE_CHANNELS), jnp.uint8),
-  }
-  loss_fn({}, batch, jax.random.key(0))
-  st = seen[-1]["structures"]
-  assert not st[..., :-1].any() and st[..., -1].all()
-  np.testing.assert_array_equal(seen[-1]["region"], [0, 1])
+  drop = {"diffusion.cond_drop_prob": 0.0, "diffusion.structure_drop_prob": 1.0, "diffusion.body_drop_prob": 0.0}
+  grouped = PretrainConfig.from_config(tiny_config(**drop))
+  classes = tiny_config(**drop)
+  classes.data.structures = "classes"
+  classes.model.update(structure_channels=1, structure_embed_dim=8, num_structure_ids=119)
+  classes = PretrainConfig.from_config(classes)
+  k = pretrain.NUM_STRUCTURE_CHANNELS
+  bit = conditions.LABEL_BODY_BIT
+  for config, structures, expected in (
+    (
+      grouped,
+      np.ones((2, 4, 4, 4, k), np.uint8),
+      np.concatenate([np.zeros((2, 4, 4, 4, k - 1)), np.ones((2, 4, 4, 4, 1))], -1),
+    ),
+    (classes, np.array([5 | bit, 118 | bit, 0, 10], np.uint8).reshape(1, 2, 2, 1, 1).repeat(2, 0), None),
+  ):
+    loss_fn = step.make_loss_fn(apply_fn, schedules.make_schedule("cosine", 1000), config.diffusion, config.model)
+    shape = structures.shape[:4]
+    batch = {"image": jnp.zeros(shape + (1,)), "region": jnp.array([0, 1]), "structures": jnp.asarray(structures)}
+    loss_fn({}, batch, jax.random.key(0))
+    st = seen[-1]["structures"]
+    if expected is None:  # label ids: the classes become 'body' where the body bit is set, else 'outside'
+      expected = np.array([118 | bit, 118 | bit, 0, 0], np.uint8).reshape(1, 2, 2, 1, 1).repeat(2, 0)
+    np.testing.assert_array_equal(st, expected)
+    np.testing.assert_array_equal(seen[-1]["region"], [0, 1])
 
 
 def test_synthesis_body_from_labels_is_the_filled_hull_without_air_organs():

@@ -9,11 +9,12 @@ configs stored by older versions still load. Fast tier: nothing here compiles a 
 
 import dataclasses
 import importlib
+import json
 import re
 
 import ml_collections
 import pytest
-from conftest import override, run_main, tiny_config
+from conftest import REPO, override, run_main, tiny_config
 
 from meddiff_jax import checks, pretrained, sharding
 from meddiff_jax.configs import controlnet as controlnet_configs
@@ -246,8 +247,9 @@ TASK_BAD = [(t, k, v) for t in TASK_CONFIGS for k, v in COMMON_TASK_BAD] + [
   ("super_resolution", "conditioning_scale", -1.0),
   ("super_resolution", "spacing", (1.0, 1.0)),
   ("lesion", "method", "paint"),
-  ("lesion", "jump_length", 0),
+  ("lesion", "jump_timesteps", 0),
   ("lesion", "jump_n_sample", 0),
+  ("lesion", "spacing", (1.0, 1.0)),
   ("lesion", "conditioning_scale", -0.5),
 ]
 
@@ -452,12 +454,13 @@ def test_what_training_stores_types_back_to_the_same_config():
 
 def test_configs_stored_by_older_versions_still_type():
   """Keys added later (LEGACY_KEYS) and values that got a name (LEGACY_VALUES: data.spacing () -> 'source',
-  sharding.rules () -> 'default'); the shipped tiny_phantom predates most of them."""
+  sharding.rules () -> 'default'); tests/legacy_tiny_phantom_config.json, the config of the tiny_phantom shipped
+  until #26, predates most of them."""
   old = pretrained.stored_config({"data": {"spacing": [], "source": "phantom"}, "sharding": {"rules": []}})
   assert old.data.spacing == "source" and old.sharding.rules == "default"
   kept = pretrained.stored_config({"data": {"spacing": [2.0, 2.0, 2.0]}})
   assert tuple(kept.data.spacing) == (2.0, 2.0, 2.0)
-  stored = pretrained.read_config("tiny_phantom")
+  stored = pretrained.stored_config(json.loads((REPO / "tests" / "legacy_tiny_phantom_config.json").read_text()))
   data, model = data_spec.DataSpec.from_config(stored.data), unet3d.UNetSpec.from_config(stored.model)
   assert data.spacing == "source" and data.training_spacing() == tuple(data.phantom.spacing)
   assert model.attention_levels == (1,) and model.conv_impl == "auto"

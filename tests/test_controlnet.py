@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, build_step, fixed_batch, mesh_of, override, point_mass_oracle, run_main
+from conftest import REPO, build_step, fixed_batch, mesh_of, override, run_main
 
-from meddiff_jax import checks, pretrained, sharding
+from meddiff_jax import checks, pretrained, sections, sharding
 from meddiff_jax.models import trainable
 from meddiff_jax.train import controlnet as cn_train
 from meddiff_jax.train import loop
@@ -28,7 +28,7 @@ def cn_config(**kw):
 
   c = cfg.get_config("sr")
   c.training.update(batch_size=8, num_steps=3, log_every=1)
-  c.data.phantom.update(num_volumes=3, shape=(32, 32, 32), spacing=(9.0, 9.0, 9.0))
+  c.data.phantom.update(num_volumes=3, shape=(32, 32, 32), spacing=(3.0, 3.0, 3.0))  # the base's grid
   c.optimizer.update(learning_rate=1e-2, warmup_steps=1)
   return checks.controlnet(override(c, **kw))  # checked and derived once, as main.py does
 
@@ -348,24 +348,37 @@ def test_export_command_and_loading_a_workdir_read_only_the_ema_params(tmp_path)
   assert proc.returncode != 0 and "not empty" in proc.stderr  # never overwrites without being asked
 
 
-def test_repaint_keeps_the_known_region_and_fills_the_hole_with_an_oracle():
-  from meddiff_jax.diffusion import samplers, schedules
-  from meddiff_jax.tasks import controlled
-
-  sched = schedules.make_schedule("cosine", 1000)
-  x0 = jnp.linspace(-0.5, 0.5, 8**3).reshape(1, 8, 8, 8, 1)
-  keep = jnp.ones_like(x0).at[:, 2:5, 2:5, 2:5].set(0.0)
-
-  oracle = point_mass_oracle(sched, x0)
-  known = jnp.where(keep > 0, x0, 0.9)  # the hole holds garbage
-  ts = samplers.make_timesteps(1000, 20, "trailing")
-  out = jax.jit(lambda r: controlled.repaint(oracle, sched, ts, r, known, keep, 5, 2))(jax.random.key(0))
-  np.testing.assert_allclose(np.asarray(out), np.asarray(x0), atol=2e-3)
+def test_branch_configs_inherit_the_bases_grid_and_structures_and_refuse_another():
+  """data.spacing, structures, structure_groups, class_map and pack_structures are the base checkpoint's ('base'):
+  tiny_phantom was trained on 3 mm phantoms with grouped, packed structures. A conflicting value is refused in
+  one line naming the key; the base's own value is accepted; a data source at another spacing is refused."""
+  base = pretrained.read_config("tiny_phantom")
+  derived = cn_config()
+  assert derived.data.spacing == (3.0, 3.0, 3.0) == derived.data.training_spacing()
+  assert derived.data.structures == "grouped" and derived.data.class_map == ""
+  assert derived.data.structure_groups == sections.frozen(base.data.structure_groups)
+  assert derived.data.pack_structures == base.data.pack_structures
+  assert cn_config(**{"data.spacing": (3, 3, 3)}).data.spacing == (3.0, 3.0, 3.0)  # the base's own: fine
+  for key, value in (
+    ("data.spacing", (1.0, 1.0, 1.0)),
+    ("data.structures", "classes"),
+    ("data.structure_groups", (("lung", ("lung_*",)),)),
+    ("data.class_map", "/some/map.json"),
+    ("data.pack_structures", not base.data.pack_structures),
+  ):
+    with pytest.raises(checks.ConfigError, match=f"config.{key}=") as e:
+      cn_config(**{key: value})
+    assert "\n" not in str(e.value) and "tiny_phantom" in str(e.value)
+  with pytest.raises(checks.ConfigError, match=r"config.data.phantom.spacing is \(6.0, 6.0, 6.0\) mm"):
+    cn_config(**{"data.phantom.spacing": (6.0, 6.0, 6.0)})
 
 
 @pytest.mark.slow
 def test_super_resolution_and_lesion_commands(tmp_path):
-  from meddiff_jax.data import nifti, phantom, volume_io, volumes
+  from scipy import ndimage
+
+  from meddiff_jax.data import nifti, phantom, preprocess, volume_io, volumes
+  from meddiff_jax.evaluation import metrics
 
   work = tmp_path / "cn"
   proc = run_main(
@@ -393,15 +406,26 @@ def test_super_resolution_and_lesion_commands(tmp_path):
       f"--config.output={out}",
       f"--config.method={method}",
       "--config.num_steps=3",
-      "--config.jump_length=1",
+      "--config.jump_timesteps=200",
       "--config.jump_n_sample=2",
       timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / f"{method}.json").read_text())
-    assert 0.0 <= res["dice_threshold_segmentation"] <= 1.0 and res["psnr_outside_mask"] > 0
     vol = volume_io.load(out)
     np.testing.assert_allclose(vol.affine, p.affine, atol=1e-4)
+    from meddiff_jax.tasks import controlled
+
+    lesion, ct = p.lesions > 0, np.round(p.hu)
+    # the sidecar's numbers are those of the written volume
+    assert res["dice_threshold_segmentation"] == pytest.approx(controlled.lesion_dice(vol.data, ct, lesion, 20.0))
+    unit = lambda v: preprocess.hu_to_unit(v, "abdomen")
+    assert res["psnr_outside_mask"] == pytest.approx(metrics.psnr(unit(ct[~lesion]), unit(vol.data[~lesion]), 2.0))
+    if method == "inpaint":  # the scan as read outside the lesion and its one-voxel rim
+      rim = ndimage.binary_dilation(lesion, iterations=2)
+      np.testing.assert_array_equal(vol.data[~rim], ct[~rim])
+    else:
+      assert np.mean(np.abs(vol.data - ct)) > 1.0  # a whole new window, not the scan passed through
   # super-resolution: a x3 thick-slice input, reference = the thin original
   thin = volumes.Volume(np.round(p.hu), p.affine)
   nifti.save(thin, tmp_path / "hr.nii.gz", np.int16)
@@ -419,4 +443,13 @@ def test_super_resolution_and_lesion_commands(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "sr.json").read_text())
-  assert set(res["metrics"]) == {"controlnet", "trilinear", "cubic"}
+  sr, ref = volume_io.load(tmp_path / "sr.nii.gz"), volume_io.load(tmp_path / "hr.nii.gz")
+  np.testing.assert_allclose(sr.spacing, (6.0, 6.0, 6.0), atol=1e-4)  # the thin grid asked for
+  sl = tuple(slice(0, min(a, b)) for a, b in zip(ref.shape, sr.shape))
+  unit = lambda v: preprocess.hu_to_unit(v[sl], "chest")
+  # the sidecar's numbers are those of the written volume and of trilinear interpolation of the input
+  assert res["metrics"]["controlnet"]["psnr"] == pytest.approx(
+    metrics.psnr(unit(ref.data), unit(sr.data), 2.0), abs=0.05
+  )
+  linear = volumes.resample(volume_io.load(tmp_path / "lr.nii.gz"), (6.0, 6.0, 6.0), order=1, fill=-1024.0).data
+  assert res["metrics"]["trilinear"]["psnr"] == pytest.approx(metrics.psnr(unit(ref.data), unit(linear), 2.0))

@@ -1,13 +1,14 @@
 """UNet3D structure, conditions, numerics, and the analytic FLOP count."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import unet_spec
+from conftest import REPO, unet_spec
 
 from meddiff_jax.models import embeddings, unet3d
 
@@ -134,7 +135,9 @@ def test_remat_segments_cover_whole_levels():
 def test_attention_is_keyed_by_level_and_legacy_configs_map_to_levels():
   from meddiff_jax import pretrained
 
-  # tiny_phantom was trained at 16^3 with attention_resolutions=(8,): attention at level 1.
+  # the tiny_phantom shipped until #26 was stored with attention_resolutions=(8,) at 16^3: attention at level 1
+  legacy_tiny = json.loads((REPO / "tests" / "legacy_tiny_phantom_config.json").read_text())
+  assert pretrained.stored_config(legacy_tiny).model.attention_levels == [1]
   pre = pretrained.load("tiny_phantom")
   assert pre.spec.attention_levels == (1,)
   assert unet3d.legacy_attention_levels((16, 8), 4, 64) == (2, 3)
@@ -196,11 +199,13 @@ def test_timestep_embedding_formula():
 
 def test_builtin_priors_load_at_their_training_spacing_and_window():
   """Every shipped prior loads from the package (EMA params against its own config) and records the grid it
-  was trained on, which the tasks resample to (tiny_ct: 2 mm, 32^3 windows; tiny_phantom predates the key)."""
+  was trained on, which the tasks resample to (tiny_ct: 2 mm, 32^3 windows; tiny_phantom: 3 mm, 16^3)."""
   from meddiff_jax import pretrained
 
   pre = pretrained.load("tiny_ct")
   assert pre.data.spacing == (2.0, 2.0, 2.0) and pre.patch_size == 32
   assert pre.data.source == "prepared" and pre.spec.attention_levels == (2,)
-  assert pretrained.load("tiny_phantom").data.spacing == "source"  # predates the key: its phantoms' spacing
+  tiny_phantom = pretrained.load("tiny_phantom")
+  assert tiny_phantom.data.spacing == (3.0, 3.0, 3.0) and tiny_phantom.patch_size == 16
+  assert tiny_phantom.diffusion.structure_drop_prob == 0.1 and tiny_phantom.diffusion.body_drop_prob == 0.3
   assert set(pretrained.BUILTIN) == {"tiny_phantom", "tiny_ct"}

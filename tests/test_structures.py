@@ -9,6 +9,7 @@ from flax.core import meta
 
 from meddiff_jax.data import class_map, multilevel, preprocess
 from meddiff_jax.data.spec import DataSpec
+from meddiff_jax.models import conditions
 
 
 def test_structure_labels_encode_classes_body_and_background():
@@ -16,9 +17,12 @@ def test_structure_labels_encode_classes_body_and_background():
   hu = np.array([-1000.0, 40.0, 40.0, 40.0, 40.0, -900.0])
   out = preprocess.structure_labels(labels, hu, preprocess.class_lookup(class_map.TOTAL), 117)
   # background outside body, classes by id, unknown label (300) -> body, body without class -> 118, a class
-  # keeps its id even outside the body threshold (the mask says so)
-  np.testing.assert_array_equal(out[..., 0], [0, 5, 90, 118, 118, 117])
+  # keeps its id even outside the body threshold (the mask says so); the high bit is the body mask
+  np.testing.assert_array_equal(conditions.label_ids(out[..., 0]), [0, 5, 90, 118, 118, 117])
+  np.testing.assert_array_equal(out[..., 0] & conditions.LABEL_BODY_BIT > 0, hu > preprocess.BODY_THRESHOLD_HU)
   assert out.dtype == np.uint8 and out.shape == (6, 1)
+  with pytest.raises(ValueError, match="at most 126"):
+    preprocess.structure_labels(labels, hu, preprocess.class_lookup(class_map.TOTAL), 127)
 
 
 def test_grouping_table_comes_from_the_config():
@@ -48,7 +52,8 @@ def test_classes_mode_samples_are_one_label_channel():
   spec = sample_spec(16, lut=lut, num_groups=n, structure_labels=True)
   s = multilevel.make_sample(hu, labels, 2, spec, np.random.default_rng(0), operation="whole")
   assert s["structures"].shape == (16, 16, 16, 1)
-  np.testing.assert_array_equal(np.unique(s["structures"]), [0, 5, 118])
+  bit = conditions.LABEL_BODY_BIT
+  np.testing.assert_array_equal(np.unique(s["structures"]), [0, 5 | bit, 118 | bit])
 
 
 def test_validate_refuses_a_model_that_does_not_match_classes_mode():
@@ -97,5 +102,9 @@ def test_embedding_with_an_identity_table_equals_one_hot_channels():
   b = embed_model.apply({"params": params_with_table}, x, t, {"structures": ids[..., None].astype(jnp.uint8)})
   assert float(jnp.abs(a).max()) > 0
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  with_bit = (ids[..., None] | conditions.LABEL_BODY_BIT).astype(jnp.uint8)  # the body bit is not an id
+  np.testing.assert_array_equal(
+    np.asarray(embed_model.apply({"params": params_with_table}, x, t, {"structures": with_bit})), np.asarray(b)
+  )
   shuffled = embed_model.apply({"params": params_with_table}, x, t, {"structures": ((ids + 1) % k)[..., None]})
   assert float(jnp.abs(shuffled - a).max()) > 1e-4  # the ids matter

@@ -344,3 +344,34 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
   out = loop.run_eval(eval_step, None, counting, config, batch_sharding, 1000)
   time.sleep(0.5)
   assert out["val/loss"] == 1.0 and counting.loads == 2 * 4
+
+
+def test_ema_and_frozen_leaves_follow_the_float64_update():
+  """The step on a two-leaf linear "model" (fast: no UNet): the EMA of a trained leaf is
+  decay * ema + (1 - decay) * new param (float64 reference), a frozen leaf stays bitwise and has no EMA."""
+  from meddiff_jax.diffusion import schedules
+  from meddiff_jax.models import trainable
+  from meddiff_jax.train import state as state_lib
+  from meddiff_jax.train import step as step_lib
+
+  config = tiny(**{"training.ema_decay": 0.9, "optimizer.warmup_steps": 0, "diffusion.cond_drop_prob": 0.0})
+  apply_fn = lambda v, x, t, cond, **kw: x * v["params"]["w"] + v["params"]["b"]
+  params = {"w": jnp.full((1,), 0.5), "b": jnp.full((1,), 0.25)}
+  labels = trainable.labels(params, ["w"])
+  tx = state_lib.make_optimizer(config.optimizer, labels)
+  st = state_lib.TrainState(
+    step=jnp.int32(0),
+    params=params,
+    ema_params={"w": jnp.full((1,), 0.1)},
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(0)),
+    nan_skips=jnp.int32(0),
+    consecutive_nan=jnp.int32(0),
+  )
+  step = step_lib.make_train_step(apply_fn, schedules.make_schedule("cosine", 1000), tx, config, labels=labels)
+  batch = {"image": jnp.full((2, 4, 4, 4, 1), 0.3), "region": jnp.array([0, 1])}
+  new, _ = jax.jit(step)(st, batch)
+  w = float(new.params["w"][0])
+  assert w != 0.5  # the trained leaf moved
+  assert float(new.ema_params["w"][0]) == pytest.approx(0.9 * 0.1 + 0.1 * w, rel=1e-6)
+  assert float(new.params["b"][0]) == 0.25 and set(new.ema_params) == {"w"}

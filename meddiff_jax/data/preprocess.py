@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from meddiff_jax.models import conditions
+
 REGIONS = ("head_neck", "chest", "abdomen")
 UNKNOWN_REGION = len(REGIONS)  # the "null" class for unconditional samples / CFG
 WINDOWS = {"head_neck": (400.0, 50.0), "chest": (1800.0, -500.0), "abdomen": (360.0, 60.0)}  # (width, level)
@@ -144,8 +146,11 @@ def class_lookup(class_map: Mapping[int, str]) -> np.ndarray:
 
 def structure_labels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarray, num_classes: int) -> np.ndarray:
   """(…, 1) uint8 label map for a learned structure embedding: class ids 1..num_classes where labelled,
-  num_classes + 1 for body without a class (the thresholded body mask), 0 outside the body."""
-  body = hu > BODY_THRESHOLD_HU
+  num_classes + 1 for body without a class (the thresholded body mask), 0 outside the body; every voxel inside
+  the body mask also carries `conditions.LABEL_BODY_BIT` (read by structure dropout, stripped by the model)."""
+  if num_classes + 1 >= conditions.MAX_LABEL_IDS:
+    raise ValueError(f"{num_classes} classes do not fit a label-id channel (at most {conditions.MAX_LABEL_IDS - 2})")
+  body = body_mask(hu)
   out = np.where(body, num_classes + 1, 0).astype(np.uint8)
   if labels is not None:
     if labels.shape != hu.shape:
@@ -153,4 +158,4 @@ def structure_labels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarray,
     safe = np.where((labels >= 0) & (labels < lut.shape[0]), labels, 0).astype(np.intp)
     cls = lut[safe]
     out = np.where(cls > 0, cls, out).astype(np.uint8)
-  return out[..., None]
+  return (out | np.where(body, conditions.LABEL_BODY_BIT, 0).astype(np.uint8))[..., None]

@@ -266,25 +266,15 @@ def null_condition(cond: dict[str, jax.Array], num_regions: int) -> dict[str, ja
   return null
 
 
-def drop_organ_structures(
-  cond: dict[str, jax.Array], drop: jax.Array, drop_body: jax.Array | None = None
-) -> dict[str, jax.Array]:
-  """Zero the organ channels of `structures` (all but the last, the body mask) where `drop` is True, and the
-  body channel too where `drop_body` is also True; the region is kept.
-
-  Training with this teaches the conditions tasks use without a label map: body from the HU with the
-  organs unknown (denoise, anomaly, SR, lesion), or no anatomy at all with a real region (synthesis
-  without labels).
-  """
-  if conditions.STRUCTURES not in cond:
-    return cond
-  s = cond[conditions.STRUCTURES]
-  expand = lambda m: m.reshape(m.shape + (1,) * (s.ndim - 1))
-  organs = jnp.where(expand(drop), jnp.zeros_like(s[..., :-1]), s[..., :-1])
-  body = s[..., -1:]
-  if drop_body is not None:
-    body = jnp.where(expand(drop & drop_body), jnp.zeros_like(body), body)
-  return {**cond, conditions.STRUCTURES: jnp.concatenate([organs, body], axis=-1)}
+def epsilon_fn(denoise_fn: DenoiseFn, schedule: schedules.Schedule, prediction_type: str) -> DenoiseFn:
+  """A model read in its own parameterisation (config.diffusion.prediction_type: epsilon, x0 or v) as the eps
+  prediction the task algorithms take, through `schedules.split_prediction`, the one conversion every sampler
+  uses. Affine in the model output, so it commutes with window blending and classifier-free guidance."""
+  if prediction_type not in schedules.PREDICTION_TYPES:
+    raise ValueError(f"prediction_type {prediction_type!r} not in {schedules.PREDICTION_TYPES}")
+  if prediction_type == "epsilon":
+    return denoise_fn
+  return lambda x, t: schedules.split_prediction(schedule, prediction_type, denoise_fn(x, t), x, t)[1]
 
 
 def guided_denoise_fn(

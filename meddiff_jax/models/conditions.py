@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Keys of a training batch / a model's `cond` dict.
@@ -74,3 +76,59 @@ def unpack_if_packed(structures, structure_channels: int, structure_embed_dim: i
   if structures.shape[-1] == 1 and structure_channels > 1 and not structure_embed_dim:
     return expand_structures(structures, structure_channels)
   return structures
+
+
+# One label-id channel (data.structures='classes'): class ids 1..C, C + 1 for body without a class, 0 outside the
+# body, in the 7 low bits; the high bit carries the HU body mask (HU > BODY_THRESHOLD_HU) of every voxel, also under
+# a class (lungs and airways lie mostly outside it). The model reads the low bits (`label_ids`); structure dropout
+# reads the bit to build exactly the "organs unknown" map a task builds from the HU alone.
+LABEL_BODY_BIT = 0x80
+MAX_LABEL_IDS = LABEL_BODY_BIT  # ids 0..127: at most 126 classes
+
+
+def label_ids(structures):
+  """The label ids of a label-id channel, without the body bit (numpy or jax)."""
+  return structures & (LABEL_BODY_BIT - 1)
+
+
+def drop_structures(structures, drop, drop_body=None, *, label_body_id: int = 0):
+  """Structure-only dropout: where `drop` (N,) is True the organs become unknown, the body stays; where
+  `drop_body` is also True the body goes too (no anatomy at all). The region is not touched here.
+
+  Grouped channels (K group channels, then the body channel): the group channels are zeroed (and the body
+  channel). One label-id channel (`label_body_id` > 0: the id of 'body without a class'): every voxel becomes
+  `label_body_id` where its body bit is set, else 0 (and 0 everywhere). Either way the result is exactly what a
+  task builds without a label map (`preprocess.structure_channels` / `structure_labels` with labels None).
+  """
+  expand = lambda m: jnp.reshape(m, m.shape + (1,) * (structures.ndim - 1))
+  if label_body_id:
+    if structures.shape[-1] != 1:
+      raise ValueError(f"label-id structures have one channel, got {structures.shape[-1]}")
+    body = (structures & LABEL_BODY_BIT) > 0
+    unknown = jnp.where(body, label_body_id | LABEL_BODY_BIT, 0).astype(structures.dtype)
+    out = jnp.where(expand(drop), unknown, structures)
+    if drop_body is not None:
+      out = jnp.where(expand(drop & drop_body), jnp.zeros_like(out), out)
+    return out
+  organs = jnp.where(expand(drop), jnp.zeros_like(structures[..., :-1]), structures[..., :-1])
+  body = structures[..., -1:]
+  if drop_body is not None:
+    body = jnp.where(expand(drop & drop_body), jnp.zeros_like(body), body)
+  return jnp.concatenate([organs, body], axis=-1)
+
+
+def label_body_id(structure_embed_dim: int, num_structure_ids: int) -> int:
+  """`drop_structures`' label_body_id for a model: the last id (C + 1) when it embeds label ids, else 0."""
+  return num_structure_ids - 1 if structure_embed_dim else 0
+
+
+def drop_organ_structures(
+  cond: dict[str, jax.Array], drop: jax.Array, drop_body: jax.Array | None = None, *, label_body_id: int = 0
+) -> dict[str, jax.Array]:
+  """`drop_structures` on a condition dict (unchanged when it has no structures); training applies it with
+  diffusion.structure_drop_prob / body_drop_prob, which teaches the conditions tasks use without a label map: body
+  from the HU with the organs unknown (denoise, anomaly, SR, lesion), or no anatomy at all with a real region
+  (synthesis without labels)."""
+  if STRUCTURES not in cond:
+    return cond
+  return {**cond, STRUCTURES: drop_structures(cond[STRUCTURES], drop, drop_body, label_body_id=label_body_id)}

@@ -394,7 +394,7 @@ class UNetEncoder(nn.Module):
         parts.append(
           embeddings.IdEmbedding(
             spec.num_structure_ids, spec.structure_embed_dim, 1.0, spec.param_dtype, name="structure_embed"
-          )(structures[..., 0]).astype(spec.dtype)
+          )(conditions.label_ids(structures[..., 0])).astype(spec.dtype)
         )
       else:
         parts.append(structures.astype(spec.dtype))

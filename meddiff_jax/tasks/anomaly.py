@@ -23,7 +23,7 @@ from meddiff_jax.tasks import common, denoise
 
 @dataclasses.dataclass(frozen=True)
 class AnomalySpec(common.TaskSpec):
-  """configs/anomaly.py, typed (noise_t against the checkpoint's timesteps: when it is loaded)."""
+  """configs/anomaly.py, typed (noise_t against the checkpoint's timesteps: checks.task, and `reconstruct`)."""
 
   MODE = "anomaly"
   checkpoint: str
@@ -62,6 +62,11 @@ def volume_score(amap: np.ndarray, body: np.ndarray | None = None, top_fraction:
 def reconstruct(pre: pretrained.Pretrained, y_unit: np.ndarray, canvas: common.Canvas, task: AnomalySpec) -> np.ndarray:
   """Partial diffusion from task.noise_t with windowed blending over `canvas`; y_unit is the (padded) [-1,1]
   volume (the result is cropped to canvas.frame)."""
+  steps = pre.schedule.num_timesteps
+  if not 0 < task.noise_t < steps:  # a table lookup past the end would clamp silently to T - 1
+    raise sections.ConfigError(
+      f"config.noise_t={task.noise_t}; the checkpoint has {steps} timesteps: choose 1..{steps - 1}"
+    )
   # the grid starts at noise_t itself (paper: 950), every step is spent below it
   sample = lambda fn, y, r: denoise.partial_diffusion(
     fn, pre.schedule, y, task.noise_t, task.num_steps, r, progress=bar, method=task.sampler

@@ -311,7 +311,7 @@ def run_windowed(
   progress: ProgressBar | None = None,
 ) -> np.ndarray:
   """Run a sampler over a whole (padded) volume on the task mesh: `sample(fn, *args, rng)` jitted, where fn is
-  the blended windowed denoiser over `canvas` (`windowed_denoiser`: `task`'s overlap and window batch, the
+  the blended windowed eps prediction over `canvas` (`windowed_denoiser`: `task`'s overlap and window batch, the
   model `apply_fn`, default `pre`'s) and rng = key(task.seed). Returns the (X, Y, Z) result, cropped to
   `canvas.frame`; closes `progress`."""
   with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):
@@ -326,8 +326,10 @@ def run_windowed(
 
 
 def windowed_denoiser(pre: Pretrained, canvas: Canvas, task: TaskSpec, apply_fn: Callable | None = None):
-  """((x (1,X,Y,Z,1), t) -> blended model output over the whole (padded) volume of `canvas`, windows over
-  devices; the window plan). apply_fn overrides the model (e.g. base + branch, or `model_fn` with guidance)."""
+  """((x (1,X,Y,Z,1), t) -> the blended eps prediction over the whole (padded) volume of `canvas`, windows over
+  devices; the window plan). The model output is read in the checkpoint's parameterisation
+  (`pre.diffusion.prediction_type`, `samplers.epsilon_fn`): every task algorithm takes eps. apply_fn overrides
+  the model (e.g. base + branch, or `model_fn` with guidance)."""
   plan = sliding_window.plan_windows(
     tuple(canvas.shape), pre.patch_size, task.overlap, window_batch(task), canvas.frame
   )
@@ -337,8 +339,8 @@ def windowed_denoiser(pre: Pretrained, canvas: Canvas, task: TaskSpec, apply_fn:
   if canvas.hint is not None:
     cond[conditions.HINT] = jnp.asarray(canvas.hint)
   axes = ("data",) if jax.device_count() > 1 else None
-  fn = apply_fn or pre.apply
-  return sliding_window.blended_denoise_fn(fn, plan, cond, axes), plan
+  blended = sliding_window.blended_denoise_fn(apply_fn or pre.apply, plan, cond, axes)
+  return samplers.epsilon_fn(blended, pre.schedule, pre.diffusion.prediction_type), plan
 
 
 class ProgressBar:

@@ -1,10 +1,12 @@
 """ControlNet-conditioned tasks on whole volumes: super-resolution, lesion generation, lesion inpainting.
 
 All three sample with the frozen base + fine-tuned branch through overlapping windows (the condition
-volume is windowed with the image). Inpainting is RePaint (Lugmayr et al. 2022): at every step the known
+volume is windowed with the image), on the grid the branch was trained at (its run's data.spacing, which is its
+base's: train/controlnet.derive_config). Inpainting is RePaint (Lugmayr et al. 2022): at every step the known
 region (outside the lesion mask) is replaced by the forward-noised original, and RePaint's jump schedule
-(jump_length / jump_n_sample, the paper's 10 / 10) re-noises and re-denoises so the generated region
-harmonises with its surroundings.
+re-noises and re-denoises so the generated region harmonises with its surroundings. The paper's jumps are 10
+steps of a 250-step grid over T = 1000, i.e. 40 timesteps, with r = 10 resamplings: here `jump_timesteps` (in
+timesteps of the model's schedule, rounded to whole steps of the sampling grid) and `jump_n_sample`.
 """
 
 from __future__ import annotations
@@ -43,37 +45,49 @@ class SuperResolutionSpec(common.TaskSpec):
 
 
 LESION_METHODS = ("inpaint", "generate")  # config.method of configs/lesion.py
+JUMP_TIMESTEPS = 40  # RePaint: jump length 10 on its 250-step grid over T = 1000
+JUMP_N_SAMPLE = 10  # RePaint: r = 10 (each jump point is passed 10 times)
 
 
 @dataclasses.dataclass(frozen=True)
 class LesionSpec(common.TaskSpec):
-  """configs/lesion.py, typed."""
+  """configs/lesion.py, typed (jump_timesteps against the model's timesteps: checks.task, and `repaint`)."""
 
   MODE = "lesion"
   controlnet: str
   input: str
   mask: str
+  spacing: tuple[float, float, float] | str  # mm, or 'checkpoint' (the branch run's training spacing)
   method: str
-  jump_length: int
+  jump_timesteps: int
   jump_n_sample: int
   conditioning_scale: float
   dice_threshold_hu: float
 
   def __post_init__(self):
     super().__post_init__()
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
     sections.choice("config.method", self.method, LESION_METHODS)
-    sections.count("config.jump_length", self.jump_length)
+    sections.count("config.jump_timesteps", self.jump_timesteps)
     sections.count("config.jump_n_sample", self.jump_n_sample)
     sections.at_least("config.conditioning_scale", self.conditioning_scale, 0.0)
 
 
-def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:
+def jump_steps(num_train_timesteps: int, num_steps: int, jump_timesteps: int) -> int:
+  """Steps of a `num_steps` grid over `num_train_timesteps` that span about `jump_timesteps` (at least one):
+  RePaint's 40 timesteps are its 10 steps at 250 steps, 2 steps at 50."""
+  if not 0 < jump_timesteps < num_train_timesteps:
+    raise ValueError(f"jump_timesteps={jump_timesteps}; choose 1..{num_train_timesteps - 1}")
+  return max(1, int(np.floor(jump_timesteps * num_steps / num_train_timesteps + 0.5)))
+
+
+def repaint_schedule(num_steps: int, jump_length: int = 10, jump_n_sample: int = JUMP_N_SAMPLE) -> np.ndarray:
   """RePaint's jump schedule (Lugmayr et al. 2022, `get_schedule_jump` with n_sample = 1) over grid indices.
 
   Index u in [0, num_steps) is the u-th smallest timestep of the grid, -1 the clean image. Going down
-  one index is a denoising step; at every multiple of `jump_length` below the top the walk jumps back up
-  `jump_length` indices (re-noising), `jump_n_sample - 1` times. The walk ends at -1 exactly once, so a
-  clean x0 is never denoised again.
+  one index is a denoising step; at every multiple of `jump_length` (grid steps: `jump_steps`) below the top the
+  walk jumps back up `jump_length` indices (re-noising), `jump_n_sample - 1` times. The walk ends at -1 exactly
+  once, so a clean x0 is never denoised again.
   """
   if jump_length < 1 or jump_n_sample < 1:
     raise ValueError(f"jump_length={jump_length}, jump_n_sample={jump_n_sample}: both must be >= 1")
@@ -97,17 +111,19 @@ def repaint(
   rng: jax.Array,
   known: jax.Array,
   keep: jax.Array,
-  jump_length: int = 10,
-  jump_n_sample: int = 10,
+  jump_timesteps: int = JUMP_TIMESTEPS,
+  jump_n_sample: int = JUMP_N_SAMPLE,
+  prediction_type: str = "epsilon",
 ) -> jax.Array:
   """RePaint with DDPM steps over `timesteps`: `keep` (1 = known voxel) takes the noised `known` image.
 
   Every denoising step t -> t' replaces the known region by q(x_t' | known) (the known image itself at
-  t' = -1); every jump back up re-noises the whole state with q(x_t | x_t'), so the generated region
-  harmonises with what is kept.
+  t' = -1); every jump back up (`jump_timesteps` of the schedule, in whole grid steps: `jump_steps`) re-noises
+  the whole state with q(x_t | x_t'), so the generated region harmonises with what is kept.
   """
   asc = np.sort(np.asarray(timesteps, np.int32))
-  walk = repaint_schedule(len(asc), jump_length, jump_n_sample)
+  steps = jump_steps(schedule.num_timesteps, len(asc), jump_timesteps)
+  walk = repaint_schedule(len(asc), steps, jump_n_sample)
   time = lambda u: np.where(u >= 0, asc[np.maximum(u, 0)], -1).astype(np.int32)
   t_from, t_to = jnp.asarray(time(walk[:-1])), jnp.asarray(time(walk[1:]))
   down = jnp.asarray(walk[1:] < walk[:-1])
@@ -117,7 +133,8 @@ def repaint(
 
   def denoise(x, t, t_prev, rng):
     k1, k2 = jax.random.split(rng)
-    unknown = samplers.ddpm_step(schedule, denoise_fn(x, t), x, t, t_prev, jax.random.normal(k1, x.shape))
+    noise = jax.random.normal(k1, x.shape)
+    unknown = samplers.ddpm_step(schedule, denoise_fn(x, t), x, t, t_prev, noise, prediction_type=prediction_type)
     known_prev = schedules.q_sample(schedule, known, t_prev, jax.random.normal(k2, x.shape))
     known_prev = jnp.where(t_prev.reshape(-1, 1, 1, 1, 1) < 0, known, known_prev)
     return keep * known_prev + (1.0 - keep) * unknown
@@ -158,27 +175,36 @@ def sample_controlled(
   return common.run_windowed(cm.pre, sample, (), canvas, task, apply_fn=cm.apply_fn(task.conditioning_scale))
 
 
+def from_noise(schedule, timesteps: np.ndarray, shape: tuple[int, ...], method: str):
+  """`sample(fn, rng)` from pure noise x_T (its own key; the sampler gets another) over `timesteps`."""
+
+  def sample(fn, rng):
+    init_rng, sample_rng = jax.random.split(rng)
+    return samplers.sample(fn, schedule, timesteps, sample_rng, jax.random.normal(init_rng, shape), method=method)
+
+  return sample
+
+
 def run_super_resolution(task: SuperResolutionSpec, memory: common.InMemory | None = None) -> dict[str, Any]:
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
   reference, PSNR / SSIM against trilinear and cubic interpolation. `memory`: the model and the LR volume given
   in memory, the result kept there (meddiff_jax/api.py)."""
   cm = common.load_model(task, memory)
-  # the network runs at its training spacing; the result goes to the thin grid asked for ('checkpoint': the same)
+  # the network runs at the branch run's training spacing; the result goes to the thin grid asked for
+  # ('checkpoint': the same)
   asked = None if task.spacing == common.CHECKPOINT else tuple(float(s) for s in task.spacing)
-  inp = common.prepare_input(cm.pre, task, cm.pre.data.training_spacing() or asked, memory)
+  inp = common.prepare_input(cm.pre, task, cm.data.training_spacing() or asked, memory)
   lr, up, region = inp.original, inp.work, inp.region
   model_spacing = up.spacing
   target_spacing = asked or model_spacing
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
-  sample = lambda fn, r: samplers.sample(
-    fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, (1, *inp.unit.shape, 1)), method=task.sampler
-  )
+  sample = from_noise(cm.pre.schedule, timesteps, (1, *inp.unit.shape, 1), task.sampler)
   out = sample_controlled(cm, inp, inp.unit, task, sample)
   sr_vol = volumes.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
   if not np.allclose(model_spacing, target_spacing):
     sr_vol = volumes.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
   sr = sr_vol.data
-  result: dict[str, Any] = {"output": task.output, "shape": list(sr.shape)}
+  result: dict[str, Any] = {"output": task.output, "shape": list(sr.shape), "spacing": list(sr_vol.spacing)}
   if task.reference:
     ref = volume_io.load(task.reference)
     cubic = volumes.resample(lr, target_spacing, order=3, fill=-1024.0).data
@@ -194,33 +220,47 @@ def run_super_resolution(task: SuperResolutionSpec, memory: common.InMemory | No
   return result
 
 
+def mask_on_grid(mask: volumes.Volume, work: volumes.Volume) -> np.ndarray:
+  """A mask on the input's grid moved to the working grid `work` (nearest), as the label maps are."""
+  if mask.shape == work.shape and np.allclose(mask.affine, work.affine):
+    return mask.data > 0
+  moved = volumes.resample_like(mask, work.shape, work.affine, order=0, fill=0.0).data
+  return moved > 0
+
+
 def run_lesion(task: LesionSpec) -> dict[str, Any]:
-  """CT + lesion mask NIfTI -> a lesion generated inside the mask. method 'inpaint' (RePaint: the scan is
-  kept outside the mask) or 'generate' (the whole window resampled, conditioned on the mask)."""
+  """CT + lesion mask NIfTI -> a lesion generated inside the mask, on the branch's training grid and back. method
+  'inpaint' (RePaint: the scan is kept outside the mask, exactly as read) or 'generate' (the whole window
+  resampled, conditioned on the mask)."""
   cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
-  inp = common.prepare_input(cm.pre, task, None)  # the lesion goes into the scan as it is: its own grid
+  jump_steps(cm.pre.schedule.num_timesteps, task.num_steps, task.jump_timesteps)  # in range, before any work
+  inp = common.prepare_input(cm.pre, task, common.task_spacing(cm, task.spacing))
   ct = inp.original
   mask = volume_io.load(task.mask, is_mask=True, options=task.read)
   volumes.check_same_grid(ct, mask)
   lesion = mask.data > 0
-  m = inp.pad(lesion.astype(np.float32), 0.0)
+  m = inp.pad(mask_on_grid(mask, inp.work).astype(np.float32), 0.0)
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
   known = jnp.asarray(inp.unit)[None, ..., None]
+  hole = ndimage.binary_dilation(m > 0, iterations=1)  # regenerated: the lesion and a one-voxel rim
   if task.method == "inpaint":
-    keep = 1.0 - jnp.asarray(ndimage.binary_dilation(m > 0, iterations=1), jnp.float32)[None, ..., None]
-    sample = lambda fn, r: repaint(fn, cm.pre.schedule, timesteps, r, known, keep, task.jump_length, task.jump_n_sample)
-  else:  # generate
-    sample = lambda fn, r: samplers.sample(
-      fn, cm.pre.schedule, timesteps, r, jax.random.normal(r, known.shape), method=task.sampler
+    keep = 1.0 - jnp.asarray(hole, jnp.float32)[None, ..., None]
+    sample = lambda fn, r: repaint(
+      fn, cm.pre.schedule, timesteps, r, known, keep, task.jump_timesteps, task.jump_n_sample
     )
+  else:  # generate
+    sample = from_noise(cm.pre.schedule, timesteps, known.shape, task.sampler)
   gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, task, sample)
-  gen = preprocess.unit_to_hu(gen_unit, inp.region)
-  orig_unit = inp.unit[inp.crop]
+  gen = common.back_to_input_grid(preprocess.unit_to_hu(gen_unit, inp.region), inp.work, ct)
+  if task.method == "inpaint":  # the scan outside the regenerated region, as read (no round trip through the grid)
+    hole_input = common.back_to_input_grid(hole[inp.crop].astype(np.float32), inp.work, ct, order=0) > 0.5
+    gen = np.where(hole_input | lesion, gen, ct.data).astype(np.float32)
+  orig_unit, new_unit = preprocess.hu_to_unit(ct.data, inp.region), preprocess.hu_to_unit(gen, inp.region)
   result = {
     "output": task.output,
     "method": task.method,
-    "psnr_inside_mask": metrics.psnr(orig_unit[lesion], gen_unit[lesion], 2.0) if lesion.any() else None,
-    "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], gen_unit[~lesion], 2.0),
+    "psnr_inside_mask": metrics.psnr(orig_unit[lesion], new_unit[lesion], 2.0) if lesion.any() else None,
+    "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], new_unit[~lesion], 2.0),
     "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, task.dice_threshold_hu),
   }
   common.finish(

@@ -41,16 +41,14 @@ def synthesize(pre: pretrained.Pretrained, canvas: common.Canvas, task: Synthesi
   """[-1, 1] volume of canvas.shape (each side >= the patch size), conditioned on the canvas."""
   scale = jnp.float32(task.guidance_scale) if task.guidance_scale != 1.0 else None
   timesteps = samplers.make_timesteps(pre.schedule.num_timesteps, task.num_steps, "trailing")
-  sample = lambda fn, r: samplers.sample(
-    fn,
-    pre.schedule,
-    timesteps,
-    r,
-    jax.random.normal(jax.random.fold_in(r, 1), (1, *canvas.shape, 1)),
-    method=task.sampler,
-    eta=task.eta,
-    progress=bar,
-  )
+
+  def sample(fn, rng):
+    init_rng, sample_rng = jax.random.split(rng)  # x_T and the sampler's own noise: independent keys
+    x_t = jax.random.normal(init_rng, (1, *canvas.shape, 1))
+    return samplers.sample(
+      fn, pre.schedule, timesteps, sample_rng, x_t, method=task.sampler, eta=task.eta, progress=bar
+    )
+
   bar = common.ProgressBar(len(timesteps), "synthesis")
   return common.run_windowed(pre, sample, (), canvas, task, apply_fn=common.model_fn(pre, scale), progress=bar)
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from meddiff_jax import checkpoint, pretrained, sections, sharding
 from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.diffusion.spec import DiffusionSpec
+from meddiff_jax.models import conditions
 from meddiff_jax.models.unet3d import UNetSpec
 from meddiff_jax.train.state import OptimizerSpec
 
@@ -152,6 +153,11 @@ class PretrainConfig:
       )
     if data.use_structures and data.structures_as_labels:
       ids = data.structure_lut()[1] + 2  # background, classes, body
+      if ids > conditions.MAX_LABEL_IDS:
+        raise sections.ConfigError(
+          f"data.structures='classes' with {ids - 2} classes: one label-id channel holds at most "
+          f"{conditions.MAX_LABEL_IDS - 2} (its high bit is the body mask); use data.structures='grouped'"
+        )
       if not model.structure_embed_dim or model.num_structure_ids != ids:
         raise sections.ConfigError(
           f"data.structures='classes' needs model.structure_embed_dim > 0 and model.num_structure_ids={ids} "
@@ -185,7 +191,8 @@ class PretrainConfig:
 @dataclasses.dataclass(frozen=True)
 class ControlNetConfig(PretrainConfig):
   """configs/controlnet.py derived from its base checkpoint (train/controlnet.derive_config: model, diffusion,
-  data.patch_size and data.use_structures are the base's), typed: a training config plus the branch."""
+  data.patch_size, use_structures, spacing, structures, structure_groups, class_map and pack_structures are the
+  base's), typed: a training config plus the branch."""
 
   MODE: ClassVar[str] = "controlnet"
   task: str  # sr | lesion: which condition volume (HINTS)

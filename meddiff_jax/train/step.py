@@ -85,7 +85,12 @@ def make_loss_fn(
     if dcfg.structure_drop_prob > 0:  # organs unknown (and sometimes no body): tasks without labels
       organ_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 1), dcfg.structure_drop_prob, (n,))
       body_drop = jax.random.bernoulli(jax.random.fold_in(drop_rng, 2), dcfg.body_drop_prob, (n,))
-      cond = samplers.drop_organ_structures(cond, organ_drop, body_drop)
+      cond = conditions.drop_organ_structures(
+        cond,
+        organ_drop,
+        body_drop,
+        label_body_id=conditions.label_body_id(model.structure_embed_dim, model.num_structure_ids),
+      )
     if dcfg.cond_drop_prob > 0:
       cond = drop_conditions(cond, jax.random.bernoulli(drop_rng, dcfg.cond_drop_prob, (n,)), num_regions)
     full = trainable.merge(params, frozen) if frozen else params
