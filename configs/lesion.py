@@ -15,11 +15,15 @@ def get_config(arg=None):
   c.input = ""
   c.mask = ""
   c.output = ""
-  c.region = "abdomen"
+  c.overwrite = False  # replace an existing output (an output that is an input is always refused)
+  # auto: from the label map (TotalSegmentator landmarks), else estimated from the scan and printed; or
+  # head_neck | chest | abdomen
+  c.region = "auto"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   c.method = "inpaint"  # inpaint (RePaint, scan kept outside the mask) | generate
   c.jump_length = 10  # RePaint: jump back up this many grid steps (paper: 10)
   c.jump_n_sample = 10  # RePaint: times each jump point is revisited (paper: 10; 1 = no resampling)
   c.conditioning_scale = 1.0
+  c.window_blend_hu = 20.0  # outside the region's window the scan's own HU, blended over this around its edges
   c.dice_threshold_hu = 20.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

@@ -249,19 +249,6 @@ def test_repaint_fills_a_hole_consistently_with_the_known_region():
 
 
 # ---------------------------------------------------------------------------------------------
-# denoise output outside the window (defect 10)
-
-
-def test_denoise_output_keeps_the_estimate_when_only_the_noisy_input_left_the_window():
-  region = preprocess.region_id("abdomen")
-  lo, hi = preprocess.window_bounds(region)
-  input_hu = np.array([lo - 30.0, lo - 30.0, -1000.0, hi + 500.0, 40.0], np.float32)
-  denoised_hu = np.array([lo + 15.0, lo + 15.0, lo, hi, 42.0], np.float32)  # fat, fat, air, bone, soft tissue
-  out = denoise.keep_input_outside_window(preprocess.hu_to_unit(denoised_hu, region), input_hu, region)
-  np.testing.assert_allclose(out, [lo + 15.0, lo + 15.0, -1000.0, hi + 500.0, 42.0], atol=1e-3)
-
-
-# ---------------------------------------------------------------------------------------------
 # anomaly reconstruction noise level (defect 6)
 
 

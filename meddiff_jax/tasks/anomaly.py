@@ -18,7 +18,7 @@ from scipy import ndimage
 from meddiff_jax import pretrained, sections
 from meddiff_jax.data import preprocess
 from meddiff_jax.evaluation import metrics
-from meddiff_jax.tasks import common, denoise
+from meddiff_jax.tasks import common, denoise, scans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +28,14 @@ class AnomalySpec(common.TaskSpec):
   MODE = "anomaly"
   checkpoint: str
   input: str
-  spacing: tuple[float, float, float] | str  # mm, or 'checkpoint' (common.task_spacing)
+  spacing: tuple[float, float, float] | str  # mm, 'checkpoint' or 'input' (tasks/scans.decide_spacing)
   noise_t: int
   smooth_sigma: float
   top_fraction: float
 
   def __post_init__(self):
     super().__post_init__()
-    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT, common.INPUT), sections.sizes)
     sections.count("config.noise_t", self.noise_t)
     sections.at_least("config.smooth_sigma", self.smooth_sigma, 0.0)
     sections.positive("config.top_fraction", self.top_fraction)
@@ -70,32 +70,44 @@ def reconstruct(pre: pretrained.Pretrained, y_unit: np.ndarray, canvas: common.C
   return common.run_windowed(pre, sample, (jnp.asarray(y_unit)[None, ..., None],), canvas, task, progress=bar)
 
 
-def run(task: AnomalySpec) -> dict[str, Any]:
-  """The `anomaly` command: NIfTI in; anomaly map NIfTI (input grid/affine) and a JSON score out."""
-  pre = pretrained.load(task.checkpoint, task.inference_dtype)
-  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))
+def anomaly_part(pre: pretrained.Pretrained, inp: common.TaskInput, task: AnomalySpec) -> scans.PartResult:
+  """One region part: its anomaly map on the working grid and its volume score."""
   recon = reconstruct(pre, inp.unit, inp.canvas(), task)
   body = preprocess.body_mask(inp.work.data)
   amap = anomaly_map(inp.unit[inp.crop], recon, body, task.smooth_sigma)
-  score = volume_score(amap, body, task.top_fraction)
-  amap_input = common.back_to_input_grid(amap, inp.work, inp.original)
+  return scans.PartResult(inp.part, inp.work, amap, {"volume_score": volume_score(amap, body, task.top_fraction)})
+
+
+def run(task: AnomalySpec) -> dict[str, Any]:
+  """The `anomaly` command: a CT in; its anomaly map (input grid) and a JSON of the scores out. A scan that spans
+  regions is scored part by part: the volume score is the highest part's."""
+  scan = common.open_scan(task, common.data_spec(task.checkpoint))
+  summary = common.summary(task, scan, task.checkpoint)
+  pre = pretrained.load(task.checkpoint, task.inference_dtype)
+  results = [anomaly_part(pre, inp, task) for inp in common.prepare_inputs(pre, scan)]
+  score = max(r.info["volume_score"] for r in results)
+  amap_input = scans.onto_scan(scan, results, window_blend_hu=None)
   # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score
   slices = metrics.slice_scores(
-    amap_input, preprocess.body_mask(inp.original.data), axis=2, top_fraction=task.top_fraction
+    amap_input, preprocess.body_mask(scan.original.data), axis=2, top_fraction=task.top_fraction
   )
-  result = {
-    "input": task.input,
-    "output": task.output,
-    "volume_score": score,
-    "noise_t": task.noise_t,
-    "slice_scores": [float(v) for v in slices],
-  }
-  common.finish(
-    amap_input,
-    task.output,
-    inp.original,
+  top = max(range(len(slices)), key=lambda k: slices[k]) if len(slices) else 0
+  summary.add(
+    "score",
+    f"{score:.4g} (volume: mean of the top {task.top_fraction:.0%} of the map in the body; noise_t {task.noise_t}, "
+    f"{task.num_steps} steps); highest slice {top} of axis 2 ({slices[top]:.4g})"
+    if len(slices)
+    else f"{score:.4g}",
+  )
+  sidecar = {"volume_score": score, "noise_t": task.noise_t, "slice_scores": [float(v) for v in slices]}
+  return common.finish_scan(
+    scan,
+    results,
+    task,
+    summary,
+    window_blend_hu=None,
     dtype=np.float32,
     description=f"meddiff anomaly map ({task.checkpoint})",
-    sidecar=result,
+    sidecar=sidecar,
+    values=amap_input,
   )
-  return result
