@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import gaussian_oracle, gaussian_problem, identity_denoiser, mse, wiener_mse
 
-from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import controlled, denoise
 
