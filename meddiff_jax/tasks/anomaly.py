@@ -78,6 +78,17 @@ def anomaly_part(pre: pretrained.Pretrained, inp: common.TaskInput, task: Anomal
   return scans.PartResult(inp.part, inp.work, amap, {"volume_score": volume_score(amap, body, task.top_fraction)})
 
 
+def slice_scores_by_slab(amap: np.ndarray, body_bits: np.ndarray, top_fraction: float) -> np.ndarray:
+  """`metrics.slice_scores` along axis 2, a few slices at a time (it works in float64: never on the whole map);
+  `body_bits`: the body mask packed along axis 0 (np.packbits)."""
+  step = max(1, scans.SLAB_VOXELS // max(amap.shape[0] * amap.shape[1], 1))
+  out = []
+  for k0 in range(0, amap.shape[2], step):
+    body = np.unpackbits(body_bits[..., k0 : k0 + step], axis=0, count=amap.shape[0]).astype(bool)
+    out.append(metrics.slice_scores(amap[..., k0 : k0 + step], body, axis=2, top_fraction=top_fraction))
+  return np.concatenate(out) if out else np.zeros(0)
+
+
 def run(task: AnomalySpec) -> dict[str, Any]:
   """The `anomaly` command: a CT in; its anomaly map (input grid) and a JSON of the scores out. A scan that spans
   regions is scored part by part: the volume score is the highest part's."""
@@ -86,11 +97,12 @@ def run(task: AnomalySpec) -> dict[str, Any]:
   pre = pretrained.load(task.checkpoint, task.inference_dtype)
   results = [anomaly_part(pre, inp, task) for inp in common.prepare_inputs(pre, scan)]
   score = max(r.info["volume_score"] for r in results)
+  # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score; the
+  # body as bits, so the scan's memory is free for the float32 map
+  body = np.packbits(preprocess.body_mask(scan.original.data), axis=0)
+  scan = scan.without_voxels()
   amap_input = scans.onto_scan(scan, results, window_blend_hu=None)
-  # per-slice scores (axis 2 of the RAS input grid: BMAD and the field score 2D slices) beside the volume score
-  slices = metrics.slice_scores(
-    amap_input, preprocess.body_mask(scan.original.data), axis=2, top_fraction=task.top_fraction
-  )
+  slices = slice_scores_by_slab(amap_input, body, task.top_fraction)
   top = max(range(len(slices)), key=lambda k: slices[k]) if len(slices) else 0
   summary.add(
     "score",

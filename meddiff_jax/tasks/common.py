@@ -273,8 +273,8 @@ def finish_scan(
   outside the window when `window_blend_hu` is given; or `values`, already there), written like the input
   (atomically), the sidecar JSON beside it (the summary's fields, then `sidecar`), and the closing summary
   printed. Returns the sidecar."""
-  if values is None:
-    values = scans.onto_scan(scan, results, window_blend_hu=window_blend_hu, dtype=dtype)
+  if values is None:  # (written into the scan's own array when it has the output's type: the last use of the scan)
+    values = scans.onto_scan(scan, results, window_blend_hu=window_blend_hu, dtype=dtype, in_place=True)
   scans.write_atomically(values, scan.original, task.output, dtype, description)
   del values
   fields = {**summary.fields(), "input": task.input, **(sidecar or {})}

@@ -39,7 +39,7 @@ CHECKPOINT = "checkpoint"  # config.spacing: the checkpoint's training spacing
 INPUT = "input"  # config.spacing: the scan's own grid
 REGION_CHOICES = (AUTO, *preprocess.REGIONS, "unknown")
 NIFTI_OUTPUTS = (".nii.gz", ".nii")
-SLAB_VOXELS = 1 << 24  # voxels per slab when a result goes back onto the scan's grid (64 MB of float32)
+SLAB_VOXELS = 1 << 23  # voxels per slab when a result goes back onto the scan's grid (32 MB of float32)
 
 
 class Refusal(sections.ConfigError):
@@ -160,6 +160,12 @@ class Scan:
     """The region, or the regions in order along the body ('abdomen + chest')."""
     return " + ".join(p.region for p in self.parts)
 
+  def without_voxels(self) -> Scan:
+    """The same scan holding no voxel data (a read-only placeholder of its shape): for an epilogue that needs the
+    grid and the file it came from but not the HU (an anomaly map), so the scan's memory is free for the output."""
+    placeholder = np.broadcast_to(np.zeros((), self.original.data.dtype), self.original.shape)
+    return dataclasses.replace(self, original=dataclasses.replace(self.original, data=placeholder), labels=None)
+
   def part(self, part: regions.Part) -> tuple[volumes.Volume, volumes.Volume | None]:
     """The scan (and label map) cut to one part: the volumes themselves when the part is the whole scan."""
     if part.start == 0 and part.stop == self.original.shape[part.axis]:
@@ -262,7 +268,7 @@ def open_scan(task: Any, data: DataSpec, *, by_region: bool = True, spacing: Any
   """The task prologue up to the model: `task.input` read and checked as CT (`task.read`), `task.labels` on its
   grid, the region parts and the working spacing decided and printed. `spacing`: the setting (default
   `task.spacing`); `by_region=False`: a task that runs one region (a scan that spans several is refused)."""
-  original = volume_io.load(task.input, options=task.read)
+  original = volume_io.load(task.input, options=task.read, integer_hu=True)  # int16 HU when stored so: half the RAM
   volumes.check_ct(original, assume_hu=task.read.assume_hu)
   labels = load_labels(task.labels, original, task.read)
   parts, region_note = decide_region(task.region, original, labels, data.class_names())
@@ -288,10 +294,14 @@ def open_scan(task: Any, data: DataSpec, *, by_region: bool = True, spacing: Any
 # ------------------------------------------------------------------------------------------ the result back
 
 
-def window_weight(hu: np.ndarray, region: int | str, blend_hu: float) -> np.ndarray:
-  """Weight of the model's value per voxel: 1 inside the region's window, 0 outside it, a smooth (C1) ramp over
-  `blend_hu` centred on each edge. `hu`: the input smoothed a little (so noise alone does not decide)."""
+NOISE_GUARD_HU = 150.0  # a voxel this far beyond the window is the scan's own, whatever its neighbours are
+
+
+def window_weight(hu: np.ndarray, region: int | str, blend_hu: float, widen_hu: float = 0.0) -> np.ndarray:
+  """Weight of the model's value per voxel: 1 inside the region's window (widened by `widen_hu` on each side), 0
+  outside it, a smooth (C1) ramp over `blend_hu` centred on each edge."""
   lo, hi = preprocess.window_bounds(region)
+  lo, hi = lo - widen_hu, hi + widen_hu
   half = max(float(blend_hu), 1e-6) / 2.0
   ramp = lambda d: np.clip((d + half) / (2.0 * half), 0.0, 1.0)
   u = np.minimum(ramp(np.asarray(hu, np.float32) - lo), ramp(hi - np.asarray(hu, np.float32)))
@@ -304,10 +314,12 @@ def keep_outside_window(
   """The result where the region's window can represent the scan, the scan's own HU where it cannot (air and lung
   below an abdomen window, bone and contrast above it), blended over `blend_hu` around the window's edges: no seam.
   Which side a voxel is on is read from the input smoothed by `smooth_voxels` (a local mean: a noisy fat voxel
-  just below the abdomen window is still fat, and is denoised)."""
+  just below the abdomen window is still fat, and is denoised), and a voxel more than NOISE_GUARD_HU beyond the
+  window is the input's whatever its neighbours (air beside a thin dense object, whose local mean is in the window)."""
   input_hu = np.asarray(input_hu, np.float32)
   local = ndimage.gaussian_filter(input_hu, smooth_voxels) if smooth_voxels else input_hu
   w = window_weight(local, region, blend_hu)
+  np.minimum(w, window_weight(input_hu, region, blend_hu, widen_hu=NOISE_GUARD_HU), out=w)
   return (w * np.asarray(result_hu, np.float32) + (1.0 - w) * input_hu).astype(np.float32)
 
 
@@ -366,7 +378,7 @@ def _on_grid(
 def _slabs(shape: tuple[int, ...], axis: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
   """(start, stop, lo, hi) slabs along `axis`: [start, stop) written, [lo, hi) read (with a `halo`)."""
   per_slice = int(np.prod(shape)) // shape[axis]
-  step = max(1, SLAB_VOXELS // max(per_slice, 1))
+  step = max(1, halo, SLAB_VOXELS // max(per_slice, 1))  # (at least the halo: see onto_scan's in_place)
   for start in range(0, shape[axis], step):
     stop = min(shape[axis], start + step)
     yield start, stop, max(0, start - halo), min(shape[axis], stop + halo)
@@ -379,22 +391,33 @@ def onto_scan(
   window_blend_hu: float | None,
   dtype: Any = np.float32,
   order: int = 1,
+  in_place: bool = False,
 ) -> np.ndarray:
   """The parts' results on the scan's own grid, in `dtype`: each resampled back (trilinear, `order`), the scan's HU
   kept outside each part's window when `window_blend_hu` is given (HU results; None: a map, taken as is), the
   parts blended across their overlaps. Slab by slab along the superior axis: memory is the scan, the output and
-  one slab, not a float copy of the scan."""
+  one slab, not a float copy of the scan. `in_place`: the output overwrites the scan's own array when it has the
+  output's type (the slices the next slab still reads are kept aside): memory is the scan and one slab; the scan
+  is the result afterwards."""
   original = scan.original
   axis = results[0].part.axis
   n = original.shape[axis]
   weights = _part_weights([r.part for r in results], n)
-  out = np.empty(original.shape, np.dtype(dtype))
+  reuse = in_place and original.data.dtype == np.dtype(dtype) and original.data.flags.writeable
+  out = original.data if reuse else np.empty(original.shape, np.dtype(dtype))
   halo = 4 if window_blend_hu is not None else 0  # the smoothing that reads the window side (4 sigma) needs context
   integer = np.issubdtype(out.dtype, np.integer)
+  kept: tuple[int, np.ndarray] | None = None  # (first slice, the scan's values) of slices already overwritten
   for start, stop, lo, hi in _slabs(original.shape, axis, halo):
     index = [slice(None)] * 3
     index[axis] = slice(lo, hi)
-    scan_slab = np.asarray(original.data[tuple(index)], np.float32) if window_blend_hu is not None else None
+    scan_slab = None
+    if window_blend_hu is not None:
+      scan_slab = np.array(original.data[tuple(index)], np.float32)
+      if kept is not None and kept[0] < start:  # the halo below this slab, as it was before being overwritten
+        below = [slice(None)] * 3
+        below[axis] = slice(kept[0] - lo, start - lo)
+        scan_slab[tuple(below)] = kept[1]
     acc = None
     for i, r in enumerate(results):
       w = weights[i, lo:hi]
@@ -412,6 +435,10 @@ def onto_scan(
     if integer:
       info = np.iinfo(out.dtype)
       block = np.clip(np.round(block), info.min, info.max)
+    if reuse and halo and scan_slab is not None:  # the next slab's halo below it: these slices, unmodified
+      tail = [slice(None)] * 3
+      tail[axis] = slice(max(start, stop - halo) - lo, stop - lo)
+      kept = (max(start, stop - halo), scan_slab[tuple(tail)].copy())
     index[axis] = slice(start, stop)
     out[tuple(index)] = block
   return out
