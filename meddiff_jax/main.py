@@ -138,8 +138,9 @@ def interrupted(error: KeyboardInterrupt) -> NoReturn:
   sys.exit(130)
 
 
-# Cloud client libraries that log every retry (with its traceback) at WARNING: an unreachable gs:// workdir printed
-# a hundred lines before our one-line error. Quiet (ERROR) unless --verbosity asks for logs.
+# Cloud client libraries that log their retries with tracebacks (gcsfs: `logger.exception` once out of retries): an
+# unreachable gs:// workdir printed a hundred lines before our one-line error, which names the cause. Silent
+# unless --verbosity asks for logs.
 CLIENT_LOGGERS = (
   "google",
   "google.auth",
@@ -155,7 +156,7 @@ CLIENT_LOGGERS = (
 
 def quiet_client_libraries() -> None:
   for name in CLIENT_LOGGERS:
-    py_logging.getLogger(name).setLevel(py_logging.ERROR)
+    py_logging.getLogger(name).setLevel(py_logging.CRITICAL)
 
 
 def main(argv: list[str]) -> None:

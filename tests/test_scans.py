@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import chest_over_abdomen
 from scipy import ndimage
 
 from meddiff_jax.data import class_map, preprocess, regions, volume_io, volumes
@@ -107,19 +108,8 @@ def test_an_undecidable_region_is_a_one_line_refusal_naming_the_flag(real_data_d
   assert "--config.region=head_neck|chest|abdomen" in message
 
 
-def chest_over_abdomen(real_data_dir) -> volumes.Volume:
-  """A scan that spans regions from real CT: example_ct's abdomen (3 mm) with the CTA crop's chest above it,
-  resampled to 3 mm and set in soft tissue to the same in-plane size."""
-  abdomen = volume_io.load(real_data_dir / "example_ct.nii.gz")
-  chest = volumes.resample(volume_io.load(real_data_dir / "aorta_ct_cropped_lps.nii.gz"), (3.0, 3.0, 3.0))
-  top = np.full(abdomen.shape[:2] + (chest.shape[2],), 40.0, np.float32)
-  x0, y0 = (abdomen.shape[0] - chest.shape[0]) // 2, (abdomen.shape[1] - chest.shape[1]) // 2
-  top[x0 : x0 + chest.shape[0], y0 : y0 + chest.shape[1]] = chest.data
-  return volumes.Volume(np.concatenate([abdomen.data, top], axis=2), abdomen.affine, "chest_over_abdomen.nii.gz")
-
-
 def test_a_scan_that_spans_regions_is_cut_into_overlapping_parts(real_data_dir):
-  scan = chest_over_abdomen(real_data_dir)
+  scan = chest_over_abdomen(real_data_dir)  # (conftest)
   parts, note = scans.decide_region("auto", scan, None, class_map.TOTAL)
   assert [p.region for p in parts] == ["abdomen", "chest"], note
   abdomen, chest = parts
@@ -217,7 +207,9 @@ def test_outputs_that_would_lose_a_users_file_are_refused(tmp_path, real_data_di
   with pytest.raises(scans.Refusal, match="lies in --config.input"):
     check(series + "/denoised/", dicom=True, input=series)
   with pytest.raises(scans.Refusal, match="--config.labels=.* never writes over"):
-    check(real_data_dir / "example_seg.nii.gz", overwrite=True, input=ct, labels=str(real_data_dir / "example_seg.nii.gz"))
+    check(
+      real_data_dir / "example_seg.nii.gz", overwrite=True, input=ct, labels=str(real_data_dir / "example_seg.nii.gz")
+    )
   with pytest.raises(scans.Refusal, match="is a folder .* the input is not DICOM"):
     check(str(tmp_path / "series") + "/")
   full = tmp_path / "full"

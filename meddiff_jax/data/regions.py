@@ -310,7 +310,9 @@ LUNG_FRACTION = 0.10  # a slice whose enclosed air is at least this fraction of 
 ABDOMEN_ABOVE_LUNG_BASE_MM = 80.0  # the diaphragm domes (abdomen's top, + margin) sit this far above the lung bases
 LUNG_MIN_RUN_MM = 20.0  # lungs: lung slices over at least this length (a few with bowel gas are not a chest)
 LUNG_GAP_MM = 10.0  # lung slices this close belong to one run
-HEAD_NECK_MAX_AREA_CM2 = 250.0  # without lungs: body sections this small are head / neck (adult abdomen: 400-1000)
+HEAD_MAX_AREA_CM2 = 350.0  # without lungs, a small body section whose skull ring is at least
+HEAD_BONE_FRACTION = 0.15  # this fraction of it (neck: ~5-10 % vertebra; a child's abdomen less) is a head
+BONE_HU = 300.0  # without lungs: body sections this small are head / neck (adult abdomen: 400-1000)
 ABDOMEN_MIN_AREA_CM2 = 350.0
 
 
@@ -322,11 +324,23 @@ class Estimate:
   evidence: str
 
 
-def slice_features(hu: np.ndarray, affine: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(axis, lung fraction, body area in cm^2, cropped, world z) per slice along the superior axis, from a copy of
-  the scan at about ESTIMATE_MM (strided: no full-size temporary). Per slice: air regions (< TISSUE_HU) touching
-  the border that are mostly below OUTSIDE_AIR_HU are outside the body; the other air (lungs, airways, bowel gas)
-  is enclosed; `cropped`: the body reaches the border (the field of view cuts it)."""
+@dataclasses.dataclass(frozen=True)
+class SliceFeatures:
+  """Per slice along the superior `axis` (at about ESTIMATE_MM): the enclosed-air (lung) and bone (> BONE_HU)
+  fractions of the body section, its area (cm^2), whether the field of view cuts it, and the slice's world z."""
+
+  axis: int
+  lung: np.ndarray
+  bone: np.ndarray
+  area: np.ndarray
+  cropped: np.ndarray
+  z: np.ndarray
+
+
+def slice_features(hu: np.ndarray, affine: np.ndarray) -> SliceFeatures:
+  """`SliceFeatures` from a copy of the scan at about ESTIMATE_MM (strided: no full-size temporary). Per slice: air
+  regions (< TISSUE_HU) touching the border that are mostly below OUTSIDE_AIR_HU are outside the body; the other
+  air (lungs, airways, bowel gas) is enclosed; `cropped`: the body reaches the border."""
   from scipy import ndimage
 
   axis = superior_axis(affine)
@@ -336,7 +350,7 @@ def slice_features(hu: np.ndarray, affine: np.ndarray) -> tuple[int, np.ndarray,
   small = np.moveaxis(small, axis, 0)
   in_plane = [i for i in range(3) if i != axis]
   pixel_cm2 = float(np.prod([spacing[i] * step[i] for i in in_plane])) / 100.0
-  lung, area, cropped = (np.zeros(small.shape[0]) for _ in range(3))
+  lung, bone, area, cropped = (np.zeros(small.shape[0]) for _ in range(4))
   for k, section in enumerate(small):
     air = section < TISSUE_HU
     components, n = ndimage.label(air)
@@ -349,13 +363,14 @@ def slice_features(hu: np.ndarray, affine: np.ndarray) -> tuple[int, np.ndarray,
     enclosed = body & air
     area[k] = body.sum() * pixel_cm2
     lung[k] = enclosed.sum() / max(body.sum(), 1)
+    bone[k] = (body & (section > BONE_HU)).sum() / max(body.sum(), 1)
     cropped[k] = bool(body[0].any() or body[-1].any() or body[:, 0].any() or body[:, -1].any())
   z_all = slice_z(affine, hu.shape, axis)[:: step[axis]]
-  return axis, lung, area, cropped.astype(bool), z_all
+  return SliceFeatures(axis, lung, bone, area, cropped.astype(bool), z_all)
 
 
 def lung_run(is_lung: np.ndarray, z: np.ndarray) -> np.ndarray:
-  """Indices of the longest run of lung slices along z (gaps up to LUNG_GAP_MM bridged), if at least
+  """Indices of the longest run of marked (lung) slices along z (gaps up to LUNG_GAP_MM bridged), if at least
   LUNG_MIN_RUN_MM long; else none."""
   order = np.argsort(z)
   runs, current = [], []
@@ -380,7 +395,8 @@ def estimate(hu: np.ndarray, affine: np.ndarray, cfg: SplitConfig = SplitConfig(
   above the apices head_neck (from `cfg.head_neck_below_apex_mm` below them), as `region_intervals` cuts a label
   map. Without lungs, the body's cross-section decides (head / neck small, abdomen large) unless the field of view
   crops it. Parts as `cover` makes them, on the scan's own slices; none when it cannot tell."""
-  axis, lung, area, cropped, z_small = slice_features(hu, affine)
+  f = slice_features(hu, affine)
+  axis, lung, area, cropped, z_small = f.axis, f.lung, f.area, f.cropped, f.z
   z = slice_z(affine, hu.shape, axis)
   has_body = area > 10.0
   if not has_body.any():
@@ -407,8 +423,11 @@ def estimate(hu: np.ndarray, affine: np.ndarray, cfg: SplitConfig = SplitConfig(
   seen = f"no lungs (over {LUNG_MIN_RUN_MM:.0f} mm); median body cross-section {median_area:.0f} cm^2"
   if median_area >= ABDOMEN_MIN_AREA_CM2:  # (a cropped field of view only hides more of it)
     return Estimate(cover({"abdomen": (-inf, inf)}, z, axis, cfg), f"{seen}: an abdomen's")
-  if np.mean(cropped[body]) > 0.5:
-    return Estimate([], f"{seen}, and the field of view crops the body, so its size says nothing")
-  if median_area <= HEAD_NECK_MAX_AREA_CM2:
-    return Estimate(cover({"head_neck": (-inf, inf)}, z, axis, cfg), f"{seen}: a head's or neck's")
-  return Estimate([], f"{seen}: between a neck's and an abdomen's")
+  head = lung_run((f.bone >= HEAD_BONE_FRACTION) & (area <= HEAD_MAX_AREA_CM2) & has_body, z_small)
+  if len(head):
+    return Estimate(
+      cover({"head_neck": (-inf, inf)}, z, axis, cfg),
+      f"{seen}, a skull (bone >= {HEAD_BONE_FRACTION:.0%} of the section) over {np.ptp(z_small[head]):.0f} mm: a head",
+    )
+  cut = " (and the field of view cuts it)" if np.mean(cropped[body]) > 0.5 else ""
+  return Estimate([], f"{seen}{cut}, no skull: a neck, a child's abdomen or a crop of either")
