@@ -14,9 +14,13 @@ def get_config(arg=None):
   c.checkpoint = "tiny_phantom"
   c.input = ""
   c.output = ""
-  c.region = "abdomen"
+  c.overwrite = False  # replace an existing output (an output that is an input is always refused)
+  # auto: from the label map (TotalSegmentator landmarks), else estimated from the scan and printed; or
+  # head_neck | chest | abdomen
+  c.region = "auto"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
-  c.spacing = sections.keyword("checkpoint")  # its training spacing (resampled there and back), or mm: (1.,1.,1.)
+  # checkpoint: its training spacing (resampled there and back) | input: the scan's own grid | mm: (1.,1.,1.)
+  c.spacing = sections.keyword("checkpoint")
   c.noise_t = 950  # paper: 950 of 1000
   c.smooth_sigma = 1.0
   c.top_fraction = 0.01

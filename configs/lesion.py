@@ -16,7 +16,10 @@ def get_config(arg=None):
   c.input = ""
   c.mask = ""
   c.output = ""
-  c.region = "abdomen"
+  c.overwrite = False  # replace an existing output (an output that is an input is always refused)
+  # auto: from the label map (TotalSegmentator landmarks), else estimated from the scan and printed; or
+  # head_neck | chest | abdomen
+  c.region = "auto"
   c.labels = ""  # TotalSegmentator label map on the input grid: organ conditions (none: body from HU only)
   # the working grid: checkpoint (the ControlNet run's training spacing; mask resampled there, result back), or mm
   c.spacing = sections.keyword("checkpoint")
@@ -27,5 +30,6 @@ def get_config(arg=None):
   c.jump_timesteps = 40
   c.jump_n_sample = 10
   c.conditioning_scale = 1.0
+  c.window_blend_hu = 20.0  # outside the region's window the scan's own HU, blended over this around its edges
   c.dice_threshold_hu = 20.0
   return input_options.add_input_options(task_options.add_window_options(c, num_steps=50))

@@ -13,7 +13,10 @@ def get_config(arg=None):
   c.mode = "synthesis"
   c.checkpoint = "tiny_phantom"
   c.output = ""
-  c.region = "abdomen"
+  c.overwrite = False  # replace an existing output (an output that is an input is always refused)
+  c.region = (
+    "auto"  # auto: from the label map (TotalSegmentator landmarks; needed then); or head_neck | chest | abdomen
+  )
   c.shape = (48, 48, 48)
   # the sampling grid (the output grid without labels): checkpoint (its training spacing), or mm: (1.,1.,1.)
   c.spacing = sections.keyword("checkpoint")

@@ -45,7 +45,7 @@ example_ct = samples.example_ct  # the public sample CT the notebooks use (a loc
 
 def hu_window(region: str) -> tuple[float, float]:
   """(lowest, highest) HU the model sees for `region` (head_neck, chest, abdomen; unknown: the widest): tasks map
-  this window to [-1, 1]; outside it, denoising keeps the input's HU."""
+  this window to [-1, 1]; outside it, the tasks keep the input's HU (blended over window_blend_hu at its edges)."""
   return preprocess.window_bounds(preprocess.region_id(region))
 
 
@@ -78,6 +78,7 @@ class TaskOptions(InputOptions, total=False):
   """What every task config has (configs/task_options.py and the task files)."""
 
   region: str
+  overwrite: bool
   num_steps: int
   sampler: str
   overlap: float
@@ -94,7 +95,7 @@ class DenoiseOptions(TaskOptions, total=False):
   noise_sigma_hu: float | str
   lam: float
   zeta: float
-  window_margin: float
+  window_blend_hu: float
   output_int16: bool
 
 
@@ -122,6 +123,7 @@ class SuperResolutionOptions(TaskOptions, total=False):
   reference: str
   spacing: tuple[float, float, float] | str
   conditioning_scale: float
+  window_blend_hu: float
 
 
 class PrepareOptions(InputOptions, total=False):

@@ -33,7 +33,7 @@ from meddiff_jax.data import preprocess, regions, volumes
 from meddiff_jax.data import store as store_lib
 from meddiff_jax.protocols import adapters, paper
 from meddiff_jax.protocols.spec import EvaluateSpec
-from meddiff_jax.tasks import common
+from meddiff_jax.tasks import common, scans
 from meddiff_jax.train import controlnet as controlnet_lib
 from meddiff_jax.train.spec import ControlNetConfig, PretrainConfig
 
@@ -103,6 +103,8 @@ def prepare(config: Config) -> Config:
   if not os.path.isdir(config.input_dir):
     raise FileNotFoundError(f"config.input_dir={config.input_dir!r} is not a directory")
   storage.check_backend(config.output_dir)  # a gs:// / s3:// output needs its filesystem extra
+  if storage.exists(config.output_dir) and not storage.isdir(config.output_dir):
+    raise ConfigError(f"config.output_dir={config.output_dir!r} is a file, not a folder; give a new or empty folder")
   if config.store_format not in ("auto", *store_lib.FORMATS):
     raise ConfigError(f"config.store_format={config.store_format!r}; choose auto or one of {store_lib.FORMATS}")
   if config.store_codec not in store_lib.CODECS:
@@ -195,17 +197,19 @@ def task(config: Config, memory: common.InMemory | None = None) -> common.TaskSp
     raise FileNotFoundError(f"--config.mask={typed.mask!r} is not a file")
   if typed.labels and not labels_given and not os.path.exists(typed.labels):
     raise FileNotFoundError(f"--config.labels={typed.labels!r} does not exist")
-  if not typed.output:
-    if memory is not None:
-      return typed
-    raise ConfigError("--config.output=PATH.nii.gz (or DIR/ for a DICOM series) is required")
-  out_dir = os.path.dirname(os.path.abspath(typed.output))
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"output directory {out_dir} cannot be created: {e.strerror or e}") from None
-  if not os.access(out_dir, os.W_OK):
-    raise ConfigError(f"output directory {out_dir} is not writable")
+  if not typed.output and memory is not None:  # the result is kept in memory (meddiff_jax/api.py)
+    return typed
+  reference = getattr(typed, "reference", "")
+  if reference and not os.path.isfile(reference):
+    raise FileNotFoundError(f"--config.reference={reference!r} is not a file")
+  reads = {"input": getattr(typed, "input", ""), "labels": typed.labels, "mask": getattr(typed, "mask", "")}
+  scans.check_output(
+    typed.output,
+    {**reads, "reference": reference},
+    overwrite=typed.overwrite,
+    dicom_input=bool(reads["input"]) and scans.is_dicom_input(reads["input"]),
+    folder_ok=mode in ("denoise", "anomaly", "lesion"),  # results on the input series' own grid
+  )
   return typed
 
 

@@ -13,7 +13,9 @@ is one line `error: ...` on stderr and exit status 1.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
+import logging as py_logging
 import os
 import sys
 from collections.abc import Callable
@@ -23,7 +25,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from meddiff_jax import checkpoint, checks, config_files, pretrained, sharding, storage
+from meddiff_jax import checkpoint, checks, config_files, pretrained, sections, sharding, storage
 from meddiff_jax.data import prepare, volumes
 from meddiff_jax.protocols import evaluate
 from meddiff_jax.tasks import anomaly, controlled, denoise, synthesis
@@ -107,13 +109,13 @@ def export(config: pretrained.ExportSpec, workdir: str | None) -> str:
 
 
 def task(run: Callable[[Any], dict]) -> Callable[[Any, str | None], dict]:
-  """A task's run(spec) as a command (the spec: tasks/*.TaskSpec, from checks.task)."""
+  """A task's run(spec) as a command (the spec: tasks/*.TaskSpec, from checks.task); the task prints its own
+  closing summary (tasks/scans.Summary) and writes its sidecar JSON."""
 
   def run_task(config: Any, workdir: str | None) -> dict:
     del workdir
     result = run(config)
     logging.info("%s: %s", config.mode, result)
-    print(result)
     return result
 
   return run_task
@@ -130,6 +132,9 @@ class Command:
 
 
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad cases / manifests / directories found while reading them
+# a task's input that cannot be used, or a scan it will not process as configured (region, label map on another
+# grid: tasks/scans.Refusal, a ConfigError naming the flag)
+SCAN_ERRORS = (volumes.VolumeError, sections.ConfigError, FileNotFoundError)
 COMMANDS: dict[str, Command] = {
   "train": Command(checks.pretrain, train, workdir=True, distributed=True, user_errors=(checkpoint.UnrestorableError,)),
   "controlnet": Command(
@@ -138,11 +143,11 @@ COMMANDS: dict[str, Command] = {
   "prepare": Command(checks.prepare, lambda config, workdir: prepare.run(config), user_errors=INPUT_ERRORS),
   "evaluate": Command(checks.evaluate, evaluate.run, workdir=True, user_errors=INPUT_ERRORS),
   "export": Command(checks.export, export),
-  "denoise": Command(checks.task, task(denoise.run), user_errors=(volumes.VolumeError,)),
-  "anomaly": Command(checks.task, task(anomaly.run), user_errors=(volumes.VolumeError,)),
-  "synthesis": Command(checks.task, task(synthesis.run), user_errors=(volumes.VolumeError,)),
-  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=(volumes.VolumeError,)),
-  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=(volumes.VolumeError,)),
+  "denoise": Command(checks.task, task(denoise.run), user_errors=SCAN_ERRORS),
+  "anomaly": Command(checks.task, task(anomaly.run), user_errors=SCAN_ERRORS),
+  "synthesis": Command(checks.task, task(synthesis.run), user_errors=SCAN_ERRORS),
+  "super_resolution": Command(checks.task, task(controlled.run_super_resolution), user_errors=SCAN_ERRORS),
+  "lesion": Command(checks.task, task(controlled.run_lesion), user_errors=SCAN_ERRORS),
 }
 # What a check may raise: a wrong value, a path that does not exist, a missing gs:// / s3:// extra.
 CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)
@@ -150,7 +155,35 @@ CONFIG_ERRORS = (ValueError, FileNotFoundError, storage.MissingBackendError)
 
 def fail(message: Any) -> NoReturn:
   """The one error path: `error: MESSAGE` (one line) on stderr, exit status 1."""
-  sys.exit(f"error: {message}")
+  sys.exit(f"error: {' '.join(str(message).split())}")
+
+
+def interrupted(error: KeyboardInterrupt) -> NoReturn:
+  """Ctrl-C: one line saying what was left unwritten (a task's own message, tasks/common.Interrupted), exit 130."""
+  detail = str(error) or "nothing more was written (a task writes its output only when it is complete)"
+  print(f"\ninterrupted: {detail}", file=sys.stderr, flush=True)
+  sys.exit(130)
+
+
+# Cloud client libraries that log their retries with tracebacks (gcsfs: `logger.exception` once out of retries): an
+# unreachable gs:// workdir printed a hundred lines before our one-line error, which names the cause. Silent
+# unless --verbosity asks for logs.
+CLIENT_LOGGERS = (
+  "google",
+  "google.auth",
+  "google.cloud",
+  "gcsfs",
+  "s3fs",
+  "aiobotocore",
+  "botocore",
+  "urllib3",
+  "fsspec",
+)
+
+
+def quiet_client_libraries() -> None:
+  for name in CLIENT_LOGGERS:
+    py_logging.getLogger(name).setLevel(py_logging.CRITICAL)
 
 
 def main(argv: list[str]) -> None:
@@ -158,6 +191,7 @@ def main(argv: list[str]) -> None:
     fail(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax, Grain) only when asked: --verbosity=0
     logging.set_verbosity(logging.WARNING)
+    quiet_client_libraries()
   config = _CONFIG.value
   if config is None:
     fail(f"--config is required, e.g. --config=demo; the shipped configs: {', '.join(config_files.names())}")
@@ -181,14 +215,52 @@ def main(argv: list[str]) -> None:
     command.run(config, workdir)
   except command.user_errors as e:  # a bad input volume / case / manifest: one line naming the file
     fail(e)
+  except KeyboardInterrupt as e:
+    if command.distributed:  # training has its own stop (SIGTERM: a final checkpoint); Ctrl-C is Python's there
+      raise
+    interrupted(e)
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """For a --config.KEY=VALUE whose KEY the config does not have: 'KEY: no such key in CONFIG; did you mean
+  --config.CLOSEST?' (None when every key exists or the config itself does not load)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  try:
+    config = config_files.load(spec)
+  except Exception:
+    return None
+  keys = list(_flat_keys(config.to_dict()))
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config.") :].split("=", 1)[0]
+    if key in keys or any(k.startswith(key + ".") for k in keys):
+      continue
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)  # the closest valid key
+    hint = f"; did you mean --config.{close[0]}?" if close else f"; its keys: {', '.join(keys)}"
+    return f"--config.{key}: the {spec} config has no such key{hint}"
+  return None
+
+
+def _flat_keys(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      yield from _flat_keys(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a flag mistake (an unknown --config name, a bad preset) on the one error path."""
+  """absl's flag parsing, with a flag mistake (an unknown --config name, a bad preset, a misspelt override key: the
+  closest valid key is named) on the one error path."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(e)
+    fail(unknown_override(argv) or e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections, applying an override
+    fail(unknown_override(argv) or f"a --config override could not be applied: {e}")
 
 
 def run() -> None:

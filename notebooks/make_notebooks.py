@@ -5,25 +5,42 @@ checks the committed notebooks match."""
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-SETUP = """\
-# Setup. On Colab (or anywhere meddiff_jax is not importable yet) this clones REPO and pip-installs it with
-# the JAX build for the runtime's accelerator; where meddiff_jax and its configs/ import already, it does nothing.
-REPO = "https://github.com/OWNER/meddiff_jax"  # <- set this once: the repository (or your fork) to install
-import importlib.util, os, shutil, subprocess, sys
+# The repository the notebooks install from on Colab: the one place to set it (a fork's URL), then regenerate; a
+# user can also set it in the setup cell or through the MEDDIFF_REPO environment variable.
+REPOSITORY = ""
+
+SETUP = f"""\
+# Setup. On Colab (or anywhere meddiff_jax is not importable yet) this clones REPO and pip-installs it with the JAX
+# build for the runtime's accelerator; where meddiff_jax and its configs/ import already, it does nothing.
+REPO = "{REPOSITORY}"  # <- the meddiff_jax git repository (or your fork) to install; or set MEDDIFF_REPO
+import glob, importlib.util, os, pathlib, subprocess, sys
+REPO = REPO or os.environ.get("MEDDIFF_REPO", "")
+# JAX's own test for its accelerators, before it starts (jax/_src/hardware_utils.py): TPU chips on the PCI bus
+# (Google's vendor id with a TPU device id), NVIDIA GPUs as device files
+TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")  # v3, v4, v5p, v5e, v6e, 7x
+def accelerator():
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    device = pathlib.Path(vendor).with_name("device")
+    if pathlib.Path(vendor).read_text().strip() == "0x1ae0" and device.read_text().strip() in TPU_PCI_DEVICES:
+      return "tpu"
+  return "gpu" if any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")) else "cpu"
+JAX_BUILD = {{"tpu": "jax[tpu]", "gpu": "jax[cuda12]", "cpu": "jax"}}[accelerator()]
 if importlib.util.find_spec("meddiff_jax") is None or importlib.util.find_spec("configs") is None:
   src = os.path.abspath("meddiff_jax_src")
   if not os.path.isdir(src):
-    if "/OWNER/" in REPO:
-      raise SystemExit("Set REPO above to the meddiff_jax repository URL (e.g. your fork on GitHub), then run again.")
+    if not REPO:
+      raise SystemExit(
+        "REPO is not set: put the git URL of meddiff_jax (or your fork), e.g. REPO = "
+        "'https://github.com/<you>/meddiff_jax', in the first line of this cell (or set MEDDIFF_REPO), and run it again."
+      )
     subprocess.run(["git", "clone", "-q", "--depth=1", REPO, src], check=True)  # configs/ comes with the source
   if importlib.util.find_spec("meddiff_jax") is None:  # (after a runtime restart it is installed already)
-    jax_build = ("jax[cuda12]" if shutil.which("nvidia-smi") else
-                 "jax[tpu]" if os.path.exists("/dev/accel0") or "COLAB_TPU_ADDR" in os.environ else "jax")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", src, jax_build, "matplotlib"], check=True)
+    print(f"installing {{REPO}} with {{JAX_BUILD}} (the build for this runtime's accelerator)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", src, JAX_BUILD, "matplotlib"], check=True)
   sys.path.insert(0, src)
   os.chdir(src)
 import jax  # no platform forced: the runtime's GPU / TPU when there is one (JAX_PLATFORMS=cpu forces CPU)
-print(f"JAX {jax.__version__} on {jax.default_backend().upper()}: {len(jax.devices())} x {jax.devices()[0].device_kind}")
+print(f"JAX {{jax.__version__}} on {{jax.default_backend().upper()}}: {{len(jax.devices())}} x {{jax.devices()[0].device_kind}}")
 STEPS = int(os.environ.get("NB_STEPS", 10))  # sampler / training steps: small, so the demo runs on a CPU too
 """
 

@@ -86,6 +86,19 @@ def real_data_dir():
   return data_dir()
 
 
+def chest_over_abdomen(data: pathlib.Path):
+  """A scan that spans regions, from the real CT: example_ct's abdomen (3 mm) with the CTA crop's chest (lungs)
+  above it, resampled to 3 mm and set in soft tissue to the same in-plane size (a volumes.Volume)."""
+  from meddiff_jax.data import volume_io, volumes
+
+  abdomen = volume_io.load(data / "example_ct.nii.gz")
+  chest = volumes.resample(volume_io.load(data / "aorta_ct_cropped_lps.nii.gz"), (3.0, 3.0, 3.0))
+  top = np.full(abdomen.shape[:2] + (chest.shape[2],), 40.0, np.float32)
+  x0, y0 = (abdomen.shape[0] - chest.shape[0]) // 2, (abdomen.shape[1] - chest.shape[1]) // 2
+  top[x0 : x0 + chest.shape[0], y0 : y0 + chest.shape[1]] = chest.data
+  return volumes.Volume(np.concatenate([abdomen.data, top], axis=2), abdomen.affine, "chest_over_abdomen.nii.gz")
+
+
 # ------------------------------------------------------------------------------------------ the command line
 
 

@@ -173,7 +173,7 @@ def test_bad_options_are_one_line_errors(ct, kwargs, error, match):
     ("NaN voxels", md.VolumeError, "<ct array>: 1 NaN/inf voxels"),
     ("not CT", md.VolumeError, r"<ct array>: intensities in \[0, 255\] .* not CT in Hounsfield units"),
     ("sheared affine", md.VolumeError, "<ct array>: sheared voxel grid"),
-    ("labels off grid", ValueError, "labels: <labels array>: mask shape"),
+    ("labels off grid", ValueError, "labels=<labels array> is on another grid than the input CT"),
     ("missing file", FileNotFoundError, r"--config.input='/nonexistent/ct.nii.gz' is not a file"),
     ("a list", api.ConfigError, "ct=list: give a file path or a numpy array"),
   ],

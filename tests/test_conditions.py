@@ -56,19 +56,24 @@ def test_structures_are_padded_like_the_image():
 
 
 def test_label_map_moves_to_the_working_grid_and_must_match_the_input(tmp_path):
+  from meddiff_jax.data import regions
+  from meddiff_jax.tasks import scans
+
   p = phantom_ct()
-  original = volumes.Volume(p.hu, p.affine)
+  original = volumes.Volume(p.hu, p.affine, "ct.nii.gz")
   nifti.save(volumes.Volume(p.labels.astype(np.int16), p.affine), tmp_path / "seg.nii.gz", np.int16)
-  work = volumes.resample(original, (3.0, 3.0, 3.0), order=1)
-  labels = common.load_labels(str(tmp_path / "seg.nii.gz"), original, work)
-  assert labels.shape == work.shape
-  np.testing.assert_array_equal(labels[::2, ::2, ::2][:4, :4, :4] > 0, p.labels[:4, :4, :4] > 0)
+  labels = scans.load_labels(str(tmp_path / "seg.nii.gz"), original, volumes.ReadOptions())
+  scan = scans.Scan(original, labels, (regions.Part("abdomen", 2, 0, 16),), "given", (3.0, 3.0, 3.0), "3 mm")
+  inp = common.prepare_part(fake_pretrained(16), scan, scan.parts[0])
+  assert inp.work.shape == (31, 31, 31) and inp.structures.shape[:3] == inp.unit.shape
+  organs = inp.structures[inp.crop][..., :-1].any(-1)
+  np.testing.assert_array_equal(organs[::2, ::2, ::2][:4, :4, :4], p.labels[:4, :4, :4] > 0)  # nearest, moved
   shifted = p.affine.copy()
   shifted[:3, 3] += 30.0
   nifti.save(volumes.Volume(p.labels.astype(np.int16), shifted), tmp_path / "bad.nii.gz", np.int16)
-  with pytest.raises(ValueError, match="bad.nii.gz"):
-    common.load_labels(str(tmp_path / "bad.nii.gz"), original, original)
-  assert common.load_labels("", original, work) is None
+  with pytest.raises(scans.Refusal, match=r"--config.labels=.*bad.nii.gz.* on another grid"):
+    scans.load_labels(str(tmp_path / "bad.nii.gz"), original, volumes.ReadOptions())
+  assert scans.load_labels("", original, volumes.ReadOptions()) is None
 
 
 def data_of(mode: str, patch: int) -> DataSpec:

@@ -95,7 +95,9 @@ def test_the_config_flag_takes_names_paths_overrides_and_locks(tmp_path):
 def test_the_evaluate_command_loads_task_defaults_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   cfg = adapters.task_config("denoising", config_files.load("evaluate"), input="a.nii.gz", output="b.nii.gz")
-  assert cfg.to_dict() == override(config_files.load("denoise"), input="a.nii.gz", output="b.nii.gz").to_dict()
+  # + what the protocol sets: its region (not estimated per case) and overwriting its own outputs on a re-run
+  expected = override(config_files.load("denoise"), input="a.nii.gz", output="b.nii.gz", region="abdomen")
+  assert cfg.to_dict() == override(expected, overwrite=True).to_dict()
 
 
 def test_the_command_line_from_another_directory(tmp_path):

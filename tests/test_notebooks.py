@@ -23,7 +23,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   if "example_ct()" in path.read_text():  # the real-CT demos: offline, from the test data
     monkeypatch.setenv("MEDDIFF_TEST_DATA", str(data_dir()))
   nb = nbformat.read(path, as_version=4)
-  assert 'REPO = "https://github.com/' in nb.cells[1].source  # the one place a Colab user sets
+  assert 'REPO = "' in nb.cells[1].source and "MEDDIFF_REPO" in nb.cells[1].source  # where a Colab user sets it
   assert 'environ.setdefault("JAX_PLATFORMS"' not in nb.cells[1].source  # the runtime's GPU / TPU when present
   client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
   client.execute()
@@ -53,3 +53,29 @@ def test_notebooks_match_their_generator():
     assert committed == [(c.cell_type, c.source) for c in module.NOTEBOOKS[path.stem].cells], (
       f"{path.name}: run python notebooks/make_notebooks.py"
     )
+
+
+def test_the_setup_cell_picks_the_jax_build_as_jax_finds_accelerators_and_asks_for_the_repository(
+  monkeypatch, tmp_path
+):
+  """Without meddiff_jax installed and without REPO, the setup cell stops with one clear sentence naming REPO and
+  MEDDIFF_REPO, before cloning anything; its accelerator test is JAX's (PCI TPU ids, NVIDIA device files): on this
+  CPU machine, the CPU build."""
+  import importlib.util
+  import pathlib
+
+  spec = importlib.util.spec_from_file_location("make_notebooks", REPO / "notebooks" / "make_notebooks.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.REPOSITORY == "" or module.REPOSITORY.startswith("https://")
+  jax_tpu_ids = importlib.import_module("jax._src.hardware_utils")._TPU_PCI_DEVICE_IDS
+  namespace = {}
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delenv("MEDDIFF_REPO", raising=False)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as on a fresh Colab runtime
+  source = module.SETUP.replace(f'REPO = "{module.REPOSITORY}"', 'REPO = ""')
+  with pytest.raises(SystemExit, match=r"REPO is not set: .*MEDDIFF_REPO"):
+    exec(source, namespace)
+  assert set(namespace["TPU_PCI_DEVICES"]) == set(jax_tpu_ids)  # the same chips JAX recognises
+  assert namespace["accelerator"]() == "cpu" and namespace["JAX_BUILD"] == "jax"
+  assert not (pathlib.Path(tmp_path) / "meddiff_jax_src").exists()

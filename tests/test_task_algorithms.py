@@ -30,7 +30,6 @@ from conftest import (
   wiener_mse,
 )
 
-from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.tasks import controlled, denoise
 
@@ -350,19 +349,6 @@ def test_jump_steps_round_timesteps_to_the_grid():
   assert controlled.jump_steps(1000, 40, 40) == 2  # 1.6 steps: rounded, not truncated
   with pytest.raises(ValueError, match="jump_timesteps=1000"):
     controlled.jump_steps(1000, 50, 1000)
-
-
-# ---------------------------------------------------------------------------------------------
-# denoise output outside the window
-
-
-def test_denoise_output_keeps_the_estimate_when_only_the_noisy_input_left_the_window():
-  region = preprocess.region_id("abdomen")
-  lo, hi = preprocess.window_bounds(region)
-  input_hu = np.array([lo - 30.0, lo - 30.0, -1000.0, hi + 500.0, 40.0], np.float32)
-  denoised_hu = np.array([lo + 15.0, lo + 15.0, lo, hi, 42.0], np.float32)  # fat, fat, air, bone, soft tissue
-  out = denoise.keep_input_outside_window(preprocess.hu_to_unit(denoised_hu, region), input_hu, region)
-  np.testing.assert_allclose(out, [lo + 15.0, lo + 15.0, -1000.0, hi + 500.0, 42.0], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,14 +58,17 @@ def save_ct(path, unit, region, spacing):
 
 def task_spec(module, spec_cls, **keys):
   cfg = module.get_config()
-  cfg.update(**{**dict(overlap=0.5, window_batch=8, seed=0, num_steps=10), **keys})
+  # (region given: a synthetic volume has no anatomy to estimate it from)
+  cfg.update(**{**dict(overlap=0.5, window_batch=8, seed=0, num_steps=10, region="abdomen"), **keys})
   return spec_cls.from_config(cfg)
 
 
 def use(monkeypatch, model):
-  """Load `model` wherever a task loads its checkpoint."""
+  """Load `model` wherever a task loads its checkpoint (and read its data layout, which the scan's region and
+  spacing are decided with before the model loads)."""
   monkeypatch.setattr(pretrained, "load", lambda *a, **k: model)
   monkeypatch.setattr(pretrained, "load_controlled", lambda *a, **k: model)
+  monkeypatch.setattr(common, "data_spec", lambda *a, **k: model.data)
 
 
 def mean_map_oracle(mean_of_cond, prediction_type):

@@ -113,7 +113,7 @@ def seg_file(ct_file):
 @pytest.mark.parametrize(
   "task,extra",
   [
-    ("denoise", ["--config.num_steps=3", "--config.window_batch=2"]),
+    ("denoise", ["--config.num_steps=3", "--config.window_batch=2", "--config.region=abdomen"]),
     ("denoise", ["--config.method=partial", "--config.num_steps=3", "--config.noise_sigma_hu=20", "LABELS"]),
     ("anomaly", ["--config.num_steps=3", "--config.noise_t=500", "LABELS", "--config.inference_dtype=bfloat16"]),
   ],
@@ -144,6 +144,7 @@ def test_synthesis_command_larger_than_the_patch(tmp_path):
     "--config=configs/synthesis.py",
     f"--config.output={out}",
     "--config.shape=(24,16,20)",
+    "--config.region=abdomen",
     "--config.num_steps=3",
     "--config.guidance_scale=2.0",
   )

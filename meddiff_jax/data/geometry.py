@@ -47,18 +47,21 @@ def resample_to(
   order: int = 1,
   fill: float = 0.0,
 ) -> np.ndarray:
-  """`data` (on `affine`) sampled at the voxel centres of the grid (out_shape, out_affine)."""
+  """`data` (on `affine`) sampled at the voxel centres of the grid (out_shape, out_affine): float32 when interpolated
+  (float64 stays float64), the input's type with order 0 (labels)."""
   index_map = np.linalg.solve(np.asarray(affine, np.float64), np.asarray(out_affine, np.float64))
   matrix, offset = index_map[:3, :3], index_map[:3, 3]
   if np.allclose(matrix, np.diag(np.diag(matrix)), atol=1e-12):
     matrix = np.diag(matrix)  # axis-aligned: scipy's faster separable path
   src = np.asarray(data)
-  work_dtype = np.float32 if order else src.dtype
+  # interpolated: float32 (an int16 scan is read as it is, not copied to float first); nearest: the labels' own type
+  out_dtype = np.float32 if order and not np.issubdtype(src.dtype, np.float64) else src.dtype
   out = ndimage.affine_transform(
-    src.astype(work_dtype, copy=False),
+    src,
     matrix,
     offset=offset,
     output_shape=tuple(out_shape),
+    output=np.dtype(out_dtype),
     order=order,
     mode="nearest",
     prefilter=False,
@@ -66,7 +69,7 @@ def resample_to(
   outside = _outside(index_map, src.shape, tuple(out_shape))
   if outside is not None:
     out[outside] = fill
-  return out.astype(src.dtype, copy=False)
+  return out
 
 
 def _outside(index_map: np.ndarray, src_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -110,7 +113,7 @@ def from_ras(data_ras: np.ndarray, ornt: np.ndarray) -> np.ndarray:
   import nibabel as nib
 
   inverse = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), np.asarray(ornt, np.float64))
-  return np.ascontiguousarray(nib.orientations.apply_orientation(data_ras, inverse))
+  return nib.orientations.apply_orientation(data_ras, inverse)  # a view: writers take any strides
 
 
 def affine_from_codes(codes: str, zooms: tuple[float, float, float]) -> np.ndarray:

@@ -72,10 +72,19 @@ def _nifti_affine(img, path: str, options: volumes.ReadOptions) -> np.ndarray:
   return np.asarray(sform if scode > 0 else qform, np.float64)
 
 
-def read(path: str, options: volumes.ReadOptions, is_mask: bool) -> volumes.Volume:
-  """A NIfTI file in its own voxel order, header checked before any voxel is read (volume_io.load reorients)."""
+SLAB_BYTES = 64 << 20  # bytes of one slab read at a time (`read(..., ras=True)`)
+
+
+def read(
+  path: str, options: volumes.ReadOptions, is_mask: bool, *, ras: bool = False, integer_hu: bool = False
+) -> volumes.Volume:
+  """A NIfTI file, header checked before any voxel is read: in its own voxel order (volume_io.load reorients), or
+  with `ras` in RAS order already, read slab by slab along the file's last axis (contiguous on disk and sequential
+  in a .nii.gz) into the one result array: memory is the result and one slab, never a second copy of the volume.
+  `integer_hu`: an image stored as whole numbers (an integer type, integer slope and intercept) that fit int16 comes
+  back as int16 (half of float32), else as float32; a mask always comes back as int16 labels."""
   try:
-    img = nib.load(path)
+    img = nib.load(path, mmap=False, keep_file_open=True) if ras else nib.load(path)
   except Exception as e:  # nibabel raises many types for bad headers
     raise volumes.VolumeError(path, f"not a readable NIfTI ({type(e).__name__}: {e})") from e
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -94,6 +103,12 @@ def read(path: str, options: volumes.ReadOptions, is_mask: bool) -> volumes.Volu
   volumes.check_geometry(
     path, shape, affine, options if not is_mask else dataclasses.replace(options, min_side_voxels=2)
   )
+  if ras:
+    ornt = nib.orientations.io_orientation(affine)
+    data = _read_ras(img, path, tuple(shape), ornt, is_mask, integer_hu)
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, tuple(shape))
+    source = volumes.Source("nifti", path, tuple(shape), affine, ornt, header=img.header.copy())
+    return volumes.Volume(data=data, affine=ras_affine, path=path, source=source)
   try:
     data = np.asarray(img.dataobj)
   except (EOFError, zlib.error, OSError, ValueError) as e:
@@ -103,6 +118,47 @@ def read(path: str, options: volumes.ReadOptions, is_mask: bool) -> volumes.Volu
     "nifti", path, tuple(shape), affine, np.array([[0, 1], [1, 1], [2, 1]], np.float64), header=img.header.copy()
   )
   return volumes.Volume(data=data, affine=affine, path=path, source=source)
+
+
+def _read_ras(
+  img, path: str, shape: tuple[int, int, int], ornt: np.ndarray, is_mask: bool, integer_hu: bool
+) -> np.ndarray:
+  """The voxels in RAS order (see `read`), checked slab by slab: finite, and whole numbers for a mask."""
+  proxy = img.dataobj
+  raw = img.get_data_dtype()
+  slope, inter = (float(v) for v in (getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)))
+  whole = np.issubdtype(raw, np.integer) and float(slope).is_integer() and float(inter).is_integer()
+  dtype = np.int16 if is_mask or (integer_hu and whole) else np.float32
+  ras_shape = tuple(int(shape[int(i)]) for i in np.argsort(ornt[:, 0]))
+  out = np.empty(ras_shape, dtype)
+  step = max(1, SLAB_BYTES // max(shape[0] * shape[1] * max(raw.itemsize, 4), 1))
+  k_axis, k_flip = int(ornt[2, 0]), ornt[2, 1] < 0
+  bad = 0
+  for k0 in range(0, shape[2], step):
+    k1 = min(shape[2], k0 + step)
+    try:
+      slab = np.asarray(proxy[:, :, k0:k1] if len(img.shape) == 3 else proxy[:, :, k0:k1, 0])
+    except (EOFError, zlib.error, OSError, ValueError) as e:
+      raise volumes.VolumeError(path, f"truncated or corrupt data ({type(e).__name__}: {e})") from e
+    if np.issubdtype(slab.dtype, np.floating):
+      finite = np.isfinite(slab)
+      if not finite.all():
+        if is_mask:
+          raise volumes.VolumeError(path, "mask has non-integer or non-finite labels")
+        bad += int(finite.size - finite.sum())
+        continue
+      if is_mask:
+        if not np.allclose(slab, np.round(slab)):
+          raise volumes.VolumeError(path, "mask has non-integer or non-finite labels")
+        slab = np.round(slab)
+    if dtype == np.int16 and not is_mask and slab.size and (slab.min() < -32768 or slab.max() > 32767):
+      out, dtype = out.astype(np.float32), np.float32  # whole numbers beyond int16: float32 after all
+    index = [slice(None)] * 3
+    index[k_axis] = slice(shape[2] - k1, shape[2] - k0) if k_flip else slice(k0, k1)
+    out[tuple(index)] = nib.orientations.apply_orientation(slab, ornt)
+  if bad:
+    raise volumes.VolumeError(path, f"{bad} NaN/inf voxels")
+  return out
 
 
 def save(volume: volumes.Volume, path: str | os.PathLike, dtype: np.dtype | None = None) -> None:

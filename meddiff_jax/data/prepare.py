@@ -193,7 +193,22 @@ def _load_image(job: dict[str, Any], options: volumes.ReadOptions) -> volumes.Vo
     if not series:
       raise volumes.VolumeError(job["image"], skipped[0]["reason"] if skipped else "no readable DICOM files")
     return volumes.canonical_ras(dicom.read_series(next(iter(series.values())), job["image"], options))
-  return volume_io.load(job["image"], options=options)
+  return volume_io.load(job["image"], options=options, integer_hu=True)  # int16 HU when stored so: half the RAM
+
+
+def clip_hu(data: np.ndarray) -> np.ndarray:
+  """`data` clipped to HU_CLIP: in place for a scan read as int16 (no float64 copy of it), else a float32 copy."""
+  if np.issubdtype(data.dtype, np.integer):
+    return np.clip(data, int(HU_CLIP[0]), int(HU_CLIP[1]), out=data)
+  return np.clip(data, *HU_CLIP).astype(np.float32, copy=False)
+
+
+def _on_spacing(image: volumes.Volume, spacing: tuple[float, float, float]) -> bool:
+  """Whether resampling `image` to `spacing` would give its own grid back (same shape and affine)."""
+  from meddiff_jax.data import geometry
+
+  shape, affine = geometry.resample_grid(image.shape, image.affine, spacing)
+  return tuple(shape) == tuple(image.shape) and np.allclose(affine, image.affine, atol=1e-6)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -268,7 +283,7 @@ def prepare_one(
         multilevel.with_lesions(None if labels is None else labels.data, lesion.data), image.affine, lesion.path
       )
     original_spacing = image.spacing
-    image.data = np.clip(image.data, *HU_CLIP)
+    image.data = clip_hu(image.data)
     # one sub-volume per region: the given region, or head_neck / chest / abdomen cut at mask landmarks
     parts = regions.resolve(
       image,
@@ -281,9 +296,10 @@ def prepare_one(
     ids = []
     for part in parts:
       image, labels = part.image, part.labels
-      image = volumes.resample(image, spacing, order=1, fill=HU_CLIP[0])
-      if labels is not None:
-        labels = volumes.resample(labels, spacing, order=0, fill=0)
+      if not _on_spacing(image, spacing):  # (already there: stored as read, no float copy of the scan)
+        image = volumes.resample(image, spacing, order=1, fill=HU_CLIP[0])
+        if labels is not None:
+          labels = volumes.resample(labels, spacing, order=0, fill=0)
       lowres = None
       if job.get("lowres"):
         partner = volume_io.load(job["lowres"], options=options)
@@ -314,7 +330,7 @@ def prepare_one(
       store.write_record(
         output_dir,
         vid,
-        np.round(image.data),
+        image.data if np.issubdtype(image.data.dtype, np.integer) else np.round(image.data),
         None if labels is None else labels.data,
         meta,
         lowres=None if lowres is None else np.round(lowres),

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from meddiff_jax.data import preprocess, volumes
+from meddiff_jax.data import geometry, preprocess, volumes
 
 AUTO = ("", "auto", "whole_body", "wholebody")  # manifest regions that ask for landmark splitting
 
@@ -243,3 +243,191 @@ def resolve(
       f"{dict(cfg.min_extent_mm)} mm; set the region in the manifest"
     )
   return parts
+
+
+# ------------------------------------------------------------------------------------------ regions of a task's scan
+# A task must know which region it is processing (the region condition and the HU window come from it). Given a
+# TotalSegmentator label map, the landmarks above say it; without one, `estimate` reads it off the HU.
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One region of a scan: slices [start, stop) along `axis` (the voxel axis closest to world S)."""
+
+  region: str
+  axis: int
+  start: int
+  stop: int
+
+
+def cover(
+  intervals: Mapping[str, tuple[float, float]], z: np.ndarray, axis: int, cfg: SplitConfig = SplitConfig()
+) -> list[Part]:
+  """The parts that cover a scan whose slices sit at world z `z`, from the regions' wanted z intervals.
+
+  Unlike training's `split` (which drops a region too short to train on), a task processes every slice: a region
+  with at least `cfg.min_extent_mm` inside the scan is a part of its own; a shorter one is absorbed by its
+  neighbour (a chest CT with 3 cm of upper abdomen is a chest CT); when none is that long, the longest is the
+  scan's one region. Parts are ordered along the axis, stretched to the scan's ends and to each other (gaps
+  closed), and keep the overlaps the intervals give (a task blends the parts across them).
+  """
+  step = float(abs(z[1] - z[0])) if len(z) > 1 else 0.0
+  found = []
+  for region in preprocess.REGIONS:
+    if region not in intervals:
+      continue
+    lo, hi = intervals[region]
+    keep = np.where((z >= lo) & (z <= hi))[0]
+    if len(keep):
+      start, stop = int(keep.min()), int(keep.max()) + 1
+      found.append((region, start, stop, (stop - start) * step))
+  if not found:
+    return []
+  long_enough = [f for f in found if f[3] >= cfg.min_extent_mm[f[0]]]
+  chosen = sorted(long_enough or [max(found, key=lambda f: f[3])], key=lambda f: (f[1], f[2]))
+  ranges = [[region, start, stop] for region, start, stop, _ in chosen]
+  ranges[0][1], ranges[-1][2] = 0, len(z)
+  for lower, upper in zip(ranges, ranges[1:]):
+    if upper[1] > lower[2]:  # a gap between two parts: meet in its middle
+      middle = (lower[2] + upper[1]) // 2
+      lower[2], upper[1] = middle, middle
+  return [Part(region, axis, start, stop) for region, start, stop in ranges]
+
+
+def from_labels(labels: volumes.Volume, class_map: Mapping[int, str], cfg: SplitConfig = SplitConfig()) -> list[Part]:
+  """The scan's parts from its TotalSegmentator label map (the landmarks of `region_intervals`); [] when the map
+  shows no region's anchor organs."""
+  axis = superior_axis(labels.affine)
+  z = slice_z(labels.affine, labels.shape, axis)
+  return cover(region_intervals(labels.data, labels.affine, class_map, cfg), z, axis, cfg)
+
+
+# What `estimate` looks for, per axial slice at about ESTIMATE_MM resolution.
+ESTIMATE_MM = 4.0
+TISSUE_HU = -400.0  # above: body tissue (fat included); below: air or lung
+OUTSIDE_AIR_HU = -950.0  # an air region touching the slice's border that is mostly below this is outside the body
+LUNG_FRACTION = 0.10  # a slice whose enclosed air is at least this fraction of its body is a lung (chest) slice
+ABDOMEN_ABOVE_LUNG_BASE_MM = 80.0  # the diaphragm domes (abdomen's top, + margin) sit this far above the lung bases
+LUNG_MIN_RUN_MM = 20.0  # lungs: lung slices over at least this length (a few with bowel gas are not a chest)
+LUNG_GAP_MM = 10.0  # lung slices this close belong to one run
+HEAD_MAX_AREA_CM2 = 350.0  # without lungs, a small body section whose skull ring is at least
+HEAD_BONE_FRACTION = 0.15  # this fraction of it (neck: ~5-10 % vertebra; a child's abdomen less) is a head
+BONE_HU = 300.0  # without lungs: body sections this small are head / neck (adult abdomen: 400-1000)
+ABDOMEN_MIN_AREA_CM2 = 350.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """`estimate`'s answer: the parts (empty: undecidable) and, in words, what it saw."""
+
+  parts: list[Part]
+  evidence: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceFeatures:
+  """Per slice along the superior `axis` (at about ESTIMATE_MM): the enclosed-air (lung) and bone (> BONE_HU)
+  fractions of the body section, its area (cm^2), whether the field of view cuts it, and the slice's world z."""
+
+  axis: int
+  lung: np.ndarray
+  bone: np.ndarray
+  area: np.ndarray
+  cropped: np.ndarray
+  z: np.ndarray
+
+
+def slice_features(hu: np.ndarray, affine: np.ndarray) -> SliceFeatures:
+  """`SliceFeatures` from a copy of the scan at about ESTIMATE_MM (strided: no full-size temporary). Per slice: air
+  regions (< TISSUE_HU) touching the border that are mostly below OUTSIDE_AIR_HU are outside the body; the other
+  air (lungs, airways, bowel gas) is enclosed; `cropped`: the body reaches the border."""
+  from scipy import ndimage
+
+  axis = superior_axis(affine)
+  spacing = geometry.spacing_of(affine)
+  step = [max(1, int(round(ESTIMATE_MM / s))) for s in spacing]
+  small = np.asarray(hu[tuple(slice(None, None, k) for k in step)], np.float32)
+  small = np.moveaxis(small, axis, 0)
+  in_plane = [i for i in range(3) if i != axis]
+  pixel_cm2 = float(np.prod([spacing[i] * step[i] for i in in_plane])) / 100.0
+  lung, bone, area, cropped = (np.zeros(small.shape[0]) for _ in range(4))
+  for k, section in enumerate(small):
+    air = section < TISSUE_HU
+    components, n = ndimage.label(air)
+    border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
+    outside = np.zeros(n + 1, bool)
+    if n:
+      deep = ndimage.mean(section < OUTSIDE_AIR_HU, components, np.arange(1, n + 1))
+      outside[1:] = np.isin(np.arange(1, n + 1), border) & (np.asarray(deep) > 0.5)
+    body = ~outside[components]
+    enclosed = body & air
+    area[k] = body.sum() * pixel_cm2
+    lung[k] = enclosed.sum() / max(body.sum(), 1)
+    bone[k] = (body & (section > BONE_HU)).sum() / max(body.sum(), 1)
+    cropped[k] = bool(body[0].any() or body[-1].any() or body[:, 0].any() or body[:, -1].any())
+  z_all = slice_z(affine, hu.shape, axis)[:: step[axis]]
+  return SliceFeatures(axis, lung, bone, area, cropped.astype(bool), z_all)
+
+
+def lung_run(is_lung: np.ndarray, z: np.ndarray) -> np.ndarray:
+  """Indices of the longest run of marked (lung) slices along z (gaps up to LUNG_GAP_MM bridged), if at least
+  LUNG_MIN_RUN_MM long; else none."""
+  order = np.argsort(z)
+  runs, current = [], []
+  for k in order:
+    if not is_lung[k]:
+      continue
+    if current and z[k] - z[current[-1]] > LUNG_GAP_MM + 1e-6:
+      runs.append(current)
+      current = []
+    current.append(k)
+  if current:
+    runs.append(current)
+  best = max(runs, key=lambda r: z[r[-1]] - z[r[0]], default=[])
+  if not best or z[best[-1]] - z[best[0]] < LUNG_MIN_RUN_MM:
+    return np.zeros(0, int)
+  return np.asarray(best)
+
+
+def estimate(hu: np.ndarray, affine: np.ndarray, cfg: SplitConfig = SplitConfig()) -> Estimate:
+  """The scan's regions read off its HU: lung slices (enclosed air >= LUNG_FRACTION of the body) are the chest,
+  with `cfg`'s margins; body below the lung bases is abdomen up to ABDOMEN_ABOVE_LUNG_BASE_MM above them, body
+  above the apices head_neck (from `cfg.head_neck_below_apex_mm` below them), as `region_intervals` cuts a label
+  map. Without lungs, the body's cross-section decides (head / neck small, abdomen large) unless the field of view
+  crops it. Parts as `cover` makes them, on the scan's own slices; none when it cannot tell."""
+  f = slice_features(hu, affine)
+  axis, lung, area, cropped, z_small = f.axis, f.lung, f.area, f.cropped, f.z
+  z = slice_z(affine, hu.shape, axis)
+  has_body = area > 10.0
+  if not has_body.any():
+    return Estimate([], "no body found (no voxels above -400 HU that are not outside air)")
+  body = np.where(has_body)[0]
+  lungs = lung_run(lung >= LUNG_FRACTION, z_small)
+  inf = float("inf")
+  if len(lungs):
+    lo, hi = float(z_small[lungs].min()), float(z_small[lungs].max())
+    bottom_cut = z_small[lungs].min() <= z_small.min()
+    top_cut = z_small[lungs].max() >= z_small.max()
+    intervals = {
+      "chest": (-inf if bottom_cut else lo - cfg.chest_margin_mm, inf if top_cut else hi + cfg.chest_margin_mm)
+    }
+    body_z = z_small[body]
+    if not bottom_cut and body_z.min() < lo:
+      intervals["abdomen"] = (-inf, lo + ABDOMEN_ABOVE_LUNG_BASE_MM)
+    if not top_cut and body_z.max() > hi:
+      intervals["head_neck"] = (hi - cfg.head_neck_below_apex_mm, inf)
+    parts = cover(intervals, z, axis, cfg)
+    seen = f"lungs (enclosed air >= {LUNG_FRACTION:.0%} of the body section) at world z {lo:.0f}..{hi:.0f} mm"
+    return Estimate(parts, f"{seen} of a body at {body_z.min():.0f}..{body_z.max():.0f} mm")
+  median_area = float(np.median(area[body]))
+  seen = f"no lungs (over {LUNG_MIN_RUN_MM:.0f} mm); median body cross-section {median_area:.0f} cm^2"
+  if median_area >= ABDOMEN_MIN_AREA_CM2:  # (a cropped field of view only hides more of it)
+    return Estimate(cover({"abdomen": (-inf, inf)}, z, axis, cfg), f"{seen}: an abdomen's")
+  head = lung_run((f.bone >= HEAD_BONE_FRACTION) & (area <= HEAD_MAX_AREA_CM2) & has_body, z_small)
+  if len(head):
+    return Estimate(
+      cover({"head_neck": (-inf, inf)}, z, axis, cfg),
+      f"{seen}, a skull (bone >= {HEAD_BONE_FRACTION:.0%} of the section) over {np.ptp(z_small[head]):.0f} mm: a head",
+    )
+  cut = " (and the field of view cuts it)" if np.mean(cropped[body]) > 0.5 else ""
+  return Estimate([], f"{seen}{cut}, no skull: a neck, a child's abdomen or a crop of either")

@@ -126,7 +126,7 @@ def write_record(
   suffix = ".zarr" if fmt == "zarr" else ".npy"
   storage.makedirs(output_dir)
   record = dict(meta, id=volume_id, image=volume_id + ".image" + suffix, shape=list(hu.shape))
-  hu = hu.astype(np.int16)
+  hu = hu.astype(np.int16, copy=False)  # (a scan read as int16 is written as it is)
   write_array(storage.join(output_dir, record["image"]), hu, fmt, codec=codec)
   if labels is not None:
     record["labels"] = volume_id + ".labels" + suffix

@@ -17,13 +17,20 @@ IMAGE_EXTENSIONS = nifti.NIFTI_EXTENSIONS + itk.ITK_EXTENSIONS  # single-file fo
 
 
 def load(
-  path: str | os.PathLike, *, is_mask: bool = False, canonical: bool = True, options: volumes.ReadOptions | None = None
+  path: str | os.PathLike,
+  *,
+  is_mask: bool = False,
+  canonical: bool = True,
+  options: volumes.ReadOptions | None = None,
+  integer_hu: bool = False,
 ) -> volumes.Volume:
   """Load a 3D volume (NIfTI file, DICOM series folder or file, NRRD/MHA), reoriented to RAS.
 
-  Images come back as float32 (scaling applied), masks as int16 labels. Raises volumes.VolumeError on unreadable
-  or truncated files, non-3D data (4D with a singleton last axis is squeezed), RGB, broken geometry (see
-  volumes.check_geometry), sizes over the limits, NaN/inf voxels, or non-integer mask labels.
+  Images come back as float32 (scaling applied), masks as int16 labels; with `integer_hu`, a NIfTI image stored as
+  whole numbers that fit int16 comes back as int16 (half the memory: tasks and prepare read scans this way). A
+  NIfTI is read slab by slab straight into RAS order (memory: the result and one slab). Raises volumes.VolumeError
+  on unreadable or truncated files, non-3D data (4D with a singleton last axis is squeezed), RGB, broken geometry
+  (see volumes.check_geometry), sizes over the limits, NaN/inf voxels, or non-integer mask labels.
   """
   path = str(path)
   options = options or volumes.ReadOptions()
@@ -38,6 +45,8 @@ def load(
     vol = dicom.load_series(path, options)
   elif lower.endswith(itk.ITK_EXTENSIONS):
     vol = itk.read(path, options)
+  elif canonical:
+    return nifti.read(path, options, is_mask, ras=True, integer_hu=integer_hu)  # checked while read
   else:
     vol = nifti.read(path, options, is_mask)
   if canonical:
@@ -149,6 +158,8 @@ def as_saved(
 
 def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
   dtype = np.dtype(dtype)
+  if data.dtype == dtype:
+    return data  # (a scan-sized result is not copied to be written)
   if np.issubdtype(dtype, np.integer):
     info = np.iinfo(dtype)
     return np.clip(np.round(data), info.min, info.max).astype(dtype)

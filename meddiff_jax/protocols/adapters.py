@@ -37,6 +37,9 @@ SHARED = (
   "inference_dtype",
 )
 FIXED_METHOD = {"lesion": "generate", "inpainting": "inpaint"}
+# A protocol's datasets are one region (Mayo 2016, BMAD liver, MSD liver: abdomen; RPLHR-CT, MSD lung: chest):
+# its cases run as that region (paper.py's metric windows and model-free references use the same), not estimated.
+PROTOCOL_REGION = {"super_resolution": "chest"}
 TASK_SPECS: dict[str, type[common.TaskSpec]] = {  # each task's typed config
   "denoise": denoise.DenoiseSpec,
   "anomaly": anomaly.AnomalySpec,
@@ -79,6 +82,10 @@ def task_config(protocol: str, evaluate: EvaluateSpec, **case_keys: Any):
       cfg[key] = type(cfg[key])(value) if not isinstance(cfg[key], (tuple, list)) else value
   if protocol in FIXED_METHOD:
     cfg.method = FIXED_METHOD[protocol]
+  if evaluate.region == TASK_DEFAULT and "region" in cfg:  # the region the protocol's metrics and references use
+    cfg.region = PROTOCOL_REGION.get(protocol, "abdomen")
+  if "overwrite" in cfg:  # outputs in the evaluation's own workdir: a re-run replaces them
+    cfg.overwrite = True
   for key, value in parse_task_options(evaluate.task).items():
     if key not in cfg:
       raise ValueError(f"--config.task.{key}: configs/{TASK[protocol]}.py has no key {key!r}")

@@ -1,32 +1,39 @@
 """What every downstream task shares: the guided model, the mesh, volumes in and out.
 
 A task module holds only its algorithm and its typed config (a `TaskSpec`); around it every task runs the
-same prologue and epilogue: `prepare_input` (read and check the CT, region, working grid, [-1, 1] padded to
-the window, structure conditions), `run_windowed` (the blended whole-volume denoiser over a `Canvas` on the
-task mesh, the sampler jitted) and `finish` (back onto the input's grid, saved like the input, the sidecar
-JSON).
+same prologue and epilogue: `open_scan` (tasks/scans.py: read and check the CT and its label map, decide the
+region parts and the working spacing, before the model loads), `prepare_part` (one part on the working grid,
+[-1, 1] padded to the window, structure conditions), `run_windowed` (the blended whole-volume denoiser over a
+`Canvas` on the task mesh, the sampler jitted, Ctrl-C honoured between window batches) and `finish_scan`
+(tasks/scans.py: back onto the scan's grid, the scan's HU kept outside the window, saved like the input with its
+JSON sidecar, the closing summary).
 Loading a pretrained model (names, workdirs, exported directories) is meddiff_jax/pretrained.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable
+import os
+import sys
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from meddiff_jax import pretrained, sections, sharding
-from meddiff_jax.data import preprocess, volume_io, volumes
+from meddiff_jax.data import preprocess, regions, volume_io, volumes
+from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.models import conditions
 from meddiff_jax.pretrained import Pretrained
-from meddiff_jax.tasks import sliding_window
+from meddiff_jax.tasks import scans, sliding_window
 
-CHECKPOINT = "checkpoint"  # config.spacing: the checkpoint's training spacing (`task_spacing`)
+CHECKPOINT = scans.CHECKPOINT  # config.spacing: the checkpoint's training spacing (`task_spacing`)
+INPUT = scans.INPUT  # config.spacing: the scan's own grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +46,8 @@ class TaskSpec:
   MODE: ClassVar[str] = ""
   mode: str
   output: str
-  region: str
+  overwrite: bool  # replace an existing output (an output that is an input is refused regardless)
+  region: str  # 'auto' (the label map, else the scan) or a region
   labels: str
   num_steps: int
   sampler: str
@@ -52,10 +60,8 @@ class TaskSpec:
   def __post_init__(self):
     sections.choice("config.mode", self.mode, (self.MODE,))
     sections.text("config.output", self.output)
-    try:
-      preprocess.region_id(self.region)
-    except ValueError as e:
-      raise sections.ConfigError(f"--config.region: {e}") from None
+    sections.flag("config.overwrite", self.overwrite)
+    sections.choice("config.region", self.region, scans.REGION_CHOICES)
     sections.text("config.labels", self.labels)
     sections.count("config.num_steps", self.num_steps)
     sections.choice("config.sampler", self.sampler, samplers.METHODS)
@@ -111,36 +117,27 @@ def structure_volume(
 
 def task_spacing(pre: Pretrained, spacing: tuple[float, ...] | str) -> tuple[float, float, float] | None:
   """The working voxel size: `--config.spacing` in mm, or 'checkpoint': the checkpoint's training spacing (the
-  network is only right at the scale it learned); None (the input's own grid) when that is not known."""
+  network is only right at the scale it learned); None (the input's own grid) for 'input' or when not known."""
+  if spacing == INPUT:
+    return None
   if spacing != CHECKPOINT:
     return tuple(float(s) for s in spacing)
   return pre.data.training_spacing()
 
 
-def read_labels(source: str | volumes.Volume) -> volumes.Volume | None:
-  """A label map: `--config.labels` read (a path), or given in memory (`InMemory.labels`); None when neither."""
-  if isinstance(source, volumes.Volume):
-    return source
-  return volume_io.load(source, is_mask=True) if source else None
+def data_spec(path: str) -> DataSpec:
+  """The data layout a pretrained model (or a ControlNet fine-tuning workdir) was trained with, from its stored
+  config alone (no params read): what `open_scan` needs to decide before the model loads."""
+  return DataSpec.from_config(pretrained.read_config(path).data)
 
 
-def load_labels(source: str | volumes.Volume, original: volumes.Volume, work: volumes.Volume) -> np.ndarray | None:
-  """A TotalSegmentator label map (`--config.labels`, or a Volume: `read_labels`) on the input's grid, moved to the
-  working grid (nearest)."""
-  labels = read_labels(source)
-  if labels is None:
-    return None
-  name = f"--config.labels={source!r}" if isinstance(source, str) else "labels"
-  try:
-    volumes.check_same_grid(original, labels)
-  except ValueError as e:
-    raise ValueError(f"{name}: {e}") from None
-  if work.shape == original.shape and np.allclose(work.affine, original.affine):
-    return labels.data
-  moved = volumes.resample(labels, work.spacing, order=0, fill=0.0).data
-  if moved.shape != work.shape:
-    raise ValueError(f"{name}: resampled to {moved.shape}, the image to {work.shape}")
-  return moved
+def open_scan(
+  task: Any, data: DataSpec, *, by_region: bool = True, spacing: Any = None, memory: InMemory | None = None
+) -> scans.Scan:
+  """tasks/scans.open_scan: the input read, checked and decided (region parts, working spacing), before the model;
+  the CT and label map given in `memory` instead of read."""
+  ct, labels = (memory.ct, memory.labels) if memory is not None else (None, None)
+  return scans.open_scan(task, data, by_region=by_region, spacing=spacing, ct=ct, labels=labels)
 
 
 def window_batch(task: TaskSpec) -> int:
@@ -164,6 +161,14 @@ def load_ct(
   return original, work
 
 
+def save_like_input(
+  values_ras: np.ndarray, original: volumes.Volume, path: str, dtype=None, description: str = ""
+) -> str:
+  """Write a task result on the input's own grid: same shape, voxel order, affine and qform/sform codes
+  (NIfTI), or a new DICOM series beside the original when the input was DICOM and `path` is a folder."""
+  return volume_io.save_like(values_ras, original, path, dtype, description=description)
+
+
 def back_to_input_grid(
   values: np.ndarray, work: volumes.Volume, original: volumes.Volume, order: int = 1
 ) -> np.ndarray:
@@ -180,21 +185,14 @@ def back_to_input_grid(
   return back.data
 
 
-def save_like_input(
-  values_ras: np.ndarray, original: volumes.Volume, path: str, dtype=None, description: str = ""
-) -> str:
-  """Write a task result on the input's own grid: same shape, voxel order, affine and qform/sform codes
-  (NIfTI), or a new DICOM series beside the original when the input was DICOM and `path` is a folder."""
-  return volume_io.save_like(values_ras, original, path, dtype, description=description)
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskInput:
   """A CT read for a task, on the model's grid and scale."""
 
-  original: volumes.Volume  # as read: the output is saved on its grid, voxel order and header
+  original: volumes.Volume  # the part of the scan as read (the whole scan, usually)
   work: volumes.Volume  # on the working grid (resampled to the working spacing, or `original` itself)
   region: int
+  part: regions.Part  # which part of the scan (tasks/scans.Scan.parts) this is
   unit: np.ndarray  # (X, Y, Z) `work` in [-1, 1], padded with -1 to at least the patch on every side
   crop: tuple[slice, ...]  # unit[crop] is `work`; also the windows' position frame
   structures: np.ndarray | None  # the structure conditions, padded like `unit`
@@ -210,19 +208,94 @@ class TaskInput:
     return Canvas(self.unit.shape, self.region, self.structures, self.crop, hint)
 
 
-def prepare_input(
-  pre: Pretrained, task: Any, spacing: tuple[float, ...] | None, memory: InMemory | None = None
-) -> TaskInput:
-  """The task prologue: `task.input` read and checked as CT (`task.read`: configs/input_options.py), moved to
-  `spacing` (None: its own grid), mapped to [-1, 1] with `task.region`'s window and padded to the patch; the
-  structure conditions from `task.labels` (or the body channel alone). `task`: a TaskSpec with an input;
-  `memory`: the CT and labels given in memory instead (`InMemory`)."""
-  original, work = load_ct(given(task.input, memory and memory.ct), spacing, task.read)
-  region = preprocess.region_id(task.region)
+def prepare_part(pre: Pretrained, scan: scans.Scan, part: regions.Part) -> TaskInput:
+  """One part of a decided scan for the model: moved to the working spacing (`scan.spacing`; None: as is), mapped
+  to [-1, 1] with the part's region window and padded to the patch; the structure conditions from the label map
+  (or the body channel alone)."""
+  original, labels = scan.part(part)
+  work = original
+  if scan.spacing is not None:
+    work = volumes.resample(original, scan.spacing, order=1)
+  if labels is not None and work is not original:
+    labels = volumes.resample(labels, work.spacing, order=0, fill=0.0)
+    if labels.shape != work.shape:
+      raise ValueError(f"--config.labels: resampled to {labels.shape}, the image to {work.shape}")
+  region = preprocess.region_id(part.region)
   unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  labels = load_labels(given(task.labels, memory and memory.labels), original, work)
-  structures = structure_volume(pre, labels, work.data, pre.patch_size)
-  return TaskInput(original, work, region, unit, crop, structures, pre.patch_size)
+  structures = structure_volume(pre, None if labels is None else labels.data, work.data, pre.patch_size)
+  return TaskInput(original, work, region, part, unit, crop, structures, pre.patch_size)
+
+
+def prepare_inputs(pre: Pretrained, scan: scans.Scan) -> list[TaskInput]:
+  """`prepare_part` for every part of the scan (one, unless it spans regions)."""
+  return [prepare_part(pre, scan, part) for part in scan.parts]
+
+
+def prepare_input(
+  pre: Pretrained, task: Any, spacing: Any = None, scan: scans.Scan | None = None, memory: InMemory | None = None
+) -> TaskInput:
+  """The one part of a single-region task's scan (`scan`, else opened here with `spacing` as the setting:
+  'checkpoint', 'input' or mm, from `memory`'s CT when given; a scan that spans regions is refused)."""
+  scan = scan or open_scan(task, pre.data, by_region=False, spacing=spacing, memory=memory)
+  if len(scan.parts) != 1:
+    raise scans.Refusal(f"{task.input}: spans {scan.region}; the {task.mode} task runs one region at a time")
+  return prepare_part(pre, scan, scan.parts[0])
+
+
+def summary(task: Any, scan: scans.Scan | None, checkpoint: str, blend_hu: float | None = None) -> scans.Summary:
+  """The closing summary of a task on `scan`, started now (its clock times the run from here)."""
+  region = scan.region if scan is not None else task.region
+  note = scan.region_note if scan is not None else "given (--config.region)"
+  spacing = scan.spacing_note if scan is not None else ""
+  window = scans.window_text(scan if scan is not None else [task.region], blend_hu)
+  return scans.Summary(task.mode, task.output, describe_checkpoint(checkpoint), region, note, spacing, window)
+
+
+def describe_checkpoint(path: str) -> str:
+  """'tiny_phantom (builtin; trained on phantoms at 3 mm)' or the path with its training spacing."""
+  try:
+    data = data_spec(path)
+  except Exception:  # a ControlNet workdir or an older layout: the name alone
+    return path
+  spacing = data.training_spacing()
+  at = f" at {scans._mm(spacing)}" if spacing else ""
+  what = "phantoms" if data.source == "phantom" else "prepared CT"
+  kind = "builtin, " if path in pretrained.BUILTIN else ""
+  return f"{path} ({kind}trained on {what}{at})"
+
+
+def finish_scan(
+  scan: scans.Scan,
+  results: Sequence[scans.PartResult],
+  task: Any,
+  summary: scans.Summary,
+  *,
+  window_blend_hu: float | None,
+  dtype: Any,
+  description: str = "",
+  sidecar: dict[str, Any] | None = None,
+  values: np.ndarray | None = None,
+  memory: InMemory | None = None,
+) -> dict[str, Any]:
+  """The task epilogue on a scan: the parts' results back onto its grid (`scans.onto_scan`: the scan's HU kept
+  outside the window when `window_blend_hu` is given; or `values`, already there), written like the input
+  (atomically), the sidecar JSON beside it (the summary's fields, then `sidecar`), and the closing summary
+  printed. Returns the sidecar. With `memory`, the result is also left there as the file holds it, and written
+  only when `task.output` is set."""
+  if values is None:  # (written into the scan's own array when it has the output's type: the last use of the scan)
+    values = scans.onto_scan(scan, results, window_blend_hu=window_blend_hu, dtype=dtype, in_place=memory is None)
+  if memory is not None:
+    memory.result, memory.affine = volume_io.as_saved(values, scan.original, dtype)
+  if task.output:
+    scans.write_atomically(values, scan.original, task.output, dtype, description)
+  del values
+  fields = {**summary.fields(), "input": task.input, **(sidecar or {})}
+  if len(results) > 1:
+    fields["parts"] = [
+      {"region": r.part.region, "slices": [r.part.start, r.part.stop], "axis": r.part.axis, **r.info} for r in results
+    ]
+  summary.print(scans.write_sidecar(task.output, fields) if task.output else None)
+  return fields
 
 
 @dataclasses.dataclass
@@ -240,9 +313,12 @@ class InMemory:
   affine: np.ndarray | None = None
 
 
-def given(path: str, volume: volumes.Volume | None) -> str | volumes.Volume:
-  """What a task reads: the volume given in memory, else the config's path."""
-  return path if volume is None else volume
+def model_data(task: Any, memory: InMemory | None = None) -> DataSpec:
+  """The data layout the task's model was trained with (a ControlNet branch: its run's, on its base's grid), from
+  `memory.model` or the stored config alone (no params read): what `open_scan` decides with before the model loads."""
+  if memory is not None:
+    return memory.model.data
+  return data_spec(task.controlnet if hasattr(task, "controlnet") else task.checkpoint)
 
 
 def load_model(task: Any, memory: InMemory | None = None) -> Any:
@@ -257,7 +333,7 @@ def load_model(task: Any, memory: InMemory | None = None) -> Any:
 
 def sidecar_path(output: str) -> str:
   """OUTPUT.json beside a task's output (OUTPUT.nii.gz, OUTPUT.nii or a DICOM folder OUTPUT/)."""
-  return output.rstrip("/\\").replace(".nii.gz", "").replace(".nii", "") + ".json"
+  return scans.sidecar_path(output)
 
 
 def finish(
@@ -269,21 +345,24 @@ def finish(
   dtype=None,
   description: str = "",
   sidecar: dict[str, Any] | None = None,
+  summary: scans.Summary | None = None,
   memory: InMemory | None = None,
-) -> None:
-  """The task epilogue: `values` (computed on the grid of `work`, default `like`'s) back onto `like`'s grid,
-  saved like it (`save_like_input`), and the result summary `sidecar` as OUTPUT.json beside it; with `memory`,
-  also left there as the file holds it, and written only when `output` is set."""
+) -> dict[str, Any] | None:
+  """The epilogue of a result that is not on a scan's parts (synthesis, super-resolution's thin grid): `values`
+  (computed on the grid of `work`, default `like`'s) back onto `like`'s grid, saved like it (atomically), the
+  sidecar JSON beside it, and the summary printed. With `memory`, the result is also left there as the file holds
+  it, and written only when `output` is set."""
   if work is not None:
     values = back_to_input_grid(values, work, like)
   if memory is not None:
     memory.result, memory.affine = volume_io.as_saved(values, like, dtype)
-    if not output:
-      return
-  save_like_input(values, like, output, dtype, description)
-  if sidecar is not None:
-    with open(sidecar_path(output), "w") as f:
-      json.dump(sidecar, f, indent=1, default=float)
+  if output:
+    scans.write_atomically(values, like, output, dtype, description)
+  fields = {**(summary.fields() if summary is not None else {}), **(sidecar or {})}
+  written = scans.write_sidecar(output, fields) if fields and output else None
+  if summary is not None:
+    summary.print(written)
+  return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +379,77 @@ class Canvas:
   hint: np.ndarray | None
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during a task: the message says where it stopped and that nothing was written (main.py prints it
+  as one line and exits 130)."""
+
+
+def stoppable(apply_fn: Callable[..., jax.Array], stop: threading.Event) -> Callable[..., jax.Array]:
+  """`apply_fn` that asks the host, before every call (every window batch of every step), whether `stop` is set,
+  and then skips the network (zeros): a jitted sampling loop cannot be left early, but once Ctrl-C is pressed its
+  remaining steps cost nothing. One host round trip per window batch."""
+
+  def stopped() -> np.ndarray:
+    return np.bool_(stop.is_set())
+
+  def fn(x, t, cond):
+    flag = io_callback(stopped, jax.ShapeDtypeStruct((), jnp.bool_), ordered=False)
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (x, t, cond))
+    shape = jax.eval_shape(apply_fn, *abstract)
+    return jax.lax.cond(flag, lambda: jnp.zeros(shape.shape, shape.dtype), lambda: apply_fn(x, t, cond))
+
+  return fn
+
+
+def run_interruptibly(
+  compute: Callable[[threading.Event], Any], what: str, progress: ProgressBar | None = None, unwritten: str = ""
+):
+  """`compute(stop)` on a worker thread while this (the main) thread waits where Ctrl-C reaches it: Ctrl-C sets
+  `stop`, the computation skips its remaining network calls (`stoppable`) and returns, and `Interrupted` says at
+  which step of `what` it stopped and that `unwritten` (the output) was not written. A second Ctrl-C while it winds
+  down (e.g. still compiling) exits at once.
+
+  Ctrl-C is taken by a SIGINT handler of our own for the duration (Python's default raises KeyboardInterrupt
+  wherever the main thread is, and XLA aborts the process at exit after that); off the main thread (a library
+  caller's thread) there is no handler to install and the computation simply runs."""
+  import signal
+
+  stop = threading.Event()
+  outcome: dict[str, Any] = {}
+  nothing = f"{unwritten} was not written" if unwritten else "nothing was written"
+
+  def work():
+    try:
+      outcome["value"] = compute(stop)
+    except BaseException as e:  # handed to the main thread
+      outcome["error"] = e
+
+  def on_sigint(signum, frame):
+    if stop.is_set():  # a second Ctrl-C: nothing is written yet, leave now
+      print(f"\ninterrupted: Ctrl-C twice during {what}; {nothing}", file=sys.stderr, flush=True)
+      os._exit(130)
+    stop.set()
+    if progress is not None:
+      progress.stopped = True
+
+  main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+  try:
+    worker = threading.Thread(target=work, name="meddiff-task", daemon=True)
+    worker.start()
+    while worker.is_alive():
+      worker.join(0.2)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGINT, previous)
+  if stop.is_set():
+    step = f" after step {progress.done} of {progress.total}" if progress is not None else ""
+    raise Interrupted(f"Ctrl-C: stopped{step} of {what}; {nothing}")
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
+
+
 def run_windowed(
   pre: Pretrained,
   sample: Callable[..., jax.Array],
@@ -313,14 +463,20 @@ def run_windowed(
   """Run a sampler over a whole (padded) volume on the task mesh: `sample(fn, *args, rng)` jitted, where fn is
   the blended windowed eps prediction over `canvas` (`windowed_denoiser`: `task`'s overlap and window batch, the
   model `apply_fn`, default `pre`'s) and rng = key(task.seed). Returns the (X, Y, Z) result, cropped to
-  `canvas.frame`; closes `progress`."""
-  with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):
-    fn, plan = windowed_denoiser(pre, canvas, task, apply_fn)
+  `canvas.frame`; closes `progress`. Ctrl-C stops it within one window batch (`run_interruptibly`)."""
+
+  def compute(stop: threading.Event) -> np.ndarray:
+    with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):  # (the mesh context is per thread)
+      fn, plan = windowed_denoiser(pre, canvas, task, stoppable(apply_fn or pre.apply, stop))
+      if progress is not None:
+        progress.windows = int(plan.valid.sum())
+      return np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(task.seed)))
+
+  try:
+    out = run_interruptibly(compute, f"the {task.mode} sampling", progress, unwritten=task.output)
+  finally:
     if progress is not None:
-      progress.windows = int(plan.valid.sum())
-    out = np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(task.seed)))
-  if progress is not None:
-    progress.close()
+      progress.close()
   out = out[0, ..., 0]
   return out if canvas.frame is None else out[canvas.frame]
 
@@ -360,9 +516,14 @@ class ProgressBar:
     self.total, self.windows = total, windows
     self.bar = tqdm(total=total, desc=desc, unit="step", disable=jax.process_index() != 0)
     self._seen: list[tuple[int, float]] = []  # (step index, time) of the first two callbacks
+    self.done = 0  # steps finished (the last callback's index + 1)
+    self.stopped = False  # Ctrl-C: the remaining steps skip the network; the bar stays where it was
 
   def __call__(self, i) -> None:
+    if self.stopped:
+      return
     i, now = int(i), self._clock()
+    self.done = i + 1
     if len(self._seen) < 2:
       self._seen.append((i, now))
       if len(self._seen) == 2:

@@ -23,7 +23,7 @@ from meddiff_jax import pretrained, sections
 from meddiff_jax.data import preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.evaluation import metrics
-from meddiff_jax.tasks import common
+from meddiff_jax.tasks import common, scans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +36,14 @@ class SuperResolutionSpec(common.TaskSpec):
   reference: str
   spacing: tuple[float, float, float] | str  # the thin output grid in mm, or 'checkpoint' (its training spacing)
   conditioning_scale: float
+  window_blend_hu: float  # the (interpolated) scan's own HU outside the window, blended over this at its edges
 
   def __post_init__(self):
     super().__post_init__()
     sections.text("config.reference", self.reference)
     sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
     sections.at_least("config.conditioning_scale", self.conditioning_scale, 0.0)
+    sections.at_least("config.window_blend_hu", self.window_blend_hu, 0.0)
 
 
 LESION_METHODS = ("inpaint", "generate")  # config.method of configs/lesion.py
@@ -63,6 +65,7 @@ class LesionSpec(common.TaskSpec):
   jump_n_sample: int
   conditioning_scale: float
   dice_threshold_hu: float
+  window_blend_hu: float  # the scan's own HU outside the window, blended over this around its edges
 
   def __post_init__(self):
     super().__post_init__()
@@ -71,6 +74,7 @@ class LesionSpec(common.TaskSpec):
     sections.count("config.jump_timesteps", self.jump_timesteps)
     sections.count("config.jump_n_sample", self.jump_n_sample)
     sections.at_least("config.conditioning_scale", self.conditioning_scale, 0.0)
+    sections.at_least("config.window_blend_hu", self.window_blend_hu, 0.0)
 
 
 def jump_steps(num_train_timesteps: int, num_steps: int, jump_timesteps: int) -> int:
@@ -189,18 +193,23 @@ def run_super_resolution(task: SuperResolutionSpec, memory: common.InMemory | No
   """LR NIfTI (thick slices) -> trilinear onto the thin grid -> ControlNet sample -> HR NIfTI; with a
   reference, PSNR / SSIM against trilinear and cubic interpolation. `memory`: the model and the LR volume given
   in memory, the result kept there (meddiff_jax/api.py)."""
-  cm = common.load_model(task, memory)
-  # the network runs at the branch run's training spacing; the result goes to the thin grid asked for
+  # the network runs at the branch run's training spacing (its base's); the result goes to the thin grid asked for
   # ('checkpoint': the same)
   asked = None if task.spacing == common.CHECKPOINT else tuple(float(s) for s in task.spacing)
-  inp = common.prepare_input(cm.pre, task, cm.data.training_spacing() or asked, memory)
+  data = common.model_data(task, memory)
+  setting = common.CHECKPOINT if data.training_spacing() else (asked or common.INPUT)
+  scan = common.open_scan(task, data, by_region=False, spacing=setting, memory=memory)
+  summary = common.summary(task, scan, task.controlnet, task.window_blend_hu)
+  cm = common.load_model(task, memory)
+  inp = common.prepare_input(cm.pre, task, scan=scan)
   lr, up, region = inp.original, inp.work, inp.region
   model_spacing = up.spacing
   target_spacing = asked or model_spacing
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
   sample = from_noise(cm.pre.schedule, timesteps, (1, *inp.unit.shape, 1), task.sampler)
   out = sample_controlled(cm, inp, inp.unit, task, sample)
-  sr_vol = volumes.Volume(data=preprocess.unit_to_hu(out, region), affine=up.affine, path=up.path, source=up.source)
+  hu = scans.keep_outside_window(preprocess.unit_to_hu(out, region), up.data, region, task.window_blend_hu)
+  sr_vol = volumes.Volume(data=hu, affine=up.affine, path=up.path, source=up.source)
   if not np.allclose(model_spacing, target_spacing):
     sr_vol = volumes.resample(sr_vol, target_spacing, order=1, fill=-1024.0)
   sr = sr_vol.data
@@ -215,9 +224,9 @@ def run_super_resolution(task: SuperResolutionSpec, memory: common.InMemory | No
       name: {"psnr": metrics.psnr(unit(ref.data), unit(v), 2.0), "ssim": metrics.ssim(unit(ref.data), unit(v), 2.0)}
       for name, v in (("controlnet", sr), ("trilinear", linear), ("cubic", cubic))
     }
-  # on the thin grid, in the input's voxel order
-  common.finish(sr, task.output, sr_vol, dtype=np.int16, sidecar=result, memory=memory)
-  return result
+  summary.spacing += f"; written on the {scans._mm(target_spacing)} grid asked for"
+  # the thin grid, in the input's voxel order
+  return common.finish(sr, task.output, sr_vol, dtype=np.int16, sidecar=result, summary=summary, memory=memory)
 
 
 def mask_on_grid(mask: volumes.Volume, work: volumes.Volume) -> np.ndarray:
@@ -232,12 +241,15 @@ def run_lesion(task: LesionSpec) -> dict[str, Any]:
   """CT + lesion mask NIfTI -> a lesion generated inside the mask, on the branch's training grid and back. method
   'inpaint' (RePaint: the scan is kept outside the mask, exactly as read) or 'generate' (the whole window
   resampled, conditioned on the mask)."""
-  cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
-  jump_steps(cm.pre.schedule.num_timesteps, task.num_steps, task.jump_timesteps)  # in range, before any work
-  inp = common.prepare_input(cm.pre, task, common.task_spacing(cm, task.spacing))
-  ct = inp.original
+  # (jump_timesteps within the schedule: checks.task, before any work)
+  scan = common.open_scan(task, common.data_spec(task.controlnet), by_region=False)
   mask = volume_io.load(task.mask, is_mask=True, options=task.read)
-  volumes.check_same_grid(ct, mask)
+  if mask.shape != scan.original.shape or not np.allclose(mask.affine, scan.original.affine, atol=1e-2):
+    raise scans.Refusal(f"--config.mask={task.mask!r} is on another grid than --config.input; give a mask on its grid")
+  summary = common.summary(task, scan, task.controlnet, task.window_blend_hu)
+  cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
+  inp = common.prepare_input(cm.pre, task, scan=scan)  # on the branch's training grid (task.spacing)
+  ct = inp.original
   lesion = mask.data > 0
   m = inp.pad(mask_on_grid(mask, inp.work).astype(np.float32), 0.0)
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
@@ -263,12 +275,17 @@ def run_lesion(task: LesionSpec) -> dict[str, Any]:
     "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], new_unit[~lesion], 2.0),
     "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, task.dice_threshold_hu),
   }
-  common.finish(
-    gen,
-    task.output,
-    ct,
+  summary.add(
+    "lesion",
+    f"{task.method}, {int(lesion.sum())} mask voxels; Dice of what changed {result['dice_threshold_segmentation']:.3f}",
+  )
+  return common.finish_scan(
+    scan,
+    [scans.PartResult(inp.part, ct, gen)],  # (already on the scan's grid)
+    task,
+    summary,
+    window_blend_hu=task.window_blend_hu,
     dtype=np.int16,
     description=f"meddiff lesion {task.method} ({task.controlnet})",
     sidecar=result,
   )
-  return result

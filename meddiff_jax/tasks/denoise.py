@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meddiff_jax import sections
+from meddiff_jax import pretrained, sections
 from meddiff_jax.data import preprocess
 from meddiff_jax.diffusion import samplers, schedules
-from meddiff_jax.tasks import common
+from meddiff_jax.tasks import common, scans
 
 METHODS = ("diffpir", "partial")  # config.method
 ESTIMATE = "estimate"  # config.noise_sigma_hu: estimated from the image (`estimate_noise_sigma`)
@@ -38,22 +38,22 @@ class DenoiseSpec(common.TaskSpec):
   MODE = "denoise"
   checkpoint: str
   input: str
-  spacing: tuple[float, float, float] | str  # mm, or 'checkpoint' (common.task_spacing)
+  spacing: tuple[float, float, float] | str  # mm, 'checkpoint' or 'input' (tasks/scans.decide_spacing)
   method: str
   noise_sigma_hu: float | str  # HU, or 'estimate'
   lam: float
   zeta: float
-  window_margin: float
+  window_blend_hu: float  # the scan's own HU outside the window, blended over this around its edges
   output_int16: bool
 
   def __post_init__(self):
     super().__post_init__()
-    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT,), sections.sizes)
+    sections.keyword_or("config.spacing", self.spacing, (common.CHECKPOINT, common.INPUT), sections.sizes)
     sections.choice("config.method", self.method, METHODS)
     sections.keyword_or("config.noise_sigma_hu", self.noise_sigma_hu, (ESTIMATE,), sections.positive)
     sections.positive("config.lam", self.lam)
     sections.fraction("config.zeta", self.zeta)
-    sections.fraction("config.window_margin", self.window_margin, upper_open=True)
+    sections.at_least("config.window_blend_hu", self.window_blend_hu, 0.0)
     sections.flag("config.output_int16", self.output_int16)
 
 
@@ -160,27 +160,8 @@ def partial_diffusion(
   )
 
 
-def keep_input_outside_window(
-  denoised_unit: np.ndarray, input_hu: np.ndarray, region: int, margin: float = 0.02
-) -> np.ndarray:
-  """HU result: the denoised value, except where the model puts the voxel at the window's edge and the
-  input lies beyond that edge (air, bone: the model only sees the window, so the input's HU is kept).
-
-  A voxel whose noisy input fell outside the window but whose estimate is inside it keeps the estimate:
-  deciding on the noisy value would keep noise exactly at the window edge (fat near the lower bound).
-  """
-  lo, hi = preprocess.window_bounds(region)
-  hu = preprocess.unit_to_hu(denoised_unit, region)
-  below = (denoised_unit <= -1.0 + margin) & (input_hu <= lo)
-  above = (denoised_unit >= 1.0 - margin) & (input_hu >= hi)
-  return np.where(below | above, input_hu, hu).astype(np.float32)
-
-
-def run(task: DenoiseSpec, memory: common.InMemory | None = None) -> dict[str, Any]:
-  """The `denoise` command: NIfTI in, denoised NIfTI out (the input's grid and affine); `memory`: the model and
-  the CT given in memory, the result kept there (meddiff_jax/api.py)."""
-  pre = common.load_model(task, memory)
-  inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing), memory)
+def denoise_part(pre: pretrained.Pretrained, inp: common.TaskInput, task: DenoiseSpec) -> scans.PartResult:
+  """One region part of the scan denoised on its working grid: (HU, the noise level used)."""
   lo, hi = preprocess.window_bounds(inp.region)
   sigma = (
     estimate_noise_sigma(inp.unit[inp.crop], preprocess.body_mask(inp.work.data))
@@ -197,17 +178,34 @@ def run(task: DenoiseSpec, memory: common.InMemory | None = None) -> dict[str, A
     sample = lambda fn, y, r: partial_diffusion(
       fn, pre.schedule, y, t0, task.num_steps, r, progress=bar, input_sigma=jnp.float32(sigma), method=task.sampler
     )
-  bar = common.ProgressBar(task.num_steps, f"denoise ({task.method})")
+  bar = common.ProgressBar(task.num_steps, f"denoise ({task.method}, {inp.part.region})")
   y = (jnp.asarray(inp.unit)[None, ..., None],)
   den = common.run_windowed(pre, sample, y, inp.canvas(), task, progress=bar)
-  hu = keep_input_outside_window(den, inp.work.data, inp.region, task.window_margin)
-  common.finish(
-    hu,
-    task.output,
-    inp.original,
-    work=inp.work,
+  sigma_hu = sigma * (hi - lo) / 2.0
+  return scans.PartResult(inp.part, inp.work, preprocess.unit_to_hu(den, inp.region), {"noise_sigma_hu": sigma_hu})
+
+
+def run(task: DenoiseSpec, memory: common.InMemory | None = None) -> dict[str, Any]:
+  """The `denoise` command: a CT in, denoised on the input's grid out (the scan's own HU outside the window), with
+  its JSON sidecar. Everything about the scan is decided before the model loads (tasks/scans.open_scan). `memory`:
+  the model and the CT given in memory, the result kept there (meddiff_jax/api.py)."""
+  scan = common.open_scan(task, common.model_data(task, memory), memory=memory)
+  summary = common.summary(task, scan, task.checkpoint, task.window_blend_hu)
+  pre = common.load_model(task, memory)
+  results = [denoise_part(pre, inp, task) for inp in common.prepare_inputs(pre, scan)]
+  sigmas = [r.info["noise_sigma_hu"] for r in results]
+  how = "estimated from the scan" if task.noise_sigma_hu == ESTIMATE else "given (--config.noise_sigma_hu)"
+  summary.add(
+    "noise", f"{', '.join(f'{s:.1f}' for s in sigmas)} HU (std), {how}; {task.method}, {task.num_steps} steps"
+  )
+  return common.finish_scan(
+    scan,
+    results,
+    task,
+    summary,
+    window_blend_hu=task.window_blend_hu,
     dtype=np.int16 if task.output_int16 else np.float32,
     description=f"meddiff denoise {task.method} ({task.checkpoint})",
+    sidecar={"method": task.method, "noise_sigma_hu": sigmas[0] if len(sigmas) == 1 else sigmas},
     memory=memory,
   )
-  return {"output": task.output, "sigma_unit": sigma, "method": task.method}

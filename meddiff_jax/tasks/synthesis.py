@@ -13,9 +13,9 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import preprocess, volumes
+from meddiff_jax.data import preprocess, regions, volume_io, volumes
 from meddiff_jax.diffusion import samplers
-from meddiff_jax.tasks import common
+from meddiff_jax.tasks import common, scans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,29 +74,80 @@ def run(task: SynthesisSpec, memory: common.InMemory | None = None) -> dict[str,
   -> synthetic CT NIfTI in HU. Sampling runs on the `task.spacing` grid (the model's training spacing);
   a label map is resampled there (nearest) and the result back onto the label map's grid. `memory`: the model
   and the label map given in memory, the CT kept there (meddiff_jax/api.py)."""
-  pre = common.load_model(task, memory)
-  region = preprocess.region_id(task.region)
-  spacing = common.task_spacing(pre, task.spacing) or (1.0, 1.0, 1.0)
-  mask = common.read_labels(common.given(task.labels, memory and memory.labels))
-  if mask is not None:
+  data = common.model_data(task, memory)
+  labels_volume = memory.labels if memory is not None else None
+  if labels_volume is None and task.labels:
+    labels_volume = volume_io.load(task.labels, is_mask=True)
+  region_name, region_note = synthesis_region(task, labels_volume, data)
+  region = preprocess.region_id(region_name)
+  trained = data.training_spacing()
+  spacing = (trained if task.spacing == common.CHECKPOINT else tuple(float(s) for s in task.spacing)) or (1.0,) * 3
+  if labels_volume is not None:
+    mask = labels_volume
     work = volumes.resample(mask, spacing, order=0, fill=0.0) if not np.allclose(mask.spacing, spacing) else mask
-    labels = work.data.astype(np.int32)
-    lut, _ = pre.data.structure_lut()
-    proxy = body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS))
     shape = work.shape
-    structures = common.structure_volume(pre, labels, proxy)
   else:
     shape = task.shape
     mask = work = volumes.Volume(np.zeros(shape, np.float32), np.diag([*spacing, 1.0]))
+  if any(s < data.patch_size for s in shape):
+    raise scans.Refusal(
+      f"synthesis grid {tuple(shape)} at {scans._mm(spacing)}: every side must be at least the model's patch "
+      f"({data.patch_size}); give a larger --config.shape (or label map)"
+    )
+  summary = scans.Summary(
+    task.mode,
+    task.output,
+    common.describe_checkpoint(task.checkpoint),
+    region_name,
+    region_note,
+    f"{scans._mm(spacing)} (the sampling grid)",
+    scans.window_text([region_name], None),
+  )
+  pre = common.load_model(task, memory)
+  if labels_volume is not None:
+    labels = work.data.astype(np.int32)
+    lut, _ = pre.data.structure_lut()
+    proxy = body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS))
+    structures = common.structure_volume(pre, labels, proxy)
+  else:
     # no anatomy given: all structure channels zero with the real region, trained by structure dropout
     # (diffusion.structure_drop_prob x body_drop_prob)
     structures = (
       None if not pre.spec.structure_channels else np.zeros(tuple(shape) + (pre.spec.structure_channels,), np.uint8)
     )
-  if any(s < pre.patch_size for s in shape):
-    raise ValueError(f"synthesis grid {shape}: every side must be >= the model's patch size {pre.patch_size}")
   canvas = common.Canvas(tuple(shape), region, structures, None, None)
   hu = preprocess.unit_to_hu(synthesize(pre, canvas, task), region)
   # on the label map's own grid, voxel order and header (a shape alone: a plain RAS NIfTI)
-  common.finish(hu, task.output, mask, work=work, dtype=np.int16, memory=memory)
-  return {"output": task.output, "shape": list(mask.shape), "region": task.region}
+  summary.add(
+    "shape", f"{'x'.join(map(str, mask.shape))} voxels; guidance {task.guidance_scale:g}, {task.num_steps} steps"
+  )
+  return common.finish(
+    hu,
+    task.output,
+    mask,
+    work=work,
+    dtype=np.int16,
+    summary=summary,
+    sidecar={"shape": list(mask.shape)},
+    memory=memory,
+  )
+
+
+def synthesis_region(task: SynthesisSpec, labels: volumes.Volume | None, data: Any) -> tuple[str, str]:
+  """(region, how it was decided): given, or ('auto') from the label map's landmarks: one region only; without a
+  label map there is nothing to read it from."""
+  if task.region != scans.AUTO:
+    return task.region, "given (--config.region)"
+  if labels is None:
+    raise scans.Refusal(
+      f"synthesis without --config.labels has no anatomy to read the region from; give --config.region="
+      f"{'|'.join(preprocess.REGIONS)}"
+    )
+  parts = regions.from_labels(labels, data.class_names())
+  if len(parts) != 1:
+    found = " + ".join(p.region for p in parts) if parts else "no region's landmark organs"
+    raise scans.Refusal(
+      f"--config.labels={task.labels!r} shows {found}; synthesis makes one region: give --config.region="
+      f"{'|'.join(preprocess.REGIONS)}"
+    )
+  return parts[0].region, "from the label map's landmarks (lungs, liver / spleen, hips, skull)"

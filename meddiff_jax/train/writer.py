@@ -18,15 +18,23 @@ from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import summary as tb_summary
-from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
 
 from meddiff_jax import storage
 
 
+def _tensorboardx():
+  """tensorboardX's (summary, event_pb2, masked_crc32c), imported when a writer first needs them: importing
+  tensorboardX imports torch when it is installed (seconds), which every command would pay at start-up."""
+  from tensorboardX import summary
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+
+  return summary, event_pb2, masked_crc32c
+
+
 def _record(data: bytes) -> bytes:
   """One TFRecord: length, its masked CRC32C, payload, its masked CRC32C (little-endian)."""
+  masked_crc32c = _tensorboardx()[2]
   header = struct.pack("<Q", len(data))
   return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
 
@@ -39,13 +47,14 @@ class EventFile:
     name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{now % 10**9:09d}"
     self.path = storage.join(logdir, name)
     self._out = storage.Appender(self.path, min_interval_s=flush_interval_s)
-    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self._event = _tensorboardx()[1].Event
+    self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
-  def _write(self, event: event_pb2.Event) -> None:
+  def _write(self, event: Any) -> None:
     self._out.write(_record(event.SerializeToString()))
 
   def add(self, step: int, summary: Any) -> None:
-    self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
 
   def flush(self) -> None:
     self._out.flush()
@@ -76,7 +85,7 @@ class MetricWriter:
     if not self.enabled:
       return
     for key, value in values.items():
-      self.events.add(step, tb_summary.scalar(prefix + key, float(value)))
+      self.events.add(step, _tensorboardx()[0].scalar(prefix + key, float(value)))
     self._jsonl.write((json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n").encode())
     self._jsonl.flush()  # local: visible at once; object store: at most every flush_interval_s
 
@@ -85,11 +94,11 @@ class MetricWriter:
     if not self.enabled:
       return
     for key, value in images.items():
-      self.events.add(step, tb_summary.image(key, np.asarray(value), dataformats="HWC"))
+      self.events.add(step, _tensorboardx()[0].image(key, np.asarray(value), dataformats="HWC"))
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
-      self.events.add(step, tb_summary.text(tag, text))
+      self.events.add(step, _tensorboardx()[0].text(tag, text))
 
   def config(self, config: Any) -> None:
     """The run's config as a TensorBoard text summary (markdown code block)."""
