@@ -234,7 +234,7 @@ def _inputs(
 class Result:
   """A task's result: `image` on the input's grid as the output file holds it (the input array's shape and voxel
   order, or the input file's; super-resolution: the thin grid), `affine` that grid's (voxel indices -> RAS mm),
-  `info` what the command prints (e.g. denoise's `sigma_unit`, anomaly's `volume_score` and `slice_scores`)."""
+  `info` what the command prints (e.g. denoise's `noise_sigma_hu`, anomaly's `volume_score` and `slice_scores`)."""
 
   image: np.ndarray
   affine: np.ndarray
@@ -313,7 +313,8 @@ class Pipeline:
     **options: Unpack[DenoiseOptions],
   ) -> Result:
     """The `denoise` command on `ct` (a file, or an array in HU with its `affine`); `labels`: a TotalSegmentator
-    label map on its grid (organ conditions); `output`: also written there. info: sigma_unit, method."""
+    label map on its grid (organ conditions); `output`: also written there. info: the closing summary's fields
+    (noise_sigma_hu, method, region, spacing, ...)."""
     return self._run(
       "denoise", denoise_lib.run, self._zero_shot(), options, ct=ct, labels=labels, affine=affine, output=output
     )
