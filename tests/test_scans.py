@@ -97,6 +97,21 @@ def test_region_from_the_label_map_and_estimated_from_the_scan_on_real_ct(real_d
   assert [p.region for p in scans.decide_region("auto", dicom, None, class_map.TOTAL)[0]] == ["abdomen"]
 
 
+def test_stomach_gas_in_a_cropped_upper_abdomen_is_not_lung(real_data_dir):
+  """example_ct's top 26 slices cropped in-plane (lung bases at the top, stomach gas below them): the gas is 11 % of
+  the smaller section over 24 mm, which counted as lung made the crop chest-below-a-neck (head_neck); lung
+  parenchyma (-900..-600 HU) and pure gas (below -950) are told apart."""
+  ct = volume_io.load(real_data_dir / "example_ct.nii.gz")
+  index = (slice(10, 112), slice(5, 96), slice(86, 112))
+  affine = ct.affine.copy()
+  affine[:3, 3] = ct.affine[:3, :3] @ np.array([s.start for s in index], float) + ct.affine[:3, 3]
+  crop = volumes.Volume(np.ascontiguousarray(ct.data[index]), affine)
+  parts, note = scans.decide_region("auto", crop, None, class_map.TOTAL)
+  assert [p.region for p in parts] == ["abdomen"], note
+  gas = regions.slice_features(crop.data, crop.affine).lung[:8]  # the stomach's slices: little lung-like air
+  assert np.all(gas < 0.6 * regions.LUNG_FRACTION), gas  # (all air enclosed: 9-11 %)
+
+
 def test_an_undecidable_region_is_a_one_line_refusal_naming_the_flag(real_data_dir):
   """A 60 x 60 mm crop of soft tissue: no lungs, and a body cut by the field of view says nothing of its size."""
   ct = volume_io.load(real_data_dir / "example_ct.nii.gz")

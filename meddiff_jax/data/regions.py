@@ -306,7 +306,10 @@ def from_labels(labels: volumes.Volume, class_map: Mapping[int, str], cfg: Split
 ESTIMATE_MM = 4.0
 TISSUE_HU = -400.0  # above: body tissue (fat included); below: air or lung
 OUTSIDE_AIR_HU = -950.0  # an air region touching the slice's border that is mostly below this is outside the body
-LUNG_FRACTION = 0.10  # a slice whose enclosed air is at least this fraction of its body is a lung (chest) slice
+LUNG_FRACTION = 0.10  # a slice whose enclosed lung-like air is at least this fraction of its body is a lung slice
+# enclosed air above this is lung parenchyma (-900..-600 HU); below it, pure air: bowel and stomach gas, which in a
+# cropped abdomen can fill 10 % of the section (example_ct's upper abdomen: 50-70 % of its enclosed air below it)
+LUNG_MIN_HU = -950.0
 ABDOMEN_ABOVE_LUNG_BASE_MM = 80.0  # the diaphragm domes (abdomen's top, + margin) sit this far above the lung bases
 LUNG_MIN_RUN_MM = 20.0  # lungs: lung slices over at least this length (a few with bowel gas are not a chest)
 LUNG_GAP_MM = 10.0  # lung slices this close belong to one run
@@ -340,7 +343,8 @@ class SliceFeatures:
 def slice_features(hu: np.ndarray, affine: np.ndarray) -> SliceFeatures:
   """`SliceFeatures` from a copy of the scan at about ESTIMATE_MM (strided: no full-size temporary). Per slice: air
   regions (< TISSUE_HU) touching the border that are mostly below OUTSIDE_AIR_HU are outside the body; the other
-  air (lungs, airways, bowel gas) is enclosed; `cropped`: the body reaches the border."""
+  air (lungs, airways, bowel gas) is enclosed, and counted as lung above LUNG_MIN_HU; `cropped`: the body reaches
+  the border."""
   from scipy import ndimage
 
   axis = superior_axis(affine)
@@ -360,7 +364,7 @@ def slice_features(hu: np.ndarray, affine: np.ndarray) -> SliceFeatures:
       deep = ndimage.mean(section < OUTSIDE_AIR_HU, components, np.arange(1, n + 1))
       outside[1:] = np.isin(np.arange(1, n + 1), border) & (np.asarray(deep) > 0.5)
     body = ~outside[components]
-    enclosed = body & air
+    enclosed = body & air & (section > LUNG_MIN_HU)
     area[k] = body.sum() * pixel_cm2
     lung[k] = enclosed.sum() / max(body.sum(), 1)
     bone[k] = (body & (section > BONE_HU)).sum() / max(body.sum(), 1)
@@ -390,11 +394,11 @@ def lung_run(is_lung: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def estimate(hu: np.ndarray, affine: np.ndarray, cfg: SplitConfig = SplitConfig()) -> Estimate:
-  """The scan's regions read off its HU: lung slices (enclosed air >= LUNG_FRACTION of the body) are the chest,
-  with `cfg`'s margins; body below the lung bases is abdomen up to ABDOMEN_ABOVE_LUNG_BASE_MM above them, body
-  above the apices head_neck (from `cfg.head_neck_below_apex_mm` below them), as `region_intervals` cuts a label
-  map. Without lungs, the body's cross-section decides (head / neck small, abdomen large) unless the field of view
-  crops it. Parts as `cover` makes them, on the scan's own slices; none when it cannot tell."""
+  """The scan's regions read off its HU: lung slices (enclosed air above LUNG_MIN_HU >= LUNG_FRACTION of the body)
+  are the chest, with `cfg`'s margins; body below the lung bases is abdomen up to ABDOMEN_ABOVE_LUNG_BASE_MM above
+  them, body above the apices head_neck (from `cfg.head_neck_below_apex_mm` below them), as `region_intervals` cuts
+  a label map. Without lungs, the body's cross-section decides (head / neck small, abdomen large) unless the field
+  of view crops it. Parts as `cover` makes them, on the scan's own slices; none when it cannot tell."""
   f = slice_features(hu, affine)
   axis, lung, area, cropped, z_small = f.axis, f.lung, f.area, f.cropped, f.z
   z = slice_z(affine, hu.shape, axis)
@@ -417,7 +421,7 @@ def estimate(hu: np.ndarray, affine: np.ndarray, cfg: SplitConfig = SplitConfig(
     if not top_cut and body_z.max() > hi:
       intervals["head_neck"] = (hi - cfg.head_neck_below_apex_mm, inf)
     parts = cover(intervals, z, axis, cfg)
-    seen = f"lungs (enclosed air >= {LUNG_FRACTION:.0%} of the body section) at world z {lo:.0f}..{hi:.0f} mm"
+    seen = f"lungs (enclosed lung-like air >= {LUNG_FRACTION:.0%} of the body section) at world z {lo:.0f}..{hi:.0f} mm"
     return Estimate(parts, f"{seen} of a body at {body_z.min():.0f}..{body_z.max():.0f} mm")
   median_area = float(np.median(area[body]))
   seen = f"no lungs (over {LUNG_MIN_RUN_MM:.0f} mm); median body cross-section {median_area:.0f} cm^2"
