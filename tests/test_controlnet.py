@@ -408,6 +408,7 @@ def test_super_resolution_and_lesion_commands(tmp_path):
       "--config.num_steps=3",
       "--config.jump_timesteps=200",
       "--config.jump_n_sample=2",
+      "--config.region=abdomen",  # (a small phantom: too little anatomy to estimate it from)
       timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -439,6 +440,7 @@ def test_super_resolution_and_lesion_commands(tmp_path):
     f"--config.reference={tmp_path / 'hr.nii.gz'}",
     "--config.spacing=(6.0,6.0,6.0)",
     "--config.num_steps=3",
+    "--config.region=abdomen",
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
