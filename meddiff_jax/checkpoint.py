@@ -1,5 +1,5 @@
-"""Orbax checkpoints holding train state (params, EMA, optimizer, rng, counters), the Grain iterator
-state and the config together, written asynchronously.
+"""Orbax checkpoints holding train state (params, EMA, optimizer, rng, counters), the data stream's position
+and the config together, written asynchronously.
 
 Restore goes to the newest step that restores cleanly: a truncated or corrupt latest step is reported
 and the previous one is used. Orbax commits a step atomically (temporary directory, then rename) and the
@@ -7,8 +7,9 @@ preservation policy removes old steps only after a newer one has been committed,
 moment leaves at least one complete checkpoint.
 
 The state is restored into the *current* mesh's shardings (a checkpoint from 8 devices restores onto 1
-or 16). The Grain iterator state is per process; when the process count changed it cannot be mapped, and
-the caller gets `data_restored=False` (see `loop.py`: it then reseeds the data by step).
+or 16). The stream position (data/pipeline.GlobalBatches.state) is the same on every process, so any process
+count continues the same stream; checkpoints written before it existed held per-process Grain iterator states
+(item 'data', not read: `Restored.stream` is None and the caller derives the position from the step).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import dataclasses
 import json
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -34,8 +34,8 @@ def abstract_target(state: Any, shardings: Any) -> Any:
 class Restored:
   state: Any
   step: int
-  data_restored: bool
   config: dict[str, Any] | None
+  stream: dict[str, int] | None  # the data stream's position; None: a checkpoint from before it was saved
 
 
 class Checkpointer:
@@ -54,7 +54,7 @@ class Checkpointer:
       options=options,
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "stream": ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
       },
     )
@@ -84,16 +84,17 @@ class Checkpointer:
         ),
       )
 
-  def save(self, step: int, state: Any, data_iterator: Any | None, config: Any) -> None:
+  def save(self, step: int, state: Any, stream: dict[str, int] | None, config: Any) -> None:
+    """`stream`: the data stream's position (data/pipeline.GlobalBatches.state), the same on every process."""
     items = {
       "state": ocp.args.StandardSave(state),
       "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
     }
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if stream is not None:
+      items["stream"] = ocp.args.JsonSave(stream)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any | None) -> Restored | None:
+  def restore_latest(self, abstract_state: Any) -> Restored | None:
     """Newest restorable step, or None when the directory has none."""
     for step in reversed(self.all_steps()):
       try:
@@ -109,20 +110,14 @@ class Checkpointer:
           e,
         )
         continue
-      data_ok = False
-      if data_iterator is not None:
-        try:
-          self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
-          data_ok = True
-        except Exception as e:  # e.g. a different number of processes than when saved
-          logging.warning(
-            "data iterator state of step %d not restored (%s: %s); the data stream is reseeded by step instead",
-            step,
-            type(e).__name__,
-            e,
-          )
-      return Restored(state=restored["state"], step=step, data_restored=data_ok, config=restored["config"])
+      return Restored(state=restored["state"], step=step, config=restored["config"], stream=self.read_stream(step))
     return None
+
+  def read_stream(self, step: int) -> dict[str, int] | None:
+    """The data stream position saved with `step`, or None when it has none (written before it was saved)."""
+    if not storage.exists(storage.join(self.directory, str(step), "stream")):
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(stream=ocp.args.JsonRestore()))["stream"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -204,6 +204,14 @@ def input_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: Any) ->
   return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, input_spec(rules, len(x.shape))), batch)
 
 
+def input_layout(
+  mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: dict[str, Any]
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global batch's layout: each key's global shape and dtype (`batch`) with its `input_shardings` sharding."""
+  shardings = input_shardings(mesh, rules, batch)
+  return {k: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=shardings[k]) for k, x in batch.items()}
+
+
 def constrain_inputs(batch: Any, rules: Sequence[tuple[str, Any]]) -> Any:
   """Inside jit: keep (micro-)batches laid out like `input_shardings`."""
   return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, input_spec(rules, x.ndim)), batch)

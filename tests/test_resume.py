@@ -129,7 +129,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   ck.wait()
   for mesh_sizes in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     _, other, shardings = small_state(mesh_sizes, seed=1)  # different values: restore must overwrite them
-    restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(other, shardings), None)
+    restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(other, shardings))
     assert restored.step == 7 and restored.config["training"]["batch_size"] == config.training.batch_size
     jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.state, st8
@@ -148,6 +148,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   for f in (tmp_path / "2" / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-  restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(st, shardings), None)
+  restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(st, shardings))
   assert restored is not None and restored.step == 1 and int(restored.state.step) == 0
   assert (tmp_path / "2").exists()  # nothing is deleted by a failed restore
