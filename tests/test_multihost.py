@@ -149,7 +149,9 @@ def test_one_and_two_processes_train_the_same_steps(runs, mesh):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("saved,resumed", [("2x2", "1x4"), ("1x4", "2x2")])
-def test_a_run_saved_with_one_process_count_resumes_with_the_other_on_the_same_stream(runs, tmp_path, saved, resumed):
+def test_a_run_saved_with_one_process_count_resumes_with_the_other_on_the_same_stream(
+  runs, cache, tmp_path, saved, resumed
+):
   """The step-2 checkpoint of a run (its step-4 one removed) resumed with the other process count: steps 3 and 4
   are the uninterrupted run's (a different stream position or per-process draw would change their losses)."""
   mesh = "data2_spatial2"
