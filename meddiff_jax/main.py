@@ -69,7 +69,7 @@ Config = ml_collections.ConfigDict
 
 
 def train(config: PretrainConfig, workdir: str) -> Any:
-  if config.dry_run:  # compile on synthetic inputs, print cost and memory, exit
+  if config.dry_run or config.dry_run_topology:  # compile on synthetic inputs, print cost and memory, exit
     return dry_run.run(config)
   return loop.train_and_evaluate(config, workdir)
 

@@ -115,6 +115,7 @@ class PretrainConfig:
   preset: str
   seed: int
   dry_run: bool  # compile the train step on synthetic inputs, print its cost, exit (train/dry_run.py)
+  dry_run_topology: str  # '' or a TPU slice name (v5p:4x4x4): the dry run compiles for it (train/tpu_compile.py)
   restore: bool  # resume from the latest checkpoint in WORKDIR/checkpoints
   model: UNetSpec
   diffusion: DiffusionSpec
@@ -131,6 +132,10 @@ class PretrainConfig:
     sections.text("config.preset", self.preset)
     sections.count("config.seed", self.seed, 0)
     sections.flag("config.dry_run", self.dry_run)
+    if not isinstance(self.dry_run_topology, str):
+      raise sections.ConfigError(
+        f"config.dry_run_topology={self.dry_run_topology!r}; must be '' or a TPU slice name such as 'v5p:4x4x4'"
+      )
     sections.flag("config.restore", self.restore)
     data, model, evaluation, steps = self.data, self.model, self.eval, self.diffusion.num_timesteps
     if evaluation.sample_every_steps and evaluation.sample_steps > steps:
@@ -192,6 +197,10 @@ class ControlNetConfig(PretrainConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    if self.dry_run or self.dry_run_topology:  # it would train instead
+      raise sections.ConfigError(
+        "config.dry_run / config.dry_run_topology: dry runs compile pretraining only (configs/pretrain.py)"
+      )
     sections.choice("config.task", self.task, tuple(HINTS))
     if self.data.hint != HINTS[self.task]:
       raise sections.ConfigError(
