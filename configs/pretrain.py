@@ -15,7 +15,8 @@ default grouped one-hot channels (data.structure_groups). A 118-channel one-hot 
 per 128^3 sample; the label map is 2 MiB and its embedding 8 channels.
 Override anything with --config.KEY=VALUE; unknown keys are an error.
 Check a plan before paying for a slice: --config.dry_run=True compiles the step for the devices present
-and prints params, FLOPs, memory per device and the projected step time (train/dry_run.py).
+and prints params, FLOPs, memory per device and the projected step time (train/dry_run.py);
+--config.dry_run_topology=v5p:4x4x4 compiles it for that TPU slice instead, on any host with libtpu.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   c.seed = 0
   c.dry_run = False  # compile the train step on synthetic inputs, print one JSON line of cost, exit
+  # a TPU slice by name (v5p:4x4x4, v5e:2x4, ...: any jax.experimental.topologies name): the dry run compiles for
+  # it with the TPU compiler (libtpu, the test extra) on any host, adding HBM fit and a roofline step time
+  c.dry_run_topology = ""
 
   c.model = ml_collections.ConfigDict(
     dict(

@@ -1,5 +1,5 @@
-"""Orbax checkpoints holding train state (params, EMA, optimizer, rng, counters), the Grain iterator
-state and the config together, written asynchronously.
+"""Orbax checkpoints holding train state (params, EMA, optimizer, rng, counters), the data stream's position
+and the config together, written asynchronously.
 
 Orbax commits a step atomically (temporary directory, then rename) and the preservation policy removes old
 steps only after a newer one has been committed, so a crash at any moment leaves at least one complete
@@ -15,8 +15,9 @@ checkpoint. Restoring (`resume`, what the training loop calls) never loses a run
     another run's steps, so the retention policy cannot delete them.
 
 The state is restored into the *current* mesh's shardings (a checkpoint from 8 devices restores onto 1
-or 16). The Grain iterator state is per process; when the process count changed it cannot be mapped, and
-the caller gets `data_restored=False` (see `loop.py`: it then reseeds the data by step).
+or 16). The stream position (data/pipeline.GlobalBatches.state) is the same on every process, so any process
+count continues the same stream; checkpoints written before it existed held per-process Grain iterator states
+(item 'data', not read: `Restored.stream` is None and the caller derives the position from the step).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import time
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -64,8 +64,8 @@ def abstract_target(state: Any, shardings: Any) -> Any:
 class Restored:
   state: Any
   step: int
-  data_restored: bool
   config: dict[str, Any] | None
+  stream: dict[str, int] | None  # the data stream's position; None: a checkpoint from before it was saved
 
 
 class Checkpointer:
@@ -84,7 +84,7 @@ class Checkpointer:
       options=options,
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),
-        "data": grain.checkpoint.CheckpointHandler(),
+        "stream": ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
       },
     )
@@ -114,13 +114,14 @@ class Checkpointer:
         ),
       )
 
-  def save(self, step: int, state: Any, data_iterator: Any | None, config: Any) -> None:
+  def save(self, step: int, state: Any, stream: dict[str, int] | None, config: Any) -> None:
+    """`stream`: the data stream's position (data/pipeline.GlobalBatches.state), the same on every process."""
     items = {
       "state": ocp.args.StandardSave(state),
       "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
     }
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if stream is not None:
+      items["stream"] = ocp.args.JsonSave(stream)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def agreed_steps(self) -> list[int]:
@@ -134,13 +135,12 @@ class Checkpointer:
     mine = np.asarray(steps if jax.process_index() == 0 else [0] * n, np.int32)
     return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)] if n else []
 
-  def restore_latest(
-    self, abstract_state: Any, data_iterator: Any | None = None, config: Any | None = None
-  ) -> Restored | None:
+  def restore_latest(self, abstract_state: Any, config: Any | None = None) -> Restored | None:
     """The newest step every process restores, or None when the directory has no steps. Steps newer than
     it (they did not restore) are moved aside, so that this run's saves cannot collide with them. Raises
     UnrestorableError when none restores. `config` (this run's): a step whose stored config has other
-    architecture keys is refused, key by key, before its arrays are read."""
+    architecture keys is refused, key by key, before its arrays are read. The stream position comes with it
+    (the same on every process)."""
     steps = self.agreed_steps()
     failures: list[tuple[int, str]] = []
     for step in reversed(steps):
@@ -161,8 +161,7 @@ class Checkpointer:
           changes = config_changes(stored, config)
           if changes:
             logging.warning("resuming step %d with config changes: %s", step, "; ".join(changes))
-        data_ok = data_iterator is not None and _on_every_process(self._restore_data(step, data_iterator))
-        return Restored(state=state, step=step, data_restored=data_ok, config=stored)
+        return Restored(state=state, step=step, config=stored, stream=self.read_stream(step))
       why = why or "restored here but not on every process (their logs say why)"
       logging.warning("checkpoint step %d in %s %s; trying an earlier step", step, self.directory, why)
       failures.append((step, why))
@@ -192,20 +191,6 @@ class Checkpointer:
       return None, None, f"does not restore into this run's state ({_first_line(e)})"
     return state, stored, None
 
-  def _restore_data(self, step: int, data_iterator: Any) -> bool:
-    try:
-      grain.checkpoint.CheckpointHandler().restore(
-        epath.Path(self.directory) / str(step) / "data", args=grain.checkpoint.CheckpointRestore(data_iterator)
-      )
-      return True
-    except Exception as e:  # e.g. a different number of processes than when saved
-      logging.warning(
-        "data iterator state of step %d not restored (%s); the data stream is reseeded by step instead",
-        step,
-        _first_line(e),
-      )
-      return False
-
   def set_aside(self, steps: list[int]) -> str:
     """Moves these steps to DIRECTORY.set_aside.TIME/STEP (nothing is deleted); returns that directory."""
     self.manager.wait_until_finished()
@@ -222,6 +207,14 @@ class Checkpointer:
     self.manager.reload()
     return aside
 
+  def read_stream(self, step: int) -> dict[str, int] | None:
+    """The data stream position saved with `step`, or None when it has none (written before it was saved).
+    Orbax's handler directly, not the manager's restore (no barrier: every process reads the same file)."""
+    path = storage.join(self.directory, str(step), "stream")
+    if not storage.exists(path):
+      return None
+    return ocp.JsonCheckpointHandler().restore(epath.Path(path), args=ocp.args.JsonRestore())
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -233,7 +226,6 @@ class Checkpointer:
 def resume(
   ckpt: Checkpointer,
   abstract_state: Any,
-  data_iterator: Any | None,
   config: Any,
   *,
   restore: bool,
@@ -246,7 +238,7 @@ def resume(
   this run's checkpoints (compared key by key with the stored ones)."""
   if restore:
     try:
-      return ckpt.restore_latest(abstract_state, data_iterator, config)
+      return ckpt.restore_latest(abstract_state, config)
     except UnrestorableError as e:
       problem = str(e)
   else:

@@ -35,6 +35,7 @@ from meddiff_jax.protocols import adapters, paper
 from meddiff_jax.protocols.spec import EvaluateSpec
 from meddiff_jax.tasks import common, scans
 from meddiff_jax.train import controlnet as controlnet_lib
+from meddiff_jax.train import tpu_compile
 from meddiff_jax.train.spec import ControlNetConfig, PretrainConfig
 
 Config = ml_collections.ConfigDict
@@ -52,7 +53,10 @@ def pretrain(config: Config, num_devices: int | None = None) -> PretrainConfig:
 
 def _trainable(typed: PretrainConfig, num_devices: int | None) -> PretrainConfig:
   """What a training config needs of this machine: the batch plan against the mesh of the devices present
-  (fails here, not after a compile) and the prepared store's filesystem."""
+  (fails here, not after a compile; a dry run for a TPU topology: against that slice's devices) and the prepared
+  store's filesystem."""
+  if typed.dry_run_topology:
+    num_devices = len(tpu_compile.topology_devices(typed.dry_run_topology))
   sharding.check_plan(
     typed.training.batch_size,
     typed.training.grad_accum_steps,

@@ -96,7 +96,7 @@ def startup_line(config: PretrainConfig) -> str:
 
 
 def train(config: PretrainConfig, workdir: str) -> Any:
-  if config.dry_run:  # compile on synthetic inputs, print cost and memory, exit
+  if config.dry_run or config.dry_run_topology:  # compile on synthetic inputs, print cost and memory, exit
     return dry_run.run(config)
   return loop.train_and_evaluate(config, workdir)
 

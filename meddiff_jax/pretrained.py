@@ -58,6 +58,7 @@ LEGACY_KEYS = {
   "data.phantom.num_lesions": 0,
   "data.pack_structures": False,
   "optimizer.trainable": ALL_PARAMS,
+  "dry_run_topology": "",
 }
 # Values that meant "work it out" before that had a name: (key, old value) -> the name.
 LEGACY_VALUES = {

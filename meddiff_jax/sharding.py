@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from meddiff_jax import sections
@@ -106,14 +107,48 @@ class ShardingSpec:
 
 
 def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh with axes (data, fsdp, spatial, tensor); one size may be -1 (= whatever devices remain).
+  """Mesh with axes (data, fsdp, spatial, tensor); one size may be -1 (= whatever devices remain). The devices
+  are placed on the physical topology by `device_grid`.
 
   Axis types are Auto: with jax 0.10's default Explicit axes, linen's logical constraints raise
   (STACK_NOTES section 3).
   """
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_mesh_sizes(axis_sizes, len(devices))
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  grid = device_grid(tuple(sizes.values()), devices)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices (joined over the data-centre network, DCN) `devices` span; 1 off TPU."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """`devices` arranged as a logical mesh of `shape` (MESH_AXES order: data, fsdp, spatial, tensor), any sizes
+  whose product is the device count, on the physical topology (like maxtext's create_device_mesh).
+
+  MESH_AXES is ordered by increasing traffic, which is the order `mesh_utils.create_device_mesh` expects: on a
+  TPU torus it gives tensor, then spatial (halo exchanges every conv), then fsdp (weight gathers) whole physical
+  axes first, the fastest links, and data the rest; a logical axis that is no product of whole physical axes
+  (data=8 spatial=8 on a 4x4x4 v5p) splits a physical axis instead of failing (`allow_split_physical_axes`).
+  Several TPU slices: the slices go on `data` (else `fsdp`), the only traffic that crosses the slow DCN being a
+  gradient all-reduce per step (`create_hybrid_device_mesh`). GPUs: ordered by global id (hosts contiguous, so
+  the innermost axes stay inside a node's NVLink); CPU: as listed."""
+  shape = tuple(int(n) for n in shape)
+  slices = num_slices(devices)
+  if slices == 1:
+    return mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
+  dcn_axis = next((i for i in (0, 1) if shape[i] % slices == 0), None)  # data, else fsdp
+  if dcn_axis is None:
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, shape))} on {slices} TPU slices: config.mesh.data (or fsdp) must be a multiple "
+      f"of the slice count {slices} (only data-parallel traffic crosses slices)"
+    )
+  dcn = [1] * len(shape)
+  dcn[dcn_axis] = slices
+  ici = [n // d for n, d in zip(shape, dcn)]
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices), allow_split_physical_axes=True)
 
 
 def resolve_mesh_sizes(axis_sizes: dict[str, int], num_devices: int) -> dict[str, int]:
@@ -202,6 +237,14 @@ def input_spec(rules: Sequence[tuple[str, Any]], ndim: int) -> PartitionSpec:
 def input_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: Any) -> Any:
   """NamedSharding per leaf of a batch (arrays or ShapeDtypeStructs), by `input_spec` of its rank."""
   return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, input_spec(rules, len(x.shape))), batch)
+
+
+def input_layout(
+  mesh: Mesh, rules: Sequence[tuple[str, Any]], batch: dict[str, Any]
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """A global batch's layout: each key's global shape and dtype (`batch`) with its `input_shardings` sharding."""
+  shardings = input_shardings(mesh, rules, batch)
+  return {k: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=shardings[k]) for k, x in batch.items()}
 
 
 def constrain_inputs(batch: Any, rules: Sequence[tuple[str, Any]]) -> Any:

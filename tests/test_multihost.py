@@ -148,7 +148,7 @@ AGREEMENT_SCRIPT = textwrap.dedent(
     ck.close()
   else:
     target = {"w": jax.ShapeDtypeStruct(noise.shape, np.float32, sharding=sharding)}
-    restored = ck.restore_latest(target, None, config)
+    restored = ck.restore_latest(target, config)
     shard = restored.state["w"].addressable_shards[0]
     exact = np.array_equal(np.asarray(shard.data), noise[shard.index] + restored.step)
     print(f"restored step {restored.step} exact {exact}", flush=True)

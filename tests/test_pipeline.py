@@ -82,17 +82,14 @@ def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
   assert first[0]["structures"].shape[-1] == 1  # the 13 channels packed (data.pack_structures), expanded on device
   ops = np.concatenate([x["operation"] for x in first])
   assert len(set(ops.tolist())) > 1  # multi-level operations are mixed
-  # checkpoint: state after 3 batches reproduces batch 4 in a fresh iterator
-  state = a.get_state()
+  # resume: a stream started at the position after 3 batches (12 samples) reproduces batch 4
   nxt = next(a)
-  c = make()
-  c.set_state(state)
+  c = make(first_sample=12)
   np.testing.assert_array_equal(next(c)["image"], nxt["image"])
-  # two processes see disjoint halves of the sample stream
-  p0 = make(process_index=0, process_count=2)
-  p1 = make(process_index=1, process_count=2)
-  x0, x1 = next(p0), next(p1)
-  assert x0["image"].shape[0] == 2 and not np.array_equal(x0["image"], x1["image"])
+  # two processes holding rows 0-1 and 2-3 load exactly those samples of the same global batch
+  halves = [make(part=pipeline.LocalPart(4, rows, {})) for rows in ((0, 1), (2, 3))]
+  x0, x1 = next(halves[0]), next(halves[1])
+  np.testing.assert_array_equal(np.concatenate([x0["image"], x1["image"]]), first[0]["image"])
 
 
 class _CountingStore(MinimalStore):
@@ -138,11 +135,12 @@ def test_a_finite_dataset_reads_exactly_its_batches_and_matches_the_stream():
 
 def test_global_batches_are_laid_out_on_the_mesh():
   from meddiff_jax import sharding
+  from meddiff_jax.train import step as step_lib
 
   config = tiny()
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
-  ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=8, seed=0)
-  batches = pipeline.GlobalBatches(ds, sharding.batch_sharding(mesh, (("batch", ("data", "fsdp")),)))
+  layout = sharding.input_layout(mesh, (("batch", ("data", "fsdp")),), step_lib.batch_spec(config))
+  batches = pipeline.GlobalBatches(pipeline.make_store(config.data), config.data, layout, seed=0)
   batch = next(batches)
   assert set(batch) == {"image", "pos_box", "region", "structures"}
   assert batch["image"].shape == (8, 8, 8, 8, 1)

@@ -122,10 +122,10 @@ def abstract_of(st, shardings):
   return checkpoint.abstract_target(st, shardings)
 
 
-def resume(ck, abstract, iterator, config):
+def resume(ck, abstract, config):
   """checkpoint.resume as the loop calls it, for the stored ConfigDict `config`."""
   return checkpoint.resume(
-    ck, abstract, iterator, config, restore=config.restore, on_unrestorable=config.checkpoint.on_unrestorable
+    ck, abstract, config, restore=config.restore, on_unrestorable=config.checkpoint.on_unrestorable
   )
 
 
@@ -137,7 +137,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   ck.wait()
   for mesh_sizes in ({"data": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     _, other, shardings = small_state(mesh_sizes, seed=1)  # different values: restore must overwrite them
-    restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(other, shardings), None)
+    restored = checkpoint.Checkpointer(str(tmp_path)).restore_latest(abstract_of(other, shardings))
     assert restored.step == 7 and restored.config["training"]["batch_size"] == config.training.batch_size
     jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.state, st8
@@ -162,7 +162,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   corrupt = {p.relative_to(ckdir / "2"): p.read_bytes() for p in (ckdir / "2").rglob("*") if p.is_file()}
   ck = checkpoint.Checkpointer(str(ckdir))
   with caplog.at_level(logging.WARNING):
-    restored = resume(ck, abstract_of(st, shardings), None, config)
+    restored = resume(ck, abstract_of(st, shardings), config)
   assert restored is not None and restored.step == 1 and int(restored.state.step) == 0
   assert any("newest step 2 does not restore" in r.getMessage() for r in caplog.records)
   (aside,) = tmp_path.glob("checkpoints.set_aside.*")
@@ -199,14 +199,14 @@ def test_a_checkpoint_of_another_model_is_refused_key_by_key_and_kept(tmp_path):
       typed, loop.pretraining(typed), mesh_of({"data": 1}), sharding.DEFAULT_RULES
     )
     with pytest.raises(checkpoint.UnrestorableError) as e:
-      resume(checkpoint.Checkpointer(str(ckdir)), abstract_of(st2, shardings2), None, other)
+      resume(checkpoint.Checkpointer(str(ckdir)), abstract_of(st2, shardings2), other)
     message = str(e.value)
     assert "\n" not in message and "the newest, step 6, was saved with another model: " + named in message, message
     assert "on_unrestorable=start_fresh" in message
     assert _tree(ckdir) == before  # nothing deleted, moved or written
   # the same model with other compute-only / training keys restores
   same = tiny_config(**{"sharding.min_shard_size": 0, "model.remat": "full", "training.num_steps": 99})
-  restored = checkpoint.Checkpointer(str(ckdir)).restore_latest(abstract_of(st, shardings), None, same)
+  restored = checkpoint.Checkpointer(str(ckdir)).restore_latest(abstract_of(st, shardings), same)
   assert restored.step == 6
 
 
@@ -221,11 +221,11 @@ def test_start_fresh_moves_the_old_run_aside(tmp_path):
   ck.close()
   before = _tree(ckdir)
   with pytest.raises(checkpoint.UnrestorableError, match=r"config.restore=False, and it holds the steps \[4\]"):
-    resume(checkpoint.Checkpointer(str(ckdir)), abstract_of(st, shardings), None, override(config, restore=False))
+    resume(checkpoint.Checkpointer(str(ckdir)), abstract_of(st, shardings), override(config, restore=False))
   assert _tree(ckdir) == before
   fresh = override(config, restore=False, **{"checkpoint.on_unrestorable": "start_fresh"})
   ck = checkpoint.Checkpointer(str(ckdir))
-  assert resume(ck, abstract_of(st, shardings), None, fresh) is None
+  assert resume(ck, abstract_of(st, shardings), fresh) is None
   (aside,) = tmp_path.glob("checkpoints.set_aside.*")
   assert _tree(aside) == before and ck.all_steps() == []
   ck.save(1, st, None, config)

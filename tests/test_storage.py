@@ -102,7 +102,7 @@ def test_orbax_checkpoint_round_trip_on_gcs_emulator(gcs):
   assert ck.directory == "gs://bucket/unit/checkpoints"
   fresh = checkpoint.Checkpointer("gs://bucket/unit/checkpoints")
   assert fresh.all_steps() == [2, 3]
-  restored = fresh.restore_latest(jax.tree_util.tree_map(np.zeros_like, state), None)
+  restored = fresh.restore_latest(jax.tree_util.tree_map(np.zeros_like, state))
   assert restored.step == 3 and restored.config == {"a": 3}
   np.testing.assert_array_equal(restored.state["w"], state["w"] + 3)
   fresh.close()

@@ -114,7 +114,8 @@ def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
   loaded = []
   for p in range(2):
     rec = RecordingStore(store.PreparedStore(str(tmp_path)))
-    it = iter(pipeline.make_dataset(rec, cfg, batch_size=4, seed=1, process_index=p, process_count=2))
+    part = pipeline.LocalPart(4, (2 * p, 2 * p + 1), {})  # a process whose devices hold rows 2p, 2p + 1
+    it = iter(pipeline.make_dataset(rec, cfg, batch_size=4, seed=1, part=part))
     batch = next(it)
     assert batch["image"].shape[0] == 2 and len(rec.loaded) == 2  # half the global batch, read by this process
     loaded.append(rec.loaded)

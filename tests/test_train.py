@@ -13,6 +13,7 @@ from meddiff_jax import checks, sharding
 from meddiff_jax.data import pipeline
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import dry_run, loop, throughput
+from meddiff_jax.train import step as step_lib
 
 
 def build(config, mesh_sizes):
@@ -318,7 +319,7 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
   config = tiny(**{"training.batch_size": 4, "eval.num_batches": 2, "data.prefetch": 4})
   store = pipeline.make_store(config.data)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-  batch_sharding = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
+  layout = sharding.input_layout(mesh, sharding.DEFAULT_RULES, step_lib.batch_spec(config))
   seen = {}
 
   def preview(params, rng, cond):
@@ -330,10 +331,10 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
       seen["montage"] = images
 
   counting = Counting(store)
-  loop.write_samples(preview, None, counting, config, batch_sharding, Writer(), str(tmp_path), 1)
+  loop.write_samples(preview, None, counting, config, layout, Writer(), str(tmp_path), 1)
   time.sleep(0.5)
   assert counting.loads == 1 and (tmp_path / "samples" / "step_00000001.png").exists()
-  full = next(iter(pipeline.make_dataset(store, config.data, batch_size=4, seed=777)))  # what it read before
+  full = next(iter(pipeline.make_dataset(store, config.data, batch_size=4, seed=loop.PREVIEW_SEED)))
   for k in ("pos_box", "region", "structures"):
     assert seen[k].shape[0] == 4
     for i in range(4):
@@ -341,7 +342,7 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
 
   counting = Counting(store)
   eval_step = lambda params, batch, rng: jnp.ones(config.eval.num_buckets)
-  out = loop.run_eval(eval_step, None, counting, config, batch_sharding, 1000)
+  out = loop.run_eval(eval_step, None, counting, config, layout, 1000)
   time.sleep(0.5)
   assert out["val/loss"] == 1.0 and counting.loads == 2 * 4
 
@@ -375,3 +376,52 @@ def test_ema_and_frozen_leaves_follow_the_float64_update():
   assert w != 0.5  # the trained leaf moved
   assert float(new.ema_params["w"][0]) == pytest.approx(0.9 * 0.1 + 0.1 * w, rel=1e-6)
   assert float(new.params["b"][0]) == 0.25 and set(new.ema_params) == {"w"}
+
+
+@pytest.mark.slow
+def test_validation_and_preview_are_compiled_before_the_first_step(tmp_path, monkeypatch):
+  """Start-up compiles the train step, validation and the preview sampler ahead of time; the training steps,
+  validation and previews of the run then compile none of them again (their step times hold no compile)."""
+  config = tiny(
+    **{
+      "model.channel_mult": (1,),
+      "model.attention_levels": (),
+      "model.mid_attention": False,
+      "training.batch_size": 2,
+      "training.num_steps": 2,
+      "mesh.data": 2,
+      "mesh.spatial": 4,
+      "eval.every_steps": 1,
+      "eval.sample_every_steps": 1,
+      "eval.sample_steps": 1,
+      "eval.num_buckets": 1,
+      "eval.num_batches": 1,
+      "checkpoint.every_steps": 0,
+    }
+  )
+  compiles, started = [], []
+  original = loop.compile_steps
+
+  def compile_steps(*args):
+    out = original(*args)
+    started.append(len(compiles))
+    assert isinstance(out[0].eval, jax.stages.Compiled) and isinstance(out[0].preview, jax.stages.Compiled)
+    return out
+
+  def listen(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append((kw.get("fun_name"), duration))
+
+  monkeypatch.setattr(loop, "compile_steps", compile_steps)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    last = loop.train_and_evaluate(config, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert started and last["loss"] > 0 and (tmp_path / "samples" / "step_00000002.png").exists()
+  at_startup, later = compiles[: started[0]], compiles[started[0] :]
+  names = {name for name, _ in at_startup}
+  ours = {"jit(step)", "jit(inner)", "jit(eval_step)", "jit(sample)"}  # train step (frozen params: inner), ...
+  assert {"jit(step)", "jit(eval_step)", "jit(sample)"} <= names, names
+  assert not ours & {name for name, _ in later}, later
+  assert sum(d for _, d in later) < 0.2 * sum(d for _, d in at_startup), later  # later: small eager ops only

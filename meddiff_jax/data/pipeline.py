@@ -1,20 +1,24 @@
-"""Grain pipeline: shuffled volumes -> multi-level samples -> per-process batches -> global jax.Arrays.
+"""Grain pipeline: volumes -> multi-level samples -> this process's part of each global batch -> global jax.Arrays.
 
-Deterministic given the seed (Grain's per-index RNG for `random_map`), shuffled across volumes and
-epochs, sharded per JAX process by striding the index space, checkpointable through the iterator's
-get_state/set_state (orbax: grain.checkpoint.CheckpointSave/Restore).
+The stream is a function of (seed, global sample index) alone (`volume_order`, `sample_rng`): the global batch at
+step k is the same whatever the number of processes, the mesh or the slice size. Each process loads exactly the
+part of it that its devices hold (`local_part`, read off the batch sharding: rows over data/fsdp, depth slabs over
+spatial, replicated over tensor) and the global arrays are assembled with their global shapes given
+(`GlobalBatches`). A checkpoint saves the stream's position (`GlobalBatches.state`), which any process layout
+resumes from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from meddiff_jax.data import multilevel, phantom, preprocess
 from meddiff_jax.data.spec import DataSpec
@@ -156,7 +160,7 @@ def split_train_val(store: VolumeStore, val_fraction: float) -> tuple[VolumeStor
 
 
 class MultiLevelSample:
-  """volume index -> multi-level sample of layout `spec` (a picklable callable for Grain's random_map).
+  """(volume index, the sample's generator) -> multi-level sample of layout `spec` (picklable: Grain workers).
 
   Whole-volume samples come from the store's precomputed level at the patch size when it has one
   (`load_whole`); the 'lowres' hint from the store's real low-resolution partner when it has one."""
@@ -186,30 +190,135 @@ class MultiLevelSample:
     )
 
 
+# ------------------------------------------------------------------------------------------------- the stream
+#
+# The data stream is a function of (seed, global sample index) alone: sample g is volume `volume_order(n, seed)[g]`
+# drawn with `sample_rng(seed, g)`, and row r of the global batch k of a stream that starts at sample s0 holds sample
+# s0 + k * batch_size + r. Which process loads which part of a batch is read off the batch's sharding
+# (`local_part`): nothing about the stream depends on the number of processes, the mesh or the slice size.
+
+
+def volume_order(num_volumes: int, seed: int) -> grain.MapDataset:
+  """Global sample index -> volume index: every volume once per epoch, each epoch in its own shuffled order."""
+  return grain.MapDataset.range(num_volumes).shuffle(seed=seed).repeat()
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+  """The generator of global sample `index` (its crop, operation, ...): keyed by (seed, index) only."""
+  return np.random.default_rng([int(seed), int(index)])
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalPart:
+  """What one process loads of each global batch: `rows`, the global batch rows its devices hold (sorted), and
+  per key the [start, stop) its devices hold along every axis after the batch axis (`boxes`: the depth slabs
+  of volumes split over `spatial`, whole axes otherwise). Processes that share a sample (spatial or tensor
+  across processes) load the same sample and keep their slabs."""
+
+  batch_size: int
+  rows: tuple[int, ...]
+  boxes: dict[str, tuple[tuple[int, int], ...]]
+
+
+def local_part(batch: dict[str, jax.ShapeDtypeStruct], devices: Iterable[jax.Device] | None = None) -> LocalPart:
+  """The part of the global batch `batch` (global shapes, each with its sharding) that `devices` hold (default:
+  this process's addressable devices), from each sharding's `devices_indices_map` of the global shape."""
+  sizes = {x.shape[0] for x in batch.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"batch keys disagree on the batch size: { {k: x.shape for k, x in batch.items()} }")
+  (batch_size,) = sizes
+  rows: set[int] = set()
+  boxes = {}
+  for key, x in batch.items():
+    index_map = x.sharding.devices_indices_map(tuple(x.shape))
+    held = [index_map[d] for d in (x.sharding.addressable_devices if devices is None else devices)]
+    if not held:
+      raise ValueError(f"batch key {key!r}: none of the devices {devices} holds part of it")
+    for index in held:
+      rows.update(range(*index[0].indices(batch_size)))
+    bounds = [[index[a].indices(x.shape[a])[:2] for index in held] for a in range(1, len(x.shape))]
+    boxes[key] = tuple((min(b[0] for b in axis), max(b[1] for b in axis)) for axis in bounds)
+  return LocalPart(batch_size, tuple(sorted(rows)), boxes)
+
+
+def whole_batch(batch_size: int) -> LocalPart:
+  """Every row, every voxel: one process that loads the whole batch (no layout needed)."""
+  return LocalPart(batch_size, tuple(range(batch_size)), {})
+
+
+def crop(sample: dict[str, np.ndarray], boxes: dict[str, tuple[tuple[int, int], ...]]) -> dict[str, np.ndarray]:
+  """A sample cut to the boxes of a `LocalPart` (axis a of a box: axis a of the sample, the batch axis left out)."""
+  out = dict(sample)
+  for key, box in boxes.items():
+    if key in out and box:
+      out[key] = np.asarray(out[key])[tuple(slice(lo, hi) for lo, hi in box)]
+  return out
+
+
+class _PartSample:
+  """Element j of a process's dataset -> the sample it loads: batch j // U, the u = j % U-th of the U distinct global
+  samples its rows hold (`positions`: offsets into the batch's `per_batch` samples), cut to its boxes."""
+
+  def __init__(
+    self,
+    store: VolumeStore,
+    spec: multilevel.SampleSpec,
+    seed: int,
+    first: int,
+    per_batch: int,
+    positions: tuple[int, ...],
+    boxes: dict,
+  ):
+    self.order, self.sample = volume_order(len(store), seed), MultiLevelSample(store, spec)
+    self.seed, self.first, self.per_batch, self.positions, self.boxes = seed, first, per_batch, positions, boxes
+
+  def __call__(self, j: int) -> dict[str, np.ndarray]:
+    k, u = divmod(int(j), len(self.positions))
+    g = self.first + k * self.per_batch + self.positions[u]
+    return crop(self.sample(self.order[g], sample_rng(self.seed, g)), self.boxes)
+
+
+def sample_positions(part: LocalPart, repeat: int) -> tuple[int, ...]:
+  """The distinct samples (offsets within a batch) that `part`'s rows hold when each sample fills `repeat` rows."""
+  return tuple(sorted({r // repeat for r in part.rows}))
+
+
+def row_to_sample(part: LocalPart, repeat: int) -> np.ndarray:
+  """Global batch row -> index of its sample among `sample_positions(part, repeat)`; -1 for rows `part` lacks."""
+  positions = sample_positions(part, repeat)
+  out = np.full(part.batch_size, -1, np.int64)
+  out[list(part.rows)] = [positions.index(r // repeat) for r in part.rows]
+  return out
+
+
 def make_dataset(
   store: VolumeStore,
   data: DataSpec,
   *,
   batch_size: int,
   seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
+  part: LocalPart | None = None,
+  first_sample: int = 0,
+  repeat: int = 1,
   num_batches: int | None = None,
 ) -> grain.IterDataset:
-  """Iterator dataset of per-process batches of `data`'s samples: infinite, or exactly the first `num_batches`
-  (validation, previews: Grain's read-ahead stops there instead of reading -- from a bucket, whole volumes for
-  a third of the samples -- batches nobody consumes)."""
-  if batch_size % process_count:
-    raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
+  """Iterator dataset of `part` (default: all) of each global batch of `data`'s samples, as numpy dicts whose
+  leading axis holds the part's distinct samples (`sample_positions`) cut to its boxes.
+
+  Row r of global batch k holds sample first_sample + k * (batch_size / repeat) + r // repeat (repeat > 1: each
+  sample fills `repeat` rows; previews). Infinite, or exactly the first `num_batches` (validation, previews:
+  Grain's read-ahead stops there instead of reading -- from a bucket, whole volumes for a third of the samples --
+  batches nobody consumes)."""
+  part = part or whole_batch(batch_size)
+  if part.batch_size != batch_size or batch_size % repeat:
+    raise ValueError(f"global batch {batch_size}: a part of a batch of {part.batch_size}, {repeat} rows per sample")
+  positions = sample_positions(part, repeat)
+  length = sys.maxsize if num_batches is None else num_batches * len(positions)
   ds = (
-    grain.MapDataset.range(len(store))
-    .repeat()
-    .shuffle(seed=seed)[process_index::process_count]
-    .random_map(MultiLevelSample(store, data.sample_spec()), seed=seed)
-    .batch(batch_size // process_count, drop_remainder=True)
+    grain.MapDataset.range(length)
+    .map(_PartSample(store, data.sample_spec(), seed, first_sample, batch_size // repeat, positions, part.boxes))
+    .batch(len(positions), drop_remainder=True)
   )
-  if num_batches is not None:
-    ds = ds[:num_batches]
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch))
   if data.worker_count > 0:
     _absl_flags_parsed()
@@ -226,26 +335,88 @@ def _absl_flags_parsed() -> None:
 
 
 class GlobalBatches:
-  """Wraps a per-process Grain iterator; yields dicts of global, mesh-sharded jax.Arrays.
+  """A stream's global batches as dicts of jax.Arrays laid out as `batch` says (global shapes and dtypes, each with
+  its sharding: nothing is inferred from what a process loads); this process loads only its `local_part`.
 
-  `sharding` is one NamedSharding for every key, or a dict of them by key (volumes split along depth too).
-  """
+  `state()` is the stream's position, the same on every process: a checkpoint saves it, and a run on any number
+  of processes resumes from it (`first_sample`)."""
 
-  def __init__(self, dataset: grain.IterDataset, sharding: NamedSharding | dict[str, NamedSharding]):
+  def __init__(
+    self,
+    store: VolumeStore,
+    data: DataSpec,
+    batch: dict[str, jax.ShapeDtypeStruct],
+    *,
+    seed: int,
+    first_sample: int = 0,
+    repeat: int = 1,
+    num_batches: int | None = None,
+  ):
+    self.batch = batch
+    self.part = local_part(batch)
+    self.per_batch = self.part.batch_size // repeat
+    self.next_sample = first_sample
+    self.sample_of_row = row_to_sample(self.part, repeat)
+    dataset = make_dataset(
+      store,
+      data,
+      batch_size=self.part.batch_size,
+      seed=seed,
+      part=self.part,
+      first_sample=first_sample,
+      repeat=repeat,
+      num_batches=num_batches,
+    )
     self.iterator = iter(dataset)
-    self.sharding = sharding
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
     local = next(self.iterator)
-    local.pop("operation", None)  # host-side bookkeeping only
-    shard = lambda k: self.sharding[k] if isinstance(self.sharding, dict) else self.sharding
-    return {k: jax.make_array_from_process_local_data(shard(k), np.asarray(v)) for k, v in local.items()}
+    self.next_sample += self.per_batch
+    return assemble(local, self.part, self.sample_of_row, self.batch)
 
-  def get_state(self) -> dict:
-    return self.iterator.get_state()
+  def state(self) -> dict[str, int]:
+    """The position of the next batch in the stream: `first_sample` of a stream that continues this one."""
+    return {"next_sample": int(self.next_sample)}
 
-  def set_state(self, state: dict) -> None:
-    self.iterator.set_state(state)
+
+def assemble(
+  local: dict[str, np.ndarray], part: LocalPart, sample_of_row: np.ndarray, batch: dict[str, jax.ShapeDtypeStruct]
+) -> dict[str, jax.Array]:
+  """Global arrays of shapes, dtypes and shardings `batch` from what this process loaded of them (`make_dataset`
+  of `part`: its distinct samples, cut to its boxes); `sample_of_row`: global row -> index of its local sample."""
+  local = {k: np.asarray(v) for k, v in local.items() if k != "operation"}  # 'operation': host bookkeeping only
+  if set(local) != set(batch):
+    raise ValueError(f"samples carry {sorted(local)}, the batch layout expects {sorted(batch)}")
+  out = {}
+  for key, x in batch.items():
+    arr, box = local[key], part.boxes.get(key) or tuple((0, n) for n in x.shape[1:])
+    expected = (int(sample_of_row.max()) + 1, *(hi - lo for lo, hi in box))
+    if arr.shape != expected or arr.dtype != x.dtype:
+      raise ValueError(f"batch key {key!r}: loaded {arr.shape} {arr.dtype}, the layout's part is {expected} {x.dtype}")
+    piece = functools.partial(device_piece, arr, box, sample_of_row, tuple(x.shape))
+    out[key] = jax.make_array_from_callback(tuple(x.shape), x.sharding, piece, dtype=x.dtype)
+  return out
+
+
+def device_piece(
+  local: np.ndarray,
+  box: tuple[tuple[int, int], ...],
+  sample_of_row: np.ndarray,
+  shape: tuple[int, ...],
+  index: tuple[slice, ...],
+) -> np.ndarray:
+  """global_array[index] (one device's piece, `index` from the sharding's index map) from `local`: this process's
+  samples of one key, cut to `box` along the axes after the batch axis."""
+  samples = sample_of_row[index[0]]
+  if samples.size and samples.min() < 0:
+    raise ValueError(f"a device of this process holds batch rows {index[0]} that the process did not load")
+  rest = []
+  for s, n, (lo, hi) in zip(index[1:], shape[1:], box):
+    start, stop, _ = s.indices(n)
+    if start < lo or stop > hi:
+      raise ValueError(f"a device of this process holds [{start}, {stop}) of an axis it loaded [{lo}, {hi}) of")
+    rest.append(slice(start - lo, stop - lo))
+  return local[(samples, *rest)]

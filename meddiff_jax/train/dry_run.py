@@ -6,6 +6,10 @@ Nothing is allocated or read: the state and the batch are ShapeDtypeStructs with
 step is lowered and compiled ahead of time, and XLA's memory and cost analyses are read back. One JSON
 line answers "will it fit, and how long will a step take" before a slice is paid for. On XLA:CPU (fake
 devices) memory figures are indicative only: CPU convolutions are scheduled and fused differently.
+
+`--config.dry_run_topology=v5p:4x4x4` (any name jax.experimental.topologies accepts) compiles for that TPU
+slice with the TPU compiler on any host that has libtpu (the test extra), and adds the chip, its HBM and
+whether the step fits, XLA's FLOPs and bytes per chip and a roofline step time (`topology`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,8 @@ from meddiff_jax import pretrained, sharding
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import state as state_lib
 from meddiff_jax.train import step as step_lib
-from meddiff_jax.train import throughput
+from meddiff_jax.train import throughput, tpu_compile
 from meddiff_jax.train.spec import PretrainConfig
-
-GIB = 2.0**30
 
 
 def lower_train_step(config: PretrainConfig, devices: list[jax.Device] | None = None) -> tuple[Any, dict]:
@@ -55,13 +57,29 @@ def lower_train_step(config: PretrainConfig, devices: list[jax.Device] | None = 
   return lowered, facts
 
 
-def run(config: PretrainConfig) -> dict[str, Any]:
-  """Compile, analyse, print one JSON line, return it as a dict (`config` checked by checks.pretrain)."""
+def compile_train_step(config: PretrainConfig, devices: list[jax.Device]) -> tuple[Any, dict]:
+  """(compiled train step, facts with lower_s / compile_s) for `config` on `devices`; on TPU devices (a topology's:
+  no TPU needed) with the implementations a TPU host resolves 'auto' to (`tpu_compile.for_tpu`)."""
+  if str(devices[0].platform) == "tpu":
+    config = tpu_compile.for_tpu(config)
   t0 = time.perf_counter()
-  lowered, facts = lower_train_step(config)
+  lowered, facts = lower_train_step(config, devices)
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - t1
+  facts.update(lower_s=round(t1 - t0, 2), compile_s=round(time.perf_counter() - t1, 2))
+  return compiled, facts
+
+
+def run(config: PretrainConfig) -> dict[str, Any]:
+  """Compile, analyse, print one JSON line, return it as a dict (`config` checked by checks.pretrain).
+
+  With config.dry_run_topology (a TPU slice by name) the step is compiled by the TPU compiler for that slice's
+  devices instead of the devices present (`topology` adds its facts: `tpu_compile`)."""
+  if config.dry_run_topology:
+    devices = tpu_compile.topology_devices(config.dry_run_topology)
+  else:
+    devices = jax.devices()
+  compiled, facts = compile_train_step(config, devices)
   spec, n, kind = facts["spec"], facts["num_devices"], facts["device_kind"]
   flops = throughput.flops_for_config(config)
   result: dict[str, Any] = {
@@ -78,34 +96,48 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     "flops_per_step": flops,
     "flops_per_device": flops / n,
   }
-  result.update(_memory(compiled))
+  result.update(tpu_compile.memory(compiled))
   result["xla_flops_per_device"] = throughput.xla_flops(compiled)
-  result["lower_s"] = round(t1 - t0, 2)
-  result["compile_s"] = round(compile_s, 2)
+  result["lower_s"], result["compile_s"] = facts["lower_s"], facts["compile_s"]
   result["projected_step_s_at_40pct_mfu"] = throughput.projected_step_s(flops, n, kind)
   if result["projected_step_s_at_40pct_mfu"] is None:
     result["note"] = throughput.describe_peak(kind)
   result["projected_step_s_at_40pct_mfu_by_kind"] = {
     k: throughput.projected_step_s(flops, n, k) for k in throughput.PLANNING_KINDS
   }
+  if config.dry_run_topology:
+    result.update(topology(config, compiled, devices, flops, result["memory_per_device_gib"]))
   print(json.dumps(result), flush=True)
   return result
 
 
-def _memory(compiled: Any) -> dict[str, Any]:
-  """Per-device bytes from XLA: arguments + outputs + temp (donated outputs alias arguments: counted once)."""
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    mem = None
-  if mem is None:
-    return {"memory_per_device_gib": None}
-  args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
-  alias = mem.alias_size_in_bytes
-  return {
-    "memory_per_device_gib": round((args + out + temp - alias) / GIB, 3),
-    "arguments_gib": round(args / GIB, 3),
-    "outputs_gib": round(out / GIB, 3),
-    "temp_gib": round(temp / GIB, 3),
-    "aliased_gib": round(alias / GIB, 3),
+def topology(
+  config: PretrainConfig, compiled: Any, devices: list[jax.Device], flops: float, memory_gib: float | None
+) -> dict[str, Any]:
+  """What a TPU compile for `config.dry_run_topology` says per chip: the chip, its HBM and whether the step fits,
+  XLA's FLOPs and bytes accessed, and the roofline step time (the slower of FLOPs at the chip's peak and bytes at
+  its HBM bandwidth).
+
+  XLA's cost analysis counts the body of the accumulation loop once: its FLOPs and bytes are one micro-step's
+  (plus what runs once per step: optimizer, EMA), so the step time is grad_accum_steps x the micro-step's."""
+  cost = tpu_compile.cost(compiled)
+  chip = tpu_compile.chip_for(devices[0].device_kind)
+  accum = config.training.grad_accum_steps
+  out: dict[str, Any] = {
+    "topology": config.dry_run_topology,
+    "num_hosts": len({d.process_index for d in devices}),
+    "chip": chip.name if chip else None,
+    "xla_flops_per_chip_micro_step": cost.get("flops"),
+    "bytes_accessed_per_chip_micro_step": cost.get("bytes accessed"),
   }
+  if chip is None:  # a chip without known peaks: the compile's figures stand alone
+    out["note"] = f"no peaks known for {devices[0].device_kind!r}: no roofline (tpu_compile.CHIPS)"
+    return out
+  out["hbm_gib_per_chip"] = chip.hbm_gib
+  out["fits"] = None if memory_gib is None else memory_gib <= chip.hbm_gib
+  if "flops" in cost and "bytes accessed" in cost:
+    micro = tpu_compile.roofline(flops / len(devices) / accum, cost["flops"], cost["bytes accessed"], chip)
+    out["bound"] = micro["bound"]
+    out["roofline_step_s"] = accum * micro["roofline_s"]
+    out["roofline_mfu"] = micro["roofline_mfu"]
+  return out

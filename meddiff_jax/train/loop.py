@@ -157,21 +157,17 @@ class Run:
   tx: optax.GradientTransformation
   train_store: pipeline.VolumeStore
   val_store: pipeline.VolumeStore
-  batch_sharding: Any  # per batch key: volumes split by depth too
+  batch_layout: dict[str, jax.ShapeDtypeStruct]  # the global batch: shapes, dtypes, shardings (volumes by depth too)
+  batch_sharding: dict[str, Any]  # batch_layout's shardings
   stored_config: ml_collections.ConfigDict  # saved with every checkpoint: config.stored(training spacing)
   flops_per_step: float  # model FLOPs by which parts train
 
-  def batches(self, seed: int) -> pipeline.GlobalBatches:
-    """The training batches of this process, shuffled by `seed`, as global sharded arrays."""
-    dataset = pipeline.make_dataset(
-      self.train_store,
-      self.config.data,
-      batch_size=self.config.training.batch_size,
-      seed=seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+  def batches(self, first_sample: int = 0) -> pipeline.GlobalBatches:
+    """The training stream (config.seed) from global sample `first_sample` on, as global sharded arrays of which
+    this process loads its part."""
+    return pipeline.GlobalBatches(
+      self.train_store, self.config.data, self.batch_layout, seed=self.config.seed, first_sample=first_sample
     )
-    return pipeline.GlobalBatches(dataset, self.batch_sharding)
 
   def checkpointed(self, tree: Any) -> Any:
     """A state (or its shardings) as checkpoints hold it: without the frozen params loaded from elsewhere
@@ -201,7 +197,7 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
   store = pipeline.make_store(config.data)
   stored_config = ml_collections.ConfigDict(config.stored(config.data.training_spacing(store.records)))
   train_store, val_store = pipeline.split_train_val(store, config.data.val_fraction)
-  batch_sharding = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
+  batch_layout = sharding.input_layout(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
   run = Run(
     config,
     workdir,
@@ -213,7 +209,8 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
     tx,
     train_store,
     val_store,
-    batch_sharding,
+    batch_layout,
+    {k: x.sharding for k, x in batch_layout.items()},
     stored_config,
     flops_per_step,
   )
@@ -221,33 +218,48 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
 
 
 def restore(
-  run: Run, ckpt: checkpoint.Checkpointer, train_state: state_lib.TrainState, batches: pipeline.GlobalBatches
-) -> tuple[state_lib.TrainState, pipeline.GlobalBatches]:
+  run: Run, ckpt: checkpoint.Checkpointer, train_state: state_lib.TrainState
+) -> tuple[state_lib.TrainState, int]:
   """The newest checkpoint of `ckpt` that restores on every process, if any (checkpoint.resume: a workdir whose
   checkpoints none restores is an error unless config.checkpoint.on_unrestorable='start_fresh'): its state (with
-  the frozen params loaded from elsewhere) and the data iterator's position; batches drawn with a new seed when
-  the position could not be restored."""
+  the frozen params loaded from elsewhere) and the data stream's position there (the first global sample of the
+  next batch; 0 without a checkpoint)."""
   restored = checkpoint.resume(
     ckpt,
     checkpoint.abstract_target(run.checkpointed(train_state), run.checkpointed(run.shardings)),
-    batches.iterator,
     run.stored_config,
     restore=run.config.restore,
     on_unrestorable=run.config.checkpoint.on_unrestorable,
   )
   if restored is None:
-    return train_state, batches
+    return train_state, 0
   left_out = state_lib.checkpoint_split(train_state.params, run.labels, run.trainee.external)[1]
   train_state = restored.state.replace(params=trainable.merge(restored.state.params, left_out))
   writer_lib.progress(f"resumed from step {restored.step} in {ckpt.directory}")
-  if not restored.data_restored:  # do not replay the same samples from the start
-    batches = run.batches(run.config.seed + restored.step)
-  return train_state, batches
+  return train_state, stream_position(restored, run.config.training.batch_size)
+
+
+def stream_position(restored: checkpoint.Restored, batch_size: int) -> int:
+  """Where the data stream continues after `restored`: the position it saved (the same for any process count),
+  or, for a checkpoint written before positions were saved (per-process Grain iterator states, which cannot be
+  mapped onto this stream), the samples consumed so far: step x its batch size (default `batch_size`)."""
+  if restored.stream is not None:
+    return int(restored.stream["next_sample"])
+  batch_size = int(((restored.config or {}).get("training") or {}).get("batch_size", batch_size))
+  logging.warning(
+    "checkpoint step %d has no data stream position (written by an older version, with per-process Grain "
+    "iterator states): the stream continues at sample %d (step x batch size %d)",
+    restored.step,
+    restored.step * batch_size,
+    batch_size,
+  )
+  return restored.step * batch_size
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The jitted functions of a run: the train step (state donated), validation loss, preview sampler."""
+  """The jitted functions of a run: the train step (state donated), validation loss, preview sampler
+  (`compile_steps` replaces them by their compiled versions)."""
 
   train: Any
   eval: Any
@@ -261,6 +273,7 @@ def jit_steps(run: Run) -> Steps:
   eval_step = jax.jit(
     validation.make_eval_step(trainee.apply_fn, trainee.schedule, config.diffusion, config.eval.num_buckets),
     in_shardings=(run.eval_params(run.shardings), run.batch_sharding, None),
+    out_shardings=sharding.replicated(run.mesh),  # read back on every process
   )
   preview = jax.jit(
     validation.make_preview_sampler(
@@ -268,6 +281,25 @@ def jit_steps(run: Run) -> Steps:
     )
   )
   return Steps(train_step, eval_step, preview)
+
+
+def compile_steps(run: Run, steps: Steps, train_state: state_lib.TrainState, batch: dict) -> tuple[Steps, Any]:
+  """`steps` compiled ahead of time for this state and the batch layout (validation and preview only when the
+  config runs them), so that no step time in the log includes a compile; and XLA's FLOPs per train step. Inside
+  `sharding.activate`."""
+  train, xla_flops = compile_train_step(run, steps.train, train_state, batch)
+  eval_step, preview = steps.eval, steps.preview
+  t0 = time.perf_counter()
+  params = run.eval_params(train_state)
+  key = jax.random.key(0)
+  if run.config.eval.every_steps:
+    eval_step = eval_step.lower(params, run.batch_layout, key).compile()
+  if run.config.eval.sample_every_steps:
+    cond = {k: run.batch_layout[k] for k in conditions.COND_KEYS if k in run.batch_layout}
+    preview = preview.lower(params, key, cond).compile()
+  if run.config.eval.every_steps or run.config.eval.sample_every_steps:
+    writer_lib.progress(f"compiled validation and preview in {time.perf_counter() - t0:.1f} s")
+  return Steps(train, eval_step, preview), xla_flops
 
 
 def compile_train_step(run: Run, train_step: Any, train_state: state_lib.TrainState, batch: dict) -> tuple[Any, Any]:
@@ -326,11 +358,11 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
   t_start = time.perf_counter()
   run, train_state = setup(config, workdir, trainee)
   trainee = run.trainee
-  batches = run.batches(config.seed)
   ckpt = checkpoint.Checkpointer(
     storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
   )
-  train_state, batches = restore(run, ckpt, train_state, batches)
+  train_state, first_sample = restore(run, ckpt, train_state)
+  batches = run.batches(first_sample)
   steps = jit_steps(run)
 
   writer = writer_lib.MetricWriter(workdir)
@@ -347,13 +379,13 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
     with sharding.activate(run.mesh, run.rules):
       batch = next(batches) if start < num_steps else None
       if batch is not None:
-        compiled, log.xla_flops_per_step = compile_train_step(run, steps.train, train_state, batch)
+        steps, log.xla_flops_per_step = compile_steps(run, steps, train_state, batch)
       log.t_log, pending = time.perf_counter(), None
       step = start
       while step < num_steps:
         if batch is None:
           batch = next(batches)
-        train_state, step_metrics = compiled(train_state, batch)
+        train_state, step_metrics = steps.train(train_state, batch)
         batch = None
         step += 1
         if pending is not None:  # previous step's NaN counters: keeps one step in flight
@@ -366,15 +398,15 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
           log.write(step)
         if itstime(step, config.eval.every_steps, num_steps):
           params = run.eval_params(train_state)
-          val = run_eval(steps.eval, params, run.val_store, config, run.batch_sharding, trainee.schedule.num_timesteps)
+          val = run_eval(steps.eval, params, run.val_store, config, run.batch_layout, trainee.schedule.num_timesteps)
           writer.scalars(step, val)
           last_val = val
           writer_lib.progress(f"step {step}/{num_steps}  val/loss {val['val/loss']:.4g}")
         if itstime(step, config.eval.sample_every_steps, num_steps):
           params = run.eval_params(train_state)
-          write_samples(steps.preview, params, run.val_store, config, run.batch_sharding, writer, workdir, step)
+          write_samples(steps.preview, params, run.val_store, config, run.batch_layout, writer, workdir, step)
         if itstime(step, config.checkpoint.every_steps, num_steps, stopping):
-          ckpt.save(step, run.checkpointed(train_state), batches.iterator, run.stored_config)
+          ckpt.save(step, run.checkpointed(train_state), batches.state(), run.stored_config)
         if stopping:
           logging.warning("preempted: checkpoint for step %d saved, exiting", step)
           break
@@ -402,25 +434,23 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
   return log.last
 
 
+VALIDATION_SEED = 12345  # the validation batches' stream (the same batches every time)
+PREVIEW_SEED = 777  # the previews' stream: its sample 0 is what every preview shows
+
+
 def run_eval(
   eval_step: Any,
   params: Any,
   val_store: pipeline.VolumeStore,
   config: PretrainConfig,
-  batch_sharding: Any,
+  batch_layout: dict[str, jax.ShapeDtypeStruct],
   num_timesteps: int,
 ) -> dict[str, float]:
-  """Mean per-bucket validation loss over a fixed set of batches (the same batches every time)."""
-  ds = pipeline.make_dataset(
-    val_store,
-    config.data,
-    batch_size=config.training.batch_size,
-    seed=12345,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_batches=config.eval.num_batches,
+  """Mean per-bucket validation loss over a fixed set of batches (the same batches every time, whatever the
+  process layout; each process loads its part of them)."""
+  batches = pipeline.GlobalBatches(
+    val_store, config.data, batch_layout, seed=VALIDATION_SEED, num_batches=config.eval.num_batches
   )
-  batches = pipeline.GlobalBatches(ds, batch_sharding)
   total = None
   for i in range(config.eval.num_batches):
     losses = eval_step(params, next(batches), jax.random.key(i))
@@ -436,27 +466,21 @@ def write_samples(
   params: Any,
   val_store: pipeline.VolumeStore,
   config: PretrainConfig,
-  batch_sharding: Any,
+  batch_layout: dict[str, jax.ShapeDtypeStruct],
   writer: writer_lib.MetricWriter,
   workdir: str,
   step: int,
 ) -> None:
   """Montage (axial/coronal/sagittal) of a generated volume above the real one whose conditions it used.
 
-  Reads one sample per process (the montage shows global sample 0), repeated to the batch the sampler
-  is sharded for: the model treats samples independently, so sample 0 is what a full batch would give."""
-  per_process = config.training.batch_size // jax.process_count()
-  ds = pipeline.make_dataset(
-    val_store,
-    config.data,
-    batch_size=jax.process_count(),
-    seed=777,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_batches=1,
+  The montage shows sample 0 of the preview stream, repeated to the batch the sampler is laid out for (the
+  model treats samples independently, so sample 0 is what a full batch would give); each process reads it
+  once, and keeps the slabs its devices hold."""
+  batch = next(
+    pipeline.GlobalBatches(
+      val_store, config.data, batch_layout, seed=PREVIEW_SEED, repeat=config.training.batch_size, num_batches=1
+    )
   )
-  ds = ds.map(lambda b: {k: np.repeat(v, per_process, axis=0) for k, v in b.items()})
-  batch = next(pipeline.GlobalBatches(ds, batch_sharding))
   cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
   gen, real = (_to_host(a)[0] for a in (generated, batch[conditions.IMAGE]))

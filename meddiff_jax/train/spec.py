@@ -116,6 +116,7 @@ class PretrainConfig:
   preset: str
   seed: int
   dry_run: bool  # compile the train step on synthetic inputs, print its cost, exit (train/dry_run.py)
+  dry_run_topology: str  # '' or a TPU slice name (v5p:4x4x4): the dry run compiles for it (train/tpu_compile.py)
   restore: bool  # resume from the newest checkpoint in WORKDIR/checkpoints that restores
   compilation_cache_dir: str  # auto (WORKDIR/compilation_cache on accelerators, off on CPU) | '' (off) | a path
   model: UNetSpec
@@ -133,6 +134,10 @@ class PretrainConfig:
     sections.text("config.preset", self.preset)
     sections.count("config.seed", self.seed, 0)
     sections.flag("config.dry_run", self.dry_run)
+    if not isinstance(self.dry_run_topology, str):
+      raise sections.ConfigError(
+        f"config.dry_run_topology={self.dry_run_topology!r}; must be '' or a TPU slice name such as 'v5p:4x4x4'"
+      )
     sections.flag("config.restore", self.restore)
     sections.text("config.compilation_cache_dir", self.compilation_cache_dir)
     data, model, evaluation, steps = self.data, self.model, self.eval, self.diffusion.num_timesteps
@@ -201,6 +206,10 @@ class ControlNetConfig(PretrainConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    if self.dry_run or self.dry_run_topology:  # it would train instead
+      raise sections.ConfigError(
+        "config.dry_run / config.dry_run_topology: dry runs compile pretraining only (configs/pretrain.py)"
+      )
     sections.choice("config.task", self.task, tuple(HINTS))
     if self.data.hint != HINTS[self.task]:
       raise sections.ConfigError(
