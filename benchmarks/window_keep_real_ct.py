@@ -119,8 +119,8 @@ def main() -> None:
     for i, name in enumerate(args.scans.split(",")):
       row = measure(os.path.join(args.data, name), f"{tmp}/out{i}.nii.gz", args.extra)
       result["rows"].append(row)
+      _common.write_json(args.out, result)  # after every scan: a stopped run keeps what it measured
       print(json.dumps({k: v for k, v in row.items() if k != "console"}), flush=True)
-  _common.write_json(args.out, result)
   keys = ["air (< -900)", "lung (-950..-500 in body)", "bone (> 300)", "inside the window"]
   print("| scan | region (decided) | correlation | " + " | ".join(f"median abs diff, {k}" for k in keys) + " |")
   for row in result["rows"]:
