@@ -99,7 +99,7 @@ def test_default_run_on_real_ct_keeps_air_lung_and_bone_and_says_what_it_did(tmp
     "lung": body & (local < -600) & (local > -950) & (ct < -600),
     "bone": (local > 400) & (ct > 400),
   }.items():
-    assert where.sum() > 50, name
+    assert where.sum() > 20, name  # (the crop holds only the lung bases: ~30 lung voxels)
     assert np.abs(res[where] - ct[where]).max() <= 3.0, name
   inside = (local > -100) & (local < 220) & (ct > -250) & (ct < 380)
   assert np.mean(np.abs(res[inside] - ct[inside])) > 2.0  # the window's contents were processed

@@ -267,6 +267,10 @@ def run_lesion(task: LesionSpec) -> dict[str, Any]:
   if task.method == "inpaint":  # the scan outside the regenerated region, as read (no round trip through the grid)
     hole_input = common.back_to_input_grid(hole[inp.crop].astype(np.float32), inp.work, ct, order=0) > 0.5
     gen = np.where(hole_input | lesion, gen, ct.data).astype(np.float32)
+  # what the file will hold (the scan's HU outside the window, int16), so the scores are those of the written volume
+  gen = scans.onto_scan(
+    scan, [scans.PartResult(inp.part, ct, gen)], window_blend_hu=task.window_blend_hu, dtype=np.int16
+  ).astype(np.float32)
   orig_unit, new_unit = preprocess.hu_to_unit(ct.data, inp.region), preprocess.hu_to_unit(gen, inp.region)
   result = {
     "output": task.output,
@@ -281,11 +285,12 @@ def run_lesion(task: LesionSpec) -> dict[str, Any]:
   )
   return common.finish_scan(
     scan,
-    [scans.PartResult(inp.part, ct, gen)],  # (already on the scan's grid)
+    [scans.PartResult(inp.part, ct, gen)],
     task,
     summary,
     window_blend_hu=task.window_blend_hu,
     dtype=np.int16,
     description=f"meddiff lesion {task.method} ({task.controlnet})",
     sidecar=result,
+    values=gen,
   )
