@@ -96,6 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # grouped: batches carry one uint8 channel per voxel, (group << 1) | body, and the train / eval step expands
       # it to the K + 1 one-hot channels on the accelerator (equal bitwise; 1/13 of the host's bytes and CPU)
       pack_structures=True,
+      # samples ship the store's values (int16 HU crops, the 2P^3 zoom2 window, float32 whole levels, structure
+      # group ids); the jitted step resizes, windows, thresholds the body and packs on the accelerator
+      # (data/decode.py). False: the host finishes every sample (data/multilevel.py), 3-5x its CPU per sample
+      decode_on_device=True,
       operation_probs=(1 / 3, 1 / 3, 1 / 3),  # whole, zoom2, patch
       num_threads=2,
       prefetch=4,

@@ -56,6 +56,7 @@ LEGACY_KEYS = {
   "data.positive_fraction": 0.0,
   "data.phantom.num_lesions": 0,
   "data.pack_structures": False,
+  "data.decode_on_device": False,
   "optimizer.trainable": ALL_PARAMS,
 }
 # Values that meant "work it out" before that had a name: (key, old value) -> the name.

@@ -69,7 +69,7 @@ def test_windows_invert():
 
 
 def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
-  config = tiny()
+  config = tiny(**{"data.decode_on_device": False})  # finished samples; shipped ones: test_decode.py
   st = pipeline.make_store(config.data)
   make = lambda **kw: iter(pipeline.make_dataset(st, config.data, batch_size=4, seed=3, **kw))
   a, b = make(), make()
@@ -139,7 +139,7 @@ def test_a_finite_dataset_reads_exactly_its_batches_and_matches_the_stream():
 def test_global_batches_are_laid_out_on_the_mesh():
   from meddiff_jax import sharding
 
-  config = tiny()
+  config = tiny(**{"data.decode_on_device": False})
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   ds = pipeline.make_dataset(pipeline.make_store(config.data), config.data, batch_size=8, seed=0)
   batches = pipeline.GlobalBatches(ds, sharding.batch_sharding(mesh, (("batch", ("data", "fsdp")),)))

@@ -13,6 +13,7 @@ from meddiff_jax import checks, sharding
 from meddiff_jax.data import pipeline
 from meddiff_jax.models import unet3d
 from meddiff_jax.train import dry_run, loop, throughput
+from meddiff_jax.train import step as step_lib
 
 
 def build(config, mesh_sizes):
@@ -141,11 +142,13 @@ def test_spatially_sharded_step_matches_single_device():
   assert_trees_close(sharded.params, single.params)
   assert_trees_close(sharded.ema_params, single.ema_params)
   mesh, rules, st, _, jitted, batch_sh = build(config, mesh_sizes)
-  assert batch_sh["image"].spec == P(("data", "fsdp"), "spatial")
+  # shipped samples (data.decode_on_device): the 2P^3 zoom2 window splits along depth like the image it becomes
+  assert batch_sh["hu_zoom2"].spec == batch_sh["hu_patch"].spec == P(("data", "fsdp"), "spatial")
   assert batch_sh["pos_box"].spec == P(("data", "fsdp"))
   with sharding.activate(mesh, rules):
     gbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-    assert gbatch["image"].addressable_shards[0].data.shape == (2, 2, 8, 8, 1)  # 4 samples / 2, depth 8 / 4
+    assert gbatch["hu_patch"].addressable_shards[0].data.shape == (2, 2, 8, 8, 1)  # 4 samples / 2, depth 8 / 4
+    assert gbatch["hu_zoom2"].addressable_shards[0].data.shape == (2, 4, 16, 16, 1)
     hlo = jitted.lower(st, gbatch).compile().as_text()
   assert "collective-permute" in hlo
 
@@ -330,10 +333,12 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
       seen["montage"] = images
 
   counting = Counting(store)
-  loop.write_samples(preview, None, counting, config, batch_sharding, Writer(), str(tmp_path), 1)
+  decode = jax.jit(step_lib.decode_inputs(config))  # shipped samples (data.decode_on_device) -> the model's
+  loop.write_samples(preview, decode, None, counting, config, batch_sharding, Writer(), str(tmp_path), 1)
   time.sleep(0.5)
   assert counting.loads == 1 and (tmp_path / "samples" / "step_00000001.png").exists()
   full = next(iter(pipeline.make_dataset(store, config.data, batch_size=4, seed=777)))  # what it read before
+  full = {k: np.asarray(v) for k, v in decode(full).items()}
   for k in ("pos_box", "region", "structures"):
     assert seen[k].shape[0] == 4
     for i in range(4):

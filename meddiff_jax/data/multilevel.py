@@ -10,6 +10,14 @@ align-corners sampling (scipy `zoom`, grid_mode=False), so the sample's voxels s
 linspace(box[a, 0], box[a, 1], P): `models.embeddings.coordinate_grid` reproduces them on device.
 Crops that extend past the volume (a volume smaller than the crop) are padded with air / background and
 their coordinates extend linearly beyond [-1, 1].
+
+Two ways to ship a sample (`SampleSpec.decode_on_device`, config.data.decode_on_device):
+  host:    the finished sample (image in [-1, 1] float32, structures), everything computed here.
+  device:  what the store holds, as read (`shipped_layout`): the HU of the sample's operation in the store's dtype
+           (an int16 P^3 crop, the int16 2P^3 zoom2 window, the float32 whole level), per-voxel structure group
+           ids and the operation; the accelerator resizes the zoom2 window, windows the HU, thresholds the body and
+           packs the structures (data/decode.py), inside the jitted step. Same operations, boxes and rng draws;
+           the image equal within float32 rounding of the resize (tests/test_decode.py).
 """
 
 from __future__ import annotations
@@ -26,6 +34,11 @@ from meddiff_jax.models import conditions
 
 OPERATIONS = ("whole", "zoom2", "patch")
 HINTS = ("lowres", "lesion")  # ControlNet condition volumes a sample can carry (config.data.hint)
+# Keys of a sample shipped for decoding on the device: the HU each operation reads, in the store's dtype; and the
+# per-voxel structure group (grouped) or class (classes) id of the label map, lesion codes decoded.
+SHIPPED_HU = {"whole": "hu_whole", "zoom2": "hu_zoom2", "patch": "hu_patch"}
+GROUPS = "groups"
+OPERATION = "operation"  # () int32: the index in OPERATIONS
 
 
 def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
@@ -217,6 +230,8 @@ class SampleSpec:
   RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
   pack_structures: grouped structures as one (P,P,P,1) uint8 channel, (group << 1) | body
   (models/conditions.pack_structures), expanded to the K+1 channels on the accelerator.
+  decode_on_device: ship the store's values (`shipped_layout`) and let the accelerator finish the sample
+  (data/decode.py); hu_dtype: the dtype volume HU ship in (the store's: int16 prepared, float32 phantoms).
   """
 
   patch: int
@@ -228,6 +243,8 @@ class SampleSpec:
   structure_labels: bool
   positive_fraction: float
   pack_structures: bool
+  decode_on_device: bool
+  hu_dtype: str
 
 
 def make_sample(
@@ -277,6 +294,9 @@ def make_sample(
         f"stored whole level {hu_crop.shape} {hu_crop.dtype} (labels: {lab is not None}) does not "
         f"match a {target} float32 sample of this volume"
       )
+  if spec.decode_on_device:
+    return _shipped_sample(hu, labels, region, spec, operation, start, size, cached, need_labels, lowres)
+  if cached is not None:
     native = None
   else:
     native = crop_padded(hu, start, size, fill=-1000.0)
@@ -317,3 +337,138 @@ def make_sample(
     mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
     sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
   return sample
+
+
+def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Per-sample (shape, dtype) of every key a sample ships with spec.decode_on_device (data/decode.py finishes it).
+
+  One HU key per operation of non-zero probability, in the dtype that operation reads: hu_patch (P,P,P,1) and
+  hu_zoom2 (2P,2P,2P,1) in spec.hu_dtype (the volume's), hu_whole (P,P,P,1) float32 (the stored whole level's);
+  a sample fills its own operation's key and ships zeros (a broadcast view: nothing computed) in the others.
+  groups (P,P,P,1) uint8: the label map's structure group (grouped) or class (classes) id per voxel, without the
+  body, which the device thresholds from its HU. Split over devices along depth, every key splits like the
+  image: image depth rows [a, b) come from the same rows of hu_patch / hu_whole / groups and from rows
+  [2a, 2b) of hu_zoom2 (no halo).
+  """
+  p, hu_dtype = spec.patch, np.dtype(spec.hu_dtype)
+  dtypes = {"whole": np.dtype(np.float32), "zoom2": hu_dtype, "patch": hu_dtype}
+  layout = {
+    SHIPPED_HU[op]: (((2 * p,) * 3 if op == "zoom2" else (p,) * 3) + (1,), dtypes[op])
+    for op, prob in zip(OPERATIONS, spec.operation_probs)
+    if prob > 0
+  }
+  if spec.lut is not None:
+    layout[GROUPS] = ((p, p, p, 1), np.dtype(np.uint8))
+  layout[conditions.POS_BOX] = ((3, 2), np.dtype(np.float32))
+  layout[conditions.REGION] = ((), np.dtype(np.int32))
+  layout[OPERATION] = ((), np.dtype(np.int32))
+  if spec.hint:
+    layout[conditions.HINT] = ((p, p, p, 1), np.dtype(np.float32))
+  return layout
+
+
+def _shipped_sample(
+  hu: np.ndarray,
+  labels: np.ndarray | None,
+  region: int,
+  spec: SampleSpec,
+  operation: str,
+  start: np.ndarray,
+  size: np.ndarray,
+  cached: tuple[np.ndarray, np.ndarray | None] | None,
+  need_labels: bool,
+  lowres: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+  """make_sample's box, shipped as read (`shipped_layout`): no resize of the HU but the whole volume's when the
+  store has no whole level; label maps resized by nearest gathers of only the voxels the sample keeps."""
+  layout = shipped_layout(spec)
+  key = SHIPPED_HU[operation]
+  if key not in layout:
+    raise ValueError(f"operation {operation!r} has probability 0 in {spec.operation_probs}: no {key} to ship it in")
+  target = (spec.patch,) * 3
+  sample = {
+    k: np.broadcast_to(np.zeros((), dt), shape) for k, (shape, dt) in layout.items() if k in SHIPPED_HU.values()
+  }
+  native, lab = None, None
+  if cached is not None:
+    sample[key], lab = cached[0][..., None], (cached[1] if need_labels else None)
+  elif operation == "whole":
+    native = crop_padded(hu, start, size, fill=-1000.0)
+    sample[key] = resize(native, target, order=1, dtype=np.float32)[..., None]
+  else:
+    native = _as_shipped(crop_padded(hu, start, size, fill=-1000.0), spec.hu_dtype)
+    sample[key] = native[..., None]
+  if need_labels and cached is None:
+    if operation == "zoom2":
+      lab = gather_nearest(labels, start, size, target, fill=0)
+    else:
+      lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
+  if spec.lut is not None:
+    if spec.pack_structures and not spec.structure_labels and spec.num_groups > conditions.MAX_PACKED_GROUPS:
+      raise ValueError(
+        f"{spec.num_groups} structure groups do not pack into one uint8 channel (at most "
+        f"{conditions.MAX_PACKED_GROUPS}); set data.pack_structures=False"
+      )
+    sample[GROUPS] = (
+      np.broadcast_to(np.zeros((), np.uint8), target + (1,)) if lab is None else label_groups(lab, spec.lut)[..., None]
+    )
+  sample[conditions.POS_BOX] = conditions.position_boxes(start, size, hu.shape)
+  sample[conditions.REGION] = np.int32(region)
+  sample[OPERATION] = np.int32(OPERATIONS.index(operation))
+  if spec.hint == "lowres":
+    if lowres is not None:
+      if lowres.shape != hu.shape:
+        raise ValueError(f"low-resolution partner shape {lowres.shape} != image shape {hu.shape}")
+      thick = crop_padded(lowres, start, size, fill=-1000.0)
+    else:
+      thick = thick_slices(np.asarray(native, np.float32), spec.sr_factor, axis=2)
+    hint = preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)
+    sample[conditions.HINT] = hint[..., None]
+  elif spec.hint == "lesion":
+    lesion = None if lab is None else split_lesions(lab)[1]
+    mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
+    sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0
+  return sample
+
+
+def _as_shipped(hu: np.ndarray, dtype: str) -> np.ndarray:
+  """HU in the dtype they ship in: as read (a view of a memory map stays one) when the store's dtype is it;
+  a value-preserving cast otherwise (int16 -> float32), never a rounding one."""
+  hu = np.asarray(hu)
+  if hu.dtype == dtype:
+    return hu
+  if not np.can_cast(hu.dtype, dtype, "safe"):
+    raise ValueError(
+      f"volume HU are {hu.dtype}, which {dtype} cannot hold exactly; a prepared store holds int16 HU "
+      "(re-prepare it), or set data.decode_on_device=False"
+    )
+  return hu.astype(dtype)
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """Source voxel of each output voxel of an order-0 `resize` along one axis (scipy's floor(c + 0.5), clamped)."""
+  return np.clip(np.floor(_source_coordinates(n_in, n_out) + 0.5).astype(np.intp), 0, n_in - 1)
+
+
+def gather_nearest(volume, start: np.ndarray, size: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
+  """`resize(crop_padded(volume, start, size, fill), shape, order=0)`, reading only the voxels it keeps: per axis
+  the voxels start + nearest_indices(size, shape), those outside the volume `fill`. A lazy store volume gathers
+  them itself (`oindex`: a zarr window decodes its chunks but assembles P^3, not 2P^3); an array (a memory map)
+  is sliced to the box, then gathered one axis at a time."""
+  dims = np.array(volume.shape[:3])
+  index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
+  inside = [(i >= 0) & (i < d) for i, d in zip(index, dims)]
+  if all(v.all() for v in inside):
+    return _gather(volume, index)
+  out = np.full(tuple(shape), fill, volume.dtype)
+  if all(v.any() for v in inside):
+    out[np.ix_(*inside)] = _gather(volume, [i[v] for i, v in zip(index, inside)])
+  return out
+
+
+def _gather(volume, index: list[np.ndarray]) -> np.ndarray:
+  if hasattr(volume, "oindex"):
+    return volume.oindex(index)
+  lo = [int(i.min()) for i in index]
+  box = volume[tuple(slice(a, int(i.max()) + 1) for a, i in zip(lo, index))]
+  return np.asarray(box[index[0] - lo[0]][:, index[1] - lo[1]][:, :, index[2] - lo[2]])

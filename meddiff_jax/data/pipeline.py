@@ -240,7 +240,8 @@ class GlobalBatches:
 
   def __next__(self) -> dict[str, jax.Array]:
     local = next(self.iterator)
-    local.pop("operation", None)  # host-side bookkeeping only
+    if not any(k in local for k in multilevel.SHIPPED_HU.values()):
+      local.pop(multilevel.OPERATION, None)  # bookkeeping, unless the step decodes by it (data.decode_on_device)
     shard = lambda k: self.sharding[k] if isinstance(self.sharding, dict) else self.sharding
     return {k: jax.make_array_from_process_local_data(shard(k), np.asarray(v)) for k, v in local.items()}
 

@@ -66,6 +66,7 @@ class DataSpec:
   sr_factor: int
   positive_fraction: float
   pack_structures: bool  # grouped structures ship as one uint8 channel, expanded on the accelerator
+  decode_on_device: bool  # samples ship the store's values; the accelerator resizes, windows, packs (data/decode.py)
   phantom: PhantomSpec
 
   def __post_init__(self):
@@ -101,6 +102,7 @@ class DataSpec:
     sections.count(key + "sr_factor", self.sr_factor)
     sections.fraction(key + "positive_fraction", self.positive_fraction)
     sections.flag(key + "pack_structures", self.pack_structures)
+    sections.flag(key + "decode_on_device", self.decode_on_device)
 
   @classmethod
   def from_config(cls, section: Any) -> DataSpec:
@@ -165,7 +167,15 @@ class DataSpec:
       structure_labels=lut is not None and self.structures_as_labels,
       positive_fraction=self.positive_fraction,
       pack_structures=self.packs_structures,
+      decode_on_device=self.decode_on_device,
+      hu_dtype=self.hu_dtype,
     )
+
+  @property
+  def hu_dtype(self) -> str:
+    """The dtype of the source's HU volumes, in which samples ship them (decode_on_device): int16 in a prepared
+    store (data/store.write_record), float32 in generated phantoms."""
+    return "float32" if self.source == "phantom" else "int16"
 
   def training_spacing(self, records: list[dict] | None = None) -> tuple[float, float, float] | None:
     """The voxel size (mm) a model is trained at: data.spacing when given, else ('source') the phantom spacing,

@@ -216,19 +216,24 @@ def restore(
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The jitted functions of a run: the train step (state donated), validation loss, preview sampler."""
+  """The jitted functions of a run: the train step (state donated), validation loss, preview sampler, and the
+  shipped batch -> the model's batch (data.decode_on_device; the two steps do it inside)."""
 
   train: Any
   eval: Any
   preview: Any
+  decode: Any
 
 
 def jit_steps(run: Run) -> Steps:
   config, trainee = run.config, run.trainee
   step_fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, run.tx, config, run.rules, run.labels)
   train_step = step_lib.jit_train_step(step_fn, run.shardings, run.batch_sharding, run.mesh, run.labels)
+  finish = step_lib.decode_inputs(config, run.rules)
   eval_step = jax.jit(
-    validation.make_eval_step(trainee.apply_fn, trainee.schedule, config.diffusion, config.eval.num_buckets),
+    validation.make_eval_step(
+      trainee.apply_fn, trainee.schedule, config.diffusion, config.eval.num_buckets, finish=finish
+    ),
     in_shardings=(run.eval_params(run.shardings), run.batch_sharding, None),
   )
   preview = jax.jit(
@@ -236,7 +241,7 @@ def jit_steps(run: Run) -> Steps:
       trainee.apply_fn, trainee.schedule, config.diffusion, config.data.patch_size, config.eval.sample_steps
     )
   )
-  return Steps(train_step, eval_step, preview)
+  return Steps(train_step, eval_step, preview, jax.jit(finish, in_shardings=(run.batch_sharding,)))
 
 
 def compile_train_step(run: Run, train_step: Any, train_state: state_lib.TrainState, batch: dict) -> tuple[Any, Any]:
@@ -342,7 +347,9 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
           writer_lib.progress(f"step {step}/{num_steps}  val/loss {val['val/loss']:.4g}")
         if itstime(step, config.eval.sample_every_steps, num_steps):
           params = run.eval_params(train_state)
-          write_samples(steps.preview, params, run.val_store, config, run.batch_sharding, writer, workdir, step)
+          write_samples(
+            steps.preview, steps.decode, params, run.val_store, config, run.batch_sharding, writer, workdir, step
+          )
         if itstime(step, config.checkpoint.every_steps, num_steps, stopping):
           ckpt.save(step, run.checkpointed(train_state), batches.iterator, run.stored_config)
         if stopping:
@@ -403,6 +410,7 @@ def run_eval(
 
 def write_samples(
   preview: Any,
+  decode: Any,
   params: Any,
   val_store: pipeline.VolumeStore,
   config: PretrainConfig,
@@ -426,7 +434,7 @@ def write_samples(
     num_batches=1,
   )
   ds = ds.map(lambda b: {k: np.repeat(v, per_process, axis=0) for k, v in b.items()})
-  batch = next(pipeline.GlobalBatches(ds, batch_sharding))
+  batch = decode(next(pipeline.GlobalBatches(ds, batch_sharding)))
   cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
   gen, real = (_to_host(a)[0] for a in (generated, batch[conditions.IMAGE]))
