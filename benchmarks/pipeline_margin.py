@@ -87,7 +87,13 @@ class _SlicedBytes:
         outer.bytes += out.nbytes
         return out
 
-    return Sliced()
+    class Gathered(Sliced):  # a lazy store volume that gathers index grids itself (store.ChunkedVolume)
+      def oindex(self, index):
+        out = a.oindex(index)
+        outer.bytes += out.nbytes
+        return out
+
+    return Gathered() if hasattr(a, "oindex") else Sliced()
 
   def load(self, index):
     hu, labels, region = self.base.load(index)
@@ -111,35 +117,103 @@ class _SlicedBytes:
     return level
 
 
-def cpu_seconds_per_sample(store_dir: pathlib.Path, n: int, pack: bool) -> dict[str, float]:
-  """Per operation: (process CPU s, wall s, bytes read) per paper-preset sample, one thread, after a warm-up."""
+def paper_sample_spec(pack: bool, decode_on_device: bool):
+  """The paper preset's sample layout (prepared store: int16 HU), structures packed or not, finished where asked."""
   import dataclasses
 
   from meddiff_jax.configs import pretrain
-  from meddiff_jax.data import pipeline, store
   from meddiff_jax.data.spec import DataSpec
 
   layout = DataSpec.from_config(pretrain.get_config("paper").data).sample_spec()
+  return dataclasses.replace(layout, pack_structures=pack, decode_on_device=decode_on_device)
+
+
+def cpu_seconds_per_sample(store_dir: pathlib.Path, n: int, spec, batch: int) -> tuple[dict[str, float], list]:
+  """Per operation: (process CPU s, wall s, bytes read) per paper-preset sample, one thread, after a warm-up; then
+  what every sample costs after it is made, whatever its operation (the layout is static): stacking `batch` of
+  them into a batch (Grain's np.stack) and copying the batch once more (the host side of the transfer: PJRT
+  copies a numpy batch into its pinned staging buffer). Returns the row and the samples (for the device work)."""
+  from meddiff_jax.data import pipeline, store
+
   ps = _SlicedBytes(store.PreparedStore(str(store_dir)))
-  out = {}
+  sample = pipeline.MultiLevelSample(ps, spec)
+  out, made = {}, []
   for op, name in enumerate(OPERATIONS):
-    probs = tuple(float(i == op) for i in range(3))
-    spec = dataclasses.replace(layout, operation_probs=probs, pack_structures=pack)
-    sample = pipeline.MultiLevelSample(ps, spec)
     rng = np.random.default_rng(op)
     for i in range(len(ps)):  # warm-up: page cache, TensorStore handles, first touches
-      sample(i, rng)
+      sample(i, rng, operation=name)
     c0, w0, r0, b0 = time.process_time(), time.perf_counter(), _rchar(), ps.bytes
     for i in range(n):
-      sample(i % len(ps), rng)
+      made.append(sample(i % len(ps), rng, operation=name))
     out[f"{name}_cpu_s"] = (time.process_time() - c0) / n
     out[f"{name}_wall_s"] = (time.perf_counter() - w0) / n
     out[f"{name}_rchar_mb"] = (_rchar() - r0) / n / 1e6
     out[f"{name}_sliced_mb"] = (ps.bytes - b0) / n / 1e6
-  probs = tuple(float(p) for p in layout.operation_probs)
-  out["mixed_cpu_s"] = sum(p * out[f"{k}_cpu_s"] for p, k in zip(probs, OPERATIONS))
+  probs = tuple(float(p) for p in spec.operation_probs)
+  out["sample_cpu_s"] = sum(p * out[f"{k}_cpu_s"] for p, k in zip(probs, OPERATIONS))
   out["mixed_wall_s"] = sum(p * out[f"{k}_wall_s"] for p, k in zip(probs, OPERATIONS))
-  return out
+  out.update(assembly_seconds(made, batch))
+  out["mixed_cpu_s"] = out["sample_cpu_s"] + out["stack_cpu_s"] + out["transfer_copy_cpu_s"]
+  return out, made
+
+
+def assembly_seconds(made: list, batch: int, rounds: int = 3) -> dict[str, float]:
+  """CPU s per sample to stack samples into batches of `batch` (operations interleaved, as drawn) and to copy each
+  batch into a reused staging buffer; and the bytes each sample ships."""
+  order = [made[i] for k in range(len(made) // 3) for i in (k, k + len(made) // 3, k + 2 * len(made) // 3)]
+  groups = [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
+  staging = {k: np.empty((batch, *np.shape(v)), np.asarray(v).dtype) for k, v in groups[0][0].items()}
+  stack_s, copy_s, count = 0.0, 0.0, 0
+  for _ in range(rounds):
+    for group in groups:
+      c0 = time.process_time()
+      stacked = {k: np.stack([s[k] for s in group]) for k in group[0]}
+      c1 = time.process_time()
+      for k, v in stacked.items():
+        np.copyto(staging[k], v)
+      c2 = time.process_time()
+      stack_s, copy_s, count = stack_s + c1 - c0, copy_s + c2 - c1, count + len(group)
+      del stacked
+  shipped = sum(np.asarray(v).dtype.itemsize * int(np.prod(np.shape(v))) for v in made[0].values())
+  return {"stack_cpu_s": stack_s / count, "transfer_copy_cpu_s": copy_s / count, "shipped_mb": shipped / 1e6}
+
+
+def device_work(made: list, spec, batch: int, gpus: int, device_kind: str, mfu: float) -> dict[str, float]:
+  """What decoding on the device adds to the step (data/decode.py, in the jitted step): XLA's FLOPs and bytes for a
+  batch of `batch` (the paper step's), projected at `mfu` of the kind's peak or at its HBM bandwidth, whichever is
+  longer, over `gpus` devices; and the same function's CPU time here (XLA:CPU, process CPU s per sample)."""
+  import jax
+
+  from meddiff_jax.data import decode
+  from meddiff_jax.train import throughput
+
+  if not spec.decode_on_device:
+    return {"decode_flops_per_step": 0.0, "decode_bytes_per_step": 0.0, "decode_device_s": 0.0}
+  group = [made[i] for i in np.linspace(0, len(made) - 1, batch).astype(int)]  # operations mixed
+  host = {k: np.stack([s[k] for s in group]) for k in group[0]}
+  fn = jax.jit(lambda b: decode.decode(b, spec))
+  compiled = fn.lower(host).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  jax.block_until_ready(compiled(host))
+  times = []
+  for _ in range(3):
+    c0 = time.process_time()
+    jax.block_until_ready(compiled(host))
+    times.append((time.process_time() - c0) / batch)
+  peak = throughput.peak_flops(device_kind) or 0.0
+  hbm = HBM_BYTES_PER_S.get(device_kind, 0.0)
+  device_s = max(flops / (gpus * peak * mfu) if peak else 0.0, nbytes / (gpus * hbm) if hbm else 0.0)
+  return {
+    "decode_flops_per_step": flops,
+    "decode_bytes_per_step": nbytes,
+    "decode_device_s": device_s,
+    "decode_cpu_s_per_sample_xla_cpu": float(np.median(times)),
+  }
+
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "TPU v5p": 2.76e12, "TPU v5 lite": 0.82e12}  # datasheets
 
 
 def main() -> None:
@@ -153,6 +227,7 @@ def main() -> None:
   p.add_argument("--pack_structures", type=int, default=1, help="1: one packed structure channel (the default)")
   p.add_argument("--formats", default="zarr,npy", help="which copies to time")
   p.add_argument("--codec", default="", help="re-encode the zarr copy with this store.CODECS codec")
+  p.add_argument("--decode", default="device", choices=("device", "host"), help="data.decode_on_device or not")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_margin.json"))
   args = p.parse_args()
   import input_pipeline
@@ -188,17 +263,25 @@ def main() -> None:
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
       if fmt not in formats:
         continue
+      spec = paper_sample_spec(bool(args.pack_structures), args.decode == "device")
+      measured, made = cpu_seconds_per_sample(d, args.patches, spec, need["samples_per_step"])
       row = {
         "format": fmt,
         "codec": (args.codec or "as stored") if fmt == "zarr" else None,
         "whole_sizes": list(whole_sizes),
         "pack_structures": bool(args.pack_structures),
-        **cpu_seconds_per_sample(d, args.patches, bool(args.pack_structures)),
+        "decode": args.decode,
+        **measured,
+        **device_work(made, spec, need["samples_per_step"], args.gpus_per_host, args.device_kind, args.mfu),
       }
+      del made
+      # the device's decode lengthens the step: demand falls by as much (nothing is hidden by moving work there)
+      samples_per_s = need["samples_per_step"] / (need["step_s"] + row["decode_device_s"])
       per_core = 1.0 / row["mixed_cpu_s"]
+      row["samples_per_s_per_host"] = samples_per_s
       row["samples_per_core_s"] = per_core
-      row["cores_for_1x"] = need["samples_per_s_per_host"] / per_core
-      row["cores_for_5x"] = 5 * need["samples_per_s_per_host"] / per_core
+      row["cores_for_1x"] = samples_per_s / per_core
+      row["cores_for_5x"] = 5 * samples_per_s / per_core
       rows.append(row)
       print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
   out = pathlib.Path(args.out)

@@ -101,9 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (data/decode.py). False: the host finishes every sample (data/multilevel.py), 3-5x its CPU per sample
       decode_on_device=True,
       operation_probs=(1 / 3, 1 / 3, 1 / 3),  # whole, zoom2, patch
-      num_threads=2,
-      prefetch=4,
-      worker_count=0,
+      # Grain worker processes, read threads (per worker) and batches read ahead: 'auto' sizes them from the cores
+      # this process may use, the processes on its host, a bucket's latency and memory (data/workers.py; printed
+      # at start-up with the samples/s to expect)
+      num_threads=sections.keyword("auto"),
+      prefetch=sections.keyword("auto"),
+      worker_count=sections.keyword("auto"),
       val_fraction=0.1,  # stores without recorded splits (phantoms): every k-th volume validates
       # ControlNet fine-tuning only (configs/controlnet.py): the condition volume each sample carries
       hint="",  # '' (none) | lowres (thick slices of the image) | lesion (the lesion mask)

@@ -58,9 +58,9 @@ class DataSpec:
   structures: str
   structure_groups: tuple[tuple[str, tuple[str, ...]], ...]
   operation_probs: tuple[float, float, float]
-  num_threads: int
-  prefetch: int
-  worker_count: int
+  num_threads: int | str  # 'auto': data/workers.py
+  prefetch: int | str
+  worker_count: int | str
   val_fraction: float
   hint: str
   sr_factor: int
@@ -94,9 +94,8 @@ class DataSpec:
       raise sections.ConfigError(
         f"{key}operation_probs={probs!r}; must be 3 weights >= 0 (whole, zoom2, patch), not all 0"
       )
-    sections.count(key + "num_threads", self.num_threads, 0)
-    sections.count(key + "prefetch", self.prefetch, 0)
-    sections.count(key + "worker_count", self.worker_count, 0)
+    for name in ("num_threads", "prefetch", "worker_count"):
+      sections.keyword_or(key + name, getattr(self, name), ("auto",), sections.count, 0)
     sections.fraction(key + "val_fraction", self.val_fraction)
     sections.choice(key + "hint", self.hint, ("",) + multilevel.HINTS)
     sections.count(key + "sr_factor", self.sr_factor)

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 
 from meddiff_jax import checkpoint, pretrained, sharding, storage
-from meddiff_jax.data import pipeline
+from meddiff_jax.data import pipeline, workers
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
 from meddiff_jax.models import conditions, trainable, unet3d
@@ -177,6 +177,7 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
   store = pipeline.make_store(config.data)
   stored_config = ml_collections.ConfigDict(config.stored(config.data.training_spacing(store.records)))
   train_store, val_store = pipeline.split_train_val(store, config.data.val_fraction)
+  config = dataclasses.replace(config, data=size_pipeline(config, train_store, flops_per_step))
   batch_sharding = sharding.input_shardings(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
   run = Run(
     config,
@@ -194,6 +195,24 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
     flops_per_step,
   )
   return run, state
+
+
+def size_pipeline(config: PretrainConfig, train_store: pipeline.VolumeStore, flops_per_step: float) -> Any:
+  """config.data with its 'auto' workers / threads / read-ahead resolved for this process (data/workers.py: the
+  cores it may use, the processes on its host, the store's place, memory), said once with the samples/s to expect
+  (sample CPU measured on a few samples here) against what the step consumes at 40% MFU (known device kinds)."""
+  data = config.data
+  per_process = config.training.batch_size // jax.process_count()
+  read = workers.plan(
+    data,
+    workers.batch_bytes(data.sample_spec(), per_process),
+    processes_per_host=workers.processes_on_this_host(),
+  )
+  cpu_s = workers.cpu_seconds_per_sample(pipeline.MultiLevelSample(train_store, data.sample_spec()), len(train_store))
+  step_s = throughput.projected_step_s(flops_per_step, jax.device_count(), jax.devices()[0].device_kind)
+  consumed = config.training.batch_size / step_s / jax.process_count() if step_s else None
+  writer_lib.progress(read.describe(cpu_s, consumed))
+  return dataclasses.replace(data, worker_count=read.worker_count, num_threads=read.num_threads, prefetch=read.prefetch)
 
 
 def restore(
@@ -262,6 +281,7 @@ class TrainLog:
     self.device_kind = jax.devices()[0].device_kind
     self.accumulated: TrainMetrics | None = None
     self.t_log, self.steps_since = time.perf_counter(), 0
+    self.data_wait_s = 0.0  # time the loop waited for batches since the last log (train_and_evaluate adds to it)
     self.last: dict[str, float] = {}
 
   def add(self, step_metrics: dict[str, jax.Array]) -> None:
@@ -274,6 +294,8 @@ class TrainLog:
     scalars = {k: float(v) for k, v in self.accumulated.compute().items()}
     elapsed = time.perf_counter() - self.t_log
     scalars["steps_per_sec"] = self.steps_since / elapsed
+    # the share of the interval the loop waited for input: near 1, the devices starve (more data.worker_count)
+    scalars["data_wait_fraction"] = min(1.0, self.data_wait_s / elapsed)
     scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size**3
     scalars.update(
       throughput.step_metrics(
@@ -286,10 +308,10 @@ class TrainLog:
     self.writer.scalars(step, scalars, prefix=f"{self.run.trainee.metric_prefix}/")
     writer_lib.progress(
       f"step {step}/{config.training.num_steps}  "
-      + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec"))
+      + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec", "data_wait_fraction"))
     )
     self.last, self.accumulated = scalars, None
-    self.t_log, self.steps_since = time.perf_counter(), 0
+    self.t_log, self.steps_since, self.data_wait_s = time.perf_counter(), 0, 0.0
     return scalars
 
 
@@ -299,7 +321,7 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
   `config` is checked and typed by the entry point (checks.pretrain / checks.controlnet); not again here."""
   t_start = time.perf_counter()
   run, train_state = setup(config, workdir, trainee)
-  trainee = run.trainee
+  config, trainee = run.config, run.trainee  # the data section's 'auto' parallelism resolved
   batches = run.batches(config.seed)
   ckpt = checkpoint.Checkpointer(
     storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
@@ -323,11 +345,13 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
       batch = next(batches) if start < num_steps else None
       if batch is not None:
         compiled, log.xla_flops_per_step = compile_train_step(run, steps.train, train_state, batch)
-      log.t_log, pending = time.perf_counter(), None
+      log.t_log, log.data_wait_s, pending = time.perf_counter(), 0.0, None
       step = start
       while step < num_steps:
         if batch is None:
-          batch = next(batches)
+          t_wait = time.perf_counter()
+          batch = next(batches)  # the host's next batch, on the devices (the previous step runs meanwhile)
+          log.data_wait_s += time.perf_counter() - t_wait
         train_state, step_metrics = compiled(train_state, batch)
         batch = None
         step += 1
