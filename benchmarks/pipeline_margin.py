@@ -213,6 +213,75 @@ def device_work(made: list, spec, batch: int, gpus: int, device_kind: str, mfu: 
   }
 
 
+def gs_store(store_dir: pathlib.Path):
+  """The store as the stand-in serves it: its records (read locally: the stand-in serves only what TensorStore
+  reads), its arrays at gs://bucket/..."""
+  from meddiff_jax.data import store
+
+  ps = store.PreparedStore(str(store_dir))
+  ps.directory = "gs://bucket"
+  return ps
+
+
+def bucket_latency(store_dir: pathlib.Path, latencies: list[float], threads: list[int], samples: int, tmp) -> list:
+  """The paper preset's samples read from gs:// through the storage layer (TensorStore's gcs driver) on a GCS
+  stand-in that holds every request `latency` ms (benchmarks/_latency_server.py), by Grain with `threads` samples in
+  flight (batches of 1, no worker processes): samples/s (wall) and process CPU s per sample, per latency and
+  thread count. The local rate at the same thread count is the 0 ms row."""
+  import dataclasses
+  import os
+  import socket
+  import subprocess
+
+  from meddiff_jax.configs import pretrain
+  from meddiff_jax.data import pipeline
+  from meddiff_jax.data.spec import DataSpec
+
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  latency_file = pathlib.Path(tmp) / "latency_ms"
+  latency_file.write_text("0")
+  server = subprocess.Popen(
+    [sys.executable, str(ROOT / "benchmarks" / "_latency_server.py"), str(port), str(store_dir), str(latency_file)],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  rows = []
+  try:
+    assert server.stdout.readline().strip() == "ready"
+    url = f"http://localhost:{port}"
+    os.environ.update(
+      STORAGE_EMULATOR_HOST=url,  # gcsfs (the records, through storage.py)
+      TENSORSTORE_GCS_HTTP_URL=url,  # TensorStore's gcs driver (the arrays)
+      GOOGLE_AUTH_TOKEN_FOR_TESTING="offline",
+      FSSPEC_GCS_TOKEN="anon",
+      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+    )
+    config = pretrain.get_config("paper").data
+    config.update(prepared_dir="gs://bucket/store", worker_count=0)
+    base = DataSpec.from_config(config)
+    for latency in latencies:
+      latency_file.write_text(str(latency))
+      for n in threads:
+        data = dataclasses.replace(base, num_threads=n, prefetch=n)
+        it = iter(pipeline.make_dataset(gs_store(store_dir), data, batch_size=1, seed=n))
+        for _ in range(max(n, 2)):  # warm-up: TensorStore handles (each array's metadata: one request), threads
+          next(it)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(samples):
+          next(it)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        row = {"latency_ms": latency, "threads": n, "samples_per_s": samples / wall, "cpu_s_per_sample": cpu / samples}
+        rows.append(row)
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        del it
+  finally:
+    server.terminate()
+    server.wait()
+  return rows
+
+
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "TPU v5p": 2.76e12, "TPU v5 lite": 0.82e12}  # datasheets
 
 
@@ -228,6 +297,9 @@ def main() -> None:
   p.add_argument("--formats", default="zarr,npy", help="which copies to time")
   p.add_argument("--codec", default="", help="re-encode the zarr copy with this store.CODECS codec")
   p.add_argument("--decode", default="device", choices=("device", "host"), help="data.decode_on_device or not")
+  p.add_argument("--latency_ms", default="", help="bucket mode: e.g. 0,20,50 ms per request (gs:// stand-in)")
+  p.add_argument("--threads", default="1,2,4,8", help="bucket mode: samples in flight (Grain read threads)")
+  p.add_argument("--latency_samples", type=int, default=24, help="bucket mode: timed samples per setting")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_margin.json"))
   args = p.parse_args()
   import input_pipeline
@@ -252,7 +324,7 @@ def main() -> None:
       t0 = time.perf_counter()
       store_dir = input_pipeline.make_inputs(tmp)[1]
       print(f"prepared inputs in {time.perf_counter() - t0:.0f} s", flush=True)
-    formats = args.formats.split(",")
+    formats = args.formats.split(",") if not args.latency_ms else ["zarr"]
     npy_dir = input_pipeline.npy_copy(store_dir, tmp / "store_npy") if "npy" in formats else None
     if args.codec:
       for path in sorted(store_dir.glob("*.zarr")):
@@ -260,6 +332,12 @@ def main() -> None:
     for d in (store_dir, npy_dir):
       if whole_sizes and d is not None:
         store.add_whole_levels(str(d), whole_sizes, args.codec or store.DEFAULT_CODEC)
+    latency_rows = []
+    if args.latency_ms:
+      latencies = [float(v) for v in args.latency_ms.split(",")]
+      threads = [int(v) for v in args.threads.split(",")]
+      latency_rows = bucket_latency(store_dir, latencies, threads, args.latency_samples, tmp)
+      formats = []
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
       if fmt not in formats:
         continue
@@ -286,7 +364,10 @@ def main() -> None:
       print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"command": " ".join(sys.argv), "demand": need, "rows": rows}, indent=2))
+  result = {"command": " ".join(sys.argv), "demand": need, "rows": rows}
+  if latency_rows:
+    result["latency_rows"] = latency_rows
+  out.write_text(json.dumps(result, indent=2))
   print(f"wrote {out}")
 
 

@@ -103,28 +103,31 @@ def plan(
   cores: int | None = None,
   processes_per_host: int = 1,
   memory_bytes: int | None = None,
+  machine_cores: int | None = None,
 ) -> ReadPlan:
   """data (data/spec.DataSpec) with its 'auto' worker_count / num_threads / prefetch resolved (module docstring);
-  batch_bytes: the bytes of one per-process batch (`batch_bytes`)."""
-  total = os.cpu_count() or 1
+  batch_bytes: the bytes of one per-process batch (`batch_bytes`). cores / memory_bytes / machine_cores: what
+  this process may use, available memory, the machine's cores (default: asked of the OS)."""
+  total = machine_cores or os.cpu_count() or 1
   cores = available_cores() if cores is None else cores
   shared = cores >= total and processes_per_host > 1  # affinity not narrowed per process: share the machine
   mine = max(1, cores // processes_per_host) if shared else cores
   usable = usable_cores(mine)
   remote = data.source == "prepared" and not storage.is_local(data.prepared_dir)
   per_core = READS_PER_CORE if remote else 1
-  workers = data.worker_count if data.worker_count != AUTO else (0 if usable <= 2 else min(usable, MAX_WORKERS))
+  memory = _available_memory() if memory_bytes is None else memory_bytes
+  in_flight = max(1, int(MEMORY_SHARE * memory / max(batch_bytes, 1)))  # batches the memory share holds
+  workers = data.worker_count
+  if workers == AUTO:
+    workers = 0 if usable <= 2 else min(usable, MAX_WORKERS, in_flight)
   threads = data.num_threads
   if threads == AUTO:
     threads = min(MAX_THREADS, per_core * (1 if workers else usable))
-  prefetch = data.prefetch if data.prefetch != AUTO else max(threads, 1)
-  if data.prefetch == AUTO or data.num_threads == AUTO:  # batches in flight within the memory share
-    memory = _available_memory() if memory_bytes is None else memory_bytes
-    cap = max(1, int(MEMORY_SHARE * memory / max(batch_bytes, 1)) // max(workers, 1))
-    if data.prefetch == AUTO:
-      prefetch = min(prefetch, cap)
-    if data.num_threads == AUTO:
-      threads = min(threads, max(prefetch, 1))
+  prefetch = data.prefetch
+  if prefetch == AUTO:  # one batch per thread (Grain runs one batch per thread), within the memory share
+    prefetch = max(1, min(threads, in_flight // max(workers, 1)))
+  if data.num_threads == AUTO:  # no more threads than batches they may run ahead
+    threads = min(threads, prefetch)
   return ReadPlan(int(workers), int(threads), int(prefetch), cores, processes_per_host, remote)
 
 
