@@ -213,72 +213,111 @@ def device_work(made: list, spec, batch: int, gpus: int, device_kind: str, mfu: 
   }
 
 
-def gs_store(store_dir: pathlib.Path):
-  """The store as the stand-in serves it: its records (read locally: the stand-in serves only what TensorStore
-  reads), its arrays at gs://bucket/..."""
+class LatentArray:
+  """A store array (store.ChunkedVolume) read as from a bucket: every read waits `latency_s` per round of requests
+  (its chunks over store.REQUESTS_PER_ARRAY, the requests in flight store.py opens gs:// arrays with: one round for
+  every read of the paper preset), then reads the local copy. Reads started together (read_async) wait together,
+  as TensorStore's requests do."""
+
+  def __init__(self, base, latency_s: float, waited: list):
+    self.base, self.latency_s, self.waited = base, latency_s, waited  # waited: [seconds slept, all threads]
+    self.shape, self.dtype, self.ndim = base.shape, base.dtype, base.ndim
+
+  def _after(self, chunks: int, read):
+    from meddiff_jax.data import store
+
+    ready = time.perf_counter() + self.latency_s * -(-chunks // store.REQUESTS_PER_ARRAY)
+
+    def wait():
+      pause = max(0.0, ready - time.perf_counter())
+      self.waited[0] += pause  # a read started with another one waits (almost) nothing more
+      time.sleep(pause)
+      return read()
+
+    return wait
+
+  def read_async(self, index):
+    from meddiff_jax.data import store
+
+    box = (index,) if not isinstance(index, tuple) else index
+    box = [slice(None)] * self.ndim if box == (...,) else list(box) + [slice(None)] * (self.ndim - len(box))
+    c = store.CHUNK
+    chunks = 1
+    for sl, n in zip(box, self.shape):
+      lo, hi, _ = sl.indices(n)
+      chunks *= -(-hi // c) - lo // c
+    return self._after(chunks, lambda: self.base[index])
+
+  def oindex_async(self, index):
+    from meddiff_jax.data import store
+
+    chunks = int(np.prod([len(np.unique(np.asarray(i) // store.CHUNK)) for i in index]))
+    return self._after(chunks, lambda: self.base.oindex(index))
+
+  def __getitem__(self, index):
+    return self.read_async(index)()
+
+  def oindex(self, index):
+    return self.oindex_async(index)()
+
+  def __array__(self, dtype=None, copy=None):
+    out = self.read_async(...)()
+    return out if dtype is None else out.astype(dtype)
+
+
+def latent_store(store_dir: pathlib.Path, latency_s: float):
+  """A PreparedStore whose zarr arrays are read as from a bucket with `latency_s` per request (LatentArray);
+  `.waited[0]`: the seconds its reads waited, over all threads."""
   from meddiff_jax.data import store
 
-  ps = store.PreparedStore(str(store_dir))
-  ps.directory = "gs://bucket"
-  return ps
+  class Latent(store.PreparedStore):
+    waited = [0.0]
+
+    def _array(self, name):
+      array = super()._array(name)
+      return LatentArray(array, latency_s, self.waited) if isinstance(array, store.ChunkedVolume) else array
+
+  return Latent(str(store_dir))
 
 
-def bucket_latency(store_dir: pathlib.Path, latencies: list[float], threads: list[int], samples: int, tmp) -> list:
-  """The paper preset's samples read from gs:// through the storage layer (TensorStore's gcs driver) on a GCS
-  stand-in that holds every request `latency` ms (benchmarks/_latency_server.py), by Grain with `threads` samples in
-  flight (batches of 1, no worker processes): samples/s (wall) and process CPU s per sample, per latency and
-  thread count. The local rate at the same thread count is the 0 ms row."""
+def bucket_latency(
+  store_dir: pathlib.Path, latencies: list[float], threads: list[int], samples: int, decode_on_device: bool
+) -> list:
+  """The paper preset's samples from the zarr store read as from a bucket with `latency` ms per request (each read
+  one round of requests: latent_store), by Grain with `threads` samples in flight (batches of 1, read threads of
+  this process): samples/s (wall) and process CPU s per sample, per latency and thread count."""
   import dataclasses
-  import os
-  import socket
-  import subprocess
 
   from meddiff_jax.configs import pretrain
   from meddiff_jax.data import pipeline
   from meddiff_jax.data.spec import DataSpec
 
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    port = sock.getsockname()[1]
-  latency_file = pathlib.Path(tmp) / "latency_ms"
-  latency_file.write_text("0")
-  server = subprocess.Popen(
-    [sys.executable, str(ROOT / "benchmarks" / "_latency_server.py"), str(port), str(store_dir), str(latency_file)],
-    stdout=subprocess.PIPE,
-    text=True,
-  )
+  config = pretrain.get_config("paper").data
+  config.update(prepared_dir=str(store_dir), worker_count=0)
+  base = dataclasses.replace(DataSpec.from_config(config), decode_on_device=decode_on_device)
   rows = []
-  try:
-    assert server.stdout.readline().strip() == "ready"
-    url = f"http://localhost:{port}"
-    os.environ.update(
-      STORAGE_EMULATOR_HOST=url,  # gcsfs (the records, through storage.py)
-      TENSORSTORE_GCS_HTTP_URL=url,  # TensorStore's gcs driver (the arrays)
-      GOOGLE_AUTH_TOKEN_FOR_TESTING="offline",
-      FSSPEC_GCS_TOKEN="anon",
-      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-    )
-    config = pretrain.get_config("paper").data
-    config.update(prepared_dir="gs://bucket/store", worker_count=0)
-    base = DataSpec.from_config(config)
-    for latency in latencies:
-      latency_file.write_text(str(latency))
-      for n in threads:
-        data = dataclasses.replace(base, num_threads=n, prefetch=n)
-        it = iter(pipeline.make_dataset(gs_store(store_dir), data, batch_size=1, seed=n))
-        for _ in range(max(n, 2)):  # warm-up: TensorStore handles (each array's metadata: one request), threads
-          next(it)
-        c0, w0 = time.process_time(), time.perf_counter()
-        for _ in range(samples):
-          next(it)
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        row = {"latency_ms": latency, "threads": n, "samples_per_s": samples / wall, "cpu_s_per_sample": cpu / samples}
-        rows.append(row)
-        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        del it
-  finally:
-    server.terminate()
-    server.wait()
+  for latency in latencies:
+    for n in threads:
+      data = dataclasses.replace(base, num_threads=n, prefetch=n)
+      latent = latent_store(store_dir, latency / 1e3)
+      it = iter(pipeline.make_dataset(latent, data, batch_size=1, seed=n))
+      for _ in range(max(n, 2)):  # warm-up: TensorStore handles, threads, page cache
+        next(it)
+      c0, w0, s0 = time.process_time(), time.perf_counter(), latent.waited[0]
+      for _ in range(samples):
+        next(it)
+      wall, cpu, slept = time.perf_counter() - w0, time.process_time() - c0, latent.waited[0] - s0
+      row = {
+        "latency_ms": latency,
+        "threads": n,
+        "samples_per_s": samples / wall,
+        "cpu_s_per_sample": cpu / samples,
+        # request rounds a sample waits for one after another (its reads that start together count once)
+        "rounds_per_sample": slept / samples / (latency / 1e3) if latency else 0.0,
+      }
+      rows.append(row)
+      print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+      del it
   return rows
 
 
@@ -297,7 +336,7 @@ def main() -> None:
   p.add_argument("--formats", default="zarr,npy", help="which copies to time")
   p.add_argument("--codec", default="", help="re-encode the zarr copy with this store.CODECS codec")
   p.add_argument("--decode", default="device", choices=("device", "host"), help="data.decode_on_device or not")
-  p.add_argument("--latency_ms", default="", help="bucket mode: e.g. 0,20,50 ms per request (gs:// stand-in)")
+  p.add_argument("--latency_ms", default="", help="bucket mode: e.g. 0,20,50 ms per request round")
   p.add_argument("--threads", default="1,2,4,8", help="bucket mode: samples in flight (Grain read threads)")
   p.add_argument("--latency_samples", type=int, default=24, help="bucket mode: timed samples per setting")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_margin.json"))
@@ -336,7 +375,7 @@ def main() -> None:
     if args.latency_ms:
       latencies = [float(v) for v in args.latency_ms.split(",")]
       threads = [int(v) for v in args.threads.split(",")]
-      latency_rows = bucket_latency(store_dir, latencies, threads, args.latency_samples, tmp)
+      latency_rows = bucket_latency(store_dir, latencies, threads, args.latency_samples, args.decode == "device")
       formats = []
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
       if fmt not in formats:

@@ -392,17 +392,20 @@ def _shipped_sample(
   native, lab = None, None
   if cached is not None:
     sample[key], lab = cached[0][..., None], (cached[1] if need_labels else None)
-  elif operation == "whole":
-    native = crop_padded(hu, start, size, fill=-1000.0)
-    sample[key] = resize(native, target, order=1, dtype=np.float32)[..., None]
-  else:
-    native = _as_shipped(crop_padded(hu, start, size, fill=-1000.0), spec.hu_dtype)
-    sample[key] = native[..., None]
-  if need_labels and cached is None:
-    if operation == "zoom2":
-      lab = gather_nearest(labels, start, size, target, fill=0)
+  else:  # the HU and label reads begin together: from a bucket, one round of requests
+    hu_read = start_crop(hu, start, size, fill=-1000.0)
+    lab_read = None
+    if need_labels:
+      lab_read = (start_gather_nearest if operation == "zoom2" else start_crop)(labels, start, size, 0, target)
+    native = hu_read()
+    if operation == "whole":
+      sample[key] = resize(native, target, order=1, dtype=np.float32)[..., None]
     else:
-      lab = resize(crop_padded(labels, start, size, fill=0), target, order=0)
+      native = _as_shipped(native, spec.hu_dtype)
+      sample[key] = native[..., None]
+    if lab_read is not None:
+      lab = lab_read()
+      lab = lab if operation == "zoom2" else resize(lab, target, order=0)
   if spec.lut is not None:
     if spec.pack_structures and not spec.structure_labels and spec.num_groups > conditions.MAX_PACKED_GROUPS:
       raise ValueError(
@@ -443,6 +446,24 @@ def _as_shipped(hu: np.ndarray, dtype: str) -> np.ndarray:
       "(re-prepare it), or set data.decode_on_device=False"
     )
   return hu.astype(dtype)
+
+
+def start_crop(volume, start: np.ndarray, size: np.ndarray, fill: float, shape=None) -> Callable[[], np.ndarray]:
+  """`crop_padded`, begun: a lazy store volume (store.ChunkedVolume) starts reading an inside crop now and the call
+  waits for it, so reads started together overlap; anything else is read by the call. (`shape`: unused, the
+  signature of start_gather_nearest.)"""
+  inside = np.all(start >= 0) and np.all(start + size <= np.array(volume.shape[:3]))
+  if inside and hasattr(volume, "read_async"):
+    return volume.read_async(tuple(slice(int(a), int(a + n)) for a, n in zip(start, size)))
+  return lambda: crop_padded(volume, start, size, fill)
+
+
+def start_gather_nearest(volume, start: np.ndarray, size: np.ndarray, fill: float, shape) -> Callable[[], np.ndarray]:
+  """`gather_nearest`, begun (as start_crop)."""
+  index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
+  if hasattr(volume, "oindex_async") and all(i.min() >= 0 and i.max() < d for i, d in zip(index, volume.shape[:3])):
+    return volume.oindex_async(index)
+  return lambda: gather_nearest(volume, start, size, shape, fill)
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
