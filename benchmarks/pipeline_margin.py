@@ -1,16 +1,32 @@
-"""Does the input pipeline keep >= 5x ahead of the paper preset's train step? (#12)
+"""Does the input pipeline keep >= 5x ahead of the paper preset's train step? (#12, #24)
 
 python benchmarks/pipeline_margin.py [--store_dir=DIR] [--patches=6] [--gpus_per_host=8] [--device_kind=H100]
-    [--whole_sizes=128] [--pack_structures=1] [--codec=blosc_lz4hc] [--formats=zarr,npy]
+    [--whole_sizes=128] [--pack_structures=1] [--codec=blosc_lz4hc] [--formats=zarr,npy] [--decode=device]
     [--out=benchmarks/results/pipeline_margin.json]
+python benchmarks/pipeline_margin.py --store_dir=DIR --whole_sizes=128 --latency_ms=0,20,50 --threads=1,2,4,8
+    (bucket mode)
 
 Supply: the paper preset's samples (configs/pretrain.py:paper data section: 128^3 windows, multi-level
 whole / zoom2 / patch at 1/3 each, grouped structure channels) drawn from a prepared store on local
 disk, zarr and .npy, each operation timed on its own and mixed by the preset's probabilities. The figure
 that transfers to another host is CPU seconds per sample (process CPU time, one thread, page cache warm),
 not this shared 2-core box's wall clock: a host with C free cores delivers about C / (CPU s per sample).
-Demand: the paper preset's model FLOPs per step (effective batch 4) at 40% MFU on `gpus_per_host` GPUs
-of `device_kind` (train/throughput.projected_step_s, the dry run's projection).
+Per sample: making it (`sample_cpu_s`: what #12's rows counted), then what every sample costs after, whatever its
+operation: stacking a batch (`stack_cpu_s`, Grain's np.stack) and one more copy of the batch (`transfer_copy_cpu_s`:
+the host side of the transfer, PJRT copying a numpy batch into its pinned staging buffer); `mixed_cpu_s` and the
+core counts add all three. --decode=device (data.decode_on_device, the default): samples ship the store's values
+(48 MB each at P=128: the int16 2P^3 zoom2 window in every sample) and the device finishes them; --decode=host: the
+host finishes them (10 MB each).
+Demand: the paper preset's model FLOPs per step (effective batch 4) at 40% MFU on `gpus_per_host` GPUs of
+`device_kind` (train/throughput.projected_step_s, the dry run's projection), the step lengthened by what decoding
+adds on the device (data/decode.py compiled for a batch: XLA's FLOPs at that MFU or its bytes at the kind's HBM
+bandwidth, whichever is longer; its XLA:CPU time per sample is reported beside it).
+
+Bucket mode (--latency_ms): the zarr copy read as from a bucket, every read of an array waiting `latency` ms per
+round of requests (one round when its chunks fit in store.REQUESTS_PER_ARRAY, as store.py opens gs:// arrays), by
+Grain with --threads samples in flight; samples/s (wall), CPU s per sample and the request rounds a sample waits
+for one after another (its HU and label reads start together: one round). A GCS stand-in over HTTP spent more CPU
+per chunk request than the pipeline on this 2-core box, so the latency is injected in the store's arrays.
 
 Volumes: --store_dir (a prepared zarr store, left as it is: read from copies) or, by default, input_pipeline.py's
 4 phantoms at 256^3 + the real CT, prepared into a temporary directory. --whole_sizes=128: the copies get their
@@ -399,6 +415,7 @@ def main() -> None:
       row["samples_per_core_s"] = per_core
       row["cores_for_1x"] = samples_per_s / per_core
       row["cores_for_5x"] = 5 * samples_per_s / per_core
+      row["cores_for_5x_sample_only"] = 5 * samples_per_s * row["sample_cpu_s"]  # #12's count: making samples
       rows.append(row)
       print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
   out = pathlib.Path(args.out)
