@@ -22,7 +22,7 @@ TEMPLATE = """#!/bin/bash
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node={gpus_per_node}
-#SBATCH --cpus-per-task={cpus_per_task}
+{cpus_line}
 #SBATCH --time={time}
 #SBATCH --signal=TERM@300
 #SBATCH --requeue
@@ -31,7 +31,8 @@ TEMPLATE = """#!/bin/bash
 set -euo pipefail
 export JAX_COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):{port}"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"
-srun --kill-on-bad-exit=1 bash -c 'export JAX_PROCESS_ID=$SLURM_PROCID; exec python -m meddiff_jax.main {args}'
+srun --kill-on-bad-exit=1{srun_cpus} \\
+  bash -c 'export JAX_PROCESS_ID=$SLURM_PROCID; exec python -m meddiff_jax.main {args}'
 """
 
 
@@ -40,7 +41,9 @@ def parse(argv=None):
   p.add_argument("--name", default="meddiff")
   p.add_argument("--nodes", type=int, default=1)
   p.add_argument("--gpus_per_node", type=int, default=8)
-  p.add_argument("--cpus_per_task", type=int, default=16)
+  # 0: the whole node (--exclusive): the input pipeline sizes its workers from the cores it is given
+  # (data.worker_count=auto, data/workers.py); one 8-GPU node wants ~20-40 of them (benchmarks/RESULTS.md #24)
+  p.add_argument("--cpus_per_task", type=int, default=0)
   p.add_argument("--partition", default="")
   p.add_argument("--time", default="24:00:00")
   p.add_argument("--port", type=int, default=12355)
@@ -58,7 +61,8 @@ def render(a) -> str:
     name=a.name,
     nodes=a.nodes,
     gpus_per_node=a.gpus_per_node,
-    cpus_per_task=a.cpus_per_task,
+    cpus_line=f"#SBATCH --cpus-per-task={a.cpus_per_task}" if a.cpus_per_task else "#SBATCH --exclusive",
+    srun_cpus="" if a.cpus_per_task else ' --cpus-per-task="$SLURM_CPUS_ON_NODE"',
     time=a.time,
     log_dir=a.log_dir,
     port=a.port,

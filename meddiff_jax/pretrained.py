@@ -57,6 +57,7 @@ LEGACY_KEYS = {
   "data.phantom.num_lesions": 0,
   "data.pack_structures": False,
   "data.decode_on_device": False,
+  "data.resize_on_device": False,
   "optimizer.trainable": ALL_PARAMS,
 }
 # Values that meant "work it out" before that had a name: (key, old value) -> the name.

@@ -173,6 +173,7 @@ def sample_spec(patch: int, **kw):
     positive_fraction=0.0,
     pack_structures=False,
     decode_on_device=False,  # the host path: the reference the device path is tested against (test_decode.py)
+    resize_on_device=False,
     hu_dtype="int16",
   )
   return multilevel.SampleSpec(patch=patch, **{**base, **kw})

@@ -59,6 +59,8 @@ def test_slurm_dry_run():
   assert "#SBATCH --nodes=4" in out and "#SBATCH --gpus-per-node=8" in out and "#SBATCH --partition=gpu" in out
   assert "#SBATCH --signal=TERM@300" in out and 'JAX_NUM_PROCESSES="$SLURM_NTASKS"' in out
   assert "JAX_PROCESS_ID=$SLURM_PROCID" in out
+  # the whole node's cores, which the input pipeline sizes itself from (data.worker_count=auto)
+  assert "#SBATCH --exclusive" in out and 'srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_ON_NODE"' in out
   assert (
     "python -m meddiff_jax.main --config=configs/pretrain.py:paper --workdir=/shared/run --config.mesh.fsdp=8" in out
   )

@@ -133,7 +133,8 @@ def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 def test_spatially_sharded_step_matches_single_device():
   """Each sample split along depth over 4 devices (x 2 data shards): same loss, params and EMA as one
   device, inputs really split along depth, and XLA exchanges halos (collective-permute), not whole maps."""
-  config = tiny(**{"training.batch_size": 4, "training.grad_accum_steps": 2})
+  # data.resize_on_device: the 2P^3 zoom2 window ships too and must split along depth like the image it becomes
+  config = tiny(**{"training.batch_size": 4, "training.grad_accum_steps": 2, "data.resize_on_device": True})
   batch = fixed_batch(config)
   single, l1, _ = run_steps(config, {"data": 1}, batch, 2)
   mesh_sizes = {"data": 2, "spatial": 4}
@@ -201,6 +202,7 @@ def test_dry_run_reports_cost_without_padding():
   assert result["params"] == unet3d.count_params(build(config, {"data": 1})[2].params)
   assert result["xla_flops_per_device"] * 8 == pytest.approx(result["flops_per_step"], rel=0.3)
   assert result["memory_per_device_gib"] > 0 and result["compile_s"] > 0
+  assert 0 < result["decode_flops_per_step"] < 1e-3 * result["flops_per_step"]  # the samples' decoding, on device
   assert result["projected_step_s_at_40pct_mfu"] is None and "unknown" in result["note"]  # CPU
   assert result["projected_step_s_at_40pct_mfu_by_kind"]["H100"] == pytest.approx(
     result["flops_per_step"] / (8 * 989e12 * 0.4)
@@ -223,6 +225,9 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
   # Volumes split along depth over the 8 devices (Shardy annotation of the image and structures arguments).
   # (structures: the 13 grouped channels packed in 1, data.pack_structures; expanded inside the step)
   assert config.data.shipped_structure_channels == 1
+  # shipped samples (data.decode_on_device): the HU on the sample's grid (f32) and the label ids (ui8), split along
+  # depth; no 2P^3 window (data.resize_on_device=False)
+  assert "512x512x512" not in text
   for arg in ("4x256x256x256x1xf32", "4x256x256x256x1xui8"):
     assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
 

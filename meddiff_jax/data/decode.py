@@ -2,13 +2,14 @@
 (data/multilevel.shipped_layout) -> the batch data/multilevel.make_sample's host path makes (image in [-1, 1],
 packed / one-hot / label-id structures), inside the jitted train / eval step.
 
-Per sample, by its operation: patch -> its int16 crop as float32; zoom2 -> its 2P^3 window resized to P^3 with
-the host's align-corners positions and linear weights (`resize_half`); whole -> the float32 level as shipped.
-Then the region's HU window (preprocess.hu_to_unit), the body mask (HU > preprocess.BODY_THRESHOLD_HU) and the
-structures: (group << 1) | body packed, its one-hot expansion, or class ids with body (`preprocess`'s encodings).
+The HU as shipped (`hu`, float32 on the sample's grid), or with resize_on_device, per sample by its operation:
+patch -> its int16 crop as float32; zoom2 -> its 2P^3 window resized to P^3 with the host's align-corners positions
+and linear weights (`resize_half`, the same operations as multilevel.halve); whole -> the float32 level. Then the
+region's HU window (preprocess.hu_to_unit), the body mask (HU > preprocess.BODY_THRESHOLD_HU) and the structures:
+(group << 1) | body packed, its one-hot expansion, or class ids with body (`preprocess`'s encodings).
 
-Why here: the 2P -> P resize of zoom2 was ~3/4 of the host's CPU per sample; on the device it is ~10 FLOPs per
-output voxel (benchmarks/RESULTS.md "#24"). Depth splits need no halo: output depth k reads window rows 2k, 2k + 1.
+What it costs the device: ~10 FLOPs and a few bytes per voxel (benchmarks/RESULTS.md "#24"). Depth splits need no
+halo: output depth k reads window rows 2k, 2k + 1.
 """
 
 from __future__ import annotations
@@ -25,25 +26,10 @@ from meddiff_jax.models import conditions
 Batch = dict[str, jax.Array]
 
 
-def pair_weights(patch: int) -> np.ndarray:
-  """(patch,) float64 weight of voxel 2k + 1 in output voxel k of the 2P -> P align-corners resize.
-
-  multilevel.resize samples output k at c_k = k (2P - 1) / (P - 1) (scipy's zoom positions, float64), whose floor is
-  2k for every k < P - 1 and whose last is 2P - 1 itself: each output voxel is a lerp of one pair (2k, 2k + 1) with
-  weight c_k - 2k on the odd one (1 for the last)."""
-  c = multilevel._source_coordinates(2 * patch, patch)
-  w = c - 2 * np.arange(patch)
-  lo = np.clip(np.floor(c).astype(np.intp), 0, 2 * patch - 1)
-  pairs = np.minimum(lo, 2 * np.arange(patch) + 1) // 2 == np.arange(patch)
-  if not (pairs.all() and np.all((w >= 0) & (w <= 1 + 1e-9))):
-    raise AssertionError(f"the 2P -> P resize positions at P={patch} are not pairwise: {c}")
-  return np.clip(w, 0.0, 1.0)
-
-
 def resize_half(window: jax.Array, patch: int) -> jax.Array:
   """(N, 2P, 2P, 2P, C) -> (N, P, P, P, C) float32: multilevel.resize(order=1) of each window, one axis at a time
   (depth, height, width as the host does), as a lerp of the voxel pairs of each axis (a reshape, no gather)."""
-  w = jnp.asarray(pair_weights(patch), jnp.float32)
+  w = jnp.asarray(multilevel.pair_weights(patch), jnp.float32)
   x = window.astype(jnp.float32)
   for axis in (1, 2, 3):
     pairs = x.reshape(x.shape[:axis] + (patch, 2) + x.shape[axis + 1 :])
@@ -70,12 +56,12 @@ def hu_to_unit(hu: jax.Array, region: jax.Array) -> jax.Array:
 
 def decode(batch: Batch, spec: multilevel.SampleSpec) -> Batch:
   """A shipped batch (multilevel.shipped_layout, batched) -> the host path's batch for `spec` (no `operation`)."""
-  op = batch[multilevel.OPERATION].reshape((-1, 1, 1, 1, 1))
-  hu = None
-  for name in multilevel.OPERATIONS:
+  hu = batch.get(multilevel.HU)
+  for name in multilevel.OPERATIONS:  # resize_on_device: each sample's HU in its operation's key
     key = multilevel.SHIPPED_HU[name]
     if key not in batch:
       continue
+    op = batch[multilevel.OPERATION].reshape((-1, 1, 1, 1, 1))
     value = resize_half(batch[key], spec.patch) if name == "zoom2" else batch[key].astype(jnp.float32)
     hu = value if hu is None else jnp.where(op == multilevel.OPERATIONS.index(name), value, hu)
   region = batch[conditions.REGION]

@@ -11,13 +11,14 @@ linspace(box[a, 0], box[a, 1], P): `models.embeddings.coordinate_grid` reproduce
 Crops that extend past the volume (a volume smaller than the crop) are padded with air / background and
 their coordinates extend linearly beyond [-1, 1].
 
-Two ways to ship a sample (`SampleSpec.decode_on_device`, config.data.decode_on_device):
-  host:    the finished sample (image in [-1, 1] float32, structures), everything computed here.
-  device:  what the store holds, as read (`shipped_layout`): the HU of the sample's operation in the store's dtype
-           (an int16 P^3 crop, the int16 2P^3 zoom2 window, the float32 whole level), per-voxel structure group
-           ids and the operation; the accelerator resizes the zoom2 window, windows the HU, thresholds the body and
-           packs the structures (data/decode.py), inside the jitted step. Same operations, boxes and rng draws;
-           the image equal within float32 rounding of the resize (tests/test_decode.py).
+Where a sample is finished (`SampleSpec.decode_on_device` / `resize_on_device`, config.data.*):
+  host:    the finished sample (image in [-1, 1] float32, structures), everything computed here (the reference).
+  device:  the sample's HU on its grid (float32: a crop as read, the stored whole level, zoom2's window resized by
+           `halve`) and per-voxel structure group ids (`shipped_layout`); the accelerator windows the HU, thresholds
+           the body and packs the structures (data/decode.py), inside the jitted step.
+  device + resize_on_device: zoom2's 2P^3 window ships as read (int16) and the accelerator resizes it too.
+Same operations, boxes and rng draws every way; the image equal within float32 rounding of the resize, the
+structures equal (tests/test_decode.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ OPERATIONS = ("whole", "zoom2", "patch")
 HINTS = ("lowres", "lesion")  # ControlNet condition volumes a sample can carry (config.data.hint)
 # Keys of a sample shipped for decoding on the device: the HU each operation reads, in the store's dtype; and the
 # per-voxel structure group (grouped) or class (classes) id of the label map, lesion codes decoded.
-SHIPPED_HU = {"whole": "hu_whole", "zoom2": "hu_zoom2", "patch": "hu_patch"}
+HU = "hu"  # (P,P,P,1) float32: the sample's HU on its own grid (zoom2 resized on the host)
+SHIPPED_HU = {"whole": "hu_whole", "zoom2": "hu_zoom2", "patch": "hu_patch"}  # resize_on_device: by operation
 GROUPS = "groups"
 OPERATION = "operation"  # () int32: the index in OPERATIONS
 
@@ -230,8 +232,9 @@ class SampleSpec:
   RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
   pack_structures: grouped structures as one (P,P,P,1) uint8 channel, (group << 1) | body
   (models/conditions.pack_structures), expanded to the K+1 channels on the accelerator.
-  decode_on_device: ship the store's values (`shipped_layout`) and let the accelerator finish the sample
-  (data/decode.py); hu_dtype: the dtype volume HU ship in (the store's: int16 prepared, float32 phantoms).
+  decode_on_device: ship HU and group ids (`shipped_layout`) and let the accelerator finish the sample
+  (data/decode.py); resize_on_device: ship zoom2's 2P^3 window as read and resize it there too; hu_dtype: the dtype
+  of the volume's HU (the store's: int16 prepared, float32 phantoms).
   """
 
   patch: int
@@ -244,6 +247,7 @@ class SampleSpec:
   positive_fraction: float
   pack_structures: bool
   decode_on_device: bool
+  resize_on_device: bool
   hu_dtype: str
 
 
@@ -342,26 +346,35 @@ def make_sample(
 def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Per-sample (shape, dtype) of every key a sample ships with spec.decode_on_device (data/decode.py finishes it).
 
-  One HU key per operation of non-zero probability, in the dtype that operation reads: hu_patch (P,P,P,1) and
-  hu_zoom2 (2P,2P,2P,1) in spec.hu_dtype (the volume's), hu_whole (P,P,P,1) float32 (the stored whole level's);
-  a sample fills its own operation's key and ships zeros (a broadcast view: nothing computed) in the others.
+  HU (the default): hu (P,P,P,1) float32, the sample's HU on its own grid: a patch crop as read (int16 -> float32),
+  the stored whole level as stored, zoom2's 2P^3 window resized here (`halve`: the resize's own positions and
+  weights, float32).
+  With spec.resize_on_device, zoom2's window ships as read and the device resizes it: one HU key per operation of
+  non-zero probability, in the dtype that operation reads: hu_patch (P,P,P,1) and hu_zoom2 (2P,2P,2P,1) in
+  spec.hu_dtype (the volume's), hu_whole (P,P,P,1) float32; a sample fills its own operation's key and ships zeros
+  (a broadcast view: nothing computed) in the others, and its `operation` says which. 48 MB per sample at P=128
+  instead of 10 (benchmarks/RESULTS.md "#24").
   groups (P,P,P,1) uint8: the label map's structure group (grouped) or class (classes) id per voxel, without the
   body, which the device thresholds from its HU. Split over devices along depth, every key splits like the
-  image: image depth rows [a, b) come from the same rows of hu_patch / hu_whole / groups and from rows
-  [2a, 2b) of hu_zoom2 (no halo).
+  image: image depth rows [a, b) come from the same rows of every (P,P,P,·) key and from rows [2a, 2b) of
+  hu_zoom2 (no halo).
   """
   p, hu_dtype = spec.patch, np.dtype(spec.hu_dtype)
-  dtypes = {"whole": np.dtype(np.float32), "zoom2": hu_dtype, "patch": hu_dtype}
-  layout = {
-    SHIPPED_HU[op]: (((2 * p,) * 3 if op == "zoom2" else (p,) * 3) + (1,), dtypes[op])
-    for op, prob in zip(OPERATIONS, spec.operation_probs)
-    if prob > 0
-  }
+  if spec.resize_on_device:
+    dtypes = {"whole": np.dtype(np.float32), "zoom2": hu_dtype, "patch": hu_dtype}
+    layout = {
+      SHIPPED_HU[op]: (((2 * p,) * 3 if op == "zoom2" else (p,) * 3) + (1,), dtypes[op])
+      for op, prob in zip(OPERATIONS, spec.operation_probs)
+      if prob > 0
+    }
+  else:
+    layout = {HU: ((p, p, p, 1), np.dtype(np.float32))}
   if spec.lut is not None:
     layout[GROUPS] = ((p, p, p, 1), np.dtype(np.uint8))
   layout[conditions.POS_BOX] = ((3, 2), np.dtype(np.float32))
   layout[conditions.REGION] = ((), np.dtype(np.int32))
-  layout[OPERATION] = ((), np.dtype(np.int32))
+  if spec.resize_on_device:
+    layout[OPERATION] = ((), np.dtype(np.int32))
   if spec.hint:
     layout[conditions.HINT] = ((p, p, p, 1), np.dtype(np.float32))
   return layout
@@ -379,10 +392,11 @@ def _shipped_sample(
   need_labels: bool,
   lowres: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
-  """make_sample's box, shipped as read (`shipped_layout`): no resize of the HU but the whole volume's when the
-  store has no whole level; label maps resized by nearest gathers of only the voxels the sample keeps."""
+  """make_sample's box, shipped as `shipped_layout` says: HU as read (zoom2's window resized here unless the device
+  does it, the whole volume's when the store has no whole level), label maps resized by nearest gathers of only
+  the voxels the sample keeps, grouped by the LUT."""
   layout = shipped_layout(spec)
-  key = SHIPPED_HU[operation]
+  key = SHIPPED_HU[operation] if spec.resize_on_device else HU
   if key not in layout:
     raise ValueError(f"operation {operation!r} has probability 0 in {spec.operation_probs}: no {key} to ship it in")
   target = (spec.patch,) * 3
@@ -402,7 +416,10 @@ def _shipped_sample(
       sample[key] = resize(native, target, order=1, dtype=np.float32)[..., None]
     else:
       native = _as_shipped(native, spec.hu_dtype)
-      sample[key] = native[..., None]
+      if key == HU:  # float32 on the sample's grid
+        sample[key] = (halve(native) if operation == "zoom2" else native.astype(np.float32))[..., None]
+      else:
+        sample[key] = native[..., None]
     if lab_read is not None:
       lab = lab_read()
       lab = lab if operation == "zoom2" else resize(lab, target, order=0)
@@ -417,7 +434,7 @@ def _shipped_sample(
     )
   sample[conditions.POS_BOX] = conditions.position_boxes(start, size, hu.shape)
   sample[conditions.REGION] = np.int32(region)
-  sample[OPERATION] = np.int32(OPERATIONS.index(operation))
+  sample[OPERATION] = np.int32(OPERATIONS.index(operation))  # bookkeeping unless resize_on_device decodes by it
   if spec.hint == "lowres":
     if lowres is not None:
       if lowres.shape != hu.shape:
@@ -432,6 +449,54 @@ def _shipped_sample(
     mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
     sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0
   return sample
+
+
+def pair_weights(patch: int) -> np.ndarray:
+  """(patch,) float64 weight of voxel 2k + 1 in output voxel k of the 2P -> P align-corners resize.
+
+  `resize` samples output k at c_k = k (2P - 1) / (P - 1) (scipy's zoom positions, float64), whose floor is 2k for
+  every k < P - 1 and whose last is 2P - 1 itself: each output voxel is a lerp of one pair (2k, 2k + 1) with weight
+  c_k - 2k on the odd one (1 for the last)."""
+  c = _source_coordinates(2 * patch, patch)
+  w = c - 2 * np.arange(patch)
+  lo = np.clip(np.floor(c).astype(np.intp), 0, 2 * patch - 1)
+  pairs = np.minimum(lo, 2 * np.arange(patch) + 1) // 2 == np.arange(patch)
+  if not (pairs.all() and np.all((w >= 0) & (w <= 1 + 1e-9))):
+    raise AssertionError(f"the 2P -> P resize positions at P={patch} are not pairwise: {c}")
+  return np.clip(w, 0.0, 1.0)
+
+
+_HALVE_SLAB = 2  # output depth slices per step: float32 temporaries of ~1 MB at P=128 (cache-sized)
+
+
+def halve(window: np.ndarray) -> np.ndarray:
+  """(2P, 2P, 2P) -> (P, P, P) float32: `resize(window, (P,) * 3, order=1)` as a lerp of each axis's voxel pairs
+  (`pair_weights`), even + w (odd - even), depth then height then width, in float32 slab by slab: ~2.5x less CPU
+  than the general separable float64 resize, equal to it within float32 rounding (tests/test_decode.py), and the
+  same operations as the device's data/decode.resize_half."""
+  p = window.shape[0] // 2
+  if window.shape != (2 * p,) * 3:
+    raise ValueError(f"halve takes a (2P, 2P, 2P) window, got {window.shape}")
+  w = pair_weights(p).astype(np.float32)
+  out = np.empty((p, p, p), np.float32)
+  even = np.empty((_HALVE_SLAB, 2 * p, 2 * p), np.float32)
+  odd, rows = np.empty_like(even), np.empty((_HALVE_SLAB, p, 2 * p), np.float32)
+  for k in range(0, p, _HALVE_SLAB):
+    n = min(_HALVE_SLAB, p - k)
+    a, b, r = even[:n], odd[:n], rows[:n]
+    np.copyto(a, window[2 * k : 2 * (k + n) : 2])
+    np.copyto(b, window[2 * k + 1 : 2 * (k + n) : 2])
+    b -= a
+    b *= w[k : k + n, None, None]
+    b += a  # depth
+    np.subtract(b[:, 1::2], b[:, 0::2], out=r)
+    r *= w[None, :, None]
+    r += b[:, 0::2]  # height
+    o = out[k : k + n]
+    np.subtract(r[:, :, 1::2], r[:, :, 0::2], out=o)
+    o *= w
+    o += r[:, :, 0::2]  # width
+  return out
 
 
 def _as_shipped(hu: np.ndarray, dtype: str) -> np.ndarray:

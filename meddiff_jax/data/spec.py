@@ -66,7 +66,8 @@ class DataSpec:
   sr_factor: int
   positive_fraction: float
   pack_structures: bool  # grouped structures ship as one uint8 channel, expanded on the accelerator
-  decode_on_device: bool  # samples ship the store's values; the accelerator resizes, windows, packs (data/decode.py)
+  decode_on_device: bool  # samples ship HU and group ids; the accelerator windows, thresholds, packs (data/decode.py)
+  resize_on_device: bool  # and zoom2's 2P^3 window ships as read, resized on the accelerator
   phantom: PhantomSpec
 
   def __post_init__(self):
@@ -102,6 +103,9 @@ class DataSpec:
     sections.fraction(key + "positive_fraction", self.positive_fraction)
     sections.flag(key + "pack_structures", self.pack_structures)
     sections.flag(key + "decode_on_device", self.decode_on_device)
+    sections.flag(key + "resize_on_device", self.resize_on_device)
+    if self.resize_on_device and not self.decode_on_device:
+      raise sections.ConfigError(f"{key}resize_on_device=True needs {key}decode_on_device=True")
 
   @classmethod
   def from_config(cls, section: Any) -> DataSpec:
@@ -167,6 +171,7 @@ class DataSpec:
       positive_fraction=self.positive_fraction,
       pack_structures=self.packs_structures,
       decode_on_device=self.decode_on_device,
+      resize_on_device=self.resize_on_device,
       hu_dtype=self.hu_dtype,
     )
 
