@@ -107,7 +107,7 @@ def test_the_shipped_layout_is_static_and_holds_the_store_dtype():
   for resize in (False, True):
     spec = shipped(sample_spec(16, lut=lut, num_groups=k, pack_structures=True), resize)
     layout = multilevel.shipped_layout(spec)
-    assert layout["groups"] == ((16, 16, 16, 1), np.uint8)
+    assert layout["labels"] == ((16, 16, 16, 1), np.uint8)
     if resize:
       assert layout["hu_zoom2"] == ((32, 32, 32, 1), np.int16) and layout["hu_patch"] == ((16, 16, 16, 1), np.int16)
       assert layout["hu_whole"] == ((16, 16, 16, 1), np.float32) and "operation" in layout
@@ -124,6 +124,25 @@ def test_the_shipped_layout_is_static_and_holds_the_store_dtype():
   # HU that int16 cannot hold exactly are refused, not rounded
   with pytest.raises(ValueError, match="cannot hold exactly"):
     multilevel.make_sample(hu + np.float32(0.5), labels, 0, spec, np.random.default_rng(0), operation="patch")
+
+
+def test_the_devices_label_lookup_is_the_hosts():
+  """decode.label_groups of multilevel.label_codes (a gather from multilevel.group_table) equals the host's
+  multilevel.label_groups for uint8 maps (legacy lesion 255) and int16 maps with lesion codes, grouped and classes."""
+  rng = np.random.default_rng(0)
+  grouped = tiny().data.structure_lut()[0]
+  classes = preprocess.class_lookup({i: f"c{i}" for i in range(1, 120)})
+  u8 = rng.integers(0, 256, (6, 7, 8)).astype(np.uint8)
+  i16 = np.where(rng.random((6, 7, 8)) < 0.3, u8.astype(np.int16) % 200 + multilevel.LESION_OFFSET, u8).astype(np.int16)
+  for lut in (grouped, classes):
+    assert np.unique(multilevel.label_groups(i16, lut)).size > 3  # not all background
+    for labels in (u8, i16):
+      codes = multilevel.label_codes(labels, lut)
+      assert codes.dtype == np.uint8 and (codes is labels) == (labels.dtype == np.uint8)  # uint8 maps as read
+      got = np.asarray(decode.label_groups(jnp.asarray(codes), lut))
+      np.testing.assert_array_equal(got, multilevel.label_groups(labels, lut))
+  with pytest.raises(ValueError, match="label codes"):
+    multilevel.label_codes(i16.astype(np.float32), grouped)
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (32, 32, 32), (16, 16, 16)])

@@ -5,8 +5,9 @@ packed / one-hot / label-id structures), inside the jitted train / eval step.
 The HU as shipped (`hu`, float32 on the sample's grid), or with resize_on_device, per sample by its operation:
 patch -> its int16 crop as float32; zoom2 -> its 2P^3 window resized to P^3 with the host's align-corners positions
 and linear weights (`resize_half`, the same operations as multilevel.halve); whole -> the float32 level. Then the
-region's HU window (preprocess.hu_to_unit), the body mask (HU > preprocess.BODY_THRESHOLD_HU) and the structures:
-(group << 1) | body packed, its one-hot expansion, or class ids with body (`preprocess`'s encodings).
+region's HU window (preprocess.hu_to_unit), the body mask (HU > preprocess.BODY_THRESHOLD_HU), each label's
+structure group / class (`label_groups`: the host's table, gathered) and the structures: (group << 1) | body packed,
+its one-hot expansion, or class ids with body (`preprocess`'s encodings).
 
 What it costs the device: ~10 FLOPs and a few bytes per voxel (benchmarks/RESULTS.md "#24"). Depth splits need no
 halo: output depth k reads window rows 2k, 2k + 1.
@@ -72,9 +73,16 @@ def decode(batch: Batch, spec: multilevel.SampleSpec) -> Batch:
   }
   if conditions.HINT in batch:
     out[conditions.HINT] = batch[conditions.HINT]
-  if multilevel.GROUPS in batch:
-    out[conditions.STRUCTURES] = structures(batch[multilevel.GROUPS], hu > preprocess.BODY_THRESHOLD_HU, spec)
+  if multilevel.LABELS in batch:
+    groups = label_groups(batch[multilevel.LABELS], spec.lut)
+    out[conditions.STRUCTURES] = structures(groups, hu > preprocess.BODY_THRESHOLD_HU, spec)
   return out
+
+
+def label_groups(codes: jax.Array, lut: np.ndarray) -> jax.Array:
+  """uint8 label codes (multilevel.label_codes) -> their uint8 structure group / class ids: the host's
+  multilevel.label_groups, as a gather from the same table (multilevel.group_table, a 256-byte constant)."""
+  return jnp.asarray(multilevel.group_table(lut))[codes.astype(jnp.int32)]
 
 
 def structures(groups: jax.Array, body: jax.Array, spec: multilevel.SampleSpec) -> jax.Array:

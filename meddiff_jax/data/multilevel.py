@@ -14,8 +14,9 @@ their coordinates extend linearly beyond [-1, 1].
 Where a sample is finished (`SampleSpec.decode_on_device` / `resize_on_device`, config.data.*):
   host:    the finished sample (image in [-1, 1] float32, structures), everything computed here (the reference).
   device:  the sample's HU on its grid (float32: a crop as read, the stored whole level, zoom2's window resized by
-           `halve`) and per-voxel structure group ids (`shipped_layout`); the accelerator windows the HU, thresholds
-           the body and packs the structures (data/decode.py), inside the jitted step.
+           `halve`) and its label map on that grid (uint8 label codes, `shipped_layout`); the accelerator windows the
+           HU, thresholds the body, looks up the labels' structure groups and packs the structures (data/decode.py),
+           inside the jitted step.
   device + resize_on_device: zoom2's 2P^3 window ships as read (int16) and the accelerator resizes it too.
 Same operations, boxes and rng draws every way; the image equal within float32 rounding of the resize, the
 structures equal (tests/test_decode.py).
@@ -35,11 +36,11 @@ from meddiff_jax.models import conditions
 
 OPERATIONS = ("whole", "zoom2", "patch")
 HINTS = ("lowres", "lesion")  # ControlNet condition volumes a sample can carry (config.data.hint)
-# Keys of a sample shipped for decoding on the device: the HU each operation reads, in the store's dtype; and the
-# per-voxel structure group (grouped) or class (classes) id of the label map, lesion codes decoded.
+# Keys of a sample shipped for decoding on the device: its HU, and its label map on its grid as uint8 label codes
+# (`label_codes`), whose structure group (grouped) or class (classes) ids the device looks up (`group_table`).
 HU = "hu"  # (P,P,P,1) float32: the sample's HU on its own grid (zoom2 resized on the host)
 SHIPPED_HU = {"whole": "hu_whole", "zoom2": "hu_zoom2", "patch": "hu_patch"}  # resize_on_device: by operation
-GROUPS = "groups"
+LABELS = "labels"
 OPERATION = "operation"  # () int32: the index in OPERATIONS
 
 
@@ -184,6 +185,50 @@ def label_groups(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
   unsigned = np.dtype(f"u{labels.dtype.itemsize}")
   table = _group_table(lut.tobytes(), lut.dtype.str, labels.dtype.str)
   return np.take(table, labels.view(unsigned))
+
+
+def group_table(lut: np.ndarray) -> np.ndarray:
+  """(256,) uint8: `label_groups` of every uint8 label value: the lookup the device applies to shipped label codes
+  (`label_codes`, data/decode.py)."""
+  table = _group_table(lut.tobytes(), lut.dtype.str, np.dtype(np.uint8).str)
+  if table[0] != 0:
+    raise AssertionError(f"label 0 (background) maps to structure group {table[0]}, not 0")
+  return table
+
+
+def label_codes(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  """A label map as uint8 codes whose `group_table` entries are its `label_groups`: a uint8 map is its own codes
+  (shipped as read, no work here); a 16-bit one (lesion codes) maps each value to the first uint8 value of the same
+  group (one table gather, `_code_table`). Other dtypes: ValueError."""
+  labels = np.asarray(labels)
+  if labels.dtype == np.uint8:
+    return labels
+  if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 2:
+    raise ValueError(f"a {labels.dtype} label map does not ship as label codes; set data.decode_on_device=False")
+  unsigned = np.dtype(f"u{labels.dtype.itemsize}")
+  return np.take(_code_table(lut.tobytes(), lut.dtype.str, labels.dtype.str), labels.view(unsigned))
+
+
+@functools.lru_cache(maxsize=16)
+def _code_table(lut_bytes: bytes, lut_dtype: str, label_dtype: str) -> np.ndarray:
+  groups = _group_table(lut_bytes, lut_dtype, label_dtype)
+  by_code = _group_table(lut_bytes, lut_dtype, np.dtype(np.uint8).str)
+  first = {}
+  for code in range(255, -1, -1):  # each group's first uint8 value
+    first[int(by_code[code])] = code
+  missing = sorted(set(np.unique(groups).tolist()) - set(first))
+  if missing:
+    raise ValueError(
+      f"structure groups / classes {missing[:5]} of {label_dtype} labels have no uint8 label (a LUT over 255 "
+      "classes); set data.decode_on_device=False"
+    )
+  code_of_group = np.zeros(256, np.uint8)
+  for group, code in first.items():
+    code_of_group[group] = code
+  codes = code_of_group[groups]
+  if not np.array_equal(by_code[codes], groups):
+    raise AssertionError("label codes do not preserve the structure groups")
+  return codes
 
 
 @functools.lru_cache(maxsize=16)
@@ -353,9 +398,11 @@ def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtyp
   non-zero probability, in the dtype that operation reads: hu_patch (P,P,P,1) and hu_zoom2 (2P,2P,2P,1) in
   spec.hu_dtype (the volume's), hu_whole (P,P,P,1) float32; a sample fills its own operation's key and ships zeros
   (a broadcast view: nothing computed) in the others, and its `operation` says which. 48 MB per sample at P=128
-  instead of 10 (benchmarks/RESULTS.md "#24").
-  groups (P,P,P,1) uint8: the label map's structure group (grouped) or class (classes) id per voxel, without the
-  body, which the device thresholds from its HU. Split over devices along depth, every key splits like the
+  instead of 12 (benchmarks/RESULTS.md "#24").
+  labels (P,P,P,1) uint8: the label map on the sample's grid as label codes (`label_codes`: a uint8 map as read),
+  whose structure group (grouped) or class (classes) ids the device looks up (`group_table`: a table gather costs
+  the host ~2 ms per sample, the device nothing that shows), without the body, which the device thresholds from
+  its HU. Split over devices along depth, every key splits like the
   image: image depth rows [a, b) come from the same rows of every (P,P,P,·) key and from rows [2a, 2b) of
   hu_zoom2 (no halo).
   """
@@ -370,7 +417,7 @@ def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtyp
   else:
     layout = {HU: ((p, p, p, 1), np.dtype(np.float32))}
   if spec.lut is not None:
-    layout[GROUPS] = ((p, p, p, 1), np.dtype(np.uint8))
+    layout[LABELS] = ((p, p, p, 1), np.dtype(np.uint8))
   layout[conditions.POS_BOX] = ((3, 2), np.dtype(np.float32))
   layout[conditions.REGION] = ((), np.dtype(np.int32))
   if spec.resize_on_device:
@@ -394,7 +441,7 @@ def _shipped_sample(
 ) -> dict[str, np.ndarray]:
   """make_sample's box, shipped as `shipped_layout` says: HU as read (zoom2's window resized here unless the device
   does it, the whole volume's when the store has no whole level), label maps resized by nearest gathers of only
-  the voxels the sample keeps, grouped by the LUT."""
+  the voxels the sample keeps, shipped as uint8 label codes (the device looks up their groups)."""
   layout = shipped_layout(spec)
   key = SHIPPED_HU[operation] if spec.resize_on_device else HU
   if key not in layout:
@@ -429,8 +476,8 @@ def _shipped_sample(
         f"{spec.num_groups} structure groups do not pack into one uint8 channel (at most "
         f"{conditions.MAX_PACKED_GROUPS}); set data.pack_structures=False"
       )
-    sample[GROUPS] = (
-      np.broadcast_to(np.zeros((), np.uint8), target + (1,)) if lab is None else label_groups(lab, spec.lut)[..., None]
+    sample[LABELS] = (
+      np.broadcast_to(np.zeros((), np.uint8), target + (1,)) if lab is None else label_codes(lab, spec.lut)[..., None]
     )
   sample[conditions.POS_BOX] = conditions.position_boxes(start, size, hu.shape)
   sample[conditions.REGION] = np.int32(region)
@@ -556,5 +603,7 @@ def _gather(volume, index: list[np.ndarray]) -> np.ndarray:
   if hasattr(volume, "oindex"):
     return volume.oindex(index)
   lo = [int(i.min()) for i in index]
-  box = volume[tuple(slice(a, int(i.max()) + 1) for a, i in zip(lo, index))]
-  return np.asarray(box[index[0] - lo[0]][:, index[1] - lo[1]][:, :, index[2] - lo[2]])
+  box = np.asarray(volume[tuple(slice(a, int(i.max()) + 1) for a, i in zip(lo, index))])
+  for axis in range(3):  # np.take: ~2x faster than fancy indexing here
+    box = box.take(index[axis] - lo[axis], axis)
+  return box

@@ -66,7 +66,7 @@ class DataSpec:
   sr_factor: int
   positive_fraction: float
   pack_structures: bool  # grouped structures ship as one uint8 channel, expanded on the accelerator
-  decode_on_device: bool  # samples ship HU and group ids; the accelerator windows, thresholds, packs (data/decode.py)
+  decode_on_device: bool  # samples ship HU and label codes; the accelerator windows, groups, packs (data/decode.py)
   resize_on_device: bool  # and zoom2's 2P^3 window ships as read, resized on the accelerator
   phantom: PhantomSpec
 
