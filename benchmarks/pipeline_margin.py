@@ -32,10 +32,10 @@ Volumes: --store_dir (a prepared zarr store, left as it is: read from copies) or
 4 phantoms at 256^3 + the real CT, prepared into a temporary directory. --whole_sizes=128: the copies get their
 whole levels (store.add_whole_levels), so whole-volume samples read those. --pack_structures=0: ship the 13 grouped
 channels as before instead of one packed channel. --codec=NAME (store.CODECS): the zarr copy's arrays are
-rewritten with that codec (and its whole levels written with it) before timing; default: the store's own codecs
-kept, whole levels in store.DEFAULT_CODEC. Bytes read per sample: zarr, what the process read
-(/proc/self/io rchar); npy (memory-mapped, invisible to rchar), the bytes of the arrays the sample slices.
-Writes --out (default benchmarks/results/pipeline_margin.json).
+rewritten with that codec (and its whole levels written with it) before timing, --chunk=N: with N^3 chunks (with
+--codec; default store.CHUNK); default: the store's own codecs kept, whole levels in store.DEFAULT_CODEC. Bytes
+read per sample: zarr, what the process read (/proc/self/io rchar); npy (memory-mapped, invisible to rchar), the
+bytes of the arrays the sample slices. Writes --out (default benchmarks/results/pipeline_margin.json).
 """
 
 from __future__ import annotations
@@ -239,6 +239,7 @@ class LatentArray:
   def __init__(self, base, latency_s: float, waited: list):
     self.base, self.latency_s, self.waited = base, latency_s, waited  # waited: [seconds slept, all threads]
     self.shape, self.dtype, self.ndim = base.shape, base.dtype, base.ndim
+    self.chunk = tuple(int(c) for c in base._array.chunk_layout.read_chunk.shape)  # as written (--chunk)
 
   def _after(self, chunks: int, read):
     from meddiff_jax.data import store
@@ -254,21 +255,16 @@ class LatentArray:
     return wait
 
   def read_async(self, index):
-    from meddiff_jax.data import store
-
     box = (index,) if not isinstance(index, tuple) else index
     box = [slice(None)] * self.ndim if box == (...,) else list(box) + [slice(None)] * (self.ndim - len(box))
-    c = store.CHUNK
     chunks = 1
-    for sl, n in zip(box, self.shape):
+    for sl, n, c in zip(box, self.shape, self.chunk):
       lo, hi, _ = sl.indices(n)
       chunks *= -(-hi // c) - lo // c
     return self._after(chunks, lambda: self.base[index])
 
   def oindex_async(self, index):
-    from meddiff_jax.data import store
-
-    chunks = int(np.prod([len(np.unique(np.asarray(i) // store.CHUNK)) for i in index]))
+    chunks = int(np.prod([len(np.unique(np.asarray(i) // c)) for i, c in zip(index, self.chunk)]))
     return self._after(chunks, lambda: self.base.oindex(index))
 
   def __getitem__(self, index):
@@ -352,6 +348,7 @@ def main() -> None:
   p.add_argument("--pack_structures", type=int, default=1, help="1: one packed structure channel (the default)")
   p.add_argument("--formats", default="zarr,npy", help="which copies to time")
   p.add_argument("--codec", default="", help="re-encode the zarr copy with this store.CODECS codec")
+  p.add_argument("--chunk", type=int, default=0, help="re-encode the zarr copy with chunks of this edge (with --codec)")
   p.add_argument("--decode", default="device", choices=("device", "host"), help="data.decode_on_device or not")
   p.add_argument("--latency_ms", default="", help="bucket mode: e.g. 0,20,50 ms per request round")
   p.add_argument("--threads", default="1,2,4,8", help="bucket mode: samples in flight (Grain read threads)")
@@ -384,7 +381,8 @@ def main() -> None:
     npy_dir = input_pipeline.npy_copy(store_dir, tmp / "store_npy") if "npy" in formats else None
     if args.codec:
       for path in sorted(store_dir.glob("*.zarr")):
-        store.write_array(str(path), np.asarray(store.open_array(str(path))), "zarr", codec=args.codec)
+        array = np.asarray(store.open_array(str(path)))
+        store.write_array(str(path), array, "zarr", chunk=args.chunk or None, codec=args.codec)
     for d in (store_dir, npy_dir):
       if whole_sizes and d is not None:
         store.add_whole_levels(str(d), whole_sizes, args.codec or store.DEFAULT_CODEC)
@@ -402,6 +400,7 @@ def main() -> None:
       row = {
         "format": fmt,
         "codec": (args.codec or "as stored") if fmt == "zarr" else None,
+        "chunk": (args.chunk or "as stored") if fmt == "zarr" else None,
         "whole_sizes": list(whole_sizes),
         "pack_structures": bool(args.pack_structures),
         "decode": args.decode,
