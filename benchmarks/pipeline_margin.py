@@ -14,9 +14,11 @@ not this shared 2-core box's wall clock: a host with C free cores delivers about
 Per sample: making it (`sample_cpu_s`: what #12's rows counted), then what every sample costs after, whatever its
 operation: stacking a batch (`stack_cpu_s`, Grain's np.stack) and one more copy of the batch (`transfer_copy_cpu_s`:
 the host side of the transfer, PJRT copying a numpy batch into its pinned staging buffer); `mixed_cpu_s` and the
-core counts add all three. --decode=device (data.decode_on_device, the default): samples ship the store's values
-(48 MB each at P=128: the int16 2P^3 zoom2 window in every sample) and the device finishes them; --decode=host: the
-host finishes them (10 MB each).
+core counts add all three. --decode=device (data.decode_on_device, the default): samples ship their HU on their
+grid (float32, zoom2 resized here by multilevel.halve) and uint8 label codes, 10.5 MB each at P=128, and the device
+finishes them; --decode=device_resize (+ data.resize_on_device): zoom2's int16 2P^3 window ships instead and the
+device resizes it too (~46 MB each: every sample carries the window's slot); --decode=host: the host finishes them
+(10.5 MB each).
 Demand: the paper preset's model FLOPs per step (effective batch 4) at 40% MFU on `gpus_per_host` GPUs of
 `device_kind` (train/throughput.projected_step_s, the dry run's projection), the step lengthened by what decoding
 adds on the device (data/decode.py compiled for a batch: XLA's FLOPs at that MFU or its bytes at the kind's HBM
@@ -133,15 +135,18 @@ class _SlicedBytes:
     return level
 
 
-def paper_sample_spec(pack: bool, decode_on_device: bool):
-  """The paper preset's sample layout (prepared store: int16 HU), structures packed or not, finished where asked."""
+def paper_sample_spec(pack: bool, decode: str):
+  """The paper preset's sample layout (prepared store: int16 HU), structures packed or not, finished where asked
+  (--decode: host, device, device_resize)."""
   import dataclasses
 
   from meddiff_jax.configs import pretrain
   from meddiff_jax.data.spec import DataSpec
 
   layout = DataSpec.from_config(pretrain.get_config("paper").data).sample_spec()
-  return dataclasses.replace(layout, pack_structures=pack, decode_on_device=decode_on_device)
+  return dataclasses.replace(
+    layout, pack_structures=pack, decode_on_device=decode != "host", resize_on_device=decode == "device_resize"
+  )
 
 
 def cpu_seconds_per_sample(store_dir: pathlib.Path, n: int, spec, batch: int) -> tuple[dict[str, float], list]:
@@ -294,7 +299,7 @@ def latent_store(store_dir: pathlib.Path, latency_s: float):
 
 
 def bucket_latency(
-  store_dir: pathlib.Path, latencies: list[float], threads: list[int], samples: int, decode_on_device: bool
+  store_dir: pathlib.Path, latencies: list[float], threads: list[int], samples: int, decode: str
 ) -> list:
   """The paper preset's samples from the zarr store read as from a bucket with `latency` ms per request (each read
   one round of requests: latent_store), by Grain with `threads` samples in flight (batches of 1, read threads of
@@ -307,7 +312,9 @@ def bucket_latency(
 
   config = pretrain.get_config("paper").data
   config.update(prepared_dir=str(store_dir), worker_count=0)
-  base = dataclasses.replace(DataSpec.from_config(config), decode_on_device=decode_on_device)
+  base = dataclasses.replace(
+    DataSpec.from_config(config), decode_on_device=decode != "host", resize_on_device=decode == "device_resize"
+  )
   rows = []
   for latency in latencies:
     for n in threads:
@@ -349,7 +356,7 @@ def main() -> None:
   p.add_argument("--formats", default="zarr,npy", help="which copies to time")
   p.add_argument("--codec", default="", help="re-encode the zarr copy with this store.CODECS codec")
   p.add_argument("--chunk", type=int, default=0, help="re-encode the zarr copy with chunks of this edge (with --codec)")
-  p.add_argument("--decode", default="device", choices=("device", "host"), help="data.decode_on_device or not")
+  p.add_argument("--decode", default="device", choices=("device", "device_resize", "host"), help="module docstring")
   p.add_argument("--latency_ms", default="", help="bucket mode: e.g. 0,20,50 ms per request round")
   p.add_argument("--threads", default="1,2,4,8", help="bucket mode: samples in flight (Grain read threads)")
   p.add_argument("--latency_samples", type=int, default=24, help="bucket mode: timed samples per setting")
@@ -390,12 +397,12 @@ def main() -> None:
     if args.latency_ms:
       latencies = [float(v) for v in args.latency_ms.split(",")]
       threads = [int(v) for v in args.threads.split(",")]
-      latency_rows = bucket_latency(store_dir, latencies, threads, args.latency_samples, args.decode == "device")
+      latency_rows = bucket_latency(store_dir, latencies, threads, args.latency_samples, args.decode)
       formats = []
     for fmt, d in (("zarr", store_dir), ("npy", npy_dir)):
       if fmt not in formats:
         continue
-      spec = paper_sample_spec(bool(args.pack_structures), args.decode == "device")
+      spec = paper_sample_spec(bool(args.pack_structures), args.decode)
       measured, made = cpu_seconds_per_sample(d, args.patches, spec, need["samples_per_step"])
       row = {
         "format": fmt,

@@ -31,9 +31,10 @@ from meddiff_jax.data import multilevel
 AUTO = "auto"
 MAX_WORKERS = 64
 MAX_THREADS = 32
-# Samples in flight per core that keep the rate from a bucket with 20-50 ms per request (one thread per core
-# suffices locally): benchmarks/pipeline_margin.py --latency_ms, benchmarks/RESULTS.md "#24 bucket latency".
-READS_PER_CORE = 4
+# Samples in flight per core that keep the rate from a bucket (one thread per core suffices locally): a sample
+# waits ~1 round of requests (its reads overlap: benchmarks/pipeline_margin.py --latency_ms, RESULTS.md "#24 bucket
+# latency"), so a core needs 1 + latency / (CPU s per sample) of them: 20 ms -> 3, 50 ms -> 6 at ~10 ms per sample.
+READS_PER_CORE = 6
 MEMORY_SHARE = 0.25  # at most this share of available memory held by batches in flight
 
 
