@@ -32,9 +32,11 @@ AUTO = "auto"
 MAX_WORKERS = 64
 MAX_THREADS = 32
 # Samples in flight per core that keep the rate from a bucket (one thread per core suffices locally): a sample
-# waits ~1 round of requests (its reads overlap: benchmarks/pipeline_margin.py --latency_ms, RESULTS.md "#24 bucket
-# latency"), so a core needs 1 + latency / (CPU s per sample) of them: 20 ms -> 3, 50 ms -> 6 at ~10 ms per sample.
-READS_PER_CORE = 6
+# waits ~1 round of requests (its reads overlap), so a core needs 1 + latency / (s per sample) of them: 4 covers
+# 20 ms down to ~7 ms per sample and 50 ms down to ~17 ms; more threads per process cost CPU per sample
+# (benchmarks/pipeline_margin.py --latency_ms, benchmarks/RESULTS.md "#24 bucket latency"). Slower buckets:
+# data.num_threads.
+READS_PER_CORE = 4
 MEMORY_SHARE = 0.25  # at most this share of available memory held by batches in flight
 
 
