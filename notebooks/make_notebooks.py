@@ -141,7 +141,7 @@ assert all(np.isfinite(r["loss"]) for r in train)  # falls steadily with the def
 from meddiff_jax.data import pipeline
 from meddiff_jax.train import step
 shipped = next(iter(pipeline.make_dataset(pipeline.make_store(typed.data), typed.data, batch_size=3, seed=0)))
-# samples ship the store's values (data.decode_on_device); the train step finishes them on the device, as here
+# samples ship their HU and label codes (data.decode_on_device); the train step finishes them on the device, as here
 batch = {k: np.asarray(v) for k, v in step.decode_inputs(typed)(shipped).items()}
 print("operations (whole, zoom2, patch):", shipped["operation"], "\\npos_box[0]:", batch["pos_box"][0])
 plt.figure(figsize=(6, 6)); plt.imshow(montage.slice_montage(list(batch["image"]), tile=96)); plt.axis("off"); plt.show()"""),
