@@ -92,12 +92,9 @@ def test_non_finite_updates_are_skipped_and_counted():
   batch = fixed_batch(config)
   mesh, rules, st, _, jitted, batch_sh = build(config, {"data": 1})
   before = jax.tree_util.tree_map(np.asarray, st.params)
-  bad = dict(
-    batch,
-    image=np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 3, np.nan, batch["image"]).astype(
-      np.float32
-    ),
-  )
+  key = "hu" if "hu" in batch else "image"  # shipped HU (data.decode_on_device) or the finished image
+  x = batch[key]
+  bad = dict(batch, **{key: np.where(np.arange(x.size).reshape(x.shape) == 3, np.nan, x).astype(np.float32)})
   with sharding.activate(mesh, rules):
     st, m1 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
     st, m2 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
