@@ -57,6 +57,8 @@ LEGACY_KEYS = {
   "data.positive_fraction": 0.0,
   "data.phantom.num_lesions": 0,
   "data.pack_structures": False,
+  "data.decode_on_device": False,
+  "data.resize_on_device": False,
   "optimizer.trainable": ALL_PARAMS,
   "dry_run_topology": "",
 }

@@ -213,15 +213,25 @@ def build_step(config, mesh_sizes: dict, trainee=None) -> types.SimpleNamespace:
 
 
 def fixed_batch(config, seed: int = 0) -> dict:
-  """The first training batch of a typed config's data (numpy, without the host-side 'operation' tag)."""
+  """The first training batch of a typed config's data (numpy), the keys the step takes (train/step.batch_spec:
+  without the host-side 'operation' tag of finished samples; shipped ones decode by it)."""
   from meddiff_jax.data import pipeline
+  from meddiff_jax.train import step as step_lib
 
   ds = pipeline.make_dataset(
     pipeline.make_store(config.data), config.data, batch_size=config.training.batch_size, seed=seed
   )
-  batch = next(iter(ds))
-  batch.pop("operation")
-  return batch
+  keys = step_lib.batch_spec(config)
+  return {k: v for k, v in next(iter(ds)).items() if k in keys}
+
+
+def model_batch(config, seed: int = 0) -> dict:
+  """`fixed_batch` as the model receives it: decoded on the device when samples ship the store's values
+  (data.decode_on_device: train/step.decode_inputs), else as shipped."""
+  from meddiff_jax.train import step as step_lib
+
+  batch = {k: jnp.asarray(v) for k, v in fixed_batch(config, seed).items()}
+  return {k: np.asarray(v) for k, v in step_lib.decode_inputs(config)(batch).items()}
 
 
 def sample_spec(patch: int, **kw):
@@ -237,6 +247,9 @@ def sample_spec(patch: int, **kw):
     structure_labels=False,
     positive_fraction=0.0,
     pack_structures=False,
+    decode_on_device=False,  # the host path: the reference the device path is tested against (test_decode.py)
+    resize_on_device=False,
+    hu_dtype="int16",
   )
   return multilevel.SampleSpec(patch=patch, **{**base, **kw})
 

@@ -92,7 +92,8 @@ def test_structure_dropout_of_a_training_sample_is_the_tasks_label_free_conditio
   data = data_of(mode, 16)
   channels = data.structure_channel_count
   pre = types.SimpleNamespace(spec=types.SimpleNamespace(structure_channels=channels), data=data, patch_size=16)
-  sample = multilevel.make_sample(p.hu, p.labels, 0, data.sample_spec(), np.random.default_rng(0), operation="patch")
+  spec = dataclasses.replace(data.sample_spec(), decode_on_device=False)  # the finished sample (host reference)
+  sample = multilevel.make_sample(p.hu, p.labels, 0, spec, np.random.default_rng(0), operation="patch")
   s = conditions.unpack_if_packed(jnp.asarray(sample["structures"])[None], channels, 8 if mode == "classes" else 0)
   body_id = conditions.label_body_id(8, 119) if mode == "classes" else 0
   cond = {"structures": jnp.concatenate([s, s, s]), "region": jnp.array([0, 1, 2])}

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, build_step, fixed_batch, mesh_of, override, run_main
+from conftest import REPO, build_step, fixed_batch, mesh_of, model_batch, override, run_main
 
 from meddiff_jax import checks, pretrained, sections, sharding
 from meddiff_jax.models import trainable
@@ -126,7 +126,7 @@ def test_zero_convs_make_the_combined_model_equal_the_base_at_init(default_build
   config = cn_config()
   mesh, rules, trainee, st, _, _, _, _ = default_build
   pre = pretrained.load(config.base_checkpoint)
-  batch = fixed_batch(config)
+  batch = model_batch(config)
   cond = {k: jnp.asarray(batch[k]) for k in ("pos_box", "region", "structures", "hint")}
   x, t = jnp.asarray(batch["image"]), jnp.arange(8) * 120
   with sharding.activate(mesh, rules):

@@ -22,6 +22,8 @@ def test_three_step_pretraining_run_writes_loss_log(tmp_path):
   train = [l for l in lines if "loss" in l]
   assert [l["step"] for l in train] == [1, 2, 3]
   assert all(l["nan_skips"] == 0 and l["loss"] > 0 for l in train)
+  assert all(0.0 <= l["data_wait_fraction"] <= 1.0 for l in train)  # the share of each interval spent on input
+  assert "input pipeline:" in proc.stdout and "samples/s expected" in proc.stdout  # 'auto' sized, said once
   val = [l for l in lines if "val/loss" in l]
   assert val and val[-1]["step"] == 3 and len([k for k in val[-1] if k.startswith("val/loss_t")]) == 4
   assert (tmp_path / "samples" / "step_00000003.png").exists()

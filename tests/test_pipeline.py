@@ -69,7 +69,7 @@ def test_windows_invert():
 
 
 def test_grain_pipeline_is_deterministic_sharded_and_checkpointable():
-  config = tiny()
+  config = tiny(**{"data.decode_on_device": False})  # finished samples; shipped ones: test_decode.py
   st = pipeline.make_store(config.data)
   make = lambda **kw: iter(pipeline.make_dataset(st, config.data, batch_size=4, seed=3, **kw))
   a, b = make(), make()
@@ -137,7 +137,7 @@ def test_global_batches_are_laid_out_on_the_mesh():
   from meddiff_jax import sharding
   from meddiff_jax.train import step as step_lib
 
-  config = tiny()
+  config = tiny(**{"data.decode_on_device": False})
   mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
   layout = sharding.input_layout(mesh, (("batch", ("data", "fsdp")),), step_lib.batch_spec(config))
   batches = pipeline.GlobalBatches(pipeline.make_store(config.data), config.data, layout, seed=0)

@@ -155,8 +155,8 @@ def test_the_train_step_expands_packed_batches_before_the_condition_dropouts():
   config = tiny(
     **{"diffusion.structure_drop_prob": 0.5, "diffusion.body_drop_prob": 0.5, "diffusion.cond_drop_prob": 0.3}
   )
-  packed_cfg = tiny(**{"data.pack_structures": True})
-  plain_cfg = tiny(**{"data.pack_structures": False})
+  packed_cfg = tiny(**{"data.pack_structures": True, "data.decode_on_device": False})
+  plain_cfg = tiny(**{"data.pack_structures": False, "data.decode_on_device": False})
   assert step_lib.batch_spec(packed_cfg)["structures"].shape == (8, 8, 8, 8, 1)
   assert step_lib.batch_spec(plain_cfg)["structures"].shape == (8, 8, 8, 8, 13)
   packed = next(

@@ -109,6 +109,7 @@ def test_each_process_reads_only_its_part_of_the_global_batch(tmp_path):
     prefetch=0,
     worker_count=0,
     class_map="",
+    decode_on_device=False,
   )
   cfg = DataSpec.from_config(cfg)
   loaded = []

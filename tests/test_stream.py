@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny
 
 from meddiff_jax import checkpoint, sharding
-from meddiff_jax.data import pipeline
+from meddiff_jax.data import multilevel, pipeline
 from meddiff_jax.train import loop
 from meddiff_jax.train import step as step_lib
 
@@ -96,7 +96,7 @@ def test_each_sample_is_keyed_by_seed_and_global_index_and_a_stream_continues_fr
   assert all(sorted(e) == list(range(len(store))) for e in epochs)
   big = pipeline.volume_order(50, 3)
   assert [big[i] for i in range(50)] != [big[50 + i] for i in range(50)]
-  assert not np.array_equal(reference(config, 1, seed=4)[0]["image"], ref[0]["image"])
+  assert not np.array_equal(reference(config, 1, seed=4)[0][multilevel.HU], ref[0][multilevel.HU])
 
 
 def held_mask(x: jax.ShapeDtypeStruct, devices) -> np.ndarray:
@@ -137,7 +137,7 @@ def test_simulated_processes_load_exactly_the_parts_their_devices_hold(mesh_size
   config = config_of()
   layout = layout_of(config, mesh_sizes)
   ref = reference(config, 2)
-  devices = layout["image"].sharding.mesh.devices.flatten().tolist()
+  devices = layout[multilevel.HU].sharding.mesh.devices.flatten().tolist()
   n = len(devices) // num_processes
   groups = (
     [devices[p * n : (p + 1) * n] for p in range(num_processes)]
@@ -171,16 +171,16 @@ def test_simulated_processes_load_exactly_the_parts_their_devices_hold(mesh_size
     if grouping == "contiguous":  # overlaps: exactly where several processes hold the same element
       np.testing.assert_array_equal(loaded_count[key], held_count[key])
   if mesh_sizes == {"data": 1, "spatial": 8}:  # both processes load all 8 samples and keep half their depth
-    assert [pipeline.local_part(layout, g).boxes["image"][0] for g in groups] == [(0, 4), (4, 8)]
+    assert [pipeline.local_part(layout, g).boxes[multilevel.HU][0] for g in groups] == [(0, 4), (4, 8)]
 
 
 def test_the_part_is_read_off_the_sharding_itself():
   config = config_of()
   layout = layout_of(config, {"data": 2, "spatial": 4})
-  devices = layout["image"].sharding.mesh.devices
+  devices = layout[multilevel.HU].sharding.mesh.devices
   part = pipeline.local_part(layout, devices[1, 0, :2, 0].tolist())  # data row 1, the first two depth slabs
   assert part.rows == (4, 5, 6, 7)
-  assert part.boxes["image"] == ((0, 4), (0, 8), (0, 8), (0, 1)) and part.boxes["pos_box"] == ((0, 3), (0, 2))
+  assert part.boxes[multilevel.HU] == ((0, 4), (0, 8), (0, 8), (0, 1)) and part.boxes["pos_box"] == ((0, 3), (0, 2))
   # rules that leave the batch unsplit: every process loads every row
   unsplit = layout_of(config, {"data": 2, "spatial": 4}, (("batch", None), ("act_depth", "spatial")))
   assert pipeline.local_part(unsplit, devices[1, 0, :2, 0].tolist()).rows == tuple(range(8))
@@ -204,8 +204,8 @@ def test_a_sample_that_does_not_match_the_layout_is_refused_in_one_line():
   part = pipeline.local_part(layout)
   local = {k: v for k, v in reference(config, 1)[0].items()}
   rows = pipeline.row_to_sample(part, 1)
-  with pytest.raises(ValueError, match=r"batch key 'image': loaded \(8, 8, 8, 8, 1\) float64, the layout's part"):
-    pipeline.assemble(dict(local, image=local["image"].astype(np.float64)), part, rows, layout)
+  with pytest.raises(ValueError, match=r"batch key 'hu': loaded \(8, 8, 8, 8, 1\) float64, the layout's part"):
+    pipeline.assemble({**local, multilevel.HU: local[multilevel.HU].astype(np.float64)}, part, rows, layout)
   with pytest.raises(ValueError, match=r"samples carry \['image', 'pos_box', 'region', 'structures', 'x'\]"):
     pipeline.assemble(dict(local, x=local["region"]), part, rows, layout)
 

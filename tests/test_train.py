@@ -92,12 +92,9 @@ def test_non_finite_updates_are_skipped_and_counted():
   batch = fixed_batch(config)
   mesh, rules, st, _, jitted, batch_sh = build(config, {"data": 1})
   before = jax.tree_util.tree_map(np.asarray, st.params)
-  bad = dict(
-    batch,
-    image=np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 3, np.nan, batch["image"]).astype(
-      np.float32
-    ),
-  )
+  key = "hu" if "hu" in batch else "image"  # shipped HU (data.decode_on_device) or the finished image
+  x = batch[key]
+  bad = dict(batch, **{key: np.where(np.arange(x.size).reshape(x.shape) == 3, np.nan, x).astype(np.float32)})
   with sharding.activate(mesh, rules):
     st, m1 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
     st, m2 = jitted(st, {k: jax.device_put(v, batch_sh[k]) for k, v in bad.items()})
@@ -133,7 +130,8 @@ def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
 def test_spatially_sharded_step_matches_single_device():
   """Each sample split along depth over 4 devices (x 2 data shards): same loss, params and EMA as one
   device, inputs really split along depth, and XLA exchanges halos (collective-permute), not whole maps."""
-  config = tiny(**{"training.batch_size": 4, "training.grad_accum_steps": 2})
+  # data.resize_on_device: the 2P^3 zoom2 window ships too and must split along depth like the image it becomes
+  config = tiny(**{"training.batch_size": 4, "training.grad_accum_steps": 2, "data.resize_on_device": True})
   batch = fixed_batch(config)
   single, l1, _ = run_steps(config, {"data": 1}, batch, 2)
   mesh_sizes = {"data": 2, "spatial": 4}
@@ -142,11 +140,13 @@ def test_spatially_sharded_step_matches_single_device():
   assert_trees_close(sharded.params, single.params)
   assert_trees_close(sharded.ema_params, single.ema_params)
   mesh, rules, st, _, jitted, batch_sh = build(config, mesh_sizes)
-  assert batch_sh["image"].spec == P(("data", "fsdp"), "spatial")
+  # shipped samples (data.decode_on_device): the 2P^3 zoom2 window splits along depth like the image it becomes
+  assert batch_sh["hu_zoom2"].spec == batch_sh["hu_patch"].spec == P(("data", "fsdp"), "spatial")
   assert batch_sh["pos_box"].spec == P(("data", "fsdp"))
   with sharding.activate(mesh, rules):
     gbatch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-    assert gbatch["image"].addressable_shards[0].data.shape == (2, 2, 8, 8, 1)  # 4 samples / 2, depth 8 / 4
+    assert gbatch["hu_patch"].addressable_shards[0].data.shape == (2, 2, 8, 8, 1)  # 4 samples / 2, depth 8 / 4
+    assert gbatch["hu_zoom2"].addressable_shards[0].data.shape == (2, 4, 16, 16, 1)
     hlo = jitted.lower(st, gbatch).compile().as_text()
   assert "collective-permute" in hlo
 
@@ -199,6 +199,7 @@ def test_dry_run_reports_cost_without_padding():
   assert result["params"] == unet3d.count_params(build(config, {"data": 1})[2].params)
   assert result["xla_flops_per_device"] * 8 == pytest.approx(result["flops_per_step"], rel=0.3)
   assert result["memory_per_device_gib"] > 0 and result["compile_s"] > 0
+  assert 0 < result["decode_flops_per_step"] < 1e-3 * result["flops_per_step"]  # the samples' decoding, on device
   assert result["projected_step_s_at_40pct_mfu"] is None and "unknown" in result["note"]  # CPU
   assert result["projected_step_s_at_40pct_mfu_by_kind"]["H100"] == pytest.approx(
     result["flops_per_step"] / (8 * 989e12 * 0.4)
@@ -221,6 +222,9 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
   # Volumes split along depth over the 8 devices (Shardy annotation of the image and structures arguments).
   # (structures: the 13 grouped channels packed in 1, data.pack_structures; expanded inside the step)
   assert config.data.shipped_structure_channels == 1
+  # shipped samples (data.decode_on_device): the HU on the sample's grid (f32) and the label ids (ui8), split along
+  # depth; no 2P^3 window (data.resize_on_device=False)
+  assert "512x512x512" not in text
   for arg in ("4x256x256x256x1xf32", "4x256x256x256x1xui8"):
     assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
 
@@ -331,10 +335,12 @@ def test_preview_reads_one_sample_and_validation_only_its_batches(tmp_path):
       seen["montage"] = images
 
   counting = Counting(store)
-  loop.write_samples(preview, None, counting, config, layout, Writer(), str(tmp_path), 1)
+  decode = jax.jit(step_lib.decode_inputs(config))  # shipped samples (data.decode_on_device) -> the model's
+  loop.write_samples(preview, decode, None, counting, config, layout, Writer(), str(tmp_path), 1)
   time.sleep(0.5)
   assert counting.loads == 1 and (tmp_path / "samples" / "step_00000001.png").exists()
   full = next(iter(pipeline.make_dataset(store, config.data, batch_size=4, seed=loop.PREVIEW_SEED)))
+  full = {k: np.asarray(v) for k, v in decode(full).items()}
   for k in ("pos_box", "region", "structures"):
     assert seen[k].shape[0] == 4
     for i in range(4):
@@ -355,7 +361,14 @@ def test_ema_and_frozen_leaves_follow_the_float64_update():
   from meddiff_jax.train import state as state_lib
   from meddiff_jax.train import step as step_lib
 
-  config = tiny(**{"training.ema_decay": 0.9, "optimizer.warmup_steps": 0, "diffusion.cond_drop_prob": 0.0})
+  config = tiny(
+    **{
+      "training.ema_decay": 0.9,
+      "optimizer.warmup_steps": 0,
+      "diffusion.cond_drop_prob": 0.0,
+      "data.decode_on_device": False,  # the batch below is the model's own (no shipped HU to finish)
+    }
+  )
   apply_fn = lambda v, x, t, cond, **kw: x * v["params"]["w"] + v["params"]["b"]
   params = {"w": jnp.full((1,), 0.5), "b": jnp.full((1,), 0.25)}
   labels = trainable.labels(params, ["w"])

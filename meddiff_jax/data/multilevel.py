@@ -10,6 +10,16 @@ align-corners sampling (scipy `zoom`, grid_mode=False), so the sample's voxels s
 linspace(box[a, 0], box[a, 1], P): `models.embeddings.coordinate_grid` reproduces them on device.
 Crops that extend past the volume (a volume smaller than the crop) are padded with air / background and
 their coordinates extend linearly beyond [-1, 1].
+
+Where a sample is finished (`SampleSpec.decode_on_device` / `resize_on_device`, config.data.*):
+  host:    the finished sample (image in [-1, 1] float32, structures), everything computed here (the reference).
+  device:  the sample's HU on its grid (float32: a crop as read, the stored whole level, zoom2's window resized by
+           `halve`) and its label map on that grid (uint8 label codes, `shipped_layout`); the accelerator windows the
+           HU, thresholds the body, looks up the labels' structure groups and packs the structures (data/decode.py),
+           inside the jitted step.
+  device + resize_on_device: zoom2's 2P^3 window ships as read (int16) and the accelerator resizes it too.
+Same operations, boxes and rng draws every way; the image equal within float32 rounding of the resize, the
+structures equal (tests/test_decode.py).
 """
 
 from __future__ import annotations
@@ -26,6 +36,12 @@ from meddiff_jax.models import conditions
 
 OPERATIONS = ("whole", "zoom2", "patch")
 HINTS = ("lowres", "lesion")  # ControlNet condition volumes a sample can carry (config.data.hint)
+# Keys of a sample shipped for decoding on the device: its HU, and its label map on its grid as uint8 label codes
+# (`label_codes`), whose structure group (grouped) or class (classes) ids the device looks up (`group_table`).
+HU = "hu"  # (P,P,P,1) float32: the sample's HU on its own grid (zoom2 resized on the host)
+SHIPPED_HU = {"whole": "hu_whole", "zoom2": "hu_zoom2", "patch": "hu_patch"}  # resize_on_device: by operation
+LABELS = "labels"
+OPERATION = "operation"  # () int32: the index in OPERATIONS
 
 
 def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
@@ -171,6 +187,50 @@ def label_groups(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
   return np.take(table, labels.view(unsigned))
 
 
+def group_table(lut: np.ndarray) -> np.ndarray:
+  """(256,) uint8: `label_groups` of every uint8 label value: the lookup the device applies to shipped label codes
+  (`label_codes`, data/decode.py)."""
+  table = _group_table(lut.tobytes(), lut.dtype.str, np.dtype(np.uint8).str)
+  if table[0] != 0:
+    raise AssertionError(f"label 0 (background) maps to structure group {table[0]}, not 0")
+  return table
+
+
+def label_codes(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+  """A label map as uint8 codes whose `group_table` entries are its `label_groups`: a uint8 map is its own codes
+  (shipped as read, no work here); a 16-bit one (lesion codes) maps each value to the first uint8 value of the same
+  group (one table gather, `_code_table`). Other dtypes: ValueError."""
+  labels = np.asarray(labels)
+  if labels.dtype == np.uint8:
+    return labels
+  if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 2:
+    raise ValueError(f"a {labels.dtype} label map does not ship as label codes; set data.decode_on_device=False")
+  unsigned = np.dtype(f"u{labels.dtype.itemsize}")
+  return np.take(_code_table(lut.tobytes(), lut.dtype.str, labels.dtype.str), labels.view(unsigned))
+
+
+@functools.lru_cache(maxsize=16)
+def _code_table(lut_bytes: bytes, lut_dtype: str, label_dtype: str) -> np.ndarray:
+  groups = _group_table(lut_bytes, lut_dtype, label_dtype)
+  by_code = _group_table(lut_bytes, lut_dtype, np.dtype(np.uint8).str)
+  first = {}
+  for code in range(255, -1, -1):  # each group's first uint8 value
+    first[int(by_code[code])] = code
+  missing = sorted(set(np.unique(groups).tolist()) - set(first))
+  if missing:
+    raise ValueError(
+      f"structure groups / classes {missing[:5]} of {label_dtype} labels have no uint8 label (a LUT over 255 "
+      "classes); set data.decode_on_device=False"
+    )
+  code_of_group = np.zeros(256, np.uint8)
+  for group, code in first.items():
+    code_of_group[group] = code
+  codes = code_of_group[groups]
+  if not np.array_equal(by_code[codes], groups):
+    raise AssertionError("label codes do not preserve the structure groups")
+  return codes
+
+
 @functools.lru_cache(maxsize=16)
 def _group_table(lut_bytes: bytes, lut_dtype: str, label_dtype: str) -> np.ndarray:
   dtype = np.dtype(label_dtype)
@@ -217,6 +277,9 @@ class SampleSpec:
   RandCropByPosNegLabeld (pos / (pos + neg)); otherwise crops are uniform.
   pack_structures: grouped structures as one (P,P,P,1) uint8 channel, (group << 1) | body
   (models/conditions.pack_structures), expanded to the K+1 channels on the accelerator.
+  decode_on_device: ship HU and group ids (`shipped_layout`) and let the accelerator finish the sample
+  (data/decode.py); resize_on_device: ship zoom2's 2P^3 window as read and resize it there too; hu_dtype: the dtype
+  of the volume's HU (the store's: int16 prepared, float32 phantoms).
   """
 
   patch: int
@@ -228,6 +291,9 @@ class SampleSpec:
   structure_labels: bool
   positive_fraction: float
   pack_structures: bool
+  decode_on_device: bool
+  resize_on_device: bool
+  hu_dtype: str
 
 
 def make_sample(
@@ -277,6 +343,9 @@ def make_sample(
         f"stored whole level {hu_crop.shape} {hu_crop.dtype} (labels: {lab is not None}) does not "
         f"match a {target} float32 sample of this volume"
       )
+  if spec.decode_on_device:
+    return _shipped_sample(hu, labels, region, spec, operation, start, size, cached, need_labels, lowres)
+  if cached is not None:
     native = None
   else:
     native = crop_padded(hu, start, size, fill=-1000.0)
@@ -317,3 +386,224 @@ def make_sample(
     mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
     sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0  # {-1, 1}, the data scale
   return sample
+
+
+def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Per-sample (shape, dtype) of every key a sample ships with spec.decode_on_device (data/decode.py finishes it).
+
+  HU (the default): hu (P,P,P,1) float32, the sample's HU on its own grid: a patch crop as read (int16 -> float32),
+  the stored whole level as stored, zoom2's 2P^3 window resized here (`halve`: the resize's own positions and
+  weights, float32).
+  With spec.resize_on_device, zoom2's window ships as read and the device resizes it: one HU key per operation of
+  non-zero probability, in the dtype that operation reads: hu_patch (P,P,P,1) and hu_zoom2 (2P,2P,2P,1) in
+  spec.hu_dtype (the volume's), hu_whole (P,P,P,1) float32; a sample fills its own operation's key and ships zeros
+  (a broadcast view: nothing computed) in the others, and its `operation` says which. 48 MB per sample at P=128
+  instead of 12 (benchmarks/RESULTS.md "#24").
+  labels (P,P,P,1) uint8: the label map on the sample's grid as label codes (`label_codes`: a uint8 map as read),
+  whose structure group (grouped) or class (classes) ids the device looks up (`group_table`: a table gather costs
+  the host ~2 ms per sample, the device nothing that shows), without the body, which the device thresholds from
+  its HU. Split over devices along depth, every key splits like the
+  image: image depth rows [a, b) come from the same rows of every (P,P,P,·) key and from rows [2a, 2b) of
+  hu_zoom2 (no halo).
+  """
+  p, hu_dtype = spec.patch, np.dtype(spec.hu_dtype)
+  if spec.resize_on_device:
+    dtypes = {"whole": np.dtype(np.float32), "zoom2": hu_dtype, "patch": hu_dtype}
+    layout = {
+      SHIPPED_HU[op]: (((2 * p,) * 3 if op == "zoom2" else (p,) * 3) + (1,), dtypes[op])
+      for op, prob in zip(OPERATIONS, spec.operation_probs)
+      if prob > 0
+    }
+  else:
+    layout = {HU: ((p, p, p, 1), np.dtype(np.float32))}
+  if spec.lut is not None:
+    layout[LABELS] = ((p, p, p, 1), np.dtype(np.uint8))
+  layout[conditions.POS_BOX] = ((3, 2), np.dtype(np.float32))
+  layout[conditions.REGION] = ((), np.dtype(np.int32))
+  if spec.resize_on_device:
+    layout[OPERATION] = ((), np.dtype(np.int32))
+  if spec.hint:
+    layout[conditions.HINT] = ((p, p, p, 1), np.dtype(np.float32))
+  return layout
+
+
+def _shipped_sample(
+  hu: np.ndarray,
+  labels: np.ndarray | None,
+  region: int,
+  spec: SampleSpec,
+  operation: str,
+  start: np.ndarray,
+  size: np.ndarray,
+  cached: tuple[np.ndarray, np.ndarray | None] | None,
+  need_labels: bool,
+  lowres: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+  """make_sample's box, shipped as `shipped_layout` says: HU as read (zoom2's window resized here unless the device
+  does it, the whole volume's when the store has no whole level), label maps resized by nearest gathers of only
+  the voxels the sample keeps, shipped as uint8 label codes (the device looks up their groups)."""
+  layout = shipped_layout(spec)
+  key = SHIPPED_HU[operation] if spec.resize_on_device else HU
+  if key not in layout:
+    raise ValueError(f"operation {operation!r} has probability 0 in {spec.operation_probs}: no {key} to ship it in")
+  target = (spec.patch,) * 3
+  sample = {
+    k: np.broadcast_to(np.zeros((), dt), shape) for k, (shape, dt) in layout.items() if k in SHIPPED_HU.values()
+  }
+  native, lab = None, None
+  if cached is not None:
+    sample[key], lab = cached[0][..., None], (cached[1] if need_labels else None)
+  else:  # the HU and label reads begin together: from a bucket, one round of requests
+    hu_read = start_crop(hu, start, size, fill=-1000.0)
+    lab_read = None
+    if need_labels:
+      lab_read = (start_gather_nearest if operation == "zoom2" else start_crop)(labels, start, size, 0, target)
+    native = hu_read()
+    if operation == "whole":
+      sample[key] = resize(native, target, order=1, dtype=np.float32)[..., None]
+    else:
+      native = _as_shipped(native, spec.hu_dtype)
+      if key == HU:  # float32 on the sample's grid
+        sample[key] = (halve(native) if operation == "zoom2" else native.astype(np.float32))[..., None]
+      else:
+        sample[key] = native[..., None]
+    if lab_read is not None:
+      lab = lab_read()
+      lab = lab if operation == "zoom2" else resize(lab, target, order=0)
+  if spec.lut is not None:
+    if spec.pack_structures and not spec.structure_labels and spec.num_groups > conditions.MAX_PACKED_GROUPS:
+      raise ValueError(
+        f"{spec.num_groups} structure groups do not pack into one uint8 channel (at most "
+        f"{conditions.MAX_PACKED_GROUPS}); set data.pack_structures=False"
+      )
+    sample[LABELS] = (
+      np.broadcast_to(np.zeros((), np.uint8), target + (1,)) if lab is None else label_codes(lab, spec.lut)[..., None]
+    )
+  sample[conditions.POS_BOX] = conditions.position_boxes(start, size, hu.shape)
+  sample[conditions.REGION] = np.int32(region)
+  sample[OPERATION] = np.int32(OPERATIONS.index(operation))  # bookkeeping unless resize_on_device decodes by it
+  if spec.hint == "lowres":
+    if lowres is not None:
+      if lowres.shape != hu.shape:
+        raise ValueError(f"low-resolution partner shape {lowres.shape} != image shape {hu.shape}")
+      thick = crop_padded(lowres, start, size, fill=-1000.0)
+    else:
+      thick = thick_slices(np.asarray(native, np.float32), spec.sr_factor, axis=2)
+    hint = preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)
+    sample[conditions.HINT] = hint[..., None]
+  elif spec.hint == "lesion":
+    lesion = None if lab is None else split_lesions(lab)[1]
+    mask = np.zeros(target, np.float32) if lesion is None else lesion.astype(np.float32)
+    sample[conditions.HINT] = mask[..., None] * 2.0 - 1.0
+  return sample
+
+
+def pair_weights(patch: int) -> np.ndarray:
+  """(patch,) float64 weight of voxel 2k + 1 in output voxel k of the 2P -> P align-corners resize.
+
+  `resize` samples output k at c_k = k (2P - 1) / (P - 1) (scipy's zoom positions, float64), whose floor is 2k for
+  every k < P - 1 and whose last is 2P - 1 itself: each output voxel is a lerp of one pair (2k, 2k + 1) with weight
+  c_k - 2k on the odd one (1 for the last)."""
+  c = _source_coordinates(2 * patch, patch)
+  w = c - 2 * np.arange(patch)
+  lo = np.clip(np.floor(c).astype(np.intp), 0, 2 * patch - 1)
+  pairs = np.minimum(lo, 2 * np.arange(patch) + 1) // 2 == np.arange(patch)
+  if not (pairs.all() and np.all((w >= 0) & (w <= 1 + 1e-9))):
+    raise AssertionError(f"the 2P -> P resize positions at P={patch} are not pairwise: {c}")
+  return np.clip(w, 0.0, 1.0)
+
+
+_HALVE_SLAB = 2  # output depth slices per step: float32 temporaries of ~1 MB at P=128 (cache-sized)
+
+
+def halve(window: np.ndarray) -> np.ndarray:
+  """(2P, 2P, 2P) -> (P, P, P) float32: `resize(window, (P,) * 3, order=1)` as a lerp of each axis's voxel pairs
+  (`pair_weights`), even + w (odd - even), depth then height then width, in float32 slab by slab: ~2.5x less CPU
+  than the general separable float64 resize, equal to it within float32 rounding (tests/test_decode.py), and the
+  same operations as the device's data/decode.resize_half."""
+  p = window.shape[0] // 2
+  if window.shape != (2 * p,) * 3:
+    raise ValueError(f"halve takes a (2P, 2P, 2P) window, got {window.shape}")
+  w = pair_weights(p).astype(np.float32)
+  out = np.empty((p, p, p), np.float32)
+  even = np.empty((_HALVE_SLAB, 2 * p, 2 * p), np.float32)
+  odd, rows = np.empty_like(even), np.empty((_HALVE_SLAB, p, 2 * p), np.float32)
+  for k in range(0, p, _HALVE_SLAB):
+    n = min(_HALVE_SLAB, p - k)
+    a, b, r = even[:n], odd[:n], rows[:n]
+    np.copyto(a, window[2 * k : 2 * (k + n) : 2])
+    np.copyto(b, window[2 * k + 1 : 2 * (k + n) : 2])
+    b -= a
+    b *= w[k : k + n, None, None]
+    b += a  # depth
+    np.subtract(b[:, 1::2], b[:, 0::2], out=r)
+    r *= w[None, :, None]
+    r += b[:, 0::2]  # height
+    o = out[k : k + n]
+    np.subtract(r[:, :, 1::2], r[:, :, 0::2], out=o)
+    o *= w
+    o += r[:, :, 0::2]  # width
+  return out
+
+
+def _as_shipped(hu: np.ndarray, dtype: str) -> np.ndarray:
+  """HU in the dtype they ship in: as read (a view of a memory map stays one) when the store's dtype is it;
+  a value-preserving cast otherwise (int16 -> float32), never a rounding one."""
+  hu = np.asarray(hu)
+  if hu.dtype == dtype:
+    return hu
+  if not np.can_cast(hu.dtype, dtype, "safe"):
+    raise ValueError(
+      f"volume HU are {hu.dtype}, which {dtype} cannot hold exactly; a prepared store holds int16 HU "
+      "(re-prepare it), or set data.decode_on_device=False"
+    )
+  return hu.astype(dtype)
+
+
+def start_crop(volume, start: np.ndarray, size: np.ndarray, fill: float, shape=None) -> Callable[[], np.ndarray]:
+  """`crop_padded`, begun: a lazy store volume (store.ChunkedVolume) starts reading an inside crop now and the call
+  waits for it, so reads started together overlap; anything else is read by the call. (`shape`: unused, the
+  signature of start_gather_nearest.)"""
+  inside = np.all(start >= 0) and np.all(start + size <= np.array(volume.shape[:3]))
+  if inside and hasattr(volume, "read_async"):
+    return volume.read_async(tuple(slice(int(a), int(a + n)) for a, n in zip(start, size)))
+  return lambda: crop_padded(volume, start, size, fill)
+
+
+def start_gather_nearest(volume, start: np.ndarray, size: np.ndarray, fill: float, shape) -> Callable[[], np.ndarray]:
+  """`gather_nearest`, begun (as start_crop)."""
+  index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
+  if hasattr(volume, "oindex_async") and all(i.min() >= 0 and i.max() < d for i, d in zip(index, volume.shape[:3])):
+    return volume.oindex_async(index)
+  return lambda: gather_nearest(volume, start, size, shape, fill)
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+  """Source voxel of each output voxel of an order-0 `resize` along one axis (scipy's floor(c + 0.5), clamped)."""
+  return np.clip(np.floor(_source_coordinates(n_in, n_out) + 0.5).astype(np.intp), 0, n_in - 1)
+
+
+def gather_nearest(volume, start: np.ndarray, size: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
+  """`resize(crop_padded(volume, start, size, fill), shape, order=0)`, reading only the voxels it keeps: per axis
+  the voxels start + nearest_indices(size, shape), those outside the volume `fill`. A lazy store volume gathers
+  them itself (`oindex`: a zarr window decodes its chunks but assembles P^3, not 2P^3); an array (a memory map)
+  is sliced to the box, then gathered one axis at a time."""
+  dims = np.array(volume.shape[:3])
+  index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
+  inside = [(i >= 0) & (i < d) for i, d in zip(index, dims)]
+  if all(v.all() for v in inside):
+    return _gather(volume, index)
+  out = np.full(tuple(shape), fill, volume.dtype)
+  if all(v.any() for v in inside):
+    out[np.ix_(*inside)] = _gather(volume, [i[v] for i, v in zip(index, inside)])
+  return out
+
+
+def _gather(volume, index: list[np.ndarray]) -> np.ndarray:
+  if hasattr(volume, "oindex"):
+    return volume.oindex(index)
+  lo = [int(i.min()) for i in index]
+  box = np.asarray(volume[tuple(slice(a, int(i.max()) + 1) for a, i in zip(lo, index))])
+  for axis in range(3):  # np.take: ~2x faster than fancy indexing here
+    box = box.take(index[axis] - lo[axis], axis)
+  return box

@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from meddiff_jax.data import multilevel, phantom, preprocess
+from meddiff_jax.data import multilevel, phantom, preprocess, workers
 from meddiff_jax.data.spec import DataSpec
 
 
@@ -169,7 +169,8 @@ class MultiLevelSample:
     self.store, self.spec = store, spec
     self._coords: dict[int, np.ndarray] = {}  # lesion voxels per volume, for positive crops
 
-  def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, index: int, rng: np.random.Generator, *, operation: str | None = None) -> dict[str, np.ndarray]:
+    """Sample `index` drawn with `rng` (Grain's per-index generator); `operation` forces one (benchmarks)."""
     index = int(index)
     hu, labels, region = self.store.load(index)
     coords = None
@@ -184,6 +185,7 @@ class MultiLevelSample:
       region,
       self.spec,
       rng,
+      operation=operation,
       positive_coords=coords,
       lowres=None if lowres is None else np.asarray(lowres),
       whole_level=functools.partial(self.store.load_whole, index, self.spec.patch),
@@ -319,11 +321,24 @@ def make_dataset(
     .map(_PartSample(store, data.sample_spec(), seed, first_sample, batch_size // repeat, positions, part.boxes))
     .batch(len(positions), drop_remainder=True)
   )
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch))
-  if data.worker_count > 0:
+  read = read_plan(data, len(positions), num_batches)  # (this process's distinct samples per batch)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read.num_threads, prefetch_buffer_size=read.prefetch))
+  if read.worker_count > 0:
     _absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=read.worker_count))
   return it_ds
+
+
+def read_plan(data: DataSpec, per_process_batch: int, num_batches: int | None = None) -> workers.ReadPlan:
+  """data's worker processes / read threads / read-ahead, 'auto' resolved for this process (data/workers.py; the
+  training loop resolves them once, knowing the processes on its host). A finite dataset (validation, previews:
+  `num_batches`) reads in threads of this process, at most one per batch: no worker processes to start for it."""
+  read = workers.plan(data, workers.batch_bytes(data.sample_spec(), per_process_batch))
+  if num_batches is not None and data.worker_count == workers.AUTO:
+    threads = min(max(read.compute_cores, 1), num_batches) if data.num_threads == workers.AUTO else read.num_threads
+    prefetch = threads if data.prefetch == workers.AUTO else read.prefetch
+    read = dataclasses.replace(read, worker_count=0, num_threads=threads, prefetch=prefetch)
+  return read
 
 
 def _absl_flags_parsed() -> None:
@@ -387,7 +402,8 @@ def assemble(
 ) -> dict[str, jax.Array]:
   """Global arrays of shapes, dtypes and shardings `batch` from what this process loaded of them (`make_dataset`
   of `part`: its distinct samples, cut to its boxes); `sample_of_row`: global row -> index of its local sample."""
-  local = {k: np.asarray(v) for k, v in local.items() if k != "operation"}  # 'operation': host bookkeeping only
+  # 'operation': host bookkeeping, unless the step decodes by it (data.resize_on_device: it is in the layout then)
+  local = {k: np.asarray(v) for k, v in local.items() if k != multilevel.OPERATION or k in batch}
   if set(local) != set(batch):
     raise ValueError(f"samples carry {sorted(local)}, the batch layout expects {sorted(batch)}")
   out = {}

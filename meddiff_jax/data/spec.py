@@ -58,14 +58,16 @@ class DataSpec:
   structures: str
   structure_groups: tuple[tuple[str, tuple[str, ...]], ...]
   operation_probs: tuple[float, float, float]
-  num_threads: int
-  prefetch: int
-  worker_count: int
+  num_threads: int | str  # 'auto': data/workers.py
+  prefetch: int | str
+  worker_count: int | str
   val_fraction: float
   hint: str
   sr_factor: int
   positive_fraction: float
   pack_structures: bool  # grouped structures ship as one uint8 channel, expanded on the accelerator
+  decode_on_device: bool  # samples ship HU and label codes; the accelerator windows, groups, packs (data/decode.py)
+  resize_on_device: bool  # and zoom2's 2P^3 window ships as read, resized on the accelerator
   phantom: PhantomSpec
 
   def __post_init__(self):
@@ -93,14 +95,17 @@ class DataSpec:
       raise sections.ConfigError(
         f"{key}operation_probs={probs!r}; must be 3 weights >= 0 (whole, zoom2, patch), not all 0"
       )
-    sections.count(key + "num_threads", self.num_threads, 0)
-    sections.count(key + "prefetch", self.prefetch, 0)
-    sections.count(key + "worker_count", self.worker_count, 0)
+    for name in ("num_threads", "prefetch", "worker_count"):
+      sections.keyword_or(key + name, getattr(self, name), ("auto",), sections.count, 0)
     sections.fraction(key + "val_fraction", self.val_fraction)
     sections.choice(key + "hint", self.hint, ("",) + multilevel.HINTS)
     sections.count(key + "sr_factor", self.sr_factor)
     sections.fraction(key + "positive_fraction", self.positive_fraction)
     sections.flag(key + "pack_structures", self.pack_structures)
+    sections.flag(key + "decode_on_device", self.decode_on_device)
+    sections.flag(key + "resize_on_device", self.resize_on_device)
+    if self.resize_on_device and not self.decode_on_device:
+      raise sections.ConfigError(f"{key}resize_on_device=True needs {key}decode_on_device=True")
 
   @classmethod
   def from_config(cls, section: Any) -> DataSpec:
@@ -165,7 +170,16 @@ class DataSpec:
       structure_labels=lut is not None and self.structures_as_labels,
       positive_fraction=self.positive_fraction,
       pack_structures=self.packs_structures,
+      decode_on_device=self.decode_on_device,
+      resize_on_device=self.resize_on_device,
+      hu_dtype=self.hu_dtype,
     )
+
+  @property
+  def hu_dtype(self) -> str:
+    """The dtype of the source's HU volumes, in which samples ship them (decode_on_device): int16 in a prepared
+    store (data/store.write_record), float32 in generated phantoms."""
+    return "float32" if self.source == "phantom" else "int16"
 
   def training_spacing(self, records: list[dict] | None = None) -> tuple[float, float, float] | None:
     """The voxel size (mm) a model is trained at: data.spacing when given, else ('source') the phantom spacing,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,8 @@ CODECS: dict[str, list[dict[str, Any]]] = {
   "blosc_zstd1": [{"name": "blosc", "configuration": {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}}],
   "none": [],  # uncompressed: the CPU bound (and the bucket-size worst case)
 }
+# Requests in flight per opened array from a bucket: a 2P^3 zoom2 window at P=128 touches up to 5^3 chunks.
+REQUESTS_PER_ARRAY = 128
 DEFAULT_CODEC = "blosc_lz4hc"  # ~40-60% less CPU per window read than zstd at +6% bytes (RESULTS.md)
 
 
@@ -83,6 +86,9 @@ def _zarr_spec(
   codec: str = DEFAULT_CODEC,
 ) -> dict[str, Any]:
   spec: dict[str, Any] = {"driver": "zarr3", "kvstore": _kvstore(path)}
+  resource = {"gs": "gcs_request_concurrency", "s3": "s3_request_concurrency"}.get(storage.scheme(path))
+  if resource:  # every chunk of a window requested at once: one round trip per read
+    spec["context"] = {resource: {"limit": REQUESTS_PER_ARRAY}}
   if shape is not None:
     spec["metadata"] = {
       "shape": list(shape),
@@ -205,11 +211,42 @@ class ChunkedVolume:
     self.ndim = len(self.shape)
 
   def __getitem__(self, index: Any) -> np.ndarray:
-    return self._array[index].read().result()
+    return self.read_async(index)()
+
+  def oindex(self, index: list[np.ndarray]) -> np.ndarray:
+    """vol[np.ix_(*index)] (one integer index array per axis), gathered by TensorStore from the chunks they touch."""
+    return self.oindex_async(index)()
+
+  def read_async(self, index: Any) -> Callable[[], np.ndarray]:
+    """Start reading vol[index]; the returned call waits for it. Reads started together overlap (a sample's HU
+    and labels from a bucket: one round of requests, not two)."""
+    return _start_read(self._array[index])
+
+  def oindex_async(self, index: list[np.ndarray]) -> Callable[[], np.ndarray]:
+    return _start_read(self._array.oindex[tuple(np.asarray(i) for i in index)])
 
   def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
     out = self._array.read().result()
     return out if dtype is None else out.astype(dtype)
+
+
+def _start_read(view: ts.TensorStore) -> Callable[[], np.ndarray]:
+  """Start reading a TensorStore view into an array numpy allocates (TensorStore's own `read()` result costs ~2x the
+  CPU for windows over ~32 MB, a 2P^3 int16 zoom2 window at P=128: benchmarks/RESULTS.md "#24"; the same below)."""
+  out = np.empty(view.shape, view.dtype.numpy_dtype)
+  done = ts.array(out, copy=False, write=True).write(view.translate_to[0])
+
+  def wait() -> np.ndarray:
+    done.result()
+    return out
+
+  return wait
+
+
+def _read_all(array: Any) -> Callable[[], np.ndarray]:
+  if hasattr(array, "read_async"):  # a lazy volume (ChunkedVolume, or one wrapping it)
+    return array.read_async(...)
+  return lambda: np.asarray(array)
 
 
 def open_array(path: str) -> np.ndarray | ChunkedVolume:
@@ -261,13 +298,15 @@ class PreparedStore:
     return self._array(rec["image"]), labels, regions.training_region_id(rec.get("region", "unknown"), rec["id"])
 
   def load_whole(self, index: int, size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """The whole level at patch `size` (HU resized to float32, labels resized), read whole; None if not stored."""
+    """The whole level at patch `size` (HU resized to float32, labels resized), read whole (both arrays at once);
+    None if not stored."""
     rec = self.records[index]
     entry = (rec.get("whole") or {}).get(str(int(size)))
     if entry is None:
       return None
-    labels = np.asarray(self._array(entry["labels"])) if entry.get("labels") else None
-    return np.asarray(self._array(entry["image"])), labels
+    reads = [_read_all(self._array(entry[k])) for k in ("image", "labels") if entry.get(k)]
+    image, labels = reads[0](), (reads[1]() if len(reads) > 1 else None)
+    return image, labels
 
   def load_lowres(self, index: int) -> Any | None:
     """The real low-resolution partner on the image grid, or None (the SR hint is then simulated)."""

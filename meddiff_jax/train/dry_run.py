@@ -97,7 +97,8 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     "flops_per_device": flops / n,
   }
   result.update(tpu_compile.memory(compiled))
-  result["xla_flops_per_device"] = throughput.xla_flops(compiled)
+  result["xla_flops_per_device"] = throughput.xla_flops(compiled)  # the samples' decoding included (below)
+  result["decode_flops_per_step"] = decode_flops(config)
   result["lower_s"], result["compile_s"] = facts["lower_s"], facts["compile_s"]
   result["projected_step_s_at_40pct_mfu"] = throughput.projected_step_s(flops, n, kind)
   if result["projected_step_s_at_40pct_mfu"] is None:
@@ -109,6 +110,15 @@ def run(config: PretrainConfig) -> dict[str, Any]:
     result.update(topology(config, compiled, devices, flops, result["memory_per_device_gib"]))
   print(json.dumps(result), flush=True)
   return result
+
+
+def decode_flops(config: PretrainConfig) -> float | None:
+  """XLA's FLOPs for finishing one step's shipped samples on the device (data.decode_on_device: data/decode.py,
+  inside the step; 0 when the host finishes them): what moving the resize to the accelerator adds to the step."""
+  if not config.data.decode_on_device:
+    return 0.0
+  batch = step_lib.batch_spec(config)
+  return throughput.xla_flops(jax.jit(step_lib.decode_inputs(config)).lower(batch).compile())
 
 
 def topology(

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 
 from meddiff_jax import checkpoint, pretrained, sharding, storage
-from meddiff_jax.data import pipeline
+from meddiff_jax.data import pipeline, workers
 from meddiff_jax.diffusion import schedules
 from meddiff_jax.evaluation import montage
 from meddiff_jax.models import conditions, trainable, unet3d
@@ -197,6 +197,8 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
   store = pipeline.make_store(config.data)
   stored_config = ml_collections.ConfigDict(config.stored(config.data.training_spacing(store.records)))
   train_store, val_store = pipeline.split_train_val(store, config.data.val_fraction)
+  config = dataclasses.replace(config, data=size_pipeline(config, train_store, flops_per_step))
+  # the shipped batch (data.decode_on_device: HU and label codes, finished inside the jitted steps)
   batch_layout = sharding.input_layout(mesh, rules, step_lib.batch_spec(config))  # volumes: also by depth
   run = Run(
     config,
@@ -215,6 +217,24 @@ def setup(config: PretrainConfig, workdir: str, trainee: Trainee | None = None) 
     flops_per_step,
   )
   return run, state
+
+
+def size_pipeline(config: PretrainConfig, train_store: pipeline.VolumeStore, flops_per_step: float) -> Any:
+  """config.data with its 'auto' workers / threads / read-ahead resolved for this process (data/workers.py: the
+  cores it may use, the processes on its host, the store's place, memory), said once with the samples/s to expect
+  (sample CPU measured on a few samples here) against what the step consumes at 40% MFU (known device kinds)."""
+  data = config.data
+  per_process = config.training.batch_size // jax.process_count()
+  read = workers.plan(
+    data,
+    workers.batch_bytes(data.sample_spec(), per_process),
+    processes_per_host=workers.processes_on_this_host(),
+  )
+  cpu_s = workers.cpu_seconds_per_sample(pipeline.MultiLevelSample(train_store, data.sample_spec()), len(train_store))
+  step_s = throughput.projected_step_s(flops_per_step, jax.device_count(), jax.devices()[0].device_kind)
+  consumed = config.training.batch_size / step_s / jax.process_count() if step_s else None
+  writer_lib.progress(read.describe(cpu_s, consumed))
+  return dataclasses.replace(data, worker_count=read.worker_count, num_threads=read.num_threads, prefetch=read.prefetch)
 
 
 def restore(
@@ -259,19 +279,24 @@ def stream_position(restored: checkpoint.Restored, batch_size: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The jitted functions of a run: the train step (state donated), validation loss, preview sampler
-  (`compile_steps` replaces them by their compiled versions)."""
+  (`compile_steps` replaces them by their compiled versions), and the shipped batch -> the model's batch
+  (data.decode_on_device; the train and validation steps do it inside)."""
 
   train: Any
   eval: Any
   preview: Any
+  decode: Any
 
 
 def jit_steps(run: Run) -> Steps:
   config, trainee = run.config, run.trainee
   step_fn = step_lib.make_train_step(trainee.apply_fn, trainee.schedule, run.tx, config, run.rules, run.labels)
   train_step = step_lib.jit_train_step(step_fn, run.shardings, run.batch_sharding, run.mesh, run.labels)
+  finish = step_lib.decode_inputs(config, run.rules)
   eval_step = jax.jit(
-    validation.make_eval_step(trainee.apply_fn, trainee.schedule, config.diffusion, config.eval.num_buckets),
+    validation.make_eval_step(
+      trainee.apply_fn, trainee.schedule, config.diffusion, config.eval.num_buckets, finish=finish
+    ),
     in_shardings=(run.eval_params(run.shardings), run.batch_sharding, None),
     out_shardings=sharding.replicated(run.mesh),  # read back on every process
   )
@@ -280,7 +305,7 @@ def jit_steps(run: Run) -> Steps:
       trainee.apply_fn, trainee.schedule, config.diffusion, config.data.patch_size, config.eval.sample_steps
     )
   )
-  return Steps(train_step, eval_step, preview)
+  return Steps(train_step, eval_step, preview, jax.jit(finish, in_shardings=(run.batch_sharding,)))
 
 
 def compile_steps(run: Run, steps: Steps, train_state: state_lib.TrainState, batch: dict) -> tuple[Steps, Any]:
@@ -295,11 +320,12 @@ def compile_steps(run: Run, steps: Steps, train_state: state_lib.TrainState, bat
   if run.config.eval.every_steps:
     eval_step = eval_step.lower(params, run.batch_layout, key).compile()
   if run.config.eval.sample_every_steps:
-    cond = {k: run.batch_layout[k] for k in conditions.COND_KEYS if k in run.batch_layout}
+    decoded = steps.decode(batch)  # the model's batch (its layout is the preview's: write_samples decodes alike)
+    cond = {k: decoded[k] for k in conditions.COND_KEYS if k in decoded}
     preview = preview.lower(params, key, cond).compile()
   if run.config.eval.every_steps or run.config.eval.sample_every_steps:
     writer_lib.progress(f"compiled validation and preview in {time.perf_counter() - t0:.1f} s")
-  return Steps(train, eval_step, preview), xla_flops
+  return Steps(train, eval_step, preview, steps.decode), xla_flops
 
 
 def compile_train_step(run: Run, train_step: Any, train_state: state_lib.TrainState, batch: dict) -> tuple[Any, Any]:
@@ -320,6 +346,7 @@ class TrainLog:
     self.device_kind = jax.devices()[0].device_kind
     self.accumulated: TrainMetrics | None = None
     self.t_log, self.steps_since = time.perf_counter(), 0
+    self.data_wait_s = 0.0  # time the loop waited for batches since the last log (train_and_evaluate adds to it)
     self.last: dict[str, float] = {}
 
   def add(self, step_metrics: dict[str, jax.Array]) -> None:
@@ -332,6 +359,8 @@ class TrainLog:
     scalars = {k: float(v) for k, v in self.accumulated.compute().items()}
     elapsed = time.perf_counter() - self.t_log
     scalars["steps_per_sec"] = self.steps_since / elapsed
+    # the share of the interval the loop waited for input: near 1, the devices starve (more data.worker_count)
+    scalars["data_wait_fraction"] = min(1.0, self.data_wait_s / elapsed)
     scalars["voxels_per_sec"] = scalars["steps_per_sec"] * config.training.batch_size * config.data.patch_size**3
     scalars.update(
       throughput.step_metrics(
@@ -344,10 +373,10 @@ class TrainLog:
     self.writer.scalars(step, scalars, prefix=f"{self.run.trainee.metric_prefix}/")
     writer_lib.progress(
       f"step {step}/{config.training.num_steps}  "
-      + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec"))
+      + writer_lib.format_scalars(scalars, ("loss", "grad_norm", "steps_per_sec", "data_wait_fraction"))
     )
     self.last, self.accumulated = scalars, None
-    self.t_log, self.steps_since = time.perf_counter(), 0
+    self.t_log, self.steps_since, self.data_wait_s = time.perf_counter(), 0, 0.0
     return scalars
 
 
@@ -357,7 +386,7 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
   `config` is checked and typed by the entry point (checks.pretrain / checks.controlnet); not again here."""
   t_start = time.perf_counter()
   run, train_state = setup(config, workdir, trainee)
-  trainee = run.trainee
+  config, trainee = run.config, run.trainee  # the data section's 'auto' parallelism resolved
   ckpt = checkpoint.Checkpointer(
     storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
   )
@@ -380,11 +409,13 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
       batch = next(batches) if start < num_steps else None
       if batch is not None:
         steps, log.xla_flops_per_step = compile_steps(run, steps, train_state, batch)
-      log.t_log, pending = time.perf_counter(), None
+      log.t_log, log.data_wait_s, pending = time.perf_counter(), 0.0, None
       step = start
       while step < num_steps:
         if batch is None:
-          batch = next(batches)
+          t_wait = time.perf_counter()
+          batch = next(batches)  # the host's next batch, on the devices (the previous step runs meanwhile)
+          log.data_wait_s += time.perf_counter() - t_wait
         train_state, step_metrics = steps.train(train_state, batch)
         batch = None
         step += 1
@@ -404,7 +435,9 @@ def train_and_evaluate(config: PretrainConfig, workdir: str, trainee: Trainee | 
           writer_lib.progress(f"step {step}/{num_steps}  val/loss {val['val/loss']:.4g}")
         if itstime(step, config.eval.sample_every_steps, num_steps):
           params = run.eval_params(train_state)
-          write_samples(steps.preview, params, run.val_store, config, run.batch_layout, writer, workdir, step)
+          write_samples(
+            steps.preview, steps.decode, params, run.val_store, config, run.batch_layout, writer, workdir, step
+          )
         if itstime(step, config.checkpoint.every_steps, num_steps, stopping):
           ckpt.save(step, run.checkpointed(train_state), batches.state(), run.stored_config)
         if stopping:
@@ -463,6 +496,7 @@ def run_eval(
 
 def write_samples(
   preview: Any,
+  decode: Any,
   params: Any,
   val_store: pipeline.VolumeStore,
   config: PretrainConfig,
@@ -481,6 +515,7 @@ def write_samples(
       val_store, config.data, batch_layout, seed=PREVIEW_SEED, repeat=config.training.batch_size, num_batches=1
     )
   )
+  batch = decode(batch)
   cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
   generated = preview(params, jax.random.key(step), cond)
   gen, real = (_to_host(a)[0] for a in (generated, batch[conditions.IMAGE]))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from meddiff_jax import sharding
+from meddiff_jax.data import decode
 from meddiff_jax.diffusion import losses, samplers, schedules
 from meddiff_jax.diffusion.spec import DiffusionSpec
 from meddiff_jax.models import conditions, trainable
@@ -22,9 +23,12 @@ Batch = dict[str, jax.Array]
 
 
 def batch_spec(config: PretrainConfig, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global training batch (data/multilevel.make_sample, batched): what the
-  dry run compiles against and what input shardings are built for (default: config.training.batch_size)."""
+  """Shapes and dtypes of one global training batch (data/multilevel.make_sample, batched) as the host ships it:
+  what the dry run compiles against and what input shardings are built for (default: config.training.batch_size).
+  With data.decode_on_device, the store's values (data/decode.batch_shapes), which the step decodes first."""
   n = config.training.batch_size if batch_size is None else batch_size
+  if config.data.decode_on_device:
+    return decode.batch_shapes(config.data.sample_spec(), n)
   p, k = config.data.patch_size, config.model.structure_channels
   if k and config.data.packs_structures:
     k = 1  # one packed uint8 channel, expanded in the step (expand_structures)
@@ -38,6 +42,18 @@ def batch_spec(config: PretrainConfig, batch_size: int | None = None) -> dict[st
   if config.data.hint:  # ControlNet's condition volume (data/multilevel.make_sample)
     spec[conditions.HINT] = jax.ShapeDtypeStruct((n, p, p, p, 1), jnp.float32)
   return spec
+
+
+def decode_inputs(config: PretrainConfig, rules: Any = ()) -> Callable[[Batch], Batch]:
+  """Shipped batch -> the model's batch, inside jit (data/decode.py: resize, HU window, body, structures, on the
+  accelerator, laid out as the shipped batch: by batch and, with rules, along depth); identity when the host
+  finished the samples (data.decode_on_device=False)."""
+  if not config.data.decode_on_device:
+    return lambda batch: batch
+  finish = decode.decoder(config.data.sample_spec())
+  if not rules:
+    return finish
+  return lambda batch: sharding.constrain_inputs(finish(batch), rules)
 
 
 def expand_structures(cond: Batch, model: UNetSpec) -> Batch:
@@ -144,8 +160,10 @@ def make_train_step(
   lr_schedule = learning_rate_schedule(config.optimizer)
   k = config.training.grad_accum_steps
   ema_decay = float(config.training.ema_decay)
+  finish = decode_inputs(config, rules)
 
   def step(state: TrainState, batch: Batch):
+    batch = finish(batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     params, frozen = trainable.split(state.params, labels) if labels is not None else (state.params, {})
     if k == 1:

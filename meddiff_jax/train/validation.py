@@ -14,16 +14,22 @@ from meddiff_jax.models import conditions
 
 
 def make_eval_step(
-  apply_fn: Callable[..., jax.Array], schedule: schedules.Schedule, diffusion: DiffusionSpec, num_buckets: int
+  apply_fn: Callable[..., jax.Array],
+  schedule: schedules.Schedule,
+  diffusion: DiffusionSpec,
+  num_buckets: int,
+  finish: Callable[[dict], dict] = lambda batch: batch,
 ) -> Callable[[Any, dict, jax.Array], jax.Array]:
   """(params, batch, rng) -> (num_buckets,) mean loss with t drawn inside each of equal timestep buckets.
 
   High-t buckets measure global structure, low-t buckets fine texture; a single averaged loss hides
-  which one a change helped (maxdiffusion reports it the same way).
+  which one a change helped (maxdiffusion reports it the same way). `finish`: the shipped batch -> the model's
+  (train/step.decode_inputs: data.decode_on_device).
   """
   edges = [round(i * schedule.num_timesteps / num_buckets) for i in range(num_buckets + 1)]
 
   def eval_step(params, batch, rng):
+    batch = finish(batch)
     x0 = batch[conditions.IMAGE].astype(jnp.float32)
     n = x0.shape[0]
     cond = {k: batch[k] for k in conditions.COND_KEYS if k in batch}
