@@ -206,7 +206,7 @@ def test_a_sample_that_does_not_match_the_layout_is_refused_in_one_line():
   rows = pipeline.row_to_sample(part, 1)
   with pytest.raises(ValueError, match=r"batch key 'hu': loaded \(8, 8, 8, 8, 1\) float64, the layout's part"):
     pipeline.assemble({**local, multilevel.HU: local[multilevel.HU].astype(np.float64)}, part, rows, layout)
-  with pytest.raises(ValueError, match=r"samples carry \['image', 'pos_box', 'region', 'structures', 'x'\]"):
+  with pytest.raises(ValueError, match=r"samples carry \['hu', 'labels', 'pos_box', 'region', 'x'\]"):
     pipeline.assemble(dict(local, x=local["region"]), part, rows, layout)
 
 
