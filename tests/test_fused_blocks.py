@@ -160,6 +160,33 @@ def test_resblock_matches_the_plain_formulation(cin, split, conv_impl):
   jax.tree_util.tree_map(_close, g_new, g_ref)
 
 
+@pytest.mark.parametrize("conv_impl", ["xla", "depth_taps"])
+def test_upsample_is_nearest_repeat_then_conv(conv_impl):
+  """Upsample (the sub-pixel conv at low resolution) against jnp.repeat x2 along D, H, W then flax's nn.Conv,
+  on the same param tree: values and gradients (odd sizes: the borders of every phase are checked)."""
+  spec = dataclasses.replace(SPEC, conv_impl=conv_impl)
+  k = jax.random.split(jax.random.key(6), 3)
+  x = _rand(k[0], (2, 3, 4, 5, 6), 1.0, 0.2)
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for axis in (1, 2, 3):
+        x = jnp.repeat(x, 2, axis=axis)
+      return nn.Conv(6, (3, 3, 3), padding="SAME", name="conv")(x)
+
+  block = unet3d.Upsample(spec)
+  params = nn.meta.unbox(block.init(jax.random.key(0), x)["params"])
+  plain_init = Plain().init(jax.random.key(0), x)["params"]
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), params, plain_init)
+  params = _perturb(params)
+  dy = _rand(k[1], (2, 6, 8, 10, 6))
+  _close(block.apply({"params": params}, x), Plain().apply({"params": params}, x), 1e-5)
+  g_new = jax.grad(lambda p, x: jnp.sum(block.apply({"params": p}, x) * dy), (0, 1))(params, x)
+  g_ref = jax.grad(lambda p, x: jnp.sum(Plain().apply({"params": p}, x) * dy), (0, 1))(params, x)
+  jax.tree_util.tree_map(_close, g_new, g_ref)
+
+
 @pytest.mark.slow
 def test_flash_attention_matches_dot_product_attention_alone_and_split_over_a_mesh():
   """attention_impl='flash' (the Pallas TPU kernel, run here in its interpreter) equals

@@ -436,13 +436,66 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+  """Nearest-neighbour x2 along D, H, W, then a 3^3 conv: computed as `SubpixelUpConv` (same params, same
+  function), so the 8x larger repeated input is never written."""
+
   spec: UNetSpec
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    for axis in (1, 2, 3):  # nearest-neighbour x2 along D, H, W
-      x = jnp.repeat(x, 2, axis=axis)
-    return _constrain(conv3d(x.shape[-1], 3, self.spec, name="conv")(x))
+    spec = self.spec
+    conv = SubpixelUpConv(
+      x.shape[-1],
+      (3, 3, 3),
+      padding="SAME",
+      dtype=spec.dtype,
+      param_dtype=spec.param_dtype,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, "conv_in", "conv_out")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      conv_impl=spec.conv_impl,
+      name="conv",
+    )
+    return _constrain(conv(x))
+
+
+# Per axis, which taps t of a 3-tap conv over the x2 nearest-upsampled signal land on low-resolution tap s
+# (offsets -1, 0, +1) for output phase p (even, odd output voxel): out[2i + p] = sum_s x[i + s] K'_p[s].
+_SUBPIXEL_TAPS = jnp.array(
+  [
+    [[1, 0, 0], [0, 1, 1], [0, 0, 0]],  # even: x[i-1] K[0] + x[i] (K[1] + K[2])
+    [[0, 0, 0], [1, 1, 0], [0, 0, 1]],  # odd:  x[i] (K[0] + K[1]) + x[i+1] K[2]
+  ],
+  jnp.float32,
+)
+
+
+class SubpixelUpConv(nn.Conv):
+  """conv3x3x3(nearest_upsample_x2(x)) as one 3^3 conv at the LOW resolution with 8 x Cout outputs (one
+  per output phase, kernels summed from the original taps), then depth-to-space. Same params (kernel
+  (3,3,3,C,Cout), bias) as nn.Conv on the upsampled input, same FLOPs, but neither the upsampled input nor
+  its layout copies are ever written, and the conv's 8 x Cout output is lane-friendly on TPU."""
+
+  conv_impl: str = "xla"  # UNetSpec.conv_impl
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cin, cout = x.shape[-1], self.features
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, cout), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (cout,), self.param_dtype)
+    m = _SUBPIXEL_TAPS.astype(kernel.dtype)
+    phases = jnp.einsum("psd,qte,ruf,defio->stuipqro", m, m, m, kernel).reshape(3, 3, 3, cin, 8 * cout)
+    x, phases, bias = nn.dtypes.promote_dtype(x, phases, bias, dtype=self.dtype)
+    if _use_depth_taps(self.conv_impl):
+      y = depth_tap_conv(x, phases)
+    else:
+      y = jax.lax.conv_general_dilated(
+        x, phases, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision
+      )
+    n, d, h, w, _ = x.shape
+    y = y.reshape(n, d, h, w, 2, 2, 2, cout).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, 2 * d, 2 * h, 2 * w, cout)
+    return y + bias
 
 
 def _segment(spec: UNetSpec, fn: Any) -> Any:
