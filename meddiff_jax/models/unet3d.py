@@ -11,8 +11,8 @@ be initialised from the pretrained ones by name.
 Every param carries logical axis names (see sharding.py for the rules that map them to the mesh).
 GroupNorm statistics are float32 whatever the compute dtype; norm, scale-shift and SiLU run as one fused
 pass that keeps activations in the compute dtype (models/norm_act.py); output convs are zero-initialised
-(ADM). The decoder's concat(h, skip) is never written: its ResBlock takes the two as channel-parts (same
-params and function, benchmarks/RESULTS.md #27: memory traffic on TPU).
+(ADM). Upsampling runs as a sub-pixel conv at low resolution (same params and function; benchmarks/RESULTS.md
+"#27": memory traffic on TPU).
 
 Attention is placed by level (0 = full resolution, as ADM keys it by downsample factor), so a trained
 model runs at any window size that 2^(levels-1) divides. Rematerialisation (`remat`) wraps whole segments:
@@ -172,13 +172,12 @@ def conv3d(
   *,
   strides: int = 1,
   zero_init: bool = False,
-  parts: bool = False,
   name: str | None = None,
 ) -> nn.Module:
   """A k^3 'SAME' conv with logical axis names on kernel and bias (zero_init: ADM / ControlNet zero convs).
 
   spec.conv_impl='depth_taps' (or 'auto' on CPU) computes stride-1 3^3 convs as `DepthTapConv` (same params,
-  same result to float rounding). parts=True: a `PartsConv`, called on a tuple of channel-parts.
+  same result to float rounding).
   """
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
   kwargs = dict(
@@ -190,10 +189,6 @@ def conv3d(
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
     name=name,
   )
-  if parts:
-    if strides != 1:
-      raise ValueError("conv3d(parts=True) is stride 1 only")
-    return PartsConv(features, (kernel,) * 3, conv_impl=spec.conv_impl, **kwargs)
   cls = DepthTapConv if _use_depth_taps(spec.conv_impl) and kernel == 3 and strides == 1 else nn.Conv
   return cls(features, (kernel,) * 3, **kwargs)
 
@@ -229,35 +224,6 @@ def depth_tap_conv(x: Array, kernel: Array) -> Array:
   return sum(y[:, j : j + d, :, :, j] for j in range(kd))  # out[d] = sum_j x[d + j - lo] K[j]
 
 
-class PartsConv(nn.Conv):
-  """A stride-1 k^3 'SAME' conv of the channel concatenation of `parts`, without writing it: one conv per
-  part with its slice of the kernel's input channels, summed. Same params as nn.Conv on the concatenation
-  (the decoder's concat(h, skip) -> conv: one checkpoint either way)."""
-
-  conv_impl: str = "xla"  # UNetSpec.conv_impl
-
-  @nn.compact
-  def __call__(self, parts: Sequence[Array]) -> Array:
-    k = self.kernel_size
-    cin = sum(p.shape[-1] for p in parts)
-    kernel = self.param("kernel", self.kernel_init, (*k, cin, self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    *parts, kernel, bias = nn.dtypes.promote_dtype(*parts, kernel, bias, dtype=self.dtype)
-    taps = _use_depth_taps(self.conv_impl) and k[0] == 3
-    out, off = None, 0
-    for x in parts:
-      kx = kernel[..., off : off + x.shape[-1], :]
-      off += x.shape[-1]
-      if taps:
-        y = depth_tap_conv(x, kx)
-      else:
-        y = jax.lax.conv_general_dilated(
-          x, kx, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision
-        )
-      out = y if out is None else out + y
-    return out + bias
-
-
 def _use_depth_taps(conv_impl: str) -> bool:
   return conv_impl == "depth_taps" or (conv_impl == "auto" and jax.default_backend() == "cpu")
 
@@ -281,7 +247,7 @@ def _num_groups(channels: int, wanted: int) -> int:
 class GroupNorm32(nn.Module):
   """GroupNorm with float32 statistics (bf16 statistics over 2M voxels are too coarse), optionally followed
   by ADM's per-sample scale-shift and SiLU, as one fused pass (models/norm_act.py): the activations stay in
-  the compute dtype, only (N, C) maps are float32. `x` may be a tuple of channel-parts (see norm_act).
+  the compute dtype, only (N, C) maps are float32.
 
   Params as flax's nn.GroupNorm one scope down (GroupNorm_0/scale, GroupNorm_0/bias), the checkpoint
   layout of the models trained before the fused form."""
@@ -289,10 +255,8 @@ class GroupNorm32(nn.Module):
   spec: UNetSpec
 
   @nn.compact
-  def __call__(
-    self, x: Array | tuple[Array, ...], scale: Array | None = None, shift: Array | None = None, act: bool = False
-  ) -> Array | tuple[Array, ...]:
-    channels = sum(p.shape[-1] for p in x) if isinstance(x, tuple) else x.shape[-1]
+  def __call__(self, x: Array, scale: Array | None = None, shift: Array | None = None, act: bool = False) -> Array:
+    channels = x.shape[-1]
     gamma, beta = _GroupNormParams(channels, self.spec.param_dtype, name="GroupNorm_0")()
     return norm_act.group_norm_act(
       x,
@@ -328,32 +292,24 @@ def _constrain(x: Array) -> Array:
 
 
 class ResBlock(nn.Module):
-  """GN-SiLU-Conv, scale-shift by the embedding, GN-SiLU-Dropout-ZeroConv, residual.
-
-  `x` may be a tuple of channel-parts (the decoder's (h, skip)): the block then computes what it computes
-  on their concatenation, without writing it (GroupNorm over the parts, convs with split kernels).
-  """
+  """GN-SiLU-Conv, scale-shift by the embedding, GN-SiLU-Dropout-ZeroConv, residual."""
 
   spec: UNetSpec
   out_channels: int
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array | tuple[Array, ...], emb: Array) -> Array:
+  def __call__(self, x: Array, emb: Array) -> Array:
     spec = self.spec
-    parts = isinstance(x, tuple)
-    cin = sum(p.shape[-1] for p in x) if parts else x.shape[-1]
     h = GroupNorm32(spec, name="norm1")(x, act=True)
-    h = conv3d(self.out_channels, 3, spec, parts=parts, name="conv1")(h)
+    h = conv3d(self.out_channels, 3, spec, name="conv1")(h)
     scale_shift = _dense(2 * self.out_channels, spec, name="emb_proj")(nn.silu(emb))
     scale, shift = jnp.split(scale_shift, 2, axis=-1)
     h = GroupNorm32(spec, name="norm2")(h, scale, shift, act=True)
     h = nn.Dropout(spec.dropout, deterministic=self.deterministic)(h)
     h = conv3d(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
-    if cin != self.out_channels:
-      x = conv3d(self.out_channels, 1, spec, parts=parts, name="skip")(x)
-    elif parts:
-      raise ValueError("ResBlock: channel-parts need a skip conv (input channels != output channels)")
+    if x.shape[-1] != self.out_channels:
+      x = conv3d(self.out_channels, 1, spec, name="skip")(x)
     return checkpoint_name(_constrain(x + h), BLOCK_OUT)
 
 
@@ -629,7 +585,9 @@ def down_level(spec: UNetSpec, level: int, train: bool, h: Array, emb: Array) ->
 def up_level(spec: UNetSpec, level: int, train: bool, h: Array, skips: list[Array], emb: Array) -> Array:
   """One decoder level: (concat skip, res block, attention) x (num_res_blocks + 1), then upsampling."""
   for i, skip in enumerate(skips):
-    h = (h, skip)  # concat(h, skip) as channel-parts: the ResBlock never writes the concatenation
+    # concatenated: feeding (h, skip) as channel-parts with split conv kernels moved MORE bytes on TPU
+    # (benchmarks/RESULTS.md "#27": two convs each padded and halo-exchanged); models/norm_act takes parts
+    h = jnp.concatenate([h, skip], axis=-1)
     h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"up{level}_res{i}")(h, emb)
     if level in spec.attention_levels:
       h = AttentionBlock(spec, name=f"up{level}_attn{i}")(h)
