@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",  # none | full | dots | dots_no_batch | offload: per whole encoder/decoder level
       conv_impl="auto",  # auto (depth_taps on CPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15)
+      attention_impl="auto",  # auto (flash on TPU) | xla | flash (Pallas TPU flash attention; RESULTS #27)
     )
   )
 

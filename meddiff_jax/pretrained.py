@@ -46,6 +46,7 @@ LEGACY_KEYS = {
   "model.structure_embed_dim": 0,
   "model.num_structure_ids": 0,
   "model.conv_impl": "auto",
+  "model.attention_impl": "auto",
   "diffusion.structure_drop_prob": 0.0,
   "diffusion.body_drop_prob": 0.0,
   "data.class_map": "",

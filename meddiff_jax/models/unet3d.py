@@ -9,7 +9,10 @@ output head) so that a ControlNet branch is a trainable copy of exactly `UNetEnc
 be initialised from the pretrained ones by name.
 
 Every param carries logical axis names (see sharding.py for the rules that map them to the mesh).
-GroupNorm runs in float32 whatever the compute dtype; output convs are zero-initialised (ADM).
+GroupNorm statistics are float32 whatever the compute dtype; norm, scale-shift and SiLU run as one fused
+pass that keeps activations in the compute dtype (models/norm_act.py); output convs are zero-initialised
+(ADM). Upsampling runs as a sub-pixel conv at low resolution (same params and function; benchmarks/RESULTS.md
+"#27": memory traffic on TPU).
 
 Attention is placed by level (0 = full resolution, as ADM keys it by downsample factor), so a trained
 model runs at any window size that 2^(levels-1) divides. Rematerialisation (`remat`) wraps whole segments:
@@ -21,6 +24,7 @@ Only segment inputs/outputs (which include the skips) are kept for the backward 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,12 +35,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from meddiff_jax import sections
-from meddiff_jax.models import conditions, embeddings
+from meddiff_jax.models import conditions, embeddings, norm_act
 
 Array = jax.Array
 Dtype = Any
 
 CONV_IMPLS = ("auto", "xla", "depth_taps")
+ATTENTION_IMPLS = ("auto", "xla", "flash")
 ACT_AXES = ("batch", "act_depth", "act_height", "act_width", "act_channels")
 
 BLOCK_OUT = "unet_block_out"  # checkpoint_name of every ResBlock output (what `offload` moves to host)
@@ -94,6 +99,9 @@ class UNetSpec:
   # auto (depth_taps on CPU, xla elsewhere) | xla (lax 3D conv) | depth_taps (3^3 conv as one 2D conv + shifted
   # depth sum: 3.8x faster UNet forward on XLA:CPU, benchmarks/RESULTS.md #15)
   conv_impl: str
+  # auto (flash on TPU, xla elsewhere) | xla (jax.nn.dot_product_attention) | flash (the Pallas TPU flash-attention
+  # kernel: the attention matrix never reaches HBM; benchmarks/RESULTS.md "#27")
+  attention_impl: str
 
   def __post_init__(self):
     key = "config.model."
@@ -123,6 +131,7 @@ class UNetSpec:
         )
     sections.choice(key + "remat", self.remat, REMAT)
     sections.choice(key + "conv_impl", self.conv_impl, CONV_IMPLS)
+    sections.choice(key + "attention_impl", self.attention_impl, ATTENTION_IMPLS)
 
   @classmethod
   def from_config(cls, section: Any) -> UNetSpec:
@@ -166,7 +175,13 @@ def legacy_attention_levels(
 
 
 def conv3d(
-  features: int, kernel: int, spec: UNetSpec, *, strides: int = 1, zero_init: bool = False, name: str | None = None
+  features: int,
+  kernel: int,
+  spec: UNetSpec,
+  *,
+  strides: int = 1,
+  zero_init: bool = False,
+  name: str | None = None,
 ) -> nn.Module:
   """A k^3 'SAME' conv with logical axis names on kernel and bias (zero_init: ADM / ControlNet zero convs).
 
@@ -174,11 +189,7 @@ def conv3d(
   same result to float rounding).
   """
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
-  taps = spec.conv_impl == "depth_taps" or (spec.conv_impl == "auto" and jax.default_backend() == "cpu")
-  cls = DepthTapConv if taps and kernel == 3 and strides == 1 else nn.Conv
-  return cls(
-    features,
-    (kernel,) * 3,
+  kwargs = dict(
     strides=(strides,) * 3,
     padding="SAME",
     dtype=spec.dtype,
@@ -187,6 +198,8 @@ def conv3d(
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
     name=name,
   )
+  cls = DepthTapConv if _use_depth_taps(spec.conv_impl) and kernel == 3 and strides == 1 else nn.Conv
+  return cls(features, (kernel,) * 3, **kwargs)
 
 
 class DepthTapConv(nn.Conv):
@@ -203,16 +216,25 @@ class DepthTapConv(nn.Conv):
     kernel = self.param("kernel", self.kernel_init, (kd, kh, kw, cin, self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    n, d, h, w, _ = x.shape
-    k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, cin, kd * self.features)  # taps on out channels
-    y = jax.lax.conv_general_dilated(
-      x.reshape(n * d, h, w, cin), k2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    y = y.reshape(n, d, h, w, kd, self.features)
-    lo = (kd - 1) // 2
-    y = jnp.pad(y, ((0, 0), (lo, kd - 1 - lo), (0, 0), (0, 0), (0, 0), (0, 0)))
-    out = sum(y[:, j : j + d, :, :, j] for j in range(kd))  # out[d] = sum_j x[d + j - lo] K[j]
-    return out + bias
+    return depth_tap_conv(x, kernel) + bias
+
+
+def depth_tap_conv(x: Array, kernel: Array) -> Array:
+  """The stride-1 'SAME' conv of DepthTapConv (no bias): kernel (k, k, k, Cin, Cout)."""
+  kd, kh, kw, cin, cout = kernel.shape
+  n, d, h, w, _ = x.shape
+  k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, cin, kd * cout)  # taps on out channels
+  y = jax.lax.conv_general_dilated(
+    x.reshape(n * d, h, w, cin), k2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  y = y.reshape(n, d, h, w, kd, cout)
+  lo = (kd - 1) // 2
+  y = jnp.pad(y, ((0, 0), (lo, kd - 1 - lo), (0, 0), (0, 0), (0, 0), (0, 0)))
+  return sum(y[:, j : j + d, :, :, j] for j in range(kd))  # out[d] = sum_j x[d + j - lo] K[j]
+
+
+def _use_depth_taps(conv_impl: str) -> bool:
+  return conv_impl == "depth_taps" or (conv_impl == "auto" and jax.default_backend() == "cpu")
 
 
 def _dense(features: int, spec: UNetSpec, *, zero_init: bool = False, name: str | None = None) -> nn.Dense:
@@ -232,21 +254,46 @@ def _num_groups(channels: int, wanted: int) -> int:
 
 
 class GroupNorm32(nn.Module):
-  """GroupNorm computed in float32 (bf16 statistics over 2M voxels are too coarse), cast back."""
+  """GroupNorm with float32 statistics (bf16 statistics over 2M voxels are too coarse), optionally followed
+  by ADM's per-sample scale-shift and SiLU, as one fused pass (models/norm_act.py): the activations stay in
+  the compute dtype, only (N, C) maps are float32.
+
+  Params as flax's nn.GroupNorm one scope down (GroupNorm_0/scale, GroupNorm_0/bias), the checkpoint
+  layout of the models trained before the fused form."""
 
   spec: UNetSpec
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    norm = nn.GroupNorm(
-      num_groups=_num_groups(x.shape[-1], self.spec.norm_groups),
-      epsilon=1e-5,
-      dtype=jnp.float32,
-      param_dtype=self.spec.param_dtype,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+  def __call__(self, x: Array, scale: Array | None = None, shift: Array | None = None, act: bool = False) -> Array:
+    channels = x.shape[-1]
+    gamma, beta = _GroupNormParams(channels, self.spec.param_dtype, name="GroupNorm_0")()
+    return norm_act.group_norm_act(
+      x,
+      gamma,
+      beta,
+      _num_groups(channels, self.spec.norm_groups),
+      scale=scale,
+      shift=shift,
+      act=act,
+      out_dtype=self.spec.dtype,
     )
-    return norm(x.astype(jnp.float32)).astype(self.spec.dtype)
+
+
+class _GroupNormParams(nn.Module):
+  """nn.GroupNorm's params (scale: ones, bias: zeros, shape (C,)) without its computation."""
+
+  channels: int
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (self.channels,), self.param_dtype
+    )
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (self.channels,), self.param_dtype
+    )
+    return scale, bias
 
 
 def _constrain(x: Array) -> Array:
@@ -263,12 +310,11 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
     spec = self.spec
-    h = nn.silu(GroupNorm32(spec, name="norm1")(x))
+    h = GroupNorm32(spec, name="norm1")(x, act=True)
     h = conv3d(self.out_channels, 3, spec, name="conv1")(h)
     scale_shift = _dense(2 * self.out_channels, spec, name="emb_proj")(nn.silu(emb))
-    scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
-    h = GroupNorm32(spec, name="norm2")(h) * (1 + scale) + shift
-    h = nn.silu(h)
+    scale, shift = jnp.split(scale_shift, 2, axis=-1)
+    h = GroupNorm32(spec, name="norm2")(h, scale, shift, act=True)
     h = nn.Dropout(spec.dropout, deterministic=self.deterministic)(h)
     h = conv3d(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
@@ -293,9 +339,57 @@ class AttentionBlock(nn.Module):
     y = GroupNorm32(self.spec, name="norm")(x).reshape(n, d * h * w, c)
     qkv = _dense(3 * c, self.spec, name="qkv")(y).reshape(n, d * h * w, 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = jax.nn.dot_product_attention(q, k, v).reshape(n, d * h * w, c)
+    y = attention(q, k, v, self.spec.attention_impl).reshape(n, d * h * w, c)
     y = _dense(c, self.spec, zero_init=True, name="proj_out")(y)
     return _constrain(x + y.reshape(n, d, h, w, c))
+
+
+def attention(q: Array, k: Array, v: Array, impl: str = "auto") -> Array:
+  """softmax(q k^T / sqrt(head_dim)) v over all tokens; q, k, v: (N, L, heads, head_dim).
+
+  'flash' runs jax's Pallas TPU flash-attention kernel (forward and backward never write the L x L scores
+  to HBM); under a mesh it runs per device in a shard_map: each device keeps its queries (tokens split
+  along depth, as the activations are) and all-gathers keys and values. Token counts that do not split
+  into the kernel's 128-token blocks fall back to 'xla'. Same function either way (tests/test_fused_blocks.py).
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl={impl!r}; choose from {list(ATTENTION_IMPLS)}")
+  if impl == "auto":
+    impl = "flash" if jax.default_backend() == "tpu" else "xla"
+  if impl == "flash":
+    spec = nn.logical_to_mesh_axes(("batch", "act_depth", None, None))
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and q.shape[0] % math.prod(mesh.shape[a] for a in _axes(spec[0])):
+      spec = jax.sharding.PartitionSpec(None, *spec[1:])  # e.g. init's batch of 1: samples replicated
+    seq_axes = _axes(spec[1]) if not mesh.empty else ()
+    local = q.shape[1] // math.prod(mesh.shape[a] for a in seq_axes) if seq_axes else q.shape[1]
+    head_dim = q.shape[-1]
+    if q.shape[1] % _FLASH_BLOCK == 0 and local % _FLASH_BLOCK == 0 and (head_dim <= 128 or head_dim % 128 == 0):
+      if mesh.empty:
+        return _flash_attention(q, k, v, ())
+      fn = functools.partial(_flash_attention, seq_axes=seq_axes)
+      return jax.shard_map(fn, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+_FLASH_BLOCK = 128  # the kernel's default query / key block
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+  return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+
+
+def _flash_attention(q: Array, k: Array, v: Array, seq_axes: tuple[str, ...]) -> Array:
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # TPU kernel: imported on use
+
+  if seq_axes:  # every device attends its queries to all keys and values
+    k = jax.lax.all_gather(k, seq_axes, axis=1, tiled=True)
+    v = jax.lax.all_gather(v, seq_axes, axis=1, tiled=True)
+  heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # the kernel's (N, heads, L, head_dim)
+  out = pallas_flash.flash_attention(
+    heads_first(q), heads_first(k), heads_first(v), sm_scale=1.0 / math.sqrt(q.shape[-1])
+  )
+  return heads_first(out)
 
 
 class Downsample(nn.Module):
@@ -307,13 +401,66 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+  """Nearest-neighbour x2 along D, H, W, then a 3^3 conv: computed as `SubpixelUpConv` (same params, same
+  function), so the 8x larger repeated input is never written."""
+
   spec: UNetSpec
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    for axis in (1, 2, 3):  # nearest-neighbour x2 along D, H, W
-      x = jnp.repeat(x, 2, axis=axis)
-    return _constrain(conv3d(x.shape[-1], 3, self.spec, name="conv")(x))
+    spec = self.spec
+    conv = SubpixelUpConv(
+      x.shape[-1],
+      (3, 3, 3),
+      padding="SAME",
+      dtype=spec.dtype,
+      param_dtype=spec.param_dtype,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, "conv_in", "conv_out")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      conv_impl=spec.conv_impl,
+      name="conv",
+    )
+    return _constrain(conv(x))
+
+
+# Per axis, which taps t of a 3-tap conv over the x2 nearest-upsampled signal land on low-resolution tap s
+# (offsets -1, 0, +1) for output phase p (even, odd output voxel): out[2i + p] = sum_s x[i + s] K'_p[s].
+_SUBPIXEL_TAPS = jnp.array(
+  [
+    [[1, 0, 0], [0, 1, 1], [0, 0, 0]],  # even: x[i-1] K[0] + x[i] (K[1] + K[2])
+    [[0, 0, 0], [1, 1, 0], [0, 0, 1]],  # odd:  x[i] (K[0] + K[1]) + x[i+1] K[2]
+  ],
+  jnp.float32,
+)
+
+
+class SubpixelUpConv(nn.Conv):
+  """conv3x3x3(nearest_upsample_x2(x)) as one 3^3 conv at the LOW resolution with 8 x Cout outputs (one
+  per output phase, kernels summed from the original taps), then depth-to-space. Same params (kernel
+  (3,3,3,C,Cout), bias) as nn.Conv on the upsampled input, same FLOPs, but neither the upsampled input nor
+  its layout copies are ever written, and the conv's 8 x Cout output is lane-friendly on TPU."""
+
+  conv_impl: str = "xla"  # UNetSpec.conv_impl
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cin, cout = x.shape[-1], self.features
+    kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, cout), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (cout,), self.param_dtype)
+    m = _SUBPIXEL_TAPS.astype(kernel.dtype)
+    phases = jnp.einsum("psd,qte,ruf,defio->stuipqro", m, m, m, kernel).reshape(3, 3, 3, cin, 8 * cout)
+    x, phases, bias = nn.dtypes.promote_dtype(x, phases, bias, dtype=self.dtype)
+    if _use_depth_taps(self.conv_impl):
+      y = depth_tap_conv(x, phases)
+    else:
+      y = jax.lax.conv_general_dilated(
+        x, phases, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision
+      )
+    n, d, h, w, _ = x.shape
+    y = y.reshape(n, d, h, w, 2, 2, 2, cout).transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, 2 * d, 2 * h, 2 * w, cout)
+    return y + bias
 
 
 def _segment(spec: UNetSpec, fn: Any) -> Any:
@@ -423,7 +570,7 @@ class UNetDecoder(nn.Module):
     assert not skips, "skip bookkeeping mismatch"
 
     def head(mdl, h):
-      h = nn.silu(GroupNorm32(spec, name="out_norm")(h))
+      h = GroupNorm32(spec, name="out_norm")(h, act=True)
       return conv3d(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h).astype(jnp.float32)
 
     return _segment(spec, head)(self, h)
@@ -447,6 +594,8 @@ def down_level(spec: UNetSpec, level: int, train: bool, h: Array, emb: Array) ->
 def up_level(spec: UNetSpec, level: int, train: bool, h: Array, skips: list[Array], emb: Array) -> Array:
   """One decoder level: (concat skip, res block, attention) x (num_res_blocks + 1), then upsampling."""
   for i, skip in enumerate(skips):
+    # concatenated: feeding (h, skip) as channel-parts with split conv kernels moved MORE bytes on TPU
+    # (benchmarks/RESULTS.md "#27": two convs each padded and halo-exchanged); models/norm_act takes parts
     h = jnp.concatenate([h, skip], axis=-1)
     h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"up{level}_res{i}")(h, emb)
     if level in spec.attention_levels:

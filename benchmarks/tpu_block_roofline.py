@@ -1,0 +1,120 @@
+"""The TPU compiler's bytes / FLOPs / optimal_seconds of ONE block's forward + backward at the paper's
+shapes, on v5p:2x2x1 with depth split 4 ways (as the paper step runs): the plain formulation (repeat + conv;
+concat + ResBlock) against the one in models/unet3d.py. A few minutes per block where the whole paper step
+takes 30-70 min to compile on a shared 2-core host, so a change can be judged before the full measurement.
+
+  ALLOW_MULTIPLE_LIBTPU_LOAD=1 JAX_PLATFORMS=cpu python benchmarks/tpu_block_roofline.py BLOCK
+
+BLOCK: old_up / new_up (up1_upsample: repeat + conv vs the sub-pixel conv), old_res / new_res (up0_res0 on
+concat(h, skip) vs on the parts (h, skip), both with the fused norm), plain_res0 / new_res0 (down0_res0 with
+flax's GroupNorm + SiLU + scale-shift vs the fused norm_act)
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from meddiff_jax.models import unet3d  # noqa: E402
+
+devs = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+mesh = jax.sharding.Mesh(np.array(devs).reshape(4), ("spatial",))
+spec = unet3d.UNetSpec(dtype=jnp.bfloat16, conv_impl="xla")
+which = sys.argv[1]
+
+
+class OldUp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for a in (1, 2, 3):
+      x = jnp.repeat(x, 2, axis=a)
+    return unet3d.conv3d(x.shape[-1], 3, spec, name="conv")(x)
+
+
+class OldRes(nn.Module):  # concat then the block
+  @nn.compact
+  def __call__(self, h, s, emb):
+    return unet3d.ResBlock(spec, 32, name="b")(jnp.concatenate([h, s], -1), emb)
+
+
+class NewRes(nn.Module):
+  @nn.compact
+  def __call__(self, h, s, emb):
+    return unet3d.ResBlock(spec, 32, name="b")((h, s), emb)
+
+
+class PlainRes0(nn.Module):
+  """down0_res0 as first written: flax nn.GroupNorm in float32 -> SiLU -> conv, scale-shift, ... (the
+  reference of tests/test_fused_blocks.py)."""
+
+  @nn.compact
+  def __call__(self, x, emb):
+    def norm(name, h):
+      return nn.GroupNorm(num_groups=8, epsilon=1e-5, dtype=jnp.float32, name=name)(h.astype(jnp.float32))
+
+    h = unet3d.conv3d(32, 3, spec, name="conv1")(nn.silu(norm("norm1", x)).astype(jnp.bfloat16))
+    scale, shift = jnp.split(nn.Dense(64, dtype=jnp.bfloat16)(nn.silu(emb))[:, None, None, None], 2, axis=-1)
+    h = norm("norm2", h).astype(jnp.bfloat16) * (1 + scale) + shift
+    return x + unet3d.conv3d(32, 3, spec, name="conv2")(nn.silu(h))
+
+
+class NewRes0(nn.Module):
+  @nn.compact
+  def __call__(self, x, emb):
+    return unet3d.ResBlock(spec, 32, name="b")(x, emb)
+
+
+sh = NamedSharding(mesh, P(None, "spatial"))
+rep = NamedSharding(mesh, P())
+if which in ("old_up", "new_up"):
+  m = OldUp() if which == "old_up" else unet3d.Upsample(spec)
+  args = (jax.ShapeDtypeStruct((1, 64, 64, 64, 64), jnp.bfloat16, sharding=sh),)
+  out = (1, 128, 128, 128, 64)
+elif which in ("plain_res0", "new_res0"):
+  m = PlainRes0() if which == "plain_res0" else NewRes0()
+  args = (
+    jax.ShapeDtypeStruct((1, 128, 128, 128, 32), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((1, 128), jnp.bfloat16, sharding=rep),
+  )
+  out = (1, 128, 128, 128, 32)
+else:
+  m = OldRes() if which == "old_res" else NewRes()
+  args = (
+    jax.ShapeDtypeStruct((1, 128, 128, 128, 64), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((1, 128, 128, 128, 32), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((1, 128), jnp.bfloat16, sharding=rep),
+  )
+  out = (1, 128, 128, 128, 32)
+params = jax.eval_shape(lambda *a: m.init(jax.random.key(0), *a), *args)["params"]
+params = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=rep), nn.meta.unbox(params))
+dy = jax.ShapeDtypeStruct(out, jnp.bfloat16, sharding=sh)
+f = jax.jit(
+  lambda p, dy, *a: jax.grad(
+    lambda p, *a: jnp.sum(m.apply({"params": p}, *a).astype(jnp.float32) * dy), argnums=(0, 1)
+  )(p, *a)
+)
+t0 = time.time()
+c = f.lower(params, dy, *args).compile()
+cost = c.cost_analysis()
+cost = cost[0] if isinstance(cost, list) else cost
+print(
+  json.dumps(
+    {
+      "block": which,
+      "GB": round(cost["bytes accessed"] / 1e9, 3),
+      "TFLOP": round(cost["flops"] / 1e12, 4),
+      "optimal_ms": round(cost.get("optimal_seconds", 0) * 1e3, 3),
+      "compile_s": round(time.time() - t0),
+    }
+  )
+)
