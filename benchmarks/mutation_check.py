@@ -12,8 +12,11 @@ then run alone on the unmutated copy, which it must pass (else the kill is void 
 survives when every reaching test passes. The text to mutate must occur exactly once in the current file (the
 tree is ruff-formatted: copy the text from the file).
 
-nice -n 10 python benchmarks/mutation_check.py [--only SUBSTR,SUBSTR] [--baseline]
-Writes benchmarks/results/mutation_check.json and prints the markdown table of RESULTS.md.
+nice -n 10 python benchmarks/mutation_check.py [--only SUBSTR,SUBSTR] [--baseline] [--resume]
+Writes benchmarks/results/mutation_check.json after every mutant (merged by mutant name with what the file already
+holds), so a stopped run loses at most the mutant in progress, and prints the markdown table of RESULTS.md.
+--resume skips the mutants the file already records as killed with the same definition (file, text, replacement);
+survivors and changed mutants run again (a test added since cannot undo a kill: the killing test is re-verified).
 --baseline first runs the whole fast tier on the unmutated copy (it must pass).
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -604,19 +608,46 @@ def scratch_copy(dest: pathlib.Path) -> None:
       shutil.copy2(src, dst)
 
 
+def definition(m: Mutant) -> str:
+  """A short hash of what the mutant changes: a recorded result counts only for the same definition."""
+  return hashlib.sha256(json.dumps([m.path, m.old, m.new, m.slow]).encode()).hexdigest()[:12]
+
+
+def write_results(out: pathlib.Path, recorded: dict[str, dict], command: str) -> list[dict]:
+  """Every recorded result of a current mutant, in MUTANTS order (atomic replace: a kill mid-write loses nothing)."""
+  results = [recorded[m.name] for m in MUTANTS if m.name in recorded]
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(json.dumps({"last_command": command, "results": results}, indent=1))
+  os.replace(tmp, out)
+  return results
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="", help="comma-separated substrings of mutant names")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
   p.add_argument("--baseline", action="store_true", help="first run the whole fast tier unmutated (must pass)")
   p.add_argument("--out", default="mutation_check.json")
+  p.add_argument("--resume", action="store_true", help="skip the mutants the results file records as killed")
   args = p.parse_args()
+  out = ROOT / "benchmarks" / "results" / args.out
+  recorded = {}
+  if out.exists():
+    old = json.loads(out.read_text())
+    recorded = {r["mutant"]: r for r in old.get("results", []) if "definition" in r}
   chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only.split(","))]
+  # the task algorithms and their samplers first: where a wrong answer is silent (stable, so otherwise MUTANTS order)
+  chosen.sort(key=lambda m: not m.path.startswith((PKG + "tasks/", PKG + "diffusion/")))
+  if args.resume:
+    done = {n for n, r in recorded.items() if r["status"] == "killed"}
+    chosen = [m for m in chosen if not (m.name in done and recorded[m.name]["definition"] == definition(m))]
+    print(f"resuming: {len(chosen)} mutants to run", flush=True)
   for m in chosen:  # every text must be where it is said to be, once, before anything runs
     count = (ROOT / m.path).read_text().count(m.old)
     if count != 1:
       raise SystemExit(f"mutant {m.name!r}: the text to mutate occurs {count} times in {m.path}")
-  results, verified = [], set()
+  verified = set()
   with tempfile.TemporaryDirectory() as tmp:
     tree = pathlib.Path(tmp) / "repo"
     scratch_copy(tree)
@@ -648,22 +679,21 @@ def main() -> None:
           raise SystemExit(f"{killer} fails on the unmutated copy too ({vtail}): the kill of {m.name!r} is void")
         verified.add(killer)
       n_files = sum(len(g) for g in groups)
-      results.append(
-        {
-          "mutant": m.name,
-          "file": m.path,
-          "slow_tests": m.slow,
-          "status": status,
-          "killed_by": killer,
-          "test_files_run": ran,
-          "test_files_reaching": n_files,
-          "seconds": round(seconds, 1),
-        }
-      )
+      recorded[m.name] = {
+        "mutant": m.name,
+        "file": m.path,
+        "slow_tests": m.slow,
+        "status": status,
+        "killed_by": killer,
+        "test_files_run": ran,
+        "test_files_reaching": n_files,
+        "seconds": round(seconds, 1),
+        "definition": definition(m),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      }
+      write_results(out, recorded, " ".join(sys.argv))
       print(f"{status:9s} {seconds:6.0f}s  {m.name}  <- {killer or tail}  ({ran}/{n_files} files)", flush=True)
-  out = ROOT / "benchmarks" / "results" / args.out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+  results = write_results(out, recorded, " ".join(sys.argv))
   killed = sum(r["status"] == "killed" for r in results)
   print(f"\n{killed}/{len(results)} mutants killed\n")
   print("| mutant | file | killed by (first failing test) | test files run / reaching | s |\n|---|---|---|---|---|")
