@@ -17,6 +17,8 @@ Writes benchmarks/results/mutation_check.json after every mutant (merged by muta
 holds), so a stopped run loses at most the mutant in progress, and prints the markdown table of RESULTS.md.
 --resume skips the mutants the file already records as killed with the same definition (file, text, replacement);
 survivors and changed mutants run again (a test added since cannot undo a kill: the killing test is re-verified).
+The tests that killed earlier mutants (their file reaching this mutant's module) are tried first, as one run: a
+shortcut, not a selection (when none fails, every reaching group runs as above).
 --baseline first runs the whole fast tier on the unmutated copy (it must pass).
 """
 
@@ -608,6 +610,27 @@ def scratch_copy(dest: pathlib.Path) -> None:
       shutil.copy2(src, dst)
 
 
+NO_TESTS = 5  # pytest's exit code when every test of a run is deselected (a group of slow tests only)
+
+
+def prior_killers(m: Mutant, recorded: dict[str, dict], reaching: set[str], limit: int = 6) -> list[str]:
+  """The tests that killed mutants before (this mutant's own killer first, then those of its module's other
+  mutants, then any other), kept only where their file reaches this mutant's module. Run first, as one pytest
+  run, they only save time: their failure is a kill like any other (and re-verified unmutated); when none fails
+  the groups run as if they had not been tried, so a survivor is still one that every reaching test lets pass."""
+  own = recorded.get(m.name, {})
+  ranked = sorted(
+    (r for r in recorded.values() if r.get("status") == "killed" and "::" in r.get("killed_by", "")),
+    key=lambda r: (r["mutant"] != m.name, r["file"] != m.path),
+  )
+  out = []
+  for r in ([own] if own.get("status") == "killed" else []) + ranked:
+    test = r.get("killed_by", "")
+    if "::" in test and test.split("::")[0] in reaching and test not in out:
+      out.append(test)
+  return out[:limit]
+
+
 def definition(m: Mutant) -> str:
   """A short hash of what the mutant changes: a recorded result counts only for the same definition."""
   return hashlib.sha256(json.dumps([m.path, m.old, m.new, m.slow]).encode()).hexdigest()[:12]
@@ -662,13 +685,18 @@ def main() -> None:
       groups = test_groups(module_of(m.path))
       marker = [] if m.slow else ["-m", "not slow"]
       status, killer, seconds, ran, tail = "SURVIVED", "", 0.0, 0, ""
+      tried = prior_killers(m, recorded, {f for g in groups for f in g})
       target.write_text(original.replace(m.old, m.new))
       try:
-        for group in groups:
+        if tried:  # a shortcut only: a test that killed a mutant before, in a file that reaches this one
+          rc, seconds, first, tail = pytest_run(tree, [*marker, *tried], args.timeout)
+          if rc not in (0, NO_TESTS):
+            status, killer = "killed", first or f"(pytest exit {rc}: {tail})"
+        for group in groups if status != "killed" else ():
           rc, s, first, tail = pytest_run(tree, [*marker, *group], args.timeout)
           seconds += s
           ran += len(group)
-          if rc != 0:
+          if rc not in (0, NO_TESTS):
             status, killer = "killed", first or f"(pytest exit {rc}: {tail})"
             break
       finally:
@@ -686,6 +714,7 @@ def main() -> None:
         "status": status,
         "killed_by": killer,
         "test_files_run": ran,
+        "prior_killers_tried": len(tried),
         "test_files_reaching": n_files,
         "seconds": round(seconds, 1),
         "definition": definition(m),
