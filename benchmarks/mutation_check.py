@@ -18,7 +18,8 @@ holds), so a stopped run loses at most the mutant in progress, and prints the ma
 --resume skips the mutants the file already records as killed with the same definition (file, text, replacement);
 survivors and changed mutants run again (a test added since cannot undo a kill: the killing test is re-verified).
 The tests that killed earlier mutants (their file reaching this mutant's module) are tried first, as one run: a
-shortcut, not a selection (when none fails, every reaching group runs as above).
+shortcut, not a selection (when none fails, every reaching group runs as above); within a group, the files whose
+tests killed the most mutants so far run first.
 --baseline first runs the whole fast tier on the unmutated copy (it must pass).
 """
 
@@ -613,7 +614,14 @@ def scratch_copy(dest: pathlib.Path) -> None:
 NO_TESTS = 5  # pytest's exit code when every test of a run is deselected (a group of slow tests only)
 
 
-def prior_killers(m: Mutant, recorded: dict[str, dict], reaching: set[str], limit: int = 6) -> list[str]:
+def by_kills(group: list[str], recorded: dict[str, dict]) -> list[str]:
+  """A group's files, those whose tests killed the most mutants so far first (pytest runs files in the order
+  given, and -x stops at the first failure): the same files run, only the likely killers sooner."""
+  kills = [r.get("killed_by", "").split("::")[0] for r in recorded.values() if r.get("status") == "killed"]
+  return sorted(group, key=lambda f: (-kills.count(f), f))
+
+
+def prior_killers(m: Mutant, recorded: dict[str, dict], reaching: set[str], limit: int = 12) -> list[str]:
   """The tests that killed mutants before (this mutant's own killer first, then those of its module's other
   mutants, then any other), kept only where their file reaches this mutant's module. Run first, as one pytest
   run, they only save time: their failure is a kill like any other (and re-verified unmutated); when none fails
@@ -693,7 +701,7 @@ def main() -> None:
           if rc not in (0, NO_TESTS):
             status, killer = "killed", first or f"(pytest exit {rc}: {tail})"
         for group in groups if status != "killed" else ():
-          rc, s, first, tail = pytest_run(tree, [*marker, *group], args.timeout)
+          rc, s, first, tail = pytest_run(tree, [*marker, *by_kills(group, recorded)], args.timeout)
           seconds += s
           ran += len(group)
           if rc not in (0, NO_TESTS):
