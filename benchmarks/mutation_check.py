@@ -654,6 +654,26 @@ def write_results(out: pathlib.Path, recorded: dict[str, dict], command: str) ->
   return results
 
 
+def print_table(results: list[dict]) -> None:
+  """The markdown table of RESULTS.md: every mutant of MUTANTS, those not yet run marked so."""
+  by_name = {r["mutant"]: r for r in results}
+  killed = sum(r["status"] == "killed" for r in results)
+  survived = [r["mutant"] for r in results if r["status"] != "killed"]
+  print(f"\n{killed}/{len(results)} mutants run killed ({len(MUTANTS) - len(results)} of {len(MUTANTS)} not run)")
+  print(f"survivors: {survived}\n")
+  print("| mutant | file | killed by (first failing test) | test files run / reaching | s |\n|---|---|---|---|---|")
+  for m in MUTANTS:
+    r = by_name.get(m.name)
+    if r is None:
+      print(f"| {m.name} | `{m.path.removeprefix(PKG)}` | not run | | |")
+      continue
+    by = f"`{r['killed_by']}`" if r["status"] == "killed" else "**SURVIVED**"
+    files = f"{r['test_files_run']} / {r['test_files_reaching']}"
+    if r["status"] == "killed" and r["test_files_run"] == 0:
+      files = f"earlier killers / {r['test_files_reaching']}"
+    print(f"| {m.name} | `{m.path.removeprefix(PKG)}` | {by} | {files} | {r['seconds']:.0f} |")
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="", help="comma-separated substrings of mutant names")
@@ -661,12 +681,16 @@ def main() -> None:
   p.add_argument("--baseline", action="store_true", help="first run the whole fast tier unmutated (must pass)")
   p.add_argument("--out", default="mutation_check.json")
   p.add_argument("--resume", action="store_true", help="skip the mutants the results file records as killed")
+  p.add_argument("--table", action="store_true", help="only print the table of the results file")
   args = p.parse_args()
   out = ROOT / "benchmarks" / "results" / args.out
   recorded = {}
   if out.exists():
     old = json.loads(out.read_text())
     recorded = {r["mutant"]: r for r in old.get("results", []) if "definition" in r}
+  if args.table:
+    current = {m.name: definition(m) for m in MUTANTS}
+    return print_table([r for r in recorded.values() if current.get(r["mutant"]) == r["definition"]])
   chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only.split(","))]
   # the task algorithms and their samplers first: where a wrong answer is silent (stable, so otherwise MUTANTS order)
   chosen.sort(key=lambda m: not m.path.startswith((PKG + "tasks/", PKG + "diffusion/")))
@@ -730,15 +754,7 @@ def main() -> None:
       }
       write_results(out, recorded, " ".join(sys.argv))
       print(f"{status:9s} {seconds:6.0f}s  {m.name}  <- {killer or tail}  ({ran}/{n_files} files)", flush=True)
-  results = write_results(out, recorded, " ".join(sys.argv))
-  killed = sum(r["status"] == "killed" for r in results)
-  print(f"\n{killed}/{len(results)} mutants killed\n")
-  print("| mutant | file | killed by (first failing test) | test files run / reaching | s |\n|---|---|---|---|---|")
-  for r in results:
-    by = f"`{r['killed_by']}`" if r["status"] == "killed" else "**SURVIVED**"
-    print(
-      f"| {r['mutant']} | `{r['file'].removeprefix(PKG)}` | {by} | {r['test_files_run']} / {r['test_files_reaching']} | {r['seconds']:.0f} |"
-    )
+  print_table(write_results(out, recorded, " ".join(sys.argv)))
 
 
 if __name__ == "__main__":
