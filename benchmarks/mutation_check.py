@@ -19,7 +19,7 @@ holds), so a stopped run loses at most the mutant in progress, and prints the ma
 survivors and changed mutants run again (a test added since cannot undo a kill: the killing test is re-verified).
 The tests that killed earlier mutants (their file reaching this mutant's module) are tried first, as one run: a
 shortcut, not a selection (when none fails, every reaching group runs as above); within a group, the files whose
-tests killed the most mutants so far run first.
+tests killed the latest mutant, then those with the most kills so far, run first.
 --baseline first runs the whole fast tier on the unmutated copy (it must pass).
 """
 
@@ -627,22 +627,24 @@ NO_TESTS = 5  # pytest's exit code when every test of a run is deselected (a gro
 
 
 def by_kills(group: list[str], recorded: dict[str, dict]) -> list[str]:
-  """A group's files, those whose tests killed the most mutants so far first (pytest runs files in the order
-  given, and -x stops at the first failure): the same files run, only the likely killers sooner."""
-  kills = [r.get("killed_by", "").split("::")[0] for r in recorded.values() if r.get("status") == "killed"]
-  return sorted(group, key=lambda f: (-kills.count(f), f))
+  """A group's files, the one whose test killed the latest mutant first, then by kills so far (pytest runs files in
+  the order given, and -x stops at the first failure): the same files run, only the likely killers sooner."""
+  kills = [r for r in recorded.values() if r.get("status") == "killed"]
+  kills.sort(key=lambda r: r.get("when", ""))
+  files = [r.get("killed_by", "").split("::")[0] for r in kills]
+  latest = {f: i for i, f in enumerate(files)}  # mutants run by theme: the latest killer's file is the likeliest
+  return sorted(group, key=lambda f: (-latest.get(f, -1), -files.count(f), f))
 
 
-def prior_killers(m: Mutant, recorded: dict[str, dict], reaching: set[str], limit: int = 12) -> list[str]:
+def prior_killers(m: Mutant, recorded: dict[str, dict], reaching: set[str], limit: int = 6) -> list[str]:
   """The tests that killed mutants before (this mutant's own killer first, then those of its module's other
   mutants, then any other), kept only where their file reaches this mutant's module. Run first, as one pytest
   run, they only save time: their failure is a kill like any other (and re-verified unmutated); when none fails
   the groups run as if they had not been tried, so a survivor is still one that every reaching test lets pass."""
   own = recorded.get(m.name, {})
-  ranked = sorted(
-    (r for r in recorded.values() if r.get("status") == "killed" and "::" in r.get("killed_by", "")),
-    key=lambda r: (r["mutant"] != m.name, r["file"] != m.path),
-  )
+  kills = [r for r in recorded.values() if r.get("status") == "killed" and "::" in r.get("killed_by", "")]
+  kills.sort(key=lambda r: r.get("when", ""), reverse=True)  # the latest first within each rank (a stable sort)
+  ranked = sorted(kills, key=lambda r: (r["mutant"] != m.name, r["file"] != m.path))
   out = []
   for r in ([own] if own.get("status") == "killed" else []) + ranked:
     test = r.get("killed_by", "")
