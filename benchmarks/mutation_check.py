@@ -12,8 +12,14 @@ then run alone on the unmutated copy, which it must pass (else the kill is void 
 survives when every reaching test passes. The text to mutate must occur exactly once in the current file (the
 tree is ruff-formatted: copy the text from the file).
 
-nice -n 10 python benchmarks/mutation_check.py [--only SUBSTR,SUBSTR] [--baseline]
-Writes benchmarks/results/mutation_check.json and prints the markdown table of RESULTS.md.
+nice -n 10 python benchmarks/mutation_check.py [--only SUBSTR,SUBSTR] [--baseline] [--resume]
+Writes benchmarks/results/mutation_check.json after every mutant (merged by mutant name with what the file already
+holds), so a stopped run loses at most the mutant in progress, and prints the markdown table of RESULTS.md.
+--resume skips the mutants the file already records as killed with the same definition (file, text, replacement);
+survivors and changed mutants run again (a test added since cannot undo a kill: the killing test is re-verified).
+The tests that killed earlier mutants (their file reaching this mutant's module) are tried first, as one run: a
+shortcut, not a selection (when none fails, every reaching group runs as above); within a group, the files whose
+tests killed the latest mutant, then those with the most kills so far, run first.
 --baseline first runs the whole fast tier on the unmutated copy (it must pass).
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -604,19 +611,116 @@ def scratch_copy(dest: pathlib.Path) -> None:
       shutil.copy2(src, dst)
 
 
+FIRST = (
+  " run",
+  "task input",
+  "repaint",
+  "optimizer",
+  "trainable",
+  "ema:",
+  "controlnet config",
+  "dropout",
+  "label ids",
+  "noise_t",
+)
+NO_TESTS = 5  # pytest's exit code when every test of a run is deselected (a group of slow tests only)
+
+
+def by_kills(group: list[str], recorded: dict[str, dict]) -> list[str]:
+  """A group's files, the one whose test killed the latest mutant first, then by kills so far (pytest runs files in
+  the order given, and -x stops at the first failure): the same files run, only the likely killers sooner."""
+  kills = [r for r in recorded.values() if r.get("status") == "killed"]
+  kills.sort(key=lambda r: r.get("when", ""))
+  files = [r.get("killed_by", "").split("::")[0] for r in kills]
+  latest = {f: i for i, f in enumerate(files)}  # mutants run by theme: the latest killer's file is the likeliest
+  return sorted(group, key=lambda f: (-latest.get(f, -1), -files.count(f), f))
+
+
+def prior_killers(m: Mutant, recorded: dict[str, dict], reaching: set[str], limit: int = 6) -> list[str]:
+  """The tests that killed mutants before (this mutant's own killer first, then those of its module's other
+  mutants, then any other), kept only where their file reaches this mutant's module. Run first, as one pytest
+  run, they only save time: their failure is a kill like any other (and re-verified unmutated); when none fails
+  the groups run as if they had not been tried, so a survivor is still one that every reaching test lets pass."""
+  own = recorded.get(m.name, {})
+  kills = [r for r in recorded.values() if r.get("status") == "killed" and "::" in r.get("killed_by", "")]
+  kills.sort(key=lambda r: r.get("when", ""), reverse=True)  # the latest first within each rank (a stable sort)
+  ranked = sorted(kills, key=lambda r: (r["mutant"] != m.name, r["file"] != m.path))
+  out = []
+  for r in ([own] if own.get("status") == "killed" else []) + ranked:
+    test = r.get("killed_by", "")
+    if "::" in test and test.split("::")[0] in reaching and test not in out:
+      out.append(test)
+  return out[:limit]
+
+
+def definition(m: Mutant) -> str:
+  """A short hash of what the mutant changes: a recorded result counts only for the same definition."""
+  return hashlib.sha256(json.dumps([m.path, m.old, m.new, m.slow]).encode()).hexdigest()[:12]
+
+
+def write_results(out: pathlib.Path, recorded: dict[str, dict], command: str) -> list[dict]:
+  """Every recorded result of a current mutant, in MUTANTS order (atomic replace: a kill mid-write loses nothing)."""
+  results = [recorded[m.name] for m in MUTANTS if m.name in recorded]
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(json.dumps({"last_command": command, "results": results}, indent=1))
+  os.replace(tmp, out)
+  return results
+
+
+def print_table(results: list[dict]) -> None:
+  """The markdown table of RESULTS.md: every mutant of MUTANTS, those not yet run marked so."""
+  by_name = {r["mutant"]: r for r in results}
+  killed = sum(r["status"] == "killed" for r in results)
+  survived = [r["mutant"] for r in results if r["status"] != "killed"]
+  print(f"\n{killed}/{len(results)} mutants run killed ({len(MUTANTS) - len(results)} of {len(MUTANTS)} not run)")
+  print(f"survivors: {survived}\n")
+  print("| mutant | file | killed by (first failing test) | test files run / reaching | s |\n|---|---|---|---|---|")
+  for m in MUTANTS:
+    r = by_name.get(m.name)
+    if r is None:
+      print(f"| {m.name} | `{m.path.removeprefix(PKG)}` | not run | | |")
+      continue
+    by = f"`{r['killed_by']}`" if r["status"] == "killed" else "**SURVIVED**"
+    files = f"{r['test_files_run']} / {r['test_files_reaching']}"
+    if r["status"] == "killed" and r["test_files_run"] == 0:
+      files = f"earlier killers / {r['test_files_reaching']}"
+    print(f"| {m.name} | `{m.path.removeprefix(PKG)}` | {by} | {files} | {r['seconds']:.0f} |")
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--only", default="", help="comma-separated substrings of mutant names")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
   p.add_argument("--baseline", action="store_true", help="first run the whole fast tier unmutated (must pass)")
   p.add_argument("--out", default="mutation_check.json")
+  p.add_argument("--resume", action="store_true", help="skip the mutants the results file records as killed")
+  p.add_argument("--table", action="store_true", help="only print the table of the results file")
   args = p.parse_args()
+  out = ROOT / "benchmarks" / "results" / args.out
+  recorded = {}
+  if out.exists():
+    old = json.loads(out.read_text())
+    recorded = {r["mutant"]: r for r in old.get("results", []) if "definition" in r}
+  if args.table:
+    current = {m.name: definition(m) for m in MUTANTS}
+    return print_table([r for r in recorded.values() if current.get(r["mutant"]) == r["definition"]])
   chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only.split(","))]
+  # what issue 26 added first (each task's run() wiring, RePaint's schedule, the optimizer partition and EMA, the
+  # ControlNet data, dropout in every structure mode), then the rest of tasks/ and diffusion/ (where a wrong answer
+  # is silent), then the others; stable, so otherwise in MUTANTS order
+  chosen.sort(
+    key=lambda m: (not any(k in m.name for k in FIRST), not m.path.startswith((PKG + "tasks/", PKG + "diffusion/")))
+  )
+  if args.resume:
+    done = {n for n, r in recorded.items() if r["status"] == "killed"}
+    chosen = [m for m in chosen if not (m.name in done and recorded[m.name]["definition"] == definition(m))]
+    print(f"resuming: {len(chosen)} mutants to run", flush=True)
   for m in chosen:  # every text must be where it is said to be, once, before anything runs
     count = (ROOT / m.path).read_text().count(m.old)
     if count != 1:
       raise SystemExit(f"mutant {m.name!r}: the text to mutate occurs {count} times in {m.path}")
-  results, verified = [], set()
+  verified = set()
   with tempfile.TemporaryDirectory() as tmp:
     tree = pathlib.Path(tmp) / "repo"
     scratch_copy(tree)
@@ -631,13 +735,18 @@ def main() -> None:
       groups = test_groups(module_of(m.path))
       marker = [] if m.slow else ["-m", "not slow"]
       status, killer, seconds, ran, tail = "SURVIVED", "", 0.0, 0, ""
+      tried = prior_killers(m, recorded, {f for g in groups for f in g})
       target.write_text(original.replace(m.old, m.new))
       try:
-        for group in groups:
-          rc, s, first, tail = pytest_run(tree, [*marker, *group], args.timeout)
+        if tried:  # a shortcut only: a test that killed a mutant before, in a file that reaches this one
+          rc, seconds, first, tail = pytest_run(tree, [*marker, *tried], args.timeout)
+          if rc not in (0, NO_TESTS):
+            status, killer = "killed", first or f"(pytest exit {rc}: {tail})"
+        for group in groups if status != "killed" else ():
+          rc, s, first, tail = pytest_run(tree, [*marker, *by_kills(group, recorded)], args.timeout)
           seconds += s
           ran += len(group)
-          if rc != 0:
+          if rc not in (0, NO_TESTS):
             status, killer = "killed", first or f"(pytest exit {rc}: {tail})"
             break
       finally:
@@ -648,30 +757,22 @@ def main() -> None:
           raise SystemExit(f"{killer} fails on the unmutated copy too ({vtail}): the kill of {m.name!r} is void")
         verified.add(killer)
       n_files = sum(len(g) for g in groups)
-      results.append(
-        {
-          "mutant": m.name,
-          "file": m.path,
-          "slow_tests": m.slow,
-          "status": status,
-          "killed_by": killer,
-          "test_files_run": ran,
-          "test_files_reaching": n_files,
-          "seconds": round(seconds, 1),
-        }
-      )
+      recorded[m.name] = {
+        "mutant": m.name,
+        "file": m.path,
+        "slow_tests": m.slow,
+        "status": status,
+        "killed_by": killer,
+        "test_files_run": ran,
+        "prior_killers_tried": len(tried),
+        "test_files_reaching": n_files,
+        "seconds": round(seconds, 1),
+        "definition": definition(m),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      }
+      write_results(out, recorded, " ".join(sys.argv))
       print(f"{status:9s} {seconds:6.0f}s  {m.name}  <- {killer or tail}  ({ran}/{n_files} files)", flush=True)
-  out = ROOT / "benchmarks" / "results" / args.out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
-  killed = sum(r["status"] == "killed" for r in results)
-  print(f"\n{killed}/{len(results)} mutants killed\n")
-  print("| mutant | file | killed by (first failing test) | test files run / reaching | s |\n|---|---|---|---|---|")
-  for r in results:
-    by = f"`{r['killed_by']}`" if r["status"] == "killed" else "**SURVIVED**"
-    print(
-      f"| {r['mutant']} | `{r['file'].removeprefix(PKG)}` | {by} | {r['test_files_run']} / {r['test_files_reaching']} | {r['seconds']:.0f} |"
-    )
+  print_table(write_results(out, recorded, " ".join(sys.argv)))
 
 
 if __name__ == "__main__":
