@@ -277,9 +277,9 @@ MUTANTS = [
   ),
   Mutant(
     "denoise: noisy input decides the window merge",
-    DENOISE,
-    "below = (denoised_unit <= -1.0 + margin) & (input_hu <= lo)",
-    "below = input_hu <= lo",
+    PKG + "tasks/scans.py",
+    "  local = ndimage.gaussian_filter(input_hu, smooth_voxels) if smooth_voxels else input_hu",
+    "  local = input_hu",
   ),
   Mutant(
     "noise estimate: white-noise lag 1",
@@ -297,26 +297,26 @@ MUTANTS = [
   Mutant(
     "denoise run: the input's own grid",
     DENOISE,
-    "inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))",
-    "inp = common.prepare_input(pre, task, None)",
+    "scan = common.open_scan(task, common.model_data(task, memory), memory=memory)",
+    "scan = common.open_scan(task, common.model_data(task, memory), memory=memory, spacing=common.INPUT)",
   ),
   Mutant(
     "task input: the abdomen window for every region",
     COMMON,
-    "  region = preprocess.region_id(task.region)",
+    "  region = preprocess.region_id(part.region)",
     '  region = preprocess.region_id("abdomen")',
   ),
   Mutant(
     "task input: label map not read",
     COMMON,
-    "structures = structure_volume(pre, load_labels(task.labels, original, work), work.data, pre.patch_size)",
+    "structures = structure_volume(pre, None if labels is None else labels.data, work.data, pre.patch_size)",
     "structures = structure_volume(pre, None, work.data, pre.patch_size)",
   ),
   Mutant(
     "anomaly run: the input's own grid",
     ANOMALY,
-    "inp = common.prepare_input(pre, task, common.task_spacing(pre, task.spacing))",
-    "inp = common.prepare_input(pre, task, None)",
+    "scan = common.open_scan(task, common.model_data(task, memory), memory=memory)",
+    "scan = common.open_scan(task, common.model_data(task, memory), memory=memory, spacing=common.INPUT)",
   ),
   Mutant(
     "anomaly: noise level one grid step low",
@@ -339,13 +339,13 @@ MUTANTS = [
   Mutant(
     "anomaly run: score of the whole body, not its top fraction",
     ANOMALY,
-    "score = volume_score(amap, body, task.top_fraction)",
-    "score = volume_score(amap, body, 1.0)",
+    "volume_score(amap, body, task.top_fraction)",
+    "volume_score(amap, body, 1.0)",
   ),
   Mutant(
     "synthesis run: region not passed on",
     SYNTHESIS,
-    "  region = preprocess.region_id(task.region)",
+    "  region = preprocess.region_id(region_name)",
     '  region = preprocess.region_id("abdomen")',
   ),
   Mutant(
@@ -357,14 +357,14 @@ MUTANTS = [
   Mutant(
     "synthesis run: 1 mm instead of the training spacing",
     SYNTHESIS,
-    "spacing = common.task_spacing(pre, task.spacing) or (1.0, 1.0, 1.0)",
+    "spacing = (trained if task.spacing == common.CHECKPOINT else tuple(float(s) for s in task.spacing)) or (1.0,) * 3",
     "spacing = (1.0, 1.0, 1.0)",
   ),
   Mutant(
     "super-resolution run: the base's spacing, not the branch run's",
     CONTROLLED,
-    "cm.data.training_spacing() or asked",
-    "cm.pre.data.training_spacing() or asked",
+    "data = common.model_data(task, memory)",
+    "data = common.data_spec(pretrained.read_config(task.controlnet).base_checkpoint)",
   ),
   Mutant(
     "super-resolution run: the hint is not the input",
@@ -375,8 +375,8 @@ MUTANTS = [
   Mutant(
     "lesion run: the input's own grid",
     CONTROLLED,
-    "inp = common.prepare_input(cm.pre, task, common.task_spacing(cm, task.spacing))",
-    "inp = common.prepare_input(cm.pre, task, None)",
+    "scan = common.open_scan(task, common.data_spec(task.controlnet), by_region=False)",
+    "scan = common.open_scan(task, common.data_spec(task.controlnet), by_region=False, spacing=common.INPUT)",
   ),
   Mutant(
     "lesion run: mask hint not on the data scale",
