@@ -4,14 +4,13 @@ simulate the cluster, a preemption and a time limit included; slow: they train t
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
 import textwrap
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 sys.path.insert(0, str(REPO / "launch"))
 import slurm  # noqa: E402
@@ -460,7 +459,7 @@ def test_slurm_job_saves_and_requeues_at_the_time_limit_then_finishes(tmp_path):
     "--gpus_per_node=1",
     "--cpus_per_gpu=2",
     "--reserved_cpus=2",
-    f"--port={_free_port()}",
+    f"--port={free_port()}",
     f"--python={sys.executable}",
     "--config=configs/pretrain.py:tiny",
     f"--workdir={workdir}",
@@ -488,12 +487,6 @@ def test_slurm_job_saves_and_requeues_at_the_time_limit_then_finishes(tmp_path):
   assert signalled_at <= saved < 40 and f"resumed from step {saved}" in text
   assert checkpoint_steps(workdir)[-1] == 40 and sorted(metric_steps(workdir)) == list(range(1, 41))
   assert text.count("pretraining finished at step 40/40") == 1
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def test_fake_shims_are_valid_scripts():

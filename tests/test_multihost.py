@@ -7,14 +7,13 @@ the step, the later ones load it (and so test the cache across restarts)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 ARGS = [
   "--config=configs/pretrain.py:tiny",
@@ -25,12 +24,6 @@ ARGS = [
   "--config.eval.every_steps=0",
   "--config.eval.sample_every_steps=0",
 ]
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def two_process_env(port, pid):

@@ -10,13 +10,12 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 from PIL import Image
 
 ARGS = [
@@ -46,12 +45,6 @@ WITH_EVAL = [
   "--config.eval.sample_steps=1",
   "--config.eval.num_buckets=1",
 ]
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def run_job(workdir: pathlib.Path, layout: str, args: list[str], cache: pathlib.Path) -> list[str]:
