@@ -187,9 +187,11 @@ def test_upsample_is_nearest_repeat_then_conv(conv_impl):
 @pytest.mark.slow
 def test_flash_attention_matches_dot_product_attention_alone_and_split_over_a_mesh():
   """attention_impl='flash' (the Pallas TPU kernel, run here in its interpreter) equals
-  jax.nn.dot_product_attention, values and gradients, on one device and on a data=2 x spatial=4 mesh where
-  each device keeps its queries and gathers keys and values; token counts the kernel's 128-token blocks do
-  not divide fall back to the XLA formulation."""
+  jax.nn.dot_product_attention: values and gradients on one device, values on a data=2 x spatial=4 mesh where
+  each device keeps its queries and gathers keys and values (the interpreter's backward kernel deadlocks under
+  shard_map on fake CPU devices, so the mesh's gradients are checked through the same per-device wiring with an
+  XLA kernel: a wrong gather, spec or transpose changes them); token counts the kernel's 128-token blocks do not
+  divide fall back to the XLA formulation."""
   from jax.experimental.pallas import tpu as pltpu
 
   from meddiff_jax import sharding
@@ -197,21 +199,25 @@ def test_flash_attention_matches_dot_product_attention_alone_and_split_over_a_me
   k = jax.random.split(jax.random.key(4), 4)
   q, kk, v, dy = (_rand(key, (2, 512, 2, 8)) for key in k)
 
-  def run(impl, *args):
-    f = lambda q, k, v: jnp.sum(unet3d.attention(q, k, v, impl) * dy)
-    return unet3d.attention(*args, impl), jax.grad(f, (0, 1, 2))(*args)
+  def run(attend, *args):
+    f = lambda q, k, v: jnp.sum(attend(q, k, v) * dy)
+    return attend(*args), jax.grad(f, (0, 1, 2))(*args)
 
-  ref_out, ref_grads = run("xla", q, kk, v)
+  flash = lambda q, k, v: unet3d.attention(q, k, v, "flash")
+  ref_out, ref_grads = run(jax.nn.dot_product_attention, q, kk, v)
   mesh = sharding.make_mesh({"data": 2, "spatial": 4})
   with pltpu.force_tpu_interpret_mode():
-    for context in (None, mesh):
-      if context is None:
-        out, grads = jax.jit(lambda *a: run("flash", *a))(q, kk, v)
-      else:
-        with sharding.activate(mesh, sharding.DEFAULT_RULES):
-          out, grads = jax.jit(lambda *a: run("flash", *a))(q, kk, v)
-      _close(out, ref_out, 1e-5)
-      jax.tree_util.tree_map(_close, grads, ref_grads)
+    out, grads = jax.jit(lambda *a: run(flash, *a))(q, kk, v)
+    _close(out, ref_out, 1e-5)
+    jax.tree_util.tree_map(_close, grads, ref_grads)
+    with sharding.activate(mesh, sharding.DEFAULT_RULES):
+      _close(jax.jit(flash)(q, kk, v), ref_out, 1e-5)
+  # a kernel that sees only its own device's keys (no gather) is caught by the same comparison
+  wired = lambda q, k, v: unet3d.per_device_attention(q, k, v, jax.nn.dot_product_attention)
+  with sharding.activate(mesh, sharding.DEFAULT_RULES):
+    out, grads = jax.jit(lambda *a: run(wired, *a))(q, kk, v)
+  _close(out, ref_out, 1e-5)
+  jax.tree_util.tree_map(_close, grads, ref_grads)
   short = [a[:, :100] for a in (q, kk, v)]  # 100 tokens: not a multiple of 128, the XLA path
   _close(unet3d.attention(*short, "flash"), unet3d.attention(*short, "xla"), 1e-6)
   with pytest.raises(ValueError, match="attention_impl"):

@@ -24,9 +24,8 @@ Only segment inputs/outputs (which include the skips) are kept for the backward 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -357,19 +356,41 @@ def attention(q: Array, k: Array, v: Array, impl: str = "auto") -> Array:
   if impl == "auto":
     impl = "flash" if jax.default_backend() == "tpu" else "xla"
   if impl == "flash":
-    spec = nn.logical_to_mesh_axes(("batch", "act_depth", None, None))
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and q.shape[0] % math.prod(mesh.shape[a] for a in _axes(spec[0])):
-      spec = jax.sharding.PartitionSpec(None, *spec[1:])  # e.g. init's batch of 1: samples replicated
-    seq_axes = _axes(spec[1]) if not mesh.empty else ()
-    local = q.shape[1] // math.prod(mesh.shape[a] for a in seq_axes) if seq_axes else q.shape[1]
+    spec, mesh_shape = _token_layout(q.shape[0])
+    local = q.shape[1] // math.prod(mesh_shape[a] for a in _axes(spec[1])) if spec else q.shape[1]
     head_dim = q.shape[-1]
     if q.shape[1] % _FLASH_BLOCK == 0 and local % _FLASH_BLOCK == 0 and (head_dim <= 128 or head_dim % 128 == 0):
-      if mesh.empty:
-        return _flash_attention(q, k, v, ())
-      fn = functools.partial(_flash_attention, seq_axes=seq_axes)
-      return jax.shard_map(fn, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+      return per_device_attention(q, k, v, _pallas_flash_attention)
   return jax.nn.dot_product_attention(q, k, v)
+
+
+def _token_layout(batch: int) -> tuple[jax.sharding.PartitionSpec | None, dict[str, int]]:
+  """How the activations hold (N, L, heads, head_dim) tokens on the current mesh (None without one): samples
+  over the batch axes when they divide, tokens over the depth axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None, {}
+  spec = nn.logical_to_mesh_axes(("batch", "act_depth", None, None))
+  if batch % math.prod(mesh.shape[a] for a in _axes(spec[0])):
+    spec = jax.sharding.PartitionSpec(None, *spec[1:])  # e.g. init's batch of 1: samples replicated
+  return spec, dict(mesh.shape)
+
+
+def per_device_attention(q: Array, k: Array, v: Array, kernel: Callable[[Array, Array, Array], Array]) -> Array:
+  """`kernel` (one device's attention, (N, L, heads, head_dim) in and out) over all tokens: under a mesh each
+  device keeps its queries, laid out as the activations are, and all-gathers keys and values."""
+  spec, _ = _token_layout(q.shape[0])
+  if spec is None:
+    return kernel(q, k, v)
+  seq_axes = _axes(spec[1])
+
+  def on_device(q: Array, k: Array, v: Array) -> Array:
+    if seq_axes:
+      k = jax.lax.all_gather(k, seq_axes, axis=1, tiled=True)
+      v = jax.lax.all_gather(v, seq_axes, axis=1, tiled=True)
+    return kernel(q, k, v)
+
+  return jax.shard_map(on_device, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
 _FLASH_BLOCK = 128  # the kernel's default query / key block
@@ -379,12 +400,9 @@ def _axes(entry: Any) -> tuple[str, ...]:
   return () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
 
 
-def _flash_attention(q: Array, k: Array, v: Array, seq_axes: tuple[str, ...]) -> Array:
+def _pallas_flash_attention(q: Array, k: Array, v: Array) -> Array:
   from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # TPU kernel: imported on use
 
-  if seq_axes:  # every device attends its queries to all keys and values
-    k = jax.lax.all_gather(k, seq_axes, axis=1, tiled=True)
-    v = jax.lax.all_gather(v, seq_axes, axis=1, tiled=True)
   heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # the kernel's (N, heads, L, head_dim)
   out = pallas_flash.flash_attention(
     heads_first(q), heads_first(k), heads_first(v), sm_scale=1.0 / math.sqrt(q.shape[-1])
