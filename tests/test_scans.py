@@ -37,15 +37,43 @@ def test_air_lung_and_bone_keep_their_hu_on_real_ct_while_the_window_is_processe
     "air": (ct < -900) & ~body,
     "lung": body & (local < -600) & (local > -950),  # the lung bases at the top of the scan
     "bone": local > 400,
+    # partial-volume cortex just above the window among soft tissue (its local mean inside the window): the
+    # model saturates there, so the scan's own value (the rule before took the model's 240 HU, a median 87 HU off)
+    "thin bone": (ct > hi + 10) & (ct < hi + scans.NOISE_GUARD_HU) & (local < hi - 10),
   }
   for name, where in tissue_air.items():
     assert where.sum() > 500, name
     assert np.abs(out[where] - ct[where]).max() <= 3.0, name
   guard = scans.NOISE_GUARD_HU  # (a voxel far beyond the window stays the input's even among tissue)
-  inside = (local > lo + 10) & (local < hi - 10) & (ct > lo - guard + 10) & (ct < hi + guard - 10)
+  inside = (local > lo + 10) & (local < hi - 10) & (ct > lo - guard + 10) & (ct < hi - 10)
   assert inside.mean() > 0.3
   np.testing.assert_allclose(out[inside], result[inside], atol=1e-3)  # processed: the model's values
   assert np.mean(np.abs(out[inside] - ct[inside])) > 20.0  # (and those differ from the input)
+
+
+def test_above_the_window_the_model_is_kept_unless_it_saturates():
+  """Soft tissue (50 HU) crossed by a one-voxel plate of 340 HU (a rib at 3 mm: its local mean is tissue) and
+  sprinkled with noisy voxels above the window. Where the model saturates at the ceiling (the plate), the output is
+  the scan's; where the model says a voxel above the window is tissue (the noise), the model's; below the window the
+  local mean alone decides (noisy fat at the floor is denoised even where the model touches the floor)."""
+  lo, hi = ABDOMEN
+  ct = np.full((9, 9, 9), 50.0, np.float32)
+  ct[4] = 340.0
+  noisy = np.zeros(ct.shape, bool)
+  noisy[1, 2:7:2, 2:7:2] = True
+  ct[noisy] = hi + 40.0
+  fat_floor = np.zeros(ct.shape, bool)
+  fat_floor[7, 2:7:2, 2:7:2] = True
+  ct[fat_floor] = lo - 40.0
+  result = np.clip(ct, lo, hi)  # the plate saturates; the tissue's noise and the fat are the model's ...
+  result[noisy], result[fat_floor] = 60.0, lo  # ... which says the noisy voxels are tissue, the fat at its floor
+  out = scans.keep_outside_window(result, ct, "abdomen", blend_hu=20.0)
+  np.testing.assert_allclose(out[4], 340.0, atol=0.5)
+  np.testing.assert_allclose(out[noisy], 60.0, atol=0.5)
+  np.testing.assert_allclose(out[fat_floor], lo, atol=0.5)
+  tissue = np.zeros(ct.shape, bool)
+  tissue[[0, 8]] = True
+  np.testing.assert_allclose(out[tissue], 50.0, atol=0.5)
 
 
 def test_the_blend_at_the_window_edges_leaves_no_seam():

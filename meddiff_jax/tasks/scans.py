@@ -317,11 +317,8 @@ def window_weight(hu: np.ndarray, region: int | str, blend_hu: float, widen_hu: 
   """Weight of the model's value per voxel: 1 inside the region's window (widened by `widen_hu` on each side), 0
   outside it, a smooth (C1) ramp over `blend_hu` centred on each edge."""
   lo, hi = preprocess.window_bounds(region)
-  lo, hi = lo - widen_hu, hi + widen_hu
-  half = max(float(blend_hu), 1e-6) / 2.0
-  ramp = lambda d: np.clip((d + half) / (2.0 * half), 0.0, 1.0)
-  u = np.minimum(ramp(np.asarray(hu, np.float32) - lo), ramp(hi - np.asarray(hu, np.float32)))
-  return (u * u * (3.0 - 2.0 * u)).astype(np.float32)
+  hu = np.asarray(hu, np.float32)
+  return np.minimum(_smoothstep_below(-hu, widen_hu - lo, blend_hu), _smoothstep_below(hu, hi + widen_hu, blend_hu))
 
 
 def keep_outside_window(
@@ -331,12 +328,27 @@ def keep_outside_window(
   below an abdomen window, bone and contrast above it), blended over `blend_hu` around the window's edges: no seam.
   Which side a voxel is on is read from the input smoothed by `smooth_voxels` (a local mean: a noisy fat voxel
   just below the abdomen window is still fat, and is denoised), and a voxel more than NOISE_GUARD_HU beyond the
-  window is the input's whatever its neighbours (air beside a thin dense object, whose local mean is in the window)."""
+  window is the input's whatever its neighbours (air beside a thin dense object, whose local mean is in the window).
+  Above the window, a voxel the scan puts there and the model saturates at the ceiling is the input's too: the model
+  cannot say how far above it lies (thin bone at 300-390 HU, a rib at 3 mm, whose local mean is soft tissue). Below
+  it the local mean decides alone: fat sits at the abdomen window's floor, and its denoised values may touch it."""
   input_hu = np.asarray(input_hu, np.float32)
+  result_hu = np.asarray(result_hu, np.float32)
   local = ndimage.gaussian_filter(input_hu, smooth_voxels) if smooth_voxels else input_hu
   w = window_weight(local, region, blend_hu)
   np.minimum(w, window_weight(input_hu, region, blend_hu, widen_hu=NOISE_GUARD_HU), out=w)
-  return (w * np.asarray(result_hu, np.float32) + (1.0 - w) * input_hu).astype(np.float32)
+  _, hi = preprocess.window_bounds(region)
+  below_ceiling = lambda hu, edge: _smoothstep_below(hu, edge, blend_hu)
+  model_can_tell = np.maximum(below_ceiling(result_hu, hi - blend_hu), below_ceiling(input_hu, hi))
+  np.minimum(w, model_can_tell, out=w)
+  return (w * result_hu + (1.0 - w) * input_hu).astype(np.float32)
+
+
+def _smoothstep_below(hu: np.ndarray, edge: float, blend_hu: float) -> np.ndarray:
+  """1 below `edge` by half the band, 0 above it by half the band, the C1 smoothstep between."""
+  half = max(float(blend_hu), 1e-6) / 2.0
+  u = np.clip((edge + half - hu) / (2.0 * half), 0.0, 1.0)
+  return (u * u * (3.0 - 2.0 * u)).astype(np.float32)
 
 
 @dataclasses.dataclass
