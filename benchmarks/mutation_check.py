@@ -282,6 +282,12 @@ MUTANTS = [
     "  local = input_hu",
   ),
   Mutant(
+    "window merge: the model's value where it saturates at the ceiling (thin bone capped)",
+    PKG + "tasks/scans.py",
+    "  np.minimum(w, model_can_tell, out=w)\n",
+    "",
+  ),
+  Mutant(
     "noise estimate: white-noise lag 1",
     DENOISE,
     "mask: np.ndarray | None = None, lag: int = 4)",
@@ -389,6 +395,18 @@ MUTANTS = [
     CONTROLLED,
     "gen = np.where(hole_input | lesion, gen, ct.data).astype(np.float32)",
     "gen = gen.astype(np.float32)",
+  ),
+  Mutant(
+    "lesion inpaint: RePaint keeps the hole and regenerates the scan",
+    CONTROLLED,
+    "keep = 1.0 - jnp.asarray(hole, jnp.float32)[None, ..., None]",
+    "keep = jnp.asarray(hole, jnp.float32)[None, ..., None]",
+  ),
+  Mutant(
+    "lesion inpaint: sampled from noise like generate (no RePaint)",
+    CONTROLLED,
+    'if task.method == "inpaint":\n    keep = 1.0',
+    "if False:\n    keep = 1.0",
   ),
   # ------------------------------------------------------------------ RePaint
   Mutant(
