@@ -145,3 +145,21 @@ def test_docs_table_is_this_table():
     for floor, layers in rows
   }
   assert documented == {floor: set(layers) for floor, layers in enumerate(FLOORS)}
+
+
+def test_importing_every_module_starts_no_jax_backend():
+  """jax.distributed.initialize() must come before the backend starts; a jax array made at import time (a
+  module-level jnp constant) starts it, and every multi-process run then fails at start-up. In a fresh process,
+  as `python -m meddiff_jax.main` starts."""
+  import subprocess
+  import sys
+
+  code = (
+    "import importlib, pkgutil, meddiff_jax\n"
+    "for m in pkgutil.walk_packages(meddiff_jax.__path__, 'meddiff_jax.'):\n"
+    "  if '.configs' not in m.name: importlib.import_module(m.name)\n"
+    "from jax._src import xla_bridge\n"
+    "assert not xla_bridge.backends_are_initialized()\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]

@@ -31,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from meddiff_jax import sections
@@ -445,12 +446,12 @@ class Upsample(nn.Module):
 
 # Per axis, which taps t of a 3-tap conv over the x2 nearest-upsampled signal land on low-resolution tap s
 # (offsets -1, 0, +1) for output phase p (even, odd output voxel): out[2i + p] = sum_s x[i + s] K'_p[s].
-_SUBPIXEL_TAPS = jnp.array(
+_SUBPIXEL_TAPS = np.array(  # numpy: a jax array made at import would start the backend before jax.distributed
   [
     [[1, 0, 0], [0, 1, 1], [0, 0, 0]],  # even: x[i-1] K[0] + x[i] (K[1] + K[2])
     [[0, 0, 0], [1, 1, 0], [0, 0, 1]],  # odd:  x[i] (K[0] + K[1]) + x[i+1] K[2]
   ],
-  jnp.float32,
+  np.float32,
 )
 
 
@@ -467,7 +468,7 @@ class SubpixelUpConv(nn.Conv):
     cin, cout = x.shape[-1], self.features
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, cout), self.param_dtype)
     bias = self.param("bias", self.bias_init, (cout,), self.param_dtype)
-    m = _SUBPIXEL_TAPS.astype(kernel.dtype)
+    m = jnp.asarray(_SUBPIXEL_TAPS, kernel.dtype)
     phases = jnp.einsum("psd,qte,ruf,defio->stuipqro", m, m, m, kernel).reshape(3, 3, 3, cin, 8 * cout)
     x, phases, bias = nn.dtypes.promote_dtype(x, phases, bias, dtype=self.dtype)
     if _use_depth_taps(self.conv_impl):
