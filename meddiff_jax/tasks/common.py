@@ -147,20 +147,6 @@ def window_batch(task: TaskSpec) -> int:
   return max(n, int(np.ceil(task.window_batch / n)) * n)
 
 
-def load_ct(
-  source: str | volumes.Volume, spacing: tuple[float, ...] | None, options: volumes.ReadOptions
-) -> tuple[volumes.Volume, volumes.Volume]:
-  """(original volume, working volume resampled to `spacing` (None: as is)). `source`: a NIfTI / NRRD / MHA file
-  or a DICOM series folder, read with `options` (configs/input_options.py: TaskSpec.read), or a volume in memory
-  as volume_io reads one (`volume_io.from_array`); checked as CT either way."""
-  original = source if isinstance(source, volumes.Volume) else volume_io.load(source, options=options)
-  volumes.check_ct(original, assume_hu=options.assume_hu)
-  work = original
-  if spacing:
-    work = volumes.resample(original, tuple(spacing), order=1)
-  return original, work
-
-
 def save_like_input(
   values_ras: np.ndarray, original: volumes.Volume, path: str, dtype=None, description: str = ""
 ) -> str:
@@ -329,11 +315,6 @@ def load_model(task: Any, memory: InMemory | None = None) -> Any:
   if hasattr(task, "controlnet"):
     return pretrained.load_controlled(task.controlnet, task.inference_dtype)
   return pretrained.load(task.checkpoint, task.inference_dtype)
-
-
-def sidecar_path(output: str) -> str:
-  """OUTPUT.json beside a task's output (OUTPUT.nii.gz, OUTPUT.nii or a DICOM folder OUTPUT/)."""
-  return scans.sidecar_path(output)
 
 
 def finish(
