@@ -209,7 +209,8 @@ def main(argv: list[str]) -> None:
     fail(e)
   if command.distributed:
     cache = configure_compilation_cache(config.compilation_cache_dir, workdir)
-    if not getattr(config, "dry_run", False):  # a dry run prints its one JSON line only
+    # a dry run prints its one JSON line only (for a topology that is not here, the local devices say nothing)
+    if not (getattr(config, "dry_run", False) or getattr(config, "dry_run_topology", "")):
       print(startup_line(config) + (f"; compilation cache {cache}" if cache else ""), flush=True)
   try:
     command.run(config, workdir)
