@@ -29,7 +29,6 @@ ARGS = [
   "--config.eval.every_steps=0",
   "--config.eval.sample_every_steps=0",
   "--config.checkpoint.every_steps=2",
-  "--config.checkpoint.preemption_check_every=1",
   # one level, no attention: every run compiles its own mesh, and XLA:CPU compiles spatially split convs slowly
   "--config.model.channel_mult=(1,)",
   "--config.model.attention_levels=()",
