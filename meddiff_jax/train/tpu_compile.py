@@ -35,7 +35,8 @@ GIB = 2.0**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU chip's dense bf16 peak, HBM bandwidth and capacity (Cloud TPU datasheets)."""
+  """One TPU chip's dense bf16 peak, HBM bandwidth and capacity (Cloud TPU datasheets; capacity in GiB as JAX
+  reports what a program may allocate: v5p has 96 GiB physical, of which 95 GiB are the user's)."""
 
   name: str
   device_kind: str  # as jax reports it (matched exactly)
