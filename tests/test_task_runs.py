@@ -137,10 +137,12 @@ def test_denoise_run_is_its_reference_for_every_parameterisation(tmp_path, monke
     np.testing.assert_allclose(out[ok], ref[ok], atol=3e-4)
 
 
-def test_denoise_run_wires_sigma_region_spacing_and_labels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("spacing", ["checkpoint", "input"])
+def test_denoise_run_wires_sigma_region_spacing_and_labels(tmp_path, monkeypatch, spacing):
   """A chest CT at 6 mm, the model at 12 mm with structure channels and a mean that depends on them, a label map
-  with a liver: the result is the reference computed on the 12 mm grid with the chest window, the noise level
-  given in HU and the liver's mean, resampled back to 6 mm."""
+  with a liver: the result is the reference computed with the chest window, the noise level given in HU and the
+  liver's mean, on the 12 mm grid and resampled back to 6 mm (spacing=checkpoint) or on the scan's own 6 mm grid
+  (spacing=input, the default)."""
   region = "chest"
   sigma_hu = matched_sigma_hu(region)
   lo, hi = preprocess.window_bounds(region)
@@ -153,6 +155,7 @@ def test_denoise_run_wires_sigma_region_spacing_and_labels(tmp_path, monkeypatch
     mean_map_oracle(organ_mean, "v"), prediction_type="v", spacing=(12.0, 12.0, 12.0), structures=True
   )
   use(monkeypatch, model)
+  keys = {} if spacing == "input" else {"spacing": spacing}
   spec = task_spec(
     denoise_config,
     denoise.DenoiseSpec,
@@ -164,10 +167,11 @@ def test_denoise_run_wires_sigma_region_spacing_and_labels(tmp_path, monkeypatch
     method="diffpir",
     noise_sigma_hu=sigma_hu,
     output_int16=False,
+    **keys,
   )
   denoise.run(spec)
   original = volume_io.load(path)
-  work = volumes.resample(original, (12.0, 12.0, 12.0), order=1)
+  work = volumes.resample(original, (12.0, 12.0, 12.0), order=1) if spacing == "checkpoint" else original
   liver = volumes.resample_like(volume_io.load(tmp_path / "seg.nii.gz", is_mask=True), work.shape, work.affine, order=0)
   unit_y = preprocess.hu_to_unit(work.data, region).astype(np.float64)
   ref = denoise_reference(unit_y, sigma_hu * 2 / (hi - lo), "diffpir", 10, mu=MU + 0.3 * (liver.data == LIVER))
@@ -175,6 +179,7 @@ def test_denoise_run_wires_sigma_region_spacing_and_labels(tmp_path, monkeypatch
   out = volume_io.load(tmp_path / "out.nii.gz")
   assert out.shape == original.shape
   ok = inside(preprocess.hu_to_unit(ref_hu, region), preprocess.hu_to_unit(original.data, region))
+  assert ok.mean() > 0.5
   np.testing.assert_allclose(out.data[ok], ref_hu[ok], atol=0.1)  # HU, chest window 1800 wide
 
 
