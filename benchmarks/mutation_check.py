@@ -307,6 +307,12 @@ MUTANTS = [
     "scan = common.open_scan(task, common.model_data(task, memory), memory=memory, spacing=common.INPUT)",
   ),
   Mutant(
+    "spacing: input runs at the checkpoint's spacing",
+    PKG + "tasks/scans.py",
+    "  if setting == INPUT or (setting == CHECKPOINT and trained is None):\n    spacing = None\n  elif setting == CHECKPOINT:",
+    "  if trained is None:\n    spacing = None\n  elif setting in (CHECKPOINT, INPUT):",
+  ),
+  Mutant(
     "task input: the abdomen window for every region",
     COMMON,
     "  region = preprocess.region_id(part.region)",
