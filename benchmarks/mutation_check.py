@@ -624,7 +624,8 @@ def pytest_run(tree: pathlib.Path, args: list[str], timeout: int) -> tuple[int, 
 
 
 def scratch_copy(dest: pathlib.Path) -> None:
-  """The tracked files of this checkout (its working-tree versions), without caches."""
+  """The tracked files of this checkout (its working-tree versions), without caches, in a git repository of its
+  own with those files staged (the TPU launcher's tests list what it ships with git ls-files)."""
   files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
   for name in filter(None, files.split("\0")):
     src, dst = ROOT / name, dest / name
@@ -633,6 +634,8 @@ def scratch_copy(dest: pathlib.Path) -> None:
       os.symlink(os.readlink(src), dst)
     elif src.is_file():
       shutil.copy2(src, dst)
+  subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+  subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
 
 
 FIRST = (
