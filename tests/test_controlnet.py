@@ -78,6 +78,11 @@ def test_trainable_labels_split_merge_and_typos():
     trainable.labels(params, ["controlnet/.*", "base/decodr/.*"])
   with pytest.raises(ValueError, match="match no parameter"):
     trainable.labels(params, ["controlnet"])  # a whole-path match: a prefix alone is a typo, not a subtree
+  # a pattern that names a whole path does not also train the paths it is a prefix of
+  scale = {"base": {"norm": {"scale": 1, "scale_shift": 2}}}
+  assert trainable.labels(scale, ["base/norm/scale"]) == {
+    "base": {"norm": {"scale": "trainable", "scale_shift": "frozen"}}
+  }
 
 
 def test_partition_optimizer_freezes_exactly_the_frozen_leaves():
