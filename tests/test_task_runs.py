@@ -368,6 +368,9 @@ def test_lesion_runs_at_the_branch_runs_spacing(tmp_path, monkeypatch):
     volume_io.load(tmp_path / "mask.nii.gz", is_mask=True), work.shape, work.affine, order=0
   )
   assert hints and hints[0].shape == (8, 8, 8)  # the 4^3 working grid padded to the patch
+  # RePaint's walk, not a plain reverse pass: 5 steps, jumps of 200 timesteps = 1 grid step at the points 0..3
+  # (range(0, N - L, L)), each passed r = 10 times: N + (r - 1) * L * 4 model calls (one window)
+  assert len(hints) == 5 + (10 - 1) * 1 * 4
   seen = hints[0] > 0
   assert seen.sum() == (mask_work.data > 0).sum() > 0
   assert out.shape == ct.shape
