@@ -366,9 +366,7 @@ def super_resolution(config: EvaluateSpec, cases: list[datasets.Case], workdir: 
 
 
 def _lesion(protocol: str, config: EvaluateSpec, cases: list[datasets.Case], workdir: str) -> Result:
-  segmenter = None if config.segmenter in ("threshold", "") else segmenters.Segmenter(config.segmenter)
-  if config.segmenter == "":
-    raise FileNotFoundError(segmenters.MISSING)
+  segmenter = None if config.segmenter == "threshold" else segmenters.Segmenter(config.segmenter)
   model_row = f"{MODEL} ({adapters.FIXED_METHOD[protocol]})"
   rows = ["input scan (no change)"] + ([] if config.skip_model else [model_row])
   out_cases, skipped = [], []
