@@ -1,14 +1,14 @@
 """Peak memory (RSS) of prepare and of the tasks on one large volume, against its voxel bytes V.
 
 python benchmarks/memory_big_volume.py [--side=1024] [--spacing=0.5] [--commands=prepare,denoise,anomaly]
-    [--gzip] [--dir=/tmp/meddiff_memory]
+    [--task_spacing=checkpoint] [--gzip] [--dir=/tmp/meddiff_memory]
 
 Writes a SIDE^3 int16 CT-like NIfTI (air around an elliptic body of fat, soft tissue and bone: the CT check and
 the region estimate accept it as an abdomen) at SPACING mm, then runs each command as a user runs it (`python -m
 meddiff_jax.main`, one CPU device) under /usr/bin/time and reports its peak RSS in GB and as a multiple of V
-(SIDE^3 x 2 bytes). The tasks run with the shipped tiny_phantom at its 3 mm training spacing and one step: their
-memory is the scan's, not the sampler's. Prints a JSON line per command; --json appends them to
-benchmarks/results/memory_big_volume.jsonl.
+(SIDE^3 x 2 bytes). The tasks run with the shipped tiny_phantom at its 3 mm training spacing (--task_spacing;
+denoise's own default is the scan's grid) and one step: their memory is the scan's, not the sampler's. Prints
+a JSON line per command; --json appends them to benchmarks/results/memory_big_volume.jsonl.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ def main() -> None:
   parser.add_argument("--side", type=int, default=1024)
   parser.add_argument("--spacing", type=float, default=0.5)
   parser.add_argument("--commands", default="prepare,denoise,anomaly")
+  parser.add_argument(
+    "--task_spacing", default="checkpoint", help="the tasks' --config.spacing (denoise: input by default)"
+  )
   parser.add_argument("--gzip", action="store_true", help="write .nii.gz (slower) instead of .nii")
   parser.add_argument("--dir", default="/tmp/meddiff_memory")
   parser.add_argument("--json", action="store_true")
@@ -107,11 +110,13 @@ def main() -> None:
       ]
     else:
       cli = [f"--config={command}", f"--config.input={volume}", f"--config.output={out}.nii.gz", "--config.num_steps=1"]
+      cli.append(f"--config.spacing={args.task_spacing}")
       cli.append("--config.region=abdomen")  # (a small SIDE makes a body too small to tell neck from abdomen)
     gb, wall, rc, last = run(cli)
     row = {
       "command": command,
       "volume": f"{args.side}^3 int16 at {args.spacing:g} mm" + (" (.nii.gz)" if args.gzip else " (.nii)"),
+      "task_spacing": None if command == "prepare" else args.task_spacing,
       "voxel_gb": round(voxel_gb, 3),
       "peak_rss_gb": round(gb, 2),
       "peak_over_voxel_bytes": round(gb / voxel_gb, 2),

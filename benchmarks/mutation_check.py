@@ -321,8 +321,8 @@ MUTANTS = [
   Mutant(
     "task input: label map not read",
     COMMON,
-    "structures = structure_volume(pre, None if labels is None else labels.data, work.data, pre.patch_size)",
-    "structures = structure_volume(pre, None, work.data, pre.patch_size)",
+    "structures = structure_volume(pre, None if labels is None else labels.data, work.data, pre.patch_size, packed=True)",
+    "structures = structure_volume(pre, None, work.data, pre.patch_size, packed=True)",
   ),
   Mutant(
     "anomaly run: the input's own grid",
@@ -363,8 +363,8 @@ MUTANTS = [
   Mutant(
     "synthesis run: label map not passed on",
     SYNTHESIS,
-    "structures = common.structure_volume(pre, labels, proxy)",
-    "structures = common.structure_volume(pre, None, proxy)",
+    "structures = common.structure_volume(pre, labels, proxy, packed=True)",
+    "structures = common.structure_volume(pre, None, proxy, packed=True)",
   ),
   Mutant(
     "synthesis run: 1 mm instead of the training spacing",

@@ -45,6 +45,20 @@ def test_task_structures_equal_the_training_sample_structures():
     common.structure_volume(pre, None, None)
 
 
+def test_the_tasks_packed_structures_are_what_the_model_expands_to_the_training_channels():
+  """Tasks hold one packed byte per voxel over a whole scan; the model's expansion of it must be exactly the
+  training encoding, with a label map and without (organs unknown, body kept), padded alike."""
+  p = phantom_ct()
+  pre = fake_pretrained(16)
+  for labels in (p.labels, None):
+    packed = common.structure_volume(pre, labels, p.hu, pad_to=16, packed=True)
+    channels = common.structure_volume(pre, labels, p.hu, pad_to=16)
+    assert packed.shape == (*channels.shape[:3], 1) and packed.dtype == np.uint8
+    expanded = conditions.unpack_if_packed(jnp.asarray(packed), pre.spec.structure_channels, 0)
+    np.testing.assert_array_equal(np.asarray(expanded), channels)
+  assert channels[..., -1].any() and common.structure_volume(pre, p.labels, p.hu)[..., :-1].any()
+
+
 def test_structures_are_padded_like_the_image():
   p = phantom_ct()
   from meddiff_jax.tasks import sliding_window

@@ -77,8 +77,11 @@ def mean_map_oracle(mean_of_cond, prediction_type):
 
 
 def organ_mean(cond):
-  """MU outside the organs, MU + 0.3 where a structure group channel (not the body) is set."""
-  return MU + 0.3 * jnp.any(cond["structures"][..., :-1] > 0, axis=-1, keepdims=True)
+  """MU outside the organs, MU + 0.3 where a structure group (not the body) is set: the tasks hold the structures
+  packed (conditions.pack_structures: group id << 1 | body), the model expands them per window."""
+  s = cond["structures"]
+  assert s.shape[-1] == 1, s.shape
+  return MU + 0.3 * ((s >> 1) > 0)
 
 
 def region_mean(cond):
@@ -261,7 +264,7 @@ def test_synthesis_run_conditions_on_the_label_map(tmp_path, monkeypatch):
   labels[2:14, 2:14, 2:14] = 1  # spleen: a body around the organ of interest
   labels[4:12, 4:12, 4:12] = LIVER
   nifti.save(volumes.Volume(labels, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "seg.nii.gz", np.int16)
-  liver_mean = lambda cond: MU + 0.3 * (cond["structures"][..., 3:4] > 0)  # group 3 is 'liver'
+  liver_mean = lambda cond: MU + 0.3 * ((cond["structures"] >> 1) == 4)  # packed: channel 3 ('liver') is group id 4
   vol = synthesis_run(
     tmp_path, monkeypatch, "epsilon", liver_mean, structures=True, labels=str(tmp_path / "seg.nii.gz"), num_steps=20
   )
@@ -424,3 +427,32 @@ def test_timesteps_past_the_schedule_are_refused_before_anything_runs(tmp_path):
   config.update(input=path, output=str(tmp_path / "o.nii.gz"), noise_t=1000)  # tiny_phantom: T = 1000
   with pytest.raises(checks.ConfigError, match="--config.noise_t=1000; 'tiny_phantom' has 1000 timesteps"):
     checks.task(config)
+
+
+def test_a_sampler_that_needs_more_memory_than_the_device_has_is_refused_before_it_runs(tmp_path, monkeypatch):
+  """XLA's memory analysis of the compiled sampler against the device's free memory: refused in one line naming the
+  coarser grid, before any model call, nothing written; the same run with the memory there goes through."""
+  path = save_ct(tmp_path / "ct.nii.gz", gaussian_volume((8, 8, 8))[0], "abdomen", (6.0, 6.0, 6.0))
+  calls = []
+  oracle = gaussian_oracle(SCHED, MU, S, "epsilon")
+
+  def model(x, t, c):  # counts the calls that run (not the trace)
+    jax.debug.callback(lambda: calls.append(1))
+    return oracle(x, t)
+
+  use(monkeypatch, exact_pretrained(model))
+  spec = task_spec(
+    denoise_config,
+    denoise.DenoiseSpec,
+    checkpoint="exact",
+    input=path,
+    output=str(tmp_path / "o.nii.gz"),
+    noise_sigma_hu=matched_sigma_hu("abdomen"),
+  )
+  monkeypatch.setattr(common, "device_free_bytes", lambda: 1000)
+  with pytest.raises(common.scans.Refusal, match=r"ct.nii.gz: the denoise sampling on the .* working grid needs .* GB"):
+    denoise.run(spec)
+  assert not calls and not (tmp_path / "o.nii.gz").exists()
+  monkeypatch.setattr(common, "device_free_bytes", lambda: 1 << 40)
+  denoise.run(spec)
+  assert calls and (tmp_path / "o.nii.gz").exists()

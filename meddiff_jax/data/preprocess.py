@@ -129,6 +129,20 @@ def structure_channels(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarra
   return out
 
 
+def structure_packed(labels: np.ndarray | None, hu: np.ndarray, lut: np.ndarray, num_groups: int) -> np.ndarray:
+  """`structure_channels` packed into one uint8 channel (`conditions.pack_structures`: group id << 1 | body), which
+  `conditions.expand_structures(..., num_groups + 1)` turns back into exactly those channels: 1 byte per voxel
+  instead of num_groups + 1."""
+  if num_groups > conditions.MAX_PACKED_GROUPS:
+    raise ValueError(f"{num_groups} structure groups do not fit a packed channel ({conditions.MAX_PACKED_GROUPS} do)")
+  group = np.zeros(np.shape(hu), np.uint8)
+  if labels is not None:
+    if labels.shape != hu.shape:
+      raise ValueError(f"label map shape {labels.shape} != image shape {hu.shape}")
+    group = group_ids(labels, lut)
+  return conditions.pack_structures(group, body_mask(hu))
+
+
 def group_ids(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
   """Per-voxel LUT value (uint8) of a label map; labels outside the LUT read entry 0 (as structure_channels)."""
   labels = np.asarray(labels)

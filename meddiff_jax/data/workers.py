@@ -118,7 +118,7 @@ def plan(
   usable = usable_cores(mine)
   remote = data.source == "prepared" and not storage.is_local(data.prepared_dir)
   per_core = READS_PER_CORE if remote else 1
-  memory = _available_memory() if memory_bytes is None else memory_bytes
+  memory = available_memory() if memory_bytes is None else memory_bytes
   in_flight = max(1, int(MEMORY_SHARE * memory / max(batch_bytes, 1)))  # batches the memory share holds
   workers = data.worker_count
   if workers == AUTO:
@@ -147,7 +147,8 @@ def batch_bytes(spec: multilevel.SampleSpec, batch_size: int) -> int:
   return per_sample * batch_size
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
+  """The host's available memory in bytes (/proc/meminfo MemAvailable; 8 GiB when it cannot be read)."""
   try:
     with open("/proc/meminfo") as f:
       info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}

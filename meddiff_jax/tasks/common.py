@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from meddiff_jax import pretrained, sections, sharding
-from meddiff_jax.data import preprocess, regions, volume_io, volumes
+from meddiff_jax.data import preprocess, regions, volume_io, volumes, workers
 from meddiff_jax.data.spec import DataSpec
 from meddiff_jax.diffusion import samplers
 from meddiff_jax.models import conditions
@@ -88,7 +88,7 @@ def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):
 
 
 def structure_volume(
-  pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray, pad_to: int | None = None
+  pre: Pretrained, labels: np.ndarray | None, hu: np.ndarray, pad_to: int | None = None, *, packed: bool = False
 ) -> np.ndarray | None:
   """(X, Y, Z, K+1) uint8 structure channels exactly as training builds them (`preprocess.structure_channels`).
 
@@ -96,20 +96,26 @@ def structure_volume(
   channels come from a TotalSegmentator label map (`--config.labels`); without one they are all zero,
   the "organs unknown" condition that training produces with structure-only dropout
   (`diffusion.structure_drop_prob`): never all channels zero next to a real region, which training never
-  shows. `pad_to`: pad like the image (`sliding_window.pad_to_window`), zeros outside the volume.
+  shows. `pad_to`: pad like the image (`sliding_window.pad_to_window`), zeros outside the volume. `packed`: grouped
+  channels as one packed channel (`preprocess.structure_packed`, 1 byte per voxel instead of K + 1), which the
+  model expands per window (`conditions.unpack_if_packed`): what the tasks hold over a whole scan.
   """
   if not pre.spec.structure_channels:
     return None
   if hu is None:
     raise ValueError("structure_volume needs the HU volume: the body channel is computed from it as in training")
   lut, groups = pre.data.structure_lut()
-  encode = preprocess.structure_labels if pre.data.structures_as_labels else preprocess.structure_channels
-  out = encode(labels, np.asarray(hu), lut, groups)
-  if out.shape[-1] != pre.spec.structure_channels:
+  as_labels = pre.data.structures_as_labels
+  channels = 1 if as_labels else groups + 1
+  if channels != pre.spec.structure_channels:
     raise ValueError(
-      f"the checkpoint expects {pre.spec.structure_channels} structure channels, the label "
-      f"grouping gives {out.shape[-1]}"
+      f"the checkpoint expects {pre.spec.structure_channels} structure channels, the label grouping gives {channels}"
     )
+  if as_labels:
+    encode = preprocess.structure_labels
+  else:
+    encode = preprocess.structure_packed if packed else preprocess.structure_channels
+  out = encode(labels, np.asarray(hu), lut, groups)
   if pad_to:
     out, _ = sliding_window.pad_to_window(out, pad_to, 0)
   return out
@@ -208,7 +214,7 @@ def prepare_part(pre: Pretrained, scan: scans.Scan, part: regions.Part) -> TaskI
       raise ValueError(f"--config.labels: resampled to {labels.shape}, the image to {work.shape}")
   region = preprocess.region_id(part.region)
   unit, crop = sliding_window.pad_to_window(preprocess.hu_to_unit(work.data, region), pre.patch_size, fill=-1.0)
-  structures = structure_volume(pre, None if labels is None else labels.data, work.data, pre.patch_size)
+  structures = structure_volume(pre, None if labels is None else labels.data, work.data, pre.patch_size, packed=True)
   return TaskInput(original, work, region, part, unit, crop, structures, pre.patch_size)
 
 
@@ -448,10 +454,17 @@ def run_windowed(
 
   def compute(stop: threading.Event) -> np.ndarray:
     with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):  # (the mesh context is per thread)
-      fn, plan = windowed_denoiser(pre, canvas, task, stoppable(apply_fn or pre.apply, stop))
+      apply = stoppable(apply_fn or pre.apply, stop)
+
+      def run(cond, *a):  # the conditions are arguments: as constants a scan-sized volume is copied several times
+        return sample(windowed_denoiser(pre, canvas, task, apply, cond)[0], *a)
+
+      key, cond = jax.random.key(task.seed), canvas_conditions(canvas)
+      compiled = jax.jit(run).lower(cond, *args, key).compile()
       if progress is not None:
-        progress.windows = int(plan.valid.sum())
-      return np.asarray(jax.jit(lambda *a: sample(fn, *a))(*args, jax.random.key(task.seed)))
+        progress.windows = int(window_plan(pre, canvas, task).valid.sum())
+      check_fits(compiled, f"the {task.mode} sampling on the {'x'.join(map(str, canvas.shape))} working grid", task)
+      return np.asarray(compiled(cond, *args, key))
 
   try:
     out = run_interruptibly(compute, f"the {task.mode} sampling", progress, unwritten=task.output)
@@ -462,19 +475,68 @@ def run_windowed(
   return out if canvas.frame is None else out[canvas.frame]
 
 
-def windowed_denoiser(pre: Pretrained, canvas: Canvas, task: TaskSpec, apply_fn: Callable | None = None):
+def device_free_bytes() -> int | None:
+  """Memory free on the first local device: its allocator's limit less what is in use (GPU, TPU); the host's
+  available memory on CPU (its device memory is the host's); None when the backend reports neither."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats()
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  return workers.available_memory() if device.platform == "cpu" else None
+
+
+def check_fits(compiled: Any, what: str, task: TaskSpec) -> None:
+  """Refuse before running a compiled computation whose new memory per device (XLA's memory analysis: outputs +
+  temporaries; its arguments are already allocated) is more than the device has free: a refusal naming the
+  coarser working grid, not an out-of-memory kill after minutes (a whole-volume sampler holds several float32
+  copies of its grid: benchmarks/RESULTS.md #25)."""
+  stats = compiled.memory_analysis()
+  free = device_free_bytes()
+  if stats is None or free is None:
+    return
+  need = int(stats.output_size_in_bytes) + int(stats.temp_size_in_bytes)
+  if need > free:
+    source = getattr(task, "input", "")  # (synthesis has no input scan)
+    raise scans.Refusal(
+      f"{source + ': ' if source else ''}{what} needs {need / 1e9:.1f} GB of memory per device (XLA's analysis of "
+      f"the compiled sampler) where {free / 1e9:.1f} GB are free; use a smaller working grid (a coarser "
+      "--config.spacing such as checkpoint, a cropped scan) or a device with more memory"
+    )
+
+
+def window_plan(pre: Pretrained, canvas: Canvas, task: TaskSpec) -> sliding_window.WindowPlan:
+  """The windows over `canvas`: the model's patch, `task`'s overlap and window batch."""
+  return sliding_window.plan_windows(
+    tuple(canvas.shape), pre.patch_size, task.overlap, window_batch(task), canvas.frame
+  )
+
+
+def canvas_conditions(canvas: Canvas) -> dict[str, np.ndarray]:
+  """The canvas's conditions as arrays: the region id (1,), the structure channels and the ControlNet hint over
+  the whole volume when it has them."""
+  cond = {conditions.REGION: np.array([canvas.region], np.int32)}
+  if canvas.structures is not None:
+    cond[conditions.STRUCTURES] = canvas.structures
+  if canvas.hint is not None:
+    cond[conditions.HINT] = canvas.hint
+  return cond
+
+
+def windowed_denoiser(
+  pre: Pretrained,
+  canvas: Canvas,
+  task: TaskSpec,
+  apply_fn: Callable | None = None,
+  cond: dict[str, Any] | None = None,
+):
   """((x (1,X,Y,Z,1), t) -> the blended eps prediction over the whole (padded) volume of `canvas`, windows over
   devices; the window plan). The model output is read in the checkpoint's parameterisation
   (`pre.diffusion.prediction_type`, `samplers.epsilon_fn`): every task algorithm takes eps. apply_fn overrides
-  the model (e.g. base + branch, or `model_fn` with guidance)."""
-  plan = sliding_window.plan_windows(
-    tuple(canvas.shape), pre.patch_size, task.overlap, window_batch(task), canvas.frame
-  )
-  cond = {conditions.REGION: jnp.array([canvas.region], jnp.int32)}
-  if canvas.structures is not None:
-    cond[conditions.STRUCTURES] = jnp.asarray(canvas.structures)
-  if canvas.hint is not None:
-    cond[conditions.HINT] = jnp.asarray(canvas.hint)
+  the model (e.g. base + branch, or `model_fn` with guidance). `cond`: the canvas's conditions
+  (`canvas_conditions`) as the caller holds them, e.g. arguments of its jitted function (default: taken from the
+  canvas, and so constants of whatever jits the denoiser)."""
+  plan = window_plan(pre, canvas, task)
+  cond = {k: jnp.asarray(v) for k, v in (canvas_conditions(canvas) if cond is None else cond).items()}
   axes = ("data",) if jax.device_count() > 1 else None
   blended = sliding_window.blended_denoise_fn(apply_fn or pre.apply, plan, cond, axes)
   return samplers.epsilon_fn(blended, pre.schedule, pre.diffusion.prediction_type), plan

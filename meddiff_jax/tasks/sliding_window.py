@@ -147,12 +147,18 @@ def _loop_add(acc: jax.Array, starts: jax.Array, values: jax.Array) -> jax.Array
   return jax.lax.fori_loop(0, values.shape[0], add, acc)
 
 
+# Condition windows cut once when they total at most this; else cut per window batch every step, a gather of a few
+# MB beside the network's work on them. Cut once they are held for the whole run and cost ~4x their size to make
+# on XLA:CPU (a 1024^3 scan at 3 mm: 0.49 GB of windows, +2 GB of peak memory; benchmarks/RESULTS.md #25).
+PRECUT_BUDGET_BYTES = 1 << 26
+
+
 def blended_denoise_fn(
   apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array],
   plan: WindowPlan,
   cond_volume: dict[str, jax.Array],
   batch_axes: Any = None,
-  precompute_budget_bytes: int = 1 << 30,
+  precompute_budget_bytes: int = PRECUT_BUDGET_BYTES,
   accumulate: str = "auto",
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """(x (1, X, Y, Z, 1), t (1,)) -> blended model output over the whole volume.

@@ -108,13 +108,11 @@ def run(task: SynthesisSpec, memory: common.InMemory | None = None) -> dict[str,
     labels = work.data.astype(np.int32)
     lut, _ = pre.data.structure_lut()
     proxy = body_hu_proxy(labels, lut, tuple(preprocess.DEFAULT_STRUCTURE_GROUPS))
-    structures = common.structure_volume(pre, labels, proxy)
+    structures = common.structure_volume(pre, labels, proxy, packed=True)
   else:
     # no anatomy given: all structure channels zero with the real region, trained by structure dropout
-    # (diffusion.structure_drop_prob x body_drop_prob)
-    structures = (
-      None if not pre.spec.structure_channels else np.zeros(tuple(shape) + (pre.spec.structure_channels,), np.uint8)
-    )
+    # (diffusion.structure_drop_prob x body_drop_prob); zeros packed or as label ids alike: one channel
+    structures = None if not pre.spec.structure_channels else np.zeros(tuple(shape) + (1,), np.uint8)
   canvas = common.Canvas(tuple(shape), region, structures, None, None)
   hu = preprocess.unit_to_hu(synthesize(pre, canvas, task), region)
   # on the label map's own grid, voxel order and header (a shape alone: a plain RAS NIfTI)
