@@ -1,7 +1,7 @@
 """Peak memory (RSS) of prepare and of the tasks on one large volume, against its voxel bytes V.
 
 python benchmarks/memory_big_volume.py [--side=1024] [--spacing=0.5] [--commands=prepare,denoise,anomaly]
-    [--task_spacing=checkpoint] [--gzip] [--dir=/tmp/meddiff_memory]
+    [--task_spacing=checkpoint] [--prepare_spacing=MM] [--gzip] [--dir=/tmp/meddiff_memory]
 
 Writes a SIDE^3 int16 CT-like NIfTI (air around an elliptic body of fat, soft tissue and bone: the CT check and
 the region estimate accept it as an abdomen) at SPACING mm, then runs each command as a user runs it (`python -m
@@ -82,6 +82,9 @@ def main() -> None:
   parser.add_argument(
     "--task_spacing", default="checkpoint", help="the tasks' --config.spacing (denoise: input by default)"
   )
+  parser.add_argument(
+    "--prepare_spacing", type=float, default=None, help="prepare's --config.spacing in mm (default: the volume's own)"
+  )
   parser.add_argument("--gzip", action="store_true", help="write .nii.gz (slower) instead of .nii")
   parser.add_argument("--dir", default="/tmp/meddiff_memory")
   parser.add_argument("--json", action="store_true")
@@ -99,6 +102,7 @@ def main() -> None:
     out = work / f"out_{command}"
     subprocess.run(["rm", "-rf", str(out), str(out) + ".nii.gz", str(out) + ".json"], check=True)
     if command == "prepare":
+      mm = args.prepare_spacing or args.spacing
       cli = [
         "--config=prepare",
         f"--config.input_dir={work / 'in'}",
@@ -106,7 +110,7 @@ def main() -> None:
         "--config.default_region=abdomen",
         "--config.workers=1",
         "--config.store_format=npy",
-        f"--config.spacing=({args.spacing},{args.spacing},{args.spacing})",
+        f"--config.spacing=({mm},{mm},{mm})",
       ]
     else:
       cli = [f"--config={command}", f"--config.input={volume}", f"--config.output={out}.nii.gz", "--config.num_steps=1"]
@@ -123,6 +127,8 @@ def main() -> None:
       "seconds": round(wall, 1),
       "rc": rc,
     }
+    if command == "prepare":
+      row["prepare_spacing_mm"] = mm
     if rc:
       row["error"] = last
     print(json.dumps(row), flush=True)

@@ -290,8 +290,20 @@ MUTANTS = [
   Mutant(
     "noise estimate: white-noise lag 1",
     DENOISE,
-    "mask: np.ndarray | None = None, lag: int = 4)",
-    "mask: np.ndarray | None = None, lag: int = 1)",
+    "mask: np.ndarray | None = None, lag: int = 4, max_samples",
+    "mask: np.ndarray | None = None, lag: int = 1, max_samples",
+  ),
+  Mutant(
+    "noise estimate: depth slabs without their 2 x lag rows past the slab",
+    DENOISE,
+    "    reach = 2 * lag if axis == 0 else 0",
+    "    reach = 0",
+  ),
+  Mutant(
+    "noise estimate: every k-th difference counted from each slab's start",
+    DENOISE,
+    "      values.append(d[(-seen) % stride :: stride])",
+    "      values.append(d[::stride])",
   ),
   # ------------------------------------------------------------------ each task's run(): what it passes on
   Mutant(
