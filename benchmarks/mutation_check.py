@@ -305,6 +305,18 @@ MUTANTS = [
     "      values.append(d[(-seen) % stride :: stride])",
     "      values.append(d[::stride])",
   ),
+  Mutant(
+    "memory check: a CPU device offered the whole host's memory",
+    COMMON,
+    "  return workers.available_memory() // jax.local_device_count() if",
+    "  return workers.available_memory() if",
+  ),
+  Mutant(
+    "memory check: the sampler's temporaries not counted",
+    COMMON,
+    "  need = int(stats.output_size_in_bytes) + int(stats.temp_size_in_bytes)",
+    "  need = int(stats.output_size_in_bytes)",
+  ),
   # ------------------------------------------------------------------ each task's run(): what it passes on
   Mutant(
     "denoise run: sigma in HU read on a [0, 1] scale",

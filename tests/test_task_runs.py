@@ -429,30 +429,50 @@ def test_timesteps_past_the_schedule_are_refused_before_anything_runs(tmp_path):
     checks.task(config)
 
 
+def test_a_cpu_devices_free_memory_is_its_share_of_the_hosts(monkeypatch):
+  """The tests' 8 fake CPU devices share the host's memory: each is offered an eighth of it, not all of it."""
+  assert jax.local_device_count() == 8 and jax.local_devices()[0].platform == "cpu"
+  monkeypatch.setattr(common.workers, "available_memory", lambda: 8 << 30)
+  assert common.device_free_bytes() == 1 << 30
+
+
 def test_a_sampler_that_needs_more_memory_than_the_device_has_is_refused_before_it_runs(tmp_path, monkeypatch):
-  """XLA's memory analysis of the compiled sampler against the device's free memory: refused in one line naming the
-  coarser grid, before any model call, nothing written; the same run with the memory there goes through."""
+  """XLA's memory analysis of the compiled sampler (outputs + temporaries) against the device's free memory: with
+  one byte less than that free, refused in one line naming the coarser grid, before any model call, nothing
+  written; with exactly that free, it runs."""
   path = save_ct(tmp_path / "ct.nii.gz", gaussian_volume((8, 8, 8))[0], "abdomen", (6.0, 6.0, 6.0))
-  calls = []
+  calls, needs = [], []
   oracle = gaussian_oracle(SCHED, MU, S, "epsilon")
 
   def model(x, t, c):  # counts the calls that run (not the trace)
     jax.debug.callback(lambda: calls.append(1))
     return oracle(x, t)
 
+  check_fits = common.check_fits
+
+  def recording_check_fits(compiled, what, task):
+    stats = compiled.memory_analysis()
+    needs.append((int(stats.output_size_in_bytes), int(stats.temp_size_in_bytes)))
+    return check_fits(compiled, what, task)
+
   use(monkeypatch, exact_pretrained(model))
-  spec = task_spec(
+  monkeypatch.setattr(common, "check_fits", recording_check_fits)
+  spec = lambda name: task_spec(
     denoise_config,
     denoise.DenoiseSpec,
     checkpoint="exact",
     input=path,
-    output=str(tmp_path / "o.nii.gz"),
+    output=str(tmp_path / name),
     noise_sigma_hu=matched_sigma_hu("abdomen"),
   )
-  monkeypatch.setattr(common, "device_free_bytes", lambda: 1000)
-  with pytest.raises(common.scans.Refusal, match=r"ct.nii.gz: the denoise sampling on the .* working grid needs .* GB"):
-    denoise.run(spec)
-  assert not calls and not (tmp_path / "o.nii.gz").exists()
   monkeypatch.setattr(common, "device_free_bytes", lambda: 1 << 40)
-  denoise.run(spec)
+  denoise.run(spec("first.nii.gz"))
+  (output, temp), calls[:] = needs[-1], []
+  assert output > 0 and temp > 0  # the sampler's state and its working copies both count
+  monkeypatch.setattr(common, "device_free_bytes", lambda: output + temp - 1)
+  with pytest.raises(common.scans.Refusal, match=r"ct.nii.gz: the denoise sampling on the .* working grid needs .* GB"):
+    denoise.run(spec("o.nii.gz"))
+  assert not calls and not (tmp_path / "o.nii.gz").exists()
+  monkeypatch.setattr(common, "device_free_bytes", lambda: output + temp)
+  denoise.run(spec("o.nii.gz"))
   assert calls and (tmp_path / "o.nii.gz").exists()

@@ -476,13 +476,14 @@ def run_windowed(
 
 
 def device_free_bytes() -> int | None:
-  """Memory free on the first local device: its allocator's limit less what is in use (GPU, TPU); the host's
-  available memory on CPU (its device memory is the host's); None when the backend reports neither."""
+  """Memory free per device on the first local device: its allocator's limit less what is in use (GPU, TPU); on
+  CPU the host's available memory shared by its local devices (their memory is the host's); None when the
+  backend reports neither."""
   device = jax.local_devices()[0]
   stats = device.memory_stats()
   if stats and "bytes_limit" in stats:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-  return workers.available_memory() if device.platform == "cpu" else None
+  return workers.available_memory() // jax.local_device_count() if device.platform == "cpu" else None
 
 
 def check_fits(compiled: Any, what: str, task: TaskSpec) -> None:
