@@ -259,14 +259,14 @@ class LatentArray:
 
     return wait
 
-  def read_async(self, index):
+  def read_async(self, index, out=None):
     box = (index,) if not isinstance(index, tuple) else index
     box = [slice(None)] * self.ndim if box == (...,) else list(box) + [slice(None)] * (self.ndim - len(box))
     chunks = 1
     for sl, n, c in zip(box, self.shape, self.chunk):
       lo, hi, _ = sl.indices(n)
       chunks *= -(-hi // c) - lo // c
-    return self._after(chunks, lambda: self.base[index])
+    return self._after(chunks, lambda: self.base.read_async(index, out=out)())
 
   def oindex_async(self, index):
     chunks = int(np.prod([len(np.unique(np.asarray(i) // c)) for i, c in zip(index, self.chunk)]))
@@ -293,7 +293,10 @@ def latent_store(store_dir: pathlib.Path, latency_s: float):
 
     def _array(self, name):
       array = super()._array(name)
-      return LatentArray(array, latency_s, self.waited) if isinstance(array, store.ChunkedVolume) else array
+      if not isinstance(array, store.ChunkedVolume):
+        return array
+      array.strided_gathers = False  # as store.open_array opens a gs:// / s3:// array
+      return LatentArray(array, latency_s, self.waited)
 
   return Latent(str(store_dir))
 

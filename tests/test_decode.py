@@ -178,6 +178,42 @@ def test_stored_volumes_and_whole_levels_ship_and_decode_like_the_host_path(tmp_
         assert_same_sample(want, got, shipped(spec, resize))
 
 
+def test_windows_read_into_reused_memory_never_reach_a_sample(tmp_path):
+  """zoom2 windows from a zarr store are read into each thread's reused array (multilevel.Scratch): samples made one
+  after another, then compared, equal the host path's, with the window shipped (resize_on_device) or halved here; a
+  read into reused memory is the read; threads get their own arrays; a pickled Scratch starts empty."""
+  import pickle
+  import threading
+
+  hu, labels = ct_volume((40, 36, 44), 0)
+  store.write_record(str(tmp_path), "v0", hu, labels, {"region": "chest"}, fmt="zarr")
+  ps = store.PreparedStore(str(tmp_path))
+  lut, k = tiny().data.structure_lut()
+  spec = sample_spec(16, lut=lut, num_groups=k, pack_structures=True, operation_probs=(0.0, 1.0, 0.0))
+  host = pipeline.MultiLevelSample(ps, spec)
+  for resize in (False, True):
+    ship = pipeline.MultiLevelSample(ps, shipped(spec, resize))
+    made = [ship(0, np.random.default_rng(seed)) for seed in range(5)]  # all made before any is compared
+    for seed, got in enumerate(made):
+      assert_same_sample(host(0, np.random.default_rng(seed)), got, shipped(spec, resize))
+
+  volume, scratch = store.open_array(str(tmp_path / ps.records[0]["image"])), multilevel.Scratch()
+  read = lambda start: multilevel.start_crop(volume, np.array(start), np.array([32] * 3), -1000.0, scratch=scratch)()
+  first = read((0, 0, 0))
+  np.testing.assert_array_equal(first, hu[:32, :32, :32])
+  second = read((8, 4, 12))
+  assert second is first  # the same memory, now the second window
+  np.testing.assert_array_equal(second, hu[8:40, 4:36, 12:44])
+  other = []
+  thread = threading.Thread(target=lambda: other.append(scratch.array((32,) * 3, np.int16)))
+  thread.start()
+  thread.join()
+  assert other[0] is not scratch.array((32,) * 3, np.int16)
+  assert getattr(pickle.loads(pickle.dumps(scratch))._local, "held", None) is None
+  with pytest.raises(ValueError, match="read into"):
+    volume.read_async((slice(0, 8),) * 3, out=np.empty((8, 8, 9), np.int16))
+
+
 def test_nearest_gathers_equal_crop_then_resize(tmp_path):
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 200, (70, 50, 40)).astype(np.uint8)
@@ -189,6 +225,30 @@ def test_nearest_gathers_equal_crop_then_resize(tmp_path):
       np.testing.assert_array_equal(multilevel.gather_nearest(volume, start, size, (16, 16, 16), 0), want)
   zarr = store.open_array(str(tmp_path / "l.zarr"))
   np.testing.assert_array_equal(zarr[5:60, 3:49, 1:40], labels[5:60, 3:49, 1:40])
+
+
+def test_gathers_as_strided_boxes_equal_numpy(tmp_path):
+  """ChunkedVolume.oindex as strided box reads (an index of a few arithmetic runs per axis, e.g. zoom2's nearest
+  2P -> P) equals numpy's gather; indices that repeat, step back or need more boxes take TensorStore's oindex."""
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 200, (70, 50, 40)).astype(np.uint8)
+  labels[:, :20] = 0  # whole chunks absent from the store (their fill value), as background is
+  store.write_array(str(tmp_path / "l.zarr"), labels, chunk=16)
+  local = store.open_array(str(tmp_path / "l.zarr"))
+  assert local.strided_gathers  # what the pipeline reads local zarr stores with
+  plain = store.ChunkedVolume(local._array, strided_gathers=False)
+  half = multilevel.nearest_indices(32, 16)
+  cases = [
+    [3 + half, 5 + half, 2 + half],  # zoom2: two runs of step 2 per axis, 8 boxes
+    [np.arange(4, 60, 3), np.array([0, 1, 2, 7, 9, 11, 40, 41]), np.array([5])],  # several runs: oindex
+    [np.array([1, 1, 2]), np.arange(10), np.arange(0, 40, 4)],  # a repeat: oindex
+    [np.array([9, 3]), np.arange(10), np.arange(3)],  # backwards: oindex
+  ]
+  for index in cases:
+    want = labels[np.ix_(*index)]
+    for volume in (local, plain):
+      np.testing.assert_array_equal(volume.oindex(index), want)
+  assert store._arithmetic_runs(half) == [(0, 0, 2, 8), (8, 17, 2, 8)]
 
 
 @pytest.mark.parametrize("resize", [False, True], ids=["host-resize", "device-resize"])

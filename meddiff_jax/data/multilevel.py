@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -307,6 +309,7 @@ def make_sample(
   positive_coords: np.ndarray | None = None,
   lowres: np.ndarray | None = None,
   whole_level: Callable[[], tuple[np.ndarray, np.ndarray | None] | None] | None = None,
+  scratch: Scratch | None = None,
 ) -> dict[str, np.ndarray]:
   """One training sample of layout `spec` from a HU volume (and optional TotalSegmentator label map).
 
@@ -322,6 +325,7 @@ def make_sample(
   grid). Without one the 'lowres' hint is simulated: `sr_factor` native slices averaged (what a thick
   acquisition at the training spacing gives, and what inference's trilinear upsampling of a real thick
   scan looks like), computed at native resolution *before* the multi-level resize, as inference sees it.
+  scratch: the calling thread's reused arrays (`Scratch`) for intermediates read from a lazy store volume.
   """
   patch, lut, num_groups, hint = spec.patch, spec.lut, spec.num_groups, spec.hint
   operation_probs, positive_fraction = spec.operation_probs, spec.positive_fraction
@@ -344,7 +348,7 @@ def make_sample(
         f"match a {target} float32 sample of this volume"
       )
   if spec.decode_on_device:
-    return _shipped_sample(hu, labels, region, spec, operation, start, size, cached, need_labels, lowres)
+    return _shipped_sample(hu, labels, region, spec, operation, start, size, cached, need_labels, lowres, scratch)
   if cached is not None:
     native = None
   else:
@@ -438,10 +442,12 @@ def _shipped_sample(
   cached: tuple[np.ndarray, np.ndarray | None] | None,
   need_labels: bool,
   lowres: np.ndarray | None,
+  scratch: Scratch | None = None,
 ) -> dict[str, np.ndarray]:
   """make_sample's box, shipped as `shipped_layout` says: HU as read (zoom2's window resized here unless the device
   does it, the whole volume's when the store has no whole level), label maps resized by nearest gathers of only
-  the voxels the sample keeps, shipped as uint8 label codes (the device looks up their groups)."""
+  the voxels the sample keeps, shipped as uint8 label codes (the device looks up their groups). zoom2's window is
+  read into `scratch` when the host halves it (it never leaves this call); not when it ships."""
   layout = shipped_layout(spec)
   key = SHIPPED_HU[operation] if spec.resize_on_device else HU
   if key not in layout:
@@ -454,7 +460,8 @@ def _shipped_sample(
   if cached is not None:
     sample[key], lab = cached[0][..., None], (cached[1] if need_labels else None)
   else:  # the HU and label reads begin together: from a bucket, one round of requests
-    hu_read = start_crop(hu, start, size, fill=-1000.0)
+    window_only = operation == "zoom2" and key == HU
+    hu_read = start_crop(hu, start, size, fill=-1000.0, scratch=scratch if window_only else None)
     lab_read = None
     if need_labels:
       lab_read = (start_gather_nearest if operation == "zoom2" else start_crop)(labels, start, size, 0, target)
@@ -560,13 +567,42 @@ def _as_shipped(hu: np.ndarray, dtype: str) -> np.ndarray:
   return hu.astype(dtype)
 
 
-def start_crop(volume, start: np.ndarray, size: np.ndarray, fill: float, shape=None) -> Callable[[], np.ndarray]:
+class Scratch:
+  """Per-thread arrays reused for a sample's intermediates that never leave the sample's making (zoom2's 2P^3
+  window, read and then halved): reading a 32 MB window into memory the thread already holds skips the kernel
+  zeroing fresh pages, ~20-30% of a zarr zoom2 read (benchmarks/RESULTS.md "#24"). One array per thread (a new
+  shape replaces it); pickled empty (a Grain worker process starts its own)."""
+
+  def __init__(self):
+    self._local = threading.local()
+
+  def array(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    key = (tuple(shape), np.dtype(dtype))
+    held = getattr(self._local, "held", None)
+    if held is None or held[0] != key:
+      held = self._local.held = (key, np.empty(key[0], key[1]))
+    return held[1]
+
+  def __getstate__(self) -> dict:
+    return {}
+
+  def __setstate__(self, state: dict) -> None:
+    self._local = threading.local()
+
+
+def start_crop(
+  volume, start: np.ndarray, size: np.ndarray, fill: float, shape=None, scratch: Scratch | None = None
+) -> Callable[[], np.ndarray]:
   """`crop_padded`, begun: a lazy store volume (store.ChunkedVolume) starts reading an inside crop now and the call
   waits for it, so reads started together overlap; anything else is read by the call. (`shape`: unused, the
-  signature of start_gather_nearest.)"""
+  signature of start_gather_nearest.) `scratch`: a lazy volume reads into this thread's reused array (the result is
+  only valid until the thread's next read through the same scratch)."""
   inside = np.all(start >= 0) and np.all(start + size <= np.array(volume.shape[:3]))
   if inside and hasattr(volume, "read_async"):
-    return volume.read_async(tuple(slice(int(a), int(a + n)) for a, n in zip(start, size)))
+    box = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
+    if scratch is None:
+      return volume.read_async(box)
+    return volume.read_async(box, out=scratch.array(tuple(int(n) for n in size), volume.dtype))
   return lambda: crop_padded(volume, start, size, fill)
 
 

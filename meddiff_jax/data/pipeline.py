@@ -168,6 +168,7 @@ class MultiLevelSample:
   def __init__(self, store: VolumeStore, spec: multilevel.SampleSpec):
     self.store, self.spec = store, spec
     self._coords: dict[int, np.ndarray] = {}  # lesion voxels per volume, for positive crops
+    self._scratch = multilevel.Scratch()  # each read thread's zoom2 window
 
   def __call__(self, index: int, rng: np.random.Generator, *, operation: str | None = None) -> dict[str, np.ndarray]:
     """Sample `index` drawn with `rng` (Grain's per-index generator); `operation` forces one (benchmarks)."""
@@ -189,6 +190,7 @@ class MultiLevelSample:
       positive_coords=coords,
       lowres=None if lowres is None else np.asarray(lowres),
       whole_level=functools.partial(self.store.load_whole, index, self.spec.patch),
+      scratch=self._scratch,
     )
 
 

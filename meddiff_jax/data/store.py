@@ -20,6 +20,7 @@ stores commit an object whole), which makes preparation resumable.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -48,6 +49,7 @@ CODECS: dict[str, list[dict[str, Any]]] = {
 }
 # Requests in flight per opened array from a bucket: a 2P^3 zoom2 window at P=128 touches up to 5^3 chunks.
 REQUESTS_PER_ARRAY = 128
+MAX_GATHER_BOXES = 8  # strided box reads per gather (ChunkedVolume.oindex_async); more: one oindex read
 DEFAULT_CODEC = "blosc_lz4hc"  # ~40-60% less CPU per window read than zstd at +6% bytes (RESULTS.md)
 
 
@@ -204,11 +206,12 @@ class ChunkedVolume:
   """A lazily read zarr array that slices like numpy: `vol[a:b, c:d, e:f]` reads only the chunks it
   touches and returns an np.ndarray (what multilevel.crop_padded needs); np.asarray reads it all."""
 
-  def __init__(self, array: ts.TensorStore):
+  def __init__(self, array: ts.TensorStore, strided_gathers: bool = False):
     self._array = array
     self.shape = tuple(int(s) for s in array.shape)
     self.dtype = np.dtype(array.dtype.numpy_dtype)
     self.ndim = len(self.shape)
+    self.strided_gathers = strided_gathers  # oindex as a few strided box reads where the index allows (local disk)
 
   def __getitem__(self, index: Any) -> np.ndarray:
     return self.read_async(index)()
@@ -217,23 +220,70 @@ class ChunkedVolume:
     """vol[np.ix_(*index)] (one integer index array per axis), gathered by TensorStore from the chunks they touch."""
     return self.oindex_async(index)()
 
-  def read_async(self, index: Any) -> Callable[[], np.ndarray]:
+  def read_async(self, index: Any, out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
     """Start reading vol[index]; the returned call waits for it. Reads started together overlap (a sample's HU
-    and labels from a bucket: one round of requests, not two)."""
-    return _start_read(self._array[index])
+    and labels from a bucket: one round of requests, not two). `out`: an array of the read's shape and dtype to
+    read into (memory the caller reuses) instead of a new one."""
+    return _start_read(self._array[index], out)
 
   def oindex_async(self, index: list[np.ndarray]) -> Callable[[], np.ndarray]:
-    return _start_read(self._array.oindex[tuple(np.asarray(i) for i in index)])
+    """oindex, begun. With strided_gathers, an index that is a few arithmetic runs per axis (zoom2's nearest
+    2P -> P gather: two runs of step 2) is read as one strided box per combination of runs, each into its block of
+    the output: TensorStore then copies (and fills absent chunks for) only the voxels kept, ~3x less CPU than its
+    oindex on a 256^3 label window (benchmarks/RESULTS.md "#24"). Not from a bucket: boxes that share a chunk
+    request it again, and a window's requests would no longer fit in one round."""
+    index = [np.asarray(i) for i in index]
+    runs = [_arithmetic_runs(i) for i in index] if self.strided_gathers else None
+    if runs is None or any(r is None for r in runs) or np.prod([len(r) for r in runs]) > MAX_GATHER_BOXES:
+      return _start_read(self._array.oindex[tuple(index)])
+    out = np.empty(tuple(len(i) for i in index), self.dtype)
+    done = [
+      ts.array(out[tuple(slice(o, o + n) for o, _, _, n in box)], copy=False, write=True).write(
+        self._array[tuple(slice(a, a + (n - 1) * step + 1, step) for _, a, step, n in box)].translate_to[0]
+      )
+      for box in itertools.product(*runs)
+    ]
+
+    def wait() -> np.ndarray:
+      for d in done:
+        d.result()
+      return out
+
+    return wait
 
   def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
     out = self._array.read().result()
     return out if dtype is None else out.astype(dtype)
 
 
-def _start_read(view: ts.TensorStore) -> Callable[[], np.ndarray]:
-  """Start reading a TensorStore view into an array numpy allocates (TensorStore's own `read()` result costs ~2x the
-  CPU for windows over ~32 MB, a 2P^3 int16 zoom2 window at P=128: benchmarks/RESULTS.md "#24"; the same below)."""
-  out = np.empty(view.shape, view.dtype.numpy_dtype)
+def _arithmetic_runs(index: np.ndarray) -> list[tuple[int, int, int, int]] | None:
+  """An index array as maximal runs (output offset, first value, step >= 1, length) of constant step, or None when
+  it steps backwards or repeats a value (not a strided slice)."""
+  runs, j, n = [], 0, len(index)
+  while j < n:
+    if j + 1 == n:
+      runs.append((j, int(index[j]), 1, 1))
+      break
+    step = int(index[j + 1] - index[j])
+    if step < 1:
+      return None
+    last = j + 1
+    while last + 1 < n and index[last + 1] - index[last] == step:
+      last += 1
+    runs.append((j, int(index[j]), step, last - j + 1))
+    j = last + 1
+  return runs
+
+
+def _start_read(view: ts.TensorStore, out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
+  """Start reading a TensorStore view into an array numpy allocates, or into `out` (TensorStore's own `read()` result
+  costs ~2x the CPU for windows over ~32 MB, a 2P^3 int16 zoom2 window at P=128: benchmarks/RESULTS.md "#24"; the
+  same below)."""
+  dtype = view.dtype.numpy_dtype
+  if out is None:
+    out = np.empty(view.shape, dtype)
+  elif out.shape != tuple(view.shape) or out.dtype != dtype or not out.flags.c_contiguous:
+    raise ValueError(f"read into a {out.shape} {out.dtype} array: the read is {tuple(view.shape)} {dtype}")
   done = ts.array(out, copy=False, write=True).write(view.translate_to[0])
 
   def wait() -> np.ndarray:
@@ -252,7 +302,7 @@ def _read_all(array: Any) -> Callable[[], np.ndarray]:
 def open_array(path: str) -> np.ndarray | ChunkedVolume:
   if path.endswith(".npy"):
     return np.load(path, mmap_mode="r")
-  return ChunkedVolume(ts.open(_zarr_spec(path), open=True, read=True).result())
+  return ChunkedVolume(ts.open(_zarr_spec(path), open=True, read=True).result(), strided_gathers=storage.is_local(path))
 
 
 class PreparedStore:
