@@ -2,6 +2,8 @@
 
 python benchmarks/memory_big_volume.py [--side=1024] [--spacing=0.5] [--commands=prepare,denoise,anomaly]
     [--task_spacing=checkpoint] [--prepare_spacing=MM] [--gzip] [--dir=/tmp/meddiff_memory]
+python benchmarks/memory_big_volume.py --commands=super_resolution --controlnet=SR_WORKDIR  (a controlnet:sr run)
+python benchmarks/memory_big_volume.py --commands=lesion --controlnet=LESION_WORKDIR  (inpaints a sphere's mask)
 
 Writes a SIDE^3 int16 CT-like NIfTI (air around an elliptic body of fat, soft tissue and bone: the CT check and
 the region estimate accept it as an abdomen) at SPACING mm, then runs each command as a user runs it (`python -m
@@ -57,6 +59,27 @@ def write_volume(path: pathlib.Path, side: int, spacing: float) -> None:
       f.write(np.asfortranarray(noisy.T).T.tobytes(order="F"))
 
 
+def write_mask(path: pathlib.Path, side: int, spacing: float) -> None:
+  """A uint8 lesion mask on write_volume's grid: a sphere of radius side / 16 voxels in the body's soft tissue."""
+  import nibabel as nib
+
+  y, x = np.mgrid[:side, :side].astype(np.float32)
+  c, r = (side - 1) / 2, side / 16
+  affine = np.diag([spacing, spacing, spacing, 1.0])
+  header = nib.Nifti1Header()
+  header.set_data_shape((side, side, side))
+  header.set_data_dtype(np.uint8)
+  header.set_qform(affine, code=1)
+  header.set_sform(affine, code=1)
+  header.set_slope_inter(1.0, 0.0)
+  with nib.openers.Opener(str(path), "wb") as f:
+    header.write_to(f)
+    f.write(b"\0" * (int(header["vox_offset"]) - 348))
+    for z in range(side):
+      section = ((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2 <= r**2).astype(np.uint8)
+      f.write(np.asfortranarray(section.T).T.tobytes(order="F"))
+
+
 def run(args: list[str]) -> tuple[float, float, int, str]:
   """(peak RSS GB, wall seconds, exit status, last stderr line) of `python -m meddiff_jax.main ARGS`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
@@ -85,6 +108,7 @@ def main() -> None:
   parser.add_argument(
     "--prepare_spacing", type=float, default=None, help="prepare's --config.spacing in mm (default: the volume's own)"
   )
+  parser.add_argument("--controlnet", default="", help="the super_resolution / lesion command's ControlNet workdir")
   parser.add_argument("--gzip", action="store_true", help="write .nii.gz (slower) instead of .nii")
   parser.add_argument("--dir", default="/tmp/meddiff_memory")
   parser.add_argument("--json", action="store_true")
@@ -116,6 +140,13 @@ def main() -> None:
       cli = [f"--config={command}", f"--config.input={volume}", f"--config.output={out}.nii.gz", "--config.num_steps=1"]
       cli.append(f"--config.spacing={args.task_spacing}")
       cli.append("--config.region=abdomen")  # (a small SIDE makes a body too small to tell neck from abdomen)
+      if command in ("super_resolution", "lesion"):
+        cli.append(f"--config.controlnet={args.controlnet}")
+      if command == "lesion":  # RePaint with one step and no jumps: the scan's memory, not the schedule's
+        mask = work / "in" / name.replace("ct_", "mask_")
+        if not mask.exists():
+          write_mask(mask, args.side, args.spacing)
+        cli += [f"--config.mask={mask}", "--config.jump_timesteps=1", "--config.jump_n_sample=1"]
     gb, wall, rc, last = run(cli)
     row = {
       "command": command,

@@ -53,6 +53,7 @@ SYNTHESIS = PKG + "tasks/synthesis.py"
 CONTROLLED = PKG + "tasks/controlled.py"
 MULTILEVEL = PKG + "data/multilevel.py"
 PREPROCESS = PKG + "data/preprocess.py"
+STORE = PKG + "data/store.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,6 +556,36 @@ MUTANTS = [
     "      thick = None\n"
     "    sample[conditions.HINT] = thick_slices(sample[conditions.IMAGE], sr_factor, axis=2) if thick is None else "
     "preprocess.hu_to_unit(resize(thick, target, order=1, dtype=np.float32), region)",
+  ),
+  Mutant(
+    "zoom2 window: shipped from the thread's reused memory",
+    MULTILEVEL,
+    '    window_only = operation == "zoom2" and key == HU\n',
+    '    window_only = operation == "zoom2"\n',
+  ),
+  Mutant(
+    "strided gather: every box written to the output's first block",
+    STORE,
+    "ts.array(out[tuple(slice(o, o + n) for o, _, _, n in box)], copy=False, write=True)",
+    "ts.array(out[tuple(slice(0, n) for o, _, _, n in box)], copy=False, write=True)",
+  ),
+  Mutant(
+    "lesion inpaint: the scan not kept outside the regenerated region on its grid",
+    CONTROLLED,
+    "      block = np.where(new, block, np.round(before))\n",
+    "      block = np.where(new | True, block, np.round(before))\n",
+  ),
+  Mutant(
+    "lesion scores: the Dice box one voxel short of the dilation",
+    CONTROLLED,
+    "    self.box = bounding_box(lesion, margin=2)",
+    "    self.box = bounding_box(lesion, margin=1)",
+  ),
+  Mutant(
+    "lesion inpaint: the moved hole's box without the nearest voxel's reach",
+    CONTROLLED,
+    "[(sl.start - 1.5, sl.stop - 1 + 1.5) for sl in box]",
+    "[(sl.start, sl.stop - 1) for sl in box]",
   ),
   Mutant(
     "resize: linear weights swapped",

@@ -296,3 +296,21 @@ def test_nrrd_and_metaimage_match_the_nifti(real_data_dir, tmp_path, ext):
   volume_io.save_like(b.data, b, saved, np.int16)
   back = nib.load(saved)
   assert back.shape == sitk.ReadImage(str(out)).GetSize()  # the file's own voxel order
+
+
+def test_masks_read_as_bits_are_the_labels_above_zero(real_data_dir, tmp_path):
+  """volume_io.load(is_mask=True, binary=True): bool, label > 0 of the int16 labels, the same grid; for a NIfTI in
+  another orientation (converted slab by slab while reoriented) and for another format (after the labels)."""
+  seg = volume_io.load(real_data_dir / "example_seg_fast_force_split.nii.gz", is_mask=True)
+  flipped = np.diag([-1.0, 1.0, -1.0, 1.0]) @ seg.affine  # stored L?I: read back into RAS
+  nifti.save(volumes.Volume(seg.data[::-1, :, ::-1].copy(), flipped), tmp_path / "m.nii.gz", np.int16)
+  import SimpleITK as sitk
+
+  nrrd = tmp_path / "m.nrrd"
+  sitk.WriteImage(sitk.GetImageFromArray(seg.data.transpose(2, 1, 0)), str(nrrd))  # ITK arrays are (z, y, x)
+  for path in (tmp_path / "m.nii.gz", nrrd):
+    labels, bits = volume_io.load(path, is_mask=True), volume_io.load(path, is_mask=True, binary=True)
+    assert bits.data.dtype == np.bool_ and labels.data.dtype == np.int16
+    np.testing.assert_array_equal(bits.data, labels.data > 0)
+    np.testing.assert_allclose(bits.affine, labels.affine)
+    assert 0 < bits.data.sum() < bits.data.size

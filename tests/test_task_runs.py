@@ -33,8 +33,9 @@ from meddiff_jax.configs import denoise as denoise_config
 from meddiff_jax.configs import lesion as lesion_config
 from meddiff_jax.configs import super_resolution as sr_config
 from meddiff_jax.configs import synthesis as synthesis_config
-from meddiff_jax.data import nifti, preprocess, volume_io, volumes
+from meddiff_jax.data import geometry, nifti, preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers, schedules
+from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import anomaly, common, controlled, denoise, sliding_window, synthesis
 
 SCHED = schedules.make_schedule("cosine", 1000)
@@ -381,6 +382,64 @@ def test_lesion_runs_at_the_branch_runs_spacing(tmp_path, monkeypatch):
   hole = common.back_to_input_grid(hole_work, work, original, order=0) > 0.5
   np.testing.assert_array_equal(out[~(hole | lesion)], np.round(ct[~(hole | lesion)]))
   assert result["psnr_inside_mask"] < result["psnr_outside_mask"]
+  # the scores are those of the written volume against the scan (scored slab by slab as it is written)
+  unit = lambda v: preprocess.hu_to_unit(v, "abdomen")
+  assert result["psnr_inside_mask"] == pytest.approx(metrics.psnr(unit(ct)[lesion], unit(out)[lesion], 2.0))
+  assert result["psnr_outside_mask"] == pytest.approx(metrics.psnr(unit(ct)[~lesion], unit(out)[~lesion], 2.0))
+  assert result["dice_threshold_segmentation"] == controlled.lesion_dice(out.astype(np.float32), ct, lesion, 20.0)
+
+
+@pytest.mark.parametrize("case", ["coarser", "much-coarser", "flipped-shifted", "at-the-edge", "same-grid"])
+def test_the_box_a_moved_hole_can_reach_holds_all_of_it(case):
+  """controlled.grid_box: every voxel a nearest resampling of the selected voxels sets on the scan's grid (the whole
+  volume resampled, geometry.resample_to) lies inside the box, and the box is not much larger than their own."""
+  scan = volumes.Volume(np.zeros((40, 36, 30), np.int16), np.diag([1.5, 1.5, 2.0, 1.0]))
+  affine = np.diag([3.0, 3.0, 4.0, 1.0])
+  if case == "flipped-shifted":
+    affine = np.array([[-3.0, 0, 0, 58.5], [0, 3.0, 0, 0.7], [0, 0, 4.0, -1.1], [0, 0, 0, 1]])
+  elif case == "same-grid":
+    affine = scan.affine
+  elif case == "much-coarser":  # a work voxel reaches 2.5 scan voxels either side of its centre, and past the edge
+    affine = np.diag([7.5, 7.5, 10.0, 1.0])
+  shape = {"same-grid": (40, 36, 30), "much-coarser": (8, 8, 6)}.get(case, (20, 18, 15))
+  selected = np.zeros(shape, bool)
+  if case == "at-the-edge":
+    selected[0:2, 17:, 5:7] = True
+  elif case == "much-coarser":
+    selected[3:5, 7:, 2:3] = True
+  else:
+    selected[6:9, 4:6, 7:10] = True
+  moved = geometry.resample_to(selected.astype(np.float32), affine, scan.shape, scan.affine, order=0) > 0.5
+  box = controlled.grid_box(selected, affine, scan)
+  reached = controlled.bounding_box(moved)
+  assert reached is not None and box is not None
+  ratio = max(geometry.spacing_of(affine)[k] / scan.spacing[k] for k in range(3))  # scan voxels per grid voxel
+  for r, b in zip(reached, box):
+    assert b.start <= r.start and r.stop <= b.stop  # holds it all
+    assert r.start - b.start <= 1.5 * ratio + 3 and b.stop - r.stop <= 1.5 * ratio + 3  # and not much more
+  assert controlled.grid_box(np.zeros(shape, bool), affine, scan) is None
+
+
+@pytest.mark.parametrize("corner", [False, True], ids=["inside", "at-the-border"])
+def test_change_scores_by_block_equal_the_whole_volume_scores(corner):
+  """ChangeScores fed slab by slab (as onto_scan writes) equals metrics.psnr and lesion_dice on the whole volumes,
+  with the mask's dilation box inside the volume or clipped by its border."""
+  rng = np.random.default_rng(0)
+  before = rng.normal(0, 80, (20, 18, 16)).astype(np.float32)
+  after = np.round(before + rng.normal(0, 15, before.shape) * (rng.random(before.shape) < 0.3)).astype(np.float32)
+  lesion = np.zeros(before.shape, bool)
+  lesion[(slice(0, 4) if corner else slice(7, 11)), 5:9, (slice(12, 16) if corner else slice(3, 6))] = True
+  after[lesion] += 60.0
+  scores = controlled.ChangeScores(lesion, preprocess.region_id("abdomen"), 20.0)
+  for start in range(0, 18, 5):  # slabs along axis 1
+    index = (slice(0, 20), slice(start, min(18, start + 5)), slice(0, 16))
+    scores.add(index, before[index], after[index])
+  unit = lambda v: preprocess.hu_to_unit(v, "abdomen")
+  got = scores.result()
+  assert got["psnr_inside_mask"] == pytest.approx(metrics.psnr(unit(before)[lesion], unit(after)[lesion], 2.0))
+  assert got["psnr_outside_mask"] == pytest.approx(metrics.psnr(unit(before)[~lesion], unit(after)[~lesion], 2.0))
+  want = controlled.lesion_dice(after, before, lesion, 20.0)
+  assert 0.0 < want < 1.0 and got["dice_threshold_segmentation"] == want
 
 
 # ------------------------------------------------------------------------------------------------ grids, limits

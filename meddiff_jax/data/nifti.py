@@ -76,13 +76,20 @@ SLAB_BYTES = 64 << 20  # bytes of one slab read at a time (`read(..., ras=True)`
 
 
 def read(
-  path: str, options: volumes.ReadOptions, is_mask: bool, *, ras: bool = False, integer_hu: bool = False
+  path: str,
+  options: volumes.ReadOptions,
+  is_mask: bool,
+  *,
+  ras: bool = False,
+  integer_hu: bool = False,
+  binary: bool = False,
 ) -> volumes.Volume:
   """A NIfTI file, header checked before any voxel is read: in its own voxel order (volume_io.load reorients), or
   with `ras` in RAS order already, read slab by slab along the file's last axis (contiguous on disk and sequential
   in a .nii.gz) into the one result array: memory is the result and one slab, never a second copy of the volume.
   `integer_hu`: an image stored as whole numbers (an integer type, integer slope and intercept) that fit int16 comes
-  back as int16 (half of float32), else as float32; a mask always comes back as int16 labels."""
+  back as int16 (half of float32), else as float32; a mask comes back as int16 labels, or with `binary` (and `ras`)
+  as bool (label > 0) converted slab by slab (half the memory of the labels)."""
   try:
     img = nib.load(path, mmap=False, keep_file_open=True) if ras else nib.load(path)
   except Exception as e:  # nibabel raises many types for bad headers
@@ -105,7 +112,7 @@ def read(
   )
   if ras:
     ornt = nib.orientations.io_orientation(affine)
-    data = _read_ras(img, path, tuple(shape), ornt, is_mask, integer_hu)
+    data = _read_ras(img, path, tuple(shape), ornt, is_mask, integer_hu, binary)
     ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, tuple(shape))
     source = volumes.Source("nifti", path, tuple(shape), affine, ornt, header=img.header.copy())
     return volumes.Volume(data=data, affine=ras_affine, path=path, source=source)
@@ -121,14 +128,14 @@ def read(
 
 
 def _read_ras(
-  img, path: str, shape: tuple[int, int, int], ornt: np.ndarray, is_mask: bool, integer_hu: bool
+  img, path: str, shape: tuple[int, int, int], ornt: np.ndarray, is_mask: bool, integer_hu: bool, binary: bool = False
 ) -> np.ndarray:
   """The voxels in RAS order (see `read`), checked slab by slab: finite, and whole numbers for a mask."""
   proxy = img.dataobj
   raw = img.get_data_dtype()
   slope, inter = (float(v) for v in (getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)))
   whole = np.issubdtype(raw, np.integer) and float(slope).is_integer() and float(inter).is_integer()
-  dtype = np.int16 if is_mask or (integer_hu and whole) else np.float32
+  dtype = np.bool_ if is_mask and binary else np.int16 if is_mask or (integer_hu and whole) else np.float32
   ras_shape = tuple(int(shape[int(i)]) for i in np.argsort(ornt[:, 0]))
   out = np.empty(ras_shape, dtype)
   step = max(1, SLAB_BYTES // max(shape[0] * shape[1] * max(raw.itemsize, 4), 1))
@@ -151,6 +158,8 @@ def _read_ras(
         if not np.allclose(slab, np.round(slab)):
           raise volumes.VolumeError(path, "mask has non-integer or non-finite labels")
         slab = np.round(slab)
+    if dtype == np.bool_:
+      slab = slab > 0
     if dtype == np.int16 and not is_mask and slab.size and (slab.min() < -32768 or slab.max() > 32767):
       out, dtype = out.astype(np.float32), np.float32  # whole numbers beyond int16: float32 after all
     index = [slice(None)] * 3

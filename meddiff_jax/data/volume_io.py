@@ -23,11 +23,13 @@ def load(
   canonical: bool = True,
   options: volumes.ReadOptions | None = None,
   integer_hu: bool = False,
+  binary: bool = False,
 ) -> volumes.Volume:
   """Load a 3D volume (NIfTI file, DICOM series folder or file, NRRD/MHA), reoriented to RAS.
 
   Images come back as float32 (scaling applied), masks as int16 labels; with `integer_hu`, a NIfTI image stored as
-  whole numbers that fit int16 comes back as int16 (half the memory: tasks and prepare read scans this way). A
+  whole numbers that fit int16 comes back as int16 (half the memory: tasks and prepare read scans this way); with
+  `binary`, a mask comes back as bool (label > 0; from a NIfTI converted slab by slab, half the labels' memory). A
   NIfTI is read slab by slab straight into RAS order (memory: the result and one slab). Raises volumes.VolumeError
   on unreadable or truncated files, non-3D data (4D with a singleton last axis is squeezed), RGB, broken geometry
   (see volumes.check_geometry), sizes over the limits, NaN/inf voxels, or non-integer mask labels.
@@ -46,12 +48,15 @@ def load(
   elif lower.endswith(itk.ITK_EXTENSIONS):
     vol = itk.read(path, options)
   elif canonical:
-    return nifti.read(path, options, is_mask, ras=True, integer_hu=integer_hu)  # checked while read
+    return nifti.read(path, options, is_mask, ras=True, integer_hu=integer_hu, binary=binary)  # checked while read
   else:
     vol = nifti.read(path, options, is_mask)
   if canonical:
     vol = volumes.canonical_ras(vol)
-  return _checked_values(vol, path, is_mask)
+  vol = _checked_values(vol, path, is_mask)
+  if is_mask and binary:
+    vol.data = vol.data > 0
+  return vol
 
 
 def _checked_values(vol: volumes.Volume, path: str, is_mask: bool) -> volumes.Volume:
@@ -61,7 +66,8 @@ def _checked_values(vol: volumes.Volume, path: str, is_mask: bool) -> volumes.Vo
     if np.issubdtype(data.dtype, np.floating):
       if not np.all(np.isfinite(data)) or not np.allclose(data, np.round(data)):
         raise volumes.VolumeError(path, "mask has non-integer or non-finite labels")
-    vol.data = np.asarray(np.round(data), np.int16)
+      data = np.round(data)
+    vol.data = np.asarray(data, np.int16)  # (int16 labels as read stay the same array: no scan-sized copy)
   else:
     vol.data = np.asarray(vol.data, np.float32)
     bad = ~np.isfinite(vol.data)

@@ -12,6 +12,7 @@ timesteps of the model's schedule, rounded to whole steps of the sampling grid) 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from meddiff_jax import pretrained, sections
-from meddiff_jax.data import preprocess, volume_io, volumes
+from meddiff_jax.data import geometry, preprocess, volume_io, volumes
 from meddiff_jax.diffusion import samplers, schedules
 from meddiff_jax.evaluation import metrics
 from meddiff_jax.tasks import common, scans
@@ -169,6 +170,104 @@ def lesion_dice(
   return metrics.dice(seg, mask)
 
 
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+  """The box of `mask`'s true voxels widened by `margin` (clipped to the array), or None when there are none."""
+  found = [np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != k))) for k in range(mask.ndim)]
+  if not all(len(f) for f in found):
+    return None
+  return tuple(slice(max(0, f[0] - margin), min(n, f[-1] + 1 + margin)) for f, n in zip(found, mask.shape))
+
+
+def grid_box(selected: np.ndarray, affine: np.ndarray, volume: volumes.Volume) -> tuple[slice, ...] | None:
+  """The box of `volume`'s voxels that a nearest resampling of `selected` (on `affine`) onto its grid can set: the
+  selected voxels' box widened by a voxel and a half of their grid (the nearest voxel, and geometry.resample_to's
+  edge tolerance) mapped into `volume`'s index space, widened by one more voxel there. None when nothing is selected."""
+  box = bounding_box(selected)
+  if box is None:
+    return None
+  corners = np.array(list(itertools.product(*[(sl.start - 1.5, sl.stop - 1 + 1.5) for sl in box])))
+  to_volume = np.linalg.solve(np.asarray(volume.affine, np.float64), np.asarray(affine, np.float64))
+  index = corners @ to_volume[:3, :3].T + to_volume[:3, 3]
+  lo, hi = np.floor(index.min(axis=0)).astype(int) - 1, np.ceil(index.max(axis=0)).astype(int) + 2
+  inside = tuple(slice(max(0, a), min(n, b)) for a, b, n in zip(lo, hi, volume.shape))
+  return inside if all(sl.start < sl.stop for sl in inside) else None
+
+
+def intersect(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...] | None:
+  """The overlap of two boxes (start:stop slices), or None."""
+  both = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+  return both if all(sl.start < sl.stop for sl in both) else None
+
+
+def within(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+  """`inner` (a box inside `outer`) as slices of outer's block."""
+  return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+
+
+def block_grid(volume: volumes.Volume, index: tuple[slice, ...]) -> tuple[tuple[int, ...], np.ndarray]:
+  """(shape, affine) of the block volume.data[index] (slices with steps of 1)."""
+  ranges = [sl.indices(n)[:2] for sl, n in zip(index, volume.shape)]
+  affine = np.asarray(volume.affine, np.float64).copy()
+  affine[:3, 3] += affine[:3, :3] @ np.array([a for a, _ in ranges], np.float64)
+  return tuple(b - a for a, b in ranges), affine
+
+
+class PackedMask:
+  """A boolean volume as bits (np.packbits along axis 0: an eighth of its bytes); `mask[index]` unpacks a box of
+  start:stop slices."""
+
+  def __init__(self, mask: np.ndarray):
+    self.shape = mask.shape
+    self.bits = np.packbits(mask, axis=0)
+
+  def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+    rows = np.unpackbits(self.bits[(slice(None), *index[1:])], axis=0, count=self.shape[0])
+    return rows[index[0]].view(np.bool_)
+
+
+class ChangeScores:
+  """What a lesion run changed, block by block (the scan as read, the block as written): PSNR inside and outside the
+  mask on the region's [-1, 1] scale and the Dice of `lesion_dice`, equal to metrics.psnr and lesion_dice on the
+  whole volumes (the mask's box, dilated as lesion_dice dilates it, is kept for the Dice). `lesion` (bool) is kept
+  as bits (`self.lesion`, a PackedMask)."""
+
+  def __init__(self, lesion: np.ndarray, region: int, threshold_hu: float):
+    self.lesion, self.region, self.threshold_hu = PackedMask(lesion), region, threshold_hu
+    self.squares = {True: 0.0, False: 0.0}
+    self.count = {True: 0, False: 0}
+    self.box = bounding_box(lesion, margin=2)  # binary_dilation(iterations=2) reaches no further
+    if self.box is not None:
+      shape = tuple(sl.stop - sl.start for sl in self.box)
+      self.before, self.after = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+  def add(self, index: tuple[slice, ...], before_hu: np.ndarray, after_hu: np.ndarray) -> None:
+    a = preprocess.hu_to_unit(before_hu, self.region).astype(np.float64)
+    a -= preprocess.hu_to_unit(after_hu, self.region)
+    a *= a
+    inside = self.lesion[index]
+    for where, pick in ((True, inside), (False, ~inside)):
+      self.squares[where] += float(a[pick].sum())
+      self.count[where] += int(pick.sum())
+    both = None if self.box is None else intersect(index, self.box)
+    if both is not None:
+      into, local = within(both, self.box), within(both, index)
+      self.before[into], self.after[into] = before_hu[local], after_hu[local]
+
+  def psnr(self, inside: bool) -> float | None:
+    if not self.count[inside]:
+      return None
+    mse = self.squares[inside] / self.count[inside]
+    return float("inf") if mse == 0 else 10.0 * np.log10(2.0**2 / mse)
+
+  def result(self) -> dict[str, Any]:
+    dice = 1.0 if self.box is None else lesion_dice(self.after, self.before, self.lesion[self.box], self.threshold_hu)
+    return {
+      "psnr_inside_mask": self.psnr(True),
+      "psnr_outside_mask": self.psnr(False),
+      "dice_threshold_segmentation": dice,
+    }
+
+
 def sample_controlled(
   cm: pretrained.Controlled, inp: common.TaskInput, hint: np.ndarray, task: Any, sample: Any
 ) -> np.ndarray:
@@ -240,18 +339,22 @@ def mask_on_grid(mask: volumes.Volume, work: volumes.Volume) -> np.ndarray:
 def run_lesion(task: LesionSpec) -> dict[str, Any]:
   """CT + lesion mask NIfTI -> a lesion generated inside the mask, on the branch's training grid and back. method
   'inpaint' (RePaint: the scan is kept outside the mask, exactly as read) or 'generate' (the whole window
-  resampled, conditioned on the mask)."""
+  resampled, conditioned on the mask). The result is written into the scan's own array slab by slab, scored as it
+  goes: memory is the scan, the mask as bits and one slab (benchmarks/RESULTS.md "#25")."""
   # (jump_timesteps within the schedule: checks.task, before any work)
   scan = common.open_scan(task, common.data_spec(task.controlnet), by_region=False)
-  mask = volume_io.load(task.mask, is_mask=True, options=task.read)
+  mask = volume_io.load(task.mask, is_mask=True, options=task.read, binary=True)  # (label > 0: a byte a voxel)
   if mask.shape != scan.original.shape or not np.allclose(mask.affine, scan.original.affine, atol=1e-2):
     raise scans.Refusal(f"--config.mask={task.mask!r} is on another grid than --config.input; give a mask on its grid")
+  lesion = mask.data
+  mask = volumes.Volume(lesion.view(np.uint8), mask.affine)  # (resampled as 0 / 1)
   summary = common.summary(task, scan, task.controlnet, task.window_blend_hu)
   cm = pretrained.load_controlled(task.controlnet, task.inference_dtype)
   inp = common.prepare_input(cm.pre, task, scan=scan)  # on the branch's training grid (task.spacing)
-  ct = inp.original
-  lesion = mask.data > 0
   m = inp.pad(mask_on_grid(mask, inp.work).astype(np.float32), 0.0)
+  scores = ChangeScores(lesion, inp.region, task.dice_threshold_hu)
+  lesion = scores.lesion  # as bits: the mask as read is freed
+  del mask
   timesteps = samplers.make_timesteps(cm.pre.schedule.num_timesteps, task.num_steps, "trailing")
   known = jnp.asarray(inp.unit)[None, ..., None]
   hole = ndimage.binary_dilation(m > 0, iterations=1)  # regenerated: the lesion and a one-voxel rim
@@ -263,29 +366,35 @@ def run_lesion(task: LesionSpec) -> dict[str, Any]:
   else:  # generate
     sample = from_noise(cm.pre.schedule, timesteps, known.shape, task.sampler)
   gen_unit = sample_controlled(cm, inp, m * 2.0 - 1.0, task, sample)
-  gen = common.back_to_input_grid(preprocess.unit_to_hu(gen_unit, inp.region), inp.work, ct)
-  if task.method == "inpaint":  # the scan outside the regenerated region, as read (no round trip through the grid)
-    hole_input = common.back_to_input_grid(hole[inp.crop].astype(np.float32), inp.work, ct, order=0) > 0.5
-    gen = np.where(hole_input | lesion, gen, ct.data).astype(np.float32)
-  # what the file will hold (the scan's HU outside the window, int16), so the scores are those of the written volume
+  part = scans.PartResult(inp.part, inp.work, preprocess.unit_to_hu(gen_unit, inp.region))
+  # inpaint: the scan outside the regenerated region (on the scan's grid: the hole moved back, nearest), as read
+  regenerated = hole[inp.crop].astype(np.float32) if task.method == "inpaint" else None
+
+  box = None if regenerated is None else grid_box(regenerated > 0.5, inp.work.affine, scan.original)
+
+  def finish_block(index: tuple[slice, ...], block: np.ndarray) -> np.ndarray:
+    before = scan.original.data[index]  # (not yet overwritten)
+    if regenerated is not None:
+      new = lesion[index].copy()
+      both = intersect(index, box) if box is not None else None
+      if both is not None:  # the hole, moved back where it can reach
+        shape, affine = block_grid(scan.original, both)
+        moved = geometry.resample_to(regenerated, inp.work.affine, shape, affine, order=0, fill=0.0)
+        new[within(both, index)] |= moved > 0.5
+      block = np.where(new, block, np.round(before))
+    scores.add(index, before, block)
+    return block
+
+  # what the file holds (the scan's HU outside the window, int16), so the scores are those of the written volume
   gen = scans.onto_scan(
-    scan, [scans.PartResult(inp.part, ct, gen)], window_blend_hu=task.window_blend_hu, dtype=np.int16
-  ).astype(np.float32)
-  orig_unit, new_unit = preprocess.hu_to_unit(ct.data, inp.region), preprocess.hu_to_unit(gen, inp.region)
-  result = {
-    "output": task.output,
-    "method": task.method,
-    "psnr_inside_mask": metrics.psnr(orig_unit[lesion], new_unit[lesion], 2.0) if lesion.any() else None,
-    "psnr_outside_mask": metrics.psnr(orig_unit[~lesion], new_unit[~lesion], 2.0),
-    "dice_threshold_segmentation": lesion_dice(gen, ct.data, lesion, task.dice_threshold_hu),
-  }
-  summary.add(
-    "lesion",
-    f"{task.method}, {int(lesion.sum())} mask voxels; Dice of what changed {result['dice_threshold_segmentation']:.3f}",
+    scan, [part], window_blend_hu=task.window_blend_hu, dtype=np.int16, in_place=True, finish_block=finish_block
   )
+  result = {"output": task.output, "method": task.method, **scores.result()}
+  dice = result["dice_threshold_segmentation"]
+  summary.add("lesion", f"{task.method}, {scores.count[True]} mask voxels; Dice of what changed {dice:.3f}")
   return common.finish_scan(
     scan,
-    [scans.PartResult(inp.part, ct, gen)],
+    [part],
     task,
     summary,
     window_blend_hu=task.window_blend_hu,

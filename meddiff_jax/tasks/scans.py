@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -420,13 +420,16 @@ def onto_scan(
   dtype: Any = np.float32,
   order: int = 1,
   in_place: bool = False,
+  finish_block: Callable[[tuple[slice, ...], np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
   """The parts' results on the scan's own grid, in `dtype`: each resampled back (trilinear, `order`), the scan's HU
   kept outside each part's window when `window_blend_hu` is given (HU results; None: a map, taken as is), the
   parts blended across their overlaps. Slab by slab along the superior axis: memory is the scan, the output and
   one slab, not a float copy of the scan. `in_place`: the output overwrites the scan's own array when it has the
   output's type (the slices the next slab still reads are kept aside): memory is the scan and one slab; the scan
-  is the result afterwards."""
+  is the result afterwards. `finish_block(index, block)`: each block as it will be written (rounded for an integer
+  dtype; `index`: start:stop slices of the scan's grid), where `scan.original.data[index]` is still the scan as read,
+  returns the block to write (a task's last word on its voxels, or its scores of what changed)."""
   original = scan.original
   axis = results[0].part.axis
   n = original.shape[axis]
@@ -463,6 +466,10 @@ def onto_scan(
     if integer:
       info = np.iinfo(out.dtype)
       block = np.clip(np.round(block), info.min, info.max)
+    if finish_block is not None:
+      written = [slice(*sl.indices(n)[:2]) for sl, n in zip(index, original.shape)]
+      written[axis] = slice(start, stop)
+      block = finish_block(tuple(written), block)
     if reuse and halo and scan_slab is not None:  # the next slab's halo below it: these slices, unmodified
       tail = [slice(None)] * 3
       tail[axis] = slice(max(start, stop - halo) - lo, stop - lo)
