@@ -15,10 +15,10 @@ Per sample: making it (`sample_cpu_s`: what #12's rows counted), then what every
 operation: stacking a batch (`stack_cpu_s`, Grain's np.stack) and one more copy of the batch (`transfer_copy_cpu_s`:
 the host side of the transfer, PJRT copying a numpy batch into its pinned staging buffer); `mixed_cpu_s` and the
 core counts add all three. --decode=device (data.decode_on_device, the default): samples ship their HU on their
-grid (float32, zoom2 resized here by multilevel.halve) and uint8 label codes, 10.5 MB each at P=128, and the device
-finishes them; --decode=device_resize (+ data.resize_on_device): zoom2's int16 2P^3 window ships instead and the
-device resizes it too (~46 MB each: every sample carries the window's slot); --decode=host: the host finishes them
-(10.5 MB each).
+grid (int16 steps of multilevel.HU_STEP, zoom2 resized here by multilevel.halve) and uint8 label codes, 6.3 MB each
+at P=128, and the device finishes them; --decode=device_resize (+ data.resize_on_device): zoom2's int16 2P^3 window
+ships instead and the device resizes it too (~46 MB each: every sample carries the window's slot); --decode=host:
+the host finishes them (10.5 MB each).
 Demand: the paper preset's model FLOPs per step (effective batch 4) at 40% MFU on `gpus_per_host` GPUs of
 `device_kind` (train/throughput.projected_step_s, the dry run's projection), the step lengthened by what decoding
 adds on the device (data/decode.py compiled for a batch: XLA's FLOPs at that MFU or its bytes at the kind's HBM

@@ -101,12 +101,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # grouped: batches carry one uint8 channel per voxel, (group << 1) | body, and the train / eval step expands
       # it to the K + 1 one-hot channels on the accelerator (equal bitwise; 1/13 of the host's bytes and CPU)
       pack_structures=True,
-      # samples ship HU (float32 on the sample's grid) and uint8 label codes; the jitted step windows the HU,
-      # thresholds the body, looks up the structure groups and packs them on the accelerator (data/decode.py).
+      # samples ship HU (int16 steps of 1/8 HU on the sample's grid) and uint8 label codes; the jitted step windows
+      # the HU, thresholds the body, looks up the structure groups and packs them on the accelerator (data/decode.py).
       # False: the host finishes every sample (data/multilevel.py, the reference)
       decode_on_device=True,
       # zoom2's 2P^3 window ships as read (int16) and the accelerator resizes it: less host CPU per sample, but
-      # every sample then carries the window (48 MB instead of 12 at P=128), which costs more to batch and copy to
+      # every sample then carries the window (48 MB instead of 6 at P=128), which costs more to batch and copy to
       # the devices than the resize it saves (benchmarks/RESULTS.md "#24")
       resize_on_device=False,
       operation_probs=(1 / 3, 1 / 3, 1 / 3),  # whole, zoom2, patch

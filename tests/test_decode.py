@@ -36,22 +36,25 @@ def decoded(sample, spec):
 
 def device_hu(sample, spec):
   if "hu" in sample:
-    return np.asarray(sample["hu"])[..., 0]
+    return np.asarray(sample["hu"])[..., 0] * multilevel.HU_STEP
   op = multilevel.OPERATIONS[int(sample["operation"])]
   x = jnp.asarray(np.asarray(sample[multilevel.SHIPPED_HU[op]]))[None]
   return np.asarray(decode.resize_half(x, spec.patch) if op == "zoom2" else x)[0, ..., 0]
 
 
 def assert_same_sample(host, ship, spec):
-  """The host sample and the decoded shipped one: equal but for float32 rounding of the zoom2 resize (image), and
-  body voxels whose HU lies within that rounding of the threshold (none expected, but not a difference)."""
+  """The host sample and the decoded shipped one: equal but for float32 rounding of the zoom2 resize and HU shipped
+  in steps of HU_STEP (image: within one step of the sample's window), and body voxels whose HU lies within that
+  rounding of the threshold (none expected, but not a difference)."""
   got = decoded(ship, spec)
+  lo, hi = preprocess.window_bounds(int(host[conditions.REGION]))
+  step = multilevel.HU_STEP * 2 / (hi - lo) if multilevel.HU in ship else 0.0
   assert set(got) == set(host) - {"operation"}
   assert int(ship["operation"]) == int(host["operation"])
   for key in (conditions.POS_BOX, conditions.REGION, conditions.HINT):
     if key in host:
       np.testing.assert_array_equal(got[key], host[key], err_msg=key)
-  np.testing.assert_allclose(got[conditions.IMAGE], host[conditions.IMAGE], rtol=0, atol=2e-6)
+  np.testing.assert_allclose(got[conditions.IMAGE], host[conditions.IMAGE], rtol=0, atol=2e-6 + step)
   if conditions.STRUCTURES in host:
     a, b = got[conditions.STRUCTURES], host[conditions.STRUCTURES]
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -112,7 +115,7 @@ def test_the_shipped_layout_is_static_and_holds_the_store_dtype():
       assert layout["hu_zoom2"] == ((32, 32, 32, 1), np.int16) and layout["hu_patch"] == ((16, 16, 16, 1), np.int16)
       assert layout["hu_whole"] == ((16, 16, 16, 1), np.float32) and "operation" in layout
     else:
-      assert layout["hu"] == ((16, 16, 16, 1), np.float32) and "operation" not in layout
+      assert layout["hu"] == ((16, 16, 16, 1), np.int16) and "operation" not in layout
     for op in multilevel.OPERATIONS:
       s = multilevel.make_sample(hu, labels, 0, spec, np.random.default_rng(0), operation=op)
       assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in s.items() if k in layout} == layout
@@ -121,9 +124,42 @@ def test_the_shipped_layout_is_static_and_holds_the_store_dtype():
   assert not {"hu_whole", "hu_zoom2"} & set(multilevel.shipped_layout(patch_only))
   with pytest.raises(ValueError, match="probability 0"):
     multilevel.make_sample(hu, labels, 0, patch_only, np.random.default_rng(0), operation="zoom2")
-  # HU that int16 cannot hold exactly are refused, not rounded
+  # shipped as read (resize_on_device): HU that int16 cannot hold exactly are refused, not rounded
   with pytest.raises(ValueError, match="cannot hold exactly"):
-    multilevel.make_sample(hu + np.float32(0.5), labels, 0, spec, np.random.default_rng(0), operation="patch")
+    multilevel.make_sample(
+      hu + np.float32(0.5), labels, 0, shipped(spec, True), np.random.default_rng(0), operation="patch"
+    )
+
+
+def test_hu_ship_in_fixed_steps_that_keep_every_window_and_the_body_decision():
+  """multilevel.fixed_point: integer HU exactly, others rounded up by less than HU_STEP (so `> BODY_THRESHOLD_HU`
+  decides alike), saturated outside -4096 .. 4095.875 HU, which holds every window and the threshold; zoom2's
+  halving converts slab by slab to the same steps; the device's decode is exact on them."""
+  step = multilevel.HU_STEP
+  ints = np.arange(-4096, 4096, dtype=np.int16)
+  np.testing.assert_array_equal(multilevel.fixed_point(ints).astype(np.float64) * step, ints)
+  np.testing.assert_array_equal(
+    multilevel.fixed_point(np.array([-32768, -4097, 4096, 32767], np.int16)) * step, [-4096, -4096, 4095, 4095]
+  )
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.uniform(-4096, 4095.8, 100_000), -500 + rng.uniform(-0.2, 0.2, 10_000)]).astype(np.float32)
+  q = multilevel.fixed_point(x).astype(np.float64) * step
+  assert np.all((q >= x) & (q - x < step))  # rounded up by less than one step
+  assert np.array_equal(q > preprocess.BODY_THRESHOLD_HU, x > preprocess.BODY_THRESHOLD_HU)
+  assert 0 < np.mean(q - x) < step  # neither exact nor truncated: the rounding is there, and bounded
+  np.testing.assert_array_equal(multilevel.fixed_point(np.array([-5e4, 5e4], np.float32)) * step, [-4096, 4095.875])
+  for region in range(preprocess.UNKNOWN_REGION + 1):  # every window inside the range, with a step of margin
+    lo, hi = preprocess.window_bounds(region)
+    assert -4096 + step <= lo < hi <= 4095
+  window = rng.integers(-1024, 3071, (32, 32, 32)).astype(np.int16)
+  np.testing.assert_array_equal(multilevel.halve(window, fixed=True), multilevel.fixed_point(multilevel.halve(window)))
+  q16 = multilevel.fixed_point(x)
+  got = decode.decode(
+    {"hu": jnp.asarray(q16.reshape(1, -1, 1, 1, 1)), "pos_box": jnp.zeros((1, 3, 2)), "region": jnp.asarray([1])},
+    sample_spec(16),
+  )
+  want = preprocess.hu_to_unit(q16.astype(np.float64) * step, 1).reshape(1, -1, 1, 1, 1)
+  np.testing.assert_allclose(np.asarray(got["image"]), want, rtol=0, atol=1e-6)
 
 
 def test_the_devices_label_lookup_is_the_hosts():
@@ -212,6 +248,16 @@ def test_windows_read_into_reused_memory_never_reach_a_sample(tmp_path):
   assert getattr(pickle.loads(pickle.dumps(scratch))._local, "held", None) is None
   with pytest.raises(ValueError, match="read into"):
     volume.read_async((slice(0, 8),) * 3, out=np.empty((8, 8, 9), np.int16))
+  # windows that reach outside the volume: the inside read into the reused array, only the outside filled (a
+  # window read before leaves nothing behind), from zarr and from an array (a memory map) alike
+  size = np.array([48, 40, 56])
+  for source in (volume, hu):
+    for start in ((-5, 2, 3), (-4, -2, -6), (0, 10, -30), (30, 20, 40), (100, 0, 0)):
+      start = np.array(start)
+      multilevel.start_crop(source, np.zeros(3, int), size, 7.0, scratch=scratch)()  # leave other values behind
+      got = multilevel.start_crop(source, start, size, -1000.0, scratch=scratch)()
+      assert got is scratch.array(tuple(size), np.int16)  # every one of these windows is padded
+      np.testing.assert_array_equal(got, multilevel.crop_padded(hu, start, size, -1000.0), err_msg=str(start))
 
 
 def test_nearest_gathers_equal_crop_then_resize(tmp_path):
@@ -223,6 +269,8 @@ def test_nearest_gathers_equal_crop_then_resize(tmp_path):
       start, size = np.array(start), np.array(size)
       want = multilevel.resize(multilevel.crop_padded(labels, start, size, 0), (16, 16, 16), 0)
       np.testing.assert_array_equal(multilevel.gather_nearest(volume, start, size, (16, 16, 16), 0), want)
+      begun = multilevel.start_gather_nearest(volume, start, size, 0, (16, 16, 16))  # the inside into its block
+      np.testing.assert_array_equal(begun(), want)
   zarr = store.open_array(str(tmp_path / "l.zarr"))
   np.testing.assert_array_equal(zarr[5:60, 3:49, 1:40], labels[5:60, 3:49, 1:40])
 
@@ -273,10 +321,12 @@ def test_the_pipeline_and_the_train_step_see_the_host_paths_batches(resize):
   assert "image" in batches[False] and ("hu_zoom2" if resize else "hu") in batches[True]
   np.testing.assert_array_equal(batches[False]["operation"], batches[True]["operation"])
   assert len(set(batches[True]["operation"].tolist())) > 1
-  # phantoms are float32 HU: they ship as float32, exactly
-  assert batches[True]["hu_patch" if resize else "hu"].dtype == np.float32
+  # phantoms are float32 HU: shipped as read (resize_on_device) they ship as float32, exactly; else in HU_STEPs
+  assert batches[True]["hu_patch" if resize else "hu"].dtype == (np.float32 if resize else np.int16)
   finished = decode.decode({k: jnp.asarray(v) for k, v in batches[True].items()}, configs[True].data.sample_spec())
-  np.testing.assert_allclose(np.asarray(finished["image"]), batches[False]["image"], atol=2e-6)
+  narrowest = min(np.diff(preprocess.window_bounds(r))[0] for r in range(preprocess.UNKNOWN_REGION + 1))
+  step = 0 if resize else multilevel.HU_STEP * 2 / narrowest
+  np.testing.assert_allclose(np.asarray(finished["image"]), batches[False]["image"], atol=2e-6 + step)
   np.testing.assert_array_equal(np.asarray(finished["structures"]), batches[False]["structures"])
   for flag, config in configs.items():
     spec = step_lib.batch_spec(config)

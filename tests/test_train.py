@@ -218,14 +218,14 @@ def test_paper256_preset_lowers_with_depth_split_inputs():
   lowered, facts = dry_run.lower_train_step(config)
   assert facts["mesh"] == {"data": 1, "fsdp": 1, "spatial": 8, "tensor": 1}
   text = lowered.as_text()
-  assert "tensor<4x256x256x256x1xf32>" in text  # the global batch: 4 samples = 1 x 4 accumulation
+  assert "tensor<4x256x256x256x1xi16>" in text  # the global batch: 4 samples = 1 x 4 accumulation
   # Volumes split along depth over the 8 devices (Shardy annotation of the image and structures arguments).
   # (structures: the 13 grouped channels packed in 1, data.pack_structures; expanded inside the step)
   assert config.data.shipped_structure_channels == 1
-  # shipped samples (data.decode_on_device): the HU on the sample's grid (f32) and the label ids (ui8), split along
-  # depth; no 2P^3 window (data.resize_on_device=False)
+  # shipped samples (data.decode_on_device): the HU on the sample's grid (int16 steps of multilevel.HU_STEP) and the
+  # label ids (ui8), split along depth; no 2P^3 window (data.resize_on_device=False)
   assert "512x512x512" not in text
-  for arg in ("4x256x256x256x1xf32", "4x256x256x256x1xui8"):
+  for arg in ("4x256x256x256x1xi16", "4x256x256x256x1xui8"):
     assert re.search(rf'tensor<{arg}> {{sdy\.sharding = #sdy\.sharding<@mesh, \[{{[^}}]*}}, {{"spatial"}}', text), arg
 
 

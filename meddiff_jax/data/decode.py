@@ -2,7 +2,8 @@
 (data/multilevel.shipped_layout) -> the batch data/multilevel.make_sample's host path makes (image in [-1, 1],
 packed / one-hot / label-id structures), inside the jitted train / eval step.
 
-The HU as shipped (`hu`, float32 on the sample's grid), or with resize_on_device, per sample by its operation:
+The HU as shipped (`hu`, int16 steps of multilevel.HU_STEP on the sample's grid), or with resize_on_device, per
+sample by its operation:
 patch -> its int16 crop as float32; zoom2 -> its 2P^3 window resized to P^3 with the host's align-corners positions
 and linear weights (`resize_half`, the same operations as multilevel.halve); whole -> the float32 level. Then the
 region's HU window (preprocess.hu_to_unit), the body mask (HU > preprocess.BODY_THRESHOLD_HU), each label's
@@ -58,6 +59,8 @@ def hu_to_unit(hu: jax.Array, region: jax.Array) -> jax.Array:
 def decode(batch: Batch, spec: multilevel.SampleSpec) -> Batch:
   """A shipped batch (multilevel.shipped_layout, batched) -> the host path's batch for `spec` (no `operation`)."""
   hu = batch.get(multilevel.HU)
+  if hu is not None:  # int16 steps of HU_STEP: exact in float32
+    hu = hu.astype(jnp.float32) * multilevel.HU_STEP
   for name in multilevel.OPERATIONS:  # resize_on_device: each sample's HU in its operation's key
     key = multilevel.SHIPPED_HU[name]
     if key not in batch:

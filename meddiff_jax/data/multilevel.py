@@ -40,28 +40,52 @@ OPERATIONS = ("whole", "zoom2", "patch")
 HINTS = ("lowres", "lesion")  # ControlNet condition volumes a sample can carry (config.data.hint)
 # Keys of a sample shipped for decoding on the device: its HU, and its label map on its grid as uint8 label codes
 # (`label_codes`), whose structure group (grouped) or class (classes) ids the device looks up (`group_table`).
-HU = "hu"  # (P,P,P,1) float32: the sample's HU on its own grid (zoom2 resized on the host)
+HU = "hu"  # (P,P,P,1) int16: the sample's HU on its own grid in steps of HU_STEP (zoom2 resized on the host)
+HU_STEP = 0.125  # shipped HU are int16 multiples of it (`fixed_point`): -4096 .. 4095.875 HU
+_STEPS_PER_HU = 8
+_FIXED_MIN, _FIXED_MAX = -4096 * _STEPS_PER_HU, 4096 * _STEPS_PER_HU - 1
 SHIPPED_HU = {"whole": "hu_whole", "zoom2": "hu_zoom2", "patch": "hu_patch"}  # resize_on_device: by operation
 LABELS = "labels"
 OPERATION = "operation"  # () int32: the index in OPERATIONS
 
 
-def crop_padded(volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
+def crop_padded(
+  volume: np.ndarray, start: np.ndarray, size: np.ndarray, fill: float, out: np.ndarray | None = None
+) -> np.ndarray:
   """volume[start:start+size] per axis; out-of-volume voxels get `fill`.
 
-  A crop inside the volume is a view (no copy: a memory-mapped volume reads only the touched pages).
+  A crop inside the volume is a view (no copy: a memory-mapped volume reads only the touched pages). A padded one is
+  assembled in `out` when given (an array of the crop's shape and the volume's dtype the caller reuses).
   """
   if np.all(start >= 0) and np.all(start + size <= np.array(volume.shape[:3])):
     return volume[tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))]
-  out = np.full(tuple(size), fill, volume.dtype)
+  out, inner = _padded(volume, start, size, fill, out)
+  if inner is not None:
+    out[inner[1]] = volume[inner[0]]
+  return out
+
+
+def _padded(volume, start: np.ndarray, size: np.ndarray, fill: float, out: np.ndarray | None):
+  """A padded crop's array with `fill` outside the volume, and the (source, destination) boxes of what lies inside
+  (None when nothing does); only the outside is filled, the inside is left for the caller to read into."""
+  shape = tuple(int(n) for n in size)
+  if out is None:
+    out = np.empty(shape, volume.dtype)
+  elif out.shape != shape or out.dtype != volume.dtype:
+    raise ValueError(f"a {shape} {volume.dtype} crop cannot be assembled in a {out.shape} {out.dtype} array")
   src_lo = np.maximum(start, 0)
   src_hi = np.minimum(start + size, volume.shape[:3])
   if np.any(src_hi <= src_lo):
-    return out
+    out.fill(fill)
+    return out, None
   dst_lo = src_lo - start
   dst_hi = dst_lo + (src_hi - src_lo)
-  out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = volume[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
-  return out
+  box = [slice(None)] * 3
+  for axis in range(3):  # the slabs before and after the inside along each axis, within the inside of earlier axes
+    for edge in (slice(0, int(dst_lo[axis])), slice(int(dst_hi[axis]), shape[axis])):
+      out[tuple(box[:axis] + [edge] + box[axis + 1 :])] = fill
+    box[axis] = slice(int(dst_lo[axis]), int(dst_hi[axis]))
+  return out, (tuple(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi)), tuple(box))
 
 
 def resize(volume: np.ndarray, shape: tuple[int, ...], order: int, dtype: np.dtype | None = None) -> np.ndarray:
@@ -395,14 +419,14 @@ def make_sample(
 def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Per-sample (shape, dtype) of every key a sample ships with spec.decode_on_device (data/decode.py finishes it).
 
-  HU (the default): hu (P,P,P,1) float32, the sample's HU on its own grid: a patch crop as read (int16 -> float32),
-  the stored whole level as stored, zoom2's 2P^3 window resized here (`halve`: the resize's own positions and
-  weights, float32).
+  HU (the default): hu (P,P,P,1) int16 in steps of HU_STEP (`fixed_point`), the sample's HU on its own grid: a
+  patch crop as read (int16 HU exactly), the stored whole level, zoom2's 2P^3 window resized here (`halve`: the
+  resize's own positions and weights, float32), both within HU_STEP.
   With spec.resize_on_device, zoom2's window ships as read and the device resizes it: one HU key per operation of
   non-zero probability, in the dtype that operation reads: hu_patch (P,P,P,1) and hu_zoom2 (2P,2P,2P,1) in
   spec.hu_dtype (the volume's), hu_whole (P,P,P,1) float32; a sample fills its own operation's key and ships zeros
   (a broadcast view: nothing computed) in the others, and its `operation` says which. 48 MB per sample at P=128
-  instead of 12 (benchmarks/RESULTS.md "#24").
+  instead of 6 (benchmarks/RESULTS.md "#24").
   labels (P,P,P,1) uint8: the label map on the sample's grid as label codes (`label_codes`: a uint8 map as read),
   whose structure group (grouped) or class (classes) ids the device looks up (`group_table`: a table gather costs
   the host ~2 ms per sample, the device nothing that shows), without the body, which the device thresholds from
@@ -419,7 +443,7 @@ def shipped_layout(spec: SampleSpec) -> dict[str, tuple[tuple[int, ...], np.dtyp
       if prob > 0
     }
   else:
-    layout = {HU: ((p, p, p, 1), np.dtype(np.float32))}
+    layout = {HU: ((p, p, p, 1), np.dtype(np.int16))}
   if spec.lut is not None:
     layout[LABELS] = ((p, p, p, 1), np.dtype(np.uint8))
   layout[conditions.POS_BOX] = ((3, 2), np.dtype(np.float32))
@@ -458,7 +482,8 @@ def _shipped_sample(
   }
   native, lab = None, None
   if cached is not None:
-    sample[key], lab = cached[0][..., None], (cached[1] if need_labels else None)
+    value, lab = cached[0], (cached[1] if need_labels else None)
+    sample[key] = (fixed_point(value) if key == HU else value)[..., None]
   else:  # the HU and label reads begin together: from a bucket, one round of requests
     window_only = operation == "zoom2" and key == HU
     hu_read = start_crop(hu, start, size, fill=-1000.0, scratch=scratch if window_only else None)
@@ -467,13 +492,12 @@ def _shipped_sample(
       lab_read = (start_gather_nearest if operation == "zoom2" else start_crop)(labels, start, size, 0, target)
     native = hu_read()
     if operation == "whole":
-      sample[key] = resize(native, target, order=1, dtype=np.float32)[..., None]
+      value = resize(native, target, order=1, dtype=np.float32)
+      sample[key] = (fixed_point(value) if key == HU else value)[..., None]
+    elif key == HU:  # int16 steps of HU_STEP on the sample's grid
+      sample[key] = (halve(native, fixed=True) if operation == "zoom2" else fixed_point(native))[..., None]
     else:
-      native = _as_shipped(native, spec.hu_dtype)
-      if key == HU:  # float32 on the sample's grid
-        sample[key] = (halve(native) if operation == "zoom2" else native.astype(np.float32))[..., None]
-      else:
-        sample[key] = native[..., None]
+      sample[key] = _as_shipped(native, spec.hu_dtype)[..., None]
     if lab_read is not None:
       lab = lab_read()
       lab = lab if operation == "zoom2" else resize(lab, target, order=0)
@@ -523,18 +547,20 @@ def pair_weights(patch: int) -> np.ndarray:
 _HALVE_SLAB = 2  # output depth slices per step: float32 temporaries of ~1 MB at P=128 (cache-sized)
 
 
-def halve(window: np.ndarray) -> np.ndarray:
+def halve(window: np.ndarray, fixed: bool = False) -> np.ndarray:
   """(2P, 2P, 2P) -> (P, P, P) float32: `resize(window, (P,) * 3, order=1)` as a lerp of each axis's voxel pairs
   (`pair_weights`), even + w (odd - even), depth then height then width, in float32 slab by slab: ~2.5x less CPU
   than the general separable float64 resize, equal to it within float32 rounding (tests/test_decode.py), and the
-  same operations as the device's data/decode.resize_half."""
+  same operations as the device's data/decode.resize_half. fixed: return `fixed_point` of it, converted slab by
+  slab (scaling by 1 / HU_STEP, a power of two, is exact)."""
   p = window.shape[0] // 2
   if window.shape != (2 * p,) * 3:
     raise ValueError(f"halve takes a (2P, 2P, 2P) window, got {window.shape}")
   w = pair_weights(p).astype(np.float32)
-  out = np.empty((p, p, p), np.float32)
+  out = np.empty((p, p, p), np.int16 if fixed else np.float32)
   even = np.empty((_HALVE_SLAB, 2 * p, 2 * p), np.float32)
   odd, rows = np.empty_like(even), np.empty((_HALVE_SLAB, p, 2 * p), np.float32)
+  cols = np.empty((_HALVE_SLAB, p, p), np.float32) if fixed else None
   for k in range(0, p, _HALVE_SLAB):
     n = min(_HALVE_SLAB, p - k)
     a, b, r = even[:n], odd[:n], rows[:n]
@@ -546,11 +572,37 @@ def halve(window: np.ndarray) -> np.ndarray:
     np.subtract(b[:, 1::2], b[:, 0::2], out=r)
     r *= w[None, :, None]
     r += b[:, 0::2]  # height
-    o = out[k : k + n]
+    o = cols[:n] if fixed else out[k : k + n]
     np.subtract(r[:, :, 1::2], r[:, :, 0::2], out=o)
     o *= w
     o += r[:, :, 0::2]  # width
+    if fixed:
+      o *= np.float32(_STEPS_PER_HU)
+      _ceil_into(o, out[k : k + n])
   return out
+
+
+def fixed_point(hu: np.ndarray) -> np.ndarray:
+  """HU -> int16 multiples of HU_STEP, as samples ship them (`HU`): ceil(hu / HU_STEP), saturated at -4096 and
+  4095.875 HU. Integer HU exactly; others rounded up by less than HU_STEP, which keeps `hu > BODY_THRESHOLD_HU`
+  (an integer) the same decision. Every region's window and the body threshold lie inside the range, so what the
+  model sees is the float32 HU's within HU_STEP (7e-4 of the narrowest window's [-1, 1]; the model's bf16 input
+  rounds by 4e-3), in half the bytes of float32: stacking and transferring a batch cost in proportion."""
+  hu = np.asarray(hu)
+  if hu.dtype == np.int16:  # a store's HU, a patch as read: clip, then shift (no float pass)
+    out = np.clip(hu, _FIXED_MIN // _STEPS_PER_HU, _FIXED_MAX // _STEPS_PER_HU)
+    return np.left_shift(out, 3, out=out)
+  x = np.multiply(hu, np.float32(_STEPS_PER_HU), dtype=np.float32)
+  out = np.empty(hu.shape, np.int16)
+  _ceil_into(x, out)
+  return out
+
+
+def _ceil_into(scaled: np.ndarray, out: np.ndarray) -> None:
+  """out (int16) <- ceil(scaled) saturated to the fixed-point range; `scaled` (float32, HU / HU_STEP) is clobbered."""
+  np.ceil(scaled, out=scaled)
+  np.clip(scaled, _FIXED_MIN, _FIXED_MAX, out=scaled)
+  np.copyto(out, scaled, casting="unsafe")
 
 
 def _as_shipped(hu: np.ndarray, dtype: str) -> np.ndarray:
@@ -593,25 +645,50 @@ class Scratch:
 def start_crop(
   volume, start: np.ndarray, size: np.ndarray, fill: float, shape=None, scratch: Scratch | None = None
 ) -> Callable[[], np.ndarray]:
-  """`crop_padded`, begun: a lazy store volume (store.ChunkedVolume) starts reading an inside crop now and the call
-  waits for it, so reads started together overlap; anything else is read by the call. (`shape`: unused, the
-  signature of start_gather_nearest.) `scratch`: a lazy volume reads into this thread's reused array (the result is
-  only valid until the thread's next read through the same scratch)."""
+  """`crop_padded`, begun: a lazy store volume (store.ChunkedVolume) starts reading the crop's inside now and the
+  call waits for it, so reads started together overlap; anything else is read by the call. (`shape`: unused, the
+  signature of start_gather_nearest.) `scratch`: the crop is read (a lazy volume) or a padded one assembled into
+  this thread's reused array (the result is only valid until the thread's next read through the same scratch)."""
   inside = np.all(start >= 0) and np.all(start + size <= np.array(volume.shape[:3]))
-  if inside and hasattr(volume, "read_async"):
-    box = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
-    if scratch is None:
-      return volume.read_async(box)
-    return volume.read_async(box, out=scratch.array(tuple(int(n) for n in size), volume.dtype))
-  return lambda: crop_padded(volume, start, size, fill)
+  lazy = hasattr(volume, "read_async")
+  out = (
+    scratch.array(tuple(int(n) for n in size), volume.dtype) if scratch is not None and (lazy or not inside) else None
+  )
+  if not lazy:
+    return lambda: crop_padded(volume, start, size, fill, out=out)
+  if inside:
+    return volume.read_async(tuple(slice(int(a), int(a + n)) for a, n in zip(start, size)), out=out)
+  out, inner = _padded(volume, start, size, fill, out)
+  if inner is None:
+    return lambda: out
+  return _filled(volume.read_async(inner[0], out=out[inner[1]]), out)
 
 
 def start_gather_nearest(volume, start: np.ndarray, size: np.ndarray, fill: float, shape) -> Callable[[], np.ndarray]:
-  """`gather_nearest`, begun (as start_crop)."""
+  """`gather_nearest`, begun (as start_crop): a lazy volume gathers the voxels inside it into their block of the
+  output now."""
   index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
-  if hasattr(volume, "oindex_async") and all(i.min() >= 0 and i.max() < d for i, d in zip(index, volume.shape[:3])):
+  if not hasattr(volume, "oindex_async"):
+    return lambda: gather_nearest(volume, start, size, shape, fill)
+  inside = [(i >= 0) & (i < d) for i, d in zip(index, volume.shape[:3])]
+  if all(v.all() for v in inside):
     return volume.oindex_async(index)
-  return lambda: gather_nearest(volume, start, size, shape, fill)
+  out = np.full(tuple(shape), fill, volume.dtype)
+  if not all(v.any() for v in inside):
+    return lambda: out
+  # the indices rise along each axis, so the inside ones are one run of output positions
+  block = tuple(slice(int(np.argmax(v)), int(np.argmax(v)) + int(v.sum())) for v in inside)
+  return _filled(volume.oindex_async([i[v] for i, v in zip(index, inside)], out=out[block]), out)
+
+
+def _filled(read: Callable[[], np.ndarray], out: np.ndarray) -> Callable[[], np.ndarray]:
+  """Wait for a read into part of `out`, then return all of it."""
+
+  def wait() -> np.ndarray:
+    read()
+    return out
+
+  return wait
 
 
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:

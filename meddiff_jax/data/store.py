@@ -222,21 +222,24 @@ class ChunkedVolume:
 
   def read_async(self, index: Any, out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
     """Start reading vol[index]; the returned call waits for it. Reads started together overlap (a sample's HU
-    and labels from a bucket: one round of requests, not two). `out`: an array of the read's shape and dtype to
-    read into (memory the caller reuses) instead of a new one."""
+    and labels from a bucket: one round of requests, not two). `out`: an array (or a writable view: a padded
+    crop's inside) of the read's shape and dtype to read into, memory the caller reuses, instead of a new one."""
     return _start_read(self._array[index], out)
 
-  def oindex_async(self, index: list[np.ndarray]) -> Callable[[], np.ndarray]:
+  def oindex_async(self, index: list[np.ndarray], out: np.ndarray | None = None) -> Callable[[], np.ndarray]:
     """oindex, begun. With strided_gathers, an index that is a few arithmetic runs per axis (zoom2's nearest
     2P -> P gather: two runs of step 2) is read as one strided box per combination of runs, each into its block of
     the output: TensorStore then copies (and fills absent chunks for) only the voxels kept, ~3x less CPU than its
     oindex on a 256^3 label window (benchmarks/RESULTS.md "#24"). Not from a bucket: boxes that share a chunk
-    request it again, and a window's requests would no longer fit in one round."""
+    request it again, and a window's requests would no longer fit in one round. `out`: as read_async's."""
     index = [np.asarray(i) for i in index]
     runs = [_arithmetic_runs(i) for i in index] if self.strided_gathers else None
     if runs is None or any(r is None for r in runs) or np.prod([len(r) for r in runs]) > MAX_GATHER_BOXES:
-      return _start_read(self._array.oindex[tuple(index)])
-    out = np.empty(tuple(len(i) for i in index), self.dtype)
+      return _start_read(self._array.oindex[tuple(index)], out)
+    shape = tuple(len(i) for i in index)
+    if out is None:
+      out = np.empty(shape, self.dtype)
+    _check_out(out, shape, self.dtype)
     done = [
       ts.array(out[tuple(slice(o, o + n) for o, _, _, n in box)], copy=False, write=True).write(
         self._array[tuple(slice(a, a + (n - 1) * step + 1, step) for _, a, step, n in box)].translate_to[0]
@@ -282,8 +285,7 @@ def _start_read(view: ts.TensorStore, out: np.ndarray | None = None) -> Callable
   dtype = view.dtype.numpy_dtype
   if out is None:
     out = np.empty(view.shape, dtype)
-  elif out.shape != tuple(view.shape) or out.dtype != dtype or not out.flags.c_contiguous:
-    raise ValueError(f"read into a {out.shape} {out.dtype} array: the read is {tuple(view.shape)} {dtype}")
+  _check_out(out, tuple(view.shape), dtype)
   done = ts.array(out, copy=False, write=True).write(view.translate_to[0])
 
   def wait() -> np.ndarray:
@@ -291,6 +293,11 @@ def _start_read(view: ts.TensorStore, out: np.ndarray | None = None) -> Callable
     return out
 
   return wait
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, ...], dtype: Any) -> None:
+  if out.shape != shape or out.dtype != dtype or not out.flags.writeable:
+    raise ValueError(f"read into a {out.shape} {out.dtype} array: the read is {shape} {np.dtype(dtype)}")
 
 
 def _read_all(array: Any) -> Callable[[], np.ndarray]:
