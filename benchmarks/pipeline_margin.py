@@ -268,9 +268,9 @@ class LatentArray:
       chunks *= -(-hi // c) - lo // c
     return self._after(chunks, lambda: self.base.read_async(index, out=out)())
 
-  def oindex_async(self, index):
+  def oindex_async(self, index, out=None):
     chunks = int(np.prod([len(np.unique(np.asarray(i) // c)) for i, c in zip(index, self.chunk)]))
-    return self._after(chunks, lambda: self.base.oindex(index))
+    return self._after(chunks, lambda: self.base.oindex_async(index, out=out)())
 
   def __getitem__(self, index):
     return self.read_async(index)()
