@@ -29,10 +29,27 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def write_volume(path: pathlib.Path, side: int, spacing: float) -> None:
-  """A CT-like int16 volume written slab by slab (never the whole array in memory twice)."""
+def write_nifti(path: pathlib.Path, side: int, spacing: float, dtype: type, sections) -> None:
+  """A side^3 NIfTI on an isotropic `spacing` grid, written one z section (x fastest) at a time from `sections`
+  (an iterator of (side, side) arrays indexed [y, x]): never the whole array in memory."""
   import nibabel as nib
 
+  affine = np.diag([spacing, spacing, spacing, 1.0])
+  header = nib.Nifti1Header()
+  header.set_data_shape((side, side, side))
+  header.set_data_dtype(dtype)
+  header.set_qform(affine, code=1)
+  header.set_sform(affine, code=1)
+  header.set_slope_inter(1.0, 0.0)
+  with nib.openers.Opener(str(path), "wb") as f:
+    header.write_to(f)
+    f.write(b"\0" * (int(header["vox_offset"]) - 348))
+    for section in sections:
+      f.write(np.asfortranarray(np.asarray(section, dtype).T).T.tobytes(order="F"))
+
+
+def write_volume(path: pathlib.Path, side: int, spacing: float) -> None:
+  """A CT-like int16 volume: one noisy body section repeated along z."""
   y, x = np.mgrid[:side, :side].astype(np.float32)
   c = (side - 1) / 2
   body = ((x - c) / (0.42 * side)) ** 2 + ((y - c) / (0.30 * side)) ** 2 <= 1
@@ -43,41 +60,16 @@ def write_volume(path: pathlib.Path, side: int, spacing: float) -> None:
   section[inner] = 40  # soft tissue
   section[bone] = 700
   rng = np.random.default_rng(0)
-  affine = np.diag([spacing, spacing, spacing, 1.0])
-  header = nib.Nifti1Header()
-  header.set_data_shape((side, side, side))
-  header.set_data_dtype(np.int16)
-  header.set_qform(affine, code=1)
-  header.set_sform(affine, code=1)
-  header.set_slope_inter(1.0, 0.0)
-  opener = nib.openers.Opener(str(path), "wb")
-  with opener as f:
-    header.write_to(f)
-    f.write(b"\0" * (int(header["vox_offset"]) - 348))
-    for _ in range(side):  # F order: one z slice (x fastest) after the other
-      noisy = section + rng.normal(0, 20, section.shape).astype(np.int16)
-      f.write(np.asfortranarray(noisy.T).T.tobytes(order="F"))
+  noisy = (section + rng.normal(0, 20, section.shape).astype(np.int16) for _ in range(side))
+  write_nifti(path, side, spacing, np.int16, noisy)
 
 
 def write_mask(path: pathlib.Path, side: int, spacing: float) -> None:
   """A uint8 lesion mask on write_volume's grid: a sphere of radius side / 16 voxels in the body's soft tissue."""
-  import nibabel as nib
-
   y, x = np.mgrid[:side, :side].astype(np.float32)
   c, r = (side - 1) / 2, side / 16
-  affine = np.diag([spacing, spacing, spacing, 1.0])
-  header = nib.Nifti1Header()
-  header.set_data_shape((side, side, side))
-  header.set_data_dtype(np.uint8)
-  header.set_qform(affine, code=1)
-  header.set_sform(affine, code=1)
-  header.set_slope_inter(1.0, 0.0)
-  with nib.openers.Opener(str(path), "wb") as f:
-    header.write_to(f)
-    f.write(b"\0" * (int(header["vox_offset"]) - 348))
-    for z in range(side):
-      section = ((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2 <= r**2).astype(np.uint8)
-      f.write(np.asfortranarray(section.T).T.tobytes(order="F"))
+  spheres = ((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2 <= r**2 for z in range(side))
+  write_nifti(path, side, spacing, np.uint8, spheres)
 
 
 def run(args: list[str]) -> tuple[float, float, int, str]:

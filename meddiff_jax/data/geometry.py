@@ -22,6 +22,17 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
   return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
+def box_grid(
+  shape: tuple[int, ...], affine: np.ndarray, index: tuple[slice, ...]
+) -> tuple[tuple[int, ...], np.ndarray]:
+  """(shape, affine) of the block data[index] of a grid (shape, affine): slices with steps of 1 (None ends: the
+  grid's); the affine's origin moves to the block's first voxel (exact)."""
+  ranges = [sl.indices(n)[:2] for sl, n in zip(index, shape)]
+  out = np.asarray(affine, np.float64).copy()
+  out[:3, 3] += out[:3, :3] @ np.array([a for a, _ in ranges], np.float64)
+  return tuple(b - a for a, b in ranges), out
+
+
 def resample_grid(
   shape: tuple[int, ...], affine: np.ndarray, new_spacing: tuple[float, ...]
 ) -> tuple[tuple[int, ...], np.ndarray]:

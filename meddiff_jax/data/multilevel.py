@@ -665,20 +665,27 @@ def start_crop(
 
 
 def start_gather_nearest(volume, start: np.ndarray, size: np.ndarray, fill: float, shape) -> Callable[[], np.ndarray]:
-  """`gather_nearest`, begun (as start_crop): a lazy volume gathers the voxels inside it into their block of the
-  output now."""
+  """`gather_nearest`, begun (as start_crop): a lazy volume starts gathering the voxels inside it, into their block
+  of the output, now; an array is gathered by the call."""
   index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
-  if not hasattr(volume, "oindex_async"):
-    return lambda: gather_nearest(volume, start, size, shape, fill)
+  lazy = hasattr(volume, "oindex_async")
   inside = [(i >= 0) & (i < d) for i, d in zip(index, volume.shape[:3])]
   if all(v.all() for v in inside):
-    return volume.oindex_async(index)
+    return volume.oindex_async(index) if lazy else lambda: _gather(volume, index)
   out = np.full(tuple(shape), fill, volume.dtype)
   if not all(v.any() for v in inside):
     return lambda: out
   # the indices rise along each axis, so the inside ones are one run of output positions
   block = tuple(slice(int(np.argmax(v)), int(np.argmax(v)) + int(v.sum())) for v in inside)
-  return _filled(volume.oindex_async([i[v] for i, v in zip(index, inside)], out=out[block]), out)
+  kept = [i[v] for i, v in zip(index, inside)]
+  if lazy:
+    return _filled(volume.oindex_async(kept, out=out[block]), out)
+
+  def gather() -> np.ndarray:
+    out[block] = _gather(volume, kept)
+    return out
+
+  return gather
 
 
 def _filled(read: Callable[[], np.ndarray], out: np.ndarray) -> Callable[[], np.ndarray]:
@@ -701,19 +708,11 @@ def gather_nearest(volume, start: np.ndarray, size: np.ndarray, shape: tuple[int
   the voxels start + nearest_indices(size, shape), those outside the volume `fill`. A lazy store volume gathers
   them itself (`oindex`: a zarr window decodes its chunks but assembles P^3, not 2P^3); an array (a memory map)
   is sliced to the box, then gathered one axis at a time."""
-  dims = np.array(volume.shape[:3])
-  index = [int(s) + nearest_indices(int(n), int(m)) for s, n, m in zip(start, size, shape)]
-  inside = [(i >= 0) & (i < d) for i, d in zip(index, dims)]
-  if all(v.all() for v in inside):
-    return _gather(volume, index)
-  out = np.full(tuple(shape), fill, volume.dtype)
-  if all(v.any() for v in inside):
-    out[np.ix_(*inside)] = _gather(volume, [i[v] for i, v in zip(index, inside)])
-  return out
+  return start_gather_nearest(volume, start, size, fill, shape)()
 
 
 def _gather(volume, index: list[np.ndarray]) -> np.ndarray:
-  if hasattr(volume, "oindex"):
+  if hasattr(volume, "oindex"):  # a volume that gathers itself but does not begin reads (a wrapper)
     return volume.oindex(index)
   lo = [int(i.min()) for i in index]
   box = np.asarray(volume[tuple(slice(a, int(i.max()) + 1) for a, i in zip(lo, index))])

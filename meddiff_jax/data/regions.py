@@ -182,10 +182,7 @@ def crop(volume: volumes.Volume, axis: int, start: int, stop: int) -> volumes.Vo
   """Index slice [start, stop) along `axis`; the affine origin moves to the first kept voxel (exact)."""
   index = [slice(None)] * 3
   index[axis] = slice(start, stop)
-  offset = np.zeros(3)
-  offset[axis] = start
-  affine = volume.affine.copy()
-  affine[:3, 3] = volume.affine[:3, :3] @ offset + volume.affine[:3, 3]
+  _, affine = geometry.box_grid(volume.shape, volume.affine, tuple(index))
   return volumes.Volume(np.ascontiguousarray(volume.data[tuple(index)]), affine, volume.path)
 
 

@@ -16,7 +16,12 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 def psnr(reference: np.ndarray, image: np.ndarray, data_range: float) -> float:
   mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(image, np.float64)) ** 2))
-  return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
+  return psnr_of_mse(mse, data_range)
+
+
+def psnr_of_mse(mse: float, data_range: float) -> float:
+  """PSNR (dB) of a mean squared error (accumulated elsewhere, e.g. block by block)."""
+  return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
 
 
 def _ssim_terms(x: np.ndarray, y: np.ndarray, data_range: float, win_size: int):

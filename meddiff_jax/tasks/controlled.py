@@ -204,14 +204,6 @@ def within(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, .
   return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
 
 
-def block_grid(volume: volumes.Volume, index: tuple[slice, ...]) -> tuple[tuple[int, ...], np.ndarray]:
-  """(shape, affine) of the block volume.data[index] (slices with steps of 1)."""
-  ranges = [sl.indices(n)[:2] for sl, n in zip(index, volume.shape)]
-  affine = np.asarray(volume.affine, np.float64).copy()
-  affine[:3, 3] += affine[:3, :3] @ np.array([a for a, _ in ranges], np.float64)
-  return tuple(b - a for a, b in ranges), affine
-
-
 class PackedMask:
   """A boolean volume as bits (np.packbits along axis 0: an eighth of its bytes); `mask[index]` unpacks a box of
   start:stop slices."""
@@ -256,8 +248,7 @@ class ChangeScores:
   def psnr(self, inside: bool) -> float | None:
     if not self.count[inside]:
       return None
-    mse = self.squares[inside] / self.count[inside]
-    return float("inf") if mse == 0 else 10.0 * np.log10(2.0**2 / mse)
+    return metrics.psnr_of_mse(self.squares[inside] / self.count[inside], 2.0)
 
   def result(self) -> dict[str, Any]:
     dice = 1.0 if self.box is None else lesion_dice(self.after, self.before, self.lesion[self.box], self.threshold_hu)
@@ -378,7 +369,7 @@ def run_lesion(task: LesionSpec) -> dict[str, Any]:
       new = lesion[index].copy()
       both = intersect(index, box) if box is not None else None
       if both is not None:  # the hole, moved back where it can reach
-        shape, affine = block_grid(scan.original, both)
+        shape, affine = geometry.box_grid(scan.original.shape, scan.original.affine, both)
         moved = geometry.resample_to(regenerated, inp.work.affine, shape, affine, order=0, fill=0.0)
         new[within(both, index)] |= moved > 0.5
       block = np.where(new, block, np.round(before))

@@ -378,16 +378,6 @@ def _part_weights(parts: Sequence[regions.Part], n: int) -> np.ndarray:
   return out / np.maximum(out.sum(0, keepdims=True), 1e-12)
 
 
-def _slab_grid(original: volumes.Volume, axis: int, start: int, stop: int) -> tuple[tuple[int, ...], np.ndarray]:
-  shape = list(original.shape)
-  shape[axis] = stop - start
-  offset = np.zeros(3)
-  offset[axis] = start
-  affine = original.affine.copy()
-  affine[:3, 3] = original.affine[:3, :3] @ offset + original.affine[:3, 3]
-  return tuple(shape), affine
-
-
 def _on_grid(
   values: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target: np.ndarray, order: int
 ) -> np.ndarray:
@@ -454,7 +444,7 @@ def onto_scan(
       w = weights[i, lo:hi]
       if not w.any():
         continue
-      shape, affine = _slab_grid(original, axis, lo, hi)
+      shape, affine = geometry.box_grid(original.shape, original.affine, tuple(index))
       values = _on_grid(r.values, r.work.affine, shape, affine, order)
       if window_blend_hu is not None:
         values = keep_outside_window(values, scan_slab, r.part.region, window_blend_hu)
