@@ -422,12 +422,6 @@ MUTANTS = [
     "gen_unit = sample_controlled(cm, inp, m, task, sample)",
   ),
   Mutant(
-    "lesion run: scan not kept outside the regenerated region",
-    CONTROLLED,
-    "gen = np.where(hole_input | lesion, gen, ct.data).astype(np.float32)",
-    "gen = gen.astype(np.float32)",
-  ),
-  Mutant(
     "lesion inpaint: RePaint keeps the hole and regenerates the scan",
     CONTROLLED,
     "keep = 1.0 - jnp.asarray(hole, jnp.float32)[None, ..., None]",
