@@ -84,7 +84,10 @@ def _rchar() -> int:
 
 
 class _SlicedBytes:
-  """Counts the bytes of the arrays a sample slices out of (memory-mapped .npy reads do not show in rchar)."""
+  """Counts the bytes of the arrays a sample slices out of (memory-mapped .npy reads do not show in rchar). Every
+  way a volume is read passes through (a lazy volume's begun reads too), so samples are made as the pipeline makes
+  them (until 2026-12-04 a zarr volume's read_async / oindex_async were hidden: its windows were read into fresh
+  memory and its zoom2 labels gathered by TensorStore's oindex, the slower paths stop 32 replaced)."""
 
   def __init__(self, base):
     self.base, self.bytes = base, 0
@@ -111,7 +114,22 @@ class _SlicedBytes:
         outer.bytes += out.nbytes
         return out
 
-    return Gathered() if hasattr(a, "oindex") else Sliced()
+    class Begun(Gathered):  # and begins its reads (store.ChunkedVolume): the pipeline's path, into `out` given
+      def read_async(self, index, out=None):
+        return counted(a.read_async(index, out=out))
+
+      def oindex_async(self, index, out=None):
+        return counted(a.oindex_async(index, out=out))
+
+    def counted(read):
+      def wait():
+        out = read()
+        outer.bytes += out.nbytes
+        return out
+
+      return wait
+
+    return Begun() if hasattr(a, "read_async") else Gathered() if hasattr(a, "oindex") else Sliced()
 
   def load(self, index):
     hu, labels, region = self.base.load(index)

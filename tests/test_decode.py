@@ -152,7 +152,11 @@ def test_hu_ship_in_fixed_steps_that_keep_every_window_and_the_body_decision():
     lo, hi = preprocess.window_bounds(region)
     assert -4096 + step <= lo < hi <= 4095
   window = rng.integers(-1024, 3071, (32, 32, 32)).astype(np.int16)
-  np.testing.assert_array_equal(multilevel.halve(window, fixed=True), multilevel.fixed_point(multilevel.halve(window)))
+  window[:6], window[-6:] = -32768, 32767  # whole output slices saturate, both ways
+  for w in (window, window.astype(np.float32), np.pad(window, 3)[3:-3, 3:-3, 3:-3]):  # a strided view as from a map
+    fused = multilevel.halve(w, fixed=True)  # the conversion in the resize's pass
+    np.testing.assert_array_equal(fused, multilevel.fixed_point(multilevel.halve(w)))
+  assert fused[0].max() == -4096 * 8 and fused[-1].min() == 4096 * 8 - 1
   q16 = multilevel.fixed_point(x)
   got = decode.decode(
     {"hu": jnp.asarray(q16.reshape(1, -1, 1, 1, 1)), "pos_box": jnp.zeros((1, 3, 2)), "region": jnp.asarray([1])},
