@@ -2,7 +2,7 @@
 
 python benchmarks/pipeline_margin.py [--store_dir=DIR] [--patches=6] [--gpus_per_host=8] [--device_kind=H100]
     [--whole_sizes=128] [--pack_structures=1] [--codec=blosc_lz4hc] [--formats=zarr,npy] [--decode=device]
-    [--out=benchmarks/results/pipeline_margin.json]
+    [--numpy_huge_pages=preset|0|1] [--out=benchmarks/results/pipeline_margin.json]
 python benchmarks/pipeline_margin.py --store_dir=DIR --whole_sizes=128 --latency_ms=0,20,50 --threads=1,2,4,8
     (bucket mode)
 
@@ -29,6 +29,9 @@ round of requests (one round when its chunks fit in store.REQUESTS_PER_ARRAY, as
 Grain with --threads samples in flight; samples/s (wall), CPU s per sample and the request rounds a sample waits
 for one after another (its HU and label reads start together: one round). A GCS stand-in over HTTP spent more CPU
 per chunk request than the pipeline on this 2-core box, so the latency is injected in the store's arrays.
+
+Processes: numpy's transparent huge pages as the paper preset sets them where batches are made
+(config.data.numpy_huge_pages, data/workers.numpy_huge_pages); --numpy_huge_pages=1 / 0 overrides.
 
 Volumes: --store_dir (a prepared zarr store, left as it is: read from copies) or, by default, input_pipeline.py's
 4 phantoms at 256^3 + the real CT, prepared into a temporary directory. --whole_sizes=128: the copies get their
@@ -381,11 +384,20 @@ def main() -> None:
   p.add_argument("--latency_ms", default="", help="bucket mode: e.g. 0,20,50 ms per request round")
   p.add_argument("--threads", default="1,2,4,8", help="bucket mode: samples in flight (Grain read threads)")
   p.add_argument("--latency_samples", type=int, default=24, help="bucket mode: timed samples per setting")
+  p.add_argument(
+    "--numpy_huge_pages", default="preset", choices=("preset", "0", "1"), help="the paper preset's data setting"
+  )
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_margin.json"))
   args = p.parse_args()
   import input_pipeline
 
-  from meddiff_jax.data import store
+  from meddiff_jax.configs import pretrain
+  from meddiff_jax.data import store, workers
+
+  # as the pipeline's processes run (data/workers.numpy_huge_pages); numpy reads its own default at import
+  huge_pages = pretrain.get_config("paper").data.numpy_huge_pages if args.numpy_huge_pages == "preset" else None
+  huge_pages = bool(int(args.numpy_huge_pages)) if huge_pages is None else huge_pages
+  workers.numpy_huge_pages(huge_pages)
 
   whole_sizes = tuple(int(s) for s in args.whole_sizes.split(",") if s)
 
@@ -432,6 +444,7 @@ def main() -> None:
         "whole_sizes": list(whole_sizes),
         "pack_structures": bool(args.pack_structures),
         "decode": args.decode,
+        "numpy_huge_pages": huge_pages,
         **measured,
         **device_work(made, spec, need["samples_per_step"], args.gpus_per_host, args.device_kind, args.mfu),
       }

@@ -116,6 +116,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_threads=sections.keyword("auto"),
       prefetch=sections.keyword("auto"),
       worker_count=sections.keyword("auto"),
+      # numpy asks the kernel for transparent huge pages for its arrays of >= 4 MB (NUMPY_MADVISE_HUGEPAGE); in the
+      # processes that make batches that made stacking and copying a batch 3-5x dearer after zarr reads (every
+      # batch is fresh memory), so it is off there; True: numpy's default (benchmarks/RESULTS.md "#24")
+      numpy_huge_pages=False,
       val_fraction=0.1,  # stores without recorded splits (phantoms): every k-th volume validates
       # ControlNet fine-tuning only (configs/controlnet.py): the condition volume each sample carries
       hint="",  # '' (none) | lowres (thick slices of the image) | lesion (the lesion mask)

@@ -60,6 +60,7 @@ LEGACY_KEYS = {
   "data.pack_structures": False,
   "data.decode_on_device": False,
   "data.resize_on_device": False,
+  "data.numpy_huge_pages": True,  # numpy's own default
   "optimizer.trainable": ALL_PARAMS,
   "dry_run_topology": "",
 }

@@ -75,3 +75,29 @@ def test_the_log_says_which_share_of_an_interval_waited_for_data():
   out = log.write(1)  # one step in the interval: steps_per_sec = 1 / its length
   assert 0 < out["data_wait_fraction"] < 0.25 and out["data_wait_fraction"] == pytest.approx(0.5 * out["steps_per_sec"])
   assert log.data_wait_s == 0.0  # a fresh interval
+
+
+def test_batches_are_made_without_numpy_huge_pages_unless_asked(monkeypatch):
+  """config.data.numpy_huge_pages (off in every preset) is set in the process that iterates a dataset and, through
+  Grain's worker_init_fn, in each worker process: numpy's own setting returned by the next call shows it."""
+  from meddiff_jax.configs import pretrain
+  from meddiff_jax.data import pipeline
+
+  assert all(not pretrain.get_config(p).data.numpy_huge_pages for p in ("tiny", "base", "paper", "paper256"))
+  inits = []
+  monkeypatch.setattr(
+    pipeline.grain.IterDataset, "mp_prefetch", lambda self, options, worker_init_fn: inits.append(worker_init_fn)
+  )
+  config = tiny(**{"data.source": "phantom"})
+  store = pipeline.make_store(config.data)
+  numpy_default = workers.numpy_huge_pages(True)
+  try:
+    for wanted in (False, True):
+      workers.numpy_huge_pages(not wanted)
+      spec = dataclasses.replace(config.data, numpy_huge_pages=wanted, worker_count=2, num_threads=1, prefetch=1)
+      pipeline.make_dataset(store, spec, batch_size=2, seed=0)
+      assert workers.numpy_huge_pages(not wanted) is wanted  # this process
+      inits.pop()(0, 2)  # what a worker runs first
+      assert workers.numpy_huge_pages(not wanted) is wanted
+  finally:
+    workers.numpy_huge_pages(numpy_default)

@@ -325,9 +325,13 @@ def make_dataset(
   )
   read = read_plan(data, len(positions), num_batches)  # (this process's distinct samples per batch)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read.num_threads, prefetch_buffer_size=read.prefetch))
+  workers.numpy_huge_pages(data.numpy_huge_pages)  # this process stacks batches (threads) or receives them
   if read.worker_count > 0:
     _absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=read.worker_count))
+    it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=read.worker_count),
+      worker_init_fn=functools.partial(workers.init_worker, data.numpy_huge_pages),
+    )
   return it_ds
 
 

@@ -61,6 +61,7 @@ class DataSpec:
   num_threads: int | str  # 'auto': data/workers.py
   prefetch: int | str
   worker_count: int | str
+  numpy_huge_pages: bool  # numpy's transparent huge pages in the processes that make batches (data/workers.py)
   val_fraction: float
   hint: str
   sr_factor: int
@@ -97,6 +98,7 @@ class DataSpec:
       )
     for name in ("num_threads", "prefetch", "worker_count"):
       sections.keyword_or(key + name, getattr(self, name), ("auto",), sections.count, 0)
+    sections.flag(key + "numpy_huge_pages", self.numpy_huge_pages)
     sections.fraction(key + "val_fraction", self.val_fraction)
     sections.choice(key + "hint", self.hint, ("",) + multilevel.HINTS)
     sections.count(key + "sr_factor", self.sr_factor)

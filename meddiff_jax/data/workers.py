@@ -70,6 +70,24 @@ class ReadPlan:
     return "; ".join(parts)
 
 
+def numpy_huge_pages(enabled: bool) -> bool:
+  """Whether numpy asks the kernel for transparent huge pages (madvise) for the arrays of >= 4 MB this process makes
+  from now on: NumPy's NUMPY_MADVISE_HUGEPAGE, which numpy reads at import, set after it. config.data.numpy_huge_pages
+  (off by default) in every process that makes batches (`init_worker`, and the process iterating a dataset):
+  there each batch is fresh memory, and huge-page faults made stacking and copying it 3-5x dearer after zarr reads
+  (benchmarks/RESULTS.md "#24"). Returns the previous setting."""
+  from numpy._core import multiarray
+
+  return bool(multiarray._set_madvise_hugepage(bool(enabled)))
+
+
+def init_worker(huge_pages: bool, worker_index: int, worker_count: int) -> None:
+  """A Grain worker process's start (mp_prefetch's worker_init_fn, with config.data.numpy_huge_pages bound): a
+  spawned worker imports numpy afresh, so the setting is made there too."""
+  del worker_index, worker_count
+  numpy_huge_pages(huge_pages)
+
+
 def available_cores() -> int:
   """Cores this process may run on (its CPU affinity: what a launcher or container gave it)."""
   try:
