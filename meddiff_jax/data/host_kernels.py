@@ -1,11 +1,12 @@
 """Compiled loops (numba) for per-sample host work that numpy can only do in several passes over memory.
 
-zoom2's 2P^3 -> P^3 resize (`multilevel.halve`) as numpy reads its 32 MB window and writes float32 temporaries
-seven times; fused, each window voxel is read once and each output voxel written once (~4x less CPU per sample,
-benchmarks/RESULTS.md "#24"). The arithmetic is numpy's, in the same order and float32 (no fused multiply-add:
-numba contracts only under fastmath), so the result is bitwise the numpy version's (tests/test_decode.py compares
-it with the float64 resize). Imported on first use (multilevel.halve): numba costs ~0.3 s to import and each
-kernel ~0.7 s to compile per process, cached on disk after the first (cache=True)."""
+zoom2's 2P^3 -> P^3 resize (`multilevel.halve`) as numpy passes went over its 32 MB window slab by slab, some
+fifteen array operations on float32 temporaries per slab; fused, each window voxel is read once and each output
+voxel written once (13.5 -> 3.2 ms per 256^3 window, benchmarks/RESULTS.md "#24"). The arithmetic is numpy's, in
+the same order and float32 (no fused multiply-add: numba contracts only under fastmath), so the result is bitwise
+the numpy version's (tests/test_decode.py compares it with the float64 resize). Imported on first use
+(multilevel.halve): numba costs ~0.3 s to import and each kernel ~0.7 s to compile per process, cached on disk
+after the first (cache=True)."""
 
 from __future__ import annotations
 
