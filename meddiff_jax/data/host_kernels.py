@@ -5,8 +5,9 @@ fifteen array operations on float32 temporaries per slab; fused, each window vox
 voxel written once (13.5 -> 3.2 ms per 256^3 window, benchmarks/RESULTS.md "#24"). The arithmetic is numpy's, in
 the same order and float32 (no fused multiply-add: numba contracts only under fastmath), so the result is bitwise
 the numpy version's (tests/test_decode.py compares it with the float64 resize). Imported on first use
-(multilevel.halve): numba costs ~0.3 s to import and each kernel ~0.7 s to compile per process, cached on disk
-after the first (cache=True)."""
+(multilevel.halve): numba costs ~0.3 s to import and each kernel ~0.7 s to compile, once per process and array
+layout. Not cached on disk: Grain's worker processes start together, and numba's cache written by several processes
+at once is a known crash (numba#4807), where the compile is a second per worker."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _pair_lerp(window, weights, i: int, j: int, k: int) -> np.float32:
   return (c1 - c0) * wk + c0  # width
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(nogil=True)
 def halve_into(window: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
   """out (P, P, P) float32 <- `window` (2P, 2P, 2P) lerped pairwise along each axis by `weights` (P,) float32
   (the weight of each pair's odd voxel)."""
@@ -44,7 +45,7 @@ def halve_into(window: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None
         out[i, j, k] = _pair_lerp(window, weights, i, j, k)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(nogil=True)
 def halve_fixed_into(
   window: np.ndarray, weights: np.ndarray, scale: np.float32, lo: np.float32, hi: np.float32, out: np.ndarray
 ) -> None:
