@@ -395,8 +395,8 @@ def main() -> None:
   from meddiff_jax.data import store, workers
 
   # as the pipeline's processes run (data/workers.numpy_huge_pages); numpy reads its own default at import
-  huge_pages = pretrain.get_config("paper").data.numpy_huge_pages if args.numpy_huge_pages == "preset" else None
-  huge_pages = bool(int(args.numpy_huge_pages)) if huge_pages is None else huge_pages
+  preset = args.numpy_huge_pages == "preset"
+  huge_pages = pretrain.get_config("paper").data.numpy_huge_pages if preset else args.numpy_huge_pages == "1"
   workers.numpy_huge_pages(huge_pages)
 
   whole_sizes = tuple(int(s) for s in args.whole_sizes.split(",") if s)
