@@ -7,9 +7,13 @@ takes 30-70 min to compile on a shared 2-core host, so a change can be judged be
 
 BLOCK: old_up / new_up (up1_upsample: repeat + conv vs the sub-pixel conv), old_res / new_res (up0_res0 on
 concat(h, skip) vs on the parts (h, skip), both with the fused norm), plain_res0 / new_res0 (down0_res0 with
-flax's GroupNorm + SiLU + scale-shift vs the fused norm_act)
+flax's GroupNorm + SiLU + scale-shift vs the fused norm_act), fold2_res0 / fold4_res0 (down0_res0 on W folded
+into channels by 2 / 4: models/fold.py, conv_impl='folded').
+--data: plain_res0 / new_res0 with each chip holding one whole sample (batch 4) instead of a quarter of one.
+--ops N: also print the N ops that move the most bytes, and the bytes per op kind.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -25,12 +29,16 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from meddiff_jax.models import unet3d  # noqa: E402
+from meddiff_jax import config_files  # noqa: E402
+from meddiff_jax.models import fold, unet3d  # noqa: E402
+from meddiff_jax.train import tpu_compile  # noqa: E402
 
 devs = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
 mesh = jax.sharding.Mesh(np.array(devs).reshape(4), ("spatial",))
-spec = unet3d.UNetSpec(dtype=jnp.bfloat16, conv_impl="xla")
-which = sys.argv[1]
+spec = dataclasses.replace(
+  unet3d.UNetSpec.from_config(config_files.load("configs/pretrain.py:paper").model), conv_impl="xla", remat="none"
+)
+which = sys.argv[1]  # then --ops N: list the N top ops
 
 
 class OldUp(nn.Module):
@@ -74,7 +82,19 @@ class NewRes0(nn.Module):
     return unet3d.ResBlock(spec, 32, name="b")(x, emb)
 
 
-sh = NamedSharding(mesh, P(None, "spatial"))
+class FoldRes0(nn.Module):
+  """down0_res0 as the model runs it on the folded layout (models/fold.py): W sub-positions in channels."""
+
+  f: int
+
+  @nn.compact
+  def __call__(self, x, emb):
+    return unet3d.ResBlock(spec, 32, layout=fold.Layout(self.f, (32,)), name="b")(x, emb)
+
+
+# --data: the 4 chips take one whole sample each (batch 4 over the mesh) instead of sharing one along depth
+DATA = "--data" in sys.argv
+sh = NamedSharding(mesh, P("spatial") if DATA else P(None, "spatial"))
 rep = NamedSharding(mesh, P())
 if which in ("old_up", "new_up"):
   m = OldUp() if which == "old_up" else unet3d.Upsample(spec)
@@ -82,11 +102,20 @@ if which in ("old_up", "new_up"):
   out = (1, 128, 128, 128, 64)
 elif which in ("plain_res0", "new_res0"):
   m = PlainRes0() if which == "plain_res0" else NewRes0()
+  n = 4 if DATA else 1
   args = (
-    jax.ShapeDtypeStruct((1, 128, 128, 128, 32), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((n, 128, 128, 128, 32), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((n, 128), jnp.bfloat16, sharding=sh if DATA else rep),
+  )
+  out = (n, 128, 128, 128, 32)
+elif which.startswith("fold"):  # fold2_res0, fold4_res0
+  f = int(which[4])
+  m = FoldRes0(f)
+  args = (
+    jax.ShapeDtypeStruct((1, 128, 128, 128 // f, 32 * f), jnp.bfloat16, sharding=sh),
     jax.ShapeDtypeStruct((1, 128), jnp.bfloat16, sharding=rep),
   )
-  out = (1, 128, 128, 128, 32)
+  out = (1, 128, 128, 128 // f, 32 * f)
 else:
   m = OldRes() if which == "old_res" else NewRes()
   args = (
@@ -98,11 +127,14 @@ else:
 params = jax.eval_shape(lambda *a: m.init(jax.random.key(0), *a), *args)["params"]
 params = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=rep), nn.meta.unbox(params))
 dy = jax.ShapeDtypeStruct(out, jnp.bfloat16, sharding=sh)
-f = jax.jit(
-  lambda p, dy, *a: jax.grad(
-    lambda p, *a: jnp.sum(m.apply({"params": p}, *a).astype(jnp.float32) * dy), argnums=(0, 1)
-  )(p, *a)
-)
+
+
+def f(p, dy, *a):  # the block's backward for a bf16 cotangent, as in the step
+  _, vjp = jax.vjp(lambda p, x: m.apply({"params": p}, x, *a[1:]), p, a[0])
+  return vjp(dy)
+
+
+f = jax.jit(f)
 t0 = time.time()
 c = f.lower(params, dy, *args).compile()
 cost = c.cost_analysis()
@@ -118,3 +150,8 @@ print(
     }
   )
 )
+if "--ops" in sys.argv:  # the ops that move the most bytes, and bytes by op kind
+  ops = tpu_compile.hlo_ops(c.as_text())
+  for o in sorted(ops, key=lambda o: -o["bytes"])[: int(sys.argv[sys.argv.index("--ops") + 1])]:
+    print(f"  {o['bytes'] / 1e9:7.3f} GB  {o['kind']:22s} {o['shape'][:80]:80s} {o['op_name'][-60:]}")
+  print({k: round(v / 1e9, 2) for k, v in tpu_compile.by_key(ops, lambda o: o["kind"]).items()})

@@ -51,9 +51,17 @@ class ControlNet(nn.Module):
   ) -> dict[str, Any]:
     hint_features = HintEncoder(self.spec, self.hint_hidden, name="hint_encoder")(hint)
     h, skips, _ = unet3d.UNetEncoder(self.spec, name="encoder")(x, t, cond, train=train, hint=hint_features)
-    out_skips = [
-      unet3d.conv3d(s.shape[-1], 1, self.spec, zero_init=True, name=f"zero_skip{i}")(s) * scale
-      for i, s in enumerate(skips)
+    out_skips = [  # on the skips as stored (W-folded where conv_impl='folded': models/fold.py)
+      unet3d.conv3d(
+        s.shape[-1] // f,
+        1,
+        self.spec,
+        zero_init=True,
+        name=f"zero_skip{i}",
+        layout=unet3d.stored_layout(f, s.shape[-1] // f),
+      )(s)
+      * scale
+      for i, (s, f) in enumerate(zip(skips, self.spec.skip_folds(), strict=True))
     ]
     middle = unet3d.conv3d(h.shape[-1], 1, self.spec, zero_init=True, name="zero_middle")(h) * scale
     return {"skips": out_skips, "middle": middle}

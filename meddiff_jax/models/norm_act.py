@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -49,6 +50,29 @@ def _group_mean(per_channel: Array, groups: int, count: int) -> Array:
   return jnp.repeat(g, c // groups, axis=1)
 
 
+def _channel_maps(layout: tuple[int, ...] | None, groups: int, channels: int, voxels: int):
+  """(group_mean, to_stored, to_model) over the stored channels. layout[k] is the model channel that stored
+  channel k holds (None: stored = model channels); a model channel may be stored several times (models/fold.py
+  keeps W sub-positions in channels), and its statistics count every copy.
+
+  group_mean: (N, S) per-stored-channel sums -> (N, S) its group's mean; to_stored: (..., C) -> (..., S);
+  to_model: (..., S) -> (..., C), summing the copies (what a gradient does)."""
+  if layout is None:
+    count = voxels * (channels // groups)
+    return (lambda v: _group_mean(v, groups, count)), (lambda v: v), (lambda v: v)
+  of = np.asarray(layout)
+  group_of = of // (channels // groups)
+  count = voxels * np.bincount(group_of, minlength=groups)
+
+  def group_mean(v: Array) -> Array:
+    return (jax.ops.segment_sum(v.T, group_of, groups).T / count)[:, group_of]
+
+  def to_model(v: Array) -> Array:
+    return jnp.moveaxis(jax.ops.segment_sum(jnp.moveaxis(v, -1, 0), of, channels), 0, -1)
+
+  return group_mean, (lambda v: v[..., of]), to_model
+
+
 def _split(v: Array, sizes: Sequence[int]) -> list[Array]:
   out, off = [], 0
   for s in sizes:
@@ -62,20 +86,22 @@ def _bcast(v: Array, ndim: int) -> Array:
   return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
 
 
-def _affine(parts, gamma, beta, scale, shift, groups, eps):
-  """Per-(sample, channel) float32 maps: mean, rstd (group statistics), and A, B with v = x * A + B."""
+def _voxels(parts) -> int:
+  return parts[0].size // (parts[0].shape[0] * parts[0].shape[-1])
+
+
+def _affine(parts, gamma, beta, scale, shift, groups, eps, layout):
+  """Per-(sample, stored channel) float32 maps: mean, rstd (group statistics), and A, B with v = x * A + B."""
   f32 = jnp.float32
-  voxels = parts[0].size // (parts[0].shape[0] * parts[0].shape[-1])
-  c = sum(x.shape[-1] for x in parts)
-  count = voxels * (c // groups)
-  mean = _group_mean(_channel_sums(parts, lambda x, i: x.astype(f32)), groups, count)
-  mean2 = _group_mean(_channel_sums(parts, lambda x, i: jnp.square(x.astype(f32))), groups, count)
+  group_mean, to_stored, _ = _channel_maps(layout, groups, gamma.shape[0], _voxels(parts))
+  mean = group_mean(_channel_sums(parts, lambda x, i: x.astype(f32)))
+  mean2 = group_mean(_channel_sums(parts, lambda x, i: jnp.square(x.astype(f32))))
   rstd = jax.lax.rsqrt(jnp.maximum(0.0, mean2 - jnp.square(mean)) + eps)
-  g = gamma.astype(f32)[None] * rstd  # (N, C)
-  b = beta.astype(f32)[None] - mean * g
+  g = to_stored(gamma.astype(f32))[None] * rstd  # (N, S)
+  b = to_stored(beta.astype(f32))[None] - mean * g
   if scale is not None:
-    one_plus = 1.0 + scale.astype(f32)
-    g, b = g * one_plus, b * one_plus + shift.astype(f32)
+    one_plus = 1.0 + to_stored(scale.astype(f32))
+    g, b = g * one_plus, b * one_plus + to_stored(shift.astype(f32))
   return mean, rstd, g, b
 
 
@@ -88,18 +114,18 @@ def _apply(parts, a_map, b_map, act, out_dtype):
   return tuple(out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _norm_act(parts, gamma, beta, scale, shift, groups, eps, act, out_dtype):
-  _, _, a_map, b_map = _affine(parts, gamma, beta, scale, shift, groups, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _norm_act(parts, gamma, beta, scale, shift, groups, eps, act, out_dtype, layout):
+  _, _, a_map, b_map = _affine(parts, gamma, beta, scale, shift, groups, eps, layout)
   return _apply(parts, a_map, b_map, act, out_dtype)
 
 
-def _norm_act_fwd(parts, gamma, beta, scale, shift, groups, eps, act, out_dtype):
-  mean, rstd, a_map, b_map = _affine(parts, gamma, beta, scale, shift, groups, eps)
+def _norm_act_fwd(parts, gamma, beta, scale, shift, groups, eps, act, out_dtype, layout):
+  mean, rstd, a_map, b_map = _affine(parts, gamma, beta, scale, shift, groups, eps, layout)
   return _apply(parts, a_map, b_map, act, out_dtype), (parts, gamma, beta, scale, shift, mean, rstd, a_map, b_map)
 
 
-def _norm_act_bwd(groups, eps, act, out_dtype, res, dys):
+def _norm_act_bwd(groups, eps, act, out_dtype, layout, res, dys):
   del eps, out_dtype
   parts, gamma, beta, scale, shift, mean, rstd, a_map, b_map = res
   f32 = jnp.float32
@@ -119,23 +145,22 @@ def _norm_act_bwd(groups, eps, act, out_dtype, res, dys):
   def xhat(x, i):
     return (x.astype(f32) - _bcast(m_p[i], nd)) * _bcast(r_p[i], nd)
 
-  sum_dv = _channel_sums(parts, dv)  # (N, C)
+  group_mean, to_stored, to_model = _channel_maps(layout, groups, gamma.shape[0], _voxels(parts))
+  sum_dv = _channel_sums(parts, dv)  # (N, S)
   sum_dv_xhat = _channel_sums(parts, lambda x, i: dv(x, i) * xhat(x, i))
-  g32, b32 = gamma.astype(f32), beta.astype(f32)
-  one_plus = 1.0 + scale.astype(f32) if scale is not None else jnp.ones_like(sum_dv)
-  d_gamma = jnp.sum(sum_dv_xhat * one_plus, axis=0).astype(gamma.dtype)
-  d_beta = jnp.sum(sum_dv * one_plus, axis=0).astype(beta.dtype)
+  g32, b32 = to_stored(gamma.astype(f32)), to_stored(beta.astype(f32))
+  one_plus = 1.0 + to_stored(scale.astype(f32)) if scale is not None else jnp.ones_like(sum_dv)
+  d_gamma = to_model(jnp.sum(sum_dv_xhat * one_plus, axis=0)).astype(gamma.dtype)
+  d_beta = to_model(jnp.sum(sum_dv * one_plus, axis=0)).astype(beta.dtype)
   if scale is not None:
-    d_scale = (g32 * sum_dv_xhat + b32 * sum_dv).astype(scale.dtype)  # sum of dv * u
-    d_shift = sum_dv.astype(shift.dtype)
+    d_scale = to_model(g32 * sum_dv_xhat + b32 * sum_dv).astype(scale.dtype)  # sum of dv * u
+    d_shift = to_model(sum_dv).astype(shift.dtype)
   else:
     d_scale = d_shift = None
   # dx = rstd * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)), dxhat = dv * gamma * (1 + scale)
-  voxels = parts[0].size // (parts[0].shape[0] * parts[0].shape[-1])
-  count = voxels * (sum(sizes) // groups)
-  gain = one_plus * g32  # (N, C)
-  m1 = _group_mean(sum_dv * gain, groups, count)
-  m2 = _group_mean(sum_dv_xhat * gain, groups, count)
+  gain = one_plus * g32  # (N, S)
+  m1 = group_mean(sum_dv * gain)
+  m2 = group_mean(sum_dv_xhat * gain)
   p_map = rstd * gain  # dx = dv * P + x * Q + R
   q_map = -jnp.square(rstd) * m2
   r_map = -rstd * m1 - mean * q_map
@@ -160,14 +185,22 @@ def group_norm_act(
   act: bool = True,
   eps: float = 1e-5,
   out_dtype=None,
+  layout: Sequence[int] | None = None,
 ) -> Array | tuple[Array, ...]:
   """silu(GroupNorm(x) * (1 + scale) + shift) in float32, returned in out_dtype (default x's dtype).
 
   x: (N, ..., C) channels-last, or a tuple of such arrays (the channel-parts of one array: the result is
   the same tuple of parts); gamma, beta: (C,) over all channels; scale, shift: (N, C) or None (both or neither).
+  layout: the model channel each stored channel of x (its parts concatenated) holds, when they differ
+  (models/fold.py: W sub-positions folded into channels); None: x's channels are the model's.
   """
   parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-  channels = sum(p.shape[-1] for p in parts)
+  stored = sum(p.shape[-1] for p in parts)
+  channels = gamma.shape[0] if layout is not None else stored
+  if layout is not None:
+    layout = tuple(int(c) for c in layout)
+    if len(layout) != stored or set(layout) != set(range(channels)):
+      raise ValueError(f"group_norm_act: layout of {len(layout)} entries for {stored} stored / {channels} channels")
   if (scale is None) != (shift is None):
     raise ValueError("group_norm_act: give both scale and shift, or neither")
   if channels % groups:
@@ -176,5 +209,5 @@ def group_norm_act(
     raise ValueError(f"group_norm_act: gamma/beta {gamma.shape}/{beta.shape} for {channels} channels")
   if any(p.shape[:-1] != parts[0].shape[:-1] for p in parts):
     raise ValueError(f"group_norm_act: parts differ in more than channels: {[p.shape for p in parts]}")
-  out = _norm_act(parts, gamma, beta, scale, shift, groups, eps, act, jnp.dtype(out_dtype or parts[0].dtype))
+  out = _norm_act(parts, gamma, beta, scale, shift, groups, eps, act, jnp.dtype(out_dtype or parts[0].dtype), layout)
   return out if isinstance(x, (tuple, list)) else out[0]

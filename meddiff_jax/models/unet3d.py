@@ -31,17 +31,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from meddiff_jax import sections
-from meddiff_jax.models import conditions, embeddings, norm_act
+from meddiff_jax.models import conditions, embeddings, fold, norm_act
 
 Array = jax.Array
 Dtype = Any
 
-CONV_IMPLS = ("auto", "xla", "depth_taps")
+CONV_IMPLS = ("auto", "xla", "depth_taps", "folded")
 ATTENTION_IMPLS = ("auto", "xla", "flash")
+LANES = 128  # a TPU vector register's minor dimension: conv_impl 'folded' fills it
 ACT_AXES = ("batch", "act_depth", "act_height", "act_width", "act_channels")
 
 BLOCK_OUT = "unet_block_out"  # checkpoint_name of every ResBlock output (what `offload` moves to host)
@@ -96,8 +96,9 @@ class UNetSpec:
   dtype: Dtype  # a jnp dtype (the config names it: DTYPES)
   param_dtype: Dtype
   remat: str  # none | full | dots | dots_no_batch | offload (per whole level, see module doc)
-  # auto (depth_taps on CPU, xla elsewhere) | xla (lax 3D conv) | depth_taps (3^3 conv as one 2D conv + shifted
-  # depth sum: 3.8x faster UNet forward on XLA:CPU, benchmarks/RESULTS.md #15)
+  # auto (depth_taps on CPU, folded on TPU, xla elsewhere) | xla (lax 3D conv) | depth_taps (3^3 conv as one 2D
+  # conv + shifted depth sum: 3.8x faster UNet forward on XLA:CPU, benchmarks/RESULTS.md #15) | folded (xla convs
+  # on levels whose W voxels are folded into channels up to 128 lanes: models/fold.py, benchmarks/RESULTS.md "#27")
   conv_impl: str
   # auto (flash on TPU, xla elsewhere) | xla (jax.nn.dot_product_attention) | flash (the Pallas TPU flash-attention
   # kernel: the attention matrix never reaches HBM; benchmarks/RESULTS.md "#27")
@@ -148,6 +149,26 @@ class UNetSpec:
   def time_embed_dim(self) -> int:
     return self.base_channels * self.time_embed_mult
 
+  def fold_at(self, level: int) -> int:
+    """W voxels folded into channels at `level` (models/fold.py): with conv_impl 'folded' ('auto' on TPU), level 0
+    folds the largest power of two that keeps base_channels x fold within 128 lanes (at most 2^(levels-1), which
+    every input width is a multiple of), halved per level down to 1; otherwise 1."""
+    if resolved_conv_impl(self.conv_impl) != "folded":
+      return 1
+    f0 = 1
+    while f0 * 2 * self.base_channels <= LANES and f0 * 2 <= 2 ** (len(self.channel_mult) - 1):
+      f0 *= 2
+    return max(1, f0 >> level)
+
+  def skip_folds(self) -> list[int]:
+    """The fold of each encoder skip, in UNetEncoder's order (stem, each res block, each downsampling)."""
+    folds = [self.fold_at(0)]
+    for level in range(len(self.channel_mult)):
+      folds += [self.fold_at(level)] * self.num_res_blocks
+      if level != len(self.channel_mult) - 1:
+        folds.append(self.fold_at(level + 1))
+    return folds
+
 
 def _dtype(name: Any) -> Any:
   """A config's dtype name -> the jnp dtype the layers take; any other value stays as is (and is refused)."""
@@ -182,24 +203,53 @@ def conv3d(
   strides: int = 1,
   zero_init: bool = False,
   name: str | None = None,
+  layout: fold.Layout | None = None,
 ) -> nn.Module:
   """A k^3 'SAME' conv with logical axis names on kernel and bias (zero_init: ADM / ControlNet zero convs).
 
   spec.conv_impl='depth_taps' (or 'auto' on CPU) computes stride-1 3^3 convs as `DepthTapConv` (same params,
-  same result to float rounding).
+  same result to float rounding). `layout`: the input is W-folded (models/fold.py), and so is the output.
   """
   init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  if layout is not None:
+    if strides != 1:
+      raise ValueError("conv3d on a folded layout is stride 1 (Downsample folds its own)")
+    return fold.FoldedConv(
+      features,
+      kernel,
+      "same",
+      layout,
+      layout.fold,
+      spec.dtype,
+      spec.param_dtype,
+      _kernel_init(init),
+      _bias_init(),
+      name=name,
+    )
   kwargs = dict(
     strides=(strides,) * 3,
     padding="SAME",
     dtype=spec.dtype,
     param_dtype=spec.param_dtype,
-    kernel_init=nn.with_logical_partitioning(init, (None, None, None, "conv_in", "conv_out")),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+    kernel_init=_kernel_init(init),
+    bias_init=_bias_init(),
     name=name,
   )
   cls = DepthTapConv if _use_depth_taps(spec.conv_impl) and kernel == 3 and strides == 1 else nn.Conv
   return cls(features, (kernel,) * 3, **kwargs)
+
+
+def _kernel_init(init: Callable) -> Callable:
+  return nn.with_logical_partitioning(init, (None, None, None, "conv_in", "conv_out"))
+
+
+def _bias_init() -> Callable:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
+
+
+def stored_layout(fold_: int, *parts: int) -> fold.Layout | None:
+  """The stored layout of a level's activation (None where nothing is folded: stored = model channels)."""
+  return fold.Layout(fold_, parts) if fold_ > 1 else None
 
 
 class DepthTapConv(nn.Conv):
@@ -233,8 +283,16 @@ def depth_tap_conv(x: Array, kernel: Array) -> Array:
   return sum(y[:, j : j + d, :, :, j] for j in range(kd))  # out[d] = sum_j x[d + j - lo] K[j]
 
 
+def resolved_conv_impl(conv_impl: str) -> str:
+  """'auto' as this host resolves it: depth_taps on CPU, folded on TPU (benchmarks/RESULTS.md "#27": the paper
+  step moves 44% fewer bytes), xla elsewhere (GPU convs take 32 channels as they are)."""
+  if conv_impl != "auto":
+    return conv_impl
+  return {"cpu": "depth_taps", "tpu": "folded"}.get(jax.default_backend(), "xla")
+
+
 def _use_depth_taps(conv_impl: str) -> bool:
-  return conv_impl == "depth_taps" or (conv_impl == "auto" and jax.default_backend() == "cpu")
+  return resolved_conv_impl(conv_impl) == "depth_taps"
 
 
 def _dense(features: int, spec: UNetSpec, *, zero_init: bool = False, name: str | None = None) -> nn.Dense:
@@ -262,10 +320,11 @@ class GroupNorm32(nn.Module):
   layout of the models trained before the fused form."""
 
   spec: UNetSpec
+  layout: fold.Layout | None = None  # x is W-folded (models/fold.py)
 
   @nn.compact
   def __call__(self, x: Array, scale: Array | None = None, shift: Array | None = None, act: bool = False) -> Array:
-    channels = x.shape[-1]
+    channels = self.layout.channels if self.layout else x.shape[-1]
     gamma, beta = _GroupNormParams(channels, self.spec.param_dtype, name="GroupNorm_0")()
     return norm_act.group_norm_act(
       x,
@@ -276,6 +335,7 @@ class GroupNorm32(nn.Module):
       shift=shift,
       act=act,
       out_dtype=self.spec.dtype,
+      layout=self.layout.model_channel() if self.layout else None,
     )
 
 
@@ -306,19 +366,21 @@ class ResBlock(nn.Module):
   spec: UNetSpec
   out_channels: int
   deterministic: bool = True
+  layout: fold.Layout | None = None  # x is W-folded (models/fold.py); the output is folded alike
 
   @nn.compact
   def __call__(self, x: Array, emb: Array) -> Array:
-    spec = self.spec
-    h = GroupNorm32(spec, name="norm1")(x, act=True)
-    h = conv3d(self.out_channels, 3, spec, name="conv1")(h)
+    spec, lay = self.spec, self.layout
+    out_lay = stored_layout(lay.fold, self.out_channels) if lay else None
+    h = GroupNorm32(spec, lay, name="norm1")(x, act=True)
+    h = conv3d(self.out_channels, 3, spec, name="conv1", layout=lay)(h)
     scale_shift = _dense(2 * self.out_channels, spec, name="emb_proj")(nn.silu(emb))
     scale, shift = jnp.split(scale_shift, 2, axis=-1)
-    h = GroupNorm32(spec, name="norm2")(h, scale, shift, act=True)
+    h = GroupNorm32(spec, out_lay, name="norm2")(h, scale, shift, act=True)
     h = nn.Dropout(spec.dropout, deterministic=self.deterministic)(h)
-    h = conv3d(self.out_channels, 3, spec, zero_init=True, name="conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = conv3d(self.out_channels, 1, spec, name="skip")(x)
+    h = conv3d(self.out_channels, 3, spec, zero_init=True, name="conv2", layout=out_lay)(h)
+    if (lay.channels if lay else x.shape[-1]) != self.out_channels:
+      x = conv3d(self.out_channels, 1, spec, name="skip", layout=lay)(x)
     return checkpoint_name(_constrain(x + h), BLOCK_OUT)
 
 
@@ -413,10 +475,27 @@ def _pallas_flash_attention(q: Array, k: Array, v: Array) -> Array:
 
 class Downsample(nn.Module):
   spec: UNetSpec
+  fold_in: int = 1  # x is W-folded by this (models/fold.py); the output by half of it
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _constrain(conv3d(x.shape[-1], 3, self.spec, strides=2, name="conv")(x))
+    spec, f = self.spec, self.fold_in
+    if f == 1:
+      return _constrain(conv3d(x.shape[-1], 3, spec, strides=2, name="conv")(x))
+    c = x.shape[-1] // f
+    conv = fold.FoldedConv(
+      c,
+      3,
+      "down",
+      fold.Layout(f, (c,)),
+      f // 2,
+      spec.dtype,
+      spec.param_dtype,
+      _kernel_init(nn.initializers.lecun_normal()),
+      _bias_init(),
+      name="conv",
+    )
+    return _constrain(conv(x))
 
 
 class Upsample(nn.Module):
@@ -424,10 +503,26 @@ class Upsample(nn.Module):
   function), so the 8x larger repeated input is never written."""
 
   spec: UNetSpec
+  fold_out: int = 1  # the output is W-folded by this (models/fold.py); x by half of it
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    spec = self.spec
+    spec, f = self.spec, self.fold_out
+    if f > 1:
+      c = x.shape[-1] // (f // 2)
+      conv = fold.FoldedConv(
+        c,
+        3,
+        "up",
+        fold.Layout(f // 2, (c,)),
+        f,
+        spec.dtype,
+        spec.param_dtype,
+        _kernel_init(nn.initializers.lecun_normal()),
+        _bias_init(),
+        name="conv",
+      )
+      return _constrain(conv(x))
     conv = SubpixelUpConv(
       x.shape[-1],
       (3, 3, 3),
@@ -444,17 +539,6 @@ class Upsample(nn.Module):
     return _constrain(conv(x))
 
 
-# Per axis, which taps t of a 3-tap conv over the x2 nearest-upsampled signal land on low-resolution tap s
-# (offsets -1, 0, +1) for output phase p (even, odd output voxel): out[2i + p] = sum_s x[i + s] K'_p[s].
-_SUBPIXEL_TAPS = np.array(  # numpy: a jax array made at import would start the backend before jax.distributed
-  [
-    [[1, 0, 0], [0, 1, 1], [0, 0, 0]],  # even: x[i-1] K[0] + x[i] (K[1] + K[2])
-    [[0, 0, 0], [1, 1, 0], [0, 0, 1]],  # odd:  x[i] (K[0] + K[1]) + x[i+1] K[2]
-  ],
-  np.float32,
-)
-
-
 class SubpixelUpConv(nn.Conv):
   """conv3x3x3(nearest_upsample_x2(x)) as one 3^3 conv at the LOW resolution with 8 x Cout outputs (one
   per output phase, kernels summed from the original taps), then depth-to-space. Same params (kernel
@@ -468,7 +552,7 @@ class SubpixelUpConv(nn.Conv):
     cin, cout = x.shape[-1], self.features
     kernel = self.param("kernel", self.kernel_init, (3, 3, 3, cin, cout), self.param_dtype)
     bias = self.param("bias", self.bias_init, (cout,), self.param_dtype)
-    m = jnp.asarray(_SUBPIXEL_TAPS, kernel.dtype)
+    m = jnp.asarray(fold.SUBPIXEL_TAPS, kernel.dtype)
     phases = jnp.einsum("psd,qte,ruf,defio->stuipqro", m, m, m, kernel).reshape(3, 3, 3, cin, 8 * cout)
     x, phases, bias = nn.dtypes.promote_dtype(x, phases, bias, dtype=self.dtype)
     if _use_depth_taps(self.conv_impl):
@@ -521,9 +605,10 @@ class UNetEncoder(nn.Module):
       emb = emb + region_embed(region).astype(emb.dtype)
 
     def stem(mdl, x, cond, hint):
-      h = conv3d(spec.base_channels, 3, spec, name="conv_in")(mdl.assemble_input(x, cond))
+      x, f = mdl.assemble_input(x, cond), spec.fold_at(0)
+      h = conv3d(spec.base_channels, 3, spec, name="conv_in", layout=stored_layout(f, x.shape[-1]))(fold.fold(x, f))
       if hint is not None:
-        h = h + hint.astype(h.dtype)
+        h = h + fold.fold(hint, f).astype(h.dtype)
       return _constrain(h)
 
     h = _segment(spec, stem)(self, x, cond, hint)
@@ -589,8 +674,11 @@ class UNetDecoder(nn.Module):
     assert not skips, "skip bookkeeping mismatch"
 
     def head(mdl, h):
-      h = GroupNorm32(spec, name="out_norm")(h, act=True)
-      return conv3d(spec.out_channels, 3, spec, zero_init=True, name="out_conv")(h).astype(jnp.float32)
+      f = spec.fold_at(0)
+      lay = stored_layout(f, h.shape[-1] // f)
+      h = GroupNorm32(spec, lay, name="out_norm")(h, act=True)
+      h = conv3d(spec.out_channels, 3, spec, zero_init=True, name="out_conv", layout=lay)(h)
+      return fold.unfold(h, fold.Layout(f, (spec.out_channels,))).astype(jnp.float32)
 
     return _segment(spec, head)(self, h)
 
@@ -598,29 +686,42 @@ class UNetDecoder(nn.Module):
 def down_level(spec: UNetSpec, level: int, train: bool, h: Array, emb: Array) -> tuple[Array, list[Array]]:
   """One encoder level: res blocks (+ attention), then downsampling; returns (h, the level's skips).
   Called inside a parent module's scope, so params are named down{level}_*."""
-  skips = []
+  skips, f = [], spec.fold_at(level)
   for i in range(spec.num_res_blocks):
-    h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"down{level}_res{i}")(h, emb)
+    lay = stored_layout(f, h.shape[-1] // f)
+    h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, lay, name=f"down{level}_res{i}")(
+      h, emb
+    )
     if level in spec.attention_levels:
-      h = AttentionBlock(spec, name=f"down{level}_attn{i}")(h)
+      h = _unfolded(AttentionBlock(spec, name=f"down{level}_attn{i}"), h, f)
     skips.append(h)
   if level != len(spec.channel_mult) - 1:
-    h = Downsample(spec, name=f"down{level}_downsample")(h)
+    h = Downsample(spec, f, name=f"down{level}_downsample")(h)
     skips.append(h)
   return h, skips
 
 
+def _unfolded(layer: Callable[[Array], Array], h: Array, f: int) -> Array:
+  """layer(h) on the unfolded activation (attention mixes voxels), folded back."""
+  if f == 1:
+    return layer(h)
+  return fold.fold(layer(fold.unfold(h, fold.Layout(f, (h.shape[-1] // f,)))), f)
+
+
 def up_level(spec: UNetSpec, level: int, train: bool, h: Array, skips: list[Array], emb: Array) -> Array:
   """One decoder level: (concat skip, res block, attention) x (num_res_blocks + 1), then upsampling."""
+  f = spec.fold_at(level)
   for i, skip in enumerate(skips):
     # concatenated: feeding (h, skip) as channel-parts with split conv kernels moved MORE bytes on TPU
-    # (benchmarks/RESULTS.md "#27": two convs each padded and halo-exchanged); models/norm_act takes parts
+    # (benchmarks/RESULTS.md "#27": two convs each padded and halo-exchanged); models/norm_act takes parts.
+    # Folded, each part keeps its stored order (a lane-aligned concat; the layout says so).
+    lay = stored_layout(f, h.shape[-1] // f, skip.shape[-1] // f)
     h = jnp.concatenate([h, skip], axis=-1)
-    h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, name=f"up{level}_res{i}")(h, emb)
+    h = ResBlock(spec, spec.base_channels * spec.channel_mult[level], not train, lay, name=f"up{level}_res{i}")(h, emb)
     if level in spec.attention_levels:
-      h = AttentionBlock(spec, name=f"up{level}_attn{i}")(h)
+      h = _unfolded(AttentionBlock(spec, name=f"up{level}_attn{i}"), h, f)
   if level:
-    h = Upsample(spec, name=f"up{level}_upsample")(h)
+    h = Upsample(spec, spec.fold_at(level - 1), name=f"up{level}_upsample")(h)
   return h
 
 

@@ -89,9 +89,9 @@ def libtpu_available() -> bool:
 
 def for_tpu(config: Any) -> Any:
   """`config` (train/spec.PretrainConfig) with model.conv_impl (and attention_impl, where the model has one) 'auto'
-  pinned to what 'auto' picks on a TPU host (xla / flash): 'auto' would otherwise resolve on the compiling host
+  pinned to what 'auto' picks on a TPU host (folded / flash): 'auto' would otherwise resolve on the compiling host
   (depth_taps on a CPU host). The caller's config is not modified."""
-  pinned = {"conv_impl": "xla", "attention_impl": "flash"}
+  pinned = {"conv_impl": "folded", "attention_impl": "flash"}
   model = dataclasses.replace(
     config.model, **{k: v for k, v in pinned.items() if getattr(config.model, k, None) == "auto"}
   )
