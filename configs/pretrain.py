@@ -67,8 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dtype="bfloat16",
       param_dtype="float32",
       remat="none",  # none | full | dots | dots_no_batch | offload: per whole encoder/decoder level
-      # auto (depth_taps on CPU, folded on TPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15) | folded (W voxels
-      # folded into channels up to 128 lanes at the narrow levels: same params and function; RESULTS #27)
+      # auto (depth_taps on CPU, folded on TPU) | xla | depth_taps (3^3 conv as 2D conv + depth sum; RESULTS #15)
+      # | folded (W voxels folded into channels up to 128 lanes at the narrow levels: same params; RESULTS #27)
       conv_impl="auto",
       attention_impl="auto",  # auto (flash on TPU) | xla | flash (Pallas TPU flash attention; RESULTS #27)
     )
