@@ -214,18 +214,7 @@ def conv3d(
   if layout is not None:
     if strides != 1:
       raise ValueError("conv3d on a folded layout is stride 1 (Downsample folds its own)")
-    return fold.FoldedConv(
-      features,
-      kernel,
-      "same",
-      layout,
-      layout.fold,
-      spec.dtype,
-      spec.param_dtype,
-      _kernel_init(init),
-      _bias_init(),
-      name=name,
-    )
+    return folded_conv(features, kernel, "same", layout, layout.fold, spec, init, name=name)
   kwargs = dict(
     strides=(strides,) * 3,
     padding="SAME",
@@ -237,6 +226,24 @@ def conv3d(
   )
   cls = DepthTapConv if _use_depth_taps(spec.conv_impl) and kernel == 3 and strides == 1 else nn.Conv
   return cls(features, (kernel,) * 3, **kwargs)
+
+
+def folded_conv(
+  features: int,
+  kernel: int,
+  mode: str,
+  layout: fold.Layout,
+  fold_out: int,
+  spec: UNetSpec,
+  init: Callable | None = None,
+  *,
+  name: str,
+) -> fold.FoldedConv:
+  """fold.FoldedConv with the params (and logical axis names) of `conv3d`'s nn.Conv (init: lecun normal)."""
+  init = _kernel_init(init or nn.initializers.lecun_normal())
+  return fold.FoldedConv(
+    features, kernel, mode, layout, fold_out, spec.dtype, spec.param_dtype, init, _bias_init(), name=name
+  )
 
 
 def _kernel_init(init: Callable) -> Callable:
@@ -483,19 +490,7 @@ class Downsample(nn.Module):
     if f == 1:
       return _constrain(conv3d(x.shape[-1], 3, spec, strides=2, name="conv")(x))
     c = x.shape[-1] // f
-    conv = fold.FoldedConv(
-      c,
-      3,
-      "down",
-      fold.Layout(f, (c,)),
-      f // 2,
-      spec.dtype,
-      spec.param_dtype,
-      _kernel_init(nn.initializers.lecun_normal()),
-      _bias_init(),
-      name="conv",
-    )
-    return _constrain(conv(x))
+    return _constrain(folded_conv(c, 3, "down", fold.Layout(f, (c,)), f // 2, spec, name="conv")(x))
 
 
 class Upsample(nn.Module):
@@ -510,29 +505,15 @@ class Upsample(nn.Module):
     spec, f = self.spec, self.fold_out
     if f > 1:
       c = x.shape[-1] // (f // 2)
-      conv = fold.FoldedConv(
-        c,
-        3,
-        "up",
-        fold.Layout(f // 2, (c,)),
-        f,
-        spec.dtype,
-        spec.param_dtype,
-        _kernel_init(nn.initializers.lecun_normal()),
-        _bias_init(),
-        name="conv",
-      )
-      return _constrain(conv(x))
+      return _constrain(folded_conv(c, 3, "up", fold.Layout(f // 2, (c,)), f, spec, name="conv")(x))
     conv = SubpixelUpConv(
       x.shape[-1],
       (3, 3, 3),
       padding="SAME",
       dtype=spec.dtype,
       param_dtype=spec.param_dtype,
-      kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), (None, None, None, "conv_in", "conv_out")
-      ),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      kernel_init=_kernel_init(nn.initializers.lecun_normal()),
+      bias_init=_bias_init(),
       conv_impl=spec.conv_impl,
       name="conv",
     )
