@@ -145,7 +145,8 @@ print(
       "block": which,
       "GB": round(cost["bytes accessed"] / 1e9, 3),
       "TFLOP": round(cost["flops"] / 1e12, 4),
-      "optimal_ms": round(cost.get("optimal_seconds", 0) * 1e3, 3),
+      # XLA's estimate; negative (not given) for the folded blocks
+      "optimal_ms": round(cost["optimal_seconds"] * 1e3, 3) if cost.get("optimal_seconds", 0) > 0 else None,
       "compile_s": round(time.time() - t0),
     }
   )
