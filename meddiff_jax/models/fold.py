@@ -122,10 +122,10 @@ SUBPIXEL_TAPS = np.array(
 class FoldedConv(nn.Module):
   """The model's k^3 conv (params as nn.Conv: kernel (k, k, k, Cin, Cout), bias) on folded arrays.
 
-  mode 'same': stride 1, SAME padding, fold kept (k = 1 or 3); 'down': stride 2 with flax's SAME padding
-  (0 before, 1 after for even sizes), fold_in = 2 fold_out (or both 1); 'up': nearest x2 along D, H, W then
-  the 3^3 SAME conv, fold_out = 2 fold_in (or both 1): D and H as sub-pixel phases (models/unet3d.py's
-  SubpixelUpConv), W through the fold."""
+  mode 'same': stride 1, SAME padding, fold kept (k = 1 or 3); 'down': stride 2 with flax's SAME padding for
+  even sizes (0 before, 1 after), fold_in = 2 fold_out; 'up': nearest x2 along D, H, W then the 3^3 SAME conv,
+  fold_out = 2 fold_in: D and H as sub-pixel phases (models/unet3d.py's SubpixelUpConv), W through the fold.
+  Between two unfolded levels the UNet uses its plain modules."""
 
   features: int
   kernel_size: int

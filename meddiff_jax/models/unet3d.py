@@ -12,7 +12,8 @@ Every param carries logical axis names (see sharding.py for the rules that map t
 GroupNorm statistics are float32 whatever the compute dtype; norm, scale-shift and SiLU run as one fused
 pass that keeps activations in the compute dtype (models/norm_act.py); output convs are zero-initialised
 (ADM). Upsampling runs as a sub-pixel conv at low resolution (same params and function; benchmarks/RESULTS.md
-"#27": memory traffic on TPU).
+"#27": memory traffic on TPU). With conv_impl 'folded' ('auto' on TPU) the narrow levels hold W sub-positions
+in channels so their activations fill 128 lanes (models/fold.py; same params and function).
 
 Attention is placed by level (0 = full resolution, as ADM keys it by downsample factor), so a trained
 model runs at any window size that 2^(levels-1) divides. Rematerialisation (`remat`) wraps whole segments:
