@@ -9,7 +9,7 @@ BLOCK: old_up / new_up (up1_upsample: repeat + conv vs the sub-pixel conv), old_
 concat(h, skip) vs on the parts (h, skip), both with the fused norm), plain_res0 / new_res0 (down0_res0 with
 flax's GroupNorm + SiLU + scale-shift vs the fused norm_act), fold2_res0 / fold4_res0 (down0_res0 on W folded
 into channels by 2 / 4: models/fold.py, conv_impl='folded').
---data: plain_res0 / new_res0 with each chip holding one whole sample (batch 4) instead of a quarter of one.
+--data: the *_res0 blocks with each chip holding one whole sample (batch 4) instead of a quarter of one.
 --ops N: also print the N ops that move the most bytes, and the bytes per op kind.
 """
 
@@ -111,11 +111,12 @@ elif which in ("plain_res0", "new_res0"):
 elif which.startswith("fold"):  # fold2_res0, fold4_res0
   f = int(which[4])
   m = FoldRes0(f)
+  n = 4 if DATA else 1
   args = (
-    jax.ShapeDtypeStruct((1, 128, 128, 128 // f, 32 * f), jnp.bfloat16, sharding=sh),
-    jax.ShapeDtypeStruct((1, 128), jnp.bfloat16, sharding=rep),
+    jax.ShapeDtypeStruct((n, 128, 128, 128 // f, 32 * f), jnp.bfloat16, sharding=sh),
+    jax.ShapeDtypeStruct((n, 128), jnp.bfloat16, sharding=sh if DATA else rep),
   )
-  out = (1, 128, 128, 128 // f, 32 * f)
+  out = (n, 128, 128, 128 // f, 32 * f)
 else:
   m = OldRes() if which == "old_res" else NewRes()
   args = (
