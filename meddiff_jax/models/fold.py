@@ -59,11 +59,6 @@ class Layout:
     """For each stored channel, the W sub-position (0..fold-1) it holds."""
     return np.concatenate([np.repeat(np.arange(self.fold), c) for c in self.parts])
 
-  def concat(self, other: Layout) -> Layout:
-    if other.fold != self.fold:
-      raise ValueError(f"concatenating folds {self.fold} and {other.fold}")
-    return Layout(self.fold, self.parts + other.parts)
-
 
 def fold(x: Array, f: int) -> Array:
   """(N, D, H, W, C) -> (N, D, H, W/f, f*C), Layout(f, (C,))."""
@@ -110,7 +105,7 @@ def folded_kernel(kernel: Array, taps: np.ndarray, layout_in: Layout, fold_out: 
 
 # Per axis, which taps t of a 3-tap conv over the x2 nearest-upsampled signal land on low-resolution tap s
 # (offsets -1, 0, +1) for output phase p (even, odd output voxel): out[2i + p] = sum_s x[i + s] K'_p[s].
-SUBPIXEL_TAPS = np.array(
+SUBPIXEL_TAPS = np.array(  # numpy: a jax array made at import would start the backend before jax.distributed
   [
     [[1, 0, 0], [0, 1, 1], [0, 0, 0]],  # even: x[i-1] K[0] + x[i] (K[1] + K[2])
     [[0, 0, 0], [1, 1, 0], [0, 0, 1]],  # odd:  x[i] (K[0] + K[1]) + x[i+1] K[2]
