@@ -21,8 +21,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 LIVER = 5  # TotalSegmentator label of the liver in example_seg_fast_force_split
 
 
+UNTRAINED = "preset:"
+
+
 def add_prior_flags(p) -> None:
-  """--checkpoint (a builtin name such as tiny_phantom, an exported dir or a training workdir) and
+  """--checkpoint (a builtin name such as tiny_phantom, an exported dir, a training workdir, or preset:NAME: a
+  pretrain preset's model with random params, for speed only) and
   --inference_dtype (configs/task_options.py)."""
   p.add_argument("--checkpoint", default="tiny_phantom")
   p.add_argument("--inference_dtype", default="auto", help="auto | float32 | bfloat16")
@@ -31,6 +35,11 @@ def add_prior_flags(p) -> None:
 def load_prior(args) -> Any:
   from meddiff_jax import pretrained
 
+  if args.checkpoint.startswith(UNTRAINED):  # speed only: a preset's architecture, random params
+    from meddiff_jax.configs import pretrain
+
+    pre = pretrained.untrained(pretrain.get_config(args.checkpoint.removeprefix(UNTRAINED)))
+    return pretrained.with_compute_dtype(pre, pretrained.inference_dtype(args.inference_dtype))
   return pretrained.load(args.checkpoint, compute_dtype=args.inference_dtype)
 
 

@@ -2,6 +2,7 @@
 tiny_phantom prior: seconds per step, windows/s, and the growth exponent of time vs volume size.
 
 python benchmarks/sliding_window.py [--sizes=32,48,64] [--window_batch=8] [--repeats=3] [--checkpoint=tiny_phantom]
+  (a size is N for N^3 or XxYxZ, e.g. 512x512x300; --checkpoint=preset:paper: the paper model, random params)
   [--inference_dtype=auto|float32|bfloat16]
   [--null_model]   (a model that returns its input: the cost of the window machinery alone)
 The structure channels are built as the tasks build them (`common.structure_volume`): the body channel from
@@ -33,7 +34,9 @@ def main():
   import jax.numpy as jnp
 
   from meddiff_jax.configs import denoise as denoise_config
+  from meddiff_jax.models import unet3d
   from meddiff_jax.tasks import common, denoise
+  from meddiff_jax.train import throughput
 
   pre = _common.load_prior(args)
   cfg = denoise_config.get_config()
@@ -41,9 +44,12 @@ def main():
   task = denoise.DenoiseSpec.from_config(cfg)  # the task options, typed as the tasks take them
   commit = _common.commit()
   rows = []
-  for size in map(int, args.sizes.split(",")):
-    shape = (size,) * 3
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"), -1)
+  flops = unet3d.forward_flops(pre.spec, (pre.patch_size,) * 3)  # per window
+  peak = throughput.peak_flops(jax.devices()[0].device_kind)
+  for item in args.sizes.split(","):
+    shape = tuple(int(v) for v in item.split("x")) if "x" in item else (int(item),) * 3
+    size = round(float(np.prod(shape)) ** (1 / 3), 1)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), -1)
     hu = np.where(np.sum((grid / [0.9, 0.7, 0.95]) ** 2, -1) <= 1, 40.0, -1000.0).astype(np.float32)
     structures = common.structure_volume(pre, None, hu)
     # null model: output = input + 0 * a structure channel, so the condition windows are still cut
@@ -66,6 +72,9 @@ def main():
     row = {
       "commit": commit,
       "size": size,
+      "shape": shape,
+      "checkpoint": args.checkpoint,
+      "device_kind": jax.devices()[0].device_kind,
       "windows": n,
       "padded_windows": len(plan.starts),
       "step_s": s,
@@ -74,11 +83,18 @@ def main():
       "window_batch": plan.batch,
       "dtype": str(pre.spec.dtype),
       "null_model": args.null_model,
+      "tflops_per_s": n * flops / s / 1e12,
+      "mfu": None if args.null_model or not peak else n * flops / s / peak,
     }
     rows.append(row)
-    print(f"{size}^3: {n} windows, {s:.3f} s/step, {n / s:.1f} windows/s (first call {compile_s:.1f} s)", flush=True)
+    mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] else ""
+    print(
+      f"{'x'.join(map(str, shape))}: {n} windows, {s:.3f} s/step, {n / s:.1f} windows/s, "
+      f"{row['tflops_per_s']:.1f} model TFLOP/s{mfu} (first call {compile_s:.1f} s)",
+      flush=True,
+    )
   if len(rows) > 1:
-    v = np.log([r["size"] ** 3 for r in rows])
+    v = np.log([np.prod(r["shape"]) for r in rows])
     slope = np.polyfit(v, np.log([r["step_s"] for r in rows]), 1)[0]
     print(f"time ~ voxels^{slope:.2f}")
   out = _common.RESULTS / "sliding_window.jsonl"

@@ -266,6 +266,14 @@ def load(path: str, compute_dtype: str | None = None) -> Pretrained:
   return with_compute_dtype(_load(path), dtype)
 
 
+def untrained(config: ml_collections.ConfigDict, seed: int = 0) -> Pretrained:
+  """A training config's model with freshly initialised params: nothing learned, for speed and memory checks of
+  the tasks at an architecture no checkpoint exists for yet (benchmarks/sliding_window.py --checkpoint=preset:paper)."""
+  pre = _from_config(stored_config(config.to_dict()), None)
+  init = jax.jit(init_params_fn(pre.model, pre.spec, pre.patch_size))
+  return dataclasses.replace(pre, params=sharding.strip_boxes(init(jax.random.key(seed, impl="rbg"))))
+
+
 def _load(path: str) -> Pretrained:
   path = resolve(path)
   if _is_export(path):
