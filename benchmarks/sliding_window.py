@@ -13,6 +13,7 @@ Appends one JSON line per size to benchmarks/results/sliding_window.jsonl.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -54,18 +55,24 @@ def main():
     structures = common.structure_volume(pre, None, hu)
     # null model: output = input + 0 * a structure channel, so the condition windows are still cut
     null = lambda x, t, c: x + 0.0 * c["structures"][..., :1].astype(x.dtype)
-    apply_fn = null if args.null_model else None
-    fn, plan = common.windowed_denoiser(pre, common.Canvas(shape, 0, structures, None, None), task, apply_fn)
-    step = jax.jit(fn)
+    canvas = common.Canvas(shape, 0, structures, None, None)
+    plan = common.window_plan(pre, canvas, task)
+
+    def step(params, cond, x, t):  # params and conditions as arguments, as the tasks compile them (run_windowed)
+      apply = null if args.null_model else functools.partial(pre.apply_with, params)
+      return common.windowed_denoiser(pre, canvas, task, apply, cond)[0](x, t)
+
+    step = jax.jit(step)
+    cond = common.canvas_conditions(canvas)
     x = jax.random.normal(jax.random.key(0), (1, *shape, 1))
     t = jnp.array([500])
     t0 = time.perf_counter()
-    jax.block_until_ready(step(x, t))
+    jax.block_until_ready(step(pre.params, cond, x, t))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      jax.block_until_ready(step(x, t))
+      jax.block_until_ready(step(pre.params, cond, x, t))
       times.append(time.perf_counter() - t0)
     s = float(np.median(times))
     n = int(plan.valid.sum())

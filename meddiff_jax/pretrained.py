@@ -123,7 +123,11 @@ class Pretrained:
     return self.data.patch_size
 
   def apply(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
-    return self.model.apply({"params": self.params}, x, t, cond)
+    return self.apply_with(self.params, x, t, cond)
+
+  def apply_with(self, params: Any, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
+    """The network on `params`: what a compiled sampler calls, the params its argument (tasks/common.run_windowed)."""
+    return self.model.apply({"params": params}, x, t, cond)
 
 
 def dummy_inputs(spec: unet3d.UNetSpec, patch: int, batch: int = 1) -> tuple[jax.Array, jax.Array, dict]:
@@ -337,8 +341,9 @@ class Controlled:
     base's, train/controlnet.derive_config), where the ControlNet tasks run."""
     return DataSpec.from_config(self.config.data)
 
-  def apply_fn(self, scale: float = 1.0) -> Callable[[jax.Array, jax.Array, dict], jax.Array]:
-    return lambda x, t, cond: self.model.apply({"params": self.params}, x, t, cond, scale=scale)
+  def apply_fn(self, scale: float = 1.0) -> Callable[[Any, jax.Array, jax.Array, dict], jax.Array]:
+    """(params, x, t, cond) -> the base + branch output, the branch's residuals scaled by `scale`."""
+    return lambda params, x, t, cond: self.model.apply({"params": params}, x, t, cond, scale=scale)
 
 
 def load_controlled(workdir: str, compute_dtype: str | None = None) -> Controlled:

@@ -401,7 +401,7 @@ def exact_pretrained(apply, **config_kw):
   config = exact_config(**config_kw)
 
   class Exact(pretrained.Pretrained):
-    def apply(self, x, t, cond):
+    def apply_with(self, params, x, t, cond):
       return apply(x, t, cond)
 
   diffusion = DiffusionSpec.from_config(config.diffusion)
@@ -428,7 +428,7 @@ def exact_controlled(apply, branch_spacing=None, **config_kw):
 
   class Exact(pretrained.Controlled):
     def apply_fn(self, scale: float = 1.0):
-      return apply
+      return lambda params, x, t, cond: apply(x, t, cond)
 
   return Exact(pre, None, None, config)
 

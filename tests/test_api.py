@@ -421,3 +421,30 @@ def test_volume_io_from_array_is_load_for_an_array(ct):
     np.array([[[-1.6, 2.5, 40000.0]]]), volumes.Volume(np.zeros((1, 1, 3)), np.eye(4)), np.int16
   )
   np.testing.assert_array_equal(values, [[[-2, 2, 32767]]])
+
+
+@pytest.mark.parametrize("task", ["denoise", "synthesis"])
+def test_the_compiled_sampler_takes_the_params_as_arguments(monkeypatch, task):
+  """Params a sampler closes over are constants of its program: XLA folds them at compile time (the paper model's
+  first whole-CT call took 135 s on an H200: benchmarks/RESULTS.md "#27, on a lent H200") and the executable holds
+  a second copy. So they are its arguments, which XLA's memory analysis counts: every param's bytes. Both ways a
+  task hands its network to the sampler: the default (denoise) and its own apply function (guided synthesis)."""
+  from meddiff_jax.tasks import common
+
+  argument_bytes = []
+  check_fits = common.check_fits
+
+  def recording_check_fits(compiled, what, spec):
+    argument_bytes.append(int(compiled.memory_analysis().argument_size_in_bytes))
+    return check_fits(compiled, what, spec)
+
+  monkeypatch.setattr(common, "check_fits", recording_check_fits)
+  pipe = md.load("tiny_phantom")
+  options = {"num_steps": 1, "region": "abdomen"}
+  if task == "denoise":
+    body = np.sum(np.square(np.mgrid[-1:1:16j, -1:1:16j, -1:1:16j]), 0) < 0.8  # soft tissue in air
+    pipe.denoise(np.where(body, 40.0, -1000.0).astype(np.float32), affine=np.diag([6.0, 6.0, 6.0, 1.0]), **options)
+  else:
+    pipe.synthesize(shape=(16, 16, 16), guidance_scale=2.0, **options)
+  params = pretrained.load("tiny_phantom").params
+  assert argument_bytes and argument_bytes[-1] >= sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))

@@ -13,6 +13,7 @@ Loading a pretrained model (names, workdirs, exported directories) is meddiff_ja
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import threading
@@ -77,12 +78,13 @@ class TaskSpec:
 
 
 def model_fn(pre: Pretrained, guidance_scale: jax.Array | None = None):
-  """(x, t, cond) -> model output, classifier-free guided when a scale is given."""
+  """(params, x, t, cond) -> model output of `pre`'s network, classifier-free guided when a scale is given."""
   if guidance_scale is None:
-    return pre.apply
+    return pre.apply_with
 
-  def fn(x, t, cond):
-    return samplers.guided_denoise_fn(pre.apply, cond, pre.spec.num_regions, guidance_scale)(x, t)
+  def fn(params, x, t, cond):
+    apply = functools.partial(pre.apply_with, params)
+    return samplers.guided_denoise_fn(apply, cond, pre.spec.num_regions, guidance_scale)(x, t)
 
   return fn
 
@@ -445,26 +447,35 @@ def run_windowed(
   task: TaskSpec,
   *,
   apply_fn: Callable[..., jax.Array] | None = None,
+  params: Any = None,
   progress: ProgressBar | None = None,
 ) -> np.ndarray:
   """Run a sampler over a whole (padded) volume on the task mesh: `sample(fn, *args, rng)` jitted, where fn is
   the blended windowed eps prediction over `canvas` (`windowed_denoiser`: `task`'s overlap and window batch, the
-  model `apply_fn`, default `pre`'s) and rng = key(task.seed). Returns the (X, Y, Z) result, cropped to
-  `canvas.frame`; closes `progress`. Ctrl-C stops it within one window batch (`run_interruptibly`)."""
+  model `apply_fn(params, x, t, cond)` with `params`, default `pre`'s network and params) and rng =
+  key(task.seed). Returns the (X, Y, Z) result, cropped to `canvas.frame`; closes `progress`. Ctrl-C stops it
+  within one window batch (`run_interruptibly`)."""
+  if apply_fn is None:
+    apply_fn, params = model_fn(pre), pre.params
 
   def compute(stop: threading.Event) -> np.ndarray:
-    with sharding.activate(task_mesh(), sharding.DEFAULT_RULES):  # (the mesh context is per thread)
-      apply = stoppable(apply_fn or pre.apply, stop)
+    mesh = task_mesh()
+    with sharding.activate(mesh, sharding.DEFAULT_RULES):  # (the mesh context is per thread)
+      # The params and conditions are arguments, not constants: XLA folds constant params at compile time (the
+      # paper model's first call on an H200 took 135 s, RESULTS.md "#27, on a lent H200") and a scan-sized
+      # constant volume is copied several times.
+      replicated = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-      def run(cond, *a):  # the conditions are arguments: as constants a scan-sized volume is copied several times
+      def run(params, cond, *a):
+        apply = stoppable(functools.partial(apply_fn, params), stop)
         return sample(windowed_denoiser(pre, canvas, task, apply, cond)[0], *a)
 
       key, cond = jax.random.key(task.seed), canvas_conditions(canvas)
-      compiled = jax.jit(run).lower(cond, *args, key).compile()
+      compiled = jax.jit(run).lower(replicated, cond, *args, key).compile()
       if progress is not None:
         progress.windows = int(window_plan(pre, canvas, task).valid.sum())
       check_fits(compiled, f"the {task.mode} sampling on the {'x'.join(map(str, canvas.shape))} working grid", task)
-      return np.asarray(compiled(cond, *args, key))
+      return np.asarray(compiled(replicated, cond, *args, key))
 
   try:
     out = run_interruptibly(compute, f"the {task.mode} sampling", progress, unwritten=task.output)

@@ -266,7 +266,9 @@ def sample_controlled(
   (padded) condition volume `hint` (X, Y, Z) windowed with the image; the result in [-1, 1], cropped to the
   input. `task`: SuperResolutionSpec or LesionSpec."""
   canvas = inp.canvas(hint[..., None])
-  return common.run_windowed(cm.pre, sample, (), canvas, task, apply_fn=cm.apply_fn(task.conditioning_scale))
+  return common.run_windowed(
+    cm.pre, sample, (), canvas, task, apply_fn=cm.apply_fn(task.conditioning_scale), params=cm.params
+  )
 
 
 def from_noise(schedule, timesteps: np.ndarray, shape: tuple[int, ...], method: str):

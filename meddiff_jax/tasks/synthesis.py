@@ -50,7 +50,9 @@ def synthesize(pre: pretrained.Pretrained, canvas: common.Canvas, task: Synthesi
     )
 
   bar = common.ProgressBar(len(timesteps), "synthesis")
-  return common.run_windowed(pre, sample, (), canvas, task, apply_fn=common.model_fn(pre, scale), progress=bar)
+  return common.run_windowed(
+    pre, sample, (), canvas, task, apply_fn=common.model_fn(pre, scale), params=pre.params, progress=bar
+  )
 
 
 def body_hu_proxy(labels: np.ndarray, lut: np.ndarray | None, group_names: tuple[str, ...]) -> np.ndarray:
