@@ -318,6 +318,12 @@ MUTANTS = [
     "  need = int(stats.output_size_in_bytes) + int(stats.temp_size_in_bytes)",
     "  need = int(stats.output_size_in_bytes)",
   ),
+  Mutant(
+    "sampler: the params closed over (constants XLA folds at compile time)",
+    COMMON,
+    "apply = stoppable(functools.partial(apply_fn, params), stop)",
+    "apply = stoppable(functools.partial(apply_fn, replicated), stop)",
+  ),
   # ------------------------------------------------------------------ each task's run(): what it passes on
   Mutant(
     "denoise run: sigma in HU read on a [0, 1] scale",
@@ -384,6 +390,12 @@ MUTANTS = [
     SYNTHESIS,
     "  region = preprocess.region_id(region_name)",
     '  region = preprocess.region_id("abdomen")',
+  ),
+  Mutant(
+    "synthesis run: the params not passed on",
+    SYNTHESIS,
+    "apply_fn=common.model_fn(pre, scale), params=pre.params,",
+    "apply_fn=common.model_fn(pre, scale),",
   ),
   Mutant(
     "synthesis run: label map not passed on",
