@@ -134,3 +134,22 @@ def parse_budgets(text: str) -> list[tuple[str, int]]:
     method, steps = item.split(":")
     out.append((method, int(steps)))
   return out
+
+
+def synthetic_batch(spec_batch: dict) -> dict[str, np.ndarray]:
+  """Values of the shapes and dtypes the host ships (step.batch_spec: the store's HU with data.decode_on_device,
+  the default, or finished samples): speed only, so plausible ranges, no phantom."""
+  from meddiff_jax.models import conditions
+
+  rng = np.random.default_rng(0)
+  host = {}
+  for key, s in spec_batch.items():
+    if key == conditions.POS_BOX:
+      host[key] = np.tile(np.array([[-1.0, 1.0]], np.float32), (s.shape[0], 3, 1))
+    elif s.dtype == np.int16:  # HU
+      host[key] = rng.integers(-1000, 1000, s.shape).astype(np.int16)
+    elif s.dtype == np.float32:  # a finished image / hint, or zoom2's resized HU
+      host[key] = rng.uniform(-1, 1, s.shape).astype(np.float32)
+    else:  # region / operation ids, label codes (0: background) and structure channels
+      host[key] = np.zeros(s.shape, s.dtype)
+  return host

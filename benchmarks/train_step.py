@@ -20,19 +20,9 @@ import statistics
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common
 
-# Dense bf16 peak FLOP/s per device, for MFU.
-PEAK_FLOPS = {
-  "H100": 989e12,
-  "H200": 989e12,
-  "A100": 312e12,
-  "TPU v5p": 459e12,
-  "TPU v5 lite": 197e12,
-  "TPU v4": 275e12,
-  "TPU v6 lite": 918e12,
-}
+ROOT = _common.ROOT
 
 
 def parse_args():
@@ -73,18 +63,11 @@ def preset_config(name, args):
 
 
 def synthetic_batch(config, n):
-  import numpy as np
+  """n samples of the layout the host ships for this config (train/step.batch_spec)."""
+  from meddiff_jax.train import step as step_lib
+  from meddiff_jax.train.spec import PretrainConfig
 
-  p, k = config.data.patch_size, config.model.structure_channels
-  rng = np.random.default_rng(0)
-  batch = {
-    "image": rng.uniform(-1, 1, (n, p, p, p, 1)).astype(np.float32),
-    "pos_box": np.tile(np.array([[-1.0, 1.0]], np.float32), (n, 3, 1)),
-    "region": np.zeros((n,), np.int32),
-  }
-  if k:
-    batch["structures"] = (rng.uniform(size=(n, p, p, p, k)) > 0.8).astype(np.uint8)
-  return batch
+  return _common.synthetic_batch(step_lib.batch_spec(PretrainConfig.from_config(config), n))
 
 
 def build_step(config, mesh_sizes):
@@ -113,6 +96,7 @@ def bench_preset(name, args):
 
   from meddiff_jax import sharding
   from meddiff_jax.models import unet3d
+  from meddiff_jax.train import throughput
 
   config = preset_config(name, args)
   n, p = config.training.batch_size, config.data.patch_size
@@ -134,7 +118,7 @@ def bench_preset(name, args):
   fwd = unet3d.forward_flops(spec, (p, p, p), n)
   train_flops = 3 * fwd * (1.33 if spec.remat != "none" else 1.0)  # fwd + 2x bwd (+ recompute)
   kind = jax.devices()[0].device_kind
-  peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+  peak = throughput.peak_flops(kind)
   row = {
     "preset": name,
     "device": kind,

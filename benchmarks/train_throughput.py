@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import pathlib
-import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common
 
 
 def parse_args():
@@ -49,27 +46,6 @@ def make_config(preset, overrides):
   return c
 
 
-def synthetic_batch(spec_batch):
-  """Values of the shapes and dtypes the host ships (step.batch_spec: the store's HU with data.decode_on_device,
-  the default, or finished samples): speed only, so plausible ranges, no phantom."""
-  import numpy as np
-
-  from meddiff_jax.models import conditions
-
-  rng = np.random.default_rng(0)
-  host = {}
-  for key, s in spec_batch.items():
-    if key == conditions.POS_BOX:
-      host[key] = np.tile(np.array([[-1.0, 1.0]], np.float32), (s.shape[0], 3, 1))
-    elif s.dtype == np.int16:  # HU
-      host[key] = rng.integers(-1000, 1000, s.shape).astype(np.int16)
-    elif s.dtype == np.float32:  # a finished image / hint, or zoom2's resized HU
-      host[key] = rng.uniform(-1, 1, s.shape).astype(np.float32)
-    else:  # region / operation ids, label codes (0: background) and structure channels
-      host[key] = np.zeros(s.shape, s.dtype)
-  return host
-
-
 def measure(config, steps):
   import jax
 
@@ -96,7 +72,7 @@ def measure(config, steps):
   )
   spec_batch = step_lib.batch_spec(config)
   batch_sh = sharding.input_shardings(mesh, rules, spec_batch)
-  host = synthetic_batch(spec_batch)
+  host = _common.synthetic_batch(spec_batch)
   step_fn = step_lib.make_train_step(model.apply, schedule, tx, config, rules)
   jitted = step_lib.jit_train_step(step_fn, shardings, batch_sh, mesh)
   with sharding.activate(mesh, rules):
