@@ -10,6 +10,8 @@ concat(h, skip) vs on the parts (h, skip), both with the fused norm), plain_res0
 flax's GroupNorm + SiLU + scale-shift vs the fused norm_act), fold2_res0 / fold4_res0 (down0_res0 on W folded
 into channels by 2 / 4: models/fold.py, conv_impl='folded').
 --data: the *_res0 blocks with each chip holding one whole sample (batch 4) instead of a quarter of one.
+--remat: the block as one rematerialised segment (forward, then forward again + backward), as the paper step
+runs each level with model.remat='full'.
 --ops N: also print the N ops that move the most bytes, and the bytes per op kind.
 """
 
@@ -130,9 +132,13 @@ params = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype,
 dy = jax.ShapeDtypeStruct(out, jnp.bfloat16, sharding=sh)
 
 
+REMAT = "--remat" in sys.argv  # the block as one rematerialised segment, as the paper step (remat full) runs it
+
+
 def f(p, dy, *a):  # the block's backward for a bf16 cotangent, as in the step
-  _, vjp = jax.vjp(lambda p, x: m.apply({"params": p}, x, *a[1:]), p, a[0])
-  return vjp(dy)
+  block = lambda p, x: m.apply({"params": p}, x, *a[1:])
+  y, vjp = jax.vjp(jax.checkpoint(block) if REMAT else block, p, a[0])
+  return (y, vjp(dy)) if REMAT else vjp(dy)  # the output too: else the first forward is dead code
 
 
 f = jax.jit(f)

@@ -99,6 +99,7 @@ def measure(config, topology: str, hlo_out: str = "", from_hlo: str = "", top: i
       pathlib.Path(hlo_out).write_text(text)
   spec, n = facts["spec"], facts["num_devices"]
   flops = model_flops_per_device(config, spec, n)
+  trips = int(config.training.grad_accum_steps)
   row = {
     "label": _LABEL.value,
     "topology": topology,
@@ -116,9 +117,9 @@ def measure(config, topology: str, hlo_out: str = "", from_hlo: str = "", top: i
     "compile_s": facts.get("compile_s"),
   }
   if compiled is not None:
-    row.update(tpu_compile.analyse(compiled, flops, devices[0].device_kind, top=top, hlo_text=text))
+    row.update(tpu_compile.analyse(compiled, flops, devices[0].device_kind, top=top, hlo_text=text, loop_trips=trips))
   else:
-    row.update(tpu_compile.analyse_text(text, flops, devices[0].device_kind, top=top))
+    row.update(tpu_compile.analyse_text(text, flops, devices[0].device_kind, top=top, loop_trips=trips))
   row["conv_lane_bound"] = [conv_lane_bound(config, spec, lanes) for lanes in (128, 256)]
   row["wall_s"] = round(time.perf_counter() - t0, 1)
   return row
@@ -133,9 +134,14 @@ def print_table(row: dict) -> None:
     ("model FLOPs (3 x forward, analytic)", f"{row['model_flops'] / 1e12:.3f} TFLOP"),
     ("XLA FLOPs", f"{row['xla_flops'] / 1e12:.3f} TFLOP ({100 * (row['xla_over_model'] - 1):+.0f}%)"),
     (
-      "bytes accessed",
+      "bytes accessed (XLA: the loop body once + the once-per-step ops)",
       f"{row['bytes_accessed'] / g:.1f} GB (HLO ops: {row['hlo_bytes_total'] / g:.1f} tiled, "
       f"{row['hlo_logical_bytes_total'] / g:.1f} without tile padding)",
+    ),
+    (
+      f"bytes per micro-step (once-per-step ops / {row.get('loop_trips', 1)})",
+      f"{row.get('bytes_per_micro_step', row['bytes_accessed']) / g:.1f} GB "
+      f"(once per step: {row.get('once_per_step_bytes', 0.0) / g:.1f} GB)",
     ),
     ("XLA optimal_seconds", f"{row['optimal_seconds'] * 1e3:.1f} ms" if row.get("optimal_seconds") else "n/a"),
   ]

@@ -82,6 +82,14 @@ def test_hlo_ops_counts_operands_and_outputs_of_scheduled_ops():
   assert scopes["unattributed"] == ops["copy-start"]["bytes"]  # its operand is a parameter: no name to inherit
   assert scopes["step"] == ops["all-reduce.3"]["bytes"]  # named, in the loop, outside the model
   assert set(scopes) == {"down0_res0", "up0_res1", "unattributed", "step"}
+  # only the while body runs once per micro-step; the rest once per step
+  assert [n for n, o in ops.items() if o["in_loop"]] == ["all-reduce.3"]
+  outside = sum(o["bytes"] for o in ops.values()) - ops["all-reduce.3"]["bytes"]
+  total = outside + ops["all-reduce.3"]["bytes"]  # what XLA's cost analysis counts: the body once
+  per = tpu_compile.per_micro_step(7.0, total, list(ops.values()), loop_trips=4)
+  assert per["once_per_step_bytes"] == outside and per["flops"] == 7.0
+  assert per["bytes"] == pytest.approx(ops["all-reduce.3"]["bytes"] + outside / 4)  # 4 x body + outside, / 4
+  assert tpu_compile.per_micro_step(7.0, total, list(ops.values()), loop_trips=1)["bytes"] == total
 
 
 def test_roofline_and_chips():
@@ -184,19 +192,22 @@ def dry_run(topology: str, tmp_path, *overrides: str) -> dict:
 @pytest.mark.slow
 @needs_libtpu
 @pytest.mark.parametrize(
-  "topology,mesh,chip,hosts,conv_impl",
+  "topology,mesh,chip,hosts,conv_impl,accum",
   [
-    ("v5e:2x2", ("data=2", "spatial=2"), "v5e", 1, "xla"),
-    ("v5p:2x2x2", ("data=2", "spatial=4"), "v5p", 2, "auto"),  # as a TPU host resolves it: folded
+    ("v5e:2x2", ("data=2", "spatial=2"), "v5e", 1, "xla", 1),
+    ("v5p:2x2x2", ("data=2", "spatial=4"), "v5p", 2, "auto", 2),  # as a TPU host resolves it: folded
   ],
 )
 def test_the_dry_run_compiles_the_tiny_step_for_a_tpu_slice_that_is_not_here(
-  tmp_path, topology, mesh, chip, hosts, conv_impl
+  tmp_path, topology, mesh, chip, hosts, conv_impl, accum
 ):
   """The tiny preset compiled by the TPU compiler for a v5e and a (2-host) v5p slice on this CPU host: the chip,
   its HBM and the fit, XLA's FLOPs per chip near the analytic count, and a roofline step time that is the slower
-  of the FLOP time and the HBM time at the chip's peaks."""
-  result = dry_run(topology, tmp_path, *(f"--config.mesh.{m}" for m in mesh), f"--config.model.conv_impl={conv_impl}")
+  of the FLOP time and the HBM time at the chip's peaks, with the optimizer's bytes spread over the micro-steps."""
+  accumulate = (f"--config.training.batch_size={2 * accum}", f"--config.training.grad_accum_steps={accum}")
+  result = dry_run(
+    topology, tmp_path, *(f"--config.mesh.{m}" for m in mesh), f"--config.model.conv_impl={conv_impl}", *accumulate
+  )
   peaks = {c.name: c for c in tpu_compile.CHIPS}[chip]
   assert result["topology"] == topology and result["chip"] == chip and result["num_hosts"] == hosts
   assert result["num_devices"] == 4 * hosts and result["mesh"]["spatial"] == int(mesh[1].split("=")[1])
@@ -204,12 +215,16 @@ def test_the_dry_run_compiles_the_tiny_step_for_a_tpu_slice_that_is_not_here(
   assert 0 < result["memory_per_device_gib"] < 1 and result["fits"] is True
   # XLA counts the same convs and matmuls (no remat in tiny), minus padding taps, plus norms and the optimizer;
   # folded (tiny folds 2 voxels at level 0) runs level 0's convs on a 2x kernel: more, never fewer
-  xla_flops, model_flops = result["xla_flops_per_chip_micro_step"], result["flops_per_device"]
+  xla_flops, model_flops = result["xla_flops_per_chip_micro_step"], result["flops_per_device"] / accum
   if conv_impl == "xla":
     assert xla_flops == pytest.approx(model_flops, rel=0.35)
   else:
     assert model_flops < xla_flops < 2.2 * model_flops
   flop_s = result["xla_flops_per_chip_micro_step"] / peaks.peak_flops
-  hbm_s = result["bytes_accessed_per_chip_micro_step"] / peaks.hbm_bytes_per_s
-  assert result["roofline_step_s"] == pytest.approx(result["grad_accum_steps"] * max(flop_s, hbm_s))
+  # the once-per-step ops (optimizer, EMA) outside the accumulation loop are spread over its micro-steps
+  once = result["once_per_step_bytes_per_chip"]
+  assert result["grad_accum_steps"] == accum
+  assert 0 < once < result["bytes_accessed_per_chip_micro_step"]
+  hbm_s = (result["bytes_accessed_per_chip_micro_step"] - once + once / accum) / peaks.hbm_bytes_per_s
+  assert result["roofline_step_s"] == pytest.approx(accum * max(flop_s, hbm_s))
   assert result["bound"] == ("memory" if hbm_s > flop_s else "compute") and 0 < result["roofline_mfu"] < 1

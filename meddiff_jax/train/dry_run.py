@@ -129,7 +129,8 @@ def topology(
   its HBM bandwidth).
 
   XLA's cost analysis counts the body of the accumulation loop once: its FLOPs and bytes are one micro-step's
-  (plus what runs once per step: optimizer, EMA), so the step time is grad_accum_steps x the micro-step's."""
+  plus what runs once per step (optimizer, EMA); tpu_compile.per_micro_step spreads the latter over the
+  micro-steps, so the step time is grad_accum_steps x the micro-step's."""
   cost = tpu_compile.cost(compiled)
   chip = tpu_compile.chip_for(devices[0].device_kind)
   accum = config.training.grad_accum_steps
@@ -146,7 +147,10 @@ def topology(
   out["hbm_gib_per_chip"] = chip.hbm_gib
   out["fits"] = None if memory_gib is None else memory_gib <= chip.hbm_gib
   if "flops" in cost and "bytes accessed" in cost:
-    micro = tpu_compile.roofline(flops / len(devices) / accum, cost["flops"], cost["bytes accessed"], chip)
+    ops = tpu_compile.hlo_ops(compiled.as_text())
+    per = tpu_compile.per_micro_step(cost["flops"], cost["bytes accessed"], ops, accum)
+    out["once_per_step_bytes_per_chip"] = per["once_per_step_bytes"]
+    micro = tpu_compile.roofline(flops / len(devices) / accum, per["flops"], per["bytes"], chip)
     out["bound"] = micro["bound"]
     out["roofline_step_s"] = accum * micro["roofline_s"]
     out["roofline_mfu"] = micro["roofline_mfu"]

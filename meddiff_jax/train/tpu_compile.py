@@ -12,8 +12,9 @@ any slice by name ("v5p:2x2x1", "v5e:2x2", "v5p:4x4x4") on a CPU-only host; `jit
                                  memory, a roofline time and MFU estimate against the chip's peaks
                                  (`CHIPS`), and the ops that move the most bytes (from the compiled HLO)
 
-XLA's cost analysis counts a loop body once: with gradient accumulation (a scan) the totals are one
-micro-step plus what runs once per step (optimizer, EMA), which is what "per micro-step" means here.
+XLA's cost analysis counts a loop body once: with gradient accumulation (a scan) its totals are one
+micro-step plus what runs once per step (optimizer, EMA). `per_micro_step` spreads the once-per-step ops
+(the HLO ops outside the loop) over the step's micro-steps, which is what "per micro-step" means here.
 `hlo_ops` reads the per-instruction costs the TPU compiler writes into the optimized HLO
 (`estimated_cycles` in each op's backend_config) and each op's operand + output bytes, so a table of the
 most expensive ops, and of bytes per model module (from each op's `op_name` metadata), says where the
@@ -147,33 +148,60 @@ def roofline(model_flops: float, xla_flops: float, bytes_accessed: float, chip: 
 
 
 def analyse(
-  compiled: Any, model_flops_per_device: float, device_kind: str, *, top: int = 15, hlo_text: str | None = None
+  compiled: Any,
+  model_flops_per_device: float,
+  device_kind: str,
+  *,
+  top: int = 15,
+  hlo_text: str | None = None,
+  loop_trips: int = 1,
 ) -> dict[str, Any]:
-  """The TPU compiler's view of one compiled program on one chip (per micro-step, see module doc).
+  """The TPU compiler's view of one compiled program on one chip, per micro-step (see module doc).
 
-  model_flops_per_device: analytic model FLOPs of what one run of the program computes per device
-  (e.g. 3 x forward of one micro-batch / devices). Returns a JSON-able dict.
+  model_flops_per_device: analytic model FLOPs of one micro-step per device (e.g. 3 x forward of one
+  micro-batch / devices); loop_trips: the trip count of the program's while loop (grad_accum_steps), so what
+  runs once per step outside it (optimizer, EMA) is spread over its micro-steps. Returns a JSON-able dict.
   """
   text = hlo_text if hlo_text is not None else compiled.as_text()
-  return _summary(cost(compiled), memory(compiled), text, model_flops_per_device, device_kind, top)
+  return _summary(cost(compiled), memory(compiled), text, model_flops_per_device, device_kind, top, loop_trips)
 
 
-def analyse_text(hlo_text: str, model_flops_per_device: float, device_kind: str, *, top: int = 15) -> dict[str, Any]:
+def analyse_text(
+  hlo_text: str, model_flops_per_device: float, device_kind: str, *, top: int = 15, loop_trips: int = 1
+) -> dict[str, Any]:
   """`analyse` from a saved optimized HLO text alone: bytes from its ops (tiled), no FLOPs or memory."""
   ops_bytes = sum(o["bytes"] for o in hlo_ops(hlo_text))
-  return _summary({"bytes accessed": ops_bytes}, {}, hlo_text, model_flops_per_device, device_kind, top)
+  return _summary({"bytes accessed": ops_bytes}, {}, hlo_text, model_flops_per_device, device_kind, top, loop_trips)
 
 
-def _summary(cost: dict, mem: dict, text: str, model_flops: float, device_kind: str, top: int) -> dict[str, Any]:
+def per_micro_step(xla_flops: float, bytes_accessed: float, ops: list[dict], loop_trips: int) -> dict[str, float]:
+  """The cost analysis counts a loop body once, plus what runs outside it once: the step is loop_trips x the
+  body + the outside. Spread over its micro-steps: FLOPs and bytes per micro-step, with the outside's bytes
+  (from the HLO ops outside the loop) / loop_trips. The outside's FLOPs (elementwise optimizer updates,
+  ~1e-4 of a micro-step's) are not split off: the FLOPs stay the cost analysis's, a slight overestimate."""
+  outside = sum(o["bytes"] for o in ops if not o["in_loop"])
+  looped = loop_trips > 1 and any(o["in_loop"] for o in ops)
+  spread = bytes_accessed - outside + outside / loop_trips if looped else bytes_accessed
+  return {"flops": xla_flops, "bytes": spread, "once_per_step_bytes": outside}
+
+
+def _summary(
+  cost: dict, mem: dict, text: str, model_flops: float, device_kind: str, top: int, loop_trips: int = 1
+) -> dict[str, Any]:
   xla_flops = float(cost.get("flops", float("nan")))
   bytes_accessed = float(cost.get("bytes accessed", float("nan")))
   optimal_s = cost.get("optimal_seconds")
+  ops = hlo_ops(text)
+  micro = per_micro_step(xla_flops, bytes_accessed, ops, loop_trips)
   out: dict[str, Any] = {
     "device_kind": device_kind,
     "model_flops": model_flops,
     "xla_flops": xla_flops,
     "xla_over_model": xla_flops / model_flops if model_flops else None,
-    "bytes_accessed": bytes_accessed,
+    "bytes_accessed": bytes_accessed,  # the loop body once + the once-per-step ops (XLA's count)
+    "loop_trips": loop_trips,
+    "once_per_step_bytes": micro["once_per_step_bytes"],
+    "bytes_per_micro_step": micro["bytes"],  # the once-per-step ops spread over the micro-steps
     "transcendentals": float(cost.get("transcendentals", 0.0)),
     "optimal_seconds": float(optimal_s) if optimal_s is not None and optimal_s > 0 else None,
   }
@@ -181,12 +209,11 @@ def _summary(cost: dict, mem: dict, text: str, model_flops: float, device_kind: 
   chip = chip_for(device_kind)
   if chip is not None:
     out["chip"] = dataclasses.asdict(chip)
-    out.update(roofline(model_flops, xla_flops, bytes_accessed, chip))
+    out.update(roofline(model_flops, micro["flops"], micro["bytes"], chip))
     if out["optimal_seconds"]:
       out["optimal_mfu"] = model_flops / (out["optimal_seconds"] * chip.peak_flops)
     if out.get("memory_per_device_gib") is not None:
       out["fits"] = out["memory_per_device_gib"] <= chip.hbm_gib
-  ops = hlo_ops(text)
   out["hlo_bytes_total"] = sum(o["bytes"] for o in ops)  # ~ bytes_accessed: tiled as the cost analysis counts
   out["hlo_logical_bytes_total"] = sum(o["logical_bytes"] for o in ops)  # without tile padding
   out["hlo_cycles_total"] = sum(o["cycles"] for o in ops)
@@ -314,20 +341,23 @@ def hlo_ops(text: str) -> list[dict[str, Any]]:
         comps[current].append(line)
   if entry is None:
     return []
-  # computations reached from the entry through control flow (not fusion bodies / reducers)
-  reached, todo = set(), [entry]
+  # computations reached from the entry through control flow (not fusion bodies / reducers), and whether
+  # through a while loop (its body runs once per trip: the accumulation loop's micro-steps)
+  reached: dict[str, bool] = {}
+  todo = [(entry, False)]
   while todo:
-    name = todo.pop()
-    if name in reached or name not in comps:
+    name, in_loop = todo.pop()
+    if name not in comps or reached.get(name, False) or (name in reached and not in_loop):
       continue
-    reached.add(name)
+    reached[name] = in_loop
     for line in comps[name]:
       for m in re.finditer(
         r"\b(body|condition|branch_computations|true_computation|false_computation|calls)=([^,]*)", line
       ):
         if m.group(1) == "calls" and " call(" not in line and "async-start" not in line:
           continue  # fusion bodies are accounted for by the fusion op
-        todo.extend(re.findall(r"%([\w.\-]+)", m.group(2)))
+        loop = in_loop or m.group(1) in ("body", "condition")
+        todo.extend((c, loop) for c in re.findall(r"%([\w.\-]+)", m.group(2)))
   ops = []
   for name in comps:
     if name not in reached:
@@ -364,6 +394,7 @@ def hlo_ops(text: str) -> list[dict[str, Any]]:
         {
           "name": iname,
           "computation": name,
+          "in_loop": reached[name],
           "kind": kind,
           "bytes": traffic[0],
           "logical_bytes": traffic[1],
