@@ -178,7 +178,8 @@ def per_micro_step(xla_flops: float, bytes_accessed: float, ops: list[dict], loo
   """The cost analysis counts a loop body once, plus what runs outside it once: the step is loop_trips x the
   body + the outside. Spread over its micro-steps: FLOPs and bytes per micro-step, with the outside's bytes
   (from the HLO ops outside the loop) / loop_trips. The outside's FLOPs (elementwise optimizer updates,
-  ~1e-4 of a micro-step's) are not split off: the FLOPs stay the cost analysis's, a slight overestimate."""
+  ~1e-4 of a micro-step's) are not split off: the FLOPs stay the cost analysis's, a slight overestimate.
+  Every op under any while loop counts as the accumulation loop's: the train step has no other loop."""
   outside = sum(o["bytes"] for o in ops if not o["in_loop"])
   looped = loop_trips > 1 and any(o["in_loop"] for o in ops)
   spread = bytes_accessed - outside + outside / loop_trips if looped else bytes_accessed
