@@ -139,9 +139,8 @@ def print_table(row: dict) -> None:
       f"{row['hlo_logical_bytes_total'] / g:.1f} without tile padding)",
     ),
     (
-      f"bytes per micro-step (once-per-step ops / {row.get('loop_trips', 1)})",
-      f"{row.get('bytes_per_micro_step', row['bytes_accessed']) / g:.1f} GB "
-      f"(once per step: {row.get('once_per_step_bytes', 0.0) / g:.1f} GB)",
+      f"bytes per micro-step (once-per-step ops / {row['loop_trips']})",
+      f"{row['bytes_per_micro_step'] / g:.1f} GB (once per step: {row['once_per_step_bytes'] / g:.1f} GB)",
     ),
     ("XLA optimal_seconds", f"{row['optimal_seconds'] * 1e3:.1f} ms" if row.get("optimal_seconds") else "n/a"),
   ]

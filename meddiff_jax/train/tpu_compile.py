@@ -348,8 +348,8 @@ def hlo_ops(text: str) -> list[dict[str, Any]]:
   todo = [(entry, False)]
   while todo:
     name, in_loop = todo.pop()
-    if name not in comps or reached.get(name, False) or (name in reached and not in_loop):
-      continue
+    if name not in comps or (name in reached and (reached[name] or not in_loop)):
+      continue  # seen, unless first reached outside a loop and now inside one
     reached[name] = in_loop
     for line in comps[name]:
       for m in re.finditer(
