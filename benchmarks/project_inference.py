@@ -18,7 +18,9 @@ import sys
 
 import _common
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5e": 197e12}  # dense
+from meddiff_jax.train import throughput  # noqa: E402  (_common puts the checkout on sys.path)
+
+CHIPS = ("H100", "H200", "A100", "TPU v5p", "TPU v5 lite", "TPU v6 lite")  # device_kind names of throughput.PEAK_FLOPS
 
 
 def main():
@@ -26,7 +28,7 @@ def main():
   p.add_argument("--presets", default="paper,base")
   p.add_argument("--shape", default="512,512,300", help="voxels at the checkpoint's spacing (1 mm: the CT in mm)")
   p.add_argument("--overlap", type=float, default=0.5)
-  p.add_argument("--chip", default="H100", choices=sorted(PEAK_BF16))
+  p.add_argument("--chip", default="H100", choices=CHIPS)
   p.add_argument("--mfu", type=float, default=0.3)
   p.add_argument("--steps", default="1000,50,20,10")
   p.add_argument("--cfg", action="store_true", help="classifier-free guidance: two model calls per step")
@@ -38,7 +40,7 @@ def main():
 
   shape = tuple(int(s) for s in args.shape.split(","))
   steps = [int(s) for s in args.steps.split(",")]
-  rate = PEAK_BF16[args.chip] * args.mfu
+  rate = throughput.peak_flops(args.chip) * args.mfu
   rows = []
   for preset in args.presets.split(","):
     config = pretrain.get_config(preset)
@@ -65,7 +67,7 @@ def main():
       "shape": shape,
       "overlap": args.overlap,
       "chip": args.chip,
-      "peak_bf16": PEAK_BF16[args.chip],
+      "peak_bf16": throughput.peak_flops(args.chip),
       "mfu": args.mfu,
       "cfg": args.cfg,
       "rows": rows,

@@ -178,9 +178,13 @@ def print_table(row: dict) -> None:
 
 def main(argv):
   del argv
+  from meddiff_jax import checks
+  from meddiff_jax.train import tpu_compile
   from meddiff_jax.train.spec import PretrainConfig
 
-  config = PretrainConfig.from_config(_CONFIG.value)  # typed and checked, as the dry run takes it
+  # typed, with the batch plan ('auto' mesh.data / grad_accum_steps) for the slice, as the dry run takes it
+  devices = len(tpu_compile.topology_devices(_TOPOLOGY.value))
+  config = checks.batch_plan(PretrainConfig.from_config(_CONFIG.value), devices)
   row = measure(config, _TOPOLOGY.value, _HLO_OUT.value, _FROM_HLO.value, _TOP.value)
   print_table(row)
   if _OUT.value:

@@ -152,7 +152,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.training = ml_collections.ConfigDict(
     dict(
       batch_size=4,  # global samples per optimizer step, all micro-batches together
-      grad_accum_steps=1,  # micro-batch = batch_size / grad_accum_steps, split over mesh data x fsdp
+      # micro-batch = batch_size / grad_accum_steps, split over mesh data x fsdp; 'auto': one sample per
+      # data x fsdp shard and micro-step (sharding.resolve_plan)
+      grad_accum_steps=sections.keyword(1),
       num_steps=200_000,
       ema_decay=0.9999,
       log_every=100,
@@ -186,8 +188,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # auto = WORKDIR/compilation_cache on accelerators, off on CPU | '' = off | a directory or gs:// URL
   c.compilation_cache_dir = "auto"
 
-  # Devices per axis (one may be -1: the rest). spatial: devices that share one sample along depth.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, spatial=1, tensor=1))
+  # Devices per axis (one may be -1: the rest). spatial: devices that share one sample along depth. data 'auto':
+  # as many devices as can each take whole samples of the batch (gcd), the -1 axis the rest (sharding.resolve_plan).
+  c.mesh = ml_collections.ConfigDict(dict(data=sections.keyword(-1), fsdp=1, spatial=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(
     dict(
       rules=sections.keyword("default"),  # default: sharding.py DEFAULT_RULES; else ((logical, mesh_axes), ...)
@@ -214,11 +217,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.training.update(batch_size=8, num_steps=100_000)
   else:  # paper, paper256
     c.data.update(source="prepared", patch_size=128)
-    c.model.update(remat="full")
+    # dots: keep conv outputs, recompute norms and activations (#27: the TPU step's fewest bytes and FLOPs)
+    c.model.update(remat="dots")
     c.optimizer.update(learning_rate=1e-4, schedule="constant", warmup_steps=0, grad_clip_norm=0.0)
     # ~150 epochs of 0.9 * 5376 volumes at an effective batch of 4.
-    c.training.update(batch_size=4, grad_accum_steps=4, num_steps=181_000)
-    c.mesh.update(data=1, spatial=-1)  # one sample per micro-step, split along depth over every device
+    c.training.update(batch_size=4, grad_accum_steps="auto", num_steps=181_000)
+    # Samples whole on up to 4 devices (no accumulation on 4: data=4), split along depth over the rest
+    # (8 devices: data=4 x spatial=2); one device: the paper's batch 1 x 4 accumulation.
+    c.mesh.update(data="auto", spatial=-1)
     if preset == "paper256":  # same architecture: attention_levels keep the paper model's weights usable
       c.data.update(patch_size=256)
       c.mesh.update(data=-1, spatial=8)

@@ -23,6 +23,7 @@ This module sits just below main.py: it may import every layer.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -57,19 +58,33 @@ def _trainable(typed: PretrainConfig, num_devices: int | None) -> PretrainConfig
   store's filesystem."""
   if typed.dry_run_topology:
     num_devices = len(tpu_compile.topology_devices(typed.dry_run_topology))
-  sharding.check_plan(
-    typed.training.batch_size,
-    typed.training.grad_accum_steps,
-    typed.data.patch_size,
-    len(typed.model.channel_mult),
-    sharding.resolve_mesh_sizes(typed.mesh.sizes, num_devices or jax.device_count()),
-    typed.sharding.logical_rules,
-  )
+  typed = batch_plan(typed, num_devices or jax.device_count())
   if typed.data.source == "prepared":
     storage.check_backend(typed.data.prepared_dir)  # a gs:// / s3:// store needs its filesystem extra
   if typed.compilation_cache_dir not in ("", "auto"):
     storage.check_backend(typed.compilation_cache_dir)  # a gs:// cache needs its filesystem extra
   return typed
+
+
+def batch_plan(typed: PretrainConfig | ControlNetConfig, num_devices: int) -> PretrainConfig | ControlNetConfig:
+  """`typed` (a PretrainConfig or ControlNetConfig) with the 'auto' mesh.data / grad_accum_steps chosen for
+  `num_devices` (sharding.resolve_plan) and the batch plan checked against that mesh: what the run uses."""
+  accum, sizes = sharding.resolve_plan(
+    typed.training.batch_size, typed.training.grad_accum_steps, typed.mesh.sizes, num_devices
+  )
+  sharding.check_plan(
+    typed.training.batch_size,
+    accum,
+    typed.data.patch_size,
+    len(typed.model.channel_mult),
+    sizes,
+    typed.sharding.logical_rules,
+  )
+  return dataclasses.replace(
+    typed,
+    training=dataclasses.replace(typed.training, grad_accum_steps=accum),
+    mesh=sharding.MeshSpec(**sizes),
+  )
 
 
 def _pretrained_exists(key: str, path: str) -> None:

@@ -151,23 +151,30 @@ def test_spatially_sharded_step_matches_single_device():
   assert "collective-permute" in hlo
 
 
-def test_batch_plan_is_checked_against_the_mesh_with_a_fix():
+def test_batch_plan_is_checked_against_the_mesh_with_a_fix(tmp_path):
   rules = sharding.DEFAULT_RULES
   plan = lambda b, k, n, **axes: sharding.check_plan(b, k, 128, 4, sharding.resolve_mesh_sizes(axes, n), rules)
   from meddiff_jax.configs import pretrain
 
   paper = pretrain.get_config("paper")
-  for n in (1, 4, 8):  # the paper preset (4 = 1 x 4 accumulation) on 1, 4, 8 devices: split along depth
-    sizes = sharding.resolve_mesh_sizes(dict(paper.mesh), n)
-    assert sizes["spatial"] == n and sizes["data"] == 1
-    sharding.check_plan(
-      paper.training.batch_size,
-      paper.training.grad_accum_steps,
-      paper.data.patch_size,
-      len(paper.model.channel_mult),
-      sizes,
-      rules,
-    )
+  # The paper preset ('auto' data and accumulation): samples whole on up to 4 devices, then split along depth.
+  expected = {1: (4, 1, 1), 2: (2, 2, 1), 4: (1, 4, 1), 8: (1, 4, 2), 64: (1, 4, 16)}  # n: (accum, data, spatial)
+  for n, (accum, data, spatial) in expected.items():
+    k, sizes = sharding.resolve_plan(4, paper.training.grad_accum_steps, dict(paper.mesh), n)
+    assert (k, sizes["data"], sizes["spatial"], sizes["fsdp"]) == (accum, data, spatial, 1), n
+    sharding.check_plan(4, k, paper.data.patch_size, len(paper.model.channel_mult), sizes, rules)
+  # 'auto' next to numbered axes: gcd with what they leave; numbers pass through unchanged
+  assert sharding.resolve_plan(8, "auto", {"data": "auto", "fsdp": 2, "spatial": -1}, 16) == (
+    1,
+    {"data": 8, "fsdp": 2, "spatial": 1, "tensor": 1},
+  )
+  assert sharding.resolve_plan(6, 3, {"data": "auto", "spatial": -1}, 4) == (
+    3,
+    {"data": 2, "fsdp": 1, "spatial": 2, "tensor": 1},
+  )
+  paper.data.prepared_dir = str(tmp_path)
+  typed = checks.pretrain(paper, 8)  # what the run gets: numbers, no 'auto'
+  assert (typed.training.grad_accum_steps, typed.mesh.data, typed.mesh.spatial) == (1, 4, 2)
   # The failures: paper batch on data=8 (IndivisibleError late), batch 8 x 4 accumulation (4x padding).
   with pytest.raises(
     ValueError,

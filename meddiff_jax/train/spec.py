@@ -27,7 +27,7 @@ class TrainingSpec:
   """config.training (the batch against the mesh is sharding.check_plan's, in checks.py)."""
 
   batch_size: int
-  grad_accum_steps: int
+  grad_accum_steps: int | str  # 'auto': sharding.resolve_plan (checks.py leaves the number)
   num_steps: int
   ema_decay: float
   log_every: int  # 0: off (itstime)
@@ -37,7 +37,7 @@ class TrainingSpec:
   def __post_init__(self):
     key = "config.training."
     sections.count(key + "batch_size", self.batch_size)
-    sections.count(key + "grad_accum_steps", self.grad_accum_steps)
+    sections.keyword_or(key + "grad_accum_steps", self.grad_accum_steps, (sharding.AUTO,), sections.count)
     sections.count(key + "num_steps", self.num_steps)
     sections.fraction(key + "ema_decay", self.ema_decay)
     sections.count(key + "log_every", self.log_every, 0)
