@@ -53,9 +53,9 @@ def pretrain(config: Config, num_devices: int | None = None) -> PretrainConfig:
 
 
 def _trainable(typed: PretrainConfig, num_devices: int | None) -> PretrainConfig:
-  """What a training config needs of this machine: the batch plan against the mesh of the devices present
-  (fails here, not after a compile; a dry run for a TPU topology: against that slice's devices) and the prepared
-  store's filesystem."""
+  """What a training config needs of this machine: the batch plan for the devices present, its 'auto' values
+  chosen (fails here, not after a compile; a dry run for a TPU topology: for that slice's devices) and the
+  prepared store's filesystem."""
   if typed.dry_run_topology:
     num_devices = len(tpu_compile.topology_devices(typed.dry_run_topology))
   typed = batch_plan(typed, num_devices or jax.device_count())

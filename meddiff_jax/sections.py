@@ -75,8 +75,8 @@ def to_dict(spec: Any) -> Any:
 
 
 def keyword(default: Any) -> ml_collections.FieldReference:
-  """A config value that is either a keyword (`default`, e.g. 'checkpoint') or a value of another type (a
-  tuple, a number): ml_collections locks a key to the type of its first value, so such a key is typed
+  """A config value that is either a keyword (e.g. 'checkpoint', 'auto') or a value of another type (a tuple, a
+  number), `default` being either: ml_collections locks a key to the type of its first value, so such a key is typed
   `object` and `--config.KEY=` parses a literal (`'(1.0,1.0,1.0)'`, `30`) or takes a word as a string."""
   return ml_collections.FieldReference(default, field_type=object)
 

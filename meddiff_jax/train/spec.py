@@ -27,7 +27,7 @@ class TrainingSpec:
   """config.training (the batch against the mesh is sharding.check_plan's, in checks.py)."""
 
   batch_size: int
-  grad_accum_steps: int | str  # 'auto': sharding.resolve_plan (checks.py leaves the number)
+  grad_accum_steps: int | str  # 'auto': a number for the devices, chosen by checks.batch_plan
   num_steps: int
   ema_decay: float
   log_every: int  # 0: off (itstime)
