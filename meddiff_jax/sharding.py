@@ -163,7 +163,7 @@ def resolve_plan(
 ) -> tuple[int, dict[str, int]]:
   """(grad_accum_steps, mesh sizes) for `num_devices`, with the 'auto' values chosen:
 
-  - mesh.data 'auto': gcd(batch_size, the devices the numbered axes leave): as many devices as can each take
+  - mesh.data 'auto': gcd(batch_size / fsdp, the devices the numbered axes leave): as many devices as can take
     whole samples; the -1 axis (spatial in the paper presets) takes the rest. A sample split along depth pays
     halo exchanges and the partitioner's re-layouts (#27: the folded paper step on v5p:2x2x1 moves 1.7x the
     bytes per sample split 4 ways as whole on each chip), so samples go to devices whole first.
@@ -173,7 +173,8 @@ def resolve_plan(
   sizes = dict(axis_sizes)
   if sizes.get("data") == AUTO:
     fixed = int(np.prod([int(v) for a, v in sizes.items() if a != "data" and v != -1]))
-    sizes["data"] = math.gcd(batch_size, max(num_devices // fixed, 1))
+    fsdp = int(sizes.get("fsdp", 1)) if sizes.get("fsdp", 1) != -1 else 1  # batch shards are data x fsdp
+    sizes["data"] = math.gcd(batch_size // math.gcd(batch_size, fsdp), max(num_devices // fixed, 1))
   resolved = resolve_mesh_sizes(sizes, num_devices)
   if grad_accum_steps == AUTO:
     grad_accum_steps = max(batch_size // (resolved["data"] * resolved["fsdp"]), 1)

@@ -163,11 +163,10 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix(tmp_path):
     k, sizes = sharding.resolve_plan(4, paper.training.grad_accum_steps, dict(paper.mesh), n)
     assert (k, sizes["data"], sizes["spatial"], sizes["fsdp"]) == (accum, data, spatial, 1), n
     sharding.check_plan(4, k, paper.data.patch_size, len(paper.model.channel_mult), sizes, rules)
-  # 'auto' next to numbered axes: gcd with what they leave; numbers pass through unchanged
-  assert sharding.resolve_plan(8, "auto", {"data": "auto", "fsdp": 2, "spatial": -1}, 16) == (
-    1,
-    {"data": 8, "fsdp": 2, "spatial": 1, "tensor": 1},
-  )
+  # 'auto' next to numbered axes: data x fsdp shards of whole samples, the rest along depth; numbers pass through
+  k, sizes = sharding.resolve_plan(8, "auto", {"data": "auto", "fsdp": 2, "spatial": -1}, 16)
+  assert (k, sizes) == (1, {"data": 4, "fsdp": 2, "spatial": 2, "tensor": 1})
+  sharding.check_plan(8, k, 128, 4, sizes, rules)
   assert sharding.resolve_plan(6, 3, {"data": "auto", "spatial": -1}, 4) == (
     3,
     {"data": 2, "fsdp": 1, "spatial": 2, "tensor": 1},
