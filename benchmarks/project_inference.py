@@ -20,15 +20,15 @@ import _common
 
 from meddiff_jax.train import throughput  # noqa: E402  (_common puts the checkout on sys.path)
 
-CHIPS = ("H100", "H200", "A100", "TPU v5p", "TPU v5 lite", "TPU v6 lite")  # device_kind names of throughput.PEAK_FLOPS
-
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--presets", default="paper,base")
   p.add_argument("--shape", default="512,512,300", help="voxels at the checkpoint's spacing (1 mm: the CT in mm)")
   p.add_argument("--overlap", type=float, default=0.5)
-  p.add_argument("--chip", default="H100", choices=CHIPS)
+  p.add_argument(
+    "--chip", default="H100", choices=[name for name, _ in throughput.PEAK_FLOPS], help="TPU v5: v5p, TPU v5 lite: v5e"
+  )
   p.add_argument("--mfu", type=float, default=0.3)
   p.add_argument("--steps", default="1000,50,20,10")
   p.add_argument("--cfg", action="store_true", help="classifier-free guidance: two model calls per step")
@@ -40,7 +40,8 @@ def main():
 
   shape = tuple(int(s) for s in args.shape.split(","))
   steps = [int(s) for s in args.steps.split(",")]
-  rate = throughput.peak_flops(args.chip) * args.mfu
+  peak = throughput.peak_flops(args.chip)
+  rate = peak * args.mfu
   rows = []
   for preset in args.presets.split(","):
     config = pretrain.get_config(preset)
@@ -67,7 +68,7 @@ def main():
       "shape": shape,
       "overlap": args.overlap,
       "chip": args.chip,
-      "peak_bf16": throughput.peak_flops(args.chip),
+      "peak_bf16": peak,
       "mfu": args.mfu,
       "cfg": args.cfg,
       "rows": rows,

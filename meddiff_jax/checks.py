@@ -69,16 +69,12 @@ def _trainable(typed: PretrainConfig, num_devices: int | None) -> PretrainConfig
 def batch_plan(typed: PretrainConfig | ControlNetConfig, num_devices: int) -> PretrainConfig | ControlNetConfig:
   """`typed` (a PretrainConfig or ControlNetConfig) with the 'auto' mesh.data / grad_accum_steps chosen for
   `num_devices` (sharding.resolve_plan) and the batch plan checked against that mesh: what the run uses."""
+  rules = typed.sharding.logical_rules
   accum, sizes = sharding.resolve_plan(
-    typed.training.batch_size, typed.training.grad_accum_steps, typed.mesh.sizes, num_devices
+    typed.training.batch_size, typed.training.grad_accum_steps, typed.mesh.sizes, num_devices, rules
   )
   sharding.check_plan(
-    typed.training.batch_size,
-    accum,
-    typed.data.patch_size,
-    len(typed.model.channel_mult),
-    sizes,
-    typed.sharding.logical_rules,
+    typed.training.batch_size, accum, typed.data.patch_size, len(typed.model.channel_mult), sizes, rules
   )
   return dataclasses.replace(
     typed,

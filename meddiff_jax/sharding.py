@@ -159,25 +159,32 @@ def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarr
 
 
 def resolve_plan(
-  batch_size: int, grad_accum_steps: int | str, axis_sizes: dict[str, int | str], num_devices: int
+  batch_size: int,
+  grad_accum_steps: int | str,
+  axis_sizes: dict[str, int | str],
+  num_devices: int,
+  rules: Sequence[tuple[str, Any]],
 ) -> tuple[int, dict[str, int]]:
-  """(grad_accum_steps, mesh sizes) for `num_devices`, with the 'auto' values chosen:
+  """(grad_accum_steps, mesh sizes) for `num_devices`, with the 'auto' values chosen; the batch shards are the
+  mesh axes `rules` map batch to (data x fsdp by default), as check_plan counts them:
 
-  - mesh.data 'auto': gcd(batch_size / fsdp, the devices the numbered axes leave): as many devices as can take
-    whole samples; the -1 axis (spatial in the paper presets) takes the rest. A sample split along depth pays
-    halo exchanges and the partitioner's re-layouts (#27: the folded paper step on v5p:2x2x1 moves 1.7x the
-    bytes per sample split 4 ways as whole on each chip), so samples go to devices whole first.
-  - grad_accum_steps 'auto': one sample per batch shard (data x fsdp) and micro-step, the most memory-lean
-    plan (the paper's batch 1 x 4 accumulation on one GPU).
+  - mesh.data 'auto': gcd(batch_size / the other numbered batch axes, the devices the numbered axes leave): as
+    many devices as can take whole samples; the -1 axis (spatial in the paper presets) takes the rest. A sample
+    split along depth pays halo exchanges and the partitioner's re-layouts (#27: the folded paper step on
+    v5p:2x2x1 moves 1.7x the bytes per sample split 4 ways as whole on each chip), so samples go whole first.
+  - grad_accum_steps 'auto': one sample per batch shard and micro-step, the most memory-lean plan (the paper's
+    batch 1 x 4 accumulation on one GPU).
   The result is then checked by check_plan (which names the fix when it does not fit)."""
+  b_axes = _axes_tuple(batch_axes(rules))
   sizes = dict(axis_sizes)
   if sizes.get("data") == AUTO:
-    fixed = int(np.prod([int(v) for a, v in sizes.items() if a != "data" and v != -1]))
-    fsdp = int(sizes.get("fsdp", 1)) if sizes.get("fsdp", 1) != -1 else 1  # batch shards are data x fsdp
-    sizes["data"] = math.gcd(batch_size // math.gcd(batch_size, fsdp), max(num_devices // fixed, 1))
+    numbered = {a: int(v) for a, v in sizes.items() if a != "data" and v != -1}
+    other_batch = int(np.prod([numbered.get(a, 1) for a in b_axes if a != "data"]))
+    left = max(num_devices // int(np.prod(list(numbered.values()))), 1)
+    sizes["data"] = math.gcd(batch_size // math.gcd(batch_size, other_batch), left)
   resolved = resolve_mesh_sizes(sizes, num_devices)
   if grad_accum_steps == AUTO:
-    grad_accum_steps = max(batch_size // (resolved["data"] * resolved["fsdp"]), 1)
+    grad_accum_steps = max(batch_size // int(np.prod([resolved[a] for a in b_axes])), 1)
   return int(grad_accum_steps), resolved
 
 

@@ -160,14 +160,14 @@ def test_batch_plan_is_checked_against_the_mesh_with_a_fix(tmp_path):
   # The paper preset ('auto' data and accumulation): samples whole on up to 4 devices, then split along depth.
   expected = {1: (4, 1, 1), 2: (2, 2, 1), 4: (1, 4, 1), 8: (1, 4, 2), 64: (1, 4, 16)}  # n: (accum, data, spatial)
   for n, (accum, data, spatial) in expected.items():
-    k, sizes = sharding.resolve_plan(4, paper.training.grad_accum_steps, dict(paper.mesh), n)
+    k, sizes = sharding.resolve_plan(4, paper.training.grad_accum_steps, dict(paper.mesh), n, rules)
     assert (k, sizes["data"], sizes["spatial"], sizes["fsdp"]) == (accum, data, spatial, 1), n
     sharding.check_plan(4, k, paper.data.patch_size, len(paper.model.channel_mult), sizes, rules)
   # 'auto' next to numbered axes: data x fsdp shards of whole samples, the rest along depth; numbers pass through
-  k, sizes = sharding.resolve_plan(8, "auto", {"data": "auto", "fsdp": 2, "spatial": -1}, 16)
+  k, sizes = sharding.resolve_plan(8, "auto", {"data": "auto", "fsdp": 2, "spatial": -1}, 16, rules)
   assert (k, sizes) == (1, {"data": 4, "fsdp": 2, "spatial": 2, "tensor": 1})
   sharding.check_plan(8, k, 128, 4, sizes, rules)
-  assert sharding.resolve_plan(6, 3, {"data": "auto", "spatial": -1}, 4) == (
+  assert sharding.resolve_plan(6, 3, {"data": "auto", "spatial": -1}, 4, rules) == (
     3,
     {"data": 2, "fsdp": 1, "spatial": 2, "tensor": 1},
   )
